@@ -1,0 +1,275 @@
+//! The running proxy: the swapped runtime snapshot, listener sockets and their accept loops,
+//! reload, and shutdown.
+//!
+//! Reload is a diff, not a restart: the new config is loaded and validated, certificates are
+//! prepared, new sockets are bound (a failure here rejects the whole reload), and only then is
+//! anything swapped. Sockets whose address stays are reused, so an unchanged listener never stops
+//! accepting; sessions never look at the new snapshot.
+
+use std::collections::{HashMap, HashSet};
+use std::hash::{Hash, Hasher};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use rustls::{ClientConfig, ServerConfig};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::config::{Config, ConfigError, Protocol, TlsMode, Transport};
+use crate::session::{self, SessionCtx};
+use crate::tls::TlsShared;
+use crate::tls::certs::{CertError, CertStore};
+
+/// One immutable snapshot: config plus everything derived from it that must change with it.
+pub struct Runtime {
+    pub config: Config,
+    /// Server TLS config per protocol (all listeners of a protocol share ALPN and certificates).
+    pub server_tls: HashMap<Protocol, Arc<ServerConfig>>,
+    /// Client TLS config per backend name, for TLS and STARTTLS backends.
+    pub backend_tls: HashMap<String, Arc<ClientConfig>>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("{0}")]
+    Config(#[from] ConfigError),
+    #[error("certificate: {0}")]
+    Cert(#[from] CertError),
+    #[error("cannot bind {addr} for listener {listener:?}: {source}")]
+    Bind { listener: String, addr: SocketAddr, source: std::io::Error },
+}
+
+/// Result of a reload attempt.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Reloaded {
+    Applied,
+    Unchanged,
+}
+
+pub struct App {
+    config_path: PathBuf,
+    runtime: ArcSwap<Runtime>,
+    tls: TlsShared,
+    /// Bound sockets by configured address; kept across reloads while some listener uses them.
+    sockets: Mutex<HashMap<SocketAddr, Arc<TcpListener>>>,
+    /// Accept loops by (listener name, configured address).
+    accepting: Mutex<HashMap<(String, SocketAddr), CancellationToken>>,
+    /// Serialises reloads (file watcher and SIGHUP may fire together).
+    reload_lock: tokio::sync::Mutex<u64>,
+    /// Every session task, so shutdown can wait for them.
+    sessions: TaskTracker,
+    /// Cancelled once at shutdown: stops accept loops and pre-auth sessions.
+    shutdown: CancellationToken,
+    next_session: AtomicU64,
+    started: u64,
+}
+
+/// Build the runtime pieces for a config (also used by `portcullis check`).
+pub fn build_runtime(config: Config, tls: &TlsShared) -> Result<Runtime, ConfigError> {
+    let mut server_tls = HashMap::new();
+    for l in &config.listeners {
+        if l.tls != TlsMode::None {
+            server_tls.entry(l.protocol).or_insert_with(|| tls.server_config(l.protocol));
+        }
+    }
+    let mut backend_tls = HashMap::new();
+    for b in config.backends.values() {
+        if b.transport != Transport::Plain {
+            let cfg = crate::tls::client_config(b).map_err(|message| ConfigError {
+                file: config.path.clone(),
+                position: None,
+                field: format!("backend {:?} tls_ca_file", b.name),
+                message,
+            })?;
+            backend_tls.insert(b.name.clone(), cfg);
+        }
+    }
+    Ok(Runtime { config, server_tls, backend_tls })
+}
+
+/// Validate a config file fully (parse, referenced files, certificates) without binding.
+pub fn check(path: &Path) -> Result<Config, StartError> {
+    let config = Config::load(path)?;
+    let store = CertStore::load(&config.tls)?;
+    let rt = build_runtime(config, &TlsShared::new(Arc::new(store)))?;
+    Ok(rt.config)
+}
+
+impl App {
+    /// Load the config, bind every listener and start accepting.
+    pub async fn start(config_path: &Path) -> Result<Arc<App>, StartError> {
+        let config = Config::load(config_path)?;
+        let fingerprint = fingerprint(&config.watched_files());
+        let certs = Arc::new(CertStore::load(&config.tls)?);
+        let tls = TlsShared::new(certs);
+        let runtime = build_runtime(config, &tls)?;
+        let sockets = bind_all(&runtime.config, &HashMap::new()).await?;
+        let started =
+            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+        let app = Arc::new(App {
+            config_path: config_path.to_path_buf(),
+            runtime: ArcSwap::from_pointee(runtime),
+            tls,
+            sockets: Mutex::new(HashMap::new()),
+            accepting: Mutex::new(HashMap::new()),
+            reload_lock: tokio::sync::Mutex::new(fingerprint),
+            sessions: TaskTracker::new(),
+            shutdown: CancellationToken::new(),
+            next_session: AtomicU64::new(1),
+            started,
+        });
+        app.apply_sockets(sockets);
+        Ok(app)
+    }
+
+    pub fn config_path(&self) -> &Path {
+        &self.config_path
+    }
+
+    pub fn runtime(&self) -> Arc<Runtime> {
+        self.runtime.load_full()
+    }
+
+    /// The actual local addresses of a listener (useful when the config binds port 0).
+    pub fn local_addrs(&self, listener: &str) -> Vec<SocketAddr> {
+        let rt = self.runtime.load();
+        let Some(lc) = rt.config.listener(listener) else { return Vec::new() };
+        let sockets = self.sockets.lock().unwrap_or_else(|e| e.into_inner());
+        lc.bind.iter().filter_map(|a| sockets.get(a)).filter_map(|s| s.local_addr().ok()).collect()
+    }
+
+    /// Re-read the config and apply it. `force` skips the unchanged-files check (SIGHUP).
+    pub async fn reload(self: &Arc<Self>, force: bool) -> Result<Reloaded, StartError> {
+        let mut last = self.reload_lock.lock().await;
+        let config = Config::load(&self.config_path)?;
+        let fp = fingerprint(&config.watched_files());
+        if !force && fp == *last {
+            return Ok(Reloaded::Unchanged);
+        }
+        let maps = self.tls.certs.prepare(&config.tls)?;
+        let runtime = build_runtime(config, &self.tls)?;
+        let current = self.sockets.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        let sockets = bind_all(&runtime.config, &current).await?;
+        self.tls.certs.install(maps);
+        self.runtime.store(Arc::new(runtime));
+        self.apply_sockets(sockets);
+        *last = fp;
+        Ok(Reloaded::Applied)
+    }
+
+    /// Start accept loops for new (listener, address) pairs and stop the ones no longer wanted.
+    fn apply_sockets(self: &Arc<Self>, sockets: HashMap<SocketAddr, Arc<TcpListener>>) {
+        let rt = self.runtime.load_full();
+        let wanted: HashSet<(String, SocketAddr)> =
+            rt.config.listeners.iter().flat_map(|l| l.bind.iter().map(|a| (l.name.clone(), *a))).collect();
+        let mut accepting = self.accepting.lock().unwrap_or_else(|e| e.into_inner());
+        accepting.retain(|key, token| {
+            let keep = wanted.contains(key);
+            if !keep {
+                tracing::info!(listener = %key.0, addr = %key.1, "listener stopped");
+                token.cancel();
+            }
+            keep
+        });
+        for key in wanted {
+            if accepting.contains_key(&key) {
+                continue;
+            }
+            let Some(socket) = sockets.get(&key.1).cloned() else { continue };
+            let token = self.shutdown.child_token();
+            accepting.insert(key.clone(), token.clone());
+            tracing::info!(listener = %key.0, addr = %socket.local_addr().map(|a| a.to_string()).unwrap_or_default(), "listening");
+            let app = self.clone();
+            tokio::spawn(async move { app.accept_loop(key.0, socket, token).await });
+        }
+        *self.sockets.lock().unwrap_or_else(|e| e.into_inner()) = sockets;
+    }
+
+    async fn accept_loop(self: Arc<Self>, name: String, socket: Arc<TcpListener>, token: CancellationToken) {
+        let mut backoff = Duration::from_millis(5);
+        loop {
+            let accepted = tokio::select! {
+                _ = token.cancelled() => return,
+                r = socket.accept() => r,
+            };
+            let (tcp, peer) = match accepted {
+                Ok(x) => {
+                    backoff = Duration::from_millis(5);
+                    x
+                }
+                Err(e) => {
+                    // Out of file descriptors and similar: back off instead of spinning.
+                    tracing::warn!(listener = %name, error = %e, "accept failed");
+                    tokio::select! {
+                        _ = token.cancelled() => return,
+                        _ = tokio::time::sleep(backoff) => {}
+                    }
+                    backoff = (backoff * 2).min(Duration::from_secs(1));
+                    continue;
+                }
+            };
+            let runtime = self.runtime.load_full();
+            let Some(listener) = runtime.config.listener(&name).cloned() else { continue };
+            let local = tcp.local_addr().unwrap_or(peer);
+            let n = self.next_session.fetch_add(1, Ordering::Relaxed);
+            let ctx = SessionCtx {
+                runtime,
+                listener,
+                peer,
+                local,
+                id: format!("{:x}-{n:x}", self.started),
+                shutdown: self.shutdown.clone(),
+            };
+            self.sessions.spawn(session::run(ctx, tcp));
+        }
+    }
+
+    /// Stop accepting, let pre-auth sessions say goodbye, and wait up to the grace period for
+    /// relayed sessions to end.
+    pub async fn shutdown(&self) {
+        let grace = self.runtime.load().config.limits.shutdown_grace;
+        self.shutdown.cancel();
+        self.sessions.close();
+        if tokio::time::timeout(grace, self.sessions.wait()).await.is_err() {
+            tracing::warn!(remaining = self.sessions.len(), "shutdown grace period over; closing remaining sessions");
+        }
+    }
+}
+
+/// Bind every configured address, reusing sockets that are already bound.
+async fn bind_all(
+    config: &Config,
+    current: &HashMap<SocketAddr, Arc<TcpListener>>,
+) -> Result<HashMap<SocketAddr, Arc<TcpListener>>, StartError> {
+    let mut out = HashMap::new();
+    for l in &config.listeners {
+        for addr in &l.bind {
+            if let Some(s) = current.get(addr) {
+                out.insert(*addr, s.clone());
+                continue;
+            }
+            let s = TcpListener::bind(addr).await.map_err(|source| StartError::Bind {
+                listener: l.name.clone(),
+                addr: *addr,
+                source,
+            })?;
+            out.insert(*addr, Arc::new(s));
+        }
+    }
+    Ok(out)
+}
+
+/// A hash of every input file's bytes, to skip reloads that change nothing.
+fn fingerprint(files: &[PathBuf]) -> u64 {
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    for f in files {
+        f.hash(&mut h);
+        std::fs::read(f).unwrap_or_default().hash(&mut h);
+    }
+    h.finish()
+}

@@ -1,0 +1,128 @@
+//! Who is this client? Credentials in, a verdict out.
+//!
+//! Sources: a passwd-file (hashes checked here, off the async threads) or the backend itself
+//! (`AuthSource::Backend`: the route is chosen from the user name and the backend's login reply
+//! is the only proof). This module never talks to the network and never logs secrets.
+
+pub mod passwd;
+
+use std::fmt;
+
+use crate::config::{AuthSource, Config};
+
+/// Longest user name accepted (RFC 4616 caps SASL identities at 255 octets).
+pub const MAX_USER_LEN: usize = 255;
+/// Longest password accepted.
+pub const MAX_PASSWORD_LEN: usize = 1024;
+
+/// A password: bytes, redacted in Debug output.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Password(Vec<u8>);
+
+impl Password {
+    pub fn new(bytes: Vec<u8>) -> Password {
+        Password(bytes)
+    }
+
+    pub fn expose(&self) -> &[u8] {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Password {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("<redacted>")
+    }
+}
+
+impl Drop for Password {
+    fn drop(&mut self) {
+        // Best effort: do not leave the password in freed memory.
+        for b in self.0.iter_mut() {
+            // SAFETY-free volatile-ish clear; the optimiser may still elide it, which is acceptable
+            // for a defence-in-depth measure.
+            *b = 0;
+        }
+    }
+}
+
+/// What a client presented: a user name as typed and a password.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Credentials {
+    /// The user name exactly as the client sent it (replayed to backends as is).
+    pub user: String,
+    pub password: Password,
+}
+
+/// The verdict for one login attempt.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Verdict {
+    /// The password matched. `backend` is the backend named in the user's entry, if any.
+    Accepted { user: String, backend: Option<String> },
+    /// The backend will verify (backend-verified source): route by `user`.
+    Deferred { user: String },
+    /// Unknown user, wrong password or malformed credentials: all the same to the client.
+    Rejected { user: Option<String> },
+}
+
+/// The canonical form of a user name used for lookups, routing and logs: the domain part is
+/// lower-cased (domains are case-insensitive), the local part is kept. Returns `None` for names a
+/// proxy should never look up: empty, too long, or containing control characters or spaces.
+pub fn canonical_user(raw: &str) -> Option<String> {
+    if raw.is_empty() || raw.len() > MAX_USER_LEN || raw.chars().any(|c| c.is_control() || c.is_whitespace()) {
+        return None;
+    }
+    Some(match raw.rsplit_once('@') {
+        Some((local, domain)) if !local.is_empty() && !domain.is_empty() => {
+            format!("{local}@{}", domain.to_lowercase())
+        }
+        Some(_) => return None,
+        None => raw.to_string(),
+    })
+}
+
+/// Decide on credentials using the config snapshot's auth source.
+pub async fn authenticate(config: &Config, creds: &Credentials) -> Verdict {
+    let Some(user) = canonical_user(&creds.user) else {
+        return Verdict::Rejected { user: None };
+    };
+    if creds.password.expose().is_empty() || creds.password.expose().len() > MAX_PASSWORD_LEN {
+        return Verdict::Rejected { user: Some(user) };
+    }
+    match &config.auth {
+        AuthSource::Backend => Verdict::Deferred { user },
+        AuthSource::PasswdFile { users, .. } => {
+            let Some(entry) = users.get(&user) else {
+                return Verdict::Rejected { user: Some(user) };
+            };
+            let hash = entry.hash.clone();
+            let backend = entry.backend.clone();
+            let password = creds.password.clone();
+            let ok = tokio::task::spawn_blocking(move || hash.verify(password.expose())).await.unwrap_or(false);
+            if ok { Verdict::Accepted { user, backend } } else { Verdict::Rejected { user: Some(user) } }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn canonical_names() {
+        assert_eq!(canonical_user("Alice@EXAMPLE.test").as_deref(), Some("Alice@example.test"));
+        assert_eq!(canonical_user("bob").as_deref(), Some("bob"));
+        assert_eq!(canonical_user(""), None);
+        assert_eq!(canonical_user("a b"), None);
+        assert_eq!(canonical_user("a\u{0}b"), None);
+        assert_eq!(canonical_user("@x"), None);
+        assert_eq!(canonical_user("x@"), None);
+        assert_eq!(canonical_user(&"a".repeat(256)), None);
+    }
+
+    #[test]
+    fn password_debug_is_redacted() {
+        let c = Credentials { user: "u".into(), password: Password::new(b"hunter2".to_vec()) };
+        assert!(!format!("{c:?}").contains("hunter2"));
+    }
+}

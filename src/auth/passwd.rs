@@ -1,0 +1,224 @@
+//! Users from a Dovecot-style passwd-file: `user:{SCHEME}hash:uid:gid:gecos:home:shell:extra`.
+//!
+//! Only the user, the password and the extra fields matter to the proxy; the uid..shell fields
+//! may be empty. Extra fields are space-separated `key=value` pairs; `backend=NAME` pins a user to
+//! a backend. Hashes are parsed when the file is loaded, so a malformed entry is a config error
+//! with a line number, never a surprise at login. Verification is CPU-heavy and must run in
+//! `spawn_blocking` (see `auth::Authenticator`).
+
+use std::collections::HashMap;
+use std::fmt;
+use std::path::Path;
+
+use subtle::ConstantTimeEq;
+
+#[derive(Debug)]
+pub enum LoadError {
+    Io(std::io::Error),
+    Line { line: usize, field: String, message: String },
+}
+
+/// A password hash in one of the schemes hosting teams have in their Dovecot user files.
+#[derive(Clone, PartialEq, Eq)]
+pub enum PasswordHash {
+    /// `{PLAIN}`: for tests and demos only.
+    Plain(String),
+    /// `{ARGON2ID}` / `{ARGON2I}`: a PHC string `$argon2id$v=19$...`.
+    Argon2(String),
+    /// `{BLF-CRYPT}`: bcrypt `$2y$...`.
+    BlfCrypt(String),
+    /// `{SHA512-CRYPT}` `$6$...` and `{SHA256-CRYPT}` `$5$...`.
+    ShaCrypt(String),
+}
+
+impl fmt::Debug for PasswordHash {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let scheme = match self {
+            PasswordHash::Plain(_) => "PLAIN",
+            PasswordHash::Argon2(_) => "ARGON2",
+            PasswordHash::BlfCrypt(_) => "BLF-CRYPT",
+            PasswordHash::ShaCrypt(_) => "SHA-CRYPT",
+        };
+        write!(f, "{{{scheme}}}<redacted>")
+    }
+}
+
+impl PasswordHash {
+    /// Parse `{SCHEME}data`, checking that the data is well formed for its scheme.
+    pub fn parse(s: &str) -> Result<PasswordHash, String> {
+        let rest = s.strip_prefix('{').ok_or("password must start with {SCHEME}")?;
+        let (scheme, data) = rest.split_once('}').ok_or("password must start with {SCHEME}")?;
+        let data = data.to_string();
+        match scheme.to_ascii_uppercase().as_str() {
+            "PLAIN" | "CLEARTEXT" => Ok(PasswordHash::Plain(data)),
+            "ARGON2ID" | "ARGON2I" => {
+                argon2::password_hash::phc::PasswordHash::new(&data)
+                    .map_err(|e| format!("malformed {scheme} hash: {e}"))?;
+                Ok(PasswordHash::Argon2(data))
+            }
+            "BLF-CRYPT" => {
+                if !(data.starts_with("$2y$") || data.starts_with("$2b$") || data.starts_with("$2a$"))
+                    || data.len() != 60
+                {
+                    return Err("malformed BLF-CRYPT hash".into());
+                }
+                Ok(PasswordHash::BlfCrypt(data))
+            }
+            "SHA512-CRYPT" | "SHA256-CRYPT" => {
+                let prefix = if scheme.eq_ignore_ascii_case("SHA512-CRYPT") { "$6$" } else { "$5$" };
+                if !data.starts_with(prefix) {
+                    return Err(format!("{scheme} hash must start with {prefix}"));
+                }
+                sha_crypt::PasswordHashRef::new(&data).map_err(|e| format!("malformed {scheme} hash: {e}"))?;
+                Ok(PasswordHash::ShaCrypt(data))
+            }
+            other => Err(format!(
+                "unsupported password scheme {other:?} (ARGON2ID, BLF-CRYPT, SHA512-CRYPT, SHA256-CRYPT, PLAIN)"
+            )),
+        }
+    }
+
+    /// Check a password. CPU-bound for every scheme but PLAIN: call from a blocking thread.
+    pub fn verify(&self, password: &[u8]) -> bool {
+        use argon2::password_hash::PasswordVerifier;
+        match self {
+            PasswordHash::Plain(p) => p.as_bytes().ct_eq(password).into(),
+            PasswordHash::Argon2(h) => match argon2::password_hash::phc::PasswordHash::new(h) {
+                Ok(parsed) => argon2::Argon2::default().verify_password(password, &parsed).is_ok(),
+                Err(_) => false,
+            },
+            PasswordHash::BlfCrypt(h) => bcrypt::verify(password, h).unwrap_or(false),
+            PasswordHash::ShaCrypt(h) => {
+                sha_crypt::PasswordVerifier::verify_password(&sha_crypt::ShaCrypt::default(), password, h.as_str())
+                    .is_ok()
+            }
+        }
+    }
+}
+
+/// Make a `{ARGON2ID}` entry for a users file.
+pub fn hash_argon2id(password: &[u8]) -> Result<String, String> {
+    use argon2::password_hash::PasswordHasher;
+    let hash = argon2::Argon2::default().hash_password(password).map_err(|e| e.to_string())?;
+    Ok(format!("{{ARGON2ID}}{hash}"))
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UserEntry {
+    pub hash: PasswordHash,
+    /// Backend this user is pinned to, if any.
+    pub backend: Option<String>,
+}
+
+#[derive(Debug, Default)]
+pub struct UserDb {
+    users: HashMap<String, UserEntry>,
+}
+
+impl UserDb {
+    pub fn load(path: &Path) -> Result<UserDb, LoadError> {
+        let text = std::fs::read_to_string(path).map_err(LoadError::Io)?;
+        Self::parse(&text)
+    }
+
+    pub fn parse(text: &str) -> Result<UserDb, LoadError> {
+        let mut users = HashMap::new();
+        for (i, line) in text.lines().enumerate() {
+            let line_no = i + 1;
+            let err = |field: &str, message: String| LoadError::Line { line: line_no, field: field.into(), message };
+            let trimmed = line.trim();
+            if trimmed.is_empty() || trimmed.starts_with('#') {
+                continue;
+            }
+            let fields: Vec<&str> = line.splitn(8, ':').collect();
+            if fields.len() < 2 {
+                return Err(err("user", "expected user:{SCHEME}hash[:uid:gid:gecos:home:shell:extra]".into()));
+            }
+            let user = crate::auth::canonical_user(fields[0])
+                .ok_or_else(|| err("user", "empty or invalid user name".into()))?;
+            let hash = PasswordHash::parse(fields[1]).map_err(|m| err("password", m))?;
+            let mut backend = None;
+            if let Some(extra) = fields.get(7) {
+                for kv in extra.split_whitespace() {
+                    match kv.split_once('=') {
+                        Some(("backend", v)) if !v.is_empty() => backend = Some(v.to_string()),
+                        // Other Dovecot extra fields (userdb_*, nodelay, ...) are allowed and ignored.
+                        _ => {}
+                    }
+                }
+            }
+            if users.insert(user.clone(), UserEntry { hash, backend }).is_some() {
+                return Err(err("user", format!("duplicate user {user:?}")));
+            }
+        }
+        Ok(UserDb { users })
+    }
+
+    pub fn get(&self, canonical_user: &str) -> Option<&UserEntry> {
+        self.users.get(canonical_user)
+    }
+
+    pub fn len(&self) -> usize {
+        self.users.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.users.is_empty()
+    }
+
+    /// (user, backend) for every user pinned to a backend, for config validation.
+    pub fn backend_refs(&self) -> impl Iterator<Item = (&str, &str)> {
+        self.users.iter().filter_map(|(u, e)| e.backend.as_deref().map(|b| (u.as_str(), b)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_entries_and_extra_fields() {
+        let db =
+            UserDb::parse("# comment\n\nalice@Example.TEST:{PLAIN}pw::::::backend=b1 nodelay\nbob:{PLAIN}x\n").unwrap();
+        assert_eq!(db.len(), 2);
+        let a = db.get("alice@example.test").unwrap();
+        assert_eq!(a.backend.as_deref(), Some("b1"));
+        assert!(a.hash.verify(b"pw"));
+        assert!(!a.hash.verify(b"pw2"));
+    }
+
+    #[test]
+    fn rejects_bad_lines_with_line_number() {
+        match UserDb::parse("ok:{PLAIN}x\nbad:{MD5}abc\n") {
+            Err(LoadError::Line { line, field, .. }) => {
+                assert_eq!(line, 2);
+                assert_eq!(field, "password");
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+        assert!(matches!(UserDb::parse("nohash\n"), Err(LoadError::Line { line: 1, .. })));
+        assert!(matches!(UserDb::parse("a:{ARGON2ID}garbage\n"), Err(LoadError::Line { line: 1, .. })));
+        assert!(matches!(UserDb::parse("a:{PLAIN}x\na:{PLAIN}y\n"), Err(LoadError::Line { line: 2, .. })));
+    }
+
+    #[test]
+    fn verifies_every_scheme() {
+        let bc = bcrypt::hash("secret", 4).unwrap();
+        let blf = PasswordHash::parse(&format!("{{BLF-CRYPT}}{bc}")).unwrap();
+        assert!(blf.verify(b"secret"));
+        assert!(!blf.verify(b"Secret"));
+        // `openssl passwd -6 / -5 -salt saltsalt secret`, as Dovecot's SHA512-CRYPT / SHA256-CRYPT store them.
+        let sha512 = PasswordHash::parse("{SHA512-CRYPT}$6$saltsalt$TVLlQcbpFVof5W3Yz4DTP6gRstiNuHwwTt6GLc1E5n0U0aDehy0S5knV8wiOQSpT0Y77vwPZN.Pq.H91p5hVO1").unwrap();
+        assert!(sha512.verify(b"secret"));
+        assert!(!sha512.verify(b"secreT"));
+        let sha256 =
+            PasswordHash::parse("{SHA256-CRYPT}$5$saltsalt$0IyaXrmV7.sGNS6tirgqHLqX/G.FBvgkYA.lpPdS5sA").unwrap();
+        assert!(sha256.verify(b"secret"));
+        assert!(!sha256.verify(b""));
+        let argon = hash_argon2id("s3cr\u{e9}t".as_bytes()).unwrap();
+        let h3 = PasswordHash::parse(&argon).unwrap();
+        assert!(h3.verify("s3cr\u{e9}t".as_bytes()));
+        assert!(!h3.verify(b"secret"));
+        assert!(!format!("{h3:?}").contains("argon2id$"), "Debug must not print the hash");
+    }
+}

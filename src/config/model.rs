@@ -1,0 +1,645 @@
+//! The validated runtime model: what the rest of the proxy trusts.
+//!
+//! `Config::load` turns a file into typed values (socket addresses, durations, enums, resolved
+//! backend references, a parsed users file) or a `ConfigError` that names the file, line and
+//! field. Nothing downstream re-checks strings. Relative paths are resolved against the directory
+//! of the config file, so a config works wherever it is started from.
+
+use std::collections::{HashMap, HashSet};
+use std::fmt;
+use std::net::SocketAddr;
+use std::ops::Range;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use toml::Spanned;
+
+use super::file::{self, BindFile, FileConfig};
+use crate::auth::passwd::UserDb;
+
+/// Pre-auth idle timeout (nginx `timeout` default).
+pub const DEFAULT_PREAUTH_IDLE: Duration = Duration::from_secs(60);
+/// Total time from accept to a finished login (Dovecot's login timeout).
+pub const DEFAULT_LOGIN_TIMEOUT: Duration = Duration::from_secs(180);
+/// Post-login idle timeout: RFC 9051 asks for at least 30 minutes so IDLE survives.
+pub const DEFAULT_IDLE: Duration = Duration::from_secs(30 * 60);
+pub const DEFAULT_TLS_HANDSHAKE: Duration = Duration::from_secs(10);
+pub const DEFAULT_BACKEND_CONNECT: Duration = Duration::from_secs(10);
+pub const DEFAULT_BACKEND_LOGIN: Duration = Duration::from_secs(30);
+pub const DEFAULT_AUTH_FAILURE_DELAY: Duration = Duration::from_secs(2);
+pub const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
+/// Longest pre-auth command, literals included (RFC 7162 §4 asks servers to accept 8192).
+pub const DEFAULT_MAX_LINE: u32 = 8192;
+/// Protocol errors before the connection is closed (nginx `max_errors`).
+pub const DEFAULT_MAX_ERRORS: u32 = 5;
+/// Failed logins on one connection before it is closed.
+pub const DEFAULT_MAX_AUTH_ATTEMPTS: u32 = 3;
+
+/// A configuration error with enough position to fix it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigError {
+    pub file: PathBuf,
+    /// 1-based line and column, when known.
+    pub position: Option<(usize, usize)>,
+    pub field: String,
+    pub message: String,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.file.display())?;
+        if let Some((line, col)) = self.position {
+            write!(f, ":{line}:{col}")?;
+        }
+        write!(f, ": field `{}`: {}", self.field, self.message)
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+#[derive(Debug)]
+pub struct Config {
+    /// The file this was loaded from.
+    pub path: PathBuf,
+    pub log_format: LogFormat,
+    pub log_level: Option<String>,
+    pub limits: Limits,
+    pub tls: TlsSettings,
+    pub listeners: Vec<Arc<ListenerConfig>>,
+    pub auth: AuthSource,
+    pub backends: HashMap<String, Arc<Backend>>,
+    pub routing: Routing,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Clone)]
+pub struct Limits {
+    pub tls_handshake_timeout: Duration,
+    pub preauth_idle_timeout: Duration,
+    pub login_timeout: Duration,
+    pub idle_timeout: Duration,
+    pub backend_connect_timeout: Duration,
+    pub backend_login_timeout: Duration,
+    pub auth_failure_delay: Duration,
+    pub shutdown_grace: Duration,
+    pub max_line_length: u32,
+    pub max_errors: u32,
+    pub max_auth_attempts: u32,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            tls_handshake_timeout: DEFAULT_TLS_HANDSHAKE,
+            preauth_idle_timeout: DEFAULT_PREAUTH_IDLE,
+            login_timeout: DEFAULT_LOGIN_TIMEOUT,
+            idle_timeout: DEFAULT_IDLE,
+            backend_connect_timeout: DEFAULT_BACKEND_CONNECT,
+            backend_login_timeout: DEFAULT_BACKEND_LOGIN,
+            auth_failure_delay: DEFAULT_AUTH_FAILURE_DELAY,
+            shutdown_grace: DEFAULT_SHUTDOWN_GRACE,
+            max_line_length: DEFAULT_MAX_LINE,
+            max_errors: DEFAULT_MAX_ERRORS,
+            max_auth_attempts: DEFAULT_MAX_AUTH_ATTEMPTS,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TlsSettings {
+    pub certificates: Vec<CertSpec>,
+    pub self_signed_names: Vec<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CertSpec {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    /// Lower-case names; a leading `*.` marks a wildcard.
+    pub names: Vec<String>,
+    pub default: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Protocol {
+    Imap,
+}
+
+impl Protocol {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Protocol::Imap => "imap",
+        }
+    }
+
+    /// The ALPN identifier a client may offer for this protocol (RFC 7301 registry).
+    pub fn alpn(self) -> &'static [u8] {
+        match self {
+            Protocol::Imap => b"imap",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum TlsMode {
+    /// TLS from the first byte (993).
+    Implicit,
+    /// Plaintext greeting, upgraded by STARTTLS (143).
+    StartTls,
+    /// No TLS at all: trusted test networks only.
+    None,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ListenerConfig {
+    pub name: String,
+    pub bind: Vec<SocketAddr>,
+    pub protocol: Protocol,
+    pub tls: TlsMode,
+    /// Accept credentials without TLS. Off unless the operator says so.
+    pub allow_plaintext_auth: bool,
+}
+
+#[derive(Debug)]
+pub enum AuthSource {
+    /// Users and password hashes from a Dovecot-style passwd-file.
+    PasswdFile { path: PathBuf, users: Arc<UserDb> },
+    /// The routed backend verifies the credentials; its OK is the only proof.
+    Backend,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Transport {
+    Plain,
+    Tls,
+    StartTls,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ClientAddress {
+    /// IMAP `ID ("x-originating-ip" ...)`, read by Dovecot from `login_trusted_networks`.
+    ImapId,
+    /// A PROXY protocol v2 header before the first backend byte.
+    ProxyV2,
+    None,
+}
+
+#[derive(Clone, PartialEq, Eq)]
+pub enum BackendLogin {
+    /// Send the client's own user name and password.
+    Replay,
+    /// `AUTHENTICATE PLAIN` with authzid = the user, authcid/password = the master user.
+    Master { user: String, password: String },
+}
+
+impl fmt::Debug for BackendLogin {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            BackendLogin::Replay => f.write_str("Replay"),
+            BackendLogin::Master { user, .. } => write!(f, "Master {{ user: {user:?}, password: <redacted> }}"),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Backend {
+    pub name: String,
+    /// `host:port` as written; resolved at connect time.
+    pub address: String,
+    pub host: String,
+    pub transport: Transport,
+    pub tls_server_name: String,
+    pub tls_verify: bool,
+    pub tls_ca_file: Option<PathBuf>,
+    pub client_address: ClientAddress,
+    pub login: BackendLogin,
+}
+
+#[derive(Debug, Default)]
+pub struct Routing {
+    pub default: Option<Arc<Backend>>,
+    /// Lower-case domain → backend.
+    pub domains: HashMap<String, Arc<Backend>>,
+}
+
+impl Config {
+    /// Read, parse and validate a configuration file (and the files it names).
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
+            file: path.to_path_buf(),
+            position: None,
+            field: "-".into(),
+            message: format!("cannot read: {e}"),
+        })?;
+        Self::parse(path, &text)
+    }
+
+    /// Parse and validate configuration text that was read from `path`.
+    pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigError> {
+        let v = Validator { path, text };
+        let raw: FileConfig = toml::from_str(text).map_err(|e| v.toml_error(&e))?;
+        v.validate(raw)
+    }
+
+    pub fn listener(&self, name: &str) -> Option<&Arc<ListenerConfig>> {
+        self.listeners.iter().find(|l| l.name == name)
+    }
+
+    /// Every file whose change should trigger a reload.
+    pub fn watched_files(&self) -> Vec<PathBuf> {
+        let mut files = vec![self.path.clone()];
+        if let AuthSource::PasswdFile { path, .. } = &self.auth {
+            files.push(path.clone());
+        }
+        for c in &self.tls.certificates {
+            files.push(c.cert.clone());
+            files.push(c.key.clone());
+        }
+        files
+    }
+}
+
+struct Validator<'a> {
+    path: &'a Path,
+    text: &'a str,
+}
+
+impl Validator<'_> {
+    fn position(&self, span: Range<usize>) -> (usize, usize) {
+        let upto = &self.text[..span.start.min(self.text.len())];
+        let line = upto.matches('\n').count() + 1;
+        let col = upto.rfind('\n').map_or(upto.len(), |i| upto.len() - i - 1) + 1;
+        (line, col)
+    }
+
+    fn toml_error(&self, e: &toml::de::Error) -> ConfigError {
+        let message = e.message().trim().to_string();
+        // serde names the offending key in backticks; use it as the field when present.
+        let field = message.split('`').nth(1).map(str::to_string).unwrap_or_else(|| "-".into());
+        ConfigError { file: self.path.to_path_buf(), position: e.span().map(|s| self.position(s)), field, message }
+    }
+
+    fn err(&self, span: Option<Range<usize>>, field: impl Into<String>, message: impl Into<String>) -> ConfigError {
+        ConfigError {
+            file: self.path.to_path_buf(),
+            position: span.map(|s| self.position(s)),
+            field: field.into(),
+            message: message.into(),
+        }
+    }
+
+    fn resolve(&self, p: &Path) -> PathBuf {
+        if p.is_absolute() { p.to_path_buf() } else { self.path.parent().unwrap_or(Path::new(".")).join(p) }
+    }
+
+    fn validate(&self, raw: FileConfig) -> Result<Config, ConfigError> {
+        let log_format = match raw.log.format.as_ref() {
+            None => LogFormat::Text,
+            Some(f) => match f.get_ref().as_str() {
+                "text" => LogFormat::Text,
+                "json" => LogFormat::Json,
+                other => {
+                    return Err(self.err(
+                        Some(f.span()),
+                        "log.format",
+                        format!("expected \"text\" or \"json\", found {other:?}"),
+                    ));
+                }
+            },
+        };
+        let limits = self.limits(&raw.limits)?;
+        let tls = self.tls(&raw.tls)?;
+        let listeners = self.listeners(&raw.listeners)?;
+        if listeners.iter().any(|l| l.tls != TlsMode::None)
+            && tls.certificates.is_empty()
+            && tls.self_signed_names.is_empty()
+        {
+            return Err(self.err(
+                None,
+                "tls.certificate",
+                "TLS listeners need a certificate (or tls.self_signed_names)",
+            ));
+        }
+        let auth = self.auth(&raw.auth)?;
+        let backends = self.backends(&raw.backends)?;
+        let routing = self.routing(&raw.routing, &backends)?;
+        if let AuthSource::PasswdFile { users, path } = &auth {
+            for (user, backend) in users.backend_refs() {
+                if !backends.contains_key(backend) {
+                    return Err(ConfigError {
+                        file: path.clone(),
+                        position: None,
+                        field: "backend".into(),
+                        message: format!("user {user:?} names unknown backend {backend:?}"),
+                    });
+                }
+            }
+        }
+        Ok(Config {
+            path: self.path.to_path_buf(),
+            log_format,
+            log_level: raw.log.level,
+            limits,
+            tls,
+            listeners,
+            auth,
+            backends,
+            routing,
+        })
+    }
+
+    fn limits(&self, l: &file::LimitsFile) -> Result<Limits, ConfigError> {
+        let d = Limits::default();
+        let positive = |v: &Option<Spanned<u32>>, field: &str, default: u32, min: u32| -> Result<u32, ConfigError> {
+            match v {
+                None => Ok(default),
+                Some(s) if *s.get_ref() >= min => Ok(*s.get_ref()),
+                Some(s) => Err(self.err(Some(s.span()), format!("limits.{field}"), format!("must be at least {min}"))),
+            }
+        };
+        Ok(Limits {
+            tls_handshake_timeout: l.tls_handshake_timeout.unwrap_or(d.tls_handshake_timeout),
+            preauth_idle_timeout: l.preauth_idle_timeout.unwrap_or(d.preauth_idle_timeout),
+            login_timeout: l.login_timeout.unwrap_or(d.login_timeout),
+            idle_timeout: l.idle_timeout.unwrap_or(d.idle_timeout),
+            backend_connect_timeout: l.backend_connect_timeout.unwrap_or(d.backend_connect_timeout),
+            backend_login_timeout: l.backend_login_timeout.unwrap_or(d.backend_login_timeout),
+            auth_failure_delay: l.auth_failure_delay.unwrap_or(d.auth_failure_delay),
+            shutdown_grace: l.shutdown_grace.unwrap_or(d.shutdown_grace),
+            max_line_length: positive(&l.max_line_length, "max_line_length", d.max_line_length, 1024)?,
+            max_errors: positive(&l.max_errors, "max_errors", d.max_errors, 1)?,
+            max_auth_attempts: positive(&l.max_auth_attempts, "max_auth_attempts", d.max_auth_attempts, 1)?,
+        })
+    }
+
+    fn tls(&self, t: &file::TlsFile) -> Result<TlsSettings, ConfigError> {
+        let mut certificates = Vec::new();
+        for (i, c) in t.certificates.iter().enumerate() {
+            let mut names = Vec::new();
+            for n in &c.names {
+                let name = n.get_ref().trim().to_ascii_lowercase();
+                let bare = name.strip_prefix("*.").unwrap_or(&name);
+                if bare.is_empty() || !bare.split('.').all(valid_label) {
+                    return Err(self.err(
+                        Some(n.span()),
+                        format!("tls.certificate[{i}].names"),
+                        format!("{:?} is not a DNS name", n.get_ref()),
+                    ));
+                }
+                names.push(name);
+            }
+            if names.is_empty() && !c.default {
+                return Err(self.err(
+                    Some(c.cert.span()),
+                    format!("tls.certificate[{i}].names"),
+                    "a certificate needs names or `default = true`",
+                ));
+            }
+            certificates.push(CertSpec {
+                cert: self.resolve(c.cert.get_ref()),
+                key: self.resolve(c.key.get_ref()),
+                names,
+                default: c.default,
+            });
+        }
+        if certificates.iter().filter(|c| c.default).count() > 1 {
+            return Err(self.err(None, "tls.certificate.default", "only one certificate may be the default"));
+        }
+        let self_signed_names = match &t.self_signed_names {
+            Some(n) => n.clone(),
+            None if certificates.is_empty() => vec!["localhost".to_string()],
+            None => Vec::new(),
+        };
+        Ok(TlsSettings { certificates, self_signed_names })
+    }
+
+    fn listeners(&self, ls: &[file::ListenerFile]) -> Result<Vec<Arc<ListenerConfig>>, ConfigError> {
+        let mut out: Vec<Arc<ListenerConfig>> = Vec::new();
+        let mut names = HashSet::new();
+        let mut addrs = HashSet::new();
+        for (i, l) in ls.iter().enumerate() {
+            let field = |f: &str| format!("listener[{i}].{f}");
+            let name = l.name.get_ref().clone();
+            if name.is_empty() || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_') {
+                return Err(self.err(Some(l.name.span()), field("name"), "use letters, digits, '-' and '_'"));
+            }
+            if !names.insert(name.clone()) {
+                return Err(self.err(Some(l.name.span()), field("name"), format!("duplicate listener name {name:?}")));
+            }
+            let raw_binds = match l.bind.get_ref() {
+                BindFile::One(s) => vec![s.clone()],
+                BindFile::Many(v) => v.clone(),
+            };
+            if raw_binds.is_empty() {
+                return Err(self.err(Some(l.bind.span()), field("bind"), "at least one address is needed"));
+            }
+            let mut bind = Vec::new();
+            for b in raw_binds {
+                let addr: SocketAddr = b.parse().map_err(|_| {
+                    self.err(Some(l.bind.span()), field("bind"), format!("{b:?} is not an IP:port address"))
+                })?;
+                if !addrs.insert(addr) {
+                    return Err(self.err(
+                        Some(l.bind.span()),
+                        field("bind"),
+                        format!("{addr} is bound by another listener"),
+                    ));
+                }
+                bind.push(addr);
+            }
+            let protocol = match l.protocol.get_ref().as_str() {
+                "imap" => Protocol::Imap,
+                other => {
+                    return Err(self.err(
+                        Some(l.protocol.span()),
+                        field("protocol"),
+                        format!("unsupported protocol {other:?} (expected \"imap\")"),
+                    ));
+                }
+            };
+            let tls = match l.tls.get_ref().as_str() {
+                "implicit" => TlsMode::Implicit,
+                "starttls" => TlsMode::StartTls,
+                "none" => TlsMode::None,
+                other => {
+                    return Err(self.err(
+                        Some(l.tls.span()),
+                        field("tls"),
+                        format!("expected \"implicit\", \"starttls\" or \"none\", found {other:?}"),
+                    ));
+                }
+            };
+            out.push(Arc::new(ListenerConfig {
+                name,
+                bind,
+                protocol,
+                tls,
+                allow_plaintext_auth: l.allow_plaintext_auth,
+            }));
+        }
+        Ok(out)
+    }
+
+    fn auth(&self, a: &file::AuthFile) -> Result<AuthSource, ConfigError> {
+        let source = a.source.as_ref().map(|s| s.get_ref().as_str());
+        match (source, &a.passwd_file) {
+            (Some("backend"), None) => Ok(AuthSource::Backend),
+            (Some("backend"), Some(p)) => {
+                Err(self.err(Some(p.span()), "auth.passwd_file", "not used with source = \"backend\""))
+            }
+            (None | Some("passwd-file"), Some(p)) => {
+                let path = self.resolve(p.get_ref());
+                let users = UserDb::load(&path).map_err(|e| match e {
+                    crate::auth::passwd::LoadError::Io(io) => {
+                        self.err(Some(p.span()), "auth.passwd_file", format!("cannot read {}: {io}", path.display()))
+                    }
+                    crate::auth::passwd::LoadError::Line { line, field, message } => {
+                        ConfigError { file: path.clone(), position: Some((line, 1)), field, message }
+                    }
+                })?;
+                Ok(AuthSource::PasswdFile { path, users: Arc::new(users) })
+            }
+            (None | Some("passwd-file"), None) => {
+                Err(self.err(None, "auth.passwd_file", "required (or set auth.source = \"backend\")"))
+            }
+            (Some(other), _) => {
+                let span = a.source.as_ref().map(|s| s.span());
+                Err(self.err(span, "auth.source", format!("expected \"passwd-file\" or \"backend\", found {other:?}")))
+            }
+        }
+    }
+
+    fn backends(&self, bs: &[file::BackendFile]) -> Result<HashMap<String, Arc<Backend>>, ConfigError> {
+        let mut out = HashMap::new();
+        for (i, b) in bs.iter().enumerate() {
+            let field = |f: &str| format!("backend[{i}].{f}");
+            let name = b.name.get_ref().clone();
+            if name.is_empty() || out.contains_key(&name) {
+                return Err(self.err(
+                    Some(b.name.span()),
+                    field("name"),
+                    format!("empty or duplicate backend name {name:?}"),
+                ));
+            }
+            let address = b.address.get_ref().clone();
+            let host = split_host_port(&address).ok_or_else(|| {
+                self.err(Some(b.address.span()), field("address"), format!("{address:?} is not host:port"))
+            })?;
+            let transport = match b.transport.as_ref().map(|t| t.get_ref().as_str()) {
+                None | Some("plain") => Transport::Plain,
+                Some("tls") => Transport::Tls,
+                Some("starttls") => Transport::StartTls,
+                Some(other) => {
+                    let span = b.transport.as_ref().map(|t| t.span());
+                    return Err(self.err(
+                        span,
+                        field("transport"),
+                        format!("expected \"plain\", \"tls\" or \"starttls\", found {other:?}"),
+                    ));
+                }
+            };
+            let client_address = match b.client_address.as_ref().map(|t| t.get_ref().as_str()) {
+                None | Some("imap-id") => ClientAddress::ImapId,
+                Some("proxy-v2") => ClientAddress::ProxyV2,
+                Some("none") => ClientAddress::None,
+                Some(other) => {
+                    let span = b.client_address.as_ref().map(|t| t.span());
+                    return Err(self.err(
+                        span,
+                        field("client_address"),
+                        format!("expected \"imap-id\", \"proxy-v2\" or \"none\", found {other:?}"),
+                    ));
+                }
+            };
+            let login = match b.login.as_ref().map(|t| t.get_ref().as_str()) {
+                None | Some("replay") => BackendLogin::Replay,
+                Some("master") => match (&b.master_user, &b.master_password) {
+                    (Some(u), Some(p)) if !u.get_ref().is_empty() => {
+                        BackendLogin::Master { user: u.get_ref().clone(), password: p.get_ref().clone() }
+                    }
+                    _ => {
+                        let span = b.login.as_ref().map(|t| t.span());
+                        return Err(self.err(
+                            span,
+                            field("master_user"),
+                            "login = \"master\" needs master_user and master_password",
+                        ));
+                    }
+                },
+                Some(other) => {
+                    let span = b.login.as_ref().map(|t| t.span());
+                    return Err(self.err(
+                        span,
+                        field("login"),
+                        format!("expected \"replay\" or \"master\", found {other:?}"),
+                    ));
+                }
+            };
+            let tls_server_name = match &b.tls_server_name {
+                Some(n) => n.get_ref().clone(),
+                None => host.clone(),
+            };
+            if transport != Transport::Plain
+                && rustls::pki_types::ServerName::try_from(tls_server_name.as_str()).is_err()
+            {
+                let span = b.tls_server_name.as_ref().map_or(b.address.span(), |n| n.span());
+                return Err(self.err(
+                    Some(span),
+                    field("tls_server_name"),
+                    format!("{tls_server_name:?} is not a valid server name"),
+                ));
+            }
+            out.insert(
+                name.clone(),
+                Arc::new(Backend {
+                    name,
+                    address,
+                    host,
+                    transport,
+                    tls_server_name,
+                    tls_verify: b.tls_verify.unwrap_or(true),
+                    tls_ca_file: b.tls_ca_file.as_ref().map(|p| self.resolve(p.get_ref())),
+                    client_address,
+                    login,
+                }),
+            );
+        }
+        Ok(out)
+    }
+
+    fn routing(&self, r: &file::RoutingFile, backends: &HashMap<String, Arc<Backend>>) -> Result<Routing, ConfigError> {
+        let lookup = |s: &Spanned<String>, field: String| {
+            backends
+                .get(s.get_ref())
+                .cloned()
+                .ok_or_else(|| self.err(Some(s.span()), field, format!("unknown backend {:?}", s.get_ref())))
+        };
+        let default = match &r.default {
+            Some(d) => Some(lookup(d, "routing.default".into())?),
+            None => None,
+        };
+        let mut domains = HashMap::new();
+        for (domain, b) in &r.domains {
+            domains.insert(domain.to_ascii_lowercase(), lookup(b, format!("routing.domains.{domain}"))?);
+        }
+        Ok(Routing { default, domains })
+    }
+}
+
+fn valid_label(l: &str) -> bool {
+    !l.is_empty() && l.len() <= 63 && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+}
+
+/// The host part of `host:port` or `[v6]:port`, if the port is a number.
+fn split_host_port(s: &str) -> Option<String> {
+    let (host, port) = s.rsplit_once(':')?;
+    port.parse::<u16>().ok()?;
+    let host = host.strip_prefix('[').and_then(|h| h.strip_suffix(']')).unwrap_or(host);
+    (!host.is_empty()).then(|| host.to_string())
+}

@@ -1,0 +1,27 @@
+//! portcullis: a TLS-terminating, protocol-aware mail edge proxy.
+//!
+//! # Layout
+//!
+//! One connection takes one straight path; each module is one stage or one service beside it:
+//!
+//! - `app`: the running proxy: swapped runtime snapshot, listeners, reload, shutdown.
+//! - `config`: file format, validated model, reload watcher.
+//! - `tls`: server/client TLS configs, the SNI certificate store, plain-or-TLS streams.
+//! - `session`: accept → [TLS] → front end → auth → route → backend login → relay.
+//! - `protocol`: IMAP front end and backend login, SASL decoding.
+//! - `auth`: credential verification (passwd-file hashes, or backend-verified).
+//! - `route`: user → backend.
+//! - `relay`: the post-login byte pipe.
+//! - `logging`: subscriber setup and the stable log lines.
+
+#![forbid(unsafe_code)]
+
+pub mod app;
+pub mod auth;
+pub mod config;
+pub mod logging;
+pub mod protocol;
+pub mod relay;
+pub mod route;
+pub mod session;
+pub mod tls;

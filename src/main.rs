@@ -1,0 +1,97 @@
+//! The `portcullis` command: run the proxy, check a config, hash a password.
+
+use std::io::Read;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+
+use portcullis::app::{self, App};
+use portcullis::config::Config;
+
+#[derive(Parser)]
+#[command(name = "portcullis", version, about = "TLS-terminating mail edge proxy for IMAP")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the proxy.
+    Run {
+        #[arg(long, short)]
+        config: PathBuf,
+    },
+    /// Validate a configuration file and everything it names, then exit.
+    Check {
+        #[arg(long, short)]
+        config: PathBuf,
+    },
+    /// Read a password on standard input and print an {ARGON2ID} entry for a users file.
+    HashPassword,
+}
+
+fn main() -> ExitCode {
+    portcullis::tls::init_crypto();
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Check { config } => match app::check(&config) {
+            Ok(c) => {
+                println!("{}: OK ({} listeners, {} backends)", config.display(), c.listeners.len(), c.backends.len());
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("{e}");
+                ExitCode::FAILURE
+            }
+        },
+        Command::HashPassword => match hash_password() {
+            Ok(h) => {
+                println!("{h}");
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("error: {e:#}");
+                ExitCode::FAILURE
+            }
+        },
+        Command::Run { config } => match run(config) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("error: {e:#}");
+                ExitCode::FAILURE
+            }
+        },
+    }
+}
+
+fn hash_password() -> anyhow::Result<String> {
+    let mut input = String::new();
+    std::io::stdin().read_to_string(&mut input).context("reading standard input")?;
+    let password = input.strip_suffix('\n').map(|p| p.strip_suffix('\r').unwrap_or(p)).unwrap_or(&input);
+    anyhow::ensure!(!password.is_empty(), "empty password");
+    portcullis::auth::passwd::hash_argon2id(password.as_bytes()).map_err(anyhow::Error::msg)
+}
+
+fn run(config_path: PathBuf) -> anyhow::Result<()> {
+    // Logging is set up from the config before anything else can log.
+    let initial = Config::load(&config_path).map_err(anyhow::Error::new)?;
+    portcullis::logging::init(initial.log_format, initial.log_level.as_deref());
+    drop(initial);
+    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().context("starting the runtime")?;
+    rt.block_on(async move {
+        let app = App::start(&config_path).await?;
+        portcullis::config::watch::spawn(app.clone()).context("starting the config watcher")?;
+        tracing::info!(version = env!("CARGO_PKG_VERSION"), config = %config_path.display(), "portcullis started");
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = tokio::signal::ctrl_c() => {}
+        }
+        tracing::info!("shutting down");
+        app.shutdown().await;
+        Ok(())
+    })
+}

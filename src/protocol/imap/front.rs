@@ -1,0 +1,520 @@
+//! IMAP before authentication: the proxy speaks IMAP itself and nothing reaches a backend.
+//!
+//! Lifecycle: `greet` → `next_event` until it yields `StartTls` (the caller upgrades the socket
+//! and builds a fresh front end: pre-TLS state is forgotten), `Login` (the caller verifies, then
+//! either `login_failed` and loops, or takes `into_pipelined` and starts relaying) or `Closed`.
+//!
+//! Framing is imap-codec's `Fragmentizer` (bounded lines and literals); decoding is its
+//! `CommandCodec`, and the allow-list of pre-auth commands is ours, because the decoder is
+//! state-blind. Replies are fixed strings: client input is never echoed, except the tag, which
+//! the codec has already checked to be an atom.
+
+use std::io;
+use std::time::Duration;
+
+use imap_codec::fragmentizer::{DecodeMessageError, FragmentInfo, Fragmentizer, LineEnding};
+use imap_codec::imap_types::auth::{AuthMechanism, AuthenticateData};
+use imap_codec::imap_types::command::CommandBody;
+use imap_codec::imap_types::core::LiteralMode;
+use imap_codec::{AuthenticateDataCodec, CommandCodec};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+
+use crate::auth::Credentials;
+use crate::protocol::sasl;
+
+/// Read size for pre-auth input; the Fragmentizer only gets more when it asks for it.
+const READ_CHUNK: usize = 4096;
+/// Limits of RFC 2971 as Dovecot applies them to forwarded ID fields.
+const MAX_ID_PAIRS: usize = 20;
+const MAX_ID_KEY: usize = 30;
+const MAX_ID_VALUE: usize = 1024;
+
+/// What the front end needs to know about its connection.
+#[derive(Debug, Clone)]
+pub struct FrontSettings {
+    /// TLS is active on this connection (implicit, or after STARTTLS).
+    pub tls_active: bool,
+    /// STARTTLS may be offered (a `starttls` listener before the upgrade).
+    pub starttls_offered: bool,
+    /// Credentials may be accepted now.
+    pub auth_allowed: bool,
+    pub max_line: u32,
+    pub max_errors: u32,
+    pub idle_timeout: Duration,
+}
+
+/// Why the front end ended the connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CloseReason {
+    ClientClosed,
+    Logout,
+    TooManyErrors,
+    IdleTimeout,
+    LineTooLong,
+    HttpRequest,
+    StartTlsInjection,
+}
+
+impl CloseReason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CloseReason::ClientClosed => "client_closed",
+            CloseReason::Logout => "logout",
+            CloseReason::TooManyErrors => "too_many_errors",
+            CloseReason::IdleTimeout => "idle_timeout",
+            CloseReason::LineTooLong => "line_too_long",
+            CloseReason::HttpRequest => "http_request",
+            CloseReason::StartTlsInjection => "starttls_injection",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mechanism {
+    Login,
+    Plain,
+    SaslLogin,
+}
+
+impl Mechanism {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Mechanism::Login => "login",
+            Mechanism::Plain => "plain",
+            Mechanism::SaslLogin => "sasl-login",
+        }
+    }
+}
+
+#[derive(Debug)]
+pub struct LoginRequest {
+    pub tag: String,
+    pub mechanism: Mechanism,
+    /// `None` when the client sent malformed credentials: answered like a wrong password.
+    pub credentials: Option<Credentials>,
+}
+
+#[derive(Debug)]
+pub enum Event {
+    /// `OK Begin TLS` was sent and no plaintext is buffered: upgrade the socket now.
+    StartTls,
+    Login(LoginRequest),
+    Closed(CloseReason),
+}
+
+/// How a failed login is answered.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LoginFailure {
+    /// Wrong user, wrong password, malformed credentials: one answer for all.
+    BadCredentials,
+    /// The backend could not be reached or failed: the client may retry.
+    Unavailable,
+}
+
+pub struct ImapFront {
+    settings: FrontSettings,
+    frag: Fragmentizer,
+    errors: u32,
+    /// The client's own ID fields (minus any `x-` field), kept to forward to the backend.
+    client_id: Vec<(String, String)>,
+}
+
+/// One decoded, owned pre-auth action (so the Fragmentizer borrow ends before we write).
+enum Action {
+    Capability(String),
+    Noop(String),
+    Logout(String),
+    Id(String, Vec<(String, String)>),
+    StartTls(String),
+    Login(String, Option<Credentials>),
+    Authenticate(String, Option<Mechanism>, Option<Vec<u8>>),
+    NotAllowed(String),
+    Bad(Option<String>),
+}
+
+enum SaslLine {
+    Data(Vec<u8>),
+    Cancel,
+    Bad,
+}
+
+impl ImapFront {
+    pub fn new(settings: FrontSettings) -> ImapFront {
+        ImapFront { frag: Fragmentizer::new(settings.max_line), settings, errors: 0, client_id: Vec::new() }
+    }
+
+    pub fn capabilities(&self) -> String {
+        let mut caps = String::from("IMAP4rev1 SASL-IR ID LITERAL+");
+        if self.settings.starttls_offered && !self.settings.tls_active {
+            caps.push_str(" STARTTLS");
+        }
+        if self.settings.auth_allowed {
+            caps.push_str(" AUTH=PLAIN AUTH=LOGIN");
+        } else {
+            caps.push_str(" LOGINDISABLED");
+        }
+        caps
+    }
+
+    pub async fn greet<S: AsyncWrite + Unpin>(&self, s: &mut S) -> io::Result<()> {
+        let greeting = format!("* OK [CAPABILITY {}] IMAP proxy ready.\r\n", self.capabilities());
+        write(s, greeting.as_bytes()).await
+    }
+
+    /// The client's ID fields to forward (never containing `x-` keys).
+    pub fn client_id(&self) -> &[(String, String)] {
+        &self.client_id
+    }
+
+    /// Run the pre-auth dialogue until something the caller must act on.
+    pub async fn next_event<S: AsyncRead + AsyncWrite + Unpin>(&mut self, s: &mut S) -> io::Result<Event> {
+        loop {
+            if self.errors >= self.settings.max_errors {
+                write(s, b"* BYE Too many invalid IMAP commands.\r\n").await?;
+                return Ok(Event::Closed(CloseReason::TooManyErrors));
+            }
+            let info = match self.frag.progress() {
+                Some(info) => info,
+                None => match self.fill(s).await? {
+                    Fill::Data => continue,
+                    Fill::Eof => return Ok(Event::Closed(CloseReason::ClientClosed)),
+                    Fill::Timeout => {
+                        write(s, b"* BYE Disconnected for inactivity.\r\n").await?;
+                        return Ok(Event::Closed(CloseReason::IdleTimeout));
+                    }
+                },
+            };
+            if let FragmentInfo::Line { ending: LineEnding::Lf, .. } = info {
+                // Reliability case 28: one line terminator everywhere, CRLF.
+                self.frag.poison_message();
+            }
+            if let FragmentInfo::Line { announcement: Some(ann), .. } = info {
+                let used = self.frag.message_bytes().len() as u64;
+                if u64::from(ann.length) + used > u64::from(self.settings.max_line) {
+                    // Reliability case 29/31: never send "+" for an oversized literal.
+                    match ann.mode {
+                        LiteralMode::Sync => {
+                            let tag = self.frag.decode_tag().map(|t| t.as_ref().to_string());
+                            self.frag.skip_message();
+                            self.bad(s, tag.as_deref(), "Literal too large.").await?;
+                            continue;
+                        }
+                        LiteralMode::NonSync => {
+                            write(s, b"* BYE Literal too large.\r\n").await?;
+                            return Ok(Event::Closed(CloseReason::LineTooLong));
+                        }
+                    }
+                }
+                if ann.mode == LiteralMode::Sync && !self.frag.is_message_poisoned() {
+                    write(s, b"+ Ready for literal data.\r\n").await?;
+                }
+                continue;
+            }
+            if !self.frag.is_message_complete() {
+                continue;
+            }
+            if self.frag.is_max_message_size_exceeded() {
+                // Reliability case 27: error and close, memory stays bounded.
+                write(s, b"* BYE Command line too long.\r\n").await?;
+                return Ok(Event::Closed(CloseReason::LineTooLong));
+            }
+            if looks_like_http(self.frag.message_bytes()) {
+                // Reliability case 18 (ALPACA): an HTTP request on a mail port ends the session.
+                return Ok(Event::Closed(CloseReason::HttpRequest));
+            }
+            let action = self.decode();
+            match action {
+                Action::Capability(tag) => {
+                    let reply = format!("* CAPABILITY {}\r\n{tag} OK Capability completed.\r\n", self.capabilities());
+                    write(s, reply.as_bytes()).await?;
+                }
+                Action::Noop(tag) => write(s, format!("{tag} OK NOOP completed.\r\n").as_bytes()).await?,
+                Action::Logout(tag) => {
+                    write(s, format!("* BYE Logging out.\r\n{tag} OK Logout completed.\r\n").as_bytes()).await?;
+                    return Ok(Event::Closed(CloseReason::Logout));
+                }
+                Action::Id(tag, fields) => {
+                    self.client_id = fields;
+                    write(s, format!("* ID NIL\r\n{tag} OK ID completed.\r\n").as_bytes()).await?;
+                }
+                Action::StartTls(tag) => {
+                    if !self.settings.starttls_offered || self.settings.tls_active {
+                        // Reliability case 3: no STARTTLS on implicit TLS, no second STARTTLS.
+                        self.bad(s, Some(&tag), "STARTTLS not available.").await?;
+                        continue;
+                    }
+                    if self.has_buffered_input() {
+                        // Reliability cases 1/2: plaintext after STARTTLS is never executed.
+                        write(s, b"* BYE Pipelined data after STARTTLS refused.\r\n").await?;
+                        return Ok(Event::Closed(CloseReason::StartTlsInjection));
+                    }
+                    write(s, format!("{tag} OK Begin TLS negotiation now.\r\n").as_bytes()).await?;
+                    return Ok(Event::StartTls);
+                }
+                Action::Login(tag, credentials) => {
+                    if !self.settings.auth_allowed {
+                        self.privacy_required(s, &tag).await?;
+                        continue;
+                    }
+                    return Ok(Event::Login(LoginRequest { tag, mechanism: Mechanism::Login, credentials }));
+                }
+                Action::Authenticate(tag, mechanism, ir) => {
+                    if !self.settings.auth_allowed {
+                        self.privacy_required(s, &tag).await?;
+                        continue;
+                    }
+                    let Some(mechanism) = mechanism else {
+                        write(s, format!("{tag} NO Unsupported authentication mechanism.\r\n").as_bytes()).await?;
+                        continue;
+                    };
+                    match self.sasl(s, &tag, mechanism, ir).await? {
+                        Some(credentials) => {
+                            return Ok(Event::Login(LoginRequest { tag, mechanism, credentials }));
+                        }
+                        None => continue,
+                    }
+                }
+                Action::NotAllowed(tag) => {
+                    self.bad(s, Some(&tag), "Command not permitted before authentication.").await?
+                }
+                Action::Bad(tag) => self.bad(s, tag.as_deref(), "Error in IMAP command.").await?,
+            }
+        }
+    }
+
+    /// Answer a failed login. The caller applies the delay before calling this.
+    pub async fn login_failed<S: AsyncWrite + Unpin>(
+        &mut self,
+        s: &mut S,
+        tag: &str,
+        failure: LoginFailure,
+    ) -> io::Result<()> {
+        let reply = match failure {
+            LoginFailure::BadCredentials => format!("{tag} NO [AUTHENTICATIONFAILED] Authentication failed.\r\n"),
+            LoginFailure::Unavailable => format!("{tag} NO [UNAVAILABLE] Server unavailable, try again later.\r\n"),
+        };
+        write(s, reply.as_bytes()).await
+    }
+
+    /// Bytes the client pipelined after its login command, to forward to the backend verbatim
+    /// (reliability case 25). `None` if the pipeline overflowed the line limit and was cut.
+    pub fn into_pipelined(mut self) -> Option<Vec<u8>> {
+        let mut out = Vec::new();
+        loop {
+            let more = self.frag.progress().is_some();
+            if self.frag.is_max_message_size_exceeded() {
+                return None;
+            }
+            if !more {
+                out.extend_from_slice(self.frag.message_bytes());
+                return Some(out);
+            }
+            if self.frag.is_message_complete() {
+                out.extend_from_slice(self.frag.message_bytes());
+            }
+        }
+    }
+
+    /// Whether any bytes after the current command are already buffered.
+    fn has_buffered_input(&mut self) -> bool {
+        self.frag.progress().is_some() || !self.frag.message_bytes().is_empty()
+    }
+
+    fn decode(&mut self) -> Action {
+        let cmd = match self.frag.decode_message(&CommandCodec::default()) {
+            Ok(cmd) => cmd,
+            Err(
+                DecodeMessageError::DecodingRemainder { .. }
+                | DecodeMessageError::DecodingFailure(_)
+                | DecodeMessageError::MessagePoisoned { .. }
+                | DecodeMessageError::MessageTooLong { .. },
+            ) => {
+                return Action::Bad(self.frag.decode_tag().map(|t| t.as_ref().to_string()));
+            }
+        };
+        let tag = cmd.tag.as_ref().to_string();
+        match cmd.body {
+            CommandBody::Capability => Action::Capability(tag),
+            CommandBody::Noop => Action::Noop(tag),
+            CommandBody::Logout => Action::Logout(tag),
+            CommandBody::StartTLS => Action::StartTls(tag),
+            CommandBody::Id { parameters } => {
+                let mut fields = Vec::new();
+                for (k, v) in parameters.unwrap_or_default() {
+                    let (Ok(key), Some(value)) = (std::str::from_utf8(k.as_ref()), v.0.as_ref()) else {
+                        continue;
+                    };
+                    let Ok(value) = std::str::from_utf8(value.as_ref()) else {
+                        continue;
+                    };
+                    // Reliability case 50: a client may not claim x-originating-ip and friends.
+                    if key.len() > MAX_ID_KEY
+                        || key.to_ascii_lowercase().starts_with("x-")
+                        || value.len() > MAX_ID_VALUE
+                    {
+                        continue;
+                    }
+                    if !printable(key) || !printable(value) || fields.len() >= MAX_ID_PAIRS {
+                        continue;
+                    }
+                    fields.push((key.to_string(), value.to_string()));
+                }
+                Action::Id(tag, fields)
+            }
+            CommandBody::Login { username, password } => {
+                Action::Login(tag, sasl::credentials(username.as_ref(), password.declassify().as_ref()))
+            }
+            CommandBody::Authenticate { mechanism, initial_response } => {
+                let mech = match mechanism {
+                    AuthMechanism::Plain => Some(Mechanism::Plain),
+                    AuthMechanism::Login => Some(Mechanism::SaslLogin),
+                    _ => None,
+                };
+                Action::Authenticate(tag, mech, initial_response.map(|ir| ir.declassify().to_vec()))
+            }
+            _ => Action::NotAllowed(tag),
+        }
+    }
+
+    /// Run a SASL exchange; `Ok(None)` means it was answered (cancelled or bad) and the dialogue
+    /// goes on. `Ok(Some(None))` carries malformed credentials to be failed like wrong ones.
+    async fn sasl<S: AsyncRead + AsyncWrite + Unpin>(
+        &mut self,
+        s: &mut S,
+        tag: &str,
+        mechanism: Mechanism,
+        ir: Option<Vec<u8>>,
+    ) -> io::Result<Option<Option<Credentials>>> {
+        match mechanism {
+            Mechanism::Plain => {
+                let msg = match ir {
+                    Some(msg) => msg,
+                    None => {
+                        write(s, b"+ \r\n").await?;
+                        match self.sasl_line(s, tag).await? {
+                            Some(msg) => msg,
+                            None => return Ok(None),
+                        }
+                    }
+                };
+                Ok(Some(sasl::decode_plain(&msg)))
+            }
+            Mechanism::SaslLogin | Mechanism::Login => {
+                let user = match ir {
+                    Some(user) => user,
+                    None => {
+                        write(s, format!("+ {}\r\n", sasl::LOGIN_USER_CHALLENGE).as_bytes()).await?;
+                        match self.sasl_line(s, tag).await? {
+                            Some(u) => u,
+                            None => return Ok(None),
+                        }
+                    }
+                };
+                write(s, format!("+ {}\r\n", sasl::LOGIN_PASSWORD_CHALLENGE).as_bytes()).await?;
+                let Some(password) = self.sasl_line(s, tag).await? else {
+                    return Ok(None);
+                };
+                Ok(Some(sasl::credentials(&user, &password)))
+            }
+        }
+    }
+
+    /// One SASL continuation line; answers cancel and garbage itself and returns `None` then.
+    async fn sasl_line<S: AsyncRead + AsyncWrite + Unpin>(
+        &mut self,
+        s: &mut S,
+        tag: &str,
+    ) -> io::Result<Option<Vec<u8>>> {
+        let line = loop {
+            match self.frag.progress() {
+                Some(FragmentInfo::Line { announcement: Some(ann), .. }) => {
+                    // A literal has no place in a SASL response (crates.md §5): refuse it.
+                    if ann.mode == LiteralMode::Sync {
+                        self.frag.skip_message();
+                    } else {
+                        self.frag.poison_message();
+                        write(s, b"* BYE Literal in SASL response.\r\n").await?;
+                        return Err(io::Error::new(io::ErrorKind::InvalidData, "literal in SASL response"));
+                    }
+                    break SaslLine::Bad;
+                }
+                Some(FragmentInfo::Line { ending, .. }) => {
+                    if ending == LineEnding::Lf || self.frag.is_max_message_size_exceeded() {
+                        break SaslLine::Bad;
+                    }
+                    break match self.frag.decode_message(&AuthenticateDataCodec::default()) {
+                        Ok(AuthenticateData::Continue(data)) => SaslLine::Data(data.declassify().to_vec()),
+                        Ok(AuthenticateData::Cancel) => SaslLine::Cancel,
+                        Err(_) => SaslLine::Bad,
+                    };
+                }
+                Some(FragmentInfo::Literal { .. }) => continue,
+                None => match self.fill(s).await? {
+                    Fill::Data => continue,
+                    Fill::Eof => return Err(io::ErrorKind::UnexpectedEof.into()),
+                    Fill::Timeout => {
+                        write(s, b"* BYE Disconnected for inactivity.\r\n").await?;
+                        return Err(io::ErrorKind::TimedOut.into());
+                    }
+                },
+            }
+        };
+        match line {
+            SaslLine::Data(d) => Ok(Some(d)),
+            SaslLine::Cancel => {
+                // RFC 9051 §6.2.2: a cancelled exchange is answered with a tagged BAD.
+                write(s, format!("{tag} BAD Authentication canceled.\r\n").as_bytes()).await?;
+                Ok(None)
+            }
+            SaslLine::Bad => {
+                self.bad(s, Some(tag), "Invalid base64 data in SASL response.").await?;
+                Ok(None)
+            }
+        }
+    }
+
+    async fn bad<S: AsyncWrite + Unpin>(&mut self, s: &mut S, tag: Option<&str>, text: &str) -> io::Result<()> {
+        self.errors += 1;
+        write(s, format!("{} BAD {text}\r\n", tag.unwrap_or("*")).as_bytes()).await
+    }
+
+    async fn privacy_required<S: AsyncWrite + Unpin>(&mut self, s: &mut S, tag: &str) -> io::Result<()> {
+        // Reliability cases 6/7: no credentials before TLS.
+        self.bad(s, Some(tag), "[PRIVACYREQUIRED] Authentication disallowed on non-secure connections, use STARTTLS.")
+            .await
+    }
+
+    async fn fill<S: AsyncRead + Unpin>(&mut self, s: &mut S) -> io::Result<Fill> {
+        let mut buf = [0u8; READ_CHUNK];
+        match tokio::time::timeout(self.settings.idle_timeout, s.read(&mut buf)).await {
+            Err(_) => Ok(Fill::Timeout),
+            Ok(Ok(0)) => Ok(Fill::Eof),
+            Ok(Ok(n)) => {
+                self.frag.enqueue_bytes(&buf[..n]);
+                Ok(Fill::Data)
+            }
+            Ok(Err(e)) => Err(e),
+        }
+    }
+}
+
+enum Fill {
+    Data,
+    Eof,
+    Timeout,
+}
+
+async fn write<S: AsyncWrite + Unpin>(s: &mut S, bytes: &[u8]) -> io::Result<()> {
+    s.write_all(bytes).await?;
+    s.flush().await
+}
+
+fn printable(s: &str) -> bool {
+    s.bytes().all(|b| (0x20..0x7f).contains(&b))
+}
+
+/// An HTTP request line or header arriving on a mail port.
+pub fn looks_like_http(line: &[u8]) -> bool {
+    const METHODS: [&[u8]; 8] = [b"GET ", b"POST ", b"PUT ", b"HEAD ", b"CONNECT ", b"OPTIONS ", b"DELETE ", b"PATCH "];
+    METHODS.iter().any(|m| line.starts_with(m)) || (line.len() >= 5 && line[..5].eq_ignore_ascii_case(b"host:"))
+}

@@ -1,0 +1,74 @@
+//! SASL PLAIN (RFC 4616) and LOGIN decoding into `Credentials`.
+//!
+//! Input is the already base64-decoded client response. Malformed input is `None`: the caller
+//! answers it exactly like a wrong password. Authorisation identities other than the user itself
+//! are refused here (reliability case 37): the proxy never lets a client act as someone else.
+
+use crate::auth::{Credentials, MAX_PASSWORD_LEN, MAX_USER_LEN, Password};
+
+/// Decode `authzid NUL authcid NUL passwd`.
+pub fn decode_plain(msg: &[u8]) -> Option<Credentials> {
+    let mut parts = msg.split(|b| *b == 0);
+    let authzid = parts.next()?;
+    let authcid = parts.next()?;
+    let passwd = parts.next()?;
+    if parts.next().is_some() || authcid.is_empty() || passwd.is_empty() {
+        return None;
+    }
+    if !authzid.is_empty() && authzid != authcid {
+        return None;
+    }
+    credentials(authcid, passwd)
+}
+
+/// Build credentials from a LOGIN user name and password (SASL LOGIN or IMAP LOGIN).
+pub fn credentials(user: &[u8], password: &[u8]) -> Option<Credentials> {
+    if user.is_empty() || user.len() > MAX_USER_LEN || password.is_empty() || password.len() > MAX_PASSWORD_LEN {
+        return None;
+    }
+    if password.contains(&0) {
+        return None;
+    }
+    let user = std::str::from_utf8(user).ok()?;
+    if user.chars().any(|c| c.is_control()) {
+        return None;
+    }
+    Some(Credentials { user: user.to_string(), password: Password::new(password.to_vec()) })
+}
+
+/// The server challenges of SASL LOGIN, base64 of "Username:" and "Password:".
+pub const LOGIN_USER_CHALLENGE: &str = "VXNlcm5hbWU6";
+pub const LOGIN_PASSWORD_CHALLENGE: &str = "UGFzc3dvcmQ6";
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    #[test]
+    fn plain_forms() {
+        let c = decode_plain(b"\0alice\0pw").unwrap();
+        assert_eq!(c.user, "alice");
+        assert_eq!(c.password.expose(), b"pw");
+        assert!(decode_plain(b"alice\0alice\0pw").is_some());
+        // Reliability case 37: authzid differing from authcid is refused.
+        assert!(decode_plain(b"admin\0alice\0pw").is_none());
+        // Case 38: wrong NUL counts, empty parts, NUL in password.
+        assert!(decode_plain(b"alice").is_none());
+        assert!(decode_plain(b"\0alice").is_none());
+        assert!(decode_plain(b"\0alice\0pw\0x").is_none());
+        assert!(decode_plain(b"\0\0pw").is_none());
+        assert!(decode_plain(b"\0alice\0").is_none());
+        assert!(decode_plain(b"\0\xff\xfe\0pw").is_none());
+    }
+
+    proptest! {
+        #[test]
+        fn plain_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..600)) {
+            if let Some(c) = decode_plain(&bytes) {
+                prop_assert!(!c.user.is_empty());
+                prop_assert!(!c.password.expose().contains(&0));
+            }
+        }
+    }
+}

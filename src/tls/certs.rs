@@ -1,0 +1,198 @@
+//! The certificate store: SNI selection over hot-swappable maps.
+//!
+//! One `CertStore` lives for the whole process and is shared by every listener's `ServerConfig`,
+//! so swapping certificates (file change, reload, later ACME) never rebuilds a `ServerConfig` and
+//! never touches a session. Lookup: exact name, then `*.parent`, then the default.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use arc_swap::ArcSwap;
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use rustls::server::{ClientHello, ResolvesServerCert};
+use rustls::sign::CertifiedKey;
+
+use crate::config::{CertSpec, TlsSettings};
+
+#[derive(Debug, thiserror::Error)]
+pub enum CertError {
+    #[error("{path}: {message}")]
+    File { path: PathBuf, message: String },
+    #[error("self-signed certificate: {0}")]
+    SelfSigned(String),
+}
+
+/// The maps one swap replaces together.
+#[derive(Default)]
+pub struct CertMaps {
+    exact: HashMap<String, Arc<CertifiedKey>>,
+    /// Keyed by the parent domain of `*.parent`.
+    wildcard: HashMap<String, Arc<CertifiedKey>>,
+    default: Option<Arc<CertifiedKey>>,
+    explicit_default: bool,
+    /// What each configured pair was loaded from, to keep a good pair when its files break.
+    loaded: HashMap<(PathBuf, PathBuf), (Vec<u8>, Arc<CertifiedKey>)>,
+}
+
+pub struct CertStore {
+    maps: ArcSwap<CertMaps>,
+}
+
+impl fmt::Debug for CertStore {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let m = self.maps.load();
+        f.debug_struct("CertStore")
+            .field("names", &m.exact.keys().collect::<Vec<_>>())
+            .field("has_default", &m.default.is_some())
+            .finish()
+    }
+}
+
+impl CertStore {
+    /// Load every configured pair; any failure is an error (used at start and by `check`).
+    pub fn load(settings: &TlsSettings) -> Result<CertStore, CertError> {
+        let maps = build(settings, None)?;
+        Ok(CertStore { maps: ArcSwap::from_pointee(maps) })
+    }
+
+    /// Build the maps for new settings without installing them. A pair that loaded before and is
+    /// now broken keeps its previous key (logged); a new pair that is broken is an error.
+    pub fn prepare(&self, settings: &TlsSettings) -> Result<CertMaps, CertError> {
+        let current = self.maps.load();
+        build(settings, Some(&current))
+    }
+
+    pub fn install(&self, maps: CertMaps) {
+        self.maps.store(Arc::new(maps));
+    }
+
+    /// The certificate a handshake for `name` would get.
+    pub fn lookup(&self, name: Option<&str>) -> Option<Arc<CertifiedKey>> {
+        let maps = self.maps.load();
+        if let Some(name) = name {
+            let name = name.trim_end_matches('.').to_ascii_lowercase();
+            if let Some(k) = maps.exact.get(&name) {
+                return Some(k.clone());
+            }
+            if let Some((_, parent)) = name.split_once('.')
+                && let Some(k) = maps.wildcard.get(parent)
+            {
+                return Some(k.clone());
+            }
+        }
+        maps.default.clone()
+    }
+}
+
+impl ResolvesServerCert for CertStore {
+    fn resolve(&self, hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        self.lookup(hello.server_name())
+    }
+}
+
+fn build(settings: &TlsSettings, previous: Option<&CertMaps>) -> Result<CertMaps, CertError> {
+    let mut maps = CertMaps::default();
+    for spec in &settings.certificates {
+        let key = (spec.cert.clone(), spec.key.clone());
+        let certified = match read_pair(spec) {
+            Ok((bytes, ck)) => {
+                maps.loaded.insert(key, (bytes, ck.clone()));
+                ck
+            }
+            Err(e) => match previous.and_then(|p| p.loaded.get(&key)) {
+                Some((bytes, ck)) => {
+                    tracing::error!(error = %e, "certificate reload failed; keeping the previous certificate");
+                    maps.loaded.insert(key, (bytes.clone(), ck.clone()));
+                    ck.clone()
+                }
+                None => return Err(e),
+            },
+        };
+        add(&mut maps, spec, certified);
+    }
+    if !settings.self_signed_names.is_empty() {
+        let names = settings.self_signed_names.clone();
+        // Reuse the previous self-signed key if the names did not change: clients that pinned it
+        // keep working across reloads.
+        let cached = previous.and_then(|p| p.loaded.get(&self_signed_key(&names))).cloned();
+        let (bytes, ck) = match cached {
+            Some(c) => c,
+            None => {
+                tracing::warn!(names = ?names, "no certificate configured for these names: using a self-signed certificate");
+                (Vec::new(), self_signed(&names)?)
+            }
+        };
+        maps.loaded.insert(self_signed_key(&names), (bytes, ck.clone()));
+        let spec = CertSpec {
+            cert: PathBuf::new(),
+            key: PathBuf::new(),
+            names: names.iter().map(|n| n.to_ascii_lowercase()).collect(),
+            default: maps.default.is_none(),
+        };
+        add(&mut maps, &spec, ck);
+    }
+    Ok(maps)
+}
+
+fn self_signed_key(names: &[String]) -> (PathBuf, PathBuf) {
+    (PathBuf::from(format!("self-signed:{}", names.join(","))), PathBuf::new())
+}
+
+fn add(maps: &mut CertMaps, spec: &CertSpec, ck: Arc<CertifiedKey>) {
+    for name in &spec.names {
+        match name.strip_prefix("*.") {
+            Some(parent) => {
+                maps.wildcard.entry(parent.to_string()).or_insert_with(|| ck.clone());
+            }
+            None => {
+                maps.exact.entry(name.clone()).or_insert_with(|| ck.clone());
+            }
+        }
+    }
+    if spec.default {
+        maps.default = Some(ck);
+        maps.explicit_default = true;
+    } else if !maps.explicit_default && maps.default.is_none() {
+        // Without an explicit default, the first certificate answers clients without SNI.
+        maps.default = Some(ck);
+    }
+}
+
+/// Read and check one certificate/key pair; returns the raw bytes (for change detection) too.
+fn read_pair(spec: &CertSpec) -> Result<(Vec<u8>, Arc<CertifiedKey>), CertError> {
+    let file_err = |path: &Path, message: String| CertError::File { path: path.to_path_buf(), message };
+    let cert_bytes = std::fs::read(&spec.cert).map_err(|e| file_err(&spec.cert, e.to_string()))?;
+    let key_bytes = std::fs::read(&spec.key).map_err(|e| file_err(&spec.key, e.to_string()))?;
+    let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(&cert_bytes)
+        .collect::<Result<_, _>>()
+        .map_err(|e| file_err(&spec.cert, format!("bad PEM: {e}")))?;
+    if chain.is_empty() {
+        return Err(file_err(&spec.cert, "no certificate in file".into()));
+    }
+    let key = PrivateKeyDer::from_pem_slice(&key_bytes)
+        .map_err(|e| file_err(&spec.key, format!("bad private key PEM: {e}")))?;
+    let provider = rustls::crypto::CryptoProvider::get_default()
+        .cloned()
+        .unwrap_or_else(|| Arc::new(rustls::crypto::aws_lc_rs::default_provider()));
+    let ck = CertifiedKey::from_der(chain, key, &provider)
+        .map_err(|e| file_err(&spec.key, format!("certificate and key do not match or are unsupported: {e}")))?;
+    let mut bytes = cert_bytes;
+    bytes.extend_from_slice(&key_bytes);
+    Ok((bytes, Arc::new(ck)))
+}
+
+/// A self-signed ECDSA P-256 certificate for `names`, for demos and first starts.
+pub fn self_signed(names: &[String]) -> Result<Arc<CertifiedKey>, CertError> {
+    let ck = rcgen::generate_simple_self_signed(names.to_vec()).map_err(|e| CertError::SelfSigned(e.to_string()))?;
+    let chain = vec![ck.cert.der().clone()];
+    let key =
+        PrivateKeyDer::try_from(ck.signing_key.serialize_der()).map_err(|e| CertError::SelfSigned(e.to_string()))?;
+    let provider = rustls::crypto::CryptoProvider::get_default()
+        .cloned()
+        .unwrap_or_else(|| Arc::new(rustls::crypto::aws_lc_rs::default_provider()));
+    let ck = CertifiedKey::from_der(chain, key, &provider).map_err(|e| CertError::SelfSigned(e.to_string()))?;
+    Ok(Arc::new(ck))
+}
