@@ -1,0 +1,402 @@
+"""Real servers for the end-to-end tests and the quickstart, started on loopback high ports in
+a temporary directory: Dovecot (IMAP) and portcullis itself.
+
+Used as a library by the pytest suite and as a command by ./scripts/quickstart:
+
+    python3 tests/e2e/servers.py dovecot --dir DIR --imap-port 20143 --user demo@example.test:demo
+"""
+
+import argparse
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_greeting(port, prefix=b"* OK", timeout=10.0, host="127.0.0.1", tls=False):
+    """Readiness is the greeting, not an accepting port (Dovecot drops early connections)."""
+    deadline = time.monotonic() + timeout
+    last = None
+    while time.monotonic() < deadline:
+        try:
+            with socket.create_connection((host, port), timeout=1) as s:
+                if tls:
+                    import ssl
+                    ctx = ssl.create_default_context()
+                    ctx.check_hostname = False
+                    ctx.verify_mode = ssl.CERT_NONE
+                    s = ctx.wrap_socket(s)
+                data = s.recv(512)
+                if data.startswith(prefix):
+                    return data
+                last = data
+        except OSError as e:
+            last = e
+        time.sleep(0.05)
+    raise RuntimeError(f"no greeting on port {port}: {last!r}")
+
+
+DOVECOT_CONF = """\
+base_dir = {dir}/run
+state_dir = {dir}/state
+log_path = {dir}/dovecot.log
+info_log_path = {dir}/dovecot-info.log
+listen = 127.0.0.1
+protocols = imap
+ssl = no
+disable_plaintext_auth = no
+auth_mechanisms = plain login
+auth_failure_delay = 0
+auth_master_user_separator = *
+login_trusted_networks = 127.0.0.0/8
+haproxy_trusted_networks = 127.0.0.0/8
+login_log_format_elements = user=<%u> method=%m rip=%r lip=%l mpid=%e %c session=<%{{session}}> rport=%{{rport}} lport=%{{lport}}
+mail_location = maildir:~/Maildir
+mail_fsync = never
+first_valid_uid = 1
+passdb {{
+  driver = passwd-file
+  args = scheme=PLAIN {dir}/masters
+  master = yes
+  result_success = continue
+}}
+passdb {{
+  driver = passwd-file
+  args = scheme=PLAIN {dir}/users
+}}
+userdb {{
+  driver = static
+  args = uid=65534 gid=65534 home={dir}/mail/%d/%n
+}}
+service imap-login {{
+  inet_listener imap {{
+    address = 127.0.0.1
+    port = {imap_port}
+  }}
+  inet_listener imaps {{
+    port = 0
+  }}
+  inet_listener imap_haproxy {{
+    address = 127.0.0.1
+    port = {haproxy_port}
+    haproxy = yes
+  }}
+}}
+"""
+
+
+class Dovecot:
+    """A private Dovecot with passwd-file users and a master user `master` / `masterpw`."""
+
+    def __init__(self, workdir, users, imap_port=None, haproxy_port=None):
+        self.dir = os.path.join(workdir, "dovecot")
+        self.imap_port = imap_port or free_port()
+        self.haproxy_port = haproxy_port or free_port()
+        self.users = users
+        self.proc = None
+
+    def start(self):
+        binary = shutil.which("dovecot") or "/usr/sbin/dovecot"
+        if not os.path.exists(binary):
+            raise RuntimeError("dovecot is not installed (apt-get install dovecot-imapd)")
+        for d in ("run", "state", "mail"):
+            os.makedirs(os.path.join(self.dir, d), exist_ok=True)
+        # dovecot, dovenull and nobody must traverse the directory tree.
+        p = self.dir
+        while p not in ("/", ""):
+            if p.startswith("/tmp/") or p == self.dir:
+                os.chmod(p, 0o755)
+            p = os.path.dirname(p)
+        os.chown(os.path.join(self.dir, "mail"), 65534, 65534)
+        with open(os.path.join(self.dir, "users"), "w") as f:
+            for user, password in self.users.items():
+                f.write(f"{user}:{{PLAIN}}{password}\n")
+        with open(os.path.join(self.dir, "masters"), "w") as f:
+            f.write("master:{PLAIN}masterpw\n")
+        self.conf = os.path.join(self.dir, "dovecot.conf")
+        with open(self.conf, "w") as f:
+            f.write(DOVECOT_CONF.format(dir=self.dir, imap_port=self.imap_port, haproxy_port=self.haproxy_port))
+        self.proc = subprocess.Popen([binary, "-F", "-c", self.conf], stdout=subprocess.DEVNULL, stderr=open(os.path.join(self.dir, "stderr.log"), "w"))
+        try:
+            wait_greeting(self.imap_port)
+        except RuntimeError:
+            self.stop()
+            raise RuntimeError("dovecot did not start: " + self.log())
+        return self
+
+    def deliver(self, user, message, name="1.test"):
+        """Put a message into the user's INBOX (a Maildir file owned by nobody)."""
+        local, _, domain = user.partition("@")
+        base = os.path.join(self.dir, "mail", domain, local, "Maildir")
+        for sub in ("cur", "new", "tmp"):
+            os.makedirs(os.path.join(base, sub), exist_ok=True)
+        path = os.path.join(base, "new", f"{int(time.time())}.{name}")
+        with open(path, "wb") as f:
+            f.write(message)
+        for dirpath, _, files in os.walk(os.path.join(self.dir, "mail")):
+            os.chown(dirpath, 65534, 65534)
+            for fn in files:
+                os.chown(os.path.join(dirpath, fn), 65534, 65534)
+        return path
+
+    def log(self):
+        out = ""
+        for name in ("dovecot.log", "dovecot-info.log", "stderr.log"):
+            try:
+                with open(os.path.join(self.dir, name), errors="replace") as f:
+                    out += f.read()
+            except OSError:
+                pass
+        return out
+
+    def info_log(self):
+        try:
+            with open(os.path.join(self.dir, "dovecot-info.log"), errors="replace") as f:
+                return f.read()
+        except OSError:
+            return ""
+
+    def logins(self):
+        """Every `Login:` line of the info log as a dict (user, method, rip, lip, rport, lport, ...)."""
+        out = []
+        for line in self.info_log().splitlines():
+            _, sep, rest = line.partition("Login: ")
+            if not sep:
+                continue
+            fields = {}
+            for part in rest.split(", "):
+                k, eq, v = part.partition("=")
+                if eq:
+                    fields[k] = v.strip("<>")
+            out.append(fields)
+        return out
+
+    def settled_log(self, quiet=0.3, timeout=5.0):
+        """The whole log once it has stopped changing for `quiet` seconds."""
+        deadline = time.monotonic() + timeout
+        last = self.log()
+        stable_since = time.monotonic()
+        while time.monotonic() < deadline:
+            time.sleep(0.05)
+            now = self.log()
+            if now != last:
+                last, stable_since = now, time.monotonic()
+            elif time.monotonic() - stable_since >= quiet:
+                break
+        return last
+
+    def stop(self):
+        if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(5)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+def portcullis_binary():
+    explicit = os.environ.get("PORTCULLIS_BIN")
+    if explicit:
+        return explicit
+    for profile in ("release", "debug"):
+        p = os.path.join(ROOT, "target", profile, "portcullis")
+        if os.path.exists(p):
+            return p
+    raise RuntimeError("portcullis binary not built (cargo build)")
+
+
+class Portcullis:
+    """The real binary, run with a config file written into a temp dir."""
+
+    def __init__(self, workdir, config_text, name="portcullis.toml"):
+        self.dir = os.path.join(workdir, "portcullis")
+        os.makedirs(self.dir, exist_ok=True)
+        self.config = os.path.join(self.dir, name)
+        self.log_path = os.path.join(self.dir, "portcullis.log")
+        self.write_config(config_text)
+        self.proc = None
+
+    def write_config(self, text):
+        # Write then rename, as editors and config management do.
+        tmp = self.config + ".tmp"
+        with open(tmp, "w") as f:
+            f.write(text)
+        os.replace(tmp, self.config)
+
+    def start(self, wait_port=None, tls=False):
+        env = dict(os.environ, RUST_LOG=os.environ.get("PORTCULLIS_LOG", "info"))
+        self.log_file = open(self.log_path, "a")
+        self.proc = subprocess.Popen([portcullis_binary(), "run", "--config", self.config], stdout=self.log_file, stderr=self.log_file, env=env)
+        if wait_port:
+            try:
+                wait_greeting(wait_port, tls=tls)
+            except RuntimeError:
+                self.stop()
+                raise RuntimeError("portcullis did not start: " + self.log())
+        return self
+
+    def log(self):
+        with open(self.log_path, errors="replace") as f:
+            return f.read()
+
+    def stop(self):
+        if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+# ---------------------------------------------------------------------------------------------
+# Clients for the tests. Certificate checks are off (the proxy's certificate is self-signed) and
+# the client socket is bound to CLIENT_IP, so the address the backend logs differs from the
+# proxy's own 127.0.0.1.
+
+CLIENT_IP = "127.0.0.2"
+
+
+def client_tls_context(alpn=None):
+    import ssl
+    ctx = ssl.create_default_context()
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    if alpn is not None:
+        ctx.set_alpn_protocols(alpn)
+    return ctx
+
+
+def client_socket(port, timeout=10.0, source=CLIENT_IP):
+    return socket.create_connection(("127.0.0.1", port), timeout=timeout, source_address=(source, 0))
+
+
+import imaplib  # noqa: E402
+
+
+class IMAP4From(imaplib.IMAP4):
+    """imaplib over plain TCP (STARTTLS listeners), from CLIENT_IP."""
+
+    def _create_socket(self, timeout):
+        return client_socket(self.port, timeout=timeout or 10.0)
+
+
+class IMAP4SSLFrom(imaplib.IMAP4_SSL):
+    """imaplib over implicit TLS, from CLIENT_IP."""
+
+    def __init__(self, host, port, **kw):
+        kw.setdefault("ssl_context", client_tls_context())
+        kw.setdefault("timeout", 10.0)
+        super().__init__(host, port, **kw)
+
+    def _create_socket(self, timeout):
+        sock = client_socket(self.port, timeout=timeout or 10.0)
+        return self.ssl_context.wrap_socket(sock, server_hostname="localhost")
+
+
+class RawClient:
+    """Bytes in, bytes out: for what imaplib would not send (pipelining, injection, junk)."""
+
+    def __init__(self, port, tls=False, alpn=None, timeout=5.0):
+        self.sock = client_socket(port, timeout=timeout)
+        if tls:
+            self.sock = client_tls_context(alpn).wrap_socket(self.sock, server_hostname="localhost")
+        self.buf = b""
+
+    def starttls(self, alpn=None):
+        self.sock = client_tls_context(alpn).wrap_socket(self.sock, server_hostname="localhost")
+
+    def send(self, data):
+        self.sock.sendall(data)
+
+    def _fill(self):
+        chunk = self.sock.recv(65536)
+        if not chunk:
+            raise EOFError(f"connection closed; buffered {self.buf!r}")
+        self.buf += chunk
+
+    def line(self):
+        while b"\r\n" not in self.buf:
+            self._fill()
+        line, _, self.buf = self.buf.partition(b"\r\n")
+        return line + b"\r\n"
+
+    def until_tagged(self, tag):
+        """All lines up to and including the tagged reply for `tag`."""
+        out = []
+        while True:
+            line = self.line()
+            out.append(line)
+            if line.startswith(tag + b" "):
+                return out
+
+    def read_to_close(self, timeout=5.0):
+        """Everything until the peer closes; fails (socket.timeout) if it never does."""
+        import ssl
+        self.sock.settimeout(timeout)
+        out = self.buf
+        self.buf = b""
+        while True:
+            try:
+                chunk = self.sock.recv(65536)
+            except ConnectionResetError:
+                return out
+            except ssl.SSLError as e:
+                if "EOF" in str(e) or "UNEXPECTED_EOF" in str(e):
+                    return out
+                raise
+            if not chunk:
+                return out
+            out += chunk
+
+    def close(self):
+        try:
+            self.sock.close()
+        except OSError:
+            pass
+
+
+def wait_for(predicate, timeout=5.0, interval=0.05):
+    """Poll until predicate() is truthy; return its value (or the last falsy value)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        v = predicate()
+        if v or time.monotonic() >= deadline:
+            return v
+        time.sleep(interval)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__)
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    d = sub.add_parser("dovecot", help="start a private Dovecot in the foreground until SIGTERM")
+    d.add_argument("--dir", required=True)
+    d.add_argument("--imap-port", type=int, required=True)
+    d.add_argument("--haproxy-port", type=int)
+    d.add_argument("--user", action="append", default=[], help="user:password")
+    args = ap.parse_args()
+    users = dict(u.split(":", 1) for u in args.user)
+    dv = Dovecot(args.dir, users, imap_port=args.imap_port, haproxy_port=args.haproxy_port).start()
+    dv.deliver(next(iter(users)), b"From: welcome@example.test\r\nTo: demo@example.test\r\nSubject: Welcome to portcullis\r\n\r\nThis message was fetched through the proxy.\r\n", name="welcome")
+    print(f"dovecot ready on 127.0.0.1:{dv.imap_port} (pid {dv.proc.pid})", flush=True)
+    stop = lambda *_: (dv.stop(), sys.exit(0))
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    dv.proc.wait()
+    sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

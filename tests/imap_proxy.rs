@@ -1,0 +1,369 @@
+//! The proxy end to end in-process: pre-auth dialogue, login, relay, and backend faults, over a
+//! plaintext test listener against scripted fake backends.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+
+async fn setup(behaviour: Behaviour) -> (Proxy, FakeBackend) {
+    let backend = FakeBackend::start(behaviour).await;
+    let proxy = Proxy::start(&plain_config(backend.addr, ""), USERS).await;
+    (proxy, backend)
+}
+
+async fn greeted(proxy: &Proxy) -> Client<tokio::net::TcpStream> {
+    let mut c = Client::connect(proxy.addr("plain")).await;
+    let g = c.line().await;
+    assert!(g.starts_with("* OK [CAPABILITY IMAP4rev1 "), "{g}");
+    c
+}
+
+#[tokio::test]
+async fn login_relays_backend_reply_and_pipelined_commands_in_order() {
+    let (proxy, backend) = setup(Behaviour::Normal).await;
+    let mut c = greeted(&proxy).await;
+    // Reliability case 25: commands pipelined after LOGIN reach the backend in order.
+    c.send(b"a1 LOGIN alice@example.test secret\r\na2 SELECT INBOX\r\na3 NOOP\r\n").await;
+    let lines = c.until_tagged("a1").await;
+    assert_eq!(lines, vec!["* CAPABILITY IMAP4rev1 IDLE\r\n", "a1 OK [CAPABILITY IMAP4rev1 IDLE MOVE] Logged in\r\n"]);
+    assert_eq!(c.line().await, "a2 OK done\r\n");
+    assert_eq!(c.line().await, "a3 OK done\r\n");
+    c.send(b"a4 LOGOUT\r\n").await;
+    assert_eq!(c.until_tagged("a4").await.last().unwrap(), "a4 OK Logout completed.\r\n");
+    assert!(c.closed().await);
+    let got = backend.lines(0);
+    assert!(got[0].starts_with("P2 ID (\"x-originating-ip\" \"127.0.0.1\" \"x-originating-port\" "), "{got:?}");
+    assert_eq!(got[1], "P3 LOGIN \"alice@example.test\" \"secret\"\r\n");
+    assert_eq!(&got[2..], ["a2 SELECT INBOX\r\n", "a3 NOOP\r\n", "a4 LOGOUT\r\n"]);
+}
+
+#[tokio::test]
+async fn quoted_escapes_and_literals_are_decoded_once_and_reencoded() {
+    let (proxy, backend) = setup(Behaviour::Normal).await;
+    let mut c = greeted(&proxy).await;
+    // Reliability cases 30 and 33: a synchronising literal and a quoted string with escapes.
+    let pw = "a \"q\" \\b\\ c";
+    c.send(format!("t1 LOGIN {{18}}\r\n").as_bytes()).await;
+    assert_eq!(c.line().await, "+ Ready for literal data.\r\n");
+    c.send(b"weird@example.test \"a \\\"q\\\" \\\\b\\\\ c\"\r\n").await;
+    let lines = c.until_tagged("t1").await;
+    assert!(lines.last().unwrap().starts_with("t1 OK"), "{lines:?}");
+    let login = backend.lines(0).into_iter().find(|l| l.starts_with("P3 ")).unwrap();
+    assert_eq!(
+        login,
+        format!("P3 LOGIN \"weird@example.test\" \"{}\"\r\n", pw.replace('\\', "\\\\").replace('"', "\\\""))
+    );
+}
+
+#[tokio::test]
+async fn utf8_password_goes_to_backend_as_literal() {
+    let backend = FakeBackend::start(Behaviour::Normal).await;
+    let users = "u@example.test:{PLAIN}p\u{e4}ss w\u{f6}rd\n";
+    let proxy = Proxy::start(&plain_config(backend.addr, ""), users).await;
+    let mut c = greeted(&proxy).await;
+    c.send("t1 LOGIN u@example.test \"p\u{e4}ss w\u{f6}rd\"\r\n".as_bytes()).await;
+    assert!(c.until_tagged("t1").await.last().unwrap().starts_with("t1 OK"));
+    let login = backend.lines(0).into_iter().find(|l| l.starts_with("P3 ")).unwrap();
+    assert_eq!(login, "P3 LOGIN \"u@example.test\" {11+}\r\np\u{e4}ss w\u{f6}rd\r\n");
+}
+
+#[tokio::test]
+async fn wrong_password_is_refused_without_touching_a_backend() {
+    let (proxy, backend) = setup(Behaviour::Normal).await;
+    let mut c = greeted(&proxy).await;
+    c.send(b"a LOGIN alice@example.test wrong\r\n").await;
+    assert_eq!(c.line().await, "a NO [AUTHENTICATIONFAILED] Authentication failed.\r\n");
+    c.send(b"b LOGIN nobody@example.test secret\r\n").await;
+    assert_eq!(c.line().await, "b NO [AUTHENTICATIONFAILED] Authentication failed.\r\n");
+    // Reliability case 38: malformed SASL gets the very same answer.
+    c.send(b"c AUTHENTICATE PLAIN AGFsaWNl\r\n").await;
+    assert_eq!(c.line().await, "c NO [AUTHENTICATIONFAILED] Authentication failed.\r\n");
+    // The third failure closes the connection (max_auth_attempts = 3).
+    assert_eq!(c.line().await, "* BYE Too many failed logins.\r\n");
+    assert!(c.closed().await);
+    assert_eq!(backend.connections(), 0);
+}
+
+#[tokio::test]
+async fn correct_password_after_a_failure_still_works() {
+    let (proxy, _backend) = setup(Behaviour::Normal).await;
+    let mut c = greeted(&proxy).await;
+    c.send(b"a LOGIN alice@example.test wrong\r\n").await;
+    assert!(c.line().await.starts_with("a NO "));
+    c.send(b"b LOGIN alice@example.test secret\r\n").await;
+    assert!(c.until_tagged("b").await.last().unwrap().starts_with("b OK"));
+}
+
+#[tokio::test]
+async fn authenticate_plain_and_login_mechanisms() {
+    let (proxy, backend) = setup(Behaviour::Normal).await;
+    // SASL-IR (RFC 4959): base64("\0alice@example.test\0secret").
+    let ir = "AGFsaWNlQGV4YW1wbGUudGVzdABzZWNyZXQ=";
+    let mut c = greeted(&proxy).await;
+    c.send(format!("a AUTHENTICATE PLAIN {ir}\r\n").as_bytes()).await;
+    assert!(c.until_tagged("a").await.last().unwrap().starts_with("a OK"));
+
+    // Without initial response: an empty continuation, then the response.
+    let mut c = greeted(&proxy).await;
+    c.send(b"a AUTHENTICATE PLAIN\r\n").await;
+    assert_eq!(c.line().await, "+ \r\n");
+    c.send(format!("{ir}\r\n").as_bytes()).await;
+    assert!(c.until_tagged("a").await.last().unwrap().starts_with("a OK"));
+
+    // Reliability case 41: SASL LOGIN with its two challenges.
+    let mut c = greeted(&proxy).await;
+    c.send(b"a AUTHENTICATE LOGIN\r\n").await;
+    assert_eq!(c.line().await, "+ VXNlcm5hbWU6\r\n");
+    c.send(b"YWxpY2VAZXhhbXBsZS50ZXN0\r\n").await;
+    assert_eq!(c.line().await, "+ UGFzc3dvcmQ6\r\n");
+    c.send(b"c2VjcmV0\r\n").await;
+    assert!(c.until_tagged("a").await.last().unwrap().starts_with("a OK"));
+    assert_eq!(backend.connections(), 3);
+}
+
+#[tokio::test]
+async fn sasl_cancel_and_garbage_are_answered_and_the_dialogue_goes_on() {
+    let (proxy, backend) = setup(Behaviour::Normal).await;
+    let mut c = greeted(&proxy).await;
+    // Reliability case 40: "*" cancels.
+    c.send(b"a AUTHENTICATE PLAIN\r\n").await;
+    assert_eq!(c.line().await, "+ \r\n");
+    c.send(b"*\r\n").await;
+    assert_eq!(c.line().await, "a BAD Authentication canceled.\r\n");
+    // Reliability case 39: base64 garbage.
+    c.send(b"b AUTHENTICATE PLAIN\r\n").await;
+    assert_eq!(c.line().await, "+ \r\n");
+    c.send(b"!!!notbase64###\r\n").await;
+    assert_eq!(c.line().await, "b BAD Invalid base64 data in SASL response.\r\n");
+    // Reliability case 42: unadvertised mechanisms are refused.
+    c.send(b"c AUTHENTICATE CRAM-MD5\r\n").await;
+    assert_eq!(c.line().await, "c NO Unsupported authentication mechanism.\r\n");
+    c.send(b"d NOOP\r\n").await;
+    assert_eq!(c.line().await, "d OK NOOP completed.\r\n");
+    assert_eq!(backend.connections(), 0);
+}
+
+#[tokio::test]
+async fn pre_auth_commands_and_errors() {
+    let (proxy, backend) = setup(Behaviour::Normal).await;
+    let mut c = greeted(&proxy).await;
+    c.send(b"a CAPABILITY\r\n").await;
+    let caps = c.until_tagged("a").await;
+    assert_eq!(caps[0], "* CAPABILITY IMAP4rev1 SASL-IR ID LITERAL+ AUTH=PLAIN AUTH=LOGIN\r\n");
+    // Reliability case 4/6: commands of later states are refused before auth.
+    c.send(b"b SELECT INBOX\r\n").await;
+    assert_eq!(c.line().await, "b BAD Command not permitted before authentication.\r\n");
+    // Reliability case 3: STARTTLS where it is not offered.
+    c.send(b"c STARTTLS\r\n").await;
+    assert_eq!(c.line().await, "c BAD STARTTLS not available.\r\n");
+    // Reliability case 19: the reply never echoes the client's input.
+    c.send(b"d FROBNICATE <script>\r\n").await;
+    assert_eq!(c.line().await, "d BAD Error in IMAP command.\r\n");
+    c.send(b"e ID (\"name\" \"test\" \"x-originating-ip\" \"6.6.6.6\")\r\n").await;
+    assert_eq!(c.until_tagged("e").await, vec!["* ID NIL\r\n", "e OK ID completed.\r\n"]);
+    c.send(b"f LOGOUT\r\n").await;
+    assert_eq!(c.until_tagged("f").await, vec!["* BYE Logging out.\r\n", "f OK Logout completed.\r\n"]);
+    assert!(c.closed().await);
+    assert_eq!(backend.connections(), 0);
+}
+
+#[tokio::test]
+async fn client_id_is_forwarded_without_forged_address_fields() {
+    let (proxy, backend) = setup(Behaviour::Normal).await;
+    let mut c = greeted(&proxy).await;
+    // Reliability case 50: the client's own x-originating-ip never reaches the backend.
+    c.send(b"e ID (\"name\" \"tb\" \"x-originating-ip\" \"6.6.6.6\" \"X-Session-ID\" \"forged\")\r\n").await;
+    c.until_tagged("e").await;
+    c.send(b"a LOGIN alice@example.test secret\r\n").await;
+    c.until_tagged("a").await;
+    let id = backend.lines(0).remove(0);
+    assert!(id.contains("\"x-originating-ip\" \"127.0.0.1\""), "{id}");
+    assert!(id.contains("\"name\" \"tb\""), "{id}");
+    assert!(!id.contains("6.6.6.6") && !id.contains("forged"), "{id}");
+}
+
+#[tokio::test]
+async fn too_many_errors_close_the_connection() {
+    let (proxy, _b) = setup(Behaviour::Normal).await;
+    let mut c = greeted(&proxy).await;
+    // Reliability case 54, pipelined: five errors, then BYE.
+    c.send(b"a FOO\r\nb BAR\r\nc BAZ\r\nd QUX\r\ne QUUX\r\nf NOOP\r\n").await;
+    for tag in ["a", "b", "c", "d", "e"] {
+        assert_eq!(c.line().await, format!("{tag} BAD Error in IMAP command.\r\n"));
+    }
+    assert_eq!(c.line().await, "* BYE Too many invalid IMAP commands.\r\n");
+    assert!(c.closed().await);
+}
+
+#[tokio::test]
+async fn literal_limits() {
+    let (proxy, _b) = setup(Behaviour::Normal).await;
+    let mut c = greeted(&proxy).await;
+    // Reliability case 29: huge announcements get BAD and no continuation.
+    c.send(b"a LOGIN {4294967295}\r\n").await;
+    assert_eq!(c.line().await, "a BAD Literal too large.\r\n");
+    c.send(b"b LOGIN {99999999999999999999}\r\n").await;
+    assert_eq!(c.line().await, "b BAD Error in IMAP command.\r\n");
+    // Reliability case 31: a literal in an invalid command is data, never the next command.
+    c.send(b"c FOOBAR {10+}\r\nd NOOP\r\n\r\n\r\ne NOOP\r\n").await;
+    assert_eq!(c.line().await, "c BAD Error in IMAP command.\r\n");
+    assert_eq!(c.line().await, "e OK NOOP completed.\r\n");
+    // A non-synchronising literal over the limit cannot be skipped safely: close.
+    c.send(b"f LOGIN {100000+}\r\n").await;
+    assert_eq!(c.line().await, "* BYE Literal too large.\r\n");
+    assert!(c.closed().await);
+}
+
+#[tokio::test]
+async fn over_long_line_closes_with_bounded_memory() {
+    let (proxy, _b) = setup(Behaviour::Normal).await;
+    let mut c = greeted(&proxy).await;
+    // Reliability cases 27/28: a line far over the limit, then CRLF.
+    let long = vec![b'A'; 100_000];
+    c.send(&long).await;
+    c.send(b"\r\n").await;
+    assert_eq!(c.line().await, "* BYE Command line too long.\r\n");
+    assert!(c.closed().await);
+}
+
+#[tokio::test]
+async fn bare_lf_and_nul_are_rejected() {
+    let (proxy, _b) = setup(Behaviour::Normal).await;
+    let mut c = greeted(&proxy).await;
+    // Reliability case 28: bare LF is not a line end before auth.
+    c.send(b"a NOOP\n").await;
+    assert_eq!(c.line().await, "a BAD Error in IMAP command.\r\n");
+    // Reliability case 34: NUL in a quoted string.
+    c.send(b"b LOGIN \"al\0ice\" secret\r\n").await;
+    assert_eq!(c.line().await, "b BAD Error in IMAP command.\r\n");
+}
+
+#[tokio::test]
+async fn http_request_closes_without_reply() {
+    let (proxy, _b) = setup(Behaviour::Normal).await;
+    let mut c = greeted(&proxy).await;
+    // Reliability case 18 (ALPACA).
+    c.send(b"GET / HTTP/1.1\r\nHost: example.test\r\n\r\n").await;
+    assert_eq!(c.line().await, "");
+}
+
+#[tokio::test]
+async fn plaintext_listener_without_permission_disables_login() {
+    let backend = FakeBackend::start(Behaviour::Normal).await;
+    let config = plain_config(backend.addr, "").replace("allow_plaintext_auth = true", "allow_plaintext_auth = false");
+    let proxy = Proxy::start(&config, USERS).await;
+    let mut c = Client::connect(proxy.addr("plain")).await;
+    let g = c.line().await;
+    assert!(g.contains("LOGINDISABLED") && !g.contains("AUTH="), "{g}");
+    c.send(b"a LOGIN alice@example.test secret\r\n").await;
+    assert!(c.line().await.starts_with("a BAD [PRIVACYREQUIRED]"));
+    c.send(b"b AUTHENTICATE PLAIN AGFsaWNlQGV4YW1wbGUudGVzdABzZWNyZXQ=\r\n").await;
+    assert!(c.line().await.starts_with("b BAD [PRIVACYREQUIRED]"));
+    assert_eq!(backend.connections(), 0);
+}
+
+#[tokio::test]
+async fn backend_refusing_connections_gives_unavailable() {
+    // Reliability case 64: nothing listens on the backend port.
+    let closed = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap()
+    };
+    let proxy = Proxy::start(&plain_config(closed, ""), USERS).await;
+    let mut c = greeted(&proxy).await;
+    c.send(b"a LOGIN alice@example.test secret\r\n").await;
+    assert_eq!(c.line().await, "a NO [UNAVAILABLE] Server unavailable, try again later.\r\n");
+    // The client may retry on the same connection.
+    c.send(b"b NOOP\r\n").await;
+    assert_eq!(c.line().await, "b OK NOOP completed.\r\n");
+}
+
+#[tokio::test]
+async fn backend_hanging_after_greeting_gives_unavailable() {
+    // Reliability case 66.
+    let (proxy, backend) = setup(Behaviour::HangAfterGreeting).await;
+    let mut c = greeted(&proxy).await;
+    let start = tokio::time::Instant::now();
+    c.send(b"a LOGIN alice@example.test secret\r\n").await;
+    assert_eq!(c.line().await, "a NO [UNAVAILABLE] Server unavailable, try again later.\r\n");
+    assert!(start.elapsed() < Duration::from_secs(5));
+    assert_eq!(backend.connections(), 1);
+}
+
+#[tokio::test]
+async fn preauth_greeting_from_backend_aborts() {
+    // Reliability case 13.
+    let (proxy, _backend) = setup(Behaviour::Preauth).await;
+    let mut c = greeted(&proxy).await;
+    c.send(b"a LOGIN alice@example.test secret\r\n").await;
+    assert_eq!(c.line().await, "a NO [UNAVAILABLE] Server unavailable, try again later.\r\n");
+}
+
+#[tokio::test]
+async fn backend_rejecting_verified_credentials_is_a_login_failure() {
+    // Reliability case 45.
+    let (proxy, _backend) = setup(Behaviour::RejectLogin).await;
+    let mut c = greeted(&proxy).await;
+    c.send(b"a LOGIN alice@example.test secret\r\n").await;
+    assert_eq!(c.line().await, "a NO [AUTHENTICATIONFAILED] Authentication failed.\r\n");
+}
+
+#[tokio::test]
+async fn backend_dying_mid_session_closes_the_client_after_flushing() {
+    // Reliability case 69.
+    let (proxy, _backend) = setup(Behaviour::DieAfterLogin).await;
+    let mut c = greeted(&proxy).await;
+    c.send(b"a LOGIN alice@example.test secret\r\n").await;
+    c.until_tagged("a").await;
+    c.send(b"b SELECT INBOX\r\n").await;
+    assert_eq!(c.line().await, "* BYE going away\r\n");
+    assert!(c.closed().await);
+}
+
+#[tokio::test]
+async fn backend_verified_auth_uses_the_backend_verdict() {
+    let backend = FakeBackend::start(Behaviour::RejectLogin).await;
+    let config = plain_config(backend.addr, "").replace("passwd_file = \"users\"", "source = \"backend\"");
+    let proxy = Proxy::start(&config, "").await;
+    let mut c = greeted(&proxy).await;
+    c.send(b"a LOGIN someone@example.test whatever\r\n").await;
+    assert_eq!(c.line().await, "a NO [AUTHENTICATIONFAILED] Authentication failed.\r\n");
+    assert_eq!(backend.connections(), 1);
+
+    let ok = FakeBackend::start(Behaviour::Normal).await;
+    let config = plain_config(ok.addr, "").replace("passwd_file = \"users\"", "source = \"backend\"");
+    let proxy = Proxy::start(&config, "").await;
+    let mut c = greeted(&proxy).await;
+    c.send(b"a LOGIN someone@example.test whatever\r\n").await;
+    assert!(c.until_tagged("a").await.last().unwrap().starts_with("a OK"));
+    assert_eq!(ok.lines(0)[1], "P3 LOGIN \"someone@example.test\" \"whatever\"\r\n");
+}
+
+#[tokio::test]
+async fn master_user_login_uses_authenticate_plain_with_authzid() {
+    let backend = FakeBackend::start(Behaviour::Normal).await;
+    let config = plain_config(backend.addr, "").replace(
+        &format!("address = \"{}\"", backend.addr),
+        &format!("address = \"{}\"\nlogin = \"master\"\nmaster_user = \"proxy\"\nmaster_password = \"mpw\"\nclient_address = \"none\"", backend.addr),
+    );
+    let proxy = Proxy::start(&config, USERS).await;
+    let mut c = greeted(&proxy).await;
+    c.send(b"a LOGIN alice@example.test secret\r\n").await;
+    assert!(c.until_tagged("a").await.last().unwrap().starts_with("a OK"));
+    // base64("alice@example.test\0proxy\0mpw")
+    assert_eq!(backend.lines(0), vec!["P3 AUTHENTICATE PLAIN YWxpY2VAZXhhbXBsZS50ZXN0AHByb3h5AG1wdw==\r\n"]);
+}
+
+#[tokio::test]
+async fn preauth_idle_timeout_says_bye() {
+    let backend = FakeBackend::start(Behaviour::Normal).await;
+    let config =
+        plain_config(backend.addr, "").replace("preauth_idle_timeout = \"2s\"", "preauth_idle_timeout = \"200ms\"");
+    let proxy = Proxy::start(&config, USERS).await;
+    let mut c = greeted(&proxy).await;
+    // Reliability case 58: silence before login is not allowed to hold a session.
+    assert_eq!(c.line().await, "* BYE Disconnected for inactivity.\r\n");
+    assert!(c.closed().await);
+}
