@@ -45,7 +45,7 @@ async fn quoted_escapes_and_literals_are_decoded_once_and_reencoded() {
     let mut c = greeted(&proxy).await;
     // Reliability cases 30 and 33: a synchronising literal and a quoted string with escapes.
     let pw = "a \"q\" \\b\\ c";
-    c.send(format!("t1 LOGIN {{18}}\r\n").as_bytes()).await;
+    c.send(b"t1 LOGIN {18}\r\n").await;
     assert_eq!(c.line().await, "+ Ready for literal data.\r\n");
     c.send(b"weird@example.test \"a \\\"q\\\" \\\\b\\\\ c\"\r\n").await;
     let lines = c.until_tagged("t1").await;
