@@ -55,8 +55,8 @@ pub struct App {
     config_path: PathBuf,
     runtime: ArcSwap<Runtime>,
     tls: TlsShared,
-    /// Bound sockets by configured address; kept across reloads while some listener uses them.
-    sockets: Mutex<HashMap<SocketAddr, Arc<TcpListener>>>,
+    /// Bound sockets; kept across reloads while some listener uses their address.
+    sockets: Mutex<HashMap<SocketKey, Arc<TcpListener>>>,
     /// Accept loops by (listener name, configured address).
     accepting: Mutex<HashMap<(String, SocketAddr), CancellationToken>>,
     /// Serialises reloads (file watcher and SIGHUP may fire together).
@@ -67,6 +67,20 @@ pub struct App {
     shutdown: CancellationToken,
     next_session: AtomicU64,
     started: u64,
+}
+
+/// Identifies a bound socket. A fixed address is shared by whichever listener names it (so a
+/// renamed listener keeps its socket); port 0 means "any free port" and belongs to its listener.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+struct SocketKey {
+    addr: SocketAddr,
+    owner: Option<String>,
+}
+
+impl SocketKey {
+    fn new(listener: &str, addr: SocketAddr) -> SocketKey {
+        SocketKey { addr, owner: (addr.port() == 0).then(|| listener.to_string()) }
+    }
 }
 
 /// Build the runtime pieces for a config (also used by `portcullis check`).
@@ -140,7 +154,11 @@ impl App {
         let rt = self.runtime.load();
         let Some(lc) = rt.config.listener(listener) else { return Vec::new() };
         let sockets = self.sockets.lock().unwrap_or_else(|e| e.into_inner());
-        lc.bind.iter().filter_map(|a| sockets.get(a)).filter_map(|s| s.local_addr().ok()).collect()
+        lc.bind
+            .iter()
+            .filter_map(|a| sockets.get(&SocketKey::new(listener, *a)))
+            .filter_map(|s| s.local_addr().ok())
+            .collect()
     }
 
     /// Re-read the config and apply it. `force` skips the unchanged-files check (SIGHUP).
@@ -163,7 +181,7 @@ impl App {
     }
 
     /// Start accept loops for new (listener, address) pairs and stop the ones no longer wanted.
-    fn apply_sockets(self: &Arc<Self>, sockets: HashMap<SocketAddr, Arc<TcpListener>>) {
+    fn apply_sockets(self: &Arc<Self>, sockets: HashMap<SocketKey, Arc<TcpListener>>) {
         let rt = self.runtime.load_full();
         let wanted: HashSet<(String, SocketAddr)> =
             rt.config.listeners.iter().flat_map(|l| l.bind.iter().map(|a| (l.name.clone(), *a))).collect();
@@ -180,7 +198,7 @@ impl App {
             if accepting.contains_key(&key) {
                 continue;
             }
-            let Some(socket) = sockets.get(&key.1).cloned() else { continue };
+            let Some(socket) = sockets.get(&SocketKey::new(&key.0, key.1)).cloned() else { continue };
             let token = self.shutdown.child_token();
             accepting.insert(key.clone(), token.clone());
             tracing::info!(listener = %key.0, addr = %socket.local_addr().map(|a| a.to_string()).unwrap_or_default(), "listening");
@@ -244,13 +262,14 @@ impl App {
 /// Bind every configured address, reusing sockets that are already bound.
 async fn bind_all(
     config: &Config,
-    current: &HashMap<SocketAddr, Arc<TcpListener>>,
-) -> Result<HashMap<SocketAddr, Arc<TcpListener>>, StartError> {
+    current: &HashMap<SocketKey, Arc<TcpListener>>,
+) -> Result<HashMap<SocketKey, Arc<TcpListener>>, StartError> {
     let mut out = HashMap::new();
     for l in &config.listeners {
         for addr in &l.bind {
-            if let Some(s) = current.get(addr) {
-                out.insert(*addr, s.clone());
+            let key = SocketKey::new(&l.name, *addr);
+            if let Some(s) = current.get(&key) {
+                out.insert(key, s.clone());
                 continue;
             }
             let s = TcpListener::bind(addr).await.map_err(|source| StartError::Bind {
@@ -258,7 +277,7 @@ async fn bind_all(
                 addr: *addr,
                 source,
             })?;
-            out.insert(*addr, Arc::new(s));
+            out.insert(key, Arc::new(s));
         }
     }
     Ok(out)

@@ -444,7 +444,7 @@ impl Validator<'_> {
                 let addr: SocketAddr = b.parse().map_err(|_| {
                     self.err(Some(l.bind.span()), field("bind"), format!("{b:?} is not an IP:port address"))
                 })?;
-                if !addrs.insert(addr) {
+                if addr.port() != 0 && !addrs.insert(addr) {
                     return Err(self.err(
                         Some(l.bind.span()),
                         field("bind"),
@@ -642,4 +642,97 @@ fn split_host_port(s: &str) -> Option<String> {
     port.parse::<u16>().ok()?;
     let host = host.strip_prefix('[').and_then(|h| h.strip_suffix(']')).unwrap_or(host);
     (!host.is_empty()).then(|| host.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<Config, ConfigError> {
+        Config::parse(Path::new("/etc/portcullis/p.toml"), text)
+    }
+
+    const BASE: &str = r#"
+[auth]
+source = "backend"
+
+[[backend]]
+name = "b"
+address = "127.0.0.1:143"
+
+[routing]
+default = "b"
+"#;
+
+    fn with_listener(listener: &str) -> String {
+        format!("{BASE}\n[[listener]]\n{listener}\n")
+    }
+
+    #[test]
+    fn errors_name_file_line_and_field() {
+        let e = parse(&with_listener("name = \"x\"\nbind = \"127.0.0.1:1\"\nprotocol = \"imap\"\ntls = \"maybe\""))
+            .unwrap_err();
+        assert_eq!(e.file, Path::new("/etc/portcullis/p.toml"));
+        assert_eq!(e.field, "listener[0].tls");
+        assert_eq!(e.position.map(|p| p.0), Some(16));
+        assert!(e.to_string().starts_with("/etc/portcullis/p.toml:16:7: field `listener[0].tls`"), "{e}");
+
+        let e =
+            parse(&with_listener("name = \"x\"\nbind = \"nowhere\"\nprotocol = \"imap\"\ntls = \"none\"")).unwrap_err();
+        assert_eq!((e.field.as_str(), e.position.map(|p| p.0)), ("listener[0].bind", Some(14)));
+
+        // Unknown keys are errors, with their name.
+        let e = parse(&with_listener(
+            "name = \"x\"\nbind = \"127.0.0.1:1\"\nprotocol = \"imap\"\ntls = \"none\"\nallow_plain = true",
+        ))
+        .unwrap_err();
+        assert_eq!(e.field, "allow_plain");
+        assert_eq!(e.position.map(|p| p.0), Some(17));
+
+        // Syntax errors carry a position too.
+        let e = parse("[[listener]\n").unwrap_err();
+        assert_eq!(e.position.map(|p| p.0), Some(1));
+
+        let e = parse(&BASE.replace("default = \"b\"", "default = \"nope\"")).unwrap_err();
+        assert_eq!(e.field, "routing.default");
+        assert!(e.message.contains("unknown backend"));
+
+        let e = parse(&BASE.replace("127.0.0.1:143", "127.0.0.1")).unwrap_err();
+        assert_eq!(e.field, "backend[0].address");
+
+        let e = parse(&BASE.replace("name = \"b\"", "name = \"b\"\nlogin = \"master\"")).unwrap_err();
+        assert_eq!(e.field, "backend[0].master_user");
+
+        let e = parse(&BASE.replace("[auth]\nsource = \"backend\"", "")).unwrap_err();
+        assert_eq!(e.field, "auth.passwd_file");
+    }
+
+    #[test]
+    fn duplicate_names_and_addresses_are_refused() {
+        let l = "name = \"x\"\nbind = \"127.0.0.1:1\"\nprotocol = \"imap\"\ntls = \"none\"";
+        let e = parse(&format!("{}\n[[listener]]\n{l}\n", with_listener(l))).unwrap_err();
+        assert_eq!(e.field, "listener[1].name");
+        let l2 = "name = \"y\"\nbind = [\"127.0.0.1:2\", \"127.0.0.1:1\"]\nprotocol = \"imap\"\ntls = \"none\"";
+        let e = parse(&format!("{}\n[[listener]]\n{l2}\n", with_listener(l))).unwrap_err();
+        assert_eq!(e.field, "listener[1].bind");
+    }
+
+    #[test]
+    fn defaults_and_durations() {
+        let c = parse(&format!(
+            "{BASE}\n[limits]\nidle_timeout = \"45m\"\nmax_errors = 3\n[[listener]]\nname = \"x\"\nbind = \"[::1]:993\"\nprotocol = \"imap\"\ntls = \"implicit\"\n"
+        ))
+        .unwrap();
+        assert_eq!(c.limits.idle_timeout, Duration::from_secs(45 * 60));
+        assert_eq!(c.limits.max_errors, 3);
+        assert_eq!(c.limits.preauth_idle_timeout, DEFAULT_PREAUTH_IDLE);
+        assert_eq!(c.listeners[0].tls, TlsMode::Implicit);
+        // A TLS listener without certificates gets a self-signed "localhost" one.
+        assert_eq!(c.tls.self_signed_names, vec!["localhost".to_string()]);
+        let b = &c.backends["b"];
+        assert_eq!((b.transport, b.client_address, b.tls_verify), (Transport::Plain, ClientAddress::ImapId, true));
+        assert!(
+            !format!("{:?}", BackendLogin::Master { user: "m".into(), password: "sekrit".into() }).contains("sekrit")
+        );
+    }
 }

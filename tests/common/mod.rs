@@ -23,9 +23,17 @@ pub struct Proxy {
 impl Proxy {
     /// Start the proxy with `config` (TOML); `{dir}` in it is replaced by the temp dir.
     pub async fn start(config: &str, users: &str) -> Proxy {
+        Self::start_with_files(config, users, &[]).await
+    }
+
+    /// Like `start`, with extra files (name, content) written beside the config first.
+    pub async fn start_with_files(config: &str, users: &str, files: &[(&str, &str)]) -> Proxy {
         portcullis::tls::init_crypto();
         let dir = tempfile::tempdir().unwrap();
         std::fs::write(dir.path().join("users"), users).unwrap();
+        for (name, content) in files {
+            std::fs::write(dir.path().join(name), content).unwrap();
+        }
         let path = dir.path().join("portcullis.toml");
         std::fs::write(&path, config.replace("{dir}", dir.path().to_str().unwrap())).unwrap();
         let app = App::start(&path).await.unwrap_or_else(|e| panic!("start: {e}"));

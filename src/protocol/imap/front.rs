@@ -518,3 +518,165 @@ pub fn looks_like_http(line: &[u8]) -> bool {
     const METHODS: [&[u8]; 8] = [b"GET ", b"POST ", b"PUT ", b"HEAD ", b"CONNECT ", b"OPTIONS ", b"DELETE ", b"PATCH "];
     METHODS.iter().any(|m| line.starts_with(m)) || (line.len() >= 5 && line[..5].eq_ignore_ascii_case(b"host:"))
 }
+
+#[cfg(test)]
+mod tests {
+    use std::collections::VecDeque;
+    use std::pin::Pin;
+    use std::task::{Context, Poll};
+
+    use proptest::prelude::*;
+    use tokio::io::ReadBuf;
+
+    use super::*;
+
+    /// A scripted client: yields its chunks, then EOF; records everything written to it.
+    struct Script {
+        chunks: VecDeque<Vec<u8>>,
+        written: Vec<u8>,
+    }
+
+    impl AsyncRead for Script {
+        fn poll_read(mut self: Pin<&mut Self>, _: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+            if let Some(mut c) = self.chunks.pop_front() {
+                let n = c.len().min(buf.remaining());
+                buf.put_slice(&c[..n]);
+                if n < c.len() {
+                    self.chunks.push_front(c.split_off(n));
+                }
+            }
+            Poll::Ready(Ok(()))
+        }
+    }
+
+    impl AsyncWrite for Script {
+        fn poll_write(mut self: Pin<&mut Self>, _: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+            self.written.extend_from_slice(buf);
+            Poll::Ready(Ok(buf.len()))
+        }
+        fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+        fn poll_shutdown(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+    }
+
+    fn settings() -> FrontSettings {
+        FrontSettings {
+            tls_active: false,
+            starttls_offered: true,
+            auth_allowed: true,
+            max_line: 1024,
+            max_errors: 5,
+            idle_timeout: Duration::from_secs(5),
+        }
+    }
+
+    /// Run the front end over `chunks`; returns what it wrote and the events it produced.
+    fn run(chunks: Vec<Vec<u8>>) -> (Vec<u8>, Vec<String>) {
+        let rt = tokio::runtime::Builder::new_current_thread().enable_time().build().unwrap();
+        rt.block_on(async move {
+            let mut s = Script { chunks: chunks.into(), written: Vec::new() };
+            let mut front = ImapFront::new(settings());
+            let mut events = Vec::new();
+            for _ in 0..10_000 {
+                match front.next_event(&mut s).await {
+                    Ok(Event::Login(req)) => {
+                        events.push(format!("login {} {:?}", req.tag, req.credentials.map(|c| c.user)));
+                        front.login_failed(&mut s, &req.tag, LoginFailure::BadCredentials).await.unwrap();
+                    }
+                    Ok(Event::StartTls) => {
+                        events.push("starttls".into());
+                        break;
+                    }
+                    Ok(Event::Closed(r)) => {
+                        events.push(format!("closed {}", r.as_str()));
+                        break;
+                    }
+                    Err(e) => {
+                        events.push(format!("error {:?}", e.kind()));
+                        break;
+                    }
+                }
+            }
+            (s.written, events)
+        })
+    }
+
+    fn split_at_all(bytes: &[u8], cuts: &[usize]) -> Vec<Vec<u8>> {
+        let mut cuts: Vec<usize> = cuts.iter().map(|c| c % (bytes.len() + 1)).collect();
+        cuts.sort_unstable();
+        let mut out = Vec::new();
+        let mut last = 0;
+        for c in cuts {
+            out.push(bytes[last..c].to_vec());
+            last = c;
+        }
+        out.push(bytes[last..].to_vec());
+        out.retain(|c| !c.is_empty());
+        out
+    }
+
+    #[test]
+    fn scripted_dialogue() {
+        let (out, events) = run(vec![b"a NOOP\r\nb LOGIN {5}\r\n".to_vec(), b"alice pw\r\nc LOGOUT\r\n".to_vec()]);
+        let out = String::from_utf8(out).unwrap();
+        assert_eq!(
+            out,
+            "a OK NOOP completed.\r\n+ Ready for literal data.\r\nb NO [AUTHENTICATIONFAILED] Authentication failed.\r\n* BYE Logging out.\r\nc OK Logout completed.\r\n"
+        );
+        assert_eq!(events, vec!["login b Some(\"alice\")", "closed logout"]);
+    }
+
+    #[test]
+    fn pipelined_bytes_after_login_are_handed_over_verbatim() {
+        let rt = tokio::runtime::Builder::new_current_thread().enable_time().build().unwrap();
+        rt.block_on(async {
+            let tail = b"b APPEND INBOX {5+}\r\nhello\r\nc NOOP\r\nd SEL";
+            let mut input = b"a LOGIN u p\r\n".to_vec();
+            input.extend_from_slice(tail);
+            let mut s = Script { chunks: vec![input].into(), written: Vec::new() };
+            let mut front = ImapFront::new(settings());
+            assert!(matches!(front.next_event(&mut s).await.unwrap(), Event::Login(_)));
+            assert_eq!(front.into_pipelined().unwrap(), tail.to_vec());
+        });
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 256, ..ProptestConfig::default() })]
+
+        /// Any bytes: no panic, bounded output, and the same answer however the bytes are split.
+        #[test]
+        fn any_bytes_any_split(bytes in proptest::collection::vec(any::<u8>(), 0..2048), cuts in proptest::collection::vec(any::<usize>(), 0..8)) {
+            let (whole_out, whole_events) = run(vec![bytes.clone()]);
+            let (split_out, split_events) = run(split_at_all(&bytes, &cuts));
+            prop_assert_eq!(&whole_out, &split_out);
+            prop_assert_eq!(whole_events, split_events);
+            prop_assert!(whole_out.len() < 64 * 1024);
+        }
+
+        /// IMAP-shaped input reaches deeper states than random bytes do.
+        #[test]
+        fn imap_shaped_input(lines in proptest::collection::vec(
+            prop_oneof![
+                Just("a NOOP".to_string()),
+                Just("b CAPABILITY".to_string()),
+                Just("c LOGIN {3}".to_string()),
+                Just("d LOGIN {3+}".to_string()),
+                Just("e AUTHENTICATE PLAIN".to_string()),
+                Just("f AUTHENTICATE LOGIN dXNlcg==".to_string()),
+                Just("*".to_string()),
+                Just("=".to_string()),
+                Just("g ID (\"a\" \"b\")".to_string()),
+                Just("h LOGIN \"a\\\\\" \"b\\\"\"".to_string()),
+                "[ -~]{0,40}",
+            ], 0..20), cuts in proptest::collection::vec(any::<usize>(), 0..8)) {
+            let bytes = lines.join("\r\n").into_bytes();
+            let (a, ea) = run(vec![bytes.clone()]);
+            let (b, eb) = run(split_at_all(&bytes, &cuts));
+            prop_assert_eq!(a, b);
+            prop_assert_eq!(ea, eb);
+        }
+    }
+}

@@ -1,0 +1,138 @@
+//! Hot reload in place: listeners added, removed and re-bound without touching sessions on the
+//! others; sessions keep the snapshot they started with; a bad config keeps the running one.
+
+mod common;
+
+use common::*;
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+fn config(backend: std::net::SocketAddr, listeners: &[(&str, u16)]) -> String {
+    let mut c = plain_config(backend, "");
+    for (name, port) in listeners {
+        c.push_str(&format!(
+            "\n[[listener]]\nname = \"{name}\"\nbind = \"127.0.0.1:{port}\"\nprotocol = \"imap\"\ntls = \"none\"\nallow_plaintext_auth = true\n"
+        ));
+    }
+    c
+}
+
+async fn login(addr: std::net::SocketAddr) -> Client<tokio::net::TcpStream> {
+    let mut c = Client::connect(addr).await;
+    assert!(c.line().await.starts_with("* OK"));
+    c.send(b"a LOGIN alice@example.test secret\r\n").await;
+    assert!(c.until_tagged("a").await.last().unwrap().starts_with("a OK"));
+    c
+}
+
+async fn still_works(c: &mut Client<tokio::net::TcpStream>, tag: &str) {
+    c.send(format!("{tag} NOOP\r\n").as_bytes()).await;
+    assert_eq!(c.line().await, format!("{tag} OK done\r\n"));
+}
+
+fn refused(port: u16) -> bool {
+    std::net::TcpStream::connect(("127.0.0.1", port)).is_err()
+}
+
+#[tokio::test]
+async fn listeners_are_added_removed_and_rebound_without_touching_sessions() {
+    let backend = FakeBackend::start(Behaviour::Normal).await;
+    let (pa, pb, pc) = (free_port(), free_port(), free_port());
+    let proxy = Proxy::start(&config(backend.addr, &[("a", pa), ("b", pb)]), USERS).await;
+    let addr = |p: u16| std::net::SocketAddr::from(([127, 0, 0, 1], p));
+    let mut on_a = login(addr(pa)).await;
+    let mut on_b = login(addr(pb)).await;
+    let mut on_plain = login(proxy.addr("plain")).await;
+
+    // Reliability case 75: add c, remove b, keep a.
+    write_file(&proxy.config_path(), &config(backend.addr, &[("a", pa), ("c", pc)]));
+    assert_eq!(proxy.app.reload(false).await.unwrap(), portcullis::app::Reloaded::Applied);
+    login(addr(pc)).await;
+    login(addr(pa)).await;
+    assert!(refused(pb), "removed listener still accepts");
+    // Sessions on every listener, the removed one included, go on.
+    still_works(&mut on_a, "x1").await;
+    still_works(&mut on_b, "x2").await;
+    still_works(&mut on_plain, "x3").await;
+
+    // Re-bind a to a new port.
+    let pa2 = free_port();
+    write_file(&proxy.config_path(), &config(backend.addr, &[("a", pa2), ("c", pc)]));
+    proxy.app.reload(false).await.unwrap();
+    login(addr(pa2)).await;
+    assert!(refused(pa));
+    still_works(&mut on_a, "x4").await;
+
+    // Unchanged files: nothing to do.
+    assert_eq!(proxy.app.reload(false).await.unwrap(), portcullis::app::Reloaded::Unchanged);
+}
+
+#[tokio::test]
+async fn a_broken_config_keeps_the_running_one() {
+    let backend = FakeBackend::start(Behaviour::Normal).await;
+    let pa = free_port();
+    let good = config(backend.addr, &[("a", pa)]);
+    let proxy = Proxy::start(&good, USERS).await;
+    let mut session = login(proxy.addr("plain")).await;
+    // Reliability case 76.
+    write_file(&proxy.config_path(), "[[listener]\nname = ");
+    let err = proxy.app.reload(false).await.unwrap_err().to_string();
+    assert!(err.contains("portcullis.toml:1:"), "{err}");
+    write_file(
+        &proxy.config_path(),
+        &good.replace(
+            "protocol = \"imap\"\ntls = \"none\"\nallow_plaintext_auth = true\n\n[auth]",
+            "protocol = \"smtp\"\ntls = \"none\"\nallow_plaintext_auth = true\n\n[auth]",
+        ),
+    );
+    let err = proxy.app.reload(false).await.unwrap_err().to_string();
+    assert!(err.contains("listener[0].protocol"), "{err}");
+    // A port that cannot be bound rejects the whole reload.
+    let busy = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let busy_port = busy.local_addr().unwrap().port();
+    write_file(&proxy.config_path(), &config(backend.addr, &[("a", pa), ("z", busy_port)]));
+    let err = proxy.app.reload(false).await.unwrap_err().to_string();
+    assert!(err.contains("cannot bind"), "{err}");
+    login(std::net::SocketAddr::from(([127, 0, 0, 1], pa))).await;
+    login(proxy.addr("plain")).await;
+    still_works(&mut session, "x").await;
+}
+
+#[tokio::test]
+async fn sessions_keep_their_snapshot_and_new_ones_use_the_new_config() {
+    let old = FakeBackend::start(Behaviour::Normal).await;
+    let new = FakeBackend::start(Behaviour::Normal).await;
+    let pa = free_port();
+    let proxy = Proxy::start(&config(old.addr, &[("a", pa)]), USERS).await;
+    let a = std::net::SocketAddr::from(([127, 0, 0, 1], pa));
+    // Greeted before the reload, logs in after it: still routed by the old snapshot.
+    let mut early = Client::connect(a).await;
+    assert!(early.line().await.starts_with("* OK"));
+    write_file(&proxy.config_path(), &config(new.addr, &[("a", pa)]));
+    proxy.app.reload(false).await.unwrap();
+    early.send(b"a LOGIN alice@example.test secret\r\n").await;
+    assert!(early.until_tagged("a").await.last().unwrap().starts_with("a OK"));
+    assert_eq!(old.connections(), 1);
+    login(a).await;
+    assert_eq!(new.connections(), 1);
+}
+
+#[tokio::test]
+async fn users_file_changes_are_reloaded() {
+    let backend = FakeBackend::start(Behaviour::Normal).await;
+    let proxy = Proxy::start(&plain_config(backend.addr, ""), USERS).await;
+    write_file(&proxy.path("users"), "alice@example.test:{PLAIN}changed\n");
+    proxy.app.reload(false).await.unwrap();
+    let mut c = Client::connect(proxy.addr("plain")).await;
+    c.line().await;
+    c.send(b"a LOGIN alice@example.test secret\r\n").await;
+    assert!(c.line().await.starts_with("a NO [AUTHENTICATIONFAILED]"));
+    c.send(b"b LOGIN alice@example.test changed\r\n").await;
+    assert!(c.until_tagged("b").await.last().unwrap().starts_with("b OK"));
+    // A broken users file is a config error naming the users file and line.
+    write_file(&proxy.path("users"), "ok:{PLAIN}x\nbad:{NOPE}x\n");
+    let err = proxy.app.reload(false).await.unwrap_err().to_string();
+    assert!(err.contains("users:2:1: field `password`"), "{err}");
+}

@@ -1,0 +1,258 @@
+//! TLS on the client leg: SNI selection (exact, wildcard, default), RSA and ECDSA, strict ALPN,
+//! TLS 1.2, STARTTLS (capabilities before/after, injection), and certificate files changing on
+//! disk.
+
+mod common;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use common::*;
+use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, IsCa, KeyPair};
+use rustls::pki_types::{CertificateDer, ServerName};
+use rustls::{ClientConfig, RootCertStore};
+use tokio::net::TcpStream;
+use tokio_rustls::TlsConnector;
+use tokio_rustls::client::TlsStream;
+
+struct Pki {
+    ca: CertifiedIssuer<'static, KeyPair>,
+}
+
+impl Pki {
+    fn new() -> Pki {
+        let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        Pki { ca: CertifiedIssuer::self_signed(params, KeyPair::generate().unwrap()).unwrap() }
+    }
+
+    /// (cert PEM, key PEM, cert DER) for `names`, ECDSA P-256 or RSA.
+    fn leaf(&self, names: &[&str], rsa: bool) -> (String, String, CertificateDer<'static>) {
+        let key =
+            if rsa { KeyPair::generate_for(&rcgen::PKCS_RSA_SHA256).unwrap() } else { KeyPair::generate().unwrap() };
+        let params = CertificateParams::new(names.iter().map(|s| s.to_string()).collect::<Vec<_>>()).unwrap();
+        let cert = params.signed_by(&key, &self.ca).unwrap();
+        (cert.pem(), key.serialize_pem(), cert.der().clone())
+    }
+
+    fn client(&self, alpn: &[&[u8]], tls12_only: bool) -> TlsConnector {
+        let mut roots = RootCertStore::empty();
+        roots.add(self.ca.der().clone()).unwrap();
+        let builder = if tls12_only {
+            ClientConfig::builder_with_protocol_versions(&[&rustls::version::TLS12])
+        } else {
+            ClientConfig::builder()
+        };
+        let mut cfg = builder.with_root_certificates(roots).with_no_client_auth();
+        cfg.alpn_protocols = alpn.iter().map(|a| a.to_vec()).collect();
+        TlsConnector::from(Arc::new(cfg))
+    }
+}
+
+fn tls_config(backend: SocketAddr) -> String {
+    format!(
+        r#"
+[limits]
+auth_failure_delay = "10ms"
+
+[[tls.certificate]]
+cert = "mail.pem"
+key = "mail.key"
+names = ["mail.example.test"]
+default = true
+
+[[tls.certificate]]
+cert = "wild.pem"
+key = "wild.key"
+names = ["*.example.org"]
+
+[[tls.certificate]]
+cert = "rsa.pem"
+key = "rsa.key"
+names = ["rsa.example.test"]
+
+[[listener]]
+name = "imaps"
+bind = "127.0.0.1:0"
+protocol = "imap"
+tls = "implicit"
+
+[[listener]]
+name = "imap"
+bind = "127.0.0.1:0"
+protocol = "imap"
+tls = "starttls"
+
+[auth]
+passwd_file = "users"
+
+[[backend]]
+name = "fake"
+address = "{backend}"
+
+[routing]
+default = "fake"
+"#
+    )
+}
+
+struct Setup {
+    pki: Pki,
+    proxy: Proxy,
+    _backend: FakeBackend,
+    mail: CertificateDer<'static>,
+    wild: CertificateDer<'static>,
+    rsa: CertificateDer<'static>,
+}
+
+async fn setup() -> Setup {
+    portcullis::tls::init_crypto();
+    let pki = Pki::new();
+    let backend = FakeBackend::start(Behaviour::Normal).await;
+    let (mail_pem, mail_key, mail) = pki.leaf(&["mail.example.test"], false);
+    let (wild_pem, wild_key, wild) = pki.leaf(&["*.example.org"], false);
+    let (rsa_pem, rsa_key, rsa) = pki.leaf(&["rsa.example.test"], true);
+    let files = [
+        ("mail.pem", mail_pem.as_str()),
+        ("mail.key", mail_key.as_str()),
+        ("wild.pem", wild_pem.as_str()),
+        ("wild.key", wild_key.as_str()),
+        ("rsa.pem", rsa_pem.as_str()),
+        ("rsa.key", rsa_key.as_str()),
+    ];
+    let proxy = Proxy::start_with_files(&tls_config(backend.addr), USERS, &files).await;
+    Setup { pki, proxy, _backend: backend, mail, wild, rsa }
+}
+
+async fn handshake(c: &TlsConnector, addr: SocketAddr, sni: &str) -> std::io::Result<TlsStream<TcpStream>> {
+    let tcp = TcpStream::connect(addr).await?;
+    c.connect(ServerName::try_from(sni.to_string()).unwrap(), tcp).await
+}
+
+fn served(s: &TlsStream<TcpStream>) -> CertificateDer<'static> {
+    s.get_ref().1.peer_certificates().unwrap()[0].clone().into_owned()
+}
+
+#[tokio::test]
+async fn sni_selects_exact_wildcard_rsa_and_default() {
+    let s = setup().await;
+    let c = s.pki.client(&[], false);
+    let addr = s.proxy.addr("imaps");
+    assert_eq!(served(&handshake(&c, addr, "mail.example.test").await.unwrap()), s.mail);
+    assert_eq!(served(&handshake(&c, addr, "MAIL.example.TEST").await.unwrap()), s.mail);
+    assert_eq!(served(&handshake(&c, addr, "imap.example.org").await.unwrap()), s.wild);
+    assert_eq!(served(&handshake(&c, addr, "rsa.example.test").await.unwrap()), s.rsa);
+    // An unknown name gets the default certificate (and so fails name verification).
+    assert!(handshake(&c, addr, "other.example.net").await.is_err());
+}
+
+#[tokio::test]
+async fn alpn_is_strict() {
+    let s = setup().await;
+    let addr = s.proxy.addr("imaps");
+    // Reliability case 15: a client that offers only other protocols is refused.
+    let err = handshake(&s.pki.client(&[b"http/1.1"], false), addr, "mail.example.test").await.unwrap_err();
+    assert!(err.to_string().contains("NoApplicationProtocol"), "{err}");
+    // Case 16: the protocol's own id is selected; no ALPN at all is accepted.
+    let tls = handshake(&s.pki.client(&[b"h2", b"imap"], false), addr, "mail.example.test").await.unwrap();
+    assert_eq!(tls.get_ref().1.alpn_protocol(), Some(&b"imap"[..]));
+    let mut c = Client::new(handshake(&s.pki.client(&[], false), addr, "mail.example.test").await.unwrap());
+    assert!(c.line().await.starts_with("* OK [CAPABILITY IMAP4rev1 SASL-IR ID LITERAL+ AUTH=PLAIN AUTH=LOGIN]"));
+}
+
+#[tokio::test]
+async fn tls12_clients_work_and_login_relays() {
+    let s = setup().await;
+    let tls = handshake(&s.pki.client(&[], true), s.proxy.addr("imaps"), "mail.example.test").await.unwrap();
+    assert_eq!(tls.get_ref().1.protocol_version(), Some(rustls::ProtocolVersion::TLSv1_2));
+    let mut c = Client::new(tls);
+    c.line().await;
+    c.send(b"a LOGIN alice@example.test secret\r\n").await;
+    assert!(c.until_tagged("a").await.last().unwrap().starts_with("a OK [CAPABILITY IMAP4rev1 IDLE MOVE]"));
+}
+
+#[tokio::test]
+async fn starttls_capabilities_and_upgrade() {
+    let s = setup().await;
+    let mut c = Client::connect(s.proxy.addr("imap")).await;
+    let g = c.line().await;
+    // Reliability case 6: STARTTLS and LOGINDISABLED before TLS, no AUTH=.
+    assert_eq!(g, "* OK [CAPABILITY IMAP4rev1 SASL-IR ID LITERAL+ STARTTLS LOGINDISABLED] IMAP proxy ready.\r\n");
+    c.send(b"a LOGIN alice@example.test secret\r\n").await;
+    assert!(c.line().await.starts_with("a BAD [PRIVACYREQUIRED]"));
+    c.send(b"b STARTTLS\r\n").await;
+    assert_eq!(c.line().await, "b OK Begin TLS negotiation now.\r\n");
+    let tcp = c.stream.into_inner();
+    let tls =
+        s.pki.client(&[b"imap"], false).connect(ServerName::try_from("mail.example.test").unwrap(), tcp).await.unwrap();
+    let mut c = Client::new(tls);
+    // Case 5: capabilities re-issued after TLS, without STARTTLS or LOGINDISABLED.
+    c.send(b"c CAPABILITY\r\n").await;
+    let caps = c.until_tagged("c").await;
+    assert_eq!(caps[0], "* CAPABILITY IMAP4rev1 SASL-IR ID LITERAL+ AUTH=PLAIN AUTH=LOGIN\r\n");
+    // Case 3: no second STARTTLS.
+    c.send(b"d STARTTLS\r\n").await;
+    assert_eq!(c.line().await, "d BAD STARTTLS not available.\r\n");
+    c.send(b"e LOGIN alice@example.test secret\r\n").await;
+    assert!(c.until_tagged("e").await.last().unwrap().starts_with("e OK"));
+}
+
+#[tokio::test]
+async fn plaintext_pipelined_after_starttls_is_never_executed() {
+    let s = setup().await;
+    // Reliability case 1: STARTTLS and a command in one segment.
+    let mut c = Client::connect(s.proxy.addr("imap")).await;
+    c.line().await;
+    c.send(b"a STARTTLS\r\nb LOGIN alice@example.test secret\r\n").await;
+    assert_eq!(c.line().await, "* BYE Pipelined data after STARTTLS refused.\r\n");
+    assert!(c.closed().await);
+    // Case 2: the injected command in a second segment, before the ClientHello: the handshake
+    // sees plaintext and fails; nothing is executed.
+    let mut c = Client::connect(s.proxy.addr("imap")).await;
+    c.line().await;
+    c.send(b"a STARTTLS\r\n").await;
+    assert_eq!(c.line().await, "a OK Begin TLS negotiation now.\r\n");
+    c.send(b"b LOGIN alice@example.test secret\r\n").await;
+    assert!(c.closed().await);
+    assert_eq!(s._backend.connections(), 0);
+}
+
+#[tokio::test]
+async fn certificate_files_changing_on_disk_are_reloaded_and_broken_ones_ignored() {
+    let s = setup().await;
+    let c = s.pki.client(&[], false);
+    let addr = s.proxy.addr("imaps");
+    // Reliability case 78: a rotated certificate is served to new handshakes.
+    let (pem, key, new_mail) = s.pki.leaf(&["mail.example.test"], false);
+    write_file(&s.proxy.path("mail.key"), &key);
+    write_file(&s.proxy.path("mail.pem"), &pem);
+    s.proxy.app.reload(false).await.unwrap();
+    assert_eq!(served(&handshake(&c, addr, "mail.example.test").await.unwrap()), new_mail);
+    // A key that does not match its certificate keeps the previous pair.
+    let (_, other_key, _) = s.pki.leaf(&["mail.example.test"], false);
+    write_file(&s.proxy.path("mail.key"), &other_key);
+    s.proxy.app.reload(false).await.unwrap();
+    assert_eq!(served(&handshake(&c, addr, "mail.example.test").await.unwrap()), new_mail);
+    write_file(&s.proxy.path("mail.pem"), "garbage");
+    s.proxy.app.reload(false).await.unwrap();
+    assert_eq!(served(&handshake(&c, addr, "mail.example.test").await.unwrap()), new_mail);
+}
+
+#[tokio::test]
+async fn certificate_change_is_noticed_without_a_signal() {
+    let s = setup().await;
+    portcullis::config::watch::spawn(s.proxy.app.clone()).unwrap();
+    let c = s.pki.client(&[], false);
+    let addr = s.proxy.addr("imaps");
+    let (pem, key, new_wild) = s.pki.leaf(&["*.example.org"], false);
+    write_file(&s.proxy.path("wild.key"), &key);
+    write_file(&s.proxy.path("wild.pem"), &pem);
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        if served(&handshake(&c, addr, "x.example.org").await.unwrap()) == new_wild {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "new certificate not picked up");
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+}
