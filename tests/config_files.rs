@@ -1,0 +1,25 @@
+//! The shipped configuration files stay valid.
+
+use std::path::Path;
+
+#[test]
+fn quickstart_config_passes_check() {
+    portcullis::tls::init_crypto();
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let c = portcullis::app::check(&root.join("config/quickstart.toml")).unwrap();
+    let names: Vec<_> = c.listeners.iter().map(|l| (l.name.as_str(), l.bind[0].to_string())).collect();
+    // The quickstart's ports are a contract with the README and users.
+    assert_eq!(names, vec![("imaps", "127.0.0.1:10993".to_string()), ("imap", "127.0.0.1:10143".to_string())]);
+}
+
+#[test]
+fn reference_config_parses() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let dir = tempfile::tempdir().unwrap();
+    let text = std::fs::read_to_string(root.join("config/portcullis.toml")).unwrap();
+    std::fs::write(dir.path().join("users"), "u@example.org:{PLAIN}x\n").unwrap();
+    let c = portcullis::config::Config::parse(&dir.path().join("portcullis.toml"), &text).unwrap();
+    assert_eq!(c.listeners.len(), 2);
+    assert_eq!(c.backends.len(), 2);
+    assert_eq!(c.tls.certificates.len(), 2);
+}
