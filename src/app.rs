@@ -252,6 +252,9 @@ impl App {
     pub async fn shutdown(&self) {
         let grace = self.runtime.load().config.limits.shutdown_grace;
         self.shutdown.cancel();
+        // Close the listening sockets now (the accept loops hold the only other references and
+        // end on the cancellation), so new clients are refused rather than left in the backlog.
+        self.sockets.lock().unwrap_or_else(|e| e.into_inner()).clear();
         self.sessions.close();
         if tokio::time::timeout(grace, self.sessions.wait()).await.is_err() {
             tracing::warn!(remaining = self.sessions.len(), "shutdown grace period over; closing remaining sessions");

@@ -53,12 +53,10 @@ pub async fn run(ctx: SessionCtx, tcp: TcpStream) {
     let start = Instant::now();
     let _ = tcp.set_nodelay(true);
     let limits = ctx.runtime.config.limits.clone();
-    let pre = tokio::select! {
-        r = tokio::time::timeout(limits.login_timeout, preauth(&ctx, tcp)) => match r {
-            Ok(r) => r,
-            Err(_) => Err(Outcome::PreAuth("login_timeout")),
-        },
-        _ = ctx.shutdown.cancelled() => Err(Outcome::PreAuth("shutdown")),
+    // Shutdown is handled inside `preauth`, where the client can still be told.
+    let pre = match tokio::time::timeout(limits.login_timeout, preauth(&ctx, tcp)).await {
+        Ok(r) => r,
+        Err(_) => Err(Outcome::PreAuth("login_timeout")),
     };
     let (outcome, user, backend, bytes) = match pre {
         Err(outcome) => (outcome, None, None, Transferred::default()),
@@ -129,7 +127,15 @@ async fn preauth(ctx: &SessionCtx, tcp: TcpStream) -> Result<Authenticated, Outc
             greeted = true;
         }
         loop {
-            let event = front.next_event(&mut stream).await.map_err(|_| Outcome::PreAuth("client_error"))?;
+            let event = tokio::select! {
+                e = front.next_event(&mut stream) => e.map_err(|_| Outcome::PreAuth("client_error"))?,
+                _ = ctx.shutdown.cancelled() => {
+                    // Reliability case 80: tell clients still logging in why they are dropped.
+                    let _ = stream.write_all(b"* BYE Server shutting down.\r\n").await;
+                    let _ = stream.shutdown().await;
+                    return Err(Outcome::PreAuth("shutdown"));
+                }
+            };
             let req = match event {
                 Event::Closed(reason) => {
                     let _ = stream.shutdown().await;

@@ -136,3 +136,58 @@ async fn users_file_changes_are_reloaded() {
     let err = proxy.app.reload(false).await.unwrap_err().to_string();
     assert!(err.contains("users:2:1: field `password`"), "{err}");
 }
+
+#[tokio::test]
+async fn kubernetes_configmap_symlink_swap_is_noticed() {
+    // A ConfigMap volume: portcullis.toml -> ..data/portcullis.toml, ..data -> ..v1; an update
+    // writes ..v2, points ..data_tmp at it and renames ..data_tmp over ..data.
+    portcullis::tls::init_crypto();
+    let backend = FakeBackend::start(Behaviour::Normal).await;
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let pa = free_port();
+    let pb = free_port();
+    for (v, cfg) in [("..v1", config(backend.addr, &[("a", pa)])), ("..v2", config(backend.addr, &[("b", pb)]))] {
+        std::fs::create_dir(d.join(v)).unwrap();
+        std::fs::write(d.join(v).join("portcullis.toml"), cfg).unwrap();
+        std::fs::write(d.join(v).join("users"), USERS).unwrap();
+    }
+    std::os::unix::fs::symlink("..v1", d.join("..data")).unwrap();
+    std::os::unix::fs::symlink("..data/portcullis.toml", d.join("portcullis.toml")).unwrap();
+    std::os::unix::fs::symlink("..data/users", d.join("users")).unwrap();
+    let app = portcullis::app::App::start(&d.join("portcullis.toml")).await.unwrap();
+    portcullis::config::watch::spawn(app.clone()).unwrap();
+    login(std::net::SocketAddr::from(([127, 0, 0, 1], pa))).await;
+
+    std::os::unix::fs::symlink("..v2", d.join("..data_tmp")).unwrap();
+    std::fs::rename(d.join("..data_tmp"), d.join("..data")).unwrap();
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
+    while std::net::TcpStream::connect(("127.0.0.1", pb)).is_err() {
+        assert!(tokio::time::Instant::now() < deadline, "symlink swap not picked up");
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    login(std::net::SocketAddr::from(([127, 0, 0, 1], pb))).await;
+    assert!(refused(pa));
+}
+
+#[tokio::test]
+async fn shutdown_says_bye_to_clients_still_logging_in() {
+    let backend = FakeBackend::start(Behaviour::Normal).await;
+    let proxy = Proxy::start(&plain_config(backend.addr, "shutdown_grace = \"2s\""), USERS).await;
+    let mut waiting = Client::connect(proxy.addr("plain")).await;
+    assert!(waiting.line().await.starts_with("* OK"));
+    let mut relayed = login(proxy.addr("plain")).await;
+    let port = proxy.addr("plain").port();
+    let app = proxy.app.clone();
+    let done = tokio::spawn(async move { app.shutdown().await });
+    // Reliability case 80.
+    assert_eq!(waiting.line().await, "* BYE Server shutting down.\r\n");
+    assert!(waiting.closed().await);
+    // A relayed session goes on during the grace period and its end lets shutdown finish.
+    still_works(&mut relayed, "r").await;
+    relayed.send(b"z LOGOUT\r\n").await;
+    assert!(relayed.closed().await);
+    drop(relayed);
+    tokio::time::timeout(std::time::Duration::from_millis(1500), done).await.unwrap().unwrap();
+    assert!(refused(port));
+}

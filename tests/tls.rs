@@ -256,3 +256,16 @@ async fn certificate_change_is_noticed_without_a_signal() {
         tokio::time::sleep(std::time::Duration::from_millis(100)).await;
     }
 }
+
+#[tokio::test]
+async fn sessions_resume() {
+    let s = setup().await;
+    let c = s.pki.client(&[], false);
+    let addr = s.proxy.addr("imaps");
+    let mut first = Client::new(handshake(&c, addr, "mail.example.test").await.unwrap());
+    assert_eq!(first.stream.get_ref().get_ref().1.handshake_kind(), Some(rustls::HandshakeKind::Full));
+    // TLS 1.3 tickets arrive after the handshake, with the greeting.
+    first.line().await;
+    let again = handshake(&c, addr, "mail.example.test").await.unwrap();
+    assert_eq!(again.get_ref().1.handshake_kind(), Some(rustls::HandshakeKind::Resumed));
+}

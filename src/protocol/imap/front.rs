@@ -205,7 +205,14 @@ impl ImapFront {
                         }
                     }
                 }
-                if ann.mode == LiteralMode::Sync && !self.frag.is_message_poisoned() {
+                if ann.mode == LiteralMode::Sync {
+                    if self.frag.is_message_poisoned() {
+                        // The client waits for "+" that will not come: refuse the whole command.
+                        let tag = self.frag.decode_tag().map(|t| t.as_ref().to_string());
+                        self.frag.skip_message();
+                        self.bad(s, tag.as_deref(), "Error in IMAP command.").await?;
+                        continue;
+                    }
                     write(s, b"+ Ready for literal data.\r\n").await?;
                 }
                 continue;
