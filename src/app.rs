@@ -21,6 +21,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::config::{Config, ConfigError, Protocol, TlsMode, Transport};
+use crate::protocol::smtp::ehlo::{self, EhloCache};
 use crate::session::{self, SessionCtx};
 use crate::tls::TlsShared;
 use crate::tls::certs::{CertError, CertStore};
@@ -67,7 +68,14 @@ pub struct App {
     shutdown: CancellationToken,
     next_session: AtomicU64,
     started: u64,
+    /// SMTP extensions each backend announces (outside the snapshot: learned, not configured).
+    ehlo: Arc<EhloCache>,
+    /// Wakes the SMTP probe loop (after a reload).
+    probe_now: tokio::sync::Notify,
 }
+
+/// How often SMTP backends are asked for their extensions.
+const EHLO_PROBE_INTERVAL: Duration = Duration::from_secs(300);
 
 /// Identifies a bound socket. A fixed address is shared by whichever listener names it (so a
 /// renamed listener keeps its socket); port 0 means "any free port" and belongs to its listener.
@@ -136,8 +144,11 @@ impl App {
             shutdown: CancellationToken::new(),
             next_session: AtomicU64::new(1),
             started,
+            ehlo: Arc::new(EhloCache::default()),
+            probe_now: tokio::sync::Notify::new(),
         });
         app.apply_sockets(sockets);
+        app.spawn_ehlo_probes();
         Ok(app)
     }
 
@@ -176,6 +187,7 @@ impl App {
         self.tls.certs.install(maps);
         self.runtime.store(Arc::new(runtime));
         self.apply_sockets(sockets);
+        self.probe_now.notify_one();
         *last = fp;
         Ok(Reloaded::Applied)
     }
@@ -242,9 +254,40 @@ impl App {
                 local,
                 id: format!("{:x}-{n:x}", self.started),
                 shutdown: self.shutdown.clone(),
+                ehlo: self.ehlo.clone(),
             };
             self.sessions.spawn(session::run(ctx, tcp));
         }
+    }
+
+    /// The SMTP extension cache (tests and admin use).
+    pub fn ehlo_cache(&self) -> &EhloCache {
+        &self.ehlo
+    }
+
+    /// Ask every SMTP backend for its extensions now and then every few minutes, so the EHLO
+    /// the proxy shows is the backends' own (honest EHLO).
+    fn spawn_ehlo_probes(self: &Arc<Self>) {
+        let app = self.clone();
+        tokio::spawn(async move {
+            loop {
+                let rt = app.runtime();
+                for b in rt.config.backends.values().filter(|b| b.protocol == Protocol::Smtp) {
+                    let tls = rt.backend_tls.get(&b.name);
+                    let timeout = rt.config.limits.backend_connect_timeout;
+                    match ehlo::probe(b, tls, &rt.config.hostname, timeout).await {
+                        Ok(exts) => app.ehlo.update(&b.name, &exts),
+                        Err(e) => tracing::warn!(backend = %b.name, error = %e, "SMTP backend probe failed"),
+                    }
+                }
+                drop(rt);
+                tokio::select! {
+                    _ = app.shutdown.cancelled() => return,
+                    _ = tokio::time::sleep(EHLO_PROBE_INTERVAL) => {}
+                    _ = app.probe_now.notified() => {}
+                }
+            }
+        });
     }
 
     /// Stop accepting, let pre-auth sessions say goodbye, and wait up to the grace period for

@@ -8,7 +8,8 @@
 //! - `config`: file format, validated model, reload watcher.
 //! - `tls`: server/client TLS configs, the SNI certificate store, plain-or-TLS streams.
 //! - `session`: accept → [TLS] → front end → auth → route → backend login → relay.
-//! - `protocol`: IMAP front end and backend login, SASL decoding.
+//! - `protocol`: IMAP, POP3 and SMTP front ends and backend logins, SASL decoding, line framing.
+//! - `backend`: connect, PROXY v2, TLS/STARTTLS toward backends, bounded reply lines.
 //! - `auth`: credential verification (passwd-file hashes, or backend-verified).
 //! - `route`: user → backend.
 //! - `relay`: the post-login byte pipe.
@@ -18,6 +19,7 @@
 
 pub mod app;
 pub mod auth;
+pub mod backend;
 pub mod config;
 pub mod logging;
 pub mod protocol;

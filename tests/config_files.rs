@@ -19,7 +19,7 @@ fn reference_config_parses() {
     let text = std::fs::read_to_string(root.join("config/portcullis.toml")).unwrap();
     std::fs::write(dir.path().join("users"), "u@example.org:{PLAIN}x\n").unwrap();
     let c = portcullis::config::Config::parse(&dir.path().join("portcullis.toml"), &text).unwrap();
-    assert_eq!(c.listeners.len(), 2);
-    assert_eq!(c.backends.len(), 2);
+    assert_eq!(c.listeners.len(), 6);
+    assert_eq!(c.backends.len(), 4);
     assert_eq!(c.tls.certificates.len(), 2);
 }

@@ -84,7 +84,7 @@ async fn a_broken_config_keeps_the_running_one() {
         &proxy.config_path(),
         &good.replace(
             "protocol = \"imap\"\ntls = \"none\"\nallow_plaintext_auth = true\n\n[auth]",
-            "protocol = \"smtp\"\ntls = \"none\"\nallow_plaintext_auth = true\n\n[auth]",
+            "protocol = \"lmtp\"\ntls = \"none\"\nallow_plaintext_auth = true\n\n[auth]",
         ),
     );
     let err = proxy.app.reload(false).await.unwrap_err().to_string();

@@ -90,7 +90,7 @@ passwd_file = "users"
 name = "fake"
 address = "{backend}"
 
-[routing]
+[routing.imap]
 default = "fake"
 "#
     )

@@ -57,8 +57,8 @@ pub struct Credentials {
 /// The verdict for one login attempt.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Verdict {
-    /// The password matched. `backend` is the backend named in the user's entry, if any.
-    Accepted { user: String, backend: Option<String> },
+    /// The password matched. `backends` are the backends the user's entry pins it to.
+    Accepted { user: String, backends: Vec<String> },
     /// The backend will verify (backend-verified source): route by `user`.
     Deferred { user: String },
     /// Unknown user, wrong password or malformed credentials: all the same to the client.
@@ -96,10 +96,10 @@ pub async fn authenticate(config: &Config, creds: &Credentials) -> Verdict {
                 return Verdict::Rejected { user: Some(user) };
             };
             let hash = entry.hash.clone();
-            let backend = entry.backend.clone();
+            let backends = entry.backends.clone();
             let password = creds.password.clone();
             let ok = tokio::task::spawn_blocking(move || hash.verify(password.expose())).await.unwrap_or(false);
-            if ok { Verdict::Accepted { user, backend } } else { Verdict::Rejected { user: Some(user) } }
+            if ok { Verdict::Accepted { user, backends } } else { Verdict::Rejected { user: Some(user) } }
         }
     }
 }

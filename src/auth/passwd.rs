@@ -1,8 +1,8 @@
 //! Users from a Dovecot-style passwd-file: `user:{SCHEME}hash:uid:gid:gecos:home:shell:extra`.
 //!
 //! Only the user, the password and the extra fields matter to the proxy; the uid..shell fields
-//! may be empty. Extra fields are space-separated `key=value` pairs; `backend=NAME` pins a user to
-//! a backend. Hashes are parsed when the file is loaded, so a malformed entry is a config error
+//! may be empty. Extra fields are space-separated `key=value` pairs; `backend=a,b` pins a user to
+//! backends (the one speaking the session's protocol is used). Hashes are parsed when the file is loaded, so a malformed entry is a config error
 //! with a line number, never a surprise at login. Verification is CPU-heavy and must run in
 //! `spawn_blocking` (see `auth::Authenticator`).
 
@@ -106,8 +106,9 @@ pub fn hash_argon2id(password: &[u8]) -> Result<String, String> {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct UserEntry {
     pub hash: PasswordHash,
-    /// Backend this user is pinned to, if any.
-    pub backend: Option<String>,
+    /// Backends this user is pinned to (`backend=a,b`); the one speaking the session's protocol
+    /// is used.
+    pub backends: Vec<String>,
 }
 
 #[derive(Debug, Default)]
@@ -137,17 +138,19 @@ impl UserDb {
             let user = crate::auth::canonical_user(fields[0])
                 .ok_or_else(|| err("user", "empty or invalid user name".into()))?;
             let hash = PasswordHash::parse(fields[1]).map_err(|m| err("password", m))?;
-            let mut backend = None;
+            let mut backends = Vec::new();
             if let Some(extra) = fields.get(7) {
                 for kv in extra.split_whitespace() {
                     match kv.split_once('=') {
-                        Some(("backend", v)) if !v.is_empty() => backend = Some(v.to_string()),
+                        Some(("backend", v)) if !v.is_empty() => {
+                            backends.extend(v.split(',').filter(|b| !b.is_empty()).map(str::to_string))
+                        }
                         // Other Dovecot extra fields (userdb_*, nodelay, ...) are allowed and ignored.
                         _ => {}
                     }
                 }
             }
-            if users.insert(user.clone(), UserEntry { hash, backend }).is_some() {
+            if users.insert(user.clone(), UserEntry { hash, backends }).is_some() {
                 return Err(err("user", format!("duplicate user {user:?}")));
             }
         }
@@ -168,7 +171,7 @@ impl UserDb {
 
     /// (user, backend) for every user pinned to a backend, for config validation.
     pub fn backend_refs(&self) -> impl Iterator<Item = (&str, &str)> {
-        self.users.iter().filter_map(|(u, e)| e.backend.as_deref().map(|b| (u.as_str(), b)))
+        self.users.iter().flat_map(|(u, e)| e.backends.iter().map(move |b| (u.as_str(), b.as_str())))
     }
 }
 
@@ -182,7 +185,7 @@ mod tests {
             UserDb::parse("# comment\n\nalice@Example.TEST:{PLAIN}pw::::::backend=b1 nodelay\nbob:{PLAIN}x\n").unwrap();
         assert_eq!(db.len(), 2);
         let a = db.get("alice@example.test").unwrap();
-        assert_eq!(a.backend.as_deref(), Some("b1"));
+        assert_eq!(a.backends, vec!["b1".to_string()]);
         assert!(a.hash.verify(b"pw"));
         assert!(!a.hash.verify(b"pw2"));
     }

@@ -15,6 +15,8 @@ use toml::Spanned;
 #[serde(deny_unknown_fields)]
 pub struct FileConfig {
     #[serde(default)]
+    pub server: ServerFile,
+    #[serde(default)]
     pub log: LogFile,
     #[serde(default)]
     pub limits: LimitsFile,
@@ -28,6 +30,13 @@ pub struct FileConfig {
     pub backends: Vec<BackendFile>,
     #[serde(default)]
     pub routing: RoutingFile,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServerFile {
+    /// The name the proxy gives itself in SMTP greetings and EHLO (default: the system host name).
+    pub hostname: Option<Spanned<String>>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -58,6 +67,9 @@ pub struct LimitsFile {
     pub auth_failure_delay: Option<Duration>,
     #[serde(default, with = "humantime_serde::option")]
     pub shutdown_grace: Option<Duration>,
+    /// SMTP: wait this long before the greeting; a client that talks first is refused.
+    #[serde(default, with = "humantime_serde::option")]
+    pub smtp_greeting_delay: Option<Duration>,
     pub max_line_length: Option<Spanned<u32>>,
     pub max_errors: Option<Spanned<u32>>,
     pub max_auth_attempts: Option<Spanned<u32>>,
@@ -115,6 +127,8 @@ pub struct AuthFile {
 #[serde(deny_unknown_fields)]
 pub struct BackendFile {
     pub name: Spanned<String>,
+    /// `imap` (default), `pop3` or `smtp`.
+    pub protocol: Option<Spanned<String>>,
     pub address: Spanned<String>,
     /// `plain` (default), `tls` or `starttls`.
     pub transport: Option<Spanned<String>>,
@@ -124,9 +138,9 @@ pub struct BackendFile {
     pub tls_verify: Option<bool>,
     /// PEM file of CA certificates to trust instead of the system roots.
     pub tls_ca_file: Option<Spanned<PathBuf>>,
-    /// `imap-id` (default), `proxy-v2` or `none`.
+    /// IMAP: `imap-id` (default); POP3 and SMTP: `xclient` (default); all: `proxy-v2` or `none`.
     pub client_address: Option<Spanned<String>>,
-    /// `replay` (default) or `master`.
+    /// `replay` or `master`; SMTP also `xclient` (its default).
     pub login: Option<Spanned<String>>,
     pub master_user: Option<Spanned<String>>,
     pub master_password: Option<Spanned<String>>,
@@ -135,6 +149,14 @@ pub struct BackendFile {
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RoutingFile {
+    pub imap: Option<RouteTableFile>,
+    pub pop3: Option<RouteTableFile>,
+    pub smtp: Option<RouteTableFile>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RouteTableFile {
     pub default: Option<Spanned<String>>,
     #[serde(default)]
     pub domains: BTreeMap<String, Spanned<String>>,

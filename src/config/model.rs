@@ -62,6 +62,8 @@ impl std::error::Error for ConfigError {}
 pub struct Config {
     /// The file this was loaded from.
     pub path: PathBuf,
+    /// The proxy's own name (SMTP greeting and EHLO).
+    pub hostname: String,
     pub log_format: LogFormat,
     pub log_level: Option<String>,
     pub limits: Limits,
@@ -88,6 +90,7 @@ pub struct Limits {
     pub backend_login_timeout: Duration,
     pub auth_failure_delay: Duration,
     pub shutdown_grace: Duration,
+    pub smtp_greeting_delay: Duration,
     pub max_line_length: u32,
     pub max_errors: u32,
     pub max_auth_attempts: u32,
@@ -104,6 +107,7 @@ impl Default for Limits {
             backend_login_timeout: DEFAULT_BACKEND_LOGIN,
             auth_failure_delay: DEFAULT_AUTH_FAILURE_DELAY,
             shutdown_grace: DEFAULT_SHUTDOWN_GRACE,
+            smtp_greeting_delay: Duration::ZERO,
             max_line_length: DEFAULT_MAX_LINE,
             max_errors: DEFAULT_MAX_ERRORS,
             max_auth_attempts: DEFAULT_MAX_AUTH_ATTEMPTS,
@@ -129,12 +133,18 @@ pub struct CertSpec {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Protocol {
     Imap,
+    Pop3,
+    Smtp,
 }
 
 impl Protocol {
+    pub const ALL: [Protocol; 3] = [Protocol::Imap, Protocol::Pop3, Protocol::Smtp];
+
     pub fn as_str(self) -> &'static str {
         match self {
             Protocol::Imap => "imap",
+            Protocol::Pop3 => "pop3",
+            Protocol::Smtp => "smtp",
         }
     }
 
@@ -142,7 +152,13 @@ impl Protocol {
     pub fn alpn(self) -> &'static [u8] {
         match self {
             Protocol::Imap => b"imap",
+            Protocol::Pop3 => b"pop3",
+            Protocol::Smtp => b"smtp",
         }
+    }
+
+    fn parse(s: &str) -> Option<Protocol> {
+        Protocol::ALL.into_iter().find(|p| p.as_str() == s)
     }
 }
 
@@ -185,6 +201,9 @@ pub enum Transport {
 pub enum ClientAddress {
     /// IMAP `ID ("x-originating-ip" ...)`, read by Dovecot from `login_trusted_networks`.
     ImapId,
+    /// POP3 `XCLIENT ADDR= PORT= SESSION= TTL=` (Dovecot) or SMTP `XCLIENT ADDR= PORT= NAME=
+    /// HELO= PROTO=` (Postfix), honoured from trusted networks only.
+    Xclient,
     /// A PROXY protocol v2 header before the first backend byte.
     ProxyV2,
     None,
@@ -196,12 +215,15 @@ pub enum BackendLogin {
     Replay,
     /// `AUTHENTICATE PLAIN` with authzid = the user, authcid/password = the master user.
     Master { user: String, password: String },
+    /// SMTP only: `XCLIENT LOGIN=user`; the backend trusts the proxy's verification.
+    Xclient,
 }
 
 impl fmt::Debug for BackendLogin {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             BackendLogin::Replay => f.write_str("Replay"),
+            BackendLogin::Xclient => f.write_str("Xclient"),
             BackendLogin::Master { user, .. } => write!(f, "Master {{ user: {user:?}, password: <redacted> }}"),
         }
     }
@@ -210,6 +232,7 @@ impl fmt::Debug for BackendLogin {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Backend {
     pub name: String,
+    pub protocol: Protocol,
     /// `host:port` as written; resolved at connect time.
     pub address: String,
     pub host: String,
@@ -221,8 +244,14 @@ pub struct Backend {
     pub login: BackendLogin,
 }
 
+/// Where each protocol's users go.
 #[derive(Debug, Default)]
 pub struct Routing {
+    pub tables: HashMap<Protocol, RouteTable>,
+}
+
+#[derive(Debug, Default)]
+pub struct RouteTable {
     pub default: Option<Arc<Backend>>,
     /// Lower-case domain → backend.
     pub domains: HashMap<String, Arc<Backend>>,
@@ -329,6 +358,29 @@ impl Validator<'_> {
         let auth = self.auth(&raw.auth)?;
         let backends = self.backends(&raw.backends)?;
         let routing = self.routing(&raw.routing, &backends)?;
+        for l in &listeners {
+            if routing.tables.get(&l.protocol).is_none_or(|t| t.default.is_none() && t.domains.is_empty()) {
+                return Err(self.err(
+                    None,
+                    format!("routing.{}", l.protocol.as_str()),
+                    format!("listener {:?} needs routes for {}", l.name, l.protocol.as_str()),
+                ));
+            }
+        }
+        let hostname = match &raw.server.hostname {
+            Some(h) => {
+                let name = h.get_ref().trim().to_ascii_lowercase();
+                if name.is_empty() || !name.split('.').all(valid_label) {
+                    return Err(self.err(
+                        Some(h.span()),
+                        "server.hostname",
+                        format!("{:?} is not a DNS name", h.get_ref()),
+                    ));
+                }
+                name
+            }
+            None => system_hostname(),
+        };
         if let AuthSource::PasswdFile { users, path } = &auth {
             for (user, backend) in users.backend_refs() {
                 if !backends.contains_key(backend) {
@@ -343,6 +395,7 @@ impl Validator<'_> {
         }
         Ok(Config {
             path: self.path.to_path_buf(),
+            hostname,
             log_format,
             log_level: raw.log.level,
             limits,
@@ -372,6 +425,7 @@ impl Validator<'_> {
             backend_login_timeout: l.backend_login_timeout.unwrap_or(d.backend_login_timeout),
             auth_failure_delay: l.auth_failure_delay.unwrap_or(d.auth_failure_delay),
             shutdown_grace: l.shutdown_grace.unwrap_or(d.shutdown_grace),
+            smtp_greeting_delay: l.smtp_greeting_delay.unwrap_or(d.smtp_greeting_delay),
             max_line_length: positive(&l.max_line_length, "max_line_length", d.max_line_length, 1024)?,
             max_errors: positive(&l.max_errors, "max_errors", d.max_errors, 1)?,
             max_auth_attempts: positive(&l.max_auth_attempts, "max_auth_attempts", d.max_auth_attempts, 1)?,
@@ -453,15 +507,15 @@ impl Validator<'_> {
                 }
                 bind.push(addr);
             }
-            let protocol = match l.protocol.get_ref().as_str() {
-                "imap" => Protocol::Imap,
-                other => {
-                    return Err(self.err(
-                        Some(l.protocol.span()),
-                        field("protocol"),
-                        format!("unsupported protocol {other:?} (expected \"imap\")"),
-                    ));
-                }
+            let Some(protocol) = Protocol::parse(l.protocol.get_ref()) else {
+                return Err(self.err(
+                    Some(l.protocol.span()),
+                    field("protocol"),
+                    format!(
+                        "unsupported protocol {:?} (expected \"imap\", \"pop3\" or \"smtp\")",
+                        l.protocol.get_ref()
+                    ),
+                ));
             };
             let tls = match l.tls.get_ref().as_str() {
                 "implicit" => TlsMode::Implicit,
@@ -544,22 +598,38 @@ impl Validator<'_> {
                     ));
                 }
             };
-            let client_address = match b.client_address.as_ref().map(|t| t.get_ref().as_str()) {
-                None | Some("imap-id") => ClientAddress::ImapId,
-                Some("proxy-v2") => ClientAddress::ProxyV2,
-                Some("none") => ClientAddress::None,
-                Some(other) => {
+            let protocol = match &b.protocol {
+                None => Protocol::Imap,
+                Some(p) => Protocol::parse(p.get_ref()).ok_or_else(|| {
+                    self.err(
+                        Some(p.span()),
+                        field("protocol"),
+                        format!("expected \"imap\", \"pop3\" or \"smtp\", found {:?}", p.get_ref()),
+                    )
+                })?,
+            };
+            let client_address = match (protocol, b.client_address.as_ref().map(|t| t.get_ref().as_str())) {
+                (Protocol::Imap, None | Some("imap-id")) => ClientAddress::ImapId,
+                (Protocol::Pop3 | Protocol::Smtp, None | Some("xclient")) => ClientAddress::Xclient,
+                (_, Some("proxy-v2")) => ClientAddress::ProxyV2,
+                (_, Some("none")) => ClientAddress::None,
+                (_, Some(other)) => {
                     let span = b.client_address.as_ref().map(|t| t.span());
+                    let expected = if protocol == Protocol::Imap { "\"imap-id\"" } else { "\"xclient\"" };
                     return Err(self.err(
                         span,
                         field("client_address"),
-                        format!("expected \"imap-id\", \"proxy-v2\" or \"none\", found {other:?}"),
+                        format!(
+                            "expected {expected}, \"proxy-v2\" or \"none\" for {}, found {other:?}",
+                            protocol.as_str()
+                        ),
                     ));
                 }
             };
-            let login = match b.login.as_ref().map(|t| t.get_ref().as_str()) {
-                None | Some("replay") => BackendLogin::Replay,
-                Some("master") => match (&b.master_user, &b.master_password) {
+            let login = match (protocol, b.login.as_ref().map(|t| t.get_ref().as_str())) {
+                (Protocol::Smtp, None | Some("xclient")) => BackendLogin::Xclient,
+                (_, None | Some("replay")) => BackendLogin::Replay,
+                (_, Some("master")) => match (&b.master_user, &b.master_password) {
                     (Some(u), Some(p)) if !u.get_ref().is_empty() => {
                         BackendLogin::Master { user: u.get_ref().clone(), password: p.get_ref().clone() }
                     }
@@ -572,12 +642,17 @@ impl Validator<'_> {
                         ));
                     }
                 },
-                Some(other) => {
+                (_, Some(other)) => {
                     let span = b.login.as_ref().map(|t| t.span());
+                    let expected = if protocol == Protocol::Smtp {
+                        "\"xclient\", \"replay\" or \"master\""
+                    } else {
+                        "\"replay\" or \"master\""
+                    };
                     return Err(self.err(
                         span,
                         field("login"),
-                        format!("expected \"replay\" or \"master\", found {other:?}"),
+                        format!("expected {expected} for {}, found {other:?}", protocol.as_str()),
                     ));
                 }
             };
@@ -599,6 +674,7 @@ impl Validator<'_> {
                 name.clone(),
                 Arc::new(Backend {
                     name,
+                    protocol,
                     address,
                     host,
                     transport,
@@ -614,22 +690,44 @@ impl Validator<'_> {
     }
 
     fn routing(&self, r: &file::RoutingFile, backends: &HashMap<String, Arc<Backend>>) -> Result<Routing, ConfigError> {
-        let lookup = |s: &Spanned<String>, field: String| {
-            backends
-                .get(s.get_ref())
-                .cloned()
-                .ok_or_else(|| self.err(Some(s.span()), field, format!("unknown backend {:?}", s.get_ref())))
-        };
-        let default = match &r.default {
-            Some(d) => Some(lookup(d, "routing.default".into())?),
-            None => None,
-        };
-        let mut domains = HashMap::new();
-        for (domain, b) in &r.domains {
-            domains.insert(domain.to_ascii_lowercase(), lookup(b, format!("routing.domains.{domain}"))?);
+        let mut tables = HashMap::new();
+        for (protocol, table) in [(Protocol::Imap, &r.imap), (Protocol::Pop3, &r.pop3), (Protocol::Smtp, &r.smtp)] {
+            let Some(table) = table else { continue };
+            let lookup = |s: &Spanned<String>, field: String| {
+                let b = backends.get(s.get_ref()).cloned().ok_or_else(|| {
+                    self.err(Some(s.span()), field.clone(), format!("unknown backend {:?}", s.get_ref()))
+                })?;
+                if b.protocol != protocol {
+                    return Err(self.err(
+                        Some(s.span()),
+                        field,
+                        format!("backend {:?} speaks {}, not {}", b.name, b.protocol.as_str(), protocol.as_str()),
+                    ));
+                }
+                Ok(b)
+            };
+            let p = protocol.as_str();
+            let default = match &table.default {
+                Some(d) => Some(lookup(d, format!("routing.{p}.default"))?),
+                None => None,
+            };
+            let mut domains = HashMap::new();
+            for (domain, b) in &table.domains {
+                domains.insert(domain.to_ascii_lowercase(), lookup(b, format!("routing.{p}.domains.{domain}"))?);
+            }
+            tables.insert(protocol, RouteTable { default, domains });
         }
-        Ok(Routing { default, domains })
+        Ok(Routing { tables })
     }
+}
+
+/// The kernel's host name, or "localhost".
+fn system_hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .map(|h| h.trim().to_ascii_lowercase())
+        .filter(|h| !h.is_empty() && h.split('.').all(valid_label))
+        .unwrap_or_else(|| "localhost".into())
 }
 
 fn valid_label(l: &str) -> bool {
@@ -660,7 +758,7 @@ source = "backend"
 name = "b"
 address = "127.0.0.1:143"
 
-[routing]
+[routing.imap]
 default = "b"
 "#;
 
@@ -694,7 +792,7 @@ default = "b"
         assert_eq!(e.position.map(|p| p.0), Some(1));
 
         let e = parse(&BASE.replace("default = \"b\"", "default = \"nope\"")).unwrap_err();
-        assert_eq!(e.field, "routing.default");
+        assert_eq!(e.field, "routing.imap.default");
         assert!(e.message.contains("unknown backend"));
 
         let e = parse(&BASE.replace("127.0.0.1:143", "127.0.0.1")).unwrap_err();

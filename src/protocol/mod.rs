@@ -1,4 +1,341 @@
-//! Protocol codecs and state machines. Nothing here owns a socket for longer than one phase.
+//! Protocol front ends (the pre-auth dialogue the proxy speaks itself), backend login clients,
+//! and what they share: events, failure kinds, the SASL decoder and the line reader.
+//!
+//! `Front` is the one type the session drives: an enum over the three protocols, so the pipeline
+//! in `session.rs` is written once.
 
 pub mod imap;
+pub mod line;
+pub mod pop3;
 pub mod sasl;
+pub mod smtp;
+
+use std::io;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
+
+use crate::auth::Credentials;
+use crate::config::Protocol;
+
+/// What a front end needs to know about its connection.
+#[derive(Debug, Clone)]
+pub struct FrontSettings {
+    /// TLS is active on this connection (implicit, or after STARTTLS).
+    pub tls_active: bool,
+    /// STARTTLS/STLS may be offered (a `starttls` listener before the upgrade).
+    pub starttls_offered: bool,
+    /// Credentials may be accepted now.
+    pub auth_allowed: bool,
+    pub max_line: u32,
+    pub max_errors: u32,
+    pub idle_timeout: Duration,
+    /// SMTP: the proxy's name for the greeting and EHLO reply.
+    pub hostname: String,
+    /// SMTP: the extensions the backend announces (honest EHLO), already filtered.
+    pub extensions: Arc<[String]>,
+    /// SMTP: wait this long before greeting; a client that talks first is refused.
+    pub greeting_delay: Duration,
+}
+
+/// Why a front end ended the connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CloseReason {
+    ClientClosed,
+    Logout,
+    TooManyErrors,
+    IdleTimeout,
+    LineTooLong,
+    HttpRequest,
+    StartTlsInjection,
+    EarlyTalker,
+}
+
+impl CloseReason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CloseReason::ClientClosed => "client_closed",
+            CloseReason::Logout => "logout",
+            CloseReason::TooManyErrors => "too_many_errors",
+            CloseReason::IdleTimeout => "idle_timeout",
+            CloseReason::LineTooLong => "line_too_long",
+            CloseReason::HttpRequest => "http_request",
+            CloseReason::StartTlsInjection => "starttls_injection",
+            CloseReason::EarlyTalker => "early_talker",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mechanism {
+    /// IMAP LOGIN or POP3 USER/PASS.
+    Login,
+    Plain,
+    SaslLogin,
+}
+
+impl Mechanism {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Mechanism::Login => "login",
+            Mechanism::Plain => "plain",
+            Mechanism::SaslLogin => "sasl-login",
+        }
+    }
+}
+
+#[derive(Debug)]
+pub struct LoginRequest {
+    pub mechanism: Mechanism,
+    /// `None` when the client sent malformed credentials: answered like a wrong password.
+    pub credentials: Option<Credentials>,
+}
+
+#[derive(Debug)]
+pub enum Event {
+    /// The upgrade was accepted and no plaintext is buffered: start TLS on the socket now.
+    StartTls,
+    Login(LoginRequest),
+    Closed(CloseReason),
+}
+
+/// How a failed login is answered.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LoginFailure {
+    /// Wrong user, wrong password, malformed credentials: one answer for all.
+    BadCredentials,
+    /// The backend could not be reached or failed: the client may retry.
+    Unavailable,
+}
+
+/// Final words before the proxy closes a connection on its own.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Goodbye {
+    Shutdown,
+    LoginTimeout,
+    TooManyFailures,
+    LineTooLong,
+}
+
+/// Client facts a front end learned that a backend may be told.
+#[derive(Debug, Clone, Default)]
+pub struct ClientHints {
+    pub id_fields: Vec<(String, String)>,
+    pub helo: Option<String>,
+    pub esmtp: bool,
+}
+
+pub enum Front {
+    Imap(imap::front::ImapFront),
+    Pop3(pop3::front::Pop3Front),
+    Smtp(smtp::front::SmtpFront),
+}
+
+impl Front {
+    pub fn new(protocol: Protocol, settings: FrontSettings) -> Front {
+        match protocol {
+            Protocol::Imap => Front::Imap(imap::front::ImapFront::new(settings)),
+            Protocol::Pop3 => Front::Pop3(pop3::front::Pop3Front::new(settings)),
+            Protocol::Smtp => Front::Smtp(smtp::front::SmtpFront::new(settings)),
+        }
+    }
+
+    /// Send the greeting. `Some(reason)` means the connection must close (SMTP early talker).
+    pub async fn greet<S: AsyncRead + AsyncWrite + Unpin>(&mut self, s: &mut S) -> io::Result<Option<CloseReason>> {
+        match self {
+            Front::Imap(f) => f.greet(s).await.map(|_| None),
+            Front::Pop3(f) => f.greet(s).await.map(|_| None),
+            Front::Smtp(f) => f.greet(s).await,
+        }
+    }
+
+    /// Run the pre-auth dialogue until something the session must act on.
+    pub async fn next_event<S: AsyncRead + AsyncWrite + Unpin>(&mut self, s: &mut S) -> io::Result<Event> {
+        match self {
+            Front::Imap(f) => f.next_event(s).await,
+            Front::Pop3(f) => f.next_event(s).await,
+            Front::Smtp(f) => f.next_event(s).await,
+        }
+    }
+
+    /// Answer the pending login with a failure (the caller applies the delay first).
+    pub async fn login_failed<S: AsyncWrite + Unpin>(&mut self, s: &mut S, failure: LoginFailure) -> io::Result<()> {
+        match self {
+            Front::Imap(f) => f.login_failed(s, failure).await,
+            Front::Pop3(f) => f.login_failed(s, failure).await,
+            Front::Smtp(f) => f.login_failed(s, failure).await,
+        }
+    }
+
+    /// What the client is told when the backend accepted the login: IMAP and POP3 pass on the
+    /// backend's own reply; SMTP answers `235` itself.
+    pub fn success_reply(&self, untagged: Vec<u8>, reply: Vec<u8>) -> Vec<u8> {
+        match self {
+            Front::Imap(f) => f.success_reply(untagged, reply),
+            Front::Pop3(_) => reply,
+            Front::Smtp(_) => b"235 2.7.0 Authentication successful\r\n".to_vec(),
+        }
+    }
+
+    /// Bytes the client pipelined after its login, to forward verbatim (reliability case 25).
+    /// `None` if they could not be kept whole.
+    pub fn into_pipelined(self) -> Option<Vec<u8>> {
+        match self {
+            Front::Imap(f) => f.into_pipelined(),
+            Front::Pop3(f) => Some(f.into_pipelined()),
+            Front::Smtp(f) => Some(f.into_pipelined()),
+        }
+    }
+
+    pub fn hints(&self) -> ClientHints {
+        match self {
+            Front::Imap(f) => ClientHints { id_fields: f.client_id().to_vec(), ..ClientHints::default() },
+            Front::Pop3(_) => ClientHints::default(),
+            Front::Smtp(f) => f.hints(),
+        }
+    }
+
+    pub fn goodbye(&self, why: Goodbye) -> &'static [u8] {
+        match (self, why) {
+            (Front::Imap(_), Goodbye::Shutdown) => b"* BYE Server shutting down.\r\n",
+            (Front::Imap(_), Goodbye::LoginTimeout) => b"* BYE Login timed out.\r\n",
+            (Front::Pop3(_), Goodbye::LoginTimeout) => b"-ERR Login timed out.\r\n",
+            (Front::Smtp(_), Goodbye::LoginTimeout) => b"421 4.4.2 Error: login timed out, closing connection\r\n",
+            (Front::Imap(_), Goodbye::TooManyFailures) => b"* BYE Too many failed logins.\r\n",
+            (Front::Imap(_), Goodbye::LineTooLong) => b"* BYE Command line too long.\r\n",
+            (Front::Pop3(_), Goodbye::Shutdown) => b"-ERR [SYS/TEMP] Server shutting down.\r\n",
+            (Front::Pop3(_), Goodbye::TooManyFailures) => b"-ERR [AUTH] Too many failed logins.\r\n",
+            (Front::Pop3(_), Goodbye::LineTooLong) => b"-ERR Line too long.\r\n",
+            (Front::Smtp(_), Goodbye::Shutdown) => b"421 4.3.2 Service shutting down, closing connection\r\n",
+            (Front::Smtp(_), Goodbye::TooManyFailures) => {
+                b"421 4.7.0 Too many failed authentication attempts, closing connection\r\n"
+            }
+            (Front::Smtp(_), Goodbye::LineTooLong) => b"421 4.7.0 Line too long, closing connection\r\n",
+        }
+    }
+}
+
+/// Write and flush (TLS streams buffer until flushed).
+pub async fn write<S: AsyncWrite + Unpin>(s: &mut S, bytes: &[u8]) -> io::Result<()> {
+    s.write_all(bytes).await?;
+    s.flush().await
+}
+
+/// An HTTP request line or header arriving on a mail port (reliability case 18, ALPACA).
+pub fn looks_like_http(line: &[u8]) -> bool {
+    const METHODS: [&[u8]; 8] = [b"GET ", b"POST ", b"PUT ", b"HEAD ", b"CONNECT ", b"OPTIONS ", b"DELETE ", b"PATCH "];
+    METHODS.iter().any(|m| line.starts_with(m)) || (line.len() >= 5 && line[..5].eq_ignore_ascii_case(b"host:"))
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use std::collections::VecDeque;
+    use std::pin::Pin;
+    use std::task::{Context, Poll};
+
+    use tokio::io::ReadBuf;
+
+    use super::*;
+
+    pub fn settings() -> FrontSettings {
+        FrontSettings {
+            tls_active: false,
+            starttls_offered: true,
+            auth_allowed: true,
+            max_line: 1024,
+            max_errors: 5,
+            idle_timeout: Duration::from_secs(5),
+            hostname: "proxy.example.test".into(),
+            extensions: Arc::from(vec!["SIZE 1000".to_string(), "8BITMIME".to_string()]),
+            greeting_delay: Duration::ZERO,
+        }
+    }
+
+    /// A scripted client: yields its chunks, then EOF; records everything written to it.
+    pub struct Script {
+        chunks: VecDeque<Vec<u8>>,
+        pub written: Vec<u8>,
+    }
+
+    impl Script {
+        pub fn new(chunks: Vec<Vec<u8>>) -> Script {
+            Script { chunks: chunks.into(), written: Vec::new() }
+        }
+    }
+
+    impl AsyncRead for Script {
+        fn poll_read(mut self: Pin<&mut Self>, _: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+            if let Some(mut c) = self.chunks.pop_front() {
+                let n = c.len().min(buf.remaining());
+                buf.put_slice(&c[..n]);
+                if n < c.len() {
+                    self.chunks.push_front(c.split_off(n));
+                }
+            }
+            Poll::Ready(Ok(()))
+        }
+    }
+
+    impl AsyncWrite for Script {
+        fn poll_write(mut self: Pin<&mut Self>, _: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+            self.written.extend_from_slice(buf);
+            Poll::Ready(Ok(buf.len()))
+        }
+        fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+        fn poll_shutdown(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+    }
+
+    /// Split `bytes` at the given (wrapped) positions.
+    pub fn split_at_all(bytes: &[u8], cuts: &[usize]) -> Vec<Vec<u8>> {
+        let mut cuts: Vec<usize> = cuts.iter().map(|c| c % (bytes.len() + 1)).collect();
+        cuts.sort_unstable();
+        let mut out = Vec::new();
+        let mut last = 0;
+        for c in cuts {
+            out.push(bytes[last..c].to_vec());
+            last = c;
+        }
+        out.push(bytes[last..].to_vec());
+        out.retain(|c| !c.is_empty());
+        out
+    }
+
+    /// Drive any front end over `chunks`, failing every login; returns its output and events.
+    pub fn run_front(protocol: Protocol, settings: FrontSettings, chunks: Vec<Vec<u8>>) -> (Vec<u8>, Vec<String>) {
+        let rt = tokio::runtime::Builder::new_current_thread().enable_time().build().unwrap();
+        rt.block_on(async move {
+            let mut s = Script::new(chunks);
+            let mut front = Front::new(protocol, settings);
+            let mut events = Vec::new();
+            if let Ok(Some(r)) = front.greet(&mut s).await {
+                return (s.written, vec![format!("closed {}", r.as_str())]);
+            }
+            for _ in 0..10_000 {
+                match front.next_event(&mut s).await {
+                    Ok(Event::Login(req)) => {
+                        events.push(format!("login {:?}", req.credentials.map(|c| c.user)));
+                        front.login_failed(&mut s, LoginFailure::BadCredentials).await.unwrap();
+                    }
+                    Ok(Event::StartTls) => {
+                        events.push("starttls".into());
+                        break;
+                    }
+                    Ok(Event::Closed(r)) => {
+                        events.push(format!("closed {}", r.as_str()));
+                        break;
+                    }
+                    Err(e) => {
+                        events.push(format!("error {:?}", e.kind()));
+                        break;
+                    }
+                }
+            }
+            (s.written, events)
+        })
+    }
+}

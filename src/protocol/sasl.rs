@@ -72,3 +72,49 @@ mod tests {
         }
     }
 }
+
+/// One client response in a SASL exchange (a base64 line, or `*` to cancel).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Response {
+    Data(Vec<u8>),
+    Cancel,
+    /// Not base64: answered with the protocol's syntax error.
+    Invalid,
+}
+
+/// Longest base64 response accepted (RFC 4954 allows 12288 octets for an AUTH line).
+pub const MAX_RESPONSE: usize = 12288;
+
+/// Decode a continuation line or an initial response (`=` is the empty response, RFC 4954).
+pub fn decode_response(line: &[u8]) -> Response {
+    use base64::Engine;
+    if line == b"*" {
+        return Response::Cancel;
+    }
+    if line == b"=" {
+        return Response::Data(Vec::new());
+    }
+    if line.len() > MAX_RESPONSE {
+        return Response::Invalid;
+    }
+    match base64::engine::general_purpose::STANDARD.decode(line) {
+        Ok(d) => Response::Data(d),
+        Err(_) => Response::Invalid,
+    }
+}
+
+#[cfg(test)]
+mod response_tests {
+    use super::*;
+
+    #[test]
+    fn responses() {
+        assert_eq!(decode_response(b"*"), Response::Cancel);
+        assert_eq!(decode_response(b"="), Response::Data(Vec::new()));
+        assert_eq!(decode_response(b"dXNlcg=="), Response::Data(b"user".to_vec()));
+        // Reliability case 39: garbage, bad padding, whitespace.
+        assert_eq!(decode_response(b"dXNlcg="), Response::Invalid);
+        assert_eq!(decode_response(b"d XNlcg=="), Response::Invalid);
+        assert_eq!(decode_response(b"!!"), Response::Invalid);
+    }
+}

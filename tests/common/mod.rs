@@ -55,6 +55,11 @@ impl Proxy {
 
 /// A config with one plaintext listener (plaintext auth allowed: test network) and one backend.
 pub fn plain_config(backend: SocketAddr, extra: &str) -> String {
+    protocol_config("imap", backend, extra)
+}
+
+/// Like `plain_config` for any protocol.
+pub fn protocol_config(protocol: &str, backend: SocketAddr, extra: &str) -> String {
     format!(
         r#"
 [limits]
@@ -67,7 +72,7 @@ preauth_idle_timeout = "2s"
 [[listener]]
 name = "plain"
 bind = "127.0.0.1:0"
-protocol = "imap"
+protocol = "{protocol}"
 tls = "none"
 allow_plaintext_auth = true
 
@@ -76,9 +81,10 @@ passwd_file = "users"
 
 [[backend]]
 name = "fake"
+protocol = "{protocol}"
 address = "{backend}"
 
-[routing]
+[routing.{protocol}]
 default = "fake"
 "#
     )
@@ -99,6 +105,37 @@ pub enum Behaviour {
     RejectLogin,
     /// Greets with PREAUTH (reliability case 13).
     Preauth,
+    /// POP3: Dovecot-like, announces XCLIENT, accepts any USER/PASS or AUTH.
+    Pop3,
+    /// POP3: does not announce XCLIENT (proxy not trusted).
+    Pop3NoXclient,
+    /// SMTP: Postfix-like, announces XCLIENT, accepts AUTH, takes messages.
+    Smtp,
+    /// SMTP: rejects XCLIENT with 550.
+    SmtpRejectXclient,
+    /// SMTP: closes the connection after answering EHLO.
+    SmtpDropAfterEhlo,
+    /// SMTP: offers STARTTLS but answers it with 454.
+    SmtpRefuseStartTls,
+    /// SMTP: answers STARTTLS with 220 plus extra bytes in the same segment (case 10).
+    SmtpStartTlsExtraBytes,
+}
+
+impl Behaviour {
+    fn is_pop3(self) -> bool {
+        matches!(self, Behaviour::Pop3 | Behaviour::Pop3NoXclient)
+    }
+
+    fn is_smtp(self) -> bool {
+        matches!(
+            self,
+            Behaviour::Smtp
+                | Behaviour::SmtpRejectXclient
+                | Behaviour::SmtpDropAfterEhlo
+                | Behaviour::SmtpRefuseStartTls
+                | Behaviour::SmtpStartTlsExtraBytes
+        )
+    }
 }
 
 pub struct FakeBackend {
@@ -125,7 +162,15 @@ impl FakeBackend {
                     r.len() - 1
                 };
                 let rec = rec.clone();
-                tokio::spawn(async move { serve(s, behaviour, rec, idx).await });
+                tokio::spawn(async move {
+                    if behaviour.is_pop3() {
+                        serve_pop3(s, behaviour, rec, idx).await
+                    } else if behaviour.is_smtp() {
+                        serve_smtp(s, behaviour, rec, idx).await
+                    } else {
+                        serve(s, behaviour, rec, idx).await
+                    }
+                });
             }
         });
         FakeBackend { addr, accepted, received }
@@ -193,6 +238,106 @@ async fn serve(s: TcpStream, behaviour: Behaviour, rec: Arc<Mutex<Vec<Vec<String
             format!("{tag} OK done\r\n")
         };
         if w.write_all(reply.as_bytes()).await.is_err() {
+            return;
+        }
+    }
+}
+
+/// Read one line, record it, return it (None at EOF).
+async fn record_line<R: AsyncBufReadExt + Unpin>(
+    r: &mut R,
+    rec: &Arc<Mutex<Vec<Vec<String>>>>,
+    idx: usize,
+) -> Option<String> {
+    let mut line = Vec::new();
+    match r.read_until(b'\n', &mut line).await {
+        Ok(0) | Err(_) => None,
+        Ok(_) => {
+            let text = String::from_utf8_lossy(&line).into_owned();
+            rec.lock().unwrap()[idx].push(text.clone());
+            Some(text)
+        }
+    }
+}
+
+async fn serve_pop3(s: TcpStream, behaviour: Behaviour, rec: Arc<Mutex<Vec<Vec<String>>>>, idx: usize) {
+    let (r, mut w) = s.into_split();
+    let mut r = BufReader::new(r);
+    let greeting: &[u8] =
+        if behaviour == Behaviour::Pop3 { b"+OK [XCLIENT] fake ready.\r\n" } else { b"+OK fake ready.\r\n" };
+    if w.write_all(greeting).await.is_err() {
+        return;
+    }
+    while let Some(line) = record_line(&mut r, &rec, idx).await {
+        let verb = line.split([' ', '\r']).next().unwrap_or("").to_ascii_uppercase();
+        let reply: &[u8] = match verb.as_str() {
+            "XCLIENT" => b"+OK Updated\r\n",
+            "USER" => b"+OK\r\n",
+            "PASS" | "AUTH" => b"+OK Logged in.\r\n",
+            "STAT" => b"+OK 1 42\r\n",
+            "QUIT" => {
+                let _ = w.write_all(b"+OK Logging out.\r\n").await;
+                return;
+            }
+            _ => b"+OK\r\n",
+        };
+        if w.write_all(reply).await.is_err() {
+            return;
+        }
+    }
+}
+
+async fn serve_smtp(s: TcpStream, behaviour: Behaviour, rec: Arc<Mutex<Vec<Vec<String>>>>, idx: usize) {
+    let (r, mut w) = s.into_split();
+    let mut r = BufReader::new(r);
+    if w.write_all(b"220 fake.example ESMTP\r\n").await.is_err() {
+        return;
+    }
+    while let Some(line) = record_line(&mut r, &rec, idx).await {
+        let verb = line.split([' ', '\r', ':']).next().unwrap_or("").to_ascii_uppercase();
+        let reply: Vec<u8> = match verb.as_str() {
+            "EHLO" => {
+                let tls = if matches!(behaviour, Behaviour::SmtpRefuseStartTls | Behaviour::SmtpStartTlsExtraBytes) {
+                    "250-STARTTLS\r\n"
+                } else {
+                    ""
+                };
+                let reply = format!(
+                    "250-fake.example\r\n250-PIPELINING\r\n250-SIZE 10240000\r\n250-VRFY\r\n{tls}250-AUTH PLAIN\r\n250-XCLIENT NAME ADDR PORT PROTO HELO LOGIN\r\n250-ENHANCEDSTATUSCODES\r\n250 8BITMIME\r\n"
+                );
+                if behaviour == Behaviour::SmtpDropAfterEhlo {
+                    let _ = w.write_all(reply.as_bytes()).await;
+                    return;
+                }
+                reply.into_bytes()
+            }
+            "STARTTLS" => match behaviour {
+                Behaviour::SmtpRefuseStartTls => b"454 4.7.0 TLS not available\r\n".to_vec(),
+                _ => b"220 2.0.0 Ready\r\n250 injected\r\n".to_vec(),
+            },
+            "XCLIENT" => match behaviour {
+                Behaviour::SmtpRejectXclient => b"550 5.7.0 Error: insufficient authorization\r\n".to_vec(),
+                _ => b"220 fake.example ESMTP\r\n".to_vec(),
+            },
+            "AUTH" => b"235 2.7.0 Authentication successful\r\n".to_vec(),
+            "DATA" => {
+                let _ = w.write_all(b"354 End data with <CR><LF>.<CR><LF>\r\n").await;
+                loop {
+                    match record_line(&mut r, &rec, idx).await {
+                        Some(l) if l == ".\r\n" => break,
+                        Some(_) => continue,
+                        None => return,
+                    }
+                }
+                b"250 2.0.0 Ok: queued\r\n".to_vec()
+            }
+            "QUIT" => {
+                let _ = w.write_all(b"221 2.0.0 Bye\r\n").await;
+                return;
+            }
+            _ => b"250 2.0.0 Ok\r\n".to_vec(),
+        };
+        if w.write_all(&reply).await.is_err() {
             return;
         }
     }

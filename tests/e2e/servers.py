@@ -29,20 +29,26 @@ def wait_greeting(port, prefix=b"* OK", timeout=10.0, host="127.0.0.1", tls=Fals
     deadline = time.monotonic() + timeout
     last = None
     while time.monotonic() < deadline:
+        s = None
         try:
-            with socket.create_connection((host, port), timeout=1) as s:
-                if tls:
-                    import ssl
-                    ctx = ssl.create_default_context()
-                    ctx.check_hostname = False
-                    ctx.verify_mode = ssl.CERT_NONE
-                    s = ctx.wrap_socket(s)
-                data = s.recv(512)
-                if data.startswith(prefix):
-                    return data
-                last = data
+            s = socket.create_connection((host, port), timeout=1)
+            if tls:
+                import ssl
+                ctx = ssl.create_default_context()
+                ctx.check_hostname = False
+                ctx.verify_mode = ssl.CERT_NONE
+                s = ctx.wrap_socket(s)
+            data = s.recv(512)
+            if data.startswith(prefix):
+                return data
+            last = data
         except OSError as e:
-            last = e
+            last = repr(e)  # not the exception: its traceback would keep this frame's socket alive
+        finally:
+            # Close explicitly (the TLS socket is a different object from the TCP one), so the
+            # server sees this probe end now rather than at the next garbage collection.
+            if s is not None:
+                s.close()
         time.sleep(0.05)
     raise RuntimeError(f"no greeting on port {port}: {last!r}")
 
@@ -58,6 +64,7 @@ ssl = no
 disable_plaintext_auth = no
 auth_mechanisms = plain login
 auth_failure_delay = 0
+auth_verbose = yes
 auth_master_user_separator = *
 login_trusted_networks = 127.0.0.0/8
 haproxy_trusted_networks = 127.0.0.0/8
@@ -287,10 +294,15 @@ import imaplib  # noqa: E402
 
 
 class IMAP4From(imaplib.IMAP4):
-    """imaplib over plain TCP (STARTTLS listeners), from CLIENT_IP."""
+    """imaplib over plain TCP (STARTTLS listeners), from CLIENT_IP (or `source`)."""
+
+    def __init__(self, host, port, source=CLIENT_IP, **kw):
+        self.source = source
+        kw.setdefault("timeout", 10.0)
+        super().__init__(host, port, **kw)
 
     def _create_socket(self, timeout):
-        return client_socket(self.port, timeout=timeout or 10.0)
+        return client_socket(self.port, timeout=timeout or 10.0, source=self.source)
 
 
 class IMAP4SSLFrom(imaplib.IMAP4_SSL):
@@ -309,8 +321,8 @@ class IMAP4SSLFrom(imaplib.IMAP4_SSL):
 class RawClient:
     """Bytes in, bytes out: for what imaplib would not send (pipelining, injection, junk)."""
 
-    def __init__(self, port, tls=False, alpn=None, timeout=5.0):
-        self.sock = client_socket(port, timeout=timeout)
+    def __init__(self, port, tls=False, alpn=None, timeout=5.0, source=CLIENT_IP):
+        self.sock = client_socket(port, timeout=timeout, source=source)
         if tls:
             self.sock = client_tls_context(alpn).wrap_socket(self.sock, server_hostname="localhost")
         self.buf = b""

@@ -6,72 +6,15 @@
 //! aborts (case 13), and user-supplied strings are re-encoded as quoted strings or literals,
 //! never copied as client syntax (case 33).
 
-use std::io;
 use std::sync::Arc;
 
 use base64::Engine;
 use rustls::ClientConfig;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-use tokio::net::TcpStream;
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 
 use crate::auth::Credentials;
+use crate::backend::{self, BackendError, ClientInfo, Lines, LoggedIn, MAX_BACKEND_LINE, starts_with_ci};
 use crate::config::{Backend, BackendLogin, ClientAddress, Transport};
-use crate::tls::{BackendStream, MaybeTls};
-
-/// Longest backend line accepted before the login completes (nginx: "upstream sent too long
-/// response line").
-const MAX_BACKEND_LINE: usize = 64 * 1024;
-
-/// Why a backend login did not succeed. `Rejected` is the backend's verdict on the credentials;
-/// everything else is the backend's fault and the client may retry.
-#[derive(Debug, thiserror::Error)]
-pub enum BackendError {
-    #[error("connect failed: {0}")]
-    Connect(io::Error),
-    #[error("TLS failed: {0}")]
-    Tls(io::Error),
-    #[error("I/O error: {0}")]
-    Io(#[from] io::Error),
-    #[error("protocol violation: {0}")]
-    Protocol(&'static str),
-    #[error("backend refused service")]
-    Refused,
-    #[error("backend rejected the credentials")]
-    Rejected,
-}
-
-impl BackendError {
-    pub fn reason(&self) -> &'static str {
-        match self {
-            BackendError::Connect(_) => "connect",
-            BackendError::Tls(_) => "tls",
-            BackendError::Io(_) => "io",
-            BackendError::Protocol(_) => "protocol",
-            BackendError::Refused => "refused",
-            BackendError::Rejected => "rejected",
-        }
-    }
-}
-
-/// Facts about the client passed to the backend.
-#[derive(Debug, Clone)]
-pub struct ClientInfo {
-    pub peer: std::net::SocketAddr,
-    pub local: std::net::SocketAddr,
-    pub session_id: String,
-    pub id_fields: Vec<(String, String)>,
-}
-
-/// A logged-in backend connection, ready to relay.
-pub struct LoggedIn {
-    pub stream: BackendStream,
-    /// Untagged lines the backend sent with its login reply, to forward first.
-    pub untagged: Vec<u8>,
-    /// The tagged reply after the tag, e.g. `OK [CAPABILITY ...] Logged in\r\n`.
-    pub tagged_rest: Vec<u8>,
-    /// Bytes read past the tagged reply; they belong to the relay.
-    pub leftover: Vec<u8>,
-}
 
 /// Connect and log in. The caller wraps this in the backend login deadline.
 pub async fn connect_and_login(
@@ -82,25 +25,7 @@ pub async fn connect_and_login(
     creds: &Credentials,
     connect_timeout: std::time::Duration,
 ) -> Result<LoggedIn, BackendError> {
-    let tcp = tokio::time::timeout(connect_timeout, TcpStream::connect(backend.address.as_str()))
-        .await
-        .map_err(|_| BackendError::Connect(io::ErrorKind::TimedOut.into()))?
-        .map_err(BackendError::Connect)?;
-    let _ = tcp.set_nodelay(true);
-    let mut tcp = tcp;
-    if backend.client_address == ClientAddress::ProxyV2 {
-        let local = tcp.local_addr().map_err(BackendError::Connect)?;
-        let _ = local;
-        let header =
-            proxy_header::ProxyHeader::with_address(proxy_header::ProxiedAddress::stream(client.peer, client.local));
-        let mut buf = Vec::with_capacity(64);
-        header.encode_v2(&mut buf).map_err(|_| BackendError::Protocol("cannot encode PROXY header"))?;
-        tcp.write_all(&buf).await?;
-    }
-    let mut stream: BackendStream = match backend.transport {
-        Transport::Tls => MaybeTls::Tls(Box::new(tls_connect(backend, tls.clone(), tcp).await?)),
-        _ => MaybeTls::Plain(tcp),
-    };
+    let mut stream = backend::connect(backend, tls.as_ref(), client, connect_timeout).await?;
     let mut lines = Lines::default();
     let greeting = lines.line(&mut stream).await?;
     let mut caps = if greeting.starts_with(b"* OK") {
@@ -122,13 +47,7 @@ pub async fn connect_and_login(
         if !starts_with_ci(&reply[3..], b"OK") {
             return Err(BackendError::Protocol("backend refused STARTTLS"));
         }
-        if !lines.buf.is_empty() {
-            return Err(BackendError::Protocol("data after STARTTLS reply"));
-        }
-        let MaybeTls::Plain(tcp) = stream else {
-            return Err(BackendError::Protocol("STARTTLS on a TLS stream"));
-        };
-        stream = MaybeTls::Tls(Box::new(tls_connect(backend, tls, tcp).await?));
+        stream = backend::starttls(backend, tls.as_ref(), stream, &lines).await?;
         // Capabilities from before TLS are forgotten (RFC 9051 §6.2.1).
         caps = None;
     }
@@ -179,7 +98,8 @@ pub async fn connect_and_login(
     }
 
     match &backend.login {
-        BackendLogin::Replay => {
+        // Config validation only allows XCLIENT logins on SMTP backends.
+        BackendLogin::Replay | BackendLogin::Xclient => {
             stream.write_all(b"P3 LOGIN ").await?;
             send_astring(&mut stream, &mut lines, creds.user.as_bytes(), caps.literal_plus).await?;
             stream.write_all(b" ").await?;
@@ -213,12 +133,8 @@ pub async fn connect_and_login(
         let l = lines.line(&mut stream).await?;
         if let Some(rest) = l.strip_prefix(b"P3 ") {
             if starts_with_ci(rest, b"OK") {
-                return Ok(LoggedIn {
-                    stream,
-                    untagged,
-                    tagged_rest: rest.to_vec(),
-                    leftover: std::mem::take(&mut lines.buf),
-                });
+                let reply = rest.to_vec();
+                return Ok(LoggedIn { stream, untagged, reply, leftover: lines.into_leftover(), extensions: None });
             }
             if starts_with_ci(rest, b"NO [UNAVAILABLE]") || starts_with_ci(rest, b"NO [SERVERBUG]") {
                 return Err(BackendError::Refused);
@@ -238,17 +154,6 @@ pub async fn connect_and_login(
             return Err(BackendError::Protocol("unexpected line at login"));
         }
     }
-}
-
-async fn tls_connect(
-    backend: &Backend,
-    tls: Option<Arc<ClientConfig>>,
-    tcp: TcpStream,
-) -> Result<tokio_rustls::client::TlsStream<TcpStream>, BackendError> {
-    let tls = tls.ok_or(BackendError::Protocol("no TLS client config"))?;
-    let name = rustls::pki_types::ServerName::try_from(backend.tls_server_name.clone())
-        .map_err(|_| BackendError::Protocol("invalid TLS server name"))?;
-    tokio_rustls::TlsConnector::from(tls).connect(name, tcp).await.map_err(BackendError::Tls)
 }
 
 /// Send one IMAP astring argument: a quoted string when it is plain ASCII, else a literal
@@ -291,10 +196,6 @@ fn quoted(out: &mut Vec<u8>, value: &[u8]) {
     out.push(b'"');
 }
 
-fn starts_with_ci(s: &[u8], prefix: &[u8]) -> bool {
-    s.len() >= prefix.len() && s[..prefix.len()].eq_ignore_ascii_case(prefix)
-}
-
 /// The capabilities the login step cares about.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 struct Caps {
@@ -325,32 +226,6 @@ fn capability_code(line: &[u8]) -> Option<Caps> {
     let rest = &line[start + 12..];
     let end = rest.iter().position(|b| *b == b']')?;
     Some(Caps::parse(&rest[..end]))
-}
-
-/// A bounded line reader that keeps what it over-read.
-#[derive(Default)]
-struct Lines {
-    buf: Vec<u8>,
-}
-
-impl Lines {
-    async fn line<S: AsyncRead + Unpin>(&mut self, s: &mut S) -> Result<Vec<u8>, BackendError> {
-        loop {
-            if let Some(i) = self.buf.iter().position(|b| *b == b'\n') {
-                let rest = self.buf.split_off(i + 1);
-                return Ok(std::mem::replace(&mut self.buf, rest));
-            }
-            if self.buf.len() > MAX_BACKEND_LINE {
-                return Err(BackendError::Protocol("backend line too long"));
-            }
-            let mut chunk = [0u8; 4096];
-            let n = s.read(&mut chunk).await?;
-            if n == 0 {
-                return Err(BackendError::Io(io::ErrorKind::UnexpectedEof.into()));
-            }
-            self.buf.extend_from_slice(&chunk[..n]);
-        }
-    }
 }
 
 #[cfg(test)]

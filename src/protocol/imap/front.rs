@@ -2,7 +2,8 @@
 //!
 //! Lifecycle: `greet` → `next_event` until it yields `StartTls` (the caller upgrades the socket
 //! and builds a fresh front end: pre-TLS state is forgotten), `Login` (the caller verifies, then
-//! either `login_failed` and loops, or takes `into_pipelined` and starts relaying) or `Closed`.
+//! either `login_failed` and loops, or `success_reply` + `into_pipelined` and starts relaying) or
+//! `Closed`. The tag of the pending login is kept here, so the session stays protocol-agnostic.
 //!
 //! Framing is imap-codec's `Fragmentizer` (bounded lines and literals); decoding is its
 //! `CommandCodec`, and the allow-list of pre-auth commands is ours, because the decoder is
@@ -10,17 +11,18 @@
 //! the codec has already checked to be an atom.
 
 use std::io;
-use std::time::Duration;
 
 use imap_codec::fragmentizer::{DecodeMessageError, FragmentInfo, Fragmentizer, LineEnding};
 use imap_codec::imap_types::auth::{AuthMechanism, AuthenticateData};
 use imap_codec::imap_types::command::CommandBody;
 use imap_codec::imap_types::core::LiteralMode;
 use imap_codec::{AuthenticateDataCodec, CommandCodec};
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite};
 
 use crate::auth::Credentials;
-use crate::protocol::sasl;
+use crate::protocol::{
+    CloseReason, Event, FrontSettings, LoginFailure, LoginRequest, Mechanism, looks_like_http, sasl, write,
+};
 
 /// Read size for pre-auth input; the Fragmentizer only gets more when it asks for it.
 const READ_CHUNK: usize = 4096;
@@ -29,94 +31,14 @@ const MAX_ID_PAIRS: usize = 20;
 const MAX_ID_KEY: usize = 30;
 const MAX_ID_VALUE: usize = 1024;
 
-/// What the front end needs to know about its connection.
-#[derive(Debug, Clone)]
-pub struct FrontSettings {
-    /// TLS is active on this connection (implicit, or after STARTTLS).
-    pub tls_active: bool,
-    /// STARTTLS may be offered (a `starttls` listener before the upgrade).
-    pub starttls_offered: bool,
-    /// Credentials may be accepted now.
-    pub auth_allowed: bool,
-    pub max_line: u32,
-    pub max_errors: u32,
-    pub idle_timeout: Duration,
-}
-
-/// Why the front end ended the connection.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum CloseReason {
-    ClientClosed,
-    Logout,
-    TooManyErrors,
-    IdleTimeout,
-    LineTooLong,
-    HttpRequest,
-    StartTlsInjection,
-}
-
-impl CloseReason {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            CloseReason::ClientClosed => "client_closed",
-            CloseReason::Logout => "logout",
-            CloseReason::TooManyErrors => "too_many_errors",
-            CloseReason::IdleTimeout => "idle_timeout",
-            CloseReason::LineTooLong => "line_too_long",
-            CloseReason::HttpRequest => "http_request",
-            CloseReason::StartTlsInjection => "starttls_injection",
-        }
-    }
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Mechanism {
-    Login,
-    Plain,
-    SaslLogin,
-}
-
-impl Mechanism {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Mechanism::Login => "login",
-            Mechanism::Plain => "plain",
-            Mechanism::SaslLogin => "sasl-login",
-        }
-    }
-}
-
-#[derive(Debug)]
-pub struct LoginRequest {
-    pub tag: String,
-    pub mechanism: Mechanism,
-    /// `None` when the client sent malformed credentials: answered like a wrong password.
-    pub credentials: Option<Credentials>,
-}
-
-#[derive(Debug)]
-pub enum Event {
-    /// `OK Begin TLS` was sent and no plaintext is buffered: upgrade the socket now.
-    StartTls,
-    Login(LoginRequest),
-    Closed(CloseReason),
-}
-
-/// How a failed login is answered.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum LoginFailure {
-    /// Wrong user, wrong password, malformed credentials: one answer for all.
-    BadCredentials,
-    /// The backend could not be reached or failed: the client may retry.
-    Unavailable,
-}
-
 pub struct ImapFront {
     settings: FrontSettings,
     frag: Fragmentizer,
     errors: u32,
     /// The client's own ID fields (minus any `x-` field), kept to forward to the backend.
     client_id: Vec<(String, String)>,
+    /// Tag of the login command being decided.
+    pending_tag: String,
 }
 
 /// One decoded, owned pre-auth action (so the Fragmentizer borrow ends before we write).
@@ -140,7 +62,13 @@ enum SaslLine {
 
 impl ImapFront {
     pub fn new(settings: FrontSettings) -> ImapFront {
-        ImapFront { frag: Fragmentizer::new(settings.max_line), settings, errors: 0, client_id: Vec::new() }
+        ImapFront {
+            frag: Fragmentizer::new(settings.max_line),
+            settings,
+            errors: 0,
+            client_id: Vec::new(),
+            pending_tag: String::new(),
+        }
     }
 
     pub fn capabilities(&self) -> String {
@@ -175,6 +103,11 @@ impl ImapFront {
             }
             let info = match self.frag.progress() {
                 Some(info) => info,
+                None if self.frag.is_max_message_size_exceeded() => {
+                    // Reliability case 28: a line that never ends is cut off at the limit.
+                    write(s, b"* BYE Command line too long.\r\n").await?;
+                    return Ok(Event::Closed(CloseReason::LineTooLong));
+                }
                 None => match self.fill(s).await? {
                     Fill::Data => continue,
                     Fill::Eof => return Ok(Event::Closed(CloseReason::ClientClosed)),
@@ -263,7 +196,8 @@ impl ImapFront {
                         self.privacy_required(s, &tag).await?;
                         continue;
                     }
-                    return Ok(Event::Login(LoginRequest { tag, mechanism: Mechanism::Login, credentials }));
+                    self.pending_tag = tag;
+                    return Ok(Event::Login(LoginRequest { mechanism: Mechanism::Login, credentials }));
                 }
                 Action::Authenticate(tag, mechanism, ir) => {
                     if !self.settings.auth_allowed {
@@ -276,7 +210,8 @@ impl ImapFront {
                     };
                     match self.sasl(s, &tag, mechanism, ir).await? {
                         Some(credentials) => {
-                            return Ok(Event::Login(LoginRequest { tag, mechanism, credentials }));
+                            self.pending_tag = tag;
+                            return Ok(Event::Login(LoginRequest { mechanism, credentials }));
                         }
                         None => continue,
                     }
@@ -289,18 +224,22 @@ impl ImapFront {
         }
     }
 
-    /// Answer a failed login. The caller applies the delay before calling this.
-    pub async fn login_failed<S: AsyncWrite + Unpin>(
-        &mut self,
-        s: &mut S,
-        tag: &str,
-        failure: LoginFailure,
-    ) -> io::Result<()> {
+    /// Answer the pending login with a failure. The caller applies the delay before calling this.
+    pub async fn login_failed<S: AsyncWrite + Unpin>(&mut self, s: &mut S, failure: LoginFailure) -> io::Result<()> {
+        let tag = &self.pending_tag;
         let reply = match failure {
             LoginFailure::BadCredentials => format!("{tag} NO [AUTHENTICATIONFAILED] Authentication failed.\r\n"),
             LoginFailure::Unavailable => format!("{tag} NO [UNAVAILABLE] Server unavailable, try again later.\r\n"),
         };
         write(s, reply.as_bytes()).await
+    }
+
+    /// The backend's untagged lines, then its tagged reply under the client's tag.
+    pub fn success_reply(&self, mut untagged: Vec<u8>, reply: Vec<u8>) -> Vec<u8> {
+        untagged.extend_from_slice(self.pending_tag.as_bytes());
+        untagged.push(b' ');
+        untagged.extend_from_slice(&reply);
+        untagged
     }
 
     /// Bytes the client pipelined after its login command, to forward to the backend verbatim
@@ -511,87 +450,33 @@ enum Fill {
     Timeout,
 }
 
-async fn write<S: AsyncWrite + Unpin>(s: &mut S, bytes: &[u8]) -> io::Result<()> {
-    s.write_all(bytes).await?;
-    s.flush().await
-}
-
 fn printable(s: &str) -> bool {
     s.bytes().all(|b| (0x20..0x7f).contains(&b))
 }
 
-/// An HTTP request line or header arriving on a mail port.
-pub fn looks_like_http(line: &[u8]) -> bool {
-    const METHODS: [&[u8]; 8] = [b"GET ", b"POST ", b"PUT ", b"HEAD ", b"CONNECT ", b"OPTIONS ", b"DELETE ", b"PATCH "];
-    METHODS.iter().any(|m| line.starts_with(m)) || (line.len() >= 5 && line[..5].eq_ignore_ascii_case(b"host:"))
-}
-
 #[cfg(test)]
 mod tests {
-    use std::collections::VecDeque;
-    use std::pin::Pin;
-    use std::task::{Context, Poll};
-
     use proptest::prelude::*;
-    use tokio::io::ReadBuf;
 
     use super::*;
-
-    /// A scripted client: yields its chunks, then EOF; records everything written to it.
-    struct Script {
-        chunks: VecDeque<Vec<u8>>,
-        written: Vec<u8>,
-    }
-
-    impl AsyncRead for Script {
-        fn poll_read(mut self: Pin<&mut Self>, _: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
-            if let Some(mut c) = self.chunks.pop_front() {
-                let n = c.len().min(buf.remaining());
-                buf.put_slice(&c[..n]);
-                if n < c.len() {
-                    self.chunks.push_front(c.split_off(n));
-                }
-            }
-            Poll::Ready(Ok(()))
-        }
-    }
-
-    impl AsyncWrite for Script {
-        fn poll_write(mut self: Pin<&mut Self>, _: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
-            self.written.extend_from_slice(buf);
-            Poll::Ready(Ok(buf.len()))
-        }
-        fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
-            Poll::Ready(Ok(()))
-        }
-        fn poll_shutdown(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
-            Poll::Ready(Ok(()))
-        }
-    }
+    use crate::protocol::tests::{Script, split_at_all};
 
     fn settings() -> FrontSettings {
-        FrontSettings {
-            tls_active: false,
-            starttls_offered: true,
-            auth_allowed: true,
-            max_line: 1024,
-            max_errors: 5,
-            idle_timeout: Duration::from_secs(5),
-        }
+        crate::protocol::tests::settings()
     }
 
     /// Run the front end over `chunks`; returns what it wrote and the events it produced.
     fn run(chunks: Vec<Vec<u8>>) -> (Vec<u8>, Vec<String>) {
         let rt = tokio::runtime::Builder::new_current_thread().enable_time().build().unwrap();
         rt.block_on(async move {
-            let mut s = Script { chunks: chunks.into(), written: Vec::new() };
+            let mut s = Script::new(chunks);
             let mut front = ImapFront::new(settings());
             let mut events = Vec::new();
             for _ in 0..10_000 {
                 match front.next_event(&mut s).await {
                     Ok(Event::Login(req)) => {
-                        events.push(format!("login {} {:?}", req.tag, req.credentials.map(|c| c.user)));
-                        front.login_failed(&mut s, &req.tag, LoginFailure::BadCredentials).await.unwrap();
+                        events.push(format!("login {} {:?}", front.pending_tag, req.credentials.map(|c| c.user)));
+                        front.login_failed(&mut s, LoginFailure::BadCredentials).await.unwrap();
                     }
                     Ok(Event::StartTls) => {
                         events.push("starttls".into());
@@ -609,20 +494,6 @@ mod tests {
             }
             (s.written, events)
         })
-    }
-
-    fn split_at_all(bytes: &[u8], cuts: &[usize]) -> Vec<Vec<u8>> {
-        let mut cuts: Vec<usize> = cuts.iter().map(|c| c % (bytes.len() + 1)).collect();
-        cuts.sort_unstable();
-        let mut out = Vec::new();
-        let mut last = 0;
-        for c in cuts {
-            out.push(bytes[last..c].to_vec());
-            last = c;
-        }
-        out.push(bytes[last..].to_vec());
-        out.retain(|c| !c.is_empty());
-        out
     }
 
     #[test]
@@ -643,7 +514,7 @@ mod tests {
             let tail = b"b APPEND INBOX {5+}\r\nhello\r\nc NOOP\r\nd SEL";
             let mut input = b"a LOGIN u p\r\n".to_vec();
             input.extend_from_slice(tail);
-            let mut s = Script { chunks: vec![input].into(), written: Vec::new() };
+            let mut s = Script::new(vec![input]);
             let mut front = ImapFront::new(settings());
             assert!(matches!(front.next_event(&mut s).await.unwrap(), Event::Login(_)));
             assert_eq!(front.into_pipelined().unwrap(), tail.to_vec());

@@ -1,0 +1,172 @@
+//! The backend leg, protocol-agnostic: connect with a deadline, PROXY v2 out, implicit TLS or a
+//! STARTTLS upgrade with certificate verification, a bounded line reader, and the typed errors
+//! the session maps to client replies.
+//!
+//! The protocol modules (`protocol::*::back`) drive the dialogue up to the login on top of these.
+
+use std::io;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use rustls::ClientConfig;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+use crate::config::{Backend, ClientAddress, Transport};
+use crate::tls::{BackendStream, MaybeTls};
+
+/// Longest backend line accepted before the login completes (nginx: "upstream sent too long
+/// response line", reliability case 67).
+pub const MAX_BACKEND_LINE: usize = 64 * 1024;
+
+/// Why a backend login did not succeed. `Rejected` is the backend's verdict on the credentials;
+/// everything else is the backend's fault and the client may retry.
+#[derive(Debug, thiserror::Error)]
+pub enum BackendError {
+    #[error("connect failed: {0}")]
+    Connect(io::Error),
+    #[error("TLS failed: {0}")]
+    Tls(io::Error),
+    #[error("I/O error: {0}")]
+    Io(#[from] io::Error),
+    #[error("protocol violation: {0}")]
+    Protocol(&'static str),
+    #[error("backend refused service")]
+    Refused,
+    #[error("backend rejected the credentials")]
+    Rejected,
+}
+
+impl BackendError {
+    pub fn reason(&self) -> &'static str {
+        match self {
+            BackendError::Connect(_) => "connect",
+            BackendError::Tls(_) => "tls",
+            BackendError::Io(_) => "io",
+            BackendError::Protocol(_) => "protocol",
+            BackendError::Refused => "refused",
+            BackendError::Rejected => "rejected",
+        }
+    }
+}
+
+/// Facts about the client that a backend may be told.
+#[derive(Debug, Clone)]
+pub struct ClientInfo {
+    pub peer: SocketAddr,
+    pub local: SocketAddr,
+    pub session_id: String,
+    /// IMAP: the client's own ID fields (already filtered).
+    pub id_fields: Vec<(String, String)>,
+    /// SMTP: the name the client gave in EHLO/HELO, and whether it used EHLO.
+    pub helo: Option<String>,
+    pub esmtp: bool,
+}
+
+/// A logged-in backend connection, ready to relay.
+pub struct LoggedIn {
+    pub stream: BackendStream,
+    /// IMAP: untagged lines the backend sent with its login reply, forwarded first.
+    pub untagged: Vec<u8>,
+    /// The backend's final login reply (IMAP: after the tag; POP3: the `+OK` line; SMTP: empty,
+    /// the front end answers `235` itself).
+    pub reply: Vec<u8>,
+    /// Bytes read past the login reply; they belong to the relay.
+    pub leftover: Vec<u8>,
+    /// SMTP: the extensions the backend announced (for the honest EHLO cache).
+    pub extensions: Option<Vec<String>>,
+}
+
+/// Connect to `backend`, send a PROXY v2 header if configured, and do implicit TLS if the
+/// transport says so. STARTTLS is the protocol module's business (see `starttls`).
+pub async fn connect(
+    backend: &Backend,
+    tls: Option<&Arc<ClientConfig>>,
+    client: &ClientInfo,
+    timeout: std::time::Duration,
+) -> Result<BackendStream, BackendError> {
+    let mut tcp = tokio::time::timeout(timeout, TcpStream::connect(backend.address.as_str()))
+        .await
+        .map_err(|_| BackendError::Connect(io::ErrorKind::TimedOut.into()))?
+        .map_err(BackendError::Connect)?;
+    let _ = tcp.set_nodelay(true);
+    if backend.client_address == ClientAddress::ProxyV2 {
+        let header =
+            proxy_header::ProxyHeader::with_address(proxy_header::ProxiedAddress::stream(client.peer, client.local));
+        let mut buf = Vec::with_capacity(64);
+        header.encode_v2(&mut buf).map_err(|_| BackendError::Protocol("cannot encode PROXY header"))?;
+        tcp.write_all(&buf).await?;
+    }
+    match backend.transport {
+        Transport::Tls => Ok(MaybeTls::Tls(Box::new(tls_connect(backend, tls, tcp).await?))),
+        Transport::Plain | Transport::StartTls => Ok(MaybeTls::Plain(tcp)),
+    }
+}
+
+/// Upgrade a plaintext backend connection after its STARTTLS/STLS reply. The reader must be
+/// empty: bytes after the reply are an injection attempt (reliability case 10).
+pub async fn starttls(
+    backend: &Backend,
+    tls: Option<&Arc<ClientConfig>>,
+    stream: BackendStream,
+    lines: &Lines,
+) -> Result<BackendStream, BackendError> {
+    if !lines.is_empty() {
+        return Err(BackendError::Protocol("data after STARTTLS reply"));
+    }
+    let MaybeTls::Plain(tcp) = stream else {
+        return Err(BackendError::Protocol("STARTTLS on a TLS stream"));
+    };
+    Ok(MaybeTls::Tls(Box::new(tls_connect(backend, tls, tcp).await?)))
+}
+
+async fn tls_connect(
+    backend: &Backend,
+    tls: Option<&Arc<ClientConfig>>,
+    tcp: TcpStream,
+) -> Result<tokio_rustls::client::TlsStream<TcpStream>, BackendError> {
+    let tls = tls.cloned().ok_or(BackendError::Protocol("no TLS client config"))?;
+    let name = rustls::pki_types::ServerName::try_from(backend.tls_server_name.clone())
+        .map_err(|_| BackendError::Protocol("invalid TLS server name"))?;
+    tokio_rustls::TlsConnector::from(tls).connect(name, tcp).await.map_err(BackendError::Tls)
+}
+
+/// A bounded line reader that keeps what it over-read.
+#[derive(Default)]
+pub struct Lines {
+    buf: Vec<u8>,
+}
+
+impl Lines {
+    /// The next line including its line end.
+    pub async fn line<S: AsyncRead + Unpin>(&mut self, s: &mut S) -> Result<Vec<u8>, BackendError> {
+        loop {
+            if let Some(i) = self.buf.iter().position(|b| *b == b'\n') {
+                let rest = self.buf.split_off(i + 1);
+                return Ok(std::mem::replace(&mut self.buf, rest));
+            }
+            if self.buf.len() > MAX_BACKEND_LINE {
+                return Err(BackendError::Protocol("backend line too long"));
+            }
+            let mut chunk = [0u8; 4096];
+            let n = s.read(&mut chunk).await?;
+            if n == 0 {
+                return Err(BackendError::Io(io::ErrorKind::UnexpectedEof.into()));
+            }
+            self.buf.extend_from_slice(&chunk[..n]);
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.buf.is_empty()
+    }
+
+    /// What was read past the last line returned.
+    pub fn into_leftover(self) -> Vec<u8> {
+        self.buf
+    }
+}
+
+pub fn starts_with_ci(s: &[u8], prefix: &[u8]) -> bool {
+    s.len() >= prefix.len() && s[..prefix.len()].eq_ignore_ascii_case(prefix)
+}

@@ -1,0 +1,121 @@
+//! A bounded CRLF line reader shared by the POP3 and SMTP front ends.
+//!
+//! It buffers at most `max` bytes plus one read, hands out complete lines without their CRLF,
+//! and flags the malformed ones instead of guessing: a bare LF as line end and a CR that is not
+//! followed by LF are errors (reliability case 28), so no part of the proxy ever splits lines
+//! differently from another.
+
+use std::io;
+use std::time::Duration;
+
+use tokio::io::{AsyncRead, AsyncReadExt};
+
+const READ_CHUNK: usize = 4096;
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Line {
+    /// A line without its CRLF.
+    Ok(Vec<u8>),
+    /// A line ending in bare LF, or holding a bare CR: reject it.
+    Malformed,
+    /// No line end within the limit: close the connection.
+    TooLong,
+}
+
+pub enum Fill {
+    Data,
+    Eof,
+    Timeout,
+}
+
+pub struct LineReader {
+    buf: Vec<u8>,
+    max: usize,
+}
+
+impl LineReader {
+    pub fn new(max: usize) -> LineReader {
+        LineReader { buf: Vec::new(), max }
+    }
+
+    /// The next complete line from the buffer, if any.
+    pub fn next_line(&mut self) -> Option<Line> {
+        match self.buf.iter().position(|b| *b == b'\n') {
+            Some(i) => {
+                let mut line: Vec<u8> = self.buf.drain(..=i).collect();
+                line.pop();
+                if i + 1 > self.max {
+                    return Some(Line::TooLong);
+                }
+                if line.pop() != Some(b'\r') || line.contains(&b'\r') {
+                    return Some(Line::Malformed);
+                }
+                Some(Line::Ok(line))
+            }
+            None if self.buf.len() > self.max => Some(Line::TooLong),
+            None => None,
+        }
+    }
+
+    /// Whether bytes beyond the lines handed out are buffered.
+    pub fn has_buffered(&self) -> bool {
+        !self.buf.is_empty()
+    }
+
+    /// The buffered bytes (after a login: forwarded to the backend verbatim).
+    pub fn into_buffered(self) -> Vec<u8> {
+        self.buf
+    }
+
+    /// Read once more from `s`, waiting at most `idle`.
+    pub async fn fill<S: AsyncRead + Unpin>(&mut self, s: &mut S, idle: Duration) -> io::Result<Fill> {
+        let mut chunk = [0u8; READ_CHUNK];
+        match tokio::time::timeout(idle, s.read(&mut chunk)).await {
+            Err(_) => Ok(Fill::Timeout),
+            Ok(Ok(0)) => Ok(Fill::Eof),
+            Ok(Ok(n)) => {
+                self.buf.extend_from_slice(&chunk[..n]);
+                Ok(Fill::Data)
+            }
+            Ok(Err(e)) => Err(e),
+        }
+    }
+
+    #[cfg(test)]
+    pub fn push(&mut self, bytes: &[u8]) {
+        self.buf.extend_from_slice(bytes);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    #[test]
+    fn lines_and_malformed_ends() {
+        let mut r = LineReader::new(16);
+        r.push(b"NOOP\r\nA\nB\rC\r\nPARTIAL");
+        assert_eq!(r.next_line(), Some(Line::Ok(b"NOOP".to_vec())));
+        assert_eq!(r.next_line(), Some(Line::Malformed));
+        assert_eq!(r.next_line(), Some(Line::Malformed));
+        assert_eq!(r.next_line(), None);
+        assert!(r.has_buffered());
+        r.push(&[b'x'; 20]);
+        assert_eq!(r.next_line(), Some(Line::TooLong));
+    }
+
+    proptest! {
+        #[test]
+        fn bounded_and_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..4096)) {
+            let mut r = LineReader::new(64);
+            r.push(&bytes);
+            while let Some(l) = r.next_line() {
+                if let Line::Ok(l) = &l {
+                    prop_assert!(l.len() <= 64 && !l.contains(&b'\n') && !l.contains(&b'\r'));
+                }
+                if l == Line::TooLong { break; }
+            }
+        }
+    }
+}

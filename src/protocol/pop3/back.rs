@@ -1,0 +1,120 @@
+//! POP3 toward a backend, up to and including the login: greeting, optional STLS, Dovecot's
+//! `XCLIENT` with the client's address, then USER/PASS replay or a master-user AUTH PLAIN.
+//!
+//! Dovecot announces XCLIENT in its greeting (`+OK [XCLIENT] ...`) to trusted networks only; a
+//! backend configured for XCLIENT that does not announce it fails closed, so an operator never
+//! silently loses client addresses.
+
+use std::sync::Arc;
+
+use base64::Engine;
+use rustls::ClientConfig;
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
+
+use crate::auth::Credentials;
+use crate::backend::{self, BackendError, ClientInfo, Lines, LoggedIn, starts_with_ci};
+use crate::config::{Backend, BackendLogin, ClientAddress, Transport};
+
+/// Dovecot's loop guard: each proxy hop decrements it.
+const PROXY_TTL: u32 = 5;
+
+pub async fn connect_and_login(
+    backend: &Backend,
+    tls: Option<Arc<ClientConfig>>,
+    client: &ClientInfo,
+    user: &str,
+    creds: &Credentials,
+    connect_timeout: std::time::Duration,
+) -> Result<LoggedIn, BackendError> {
+    let mut stream = backend::connect(backend, tls.as_ref(), client, connect_timeout).await?;
+    let mut lines = Lines::default();
+    let greeting = lines.line(&mut stream).await?;
+    if !greeting.starts_with(b"+OK") {
+        return Err(if greeting.starts_with(b"-ERR") {
+            BackendError::Refused
+        } else {
+            BackendError::Protocol("unexpected greeting")
+        });
+    }
+    let xclient = greeting.windows(9).any(|w| w.eq_ignore_ascii_case(b"[XCLIENT]"));
+
+    if backend.transport == Transport::StartTls {
+        stream.write_all(b"STLS\r\n").await?;
+        if !lines.line(&mut stream).await?.starts_with(b"+OK") {
+            return Err(BackendError::Protocol("backend refused STLS"));
+        }
+        stream = backend::starttls(backend, tls.as_ref(), stream, &lines).await?;
+    }
+
+    if backend.client_address == ClientAddress::Xclient {
+        if !xclient {
+            return Err(BackendError::Protocol(
+                "backend does not offer XCLIENT (is the proxy in login_trusted_networks?)",
+            ));
+        }
+        let cmd = format!(
+            "XCLIENT ADDR={} PORT={} SESSION={} TTL={PROXY_TTL}\r\n",
+            client.peer.ip(),
+            client.peer.port(),
+            client.session_id
+        );
+        stream.write_all(cmd.as_bytes()).await?;
+        if !lines.line(&mut stream).await?.starts_with(b"+OK") {
+            return Err(BackendError::Protocol("backend rejected XCLIENT"));
+        }
+    }
+
+    let reply = match &backend.login {
+        BackendLogin::Replay | BackendLogin::Xclient => {
+            let password = creds.password.expose();
+            if !line_safe(creds.user.as_bytes()) || !line_safe(password) {
+                // USER/PASS carry their argument to the end of the line: a CR or LF would
+                // inject a command. Such credentials cannot be replayed.
+                return Err(BackendError::Rejected);
+            }
+            command(&mut stream, &mut lines, &[b"USER ", creds.user.as_bytes()]).await?;
+            command(&mut stream, &mut lines, &[b"PASS ", password]).await?
+        }
+        BackendLogin::Master { user: master, password } => {
+            let mut msg = Vec::with_capacity(user.len() + master.len() + password.len() + 2);
+            msg.extend_from_slice(user.as_bytes());
+            msg.push(0);
+            msg.extend_from_slice(master.as_bytes());
+            msg.push(0);
+            msg.extend_from_slice(password.as_bytes());
+            let b64 = base64::engine::general_purpose::STANDARD.encode(&msg);
+            command(&mut stream, &mut lines, &[b"AUTH PLAIN ", b64.as_bytes()]).await?
+        }
+    };
+    Ok(LoggedIn { stream, untagged: Vec::new(), reply, leftover: lines.into_leftover(), extensions: None })
+}
+
+/// Send one command and return its `+OK` line; `-ERR` is the backend's verdict.
+async fn command<S: AsyncRead + AsyncWrite + Unpin>(
+    s: &mut S,
+    lines: &mut Lines,
+    parts: &[&[u8]],
+) -> Result<Vec<u8>, BackendError> {
+    let mut cmd = Vec::new();
+    for p in parts {
+        cmd.extend_from_slice(p);
+    }
+    cmd.extend_from_slice(b"\r\n");
+    s.write_all(&cmd).await?;
+    s.flush().await?;
+    let reply = lines.line(s).await?;
+    if reply.starts_with(b"+OK") {
+        return Ok(reply);
+    }
+    if starts_with_ci(&reply, b"-ERR [SYS/TEMP]") || starts_with_ci(&reply, b"-ERR [IN-USE]") {
+        return Err(BackendError::Refused);
+    }
+    if reply.starts_with(b"-ERR") {
+        return Err(BackendError::Rejected);
+    }
+    Err(BackendError::Protocol("unexpected reply at login"))
+}
+
+fn line_safe(v: &[u8]) -> bool {
+    !v.iter().any(|b| matches!(b, b'\r' | b'\n' | 0))
+}

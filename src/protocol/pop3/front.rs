@@ -1,0 +1,366 @@
+//! POP3 before authentication (RFC 1939, RFC 2449 CAPA, RFC 2595 STLS, RFC 5034 SASL).
+//!
+//! Lifecycle: `greet` → `next_event` until `StartTls` (the caller upgrades and builds a fresh
+//! front end), `Login` (USER/PASS or AUTH PLAIN/LOGIN; the caller verifies and calls
+//! `login_failed` or relays) or `Closed`. Replies are fixed strings; nothing the client sends is
+//! echoed. Commands other than the pre-auth ones get `-ERR` and count as errors.
+
+use std::io;
+
+use tokio::io::{AsyncRead, AsyncWrite};
+
+use crate::protocol::line::{Fill, Line, LineReader};
+use crate::protocol::sasl::{self, Response};
+use crate::protocol::{
+    CloseReason, Event, FrontSettings, LoginFailure, LoginRequest, Mechanism, looks_like_http, write,
+};
+
+/// RFC 2449: command lines are at most 255 octets (SASL responses may be longer).
+const MAX_COMMAND: usize = 255;
+
+pub struct Pop3Front {
+    settings: FrontSettings,
+    lines: LineReader,
+    errors: u32,
+    /// The name from USER, waiting for PASS.
+    user: Option<Vec<u8>>,
+}
+
+impl Pop3Front {
+    pub fn new(settings: FrontSettings) -> Pop3Front {
+        let lines = LineReader::new(settings.max_line as usize);
+        Pop3Front { settings, lines, errors: 0, user: None }
+    }
+
+    pub fn capabilities(&self) -> String {
+        let mut caps = String::from("+OK Capability list follows\r\nRESP-CODES\r\nAUTH-RESP-CODE\r\nPIPELINING\r\n");
+        if self.settings.starttls_offered && !self.settings.tls_active {
+            caps.push_str("STLS\r\n");
+        }
+        if self.settings.auth_allowed {
+            caps.push_str("USER\r\nSASL PLAIN LOGIN\r\n");
+        }
+        caps.push_str(".\r\n");
+        caps
+    }
+
+    pub async fn greet<S: AsyncWrite + Unpin>(&self, s: &mut S) -> io::Result<()> {
+        write(s, b"+OK POP3 proxy ready.\r\n").await
+    }
+
+    pub async fn next_event<S: AsyncRead + AsyncWrite + Unpin>(&mut self, s: &mut S) -> io::Result<Event> {
+        loop {
+            if self.errors >= self.settings.max_errors {
+                write(s, b"-ERR Too many invalid commands.\r\n").await?;
+                return Ok(Event::Closed(CloseReason::TooManyErrors));
+            }
+            let line = match self.line(s).await? {
+                Ok(line) => line,
+                Err(reason) => return Ok(Event::Closed(reason)),
+            };
+            let Some(line) = line else {
+                self.err(s, "-ERR Invalid command line.\r\n").await?;
+                continue;
+            };
+            if looks_like_http(&line) {
+                return Ok(Event::Closed(CloseReason::HttpRequest));
+            }
+            if line.len() > MAX_COMMAND && !starts_with_word(&line, b"AUTH") {
+                write(s, b"-ERR Line too long.\r\n").await?;
+                return Ok(Event::Closed(CloseReason::LineTooLong));
+            }
+            let (verb, arg) = split_command(&line);
+            match verb.as_str() {
+                "CAPA" => write(s, self.capabilities().as_bytes()).await?,
+                "NOOP" => write(s, b"+OK\r\n").await?,
+                "QUIT" => {
+                    write(s, b"+OK Logging out.\r\n").await?;
+                    return Ok(Event::Closed(CloseReason::Logout));
+                }
+                "STLS" => {
+                    if !self.settings.starttls_offered || self.settings.tls_active {
+                        // Reliability case 3.
+                        self.err(s, "-ERR STLS not available.\r\n").await?;
+                        continue;
+                    }
+                    if self.lines.has_buffered() {
+                        // Reliability cases 1/2: plaintext after STLS is never executed.
+                        write(s, b"-ERR Pipelined data after STLS refused.\r\n").await?;
+                        return Ok(Event::Closed(CloseReason::StartTlsInjection));
+                    }
+                    write(s, b"+OK Begin TLS negotiation now.\r\n").await?;
+                    return Ok(Event::StartTls);
+                }
+                "USER" => {
+                    if !self.privacy_ok(s).await? {
+                        continue;
+                    }
+                    match arg {
+                        Some(user) if !user.is_empty() => {
+                            self.user = Some(user.to_vec());
+                            write(s, b"+OK\r\n").await?;
+                        }
+                        _ => self.err(s, "-ERR Missing user name.\r\n").await?,
+                    }
+                }
+                "PASS" => {
+                    if !self.privacy_ok(s).await? {
+                        continue;
+                    }
+                    let Some(user) = self.user.take() else {
+                        self.err(s, "-ERR No user name given.\r\n").await?;
+                        continue;
+                    };
+                    let credentials = sasl::credentials(&user, arg.unwrap_or_default());
+                    return Ok(Event::Login(LoginRequest { mechanism: Mechanism::Login, credentials }));
+                }
+                "AUTH" => {
+                    if !self.privacy_ok(s).await? {
+                        continue;
+                    }
+                    let Some(arg) = arg else {
+                        // The pre-RFC 5034 listing some clients still ask for.
+                        write(s, b"+OK\r\nPLAIN\r\nLOGIN\r\n.\r\n").await?;
+                        continue;
+                    };
+                    let (mech, ir) = match arg.iter().position(|b| *b == b' ') {
+                        Some(i) => (&arg[..i], Some(arg[i + 1..].to_vec())),
+                        None => (arg, None),
+                    };
+                    let mechanism = if mech.eq_ignore_ascii_case(b"PLAIN") {
+                        Mechanism::Plain
+                    } else if mech.eq_ignore_ascii_case(b"LOGIN") {
+                        Mechanism::SaslLogin
+                    } else {
+                        // Reliability case 42.
+                        write(s, b"-ERR Unsupported authentication mechanism.\r\n").await?;
+                        continue;
+                    };
+                    if let Some(credentials) = self.sasl(s, mechanism, ir).await? {
+                        return Ok(Event::Login(LoginRequest { mechanism, credentials }));
+                    }
+                }
+                "APOP" | "STAT" | "LIST" | "RETR" | "DELE" | "RSET" | "TOP" | "UIDL" | "LAST" => {
+                    self.err(s, "-ERR Not allowed before authentication.\r\n").await?
+                }
+                _ => self.err(s, "-ERR Unknown command.\r\n").await?,
+            }
+        }
+    }
+
+    pub async fn login_failed<S: AsyncWrite + Unpin>(&mut self, s: &mut S, failure: LoginFailure) -> io::Result<()> {
+        match failure {
+            LoginFailure::BadCredentials => write(s, b"-ERR [AUTH] Authentication failed.\r\n").await,
+            LoginFailure::Unavailable => write(s, b"-ERR [SYS/TEMP] Server unavailable, try again later.\r\n").await,
+        }
+    }
+
+    pub fn into_pipelined(self) -> Vec<u8> {
+        self.lines.into_buffered()
+    }
+
+    /// Run a SASL exchange: `Ok(Some(creds))` to decide on, `Ok(None)` when it was answered here.
+    async fn sasl<S: AsyncRead + AsyncWrite + Unpin>(
+        &mut self,
+        s: &mut S,
+        mechanism: Mechanism,
+        ir: Option<Vec<u8>>,
+    ) -> io::Result<Option<Option<crate::auth::Credentials>>> {
+        let first = match ir {
+            Some(ir) => sasl::decode_response(&ir),
+            None => {
+                let challenge: &[u8] = if mechanism == Mechanism::Plain { b"+ \r\n" } else { b"+ VXNlcm5hbWU6\r\n" };
+                write(s, challenge).await?;
+                match self.response(s).await? {
+                    Some(r) => r,
+                    None => return Ok(None),
+                }
+            }
+        };
+        let first = match self.answered(s, first).await? {
+            Some(d) => d,
+            None => return Ok(None),
+        };
+        if mechanism == Mechanism::Plain {
+            return Ok(Some(sasl::decode_plain(&first)));
+        }
+        write(s, b"+ UGFzc3dvcmQ6\r\n").await?;
+        let Some(second) = self.response(s).await? else { return Ok(None) };
+        let Some(password) = self.answered(s, second).await? else { return Ok(None) };
+        Ok(Some(sasl::credentials(&first, &password)))
+    }
+
+    /// Turn a cancel or invalid response into its reply; pass data through.
+    async fn answered<S: AsyncWrite + Unpin>(&mut self, s: &mut S, r: Response) -> io::Result<Option<Vec<u8>>> {
+        match r {
+            Response::Data(d) => Ok(Some(d)),
+            Response::Cancel => {
+                // Reliability case 40.
+                write(s, b"-ERR Authentication canceled.\r\n").await?;
+                Ok(None)
+            }
+            Response::Invalid => {
+                self.err(s, "-ERR Invalid base64 data.\r\n").await?;
+                Ok(None)
+            }
+        }
+    }
+
+    /// Read one SASL response line. `None` when the connection must end (after an error reply).
+    async fn response<S: AsyncRead + AsyncWrite + Unpin>(&mut self, s: &mut S) -> io::Result<Option<Response>> {
+        match self.line(s).await? {
+            Ok(Some(line)) => Ok(Some(sasl::decode_response(&line))),
+            Ok(None) => Ok(Some(Response::Invalid)),
+            Err(_) => Err(io::ErrorKind::UnexpectedEof.into()),
+        }
+    }
+
+    async fn privacy_ok<S: AsyncWrite + Unpin>(&mut self, s: &mut S) -> io::Result<bool> {
+        if self.settings.auth_allowed {
+            return Ok(true);
+        }
+        // Reliability cases 6/7: no credentials before TLS.
+        self.err(s, "-ERR [AUTH] Plaintext authentication disallowed on non-secure connections.\r\n").await?;
+        Ok(false)
+    }
+
+    async fn err<S: AsyncWrite + Unpin>(&mut self, s: &mut S, reply: &str) -> io::Result<()> {
+        self.errors += 1;
+        write(s, reply.as_bytes()).await
+    }
+
+    /// The next line: `Ok(Some)` a line, `Ok(None)` a malformed one, `Err(reason)` to close.
+    async fn line<S: AsyncRead + AsyncWrite + Unpin>(
+        &mut self,
+        s: &mut S,
+    ) -> io::Result<Result<Option<Vec<u8>>, CloseReason>> {
+        loop {
+            match self.lines.next_line() {
+                Some(Line::Ok(l)) => return Ok(Ok(Some(l))),
+                Some(Line::Malformed) => return Ok(Ok(None)),
+                Some(Line::TooLong) => {
+                    write(s, b"-ERR Line too long.\r\n").await?;
+                    return Ok(Err(CloseReason::LineTooLong));
+                }
+                None => match self.lines.fill(s, self.settings.idle_timeout).await? {
+                    Fill::Data => {}
+                    Fill::Eof => return Ok(Err(CloseReason::ClientClosed)),
+                    Fill::Timeout => {
+                        write(s, b"-ERR Disconnected for inactivity.\r\n").await?;
+                        return Ok(Err(CloseReason::IdleTimeout));
+                    }
+                },
+            }
+        }
+    }
+}
+
+fn starts_with_word(line: &[u8], word: &[u8]) -> bool {
+    line.len() >= word.len()
+        && line[..word.len()].eq_ignore_ascii_case(word)
+        && (line.len() == word.len() || line[word.len()] == b' ')
+}
+
+/// `VERB [arg]`: the verb upper-cased, the argument as sent (PASS keeps its spaces).
+fn split_command(line: &[u8]) -> (String, Option<&[u8]>) {
+    let (verb, arg) = match line.iter().position(|b| *b == b' ') {
+        Some(i) => (&line[..i], Some(&line[i + 1..])),
+        None => (line, None),
+    };
+    let verb = if verb.len() <= 8 && verb.iter().all(u8::is_ascii_alphabetic) {
+        String::from_utf8_lossy(verb).to_ascii_uppercase()
+    } else {
+        String::new()
+    };
+    (verb, arg)
+}
+
+#[cfg(test)]
+mod tests {
+    use proptest::prelude::*;
+
+    use crate::config::Protocol;
+    use crate::protocol::tests::{run_front, settings, split_at_all};
+
+    fn run(chunks: Vec<Vec<u8>>) -> (String, Vec<String>) {
+        let (out, ev) = run_front(Protocol::Pop3, settings(), chunks);
+        (String::from_utf8_lossy(&out).into_owned(), ev)
+    }
+
+    #[test]
+    fn user_pass_and_capa() {
+        let (out, ev) = run(vec![b"CAPA\r\nUSER alice\r\nPASS pw with spaces\r\nQUIT\r\n".to_vec()]);
+        assert_eq!(
+            out,
+            "+OK POP3 proxy ready.\r\n+OK Capability list follows\r\nRESP-CODES\r\nAUTH-RESP-CODE\r\nPIPELINING\r\nSTLS\r\nUSER\r\nSASL PLAIN LOGIN\r\n.\r\n+OK\r\n-ERR [AUTH] Authentication failed.\r\n+OK Logging out.\r\n"
+        );
+        assert_eq!(ev, vec!["login Some(\"alice\")", "closed logout"]);
+    }
+
+    #[test]
+    fn before_tls_no_user_or_sasl() {
+        let mut st = settings();
+        st.auth_allowed = false;
+        let (out, ev) =
+            run_front(Protocol::Pop3, st, vec![b"CAPA\r\nUSER a\r\nAUTH PLAIN AGEAYg==\r\nSTLS\r\n".to_vec()]);
+        let out = String::from_utf8(out).unwrap();
+        // Reliability case 6: STLS, but no USER/SASL before TLS.
+        assert!(out.contains("STLS\r\n") && !out.contains("USER\r\n") && !out.contains("SASL"), "{out}");
+        assert_eq!(out.matches("-ERR [AUTH] Plaintext authentication disallowed").count(), 2);
+        assert_eq!(ev, vec!["starttls"]);
+    }
+
+    #[test]
+    fn stls_with_pipelined_data_is_refused() {
+        let (out, ev) = run(vec![b"STLS\r\nUSER a\r\n".to_vec()]);
+        assert!(out.ends_with("-ERR Pipelined data after STLS refused.\r\n"));
+        assert_eq!(ev, vec!["closed starttls_injection"]);
+    }
+
+    #[test]
+    fn sasl_flows() {
+        let (out, ev) = run(vec![b"AUTH PLAIN\r\nAGFsaWNlAHB3\r\nAUTH LOGIN YWxpY2U=\r\ncHc=\r\nAUTH PLAIN\r\n*\r\nAUTH CRAM-MD5\r\nAUTH\r\n".to_vec()]);
+        assert_eq!(
+            out,
+            "+OK POP3 proxy ready.\r\n+ \r\n-ERR [AUTH] Authentication failed.\r\n+ UGFzc3dvcmQ6\r\n-ERR [AUTH] Authentication failed.\r\n+ \r\n-ERR Authentication canceled.\r\n-ERR Unsupported authentication mechanism.\r\n+OK\r\nPLAIN\r\nLOGIN\r\n.\r\n"
+        );
+        assert_eq!(ev, vec!["login Some(\"alice\")", "login Some(\"alice\")", "closed client_closed"]);
+    }
+
+    #[test]
+    fn errors_and_limits() {
+        let (out, ev) = run(vec![b"RETR 1\r\nFOO\r\nBAR\n\r\nPASS x\r\nUSER\r\nNOOP\r\n".to_vec()]);
+        assert!(out.ends_with("-ERR Too many invalid commands.\r\n"), "{out}");
+        assert_eq!(ev, vec!["closed too_many_errors"]);
+        let mut long = b"USER ".to_vec();
+        long.extend(vec![b'a'; 300]);
+        long.extend_from_slice(b"\r\n");
+        let (out, ev) = run(vec![long]);
+        assert!(out.ends_with("-ERR Line too long.\r\n"));
+        assert_eq!(ev, vec!["closed line_too_long"]);
+        let (out, ev) = run(vec![b"GET / HTTP/1.1\r\n".to_vec()]);
+        assert_eq!(out, "+OK POP3 proxy ready.\r\n");
+        assert_eq!(ev, vec!["closed http_request"]);
+    }
+
+    proptest! {
+        #[test]
+        fn any_bytes_any_split(bytes in proptest::collection::vec(any::<u8>(), 0..2048), cuts in proptest::collection::vec(any::<usize>(), 0..8)) {
+            let a = run_front(Protocol::Pop3, settings(), vec![bytes.clone()]);
+            let b = run_front(Protocol::Pop3, settings(), split_at_all(&bytes, &cuts));
+            prop_assert_eq!(a, b);
+        }
+
+        #[test]
+        fn pop3_shaped_input(lines in proptest::collection::vec(prop_oneof![
+            Just("USER a".to_string()), Just("PASS b".to_string()), Just("AUTH PLAIN".to_string()),
+            Just("AUTH LOGIN".to_string()), Just("*".to_string()), Just("=".to_string()), Just("CAPA".to_string()),
+            Just("AGEAYg==".to_string()), "[ -~]{0,30}",
+        ], 0..20), cuts in proptest::collection::vec(any::<usize>(), 0..8)) {
+            let bytes = lines.join("\r\n").into_bytes();
+            let a = run_front(Protocol::Pop3, settings(), vec![bytes.clone()]);
+            let b = run_front(Protocol::Pop3, settings(), split_at_all(&bytes, &cuts));
+            prop_assert_eq!(a, b);
+        }
+    }
+}

@@ -1,0 +1,233 @@
+//! SMTP toward a submission backend, up to and including the login: greeting, EHLO, optional
+//! STARTTLS (fail closed if refused), then `XCLIENT` per Postfix's XCLIENT_README (client
+//! address, HELO name, protocol, and `LOGIN=` when the proxy's verification is to be trusted),
+//! or `AUTH PLAIN` replay, or a master user. After XCLIENT the backend starts a new session, so
+//! the client's own EHLO is replayed and the relay continues in the state the client expects.
+//!
+//! Values are xtext-encoded (RFC 3461) before they go into XCLIENT (reliability case 51).
+
+use std::sync::Arc;
+
+use base64::Engine;
+use rustls::ClientConfig;
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
+
+use crate::auth::Credentials;
+use crate::backend::{self, BackendError, ClientInfo, Lines, LoggedIn, MAX_BACKEND_LINE};
+use crate::config::{Backend, BackendLogin, ClientAddress, Transport};
+
+/// Most lines accepted in one multi-line reply.
+const MAX_REPLY_LINES: usize = 64;
+
+#[allow(clippy::too_many_arguments)]
+pub async fn connect_and_login(
+    backend: &Backend,
+    tls: Option<Arc<ClientConfig>>,
+    client: &ClientInfo,
+    user: &str,
+    creds: &Credentials,
+    connect_timeout: std::time::Duration,
+    hostname: &str,
+) -> Result<LoggedIn, BackendError> {
+    let mut stream = backend::connect(backend, tls.as_ref(), client, connect_timeout).await?;
+    let mut lines = Lines::default();
+    match read_reply(&mut stream, &mut lines).await?.0 {
+        220 => {}
+        421 | 554 => return Err(BackendError::Refused),
+        _ => return Err(BackendError::Protocol("unexpected greeting")),
+    }
+    let mut exts = ehlo(&mut stream, &mut lines, hostname, true).await?;
+    if backend.transport == Transport::StartTls {
+        // Reliability case 12: no STARTTLS, no session; never fall back to plaintext.
+        if !has(&exts, "STARTTLS") {
+            return Err(BackendError::Protocol("backend does not offer STARTTLS"));
+        }
+        stream.write_all(b"STARTTLS\r\n").await?;
+        if read_reply(&mut stream, &mut lines).await?.0 != 220 {
+            return Err(BackendError::Protocol("backend refused STARTTLS"));
+        }
+        stream = backend::starttls(backend, tls.as_ref(), stream, &lines).await?;
+        exts = ehlo(&mut stream, &mut lines, hostname, true).await?;
+    }
+    let announced = exts.clone();
+
+    let xclient_login = backend.login == BackendLogin::Xclient;
+    if backend.client_address == ClientAddress::Xclient || xclient_login {
+        let Some(attrs) = exts.iter().find_map(|e| keyword_args(e, "XCLIENT")) else {
+            return Err(BackendError::Protocol("backend does not offer XCLIENT (smtpd_authorized_xclient_hosts?)"));
+        };
+        let attrs: Vec<String> = attrs.split(' ').map(|a| a.to_ascii_uppercase()).collect();
+        let supports = |a: &str| attrs.iter().any(|x| x == a);
+        let mut cmd = String::from("XCLIENT");
+        if backend.client_address == ClientAddress::Xclient {
+            let addr = match client.peer.ip() {
+                std::net::IpAddr::V4(a) => a.to_string(),
+                std::net::IpAddr::V6(a) => format!("IPV6:{a}"),
+            };
+            for (name, value) in [
+                ("ADDR", addr),
+                ("PORT", client.peer.port().to_string()),
+                ("NAME", "[UNAVAILABLE]".to_string()),
+                ("PROTO", if client.esmtp { "ESMTP" } else { "SMTP" }.to_string()),
+            ] {
+                if supports(name) {
+                    cmd.push_str(&format!(" {name}={}", xtext(value.as_bytes())));
+                }
+            }
+            if let Some(helo) = &client.helo
+                && supports("HELO")
+            {
+                cmd.push_str(&format!(" HELO={}", xtext(helo.as_bytes())));
+            }
+        }
+        if xclient_login {
+            if !supports("LOGIN") {
+                return Err(BackendError::Protocol("backend XCLIENT does not accept LOGIN"));
+            }
+            cmd.push_str(&format!(" LOGIN={}", xtext(user.as_bytes())));
+        }
+        cmd.push_str("\r\n");
+        stream.write_all(cmd.as_bytes()).await?;
+        match read_reply(&mut stream, &mut lines).await?.0 {
+            220 => {}
+            421 => return Err(BackendError::Refused),
+            _ => return Err(BackendError::Protocol("backend rejected XCLIENT")),
+        }
+        // XCLIENT starts a new SMTP session: replay the client's greeting command.
+        let helo = client.helo.as_deref().unwrap_or(hostname);
+        ehlo(&mut stream, &mut lines, helo, client.esmtp).await?;
+    }
+
+    match &backend.login {
+        BackendLogin::Xclient => {}
+        BackendLogin::Replay => {
+            let mut msg = vec![0u8];
+            msg.extend_from_slice(creds.user.as_bytes());
+            msg.push(0);
+            msg.extend_from_slice(creds.password.expose());
+            auth_plain(&mut stream, &mut lines, &msg).await?;
+        }
+        BackendLogin::Master { user: master, password } => {
+            let mut msg = user.as_bytes().to_vec();
+            msg.push(0);
+            msg.extend_from_slice(master.as_bytes());
+            msg.push(0);
+            msg.extend_from_slice(password.as_bytes());
+            auth_plain(&mut stream, &mut lines, &msg).await?;
+        }
+    }
+    Ok(LoggedIn {
+        stream,
+        untagged: Vec::new(),
+        reply: Vec::new(),
+        leftover: lines.into_leftover(),
+        extensions: Some(announced),
+    })
+}
+
+async fn auth_plain<S: AsyncRead + AsyncWrite + Unpin>(
+    s: &mut S,
+    lines: &mut Lines,
+    msg: &[u8],
+) -> Result<(), BackendError> {
+    let b64 = base64::engine::general_purpose::STANDARD.encode(msg);
+    s.write_all(format!("AUTH PLAIN {b64}\r\n").as_bytes()).await?;
+    match read_reply(s, lines).await?.0 {
+        235 => Ok(()),
+        535 | 534 | 501 => Err(BackendError::Rejected),
+        421 | 454 => Err(BackendError::Refused),
+        _ => Err(BackendError::Protocol("unexpected AUTH reply")),
+    }
+}
+
+/// Send EHLO (or HELO) and return the extension lines of a 250 reply.
+pub async fn ehlo<S: AsyncRead + AsyncWrite + Unpin>(
+    s: &mut S,
+    lines: &mut Lines,
+    name: &str,
+    esmtp: bool,
+) -> Result<Vec<String>, BackendError> {
+    let verb = if esmtp { "EHLO" } else { "HELO" };
+    s.write_all(format!("{verb} {name}\r\n").as_bytes()).await?;
+    s.flush().await?;
+    let (code, text) = read_reply(s, lines).await?;
+    match code {
+        250 => Ok(text.into_iter().skip(1).collect()),
+        421 => Err(BackendError::Refused),
+        _ => Err(BackendError::Protocol("EHLO refused")),
+    }
+}
+
+/// Read one (possibly multi-line) reply: its code and the text of each line.
+pub async fn read_reply<S: AsyncRead + Unpin>(
+    s: &mut S,
+    lines: &mut Lines,
+) -> Result<(u16, Vec<String>), BackendError> {
+    let mut text = Vec::new();
+    let mut total = 0;
+    loop {
+        let line = lines.line(s).await?;
+        total += line.len();
+        if line.len() < 4 || total > MAX_BACKEND_LINE || text.len() >= MAX_REPLY_LINES {
+            return Err(BackendError::Protocol("malformed reply"));
+        }
+        let code = std::str::from_utf8(&line[..3]).ok().and_then(|c| c.parse::<u16>().ok());
+        let Some(code) = code else { return Err(BackendError::Protocol("malformed reply")) };
+        let body = String::from_utf8_lossy(&line[4..]).trim_end_matches(['\r', '\n']).to_string();
+        text.push(body);
+        match line[3] {
+            b' ' | b'\r' | b'\n' => return Ok((code, text)),
+            b'-' => continue,
+            _ => return Err(BackendError::Protocol("malformed reply")),
+        }
+    }
+}
+
+fn has(exts: &[String], keyword: &str) -> bool {
+    exts.iter().any(|e| e.split(' ').next().is_some_and(|k| k.eq_ignore_ascii_case(keyword)))
+}
+
+/// The arguments of an extension line if its keyword matches.
+fn keyword_args<'a>(line: &'a str, keyword: &str) -> Option<&'a str> {
+    let (k, rest) = line.split_once(' ').unwrap_or((line, ""));
+    k.eq_ignore_ascii_case(keyword).then_some(rest)
+}
+
+/// RFC 3461 xtext: printable ASCII except `+` and `=` as is, everything else as `+XX`.
+pub fn xtext(value: &[u8]) -> String {
+    let mut out = String::with_capacity(value.len());
+    for &b in value {
+        if (b'!'..=b'~').contains(&b) && b != b'+' && b != b'=' {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("+{b:02X}"));
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn xtext_encodes_specials() {
+        assert_eq!(xtext(b"client.example"), "client.example");
+        assert_eq!(xtext(b"a+b=c d\r\n\xc3\xa9"), "a+2Bb+3Dc+20d+0D+0A+C3+A9");
+    }
+
+    #[tokio::test]
+    async fn multi_line_replies() {
+        let mut lines = Lines::default();
+        let mut input: &[u8] = b"250-mx.example\r\n250-SIZE 1000\r\n250 XCLIENT NAME ADDR\r\n220 next\r\n";
+        let (code, text) = read_reply(&mut input, &mut lines).await.unwrap();
+        assert_eq!(code, 250);
+        assert_eq!(text, vec!["mx.example", "SIZE 1000", "XCLIENT NAME ADDR"]);
+        assert_eq!(keyword_args(&text[2], "xclient"), Some("NAME ADDR"));
+        assert!(has(&text, "size"));
+        let (code, _) = read_reply(&mut input, &mut lines).await.unwrap();
+        assert_eq!(code, 220);
+        let mut bad: &[u8] = b"25x oops\r\n";
+        assert!(read_reply(&mut bad, &mut Lines::default()).await.is_err());
+    }
+}

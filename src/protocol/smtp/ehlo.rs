@@ -1,0 +1,126 @@
+//! Honest EHLO: the extensions the proxy advertises beyond its own (STARTTLS, AUTH) are the ones
+//! each backend really announces, learned from its EHLO reply (at every backend login and by a
+//! periodic probe) and cached per backend. Only extensions that survive a byte-for-byte relay are
+//! passed on.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use crate::backend::{self, BackendError, ClientInfo, Lines};
+use crate::config::{Backend, Transport};
+use crate::protocol::smtp::back::{ehlo, read_reply};
+
+/// Extensions that mean the same through a byte pipe as on the backend itself. AUTH, STARTTLS
+/// and XCLIENT are the proxy's business and never copied.
+const PASSED_ON: [&str; 7] = ["SIZE", "8BITMIME", "PIPELINING", "SMTPUTF8", "DSN", "ENHANCEDSTATUSCODES", "CHUNKING"];
+
+#[derive(Default)]
+pub struct EhloCache {
+    by_backend: Mutex<HashMap<String, Arc<[String]>>>,
+}
+
+impl EhloCache {
+    /// The filtered extensions of `backend`, if known.
+    pub fn get(&self, backend: &str) -> Option<Arc<[String]>> {
+        self.by_backend.lock().unwrap_or_else(|e| e.into_inner()).get(backend).cloned()
+    }
+
+    /// Record what `backend` announced in its EHLO reply.
+    pub fn update(&self, backend: &str, announced: &[String]) {
+        let filtered: Arc<[String]> = filter(announced).into();
+        let mut map = self.by_backend.lock().unwrap_or_else(|e| e.into_inner());
+        if map.get(backend).is_none_or(|old| *old != filtered) {
+            tracing::info!(backend, extensions = ?filtered, "backend SMTP extensions learned");
+            map.insert(backend.to_string(), filtered);
+        }
+    }
+}
+
+/// Keep the pass-through extensions, with their parameters (`SIZE 10240000`).
+pub fn filter(announced: &[String]) -> Vec<String> {
+    announced
+        .iter()
+        .filter(|line| {
+            let keyword = line.split(' ').next().unwrap_or("");
+            PASSED_ON.iter().any(|p| p.eq_ignore_ascii_case(keyword))
+                && line.bytes().all(|b| b.is_ascii_graphic() || b == b' ')
+                && line.len() <= 128
+        })
+        .cloned()
+        .collect()
+}
+
+/// Connect, EHLO (after STARTTLS if configured), QUIT: what does this backend announce?
+pub async fn probe(
+    backend: &Backend,
+    tls: Option<&Arc<rustls::ClientConfig>>,
+    hostname: &str,
+    timeout: Duration,
+) -> Result<Vec<String>, BackendError> {
+    let unspecified = std::net::SocketAddr::from(([127, 0, 0, 1], 0));
+    let client = ClientInfo {
+        peer: unspecified,
+        local: unspecified,
+        session_id: String::new(),
+        id_fields: Vec::new(),
+        helo: None,
+        esmtp: true,
+    };
+    let work = async {
+        let mut stream = backend::connect(backend, tls, &client, timeout).await?;
+        let mut lines = Lines::default();
+        let (code, _) = read_reply(&mut stream, &mut lines).await?;
+        if code != 220 {
+            return Err(BackendError::Refused);
+        }
+        let mut exts = ehlo(&mut stream, &mut lines, hostname, true).await?;
+        if backend.transport == Transport::StartTls {
+            use tokio::io::AsyncWriteExt;
+            stream.write_all(b"STARTTLS\r\n").await?;
+            if read_reply(&mut stream, &mut lines).await?.0 != 220 {
+                return Err(BackendError::Protocol("backend refused STARTTLS"));
+            }
+            stream = backend::starttls(backend, tls, stream, &lines).await?;
+            exts = ehlo(&mut stream, &mut lines, hostname, true).await?;
+        }
+        use tokio::io::AsyncWriteExt;
+        let _ = stream.write_all(b"QUIT\r\n").await;
+        Ok(exts)
+    };
+    tokio::time::timeout(timeout * 2, work).await.map_err(|_| BackendError::Protocol("probe timed out"))?
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_pass_through_extensions_survive() {
+        let announced: Vec<String> = [
+            "PIPELINING",
+            "SIZE 10240000",
+            "VRFY",
+            "ETRN",
+            "STARTTLS",
+            "AUTH PLAIN LOGIN",
+            "ENHANCEDSTATUSCODES",
+            "8BITMIME",
+            "DSN",
+            "SMTPUTF8",
+            "CHUNKING",
+            "XCLIENT NAME ADDR PROTO HELO LOGIN",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        assert_eq!(
+            filter(&announced),
+            vec!["PIPELINING", "SIZE 10240000", "ENHANCEDSTATUSCODES", "8BITMIME", "DSN", "SMTPUTF8", "CHUNKING"]
+        );
+        let cache = EhloCache::default();
+        assert!(cache.get("b").is_none());
+        cache.update("b", &announced);
+        assert_eq!(cache.get("b").unwrap().len(), 7);
+    }
+}

@@ -1,0 +1,413 @@
+//! SMTP submission before authentication (RFC 5321, RFC 3207 STARTTLS, RFC 4954 AUTH).
+//!
+//! Lifecycle: `greet` (with the optional greeting delay that catches early talkers) →
+//! `next_event` until `StartTls` (the caller upgrades and builds a fresh front end: the EHLO
+//! state is forgotten, RFC 3207 §4.2), `Login` (AUTH PLAIN/LOGIN) or `Closed`.
+//!
+//! Lines are framed here (bounded, CRLF only); one complete line is parsed with smtp-proto.
+//! Mail transactions need authentication: `MAIL`, `RCPT`, `DATA` get `530 5.7.0`. The EHLO reply
+//! lists what the proxy does itself (STARTTLS, AUTH) and what the backend really announces.
+//! Replies never echo client input.
+
+use std::io;
+
+use smtp_proto::{AUTH_LOGIN, AUTH_PLAIN, Request};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite};
+
+use crate::protocol::line::{Fill, Line, LineReader};
+use crate::protocol::sasl::{self, Response};
+use crate::protocol::{
+    ClientHints, CloseReason, Event, FrontSettings, LoginFailure, LoginRequest, Mechanism, looks_like_http, write,
+};
+
+/// RFC 5321 §4.5.3.1.4: a command line is at most 512 octets including CRLF.
+const MAX_COMMAND: usize = 510;
+/// RFC 4954 §4: AUTH lines and responses may reach 12288 octets.
+const MAX_AUTH_LINE: usize = sasl::MAX_RESPONSE;
+
+pub struct SmtpFront {
+    settings: FrontSettings,
+    lines: LineReader,
+    errors: u32,
+    /// The client's EHLO/HELO name and whether it said EHLO.
+    helo: Option<String>,
+    esmtp: bool,
+}
+
+impl SmtpFront {
+    pub fn new(settings: FrontSettings) -> SmtpFront {
+        SmtpFront { settings, lines: LineReader::new(MAX_AUTH_LINE + 2), errors: 0, helo: None, esmtp: false }
+    }
+
+    pub fn hints(&self) -> ClientHints {
+        ClientHints { id_fields: Vec::new(), helo: self.helo.clone(), esmtp: self.esmtp }
+    }
+
+    /// Greet, after the configured delay. A client that talks before the greeting is refused
+    /// (reliability case 36). Returns `Some(reason)` when the connection must close.
+    pub async fn greet<S: AsyncRead + AsyncWrite + Unpin>(&mut self, s: &mut S) -> io::Result<Option<CloseReason>> {
+        if !self.settings.greeting_delay.is_zero() {
+            let mut probe = [0u8; 1];
+            if let Ok(r) = tokio::time::timeout(self.settings.greeting_delay, s.read(&mut probe)).await {
+                if matches!(r, Ok(n) if n > 0) {
+                    write(s, b"554 5.5.0 Error: SMTP protocol synchronization\r\n").await?;
+                    return Ok(Some(CloseReason::EarlyTalker));
+                }
+                return Ok(Some(CloseReason::ClientClosed));
+            }
+        }
+        write(s, format!("220 {} ESMTP ready\r\n", self.settings.hostname).as_bytes()).await?;
+        Ok(None)
+    }
+
+    /// The EHLO reply: our own name, STARTTLS/AUTH as the connection allows, then the backend's
+    /// extensions.
+    pub fn ehlo_reply(&self) -> String {
+        let mut lines = vec![self.settings.hostname.clone()];
+        if self.settings.starttls_offered && !self.settings.tls_active {
+            lines.push("STARTTLS".into());
+        }
+        if self.settings.auth_allowed {
+            lines.push("AUTH PLAIN LOGIN".into());
+        }
+        lines.extend(self.settings.extensions.iter().cloned());
+        let mut out = String::new();
+        for (i, l) in lines.iter().enumerate() {
+            let sep = if i + 1 == lines.len() { ' ' } else { '-' };
+            out.push_str(&format!("250{sep}{l}\r\n"));
+        }
+        out
+    }
+
+    pub async fn next_event<S: AsyncRead + AsyncWrite + Unpin>(&mut self, s: &mut S) -> io::Result<Event> {
+        loop {
+            if self.errors >= self.settings.max_errors {
+                write(s, b"421 4.7.0 Too many errors, closing connection\r\n").await?;
+                return Ok(Event::Closed(CloseReason::TooManyErrors));
+            }
+            let line = match self.line(s).await? {
+                Ok(Some(line)) => line,
+                Ok(None) => {
+                    // Reliability case 28 / SMTP smuggling: bare CR or LF before auth.
+                    self.err(s, "500 5.5.2 Error: bare <CR> or <LF> received\r\n").await?;
+                    continue;
+                }
+                Err(reason) => return Ok(Event::Closed(reason)),
+            };
+            if looks_like_http(&line) {
+                // Reliability case 18: Postfix's smtpd_forbidden_commands.
+                return Ok(Event::Closed(CloseReason::HttpRequest));
+            }
+            let is_auth = line.len() >= 5 && line[..5].eq_ignore_ascii_case(b"AUTH ");
+            if line.len() > MAX_COMMAND && !is_auth {
+                write(s, b"500 5.5.2 Error: line too long\r\n").await?;
+                return Ok(Event::Closed(CloseReason::LineTooLong));
+            }
+            if line.contains(&0) {
+                self.err(s, "500 5.5.2 Error: NUL character received\r\n").await?;
+                continue;
+            }
+            let upper_verb: Vec<u8> =
+                line.iter().take_while(|b| **b != b' ').map(u8::to_ascii_uppercase).take(12).collect();
+            if upper_verb == b"XCLIENT" || upper_verb == b"XFORWARD" {
+                // Reliability case 50: only the proxy's own XCLIENT reaches a backend.
+                self.err(s, "550 5.7.0 Error: insufficient authorization\r\n").await?;
+                continue;
+            }
+            let mut framed = line.clone();
+            framed.extend_from_slice(b"\r\n");
+            let request = Request::parse(&mut framed.iter()).map(Request::into_owned);
+            match request {
+                Ok(Request::Ehlo { host }) => {
+                    if !valid_domain(&host) {
+                        self.err(s, "501 5.5.4 Error: invalid EHLO domain\r\n").await?;
+                        continue;
+                    }
+                    self.helo = Some(host);
+                    self.esmtp = true;
+                    write(s, self.ehlo_reply().as_bytes()).await?;
+                }
+                Ok(Request::Helo { host }) => {
+                    if !valid_domain(&host) {
+                        self.err(s, "501 5.5.4 Error: invalid HELO domain\r\n").await?;
+                        continue;
+                    }
+                    self.helo = Some(host);
+                    self.esmtp = false;
+                    write(s, format!("250 {}\r\n", self.settings.hostname).as_bytes()).await?;
+                }
+                Ok(Request::StartTls) => {
+                    if self.settings.tls_active {
+                        self.err(s, "503 5.5.1 Error: TLS already active\r\n").await?;
+                        continue;
+                    }
+                    if !self.settings.starttls_offered {
+                        self.err(s, "502 5.5.1 Error: command not implemented\r\n").await?;
+                        continue;
+                    }
+                    if self.lines.has_buffered() {
+                        // Reliability cases 1/2.
+                        write(s, b"421 4.7.0 Error: pipelining after STARTTLS refused\r\n").await?;
+                        return Ok(Event::Closed(CloseReason::StartTlsInjection));
+                    }
+                    write(s, b"220 2.0.0 Ready to start TLS\r\n").await?;
+                    return Ok(Event::StartTls);
+                }
+                Ok(Request::Auth { mechanism, initial_response }) => {
+                    if !self.settings.auth_allowed {
+                        // RFC 4954 §6: 538 when the mechanism needs an encrypted connection.
+                        self.err(s, "538 5.7.11 Encryption required for requested authentication mechanism\r\n")
+                            .await?;
+                        continue;
+                    }
+                    if !self.esmtp {
+                        self.err(s, "503 5.5.1 Error: send EHLO first\r\n").await?;
+                        continue;
+                    }
+                    let mechanism = match mechanism {
+                        AUTH_PLAIN => Mechanism::Plain,
+                        AUTH_LOGIN => Mechanism::SaslLogin,
+                        _ => {
+                            // Reliability case 42 (smtp-proto reports unknown names as 0).
+                            self.err(s, "504 5.5.4 Unrecognized authentication type\r\n").await?;
+                            continue;
+                        }
+                    };
+                    let ir = (!initial_response.is_empty()).then(|| initial_response.into_bytes());
+                    if let Some(credentials) = self.sasl(s, mechanism, ir).await? {
+                        return Ok(Event::Login(LoginRequest { mechanism, credentials }));
+                    }
+                }
+                Ok(Request::Noop { .. }) => write(s, b"250 2.0.0 OK\r\n").await?,
+                Ok(Request::Rset) => write(s, b"250 2.0.0 OK\r\n").await?,
+                Ok(Request::Quit) => {
+                    write(s, b"221 2.0.0 Bye\r\n").await?;
+                    return Ok(Event::Closed(CloseReason::Logout));
+                }
+                Ok(
+                    Request::Mail { .. }
+                    | Request::Rcpt { .. }
+                    | Request::Data
+                    | Request::Bdat { .. }
+                    | Request::Burl { .. }
+                    | Request::Vrfy { .. }
+                    | Request::Expn { .. }
+                    | Request::Etrn { .. }
+                    | Request::Atrn { .. },
+                ) => {
+                    self.err(s, "530 5.7.0 Authentication required\r\n").await?;
+                }
+                Ok(Request::Help { .. } | Request::Lhlo { .. }) => {
+                    self.err(s, "502 5.5.1 Error: command not implemented\r\n").await?;
+                }
+                Err(smtp_proto::Error::UnknownCommand) => {
+                    self.err(s, "500 5.5.2 Error: command not recognized\r\n").await?;
+                }
+                Err(_) => self.err(s, "501 5.5.4 Error: syntax error in parameters\r\n").await?,
+            }
+        }
+    }
+
+    pub async fn login_failed<S: AsyncWrite + Unpin>(&mut self, s: &mut S, failure: LoginFailure) -> io::Result<()> {
+        match failure {
+            LoginFailure::BadCredentials => write(s, b"535 5.7.8 Authentication credentials invalid\r\n").await,
+            LoginFailure::Unavailable => write(s, b"454 4.7.0 Temporary authentication failure\r\n").await,
+        }
+    }
+
+    pub fn into_pipelined(self) -> Vec<u8> {
+        self.lines.into_buffered()
+    }
+
+    async fn sasl<S: AsyncRead + AsyncWrite + Unpin>(
+        &mut self,
+        s: &mut S,
+        mechanism: Mechanism,
+        ir: Option<Vec<u8>>,
+    ) -> io::Result<Option<Option<crate::auth::Credentials>>> {
+        let first = match ir {
+            Some(ir) => sasl::decode_response(&ir),
+            None => {
+                let challenge: &[u8] =
+                    if mechanism == Mechanism::Plain { b"334 \r\n" } else { b"334 VXNlcm5hbWU6\r\n" };
+                write(s, challenge).await?;
+                self.response(s).await?
+            }
+        };
+        let Some(first) = self.answered(s, first).await? else { return Ok(None) };
+        if mechanism == Mechanism::Plain {
+            return Ok(Some(sasl::decode_plain(&first)));
+        }
+        write(s, b"334 UGFzc3dvcmQ6\r\n").await?;
+        let second = self.response(s).await?;
+        let Some(password) = self.answered(s, second).await? else { return Ok(None) };
+        Ok(Some(sasl::credentials(&first, &password)))
+    }
+
+    async fn answered<S: AsyncWrite + Unpin>(&mut self, s: &mut S, r: Response) -> io::Result<Option<Vec<u8>>> {
+        match r {
+            Response::Data(d) => Ok(Some(d)),
+            Response::Cancel => {
+                // Reliability case 40.
+                write(s, b"501 5.7.0 Authentication aborted\r\n").await?;
+                Ok(None)
+            }
+            Response::Invalid => {
+                // Reliability case 39.
+                self.err(s, "501 5.5.2 Error: cannot decode response\r\n").await?;
+                Ok(None)
+            }
+        }
+    }
+
+    async fn response<S: AsyncRead + AsyncWrite + Unpin>(&mut self, s: &mut S) -> io::Result<Response> {
+        match self.line(s).await? {
+            Ok(Some(line)) => Ok(sasl::decode_response(&line)),
+            Ok(None) => Ok(Response::Invalid),
+            Err(_) => Err(io::ErrorKind::UnexpectedEof.into()),
+        }
+    }
+
+    async fn err<S: AsyncWrite + Unpin>(&mut self, s: &mut S, reply: &str) -> io::Result<()> {
+        self.errors += 1;
+        write(s, reply.as_bytes()).await
+    }
+
+    async fn line<S: AsyncRead + AsyncWrite + Unpin>(
+        &mut self,
+        s: &mut S,
+    ) -> io::Result<Result<Option<Vec<u8>>, CloseReason>> {
+        loop {
+            match self.lines.next_line() {
+                Some(Line::Ok(l)) => return Ok(Ok(Some(l))),
+                Some(Line::Malformed) => return Ok(Ok(None)),
+                Some(Line::TooLong) => {
+                    write(s, b"500 5.5.2 Error: line too long\r\n").await?;
+                    return Ok(Err(CloseReason::LineTooLong));
+                }
+                None => match self.lines.fill(s, self.settings.idle_timeout).await? {
+                    Fill::Data => {}
+                    Fill::Eof => return Ok(Err(CloseReason::ClientClosed)),
+                    Fill::Timeout => {
+                        write(s, b"421 4.4.2 Error: timeout exceeded\r\n").await?;
+                        return Ok(Err(CloseReason::IdleTimeout));
+                    }
+                },
+            }
+        }
+    }
+}
+
+/// An EHLO/HELO argument we are willing to pass on: a domain or an address literal, printable
+/// ASCII without spaces (reliability case 51: it may end up in XCLIENT HELO=).
+fn valid_domain(host: &str) -> bool {
+    !host.is_empty() && host.len() <= 255 && host.bytes().all(|b| b.is_ascii_graphic())
+}
+
+#[cfg(test)]
+mod tests {
+    use proptest::prelude::*;
+
+    use super::*;
+    use crate::config::Protocol;
+    use crate::protocol::tests::{run_front, settings, split_at_all};
+
+    fn run(chunks: Vec<Vec<u8>>) -> (String, Vec<String>) {
+        let (out, ev) = run_front(Protocol::Smtp, settings(), chunks);
+        (String::from_utf8_lossy(&out).into_owned(), ev)
+    }
+
+    #[test]
+    fn ehlo_auth_plain_and_failure() {
+        let (out, ev) =
+            run(vec![b"EHLO client.example\r\nAUTH PLAIN AGFsaWNlAHB3\r\nMAIL FROM:<a@b>\r\nQUIT\r\n".to_vec()]);
+        assert_eq!(
+            out,
+            "220 proxy.example.test ESMTP ready\r\n250-proxy.example.test\r\n250-STARTTLS\r\n250-AUTH PLAIN LOGIN\r\n250-SIZE 1000\r\n250 8BITMIME\r\n535 5.7.8 Authentication credentials invalid\r\n530 5.7.0 Authentication required\r\n221 2.0.0 Bye\r\n"
+        );
+        assert_eq!(ev, vec!["login Some(\"alice\")", "closed logout"]);
+    }
+
+    #[test]
+    fn before_tls_no_auth_and_538() {
+        let mut st = settings();
+        st.auth_allowed = false;
+        let (out, ev) = run_front(Protocol::Smtp, st, vec![b"EHLO c\r\nAUTH LOGIN\r\nSTARTTLS\r\n".to_vec()]);
+        let out = String::from_utf8(out).unwrap();
+        // Reliability case 6: STARTTLS shown, AUTH not, and AUTH refused.
+        assert!(out.contains("250-STARTTLS\r\n") && !out.contains("AUTH PLAIN"), "{out}");
+        assert!(out.contains("538 5.7.11 "));
+        assert!(out.ends_with("220 2.0.0 Ready to start TLS\r\n"));
+        assert_eq!(ev, vec!["starttls"]);
+    }
+
+    #[test]
+    fn starttls_with_pipelined_command_is_refused() {
+        let (out, ev) = run(vec![b"EHLO c\r\nSTARTTLS\r\nRSET\r\n".to_vec()]);
+        assert!(out.ends_with("421 4.7.0 Error: pipelining after STARTTLS refused\r\n"), "{out}");
+        assert_eq!(ev, vec!["closed starttls_injection"]);
+    }
+
+    #[test]
+    fn auth_needs_ehlo_and_login_mechanism_flow() {
+        let (out, ev) = run(vec![
+            b"AUTH PLAIN AGFsaWNlAHB3\r\nHELO c\r\nAUTH PLAIN\r\nEHLO c\r\nAUTH LOGIN\r\nYWxpY2U=\r\n*\r\nAUTH PLAIN\r\n=\r\nAUTH CRAM-MD5\r\n"
+                .to_vec(),
+        ]);
+        assert!(out.contains("503 5.5.1 Error: send EHLO first\r\n250 proxy.example.test\r\n503 5.5.1"), "{out}");
+        assert!(out.contains("334 VXNlcm5hbWU6\r\n334 UGFzc3dvcmQ6\r\n501 5.7.0 Authentication aborted\r\n"), "{out}");
+        // "=" is the empty response: malformed PLAIN, answered like a wrong password.
+        assert!(out.contains("334 \r\n535 5.7.8"), "{out}");
+        assert!(out.ends_with("504 5.5.4 Unrecognized authentication type\r\n"), "{out}");
+        assert_eq!(ev, vec!["login None", "closed client_closed"]);
+    }
+
+    #[test]
+    fn bad_input() {
+        let (out, _) = run(vec![b"EHLO c\nXCLIENT ADDR=1.2.3.4\r\nFOO\r\nNOOP\r\n".to_vec()]);
+        assert!(out.contains("500 5.5.2 Error: bare <CR> or <LF> received\r\n"));
+        assert!(out.contains("550 5.7.0 Error: insufficient authorization\r\n"));
+        assert!(out.contains("500 5.5.2 Error: command not recognized\r\n250 2.0.0 OK\r\n"));
+        assert!(!out.contains("1.2.3.4") && !out.contains("FOO"));
+        let (out, ev) = run(vec![b"POST /x HTTP/1.1\r\n".to_vec()]);
+        assert_eq!(out, "220 proxy.example.test ESMTP ready\r\n");
+        assert_eq!(ev, vec!["closed http_request"]);
+        let mut long = b"NOOP ".to_vec();
+        long.extend(vec![b'a'; 600]);
+        long.extend_from_slice(b"\r\n");
+        let (out, ev) = run(vec![long]);
+        assert!(out.ends_with("500 5.5.2 Error: line too long\r\n"));
+        assert_eq!(ev, vec!["closed line_too_long"]);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn early_talker_is_refused() {
+        let mut st = settings();
+        st.greeting_delay = std::time::Duration::from_secs(1);
+        let mut front = SmtpFront::new(st);
+        let mut s = crate::protocol::tests::Script::new(vec![b"EHLO eager\r\n".to_vec()]);
+        assert_eq!(front.greet(&mut s).await.unwrap(), Some(CloseReason::EarlyTalker));
+        assert_eq!(s.written, b"554 5.5.0 Error: SMTP protocol synchronization\r\n");
+    }
+
+    proptest! {
+        #[test]
+        fn any_bytes_any_split(bytes in proptest::collection::vec(any::<u8>(), 0..2048), cuts in proptest::collection::vec(any::<usize>(), 0..8)) {
+            let a = run_front(Protocol::Smtp, settings(), vec![bytes.clone()]);
+            let b = run_front(Protocol::Smtp, settings(), split_at_all(&bytes, &cuts));
+            prop_assert_eq!(a, b);
+        }
+
+        #[test]
+        fn smtp_shaped_input(lines in proptest::collection::vec(prop_oneof![
+            Just("EHLO a".to_string()), Just("HELO a".to_string()), Just("AUTH PLAIN".to_string()),
+            Just("AUTH LOGIN".to_string()), Just("*".to_string()), Just("=".to_string()), Just("MAIL FROM:<a@b>".to_string()),
+            Just("AGEAYg==".to_string()), Just("RSET".to_string()), "[ -~]{0,30}",
+        ], 0..20), cuts in proptest::collection::vec(any::<usize>(), 0..8)) {
+            let bytes = lines.join("\r\n").into_bytes();
+            let a = run_front(Protocol::Smtp, settings(), vec![bytes.clone()]);
+            let b = run_front(Protocol::Smtp, settings(), split_at_all(&bytes, &cuts));
+            prop_assert_eq!(a, b);
+        }
+    }
+}

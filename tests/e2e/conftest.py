@@ -1,0 +1,217 @@
+"""Fixtures for the end-to-end suite: one real Dovecot and one real portcullis for the whole run,
+plus a fresh portcullis per test for the tests that rewrite its configuration.
+
+Everything listens on 127.0.0.1 high ports from free_port() and lives under pytest's temp dirs.
+A missing Dovecot or binary is an error (the fixture raises), never a skip.
+"""
+
+import base64
+import os
+import subprocess
+import sys
+
+import pytest
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from servers import Dovecot, Portcullis, free_port, portcullis_binary  # noqa: E402
+
+# Users as the proxy knows them (user -> password the client types).
+DEMO = ("demo@example.test", "demo")
+WEIRD = ("weird@example.test", 'wei"rd \\ pa ss w\u00f6rd')
+QUOTED = ("quoted@example.test", 'q"uo\\ted pass')
+DEAD = ("d@dead.test", "deadpw")
+MASTER = ("m@master.test", "mpw")
+HAPROXY = ("h@haproxy.test", "hpw")
+# The proxy accepts this password, Dovecot does not (their user files disagree).
+DRIFT = ("drift@example.test", "proxy-side-pw")
+
+# Dovecot's own users. m@master.test has a password there that no client knows: a login only
+# succeeds if the proxy logs in as the master user.
+DOVECOT_USERS = {
+    DEMO[0]: DEMO[1],
+    WEIRD[0]: WEIRD[1],
+    QUOTED[0]: QUOTED[1],
+    MASTER[0]: "only-the-master-gets-in",
+    HAPROXY[0]: HAPROXY[1],
+    DRIFT[0]: "dovecot-side-pw",
+}
+
+SMALL_MESSAGE = (
+    b"From: welcome@example.test\r\n"
+    b"To: demo@example.test\r\n"
+    b"Subject: small e2e message\r\n"
+    b"Message-ID: <small@e2e.example.test>\r\n"
+    b"\r\n"
+    b"This message was fetched through the proxy.\r\n"
+)
+
+
+def big_message(size=10 * 1024 * 1024):
+    """About `size` bytes: headers, then random printable 76-character lines, all CRLF."""
+    head = (
+        b"From: bulk@example.test\r\n"
+        b"To: demo@example.test\r\n"
+        b"Subject: big e2e message\r\n"
+        b"Message-ID: <big@e2e.example.test>\r\n"
+        b"\r\n"
+    )
+    raw = base64.b64encode(os.urandom(size * 3 // 4))
+    lines = [raw[i : i + 76] for i in range(0, len(raw), 76)]
+    body = b"\r\n".join(lines) + b"\r\n"
+    return head + body[: size - len(head) - 2].rstrip(b"\r\n") + b"\r\n"
+
+
+def write_users_file(path, skip=()):
+    hashed = subprocess.run(
+        [portcullis_binary(), "hash-password"], input=DEMO[1].encode(), capture_output=True, check=True
+    ).stdout.decode().strip()
+    assert hashed.startswith("{ARGON2ID}$argon2id$"), hashed
+    lines = [f"{DEMO[0]}:{hashed}"]
+    for user, pw in (WEIRD, QUOTED, DEAD, MASTER, HAPROXY, DRIFT):
+        if user not in skip:
+            lines.append(f"{user}:{{PLAIN}}{pw}")
+    with open(path, "w", encoding="utf-8") as f:
+        f.write("\n".join(lines) + "\n")
+
+
+def toml_str(s):
+    return '"' + s.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+class ProxySetup:
+    """A portcullis config: listener ports, backends, and the text that describes them."""
+
+    def __init__(self, dovecot, workdir, listeners=None):
+        self.dovecot = dovecot
+        self.dead_port = free_port()  # nothing listens here
+        self.listeners = listeners or [
+            ("imaps", free_port(), "implicit"),
+            ("imap", free_port(), "starttls"),
+        ]
+        self.users_path = os.path.join(workdir, "portcullis", "users")
+        os.makedirs(os.path.dirname(self.users_path), exist_ok=True)
+        write_users_file(self.users_path)
+
+    def port(self, name):
+        return next(p for n, p, _ in self.listeners if n == name)
+
+    def text(self, extra_listeners=(), limits=None, drop_listeners=()):
+        out = [
+            "[log]",
+            'format = "text"',
+            'level = "info"',
+            "",
+            "[tls]",
+            'self_signed_names = ["localhost"]',
+            "",
+        ]
+        for name, port, tls in list(self.listeners) + list(extra_listeners):
+            if name in drop_listeners:
+                continue
+            out += [
+                "[[listener]]",
+                f"name = {toml_str(name)}",
+                f'bind = "127.0.0.1:{port}"',
+                'protocol = "imap"',
+                f"tls = {toml_str(tls)}",
+                "",
+            ]
+        dv = self.dovecot
+        out += [
+            "[auth]",
+            'source = "passwd-file"',
+            f"passwd_file = {toml_str(self.users_path)}",
+            "",
+            "[limits]",
+            'auth_failure_delay = "200ms"',
+            *[f"{k} = {v}" for k, v in (limits or {}).items()],
+            "",
+            "[[backend]]",
+            'name = "dovecot"',
+            f'address = "127.0.0.1:{dv.imap_port}"',
+            'transport = "plain"',
+            'client_address = "imap-id"',
+            'login = "replay"',
+            "",
+            "[[backend]]",
+            'name = "dead"',
+            f'address = "127.0.0.1:{self.dead_port}"',
+            "",
+            "[[backend]]",
+            'name = "master"',
+            f'address = "127.0.0.1:{dv.imap_port}"',
+            'login = "master"',
+            'master_user = "master"',
+            'master_password = "masterpw"',
+            "",
+            "[[backend]]",
+            'name = "haproxy"',
+            f'address = "127.0.0.1:{dv.haproxy_port}"',
+            'client_address = "proxy-v2"',
+            "",
+            "[routing.imap]",
+            'default = "dovecot"',
+            'domains = { "dead.test" = "dead", "master.test" = "master", "haproxy.test" = "haproxy" }',
+            "",
+        ]
+        return "\n".join(out)
+
+
+@pytest.fixture(scope="session")
+def dovecot(tmp_path_factory):
+    dv = Dovecot(str(tmp_path_factory.mktemp("dovecot")), DOVECOT_USERS).start()
+    try:
+        dv.deliver(DEMO[0], SMALL_MESSAGE, name="small")
+        # Let Dovecot give the small message UID 1 before the big one arrives.
+        import imaplib
+
+        with imaplib.IMAP4("127.0.0.1", dv.imap_port, timeout=10) as m:
+            m.login(*DEMO)
+            typ, data = m.select("INBOX")
+            assert typ == "OK" and data == [b"1"], data
+            m.logout()
+        dv.big_message = big_message()
+        dv.deliver(DEMO[0], dv.big_message, name="big")
+        dv.small_message = SMALL_MESSAGE
+        yield dv
+    finally:
+        dv.stop()
+
+
+class RunningProxy:
+    def __init__(self, setup, pc):
+        self.setup = setup
+        self.pc = pc
+        self.imaps = setup.port("imaps")
+        self.imap = setup.port("imap")
+
+    def log(self):
+        return self.pc.log()
+
+
+def start_proxy(dovecot, workdir):
+    setup = ProxySetup(dovecot, workdir)
+    pc = Portcullis(workdir, setup.text())
+    pc.start(wait_port=setup.port("imaps"), tls=True)
+    return RunningProxy(setup, pc)
+
+
+@pytest.fixture(scope="session")
+def proxy(dovecot, tmp_path_factory):
+    """The shared proxy. Tests must not change its configuration."""
+    p = start_proxy(dovecot, str(tmp_path_factory.mktemp("proxy")))
+    try:
+        yield p
+    finally:
+        p.pc.stop()
+
+
+@pytest.fixture
+def own_proxy(dovecot, tmp_path):
+    """A proxy of the test's own, for tests that rewrite the configuration."""
+    p = start_proxy(dovecot, str(tmp_path))
+    try:
+        yield p
+    finally:
+        p.pc.stop()

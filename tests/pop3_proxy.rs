@@ -1,0 +1,84 @@
+//! POP3 through the proxy against scripted fake backends.
+
+mod common;
+
+use common::*;
+
+async fn setup(behaviour: Behaviour, extra_backend: &str) -> (Proxy, FakeBackend) {
+    let backend = FakeBackend::start(behaviour).await;
+    let config = protocol_config("pop3", backend.addr, "").replace(
+        &format!("address = \"{}\"", backend.addr),
+        &format!("address = \"{}\"\n{extra_backend}", backend.addr),
+    );
+    let proxy = Proxy::start(&config, USERS).await;
+    (proxy, backend)
+}
+
+async fn greeted(proxy: &Proxy) -> Client<tokio::net::TcpStream> {
+    let mut c = Client::connect(proxy.addr("plain")).await;
+    assert_eq!(c.line().await, "+OK POP3 proxy ready.\r\n");
+    c
+}
+
+#[tokio::test]
+async fn user_pass_with_xclient_and_pipelined_commands() {
+    let (proxy, backend) = setup(Behaviour::Pop3, "").await;
+    let mut c = greeted(&proxy).await;
+    c.send(b"USER alice@example.test\r\nPASS secret\r\nSTAT\r\nQUIT\r\n").await;
+    assert_eq!(c.line().await, "+OK\r\n");
+    // The client's PASS gets the backend's own +OK; pipelined commands follow in order.
+    assert_eq!(c.line().await, "+OK Logged in.\r\n");
+    assert_eq!(c.line().await, "+OK 1 42\r\n");
+    assert_eq!(c.line().await, "+OK Logging out.\r\n");
+    assert!(c.closed().await);
+    let got = backend.lines(0);
+    assert!(got[0].starts_with("XCLIENT ADDR=127.0.0.1 PORT="), "{got:?}");
+    assert!(got[0].contains(" SESSION=") && got[0].ends_with(" TTL=5\r\n"), "{got:?}");
+    assert_eq!(&got[1..], ["USER alice@example.test\r\n", "PASS secret\r\n", "STAT\r\n", "QUIT\r\n"]);
+}
+
+#[tokio::test]
+async fn auth_plain_and_master_user() {
+    let (proxy, backend) = setup(
+        Behaviour::Pop3,
+        "login = \"master\"\nmaster_user = \"proxy\"\nmaster_password = \"mpw\"\nclient_address = \"none\"",
+    )
+    .await;
+    let mut c = greeted(&proxy).await;
+    c.send(b"AUTH PLAIN AGFsaWNlQGV4YW1wbGUudGVzdABzZWNyZXQ=\r\n").await;
+    assert_eq!(c.line().await, "+OK Logged in.\r\n");
+    // base64("alice@example.test\0proxy\0mpw")
+    assert_eq!(backend.lines(0), vec!["AUTH PLAIN YWxpY2VAZXhhbXBsZS50ZXN0AHByb3h5AG1wdw==\r\n"]);
+}
+
+#[tokio::test]
+async fn wrong_password_never_reaches_the_backend() {
+    let (proxy, backend) = setup(Behaviour::Pop3, "").await;
+    let mut c = greeted(&proxy).await;
+    c.send(b"USER alice@example.test\r\nPASS nope\r\n").await;
+    assert_eq!(c.line().await, "+OK\r\n");
+    assert_eq!(c.line().await, "-ERR [AUTH] Authentication failed.\r\n");
+    assert_eq!(backend.connections(), 0);
+}
+
+#[tokio::test]
+async fn backend_without_xclient_fails_closed() {
+    let (proxy, _backend) = setup(Behaviour::Pop3NoXclient, "").await;
+    let mut c = greeted(&proxy).await;
+    c.send(b"USER alice@example.test\r\nPASS secret\r\n").await;
+    assert_eq!(c.line().await, "+OK\r\n");
+    assert_eq!(c.line().await, "-ERR [SYS/TEMP] Server unavailable, try again later.\r\n");
+}
+
+#[tokio::test]
+async fn password_that_would_inject_a_command_is_not_replayed() {
+    // Backend-verified auth: SASL PLAIN can carry CR LF inside a password, USER/PASS cannot.
+    let backend = FakeBackend::start(Behaviour::Pop3).await;
+    let config = protocol_config("pop3", backend.addr, "").replace("passwd_file = \"users\"", "source = \"backend\"");
+    let proxy = Proxy::start(&config, "").await;
+    let mut c = greeted(&proxy).await;
+    // base64("\0eve@example.test\0pw\r\nDELE 1")
+    c.send(b"AUTH PLAIN AGV2ZUBleGFtcGxlLnRlc3QAcHcNCkRFTEUgMQ==\r\n").await;
+    assert_eq!(c.line().await, "-ERR [AUTH] Authentication failed.\r\n");
+    assert!(backend.lines(0).iter().all(|l| !l.starts_with("DELE")));
+}

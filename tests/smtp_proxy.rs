@@ -1,0 +1,172 @@
+//! SMTP submission through the proxy against scripted fake backends.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+
+async fn setup_with(behaviour: Behaviour, backend_extra: &str, limits_extra: &str) -> (Proxy, FakeBackend) {
+    let backend = FakeBackend::start(behaviour).await;
+    let config = protocol_config("smtp", backend.addr, limits_extra)
+        .replace(
+            &format!("address = \"{}\"", backend.addr),
+            &format!("address = \"{}\"\n{backend_extra}", backend.addr),
+        )
+        .replace("[limits]", "[server]\nhostname = \"proxy.example.test\"\n\n[limits]");
+    let proxy = Proxy::start(&config, USERS).await;
+    (proxy, backend)
+}
+
+async fn setup(behaviour: Behaviour) -> (Proxy, FakeBackend) {
+    setup_with(behaviour, "", "").await
+}
+
+async fn greeted(proxy: &Proxy) -> Client<tokio::net::TcpStream> {
+    let mut c = Client::connect(proxy.addr("plain")).await;
+    assert_eq!(c.line().await, "220 proxy.example.test ESMTP ready\r\n");
+    c
+}
+
+/// Lines of one (multi-line) reply.
+async fn reply(c: &mut Client<tokio::net::TcpStream>) -> Vec<String> {
+    let mut out = Vec::new();
+    loop {
+        let l = c.line().await;
+        assert!(l.len() >= 4, "short reply {l:?} after {out:?}");
+        let last = l.as_bytes()[3] == b' ';
+        out.push(l);
+        if last {
+            return out;
+        }
+    }
+}
+
+async fn wait_for_extensions(proxy: &Proxy) {
+    for _ in 0..100 {
+        if proxy.app.ehlo_cache().get("fake").is_some() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    panic!("backend probe did not fill the EHLO cache");
+}
+
+#[tokio::test]
+async fn honest_ehlo_shows_the_backends_extensions() {
+    let (proxy, _b) = setup(Behaviour::Smtp).await;
+    wait_for_extensions(&proxy).await;
+    let mut c = greeted(&proxy).await;
+    c.send(b"EHLO client.example\r\n").await;
+    // The proxy's own AUTH, then the backend's pass-through extensions; never its VRFY, AUTH
+    // or XCLIENT.
+    assert_eq!(
+        reply(&mut c).await,
+        vec![
+            "250-proxy.example.test\r\n",
+            "250-AUTH PLAIN LOGIN\r\n",
+            "250-PIPELINING\r\n",
+            "250-SIZE 10240000\r\n",
+            "250-ENHANCEDSTATUSCODES\r\n",
+            "250 8BITMIME\r\n"
+        ]
+    );
+}
+
+#[tokio::test]
+async fn auth_then_xclient_then_pipelined_transaction_in_order() {
+    let (proxy, backend) = setup(Behaviour::Smtp).await;
+    let mut c = greeted(&proxy).await;
+    c.send(b"EHLO client.example\r\n").await;
+    reply(&mut c).await;
+    // Reliability case 25: MAIL/RCPT pipelined after a good AUTH go upstream in order.
+    c.send(b"AUTH PLAIN AGFsaWNlQGV4YW1wbGUudGVzdABzZWNyZXQ=\r\nMAIL FROM:<alice@example.test>\r\nRCPT TO:<bob@example.test>\r\n").await;
+    assert_eq!(c.line().await, "235 2.7.0 Authentication successful\r\n");
+    assert_eq!(c.line().await, "250 2.0.0 Ok\r\n");
+    assert_eq!(c.line().await, "250 2.0.0 Ok\r\n");
+    c.send(b"DATA\r\n").await;
+    assert!(c.line().await.starts_with("354"));
+    c.send(b"Subject: x\r\n\r\nbody\r\n.\r\nQUIT\r\n").await;
+    assert_eq!(c.line().await, "250 2.0.0 Ok: queued\r\n");
+    assert_eq!(c.line().await, "221 2.0.0 Bye\r\n");
+    let got = backend.lines(backend.connections() - 1);
+    assert_eq!(got[0], "EHLO proxy.example.test\r\n");
+    assert!(got[1].starts_with("XCLIENT ADDR=127.0.0.1 PORT="), "{got:?}");
+    assert!(
+        got[1].ends_with(" NAME=[UNAVAILABLE] PROTO=ESMTP HELO=client.example LOGIN=alice@example.test\r\n"),
+        "{got:?}"
+    );
+    assert_eq!(got[2], "EHLO client.example\r\n");
+    assert_eq!(&got[3..6], ["MAIL FROM:<alice@example.test>\r\n", "RCPT TO:<bob@example.test>\r\n", "DATA\r\n"]);
+}
+
+#[tokio::test]
+async fn failed_auth_pipelined_mail_gets_530_and_never_goes_upstream() {
+    let (proxy, backend) = setup(Behaviour::Smtp).await;
+    let mut c = greeted(&proxy).await;
+    c.send(b"EHLO c\r\n").await;
+    reply(&mut c).await;
+    // Reliability case 25, second half.
+    c.send(b"AUTH PLAIN AGFsaWNlQGV4YW1wbGUudGVzdAB3cm9uZw==\r\nMAIL FROM:<a@b>\r\n").await;
+    assert_eq!(c.line().await, "535 5.7.8 Authentication credentials invalid\r\n");
+    assert_eq!(c.line().await, "530 5.7.0 Authentication required\r\n");
+    // Only the proxy's own EHLO probe ever reached the backend.
+    let all: Vec<String> = (0..backend.connections()).flat_map(|i| backend.lines(i)).collect();
+    assert!(all.iter().all(|l| l.starts_with("EHLO proxy.example.test") || l == "QUIT\r\n"), "{all:?}");
+}
+
+#[tokio::test]
+async fn replay_login_uses_auth_plain() {
+    let (proxy, backend) = setup_with(Behaviour::Smtp, "login = \"replay\"\nclient_address = \"none\"", "").await;
+    let mut c = greeted(&proxy).await;
+    c.send(b"EHLO c\r\nAUTH PLAIN AGFsaWNlQGV4YW1wbGUudGVzdABzZWNyZXQ=\r\n").await;
+    reply(&mut c).await;
+    assert_eq!(c.line().await, "235 2.7.0 Authentication successful\r\n");
+    let got = backend.lines(backend.connections() - 1);
+    assert_eq!(got, vec!["EHLO proxy.example.test\r\n", "AUTH PLAIN AGFsaWNlQGV4YW1wbGUudGVzdABzZWNyZXQ=\r\n"]);
+}
+
+async fn login_fails_unavailable(behaviour: Behaviour, backend_extra: &str) {
+    let (proxy, _backend) = setup_with(behaviour, backend_extra, "").await;
+    let mut c = greeted(&proxy).await;
+    c.send(b"EHLO c\r\n").await;
+    reply(&mut c).await;
+    c.send(b"AUTH PLAIN AGFsaWNlQGV4YW1wbGUudGVzdABzZWNyZXQ=\r\n").await;
+    assert_eq!(c.line().await, "454 4.7.0 Temporary authentication failure\r\n");
+    c.send(b"NOOP\r\n").await;
+    assert_eq!(c.line().await, "250 2.0.0 OK\r\n");
+}
+
+#[tokio::test]
+async fn backend_rejecting_xclient_fails_closed() {
+    login_fails_unavailable(Behaviour::SmtpRejectXclient, "").await;
+}
+
+#[tokio::test]
+async fn backend_dropping_after_ehlo_fails_closed() {
+    login_fails_unavailable(Behaviour::SmtpDropAfterEhlo, "").await;
+}
+
+#[tokio::test]
+async fn backend_refusing_starttls_fails_closed() {
+    // Reliability case 12.
+    login_fails_unavailable(Behaviour::SmtpRefuseStartTls, "transport = \"starttls\"\ntls_verify = false").await;
+}
+
+#[tokio::test]
+async fn backend_starttls_reply_with_extra_bytes_aborts() {
+    // Reliability case 10.
+    login_fails_unavailable(Behaviour::SmtpStartTlsExtraBytes, "transport = \"starttls\"\ntls_verify = false").await;
+}
+
+#[tokio::test]
+async fn early_talker_is_refused() {
+    let (proxy, _b) = setup_with(Behaviour::Smtp, "", "smtp_greeting_delay = \"300ms\"").await;
+    let mut c = Client::connect(proxy.addr("plain")).await;
+    // Reliability case 36.
+    c.send(b"EHLO eager\r\n").await;
+    assert_eq!(c.line().await, "554 5.5.0 Error: SMTP protocol synchronization\r\n");
+    assert!(c.closed().await);
+    let mut c = Client::connect(proxy.addr("plain")).await;
+    assert_eq!(c.line().await, "220 proxy.example.test ESMTP ready\r\n");
+}
