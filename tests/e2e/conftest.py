@@ -14,7 +14,7 @@ import pytest
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from servers import Dovecot, Portcullis, free_port, portcullis_binary  # noqa: E402
+from servers import Dovecot, Portcullis, Postfix, free_port, portcullis_binary  # noqa: E402
 
 # Users as the proxy knows them (user -> password the client types).
 DEMO = ("demo@example.test", "demo")
@@ -82,19 +82,27 @@ def toml_str(s):
 class ProxySetup:
     """A portcullis config: listener ports, backends, and the text that describes them."""
 
-    def __init__(self, dovecot, workdir, listeners=None):
+    def __init__(self, dovecot, workdir, listeners=None, postfix=None):
         self.dovecot = dovecot
+        self.postfix = postfix
         self.dead_port = free_port()  # nothing listens here
         self.listeners = listeners or [
             ("imaps", free_port(), "implicit"),
             ("imap", free_port(), "starttls"),
         ]
+        if postfix is not None and listeners is None:
+            self.listeners += [
+                ("pop3s", free_port(), "implicit", "pop3"),
+                ("pop3", free_port(), "starttls", "pop3"),
+                ("submissions", free_port(), "implicit", "smtp"),
+                ("submission", free_port(), "starttls", "smtp"),
+            ]
         self.users_path = os.path.join(workdir, "portcullis", "users")
         os.makedirs(os.path.dirname(self.users_path), exist_ok=True)
         write_users_file(self.users_path)
 
     def port(self, name):
-        return next(p for n, p, _ in self.listeners if n == name)
+        return next(entry[1] for entry in self.listeners if entry[0] == name)
 
     def text(self, extra_listeners=(), limits=None, drop_listeners=()):
         out = [
@@ -106,14 +114,15 @@ class ProxySetup:
             'self_signed_names = ["localhost"]',
             "",
         ]
-        for name, port, tls in list(self.listeners) + list(extra_listeners):
+        out = ["[server]", 'hostname = "proxy.example.test"', ""] + out
+        for name, port, tls, *proto in list(self.listeners) + list(extra_listeners):
             if name in drop_listeners:
                 continue
             out += [
                 "[[listener]]",
                 f"name = {toml_str(name)}",
                 f'bind = "127.0.0.1:{port}"',
-                'protocol = "imap"',
+                f"protocol = {toml_str(proto[0] if proto else 'imap')}",
                 f"tls = {toml_str(tls)}",
                 "",
             ]
@@ -155,6 +164,29 @@ class ProxySetup:
             'domains = { "dead.test" = "dead", "master.test" = "master", "haproxy.test" = "haproxy" }',
             "",
         ]
+        if self.postfix is not None:
+            out += [
+                "[[backend]]",
+                'name = "dovecot-pop3"',
+                'protocol = "pop3"',
+                f'address = "127.0.0.1:{dv.pop3_port}"',
+                'client_address = "xclient"',
+                'login = "replay"',
+                "",
+                "[[backend]]",
+                'name = "postfix"',
+                'protocol = "smtp"',
+                f'address = "127.0.0.1:{self.postfix.port}"',
+                'client_address = "xclient"',
+                'login = "xclient"',
+                "",
+                "[routing.pop3]",
+                'default = "dovecot-pop3"',
+                "",
+                "[routing.smtp]",
+                'default = "postfix"',
+                "",
+            ]
         return "\n".join(out)
 
 
@@ -190,8 +222,8 @@ class RunningProxy:
         return self.pc.log()
 
 
-def start_proxy(dovecot, workdir):
-    setup = ProxySetup(dovecot, workdir)
+def start_proxy(dovecot, workdir, postfix=None):
+    setup = ProxySetup(dovecot, workdir, postfix=postfix)
     pc = Portcullis(workdir, setup.text())
     pc.start(wait_port=setup.port("imaps"), tls=True)
     return RunningProxy(setup, pc)
@@ -211,6 +243,27 @@ def proxy(dovecot, tmp_path_factory):
 def own_proxy(dovecot, tmp_path):
     """A proxy of the test's own, for tests that rewrite the configuration."""
     p = start_proxy(dovecot, str(tmp_path))
+    try:
+        yield p
+    finally:
+        p.pc.stop()
+
+
+@pytest.fixture(scope="session")
+def postfix(dovecot, tmp_path_factory):
+    """A real Postfix submission backend delivering into the Dovecot mail root."""
+    pf = Postfix(str(tmp_path_factory.mktemp("postfix")), dovecot.mail_root, list(DOVECOT_USERS)).start()
+    try:
+        yield pf
+    finally:
+        pf.stop()
+
+
+@pytest.fixture(scope="session")
+def mail_proxy(dovecot, postfix, tmp_path_factory):
+    """A proxy with IMAP, POP3 and submission listeners in front of Dovecot and Postfix."""
+    p = start_proxy(dovecot, str(tmp_path_factory.mktemp("mailproxy")), postfix=postfix)
+    p.postfix = postfix
     try:
         yield p
     finally:

@@ -18,6 +18,16 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
+def open_up(path):
+    """Let the servers' unprivileged users (dovecot, dovenull, postfix, nobody) traverse the
+    temp directories leading to `path` (mktemp and pytest make them 0700)."""
+    p = path
+    while p not in ("/", ""):
+        if p.startswith("/tmp/") or p == path:
+            os.chmod(p, 0o755)
+        p = os.path.dirname(p)
+
+
 def free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -59,7 +69,7 @@ state_dir = {dir}/state
 log_path = {dir}/dovecot.log
 info_log_path = {dir}/dovecot-info.log
 listen = 127.0.0.1
-protocols = imap
+protocols = imap pop3
 ssl = no
 disable_plaintext_auth = no
 auth_mechanisms = plain login
@@ -100,16 +110,26 @@ service imap-login {{
     haproxy = yes
   }}
 }}
+service pop3-login {{
+  inet_listener pop3 {{
+    address = 127.0.0.1
+    port = {pop3_port}
+  }}
+  inet_listener pop3s {{
+    port = 0
+  }}
+}}
 """
 
 
 class Dovecot:
     """A private Dovecot with passwd-file users and a master user `master` / `masterpw`."""
 
-    def __init__(self, workdir, users, imap_port=None, haproxy_port=None):
+    def __init__(self, workdir, users, imap_port=None, haproxy_port=None, pop3_port=None):
         self.dir = os.path.join(workdir, "dovecot")
         self.imap_port = imap_port or free_port()
         self.haproxy_port = haproxy_port or free_port()
+        self.pop3_port = pop3_port or free_port()
         self.users = users
         self.proc = None
 
@@ -119,12 +139,7 @@ class Dovecot:
             raise RuntimeError("dovecot is not installed (apt-get install dovecot-imapd)")
         for d in ("run", "state", "mail"):
             os.makedirs(os.path.join(self.dir, d), exist_ok=True)
-        # dovecot, dovenull and nobody must traverse the directory tree.
-        p = self.dir
-        while p not in ("/", ""):
-            if p.startswith("/tmp/") or p == self.dir:
-                os.chmod(p, 0o755)
-            p = os.path.dirname(p)
+        open_up(self.dir)
         os.chown(os.path.join(self.dir, "mail"), 65534, 65534)
         with open(os.path.join(self.dir, "users"), "w") as f:
             for user, password in self.users.items():
@@ -133,14 +148,19 @@ class Dovecot:
             f.write("master:{PLAIN}masterpw\n")
         self.conf = os.path.join(self.dir, "dovecot.conf")
         with open(self.conf, "w") as f:
-            f.write(DOVECOT_CONF.format(dir=self.dir, imap_port=self.imap_port, haproxy_port=self.haproxy_port))
+            f.write(DOVECOT_CONF.format(dir=self.dir, imap_port=self.imap_port, haproxy_port=self.haproxy_port, pop3_port=self.pop3_port))
         self.proc = subprocess.Popen([binary, "-F", "-c", self.conf], stdout=subprocess.DEVNULL, stderr=open(os.path.join(self.dir, "stderr.log"), "w"))
         try:
             wait_greeting(self.imap_port)
+            wait_greeting(self.pop3_port, prefix=b"+OK")
         except RuntimeError:
             self.stop()
             raise RuntimeError("dovecot did not start: " + self.log())
         return self
+
+    @property
+    def mail_root(self):
+        return os.path.join(self.dir, "mail")
 
     def deliver(self, user, message, name="1.test"):
         """Put a message into the user's INBOX (a Maildir file owned by nobody)."""
@@ -211,6 +231,127 @@ class Dovecot:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
+
+
+POSTFIX_MAIN_CF = """\
+compatibility_level = 3.6
+queue_directory = {dir}/queue
+data_directory = {dir}/data
+mail_owner = postfix
+setgid_group = postdrop
+myhostname = backend.example.test
+mydestination =
+inet_interfaces = loopback-only
+inet_protocols = ipv4
+mynetworks = 127.0.0.1/32
+smtp_dns_support_level = disabled
+smtpd_peername_lookup = no
+maillog_file = {dir}/maillog
+maillog_file_prefixes = {dir}
+alias_maps =
+alias_database =
+virtual_mailbox_domains = example.test
+virtual_mailbox_maps = texthash:{dir}/vmailbox
+virtual_mailbox_base = {mail_root}
+virtual_uid_maps = static:65534
+virtual_gid_maps = static:65534
+virtual_mailbox_limit = 0
+message_size_limit = 52428800
+default_transport = discard:outside domains are not delivered in tests
+smtpd_authorized_xclient_hosts = 127.0.0.0/8
+smtpd_sasl_auth_enable = yes
+smtpd_sasl_authenticated_header = yes
+smtpd_relay_restrictions = permit_sasl_authenticated, reject_unauth_destination
+smtpd_recipient_restrictions = permit_sasl_authenticated, reject
+"""
+
+POSTFIX_MASTER_CF = """\
+127.0.0.1:{port} inet n - n - - smtpd
+pickup    unix  n       -       n       60      1       pickup
+cleanup   unix  n       -       n       -       0       cleanup
+qmgr      unix  n       -       n       300     1       qmgr
+tlsmgr    unix  -       -       n       1000?   1       tlsmgr
+rewrite   unix  -       -       n       -       -       trivial-rewrite
+bounce    unix  -       -       n       -       0       bounce
+defer     unix  -       -       n       -       0       bounce
+trace     unix  -       -       n       -       0       bounce
+verify    unix  -       -       n       -       1       verify
+flush     unix  n       -       n       1000?   0       flush
+proxymap  unix  -       -       n       -       -       proxymap
+proxywrite unix -       -       n       -       1       proxymap
+smtp      unix  -       -       n       -       -       smtp
+relay     unix  -       -       n       -       -       smtp
+showq     unix  n       -       n       -       -       showq
+error     unix  -       -       n       -       -       error
+retry     unix  -       -       n       -       -       error
+discard   unix  -       -       n       -       -       discard
+local     unix  -       n       n       -       -       local
+virtual   unix  -       n       n       -       -       virtual
+lmtp      unix  -       -       n       -       -       lmtp
+anvil     unix  -       -       n       -       1       anvil
+scache    unix  -       -       n       -       1       scache
+postlog   unix-dgram n  -       n       -       1       postlogd
+"""
+
+
+class Postfix:
+    """A private Postfix submission backend that trusts XCLIENT from loopback and delivers
+    example.test mail into the Dovecot mail root (so POP3/IMAP can read it)."""
+
+    def __init__(self, workdir, mail_root, users, port=None):
+        self.dir = os.path.join(workdir, "postfix")
+        self.port = port or free_port()
+        self.mail_root = mail_root
+        self.users = users
+
+    def start(self):
+        binary = shutil.which("postfix") or "/usr/sbin/postfix"
+        if not os.path.exists(binary):
+            raise RuntimeError("postfix is not installed (apt-get install postfix)")
+        for d in ("queue", "data"):
+            os.makedirs(os.path.join(self.dir, d), exist_ok=True)
+        open_up(self.dir)
+        import pwd
+        pw = pwd.getpwnam("postfix")
+        os.chown(os.path.join(self.dir, "data"), pw.pw_uid, pw.pw_gid)
+        with open(os.path.join(self.dir, "main.cf"), "w") as f:
+            f.write(POSTFIX_MAIN_CF.format(dir=self.dir, mail_root=self.mail_root))
+        with open(os.path.join(self.dir, "master.cf"), "w") as f:
+            f.write(POSTFIX_MASTER_CF.format(port=self.port))
+        with open(os.path.join(self.dir, "vmailbox"), "w") as f:
+            for user in self.users:
+                local, _, domain = user.partition("@")
+                f.write(f"{user} {domain}/{local}/Maildir/\n")
+        out = subprocess.run([binary, "-c", self.dir, "start"], capture_output=True, text=True)
+        if out.returncode != 0:
+            raise RuntimeError("postfix did not start: " + out.stdout + out.stderr + self.log())
+        try:
+            wait_greeting(self.port, prefix=b"220")
+        except RuntimeError:
+            self.stop()
+            raise RuntimeError("postfix did not greet: " + self.log())
+        return self
+
+    def log(self):
+        try:
+            with open(os.path.join(self.dir, "maillog"), errors="replace") as f:
+                return f.read()
+        except OSError:
+            return ""
+
+    def delivered(self, user):
+        """Paths of the messages delivered to `user`'s Maildir, oldest first."""
+        local, _, domain = user.partition("@")
+        out = []
+        for sub in ("new", "cur"):
+            d = os.path.join(self.mail_root, domain, local, "Maildir", sub)
+            if os.path.isdir(d):
+                out.extend(os.path.join(d, n) for n in os.listdir(d))
+        return sorted(out, key=os.path.getmtime)
+
+    def stop(self):
+        binary = shutil.which("postfix") or "/usr/sbin/postfix"
+        subprocess.run([binary, "-c", self.dir, "stop"], capture_output=True)
 
 
 def portcullis_binary():
@@ -393,20 +534,33 @@ def wait_for(predicate, timeout=5.0, interval=0.05):
 def main():
     ap = argparse.ArgumentParser(description=__doc__)
     sub = ap.add_subparsers(dest="cmd", required=True)
-    d = sub.add_parser("dovecot", help="start a private Dovecot in the foreground until SIGTERM")
+    d = sub.add_parser("backends", help="start a private Dovecot (IMAP, POP3) and Postfix (submission) until SIGTERM")
     d.add_argument("--dir", required=True)
     d.add_argument("--imap-port", type=int, required=True)
-    d.add_argument("--haproxy-port", type=int)
+    d.add_argument("--pop3-port", type=int, required=True)
+    d.add_argument("--smtp-port", type=int, required=True)
     d.add_argument("--user", action="append", default=[], help="user:password")
     args = ap.parse_args()
     users = dict(u.split(":", 1) for u in args.user)
-    dv = Dovecot(args.dir, users, imap_port=args.imap_port, haproxy_port=args.haproxy_port).start()
-    dv.deliver(next(iter(users)), b"From: welcome@example.test\r\nTo: demo@example.test\r\nSubject: Welcome to portcullis\r\n\r\nThis message was fetched through the proxy.\r\n", name="welcome")
-    print(f"dovecot ready on 127.0.0.1:{dv.imap_port} (pid {dv.proc.pid})", flush=True)
-    stop = lambda *_: (dv.stop(), sys.exit(0))
+    dv = Dovecot(args.dir, users, imap_port=args.imap_port, pop3_port=args.pop3_port).start()
+    first = next(iter(users))
+    dv.deliver(first, b"From: welcome@example.test\r\nTo: " + first.encode() + b"\r\nSubject: Welcome to portcullis\r\n\r\nThis message was fetched through the proxy.\r\n", name="welcome")
+    try:
+        pf = Postfix(args.dir, dv.mail_root, list(users), port=args.smtp_port).start()
+    except RuntimeError:
+        dv.stop()
+        raise
+
+    def stop(*_):
+        pf.stop()
+        dv.stop()
+        sys.exit(0)
+
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
+    print(f"backends ready: dovecot imap 127.0.0.1:{dv.imap_port} pop3 127.0.0.1:{dv.pop3_port}, postfix 127.0.0.1:{pf.port}", flush=True)
     dv.proc.wait()
+    pf.stop()
     sys.exit(1)
 
 

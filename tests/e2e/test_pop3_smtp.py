@@ -1,0 +1,254 @@
+"""POP3 and SMTP submission through the real binary, in front of a real Dovecot (POP3) and a real
+Postfix (submission, XCLIENT from loopback, delivering into Dovecot's mailboxes).
+
+Clients: poplib, smtplib, swaks, curl. The client side binds 127.0.0.2 so its address differs
+from the proxy's own and can be found in the backends' logs and headers.
+"""
+
+import hashlib
+import os
+import poplib
+import smtplib
+import socket
+import subprocess
+import time
+
+import pytest
+
+from conftest import DEMO
+from servers import CLIENT_IP, client_tls_context, wait_for
+
+
+def body_of(message):
+    """Everything after the header/body separator, CRLF line ends."""
+    message = message.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")
+    return message.split(b"\r\n\r\n", 1)[1]
+
+
+def make_message(tag):
+    """A message with 8-bit UTF-8 text and lines longer than 998 octets (RFC 5322 limit)."""
+    long_line = ("x" * 40 + " ").encode() * 37
+    body = (
+        "Grüße aus Köln — ünïcödé ✓\r\n".encode()
+        + long_line
+        + b"\r\n"
+        + b".leading dot survives transparency\r\n"
+        + os.urandom(8).hex().encode()
+        + b"\r\n"
+    )
+    head = (
+        f"From: {DEMO[0]}\r\nTo: {DEMO[0]}\r\nSubject: e2e {tag}\r\nMessage-ID: <{tag}@e2e.example.test>\r\n"
+        "MIME-Version: 1.0\r\nContent-Type: text/plain; charset=utf-8\r\nContent-Transfer-Encoding: 8bit\r\n\r\n"
+    ).encode()
+    return head + body
+
+
+class SMTPFrom(smtplib.SMTP):
+    def _get_socket(self, host, port, timeout):
+        return socket.create_connection((host, port), timeout, source_address=(CLIENT_IP, 0))
+
+
+class SMTPSSLFrom(smtplib.SMTP_SSL):
+    def _get_socket(self, host, port, timeout):
+        s = socket.create_connection((host, port), timeout, source_address=(CLIENT_IP, 0))
+        return self.context.wrap_socket(s, server_hostname=host)
+
+
+class POP3SSLFrom(poplib.POP3_SSL):
+    def _create_socket(self, timeout):
+        s = socket.create_connection((self.host, self.port), timeout, source_address=(CLIENT_IP, 0))
+        return self.context.wrap_socket(s, server_hostname=self.host)
+
+
+def delivered_with(postfix, tag, timeout=10.0):
+    """The delivered file holding Message-ID <tag@...>."""
+    found = []
+
+    def look():
+        for path in postfix.delivered(DEMO[0]):
+            with open(path, "rb") as f:
+                data = f.read()
+            if f"<{tag}@e2e.example.test>".encode() in data:
+                found.append(data)
+                return True
+        return False
+
+    assert wait_for(look, timeout=timeout), f"message {tag} not delivered:\n{postfix.log()[-3000:]}"
+    return found[0]
+
+
+def test_submission_465_delivers_byte_identical_with_client_address(mail_proxy):
+    msg = make_message("s465")
+    with SMTPSSLFrom("127.0.0.1", mail_proxy.setup.port("submissions"), context=client_tls_context(), timeout=10) as s:
+        s.ehlo("client.example")
+        assert s.has_extn("auth") and not s.has_extn("starttls")
+        # Honest EHLO: Postfix's own extensions come through, its XCLIENT and VRFY do not.
+        assert s.has_extn("8bitmime") and s.has_extn("size") and s.has_extn("smtputf8")
+        assert not s.has_extn("xclient") and not s.has_extn("vrfy")
+        s.login(*DEMO)
+        refused = s.sendmail(DEMO[0], [DEMO[0]], msg, mail_options=["BODY=8BITMIME"])
+        assert refused == {}
+    data = delivered_with(mail_proxy.postfix, "s465")
+    assert hashlib.sha256(body_of(data)).hexdigest() == hashlib.sha256(body_of(msg)).hexdigest()
+    # XCLIENT carried the client's address, HELO name and login to Postfix.
+    received = data.split(b"\nReceived: ", 1)[1].split(b"\n\t(Authenticated", 1)[0]
+    assert b"[127.0.0.2]" in received and received.startswith(b"from client.example"), data[:400]
+    assert b"(Authenticated sender: demo@example.test)" in data
+    assert b"with ESMTPA" in data or b"with ESMTPSA" in data
+
+
+def test_submission_587_starttls_then_auth(mail_proxy):
+    msg = make_message("s587")
+    with SMTPFrom("127.0.0.1", mail_proxy.setup.port("submission"), timeout=10) as s:
+        s.ehlo("client.example")
+        # Reliability case 6: STARTTLS offered, AUTH not, before TLS.
+        assert s.has_extn("starttls") and not s.has_extn("auth")
+        code, _ = s.docmd("AUTH", "PLAIN AGRlbW9AZXhhbXBsZS50ZXN0AGRlbW8=")
+        assert code == 538
+        code, _ = s.docmd("MAIL", "FROM:<demo@example.test>")
+        assert code == 530
+        s.starttls(context=client_tls_context())
+        s.ehlo("client.example")
+        # Case 5: pre-TLS state forgotten; AUTH now offered, STARTTLS not.
+        assert s.has_extn("auth") and not s.has_extn("starttls")
+        s.login(*DEMO)
+        assert s.sendmail(DEMO[0], [DEMO[0]], msg, mail_options=["BODY=8BITMIME"]) == {}
+    data = delivered_with(mail_proxy.postfix, "s587")
+    assert body_of(data) == body_of(msg)
+
+
+def test_wrong_password_535_and_nothing_reaches_postfix(mail_proxy):
+    before = mail_proxy.postfix.log().count("connect from")
+    with SMTPSSLFrom("127.0.0.1", mail_proxy.setup.port("submissions"), context=client_tls_context(), timeout=10) as s:
+        s.ehlo("client.example")
+        with pytest.raises(smtplib.SMTPAuthenticationError) as e:
+            s.login(DEMO[0], "wrong")
+        assert e.value.smtp_code == 535 and e.value.smtp_error.startswith(b"5.7.8")
+        # Reliability case 25: after a failed AUTH a transaction gets 530, locally.
+        code, _ = s.docmd("MAIL", "FROM:<demo@example.test>")
+        assert code == 530
+    time.sleep(0.5)
+    assert mail_proxy.postfix.log().count("connect from") == before
+    assert "login failed: rip=127.0.0.2 user=<demo@example.test> protocol=smtp listener=submissions reason=bad_credentials" in mail_proxy.log()
+
+
+def test_client_xclient_is_refused(mail_proxy):
+    with SMTPSSLFrom("127.0.0.1", mail_proxy.setup.port("submissions"), context=client_tls_context(), timeout=10) as s:
+        s.ehlo("client.example")
+        # Reliability case 50.
+        code, text = s.docmd("XCLIENT", "ADDR=6.6.6.6")
+        assert code == 550 and b"6.6.6.6" not in text
+
+
+def test_swaks_starttls_submission(mail_proxy):
+    out = subprocess.run(
+        [
+            "swaks", "--server", f"127.0.0.1:{mail_proxy.setup.port('submission')}", "--local-interface", CLIENT_IP,
+            "-tls", "--auth", "LOGIN", "--auth-user", DEMO[0], "--auth-password", DEMO[1],
+            "--from", DEMO[0], "--to", DEMO[0], "--header", "Message-ID: <swaks@e2e.example.test>",
+            "--body", "sent by swaks", "--ehlo", "swaks.example", "--timeout", "10",
+        ],
+        capture_output=True, text=True, timeout=30,
+    )
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "235 2.7.0 Authentication successful" in out.stdout
+    data = delivered_with(mail_proxy.postfix, "swaks")
+    assert b"sent by swaks" in data and b"from swaks.example" in data
+
+
+def test_curl_smtps_and_smtp_starttls(mail_proxy, tmp_path):
+    for tag, url, extra in (
+        ("curl465", f"smtps://127.0.0.1:{mail_proxy.setup.port('submissions')}", []),
+        ("curl587", f"smtp://127.0.0.1:{mail_proxy.setup.port('submission')}", ["--ssl-reqd"]),
+    ):
+        msg = make_message(tag)
+        path = tmp_path / f"{tag}.eml"
+        path.write_bytes(msg)
+        out = subprocess.run(
+            ["curl", "-sS", "-k", "--max-time", "20", url, *extra, "-u", f"{DEMO[0]}:{DEMO[1]}",
+             "--mail-from", DEMO[0], "--mail-rcpt", DEMO[0], "-T", str(path)],
+            capture_output=True, text=True, timeout=30,
+        )
+        assert out.returncode == 0, out.stderr
+        assert body_of(delivered_with(mail_proxy.postfix, tag)) == body_of(msg)
+
+
+def test_pop3s_retr_returns_the_message_intact(mail_proxy):
+    msg = make_message("pop3")
+    with SMTPSSLFrom("127.0.0.1", mail_proxy.setup.port("submissions"), context=client_tls_context(), timeout=10) as s:
+        s.login(*DEMO)
+        s.sendmail(DEMO[0], [DEMO[0]], msg, mail_options=["BODY=8BITMIME"])
+    delivered_with(mail_proxy.postfix, "pop3")
+    p = POP3SSLFrom("127.0.0.1", mail_proxy.setup.port("pop3s"), context=client_tls_context(), timeout=10)
+    try:
+        assert p.getwelcome() == b"+OK POP3 proxy ready."
+        p.user(DEMO[0])
+        assert p.pass_(DEMO[1]).startswith(b"+OK")
+        count, _ = p.stat()
+        assert count >= 1
+        found = None
+        for i in range(1, count + 1):
+            _, lines, _ = p.retr(i)
+            raw = b"\r\n".join(lines) + b"\r\n"
+            if b"<pop3@e2e.example.test>" in raw:
+                found = raw
+        assert found is not None
+        # poplib undoes dot-stuffing; the body is what was submitted.
+        assert body_of(found) == body_of(msg)
+    finally:
+        p.quit()
+    # Dovecot's POP3 XCLIENT carried the client's address.
+    assert wait_for(lambda: "pop3-login: Info: Login: user=<demo@example.test>, method=PLAIN, rip=127.0.0.2" in mail_proxy.setup.dovecot.info_log())
+
+
+def test_pop3_stls_capabilities_and_login(mail_proxy):
+    p = poplib.POP3("127.0.0.1", mail_proxy.setup.port("pop3"), timeout=10)
+    try:
+        caps = p.capa()
+        # Reliability case 6: STLS offered, no USER/SASL before TLS.
+        assert "STLS" in caps and "USER" not in caps and "SASL" not in caps
+        with pytest.raises(poplib.error_proto):
+            p.user(DEMO[0])
+        p.stls(context=client_tls_context())
+        caps = p.capa()
+        assert "USER" in caps and "SASL" in caps and "STLS" not in caps
+        p.user(DEMO[0])
+        p.pass_(DEMO[1])
+        assert p.stat()[0] >= 0
+    finally:
+        p.quit()
+
+
+def test_pop3_wrong_password(mail_proxy):
+    p = POP3SSLFrom("127.0.0.1", mail_proxy.setup.port("pop3s"), context=client_tls_context(), timeout=10)
+    try:
+        p.user(DEMO[0])
+        with pytest.raises(poplib.error_proto) as e:
+            p.pass_("wrong")
+        assert e.value.args[0] == b"-ERR [AUTH] Authentication failed."
+    finally:
+        p.close()
+
+
+def test_curl_pop3s(mail_proxy):
+    out = subprocess.run(
+        ["curl", "-sS", "-k", "--max-time", "20", f"pop3s://127.0.0.1:{mail_proxy.setup.port('pop3s')}/",
+         "-u", f"{DEMO[0]}:{DEMO[1]}"],
+        capture_output=True, text=True, timeout=30,
+    )
+    assert out.returncode == 0, out.stderr
+    # A LIST of at least one message: "1 <size>".
+    assert out.stdout.splitlines()[0].startswith("1 "), out.stdout
+
+
+def test_pop3_and_smtp_alpn(mail_proxy):
+    import ssl
+    for name, good in (("pop3s", "pop3"), ("submissions", "smtp")):
+        ctx = client_tls_context(alpn=["http/1.1"])
+        with pytest.raises(ssl.SSLError):
+            with socket.create_connection(("127.0.0.1", mail_proxy.setup.port(name)), timeout=5) as raw:
+                ctx.wrap_socket(raw, server_hostname="localhost").recv(10)
+        ctx = client_tls_context(alpn=[good])
+        with socket.create_connection(("127.0.0.1", mail_proxy.setup.port(name)), timeout=5) as raw:
+            with ctx.wrap_socket(raw, server_hostname="localhost") as t:
+                assert t.selected_alpn_protocol() == good
