@@ -20,8 +20,10 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::config::{Config, ConfigError, Protocol, TlsMode, Transport};
-use crate::protocol::smtp::ehlo::{self, EhloCache};
+use crate::auth::http::AuthHttp;
+use crate::config::{AuthSource, Config, ConfigError, Protocol, TlsMode, Transport};
+use crate::health::{self, HealthTable};
+use crate::protocol::smtp::ehlo::EhloCache;
 use crate::session::{self, SessionCtx};
 use crate::tls::TlsShared;
 use crate::tls::certs::{CertError, CertStore};
@@ -33,6 +35,10 @@ pub struct Runtime {
     pub server_tls: HashMap<Protocol, Arc<ServerConfig>>,
     /// Client TLS config per backend name, for TLS and STARTTLS backends.
     pub backend_tls: HashMap<String, Arc<ClientConfig>>,
+    /// For backends named by the auth service that are not in the config (system roots).
+    pub default_backend_tls: Option<Arc<ClientConfig>>,
+    /// The auth service client, when `auth.source = "http"`.
+    pub auth_http: Option<Arc<AuthHttp>>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -70,12 +76,11 @@ pub struct App {
     started: u64,
     /// SMTP extensions each backend announces (outside the snapshot: learned, not configured).
     ehlo: Arc<EhloCache>,
-    /// Wakes the SMTP probe loop (after a reload).
-    probe_now: tokio::sync::Notify,
+    /// Backend health and session counts (observed, so beside the snapshot too).
+    health: Arc<HealthTable>,
+    /// Stops the current generation of health checks (replaced on reload).
+    checks: Mutex<CancellationToken>,
 }
-
-/// How often SMTP backends are asked for their extensions.
-const EHLO_PROBE_INTERVAL: Duration = Duration::from_secs(300);
 
 /// Identifies a bound socket. A fixed address is shared by whichever listener names it (so a
 /// renamed listener keeps its socket); port 0 means "any free port" and belongs to its listener.
@@ -111,7 +116,20 @@ pub fn build_runtime(config: Config, tls: &TlsShared) -> Result<Runtime, ConfigE
             backend_tls.insert(b.name.clone(), cfg);
         }
     }
-    Ok(Runtime { config, server_tls, backend_tls })
+    let (auth_http, default_backend_tls) = match &config.auth {
+        AuthSource::Http(settings) => {
+            let client = AuthHttp::new(settings.clone()).map_err(|message| ConfigError {
+                file: config.path.clone(),
+                position: None,
+                field: "auth.http.ca_file".into(),
+                message,
+            })?;
+            let template = crate::config::Backend::adhoc(Protocol::Imap, "localhost", 143);
+            (Some(Arc::new(client)), crate::tls::client_config(&template).ok())
+        }
+        _ => (None, None),
+    };
+    Ok(Runtime { config, server_tls, backend_tls, default_backend_tls, auth_http })
 }
 
 /// Validate a config file fully (parse, referenced files, certificates) without binding.
@@ -145,10 +163,11 @@ impl App {
             next_session: AtomicU64::new(1),
             started,
             ehlo: Arc::new(EhloCache::default()),
-            probe_now: tokio::sync::Notify::new(),
+            health: Arc::new(HealthTable::default()),
+            checks: Mutex::new(CancellationToken::new()),
         });
         app.apply_sockets(sockets);
-        app.spawn_ehlo_probes();
+        app.restart_checks();
         Ok(app)
     }
 
@@ -187,7 +206,7 @@ impl App {
         self.tls.certs.install(maps);
         self.runtime.store(Arc::new(runtime));
         self.apply_sockets(sockets);
-        self.probe_now.notify_one();
+        self.restart_checks();
         *last = fp;
         Ok(Reloaded::Applied)
     }
@@ -255,6 +274,7 @@ impl App {
                 id: format!("{:x}-{n:x}", self.started),
                 shutdown: self.shutdown.clone(),
                 ehlo: self.ehlo.clone(),
+                health: self.health.clone(),
             };
             self.sessions.spawn(session::run(ctx, tcp));
         }
@@ -265,29 +285,23 @@ impl App {
         &self.ehlo
     }
 
-    /// Ask every SMTP backend for its extensions now and then every few minutes, so the EHLO
-    /// the proxy shows is the backends' own (honest EHLO).
-    fn spawn_ehlo_probes(self: &Arc<Self>) {
-        let app = self.clone();
-        tokio::spawn(async move {
-            loop {
-                let rt = app.runtime();
-                for b in rt.config.backends.values().filter(|b| b.protocol == Protocol::Smtp) {
-                    let tls = rt.backend_tls.get(&b.name);
-                    let timeout = rt.config.limits.backend_connect_timeout;
-                    match ehlo::probe(b, tls, &rt.config.hostname, timeout).await {
-                        Ok(exts) => app.ehlo.update(&b.name, &exts),
-                        Err(e) => tracing::warn!(backend = %b.name, error = %e, "SMTP backend probe failed"),
-                    }
-                }
-                drop(rt);
-                tokio::select! {
-                    _ = app.shutdown.cancelled() => return,
-                    _ = tokio::time::sleep(EHLO_PROBE_INTERVAL) => {}
-                    _ = app.probe_now.notified() => {}
-                }
-            }
-        });
+    /// Backend health as observed now.
+    pub fn health(&self) -> &HealthTable {
+        &self.health
+    }
+
+    /// Start the health checks of the current configuration's backends, stopping the previous
+    /// generation. State is kept for backends whose address did not change. SMTP checks also
+    /// refresh the honest-EHLO cache.
+    fn restart_checks(self: &Arc<Self>) {
+        let rt = self.runtime();
+        let token = self.shutdown.child_token();
+        let old = std::mem::replace(&mut *self.checks.lock().unwrap_or_else(|e| e.into_inner()), token.clone());
+        old.cancel();
+        let backends: Vec<_> = rt.config.backends.values().cloned().collect();
+        let names: Vec<&str> = backends.iter().map(|b| b.name.as_str()).collect();
+        self.health.retain(&names);
+        health::spawn_all(&backends, &rt.backend_tls, &rt.config.hostname, &self.health, &self.ehlo, &token);
     }
 
     /// Stop accepting, let pre-auth sessions say goodbye, and wait up to the grace period for

@@ -63,6 +63,21 @@ pub struct ClientInfo {
     pub esmtp: bool,
 }
 
+impl ClientInfo {
+    /// The proxy itself as the client (health checks, probes).
+    pub fn local() -> ClientInfo {
+        let here = SocketAddr::from(([127, 0, 0, 1], 0));
+        ClientInfo {
+            peer: here,
+            local: here,
+            session_id: String::new(),
+            id_fields: Vec::new(),
+            helo: None,
+            esmtp: true,
+        }
+    }
+}
+
 /// A logged-in backend connection, ready to relay.
 pub struct LoggedIn {
     pub stream: BackendStream,

@@ -11,7 +11,8 @@
 //! - `protocol`: IMAP, POP3 and SMTP front ends and backend logins, SASL decoding, line framing.
 //! - `backend`: connect, PROXY v2, TLS/STARTTLS toward backends, bounded reply lines.
 //! - `auth`: credential verification (passwd-file hashes, or backend-verified).
-//! - `route`: user → backend.
+//! - `route`: user → pool → backends in weighted rendezvous order.
+//! - `health`: active checks, passive circuit breaker, session counts per backend.
 //! - `relay`: the post-login byte pipe.
 //! - `logging`: subscriber setup and the stable log lines.
 
@@ -21,6 +22,7 @@ pub mod app;
 pub mod auth;
 pub mod backend;
 pub mod config;
+pub mod health;
 pub mod logging;
 pub mod protocol;
 pub mod relay;

@@ -1,68 +1,197 @@
-//! Which backend serves a user: a backend the user's entry pins it to (speaking the session's
-//! protocol), else the protocol's route for the user's domain, else the protocol's default. Pure
-//! lookups over one config snapshot.
+//! Which backends serve a user, in which order.
+//!
+//! Rules, first match wins: a pool or backend named by the user's entry (passwd-file pins or
+//! the auth service), then the protocol's own table, then the shared table; within a table the
+//! exact user, then the domain, then `*.parent` domains, then the default.
+//!
+//! Within a pool the order is **weighted rendezvous hashing** of the canonical user name. The
+//! hash is part of the product's contract and never changes between versions: SipHash-2-4 with
+//! the key `k0 = 0x706f727463756c6c` ("portcull"), `k1 = 0x6872772d76310000` ("hrw-v1\0\0") over
+//! the bytes `host_key || 0x00 || user`; the top 53 bits map to `u` in (0, 1) as
+//! `((h >> 11) + 0.5) / 2^53`, and the score is `weight / -ln(u)`. Highest score first. Every
+//! instance computes the same order with no shared state, adding or removing a backend moves only
+//! the users whose top choice it is or becomes, and the order is also the failover order.
 
 use std::sync::Arc;
 
-use crate::config::{Backend, Config, Protocol};
+use siphasher::sip::SipHasher24;
 
-pub fn route(config: &Config, protocol: Protocol, user: &str, pinned: &[String]) -> Option<Arc<Backend>> {
-    if let Some(b) = pinned.iter().filter_map(|name| config.backends.get(name)).find(|b| b.protocol == protocol) {
-        return Some(b.clone());
+use crate::config::{Backend, BackendState, Config, Protocol, RouteTable, Target};
+use crate::health::HealthTable;
+
+const HRW_K0: u64 = 0x706f_7274_6375_6c6c;
+const HRW_K1: u64 = 0x6872_772d_7631_0000;
+
+/// The rendezvous score of `host_key` for `user`.
+pub fn score(host_key: &str, user: &str, weight: f64) -> f64 {
+    let mut buf = Vec::with_capacity(host_key.len() + user.len() + 1);
+    buf.extend_from_slice(host_key.as_bytes());
+    buf.push(0);
+    buf.extend_from_slice(user.as_bytes());
+    let h = SipHasher24::new_with_keys(HRW_K0, HRW_K1).hash(&buf);
+    let u = ((h >> 11) as f64 + 0.5) / (1u64 << 53) as f64;
+    weight / -u.ln()
+}
+
+/// `backends` in rendezvous order for `user`, highest score first.
+pub fn rendezvous<'a>(backends: impl IntoIterator<Item = &'a Arc<Backend>>, user: &str) -> Vec<Arc<Backend>> {
+    let mut scored: Vec<(f64, &Arc<Backend>)> =
+        backends.into_iter().map(|b| (score(&b.host_key, user, b.weight), b)).collect();
+    scored.sort_by(|a, b| b.0.total_cmp(&a.0).then_with(|| a.1.name.cmp(&b.1.name)));
+    scored.into_iter().map(|(_, b)| b.clone()).collect()
+}
+
+/// Where a session should go: backends to try, in order.
+#[derive(Debug, Clone)]
+pub struct Route {
+    /// The pool or backend the rule named.
+    pub target: String,
+    pub candidates: Vec<Arc<Backend>>,
+}
+
+/// The routing rule that applies to `user` for `protocol`.
+pub fn target(config: &Config, protocol: Protocol, user: &str, pinned: &[String]) -> Option<Target> {
+    for name in pinned {
+        let t = match (config.pools.get(name), config.backends.get(name)) {
+            (Some(p), _) => Target::Pool(p.clone()),
+            (None, Some(b)) => Target::Backend(b.clone()),
+            (None, None) => continue,
+        };
+        if t.serves(protocol) {
+            return Some(t);
+        }
     }
-    let table = config.routing.tables.get(&protocol)?;
-    if let Some((_, domain)) = user.rsplit_once('@')
-        && let Some(b) = table.domains.get(&domain.to_ascii_lowercase())
-    {
-        return Some(b.clone());
+    let tables = config.routing.tables.get(&protocol).into_iter().chain([&config.routing.shared]);
+    for table in tables {
+        if let Some(t) = lookup(table, user).filter(|t| t.serves(protocol)) {
+            return Some(t.clone());
+        }
     }
-    table.default.clone()
+    None
+}
+
+fn lookup<'a>(table: &'a RouteTable, user: &str) -> Option<&'a Target> {
+    if let Some(t) = table.users.get(user) {
+        return Some(t);
+    }
+    if let Some((_, domain)) = user.rsplit_once('@') {
+        let domain = domain.to_ascii_lowercase();
+        if let Some(t) = table.domains.get(&domain) {
+            return Some(t);
+        }
+        // `*.example.org` matches any subdomain depth, most specific parent first.
+        let mut rest = domain.as_str();
+        while let Some((_, parent)) = rest.split_once('.') {
+            if let Some(t) = table.wildcards.get(parent) {
+                return Some(t);
+            }
+            rest = parent;
+        }
+    }
+    table.default.as_ref()
+}
+
+/// Order a target's backends for `user`, applying states, health and session limits.
+///
+/// With failover: disabled and draining backends are left out, healthy ones come first in
+/// rendezvous order, full ones (max_sessions) after them, backends marked down last (a last
+/// resort if health is stale). Without failover the user's mailbox lives on exactly one backend:
+/// the first non-disabled one in rendezvous order, draining or not, and nothing else.
+pub fn plan(target: &Target, protocol: Protocol, user: &str, health: &HealthTable) -> Route {
+    let eligible = target.backends().iter().filter(|b| b.protocol == protocol && b.state != BackendState::Disabled);
+    let ordered = rendezvous(eligible, user);
+    let candidates = if !target.failover() {
+        ordered.into_iter().take(1).collect()
+    } else {
+        let (mut good, mut full, mut down) = (Vec::new(), Vec::new(), Vec::new());
+        for b in ordered.into_iter().filter(|b| b.state == BackendState::Up) {
+            if !health.is_up(&b.name) {
+                down.push(b);
+            } else if b.max_sessions > 0 && health.sessions(&b.name) >= b.max_sessions as usize {
+                full.push(b);
+            } else {
+                good.push(b);
+            }
+        }
+        good.append(&mut full);
+        good.append(&mut down);
+        good
+    };
+    Route { target: target.name().to_string(), candidates }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::collections::HashMap;
     use std::path::Path;
 
+    /// The rendezvous order of m1..m3 for alice@example.org, fixed forever.
+    const FIXED_ORDER: [&str; 3] = ["m3", "m1", "m2"];
+
+    fn backend(name: &str, weight: f64) -> Arc<Backend> {
+        let text = format!(
+            "[auth]\nsource = \"backend\"\n[[backend]]\nname = \"{name}\"\naddress = \"127.0.0.1:1\"\nweight = {weight}\n[routing.imap]\ndefault = \"{name}\"\n"
+        );
+        Config::parse(Path::new("/t.toml"), &text).unwrap().backends[name].clone()
+    }
+
     #[test]
-    fn pinned_then_domain_then_default_per_protocol() {
-        let text = r#"
-            [auth]
-            source = "backend"
-            [[backend]]
-            name = "a"
-            address = "127.0.0.1:1"
-            [[backend]]
-            name = "b"
-            address = "127.0.0.1:2"
-            [[backend]]
-            name = "c"
-            address = "127.0.0.1:3"
-            [[backend]]
-            name = "s"
-            protocol = "smtp"
-            address = "127.0.0.1:4"
-            [routing.imap]
-            default = "a"
-            domains = { "Example.ORG" = "b" }
-            [routing.smtp]
-            default = "s"
-        "#;
-        let cfg = Config::parse(Path::new("/tmp/t.toml"), text).unwrap();
-        let r = |p, u, pins: &[&str]| {
-            let pins: Vec<String> = pins.iter().map(|s| s.to_string()).collect();
-            route(&cfg, p, u, &pins).map(|b| b.name.clone())
-        };
-        assert_eq!(r(Protocol::Imap, "x@example.org", &[]).as_deref(), Some("b"));
-        assert_eq!(r(Protocol::Imap, "x@EXAMPLE.org", &[]).as_deref(), Some("b"));
-        assert_eq!(r(Protocol::Imap, "x@example.net", &[]).as_deref(), Some("a"));
-        assert_eq!(r(Protocol::Imap, "x", &["s", "c"]).as_deref(), Some("c"));
-        assert_eq!(r(Protocol::Smtp, "x@example.org", &["c"]).as_deref(), Some("s"));
-        assert_eq!(r(Protocol::Pop3, "x", &[]), None);
-        // A route to a backend of another protocol is a config error.
-        let bad =
-            text.replace("[routing.smtp]\n            default = \"s\"", "[routing.smtp]\n            default = \"a\"");
-        let e = Config::parse(Path::new("/tmp/t.toml"), &bad).unwrap_err();
-        assert_eq!(e.field, "routing.smtp.default");
+    fn score_is_a_fixed_function() {
+        // Part of the routing contract: instances of every version must agree on these.
+        assert_eq!(SipHasher24::new_with_keys(HRW_K0, HRW_K1).hash(b"mail1\0alice@example.org"), 10609496919661760432);
+        let s = score("mail1", "alice@example.org", 1.0);
+        assert_eq!(s, score("mail1", "alice@example.org", 1.0));
+        assert!((score("mail1", "alice@example.org", 2.0) - 2.0 * s).abs() < 1e-12);
+        let order: Vec<String> =
+            rendezvous(&[backend("m1", 1.0), backend("m2", 1.0), backend("m3", 1.0)], "alice@example.org")
+                .iter()
+                .map(|b| b.name.clone())
+                .collect();
+        assert_eq!(order, FIXED_ORDER);
+    }
+
+    #[test]
+    fn distribution_follows_weights_within_five_percent() {
+        let pool = vec![backend("a", 1.0), backend("b", 2.0), backend("c", 1.0)];
+        let mut counts: HashMap<String, usize> = HashMap::new();
+        let n = 100_000;
+        for i in 0..n {
+            let top = rendezvous(&pool, &format!("user{i}@example.org")).remove(0);
+            *counts.entry(top.name.clone()).or_default() += 1;
+        }
+        for (name, share) in [("a", 0.25), ("b", 0.5), ("c", 0.25)] {
+            let got = counts[name] as f64 / n as f64;
+            assert!((got - share).abs() / share < 0.05, "{name}: {got} vs {share}");
+        }
+    }
+
+    #[test]
+    fn adding_or_removing_a_backend_moves_only_the_users_that_must_move() {
+        let three = vec![backend("a", 1.0), backend("b", 1.0), backend("c", 1.0)];
+        let four = vec![backend("a", 1.0), backend("b", 1.0), backend("c", 1.0), backend("d", 1.0)];
+        let n = 20_000;
+        let mut moved = 0;
+        for i in 0..n {
+            let u = format!("u{i}");
+            let before = rendezvous(&three, &u)[0].name.clone();
+            let after = rendezvous(&four, &u)[0].name.clone();
+            if before != after {
+                // Only to the new backend, never between old ones.
+                assert_eq!(after, "d");
+                moved += 1;
+            }
+            // Removing a backend moves only its own users, to their second choice.
+            let without_b: Vec<_> = three.iter().filter(|b| b.name != "b").cloned().collect();
+            let order = rendezvous(&three, &u);
+            let now = rendezvous(&without_b, &u)[0].name.clone();
+            if order[0].name == "b" {
+                assert_eq!(now, order[1].name);
+            } else {
+                assert_eq!(now, order[0].name);
+            }
+        }
+        let share = moved as f64 / n as f64;
+        assert!((share - 0.25).abs() < 0.02, "{share}");
     }
 }

@@ -20,6 +20,7 @@ use crate::app::Runtime;
 use crate::auth::{self, Credentials, Verdict};
 use crate::backend::{BackendError, ClientInfo, LoggedIn};
 use crate::config::{Backend, ListenerConfig, Protocol, TlsMode};
+use crate::health::{HealthTable, SessionGuard, Source};
 use crate::logging;
 use crate::protocol::smtp::ehlo::EhloCache;
 use crate::protocol::{CloseReason, Event, Front, FrontSettings, Goodbye, LoginFailure};
@@ -38,6 +39,7 @@ pub struct SessionCtx {
     pub id: String,
     pub shutdown: CancellationToken,
     pub ehlo: Arc<EhloCache>,
+    pub health: Arc<HealthTable>,
 }
 
 /// How a session ended, for the access log.
@@ -55,6 +57,8 @@ struct Authenticated {
     user: String,
     backend_name: String,
     pipelined: Vec<u8>,
+    /// Counts this session against its backend's `max_sessions` while it lives.
+    _guard: SessionGuard,
 }
 
 pub async fn run(ctx: SessionCtx, tcp: TcpStream) {
@@ -118,13 +122,18 @@ fn front_settings(ctx: &SessionCtx, tls_active: bool) -> FrontSettings {
     let lc = &ctx.listener;
     // Honest EHLO: the extensions of the backend unauthenticated SMTP clients would be routed to.
     let extensions = match lc.protocol {
-        Protocol::Smtp => config
-            .routing
-            .tables
-            .get(&Protocol::Smtp)
-            .and_then(|t| t.default.as_ref().or_else(|| t.domains.values().next()))
-            .and_then(|b| ctx.ehlo.get(&b.name))
-            .unwrap_or_else(|| Arc::from(Vec::new())),
+        Protocol::Smtp => {
+            let r = &config.routing;
+            r.tables
+                .get(&Protocol::Smtp)
+                .into_iter()
+                .chain([&r.shared])
+                .filter_map(|t| t.default.as_ref().or_else(|| t.domains.values().next()))
+                .flat_map(|t| t.backends().iter())
+                .filter(|b| b.protocol == Protocol::Smtp)
+                .find_map(|b| ctx.ehlo.get(&b.name))
+                .unwrap_or_else(|| Arc::from(Vec::new()))
+        }
         _ => Arc::from(Vec::new()),
     };
     FrontSettings {
@@ -186,11 +195,11 @@ async fn preauth(ctx: &SessionCtx, tcp: TcpStream, deadline: Instant) -> Result<
             };
             let fail_at = Instant::now() + limits.auth_failure_delay;
             let attempt = match req.credentials {
-                None => Err((None, "malformed")),
-                Some(creds) => login(ctx, &front, creds).await,
+                None => Err(LoginError::Bad { user: None, reason: "malformed" }),
+                Some(creds) => login(ctx, &front, creds, failures + 1, tls_info(&stream)).await,
             };
             match attempt {
-                Ok((logged_in, user, backend_name)) => {
+                Ok((logged_in, user, backend_name, guard)) => {
                     let mut to_client = front.success_reply(logged_in.untagged.clone(), logged_in.reply.clone());
                     to_client.extend_from_slice(&logged_in.leftover);
                     let goodbye = front.goodbye(Goodbye::LineTooLong);
@@ -203,18 +212,37 @@ async fn preauth(ctx: &SessionCtx, tcp: TcpStream, deadline: Instant) -> Result<
                     }
                     tracing::debug!(session = %ctx.id, backend = %backend_name, mechanism = req.mechanism.as_str(), "login ok");
                     let backend = LoggedIn { leftover: Vec::new(), ..logged_in };
-                    return Ok(Authenticated { client: stream, backend, to_client, user, backend_name, pipelined });
+                    return Ok(Authenticated {
+                        client: stream,
+                        backend,
+                        to_client,
+                        user,
+                        backend_name,
+                        pipelined,
+                        _guard: guard,
+                    });
                 }
-                Err((user, "unavailable")) => {
-                    let _ = user;
+                Err(LoginError::Unavailable) => {
                     fail(&mut front, &mut stream, LoginFailure::Unavailable, 0, u32::MAX).await?;
                 }
-                Err((user, reason)) => {
+                Err(LoginError::Bad { user, reason }) => {
                     logging::login_failed(ctx.peer.ip(), user.as_deref(), lc.protocol.as_str(), &lc.name, reason);
                     failures += 1;
                     tokio::time::sleep_until(fail_at).await;
                     fail(&mut front, &mut stream, LoginFailure::BadCredentials, failures, limits.max_auth_attempts)
                         .await?;
+                }
+                Err(LoginError::Denied { user, text, wait, code }) => {
+                    logging::login_failed(ctx.peer.ip(), user.as_deref(), lc.protocol.as_str(), &lc.name, "denied");
+                    failures += 1;
+                    // nginx semantics: with Auth-Wait, wait and let the client retry; without,
+                    // answer and close.
+                    if let Some(w) = wait {
+                        tokio::time::sleep(w).await;
+                    }
+                    let failure = LoginFailure::Message { text, smtp_code: code };
+                    let max = if wait.is_some() { limits.max_auth_attempts } else { failures };
+                    fail(&mut front, &mut stream, failure, failures, max).await?;
                 }
             }
         }
@@ -227,26 +255,90 @@ async fn preauth(ctx: &SessionCtx, tcp: TcpStream, deadline: Instant) -> Result<
     }
 }
 
-/// Verify, route and log in to the backend. The error carries the canonical user (if any) and
-/// the failure reason; "unavailable" is the backend's fault, anything else a failed login.
+/// Why a login did not lead to a relayed session.
+enum LoginError {
+    /// Wrong or malformed credentials (counted, delayed, logged for fail2ban).
+    Bad { user: Option<String>, reason: &'static str },
+    /// No backend could take the session, or the auth service is out: the client may retry.
+    Unavailable,
+    /// The auth service refused with its own text (nginx `Auth-Status`), maybe with a wait.
+    Denied { user: Option<String>, text: String, wait: Option<Duration>, code: Option<String> },
+}
+
+/// The connection's TLS parameters as nginx names them for `Auth-SSL-*`.
+fn tls_info(stream: &ClientStream) -> Option<(String, String)> {
+    let MaybeTls::Tls(t) = stream else { return None };
+    let conn = t.get_ref().1;
+    let version = match conn.protocol_version()? {
+        rustls::ProtocolVersion::TLSv1_3 => "TLSv1.3".to_string(),
+        rustls::ProtocolVersion::TLSv1_2 => "TLSv1.2".to_string(),
+        v => format!("{v:?}"),
+    };
+    let cipher = conn.negotiated_cipher_suite().map(|c| format!("{:?}", c.suite())).unwrap_or_default();
+    Some((version, cipher))
+}
+
+/// Verify, route and log in to a backend, failing over along the rendezvous order.
 async fn login(
     ctx: &SessionCtx,
     front: &Front,
     creds: Credentials,
-) -> Result<(LoggedIn, String, String), (Option<String>, &'static str)> {
+    attempt: u32,
+    tls: Option<(String, String)>,
+) -> Result<(LoggedIn, String, String, SessionGuard), LoginError> {
     let rt = &ctx.runtime;
     let limits = &rt.config.limits;
     let protocol = ctx.listener.protocol;
-    let (user, pinned, deferred) = match auth::authenticate(&rt.config, &creds).await {
-        Verdict::Rejected { user } => return Err((user, "bad_credentials")),
-        Verdict::Accepted { user, backends } => (user, backends, false),
-        Verdict::Deferred { user } => (user, Vec::new(), true),
-    };
-    let Some(backend) = crate::route::route(&rt.config, protocol, &user, &pinned) else {
-        tracing::warn!(session = %ctx.id, user = %logging::safe_user(Some(&user)), "no backend for user");
-        return Err((Some(user), "unavailable"));
-    };
     let hints = front.hints();
+    let (user, target, deferred, creds) = match &rt.auth_http {
+        Some(service) => {
+            let Some(user) = rt.config.users.canonical(&creds.user) else {
+                return Err(LoginError::Bad { user: None, reason: "malformed" });
+            };
+            let q = crate::auth::http::Query {
+                protocol,
+                user: &creds.user,
+                password: creds.password.expose(),
+                attempt,
+                client_ip: ctx.peer.ip(),
+                helo: hints.helo.as_deref(),
+                tls,
+            };
+            match service.query(&q).await {
+                Err(e) => {
+                    // Reliability case 61: an outage is never the user's failure.
+                    tracing::warn!(session = %ctx.id, error = %e, "auth service unavailable");
+                    return Err(LoginError::Unavailable);
+                }
+                Ok(crate::auth::http::Answer::Fail { message, wait, error_code }) => {
+                    return Err(LoginError::Denied { user: Some(user), text: message, wait, code: error_code });
+                }
+                Ok(crate::auth::http::Answer::Ok { server, port, user: new_user, pass, transport, client_address }) => {
+                    let target = service_target(&rt.config, protocol, &server, port, transport, client_address)
+                        .ok_or(LoginError::Unavailable)?;
+                    let creds = Credentials {
+                        user: new_user.unwrap_or(creds.user),
+                        password: pass.map(crate::auth::Password::new).unwrap_or(creds.password),
+                    };
+                    let user = rt.config.users.canonical(&creds.user).unwrap_or(user);
+                    (user, target, false, creds)
+                }
+            }
+        }
+        None => {
+            let (user, pinned, deferred) = match auth::authenticate(&rt.config, &creds).await {
+                Verdict::Rejected { user } => return Err(LoginError::Bad { user, reason: "bad_credentials" }),
+                Verdict::Accepted { user, backends } => (user, backends, false),
+                Verdict::Deferred { user } => (user, Vec::new(), true),
+            };
+            let Some(target) = crate::route::target(&rt.config, protocol, &user, &pinned) else {
+                tracing::warn!(session = %ctx.id, user = %logging::safe_user(Some(&user)), "no route for user");
+                return Err(LoginError::Unavailable);
+            };
+            (user, target, deferred, creds)
+        }
+    };
+    let plan = crate::route::plan(&target, protocol, &user, &ctx.health);
     let info = ClientInfo {
         peer: ctx.peer,
         local: ctx.local,
@@ -255,17 +347,61 @@ async fn login(
         helo: hints.helo,
         esmtp: hints.esmtp,
     };
-    let result = tokio::time::timeout(limits.backend_login_timeout, backend_login(ctx, &backend, &info, &user, &creds))
-        .await
-        .unwrap_or(Err(BackendError::Protocol("backend login timed out")));
-    match result {
-        Ok(logged_in) => Ok((logged_in, user, backend.name.clone())),
-        Err(BackendError::Rejected) => Err((Some(user), if deferred { "bad_credentials" } else { "backend_rejected" })),
-        Err(e) => {
-            tracing::warn!(session = %ctx.id, backend = %backend.name, reason = e.reason(), error = %e, "backend login failed");
-            Err((Some(user), "unavailable"))
+    for backend in &plan.candidates {
+        if !target.failover() && !ctx.health.is_up(&backend.name) {
+            // The user's mailbox lives only there and it is down: fail fast.
+            tracing::warn!(session = %ctx.id, backend = %backend.name, "backend down and its pool has no failover");
+            break;
+        }
+        let result =
+            tokio::time::timeout(limits.backend_login_timeout, backend_login(ctx, backend, &info, &user, &creds))
+                .await
+                .unwrap_or(Err(BackendError::Protocol("backend login timed out")));
+        match result {
+            Ok(logged_in) => {
+                ctx.health.success(backend, Source::Session, backend.health.rise);
+                let guard = ctx.health.session(backend);
+                return Ok((logged_in, user, backend.name.clone(), guard));
+            }
+            Err(BackendError::Rejected) => {
+                let reason = if deferred { "bad_credentials" } else { "backend_rejected" };
+                return Err(LoginError::Bad { user: Some(user), reason });
+            }
+            Err(e) => {
+                // Reliability cases 64-66: count it against the backend, try the next one.
+                ctx.health.failure(backend, Source::Session, backend.health.fall, e.reason());
+                tracing::warn!(session = %ctx.id, backend = %backend.name, route = %plan.target, reason = e.reason(), error = %e, "backend login failed");
+            }
         }
     }
+    Err(LoginError::Unavailable)
+}
+
+/// Where the auth service's `Auth-Server` points: a configured pool or backend by name, or an
+/// address (with `Auth-Port`) used as a backend with the protocol's defaults.
+fn service_target(
+    config: &crate::config::Config,
+    protocol: Protocol,
+    server: &str,
+    port: Option<u16>,
+    transport: Option<crate::config::Transport>,
+    client_address: Option<crate::config::ClientAddress>,
+) -> Option<crate::config::Target> {
+    use crate::config::{Backend, Target};
+    if let Some(p) = config.pools.get(server) {
+        return Some(Target::Pool(p.clone()));
+    }
+    if let Some(b) = config.backends.get(server) {
+        return Some(Target::Backend(b.clone()));
+    }
+    let mut b = Backend::adhoc(protocol, server, port?);
+    if let Some(t) = transport {
+        b.transport = t;
+    }
+    if let Some(c) = client_address {
+        b.client_address = c;
+    }
+    Some(Target::Backend(Arc::new(b)))
 }
 
 async fn backend_login(
@@ -277,7 +413,7 @@ async fn backend_login(
 ) -> Result<LoggedIn, BackendError> {
     use crate::protocol::{imap, pop3, smtp};
     let rt = &ctx.runtime;
-    let tls = rt.backend_tls.get(&backend.name).cloned();
+    let tls = rt.backend_tls.get(&backend.name).cloned().or_else(|| rt.default_backend_tls.clone());
     let timeout = rt.config.limits.backend_connect_timeout;
     match backend.protocol {
         Protocol::Imap => imap::back::connect_and_login(backend, tls, info, user, creds, timeout).await,
@@ -295,8 +431,9 @@ async fn fail(
     failures: u32,
     max: u32,
 ) -> Result<(), Outcome> {
+    let closing = failures >= max;
     front.login_failed(stream, failure).await.map_err(|_| Outcome::PreAuth("client_error"))?;
-    if failures >= max {
+    if closing {
         let _ = stream.write_all(front.goodbye(Goodbye::TooManyFailures)).await;
         let _ = stream.shutdown().await;
         return Err(Outcome::PreAuth("too_many_failures"));

@@ -9,7 +9,15 @@ fn quickstart_config_passes_check() {
     let c = portcullis::app::check(&root.join("config/quickstart.toml")).unwrap();
     let names: Vec<_> = c.listeners.iter().map(|l| (l.name.as_str(), l.bind[0].to_string())).collect();
     // The quickstart's ports are a contract with the README and users.
-    assert_eq!(names, vec![("imaps", "127.0.0.1:10993".to_string()), ("imap", "127.0.0.1:10143".to_string())]);
+    let expected = [
+        ("imaps", "127.0.0.1:10993"),
+        ("imap", "127.0.0.1:10143"),
+        ("pop3s", "127.0.0.1:10995"),
+        ("pop3", "127.0.0.1:10110"),
+        ("submissions", "127.0.0.1:10465"),
+        ("submission", "127.0.0.1:10587"),
+    ];
+    assert_eq!(names, expected.iter().map(|(n, a)| (*n, a.to_string())).collect::<Vec<_>>());
 }
 
 #[test]

@@ -89,6 +89,7 @@ passwd_file = "users"
 [[backend]]
 name = "fake"
 address = "{backend}"
+health = {{ enabled = false }}
 
 [routing.imap]
 default = "fake"

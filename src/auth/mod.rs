@@ -4,6 +4,7 @@
 //! (`AuthSource::Backend`: the route is chosen from the user name and the backend's login reply
 //! is the only proof). This module never talks to the network and never logs secrets.
 
+pub mod http;
 pub mod passwd;
 
 use std::fmt;
@@ -65,32 +66,17 @@ pub enum Verdict {
     Rejected { user: Option<String> },
 }
 
-/// The canonical form of a user name used for lookups, routing and logs: the domain part is
-/// lower-cased (domains are case-insensitive), the local part is kept. Returns `None` for names a
-/// proxy should never look up: empty, too long, or containing control characters or spaces.
-pub fn canonical_user(raw: &str) -> Option<String> {
-    if raw.is_empty() || raw.len() > MAX_USER_LEN || raw.chars().any(|c| c.is_control() || c.is_whitespace()) {
-        return None;
-    }
-    Some(match raw.rsplit_once('@') {
-        Some((local, domain)) if !local.is_empty() && !domain.is_empty() => {
-            format!("{local}@{}", domain.to_lowercase())
-        }
-        Some(_) => return None,
-        None => raw.to_string(),
-    })
-}
-
 /// Decide on credentials using the config snapshot's auth source.
 pub async fn authenticate(config: &Config, creds: &Credentials) -> Verdict {
-    let Some(user) = canonical_user(&creds.user) else {
+    let Some(user) = config.users.canonical(&creds.user) else {
         return Verdict::Rejected { user: None };
     };
     if creds.password.expose().is_empty() || creds.password.expose().len() > MAX_PASSWORD_LEN {
         return Verdict::Rejected { user: Some(user) };
     }
     match &config.auth {
-        AuthSource::Backend => Verdict::Deferred { user },
+        // The HTTP service is asked by the session (it needs the connection's details).
+        AuthSource::Backend | AuthSource::Http(_) => Verdict::Deferred { user },
         AuthSource::PasswdFile { users, .. } => {
             let Some(entry) = users.get(&user) else {
                 return Verdict::Rejected { user: Some(user) };
@@ -110,14 +96,31 @@ mod tests {
 
     #[test]
     fn canonical_names() {
-        assert_eq!(canonical_user("Alice@EXAMPLE.test").as_deref(), Some("Alice@example.test"));
-        assert_eq!(canonical_user("bob").as_deref(), Some("bob"));
-        assert_eq!(canonical_user(""), None);
-        assert_eq!(canonical_user("a b"), None);
-        assert_eq!(canonical_user("a\u{0}b"), None);
-        assert_eq!(canonical_user("@x"), None);
-        assert_eq!(canonical_user("x@"), None);
-        assert_eq!(canonical_user(&"a".repeat(256)), None);
+        use crate::config::{Lowercase, UserRule};
+        let r = UserRule::default();
+        assert_eq!(r.canonical("Alice@EXAMPLE.test").as_deref(), Some("Alice@example.test"));
+        assert_eq!(r.canonical("bob").as_deref(), Some("bob"));
+        assert_eq!(r.canonical(""), None);
+        assert_eq!(r.canonical("a b"), None);
+        assert_eq!(r.canonical("a\u{0}b"), None);
+        assert_eq!(r.canonical("@x"), None);
+        assert_eq!(r.canonical("x@"), None);
+        assert_eq!(r.canonical(&"a".repeat(256)), None);
+        let all = UserRule {
+            lowercase: Lowercase::All,
+            default_domain: Some("example.org".into()),
+            strip_default_domain: false,
+        };
+        assert_eq!(all.canonical("Bob").as_deref(), Some("bob@example.org"));
+        assert_eq!(all.canonical("Bob@Example.NET").as_deref(), Some("bob@example.net"));
+        let strip = UserRule {
+            lowercase: Lowercase::Domain,
+            default_domain: Some("example.org".into()),
+            strip_default_domain: true,
+        };
+        assert_eq!(strip.canonical("Bob@EXAMPLE.org").as_deref(), Some("Bob"));
+        assert_eq!(strip.canonical("Bob").as_deref(), Some("Bob"));
+        assert_eq!(strip.canonical("bob@other.net").as_deref(), Some("bob@other.net"));
     }
 
     #[test]

@@ -12,6 +12,8 @@ use std::path::Path;
 
 use subtle::ConstantTimeEq;
 
+use crate::config::UserRule;
+
 #[derive(Debug)]
 pub enum LoadError {
     Io(std::io::Error),
@@ -117,12 +119,13 @@ pub struct UserDb {
 }
 
 impl UserDb {
-    pub fn load(path: &Path) -> Result<UserDb, LoadError> {
+    pub fn load(path: &Path, rule: &UserRule) -> Result<UserDb, LoadError> {
         let text = std::fs::read_to_string(path).map_err(LoadError::Io)?;
-        Self::parse(&text)
+        Self::parse(&text, rule)
     }
 
-    pub fn parse(text: &str) -> Result<UserDb, LoadError> {
+    /// Parse a users file; names are made canonical with `rule`, as logins will be.
+    pub fn parse(text: &str, rule: &UserRule) -> Result<UserDb, LoadError> {
         let mut users = HashMap::new();
         for (i, line) in text.lines().enumerate() {
             let line_no = i + 1;
@@ -135,8 +138,7 @@ impl UserDb {
             if fields.len() < 2 {
                 return Err(err("user", "expected user:{SCHEME}hash[:uid:gid:gecos:home:shell:extra]".into()));
             }
-            let user = crate::auth::canonical_user(fields[0])
-                .ok_or_else(|| err("user", "empty or invalid user name".into()))?;
+            let user = rule.canonical(fields[0]).ok_or_else(|| err("user", "empty or invalid user name".into()))?;
             let hash = PasswordHash::parse(fields[1]).map_err(|m| err("password", m))?;
             let mut backends = Vec::new();
             if let Some(extra) = fields.get(7) {
@@ -179,10 +181,17 @@ impl UserDb {
 mod tests {
     use super::*;
 
+    impl UserDb {
+        fn parse_default(text: &str) -> Result<UserDb, LoadError> {
+            UserDb::parse(text, &UserRule::default())
+        }
+    }
+
     #[test]
     fn parses_entries_and_extra_fields() {
         let db =
-            UserDb::parse("# comment\n\nalice@Example.TEST:{PLAIN}pw::::::backend=b1 nodelay\nbob:{PLAIN}x\n").unwrap();
+            UserDb::parse_default("# comment\n\nalice@Example.TEST:{PLAIN}pw::::::backend=b1 nodelay\nbob:{PLAIN}x\n")
+                .unwrap();
         assert_eq!(db.len(), 2);
         let a = db.get("alice@example.test").unwrap();
         assert_eq!(a.backends, vec!["b1".to_string()]);
@@ -192,16 +201,16 @@ mod tests {
 
     #[test]
     fn rejects_bad_lines_with_line_number() {
-        match UserDb::parse("ok:{PLAIN}x\nbad:{MD5}abc\n") {
+        match UserDb::parse_default("ok:{PLAIN}x\nbad:{MD5}abc\n") {
             Err(LoadError::Line { line, field, .. }) => {
                 assert_eq!(line, 2);
                 assert_eq!(field, "password");
             }
             other => panic!("unexpected {other:?}"),
         }
-        assert!(matches!(UserDb::parse("nohash\n"), Err(LoadError::Line { line: 1, .. })));
-        assert!(matches!(UserDb::parse("a:{ARGON2ID}garbage\n"), Err(LoadError::Line { line: 1, .. })));
-        assert!(matches!(UserDb::parse("a:{PLAIN}x\na:{PLAIN}y\n"), Err(LoadError::Line { line: 2, .. })));
+        assert!(matches!(UserDb::parse_default("nohash\n"), Err(LoadError::Line { line: 1, .. })));
+        assert!(matches!(UserDb::parse_default("a:{ARGON2ID}garbage\n"), Err(LoadError::Line { line: 1, .. })));
+        assert!(matches!(UserDb::parse_default("a:{PLAIN}x\na:{PLAIN}y\n"), Err(LoadError::Line { line: 2, .. })));
     }
 
     #[test]

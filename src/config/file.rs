@@ -28,6 +28,10 @@ pub struct FileConfig {
     pub auth: AuthFile,
     #[serde(default, rename = "backend")]
     pub backends: Vec<BackendFile>,
+    #[serde(default, rename = "pool")]
+    pub pools: Vec<PoolFile>,
+    #[serde(default)]
+    pub users: UsersFile,
     #[serde(default)]
     pub routing: RoutingFile,
 }
@@ -118,9 +122,42 @@ pub enum BindFile {
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct AuthFile {
-    /// `passwd-file` (default when `passwd_file` is set) or `backend`.
+    /// `passwd-file` (default when `passwd_file` is set), `backend` or `http`.
     pub source: Option<Spanned<String>>,
     pub passwd_file: Option<Spanned<PathBuf>>,
+    pub http: Option<AuthHttpFile>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuthHttpFile {
+    /// One or more URLs, tried in order when one fails.
+    pub urls: Spanned<Vec<String>>,
+    #[serde(default, with = "humantime_serde::option")]
+    pub timeout: Option<Duration>,
+    /// Extra request headers (nginx `auth_http_header`).
+    #[serde(default)]
+    pub headers: BTreeMap<String, String>,
+    /// PEM CA certificates for https URLs (default: the system roots).
+    pub ca_file: Option<Spanned<PathBuf>>,
+    /// How long a positive answer is reused (default 0: not cached).
+    #[serde(default, with = "humantime_serde::option")]
+    pub cache_ttl: Option<Duration>,
+    /// How long a negative answer is reused (default 0: not cached).
+    #[serde(default, with = "humantime_serde::option")]
+    pub negative_cache_ttl: Option<Duration>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UsersFile {
+    /// `domain` (default): lower-case the domain part; `all`; `none`.
+    pub lowercase: Option<Spanned<String>>,
+    /// Added to user names without a domain.
+    pub default_domain: Option<Spanned<String>>,
+    /// Strip `@default_domain` instead (names are then stored without it).
+    #[serde(default)]
+    pub strip_default_domain: bool,
 }
 
 #[derive(Debug, Deserialize)]
@@ -142,6 +179,17 @@ pub struct BackendFile {
     pub client_address: Option<Spanned<String>>,
     /// `replay` or `master`; SMTP also `xclient` (its default).
     pub login: Option<Spanned<String>>,
+    /// Relative share of a pool's users (default 1).
+    pub weight: Option<Spanned<f64>>,
+    /// `up` (default), `draining` (no new sessions) or `disabled`.
+    pub state: Option<Spanned<String>>,
+    /// Rendezvous key: backends of different protocols on one host share it, so a user's IMAP,
+    /// POP3 and SMTP land on the same host (default: the backend name).
+    pub host_key: Option<String>,
+    /// Most concurrent sessions on this backend (0 = unlimited); a full backend is skipped.
+    pub max_sessions: Option<u32>,
+    #[serde(default)]
+    pub health: Option<HealthFile>,
     pub master_user: Option<Spanned<String>>,
     pub master_password: Option<Spanned<String>>,
 }
@@ -149,6 +197,13 @@ pub struct BackendFile {
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RoutingFile {
+    /// Rules for every protocol (a pool shared by several protocols).
+    pub default: Option<Spanned<String>>,
+    #[serde(default)]
+    pub domains: BTreeMap<String, Spanned<String>>,
+    #[serde(default)]
+    pub users: BTreeMap<String, Spanned<String>>,
+    /// Per-protocol rules, consulted before the shared ones.
     pub imap: Option<RouteTableFile>,
     pub pop3: Option<RouteTableFile>,
     pub smtp: Option<RouteTableFile>,
@@ -158,6 +213,40 @@ pub struct RoutingFile {
 #[serde(deny_unknown_fields)]
 pub struct RouteTableFile {
     pub default: Option<Spanned<String>>,
+    /// Domain (or `*.domain`) → pool or backend.
     #[serde(default)]
     pub domains: BTreeMap<String, Spanned<String>>,
+    /// Exact user → pool or backend.
+    #[serde(default)]
+    pub users: BTreeMap<String, Spanned<String>>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HealthFile {
+    /// Active checks on (default true).
+    pub enabled: Option<bool>,
+    #[serde(default, with = "humantime_serde::option")]
+    pub interval: Option<Duration>,
+    #[serde(default, with = "humantime_serde::option")]
+    pub timeout: Option<Duration>,
+    /// Consecutive successes to mark a down backend up (default 2).
+    pub rise: Option<u32>,
+    /// Consecutive failures to mark an up backend down (default 3).
+    pub fall: Option<u32>,
+    /// Also STARTTLS when the transport is `starttls` (default true).
+    pub starttls: Option<bool>,
+    /// Optional test login (IMAP and POP3).
+    pub login_user: Option<String>,
+    pub login_password: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PoolFile {
+    pub name: Spanned<String>,
+    pub backends: Spanned<Vec<String>>,
+    /// Move a session to the next backend in rendezvous order when its backend is down or
+    /// fails at connect (default true). `false` for mailboxes that live on exactly one server.
+    pub failover: Option<bool>,
 }

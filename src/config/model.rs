@@ -71,7 +71,10 @@ pub struct Config {
     pub listeners: Vec<Arc<ListenerConfig>>,
     pub auth: AuthSource,
     pub backends: HashMap<String, Arc<Backend>>,
+    pub pools: HashMap<String, Arc<Pool>>,
     pub routing: Routing,
+    /// The one rule for user names, used by auth, routing and logs alike.
+    pub users: UserRule,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -188,6 +191,73 @@ pub enum AuthSource {
     PasswdFile { path: PathBuf, users: Arc<UserDb> },
     /// The routed backend verifies the credentials; its OK is the only proof.
     Backend,
+    /// An nginx `auth_http`-compatible service decides and routes.
+    Http(AuthHttpSettings),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AuthHttpSettings {
+    pub urls: Vec<String>,
+    pub timeout: Duration,
+    pub headers: Vec<(String, String)>,
+    pub ca_file: Option<PathBuf>,
+    pub cache_ttl: Duration,
+    pub negative_cache_ttl: Duration,
+}
+
+/// How user names are made canonical.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UserRule {
+    pub lowercase: Lowercase,
+    pub default_domain: Option<String>,
+    pub strip_default_domain: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Lowercase {
+    Domain,
+    All,
+    None,
+}
+
+impl Default for UserRule {
+    fn default() -> Self {
+        UserRule { lowercase: Lowercase::Domain, default_domain: None, strip_default_domain: false }
+    }
+}
+
+impl UserRule {
+    /// The canonical form of a user name, or `None` for names never to be looked up: empty, too
+    /// long, or holding control characters or spaces (reliability case 35).
+    pub fn canonical(&self, raw: &str) -> Option<String> {
+        if raw.is_empty()
+            || raw.len() > crate::auth::MAX_USER_LEN
+            || raw.chars().any(|c| c.is_control() || c.is_whitespace())
+        {
+            return None;
+        }
+        let (local, domain) = match raw.rsplit_once('@') {
+            Some((l, d)) if !l.is_empty() && !d.is_empty() => (l, Some(d)),
+            Some(_) => return None,
+            None => (raw, None),
+        };
+        let local = if self.lowercase == Lowercase::All { local.to_lowercase() } else { local.to_string() };
+        let domain = match domain {
+            Some(d) if self.lowercase == Lowercase::None => Some(d.to_string()),
+            Some(d) => Some(d.to_lowercase()),
+            None => self.default_domain.clone(),
+        };
+        Some(match domain {
+            Some(d)
+                if self.strip_default_domain
+                    && self.default_domain.as_deref().is_some_and(|dd| dd.eq_ignore_ascii_case(&d)) =>
+            {
+                local
+            }
+            Some(d) => format!("{local}@{d}"),
+            None => local,
+        })
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -229,10 +299,18 @@ impl fmt::Debug for BackendLogin {
     }
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Backend {
     pub name: String,
     pub protocol: Protocol,
+    /// Relative share of a pool's users.
+    pub weight: f64,
+    pub state: BackendState,
+    /// Rendezvous key (shared by a host's backends of different protocols).
+    pub host_key: String,
+    /// Most concurrent sessions (0 = unlimited).
+    pub max_sessions: u32,
+    pub health: HealthSettings,
     /// `host:port` as written; resolved at connect time.
     pub address: String,
     pub host: String,
@@ -244,17 +322,150 @@ pub struct Backend {
     pub login: BackendLogin,
 }
 
-/// Where each protocol's users go.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BackendState {
+    Up,
+    /// No new sessions; existing ones continue.
+    Draining,
+    /// Never used.
+    Disabled,
+}
+
+impl BackendState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            BackendState::Up => "up",
+            BackendState::Draining => "draining",
+            BackendState::Disabled => "disabled",
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HealthSettings {
+    pub enabled: bool,
+    pub interval: Duration,
+    pub timeout: Duration,
+    pub rise: u32,
+    pub fall: u32,
+    pub starttls: bool,
+    /// Test login (user, password) for IMAP and POP3 checks.
+    pub login: Option<(String, String)>,
+}
+
+impl Default for HealthSettings {
+    fn default() -> Self {
+        HealthSettings {
+            enabled: true,
+            interval: Duration::from_secs(10),
+            timeout: Duration::from_secs(5),
+            rise: 2,
+            fall: 3,
+            starttls: true,
+            login: None,
+        }
+    }
+}
+
+/// Backends sharing users by weighted rendezvous hashing.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Pool {
+    pub name: String,
+    pub backends: Vec<Arc<Backend>>,
+    pub failover: bool,
+}
+
+/// What a routing rule points at.
+#[derive(Debug, Clone)]
+pub enum Target {
+    Backend(Arc<Backend>),
+    Pool(Arc<Pool>),
+}
+
+impl Target {
+    pub fn name(&self) -> &str {
+        match self {
+            Target::Backend(b) => &b.name,
+            Target::Pool(p) => &p.name,
+        }
+    }
+
+    pub fn backends(&self) -> &[Arc<Backend>] {
+        match self {
+            Target::Backend(b) => std::slice::from_ref(b),
+            Target::Pool(p) => &p.backends,
+        }
+    }
+
+    /// A lone backend has nowhere to fail over to.
+    pub fn failover(&self) -> bool {
+        match self {
+            Target::Backend(_) => false,
+            Target::Pool(p) => p.failover,
+        }
+    }
+
+    pub fn serves(&self, protocol: Protocol) -> bool {
+        self.backends().iter().any(|b| b.protocol == protocol)
+    }
+}
+
+impl Backend {
+    /// A backend the auth service named by address: protocol defaults, verified TLS, no checks.
+    pub fn adhoc(protocol: Protocol, host: &str, port: u16) -> Backend {
+        let address = if host.contains(':') { format!("[{host}]:{port}") } else { format!("{host}:{port}") };
+        Backend {
+            name: address.clone(),
+            protocol,
+            weight: 1.0,
+            state: BackendState::Up,
+            host_key: address.clone(),
+            max_sessions: 0,
+            health: HealthSettings { enabled: false, ..HealthSettings::default() },
+            address,
+            host: host.to_string(),
+            transport: Transport::Plain,
+            tls_server_name: host.to_string(),
+            tls_verify: true,
+            tls_ca_file: None,
+            client_address: match protocol {
+                Protocol::Imap => ClientAddress::ImapId,
+                Protocol::Pop3 | Protocol::Smtp => ClientAddress::Xclient,
+            },
+            login: match protocol {
+                Protocol::Smtp => BackendLogin::Xclient,
+                Protocol::Imap | Protocol::Pop3 => BackendLogin::Replay,
+            },
+        }
+    }
+}
+
+/// Where each protocol's users go: per-protocol rules first, then the shared ones.
 #[derive(Debug, Default)]
 pub struct Routing {
+    pub shared: RouteTable,
     pub tables: HashMap<Protocol, RouteTable>,
 }
 
 #[derive(Debug, Default)]
 pub struct RouteTable {
-    pub default: Option<Arc<Backend>>,
-    /// Lower-case domain → backend.
-    pub domains: HashMap<String, Arc<Backend>>,
+    pub default: Option<Target>,
+    /// Lower-case domain → target.
+    pub domains: HashMap<String, Target>,
+    /// `*.parent` rules keyed by the lower-case parent domain.
+    pub wildcards: HashMap<String, Target>,
+    /// Canonical user → target.
+    pub users: HashMap<String, Target>,
+}
+
+impl RouteTable {
+    fn is_empty(&self) -> bool {
+        self.default.is_none() && self.domains.is_empty() && self.wildcards.is_empty() && self.users.is_empty()
+    }
+
+    fn targets(&self) -> impl Iterator<Item = &Target> {
+        self.default.iter().chain(self.domains.values()).chain(self.wildcards.values()).chain(self.users.values())
+    }
 }
 
 impl Config {
@@ -355,15 +566,23 @@ impl Validator<'_> {
                 "TLS listeners need a certificate (or tls.self_signed_names)",
             ));
         }
-        let auth = self.auth(&raw.auth)?;
+        let users_rule = self.users(&raw.users)?;
+        let auth = self.auth(&raw.auth, &users_rule)?;
         let backends = self.backends(&raw.backends)?;
-        let routing = self.routing(&raw.routing, &backends)?;
+        let pools = self.pools(&raw.pools, &backends)?;
+        let routing = self.routing(&raw.routing, &backends, &pools, &users_rule)?;
         for l in &listeners {
-            if routing.tables.get(&l.protocol).is_none_or(|t| t.default.is_none() && t.domains.is_empty()) {
+            let served = routing
+                .tables
+                .get(&l.protocol)
+                .into_iter()
+                .chain([&routing.shared])
+                .any(|t| t.targets().any(|t| t.serves(l.protocol)));
+            if !served && !matches!(auth, AuthSource::Http(_)) {
                 return Err(self.err(
                     None,
                     format!("routing.{}", l.protocol.as_str()),
-                    format!("listener {:?} needs routes for {}", l.name, l.protocol.as_str()),
+                    format!("listener {:?} needs routes to a {} backend", l.name, l.protocol.as_str()),
                 ));
             }
         }
@@ -383,12 +602,12 @@ impl Validator<'_> {
         };
         if let AuthSource::PasswdFile { users, path } = &auth {
             for (user, backend) in users.backend_refs() {
-                if !backends.contains_key(backend) {
+                if !backends.contains_key(backend) && !pools.contains_key(backend) {
                     return Err(ConfigError {
                         file: path.clone(),
                         position: None,
                         field: "backend".into(),
-                        message: format!("user {user:?} names unknown backend {backend:?}"),
+                        message: format!("user {user:?} names unknown backend or pool {backend:?}"),
                     });
                 }
             }
@@ -403,7 +622,9 @@ impl Validator<'_> {
             listeners,
             auth,
             backends,
+            pools,
             routing,
+            users: users_rule,
         })
     }
 
@@ -540,8 +761,83 @@ impl Validator<'_> {
         Ok(out)
     }
 
-    fn auth(&self, a: &file::AuthFile) -> Result<AuthSource, ConfigError> {
+    fn users(&self, u: &file::UsersFile) -> Result<UserRule, ConfigError> {
+        let lowercase = match u.lowercase.as_ref().map(|l| l.get_ref().as_str()) {
+            None | Some("domain") => Lowercase::Domain,
+            Some("all") => Lowercase::All,
+            Some("none") => Lowercase::None,
+            Some(other) => {
+                let span = u.lowercase.as_ref().map(|l| l.span());
+                return Err(self.err(
+                    span,
+                    "users.lowercase",
+                    format!("expected \"domain\", \"all\" or \"none\", found {other:?}"),
+                ));
+            }
+        };
+        let default_domain = match &u.default_domain {
+            Some(d) => {
+                let name = d.get_ref().trim().to_ascii_lowercase();
+                if name.is_empty() || !name.split('.').all(valid_label) {
+                    return Err(self.err(
+                        Some(d.span()),
+                        "users.default_domain",
+                        format!("{:?} is not a domain", d.get_ref()),
+                    ));
+                }
+                Some(name)
+            }
+            None => None,
+        };
+        if u.strip_default_domain && default_domain.is_none() {
+            return Err(self.err(None, "users.strip_default_domain", "needs users.default_domain"));
+        }
+        Ok(UserRule { lowercase, default_domain, strip_default_domain: u.strip_default_domain })
+    }
+
+    fn auth(&self, a: &file::AuthFile, rule: &UserRule) -> Result<AuthSource, ConfigError> {
         let source = a.source.as_ref().map(|s| s.get_ref().as_str());
+        if source == Some("http") {
+            let Some(h) = &a.http else {
+                return Err(self.err(
+                    a.source.as_ref().map(|s| s.span()),
+                    "auth.http",
+                    "source = \"http\" needs an [auth.http] table",
+                ));
+            };
+            if h.urls.get_ref().is_empty() {
+                return Err(self.err(Some(h.urls.span()), "auth.http.urls", "at least one URL is needed"));
+            }
+            for u in h.urls.get_ref() {
+                let ok = (u.starts_with("http://") || u.starts_with("https://"))
+                    && u.parse::<hyper::Uri>().is_ok_and(|uri| uri.host().is_some());
+                if !ok {
+                    return Err(self.err(
+                        Some(h.urls.span()),
+                        "auth.http.urls",
+                        format!("{u:?} is not an http:// or https:// URL"),
+                    ));
+                }
+            }
+            for (k, v) in &h.headers {
+                if hyper::header::HeaderName::from_bytes(k.as_bytes()).is_err()
+                    || hyper::header::HeaderValue::from_str(v).is_err()
+                {
+                    return Err(self.err(None, format!("auth.http.headers.{k}"), "not a valid HTTP header"));
+                }
+            }
+            return Ok(AuthSource::Http(AuthHttpSettings {
+                urls: h.urls.get_ref().clone(),
+                timeout: h.timeout.unwrap_or(Duration::from_secs(10)),
+                headers: h.headers.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
+                ca_file: h.ca_file.as_ref().map(|p| self.resolve(p.get_ref())),
+                cache_ttl: h.cache_ttl.unwrap_or(Duration::ZERO),
+                negative_cache_ttl: h.negative_cache_ttl.unwrap_or(Duration::ZERO),
+            }));
+        }
+        if a.http.is_some() {
+            return Err(self.err(None, "auth.http", "only used with source = \"http\""));
+        }
         match (source, &a.passwd_file) {
             (Some("backend"), None) => Ok(AuthSource::Backend),
             (Some("backend"), Some(p)) => {
@@ -549,7 +845,7 @@ impl Validator<'_> {
             }
             (None | Some("passwd-file"), Some(p)) => {
                 let path = self.resolve(p.get_ref());
-                let users = UserDb::load(&path).map_err(|e| match e {
+                let users = UserDb::load(&path, rule).map_err(|e| match e {
                     crate::auth::passwd::LoadError::Io(io) => {
                         self.err(Some(p.span()), "auth.passwd_file", format!("cannot read {}: {io}", path.display()))
                     }
@@ -564,7 +860,11 @@ impl Validator<'_> {
             }
             (Some(other), _) => {
                 let span = a.source.as_ref().map(|s| s.span());
-                Err(self.err(span, "auth.source", format!("expected \"passwd-file\" or \"backend\", found {other:?}")))
+                Err(self.err(
+                    span,
+                    "auth.source",
+                    format!("expected \"passwd-file\", \"backend\" or \"http\", found {other:?}"),
+                ))
             }
         }
     }
@@ -670,11 +970,70 @@ impl Validator<'_> {
                     format!("{tls_server_name:?} is not a valid server name"),
                 ));
             }
+            let weight = match &b.weight {
+                None => 1.0,
+                Some(w) if w.get_ref().is_finite() && *w.get_ref() > 0.0 && *w.get_ref() <= 1000.0 => *w.get_ref(),
+                Some(w) => {
+                    return Err(self.err(Some(w.span()), field("weight"), "must be a number above 0 and at most 1000"));
+                }
+            };
+            let state = match b.state.as_ref().map(|s| s.get_ref().as_str()) {
+                None | Some("up") => BackendState::Up,
+                Some("draining") => BackendState::Draining,
+                Some("disabled") => BackendState::Disabled,
+                Some(other) => {
+                    let span = b.state.as_ref().map(|s| s.span());
+                    return Err(self.err(
+                        span,
+                        field("state"),
+                        format!("expected \"up\", \"draining\" or \"disabled\", found {other:?}"),
+                    ));
+                }
+            };
+            let health = match &b.health {
+                None => HealthSettings::default(),
+                Some(h) => {
+                    let d = HealthSettings::default();
+                    let login = match (&h.login_user, &h.login_password) {
+                        (Some(u), Some(p)) => Some((u.clone(), p.clone())),
+                        (None, None) => None,
+                        _ => {
+                            return Err(self.err(
+                                None,
+                                field("health.login_user"),
+                                "login_user and login_password go together",
+                            ));
+                        }
+                    };
+                    let hs = HealthSettings {
+                        enabled: h.enabled.unwrap_or(true),
+                        interval: h.interval.unwrap_or(d.interval),
+                        timeout: h.timeout.unwrap_or(d.timeout),
+                        rise: h.rise.unwrap_or(d.rise),
+                        fall: h.fall.unwrap_or(d.fall),
+                        starttls: h.starttls.unwrap_or(true),
+                        login,
+                    };
+                    if hs.interval.is_zero() || hs.timeout.is_zero() || hs.rise == 0 || hs.fall == 0 {
+                        return Err(self.err(
+                            None,
+                            field("health"),
+                            "interval, timeout, rise and fall must be above 0",
+                        ));
+                    }
+                    hs
+                }
+            };
             out.insert(
                 name.clone(),
                 Arc::new(Backend {
+                    host_key: b.host_key.clone().unwrap_or_else(|| name.clone()),
                     name,
                     protocol,
+                    weight,
+                    state,
+                    max_sessions: b.max_sessions.unwrap_or(0),
+                    health,
                     address,
                     host,
                     transport,
@@ -689,35 +1048,116 @@ impl Validator<'_> {
         Ok(out)
     }
 
-    fn routing(&self, r: &file::RoutingFile, backends: &HashMap<String, Arc<Backend>>) -> Result<Routing, ConfigError> {
-        let mut tables = HashMap::new();
-        for (protocol, table) in [(Protocol::Imap, &r.imap), (Protocol::Pop3, &r.pop3), (Protocol::Smtp, &r.smtp)] {
-            let Some(table) = table else { continue };
-            let lookup = |s: &Spanned<String>, field: String| {
-                let b = backends.get(s.get_ref()).cloned().ok_or_else(|| {
-                    self.err(Some(s.span()), field.clone(), format!("unknown backend {:?}", s.get_ref()))
+    fn pools(
+        &self,
+        ps: &[file::PoolFile],
+        backends: &HashMap<String, Arc<Backend>>,
+    ) -> Result<HashMap<String, Arc<Pool>>, ConfigError> {
+        let mut out = HashMap::new();
+        for (i, p) in ps.iter().enumerate() {
+            let name = p.name.get_ref().clone();
+            if name.is_empty() || out.contains_key(&name) || backends.contains_key(&name) {
+                return Err(self.err(
+                    Some(p.name.span()),
+                    format!("pool[{i}].name"),
+                    format!("{name:?} is empty or already names a pool or backend"),
+                ));
+            }
+            let mut members = Vec::new();
+            for b in p.backends.get_ref() {
+                let backend = backends.get(b).ok_or_else(|| {
+                    self.err(Some(p.backends.span()), format!("pool[{i}].backends"), format!("unknown backend {b:?}"))
                 })?;
-                if b.protocol != protocol {
+                if members.iter().any(|m: &Arc<Backend>| m.name == *b) {
                     return Err(self.err(
-                        Some(s.span()),
-                        field,
-                        format!("backend {:?} speaks {}, not {}", b.name, b.protocol.as_str(), protocol.as_str()),
+                        Some(p.backends.span()),
+                        format!("pool[{i}].backends"),
+                        format!("{b:?} listed twice"),
                     ));
                 }
-                Ok(b)
-            };
-            let p = protocol.as_str();
-            let default = match &table.default {
-                Some(d) => Some(lookup(d, format!("routing.{p}.default"))?),
-                None => None,
-            };
-            let mut domains = HashMap::new();
-            for (domain, b) in &table.domains {
-                domains.insert(domain.to_ascii_lowercase(), lookup(b, format!("routing.{p}.domains.{domain}"))?);
+                members.push(backend.clone());
             }
-            tables.insert(protocol, RouteTable { default, domains });
+            if members.is_empty() {
+                return Err(self.err(Some(p.backends.span()), format!("pool[{i}].backends"), "a pool needs backends"));
+            }
+            out.insert(name.clone(), Arc::new(Pool { name, backends: members, failover: p.failover.unwrap_or(true) }));
         }
-        Ok(Routing { tables })
+        Ok(out)
+    }
+
+    fn routing(
+        &self,
+        r: &file::RoutingFile,
+        backends: &HashMap<String, Arc<Backend>>,
+        pools: &HashMap<String, Arc<Pool>>,
+        rule: &UserRule,
+    ) -> Result<Routing, ConfigError> {
+        let table = |protocol: Option<Protocol>,
+                     default: &Option<Spanned<String>>,
+                     domains: &std::collections::BTreeMap<String, Spanned<String>>,
+                     users: &std::collections::BTreeMap<String, Spanned<String>>|
+         -> Result<RouteTable, ConfigError> {
+            let prefix = match protocol {
+                Some(p) => format!("routing.{}", p.as_str()),
+                None => "routing".to_string(),
+            };
+            let lookup = |s: &Spanned<String>, field: String| -> Result<Target, ConfigError> {
+                let name = s.get_ref();
+                let target = match (pools.get(name), backends.get(name)) {
+                    (Some(p), _) => Target::Pool(p.clone()),
+                    (None, Some(b)) => Target::Backend(b.clone()),
+                    (None, None) => {
+                        return Err(self.err(Some(s.span()), field, format!("unknown pool or backend {name:?}")));
+                    }
+                };
+                if let Some(p) = protocol
+                    && !target.serves(p)
+                {
+                    return Err(self.err(Some(s.span()), field, format!("{name:?} has no {} backend", p.as_str())));
+                }
+                Ok(target)
+            };
+            let mut t = RouteTable::default();
+            if let Some(d) = default {
+                t.default = Some(lookup(d, format!("{prefix}.default"))?);
+            }
+            for (domain, target) in domains {
+                let field = format!("{prefix}.domains.{domain}");
+                let d = domain.to_ascii_lowercase();
+                let bare = d.strip_prefix("*.").unwrap_or(&d);
+                if bare.is_empty() || !bare.split('.').all(valid_label) {
+                    return Err(self.err(
+                        Some(target.span()),
+                        field,
+                        format!("{domain:?} is not a domain or *.domain"),
+                    ));
+                }
+                let tgt = lookup(target, field)?;
+                match d.strip_prefix("*.") {
+                    Some(parent) => t.wildcards.insert(parent.to_string(), tgt),
+                    None => t.domains.insert(d, tgt),
+                };
+            }
+            for (user, target) in users {
+                let field = format!("{prefix}.users.{user}");
+                let canonical = rule.canonical(user).ok_or_else(|| {
+                    self.err(Some(target.span()), field.clone(), format!("{user:?} is not a user name"))
+                })?;
+                t.users.insert(canonical, lookup(target, field)?);
+            }
+            Ok(t)
+        };
+        let shared = table(None, &r.default, &r.domains, &r.users)?;
+        let mut tables = HashMap::new();
+        for (protocol, t) in [(Protocol::Imap, &r.imap), (Protocol::Pop3, &r.pop3), (Protocol::Smtp, &r.smtp)] {
+            if let Some(t) = t {
+                let built = table(Some(protocol), &t.default, &t.domains, &t.users)?;
+                if !built.is_empty() {
+                    tables.insert(protocol, built);
+                }
+            }
+        }
+        Ok(Routing { shared, tables })
     }
 }
 
@@ -793,7 +1233,7 @@ default = "b"
 
         let e = parse(&BASE.replace("default = \"b\"", "default = \"nope\"")).unwrap_err();
         assert_eq!(e.field, "routing.imap.default");
-        assert!(e.message.contains("unknown backend"));
+        assert!(e.message.contains("unknown pool or backend"));
 
         let e = parse(&BASE.replace("127.0.0.1:143", "127.0.0.1")).unwrap_err();
         assert_eq!(e.field, "backend[0].address");

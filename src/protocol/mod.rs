@@ -101,12 +101,15 @@ pub enum Event {
 }
 
 /// How a failed login is answered.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum LoginFailure {
     /// Wrong user, wrong password, malformed credentials: one answer for all.
     BadCredentials,
     /// The backend could not be reached or failed: the client may retry.
     Unavailable,
+    /// The auth service's own text (already made printable and bounded), and for SMTP its
+    /// reply code.
+    Message { text: String, smtp_code: Option<String> },
 }
 
 /// Final words before the proxy closes a connection on its own.

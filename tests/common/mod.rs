@@ -83,6 +83,7 @@ passwd_file = "users"
 name = "fake"
 protocol = "{protocol}"
 address = "{backend}"
+health = {{ enabled = false }}
 
 [routing.{protocol}]
 default = "fake"

@@ -230,6 +230,7 @@ impl ImapFront {
         let reply = match failure {
             LoginFailure::BadCredentials => format!("{tag} NO [AUTHENTICATIONFAILED] Authentication failed.\r\n"),
             LoginFailure::Unavailable => format!("{tag} NO [UNAVAILABLE] Server unavailable, try again later.\r\n"),
+            LoginFailure::Message { text, .. } => format!("{tag} NO {text}\r\n"),
         };
         write(s, reply.as_bytes()).await
     }

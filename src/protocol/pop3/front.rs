@@ -152,6 +152,7 @@ impl Pop3Front {
         match failure {
             LoginFailure::BadCredentials => write(s, b"-ERR [AUTH] Authentication failed.\r\n").await,
             LoginFailure::Unavailable => write(s, b"-ERR [SYS/TEMP] Server unavailable, try again later.\r\n").await,
+            LoginFailure::Message { text, .. } => write(s, format!("-ERR {text}\r\n").as_bytes()).await,
         }
     }
 

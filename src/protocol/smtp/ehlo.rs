@@ -58,15 +58,7 @@ pub async fn probe(
     hostname: &str,
     timeout: Duration,
 ) -> Result<Vec<String>, BackendError> {
-    let unspecified = std::net::SocketAddr::from(([127, 0, 0, 1], 0));
-    let client = ClientInfo {
-        peer: unspecified,
-        local: unspecified,
-        session_id: String::new(),
-        id_fields: Vec::new(),
-        helo: None,
-        esmtp: true,
-    };
+    let client = ClientInfo::local();
     let work = async {
         let mut stream = backend::connect(backend, tls, &client, timeout).await?;
         let mut lines = Lines::default();

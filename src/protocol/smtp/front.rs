@@ -212,6 +212,11 @@ impl SmtpFront {
         match failure {
             LoginFailure::BadCredentials => write(s, b"535 5.7.8 Authentication credentials invalid\r\n").await,
             LoginFailure::Unavailable => write(s, b"454 4.7.0 Temporary authentication failure\r\n").await,
+            LoginFailure::Message { text, smtp_code } => {
+                // nginx's default code for a refusal without Auth-Error-Code.
+                let code = smtp_code.as_deref().filter(|c| valid_reply_code(c)).unwrap_or("535 5.7.0");
+                write(s, format!("{code} {text}\r\n").as_bytes()).await
+            }
         }
     }
 
@@ -296,6 +301,16 @@ impl SmtpFront {
             }
         }
     }
+}
+
+/// `4xx` or `5xx`, optionally followed by an enhanced status code.
+fn valid_reply_code(code: &str) -> bool {
+    let b = code.as_bytes();
+    b.len() >= 3
+        && matches!(b[0], b'4' | b'5')
+        && b[1].is_ascii_digit()
+        && b[2].is_ascii_digit()
+        && code[3..].bytes().all(|c| c.is_ascii_digit() || c == b'.' || c == b' ')
 }
 
 /// An EHLO/HELO argument we are willing to pass on: a domain or an address literal, printable

@@ -1,0 +1,407 @@
+//! An nginx `auth_http`-compatible auth and routing client.
+//!
+//! The request is the one nginx's mail module sends (a `GET` with `Auth-Method`, `Auth-User`,
+//! `Auth-Pass` escaped as nginx escapes them, `Auth-Protocol`, `Auth-Login-Attempt`, `Client-IP`,
+//! `Client-Host` and `Auth-SMTP-Helo` for SMTP, `Auth-SSL*`, and configured extra headers), and
+//! the response is read the way nginx reads it: the status code is ignored, `Auth-Status: OK`
+//! with `Auth-Server`/`Auth-Port` routes, any other `Auth-Status` is the failure text shown to the
+//! client, `Auth-Wait` delays and lets the client retry on the same connection, `Auth-Error-Code`
+//! is the SMTP reply code, `Auth-User`/`Auth-Pass` replace what is sent to the backend.
+//! `docs/auth-http.md` documents the mapping and what is added beyond nginx (keep-alive, HTTPS,
+//! several URLs, caching, pool names as `Auth-Server`).
+//!
+//! A service that cannot be reached, times out or answers without `Auth-Status` is an outage:
+//! the client gets a temporary failure and it never counts as the user's failed login.
+
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Empty};
+use hyper::header::{HeaderName, HeaderValue};
+use hyper::{HeaderMap, Request};
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioExecutor;
+use siphasher::sip::SipHasher13;
+use tokio::time::Instant;
+
+use crate::config::{AuthHttpSettings, ClientAddress, Protocol, Transport};
+
+/// Longest failure text passed on to a client.
+const MAX_MESSAGE: usize = 200;
+/// Longest `Auth-Wait` honoured.
+const MAX_WAIT: Duration = Duration::from_secs(60);
+/// Most cached answers kept.
+const MAX_CACHE: usize = 100_000;
+
+/// What the proxy knows about the login attempt.
+#[derive(Debug, Clone)]
+pub struct Query<'a> {
+    pub protocol: Protocol,
+    pub user: &'a str,
+    pub password: &'a [u8],
+    /// 1 for the first attempt on a connection, counting up.
+    pub attempt: u32,
+    pub client_ip: IpAddr,
+    pub helo: Option<&'a str>,
+    /// (protocol version, cipher suite) when the client connection is TLS.
+    pub tls: Option<(String, String)>,
+}
+
+/// The service's decision.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Answer {
+    Ok {
+        /// An address, a host name, or the name of a configured pool or backend.
+        server: String,
+        port: Option<u16>,
+        /// Replacements for the credentials sent to the backend.
+        user: Option<String>,
+        pass: Option<Vec<u8>>,
+        /// Extensions: `Auth-Transport` (plain, tls, starttls) and `Auth-Client-Address`.
+        transport: Option<Transport>,
+        client_address: Option<ClientAddress>,
+    },
+    Fail {
+        message: String,
+        wait: Option<Duration>,
+        error_code: Option<String>,
+    },
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("auth service unavailable: {0}")]
+pub struct Outage(pub String);
+
+type HttpClient = Client<hyper_rustls::HttpsConnector<HttpConnector>, Empty<Bytes>>;
+
+pub struct AuthHttp {
+    settings: AuthHttpSettings,
+    client: HttpClient,
+    cache: Mutex<HashMap<u64, (Instant, Answer)>>,
+}
+
+impl std::fmt::Debug for AuthHttp {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AuthHttp").field("urls", &self.settings.urls).finish()
+    }
+}
+
+impl AuthHttp {
+    pub fn new(settings: AuthHttpSettings) -> Result<AuthHttp, String> {
+        use rustls::pki_types::CertificateDer;
+        use rustls::pki_types::pem::PemObject;
+        let mut roots = rustls::RootCertStore::empty();
+        let ca = settings.ca_file.clone().unwrap_or_else(|| "/etc/ssl/certs/ca-certificates.crt".into());
+        if let Ok(iter) = CertificateDer::pem_file_iter(&ca) {
+            for cert in iter.flatten() {
+                let _ = roots.add(cert);
+            }
+        }
+        if settings.ca_file.is_some() && roots.is_empty() {
+            return Err(format!("{}: no CA certificates", ca.display()));
+        }
+        let tls = rustls::ClientConfig::builder().with_root_certificates(roots).with_no_client_auth();
+        let connector =
+            hyper_rustls::HttpsConnectorBuilder::new().with_tls_config(tls).https_or_http().enable_http1().build();
+        let client = Client::builder(TokioExecutor::new()).pool_idle_timeout(Duration::from_secs(60)).build(connector);
+        Ok(AuthHttp { settings, client, cache: Mutex::new(HashMap::new()) })
+    }
+
+    /// Ask the service (or the cache). Tries each URL in turn until one answers.
+    pub async fn query(&self, q: &Query<'_>) -> Result<Answer, Outage> {
+        let key = cache_key(q);
+        if let Some(answer) = self.cached(key) {
+            return Ok(answer);
+        }
+        let mut last = String::from("no URL");
+        for url in &self.settings.urls {
+            let req = match build_request(url, q, &self.settings.headers) {
+                Ok(r) => r,
+                Err(e) => {
+                    last = e;
+                    continue;
+                }
+            };
+            let resp = tokio::time::timeout(self.settings.timeout, async {
+                let resp = self.client.request(req).await.map_err(|e| e.to_string())?;
+                let headers = resp.headers().clone();
+                // Drain the (ignored) body so the connection can be reused.
+                let _ = resp.into_body().collect().await;
+                Ok::<HeaderMap, String>(headers)
+            })
+            .await;
+            match resp {
+                Ok(Ok(headers)) => match parse_response(&headers) {
+                    Ok(answer) => {
+                        self.remember(key, &answer);
+                        return Ok(answer);
+                    }
+                    Err(e) => last = format!("{url}: {e}"),
+                },
+                Ok(Err(e)) => last = format!("{url}: {e}"),
+                Err(_) => last = format!("{url}: timed out"),
+            }
+            tracing::warn!(error = %last, "auth service failed; trying the next URL if any");
+        }
+        Err(Outage(last))
+    }
+
+    fn cached(&self, key: u64) -> Option<Answer> {
+        let cache = self.cache.lock().unwrap_or_else(|e| e.into_inner());
+        cache.get(&key).filter(|(until, _)| Instant::now() < *until).map(|(_, a)| a.clone())
+    }
+
+    fn remember(&self, key: u64, answer: &Answer) {
+        let ttl = match answer {
+            Answer::Ok { .. } => self.settings.cache_ttl,
+            Answer::Fail { .. } => self.settings.negative_cache_ttl,
+        };
+        if ttl.is_zero() {
+            return;
+        }
+        let mut cache = self.cache.lock().unwrap_or_else(|e| e.into_inner());
+        if cache.len() >= MAX_CACHE {
+            let now = Instant::now();
+            cache.retain(|_, (until, _)| *until > now);
+            if cache.len() >= MAX_CACHE {
+                cache.clear();
+            }
+        }
+        cache.insert(key, (Instant::now() + ttl, answer.clone()));
+    }
+}
+
+/// A process-local key for an attempt (the password never leaves memory in clear and is not
+/// stored: only this keyed hash is).
+fn cache_key(q: &Query<'_>) -> u64 {
+    static KEY: std::sync::OnceLock<(u64, u64)> = std::sync::OnceLock::new();
+    let (k0, k1) = *KEY.get_or_init(|| {
+        let mut b = [0u8; 16];
+        let _ = getrandom_fill(&mut b);
+        (
+            u64::from_le_bytes(b[..8].try_into().unwrap_or_default()),
+            u64::from_le_bytes(b[8..].try_into().unwrap_or_default()),
+        )
+    });
+    let mut buf = Vec::new();
+    for part in [q.protocol.as_str().as_bytes(), q.user.as_bytes(), q.password, q.client_ip.to_string().as_bytes()] {
+        buf.extend_from_slice(&(part.len() as u64).to_le_bytes());
+        buf.extend_from_slice(part);
+    }
+    SipHasher13::new_with_keys(k0, k1).hash(&buf)
+}
+
+fn getrandom_fill(buf: &mut [u8]) -> Result<(), ()> {
+    rustls::crypto::aws_lc_rs::default_provider().secure_random.fill(buf).map_err(|_| ())
+}
+
+/// nginx's `NGX_ESCAPE_MAIL_AUTH`: space, `%`, control bytes and bytes above 0x7f become `%XX`.
+pub fn escape(value: &[u8]) -> String {
+    let mut out = String::with_capacity(value.len());
+    for &b in value {
+        if b <= 0x20 || b == b'%' || b >= 0x80 {
+            out.push_str(&format!("%{b:02X}"));
+        } else {
+            out.push(b as char);
+        }
+    }
+    out
+}
+
+/// The request nginx would send for `q` (header order as nginx writes them).
+pub fn build_request(url: &str, q: &Query<'_>, extra: &[(String, String)]) -> Result<Request<Empty<Bytes>>, String> {
+    let uri: hyper::Uri = url.parse().map_err(|e| format!("{url}: {e}"))?;
+    let host = uri.authority().map(|a| a.to_string()).ok_or_else(|| format!("{url}: no host"))?;
+    let mut headers: Vec<(&str, String)> = vec![
+        ("Host", host),
+        ("Auth-Method", "plain".into()),
+        ("Auth-User", escape(q.user.as_bytes())),
+        ("Auth-Pass", escape(q.password)),
+        ("Auth-Protocol", q.protocol.as_str().into()),
+        ("Auth-Login-Attempt", q.attempt.to_string()),
+        ("Client-IP", q.client_ip.to_string()),
+    ];
+    if q.protocol == Protocol::Smtp {
+        headers.push(("Client-Host", "[UNAVAILABLE]".into()));
+        headers.push(("Auth-SMTP-Helo", escape(q.helo.unwrap_or("").as_bytes())));
+        headers.push(("Auth-SMTP-From", String::new()));
+        headers.push(("Auth-SMTP-To", String::new()));
+    }
+    if let Some((version, cipher)) = &q.tls {
+        headers.push(("Auth-SSL", "on".into()));
+        headers.push(("Auth-SSL-Protocol", version.clone()));
+        headers.push(("Auth-SSL-Cipher", cipher.clone()));
+    }
+    let mut builder = Request::get(uri);
+    for (k, v) in headers {
+        builder = builder.header(k, HeaderValue::from_str(&v).map_err(|e| e.to_string())?);
+    }
+    for (k, v) in extra {
+        let name = HeaderName::from_bytes(k.as_bytes()).map_err(|e| e.to_string())?;
+        builder = builder.header(name, HeaderValue::from_str(v).map_err(|e| e.to_string())?);
+    }
+    builder.body(Empty::new()).map_err(|e| e.to_string())
+}
+
+/// Read the service's answer from its headers (the status code is ignored, as nginx does).
+pub fn parse_response(headers: &HeaderMap) -> Result<Answer, String> {
+    let get = |name: &str| headers.get(name).and_then(|v| v.to_str().ok()).map(str::trim);
+    let status = get("Auth-Status").ok_or("no Auth-Status header")?;
+    if status == "OK" {
+        let server = get("Auth-Server").filter(|s| !s.is_empty()).ok_or("Auth-Status OK without Auth-Server")?;
+        let port = match get("Auth-Port") {
+            Some(p) => Some(p.parse::<u16>().map_err(|_| "bad Auth-Port")?),
+            None => None,
+        };
+        let transport = match get("Auth-Transport") {
+            None => None,
+            Some("plain") => Some(Transport::Plain),
+            Some("tls") => Some(Transport::Tls),
+            Some("starttls") => Some(Transport::StartTls),
+            Some(_) => return Err("bad Auth-Transport".into()),
+        };
+        let client_address = match get("Auth-Client-Address") {
+            None => None,
+            Some("imap-id") => Some(ClientAddress::ImapId),
+            Some("xclient") => Some(ClientAddress::Xclient),
+            Some("proxy-v2") => Some(ClientAddress::ProxyV2),
+            Some("none") => Some(ClientAddress::None),
+            Some(_) => return Err("bad Auth-Client-Address".into()),
+        };
+        return Ok(Answer::Ok {
+            server: server.to_string(),
+            port,
+            user: get("Auth-User").map(str::to_string),
+            pass: headers.get("Auth-Pass").map(|v| v.as_bytes().to_vec()),
+            transport,
+            client_address,
+        });
+    }
+    let wait = match get("Auth-Wait") {
+        Some(w) => Some(Duration::from_secs(w.parse::<u64>().map_err(|_| "bad Auth-Wait")?).min(MAX_WAIT)),
+        None => None,
+    };
+    Ok(Answer::Fail { message: client_text(status), wait, error_code: get("Auth-Error-Code").map(client_text) })
+}
+
+/// Text from the service made safe to show a client: printable ASCII, bounded.
+fn client_text(s: &str) -> String {
+    let t: String = s.chars().filter(|c| (' '..='~').contains(c)).take(MAX_MESSAGE).collect();
+    if t.trim().is_empty() { "Authentication failed".into() } else { t }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn query(protocol: Protocol) -> Query<'static> {
+        Query {
+            protocol,
+            user: "alice@example.org",
+            password: "p w%\u{e9}\r\n".as_bytes(),
+            attempt: 2,
+            client_ip: "192.0.2.42".parse().unwrap(),
+            helo: Some("client.example"),
+            tls: Some(("TLSv1.3".into(), "TLS13_AES_256_GCM_SHA384".into())),
+        }
+    }
+
+    /// The request as bytes on the wire, in the shape of nginx's (HTTP/1.0 there, 1.1 here).
+    fn render(req: &Request<Empty<Bytes>>) -> String {
+        let mut out = format!("GET {} HTTP/1.1\r\n", req.uri().path_and_query().map_or("/", |p| p.as_str()));
+        for (k, v) in req.headers() {
+            out.push_str(&format!("{}: {}\r\n", k.as_str(), v.to_str().unwrap()));
+        }
+        out
+    }
+
+    #[test]
+    fn request_matches_nginx() {
+        // nginx 1.22 sends, for the same attempt (captured from ngx_mail_auth_http_module):
+        //   Auth-Method: plain / Auth-User: alice@example.org / Auth-Pass: p%20w%25%C3%A9%0D%0A /
+        //   Auth-Protocol: imap / Auth-Login-Attempt: 2 / Client-IP: 192.0.2.42 / Auth-SSL: on ...
+        let req = build_request(
+            "http://127.0.0.1:9000/auth?x=1",
+            &query(Protocol::Imap),
+            &[("X-Auth-Key".into(), "s3cret".into())],
+        )
+        .unwrap();
+        assert_eq!(
+            render(&req),
+            "GET /auth?x=1 HTTP/1.1\r\nhost: 127.0.0.1:9000\r\nauth-method: plain\r\nauth-user: alice@example.org\r\nauth-pass: p%20w%25%C3%A9%0D%0A\r\nauth-protocol: imap\r\nauth-login-attempt: 2\r\nclient-ip: 192.0.2.42\r\nauth-ssl: on\r\nauth-ssl-protocol: TLSv1.3\r\nauth-ssl-cipher: TLS13_AES_256_GCM_SHA384\r\nx-auth-key: s3cret\r\n"
+        );
+        let req = build_request("http://auth.example/", &query(Protocol::Smtp), &[]).unwrap();
+        let r = render(&req);
+        assert!(r.contains("auth-protocol: smtp\r\nauth-login-attempt: 2\r\nclient-ip: 192.0.2.42\r\nclient-host: [UNAVAILABLE]\r\nauth-smtp-helo: client.example\r\n"), "{r}");
+    }
+
+    #[test]
+    fn escaping_is_nginx_mail_auth() {
+        assert_eq!(escape(b"plain"), "plain");
+        assert_eq!(escape(b"a b%c\x7f\x00\x1f\xff\"\\+"), "a%20b%25c\x7f%00%1F%FF\"\\+");
+    }
+
+    fn headers(pairs: &[(&str, &str)]) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        for (k, v) in pairs {
+            h.append(HeaderName::from_bytes(k.as_bytes()).unwrap(), HeaderValue::from_str(v).unwrap());
+        }
+        h
+    }
+
+    #[test]
+    fn responses() {
+        assert_eq!(
+            parse_response(&headers(&[("Auth-Status", "OK"), ("Auth-Server", "10.0.0.5"), ("Auth-Port", "143")]))
+                .unwrap(),
+            Answer::Ok {
+                server: "10.0.0.5".into(),
+                port: Some(143),
+                user: None,
+                pass: None,
+                transport: None,
+                client_address: None
+            }
+        );
+        assert_eq!(
+            parse_response(&headers(&[
+                ("Auth-Status", "OK"),
+                ("Auth-Server", "pool-a"),
+                ("Auth-User", "u2"),
+                ("Auth-Pass", "p2"),
+                ("Auth-Transport", "starttls")
+            ]))
+            .unwrap(),
+            Answer::Ok {
+                server: "pool-a".into(),
+                port: None,
+                user: Some("u2".into()),
+                pass: Some(b"p2".to_vec()),
+                transport: Some(Transport::StartTls),
+                client_address: None
+            }
+        );
+        assert_eq!(
+            parse_response(&headers(&[("Auth-Status", "Invalid login or password"), ("Auth-Wait", "3")])).unwrap(),
+            Answer::Fail {
+                message: "Invalid login or password".into(),
+                wait: Some(Duration::from_secs(3)),
+                error_code: None
+            }
+        );
+        assert_eq!(
+            parse_response(&headers(&[("Auth-Status", "Temporary\tproblem"), ("Auth-Error-Code", "451 4.3.0")]))
+                .unwrap(),
+            Answer::Fail { message: "Temporaryproblem".into(), wait: None, error_code: Some("451 4.3.0".into()) }
+        );
+        assert!(parse_response(&headers(&[])).is_err());
+        assert!(parse_response(&headers(&[("Auth-Status", "OK")])).is_err());
+        assert!(
+            parse_response(&headers(&[("Auth-Status", "OK"), ("Auth-Server", "x"), ("Auth-Port", "99999")])).is_err()
+        );
+    }
+}

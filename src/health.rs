@@ -1,0 +1,372 @@
+//! Backend health: active protocol-level checks and a passive circuit breaker, in one table
+//! shared by every listener and session, plus the per-backend session counts that
+//! `max_sessions` limits.
+//!
+//! A backend starts up (a fresh start never refuses traffic). `fall` consecutive failures, from
+//! checks or from real sessions failing to connect or log in, mark it down; `rise` consecutive
+//! successful checks, or one successful real login, mark it up again. State changes are logged.
+//! The table lives beside the config snapshot: health is observed, not configured, and survives
+//! reloads for backends whose address did not change.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+
+use tokio::io::AsyncWriteExt;
+use tokio_util::sync::CancellationToken;
+
+use crate::backend::{self, BackendError, ClientInfo, Lines};
+use crate::config::{Backend, Protocol, Transport};
+use crate::protocol::smtp::ehlo::{self, EhloCache};
+
+/// How often an SMTP backend with health checks off is asked for its EHLO extensions.
+const DISABLED_PROBE_INTERVAL: std::time::Duration = std::time::Duration::from_secs(300);
+
+#[derive(Debug)]
+pub struct BackendHealth {
+    up: AtomicBool,
+    ok_streak: AtomicU32,
+    fail_streak: AtomicU32,
+    sessions: AtomicUsize,
+    /// What the state was observed for; a changed address starts afresh.
+    identity: String,
+}
+
+impl BackendHealth {
+    fn new(identity: String) -> BackendHealth {
+        BackendHealth {
+            up: AtomicBool::new(true),
+            ok_streak: AtomicU32::new(0),
+            fail_streak: AtomicU32::new(0),
+            sessions: AtomicUsize::new(0),
+            identity,
+        }
+    }
+}
+
+#[derive(Debug, Default)]
+pub struct HealthTable {
+    by_backend: Mutex<HashMap<String, Arc<BackendHealth>>>,
+}
+
+/// Why a check or session counted against a backend.
+#[derive(Debug, Clone, Copy)]
+pub enum Source {
+    Check,
+    Session,
+}
+
+impl HealthTable {
+    fn entry(&self, backend: &Backend) -> Arc<BackendHealth> {
+        let identity = identity(backend);
+        let mut map = self.by_backend.lock().unwrap_or_else(|e| e.into_inner());
+        match map.get(&backend.name) {
+            Some(h) if h.identity == identity => h.clone(),
+            _ => {
+                let h = Arc::new(BackendHealth::new(identity));
+                map.insert(backend.name.clone(), h.clone());
+                h
+            }
+        }
+    }
+
+    fn get(&self, name: &str) -> Option<Arc<BackendHealth>> {
+        self.by_backend.lock().unwrap_or_else(|e| e.into_inner()).get(name).cloned()
+    }
+
+    /// Up unless observed down.
+    pub fn is_up(&self, name: &str) -> bool {
+        self.get(name).is_none_or(|h| h.up.load(Ordering::Relaxed))
+    }
+
+    pub fn sessions(&self, name: &str) -> usize {
+        self.get(name).map_or(0, |h| h.sessions.load(Ordering::Relaxed))
+    }
+
+    /// Count a session on `backend` until the guard is dropped.
+    pub fn session(&self, backend: &Backend) -> SessionGuard {
+        let h = self.entry(backend);
+        h.sessions.fetch_add(1, Ordering::Relaxed);
+        SessionGuard(h)
+    }
+
+    pub fn success(&self, backend: &Backend, source: Source, rise: u32) {
+        let h = self.entry(backend);
+        h.fail_streak.store(0, Ordering::Relaxed);
+        let streak = h.ok_streak.fetch_add(1, Ordering::Relaxed) + 1;
+        // A real login is proof enough; checks need `rise` in a row.
+        let enough = matches!(source, Source::Session) || streak >= rise;
+        if enough && !h.up.swap(true, Ordering::Relaxed) {
+            tracing::info!(backend = %backend.name, source = ?source, "backend is up");
+        }
+    }
+
+    pub fn failure(&self, backend: &Backend, source: Source, fall: u32, why: &str) {
+        let h = self.entry(backend);
+        h.ok_streak.store(0, Ordering::Relaxed);
+        let streak = h.fail_streak.fetch_add(1, Ordering::Relaxed) + 1;
+        if streak >= fall && h.up.swap(false, Ordering::Relaxed) {
+            tracing::warn!(backend = %backend.name, source = ?source, reason = why, failures = streak, "backend is down");
+        }
+    }
+
+    /// Forget backends that are no longer configured.
+    pub fn retain(&self, names: &[&str]) {
+        self.by_backend.lock().unwrap_or_else(|e| e.into_inner()).retain(|k, _| names.contains(&k.as_str()));
+    }
+}
+
+/// Decrements the backend's session count when dropped.
+pub struct SessionGuard(Arc<BackendHealth>);
+
+impl Drop for SessionGuard {
+    fn drop(&mut self) {
+        self.0.sessions.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+fn identity(b: &Backend) -> String {
+    format!("{:?}|{}|{:?}", b.protocol, b.address, b.transport)
+}
+
+/// Run the active checks of one backend until `stop` is cancelled.
+pub async fn run_checks(
+    backend: Arc<Backend>,
+    tls: Option<Arc<rustls::ClientConfig>>,
+    hostname: String,
+    table: Arc<HealthTable>,
+    ehlo_cache: Arc<EhloCache>,
+    stop: CancellationToken,
+) {
+    let hs = backend.health.clone();
+    // With checks off, SMTP backends are still asked for their extensions, rarely.
+    let interval = if hs.enabled { hs.interval } else { hs.interval.max(DISABLED_PROBE_INTERVAL) };
+    loop {
+        if hs.enabled || backend.protocol == Protocol::Smtp {
+            let result = tokio::time::timeout(hs.timeout, check(&backend, tls.as_ref(), &hostname, &ehlo_cache)).await;
+            let result = result.unwrap_or(Err(BackendError::Protocol("health check timed out")));
+            if hs.enabled {
+                match result {
+                    Ok(()) => table.success(&backend, Source::Check, hs.rise),
+                    Err(e) => {
+                        tracing::debug!(backend = %backend.name, error = %e, "health check failed");
+                        table.failure(&backend, Source::Check, hs.fall, e.reason());
+                    }
+                }
+            }
+        }
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tokio::time::sleep(interval) => {}
+        }
+    }
+}
+
+/// One protocol-level check: greeting, capabilities, optional STARTTLS and test login.
+async fn check(
+    backend: &Backend,
+    tls: Option<&Arc<rustls::ClientConfig>>,
+    hostname: &str,
+    ehlo_cache: &EhloCache,
+) -> Result<(), BackendError> {
+    let hs = &backend.health;
+    let mut b = backend.clone();
+    if !hs.starttls && b.transport == Transport::StartTls {
+        b.transport = Transport::Plain;
+    }
+    match backend.protocol {
+        Protocol::Smtp => {
+            let exts = ehlo::probe(&b, tls, hostname, hs.timeout).await?;
+            ehlo_cache.update(&backend.name, &exts);
+            Ok(())
+        }
+        Protocol::Imap | Protocol::Pop3 => {
+            let client = ClientInfo::local();
+            if let Some((user, password)) = &hs.login {
+                let creds = crate::auth::Credentials {
+                    user: user.clone(),
+                    password: crate::auth::Password::new(password.as_bytes().to_vec()),
+                };
+                let mut logged = match backend.protocol {
+                    Protocol::Imap => {
+                        crate::protocol::imap::back::connect_and_login(
+                            &b,
+                            tls.cloned(),
+                            &client,
+                            user,
+                            &creds,
+                            hs.timeout,
+                        )
+                        .await?
+                    }
+                    _ => {
+                        crate::protocol::pop3::back::connect_and_login(
+                            &b,
+                            tls.cloned(),
+                            &client,
+                            user,
+                            &creds,
+                            hs.timeout,
+                        )
+                        .await?
+                    }
+                };
+                let bye: &[u8] = if backend.protocol == Protocol::Imap { b"H9 LOGOUT\r\n" } else { b"QUIT\r\n" };
+                let _ = logged.stream.write_all(bye).await;
+                return Ok(());
+            }
+            let mut stream = backend::connect(&b, tls, &client, hs.timeout).await?;
+            let mut lines = Lines::default();
+            let greeting = lines.line(&mut stream).await?;
+            let (ok, bye): (&[u8], &[u8]) =
+                if backend.protocol == Protocol::Imap { (b"* OK", b"H9 LOGOUT\r\n") } else { (b"+OK", b"QUIT\r\n") };
+            if !greeting.starts_with(ok) {
+                return Err(BackendError::Protocol("unexpected greeting"));
+            }
+            if backend.protocol == Protocol::Imap {
+                stream.write_all(b"H1 CAPABILITY\r\n").await?;
+                loop {
+                    let l = lines.line(&mut stream).await?;
+                    if l.starts_with(b"H1 ") {
+                        if !backend::starts_with_ci(&l[3..], b"OK") {
+                            return Err(BackendError::Protocol("CAPABILITY failed"));
+                        }
+                        break;
+                    }
+                }
+            }
+            if b.transport == Transport::StartTls {
+                let (cmd, ok): (&[u8], &[u8]) = if backend.protocol == Protocol::Imap {
+                    (b"H2 STARTTLS\r\n", b"H2 OK")
+                } else {
+                    (b"STLS\r\n", b"+OK")
+                };
+                stream.write_all(cmd).await?;
+                if !lines.line(&mut stream).await?.starts_with(ok) {
+                    return Err(BackendError::Protocol("STARTTLS refused"));
+                }
+                stream = backend::starttls(&b, tls, stream, &lines).await?;
+            }
+            let _ = stream.write_all(bye).await;
+            Ok(())
+        }
+    }
+}
+
+/// Spawn the checks of every backend of `backends`; they stop when `stop` is cancelled.
+pub fn spawn_all(
+    backends: &[Arc<Backend>],
+    tls: &HashMap<String, Arc<rustls::ClientConfig>>,
+    hostname: &str,
+    table: &Arc<HealthTable>,
+    ehlo_cache: &Arc<EhloCache>,
+    stop: &CancellationToken,
+) {
+    for b in backends {
+        let task = run_checks(
+            b.clone(),
+            tls.get(&b.name).cloned(),
+            hostname.to_string(),
+            table.clone(),
+            ehlo_cache.clone(),
+            stop.clone(),
+        );
+        tokio::spawn(task);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+
+    fn backend() -> Arc<Backend> {
+        let text = "[auth]\nsource = \"backend\"\n[[backend]]\nname = \"b\"\naddress = \"127.0.0.1:1\"\n[routing.imap]\ndefault = \"b\"\n";
+        crate::config::Config::parse(std::path::Path::new("/t.toml"), text).unwrap().backends["b"].clone()
+    }
+
+    #[test]
+    fn rise_and_fall() {
+        let t = HealthTable::default();
+        let b = backend();
+        assert!(t.is_up("b"));
+        t.failure(&b, Source::Check, 3, "x");
+        t.failure(&b, Source::Check, 3, "x");
+        assert!(t.is_up("b"));
+        t.failure(&b, Source::Session, 3, "x");
+        assert!(!t.is_up("b"), "passive failures count too");
+        t.success(&b, Source::Check, 2);
+        assert!(!t.is_up("b"));
+        t.failure(&b, Source::Check, 3, "x");
+        t.success(&b, Source::Check, 2);
+        assert!(!t.is_up("b"), "a failure resets the streak");
+        t.success(&b, Source::Check, 2);
+        assert!(t.is_up("b"));
+        t.failure(&b, Source::Check, 1, "x");
+        t.success(&b, Source::Session, 5);
+        assert!(t.is_up("b"), "one real login is enough");
+    }
+
+    #[test]
+    fn session_counts() {
+        let t = HealthTable::default();
+        let b = backend();
+        let g1 = t.session(&b);
+        let g2 = t.session(&b);
+        assert_eq!(t.sessions("b"), 2);
+        drop(g1);
+        drop(g2);
+        assert_eq!(t.sessions("b"), 0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn active_checks_mark_a_dead_backend_down_then_up() {
+        // A backend address with nothing listening: checks fail; `fall` (3) of them mark it down.
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        drop(listener);
+        let text = format!(
+            "[auth]\nsource = \"backend\"\n[[backend]]\nname = \"b\"\naddress = \"{addr}\"\n[backend.health]\ninterval = \"1s\"\ntimeout = \"500ms\"\n[routing.imap]\ndefault = \"b\"\n"
+        );
+        let b = crate::config::Config::parse(std::path::Path::new("/t.toml"), &text).unwrap().backends["b"].clone();
+        let table = Arc::new(HealthTable::default());
+        let stop = CancellationToken::new();
+        tokio::spawn(run_checks(
+            b.clone(),
+            None,
+            "h".into(),
+            table.clone(),
+            Arc::new(EhloCache::default()),
+            stop.clone(),
+        ));
+        let mut waited = 0;
+        while table.is_up("b") {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            waited += 100;
+            assert!(waited < 10_000, "never marked down");
+        }
+        // Something starts answering like an IMAP server: two good checks bring it back.
+        let server = tokio::net::TcpListener::bind(addr).await.unwrap();
+        tokio::spawn(async move {
+            loop {
+                let Ok((mut s, _)) = server.accept().await else { return };
+                tokio::spawn(async move {
+                    use tokio::io::AsyncReadExt;
+                    let _ = s.write_all(b"* OK ready\r\n").await;
+                    let mut buf = [0u8; 256];
+                    let _ = s.read(&mut buf).await;
+                    let _ = s.write_all(b"* CAPABILITY IMAP4rev1\r\nH1 OK done\r\n").await;
+                    let _ = s.read(&mut buf).await;
+                });
+            }
+        });
+        let mut waited = 0;
+        while !table.is_up("b") {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            waited += 100;
+            assert!(waited < 10_000, "never marked up");
+        }
+        stop.cancel();
+    }
+}
