@@ -1,0 +1,208 @@
+//! The nginx auth_http-compatible service, driven by an in-process HTTP server that answers as
+//! nginx's documentation describes.
+
+mod common;
+
+use std::collections::HashMap;
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+
+use bytes::Bytes;
+use common::*;
+use http_body_util::Full;
+use hyper::{Request, Response};
+use hyper_util::rt::TokioIo;
+
+type Seen = Arc<Mutex<Vec<HashMap<String, String>>>>;
+type Answers = Arc<dyn Fn(&str, &str, u32) -> Vec<(String, String)> + Send + Sync>;
+
+/// A scripted auth service: `answer(user, pass, attempt)` gives the response headers.
+async fn auth_service(answer: Answers) -> (SocketAddr, Seen) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let seen: Seen = Arc::default();
+    let s2 = seen.clone();
+    tokio::spawn(async move {
+        loop {
+            let Ok((tcp, _)) = listener.accept().await else { return };
+            let seen = s2.clone();
+            let answer = answer.clone();
+            tokio::spawn(async move {
+                let svc = hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
+                    let seen = seen.clone();
+                    let answer = answer.clone();
+                    async move {
+                        let h: HashMap<String, String> = req
+                            .headers()
+                            .iter()
+                            .map(|(k, v)| (k.as_str().to_string(), v.to_str().unwrap_or("").to_string()))
+                            .collect();
+                        let unescape = |s: &str| {
+                            let mut out = Vec::new();
+                            let b = s.as_bytes();
+                            let mut i = 0;
+                            while i < b.len() {
+                                if b[i] == b'%' && i + 2 < b.len() {
+                                    out.push(u8::from_str_radix(&s[i + 1..i + 3], 16).unwrap());
+                                    i += 3;
+                                } else {
+                                    out.push(b[i]);
+                                    i += 1;
+                                }
+                            }
+                            String::from_utf8(out).unwrap()
+                        };
+                        let user = unescape(h.get("auth-user").map(String::as_str).unwrap_or(""));
+                        let pass = unescape(h.get("auth-pass").map(String::as_str).unwrap_or(""));
+                        let attempt = h.get("auth-login-attempt").and_then(|a| a.parse().ok()).unwrap_or(0);
+                        seen.lock().unwrap().push(h);
+                        let mut resp = Response::builder().status(200);
+                        for (k, v) in answer(&user, &pass, attempt) {
+                            resp = resp.header(k, v);
+                        }
+                        Ok::<_, Infallible>(resp.body(Full::new(Bytes::new())).unwrap())
+                    }
+                });
+                let _ = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(tcp), svc).await;
+            });
+        }
+    });
+    (addr, seen)
+}
+
+fn config(auth: SocketAddr, pool_backend: SocketAddr, extra_urls: &str) -> String {
+    format!(
+        r#"
+[limits]
+auth_failure_delay = "10ms"
+
+[[listener]]
+name = "plain"
+bind = "127.0.0.1:0"
+protocol = "imap"
+tls = "none"
+allow_plaintext_auth = true
+
+[auth]
+source = "http"
+[auth.http]
+urls = [{extra_urls}"http://{auth}/auth"]
+timeout = "2s"
+headers = {{ "X-Auth-Key" = "s3cret" }}
+
+[[backend]]
+name = "pooled"
+address = "{pool_backend}"
+health = {{ enabled = false }}
+
+[[pool]]
+name = "mailpool"
+backends = ["pooled"]
+"#
+    )
+}
+
+/// An auth service as nginx's docs describe one; `direct_port` is where "direct" users live.
+fn answers(direct_port: u16) -> Answers {
+    Arc::new(move |user: &str, pass: &str, _attempt: u32| {
+        let h = |pairs: &[(&str, &str)]| pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        match (user, pass) {
+            ("direct@example.test", "pw") => {
+                h(&[("Auth-Status", "OK"), ("Auth-Server", "127.0.0.1"), ("Auth-Port", &direct_port.to_string())])
+            }
+            ("pooled@example.test", "p w%\u{e9}") => h(&[
+                ("Auth-Status", "OK"),
+                ("Auth-Server", "mailpool"),
+                ("Auth-User", "real@example.test"),
+                ("Auth-Pass", "backendpw"),
+            ]),
+            ("slow@example.test", _) => h(&[("Auth-Status", "Try again later, please"), ("Auth-Wait", "1")]),
+            (_, _) => h(&[("Auth-Status", "Invalid login or password")]),
+        }
+    })
+}
+
+#[tokio::test]
+async fn service_routes_by_address_and_by_pool_with_credential_override() {
+    let direct = FakeBackend::start(Behaviour::Normal).await;
+    let pooled = FakeBackend::start(Behaviour::Normal).await;
+    let (auth, seen) = auth_service(answers(direct.addr.port())).await;
+    let proxy = Proxy::start(&config(auth, pooled.addr, ""), "").await;
+
+    let mut c = Client::connect(proxy.addr("plain")).await;
+    c.line().await;
+    c.send(b"a LOGIN direct@example.test pw\r\n").await;
+    assert!(c.until_tagged("a").await.last().unwrap().starts_with("a OK"));
+    assert_eq!(direct.lines(0)[1], "P3 LOGIN \"direct@example.test\" \"pw\"\r\n");
+
+    let mut c = Client::connect(proxy.addr("plain")).await;
+    c.line().await;
+    c.send("b LOGIN pooled@example.test \"p w%\u{e9}\"\r\n".as_bytes()).await;
+    assert!(c.until_tagged("b").await.last().unwrap().starts_with("b OK"));
+    // Auth-User / Auth-Pass replaced what the backend got.
+    assert_eq!(pooled.lines(0)[1], "P3 LOGIN \"real@example.test\" \"backendpw\"\r\n");
+
+    let seen = seen.lock().unwrap();
+    let req = &seen[1];
+    assert_eq!(req["auth-method"], "plain");
+    assert_eq!(req["auth-pass"], "p%20w%25%C3%A9");
+    assert_eq!(req["auth-protocol"], "imap");
+    assert_eq!(req["auth-login-attempt"], "1");
+    assert_eq!(req["client-ip"], "127.0.0.1");
+    assert_eq!(req["x-auth-key"], "s3cret");
+}
+
+#[tokio::test]
+async fn failure_text_is_shown_and_without_auth_wait_the_connection_closes() {
+    let pooled = FakeBackend::start(Behaviour::Normal).await;
+    let (auth, _) = auth_service(answers(1)).await;
+    let proxy = Proxy::start(&config(auth, pooled.addr, ""), "").await;
+    let mut c = Client::connect(proxy.addr("plain")).await;
+    c.line().await;
+    c.send(b"a LOGIN who@example.test nope\r\n").await;
+    assert_eq!(c.line().await, "a NO Invalid login or password\r\n");
+    assert!(c.closed().await);
+}
+
+#[tokio::test]
+async fn auth_wait_delays_and_lets_the_client_retry() {
+    let pooled = FakeBackend::start(Behaviour::Normal).await;
+    let (auth, seen) = auth_service(answers(1)).await;
+    let proxy = Proxy::start(&config(auth, pooled.addr, ""), "").await;
+    let mut c = Client::connect(proxy.addr("plain")).await;
+    c.line().await;
+    let start = tokio::time::Instant::now();
+    c.send(b"a LOGIN slow@example.test x\r\n").await;
+    assert_eq!(c.line().await, "a NO Try again later, please\r\n");
+    assert!(start.elapsed() >= std::time::Duration::from_millis(950));
+    c.send(b"b LOGIN slow@example.test y\r\n").await;
+    assert_eq!(c.line().await, "b NO Try again later, please\r\n");
+    assert_eq!(seen.lock().unwrap()[1]["auth-login-attempt"], "2");
+}
+
+#[tokio::test]
+async fn outage_is_a_temporary_failure_and_never_counts_against_the_user() {
+    let pooled = FakeBackend::start(Behaviour::Normal).await;
+    let down = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+    let proxy = Proxy::start(&config(down, pooled.addr, ""), "").await;
+    let mut c = Client::connect(proxy.addr("plain")).await;
+    c.line().await;
+    // More outages than max_auth_attempts (3): the connection stays open.
+    for tag in ["a", "b", "c", "d"] {
+        c.send(format!("{tag} LOGIN x@example.test y\r\n").as_bytes()).await;
+        assert_eq!(c.line().await, format!("{tag} NO [UNAVAILABLE] Server unavailable, try again later.\r\n"));
+    }
+}
+
+#[tokio::test]
+async fn second_url_answers_when_the_first_is_down() {
+    let direct = FakeBackend::start(Behaviour::Normal).await;
+    let (auth, _) = auth_service(answers(direct.addr.port())).await;
+    let down = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+    let proxy = Proxy::start(&config(auth, direct.addr, &format!("\"http://{down}/auth\", ")), "").await;
+    let mut c = Client::connect(proxy.addr("plain")).await;
+    c.line().await;
+    c.send(b"a LOGIN direct@example.test pw\r\n").await;
+    assert!(c.until_tagged("a").await.last().unwrap().starts_with("a OK"));
+}

@@ -1,0 +1,185 @@
+//! Pools: users stay on their rendezvous backend, fail over before the client sees an error,
+//! avoid draining and full backends, and follow the pool's failover setting.
+
+mod common;
+
+use std::net::SocketAddr;
+
+use common::*;
+use portcullis::config::Protocol;
+
+fn closed_port() -> SocketAddr {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap()
+}
+
+fn pool_config(backends: &[(&str, SocketAddr, &str)], failover: bool) -> String {
+    let mut c = String::from(
+        "[limits]\nauth_failure_delay = \"10ms\"\nbackend_connect_timeout = \"500ms\"\nbackend_login_timeout = \"1s\"\n\n[[listener]]\nname = \"plain\"\nbind = \"127.0.0.1:0\"\nprotocol = \"imap\"\ntls = \"none\"\nallow_plaintext_auth = true\n\n[auth]\npasswd_file = \"users\"\n",
+    );
+    for (name, addr, extra) in backends {
+        c.push_str(&format!(
+            "\n[[backend]]\nname = \"{name}\"\naddress = \"{addr}\"\nhealth = {{ enabled = false }}\n{extra}\n"
+        ));
+    }
+    let names: Vec<String> = backends.iter().map(|(n, _, _)| format!("\"{n}\"")).collect();
+    c.push_str(&format!(
+        "\n[[pool]]\nname = \"p\"\nbackends = [{}]\nfailover = {failover}\n\n[routing]\ndefault = \"p\"\n",
+        names.join(", ")
+    ));
+    c
+}
+
+fn users(n: usize) -> String {
+    (0..n).map(|i| format!("u{i}@example.test:{{PLAIN}}pw\n")).collect()
+}
+
+/// The backend name each user's login reached, from the fakes' records.
+fn landed(fakes: &[(&str, &FakeBackend)], user: &str) -> Vec<String> {
+    let needle = format!("LOGIN \"{user}\"");
+    fakes
+        .iter()
+        .filter(|(_, f)| (0..f.connections()).any(|i| f.lines(i).iter().any(|l| l.contains(&needle))))
+        .map(|(n, _)| n.to_string())
+        .collect()
+}
+
+async fn login(proxy: &Proxy, user: &str) -> (Client<tokio::net::TcpStream>, String) {
+    let mut c = Client::connect(proxy.addr("plain")).await;
+    c.line().await;
+    c.send(format!("a LOGIN {user} pw\r\n").as_bytes()).await;
+    let reply = c.until_tagged("a").await.pop().unwrap();
+    (c, reply)
+}
+
+fn expected(proxy: &Proxy, user: &str) -> Vec<String> {
+    let rt = proxy.app.runtime();
+    let pool = &rt.config.pools["p"];
+    portcullis::route::rendezvous(&pool.backends, user).iter().map(|b| b.name.clone()).collect()
+}
+
+#[tokio::test]
+async fn users_land_on_their_rendezvous_backend() {
+    let (a, b, c) = (
+        FakeBackend::start(Behaviour::Normal).await,
+        FakeBackend::start(Behaviour::Normal).await,
+        FakeBackend::start(Behaviour::Normal).await,
+    );
+    let cfg = pool_config(&[("a", a.addr, ""), ("b", b.addr, ""), ("c", c.addr, "")], true);
+    let proxy = Proxy::start(&cfg, &users(30)).await;
+    let fakes = [("a", &a), ("b", &b), ("c", &c)];
+    let mut seen = std::collections::HashSet::new();
+    for i in 0..30 {
+        let user = format!("u{i}@example.test");
+        for _ in 0..2 {
+            let (_, reply) = login(&proxy, &user).await;
+            assert!(reply.starts_with("a OK"), "{reply}");
+        }
+        let want = expected(&proxy, &user)[0].clone();
+        // Both logins of the user went to the same backend: its rendezvous first choice.
+        assert_eq!(landed(&fakes, &user), vec![want.clone()]);
+        seen.insert(want);
+    }
+    assert_eq!(seen.len(), 3, "30 users spread over all three backends");
+}
+
+#[tokio::test]
+async fn failover_moves_the_session_before_the_client_sees_an_error() {
+    let live = FakeBackend::start(Behaviour::Normal).await;
+    let dead = closed_port();
+    let cfg = pool_config(&[("dead", dead, ""), ("live", live.addr, "")], true);
+    let proxy = Proxy::start(&cfg, &users(40)).await;
+    // Users whose first choice is the dead backend.
+    let victims: Vec<String> =
+        (0..40).map(|i| format!("u{i}@example.test")).filter(|u| expected(&proxy, u)[0] == "dead").collect();
+    assert!(victims.len() > 5);
+    for user in &victims {
+        let (_, reply) = login(&proxy, user).await;
+        assert!(reply.starts_with("a OK"), "{user}: {reply}");
+        assert_eq!(landed(&[("live", &live)], user), vec!["live".to_string()]);
+    }
+    // Reliability case 65: after `fall` failed connects the dead backend is marked down.
+    assert!(!proxy.app.health().is_up("dead"));
+
+    // Without failover, the user's mailbox lives only there: a temporary error.
+    let cfg = pool_config(&[("dead", dead, ""), ("live", live.addr, "")], false);
+    let proxy = Proxy::start(&cfg, &users(40)).await;
+    let (_, reply) = login(&proxy, &victims[0]).await;
+    assert_eq!(reply, "a NO [UNAVAILABLE] Server unavailable, try again later.\r\n");
+}
+
+#[tokio::test]
+async fn draining_backends_get_no_new_sessions_but_keep_theirs() {
+    let (a, b) = (FakeBackend::start(Behaviour::Normal).await, FakeBackend::start(Behaviour::Normal).await);
+    let cfg = pool_config(&[("a", a.addr, ""), ("b", b.addr, "")], true);
+    let proxy = Proxy::start(&cfg, &users(20)).await;
+    let on_a: Vec<String> =
+        (0..20).map(|i| format!("u{i}@example.test")).filter(|u| expected(&proxy, u)[0] == "a").collect();
+    let (mut early, reply) = login(&proxy, &on_a[0]).await;
+    assert!(reply.starts_with("a OK"));
+    write_file(&proxy.config_path(), &pool_config(&[("a", a.addr, "state = \"draining\""), ("b", b.addr, "")], true));
+    proxy.app.reload(false).await.unwrap();
+    // New sessions of a's users go to b.
+    let (_, reply) = login(&proxy, &on_a[1]).await;
+    assert!(reply.starts_with("a OK"));
+    assert_eq!(landed(&[("a", &a), ("b", &b)], &on_a[1]), vec!["b".to_string()]);
+    // The session already on a goes on.
+    early.send(b"x NOOP\r\n").await;
+    assert_eq!(early.line().await, "x OK done\r\n");
+}
+
+#[tokio::test]
+async fn a_full_backend_spills_to_the_next_in_order() {
+    let (a, b) = (FakeBackend::start(Behaviour::Normal).await, FakeBackend::start(Behaviour::Normal).await);
+    let cfg = pool_config(&[("a", a.addr, "max_sessions = 1"), ("b", b.addr, "")], true);
+    let proxy = Proxy::start(&cfg, &users(20)).await;
+    let on_a: Vec<String> =
+        (0..20).map(|i| format!("u{i}@example.test")).filter(|u| expected(&proxy, u)[0] == "a").collect();
+    let (_first, reply) = login(&proxy, &on_a[0]).await;
+    assert!(reply.starts_with("a OK"));
+    let (_second, reply) = login(&proxy, &on_a[1]).await;
+    assert!(reply.starts_with("a OK"));
+    assert_eq!(landed(&[("a", &a), ("b", &b)], &on_a[1]), vec!["b".to_string()]);
+    assert_eq!(proxy.app.health().sessions("a"), 1);
+}
+
+#[tokio::test]
+async fn shared_pool_keeps_a_users_protocols_on_one_host() {
+    // Two hosts, each with an IMAP and a POP3 backend sharing a host_key.
+    let cfg = r#"
+[auth]
+source = "backend"
+[[backend]]
+name = "h1-imap"
+address = "127.0.0.1:1"
+host_key = "h1"
+[[backend]]
+name = "h1-pop3"
+protocol = "pop3"
+address = "127.0.0.1:2"
+host_key = "h1"
+[[backend]]
+name = "h2-imap"
+address = "127.0.0.1:3"
+host_key = "h2"
+[[backend]]
+name = "h2-pop3"
+protocol = "pop3"
+address = "127.0.0.1:4"
+host_key = "h2"
+[[pool]]
+name = "hosts"
+backends = ["h1-imap", "h1-pop3", "h2-imap", "h2-pop3"]
+[routing]
+default = "hosts"
+"#;
+    let config = portcullis::config::Config::parse(std::path::Path::new("/t.toml"), cfg).unwrap();
+    let health = portcullis::health::HealthTable::default();
+    for i in 0..50 {
+        let user = format!("user{i}@example.test");
+        let t = portcullis::route::target(&config, Protocol::Imap, &user, &[]).unwrap();
+        let imap = portcullis::route::plan(&t, Protocol::Imap, &user, &health).candidates[0].host_key.clone();
+        let t = portcullis::route::target(&config, Protocol::Pop3, &user, &[]).unwrap();
+        let pop3 = portcullis::route::plan(&t, Protocol::Pop3, &user, &health).candidates[0].host_key.clone();
+        assert_eq!(imap, pop3);
+    }
+}
