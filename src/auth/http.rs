@@ -107,7 +107,12 @@ impl AuthHttp {
         let tls = rustls::ClientConfig::builder().with_root_certificates(roots).with_no_client_auth();
         let connector =
             hyper_rustls::HttpsConnectorBuilder::new().with_tls_config(tls).https_or_http().enable_http1().build();
-        let client = Client::builder(TokioExecutor::new()).pool_idle_timeout(Duration::from_secs(60)).build(connector);
+        // Title-case header names (Auth-User, Client-Ip): closer to nginx's spelling for services
+        // that compare names case-sensitively, although HTTP says they must not.
+        let client = Client::builder(TokioExecutor::new())
+            .pool_idle_timeout(Duration::from_secs(60))
+            .http1_title_case_headers(true)
+            .build(connector);
         Ok(AuthHttp { settings, client, cache: Mutex::new(HashMap::new()) })
     }
 

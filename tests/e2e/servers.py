@@ -355,14 +355,15 @@ class Postfix:
 
 
 def portcullis_binary():
+    """$PORTCULLIS_BIN, else the newest of target/{release,debug}/portcullis."""
     explicit = os.environ.get("PORTCULLIS_BIN")
     if explicit:
         return explicit
-    for profile in ("release", "debug"):
-        p = os.path.join(ROOT, "target", profile, "portcullis")
-        if os.path.exists(p):
-            return p
-    raise RuntimeError("portcullis binary not built (cargo build)")
+    built = [os.path.join(ROOT, "target", p, "portcullis") for p in ("release", "debug")]
+    built = [p for p in built if os.path.exists(p)]
+    if not built:
+        raise RuntimeError("portcullis binary not built (cargo build)")
+    return max(built, key=os.path.getmtime)
 
 
 class Portcullis:
