@@ -5,8 +5,18 @@ mod common;
 
 use common::*;
 
+/// A free port outside the kernel's ephemeral range (32768-60999 on Linux), so an outgoing
+/// connection of a parallel test cannot take it between now and the bind.
 fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    use std::sync::atomic::{AtomicU16, Ordering};
+    static NEXT: AtomicU16 = AtomicU16::new(0);
+    let start = 20_000 + (std::process::id() % 500) as u16 * 20;
+    loop {
+        let port = start + NEXT.fetch_add(1, Ordering::Relaxed) % 10_000;
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
 }
 
 fn config(backend: std::net::SocketAddr, listeners: &[(&str, u16)]) -> String {

@@ -28,10 +28,21 @@ def open_up(path):
         p = os.path.dirname(p)
 
 
+_next_port = [20000 + (os.getpid() % 400) * 25]
+
+
 def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A free loopback port below the kernel's ephemeral range (32768-60999), so no outgoing
+    connection can take it between now and the server's bind."""
+    while True:
+        port = _next_port[0]
+        _next_port[0] = 20000 + (port - 20000 + 1) % 12000
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
 
 
 def wait_greeting(port, prefix=b"* OK", timeout=10.0, host="127.0.0.1", tls=False):
