@@ -80,6 +80,8 @@ pub struct App {
     health: Arc<HealthTable>,
     /// Stops the current generation of health checks (replaced on reload).
     checks: Mutex<CancellationToken>,
+    /// The admin server's configured address, its stop token and its bound address, if running.
+    admin: Mutex<Option<(SocketAddr, CancellationToken, Option<SocketAddr>)>>,
 }
 
 /// Identifies a bound socket. A fixed address is shared by whichever listener names it (so a
@@ -149,6 +151,10 @@ impl App {
         let tls = TlsShared::new(certs);
         let runtime = build_runtime(config, &tls)?;
         let sockets = bind_all(&runtime.config, &HashMap::new()).await?;
+        let admin = match runtime.config.admin {
+            Some(addr) => Some((addr, bind_admin(addr).await?)),
+            None => None,
+        };
         let started =
             std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
         let app = Arc::new(App {
@@ -165,9 +171,14 @@ impl App {
             ehlo: Arc::new(EhloCache::default()),
             health: Arc::new(HealthTable::default()),
             checks: Mutex::new(CancellationToken::new()),
+            admin: Mutex::new(None),
         });
         app.apply_sockets(sockets);
+        app.apply_admin(admin);
         app.restart_checks();
+        app.record_certificates();
+        let m = crate::metrics::metrics();
+        m.config_last_reload_success.set(unix_now());
         Ok(app)
     }
 
@@ -192,7 +203,24 @@ impl App {
     }
 
     /// Re-read the config and apply it. `force` skips the unchanged-files check (SIGHUP).
+    /// Counted in `portcullis_config_reloads_total` and reported to systemd.
     pub async fn reload(self: &Arc<Self>, force: bool) -> Result<Reloaded, StartError> {
+        crate::systemd::reloading();
+        let result = self.reload_inner(force).await;
+        crate::systemd::notify("READY=1");
+        let m = crate::metrics::metrics();
+        match &result {
+            Ok(Reloaded::Applied) => {
+                m.config_reloads.with_label_values(&["success"]).inc();
+                m.config_last_reload_success.set(unix_now());
+            }
+            Ok(Reloaded::Unchanged) => {}
+            Err(_) => m.config_reloads.with_label_values(&["error"]).inc(),
+        }
+        result
+    }
+
+    async fn reload_inner(self: &Arc<Self>, force: bool) -> Result<Reloaded, StartError> {
         let mut last = self.reload_lock.lock().await;
         let config = Config::load(&self.config_path)?;
         let fp = fingerprint(&config.watched_files());
@@ -203,12 +231,99 @@ impl App {
         let runtime = build_runtime(config, &self.tls)?;
         let current = self.sockets.lock().unwrap_or_else(|e| e.into_inner()).clone();
         let sockets = bind_all(&runtime.config, &current).await?;
+        let running_admin = self.admin.lock().unwrap_or_else(|e| e.into_inner()).as_ref().map(|(a, _, _)| *a);
+        let admin = match runtime.config.admin {
+            Some(addr) if Some(addr) != running_admin => Some((addr, bind_admin(addr).await?)),
+            _ => None,
+        };
+        let stop_admin = runtime.config.admin.is_none();
         self.tls.certs.install(maps);
         self.runtime.store(Arc::new(runtime));
         self.apply_sockets(sockets);
+        if admin.is_some() || stop_admin {
+            self.apply_admin(admin);
+        }
         self.restart_checks();
+        self.record_certificates();
         *last = fp;
         Ok(Reloaded::Applied)
+    }
+
+    /// Run the admin server on `bound` (stopping a previous one), or stop it when `None`.
+    fn apply_admin(self: &Arc<Self>, bound: Option<(SocketAddr, TcpListener)>) {
+        let mut slot = self.admin.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some((_, old, _)) = slot.take() {
+            old.cancel();
+        }
+        if let Some((addr, listener)) = bound {
+            let token = self.shutdown.child_token();
+            let local = listener.local_addr().ok();
+            tracing::info!(addr = %local.unwrap_or(addr), "admin server listening");
+            tokio::spawn(crate::admin::serve(listener, Arc::downgrade(self), token.clone()));
+            *slot = Some((addr, token, local));
+        }
+    }
+
+    /// The admin server's bound address (tests bind port 0).
+    pub fn admin_addr(&self) -> Option<SocketAddr> {
+        self.admin.lock().unwrap_or_else(|e| e.into_inner()).as_ref().and_then(|(_, _, local)| *local)
+    }
+
+    fn record_certificates(&self) {
+        let g = &crate::metrics::metrics().certificate_not_after;
+        g.reset();
+        for (label, t) in self.tls.certs.expiries() {
+            g.with_label_values(&[&label]).set(t as f64);
+        }
+    }
+
+    /// Bring the backend gauges up to date (called at every scrape).
+    pub fn refresh_gauges(&self) {
+        let m = crate::metrics::metrics();
+        let rt = self.runtime.load();
+        m.backend_up.reset();
+        m.backend_draining.reset();
+        m.backend_sessions.reset();
+        for b in rt.config.backends.values() {
+            let name = b.name.as_str();
+            let up = b.state != crate::config::BackendState::Disabled && self.health.is_up(name);
+            m.backend_up.with_label_values(&[name]).set(i64::from(up));
+            m.backend_draining
+                .with_label_values(&[name])
+                .set(i64::from(b.state == crate::config::BackendState::Draining));
+            m.backend_sessions.with_label_values(&[name]).set(self.health.sessions(name) as i64);
+        }
+    }
+
+    /// What keeps the proxy from being ready, empty when it is: listeners bound, every pool with
+    /// a backend up, certificates loaded.
+    pub fn readiness(&self) -> Vec<String> {
+        let mut problems = Vec::new();
+        if self.shutdown.is_cancelled() {
+            problems.push("shutting down".to_string());
+            return problems;
+        }
+        let rt = self.runtime.load();
+        let sockets = self.sockets.lock().unwrap_or_else(|e| e.into_inner());
+        for l in &rt.config.listeners {
+            for a in &l.bind {
+                if !sockets.contains_key(&SocketKey::new(&l.name, *a)) {
+                    problems.push(format!("listener {} not bound on {a}", l.name));
+                }
+            }
+        }
+        drop(sockets);
+        for p in rt.config.pools.values() {
+            let any_up =
+                p.backends.iter().any(|b| b.state == crate::config::BackendState::Up && self.health.is_up(&b.name));
+            if !any_up {
+                problems.push(format!("pool {} has no backend up", p.name));
+            }
+        }
+        if rt.config.listeners.iter().any(|l| l.tls != TlsMode::None) && self.tls.certs.lookup(None).is_none() {
+            problems.push("no certificate loaded".to_string());
+        }
+        problems
     }
 
     /// Start accept loops for new (listener, address) pairs and stop the ones no longer wanted.
@@ -264,6 +379,7 @@ impl App {
             };
             let runtime = self.runtime.load_full();
             let Some(listener) = runtime.config.listener(&name).cloned() else { continue };
+            let grace = runtime.config.limits.shutdown_grace;
             let local = tcp.local_addr().unwrap_or(peer);
             let n = self.next_session.fetch_add(1, Ordering::Relaxed);
             let ctx = SessionCtx {
@@ -275,6 +391,7 @@ impl App {
                 shutdown: self.shutdown.clone(),
                 ehlo: self.ehlo.clone(),
                 health: self.health.clone(),
+                shutdown_grace: grace,
             };
             self.sessions.spawn(session::run(ctx, tcp));
         }
@@ -307,7 +424,9 @@ impl App {
     /// Stop accepting, let pre-auth sessions say goodbye, and wait up to the grace period for
     /// relayed sessions to end.
     pub async fn shutdown(&self) {
-        let grace = self.runtime.load().config.limits.shutdown_grace;
+        // Relayed sessions say goodbye themselves when the grace period is over; allow them a
+        // moment more to do it.
+        let grace = self.runtime.load().config.limits.shutdown_grace + std::time::Duration::from_secs(2);
         self.shutdown.cancel();
         // Close the listening sockets now (the accept loops hold the only other references and
         // end on the cancellation), so new clients are refused rather than left in the backlog.
@@ -317,6 +436,14 @@ impl App {
             tracing::warn!(remaining = self.sessions.len(), "shutdown grace period over; closing remaining sessions");
         }
     }
+}
+
+fn unix_now() -> i64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs() as i64)
+}
+
+async fn bind_admin(addr: SocketAddr) -> Result<TcpListener, StartError> {
+    crate::admin::bind(addr).await.map_err(|source| StartError::Bind { listener: "admin".into(), addr, source })
 }
 
 /// Bind every configured address, reusing sockets that are already bound.

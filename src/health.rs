@@ -146,6 +146,8 @@ pub async fn run_checks(
             let result = tokio::time::timeout(hs.timeout, check(&backend, tls.as_ref(), &hostname, &ehlo_cache)).await;
             let result = result.unwrap_or(Err(BackendError::Protocol("health check timed out")));
             if hs.enabled {
+                let outcome = if result.is_ok() { "success" } else { "failure" };
+                crate::metrics::metrics().health_checks.with_label_values(&[backend.label(), outcome]).inc();
                 match result {
                     Ok(()) => table.success(&backend, Source::Check, hs.rise),
                     Err(e) => {

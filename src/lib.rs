@@ -15,17 +15,22 @@
 //! - `health`: active checks, passive circuit breaker, session counts per backend.
 //! - `relay`: the post-login byte pipe.
 //! - `logging`: subscriber setup and the stable log lines.
+//! - `metrics`: every Prometheus metric; `admin`: the /metrics, /healthz, /readyz server.
+//! - `systemd`: sd_notify for `Type=notify` units.
 
 #![forbid(unsafe_code)]
 
+pub mod admin;
 pub mod app;
 pub mod auth;
 pub mod backend;
 pub mod config;
 pub mod health;
 pub mod logging;
+pub mod metrics;
 pub mod protocol;
 pub mod relay;
 pub mod route;
 pub mod session;
+pub mod systemd;
 pub mod tls;

@@ -85,12 +85,24 @@ fn run(config_path: PathBuf) -> anyhow::Result<()> {
         let app = App::start(&config_path).await?;
         portcullis::config::watch::spawn(app.clone()).context("starting the config watcher")?;
         tracing::info!(version = env!("CARGO_PKG_VERSION"), config = %config_path.display(), "portcullis started");
+        portcullis::systemd::notify("READY=1");
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+        let mut int = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())?;
         tokio::select! {
             _ = term.recv() => {}
-            _ = tokio::signal::ctrl_c() => {}
+            _ = int.recv() => {}
         }
-        tracing::info!("shutting down");
+        tracing::info!("shutting down: no new connections; sessions get the grace period");
+        portcullis::systemd::notify("STOPPING=1");
+        // A second signal means "now".
+        tokio::spawn(async move {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = int.recv() => {}
+            }
+            tracing::warn!("second signal: exiting at once");
+            std::process::exit(1);
+        });
         app.shutdown().await;
         Ok(())
     })

@@ -29,6 +29,8 @@ pub enum RelayEnd {
     IdleTimeout,
     ClientError,
     BackendError,
+    /// The `stop` future completed (shutdown after its grace period).
+    Stopped,
 }
 
 impl RelayEnd {
@@ -38,6 +40,7 @@ impl RelayEnd {
             RelayEnd::IdleTimeout => "idle_timeout",
             RelayEnd::ClientError => "client_error",
             RelayEnd::BackendError => "backend_error",
+            RelayEnd::Stopped => "shutdown",
         }
     }
 }
@@ -123,13 +126,15 @@ impl Direction {
     }
 }
 
-/// Relay between `client` and `backend` until both directions end, an error, or `idle` passes
-/// with no byte moving either way.
-pub async fn relay<C, B>(client: &mut C, backend: &mut B, idle: Duration) -> (RelayEnd, Transferred)
+/// Relay between `client` and `backend` until both directions end, an error, `idle` passes with
+/// no byte moving either way, or `stop` completes.
+pub async fn relay<C, B, F>(client: &mut C, backend: &mut B, idle: Duration, stop: F) -> (RelayEnd, Transferred)
 where
     C: AsyncRead + AsyncWrite + Unpin + ?Sized,
     B: AsyncRead + AsyncWrite + Unpin + ?Sized,
+    F: Future<Output = ()>,
 {
+    let stop = std::pin::pin!(stop);
     let mut r = Relay {
         client,
         backend,
@@ -137,29 +142,35 @@ where
         down: Direction::default(),
         idle,
         sleep: Box::pin(tokio::time::sleep(idle)),
+        stop,
     };
     let end = (&mut r).await;
     (end, Transferred { client_to_backend: r.up.bytes, backend_to_client: r.down.bytes })
 }
 
-struct Relay<'a, C: ?Sized, B: ?Sized> {
+struct Relay<'a, 's, C: ?Sized, B: ?Sized, F> {
     client: &'a mut C,
     backend: &'a mut B,
     up: Direction,
     down: Direction,
     idle: Duration,
     sleep: Pin<Box<Sleep>>,
+    stop: Pin<&'s mut F>,
 }
 
-impl<C, B> Future for &mut Relay<'_, C, B>
+impl<C, B, F> Future for &mut Relay<'_, '_, C, B, F>
 where
     C: AsyncRead + AsyncWrite + Unpin + ?Sized,
     B: AsyncRead + AsyncWrite + Unpin + ?Sized,
+    F: Future<Output = ()>,
 {
     type Output = RelayEnd;
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<RelayEnd> {
         let this = &mut **self.get_mut();
+        if this.stop.as_mut().poll(cx).is_ready() {
+            return Poll::Ready(RelayEnd::Stopped);
+        }
         let mut active = false;
         let up = this.up.poll_copy(cx, Pin::new(&mut *this.client), Pin::new(&mut *this.backend), &mut active);
         if let Poll::Ready(Err((side, _))) = up {
@@ -197,8 +208,9 @@ mod tests {
     async fn copies_both_ways_and_propagates_half_close() {
         let (mut client_app, mut client_proxy) = duplex(64);
         let (mut backend_proxy, mut backend_app) = duplex(64);
-        let task =
-            tokio::spawn(async move { relay(&mut client_proxy, &mut backend_proxy, Duration::from_secs(5)).await });
+        let task = tokio::spawn(async move {
+            relay(&mut client_proxy, &mut backend_proxy, Duration::from_secs(5), std::future::pending()).await
+        });
         let big: Vec<u8> = (0..100_000u32).map(|i| (i % 251) as u8).collect();
         let big2 = big.clone();
         let writer = tokio::spawn(async move {
@@ -224,7 +236,8 @@ mod tests {
     async fn idle_timeout_ends_relay() {
         let (_client_app, mut client_proxy) = duplex(64);
         let (mut backend_proxy, _backend_app) = duplex(64);
-        let (end, _) = relay(&mut client_proxy, &mut backend_proxy, Duration::from_secs(1800)).await;
+        let (end, _) =
+            relay(&mut client_proxy, &mut backend_proxy, Duration::from_secs(1800), std::future::pending()).await;
         assert_eq!(end, RelayEnd::IdleTimeout);
     }
 }

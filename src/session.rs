@@ -22,6 +22,7 @@ use crate::backend::{BackendError, ClientInfo, LoggedIn};
 use crate::config::{Backend, ListenerConfig, Protocol, TlsMode};
 use crate::health::{HealthTable, SessionGuard, Source};
 use crate::logging;
+use crate::metrics::{ActiveConnection, metrics};
 use crate::protocol::smtp::ehlo::EhloCache;
 use crate::protocol::{CloseReason, Event, Front, FrontSettings, Goodbye, LoginFailure};
 use crate::relay::{self, Transferred};
@@ -40,6 +41,8 @@ pub struct SessionCtx {
     pub shutdown: CancellationToken,
     pub ehlo: Arc<EhloCache>,
     pub health: Arc<HealthTable>,
+    /// How long relayed sessions may go on after shutdown starts.
+    pub shutdown_grace: Duration,
 }
 
 /// How a session ended, for the access log.
@@ -59,17 +62,33 @@ struct Authenticated {
     pipelined: Vec<u8>,
     /// Counts this session against its backend's `max_sessions` while it lives.
     _guard: SessionGuard,
+    /// The protocol's goodbye, for a shutdown that outlasts the grace period.
+    goodbye: &'static [u8],
 }
 
-pub async fn run(ctx: SessionCtx, tcp: TcpStream) {
+pub async fn run(mut ctx: SessionCtx, mut tcp: TcpStream) {
     let start = Instant::now();
     let _ = tcp.set_nodelay(true);
+    let protocol = ctx.listener.protocol.as_str();
+    let _active = ActiveConnection::new(protocol, &ctx.listener.name);
     let limits = ctx.runtime.config.limits.clone();
-    // Boxed so its buffers are freed after login: the session task's own future stays small for
-    // the (long, mostly idle) relay phase. Shutdown is handled inside, where the client can
-    // still be told.
+    if !ctx.listener.trusted_proxies.is_empty() {
+        match read_proxy_header(&ctx, &mut tcp, limits.tls_handshake_timeout).await {
+            Ok((peer, local)) => {
+                ctx.peer = peer;
+                ctx.local = local;
+            }
+            Err(why) => {
+                metrics().connections_rejected.with_label_values(&[protocol, &ctx.listener.name, "proxy_header"]).inc();
+                tracing::info!(session = %ctx.id, peer = %ctx.peer, reason = why, "PROXY header refused");
+                return;
+            }
+        }
+    }
     // The login deadline is enforced inside (so the client hears why); this outer bound only
-    // catches a phase that cannot answer, such as a TLS handshake in progress.
+    // catches a phase that cannot answer, such as a TLS handshake in progress. Boxed so its
+    // buffers are freed after login: the session task's own future stays small for the (long,
+    // mostly idle) relay phase.
     let deadline = start + limits.login_timeout;
     let pre =
         match tokio::time::timeout_at(deadline + LOGIN_TIMEOUT_SLACK, Box::pin(preauth(&ctx, tcp, deadline))).await {
@@ -79,10 +98,26 @@ pub async fn run(ctx: SessionCtx, tcp: TcpStream) {
     let (outcome, user, backend, bytes) = match pre {
         Err(outcome) => (outcome, None, None, Transferred::default()),
         Ok(mut a) => {
-            let (end, bytes) = relay_session(&mut a, limits.idle_timeout).await;
+            let shutdown = ctx.shutdown.clone();
+            let grace = ctx.shutdown_grace;
+            // Reliability case 80: after the grace period, a relayed session is closed with the
+            // protocol's goodbye.
+            let stop = async move {
+                shutdown.cancelled().await;
+                tokio::time::sleep(grace).await;
+            };
+            let (end, bytes) = relay_session(&mut a, limits.idle_timeout, stop).await;
+            if end == "shutdown" {
+                let _ = a.client.write_all(a.goodbye).await;
+                let _ = a.client.shutdown().await;
+            }
             (Outcome::Relayed(end), Some(a.user), Some(a.backend_name), bytes)
         }
     };
+    let m = metrics();
+    m.relayed_bytes.with_label_values(&[protocol, "client_to_backend"]).inc_by(bytes.client_to_backend);
+    m.relayed_bytes.with_label_values(&[protocol, "backend_to_client"]).inc_by(bytes.backend_to_client);
+    m.session_duration.with_label_values(&[protocol]).observe(start.elapsed().as_secs_f64());
     let (phase, result) = match outcome {
         Outcome::PreAuth(r) => ("preauth", r),
         Outcome::Relayed(r) => ("relay", r),
@@ -91,7 +126,7 @@ pub async fn run(ctx: SessionCtx, tcp: TcpStream) {
         target: "portcullis::access",
         session = %ctx.id,
         listener = %ctx.listener.name,
-        protocol = ctx.listener.protocol.as_str(),
+        protocol,
         client = %ctx.peer,
         user = %logging::safe_user(user.as_deref()),
         backend = backend.as_deref().unwrap_or("-"),
@@ -104,7 +139,48 @@ pub async fn run(ctx: SessionCtx, tcp: TcpStream) {
     );
 }
 
-async fn relay_session(a: &mut Authenticated, idle: Duration) -> (&'static str, Transferred) {
+/// Read a PROXY v1/v2 header from a trusted load balancer (reliability case 53). The header is
+/// peeked and only its own bytes consumed; anything malformed, untrusted or late closes.
+async fn read_proxy_header(
+    ctx: &SessionCtx,
+    tcp: &mut TcpStream,
+    timeout: Duration,
+) -> Result<(SocketAddr, SocketAddr), &'static str> {
+    use tokio::io::AsyncReadExt;
+    if !ctx.listener.trusted_proxies.iter().any(|c| c.contains(ctx.peer.ip())) {
+        return Err("untrusted peer");
+    }
+    let deadline = Instant::now() + timeout;
+    let mut buf = [0u8; 536];
+    loop {
+        let n =
+            tokio::time::timeout_at(deadline, tcp.peek(&mut buf)).await.map_err(|_| "timeout")?.map_err(|_| "io")?;
+        if n == 0 {
+            return Err("closed");
+        }
+        match proxy_header::ProxyHeader::parse(&buf[..n], proxy_header::ParseConfig::default()) {
+            Ok((header, len)) => {
+                let addrs = header.proxied_address().map(|a| (a.source, a.destination));
+                let mut skip = vec![0u8; len];
+                // `peek` saw these bytes, so this read returns at once.
+                tcp.read_exact(&mut skip).await.map_err(|_| "io")?;
+                // LOCAL/UNKNOWN: the connection is the balancer's own; keep the peer address.
+                return Ok(addrs.unwrap_or((ctx.peer, ctx.local)));
+            }
+            Err(proxy_header::Error::BufferTooShort) if n < buf.len() => {
+                // Split across segments: wait for more (bounded by the deadline).
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            Err(_) => return Err("malformed"),
+        }
+    }
+}
+
+async fn relay_session(
+    a: &mut Authenticated,
+    idle: Duration,
+    stop: impl std::future::Future<Output = ()>,
+) -> (&'static str, Transferred) {
     let first = std::mem::take(&mut a.to_client);
     if a.client.write_all(&first).await.is_err() || a.client.flush().await.is_err() {
         return ("client_error", Transferred::default());
@@ -113,7 +189,7 @@ async fn relay_session(a: &mut Authenticated, idle: Duration) -> (&'static str, 
         return ("backend_error", Transferred::default());
     }
     a.pipelined = Vec::new();
-    let (end, t) = relay::relay(&mut a.client, &mut a.backend.stream, idle).await;
+    let (end, t) = relay::relay(&mut a.client, &mut a.backend.stream, idle, stop).await;
     (end.as_str(), t)
 }
 
@@ -200,11 +276,13 @@ async fn preauth(ctx: &SessionCtx, tcp: TcpStream, deadline: Instant) -> Result<
             };
             match attempt {
                 Ok((logged_in, user, backend_name, guard)) => {
+                    count_login(lc, req.mechanism, "success");
                     let mut to_client = front.success_reply(logged_in.untagged.clone(), logged_in.reply.clone());
                     to_client.extend_from_slice(&logged_in.leftover);
-                    let goodbye = front.goodbye(Goodbye::LineTooLong);
+                    let too_long = front.goodbye(Goodbye::LineTooLong);
+                    let goodbye = front.goodbye(Goodbye::Shutdown);
                     let Some(pipelined) = front.into_pipelined() else {
-                        let _ = stream.write_all(goodbye).await;
+                        let _ = stream.write_all(too_long).await;
                         return Err(Outcome::PreAuth(CloseReason::LineTooLong.as_str()));
                     };
                     if let Some(exts) = &logged_in.extensions {
@@ -220,12 +298,15 @@ async fn preauth(ctx: &SessionCtx, tcp: TcpStream, deadline: Instant) -> Result<
                         backend_name,
                         pipelined,
                         _guard: guard,
+                        goodbye,
                     });
                 }
-                Err(LoginError::Unavailable) => {
+                Err(LoginError::Unavailable(why)) => {
+                    count_login(lc, req.mechanism, why);
                     fail(&mut front, &mut stream, LoginFailure::Unavailable, 0, u32::MAX).await?;
                 }
                 Err(LoginError::Bad { user, reason }) => {
+                    count_login(lc, req.mechanism, "bad_credentials");
                     logging::login_failed(ctx.peer.ip(), user.as_deref(), lc.protocol.as_str(), &lc.name, reason);
                     failures += 1;
                     tokio::time::sleep_until(fail_at).await;
@@ -233,6 +314,7 @@ async fn preauth(ctx: &SessionCtx, tcp: TcpStream, deadline: Instant) -> Result<
                         .await?;
                 }
                 Err(LoginError::Denied { user, text, wait, code }) => {
+                    count_login(lc, req.mechanism, "denied");
                     logging::login_failed(ctx.peer.ip(), user.as_deref(), lc.protocol.as_str(), &lc.name, "denied");
                     failures += 1;
                     // nginx semantics: with Auth-Wait, wait and let the client retry; without,
@@ -252,6 +334,7 @@ async fn preauth(ctx: &SessionCtx, tcp: TcpStream, deadline: Instant) -> Result<
             return Err(Outcome::PreAuth("starttls_on_tls"));
         };
         stream = MaybeTls::Tls(Box::new(tls_accept(ctx, tcp).await?));
+        metrics().starttls_upgrades.with_label_values(&[lc.protocol.as_str(), &lc.name]).inc();
     }
 }
 
@@ -259,8 +342,9 @@ async fn preauth(ctx: &SessionCtx, tcp: TcpStream, deadline: Instant) -> Result<
 enum LoginError {
     /// Wrong or malformed credentials (counted, delayed, logged for fail2ban).
     Bad { user: Option<String>, reason: &'static str },
-    /// No backend could take the session, or the auth service is out: the client may retry.
-    Unavailable,
+    /// No backend could take the session (`backend_unavailable`), or the auth service is out
+    /// (`auth_service_error`): the client may retry.
+    Unavailable(&'static str),
     /// The auth service refused with its own text (nginx `Auth-Status`), maybe with a wait.
     Denied { user: Option<String>, text: String, wait: Option<Duration>, code: Option<String> },
 }
@@ -304,18 +388,21 @@ async fn login(
                 helo: hints.helo.as_deref(),
                 tls,
             };
-            match service.query(&q).await {
+            let asked = Instant::now();
+            let answer = service.query(&q).await;
+            metrics().auth_duration.with_label_values(&["http"]).observe(asked.elapsed().as_secs_f64());
+            match answer {
                 Err(e) => {
                     // Reliability case 61: an outage is never the user's failure.
                     tracing::warn!(session = %ctx.id, error = %e, "auth service unavailable");
-                    return Err(LoginError::Unavailable);
+                    return Err(LoginError::Unavailable("auth_service_error"));
                 }
                 Ok(crate::auth::http::Answer::Fail { message, wait, error_code }) => {
                     return Err(LoginError::Denied { user: Some(user), text: message, wait, code: error_code });
                 }
                 Ok(crate::auth::http::Answer::Ok { server, port, user: new_user, pass, transport, client_address }) => {
                     let target = service_target(&rt.config, protocol, &server, port, transport, client_address)
-                        .ok_or(LoginError::Unavailable)?;
+                        .ok_or(LoginError::Unavailable("backend_unavailable"))?;
                     let creds = Credentials {
                         user: new_user.unwrap_or(creds.user),
                         password: pass.map(crate::auth::Password::new).unwrap_or(creds.password),
@@ -326,14 +413,19 @@ async fn login(
             }
         }
         None => {
-            let (user, pinned, deferred) = match auth::authenticate(&rt.config, &creds).await {
+            let asked = Instant::now();
+            let verdict = auth::authenticate(&rt.config, &creds).await;
+            let source =
+                if matches!(rt.config.auth, crate::config::AuthSource::Backend) { "backend" } else { "passwd_file" };
+            metrics().auth_duration.with_label_values(&[source]).observe(asked.elapsed().as_secs_f64());
+            let (user, pinned, deferred) = match verdict {
                 Verdict::Rejected { user } => return Err(LoginError::Bad { user, reason: "bad_credentials" }),
                 Verdict::Accepted { user, backends } => (user, backends, false),
                 Verdict::Deferred { user } => (user, Vec::new(), true),
             };
             let Some(target) = crate::route::target(&rt.config, protocol, &user, &pinned) else {
                 tracing::warn!(session = %ctx.id, user = %logging::safe_user(Some(&user)), "no route for user");
-                return Err(LoginError::Unavailable);
+                return Err(LoginError::Unavailable("backend_unavailable"));
             };
             (user, target, deferred, creds)
         }
@@ -353,10 +445,16 @@ async fn login(
             tracing::warn!(session = %ctx.id, backend = %backend.name, "backend down and its pool has no failover");
             break;
         }
+        let started = Instant::now();
         let result =
             tokio::time::timeout(limits.backend_login_timeout, backend_login(ctx, backend, &info, &user, &creds))
                 .await
                 .unwrap_or(Err(BackendError::Protocol("backend login timed out")));
+        let m = metrics();
+        m.backend_login_duration.with_label_values(&[backend.label()]).observe(started.elapsed().as_secs_f64());
+        if let Err(e) = &result {
+            m.backend_errors.with_label_values(&[backend.label(), e.reason()]).inc();
+        }
         match result {
             Ok(logged_in) => {
                 ctx.health.success(backend, Source::Session, backend.health.rise);
@@ -374,7 +472,7 @@ async fn login(
             }
         }
     }
-    Err(LoginError::Unavailable)
+    Err(LoginError::Unavailable("backend_unavailable"))
 }
 
 /// Where the auth service's `Auth-Server` points: a configured pool or backend by name, or an
@@ -424,6 +522,10 @@ async fn backend_login(
     }
 }
 
+fn count_login(lc: &ListenerConfig, mechanism: crate::protocol::Mechanism, result: &str) {
+    metrics().logins.with_label_values(&[lc.protocol.as_str(), mechanism.as_str(), result]).inc();
+}
+
 async fn fail(
     front: &mut Front,
     stream: &mut ClientStream,
@@ -446,12 +548,31 @@ async fn tls_accept(ctx: &SessionCtx, tcp: TcpStream) -> Result<tokio_rustls::se
         return Err(Outcome::PreAuth("tls_unconfigured"));
     };
     let acceptor = tokio_rustls::TlsAcceptor::from(cfg);
-    match tokio::time::timeout(ctx.runtime.config.limits.tls_handshake_timeout, acceptor.accept(tcp)).await {
-        Ok(Ok(s)) => Ok(s),
+    let started = Instant::now();
+    let result = tokio::time::timeout(ctx.runtime.config.limits.tls_handshake_timeout, acceptor.accept(tcp)).await;
+    let m = metrics();
+    let (protocol, listener) = (ctx.listener.protocol.as_str(), ctx.listener.name.as_str());
+    m.tls_handshake_duration.with_label_values(&[protocol]).observe(started.elapsed().as_secs_f64());
+    match result {
+        Ok(Ok(s)) => {
+            let version = match s.get_ref().1.protocol_version() {
+                Some(rustls::ProtocolVersion::TLSv1_3) => "1.3",
+                Some(rustls::ProtocolVersion::TLSv1_2) => "1.2",
+                _ => "other",
+            };
+            m.tls_handshakes.with_label_values(&[protocol, listener, "success", version]).inc();
+            Ok(s)
+        }
         Ok(Err(e)) => {
             tracing::debug!(session = %ctx.id, error = %e, "TLS handshake failed");
+            m.tls_handshakes.with_label_values(&[protocol, listener, "failure", "none"]).inc();
+            m.connections_rejected.with_label_values(&[protocol, listener, "tls"]).inc();
             Err(Outcome::PreAuth("tls_failed"))
         }
-        Err(_) => Err(Outcome::PreAuth("tls_timeout")),
+        Err(_) => {
+            m.tls_handshakes.with_label_values(&[protocol, listener, "timeout", "none"]).inc();
+            m.connections_rejected.with_label_values(&[protocol, listener, "tls"]).inc();
+            Err(Outcome::PreAuth("tls_timeout"))
+        }
     }
 }

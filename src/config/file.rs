@@ -16,6 +16,8 @@ use toml::Spanned;
 pub struct FileConfig {
     #[serde(default)]
     pub server: ServerFile,
+    /// The admin HTTP server (metrics, health); off unless the table is present.
+    pub admin: Option<AdminFile>,
     #[serde(default)]
     pub log: LogFile,
     #[serde(default)]
@@ -41,6 +43,13 @@ pub struct FileConfig {
 pub struct ServerFile {
     /// The name the proxy gives itself in SMTP greetings and EHLO (default: the system host name).
     pub hostname: Option<Spanned<String>>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdminFile {
+    /// Default 127.0.0.1:9100.
+    pub bind: Option<Spanned<String>>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -110,6 +119,11 @@ pub struct ListenerFile {
     pub tls: Spanned<String>,
     #[serde(default)]
     pub allow_plaintext_auth: bool,
+    /// Expect a PROXY protocol v1/v2 header from a load balancer before anything else.
+    #[serde(default)]
+    pub proxy_protocol: bool,
+    /// Peers allowed to send the PROXY header (CIDRs); anyone else is closed.
+    pub trusted_proxies: Option<Spanned<Vec<String>>>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -64,6 +64,8 @@ pub struct Config {
     pub path: PathBuf,
     /// The proxy's own name (SMTP greeting and EHLO).
     pub hostname: String,
+    /// Where the admin server listens, if enabled.
+    pub admin: Option<SocketAddr>,
     pub log_format: LogFormat,
     pub log_level: Option<String>,
     pub limits: Limits,
@@ -183,6 +185,48 @@ pub struct ListenerConfig {
     pub tls: TlsMode,
     /// Accept credentials without TLS. Off unless the operator says so.
     pub allow_plaintext_auth: bool,
+    /// Peers that must send a PROXY header first; empty when the listener does not use it.
+    pub trusted_proxies: Vec<Cidr>,
+}
+
+/// An address range such as `10.0.0.0/8` or `fd00::/8`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Cidr {
+    pub addr: std::net::IpAddr,
+    pub prefix: u8,
+}
+
+impl Cidr {
+    pub fn parse(s: &str) -> Option<Cidr> {
+        let (addr, prefix) = match s.split_once('/') {
+            Some((a, p)) => (a.parse().ok()?, p.parse().ok()?),
+            None => {
+                let a: std::net::IpAddr = s.parse().ok()?;
+                (a, if a.is_ipv4() { 32 } else { 128 })
+            }
+        };
+        let max = if matches!(addr, std::net::IpAddr::V4(_)) { 32 } else { 128 };
+        (prefix <= max).then_some(Cidr { addr, prefix })
+    }
+
+    pub fn contains(&self, ip: std::net::IpAddr) -> bool {
+        fn bits(ip: std::net::IpAddr) -> (u128, u32) {
+            match ip {
+                std::net::IpAddr::V4(a) => (u128::from(u32::from(a)), 32),
+                std::net::IpAddr::V6(a) => match a.to_ipv4_mapped() {
+                    Some(v4) => (u128::from(u32::from(v4)), 32),
+                    None => (u128::from(a), 128),
+                },
+            }
+        }
+        let (net, width) = bits(self.addr);
+        let (ip, ip_width) = bits(ip);
+        if width != ip_width {
+            return false;
+        }
+        let shift = width - u32::from(self.prefix);
+        shift >= width || (net >> shift) == (ip >> shift)
+    }
 }
 
 #[derive(Debug)]
@@ -302,6 +346,8 @@ impl fmt::Debug for BackendLogin {
 #[derive(Debug, Clone, PartialEq)]
 pub struct Backend {
     pub name: String,
+    /// Named by the auth service, not the config (metrics label `dynamic`).
+    pub dynamic: bool,
     pub protocol: Protocol,
     /// Relative share of a pool's users.
     pub weight: f64,
@@ -411,11 +457,18 @@ impl Target {
 }
 
 impl Backend {
+    /// The backend's metrics label: its name, or `dynamic` for auth-service addresses (so the
+    /// label set stays bounded).
+    pub fn label(&self) -> &str {
+        if self.dynamic { "dynamic" } else { &self.name }
+    }
+
     /// A backend the auth service named by address: protocol defaults, verified TLS, no checks.
     pub fn adhoc(protocol: Protocol, host: &str, port: u16) -> Backend {
         let address = if host.contains(':') { format!("[{host}]:{port}") } else { format!("{host}:{port}") };
         Backend {
             name: address.clone(),
+            dynamic: true,
             protocol,
             weight: 1.0,
             state: BackendState::Up,
@@ -612,9 +665,19 @@ impl Validator<'_> {
                 }
             }
         }
+        let admin = match &raw.admin {
+            None => None,
+            Some(a) => Some(match &a.bind {
+                None => SocketAddr::from(([127, 0, 0, 1], 9100)),
+                Some(b) => b.get_ref().parse().map_err(|_| {
+                    self.err(Some(b.span()), "admin.bind", format!("{:?} is not an IP:port address", b.get_ref()))
+                })?,
+            }),
+        };
         Ok(Config {
             path: self.path.to_path_buf(),
             hostname,
+            admin,
             log_format,
             log_level: raw.log.level,
             limits,
@@ -750,12 +813,46 @@ impl Validator<'_> {
                     ));
                 }
             };
+            let trusted_proxies = match (&l.trusted_proxies, l.proxy_protocol) {
+                (None, false) => Vec::new(),
+                (None, true) => {
+                    return Err(self.err(
+                        Some(l.name.span()),
+                        field("trusted_proxies"),
+                        "proxy_protocol = true needs trusted_proxies",
+                    ));
+                }
+                (Some(t), false) => {
+                    return Err(self.err(
+                        Some(t.span()),
+                        field("trusted_proxies"),
+                        "only used with proxy_protocol = true",
+                    ));
+                }
+                (Some(t), true) => {
+                    let mut out = Vec::new();
+                    for c in t.get_ref() {
+                        out.push(Cidr::parse(c).ok_or_else(|| {
+                            self.err(
+                                Some(t.span()),
+                                field("trusted_proxies"),
+                                format!("{c:?} is not an address or CIDR"),
+                            )
+                        })?);
+                    }
+                    if out.is_empty() {
+                        return Err(self.err(Some(t.span()), field("trusted_proxies"), "at least one range is needed"));
+                    }
+                    out
+                }
+            };
             out.push(Arc::new(ListenerConfig {
                 name,
                 bind,
                 protocol,
                 tls,
                 allow_plaintext_auth: l.allow_plaintext_auth,
+                trusted_proxies,
             }));
         }
         Ok(out)
@@ -1029,6 +1126,7 @@ impl Validator<'_> {
                 Arc::new(Backend {
                     host_key: b.host_key.clone().unwrap_or_else(|| name.clone()),
                     name,
+                    dynamic: false,
                     protocol,
                     weight,
                     state,
@@ -1243,6 +1341,20 @@ default = "b"
 
         let e = parse(&BASE.replace("[auth]\nsource = \"backend\"", "")).unwrap_err();
         assert_eq!(e.field, "auth.passwd_file");
+    }
+
+    #[test]
+    fn cidrs() {
+        let c = Cidr::parse("10.0.0.0/8").unwrap();
+        assert!(c.contains("10.1.2.3".parse().unwrap()));
+        assert!(!c.contains("11.0.0.1".parse().unwrap()));
+        assert!(c.contains("::ffff:10.9.9.9".parse().unwrap()));
+        assert!(!c.contains("fd00::1".parse().unwrap()));
+        assert!(Cidr::parse("fd00::/8").unwrap().contains("fd12::1".parse().unwrap()));
+        assert!(Cidr::parse("0.0.0.0/0").unwrap().contains("192.0.2.1".parse().unwrap()));
+        assert!(Cidr::parse("127.0.0.1").unwrap().contains("127.0.0.1".parse().unwrap()));
+        assert!(Cidr::parse("10.0.0.0/33").is_none());
+        assert!(Cidr::parse("nope").is_none());
     }
 
     #[test]

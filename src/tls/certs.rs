@@ -35,6 +35,8 @@ pub struct CertMaps {
     explicit_default: bool,
     /// What each configured pair was loaded from, to keep a good pair when its files break.
     loaded: HashMap<(PathBuf, PathBuf), (Vec<u8>, Arc<CertifiedKey>)>,
+    /// (label, not-after as Unix seconds) of every certificate served.
+    expiry: Vec<(String, i64)>,
 }
 
 pub struct CertStore {
@@ -67,6 +69,12 @@ impl CertStore {
 
     pub fn install(&self, maps: CertMaps) {
         self.maps.store(Arc::new(maps));
+    }
+
+    /// (label, not-after in Unix seconds) of every certificate served: the label is the first
+    /// configured name, `default` for an unnamed default, `self-signed` for the generated one.
+    pub fn expiries(&self) -> Vec<(String, i64)> {
+        self.maps.load().expiry.clone()
     }
 
     /// The certificate a handshake for `name` would get.
@@ -111,6 +119,10 @@ fn build(settings: &TlsSettings, previous: Option<&CertMaps>) -> Result<CertMaps
                 None => return Err(e),
             },
         };
+        let label = spec.names.first().cloned().unwrap_or_else(|| "default".into());
+        if let Some(t) = not_after(&certified) {
+            maps.expiry.push((label, t));
+        }
         add(&mut maps, spec, certified);
     }
     if !settings.self_signed_names.is_empty() {
@@ -126,6 +138,9 @@ fn build(settings: &TlsSettings, previous: Option<&CertMaps>) -> Result<CertMaps
             }
         };
         maps.loaded.insert(self_signed_key(&names), (bytes, ck.clone()));
+        if let Some(t) = not_after(&ck) {
+            maps.expiry.push(("self-signed".into(), t));
+        }
         let spec = CertSpec {
             cert: PathBuf::new(),
             key: PathBuf::new(),
@@ -135,6 +150,13 @@ fn build(settings: &TlsSettings, previous: Option<&CertMaps>) -> Result<CertMaps
         add(&mut maps, &spec, ck);
     }
     Ok(maps)
+}
+
+/// The leaf certificate's notAfter, in Unix seconds.
+fn not_after(ck: &CertifiedKey) -> Option<i64> {
+    let leaf = ck.cert.first()?;
+    let (_, cert) = x509_parser::parse_x509_certificate(leaf.as_ref()).ok()?;
+    Some(cert.validity().not_after.timestamp())
 }
 
 fn self_signed_key(names: &[String]) -> (PathBuf, PathBuf) {

@@ -1,0 +1,81 @@
+//! The admin HTTP server: `/metrics` (Prometheus text), `/healthz` (the process answers) and
+//! `/readyz` (config loaded, listeners bound, every pool with a backend up, certificates loaded).
+//! It binds loopback unless configured otherwise and never serves anything a client sent.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::{Arc, Weak};
+
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper::{Request, Response, StatusCode};
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+use crate::app::App;
+use crate::metrics::metrics;
+
+/// Serve until `stop` is cancelled.
+pub async fn serve(listener: TcpListener, app: Weak<App>, stop: CancellationToken) {
+    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    loop {
+        let (tcp, _) = tokio::select! {
+            _ = stop.cancelled() => break,
+            r = listener.accept() => match r {
+                Ok(x) => x,
+                Err(e) => {
+                    tracing::warn!(error = %e, "admin accept failed");
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        let app = app.clone();
+        let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
+            let app = app.clone();
+            async move { Ok::<_, Infallible>(handle(&req, app.upgrade())) }
+        });
+        let conn = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(tcp), svc);
+        let conn = graceful.watch(conn);
+        tokio::spawn(async move {
+            let _ = conn.await;
+        });
+    }
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(2), graceful.shutdown()).await;
+}
+
+fn handle(req: &Request<Incoming>, app: Option<Arc<App>>) -> Response<Full<Bytes>> {
+    let text = |status: StatusCode, body: String| {
+        Response::builder()
+            .status(status)
+            .header("content-type", "text/plain; charset=utf-8")
+            .body(Full::new(Bytes::from(body)))
+            .unwrap_or_default()
+    };
+    if req.method() != hyper::Method::GET && req.method() != hyper::Method::HEAD {
+        return text(StatusCode::METHOD_NOT_ALLOWED, "method not allowed\n".into());
+    }
+    match req.uri().path() {
+        "/metrics" => {
+            if let Some(app) = &app {
+                app.refresh_gauges();
+            }
+            let (ctype, body) = metrics().render();
+            Response::builder().header("content-type", ctype).body(Full::new(Bytes::from(body))).unwrap_or_default()
+        }
+        "/healthz" => text(StatusCode::OK, "ok\n".into()),
+        "/readyz" => match app.map(|a| a.readiness()) {
+            Some(problems) if problems.is_empty() => text(StatusCode::OK, "ready\n".into()),
+            Some(problems) => text(StatusCode::SERVICE_UNAVAILABLE, problems.join("\n") + "\n"),
+            None => text(StatusCode::SERVICE_UNAVAILABLE, "shutting down\n".into()),
+        },
+        _ => text(StatusCode::NOT_FOUND, "not found\n".into()),
+    }
+}
+
+/// Bind the admin address (a failure is a start/reload error).
+pub async fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    TcpListener::bind(addr).await
+}

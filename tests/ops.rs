@@ -1,0 +1,153 @@
+//! Operations: the admin server, PROXY protocol from a trusted load balancer, and the shutdown
+//! goodbye for relayed sessions.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+async fn http_get(addr: std::net::SocketAddr, path: &str) -> (u16, String) {
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes()).await.unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).await.unwrap();
+    let status = out[9..12].parse().unwrap();
+    let body = out.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
+    (status, body)
+}
+
+#[tokio::test]
+async fn admin_serves_metrics_health_and_readiness() {
+    let backend = FakeBackend::start(Behaviour::Normal).await;
+    let cfg = plain_config(backend.addr, "").replace("[limits]", "[admin]\nbind = \"127.0.0.1:0\"\n\n[limits]");
+    let proxy = Proxy::start(&cfg, USERS).await;
+    let admin = proxy.app.admin_addr().unwrap();
+    let mut c = Client::connect(proxy.addr("plain")).await;
+    c.line().await;
+    c.send(b"a LOGIN alice@example.test secret\r\n").await;
+    c.until_tagged("a").await;
+    c.send(b"b LOGIN x\r\n").await;
+    let (status, body) = http_get(admin, "/metrics").await;
+    assert_eq!(status, 200);
+    for needle in [
+        "portcullis_build_info{version=",
+        "portcullis_connections_accepted_total{listener=\"plain\",protocol=\"imap\"}",
+        "portcullis_logins_total{mechanism=\"login\",protocol=\"imap\",result=\"success\"}",
+        "portcullis_backend_up{backend=\"fake\"} 1",
+        "portcullis_backend_sessions{backend=\"fake\"} 1",
+        "portcullis_backend_login_duration_seconds_bucket{backend=\"fake\"",
+        "portcullis_config_last_reload_success_timestamp_seconds ",
+    ] {
+        assert!(body.contains(needle), "missing {needle} in\n{body}");
+    }
+    // Never a user or a client address in a label (reliability case 62).
+    assert!(!body.contains("alice") && !body.contains("127.0.0.1"));
+    assert_eq!(http_get(admin, "/healthz").await, (200, "ok\n".to_string()));
+    assert_eq!(http_get(admin, "/readyz").await, (200, "ready\n".to_string()));
+    assert_eq!(http_get(admin, "/nope").await.0, 404);
+}
+
+#[tokio::test]
+async fn readiness_reports_a_pool_without_healthy_backends() {
+    let dead = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+    let cfg = format!(
+        "[admin]\nbind = \"127.0.0.1:0\"\n[[listener]]\nname = \"plain\"\nbind = \"127.0.0.1:0\"\nprotocol = \"imap\"\ntls = \"none\"\n[auth]\nsource = \"backend\"\n[[backend]]\nname = \"d\"\naddress = \"{dead}\"\n[backend.health]\ninterval = \"100ms\"\nfall = 1\n[[pool]]\nname = \"p\"\nbackends = [\"d\"]\n[routing]\ndefault = \"p\"\n"
+    );
+    let proxy = Proxy::start(&cfg, "").await;
+    let admin = proxy.app.admin_addr().unwrap();
+    let mut last = (0, String::new());
+    for _ in 0..50 {
+        last = http_get(admin, "/readyz").await;
+        if last.0 == 503 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(last, (503, "pool p has no backend up\n".to_string()));
+    let (_, metrics) = http_get(admin, "/metrics").await;
+    assert!(metrics.contains("portcullis_backend_up{backend=\"d\"} 0"));
+    assert!(metrics.contains("portcullis_health_checks_total{backend=\"d\",result=\"failure\"}"));
+}
+
+fn proxy_config(backend: std::net::SocketAddr, trusted: &str) -> String {
+    plain_config(backend, "").replace(
+        "allow_plaintext_auth = true",
+        &format!("allow_plaintext_auth = true\nproxy_protocol = true\ntrusted_proxies = [{trusted}]"),
+    )
+}
+
+fn v2_header(src: &str, dst: &str) -> Vec<u8> {
+    let h = proxy_header::ProxyHeader::with_address(proxy_header::ProxiedAddress::stream(
+        src.parse().unwrap(),
+        dst.parse().unwrap(),
+    ));
+    let mut buf = Vec::new();
+    h.encode_v2(&mut buf).unwrap();
+    buf
+}
+
+#[tokio::test]
+async fn proxy_header_from_a_trusted_balancer_sets_the_client_address() {
+    let backend = FakeBackend::start(Behaviour::Normal).await;
+    let proxy = Proxy::start(&proxy_config(backend.addr, "\"127.0.0.0/8\""), USERS).await;
+    let mut c = Client::connect(proxy.addr("plain")).await;
+    c.send(&v2_header("192.0.2.7:4242", "198.51.100.1:143")).await;
+    assert!(c.line().await.starts_with("* OK"));
+    c.send(b"a LOGIN alice@example.test secret\r\n").await;
+    c.until_tagged("a").await;
+    let id = &backend.lines(0)[0];
+    assert!(id.contains("\"x-originating-ip\" \"192.0.2.7\" \"x-originating-port\" \"4242\""), "{id}");
+    assert!(id.contains("\"x-connected-ip\" \"198.51.100.1\""), "{id}");
+
+    // A v1 header split across two segments (reliability case 53).
+    let mut c = Client::connect(proxy.addr("plain")).await;
+    c.send(b"PROXY TCP4 203.0.113.9 ").await;
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    c.send(b"198.51.100.1 5555 143\r\n").await;
+    assert!(c.line().await.starts_with("* OK"));
+    c.send(b"a LOGIN alice@example.test secret\r\n").await;
+    c.until_tagged("a").await;
+    assert!(backend.lines(1)[0].contains("\"203.0.113.9\""));
+
+    // Malformed: closed without a greeting.
+    let mut c = Client::connect(proxy.addr("plain")).await;
+    c.send(b"PROXY NONSENSE\r\n").await;
+    assert_eq!(c.line().await, "");
+    // No header at all on a PROXY listener: also closed (never auto-detected).
+    let mut c = Client::connect(proxy.addr("plain")).await;
+    c.send(b"a NOOP\r\n").await;
+    assert_eq!(c.line().await, "");
+}
+
+#[tokio::test]
+async fn proxy_header_from_an_untrusted_peer_is_refused() {
+    let backend = FakeBackend::start(Behaviour::Normal).await;
+    let proxy = Proxy::start(&proxy_config(backend.addr, "\"10.0.0.0/8\""), USERS).await;
+    let mut c = Client::connect(proxy.addr("plain")).await;
+    c.send(&v2_header("192.0.2.7:4242", "198.51.100.1:143")).await;
+    assert_eq!(c.line().await, "");
+    assert_eq!(backend.connections(), 0);
+}
+
+#[tokio::test]
+async fn relayed_sessions_get_a_goodbye_after_the_grace_period() {
+    let backend = FakeBackend::start(Behaviour::Normal).await;
+    let proxy = Proxy::start(&plain_config(backend.addr, "shutdown_grace = \"300ms\""), USERS).await;
+    let mut c = Client::connect(proxy.addr("plain")).await;
+    c.line().await;
+    c.send(b"a LOGIN alice@example.test secret\r\n").await;
+    c.until_tagged("a").await;
+    let app = proxy.app.clone();
+    let started = tokio::time::Instant::now();
+    let done = tokio::spawn(async move { app.shutdown().await });
+    // Reliability case 80: the session goes on during the grace period...
+    c.send(b"b NOOP\r\n").await;
+    assert_eq!(c.line().await, "b OK done\r\n");
+    // ...then hears the protocol's goodbye.
+    assert_eq!(c.line().await, "* BYE Server shutting down.\r\n");
+    assert!(started.elapsed() >= Duration::from_millis(300));
+    assert!(c.closed().await);
+    tokio::time::timeout(Duration::from_secs(5), done).await.unwrap().unwrap();
+}
