@@ -82,9 +82,11 @@ def toml_str(s):
 class ProxySetup:
     """A portcullis config: listener ports, backends, and the text that describes them."""
 
-    def __init__(self, dovecot, workdir, listeners=None, postfix=None):
+    def __init__(self, dovecot, workdir, listeners=None, postfix=None, admin_port=None):
         self.dovecot = dovecot
         self.postfix = postfix
+        # With a port, the config gets an [admin] table (/metrics, /healthz, /readyz) on loopback.
+        self.admin_port = admin_port
         self.dead_port = free_port()  # nothing listens here
         self.listeners = listeners or [
             ("imaps", free_port(), "implicit"),
@@ -115,6 +117,8 @@ class ProxySetup:
             "",
         ]
         out = ["[server]", 'hostname = "proxy.example.test"', ""] + out
+        if self.admin_port is not None:
+            out += ["[admin]", f'bind = "127.0.0.1:{self.admin_port}"', ""]
         for name, port, tls, *proto in list(self.listeners) + list(extra_listeners):
             if name in drop_listeners:
                 continue
@@ -227,8 +231,8 @@ class RunningProxy:
         return self.pc.log()
 
 
-def start_proxy(dovecot, workdir, postfix=None):
-    setup = ProxySetup(dovecot, workdir, postfix=postfix)
+def start_proxy(dovecot, workdir, postfix=None, admin_port=None):
+    setup = ProxySetup(dovecot, workdir, postfix=postfix, admin_port=admin_port)
     pc = Portcullis(workdir, setup.text())
     pc.start(wait_port=setup.port("imaps"), tls=True)
     return RunningProxy(setup, pc)
