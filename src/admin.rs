@@ -35,7 +35,27 @@ pub async fn serve(listener: TcpListener, app: Weak<App>, stop: CancellationToke
         let app = app.clone();
         let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
             let app = app.clone();
-            async move { Ok::<_, Infallible>(handle(&req, app.upgrade())) }
+            async move {
+                // POST /acme/renew/NAME: `portcullis renew NAME`.
+                if req.method() == hyper::Method::POST
+                    && let Some(label) = req.uri().path().strip_prefix("/acme/renew/")
+                {
+                    let label = label.to_string();
+                    let found = match app.upgrade() {
+                        Some(app) => app.acme_renew(if label.is_empty() { None } else { Some(&label) }).await,
+                        None => false,
+                    };
+                    let (status, body) = if found {
+                        (StatusCode::ACCEPTED, "renewal started\n")
+                    } else {
+                        (StatusCode::NOT_FOUND, "no such ACME certificate\n")
+                    };
+                    let resp =
+                        Response::builder().status(status).body(Full::new(Bytes::from(body))).unwrap_or_default();
+                    return Ok::<_, Infallible>(resp);
+                }
+                Ok::<_, Infallible>(handle(&req, app.upgrade()))
+            }
         });
         let conn = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(tcp), svc);
         let conn = graceful.watch(conn);

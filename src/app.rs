@@ -47,6 +47,8 @@ pub enum StartError {
     Config(#[from] ConfigError),
     #[error("certificate: {0}")]
     Cert(#[from] CertError),
+    #[error("ACME: {0}")]
+    Acme(String),
     #[error("cannot bind {addr} for listener {listener:?}: {source}")]
     Bind { listener: String, addr: SocketAddr, source: std::io::Error },
 }
@@ -80,6 +82,8 @@ pub struct App {
     health: Arc<HealthTable>,
     /// Stops the current generation of health checks (replaced on reload).
     checks: Mutex<CancellationToken>,
+    /// The ACME manager, if configured.
+    acme: tokio::sync::Mutex<Option<crate::tls::acme::AcmeHandle>>,
     /// The admin server's configured address, its stop token and its bound address, if running.
     admin: Mutex<Option<(SocketAddr, CancellationToken, Option<SocketAddr>)>>,
 }
@@ -172,7 +176,9 @@ impl App {
             health: Arc::new(HealthTable::default()),
             checks: Mutex::new(CancellationToken::new()),
             admin: Mutex::new(None),
+            acme: tokio::sync::Mutex::new(None),
         });
+        app.apply_acme().await?;
         app.apply_sockets(sockets);
         app.apply_admin(admin);
         app.restart_checks();
@@ -245,8 +251,43 @@ impl App {
         }
         self.restart_checks();
         self.record_certificates();
+        if let Err(e) = self.apply_acme().await {
+            tracing::error!(error = %e, "ACME could not be (re)started; certificates stay as they are");
+        }
         *last = fp;
         Ok(Reloaded::Applied)
+    }
+
+    /// Start, restart or stop the ACME manager to match the running config.
+    async fn apply_acme(self: &Arc<Self>) -> Result<(), StartError> {
+        let wanted = self.runtime.load().config.acme.clone();
+        let mut slot = self.acme.lock().await;
+        if slot.as_ref().map(|h| &h.settings) == wanted.as_ref() {
+            return Ok(());
+        }
+        if let Some(old) = slot.take() {
+            old.stop();
+        }
+        if let Some(settings) = wanted {
+            let handle = crate::tls::acme::start(settings, self.tls.certs.clone(), self.shutdown.child_token())
+                .await
+                .map_err(StartError::Acme)?;
+            *slot = Some(handle);
+        }
+        Ok(())
+    }
+
+    /// Renew an ACME certificate now (`None`: all of them). False if there is no such certificate.
+    pub async fn acme_renew(&self, label: Option<&str>) -> bool {
+        let slot = self.acme.lock().await;
+        match (slot.as_ref(), label) {
+            (Some(h), Some(l)) => h.renew(l),
+            (Some(h), None) => {
+                h.renew_all();
+                true
+            }
+            (None, _) => false,
+        }
     }
 
     /// Run the admin server on `bound` (stopping a previous one), or stop it when `None`.

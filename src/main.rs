@@ -31,6 +31,13 @@ enum Command {
     },
     /// Read a password on standard input and print an {ARGON2ID} entry for a users file.
     HashPassword,
+    /// Ask the running proxy (through its admin server) to renew an ACME certificate now.
+    Renew {
+        #[arg(long, short)]
+        config: PathBuf,
+        /// The certificate's first name; omit to renew all.
+        name: Option<String>,
+    },
 }
 
 fn main() -> ExitCode {
@@ -57,6 +64,16 @@ fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         },
+        Command::Renew { config, name } => match renew(&config, name.as_deref()) {
+            Ok(msg) => {
+                println!("{msg}");
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("error: {e:#}");
+                ExitCode::FAILURE
+            }
+        },
         Command::Run { config } => match run(config) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
@@ -75,6 +92,26 @@ fn hash_password() -> anyhow::Result<String> {
     portcullis::auth::passwd::hash_argon2id(password.as_bytes()).map_err(anyhow::Error::msg)
 }
 
+fn renew(config: &std::path::Path, name: Option<&str>) -> anyhow::Result<String> {
+    use std::io::Write;
+    let cfg = Config::load(config).map_err(anyhow::Error::new)?;
+    let addr = cfg.admin.context("the config has no [admin] table: the running proxy cannot be reached")?;
+    let mut s = std::net::TcpStream::connect_timeout(&addr, std::time::Duration::from_secs(5))
+        .with_context(|| format!("connecting to the admin server at {addr}"))?;
+    s.set_read_timeout(Some(std::time::Duration::from_secs(10)))?;
+    write!(
+        s,
+        "POST /acme/renew/{} HTTP/1.1\r\nHost: {addr}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
+        name.unwrap_or("")
+    )?;
+    let mut reply = String::new();
+    s.read_to_string(&mut reply)?;
+    let status = reply.get(9..12).unwrap_or("");
+    let body = reply.split_once("\r\n\r\n").map(|(_, b)| b.trim()).unwrap_or("");
+    anyhow::ensure!(status == "202", "{body}");
+    Ok(body.to_string())
+}
+
 fn run(config_path: PathBuf) -> anyhow::Result<()> {
     // Logging is set up from the config before anything else can log.
     let initial = Config::load(&config_path).map_err(anyhow::Error::new)?;
@@ -86,6 +123,15 @@ fn run(config_path: PathBuf) -> anyhow::Result<()> {
         portcullis::config::watch::spawn(app.clone()).context("starting the config watcher")?;
         tracing::info!(version = env!("CARGO_PKG_VERSION"), config = %config_path.display(), "portcullis started");
         portcullis::systemd::notify("READY=1");
+        // SIGUSR1: renew every ACME certificate now.
+        let usr1_app = app.clone();
+        let mut usr1 = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::user_defined1())?;
+        tokio::spawn(async move {
+            while usr1.recv().await.is_some() {
+                let started = usr1_app.acme_renew(None).await;
+                tracing::info!(acme = started, "SIGUSR1: renewing ACME certificates");
+            }
+        });
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
         let mut int = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())?;
         tokio::select! {

@@ -18,6 +18,8 @@ pub struct FileConfig {
     pub server: ServerFile,
     /// The admin HTTP server (metrics, health); off unless the table is present.
     pub admin: Option<AdminFile>,
+    /// Certificates obtained and renewed over ACME.
+    pub acme: Option<AcmeFile>,
     #[serde(default)]
     pub log: LogFile,
     #[serde(default)]
@@ -43,6 +45,49 @@ pub struct FileConfig {
 pub struct ServerFile {
     /// The name the proxy gives itself in SMTP greetings and EHLO (default: the system host name).
     pub hostname: Option<Spanned<String>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AcmeFile {
+    /// `letsencrypt`, `letsencrypt-staging`, or a directory URL.
+    pub directory: Spanned<String>,
+    #[serde(default)]
+    pub contact: Vec<String>,
+    #[serde(default)]
+    pub terms_agreed: bool,
+    /// External account binding (ZeroSSL, commercial CAs): key id and base64url HMAC key.
+    pub eab_kid: Option<String>,
+    pub eab_hmac_key: Option<Spanned<String>>,
+    /// PEM root to trust for the directory (internal CAs, tests).
+    pub ca_file: Option<Spanned<PathBuf>>,
+    /// Account key and certificates (files 0600).
+    pub state_dir: Spanned<PathBuf>,
+    /// `http-01` (default), `tls-alpn-01` or `dns-01`.
+    pub challenge: Option<Spanned<String>>,
+    /// HTTP-01 built-in responder address (default 0.0.0.0:80) ...
+    pub http01_bind: Option<Spanned<String>>,
+    /// ... or a directory an existing web server serves as its document root.
+    pub http01_webroot: Option<Spanned<PathBuf>>,
+    /// TLS-ALPN-01 responder address (default 0.0.0.0:443).
+    pub tls_alpn01_bind: Option<Spanned<String>>,
+    /// DNS-01: a command run as `hook add|remove NAME VALUE`.
+    pub dns01_hook: Option<Spanned<PathBuf>>,
+    #[serde(default, with = "humantime_serde::option")]
+    pub dns01_propagation: Option<Duration>,
+    /// First retry delay after a failure (doubles, jittered, up to 6 h). Default 60 s.
+    #[serde(default, with = "humantime_serde::option")]
+    pub retry_min: Option<Duration>,
+    #[serde(default, rename = "certificate")]
+    pub certificates: Vec<AcmeCertFile>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AcmeCertFile {
+    pub names: Spanned<Vec<String>>,
+    /// `ecdsa-p256` (default) or `rsa-2048`.
+    pub key_type: Option<Spanned<String>>,
 }
 
 #[derive(Debug, Default, Deserialize)]

@@ -66,6 +66,7 @@ pub struct Config {
     pub hostname: String,
     /// Where the admin server listens, if enabled.
     pub admin: Option<SocketAddr>,
+    pub acme: Option<AcmeSettings>,
     pub log_format: LogFormat,
     pub log_level: Option<String>,
     pub limits: Limits,
@@ -247,6 +248,38 @@ pub struct AuthHttpSettings {
     pub ca_file: Option<PathBuf>,
     pub cache_ttl: Duration,
     pub negative_cache_ttl: Duration,
+}
+
+pub const LETSENCRYPT: &str = "https://acme-v02.api.letsencrypt.org/directory";
+pub const LETSENCRYPT_STAGING: &str = "https://acme-staging-v02.api.letsencrypt.org/directory";
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AcmeSettings {
+    pub directory: String,
+    pub contact: Vec<String>,
+    pub terms_agreed: bool,
+    /// (key id, raw HMAC key)
+    pub eab: Option<(String, Vec<u8>)>,
+    pub ca_file: Option<PathBuf>,
+    pub state_dir: PathBuf,
+    pub challenge: AcmeChallenge,
+    pub retry_min: Duration,
+    pub certificates: Vec<AcmeCertSpec>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AcmeChallenge {
+    Http01Responder(SocketAddr),
+    Http01Webroot(PathBuf),
+    TlsAlpn01(SocketAddr),
+    Dns01 { hook: PathBuf, propagation: Duration },
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AcmeCertSpec {
+    /// Lower-case DNS names; the first is the certificate's label.
+    pub names: Vec<String>,
+    pub rsa: bool,
 }
 
 /// How user names are made canonical.
@@ -674,10 +707,15 @@ impl Validator<'_> {
                 })?,
             }),
         };
+        let acme = match &raw.acme {
+            Some(a) => Some(self.acme(a)?),
+            None => None,
+        };
         Ok(Config {
             path: self.path.to_path_buf(),
             hostname,
             admin,
+            acme,
             log_format,
             log_level: raw.log.level,
             limits,
@@ -856,6 +894,125 @@ impl Validator<'_> {
             }));
         }
         Ok(out)
+    }
+
+    fn acme(&self, a: &file::AcmeFile) -> Result<AcmeSettings, ConfigError> {
+        let directory = match a.directory.get_ref().as_str() {
+            "letsencrypt" => LETSENCRYPT.to_string(),
+            "letsencrypt-staging" => LETSENCRYPT_STAGING.to_string(),
+            url if url.starts_with("https://") => url.to_string(),
+            other => {
+                return Err(self.err(
+                    Some(a.directory.span()),
+                    "acme.directory",
+                    format!("expected \"letsencrypt\", \"letsencrypt-staging\" or an https:// URL, found {other:?}"),
+                ));
+            }
+        };
+        let addr = |s: &Option<Spanned<String>>, field: &str, default: SocketAddr| -> Result<SocketAddr, ConfigError> {
+            match s {
+                None => Ok(default),
+                Some(b) => b.get_ref().parse().map_err(|_| {
+                    self.err(
+                        Some(b.span()),
+                        format!("acme.{field}"),
+                        format!("{:?} is not an IP:port address", b.get_ref()),
+                    )
+                }),
+            }
+        };
+        let challenge = match a.challenge.as_ref().map(|c| c.get_ref().as_str()) {
+            None | Some("http-01") => match &a.http01_webroot {
+                Some(root) => AcmeChallenge::Http01Webroot(self.resolve(root.get_ref())),
+                None => AcmeChallenge::Http01Responder(addr(
+                    &a.http01_bind,
+                    "http01_bind",
+                    SocketAddr::from(([0, 0, 0, 0], 80)),
+                )?),
+            },
+            Some("tls-alpn-01") => AcmeChallenge::TlsAlpn01(addr(
+                &a.tls_alpn01_bind,
+                "tls_alpn01_bind",
+                SocketAddr::from(([0, 0, 0, 0], 443)),
+            )?),
+            Some("dns-01") => match &a.dns01_hook {
+                Some(hook) => AcmeChallenge::Dns01 {
+                    hook: self.resolve(hook.get_ref()),
+                    propagation: a.dns01_propagation.unwrap_or(Duration::from_secs(30)),
+                },
+                None => {
+                    return Err(self.err(
+                        a.challenge.as_ref().map(|c| c.span()),
+                        "acme.dns01_hook",
+                        "dns-01 needs dns01_hook",
+                    ));
+                }
+            },
+            Some(other) => {
+                return Err(self.err(
+                    a.challenge.as_ref().map(|c| c.span()),
+                    "acme.challenge",
+                    format!("expected \"http-01\", \"tls-alpn-01\" or \"dns-01\", found {other:?}"),
+                ));
+            }
+        };
+        if !a.terms_agreed {
+            return Err(self.err(
+                Some(a.directory.span()),
+                "acme.terms_agreed",
+                "the CA's terms of service must be agreed to (terms_agreed = true)",
+            ));
+        }
+        let eab = match (&a.eab_kid, &a.eab_hmac_key) {
+            (None, None) => None,
+            (Some(kid), Some(key)) => {
+                use base64::Engine;
+                let raw = base64::engine::general_purpose::URL_SAFE_NO_PAD
+                    .decode(key.get_ref().trim_end_matches('='))
+                    .map_err(|_| self.err(Some(key.span()), "acme.eab_hmac_key", "not base64url"))?;
+                Some((kid.clone(), raw))
+            }
+            _ => return Err(self.err(None, "acme.eab_kid", "eab_kid and eab_hmac_key go together")),
+        };
+        let mut certificates = Vec::new();
+        for (i, c) in a.certificates.iter().enumerate() {
+            let field = format!("acme.certificate[{i}].names");
+            let mut names = Vec::new();
+            for n in c.names.get_ref() {
+                let name = n.trim().to_ascii_lowercase();
+                let bare = name.strip_prefix("*.").unwrap_or(&name);
+                if bare.is_empty() || !bare.split('.').all(valid_label) {
+                    return Err(self.err(Some(c.names.span()), field, format!("{n:?} is not a DNS name")));
+                }
+                names.push(name);
+            }
+            if names.is_empty() {
+                return Err(self.err(Some(c.names.span()), field, "at least one name is needed"));
+            }
+            let rsa = match c.key_type.as_ref().map(|k| k.get_ref().as_str()) {
+                None | Some("ecdsa-p256") => false,
+                Some("rsa-2048") => true,
+                Some(other) => {
+                    return Err(self.err(
+                        c.key_type.as_ref().map(|k| k.span()),
+                        format!("acme.certificate[{i}].key_type"),
+                        format!("expected \"ecdsa-p256\" or \"rsa-2048\", found {other:?}"),
+                    ));
+                }
+            };
+            certificates.push(AcmeCertSpec { names, rsa });
+        }
+        Ok(AcmeSettings {
+            directory,
+            contact: a.contact.clone(),
+            terms_agreed: a.terms_agreed,
+            eab,
+            ca_file: a.ca_file.as_ref().map(|p| self.resolve(p.get_ref())),
+            state_dir: self.resolve(a.state_dir.get_ref()),
+            challenge,
+            retry_min: a.retry_min.unwrap_or(Duration::from_secs(60)),
+            certificates,
+        })
     }
 
     fn users(&self, u: &file::UsersFile) -> Result<UserRule, ConfigError> {

@@ -41,6 +41,16 @@ pub struct CertMaps {
 
 pub struct CertStore {
     maps: ArcSwap<CertMaps>,
+    /// Certificates obtained over ACME, by label; they win over configured ones for their names.
+    acme: ArcSwap<Vec<AcmeEntry>>,
+}
+
+#[derive(Clone)]
+struct AcmeEntry {
+    label: String,
+    names: Vec<String>,
+    key: Arc<CertifiedKey>,
+    not_after: Option<i64>,
 }
 
 impl fmt::Debug for CertStore {
@@ -57,7 +67,7 @@ impl CertStore {
     /// Load every configured pair; any failure is an error (used at start and by `check`).
     pub fn load(settings: &TlsSettings) -> Result<CertStore, CertError> {
         let maps = build(settings, None)?;
-        Ok(CertStore { maps: ArcSwap::from_pointee(maps) })
+        Ok(CertStore { maps: ArcSwap::from_pointee(maps), acme: ArcSwap::from_pointee(Vec::new()) })
     }
 
     /// Build the maps for new settings without installing them. A pair that loaded before and is
@@ -74,7 +84,36 @@ impl CertStore {
     /// (label, not-after in Unix seconds) of every certificate served: the label is the first
     /// configured name, `default` for an unnamed default, `self-signed` for the generated one.
     pub fn expiries(&self) -> Vec<(String, i64)> {
-        self.maps.load().expiry.clone()
+        let mut out = self.maps.load().expiry.clone();
+        out.extend(self.acme.load().iter().filter_map(|e| e.not_after.map(|t| (e.label.clone(), t))));
+        out
+    }
+
+    /// Install (or replace) an ACME certificate. New handshakes see it at once; sessions in
+    /// progress are untouched.
+    pub fn install_acme(&self, label: &str, names: &[String], key: Arc<CertifiedKey>) {
+        let entry = AcmeEntry { label: label.to_string(), names: names.to_vec(), not_after: not_after(&key), key };
+        self.acme.rcu(|current| {
+            let mut next: Vec<AcmeEntry> = current.iter().filter(|e| e.label != label).cloned().collect();
+            next.push(entry.clone());
+            next
+        });
+    }
+
+    /// The ACME certificate installed under `label`, if any.
+    pub fn acme_certificate(&self, label: &str) -> Option<Arc<CertifiedKey>> {
+        self.acme.load().iter().find(|e| e.label == label).map(|e| e.key.clone())
+    }
+
+    fn acme_lookup(&self, name: &str) -> Option<Arc<CertifiedKey>> {
+        let acme = self.acme.load();
+        let parent = name.split_once('.').map(|(_, p)| p);
+        acme.iter()
+            .find(|e| e.names.iter().any(|n| n == name))
+            .or_else(|| {
+                acme.iter().find(|e| e.names.iter().any(|n| n.strip_prefix("*.").is_some_and(|p| Some(p) == parent)))
+            })
+            .map(|e| e.key.clone())
     }
 
     /// The certificate a handshake for `name` would get.
@@ -82,6 +121,9 @@ impl CertStore {
         let maps = self.maps.load();
         if let Some(name) = name {
             let name = name.trim_end_matches('.').to_ascii_lowercase();
+            if let Some(k) = self.acme_lookup(&name) {
+                return Some(k);
+            }
             if let Some(k) = maps.exact.get(&name) {
                 return Some(k.clone());
             }
@@ -91,7 +133,7 @@ impl CertStore {
                 return Some(k.clone());
             }
         }
-        maps.default.clone()
+        maps.default.clone().or_else(|| self.acme.load().first().map(|e| e.key.clone()))
     }
 }
 

@@ -5,6 +5,7 @@
 //! The STARTTLS rule lives with the callers: a front end may only hand a socket to
 //! `accept` when it holds no unread plaintext (reliability cases 1 and 2).
 
+pub mod acme;
 pub mod certs;
 
 use std::io;

@@ -1,0 +1,766 @@
+//! Certificates that manage themselves: ACME (RFC 8555) orders with HTTP-01, TLS-ALPN-01 or
+//! DNS-01, renewal by ARI (RFC 9773) when the CA offers it or at two thirds of the lifetime,
+//! jittered exponential backoff on failure, and hot installation into the SNI store.
+//!
+//! Lifecycle of one certificate: load it from the state directory (a restart never orders a
+//! certificate that is still good) or serve a self-signed placeholder; plan the renewal; wait
+//! for that moment or a trigger (`portcullis renew NAME`, SIGUSR1); order; persist (0600, temp
+//! file then rename); install. A failed order keeps the current certificate and retries later.
+//! Every step is logged with the certificate, the challenge and what the CA answered.
+
+use std::collections::HashMap;
+use std::io::Write;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+
+use instant_acme::{
+    Account, AccountCredentials, AuthorizationStatus, ChallengeType, ExternalAccountKey, Identifier, NewAccount,
+    NewOrder, OrderStatus, RetryPolicy,
+};
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use rustls::server::{ClientHello, ResolvesServerCert};
+use rustls::sign::CertifiedKey;
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::{AcmeCertSpec, AcmeChallenge, AcmeSettings};
+use crate::metrics::metrics;
+use crate::tls::certs::CertStore;
+
+/// Longest wait between retries after failures.
+const MAX_BACKOFF: Duration = Duration::from_secs(6 * 3600);
+/// How long the CA gets to validate challenges.
+const VALIDATION_TIMEOUT: Duration = Duration::from_secs(90);
+/// The ALPN protocol of TLS-ALPN-01 (RFC 8737).
+pub const ACME_TLS_ALPN: &[u8] = b"acme-tls/1";
+
+type AcmeResult<T> = Result<T, String>;
+
+/// Challenge material being served while an order is validated.
+#[derive(Default)]
+pub struct Challenges {
+    /// HTTP-01: token → key authorization.
+    http: Mutex<HashMap<String, String>>,
+    /// TLS-ALPN-01: DNS name → challenge certificate.
+    alpn: Mutex<HashMap<String, Arc<CertifiedKey>>>,
+}
+
+impl Challenges {
+    pub fn http_token(&self, token: &str) -> Option<String> {
+        self.http.lock().unwrap_or_else(|e| e.into_inner()).get(token).cloned()
+    }
+}
+
+impl std::fmt::Debug for Challenges {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Challenges")
+    }
+}
+
+/// Serves TLS-ALPN-01 certificates, and only to a ClientHello whose ALPN list is exactly
+/// `["acme-tls/1"]` (RFC 8737 §3).
+#[derive(Debug)]
+pub struct AlpnChallengeResolver(Arc<Challenges>);
+
+impl ResolvesServerCert for AlpnChallengeResolver {
+    fn resolve(&self, hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        if !is_alpn_challenge(hello.alpn()) {
+            return None;
+        }
+        let name = hello.server_name()?.to_ascii_lowercase();
+        self.0.alpn.lock().unwrap_or_else(|e| e.into_inner()).get(&name).cloned()
+    }
+}
+
+/// Whether the offered ALPN list is exactly `["acme-tls/1"]`.
+pub fn is_alpn_challenge<'a>(alpn: Option<impl Iterator<Item = &'a [u8]>>) -> bool {
+    let Some(mut protocols) = alpn else { return false };
+    protocols.next() == Some(ACME_TLS_ALPN) && protocols.next().is_none()
+}
+
+/// A running ACME manager: one renewal task per certificate.
+pub struct AcmeHandle {
+    pub settings: AcmeSettings,
+    triggers: HashMap<String, Arc<Notify>>,
+    stop: CancellationToken,
+}
+
+impl AcmeHandle {
+    /// Renew the certificate labelled `label` (its first name) now. False if unknown.
+    pub fn renew(&self, label: &str) -> bool {
+        match self.triggers.get(label) {
+            Some(n) => {
+                n.notify_one();
+                true
+            }
+            None => false,
+        }
+    }
+
+    pub fn renew_all(&self) {
+        for n in self.triggers.values() {
+            n.notify_one();
+        }
+    }
+
+    pub fn stop(&self) {
+        self.stop.cancel();
+    }
+}
+
+/// Start the responders and the renewal tasks. Binding a responder is the only thing that can
+/// fail here; everything else is retried in the background.
+pub async fn start(settings: AcmeSettings, certs: Arc<CertStore>, stop: CancellationToken) -> AcmeResult<AcmeHandle> {
+    let challenges = Arc::new(Challenges::default());
+    match &settings.challenge {
+        AcmeChallenge::Http01Responder(addr) => {
+            let listener = tokio::net::TcpListener::bind(addr)
+                .await
+                .map_err(|e| format!("cannot bind the HTTP-01 responder on {addr}: {e}"))?;
+            tracing::info!(addr = %addr, "ACME HTTP-01 responder listening");
+            tokio::spawn(http01_responder(listener, challenges.clone(), stop.clone()));
+        }
+        AcmeChallenge::TlsAlpn01(addr) => {
+            let listener = tokio::net::TcpListener::bind(addr)
+                .await
+                .map_err(|e| format!("cannot bind the TLS-ALPN-01 responder on {addr}: {e}"))?;
+            tracing::info!(addr = %addr, "ACME TLS-ALPN-01 responder listening");
+            tokio::spawn(tls_alpn01_responder(listener, challenges.clone(), stop.clone()));
+        }
+        AcmeChallenge::Http01Webroot(_) | AcmeChallenge::Dns01 { .. } => {}
+    }
+    std::fs::create_dir_all(settings.state_dir.join("certs"))
+        .map_err(|e| format!("cannot create {}: {e}", settings.state_dir.display()))?;
+    let account = Arc::new(tokio::sync::Mutex::new(None));
+    let mut triggers = HashMap::new();
+    for spec in &settings.certificates {
+        let label = spec.names[0].clone();
+        let trigger = Arc::new(Notify::new());
+        triggers.insert(label.clone(), trigger.clone());
+        let task = CertTask {
+            settings: settings.clone(),
+            spec: spec.clone(),
+            label,
+            certs: certs.clone(),
+            challenges: challenges.clone(),
+            account: account.clone(),
+        };
+        tokio::spawn(task.run(trigger, stop.clone()));
+    }
+    Ok(AcmeHandle { settings, triggers, stop })
+}
+
+struct CertTask {
+    settings: AcmeSettings,
+    spec: AcmeCertSpec,
+    label: String,
+    certs: Arc<CertStore>,
+    challenges: Arc<Challenges>,
+    account: Arc<tokio::sync::Mutex<Option<Account>>>,
+}
+
+/// What the renewal planner decided.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Plan {
+    /// When to order.
+    pub renew_at: SystemTime,
+    /// When to ask the CA again (ARI Retry-After), if earlier than `renew_at`.
+    pub recheck_at: Option<SystemTime>,
+}
+
+/// Decide when to renew a certificate valid from `not_before` to `not_after`. With ARI, a random
+/// point (`random` in [0, 1)) inside the CA's suggested window, re-checked at its Retry-After;
+/// without, two thirds into the lifetime.
+pub fn plan_renewal(
+    now: SystemTime,
+    not_before: SystemTime,
+    not_after: SystemTime,
+    ari: Option<(SystemTime, SystemTime, Duration)>,
+    random: f64,
+) -> Plan {
+    match ari {
+        Some((start, end, retry_after)) => {
+            let width = end.duration_since(start).unwrap_or(Duration::ZERO);
+            let renew_at = (start + width.mul_f64(random.clamp(0.0, 1.0))).max(now.min(start));
+            let recheck = now + retry_after;
+            Plan { renew_at, recheck_at: (recheck < renew_at).then_some(recheck) }
+        }
+        None => {
+            let life = not_after.duration_since(not_before).unwrap_or(Duration::ZERO);
+            Plan { renew_at: not_before + life.mul_f64(2.0 / 3.0), recheck_at: None }
+        }
+    }
+}
+
+/// The delay before retry number `attempt` (0-based): `min * 2^attempt`, capped, with ±25 %
+/// jitter so a fleet does not retry in step.
+pub fn backoff(min: Duration, attempt: u32, random: f64) -> Duration {
+    let base = min.saturating_mul(1u32 << attempt.min(20)).min(MAX_BACKOFF);
+    base.mul_f64(0.75 + 0.5 * random.clamp(0.0, 1.0))
+}
+
+fn random_unit() -> f64 {
+    let mut b = [0u8; 8];
+    let _ = rustls::crypto::aws_lc_rs::default_provider().secure_random.fill(&mut b);
+    (u64::from_le_bytes(b) >> 11) as f64 / (1u64 << 53) as f64
+}
+
+fn to_instant(t: SystemTime) -> tokio::time::Instant {
+    let now = SystemTime::now();
+    tokio::time::Instant::now() + t.duration_since(now).unwrap_or(Duration::ZERO)
+}
+
+impl CertTask {
+    async fn run(self, trigger: Arc<Notify>, stop: CancellationToken) {
+        let mut current = self.load_stored();
+        match &current {
+            Some(ck) => {
+                tracing::info!(certificate = %self.label, "ACME: using the stored certificate");
+                self.install(ck.clone());
+            }
+            None => match crate::tls::certs::self_signed(&self.spec.names) {
+                Ok(ck) => {
+                    tracing::warn!(certificate = %self.label, "ACME: no certificate yet; serving a self-signed one until the CA issues it");
+                    self.certs.install_acme(&self.label, &self.spec.names, ck);
+                }
+                Err(e) => {
+                    tracing::error!(certificate = %self.label, error = %e, "cannot make a placeholder certificate")
+                }
+            },
+        }
+        let mut failures = 0u32;
+        loop {
+            let due = match (&current, failures) {
+                (_, f) if f > 0 => {
+                    let wait = backoff(self.settings.retry_min, f - 1, random_unit());
+                    tracing::info!(certificate = %self.label, retry_in = ?wait, "ACME: will retry");
+                    Some(tokio::time::Instant::now() + wait)
+                }
+                (None, _) => None,
+                (Some(ck), _) => self.plan(ck).await,
+            };
+            let woke_by_trigger = tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = trigger.notified() => true,
+                _ = async { if let Some(d) = due { tokio::time::sleep_until(d).await } } => false,
+            };
+            // A recheck (ARI Retry-After) only plans again.
+            if !woke_by_trigger && failures == 0 && current.as_ref().is_some_and(|ck| !self.due(ck)) {
+                continue;
+            }
+            let renewal = current.is_some();
+            match tokio::select! { _ = stop.cancelled() => return, r = self.order() => r } {
+                Ok(ck) => {
+                    failures = 0;
+                    metrics().acme_orders.with_label_values(&["success"]).inc();
+                    if renewal {
+                        metrics().acme_renewals.with_label_values(&["success"]).inc();
+                    }
+                    self.install(ck.clone());
+                    current = Some(ck);
+                }
+                Err(e) => {
+                    failures = failures.saturating_add(1);
+                    metrics().acme_orders.with_label_values(&["error"]).inc();
+                    if renewal {
+                        metrics().acme_renewals.with_label_values(&["error"]).inc();
+                    }
+                    tracing::error!(certificate = %self.label, error = %e, "ACME: order failed; the current certificate stays in service");
+                }
+            }
+        }
+    }
+
+    /// When to act next for `ck`: the renewal time, or an earlier ARI re-check.
+    async fn plan(&self, ck: &CertifiedKey) -> Option<tokio::time::Instant> {
+        let (not_before, not_after) = validity(ck)?;
+        let ari = self.ari_window(ck).await;
+        let plan = plan_renewal(SystemTime::now(), not_before, not_after, ari, random_unit());
+        let at = plan.recheck_at.unwrap_or(plan.renew_at);
+        tracing::info!(certificate = %self.label, renew_at = ?plan.renew_at, ari = ari.is_some(), "ACME: renewal planned");
+        Some(to_instant(at))
+    }
+
+    /// Whether `ck` should be renewed now (the planner's time has come).
+    fn due(&self, ck: &CertifiedKey) -> bool {
+        match validity(ck) {
+            Some((nb, na)) => {
+                let life = na.duration_since(nb).unwrap_or(Duration::ZERO);
+                // Past two thirds of the lifetime, or inside the last day: renew. (With ARI the
+                // planner's random point already passed when this runs, unless it was a recheck.)
+                SystemTime::now() >= nb + life.mul_f64(2.0 / 3.0)
+                    || SystemTime::now() + Duration::from_secs(86400) >= na
+            }
+            None => true,
+        }
+    }
+
+    async fn ari_window(&self, ck: &CertifiedKey) -> Option<(SystemTime, SystemTime, Duration)> {
+        let account = self.account().await.ok()?;
+        let leaf = ck.cert.first()?;
+        let id = instant_acme::CertificateIdentifier::try_from(leaf).ok()?;
+        match account.renewal_info(&id).await {
+            Ok((info, retry_after)) => {
+                let w = info.suggested_window;
+                Some((SystemTime::from(w.start), SystemTime::from(w.end), retry_after))
+            }
+            Err(instant_acme::Error::Unsupported(_)) => None,
+            Err(e) => {
+                tracing::warn!(certificate = %self.label, error = %e, "ACME: renewal information unavailable; using two thirds of the lifetime");
+                None
+            }
+        }
+    }
+
+    fn install(&self, ck: Arc<CertifiedKey>) {
+        if let Some((_, not_after)) = validity(&ck)
+            && let Ok(d) = not_after.duration_since(SystemTime::UNIX_EPOCH)
+        {
+            metrics().certificate_not_after.with_label_values(&[&self.label]).set(d.as_secs() as f64);
+        }
+        self.certs.install_acme(&self.label, &self.spec.names, ck);
+        tracing::info!(certificate = %self.label, names = ?self.spec.names, "ACME: certificate installed");
+    }
+
+    fn paths(&self) -> (PathBuf, PathBuf) {
+        let dir = self.settings.state_dir.join("certs");
+        let file = self.label.replace('*', "_wildcard");
+        (dir.join(format!("{file}.pem")), dir.join(format!("{file}.key")))
+    }
+
+    /// The stored certificate, if it exists, covers the configured names and has not expired.
+    fn load_stored(&self) -> Option<Arc<CertifiedKey>> {
+        let (cert, key) = self.paths();
+        let chain: Vec<CertificateDer<'static>> =
+            CertificateDer::pem_file_iter(&cert).ok()?.collect::<Result<_, _>>().ok()?;
+        let key = PrivateKeyDer::from_pem_file(&key).ok()?;
+        let ck = CertifiedKey::from_der(chain, key, &provider()).ok()?;
+        let (_, not_after) = validity(&ck)?;
+        let names = dns_names(&ck)?;
+        let covers = self.spec.names.iter().all(|n| names.contains(n));
+        (covers && not_after > SystemTime::now()).then(|| Arc::new(ck))
+    }
+
+    async fn account(&self) -> AcmeResult<Account> {
+        let mut slot = self.account.lock().await;
+        if let Some(a) = slot.as_ref() {
+            return Ok(a.clone());
+        }
+        let path = self.settings.state_dir.join("account.json");
+        let builder = || match &self.settings.ca_file {
+            Some(ca) => {
+                Account::builder_with_root(ca).map_err(|e| format!("ACME client with CA {}: {e}", ca.display()))
+            }
+            None => Account::builder().map_err(|e| format!("ACME client: {e}")),
+        };
+        if let Ok(bytes) = std::fs::read(&path)
+            && let Ok(creds) = serde_json::from_slice::<AccountCredentials>(&bytes)
+        {
+            match builder()?.from_credentials(creds).await {
+                Ok(a) => {
+                    tracing::info!(directory = %self.settings.directory, "ACME: using the stored account");
+                    *slot = Some(a.clone());
+                    return Ok(a);
+                }
+                Err(e) => tracing::warn!(error = %e, "ACME: stored account unusable; creating a new one"),
+            }
+        }
+        let contact: Vec<&str> = self.settings.contact.iter().map(String::as_str).collect();
+        let eab = self.settings.eab.as_ref().map(|(kid, key)| ExternalAccountKey::new(kid.clone(), key));
+        let (account, creds) = builder()?
+            .create(
+                &NewAccount { contact: &contact, terms_of_service_agreed: true, only_return_existing: false },
+                self.settings.directory.clone(),
+                eab.as_ref(),
+            )
+            .await
+            .map_err(|e| format!("creating the ACME account at {}: {e}", self.settings.directory))?;
+        let json = serde_json::to_vec(&creds).map_err(|e| e.to_string())?;
+        write_private(&path, &json)?;
+        tracing::info!(directory = %self.settings.directory, "ACME: account created");
+        *slot = Some(account.clone());
+        Ok(account)
+    }
+
+    async fn forget_account(&self) {
+        *self.account.lock().await = None;
+        let _ = std::fs::remove_file(self.settings.state_dir.join("account.json"));
+    }
+
+    /// One order, start to finish. Challenge material is always cleaned up.
+    async fn order(&self) -> AcmeResult<Arc<CertifiedKey>> {
+        tracing::info!(certificate = %self.label, names = ?self.spec.names, challenge = challenge_name(&self.settings.challenge), "ACME: ordering");
+        let account = self.account().await?;
+        let ids: Vec<Identifier> = self.spec.names.iter().map(|n| Identifier::Dns(n.clone())).collect();
+        let mut order = match account.new_order(&NewOrder::new(&ids)).await {
+            Ok(o) => o,
+            Err(instant_acme::Error::Api(p))
+                if p.r#type.as_deref().is_some_and(|t| t.ends_with("accountDoesNotExist")) =>
+            {
+                // The CA forgot the account (Pebble does on restart): make a new one next time.
+                self.forget_account().await;
+                return Err("the CA does not know the stored account; a new one will be created".into());
+            }
+            Err(e) => return Err(format!("new order: {e}")),
+        };
+        let mut cleanup = Cleanup {
+            challenges: self.challenges.clone(),
+            tokens: Vec::new(),
+            names: Vec::new(),
+            files: Vec::new(),
+            dns: Vec::new(),
+        };
+        let result = self.validate(&mut order, &mut cleanup).await;
+        cleanup.run(&self.settings.challenge).await;
+        result?;
+        let key_pem = if self.spec.rsa {
+            let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_RSA_SHA256).map_err(|e| e.to_string())?;
+            let params = rcgen::CertificateParams::new(self.spec.names.clone()).map_err(|e| e.to_string())?;
+            let csr = params.serialize_request(&key).map_err(|e| e.to_string())?;
+            order.finalize_csr(csr.der()).await.map_err(|e| format!("finalize: {e}"))?;
+            key.serialize_pem()
+        } else {
+            order.finalize().await.map_err(|e| format!("finalize: {e}"))?
+        };
+        let chain_pem = order
+            .poll_certificate(&RetryPolicy::new().timeout(VALIDATION_TIMEOUT))
+            .await
+            .map_err(|e| format!("certificate download: {e}"))?;
+        let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(chain_pem.as_bytes())
+            .collect::<Result<_, _>>()
+            .map_err(|e| format!("CA sent a bad certificate chain: {e}"))?;
+        let key = PrivateKeyDer::from_pem_slice(key_pem.as_bytes()).map_err(|e| format!("bad key: {e}"))?;
+        let ck =
+            CertifiedKey::from_der(chain, key, &provider()).map_err(|e| format!("issued certificate unusable: {e}"))?;
+        let (cert_path, key_path) = self.paths();
+        write_private(&key_path, key_pem.as_bytes())?;
+        write_private(&cert_path, chain_pem.as_bytes())?;
+        tracing::info!(certificate = %self.label, "ACME: certificate issued and stored");
+        Ok(Arc::new(ck))
+    }
+
+    async fn validate(&self, order: &mut instant_acme::Order, cleanup: &mut Cleanup) -> AcmeResult<()> {
+        let kind = match &self.settings.challenge {
+            AcmeChallenge::Http01Responder(_) | AcmeChallenge::Http01Webroot(_) => ChallengeType::Http01,
+            AcmeChallenge::TlsAlpn01(_) => ChallengeType::TlsAlpn01,
+            AcmeChallenge::Dns01 { .. } => ChallengeType::Dns01,
+        };
+        let mut authzs = order.authorizations();
+        while let Some(authz) = authzs.next().await {
+            let mut authz = authz.map_err(|e| format!("authorization: {e}"))?;
+            let name = match authz.identifier().identifier {
+                Identifier::Dns(d) => d.clone(),
+                other => return Err(format!("unsupported identifier {other:?}")),
+            };
+            match authz.status {
+                AuthorizationStatus::Valid => continue,
+                AuthorizationStatus::Pending => {}
+                other => return Err(format!("{name}: authorization is {other:?}")),
+            }
+            let mut ch = authz.challenge(kind.clone()).ok_or_else(|| {
+                format!("{name}: the CA offers no {} challenge", challenge_name(&self.settings.challenge))
+            })?;
+            let key_auth = ch.key_authorization();
+            match &self.settings.challenge {
+                AcmeChallenge::Http01Responder(_) => {
+                    self.challenges
+                        .http
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .insert(ch.token.clone(), key_auth.as_str().to_string());
+                    cleanup.tokens.push(ch.token.clone());
+                }
+                AcmeChallenge::Http01Webroot(root) => {
+                    let dir = root.join(".well-known/acme-challenge");
+                    std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+                    let file = dir.join(&ch.token);
+                    std::fs::write(&file, key_auth.as_str()).map_err(|e| format!("{}: {e}", file.display()))?;
+                    cleanup.files.push(file);
+                }
+                AcmeChallenge::TlsAlpn01(_) => {
+                    let cert = alpn_certificate(&name, key_auth.digest().as_ref())?;
+                    self.challenges.alpn.lock().unwrap_or_else(|e| e.into_inner()).insert(name.clone(), cert);
+                    cleanup.names.push(name.clone());
+                }
+                AcmeChallenge::Dns01 { hook, propagation } => {
+                    let record = format!("_acme-challenge.{name}");
+                    run_hook(hook, "add", &record, &key_auth.dns_value()).await?;
+                    cleanup.dns.push((record, key_auth.dns_value()));
+                    // Give the record time to reach every authoritative server the CA may ask.
+                    tokio::time::sleep(*propagation).await;
+                }
+            }
+            tracing::info!(certificate = %self.label, name = %name, challenge = challenge_name(&self.settings.challenge), "ACME: challenge ready");
+            ch.set_ready().await.map_err(|e| format!("{name}: challenge ready: {e}"))?;
+        }
+        let status = order
+            .poll_ready(&RetryPolicy::new().timeout(VALIDATION_TIMEOUT))
+            .await
+            .map_err(|e| format!("waiting for validation: {e}"))?;
+        if status != OrderStatus::Ready {
+            let detail = order.state().error.as_ref().map(|p| p.to_string()).unwrap_or_default();
+            return Err(format!("order is {status:?} after validation {detail}"));
+        }
+        Ok(())
+    }
+}
+
+/// Challenge material to remove after an order, whatever its outcome.
+struct Cleanup {
+    challenges: Arc<Challenges>,
+    tokens: Vec<String>,
+    names: Vec<String>,
+    files: Vec<PathBuf>,
+    dns: Vec<(String, String)>,
+}
+
+impl Cleanup {
+    async fn run(self, challenge: &AcmeChallenge) {
+        {
+            let mut http = self.challenges.http.lock().unwrap_or_else(|e| e.into_inner());
+            for t in &self.tokens {
+                http.remove(t);
+            }
+        }
+        {
+            let mut alpn = self.challenges.alpn.lock().unwrap_or_else(|e| e.into_inner());
+            for n in &self.names {
+                alpn.remove(n);
+            }
+        }
+        for f in &self.files {
+            let _ = std::fs::remove_file(f);
+        }
+        if let AcmeChallenge::Dns01 { hook, .. } = challenge {
+            for (record, value) in &self.dns {
+                if let Err(e) = run_hook(hook, "remove", record, value).await {
+                    tracing::warn!(record = %record, error = %e, "ACME: DNS-01 cleanup failed");
+                }
+            }
+        }
+    }
+}
+
+fn challenge_name(c: &AcmeChallenge) -> &'static str {
+    match c {
+        AcmeChallenge::Http01Responder(_) | AcmeChallenge::Http01Webroot(_) => "http-01",
+        AcmeChallenge::TlsAlpn01(_) => "tls-alpn-01",
+        AcmeChallenge::Dns01 { .. } => "dns-01",
+    }
+}
+
+async fn run_hook(hook: &Path, action: &str, record: &str, value: &str) -> AcmeResult<()> {
+    let out = tokio::process::Command::new(hook)
+        .args([action, record, value])
+        .output()
+        .await
+        .map_err(|e| format!("DNS-01 hook {}: {e}", hook.display()))?;
+    if !out.status.success() {
+        return Err(format!(
+            "DNS-01 hook {} {action} {record} failed ({}): {}",
+            hook.display(),
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim()
+        ));
+    }
+    Ok(())
+}
+
+/// The TLS-ALPN-01 certificate for `name` (RFC 8737 §3): self-signed, SAN = name, with the
+/// critical acmeIdentifier extension holding SHA-256 of the key authorization.
+fn alpn_certificate(name: &str, digest: &[u8]) -> AcmeResult<Arc<CertifiedKey>> {
+    let mut params = rcgen::CertificateParams::new(vec![name.to_string()]).map_err(|e| e.to_string())?;
+    params.custom_extensions = vec![rcgen::CustomExtension::new_acme_identifier(digest)];
+    let key = rcgen::KeyPair::generate().map_err(|e| e.to_string())?;
+    let cert = params.self_signed(&key).map_err(|e| e.to_string())?;
+    let der = PrivateKeyDer::try_from(key.serialize_der()).map_err(|e| e.to_string())?;
+    // CertifiedKey::from_der rejects the critical acmeIdentifier extension (crates.md §6 #11).
+    let signer = provider().key_provider.load_private_key(der).map_err(|e| e.to_string())?;
+    Ok(Arc::new(CertifiedKey::new(vec![cert.der().clone()], signer)))
+}
+
+fn provider() -> Arc<rustls::crypto::CryptoProvider> {
+    rustls::crypto::CryptoProvider::get_default()
+        .cloned()
+        .unwrap_or_else(|| Arc::new(rustls::crypto::aws_lc_rs::default_provider()))
+}
+
+/// notBefore and notAfter of the leaf.
+fn validity(ck: &CertifiedKey) -> Option<(SystemTime, SystemTime)> {
+    let leaf = ck.cert.first()?;
+    let (_, cert) = x509_parser::parse_x509_certificate(leaf.as_ref()).ok()?;
+    let v = cert.validity();
+    let t = |secs: i64| SystemTime::UNIX_EPOCH + Duration::from_secs(secs.max(0) as u64);
+    Some((t(v.not_before.timestamp()), t(v.not_after.timestamp())))
+}
+
+fn dns_names(ck: &CertifiedKey) -> Option<Vec<String>> {
+    let leaf = ck.cert.first()?;
+    let (_, cert) = x509_parser::parse_x509_certificate(leaf.as_ref()).ok()?;
+    let san = cert.subject_alternative_name().ok()??;
+    Some(
+        san.value
+            .general_names
+            .iter()
+            .filter_map(|g| match g {
+                x509_parser::extensions::GeneralName::DNSName(d) => Some(d.to_ascii_lowercase()),
+                _ => None,
+            })
+            .collect(),
+    )
+}
+
+/// Write a secret file atomically: 0600, temp file, fsync, rename.
+fn write_private(path: &Path, bytes: &[u8]) -> AcmeResult<()> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let tmp = path.with_extension("tmp");
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&tmp)
+        .map_err(|e| format!("{}: {e}", tmp.display()))?;
+    f.write_all(bytes).and_then(|_| f.sync_all()).map_err(|e| format!("{}: {e}", tmp.display()))?;
+    std::fs::rename(&tmp, path).map_err(|e| format!("{}: {e}", path.display()))
+}
+
+/// Serve `/.well-known/acme-challenge/TOKEN` and nothing else.
+async fn http01_responder(listener: tokio::net::TcpListener, challenges: Arc<Challenges>, stop: CancellationToken) {
+    use bytes::Bytes;
+    use http_body_util::Full;
+    loop {
+        let (tcp, _) = tokio::select! {
+            _ = stop.cancelled() => return,
+            r = listener.accept() => match r { Ok(x) => x, Err(_) => continue },
+        };
+        let challenges = challenges.clone();
+        tokio::spawn(async move {
+            let svc = hyper::service::service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
+                let answer = req
+                    .uri()
+                    .path()
+                    .strip_prefix("/.well-known/acme-challenge/")
+                    .and_then(|token| challenges.http_token(token));
+                async move {
+                    let resp = match answer {
+                        Some(key_auth) => hyper::Response::builder()
+                            .header("content-type", "application/octet-stream")
+                            .body(Full::new(Bytes::from(key_auth))),
+                        None => hyper::Response::builder().status(404).body(Full::new(Bytes::new())),
+                    };
+                    Ok::<_, std::convert::Infallible>(resp.unwrap_or_default())
+                }
+            });
+            let io = hyper_util::rt::TokioIo::new(tcp);
+            let _ = tokio::time::timeout(
+                Duration::from_secs(30),
+                hyper::server::conn::http1::Builder::new().serve_connection(io, svc),
+            )
+            .await;
+        });
+    }
+}
+
+/// Answer TLS-ALPN-01 validation handshakes, then close.
+async fn tls_alpn01_responder(listener: tokio::net::TcpListener, challenges: Arc<Challenges>, stop: CancellationToken) {
+    let mut cfg =
+        rustls::ServerConfig::builder_with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
+            .with_no_client_auth()
+            .with_cert_resolver(Arc::new(AlpnChallengeResolver(challenges)));
+    cfg.alpn_protocols = vec![ACME_TLS_ALPN.to_vec()];
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(cfg));
+    loop {
+        let (tcp, peer) = tokio::select! {
+            _ = stop.cancelled() => return,
+            r = listener.accept() => match r { Ok(x) => x, Err(_) => continue },
+        };
+        let acceptor = acceptor.clone();
+        tokio::spawn(async move {
+            match tokio::time::timeout(Duration::from_secs(10), acceptor.accept(tcp)).await {
+                Ok(Ok(mut tls)) => {
+                    tracing::debug!(peer = %peer, "ACME: TLS-ALPN-01 validation handshake answered");
+                    let _ = tokio::io::AsyncWriteExt::shutdown(&mut tls).await;
+                }
+                _ => tracing::debug!(peer = %peer, "ACME: TLS-ALPN-01 handshake refused"),
+            }
+        });
+    }
+}
+
+/// The admin address of a config, for `portcullis renew`.
+pub fn admin_addr(config: &crate::config::Config) -> Option<SocketAddr> {
+    config.admin
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn t(secs: u64) -> SystemTime {
+        SystemTime::UNIX_EPOCH + Duration::from_secs(secs)
+    }
+
+    #[test]
+    fn two_thirds_without_ari() {
+        let p = plan_renewal(t(1000), t(0), t(90 * 86400), None, 0.5);
+        assert_eq!(p.renew_at, t(60 * 86400));
+        assert_eq!(p.recheck_at, None);
+    }
+
+    #[test]
+    fn random_point_inside_the_ari_window() {
+        let (start, end) = (t(50 * 86400), t(52 * 86400));
+        let p = plan_renewal(t(1000), t(0), t(90 * 86400), Some((start, end, Duration::from_secs(6 * 3600))), 0.25);
+        assert_eq!(p.renew_at, t(50 * 86400 + 86400 / 2));
+        // The server asked to be asked again in 6 h, long before the window.
+        assert_eq!(p.recheck_at, Some(t(1000 + 6 * 3600)));
+        // A window in the past means now.
+        let p = plan_renewal(t(60 * 86400), t(0), t(90 * 86400), Some((start, end, Duration::from_secs(60))), 0.9);
+        assert!(p.renew_at <= t(60 * 86400));
+        assert_eq!(p.recheck_at, None);
+    }
+
+    #[test]
+    fn backoff_doubles_with_jitter_and_a_cap() {
+        let min = Duration::from_secs(60);
+        assert_eq!(backoff(min, 0, 0.5), Duration::from_secs(60));
+        assert_eq!(backoff(min, 3, 0.5), Duration::from_secs(480));
+        assert_eq!(backoff(min, 0, 0.0), Duration::from_secs(45));
+        assert_eq!(backoff(min, 0, 1.0), Duration::from_secs(75));
+        assert_eq!(backoff(min, 30, 0.5), MAX_BACKOFF);
+    }
+
+    #[test]
+    fn only_exact_acme_tls_alpn_gets_the_challenge() {
+        let one: Vec<&[u8]> = vec![b"acme-tls/1"];
+        assert!(is_alpn_challenge(Some(one.into_iter())));
+        let two: Vec<&[u8]> = vec![b"acme-tls/1", b"imap"];
+        assert!(!is_alpn_challenge(Some(two.into_iter())));
+        let other: Vec<&[u8]> = vec![b"imap"];
+        assert!(!is_alpn_challenge(Some(other.into_iter())));
+        assert!(!is_alpn_challenge(None::<std::vec::IntoIter<&[u8]>>));
+    }
+
+    #[test]
+    fn private_files_are_0600_and_replaced_whole() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("k.pem");
+        write_private(&p, b"one").unwrap();
+        write_private(&p, b"two").unwrap();
+        assert_eq!(std::fs::read(&p).unwrap(), b"two");
+        assert_eq!(std::fs::metadata(&p).unwrap().permissions().mode() & 0o777, 0o600);
+        assert!(!dir.path().join("k.tmp").exists());
+    }
+
+    #[test]
+    fn alpn_challenge_certificate_is_built() {
+        crate::tls::init_crypto();
+        let ck = alpn_certificate("mail.example.test", &[7u8; 32]).unwrap();
+        assert_eq!(dns_names(&ck).unwrap(), vec!["mail.example.test".to_string()]);
+    }
+}
