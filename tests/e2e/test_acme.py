@@ -1,0 +1,184 @@
+"""ACME end to end with Pebble: issuance over HTTP-01, TLS-ALPN-01 and DNS-01, an IMAPS client
+verifying the issued certificate against Pebble's root, forced renewal under a running session,
+a CA outage, and a restart that reuses the stored account and certificate.
+"""
+
+import os
+import socket
+import ssl
+import stat
+import subprocess
+import time
+
+import pytest
+
+from acme_servers import DNS_HOOK, Pebble
+from conftest import DEMO
+from servers import Portcullis, free_port, portcullis_binary, wait_for
+
+NAME = "mail.example.test"
+
+
+def acme_config(pebble, tmp, challenge, imaps_port, admin_port, dovecot, extra=""):
+    return f"""
+[admin]
+bind = "127.0.0.1:{admin_port}"
+
+[tls]
+self_signed_names = ["localhost"]
+
+[[listener]]
+name = "imaps"
+bind = "127.0.0.1:{imaps_port}"
+protocol = "imap"
+tls = "implicit"
+
+[auth]
+source = "backend"
+
+[[backend]]
+name = "dovecot"
+address = "127.0.0.1:{dovecot.imap_port}"
+health = {{ enabled = false }}
+
+[routing.imap]
+default = "dovecot"
+
+[acme]
+directory = "{pebble.directory}"
+ca_file = "{pebble.ca}"
+terms_agreed = true
+contact = ["mailto:ops@example.test"]
+state_dir = "{tmp}/acme-state"
+retry_min = "1s"
+{challenge}
+{extra}
+
+[[acme.certificate]]
+names = ["{NAME}"]
+"""
+
+
+def served_certificate(port, root_pem, tmp):
+    """The certificate the proxy serves for NAME, verified against Pebble's root."""
+    root = os.path.join(tmp, f"root-{time.monotonic_ns()}.pem")
+    with open(root, "wb") as f:
+        f.write(root_pem)
+    ctx = ssl.create_default_context(cafile=root)
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as raw:
+        with ctx.wrap_socket(raw, server_hostname=NAME) as s:
+            assert s.recv(100).startswith(b"* OK")
+            return s.getpeercert(binary_form=True)
+
+
+def serial(der):
+    out = subprocess.run(["openssl", "x509", "-inform", "DER", "-noout", "-serial"], input=der, capture_output=True, check=True)
+    return out.stdout.strip()
+
+
+@pytest.fixture
+def pebble(tmp_path):
+    p = Pebble(str(tmp_path), http_port=free_port(), tls_port=free_port()).start()
+    try:
+        yield p
+    finally:
+        p.stop()
+
+
+def start(pebble, tmp_path, dovecot, challenge, extra=""):
+    imaps, admin = free_port(), free_port()
+    cfg = acme_config(pebble, tmp_path, challenge, imaps, admin, dovecot, extra)
+    pc = Portcullis(str(tmp_path), cfg).start(wait_port=imaps, tls=True)
+    pc.imaps = imaps
+    return pc
+
+
+def issued(pc, count=1, timeout=30.0):
+    return wait_for(lambda: pc.log().count("ACME: certificate issued and stored") >= count, timeout=timeout)
+
+
+@pytest.mark.parametrize("kind", ["http-01", "tls-alpn-01", "dns-01"])
+def test_issuance_and_verified_handshake(kind, pebble, tmp_path, dovecot):
+    if kind == "http-01":
+        challenge = f'challenge = "http-01"\nhttp01_bind = "127.0.0.1:{pebble.http_port}"'
+    elif kind == "tls-alpn-01":
+        challenge = f'challenge = "tls-alpn-01"\ntls_alpn01_bind = "127.0.0.1:{pebble.tls_port}"'
+    else:
+        hook = tmp_path / "dns-hook"
+        hook.write_text(DNS_HOOK % pebble.dns_mgmt_port)
+        hook.chmod(0o755)
+        challenge = f'challenge = "dns-01"\ndns01_hook = "{hook}"\ndns01_propagation = "100ms"'
+    pc = start(pebble, tmp_path, dovecot, challenge)
+    try:
+        assert issued(pc), pc.log() + pebble.log()
+        der = served_certificate(pc.imaps, pebble.issuing_root(), str(tmp_path))
+        assert der
+        assert f"challenge=\"{kind}\"" in pc.log() or f"challenge={kind}" in pc.log()
+        # Account and key files are private.
+        state = tmp_path / "acme-state"
+        for f in [state / "account.json", state / "certs" / f"{NAME}.key", state / "certs" / f"{NAME}.pem"]:
+            assert stat.S_IMODE(f.stat().st_mode) == 0o600, f
+    finally:
+        pc.stop()
+
+
+def test_renewal_swaps_under_a_running_session_and_outage_keeps_serving(pebble, tmp_path, dovecot):
+    challenge = f'challenge = "http-01"\nhttp01_bind = "127.0.0.1:{pebble.http_port}"'
+    pc = start(pebble, tmp_path, dovecot, challenge)
+    try:
+        assert issued(pc), pc.log()
+        root = pebble.issuing_root()
+        first = serial(served_certificate(pc.imaps, root, str(tmp_path)))
+        # An IMAP session logged in through the proxy.
+        ctx = ssl.create_default_context(cafile=None)
+        ctx.check_hostname = False
+        ctx.verify_mode = ssl.CERT_NONE
+        import imaplib
+        session = imaplib.IMAP4_SSL("127.0.0.1", pc.imaps, ssl_context=ctx)
+        session.login(*DEMO)
+        session.select("INBOX")
+        # `portcullis renew NAME` talks to the running process.
+        out = subprocess.run([portcullis_binary(), "renew", "--config", pc.config, NAME], capture_output=True, text=True)
+        assert out.returncode == 0, out.stderr
+        assert issued(pc, count=2), pc.log()
+        second = serial(served_certificate(pc.imaps, root, str(tmp_path)))
+        assert second != first
+        assert session.noop()[0] == "OK" and session.select("INBOX")[0] == "OK"
+        session.logout()
+        # The CA goes away: a forced renewal fails, the proxy keeps serving and retries.
+        pebble.stop_pebble()
+        before = pc.log().count("ACME: order failed")
+        os.kill(pc.proc.pid, 10)  # SIGUSR1: renew everything now
+        assert wait_for(lambda: pc.log().count("ACME: order failed") > before, timeout=20), pc.log()
+        assert serial(served_certificate(pc.imaps, root, str(tmp_path))) == second
+        assert wait_for(lambda: "ACME: will retry" in pc.log())
+        assert "portcullis_acme_orders_total{result=\"error\"}" in metrics(pc)
+    finally:
+        pc.stop()
+
+
+def metrics(pc):
+    import urllib.request
+    admin = next(l.split('"')[1] for l in open(pc.config).read().splitlines() if l.startswith("bind = \"127.0.0.1:") and "imaps" not in l)
+    with urllib.request.urlopen(f"http://{admin}/metrics", timeout=5) as r:
+        return r.read().decode()
+
+
+def test_restart_reuses_account_and_certificate(pebble, tmp_path, dovecot):
+    challenge = f'challenge = "http-01"\nhttp01_bind = "127.0.0.1:{pebble.http_port}"'
+    pc = start(pebble, tmp_path, dovecot, challenge)
+    try:
+        assert issued(pc), pc.log()
+        first = serial(served_certificate(pc.imaps, pebble.issuing_root(), str(tmp_path)))
+    finally:
+        pc.stop()
+    log_before = pc.log()
+    pc.start(wait_port=pc.imaps, tls=True)
+    try:
+        assert wait_for(lambda: "ACME: using the stored certificate" in pc.log()[len(log_before):]), pc.log()
+        time.sleep(1.0)
+        restarted = pc.log()[len(log_before):]
+        assert "ACME: ordering" not in restarted, restarted
+        assert serial(served_certificate(pc.imaps, pebble.issuing_root(), str(tmp_path))) == first
+    finally:
+        pc.stop()
