@@ -10,7 +10,6 @@
 
 use std::collections::HashMap;
 use std::io::Write;
-use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
@@ -276,12 +275,17 @@ impl CertTask {
 
     /// When to act next for `ck`: the renewal time, or an earlier ARI re-check.
     async fn plan(&self, ck: &CertifiedKey) -> Option<tokio::time::Instant> {
+        let (plan, ari) = self.planned(ck).await?;
+        let at = plan.recheck_at.unwrap_or(plan.renew_at);
+        tracing::info!(certificate = %self.label, renew_at = ?plan.renew_at, ari, "ACME: renewal planned");
+        Some(to_instant(at))
+    }
+
+    /// The renewal plan for `ck`, and whether the CA's ARI window shaped it.
+    async fn planned(&self, ck: &CertifiedKey) -> Option<(Plan, bool)> {
         let (not_before, not_after) = validity(ck)?;
         let ari = self.ari_window(ck).await;
-        let plan = plan_renewal(SystemTime::now(), not_before, not_after, ari, random_unit());
-        let at = plan.recheck_at.unwrap_or(plan.renew_at);
-        tracing::info!(certificate = %self.label, renew_at = ?plan.renew_at, ari = ari.is_some(), "ACME: renewal planned");
-        Some(to_instant(at))
+        Some((plan_renewal(SystemTime::now(), not_before, not_after, ari, random_unit()), ari.is_some()))
     }
 
     /// Whether `ck` should be renewed now (the planner's time has come).
@@ -691,9 +695,19 @@ async fn tls_alpn01_responder(listener: tokio::net::TcpListener, challenges: Arc
     }
 }
 
-/// The admin address of a config, for `portcullis renew`.
-pub fn admin_addr(config: &crate::config::Config) -> Option<SocketAddr> {
-    config.admin
+/// The renewal plan for a certificate under `settings` (the account is loaded from, or created
+/// in, the state directory), and whether ARI shaped it. For tests and diagnostics.
+pub async fn renewal_plan(settings: &AcmeSettings, certs: Arc<CertStore>, ck: &CertifiedKey) -> Option<(Plan, bool)> {
+    let spec = settings.certificates.first()?.clone();
+    let task = CertTask {
+        settings: settings.clone(),
+        label: spec.names[0].clone(),
+        spec,
+        certs,
+        challenges: Arc::new(Challenges::default()),
+        account: Arc::new(tokio::sync::Mutex::new(None)),
+    };
+    task.planned(ck).await
 }
 
 #[cfg(test)]

@@ -1,0 +1,135 @@
+//! ACME Renewal Information (RFC 9773) against a small in-process mock directory: Pebble 2.4 has
+//! no renewalInfo endpoint, so the ARI path is tested here and the fallback against Pebble.
+
+use std::convert::Infallible;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::{Request, Response};
+use hyper_util::rt::TokioIo;
+use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, IsCa, KeyPair};
+use rustls::pki_types::PrivateKeyDer;
+
+/// An HTTPS mock ACME directory with an ARI endpoint; returns (directory URL, CA file, paths seen).
+async fn mock_directory(
+    dir: &std::path::Path,
+    window: (SystemTime, SystemTime),
+) -> (String, std::path::PathBuf, Arc<Mutex<Vec<String>>>) {
+    let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    let ca = CertifiedIssuer::self_signed(ca_params, KeyPair::generate().unwrap()).unwrap();
+    let ca_file = dir.join("mock-ca.pem");
+    std::fs::write(&ca_file, ca.pem()).unwrap();
+    let key = KeyPair::generate().unwrap();
+    let leaf = CertificateParams::new(vec!["127.0.0.1".to_string()]).unwrap().signed_by(&key, &ca).unwrap();
+    let mut cfg = rustls::ServerConfig::builder()
+        .with_no_client_auth()
+        .with_single_cert(vec![leaf.der().clone()], PrivateKeyDer::try_from(key.serialize_der()).unwrap())
+        .unwrap();
+    cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(cfg));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let base = format!("https://{}", listener.local_addr().unwrap());
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let (b2, s2) = (base.clone(), seen.clone());
+    let rfc3339 =
+        |t: SystemTime| time::OffsetDateTime::from(t).format(&time::format_description::well_known::Rfc3339).unwrap();
+    let (start, end) = (rfc3339(window.0), rfc3339(window.1));
+    tokio::spawn(async move {
+        loop {
+            let Ok((tcp, _)) = listener.accept().await else { return };
+            let (acceptor, base, seen, start, end) =
+                (acceptor.clone(), b2.clone(), s2.clone(), start.clone(), end.clone());
+            tokio::spawn(async move {
+                let Ok(tls) = acceptor.accept(tcp).await else { return };
+                let svc = hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
+                    let path = req.uri().path().to_string();
+                    seen.lock().unwrap().push(path.clone());
+                    let (base, start, end) = (base.clone(), start.clone(), end.clone());
+                    async move {
+                        let resp = if path == "/dir" {
+                            let body = format!(
+                                r#"{{"newNonce":"{base}/nonce","newAccount":"{base}/acct","newOrder":"{base}/order","renewalInfo":"{base}/ari"}}"#
+                            );
+                            Response::builder()
+                                .header("content-type", "application/json")
+                                .body(Full::new(Bytes::from(body)))
+                        } else if path.starts_with("/ari/") {
+                            let body = format!(r#"{{"suggestedWindow":{{"start":"{start}","end":"{end}"}}}}"#);
+                            Response::builder()
+                                .header("content-type", "application/json")
+                                .header("retry-after", "21600")
+                                .body(Full::new(Bytes::from(body)))
+                        } else {
+                            Response::builder().status(404).body(Full::new(Bytes::new()))
+                        };
+                        Ok::<_, Infallible>(resp.unwrap())
+                    }
+                });
+                let _ = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(tls), svc).await;
+            });
+        }
+    });
+    (format!("{base}/dir"), ca_file, seen)
+}
+
+#[tokio::test]
+async fn ari_window_shapes_the_renewal_plan() {
+    portcullis::tls::init_crypto();
+    let dir = tempfile::tempdir().unwrap();
+    let now = SystemTime::now();
+    // The CA suggests renewing in a 2-hour window 10 days from now.
+    let window = (now + Duration::from_secs(10 * 86400), now + Duration::from_secs(10 * 86400 + 7200));
+    let (directory, ca_file, seen) = mock_directory(dir.path(), window).await;
+    let state = dir.path().join("state");
+    std::fs::create_dir_all(&state).unwrap();
+    // A stored account (restoring it fetches only the directory: no account request).
+    let account_key = KeyPair::generate().unwrap();
+    use base64::Engine;
+    let creds = serde_json::json!({
+        "id": format!("{}/acct/1", directory.trim_end_matches("/dir")),
+        "key_pkcs8": base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(account_key.serialize_der()),
+        "directory": directory,
+    });
+    std::fs::write(state.join("account.json"), creds.to_string()).unwrap();
+    let text = format!(
+        "[auth]\nsource = \"backend\"\n[[backend]]\nname = \"b\"\naddress = \"127.0.0.1:1\"\n[routing.imap]\ndefault = \"b\"\n[acme]\ndirectory = \"{directory}\"\nca_file = \"{}\"\nterms_agreed = true\nstate_dir = \"{}\"\n[[acme.certificate]]\nnames = [\"mail.example.test\"]\n",
+        ca_file.display(),
+        state.display()
+    );
+    let config = portcullis::config::Config::parse(&dir.path().join("p.toml"), &text).unwrap();
+    let settings = config.acme.unwrap();
+    // A 90-day certificate issued by some CA (the ARI id only needs its AKI and serial).
+    let mut issuer_params = CertificateParams::new(Vec::<String>::new()).unwrap();
+    issuer_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    issuer_params.key_identifier_method = rcgen::KeyIdMethod::Sha256;
+    let issuer = CertifiedIssuer::self_signed(issuer_params, KeyPair::generate().unwrap()).unwrap();
+    let leaf_key = KeyPair::generate().unwrap();
+    let mut leaf_params = CertificateParams::new(vec!["mail.example.test".to_string()]).unwrap();
+    leaf_params.not_before = time::OffsetDateTime::from(now - Duration::from_secs(86400));
+    leaf_params.not_after = time::OffsetDateTime::from(now + Duration::from_secs(89 * 86400));
+    leaf_params.serial_number = Some(rcgen::SerialNumber::from_slice(&[0x42, 0x17]));
+    leaf_params.use_authority_key_identifier_extension = true;
+    let leaf = leaf_params.signed_by(&leaf_key, &issuer).unwrap();
+    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let ck = rustls::sign::CertifiedKey::from_der(
+        vec![leaf.der().clone()],
+        PrivateKeyDer::try_from(leaf_key.serialize_der()).unwrap(),
+        &provider,
+    )
+    .unwrap();
+    let certs = Arc::new(portcullis::tls::certs::CertStore::load(&config.tls).unwrap());
+
+    let (plan, ari) = portcullis::tls::acme::renewal_plan(&settings, certs, &ck).await.unwrap();
+    assert!(ari, "the ARI window was not used");
+    assert!(plan.renew_at >= window.0 && plan.renew_at <= window.1, "{plan:?}");
+    // Retry-After (6 h) is earlier than the window: ask again then.
+    let recheck = plan.recheck_at.unwrap();
+    assert!(recheck > now + Duration::from_secs(6 * 3600 - 60) && recheck < now + Duration::from_secs(6 * 3600 + 60));
+    let seen = seen.lock().unwrap().clone();
+    assert!(seen.iter().any(|p| p.starts_with("/ari/")), "{seen:?}");
+    // Two-thirds of the lifetime would have been ~59 days: ARI moved it to day 10.
+    assert!(plan.renew_at < now + Duration::from_secs(20 * 86400));
+}
