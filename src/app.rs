@@ -325,14 +325,30 @@ impl App {
         m.backend_up.reset();
         m.backend_draining.reset();
         m.backend_sessions.reset();
+        m.pool_backends_up.reset();
         for b in rt.config.backends.values() {
             let name = b.name.as_str();
-            let up = b.state != crate::config::BackendState::Disabled && self.health.is_up(name);
-            m.backend_up.with_label_values(&[name]).set(i64::from(up));
+            // A disabled backend is switched off on purpose: not exported as up or down.
+            if b.state != crate::config::BackendState::Disabled {
+                m.backend_up.with_label_values(&[name]).set(i64::from(self.health.is_up(name)));
+            }
             m.backend_draining
                 .with_label_values(&[name])
                 .set(i64::from(b.state == crate::config::BackendState::Draining));
             m.backend_sessions.with_label_values(&[name]).set(self.health.sessions(name) as i64);
+        }
+        // Sessions on backends the auth service named by address, under the bounded label.
+        let dynamic = self.health.other_sessions(&|n| rt.config.backends.contains_key(n));
+        if dynamic > 0 {
+            m.backend_sessions.with_label_values(&["dynamic"]).set(dynamic as i64);
+        }
+        for p in rt.config.pools.values() {
+            let up = p
+                .backends
+                .iter()
+                .filter(|b| b.state == crate::config::BackendState::Up && self.health.is_up(&b.name))
+                .count();
+            m.pool_backends_up.with_label_values(&[&p.name]).set(up as i64);
         }
     }
 

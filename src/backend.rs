@@ -100,7 +100,22 @@ pub async fn connect(
     client: &ClientInfo,
     timeout: std::time::Duration,
 ) -> Result<BackendStream, BackendError> {
+    // Failed and timed-out connects are observed too: they are the slow ones.
     let started = tokio::time::Instant::now();
+    let result = connect_inner(backend, tls, client, timeout).await;
+    crate::metrics::metrics()
+        .backend_connect_duration
+        .with_label_values(&[backend.label()])
+        .observe(started.elapsed().as_secs_f64());
+    result
+}
+
+async fn connect_inner(
+    backend: &Backend,
+    tls: Option<&Arc<ClientConfig>>,
+    client: &ClientInfo,
+    timeout: std::time::Duration,
+) -> Result<BackendStream, BackendError> {
     let mut tcp = tokio::time::timeout(timeout, TcpStream::connect(backend.address.as_str()))
         .await
         .map_err(|_| BackendError::Connect(io::ErrorKind::TimedOut.into()))?
@@ -113,15 +128,10 @@ pub async fn connect(
         header.encode_v2(&mut buf).map_err(|_| BackendError::Protocol("cannot encode PROXY header"))?;
         tcp.write_all(&buf).await?;
     }
-    let stream = match backend.transport {
-        Transport::Tls => MaybeTls::Tls(Box::new(tls_connect(backend, tls, tcp).await?)),
-        Transport::Plain | Transport::StartTls => MaybeTls::Plain(tcp),
-    };
-    crate::metrics::metrics()
-        .backend_connect_duration
-        .with_label_values(&[backend.label()])
-        .observe(started.elapsed().as_secs_f64());
-    Ok(stream)
+    match backend.transport {
+        Transport::Tls => Ok(MaybeTls::Tls(Box::new(tls_connect(backend, tls, tcp).await?))),
+        Transport::Plain | Transport::StartTls => Ok(MaybeTls::Plain(tcp)),
+    }
 }
 
 /// Upgrade a plaintext backend connection after its STARTTLS/STLS reply. The reader must be

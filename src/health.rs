@@ -110,6 +110,12 @@ impl HealthTable {
         }
     }
 
+    /// Open sessions on backends that are not in `configured` (named by the auth service).
+    pub fn other_sessions(&self, configured: &dyn Fn(&str) -> bool) -> usize {
+        let map = self.by_backend.lock().unwrap_or_else(|e| e.into_inner());
+        map.iter().filter(|(k, _)| !configured(k)).map(|(_, h)| h.sessions.load(Ordering::Relaxed)).sum()
+    }
+
     /// Forget backends that are no longer configured.
     pub fn retain(&self, names: &[&str]) {
         self.by_backend.lock().unwrap_or_else(|e| e.into_inner()).retain(|k, _| names.contains(&k.as_str()));

@@ -25,6 +25,7 @@ pub struct Metrics {
     pub backend_up: IntGaugeVec,
     pub backend_draining: IntGaugeVec,
     pub backend_sessions: IntGaugeVec,
+    pub pool_backends_up: IntGaugeVec,
     pub health_checks: IntCounterVec,
     pub relayed_bytes: IntCounterVec,
     pub session_duration: HistogramVec,
@@ -147,6 +148,12 @@ impl Metrics {
                 &["backend"],
             ),
             backend_sessions: gauge(&r, "backend_sessions", "Relayed sessions open on the backend", &["backend"]),
+            pool_backends_up: gauge(
+                &r,
+                "pool_backends_up",
+                "Backends of the pool that are up and not draining",
+                &["pool"],
+            ),
             health_checks: counter(&r, "health_checks_total", "Active health checks by result", &["backend", "result"]),
             relayed_bytes: counter(&r, "relayed_bytes_total", "Bytes relayed after login", &["protocol", "direction"]),
             session_duration: histogram(

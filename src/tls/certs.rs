@@ -250,10 +250,16 @@ fn read_pair(spec: &CertSpec) -> Result<(Vec<u8>, Arc<CertifiedKey>), CertError>
 
 /// A self-signed ECDSA P-256 certificate for `names`, for demos and first starts.
 pub fn self_signed(names: &[String]) -> Result<Arc<CertifiedKey>, CertError> {
-    let ck = rcgen::generate_simple_self_signed(names.to_vec()).map_err(|e| CertError::SelfSigned(e.to_string()))?;
-    let chain = vec![ck.cert.der().clone()];
-    let key =
-        PrivateKeyDer::try_from(ck.signing_key.serialize_der()).map_err(|e| CertError::SelfSigned(e.to_string()))?;
+    let err = |e: rcgen::Error| CertError::SelfSigned(e.to_string());
+    let mut params = rcgen::CertificateParams::new(names.to_vec()).map_err(err)?;
+    // A year, like a real certificate, so expiry metrics and alerts mean something.
+    let now = time::OffsetDateTime::now_utc();
+    params.not_before = now - time::Duration::days(1);
+    params.not_after = now + time::Duration::days(365);
+    let signing_key = rcgen::KeyPair::generate().map_err(err)?;
+    let cert = params.self_signed(&signing_key).map_err(err)?;
+    let chain = vec![cert.der().clone()];
+    let key = PrivateKeyDer::try_from(signing_key.serialize_der()).map_err(|e| CertError::SelfSigned(e.to_string()))?;
     let provider = rustls::crypto::CryptoProvider::get_default()
         .cloned()
         .unwrap_or_else(|| Arc::new(rustls::crypto::aws_lc_rs::default_provider()));

@@ -166,6 +166,11 @@ class ProxySetup:
             f'address = "127.0.0.1:{dv.haproxy_port}"',
             'client_address = "proxy-v2"',
             "",
+            # A pool of one, so pool metrics exist (nothing routes through it).
+            "[[pool]]",
+            'name = "imap-pool"',
+            'backends = ["dovecot"]',
+            "",
             "[routing.imap]",
             'default = "dovecot"',
             'domains = { "dead.test" = "dead", "master.test" = "master", "haproxy.test" = "haproxy" }',
