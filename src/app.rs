@@ -82,6 +82,10 @@ pub struct App {
     health: Arc<HealthTable>,
     /// Stops the current generation of health checks (replaced on reload).
     checks: Mutex<CancellationToken>,
+    /// Login failure counters, shared by every listener and protocol.
+    throttle: Arc<crate::limits::Throttle>,
+    /// Connection and per-user session counts for the caps.
+    connections: Arc<crate::limits::Connections>,
     /// The ACME manager, if configured.
     acme: tokio::sync::Mutex<Option<crate::tls::acme::AcmeHandle>>,
     /// The admin server's configured address, its stop token and its bound address, if running.
@@ -177,7 +181,10 @@ impl App {
             checks: Mutex::new(CancellationToken::new()),
             admin: Mutex::new(None),
             acme: tokio::sync::Mutex::new(None),
+            throttle: Arc::default(),
+            connections: Arc::default(),
         });
+        app.spawn_throttle_pruning();
         app.apply_acme().await?;
         app.apply_sockets(sockets);
         app.apply_admin(admin);
@@ -449,6 +456,8 @@ impl App {
                 ehlo: self.ehlo.clone(),
                 health: self.health.clone(),
                 shutdown_grace: grace,
+                throttle: self.throttle.clone(),
+                connections: self.connections.clone(),
             };
             self.sessions.spawn(session::run(ctx, tcp));
         }
@@ -457,6 +466,28 @@ impl App {
     /// The SMTP extension cache (tests and admin use).
     pub fn ehlo_cache(&self) -> &EhloCache {
         &self.ehlo
+    }
+
+    /// Forget idle throttle counters every minute, so their memory stays bounded.
+    fn spawn_throttle_pruning(self: &Arc<Self>) {
+        let app = Arc::downgrade(self);
+        let stop = self.shutdown.clone();
+        tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    _ = stop.cancelled() => return,
+                    _ = tokio::time::sleep(Duration::from_secs(60)) => {}
+                }
+                let Some(app) = app.upgrade() else { return };
+                let settings = app.runtime.load().config.throttle.clone();
+                app.throttle.prune(&settings);
+            }
+        });
+    }
+
+    /// Login failure counters (tests, diagnostics).
+    pub fn throttle(&self) -> &crate::limits::Throttle {
+        &self.throttle
     }
 
     /// Backend health as observed now.

@@ -13,6 +13,7 @@
 //! - `auth`: credential verification (passwd-file hashes, or backend-verified).
 //! - `route`: user → pool → backends in weighted rendezvous order.
 //! - `health`: active checks, passive circuit breaker, session counts per backend.
+//! - `limits`: login throttling (penalties, blocks) and connection caps.
 //! - `relay`: the post-login byte pipe.
 //! - `logging`: subscriber setup and the stable log lines.
 //! - `metrics`: every Prometheus metric; `admin`: the /metrics, /healthz, /readyz server.
@@ -26,6 +27,7 @@ pub mod auth;
 pub mod backend;
 pub mod config;
 pub mod health;
+pub mod limits;
 pub mod logging;
 pub mod metrics;
 pub mod protocol;

@@ -43,6 +43,8 @@ pub struct SessionCtx {
     pub health: Arc<HealthTable>,
     /// How long relayed sessions may go on after shutdown starts.
     pub shutdown_grace: Duration,
+    pub throttle: Arc<crate::limits::Throttle>,
+    pub connections: Arc<crate::limits::Connections>,
 }
 
 /// How a session ended, for the access log.
@@ -62,6 +64,8 @@ struct Authenticated {
     pipelined: Vec<u8>,
     /// Counts this session against its backend's `max_sessions` while it lives.
     _guard: SessionGuard,
+    /// Counts the session against the user's `max_sessions_per_user`.
+    _user_slot: Option<crate::limits::UserSlot>,
     /// The protocol's goodbye, for a shutdown that outlasts the grace period.
     goodbye: &'static [u8],
 }
@@ -85,6 +89,29 @@ pub async fn run(mut ctx: SessionCtx, mut tcp: TcpStream) {
             }
         }
     }
+    // Connection caps (reliability case 57), on the real client address.
+    let client_key = crate::limits::ip_key(ctx.peer.ip(), ctx.runtime.config.throttle.ipv6_prefix);
+    let _slot = match ctx.connections.acquire(
+        &ctx.listener.name,
+        client_key,
+        limits.max_connections,
+        limits.max_connections_per_listener,
+        limits.max_connections_per_ip,
+    ) {
+        Ok(slot) => slot,
+        Err(cap) => {
+            metrics().connections_rejected.with_label_values(&[protocol, &ctx.listener.name, cap.as_str()]).inc();
+            tracing::info!(session = %ctx.id, client = %ctx.peer, cap = cap.as_str(), "connection refused: too many connections");
+            // A plaintext reply where the protocol starts in plaintext; an implicit-TLS port is
+            // just closed (a handshake is what the cap protects).
+            if ctx.listener.tls != TlsMode::Implicit {
+                let front = Front::new(ctx.listener.protocol, front_settings(&ctx, false));
+                let _ = tcp.write_all(front.goodbye(Goodbye::TooManyConnections)).await;
+                let _ = tcp.shutdown().await;
+            }
+            return;
+        }
+    };
     // The login deadline is enforced inside (so the client hears why); this outer bound only
     // catches a phase that cannot answer, such as a TLS handshake in progress. Boxed so its
     // buffers are freed after login: the session task's own future stays small for the (long,
@@ -102,9 +129,16 @@ pub async fn run(mut ctx: SessionCtx, mut tcp: TcpStream) {
             let grace = ctx.shutdown_grace;
             // Reliability case 80: after the grace period, a relayed session is closed with the
             // protocol's goodbye.
+            let max_duration = limits.max_session_duration;
             let stop = async move {
-                shutdown.cancelled().await;
-                tokio::time::sleep(grace).await;
+                let shutdown = async {
+                    shutdown.cancelled().await;
+                    tokio::time::sleep(grace).await;
+                };
+                match max_duration {
+                    Some(d) => tokio::select! { _ = shutdown => {}, _ = tokio::time::sleep(d) => {} },
+                    None => shutdown.await,
+                }
             };
             let (end, bytes) = relay_session(&mut a, limits.idle_timeout, stop).await;
             if end == "shutdown" {
@@ -219,6 +253,7 @@ fn front_settings(ctx: &SessionCtx, tls_active: bool) -> FrontSettings {
         max_line: config.limits.max_line_length,
         max_errors: config.limits.max_errors,
         idle_timeout: config.limits.preauth_idle_timeout,
+        command_timeout: config.limits.command_timeout,
         hostname: config.hostname.clone(),
         extensions,
         greeting_delay: config.limits.smtp_greeting_delay,
@@ -275,7 +310,7 @@ async fn preauth(ctx: &SessionCtx, tcp: TcpStream, deadline: Instant) -> Result<
                 Some(creds) => login(ctx, &front, creds, failures + 1, tls_info(&stream)).await,
             };
             match attempt {
-                Ok((logged_in, user, backend_name, guard)) => {
+                Ok((logged_in, user, backend_name, guard, user_slot)) => {
                     count_login(lc, req.mechanism, "success");
                     let mut to_client = front.success_reply(logged_in.untagged.clone(), logged_in.reply.clone());
                     to_client.extend_from_slice(&logged_in.leftover);
@@ -298,6 +333,7 @@ async fn preauth(ctx: &SessionCtx, tcp: TcpStream, deadline: Instant) -> Result<
                         backend_name,
                         pipelined,
                         _guard: guard,
+                        _user_slot: user_slot,
                         goodbye,
                     });
                 }
@@ -312,6 +348,21 @@ async fn preauth(ctx: &SessionCtx, tcp: TcpStream, deadline: Instant) -> Result<
                     tokio::time::sleep_until(fail_at).await;
                     fail(&mut front, &mut stream, LoginFailure::BadCredentials, failures, limits.max_auth_attempts)
                         .await?;
+                }
+                Err(LoginError::Throttled { user }) => {
+                    count_login(lc, req.mechanism, "throttled");
+                    logging::login_failed(ctx.peer.ip(), user.as_deref(), lc.protocol.as_str(), &lc.name, "throttled");
+                    failures += 1;
+                    fail(&mut front, &mut stream, LoginFailure::Throttled, failures, limits.max_auth_attempts).await?;
+                }
+                Err(LoginError::TooManySessions { user }) => {
+                    count_login(lc, req.mechanism, "too_many_sessions");
+                    tracing::info!(session = %ctx.id, user = %logging::safe_user(Some(&user)), "too many sessions for user");
+                    let failure = LoginFailure::Message {
+                        text: "Too many sessions for this user, try again later.".into(),
+                        smtp_code: Some("454 4.7.0".into()),
+                    };
+                    fail(&mut front, &mut stream, failure, 0, u32::MAX).await?;
                 }
                 Err(LoginError::Denied { user, text, wait, code }) => {
                     count_login(lc, req.mechanism, "denied");
@@ -347,6 +398,10 @@ enum LoginError {
     Unavailable(&'static str),
     /// The auth service refused with its own text (nginx `Auth-Status`), maybe with a wait.
     Denied { user: Option<String>, text: String, wait: Option<Duration>, code: Option<String> },
+    /// Too many failures from the address or for the user (reliability cases 55, 56).
+    Throttled { user: Option<String> },
+    /// The user already has the most sessions allowed.
+    TooManySessions { user: String },
 }
 
 /// The connection's TLS parameters as nginx names them for `Auth-SSL-*`.
@@ -363,17 +418,50 @@ fn tls_info(stream: &ClientStream) -> Option<(String, String)> {
 }
 
 /// Verify, route and log in to a backend, failing over along the rendezvous order.
+#[allow(clippy::type_complexity)]
 async fn login(
     ctx: &SessionCtx,
     front: &Front,
     creds: Credentials,
     attempt: u32,
     tls: Option<(String, String)>,
-) -> Result<(LoggedIn, String, String, SessionGuard), LoginError> {
+) -> Result<(LoggedIn, String, String, SessionGuard, Option<crate::limits::UserSlot>), LoginError> {
+    let rt = &ctx.runtime;
+    let hints = front.hints();
+    let throttle_user = rt.config.users.canonical(&creds.user);
+    let ip = ctx.peer.ip();
+    match ctx.throttle.check(&rt.config.throttle, ip, throttle_user.as_deref()) {
+        crate::limits::Decision::Blocked => return Err(LoginError::Throttled { user: throttle_user }),
+        crate::limits::Decision::Allow { delay } if !delay.is_zero() => {
+            tracing::debug!(session = %ctx.id, delay = ?delay, "login penalty");
+            tokio::time::sleep(delay).await;
+        }
+        crate::limits::Decision::Allow { .. } => {}
+    }
+    let fingerprint = crate::limits::password_fingerprint(creds.password.expose());
+    let result = login_inner(ctx, creds, attempt, tls, hints).await;
+    let s = &rt.config.throttle;
+    match &result {
+        Ok((_, user, _, _, _)) => ctx.throttle.success(s, ip, user),
+        Err(LoginError::Bad { user, .. } | LoginError::Denied { user, .. }) => {
+            ctx.throttle.failure(s, ip, user.as_deref().or(throttle_user.as_deref()), fingerprint)
+        }
+        Err(_) => {}
+    }
+    result
+}
+
+#[allow(clippy::type_complexity)]
+async fn login_inner(
+    ctx: &SessionCtx,
+    creds: Credentials,
+    attempt: u32,
+    tls: Option<(String, String)>,
+    hints: crate::protocol::ClientHints,
+) -> Result<(LoggedIn, String, String, SessionGuard, Option<crate::limits::UserSlot>), LoginError> {
     let rt = &ctx.runtime;
     let limits = &rt.config.limits;
     let protocol = ctx.listener.protocol;
-    let hints = front.hints();
     let (user, target, deferred, creds) = match &rt.auth_http {
         Some(service) => {
             let Some(user) = rt.config.users.canonical(&creds.user) else {
@@ -430,6 +518,10 @@ async fn login(
             (user, target, deferred, creds)
         }
     };
+    let Some(user_slot) = ctx.connections.acquire_user(&user, limits.max_sessions_per_user) else {
+        return Err(LoginError::TooManySessions { user });
+    };
+    let user_slot = Some(user_slot);
     let plan = crate::route::plan(&target, protocol, &user, &ctx.health);
     let info = ClientInfo {
         peer: ctx.peer,
@@ -459,7 +551,7 @@ async fn login(
             Ok(logged_in) => {
                 ctx.health.success(backend, Source::Session, backend.health.rise);
                 let guard = ctx.health.session(backend);
-                return Ok((logged_in, user, backend.name.clone(), guard));
+                return Ok((logged_in, user, backend.name.clone(), guard, user_slot));
             }
             Err(BackendError::Rejected) => {
                 let reason = if deferred { "bad_credentials" } else { "backend_rejected" };

@@ -25,6 +25,8 @@ pub struct FileConfig {
     #[serde(default)]
     pub limits: LimitsFile,
     #[serde(default)]
+    pub throttle: ThrottleFile,
+    #[serde(default)]
     pub tls: TlsFile,
     #[serde(default, rename = "listener")]
     pub listeners: Vec<ListenerFile>,
@@ -128,9 +130,41 @@ pub struct LimitsFile {
     /// SMTP: wait this long before the greeting; a client that talks first is refused.
     #[serde(default, with = "humantime_serde::option")]
     pub smtp_greeting_delay: Option<Duration>,
+    /// Minimum progress: a command must be complete this long after its first byte.
+    #[serde(default, with = "humantime_serde::option")]
+    pub command_timeout: Option<Duration>,
+    /// Longest a relayed session may last (default: unlimited).
+    #[serde(default, with = "humantime_serde::option")]
+    pub max_session_duration: Option<Duration>,
+    /// Connection caps (0 = unlimited).
+    pub max_connections: Option<usize>,
+    pub max_connections_per_listener: Option<usize>,
+    pub max_connections_per_ip: Option<usize>,
+    /// Relayed sessions per user (0 = unlimited).
+    pub max_sessions_per_user: Option<usize>,
     pub max_line_length: Option<Spanned<u32>>,
     pub max_errors: Option<Spanned<u32>>,
     pub max_auth_attempts: Option<Spanned<u32>>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ThrottleFile {
+    pub enabled: Option<bool>,
+    pub penalty_after: Option<u32>,
+    #[serde(default, with = "humantime_serde::option")]
+    pub penalty_base: Option<Duration>,
+    #[serde(default, with = "humantime_serde::option")]
+    pub penalty_max: Option<Duration>,
+    pub block_after: Option<u32>,
+    pub user_block_after: Option<u32>,
+    #[serde(default, with = "humantime_serde::option")]
+    pub cooldown: Option<Duration>,
+    #[serde(default, with = "humantime_serde::option")]
+    pub window: Option<Duration>,
+    pub ipv6_prefix: Option<Spanned<u8>>,
+    pub trusted: Option<Spanned<Vec<String>>>,
+    pub max_entries: Option<usize>,
 }
 
 #[derive(Debug, Default, Deserialize)]

@@ -70,6 +70,7 @@ pub struct Config {
     pub log_format: LogFormat,
     pub log_level: Option<String>,
     pub limits: Limits,
+    pub throttle: ThrottleSettings,
     pub tls: TlsSettings,
     pub listeners: Vec<Arc<ListenerConfig>>,
     pub auth: AuthSource,
@@ -97,6 +98,12 @@ pub struct Limits {
     pub auth_failure_delay: Duration,
     pub shutdown_grace: Duration,
     pub smtp_greeting_delay: Duration,
+    pub command_timeout: Duration,
+    pub max_session_duration: Option<Duration>,
+    pub max_connections: usize,
+    pub max_connections_per_listener: usize,
+    pub max_connections_per_ip: usize,
+    pub max_sessions_per_user: usize,
     pub max_line_length: u32,
     pub max_errors: u32,
     pub max_auth_attempts: u32,
@@ -114,9 +121,49 @@ impl Default for Limits {
             auth_failure_delay: DEFAULT_AUTH_FAILURE_DELAY,
             shutdown_grace: DEFAULT_SHUTDOWN_GRACE,
             smtp_greeting_delay: Duration::ZERO,
+            command_timeout: Duration::from_secs(30),
+            max_session_duration: None,
+            max_connections: 0,
+            max_connections_per_listener: 0,
+            max_connections_per_ip: 100,
+            max_sessions_per_user: 50,
             max_line_length: DEFAULT_MAX_LINE,
             max_errors: DEFAULT_MAX_ERRORS,
             max_auth_attempts: DEFAULT_MAX_AUTH_ATTEMPTS,
+        }
+    }
+}
+
+/// Login throttling (see `limits.rs`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ThrottleSettings {
+    pub enabled: bool,
+    pub penalty_after: u32,
+    pub penalty_base: Duration,
+    pub penalty_max: Duration,
+    pub block_after: u32,
+    pub user_block_after: u32,
+    pub cooldown: Duration,
+    pub window: Duration,
+    pub ipv6_prefix: u8,
+    pub trusted: Vec<Cidr>,
+    pub max_entries: usize,
+}
+
+impl Default for ThrottleSettings {
+    fn default() -> Self {
+        ThrottleSettings {
+            enabled: true,
+            penalty_after: 3,
+            penalty_base: Duration::from_secs(2),
+            penalty_max: Duration::from_secs(15),
+            block_after: 20,
+            user_block_after: 10,
+            cooldown: Duration::from_secs(300),
+            window: Duration::from_secs(900),
+            ipv6_prefix: 64,
+            trusted: Vec::new(),
+            max_entries: 100_000,
         }
     }
 }
@@ -640,6 +687,7 @@ impl Validator<'_> {
             },
         };
         let limits = self.limits(&raw.limits)?;
+        let throttle = self.throttle(&raw.throttle)?;
         let tls = self.tls(&raw.tls)?;
         let listeners = self.listeners(&raw.listeners)?;
         if listeners.iter().any(|l| l.tls != TlsMode::None)
@@ -719,6 +767,7 @@ impl Validator<'_> {
             log_format,
             log_level: raw.log.level,
             limits,
+            throttle,
             tls,
             listeners,
             auth,
@@ -748,10 +797,50 @@ impl Validator<'_> {
             auth_failure_delay: l.auth_failure_delay.unwrap_or(d.auth_failure_delay),
             shutdown_grace: l.shutdown_grace.unwrap_or(d.shutdown_grace),
             smtp_greeting_delay: l.smtp_greeting_delay.unwrap_or(d.smtp_greeting_delay),
+            command_timeout: l.command_timeout.unwrap_or(d.command_timeout),
+            max_session_duration: l.max_session_duration.filter(|d| !d.is_zero()),
+            max_connections: l.max_connections.unwrap_or(d.max_connections),
+            max_connections_per_listener: l.max_connections_per_listener.unwrap_or(d.max_connections_per_listener),
+            max_connections_per_ip: l.max_connections_per_ip.unwrap_or(d.max_connections_per_ip),
+            max_sessions_per_user: l.max_sessions_per_user.unwrap_or(d.max_sessions_per_user),
             max_line_length: positive(&l.max_line_length, "max_line_length", d.max_line_length, 1024)?,
             max_errors: positive(&l.max_errors, "max_errors", d.max_errors, 1)?,
             max_auth_attempts: positive(&l.max_auth_attempts, "max_auth_attempts", d.max_auth_attempts, 1)?,
         })
+    }
+
+    fn throttle(&self, t: &file::ThrottleFile) -> Result<ThrottleSettings, ConfigError> {
+        let d = ThrottleSettings::default();
+        let ipv6_prefix = match &t.ipv6_prefix {
+            None => d.ipv6_prefix,
+            Some(p) if *p.get_ref() <= 128 => *p.get_ref(),
+            Some(p) => return Err(self.err(Some(p.span()), "throttle.ipv6_prefix", "must be 0 to 128")),
+        };
+        let mut trusted = Vec::new();
+        if let Some(list) = &t.trusted {
+            for c in list.get_ref() {
+                trusted.push(Cidr::parse(c).ok_or_else(|| {
+                    self.err(Some(list.span()), "throttle.trusted", format!("{c:?} is not an address or CIDR"))
+                })?);
+            }
+        }
+        let s = ThrottleSettings {
+            enabled: t.enabled.unwrap_or(d.enabled),
+            penalty_after: t.penalty_after.unwrap_or(d.penalty_after),
+            penalty_base: t.penalty_base.unwrap_or(d.penalty_base),
+            penalty_max: t.penalty_max.unwrap_or(d.penalty_max),
+            block_after: t.block_after.unwrap_or(d.block_after),
+            user_block_after: t.user_block_after.unwrap_or(d.user_block_after),
+            cooldown: t.cooldown.unwrap_or(d.cooldown),
+            window: t.window.unwrap_or(d.window),
+            ipv6_prefix,
+            trusted,
+            max_entries: t.max_entries.unwrap_or(d.max_entries).max(100),
+        };
+        if s.block_after == 0 || s.user_block_after == 0 {
+            return Err(self.err(None, "throttle.block_after", "must be at least 1"));
+        }
+        Ok(s)
     }
 
     fn tls(&self, t: &file::TlsFile) -> Result<TlsSettings, ConfigError> {

@@ -31,17 +31,20 @@ pub enum Fill {
 pub struct LineReader {
     buf: Vec<u8>,
     max: usize,
+    /// When the line being received started (minimum-progress rule).
+    partial_since: Option<tokio::time::Instant>,
 }
 
 impl LineReader {
     pub fn new(max: usize) -> LineReader {
-        LineReader { buf: Vec::new(), max }
+        LineReader { buf: Vec::new(), max, partial_since: None }
     }
 
     /// The next complete line from the buffer, if any.
     pub fn next_line(&mut self) -> Option<Line> {
         match self.buf.iter().position(|b| *b == b'\n') {
             Some(i) => {
+                self.partial_since = None;
                 let mut line: Vec<u8> = self.buf.drain(..=i).collect();
                 line.pop();
                 if i + 1 > self.max {
@@ -67,10 +70,24 @@ impl LineReader {
         self.buf
     }
 
-    /// Read once more from `s`, waiting at most `idle`.
-    pub async fn fill<S: AsyncRead + Unpin>(&mut self, s: &mut S, idle: Duration) -> io::Result<Fill> {
+    /// Read once more from `s`, waiting at most `idle`, and at most what is left of
+    /// `command_timeout` since the current line's first byte (reliability case 58: one byte
+    /// every few seconds cannot hold a session).
+    pub async fn fill<S: AsyncRead + Unpin>(
+        &mut self,
+        s: &mut S,
+        idle: Duration,
+        command_timeout: Duration,
+    ) -> io::Result<Fill> {
         let mut chunk = [0u8; READ_CHUNK];
-        match tokio::time::timeout(idle, s.read(&mut chunk)).await {
+        let mut wait = idle;
+        if self.buf.is_empty() {
+            self.partial_since = None;
+        } else {
+            let since = *self.partial_since.get_or_insert_with(tokio::time::Instant::now);
+            wait = wait.min(command_timeout.saturating_sub(since.elapsed()));
+        }
+        match tokio::time::timeout(wait, s.read(&mut chunk)).await {
             Err(_) => Ok(Fill::Timeout),
             Ok(Ok(0)) => Ok(Fill::Eof),
             Ok(Ok(n)) => {

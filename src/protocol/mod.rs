@@ -31,6 +31,8 @@ pub struct FrontSettings {
     pub max_line: u32,
     pub max_errors: u32,
     pub idle_timeout: Duration,
+    /// Minimum progress: a started command must be complete within this.
+    pub command_timeout: Duration,
     /// SMTP: the proxy's name for the greeting and EHLO reply.
     pub hostname: String,
     /// SMTP: the extensions the backend announces (honest EHLO), already filtered.
@@ -110,12 +112,15 @@ pub enum LoginFailure {
     /// The auth service's own text (already made printable and bounded), and for SMTP its
     /// reply code.
     Message { text: String, smtp_code: Option<String> },
+    /// Too many failures from this address or for this user: come back later.
+    Throttled,
 }
 
 /// Final words before the proxy closes a connection on its own.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Goodbye {
     Shutdown,
+    TooManyConnections,
     LoginTimeout,
     TooManyFailures,
     LineTooLong,
@@ -202,6 +207,11 @@ impl Front {
     pub fn goodbye(&self, why: Goodbye) -> &'static [u8] {
         match (self, why) {
             (Front::Imap(_), Goodbye::Shutdown) => b"* BYE Server shutting down.\r\n",
+            (Front::Imap(_), Goodbye::TooManyConnections) => b"* BYE Too many connections, try again later.\r\n",
+            (Front::Pop3(_), Goodbye::TooManyConnections) => {
+                b"-ERR [IN-USE] Too many connections, try again later.\r\n"
+            }
+            (Front::Smtp(_), Goodbye::TooManyConnections) => b"421 4.7.0 Too many connections, try again later\r\n",
             (Front::Imap(_), Goodbye::LoginTimeout) => b"* BYE Login timed out.\r\n",
             (Front::Pop3(_), Goodbye::LoginTimeout) => b"-ERR Login timed out.\r\n",
             (Front::Smtp(_), Goodbye::LoginTimeout) => b"421 4.4.2 Error: login timed out, closing connection\r\n",
@@ -249,6 +259,7 @@ pub(crate) mod tests {
             max_line: 1024,
             max_errors: 5,
             idle_timeout: Duration::from_secs(5),
+            command_timeout: Duration::from_secs(5),
             hostname: "proxy.example.test".into(),
             extensions: Arc::from(vec!["SIZE 1000".to_string(), "8BITMIME".to_string()]),
             greeting_delay: Duration::ZERO,

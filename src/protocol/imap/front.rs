@@ -39,6 +39,8 @@ pub struct ImapFront {
     client_id: Vec<(String, String)>,
     /// Tag of the login command being decided.
     pending_tag: String,
+    /// When the command being received started (minimum-progress rule).
+    partial_since: Option<tokio::time::Instant>,
 }
 
 /// One decoded, owned pre-auth action (so the Fragmentizer borrow ends before we write).
@@ -68,6 +70,7 @@ impl ImapFront {
             errors: 0,
             client_id: Vec::new(),
             pending_tag: String::new(),
+            partial_since: None,
         }
     }
 
@@ -231,6 +234,7 @@ impl ImapFront {
             LoginFailure::BadCredentials => format!("{tag} NO [AUTHENTICATIONFAILED] Authentication failed.\r\n"),
             LoginFailure::Unavailable => format!("{tag} NO [UNAVAILABLE] Server unavailable, try again later.\r\n"),
             LoginFailure::Message { text, .. } => format!("{tag} NO {text}\r\n"),
+            LoginFailure::Throttled => format!("{tag} NO [UNAVAILABLE] Too many login failures, try again later.\r\n"),
         };
         write(s, reply.as_bytes()).await
     }
@@ -433,7 +437,16 @@ impl ImapFront {
 
     async fn fill<S: AsyncRead + Unpin>(&mut self, s: &mut S) -> io::Result<Fill> {
         let mut buf = [0u8; READ_CHUNK];
-        match tokio::time::timeout(self.settings.idle_timeout, s.read(&mut buf)).await {
+        // Reliability case 58: a started command must finish within command_timeout, however
+        // slowly its bytes trickle in.
+        let mut wait = self.settings.idle_timeout;
+        if self.frag.message_bytes().is_empty() {
+            self.partial_since = None;
+        } else {
+            let since = *self.partial_since.get_or_insert_with(tokio::time::Instant::now);
+            wait = wait.min(self.settings.command_timeout.saturating_sub(since.elapsed()));
+        }
+        match tokio::time::timeout(wait, s.read(&mut buf)).await {
             Err(_) => Ok(Fill::Timeout),
             Ok(Ok(0)) => Ok(Fill::Eof),
             Ok(Ok(n)) => {

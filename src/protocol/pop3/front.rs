@@ -153,6 +153,7 @@ impl Pop3Front {
             LoginFailure::BadCredentials => write(s, b"-ERR [AUTH] Authentication failed.\r\n").await,
             LoginFailure::Unavailable => write(s, b"-ERR [SYS/TEMP] Server unavailable, try again later.\r\n").await,
             LoginFailure::Message { text, .. } => write(s, format!("-ERR {text}\r\n").as_bytes()).await,
+            LoginFailure::Throttled => write(s, b"-ERR [SYS/TEMP] Too many login failures, try again later.\r\n").await,
         }
     }
 
@@ -243,7 +244,7 @@ impl Pop3Front {
                     write(s, b"-ERR Line too long.\r\n").await?;
                     return Ok(Err(CloseReason::LineTooLong));
                 }
-                None => match self.lines.fill(s, self.settings.idle_timeout).await? {
+                None => match self.lines.fill(s, self.settings.idle_timeout, self.settings.command_timeout).await? {
                     Fill::Data => {}
                     Fill::Eof => return Ok(Err(CloseReason::ClientClosed)),
                     Fill::Timeout => {

@@ -212,6 +212,7 @@ impl SmtpFront {
         match failure {
             LoginFailure::BadCredentials => write(s, b"535 5.7.8 Authentication credentials invalid\r\n").await,
             LoginFailure::Unavailable => write(s, b"454 4.7.0 Temporary authentication failure\r\n").await,
+            LoginFailure::Throttled => write(s, b"454 4.7.0 Too many login failures, try again later\r\n").await,
             LoginFailure::Message { text, smtp_code } => {
                 // nginx's default code for a refusal without Auth-Error-Code.
                 let code = smtp_code.as_deref().filter(|c| valid_reply_code(c)).unwrap_or("535 5.7.0");
@@ -290,7 +291,7 @@ impl SmtpFront {
                     write(s, b"500 5.5.2 Error: line too long\r\n").await?;
                     return Ok(Err(CloseReason::LineTooLong));
                 }
-                None => match self.lines.fill(s, self.settings.idle_timeout).await? {
+                None => match self.lines.fill(s, self.settings.idle_timeout, self.settings.command_timeout).await? {
                     Fill::Data => {}
                     Fill::Eof => return Ok(Err(CloseReason::ClientClosed)),
                     Fill::Timeout => {

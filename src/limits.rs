@@ -1,0 +1,445 @@
+//! Abuse protection at the edge: login throttling and connection caps.
+//!
+//! **Throttling** counts failed logins per client address (IPv6 aggregated to a prefix, /64 by
+//! default) and per canonical user, across connections and protocols. Past `penalty_after`
+//! failures, each new attempt waits a growing penalty (2 s, 4 s, 8 s, capped at 15 s, as
+//! Dovecot's auth penalty does); past `block_after` the address or user is refused outright with
+//! the protocol's temporary error until `cooldown` has passed. Repeating the same wrong password
+//! does not escalate (clients retry stored passwords); a correct password within the limits
+//! logs in and clears the counters; auth-service outages never count; trusted networks are
+//! exempt. Counters forget after `window` without failures and are pruned on a timer, and the
+//! tables are capped, so memory stays bounded.
+//!
+//! `governor` (GCRA rate limiting) was considered and not used: the penalty needs to read a
+//! counter without consuming it and to ignore repeated passwords, which a token bucket cannot
+//! express.
+//!
+//! **Connection caps**: global, per listener and per client address, checked at accept.
+
+use std::collections::{HashMap, VecDeque};
+use std::net::IpAddr;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use tokio::time::Instant;
+
+use crate::config::{Cidr, ThrottleSettings};
+
+/// Passwords remembered per key to recognise a client retrying the same wrong one.
+const RECENT_PASSWORDS: usize = 10;
+
+/// What to do with a login attempt.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Decision {
+    /// Go ahead after `delay` (zero below the penalty threshold).
+    Allow { delay: Duration },
+    /// Refuse with a temporary error; the block lifts at the given time.
+    Blocked,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq)]
+enum Key {
+    Ip(IpAddr),
+    User(String),
+}
+
+#[derive(Debug)]
+struct Entry {
+    failures: u32,
+    last: Instant,
+    blocked_until: Option<Instant>,
+    recent: VecDeque<u64>,
+}
+
+#[derive(Debug, Default)]
+pub struct Throttle {
+    table: Mutex<HashMap<Key, Entry>>,
+}
+
+/// The address key: IPv4 as is, IPv6 masked to `prefix` bits (v4-mapped treated as IPv4).
+pub fn ip_key(ip: IpAddr, v6_prefix: u8) -> IpAddr {
+    match ip {
+        IpAddr::V4(_) => ip,
+        IpAddr::V6(v6) => {
+            if let Some(v4) = v6.to_ipv4_mapped() {
+                return IpAddr::V4(v4);
+            }
+            let bits = u128::from(v6);
+            let prefix = u32::from(v6_prefix.min(128));
+            let mask = if prefix == 0 { 0 } else { u128::MAX << (128 - prefix) };
+            IpAddr::V6((bits & mask).into())
+        }
+    }
+}
+
+fn trusted(trusted: &[Cidr], ip: IpAddr) -> bool {
+    trusted.iter().any(|c| c.contains(ip))
+}
+
+impl Throttle {
+    /// Decide on an attempt before the credentials are checked.
+    pub fn check(&self, s: &ThrottleSettings, ip: IpAddr, user: Option<&str>) -> Decision {
+        if !s.enabled || trusted(&s.trusted, ip) {
+            return Decision::Allow { delay: Duration::ZERO };
+        }
+        let now = Instant::now();
+        let mut table = self.table.lock().unwrap_or_else(|e| e.into_inner());
+        let mut worst = 0u32;
+        let keys = [Some(Key::Ip(ip_key(ip, s.ipv6_prefix))), user.map(|u| Key::User(u.to_string()))];
+        for (i, key) in keys.into_iter().enumerate() {
+            let Some(key) = key else { continue };
+            let Some(e) = table.get_mut(&key) else { continue };
+            if now.duration_since(e.last) > s.window && e.blocked_until.is_none_or(|b| b <= now) {
+                table.remove(&key);
+                continue;
+            }
+            if e.blocked_until.is_some_and(|b| b > now) {
+                return Decision::Blocked;
+            }
+            let limit = if i == 0 { s.block_after } else { s.user_block_after };
+            if e.failures >= limit {
+                e.blocked_until = Some(now + s.cooldown);
+                return Decision::Blocked;
+            }
+            worst = worst.max(e.failures);
+        }
+        Decision::Allow { delay: penalty(s, worst) }
+    }
+
+    /// Count a failed login (`password` is a process-local hash of the attempted password).
+    pub fn failure(&self, s: &ThrottleSettings, ip: IpAddr, user: Option<&str>, password: u64) {
+        if !s.enabled || trusted(&s.trusted, ip) {
+            return;
+        }
+        let now = Instant::now();
+        let mut table = self.table.lock().unwrap_or_else(|e| e.into_inner());
+        if table.len() >= s.max_entries {
+            prune_locked(&mut table, s, now);
+            if table.len() >= s.max_entries {
+                // Still full of live entries: drop the stalest tenth rather than grow.
+                let mut ages: Vec<(Instant, Key)> = table.iter().map(|(k, e)| (e.last, k.clone())).collect();
+                ages.sort_by_key(|(t, _)| *t);
+                for (_, k) in ages.into_iter().take(s.max_entries / 10 + 1) {
+                    table.remove(&k);
+                }
+            }
+        }
+        let keys = [Some(Key::Ip(ip_key(ip, s.ipv6_prefix))), user.map(|u| Key::User(u.to_string()))];
+        for key in keys.into_iter().flatten() {
+            let e = table.entry(key).or_insert_with(|| Entry {
+                failures: 0,
+                last: now,
+                blocked_until: None,
+                recent: VecDeque::new(),
+            });
+            if now.duration_since(e.last) > s.window {
+                e.failures = 0;
+                e.recent.clear();
+            }
+            e.last = now;
+            if e.recent.contains(&password) {
+                continue;
+            }
+            e.recent.push_back(password);
+            if e.recent.len() > RECENT_PASSWORDS {
+                e.recent.pop_front();
+            }
+            e.failures += 1;
+        }
+    }
+
+    /// A successful login clears the address's and the user's counters.
+    pub fn success(&self, s: &ThrottleSettings, ip: IpAddr, user: &str) {
+        let mut table = self.table.lock().unwrap_or_else(|e| e.into_inner());
+        table.remove(&Key::Ip(ip_key(ip, s.ipv6_prefix)));
+        table.remove(&Key::User(user.to_string()));
+    }
+
+    /// Forget idle, unblocked entries.
+    pub fn prune(&self, s: &ThrottleSettings) {
+        let mut table = self.table.lock().unwrap_or_else(|e| e.into_inner());
+        prune_locked(&mut table, s, Instant::now());
+    }
+
+    pub fn len(&self) -> usize {
+        self.table.lock().unwrap_or_else(|e| e.into_inner()).len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+fn prune_locked(table: &mut HashMap<Key, Entry>, s: &ThrottleSettings, now: Instant) {
+    table.retain(|_, e| now.duration_since(e.last) <= s.window || e.blocked_until.is_some_and(|b| b > now));
+}
+
+/// 0 below the threshold, then base, 2·base, 4·base ..., capped.
+fn penalty(s: &ThrottleSettings, failures: u32) -> Duration {
+    if failures < s.penalty_after {
+        return Duration::ZERO;
+    }
+    let steps = (failures - s.penalty_after).min(16);
+    s.penalty_base.saturating_mul(1u32 << steps).min(s.penalty_max)
+}
+
+/// A process-local hash of a password, to recognise repeats without keeping the password.
+pub fn password_fingerprint(password: &[u8]) -> u64 {
+    use std::sync::OnceLock;
+    static KEY: OnceLock<(u64, u64)> = OnceLock::new();
+    let (k0, k1) = *KEY.get_or_init(|| {
+        let mut b = [0u8; 16];
+        let _ = rustls::crypto::aws_lc_rs::default_provider().secure_random.fill(&mut b);
+        let (a, c) = b.split_at(8);
+        (u64::from_le_bytes(a.try_into().unwrap_or_default()), u64::from_le_bytes(c.try_into().unwrap_or_default()))
+    });
+    siphasher::sip::SipHasher13::new_with_keys(k0, k1).hash(password)
+}
+
+/// Connection counts for the caps.
+#[derive(Debug, Default)]
+pub struct Connections {
+    total: AtomicUsize,
+    per_listener: Mutex<HashMap<String, usize>>,
+    per_ip: Mutex<HashMap<IpAddr, usize>>,
+    per_user: Mutex<HashMap<String, usize>>,
+}
+
+/// A relayed session counted against its user; released when dropped.
+pub struct UserSlot(std::sync::Arc<Connections>, String);
+
+impl Drop for UserSlot {
+    fn drop(&mut self) {
+        let mut u = self.0.per_user.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(n) = u.get_mut(&self.1) {
+            *n -= 1;
+            if *n == 0 {
+                u.remove(&self.1);
+            }
+        }
+    }
+}
+
+/// Which cap refused a connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CapExceeded {
+    Global,
+    Listener,
+    ClientAddress,
+}
+
+impl CapExceeded {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CapExceeded::Global => "limit_global",
+            CapExceeded::Listener => "limit_listener",
+            CapExceeded::ClientAddress => "limit_client",
+        }
+    }
+}
+
+/// Releases a connection's slots when dropped.
+pub struct ConnectionSlot<'a> {
+    conns: &'a Connections,
+    listener: String,
+    ip: IpAddr,
+}
+
+impl Drop for ConnectionSlot<'_> {
+    fn drop(&mut self) {
+        self.conns.total.fetch_sub(1, Ordering::Relaxed);
+        let mut l = self.conns.per_listener.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(n) = l.get_mut(&self.listener) {
+            *n = n.saturating_sub(1);
+        }
+        drop(l);
+        let mut p = self.conns.per_ip.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(n) = p.get_mut(&self.ip) {
+            *n -= 1;
+            if *n == 0 {
+                p.remove(&self.ip);
+            }
+        }
+    }
+}
+
+/// Owned form of `ConnectionSlot` for sessions that outlive a borrow.
+pub struct OwnedSlot(std::sync::Arc<Connections>, String, IpAddr);
+
+impl Drop for OwnedSlot {
+    fn drop(&mut self) {
+        drop(ConnectionSlot { conns: &self.0, listener: std::mem::take(&mut self.1), ip: self.2 });
+    }
+}
+
+impl Connections {
+    /// Count a session for `user`; `None` when the user already has `max` (0 = unlimited).
+    pub fn acquire_user(self: &std::sync::Arc<Self>, user: &str, max: usize) -> Option<UserSlot> {
+        let mut u = self.per_user.lock().unwrap_or_else(|e| e.into_inner());
+        let n = u.entry(user.to_string()).or_default();
+        if max > 0 && *n >= max {
+            if *n == 0 {
+                u.remove(user);
+            }
+            return None;
+        }
+        *n += 1;
+        Some(UserSlot(self.clone(), user.to_string()))
+    }
+
+    /// Take a slot, or say which cap is full (0 = unlimited). `ip` is the key for the per-client
+    /// cap (already aggregated).
+    pub fn acquire(
+        self: &std::sync::Arc<Self>,
+        listener: &str,
+        ip: IpAddr,
+        max_total: usize,
+        max_listener: usize,
+        max_ip: usize,
+    ) -> Result<OwnedSlot, CapExceeded> {
+        let total = self.total.fetch_add(1, Ordering::Relaxed) + 1;
+        let slot = OwnedSlot(self.clone(), listener.to_string(), ip);
+        {
+            let mut l = self.per_listener.lock().unwrap_or_else(|e| e.into_inner());
+            *l.entry(listener.to_string()).or_default() += 1;
+        }
+        let per_ip = {
+            let mut p = self.per_ip.lock().unwrap_or_else(|e| e.into_inner());
+            let n = p.entry(ip).or_default();
+            *n += 1;
+            *n
+        };
+        let per_listener = *self.per_listener.lock().unwrap_or_else(|e| e.into_inner()).get(listener).unwrap_or(&0);
+        if max_total > 0 && total > max_total {
+            return Err(CapExceeded::Global);
+        }
+        if max_listener > 0 && per_listener > max_listener {
+            return Err(CapExceeded::Listener);
+        }
+        if max_ip > 0 && per_ip > max_ip {
+            return Err(CapExceeded::ClientAddress);
+        }
+        Ok(slot)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn settings() -> ThrottleSettings {
+        ThrottleSettings { penalty_after: 3, block_after: 6, user_block_after: 4, ..ThrottleSettings::default() }
+    }
+
+    fn ip(s: &str) -> IpAddr {
+        s.parse().unwrap()
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn penalty_grows_then_blocks_then_cools_down() {
+        let (t, s) = (Throttle::default(), settings());
+        let a = ip("192.0.2.1");
+        let mut delays = Vec::new();
+        for i in 0..6u64 {
+            match t.check(&s, a, None) {
+                Decision::Allow { delay } => delays.push(delay.as_secs()),
+                Decision::Blocked => panic!("blocked too early"),
+            }
+            t.failure(&s, a, None, i);
+        }
+        // Reliability case 55: 0, 0, 0, then 2, 4, 8 ... capped at 15.
+        assert_eq!(delays, vec![0, 0, 0, 2, 4, 8]);
+        assert_eq!(t.check(&s, a, None), Decision::Blocked);
+        tokio::time::advance(s.cooldown + Duration::from_secs(1)).await;
+        // Cooled down, and with the window also passed the counter is gone.
+        tokio::time::advance(s.window).await;
+        assert_eq!(t.check(&s, a, None), Decision::Allow { delay: Duration::ZERO });
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn same_wrong_password_does_not_escalate() {
+        let (t, s) = (Throttle::default(), settings());
+        let a = ip("192.0.2.2");
+        for _ in 0..50 {
+            t.failure(&s, a, Some("alice"), 42);
+        }
+        assert_eq!(t.check(&s, a, Some("alice")), Decision::Allow { delay: Duration::ZERO });
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn per_user_limit_across_many_addresses() {
+        let (t, s) = (Throttle::default(), settings());
+        // Reliability case 56: distributed stuffing against one user.
+        for i in 0..4u64 {
+            t.failure(&s, ip(&format!("198.51.100.{i}")), Some("victim@example.org"), i);
+        }
+        assert_eq!(t.check(&s, ip("203.0.113.9"), Some("victim@example.org")), Decision::Blocked);
+        assert_eq!(
+            t.check(&s, ip("203.0.113.9"), Some("other@example.org")),
+            Decision::Allow { delay: Duration::ZERO }
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn per_address_limit_across_many_users_and_ipv6_prefix() {
+        let (t, s) = (Throttle::default(), settings());
+        for i in 0..6u64 {
+            // Different addresses in one /64 count as one client.
+            let a = ip(&format!("2001:db8:1:2::{:x}", i + 1));
+            t.failure(&s, a, Some(&format!("user{i}")), i);
+        }
+        assert_eq!(t.check(&s, ip("2001:db8:1:2::ffff"), Some("fresh")), Decision::Blocked);
+        assert_eq!(t.check(&s, ip("2001:db8:1:3::1"), Some("fresh")), Decision::Allow { delay: Duration::ZERO });
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn trusted_networks_are_exempt_and_success_clears() {
+        let mut s = settings();
+        s.trusted = vec![Cidr::parse("10.0.0.0/8").unwrap()];
+        let t = Throttle::default();
+        for i in 0..20u64 {
+            t.failure(&s, ip("10.1.1.1"), Some("u"), i);
+        }
+        assert!(t.is_empty());
+        for i in 0..3u64 {
+            t.failure(&s, ip("192.0.2.7"), Some("bob"), i);
+        }
+        assert!(
+            matches!(t.check(&s, ip("192.0.2.7"), Some("bob")), Decision::Allow { delay } if delay > Duration::ZERO)
+        );
+        t.success(&s, ip("192.0.2.7"), "bob");
+        assert_eq!(t.check(&s, ip("192.0.2.7"), Some("bob")), Decision::Allow { delay: Duration::ZERO });
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn counters_are_pruned_and_bounded() {
+        let mut s = settings();
+        s.max_entries = 100;
+        let t = Throttle::default();
+        for i in 0..1000u32 {
+            t.failure(&s, IpAddr::V4(std::net::Ipv4Addr::from(0x0a00_0000 + i)), None, 1);
+        }
+        assert!(t.len() <= 100, "{}", t.len());
+        tokio::time::advance(s.window + Duration::from_secs(1)).await;
+        t.prune(&s);
+        assert!(t.is_empty());
+    }
+
+    #[test]
+    fn connection_caps() {
+        let c = std::sync::Arc::new(Connections::default());
+        let a = ip("192.0.2.1");
+        let s1 = c.acquire("imaps", a, 0, 0, 2).unwrap();
+        let _s2 = c.acquire("imaps", a, 0, 0, 2).unwrap();
+        assert_eq!(c.acquire("imaps", a, 0, 0, 2).err(), Some(CapExceeded::ClientAddress));
+        drop(s1);
+        let _s3 = c.acquire("imaps", a, 0, 0, 2).unwrap();
+        assert_eq!(c.acquire("pop3s", ip("192.0.2.9"), 2, 0, 0).err(), Some(CapExceeded::Global));
+        assert_eq!(c.acquire("imaps", ip("192.0.2.9"), 0, 2, 0).err(), Some(CapExceeded::Listener));
+        let u1 = c.acquire_user("alice", 1).unwrap();
+        assert!(c.acquire_user("alice", 1).is_none());
+        drop(u1);
+        assert!(c.acquire_user("alice", 1).is_some());
+    }
+}
