@@ -241,8 +241,10 @@ pub fn looks_like_http(line: &[u8]) -> bool {
     METHODS.iter().any(|m| line.starts_with(m)) || (line.len() >= 5 && line[..5].eq_ignore_ascii_case(b"host:"))
 }
 
-#[cfg(test)]
-pub(crate) mod tests {
+/// Drive front ends over scripted input without sockets: shared by the unit tests, the
+/// proptest campaigns and the `fuzz/` targets.
+#[doc(hidden)]
+pub mod harness {
     use std::collections::VecDeque;
     use std::pin::Pin;
     use std::task::{Context, Poll};
@@ -352,4 +354,9 @@ pub(crate) mod tests {
             (s.written, events)
         })
     }
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    pub use super::harness::*;
 }
