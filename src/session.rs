@@ -310,21 +310,25 @@ async fn preauth(ctx: &SessionCtx, tcp: TcpStream, deadline: Instant) -> Result<
                 Some(creds) => login(ctx, &front, creds, failures + 1, tls_info(&stream)).await,
             };
             match attempt {
-                Ok((logged_in, user, backend_name, guard, user_slot)) => {
+                Ok((mut logged_in, user, backend_name, guard, user_slot)) => {
                     count_login(lc, req.mechanism, "success");
-                    let mut to_client = front.success_reply(logged_in.untagged.clone(), logged_in.reply.clone());
-                    to_client.extend_from_slice(&logged_in.leftover);
+                    // Taken, not cloned: nothing of the login dialogue stays in memory for the
+                    // (long, idle) life of the session.
+                    let untagged = std::mem::take(&mut logged_in.untagged);
+                    let reply = std::mem::take(&mut logged_in.reply);
+                    let mut to_client = front.success_reply(untagged, reply);
+                    to_client.append(&mut logged_in.leftover);
                     let too_long = front.goodbye(Goodbye::LineTooLong);
                     let goodbye = front.goodbye(Goodbye::Shutdown);
                     let Some(pipelined) = front.into_pipelined() else {
                         let _ = stream.write_all(too_long).await;
                         return Err(Outcome::PreAuth(CloseReason::LineTooLong.as_str()));
                     };
-                    if let Some(exts) = &logged_in.extensions {
-                        ctx.ehlo.update(&backend_name, exts);
+                    if let Some(exts) = logged_in.extensions.take() {
+                        ctx.ehlo.update(&backend_name, &exts);
                     }
                     tracing::debug!(session = %ctx.id, backend = %backend_name, mechanism = req.mechanism.as_str(), "login ok");
-                    let backend = LoggedIn { leftover: Vec::new(), ..logged_in };
+                    let backend = logged_in;
                     return Ok(Authenticated {
                         client: stream,
                         backend,

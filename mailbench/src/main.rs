@@ -1,0 +1,417 @@
+//! mailbench: a load generator for mail proxies. Workers loop connect → [TLS] → greeting →
+//! login → logout (or a submission, or a fetch) and report sessions per second, latency
+//! percentiles and throughput as one JSON object on the last line of stdout.
+//!
+//! Certificates are never verified: this measures proxies on loopback, not PKI.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use base64::Engine;
+use clap::{Parser, ValueEnum};
+use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader};
+use tokio::net::TcpStream;
+use tokio::time::Instant;
+
+#[derive(Clone, Copy, Debug, ValueEnum, PartialEq, Eq)]
+enum Mode {
+    ImapLogin,
+    Pop3Login,
+    SmtpSubmit,
+    Fetch,
+    Idle,
+}
+
+#[derive(Parser, Debug, Clone)]
+#[command(name = "mailbench", about = "Load generator for IMAP/POP3/SMTP proxies")]
+struct Args {
+    #[arg(value_enum)]
+    mode: Mode,
+    /// host:port of the proxy (or of the backend, for the no-proxy ceiling).
+    #[arg(long)]
+    target: String,
+    /// Implicit TLS (without it: plaintext).
+    #[arg(long)]
+    tls: bool,
+    #[arg(long, default_value = "localhost")]
+    sni: String,
+    #[arg(long, default_value_t = 16)]
+    concurrency: usize,
+    /// Seconds each run lasts (login, submit and fetch modes).
+    #[arg(long, default_value_t = 10.0)]
+    duration: f64,
+    #[arg(long, default_value_t = 1000)]
+    users: usize,
+    #[arg(long, default_value = "u{}@example.test")]
+    user_format: String,
+    #[arg(long, default_value = "pw")]
+    password: String,
+    /// Idle mode: sessions to hold.
+    #[arg(long, default_value_t = 100)]
+    sessions: usize,
+    /// Idle mode: seconds to hold the sessions (or until stdin closes).
+    #[arg(long, default_value_t = 3600.0)]
+    hold: f64,
+    /// Fetch mode: the UID to fetch.
+    #[arg(long, default_value_t = 1)]
+    message_uid: u32,
+    /// Submit mode: message size in bytes.
+    #[arg(long, default_value_t = 10240)]
+    message_size: usize,
+}
+
+type Conn = BufReader<Box<dyn Stream>>;
+
+trait Stream: AsyncRead + AsyncWrite + Unpin + Send {}
+impl<T: AsyncRead + AsyncWrite + Unpin + Send> Stream for T {}
+
+#[derive(Default)]
+struct Tally {
+    sessions: u64,
+    errors: u64,
+    bytes: u64,
+    latencies_ms: Vec<f64>,
+    first_error: Option<String>,
+}
+
+#[tokio::main]
+async fn main() {
+    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+    let args = Args::parse();
+    let connector = tls_connector();
+    let started = Instant::now();
+    let tally = match args.mode {
+        Mode::Idle => idle(&args, &connector).await,
+        Mode::Fetch => run_workers(&args, &connector, 1.max(args.concurrency.min(4))).await,
+        _ => run_workers(&args, &connector, args.concurrency).await,
+    };
+    let seconds = started.elapsed().as_secs_f64();
+    let mut lat = tally.latencies_ms.clone();
+    lat.sort_by(|a, b| a.total_cmp(b));
+    let pct = |p: f64| (!lat.is_empty()).then(|| lat[((lat.len() as f64 - 1.0) * p).round() as usize]);
+    let per_sec = matches!(args.mode, Mode::ImapLogin | Mode::Pop3Login | Mode::SmtpSubmit)
+        .then(|| tally.sessions as f64 / seconds);
+    let mb = (args.mode == Mode::Fetch).then(|| tally.bytes as f64 / 1_048_576.0 / seconds);
+    if let Some(e) = &tally.first_error {
+        eprintln!("first error: {e}");
+    }
+    let out = serde_json::json!({
+        "mode": format!("{:?}", args.mode),
+        "target": args.target,
+        "tls": args.tls,
+        "concurrency": args.concurrency,
+        "sessions": tally.sessions,
+        "errors": tally.errors,
+        "seconds": seconds,
+        "sessions_per_sec": per_sec,
+        "p50_ms": pct(0.5),
+        "p99_ms": pct(0.99),
+        "mb_per_sec": mb,
+        "bytes": tally.bytes,
+    });
+    println!("{out}");
+}
+
+fn tls_connector() -> tokio_rustls::TlsConnector {
+    let cfg = rustls::ClientConfig::builder()
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(NoVerify(Arc::new(rustls::crypto::aws_lc_rs::default_provider()))))
+        .with_no_client_auth();
+    tokio_rustls::TlsConnector::from(Arc::new(cfg))
+}
+
+async fn connect(args: &Args, connector: &tokio_rustls::TlsConnector) -> Result<Conn, String> {
+    let tcp = TcpStream::connect(&args.target).await.map_err(|e| format!("connect: {e}"))?;
+    let _ = tcp.set_nodelay(true);
+    let stream: Box<dyn Stream> = if args.tls {
+        let name = rustls::pki_types::ServerName::try_from(args.sni.clone()).map_err(|e| e.to_string())?;
+        Box::new(connector.connect(name, tcp).await.map_err(|e| format!("tls: {e}"))?)
+    } else {
+        Box::new(tcp)
+    };
+    Ok(BufReader::with_capacity(16 * 1024, stream))
+}
+
+async fn run_workers(args: &Args, connector: &tokio_rustls::TlsConnector, workers: usize) -> Tally {
+    let deadline = Instant::now() + Duration::from_secs_f64(args.duration);
+    let mut handles = Vec::new();
+    for w in 0..workers {
+        let (args, connector) = (args.clone(), connector.clone());
+        handles.push(tokio::spawn(async move {
+            let mut t = Tally::default();
+            let mut n = w;
+            while Instant::now() < deadline {
+                let user = args.user_format.replace("{}", &(n % args.users).to_string());
+                n += workers;
+                let started = Instant::now();
+                let r = match args.mode {
+                    Mode::ImapLogin => imap_login(&args, &connector, &user).await.map(|_| 0),
+                    Mode::Pop3Login => pop3_login(&args, &connector, &user).await.map(|_| 0),
+                    Mode::SmtpSubmit => smtp_submit(&args, &connector, &user).await.map(|_| args.message_size as u64),
+                    Mode::Fetch => fetch(&args, &connector, deadline, &mut t).await.map(|_| 0),
+                    Mode::Idle => Ok(0),
+                };
+                match r {
+                    Ok(bytes) => {
+                        t.sessions += 1;
+                        t.bytes += bytes;
+                        t.latencies_ms.push(started.elapsed().as_secs_f64() * 1000.0);
+                    }
+                    Err(e) => {
+                        t.errors += 1;
+                        t.first_error.get_or_insert(e);
+                        tokio::time::sleep(Duration::from_millis(10)).await;
+                    }
+                }
+            }
+            t
+        }));
+    }
+    let mut total = Tally::default();
+    for h in handles {
+        if let Ok(t) = h.await {
+            total.sessions += t.sessions;
+            total.errors += t.errors;
+            total.bytes += t.bytes;
+            total.latencies_ms.extend(t.latencies_ms);
+            if total.first_error.is_none() {
+                total.first_error = t.first_error;
+            }
+        }
+    }
+    total
+}
+
+async fn line(c: &mut Conn) -> Result<String, String> {
+    let mut buf = Vec::new();
+    let n = c.read_until(b'\n', &mut buf).await.map_err(|e| format!("read: {e}"))?;
+    if n == 0 {
+        return Err("connection closed".into());
+    }
+    Ok(String::from_utf8_lossy(&buf).into_owned())
+}
+
+async fn send(c: &mut Conn, bytes: &[u8]) -> Result<(), String> {
+    let s = c.get_mut();
+    s.write_all(bytes).await.map_err(|e| format!("write: {e}"))?;
+    s.flush().await.map_err(|e| format!("flush: {e}"))
+}
+
+/// Read lines until one starts with `tag `; error unless it is OK.
+async fn tagged(c: &mut Conn, tag: &str) -> Result<String, String> {
+    loop {
+        let l = line(c).await?;
+        if l.starts_with(&format!("{tag} ")) {
+            return if l[tag.len() + 1..].starts_with("OK") { Ok(l) } else { Err(format!("{tag}: {}", l.trim())) };
+        }
+    }
+}
+
+fn quoted(s: &str) -> String {
+    format!("\"{}\"", s.replace('\\', "\\\\").replace('"', "\\\""))
+}
+
+async fn imap_open(args: &Args, connector: &tokio_rustls::TlsConnector, user: &str) -> Result<Conn, String> {
+    let mut c = connect(args, connector).await?;
+    let g = line(&mut c).await?;
+    if !g.starts_with("* OK") {
+        return Err(format!("greeting: {}", g.trim()));
+    }
+    send(&mut c, format!("a LOGIN {} {}\r\n", quoted(user), quoted(&args.password)).as_bytes()).await?;
+    tagged(&mut c, "a").await?;
+    Ok(c)
+}
+
+async fn imap_login(args: &Args, connector: &tokio_rustls::TlsConnector, user: &str) -> Result<(), String> {
+    let mut c = imap_open(args, connector, user).await?;
+    send(&mut c, b"b LOGOUT\r\n").await?;
+    let _ = tagged(&mut c, "b").await;
+    Ok(())
+}
+
+async fn pop3_login(args: &Args, connector: &tokio_rustls::TlsConnector, user: &str) -> Result<(), String> {
+    let mut c = connect(args, connector).await?;
+    let expect_ok = |l: String| if l.starts_with("+OK") { Ok(()) } else { Err(format!("pop3: {}", l.trim())) };
+    expect_ok(line(&mut c).await?)?;
+    send(&mut c, format!("USER {user}\r\n").as_bytes()).await?;
+    expect_ok(line(&mut c).await?)?;
+    send(&mut c, format!("PASS {}\r\n", args.password).as_bytes()).await?;
+    expect_ok(line(&mut c).await?)?;
+    send(&mut c, b"QUIT\r\n").await?;
+    let _ = line(&mut c).await;
+    Ok(())
+}
+
+/// One SMTP reply; its code.
+async fn smtp_reply(c: &mut Conn) -> Result<u16, String> {
+    loop {
+        let l = line(c).await?;
+        if l.len() < 4 {
+            return Err(format!("smtp: short reply {l:?}"));
+        }
+        if l.as_bytes()[3] != b'-' {
+            return l[..3].parse().map_err(|_| format!("smtp: {}", l.trim()));
+        }
+    }
+}
+
+async fn smtp_submit(args: &Args, connector: &tokio_rustls::TlsConnector, user: &str) -> Result<(), String> {
+    let mut c = connect(args, connector).await?;
+    let want = |got: u16, want: u16, what: &str| if got == want { Ok(()) } else { Err(format!("{what}: {got}")) };
+    want(smtp_reply(&mut c).await?, 220, "greeting")?;
+    send(&mut c, b"EHLO bench.example\r\n").await?;
+    want(smtp_reply(&mut c).await?, 250, "EHLO")?;
+    let ir = base64::engine::general_purpose::STANDARD.encode(format!("\0{user}\0{}", args.password));
+    send(&mut c, format!("AUTH PLAIN {ir}\r\n").as_bytes()).await?;
+    want(smtp_reply(&mut c).await?, 235, "AUTH")?;
+    send(&mut c, format!("MAIL FROM:<{user}>\r\nRCPT TO:<{user}>\r\nDATA\r\n").as_bytes()).await?;
+    want(smtp_reply(&mut c).await?, 250, "MAIL")?;
+    want(smtp_reply(&mut c).await?, 250, "RCPT")?;
+    want(smtp_reply(&mut c).await?, 354, "DATA")?;
+    let mut msg = format!("From: <{user}>\r\nTo: <{user}>\r\nSubject: mailbench\r\n\r\n").into_bytes();
+    while msg.len() < args.message_size {
+        msg.extend_from_slice(b"mailbench filler line 0123456789 abcdefghijklmnopqrstuvwxyz ABCDEFGHIJ\r\n");
+    }
+    msg.extend_from_slice(b".\r\n");
+    send(&mut c, &msg).await?;
+    want(smtp_reply(&mut c).await?, 250, "end of data")?;
+    send(&mut c, b"QUIT\r\n").await?;
+    let _ = smtp_reply(&mut c).await;
+    Ok(())
+}
+
+/// One session fetching the message repeatedly until the deadline; bytes go into the tally.
+async fn fetch(
+    args: &Args,
+    connector: &tokio_rustls::TlsConnector,
+    deadline: Instant,
+    t: &mut Tally,
+) -> Result<(), String> {
+    let user = args.user_format.replace("{}", "0");
+    let mut c = imap_open(args, connector, &user).await?;
+    send(&mut c, b"s SELECT INBOX\r\n").await?;
+    tagged(&mut c, "s").await?;
+    let mut i = 0u64;
+    while Instant::now() < deadline {
+        i += 1;
+        let tag = format!("f{i}");
+        let started = Instant::now();
+        send(&mut c, format!("{tag} UID FETCH {} BODY.PEEK[]\r\n", args.message_uid).as_bytes()).await?;
+        loop {
+            let l = line(&mut c).await?;
+            if l.starts_with(&format!("{tag} ")) {
+                if !l[tag.len() + 1..].starts_with("OK") {
+                    return Err(format!("fetch: {}", l.trim()));
+                }
+                break;
+            }
+            if let Some(n) = literal_len(&l) {
+                let mut left = n;
+                let mut buf = vec![0u8; 64 * 1024];
+                while left > 0 {
+                    let k = left.min(buf.len());
+                    c.read_exact(&mut buf[..k]).await.map_err(|e| format!("literal: {e}"))?;
+                    left -= k;
+                }
+                t.bytes += n as u64;
+            }
+        }
+        t.latencies_ms.push(started.elapsed().as_secs_f64() * 1000.0);
+    }
+    send(&mut c, b"z LOGOUT\r\n").await?;
+    Ok(())
+}
+
+fn literal_len(line: &str) -> Option<usize> {
+    let t = line.trim_end();
+    let open = t.rfind('{')?;
+    t[open + 1..].strip_suffix('}')?.parse().ok()
+}
+
+/// Hold `--sessions` logged-in IMAP sessions in IDLE; print READY, wait, log out.
+async fn idle(args: &Args, connector: &tokio_rustls::TlsConnector) -> Tally {
+    let mut t = Tally::default();
+    let sem = Arc::new(tokio::sync::Semaphore::new(64));
+    let mut handles = Vec::new();
+    for i in 0..args.sessions {
+        let (args, connector, sem) = (args.clone(), connector.clone(), sem.clone());
+        handles.push(tokio::spawn(async move {
+            let _permit = sem.acquire().await;
+            let user = args.user_format.replace("{}", &(i % args.users).to_string());
+            let mut c = imap_open(&args, &connector, &user).await?;
+            send(&mut c, b"s SELECT INBOX\r\n").await?;
+            tagged(&mut c, "s").await?;
+            send(&mut c, b"i IDLE\r\n").await?;
+            let l = line(&mut c).await?;
+            if !l.starts_with('+') {
+                return Err(format!("IDLE: {}", l.trim()));
+            }
+            Ok::<Conn, String>(c)
+        }));
+    }
+    let mut conns = Vec::new();
+    for h in handles {
+        match h.await {
+            Ok(Ok(c)) => {
+                t.sessions += 1;
+                conns.push(c);
+            }
+            Ok(Err(e)) => {
+                t.errors += 1;
+                t.first_error.get_or_insert(e);
+            }
+            Err(e) => {
+                t.errors += 1;
+                t.first_error.get_or_insert(e.to_string());
+            }
+        }
+    }
+    println!("READY {}", serde_json::json!({"up": t.sessions, "errors": t.errors}));
+    let stdin_closed = async {
+        let mut sink = Vec::new();
+        let _ = tokio::io::stdin().read_to_end(&mut sink).await;
+    };
+    tokio::select! {
+        _ = tokio::time::sleep(Duration::from_secs_f64(args.hold)) => {}
+        _ = stdin_closed => {}
+    }
+    for mut c in conns {
+        let _ = send(&mut c, b"DONE\r\nz LOGOUT\r\n").await;
+    }
+    t
+}
+
+#[derive(Debug)]
+struct NoVerify(Arc<rustls::crypto::CryptoProvider>);
+
+impl rustls::client::danger::ServerCertVerifier for NoVerify {
+    fn verify_server_cert(
+        &self,
+        _: &rustls::pki_types::CertificateDer<'_>,
+        _: &[rustls::pki_types::CertificateDer<'_>],
+        _: &rustls::pki_types::ServerName<'_>,
+        _: &[u8],
+        _: rustls::pki_types::UnixTime,
+    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        Ok(rustls::client::danger::ServerCertVerified::assertion())
+    }
+    fn verify_tls12_signature(
+        &self,
+        m: &[u8],
+        c: &rustls::pki_types::CertificateDer<'_>,
+        d: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(m, c, d, &self.0.signature_verification_algorithms)
+    }
+    fn verify_tls13_signature(
+        &self,
+        m: &[u8],
+        c: &rustls::pki_types::CertificateDer<'_>,
+        d: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(m, c, d, &self.0.signature_verification_algorithms)
+    }
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.0.signature_verification_algorithms.supported_schemes()
+    }
+}
