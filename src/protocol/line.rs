@@ -8,7 +8,11 @@
 use std::io;
 use std::time::Duration;
 
-use tokio::io::{AsyncRead, AsyncReadExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite};
+
+use crate::auth::Credentials;
+use crate::protocol::sasl::{self, Response};
+use crate::protocol::{CloseReason, FrontSettings, Mechanism, write};
 
 const READ_CHUNK: usize = 4096;
 
@@ -101,6 +105,126 @@ impl LineReader {
     #[cfg(test)]
     pub fn push(&mut self, bytes: &[u8]) {
         self.buf.extend_from_slice(bytes);
+    }
+}
+
+/// The fixed replies of a line protocol's SASL exchange and line errors (POP3 and SMTP differ
+/// only in these).
+pub struct Replies {
+    pub plain_challenge: &'static [u8],
+    pub user_challenge: &'static [u8],
+    pub password_challenge: &'static [u8],
+    /// `*` from the client (reliability case 40).
+    pub canceled: &'static [u8],
+    /// A response that is not base64 (case 39); counted as an error.
+    pub invalid: &'static str,
+    pub too_long: &'static [u8],
+    pub idle: &'static [u8],
+}
+
+/// The shared half of the POP3 and SMTP front ends: framing, error counting, deadlines and the
+/// SASL PLAIN/LOGIN exchange.
+pub struct Dialogue {
+    pub lines: LineReader,
+    pub errors: u32,
+    idle: Duration,
+    command: Duration,
+    replies: &'static Replies,
+}
+
+impl Dialogue {
+    pub fn new(max_line: usize, settings: &FrontSettings, replies: &'static Replies) -> Dialogue {
+        Dialogue {
+            lines: LineReader::new(max_line),
+            errors: 0,
+            idle: settings.idle_timeout,
+            command: settings.command_timeout,
+            replies,
+        }
+    }
+
+    /// Answer with an error reply and count it.
+    pub async fn err<S: AsyncWrite + Unpin>(&mut self, s: &mut S, reply: &str) -> io::Result<()> {
+        self.errors += 1;
+        write(s, reply.as_bytes()).await
+    }
+
+    /// The next line: `Ok(Some)` a line, `Ok(None)` a malformed one, `Err(reason)` to close
+    /// (the reason's reply already sent).
+    pub async fn line<S: AsyncRead + AsyncWrite + Unpin>(
+        &mut self,
+        s: &mut S,
+    ) -> io::Result<Result<Option<Vec<u8>>, CloseReason>> {
+        loop {
+            match self.lines.next_line() {
+                Some(Line::Ok(l)) => return Ok(Ok(Some(l))),
+                Some(Line::Malformed) => return Ok(Ok(None)),
+                Some(Line::TooLong) => {
+                    write(s, self.replies.too_long).await?;
+                    return Ok(Err(CloseReason::LineTooLong));
+                }
+                None => match self.lines.fill(s, self.idle, self.command).await? {
+                    Fill::Data => {}
+                    Fill::Eof => return Ok(Err(CloseReason::ClientClosed)),
+                    Fill::Timeout => {
+                        write(s, self.replies.idle).await?;
+                        return Ok(Err(CloseReason::IdleTimeout));
+                    }
+                },
+            }
+        }
+    }
+
+    /// Run a SASL exchange: `Ok(Some(creds))` to decide on (`None` inside: malformed, answered
+    /// like wrong credentials), `Ok(None)` when it was cancelled or refused here.
+    pub async fn sasl<S: AsyncRead + AsyncWrite + Unpin>(
+        &mut self,
+        s: &mut S,
+        mechanism: Mechanism,
+        ir: Option<Vec<u8>>,
+    ) -> io::Result<Option<Option<Credentials>>> {
+        let first = match ir {
+            Some(ir) => sasl::decode_response(&ir),
+            None => {
+                let challenge = if mechanism == Mechanism::Plain {
+                    self.replies.plain_challenge
+                } else {
+                    self.replies.user_challenge
+                };
+                write(s, challenge).await?;
+                self.response(s).await?
+            }
+        };
+        let Some(first) = self.answered(s, first).await? else { return Ok(None) };
+        if mechanism == Mechanism::Plain {
+            return Ok(Some(sasl::decode_plain(&first)));
+        }
+        write(s, self.replies.password_challenge).await?;
+        let second = self.response(s).await?;
+        let Some(password) = self.answered(s, second).await? else { return Ok(None) };
+        Ok(Some(sasl::credentials(&first, &password)))
+    }
+
+    async fn answered<S: AsyncWrite + Unpin>(&mut self, s: &mut S, r: Response) -> io::Result<Option<Vec<u8>>> {
+        match r {
+            Response::Data(d) => Ok(Some(d)),
+            Response::Cancel => {
+                write(s, self.replies.canceled).await?;
+                Ok(None)
+            }
+            Response::Invalid => {
+                self.err(s, self.replies.invalid).await?;
+                Ok(None)
+            }
+        }
+    }
+
+    async fn response<S: AsyncRead + AsyncWrite + Unpin>(&mut self, s: &mut S) -> io::Result<Response> {
+        match self.line(s).await? {
+            Ok(Some(line)) => Ok(sasl::decode_response(&line)),
+            Ok(None) => Ok(Response::Invalid),
+            Err(_) => Err(io::ErrorKind::UnexpectedEof.into()),
+        }
     }
 }
 

@@ -473,41 +473,11 @@ mod tests {
     use proptest::prelude::*;
 
     use super::*;
-    use crate::protocol::tests::{Script, split_at_all};
+    use crate::protocol::tests::{Script, run_front, settings, split_at_all};
 
-    fn settings() -> FrontSettings {
-        crate::protocol::tests::settings()
-    }
-
-    /// Run the front end over `chunks`; returns what it wrote and the events it produced.
+    /// Run the front end over `chunks` (greeting included); its output and events.
     fn run(chunks: Vec<Vec<u8>>) -> (Vec<u8>, Vec<String>) {
-        let rt = tokio::runtime::Builder::new_current_thread().enable_time().build().unwrap();
-        rt.block_on(async move {
-            let mut s = Script::new(chunks);
-            let mut front = ImapFront::new(settings());
-            let mut events = Vec::new();
-            for _ in 0..10_000 {
-                match front.next_event(&mut s).await {
-                    Ok(Event::Login(req)) => {
-                        events.push(format!("login {} {:?}", front.pending_tag, req.credentials.map(|c| c.user)));
-                        front.login_failed(&mut s, LoginFailure::BadCredentials).await.unwrap();
-                    }
-                    Ok(Event::StartTls) => {
-                        events.push("starttls".into());
-                        break;
-                    }
-                    Ok(Event::Closed(r)) => {
-                        events.push(format!("closed {}", r.as_str()));
-                        break;
-                    }
-                    Err(e) => {
-                        events.push(format!("error {:?}", e.kind()));
-                        break;
-                    }
-                }
-            }
-            (s.written, events)
-        })
+        run_front(crate::config::Protocol::Imap, settings(), chunks)
     }
 
     #[test]
@@ -516,9 +486,9 @@ mod tests {
         let out = String::from_utf8(out).unwrap();
         assert_eq!(
             out,
-            "a OK NOOP completed.\r\n+ Ready for literal data.\r\nb NO [AUTHENTICATIONFAILED] Authentication failed.\r\n* BYE Logging out.\r\nc OK Logout completed.\r\n"
+            "* OK [CAPABILITY IMAP4rev1 SASL-IR ID LITERAL+ STARTTLS AUTH=PLAIN AUTH=LOGIN] IMAP proxy ready.\r\na OK NOOP completed.\r\n+ Ready for literal data.\r\nb NO [AUTHENTICATIONFAILED] Authentication failed.\r\n* BYE Logging out.\r\nc OK Logout completed.\r\n"
         );
-        assert_eq!(events, vec!["login b Some(\"alice\")", "closed logout"]);
+        assert_eq!(events, vec!["login Some(\"alice\")", "closed logout"]);
     }
 
     #[test]

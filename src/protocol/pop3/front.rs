@@ -9,8 +9,8 @@ use std::io;
 
 use tokio::io::{AsyncRead, AsyncWrite};
 
-use crate::protocol::line::{Fill, Line, LineReader};
-use crate::protocol::sasl::{self, Response};
+use crate::protocol::line::{Dialogue, Replies};
+use crate::protocol::sasl;
 use crate::protocol::{
     CloseReason, Event, FrontSettings, LoginFailure, LoginRequest, Mechanism, looks_like_http, write,
 };
@@ -18,18 +18,27 @@ use crate::protocol::{
 /// RFC 2449: command lines are at most 255 octets (SASL responses may be longer).
 const MAX_COMMAND: usize = 255;
 
+const REPLIES: Replies = Replies {
+    plain_challenge: b"+ \r\n",
+    user_challenge: b"+ VXNlcm5hbWU6\r\n",
+    password_challenge: b"+ UGFzc3dvcmQ6\r\n",
+    canceled: b"-ERR Authentication canceled.\r\n",
+    invalid: "-ERR Invalid base64 data.\r\n",
+    too_long: b"-ERR Line too long.\r\n",
+    idle: b"-ERR Disconnected for inactivity.\r\n",
+};
+
 pub struct Pop3Front {
     settings: FrontSettings,
-    lines: LineReader,
-    errors: u32,
+    d: Dialogue,
     /// The name from USER, waiting for PASS.
     user: Option<Vec<u8>>,
 }
 
 impl Pop3Front {
     pub fn new(settings: FrontSettings) -> Pop3Front {
-        let lines = LineReader::new(settings.max_line as usize);
-        Pop3Front { settings, lines, errors: 0, user: None }
+        let d = Dialogue::new(settings.max_line as usize, &settings, &REPLIES);
+        Pop3Front { settings, d, user: None }
     }
 
     pub fn capabilities(&self) -> String {
@@ -50,16 +59,16 @@ impl Pop3Front {
 
     pub async fn next_event<S: AsyncRead + AsyncWrite + Unpin>(&mut self, s: &mut S) -> io::Result<Event> {
         loop {
-            if self.errors >= self.settings.max_errors {
+            if self.d.errors >= self.settings.max_errors {
                 write(s, b"-ERR Too many invalid commands.\r\n").await?;
                 return Ok(Event::Closed(CloseReason::TooManyErrors));
             }
-            let line = match self.line(s).await? {
+            let line = match self.d.line(s).await? {
                 Ok(line) => line,
                 Err(reason) => return Ok(Event::Closed(reason)),
             };
             let Some(line) = line else {
-                self.err(s, "-ERR Invalid command line.\r\n").await?;
+                self.d.err(s, "-ERR Invalid command line.\r\n").await?;
                 continue;
             };
             if looks_like_http(&line) {
@@ -80,10 +89,10 @@ impl Pop3Front {
                 "STLS" => {
                     if !self.settings.starttls_offered || self.settings.tls_active {
                         // Reliability case 3.
-                        self.err(s, "-ERR STLS not available.\r\n").await?;
+                        self.d.err(s, "-ERR STLS not available.\r\n").await?;
                         continue;
                     }
-                    if self.lines.has_buffered() {
+                    if self.d.lines.has_buffered() {
                         // Reliability cases 1/2: plaintext after STLS is never executed.
                         write(s, b"-ERR Pipelined data after STLS refused.\r\n").await?;
                         return Ok(Event::Closed(CloseReason::StartTlsInjection));
@@ -100,7 +109,7 @@ impl Pop3Front {
                             self.user = Some(user.to_vec());
                             write(s, b"+OK\r\n").await?;
                         }
-                        _ => self.err(s, "-ERR Missing user name.\r\n").await?,
+                        _ => self.d.err(s, "-ERR Missing user name.\r\n").await?,
                     }
                 }
                 "PASS" => {
@@ -108,7 +117,7 @@ impl Pop3Front {
                         continue;
                     }
                     let Some(user) = self.user.take() else {
-                        self.err(s, "-ERR No user name given.\r\n").await?;
+                        self.d.err(s, "-ERR No user name given.\r\n").await?;
                         continue;
                     };
                     let credentials = sasl::credentials(&user, arg.unwrap_or_default());
@@ -136,14 +145,14 @@ impl Pop3Front {
                         write(s, b"-ERR Unsupported authentication mechanism.\r\n").await?;
                         continue;
                     };
-                    if let Some(credentials) = self.sasl(s, mechanism, ir).await? {
+                    if let Some(credentials) = self.d.sasl(s, mechanism, ir).await? {
                         return Ok(Event::Login(LoginRequest { mechanism, credentials }));
                     }
                 }
                 "APOP" | "STAT" | "LIST" | "RETR" | "DELE" | "RSET" | "TOP" | "UIDL" | "LAST" => {
-                    self.err(s, "-ERR Not allowed before authentication.\r\n").await?
+                    self.d.err(s, "-ERR Not allowed before authentication.\r\n").await?
                 }
-                _ => self.err(s, "-ERR Unknown command.\r\n").await?,
+                _ => self.d.err(s, "-ERR Unknown command.\r\n").await?,
             }
         }
     }
@@ -158,63 +167,7 @@ impl Pop3Front {
     }
 
     pub fn into_pipelined(self) -> Vec<u8> {
-        self.lines.into_buffered()
-    }
-
-    /// Run a SASL exchange: `Ok(Some(creds))` to decide on, `Ok(None)` when it was answered here.
-    async fn sasl<S: AsyncRead + AsyncWrite + Unpin>(
-        &mut self,
-        s: &mut S,
-        mechanism: Mechanism,
-        ir: Option<Vec<u8>>,
-    ) -> io::Result<Option<Option<crate::auth::Credentials>>> {
-        let first = match ir {
-            Some(ir) => sasl::decode_response(&ir),
-            None => {
-                let challenge: &[u8] = if mechanism == Mechanism::Plain { b"+ \r\n" } else { b"+ VXNlcm5hbWU6\r\n" };
-                write(s, challenge).await?;
-                match self.response(s).await? {
-                    Some(r) => r,
-                    None => return Ok(None),
-                }
-            }
-        };
-        let first = match self.answered(s, first).await? {
-            Some(d) => d,
-            None => return Ok(None),
-        };
-        if mechanism == Mechanism::Plain {
-            return Ok(Some(sasl::decode_plain(&first)));
-        }
-        write(s, b"+ UGFzc3dvcmQ6\r\n").await?;
-        let Some(second) = self.response(s).await? else { return Ok(None) };
-        let Some(password) = self.answered(s, second).await? else { return Ok(None) };
-        Ok(Some(sasl::credentials(&first, &password)))
-    }
-
-    /// Turn a cancel or invalid response into its reply; pass data through.
-    async fn answered<S: AsyncWrite + Unpin>(&mut self, s: &mut S, r: Response) -> io::Result<Option<Vec<u8>>> {
-        match r {
-            Response::Data(d) => Ok(Some(d)),
-            Response::Cancel => {
-                // Reliability case 40.
-                write(s, b"-ERR Authentication canceled.\r\n").await?;
-                Ok(None)
-            }
-            Response::Invalid => {
-                self.err(s, "-ERR Invalid base64 data.\r\n").await?;
-                Ok(None)
-            }
-        }
-    }
-
-    /// Read one SASL response line. `None` when the connection must end (after an error reply).
-    async fn response<S: AsyncRead + AsyncWrite + Unpin>(&mut self, s: &mut S) -> io::Result<Option<Response>> {
-        match self.line(s).await? {
-            Ok(Some(line)) => Ok(Some(sasl::decode_response(&line))),
-            Ok(None) => Ok(Some(Response::Invalid)),
-            Err(_) => Err(io::ErrorKind::UnexpectedEof.into()),
-        }
+        self.d.lines.into_buffered()
     }
 
     async fn privacy_ok<S: AsyncWrite + Unpin>(&mut self, s: &mut S) -> io::Result<bool> {
@@ -222,38 +175,8 @@ impl Pop3Front {
             return Ok(true);
         }
         // Reliability cases 6/7: no credentials before TLS.
-        self.err(s, "-ERR [AUTH] Plaintext authentication disallowed on non-secure connections.\r\n").await?;
+        self.d.err(s, "-ERR [AUTH] Plaintext authentication disallowed on non-secure connections.\r\n").await?;
         Ok(false)
-    }
-
-    async fn err<S: AsyncWrite + Unpin>(&mut self, s: &mut S, reply: &str) -> io::Result<()> {
-        self.errors += 1;
-        write(s, reply.as_bytes()).await
-    }
-
-    /// The next line: `Ok(Some)` a line, `Ok(None)` a malformed one, `Err(reason)` to close.
-    async fn line<S: AsyncRead + AsyncWrite + Unpin>(
-        &mut self,
-        s: &mut S,
-    ) -> io::Result<Result<Option<Vec<u8>>, CloseReason>> {
-        loop {
-            match self.lines.next_line() {
-                Some(Line::Ok(l)) => return Ok(Ok(Some(l))),
-                Some(Line::Malformed) => return Ok(Ok(None)),
-                Some(Line::TooLong) => {
-                    write(s, b"-ERR Line too long.\r\n").await?;
-                    return Ok(Err(CloseReason::LineTooLong));
-                }
-                None => match self.lines.fill(s, self.settings.idle_timeout, self.settings.command_timeout).await? {
-                    Fill::Data => {}
-                    Fill::Eof => return Ok(Err(CloseReason::ClientClosed)),
-                    Fill::Timeout => {
-                        write(s, b"-ERR Disconnected for inactivity.\r\n").await?;
-                        return Ok(Err(CloseReason::IdleTimeout));
-                    }
-                },
-            }
-        }
     }
 }
 

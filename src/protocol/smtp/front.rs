@@ -14,8 +14,8 @@ use std::io;
 use smtp_proto::{AUTH_LOGIN, AUTH_PLAIN, Request};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite};
 
-use crate::protocol::line::{Fill, Line, LineReader};
-use crate::protocol::sasl::{self, Response};
+use crate::protocol::line::{Dialogue, Replies};
+use crate::protocol::sasl;
 use crate::protocol::{
     ClientHints, CloseReason, Event, FrontSettings, LoginFailure, LoginRequest, Mechanism, looks_like_http, write,
 };
@@ -25,10 +25,19 @@ const MAX_COMMAND: usize = 510;
 /// RFC 4954 §4: AUTH lines and responses may reach 12288 octets.
 const MAX_AUTH_LINE: usize = sasl::MAX_RESPONSE;
 
+const REPLIES: Replies = Replies {
+    plain_challenge: b"334 \r\n",
+    user_challenge: b"334 VXNlcm5hbWU6\r\n",
+    password_challenge: b"334 UGFzc3dvcmQ6\r\n",
+    canceled: b"501 5.7.0 Authentication aborted\r\n",
+    invalid: "501 5.5.2 Error: cannot decode response\r\n",
+    too_long: b"500 5.5.2 Error: line too long\r\n",
+    idle: b"421 4.4.2 Error: timeout exceeded\r\n",
+};
+
 pub struct SmtpFront {
     settings: FrontSettings,
-    lines: LineReader,
-    errors: u32,
+    d: Dialogue,
     /// The client's EHLO/HELO name and whether it said EHLO.
     helo: Option<String>,
     esmtp: bool,
@@ -36,7 +45,8 @@ pub struct SmtpFront {
 
 impl SmtpFront {
     pub fn new(settings: FrontSettings) -> SmtpFront {
-        SmtpFront { settings, lines: LineReader::new(MAX_AUTH_LINE + 2), errors: 0, helo: None, esmtp: false }
+        let d = Dialogue::new(MAX_AUTH_LINE + 2, &settings, &REPLIES);
+        SmtpFront { settings, d, helo: None, esmtp: false }
     }
 
     pub fn hints(&self) -> ClientHints {
@@ -81,15 +91,15 @@ impl SmtpFront {
 
     pub async fn next_event<S: AsyncRead + AsyncWrite + Unpin>(&mut self, s: &mut S) -> io::Result<Event> {
         loop {
-            if self.errors >= self.settings.max_errors {
+            if self.d.errors >= self.settings.max_errors {
                 write(s, b"421 4.7.0 Too many errors, closing connection\r\n").await?;
                 return Ok(Event::Closed(CloseReason::TooManyErrors));
             }
-            let line = match self.line(s).await? {
+            let line = match self.d.line(s).await? {
                 Ok(Some(line)) => line,
                 Ok(None) => {
                     // Reliability case 28 / SMTP smuggling: bare CR or LF before auth.
-                    self.err(s, "500 5.5.2 Error: bare <CR> or <LF> received\r\n").await?;
+                    self.d.err(s, "500 5.5.2 Error: bare <CR> or <LF> received\r\n").await?;
                     continue;
                 }
                 Err(reason) => return Ok(Event::Closed(reason)),
@@ -104,14 +114,14 @@ impl SmtpFront {
                 return Ok(Event::Closed(CloseReason::LineTooLong));
             }
             if line.contains(&0) {
-                self.err(s, "500 5.5.2 Error: NUL character received\r\n").await?;
+                self.d.err(s, "500 5.5.2 Error: NUL character received\r\n").await?;
                 continue;
             }
             let upper_verb: Vec<u8> =
                 line.iter().take_while(|b| **b != b' ').map(u8::to_ascii_uppercase).take(12).collect();
             if upper_verb == b"XCLIENT" || upper_verb == b"XFORWARD" {
                 // Reliability case 50: only the proxy's own XCLIENT reaches a backend.
-                self.err(s, "550 5.7.0 Error: insufficient authorization\r\n").await?;
+                self.d.err(s, "550 5.7.0 Error: insufficient authorization\r\n").await?;
                 continue;
             }
             let mut framed = line.clone();
@@ -120,7 +130,7 @@ impl SmtpFront {
             match request {
                 Ok(Request::Ehlo { host }) => {
                     if !valid_domain(&host) {
-                        self.err(s, "501 5.5.4 Error: invalid EHLO domain\r\n").await?;
+                        self.d.err(s, "501 5.5.4 Error: invalid EHLO domain\r\n").await?;
                         continue;
                     }
                     self.helo = Some(host);
@@ -129,7 +139,7 @@ impl SmtpFront {
                 }
                 Ok(Request::Helo { host }) => {
                     if !valid_domain(&host) {
-                        self.err(s, "501 5.5.4 Error: invalid HELO domain\r\n").await?;
+                        self.d.err(s, "501 5.5.4 Error: invalid HELO domain\r\n").await?;
                         continue;
                     }
                     self.helo = Some(host);
@@ -138,14 +148,14 @@ impl SmtpFront {
                 }
                 Ok(Request::StartTls) => {
                     if self.settings.tls_active {
-                        self.err(s, "503 5.5.1 Error: TLS already active\r\n").await?;
+                        self.d.err(s, "503 5.5.1 Error: TLS already active\r\n").await?;
                         continue;
                     }
                     if !self.settings.starttls_offered {
-                        self.err(s, "502 5.5.1 Error: command not implemented\r\n").await?;
+                        self.d.err(s, "502 5.5.1 Error: command not implemented\r\n").await?;
                         continue;
                     }
-                    if self.lines.has_buffered() {
+                    if self.d.lines.has_buffered() {
                         // Reliability cases 1/2.
                         write(s, b"421 4.7.0 Error: pipelining after STARTTLS refused\r\n").await?;
                         return Ok(Event::Closed(CloseReason::StartTlsInjection));
@@ -156,12 +166,13 @@ impl SmtpFront {
                 Ok(Request::Auth { mechanism, initial_response }) => {
                     if !self.settings.auth_allowed {
                         // RFC 4954 §6: 538 when the mechanism needs an encrypted connection.
-                        self.err(s, "538 5.7.11 Encryption required for requested authentication mechanism\r\n")
+                        self.d
+                            .err(s, "538 5.7.11 Encryption required for requested authentication mechanism\r\n")
                             .await?;
                         continue;
                     }
                     if !self.esmtp {
-                        self.err(s, "503 5.5.1 Error: send EHLO first\r\n").await?;
+                        self.d.err(s, "503 5.5.1 Error: send EHLO first\r\n").await?;
                         continue;
                     }
                     let mechanism = match mechanism {
@@ -169,12 +180,12 @@ impl SmtpFront {
                         AUTH_LOGIN => Mechanism::SaslLogin,
                         _ => {
                             // Reliability case 42 (smtp-proto reports unknown names as 0).
-                            self.err(s, "504 5.5.4 Unrecognized authentication type\r\n").await?;
+                            self.d.err(s, "504 5.5.4 Unrecognized authentication type\r\n").await?;
                             continue;
                         }
                     };
                     let ir = (!initial_response.is_empty()).then(|| initial_response.into_bytes());
-                    if let Some(credentials) = self.sasl(s, mechanism, ir).await? {
+                    if let Some(credentials) = self.d.sasl(s, mechanism, ir).await? {
                         return Ok(Event::Login(LoginRequest { mechanism, credentials }));
                     }
                 }
@@ -195,15 +206,15 @@ impl SmtpFront {
                     | Request::Etrn { .. }
                     | Request::Atrn { .. },
                 ) => {
-                    self.err(s, "530 5.7.0 Authentication required\r\n").await?;
+                    self.d.err(s, "530 5.7.0 Authentication required\r\n").await?;
                 }
                 Ok(Request::Help { .. } | Request::Lhlo { .. }) => {
-                    self.err(s, "502 5.5.1 Error: command not implemented\r\n").await?;
+                    self.d.err(s, "502 5.5.1 Error: command not implemented\r\n").await?;
                 }
                 Err(smtp_proto::Error::UnknownCommand) => {
-                    self.err(s, "500 5.5.2 Error: command not recognized\r\n").await?;
+                    self.d.err(s, "500 5.5.2 Error: command not recognized\r\n").await?;
                 }
-                Err(_) => self.err(s, "501 5.5.4 Error: syntax error in parameters\r\n").await?,
+                Err(_) => self.d.err(s, "501 5.5.4 Error: syntax error in parameters\r\n").await?,
             }
         }
     }
@@ -222,85 +233,7 @@ impl SmtpFront {
     }
 
     pub fn into_pipelined(self) -> Vec<u8> {
-        self.lines.into_buffered()
-    }
-
-    async fn sasl<S: AsyncRead + AsyncWrite + Unpin>(
-        &mut self,
-        s: &mut S,
-        mechanism: Mechanism,
-        ir: Option<Vec<u8>>,
-    ) -> io::Result<Option<Option<crate::auth::Credentials>>> {
-        let first = match ir {
-            Some(ir) => sasl::decode_response(&ir),
-            None => {
-                let challenge: &[u8] =
-                    if mechanism == Mechanism::Plain { b"334 \r\n" } else { b"334 VXNlcm5hbWU6\r\n" };
-                write(s, challenge).await?;
-                self.response(s).await?
-            }
-        };
-        let Some(first) = self.answered(s, first).await? else { return Ok(None) };
-        if mechanism == Mechanism::Plain {
-            return Ok(Some(sasl::decode_plain(&first)));
-        }
-        write(s, b"334 UGFzc3dvcmQ6\r\n").await?;
-        let second = self.response(s).await?;
-        let Some(password) = self.answered(s, second).await? else { return Ok(None) };
-        Ok(Some(sasl::credentials(&first, &password)))
-    }
-
-    async fn answered<S: AsyncWrite + Unpin>(&mut self, s: &mut S, r: Response) -> io::Result<Option<Vec<u8>>> {
-        match r {
-            Response::Data(d) => Ok(Some(d)),
-            Response::Cancel => {
-                // Reliability case 40.
-                write(s, b"501 5.7.0 Authentication aborted\r\n").await?;
-                Ok(None)
-            }
-            Response::Invalid => {
-                // Reliability case 39.
-                self.err(s, "501 5.5.2 Error: cannot decode response\r\n").await?;
-                Ok(None)
-            }
-        }
-    }
-
-    async fn response<S: AsyncRead + AsyncWrite + Unpin>(&mut self, s: &mut S) -> io::Result<Response> {
-        match self.line(s).await? {
-            Ok(Some(line)) => Ok(sasl::decode_response(&line)),
-            Ok(None) => Ok(Response::Invalid),
-            Err(_) => Err(io::ErrorKind::UnexpectedEof.into()),
-        }
-    }
-
-    async fn err<S: AsyncWrite + Unpin>(&mut self, s: &mut S, reply: &str) -> io::Result<()> {
-        self.errors += 1;
-        write(s, reply.as_bytes()).await
-    }
-
-    async fn line<S: AsyncRead + AsyncWrite + Unpin>(
-        &mut self,
-        s: &mut S,
-    ) -> io::Result<Result<Option<Vec<u8>>, CloseReason>> {
-        loop {
-            match self.lines.next_line() {
-                Some(Line::Ok(l)) => return Ok(Ok(Some(l))),
-                Some(Line::Malformed) => return Ok(Ok(None)),
-                Some(Line::TooLong) => {
-                    write(s, b"500 5.5.2 Error: line too long\r\n").await?;
-                    return Ok(Err(CloseReason::LineTooLong));
-                }
-                None => match self.lines.fill(s, self.settings.idle_timeout, self.settings.command_timeout).await? {
-                    Fill::Data => {}
-                    Fill::Eof => return Ok(Err(CloseReason::ClientClosed)),
-                    Fill::Timeout => {
-                        write(s, b"421 4.4.2 Error: timeout exceeded\r\n").await?;
-                        return Ok(Err(CloseReason::IdleTimeout));
-                    }
-                },
-            }
-        }
+        self.d.lines.into_buffered()
     }
 }
 
