@@ -12,6 +12,7 @@ use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::time::{Instant, Sleep};
+use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 
 /// Per-direction copy buffer, allocated only while data moves.
 const BUF_SIZE: usize = 16 * 1024;
@@ -29,8 +30,10 @@ pub enum RelayEnd {
     IdleTimeout,
     ClientError,
     BackendError,
-    /// The `stop` future completed (shutdown after its grace period).
+    /// Shutdown's grace period is over.
     Stopped,
+    /// `limits.max_session_duration` reached.
+    MaxDuration,
 }
 
 impl RelayEnd {
@@ -41,6 +44,7 @@ impl RelayEnd {
             RelayEnd::ClientError => "client_error",
             RelayEnd::BackendError => "backend_error",
             RelayEnd::Stopped => "shutdown",
+            RelayEnd::MaxDuration => "max_duration",
         }
     }
 }
@@ -126,50 +130,86 @@ impl Direction {
     }
 }
 
+/// When a relayed session must end even if bytes still move.
+#[derive(Debug, Clone, Default)]
+pub struct Deadlines {
+    /// No byte either way for this long ends the session.
+    pub idle: Duration,
+    /// The session's hard end (`limits.max_session_duration`).
+    pub max_end: Option<Instant>,
+    /// Shutdown: once cancelled, the session has `grace` more to finish.
+    pub shutdown: Option<(CancellationToken, Duration)>,
+}
+
 /// Relay between `client` and `backend` until both directions end, an error, `idle` passes with
-/// no byte moving either way, or `stop` completes.
-pub async fn relay<C, B, F>(client: &mut C, backend: &mut B, idle: Duration, stop: F) -> (RelayEnd, Transferred)
+/// no byte moving either way, or a deadline (max duration, shutdown grace) passes.
+pub async fn relay<C, B>(client: &mut C, backend: &mut B, d: Deadlines) -> (RelayEnd, Transferred)
 where
     C: AsyncRead + AsyncWrite + Unpin + ?Sized,
     B: AsyncRead + AsyncWrite + Unpin + ?Sized,
-    F: Future<Output = ()>,
 {
-    let stop = std::pin::pin!(stop);
+    let first = d.max_end.map_or(Instant::now() + d.idle, |m| m.min(Instant::now() + d.idle));
+    let (cancelled, grace) = match d.shutdown {
+        Some((token, grace)) => (Some(Box::pin(token.cancelled_owned())), grace),
+        None => (None, Duration::ZERO),
+    };
     let mut r = Relay {
         client,
         backend,
         up: Direction::default(),
         down: Direction::default(),
-        idle,
-        sleep: Box::pin(tokio::time::sleep(idle)),
-        stop,
+        idle: d.idle,
+        sleep: Box::pin(tokio::time::sleep_until(first)),
+        max_end: d.max_end,
+        stopping: false,
+        cancelled,
+        grace,
     };
     let end = (&mut r).await;
     (end, Transferred { client_to_backend: r.up.bytes, backend_to_client: r.down.bytes })
 }
 
-struct Relay<'a, 's, C: ?Sized, B: ?Sized, F> {
+/// One allocation-light future for the whole relayed life of a session: the timers are one
+/// boxed `Sleep` (idle and hard deadlines folded together) and a boxed shutdown waiter.
+struct Relay<'a, C: ?Sized, B: ?Sized> {
     client: &'a mut C,
     backend: &'a mut B,
     up: Direction,
     down: Direction,
     idle: Duration,
     sleep: Pin<Box<Sleep>>,
-    stop: Pin<&'s mut F>,
+    max_end: Option<Instant>,
+    /// Shutdown began: `max_end` is now the end of the grace period.
+    stopping: bool,
+    cancelled: Option<Pin<Box<WaitForCancellationFutureOwned>>>,
+    grace: Duration,
 }
 
-impl<C, B, F> Future for &mut Relay<'_, '_, C, B, F>
+impl<C: ?Sized, B: ?Sized> Relay<'_, C, B> {
+    fn next_deadline(&self) -> Instant {
+        let idle = Instant::now() + self.idle;
+        self.max_end.map_or(idle, |m| m.min(idle))
+    }
+}
+
+impl<C, B> Future for &mut Relay<'_, C, B>
 where
     C: AsyncRead + AsyncWrite + Unpin + ?Sized,
     B: AsyncRead + AsyncWrite + Unpin + ?Sized,
-    F: Future<Output = ()>,
 {
     type Output = RelayEnd;
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<RelayEnd> {
         let this = &mut **self.get_mut();
-        if this.stop.as_mut().poll(cx).is_ready() {
-            return Poll::Ready(RelayEnd::Stopped);
+        if let Some(c) = this.cancelled.as_mut()
+            && c.as_mut().poll(cx).is_ready()
+        {
+            this.cancelled = None;
+            this.stopping = true;
+            let end = Instant::now() + this.grace;
+            this.max_end = Some(this.max_end.map_or(end, |m| m.min(end)));
+            let next = this.next_deadline();
+            this.sleep.as_mut().reset(next);
         }
         let mut active = false;
         let up = this.up.poll_copy(cx, Pin::new(&mut *this.client), Pin::new(&mut *this.backend), &mut active);
@@ -190,10 +230,16 @@ where
             return Poll::Ready(RelayEnd::Closed);
         }
         if active {
-            this.sleep.as_mut().reset(Instant::now() + this.idle);
+            let next = this.next_deadline();
+            this.sleep.as_mut().reset(next);
         }
         if this.sleep.as_mut().poll(cx).is_ready() {
-            return Poll::Ready(RelayEnd::IdleTimeout);
+            let hard = this.max_end.is_some_and(|m| Instant::now() >= m);
+            return Poll::Ready(match (hard, this.stopping) {
+                (true, true) => RelayEnd::Stopped,
+                (true, false) => RelayEnd::MaxDuration,
+                (false, _) => RelayEnd::IdleTimeout,
+            });
         }
         Poll::Pending
     }
@@ -209,7 +255,12 @@ mod tests {
         let (mut client_app, mut client_proxy) = duplex(64);
         let (mut backend_proxy, mut backend_app) = duplex(64);
         let task = tokio::spawn(async move {
-            relay(&mut client_proxy, &mut backend_proxy, Duration::from_secs(5), std::future::pending()).await
+            relay(
+                &mut client_proxy,
+                &mut backend_proxy,
+                Deadlines { idle: Duration::from_secs(5), ..Deadlines::default() },
+            )
+            .await
         });
         let big: Vec<u8> = (0..100_000u32).map(|i| (i % 251) as u8).collect();
         let big2 = big.clone();
@@ -236,8 +287,38 @@ mod tests {
     async fn idle_timeout_ends_relay() {
         let (_client_app, mut client_proxy) = duplex(64);
         let (mut backend_proxy, _backend_app) = duplex(64);
-        let (end, _) =
-            relay(&mut client_proxy, &mut backend_proxy, Duration::from_secs(1800), std::future::pending()).await;
+        let (end, _) = relay(
+            &mut client_proxy,
+            &mut backend_proxy,
+            Deadlines { idle: Duration::from_secs(1800), ..Deadlines::default() },
+        )
+        .await;
         assert_eq!(end, RelayEnd::IdleTimeout);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn max_duration_and_shutdown_grace_end_busy_sessions() {
+        let (_a, mut client_proxy) = duplex(64);
+        let (mut backend_proxy, _b) = duplex(64);
+        let d = Deadlines {
+            idle: Duration::from_secs(1800),
+            max_end: Some(Instant::now() + Duration::from_secs(60)),
+            shutdown: None,
+        };
+        assert_eq!(relay(&mut client_proxy, &mut backend_proxy, d).await.0, RelayEnd::MaxDuration);
+        let token = CancellationToken::new();
+        let t2 = token.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_secs(5)).await;
+            t2.cancel();
+        });
+        let start = Instant::now();
+        let d = Deadlines {
+            idle: Duration::from_secs(1800),
+            max_end: None,
+            shutdown: Some((token, Duration::from_secs(10))),
+        };
+        assert_eq!(relay(&mut client_proxy, &mut backend_proxy, d).await.0, RelayEnd::Stopped);
+        assert_eq!(start.elapsed(), Duration::from_secs(15));
     }
 }

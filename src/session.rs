@@ -75,9 +75,13 @@ pub async fn run(mut ctx: SessionCtx, mut tcp: TcpStream) {
     let _ = tcp.set_nodelay(true);
     let protocol = ctx.listener.protocol.as_str();
     let _active = ActiveConnection::new(protocol, &ctx.listener.name);
-    let limits = ctx.runtime.config.limits.clone();
+    // Borrowed from the snapshot (kept alive by ctx), not cloned into the session's future.
+    let runtime = ctx.runtime.clone();
+    let limits = &runtime.config.limits;
     if !ctx.listener.trusted_proxies.is_empty() {
-        match read_proxy_header(&ctx, &mut tcp, limits.tls_handshake_timeout).await {
+        // Boxed, like every phase before the relay: the session task's future must stay small
+        // for the long idle life of a relayed session.
+        match Box::pin(read_proxy_header(&ctx, &mut tcp, limits.tls_handshake_timeout)).await {
             Ok((peer, local)) => {
                 ctx.peer = peer;
                 ctx.local = local;
@@ -105,9 +109,13 @@ pub async fn run(mut ctx: SessionCtx, mut tcp: TcpStream) {
             // A plaintext reply where the protocol starts in plaintext; an implicit-TLS port is
             // just closed (a handshake is what the cap protects).
             if ctx.listener.tls != TlsMode::Implicit {
-                let front = Front::new(ctx.listener.protocol, front_settings(&ctx, false));
-                let _ = tcp.write_all(front.goodbye(Goodbye::TooManyConnections)).await;
-                let _ = tcp.shutdown().await;
+                let goodbye =
+                    Front::new(ctx.listener.protocol, front_settings(&ctx, false)).goodbye(Goodbye::TooManyConnections);
+                Box::pin(async move {
+                    let _ = tcp.write_all(goodbye).await;
+                    let _ = tcp.shutdown().await;
+                })
+                .await;
             }
             return;
         }
@@ -125,23 +133,15 @@ pub async fn run(mut ctx: SessionCtx, mut tcp: TcpStream) {
     let (outcome, user, backend, bytes) = match pre {
         Err(outcome) => (outcome, None, None, Transferred::default()),
         Ok(mut a) => {
-            let shutdown = ctx.shutdown.clone();
-            let grace = ctx.shutdown_grace;
             // Reliability case 80: after the grace period, a relayed session is closed with the
-            // protocol's goodbye.
-            let max_duration = limits.max_session_duration;
-            let stop = async move {
-                let shutdown = async {
-                    shutdown.cancelled().await;
-                    tokio::time::sleep(grace).await;
-                };
-                match max_duration {
-                    Some(d) => tokio::select! { _ = shutdown => {}, _ = tokio::time::sleep(d) => {} },
-                    None => shutdown.await,
-                }
+            // protocol's goodbye; so is one that reaches max_session_duration.
+            let deadlines = relay::Deadlines {
+                idle: limits.idle_timeout,
+                max_end: limits.max_session_duration.map(|d| start + d),
+                shutdown: Some((ctx.shutdown.clone(), ctx.shutdown_grace)),
             };
-            let (end, bytes) = relay_session(&mut a, limits.idle_timeout, stop).await;
-            if end == "shutdown" {
+            let (end, bytes) = relay_session(&mut a, deadlines).await;
+            if end == "shutdown" || end == "max_duration" {
                 let _ = a.client.write_all(a.goodbye).await;
                 let _ = a.client.shutdown().await;
             }
@@ -210,11 +210,7 @@ async fn read_proxy_header(
     }
 }
 
-async fn relay_session(
-    a: &mut Authenticated,
-    idle: Duration,
-    stop: impl std::future::Future<Output = ()>,
-) -> (&'static str, Transferred) {
+async fn relay_session(a: &mut Authenticated, deadlines: relay::Deadlines) -> (&'static str, Transferred) {
     let first = std::mem::take(&mut a.to_client);
     if a.client.write_all(&first).await.is_err() || a.client.flush().await.is_err() {
         return ("client_error", Transferred::default());
@@ -223,7 +219,7 @@ async fn relay_session(
         return ("backend_error", Transferred::default());
     }
     a.pipelined = Vec::new();
-    let (end, t) = relay::relay(&mut a.client, &mut a.backend.stream, idle, stop).await;
+    let (end, t) = relay::relay(&mut a.client, &mut a.backend.stream, deadlines).await;
     (end.as_str(), t)
 }
 
