@@ -82,7 +82,8 @@ async fn main() {
     let started = Instant::now();
     let tally = match args.mode {
         Mode::Idle => idle(&args, &connector).await,
-        Mode::Fetch => run_workers(&args, &connector, 1.max(args.concurrency.min(4))).await,
+        // One session unless more are asked for explicitly (the fetch figure is per session).
+        Mode::Fetch => run_workers(&args, &connector, args.concurrency.max(1)).await,
         _ => run_workers(&args, &connector, args.concurrency).await,
     };
     let seconds = started.elapsed().as_secs_f64();
@@ -96,7 +97,7 @@ async fn main() {
         eprintln!("first error: {e}");
     }
     let out = serde_json::json!({
-        "mode": format!("{:?}", args.mode),
+        "mode": args.mode.to_possible_value().map(|v| v.get_name().to_string()),
         "target": args.target,
         "tls": args.tls,
         "concurrency": args.concurrency,
@@ -155,7 +156,10 @@ async fn run_workers(args: &Args, connector: &tokio_rustls::TlsConnector, worker
                     Ok(bytes) => {
                         t.sessions += 1;
                         t.bytes += bytes;
-                        t.latencies_ms.push(started.elapsed().as_secs_f64() * 1000.0);
+                        // Fetch records one latency per FETCH itself.
+                        if args.mode != Mode::Fetch {
+                            t.latencies_ms.push(started.elapsed().as_secs_f64() * 1000.0);
+                        }
                     }
                     Err(e) => {
                         t.errors += 1;
@@ -375,8 +379,20 @@ async fn idle(args: &Args, connector: &tokio_rustls::TlsConnector) -> Tally {
         _ = tokio::time::sleep(Duration::from_secs_f64(args.hold)) => {}
         _ = stdin_closed => {}
     }
+    // Log every session out properly and count those that fail.
+    let mut closing = Vec::new();
     for mut c in conns {
-        let _ = send(&mut c, b"DONE\r\nz LOGOUT\r\n").await;
+        closing.push(tokio::spawn(async move {
+            send(&mut c, b"DONE\r\n").await?;
+            tagged(&mut c, "i").await?;
+            send(&mut c, b"z LOGOUT\r\n").await?;
+            tagged(&mut c, "z").await.map(|_| ())
+        }));
+    }
+    for h in closing {
+        if !matches!(h.await, Ok(Ok(()))) {
+            t.errors += 1;
+        }
     }
     t
 }

@@ -734,6 +734,25 @@ impl Validator<'_> {
             }
             None => system_hostname(),
         };
+        if matches!(auth, AuthSource::Backend) {
+            // Backend-verified auth: the backend's verdict on the client's own password is the only
+            // proof. A master-user or XCLIENT login would let any password in.
+            let mut names: Vec<&String> = backends.keys().collect();
+            names.sort();
+            for name in names {
+                let b = &backends[name];
+                if b.login != BackendLogin::Replay {
+                    let i = raw.backends.iter().position(|f| f.name.get_ref() == name).unwrap_or(0);
+                    let span = raw.backends.get(i).and_then(|f| f.login.as_ref().map(|l| l.span()));
+                    let span = span.or_else(|| raw.backends.get(i).map(|f| f.name.span()));
+                    return Err(self.err(
+                        span,
+                        format!("backend[{i}].login"),
+                        "auth.source = \"backend\" needs login = \"replay\": the backend must check the client's own password",
+                    ));
+                }
+            }
+        }
         if let AuthSource::PasswdFile { users, path } = &auth {
             for (user, backend) in users.backend_refs() {
                 if !backends.contains_key(backend) && !pools.contains_key(backend) {
@@ -1601,6 +1620,19 @@ default = "b"
         assert!(Cidr::parse("127.0.0.1").unwrap().contains("127.0.0.1".parse().unwrap()));
         assert!(Cidr::parse("10.0.0.0/33").is_none());
         assert!(Cidr::parse("nope").is_none());
+    }
+
+    #[test]
+    fn backend_verified_auth_refuses_logins_that_skip_the_password() {
+        // An SMTP backend defaults to XCLIENT LOGIN=, which trusts the proxy: with
+        // backend-verified auth that would accept any password.
+        let smtp = "[auth]\nsource = \"backend\"\n[[backend]]\nname = \"s\"\nprotocol = \"smtp\"\naddress = \"127.0.0.1:587\"\n[routing.smtp]\ndefault = \"s\"\n";
+        let e = parse(smtp).unwrap_err();
+        assert_eq!(e.field, "backend[0].login");
+        assert!(parse(&smtp.replace("protocol = \"smtp\"", "protocol = \"smtp\"\nlogin = \"replay\"")).is_ok());
+        let master = BASE
+            .replace("name = \"b\"", "name = \"b\"\nlogin = \"master\"\nmaster_user = \"m\"\nmaster_password = \"p\"");
+        assert_eq!(parse(&master).unwrap_err().field, "backend[0].login");
     }
 
     #[test]
