@@ -15,7 +15,7 @@ use tokio::time::{Instant, Sleep};
 use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 
 /// Per-direction copy buffer, allocated only while data moves.
-const BUF_SIZE: usize = 16 * 1024;
+const BUF_SIZE: usize = 64 * 1024;
 
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct Transferred {
