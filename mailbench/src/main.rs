@@ -58,6 +58,16 @@ struct Args {
     /// Submit mode: message size in bytes.
     #[arg(long, default_value_t = 10240)]
     message_size: usize,
+    /// TLS key exchange groups to offer: rustls' defaults (X25519MLKEM768 first, which servers
+    /// built on OpenSSL 3.0 cannot pick) or X25519 alone, so that every server does the same work.
+    #[arg(long, value_enum, default_value_t = Kx::Default)]
+    kx: Kx,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum, PartialEq, Eq)]
+enum Kx {
+    Default,
+    X25519,
 }
 
 type Conn = BufReader<Box<dyn Stream>>;
@@ -78,7 +88,13 @@ struct Tally {
 async fn main() {
     let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
     let args = Args::parse();
-    let connector = tls_connector();
+    let connector = match tls_connector(args.kx) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("mailbench: TLS setup: {e}");
+            std::process::exit(2);
+        }
+    };
     let started = Instant::now();
     let tally = match args.mode {
         Mode::Idle => idle(&args, &connector).await,
@@ -113,12 +129,19 @@ async fn main() {
     println!("{out}");
 }
 
-fn tls_connector() -> tokio_rustls::TlsConnector {
-    let cfg = rustls::ClientConfig::builder()
+fn tls_connector(kx: Kx) -> Result<tokio_rustls::TlsConnector, String> {
+    let mut provider = rustls::crypto::aws_lc_rs::default_provider();
+    if kx == Kx::X25519 {
+        provider.kx_groups = vec![rustls::crypto::aws_lc_rs::kx_group::X25519];
+    }
+    let provider = Arc::new(provider);
+    let cfg = rustls::ClientConfig::builder_with_provider(provider.clone())
+        .with_safe_default_protocol_versions()
+        .map_err(|e| e.to_string())?
         .dangerous()
-        .with_custom_certificate_verifier(Arc::new(NoVerify(Arc::new(rustls::crypto::aws_lc_rs::default_provider()))))
+        .with_custom_certificate_verifier(Arc::new(NoVerify(provider)))
         .with_no_client_auth();
-    tokio_rustls::TlsConnector::from(Arc::new(cfg))
+    Ok(tokio_rustls::TlsConnector::from(Arc::new(cfg)))
 }
 
 async fn connect(args: &Args, connector: &tokio_rustls::TlsConnector) -> Result<Conn, String> {
