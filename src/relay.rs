@@ -14,8 +14,11 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::time::{Instant, Sleep};
 use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 
-/// Per-direction copy buffer, allocated only while data moves.
-const BUF_SIZE: usize = 64 * 1024;
+/// Per-direction copy buffer, allocated only while data moves: commands and short replies fit
+/// the small one; once a read fills it (a bulk transfer), the direction moves to the large one,
+/// which cuts CPU per byte relayed (fewer reads and TLS writes per megabyte).
+const SMALL_BUF: usize = 16 * 1024;
+const LARGE_BUF: usize = 64 * 1024;
 
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct Transferred {
@@ -57,6 +60,8 @@ struct Direction {
     read_done: bool,
     done: bool,
     needs_flush: bool,
+    /// A read has filled the small buffer: this direction carries bulk data.
+    bulk: bool,
     bytes: u64,
 }
 
@@ -106,7 +111,9 @@ impl Direction {
                 self.buf = None;
                 continue;
             }
-            let buf = self.buf.get_or_insert_with(|| vec![0u8; BUF_SIZE].into_boxed_slice());
+            let size = if self.bulk { LARGE_BUF } else { SMALL_BUF };
+            let buf = self.buf.get_or_insert_with(|| vec![0u8; size].into_boxed_slice());
+            let len = buf.len();
             let mut rb = ReadBuf::new(buf);
             match r.as_mut().poll_read(cx, &mut rb) {
                 Poll::Pending => {
@@ -122,6 +129,7 @@ impl Direction {
                     } else {
                         self.pos = 0;
                         self.cap = n;
+                        self.bulk |= n == len;
                         *active = true;
                     }
                 }
@@ -249,6 +257,40 @@ where
 mod tests {
     use super::*;
     use tokio::io::{AsyncReadExt, AsyncWriteExt, duplex};
+
+    /// Poll one direction until it waits for more input.
+    async fn copy_until_idle(d: &mut Direction, r: &mut tokio::io::DuplexStream, w: &mut tokio::io::DuplexStream) {
+        let mut active = false;
+        std::future::poll_fn(|cx| {
+            assert!(d.poll_copy(cx, Pin::new(&mut *r), Pin::new(&mut *w), &mut active).is_pending());
+            Poll::Ready(())
+        })
+        .await;
+    }
+
+    #[tokio::test]
+    async fn commands_keep_the_small_buffer_bulk_data_takes_the_large_one() {
+        let (mut from, mut sender) = duplex(256 * 1024);
+        let (mut to, mut receiver) = duplex(256 * 1024);
+        let mut d = Direction::default();
+
+        sender.write_all(b"a1 NOOP\r\n").await.unwrap();
+        copy_until_idle(&mut d, &mut from, &mut to).await;
+        assert!(!d.bulk, "a short command is not bulk");
+        assert!(d.buf.is_none(), "an idle direction holds no buffer");
+        let mut got = [0u8; 9];
+        receiver.read_exact(&mut got).await.unwrap();
+        assert_eq!(&got, b"a1 NOOP\r\n");
+
+        let body = vec![7u8; 100 * 1024];
+        sender.write_all(&body).await.unwrap();
+        copy_until_idle(&mut d, &mut from, &mut to).await;
+        assert!(d.bulk, "a read that filled the small buffer marks the direction bulk");
+        assert!(d.buf.is_none());
+        let mut got = vec![0u8; body.len()];
+        receiver.read_exact(&mut got).await.unwrap();
+        assert_eq!(got, body);
+    }
 
     #[tokio::test]
     async fn copies_both_ways_and_propagates_half_close() {
