@@ -107,6 +107,11 @@ struct Setup {
 }
 
 async fn setup() -> Setup {
+    setup_with("").await
+}
+
+/// `tls_settings` goes into the `[tls]` table.
+async fn setup_with(tls_settings: &str) -> Setup {
     portcullis::tls::init_crypto();
     let pki = Pki::new();
     let backend = FakeBackend::start(Behaviour::Normal).await;
@@ -121,7 +126,12 @@ async fn setup() -> Setup {
         ("rsa.pem", rsa_pem.as_str()),
         ("rsa.key", rsa_key.as_str()),
     ];
-    let proxy = Proxy::start_with_files(&tls_config(backend.addr), USERS, &files).await;
+    let config = tls_config(backend.addr).replacen(
+        "[[tls.certificate]]",
+        &format!("[tls]\n{tls_settings}\n\n[[tls.certificate]]"),
+        1,
+    );
+    let proxy = Proxy::start_with_files(&config, USERS, &files).await;
     Setup { pki, proxy, _backend: backend, mail, wild, rsa }
 }
 
@@ -269,4 +279,15 @@ async fn sessions_resume() {
     first.line().await;
     let again = handshake(&c, addr, "mail.example.test").await.unwrap();
     assert_eq!(again.get_ref().1.handshake_kind(), Some(rustls::HandshakeKind::Resumed));
+}
+
+#[tokio::test]
+async fn session_tickets_zero_turns_resumption_off() {
+    let s = setup_with("session_tickets = 0").await;
+    let c = s.pki.client(&[], false);
+    let addr = s.proxy.addr("imaps");
+    let mut first = Client::new(handshake(&c, addr, "mail.example.test").await.unwrap());
+    first.line().await;
+    let again = handshake(&c, addr, "mail.example.test").await.unwrap();
+    assert_eq!(again.get_ref().1.handshake_kind(), Some(rustls::HandshakeKind::Full));
 }

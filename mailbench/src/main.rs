@@ -62,6 +62,11 @@ struct Args {
     /// built on OpenSSL 3.0 cannot pick) or X25519 alone, so that every server does the same work.
     #[arg(long, value_enum, default_value_t = Kx::Default)]
     kx: Kx,
+    /// Resume TLS sessions with the tickets servers send (as returning clients do). Off by
+    /// default: every connection is a full handshake, the same work for every server whether or
+    /// not it issues tickets.
+    #[arg(long)]
+    resume: bool,
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum, PartialEq, Eq)]
@@ -88,7 +93,7 @@ struct Tally {
 async fn main() {
     let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
     let args = Args::parse();
-    let connector = match tls_connector(args.kx) {
+    let connector = match tls_connector(args.kx, args.resume) {
         Ok(c) => c,
         Err(e) => {
             eprintln!("mailbench: TLS setup: {e}");
@@ -129,18 +134,21 @@ async fn main() {
     println!("{out}");
 }
 
-fn tls_connector(kx: Kx) -> Result<tokio_rustls::TlsConnector, String> {
+fn tls_connector(kx: Kx, resume: bool) -> Result<tokio_rustls::TlsConnector, String> {
     let mut provider = rustls::crypto::aws_lc_rs::default_provider();
     if kx == Kx::X25519 {
         provider.kx_groups = vec![rustls::crypto::aws_lc_rs::kx_group::X25519];
     }
     let provider = Arc::new(provider);
-    let cfg = rustls::ClientConfig::builder_with_provider(provider.clone())
+    let mut cfg = rustls::ClientConfig::builder_with_provider(provider.clone())
         .with_safe_default_protocol_versions()
         .map_err(|e| e.to_string())?
         .dangerous()
         .with_custom_certificate_verifier(Arc::new(NoVerify(provider)))
         .with_no_client_auth();
+    if !resume {
+        cfg.resumption = rustls::client::Resumption::disabled();
+    }
     Ok(tokio_rustls::TlsConnector::from(Arc::new(cfg)))
 }
 

@@ -38,13 +38,16 @@ impl fmt::Debug for Password {
 
 impl Drop for Password {
     fn drop(&mut self) {
-        // Best effort: do not leave the password in freed memory.
-        for b in self.0.iter_mut() {
-            // SAFETY-free volatile-ish clear; the optimiser may still elide it, which is acceptable
-            // for a defence-in-depth measure.
-            *b = 0;
-        }
+        wipe(&mut self.0);
     }
+}
+
+/// Best effort: zero a buffer that held a password and empty it, so the bytes do not linger in
+/// freed memory. `black_box` keeps the optimiser from dropping the stores as dead.
+pub fn wipe(buf: &mut Vec<u8>) {
+    buf.iter_mut().for_each(|b| *b = 0);
+    std::hint::black_box(&mut *buf);
+    buf.clear();
 }
 
 /// What a client presented: a user name as typed and a password.

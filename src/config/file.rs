@@ -174,6 +174,8 @@ pub struct TlsFile {
     pub certificates: Vec<CertificateFile>,
     /// Names for the self-signed certificate made at start when no certificate is configured.
     pub self_signed_names: Option<Vec<String>>,
+    /// TLS 1.3 session tickets sent after each full handshake (0 turns resumption off).
+    pub session_tickets: Option<Spanned<usize>>,
 }
 
 #[derive(Debug, Deserialize)]

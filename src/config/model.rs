@@ -172,7 +172,15 @@ impl Default for ThrottleSettings {
 pub struct TlsSettings {
     pub certificates: Vec<CertSpec>,
     pub self_signed_names: Vec<String>,
+    /// TLS 1.3 session tickets sent after a handshake; 0 disables resumption.
+    pub session_tickets: usize,
 }
+
+/// Tickets per handshake unless configured: one is enough for a client that reconnects, and each
+/// costs a key derivation, a cache entry and a record on the wire.
+pub const DEFAULT_SESSION_TICKETS: usize = 1;
+/// More than this only fills the session cache.
+pub const MAX_SESSION_TICKETS: usize = 8;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CertSpec {
@@ -900,7 +908,18 @@ impl Validator<'_> {
             None if certificates.is_empty() => vec!["localhost".to_string()],
             None => Vec::new(),
         };
-        Ok(TlsSettings { certificates, self_signed_names })
+        let session_tickets = match &t.session_tickets {
+            Some(n) if *n.get_ref() > MAX_SESSION_TICKETS => {
+                return Err(self.err(
+                    Some(n.span()),
+                    "tls.session_tickets",
+                    format!("at most {MAX_SESSION_TICKETS} tickets per handshake"),
+                ));
+            }
+            Some(n) => *n.get_ref(),
+            None => DEFAULT_SESSION_TICKETS,
+        };
+        Ok(TlsSettings { certificates, self_signed_names, session_tickets })
     }
 
     fn listeners(&self, ls: &[file::ListenerFile]) -> Result<Vec<Arc<ListenerConfig>>, ConfigError> {

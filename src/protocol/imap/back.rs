@@ -100,11 +100,16 @@ pub async fn connect_and_login(
     match &backend.login {
         // Config validation only allows XCLIENT logins on SMTP backends.
         BackendLogin::Replay | BackendLogin::Xclient => {
-            stream.write_all(b"P3 LOGIN ").await?;
-            send_astring(&mut stream, &mut lines, creds.user.as_bytes(), caps.literal_plus).await?;
-            stream.write_all(b" ").await?;
-            send_astring(&mut stream, &mut lines, creds.password.expose(), caps.literal_plus).await?;
-            stream.write_all(b"\r\n").await?;
+            // One write for the whole command (unless a synchronising literal must wait for the
+            // backend's "+"): a command in pieces costs the backend a wakeup per segment.
+            let mut cmd = Vec::with_capacity(32 + creds.user.len() + creds.password.expose().len());
+            cmd.extend_from_slice(b"P3 LOGIN ");
+            push_astring(&mut stream, &mut lines, &mut cmd, creds.user.as_bytes(), caps.literal_plus).await?;
+            cmd.push(b' ');
+            push_astring(&mut stream, &mut lines, &mut cmd, creds.password.expose(), caps.literal_plus).await?;
+            cmd.extend_from_slice(b"\r\n");
+            stream.write_all(&cmd).await?;
+            crate::auth::wipe(&mut cmd);
         }
         BackendLogin::Master { user: master, password } => {
             let mut msg = Vec::with_capacity(user.len() + master.len() + password.len() + 2);
@@ -156,31 +161,33 @@ pub async fn connect_and_login(
     }
 }
 
-/// Send one IMAP astring argument: a quoted string when it is plain ASCII, else a literal
-/// (`{n+}` with LITERAL+, otherwise a synchronising literal after the backend's "+").
-async fn send_astring<S: AsyncRead + AsyncWrite + Unpin>(
+/// Append one IMAP astring argument to `cmd`: a quoted string when it is plain ASCII, else a
+/// literal (`{n+}` with LITERAL+; otherwise `cmd` so far is sent with a synchronising literal's
+/// header, and the value follows the backend's "+").
+async fn push_astring<S: AsyncRead + AsyncWrite + Unpin>(
     s: &mut S,
     lines: &mut Lines,
+    cmd: &mut Vec<u8>,
     value: &[u8],
     literal_plus: bool,
 ) -> Result<(), BackendError> {
     if value.iter().all(|b| (0x20..0x7f).contains(b)) {
-        let mut out = Vec::with_capacity(value.len() + 8);
-        quoted(&mut out, value);
-        s.write_all(&out).await?;
+        quoted(cmd, value);
         return Ok(());
     }
     if literal_plus {
-        s.write_all(format!("{{{}+}}\r\n", value.len()).as_bytes()).await?;
+        cmd.extend_from_slice(format!("{{{}+}}\r\n", value.len()).as_bytes());
     } else {
-        s.write_all(format!("{{{}}}\r\n", value.len()).as_bytes()).await?;
+        cmd.extend_from_slice(format!("{{{}}}\r\n", value.len()).as_bytes());
+        s.write_all(cmd).await?;
         s.flush().await?;
+        crate::auth::wipe(cmd);
         let l = lines.line(s).await?;
         if !l.starts_with(b"+") {
             return Err(BackendError::Rejected);
         }
     }
-    s.write_all(value).await?;
+    cmd.extend_from_slice(value);
     Ok(())
 }
 

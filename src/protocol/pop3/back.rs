@@ -102,6 +102,7 @@ async fn command<S: AsyncRead + AsyncWrite + Unpin>(
     cmd.extend_from_slice(b"\r\n");
     s.write_all(&cmd).await?;
     s.flush().await?;
+    crate::auth::wipe(&mut cmd);
     let reply = lines.line(s).await?;
     if reply.starts_with(b"+OK") {
         return Ok(reply);
