@@ -260,11 +260,16 @@ async fn preauth(ctx: &SessionCtx, tcp: TcpStream, deadline: Instant) -> Result<
     let rt = &ctx.runtime;
     let limits = &rt.config.limits;
     let lc = &ctx.listener;
+    let mut greeted = false;
     let mut stream: ClientStream = match lc.tls {
-        TlsMode::Implicit => MaybeTls::Tls(Box::new(tls_accept(ctx, tcp).await?)),
+        TlsMode::Implicit => {
+            // The greeting goes with the handshake: one write and one client round trip less.
+            let early = Front::new(lc.protocol, front_settings(ctx, true)).immediate_greeting();
+            greeted = early.is_some();
+            MaybeTls::Tls(Box::new(tls_accept(ctx, tcp, early).await?))
+        }
         TlsMode::StartTls | TlsMode::None => MaybeTls::Plain(tcp),
     };
-    let mut greeted = false;
     let mut failures = 0u32;
     loop {
         let mut front = Front::new(lc.protocol, front_settings(ctx, stream.is_tls()));
@@ -384,7 +389,7 @@ async fn preauth(ctx: &SessionCtx, tcp: TcpStream, deadline: Instant) -> Result<
         let MaybeTls::Plain(tcp) = stream else {
             return Err(Outcome::PreAuth("starttls_on_tls"));
         };
-        stream = MaybeTls::Tls(Box::new(tls_accept(ctx, tcp).await?));
+        stream = MaybeTls::Tls(Box::new(tls_accept(ctx, tcp, None).await?));
         metrics().starttls_upgrades.with_label_values(&[lc.protocol.as_str(), &lc.name]).inc();
     }
 }
@@ -635,13 +640,28 @@ async fn fail(
     Ok(())
 }
 
-async fn tls_accept(ctx: &SessionCtx, tcp: TcpStream) -> Result<tokio_rustls::server::TlsStream<TcpStream>, Outcome> {
+/// TLS handshake on an accepted socket. `greeting`, if any, is queued in the connection before
+/// the handshake: with TLS 1.3 rustls sends it right after the server's Finished, in the same
+/// write as the server's first flight (half-RTT data; nothing the client sends is needed for
+/// it, and it carries nothing secret); with TLS 1.2 it follows the handshake.
+async fn tls_accept(
+    ctx: &SessionCtx,
+    tcp: TcpStream,
+    greeting: Option<Vec<u8>>,
+) -> Result<tokio_rustls::server::TlsStream<TcpStream>, Outcome> {
     let Some(cfg) = ctx.runtime.server_tls.get(&ctx.listener.protocol).cloned() else {
         return Err(Outcome::PreAuth("tls_unconfigured"));
     };
     let acceptor = tokio_rustls::TlsAcceptor::from(cfg);
     let started = Instant::now();
-    let result = tokio::time::timeout(ctx.runtime.config.limits.tls_handshake_timeout, acceptor.accept(tcp)).await;
+    let accept = acceptor.accept_with(tcp, |conn| {
+        if let Some(g) = greeting {
+            use std::io::Write;
+            // Buffered by rustls until it may send application data; cannot fail for a few bytes.
+            let _ = conn.writer().write_all(&g);
+        }
+    });
+    let result = tokio::time::timeout(ctx.runtime.config.limits.tls_handshake_timeout, accept).await;
     let m = metrics();
     let (protocol, listener) = (ctx.listener.protocol.as_str(), ctx.listener.name.as_str());
     m.tls_handshake_duration.with_label_values(&[protocol]).observe(started.elapsed().as_secs_f64());

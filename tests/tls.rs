@@ -36,6 +36,10 @@ impl Pki {
     }
 
     fn client(&self, alpn: &[&[u8]], tls12_only: bool) -> TlsConnector {
+        TlsConnector::from(self.client_config(alpn, tls12_only))
+    }
+
+    fn client_config(&self, alpn: &[&[u8]], tls12_only: bool) -> Arc<ClientConfig> {
         let mut roots = RootCertStore::empty();
         roots.add(self.ca.der().clone()).unwrap();
         let builder = if tls12_only {
@@ -45,7 +49,7 @@ impl Pki {
         };
         let mut cfg = builder.with_root_certificates(roots).with_no_client_auth();
         cfg.alpn_protocols = alpn.iter().map(|a| a.to_vec()).collect();
-        TlsConnector::from(Arc::new(cfg))
+        Arc::new(cfg)
     }
 }
 
@@ -275,7 +279,10 @@ async fn sessions_resume() {
     let addr = s.proxy.addr("imaps");
     let mut first = Client::new(handshake(&c, addr, "mail.example.test").await.unwrap());
     assert_eq!(first.stream.get_ref().get_ref().1.handshake_kind(), Some(rustls::HandshakeKind::Full));
-    // TLS 1.3 tickets arrive after the handshake, with the greeting.
+    // The greeting comes with the handshake; the TLS 1.3 ticket follows the client's Finished, so
+    // it has arrived by the time a command is answered.
+    first.line().await;
+    first.send(b"a NOOP\r\n").await;
     first.line().await;
     let again = handshake(&c, addr, "mail.example.test").await.unwrap();
     assert_eq!(again.get_ref().1.handshake_kind(), Some(rustls::HandshakeKind::Resumed));
@@ -290,4 +297,42 @@ async fn session_tickets_zero_turns_resumption_off() {
     first.line().await;
     let again = handshake(&c, addr, "mail.example.test").await.unwrap();
     assert_eq!(again.get_ref().1.handshake_kind(), Some(rustls::HandshakeKind::Full));
+}
+
+/// The greeting leaves with the server's first TLS 1.3 flight (half-RTT data): a client that has
+/// read that flight, and has not sent its own Finished yet, can already read the greeting.
+#[tokio::test]
+async fn greeting_comes_with_the_servers_first_flight() {
+    let s = setup().await;
+    let cfg = s.pki.client_config(&[], false);
+    let addr = s.proxy.addr("imaps");
+    let greeting = tokio::task::spawn_blocking(move || {
+        use std::io::Read;
+        let mut tcp = std::net::TcpStream::connect(addr).unwrap();
+        tcp.set_read_timeout(Some(std::time::Duration::from_secs(5))).unwrap();
+        let name = ServerName::try_from("mail.example.test").unwrap();
+        let mut conn = rustls::ClientConnection::new(cfg, name).unwrap();
+        conn.write_tls(&mut tcp).unwrap(); // ClientHello; nothing is written after it
+        let mut plain = Vec::new();
+        while plain.is_empty() {
+            match conn.read_tls(&mut tcp) {
+                Ok(0) => panic!("closed before the greeting"),
+                Ok(_) => {}
+                Err(e) => panic!("no greeting before the client's Finished: {e}"),
+            }
+            conn.process_new_packets().unwrap();
+            let mut buf = [0u8; 1024];
+            match conn.reader().read(&mut buf) {
+                Ok(n) => plain.extend_from_slice(&buf[..n]),
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                Err(e) => panic!("{e}"),
+            }
+        }
+        assert_eq!(conn.protocol_version(), Some(rustls::ProtocolVersion::TLSv1_3));
+        plain
+    })
+    .await
+    .unwrap();
+    let text = String::from_utf8_lossy(&greeting);
+    assert!(text.starts_with("* OK [CAPABILITY "), "{text}");
 }

@@ -149,6 +149,17 @@ impl Front {
         }
     }
 
+    /// The greeting when it does not depend on anything the client does first (not for an SMTP
+    /// listener that waits to catch early talkers). With implicit TLS it is handed to rustls
+    /// before the handshake and leaves with the server's first flight (TLS 1.3 half-RTT data).
+    pub fn immediate_greeting(&self) -> Option<Vec<u8>> {
+        match self {
+            Front::Imap(f) => Some(f.greeting()),
+            Front::Pop3(_) => Some(pop3::front::Pop3Front::GREETING.to_vec()),
+            Front::Smtp(f) => f.immediate_greeting(),
+        }
+    }
+
     /// Send the greeting. `Some(reason)` means the connection must close (SMTP early talker).
     pub async fn greet<S: AsyncRead + AsyncWrite + Unpin>(&mut self, s: &mut S) -> io::Result<Option<CloseReason>> {
         match self {

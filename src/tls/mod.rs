@@ -49,6 +49,8 @@ impl TlsShared {
         cfg.alpn_protocols = vec![protocol.alpn().to_vec()];
         cfg.session_storage = self.sessions.clone();
         cfg.send_tls13_tickets = tickets;
+        // The greeting, queued before the handshake, leaves with the server's Finished.
+        cfg.send_half_rtt_data = true;
         Arc::new(cfg)
     }
 }

@@ -88,8 +88,11 @@ impl ImapFront {
     }
 
     pub async fn greet<S: AsyncWrite + Unpin>(&self, s: &mut S) -> io::Result<()> {
-        let greeting = format!("* OK [CAPABILITY {}] IMAP proxy ready.\r\n", self.capabilities());
-        write(s, greeting.as_bytes()).await
+        write(s, &self.greeting()).await
+    }
+
+    pub fn greeting(&self) -> Vec<u8> {
+        format!("* OK [CAPABILITY {}] IMAP proxy ready.\r\n", self.capabilities()).into_bytes()
     }
 
     /// The client's ID fields to forward (never containing `x-` keys).

@@ -54,8 +54,10 @@ impl Pop3Front {
     }
 
     pub async fn greet<S: AsyncWrite + Unpin>(&self, s: &mut S) -> io::Result<()> {
-        write(s, b"+OK POP3 proxy ready.\r\n").await
+        write(s, Self::GREETING).await
     }
+
+    pub const GREETING: &'static [u8] = b"+OK POP3 proxy ready.\r\n";
 
     pub async fn next_event<S: AsyncRead + AsyncWrite + Unpin>(&mut self, s: &mut S) -> io::Result<Event> {
         loop {

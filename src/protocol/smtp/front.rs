@@ -66,8 +66,17 @@ impl SmtpFront {
                 return Ok(Some(CloseReason::ClientClosed));
             }
         }
-        write(s, format!("220 {} ESMTP ready\r\n", self.settings.hostname).as_bytes()).await?;
+        write(s, &self.greeting()).await?;
         Ok(None)
+    }
+
+    /// The greeting, when it goes out at once (no early-talker wait configured).
+    pub fn immediate_greeting(&self) -> Option<Vec<u8>> {
+        self.settings.greeting_delay.is_zero().then(|| self.greeting())
+    }
+
+    fn greeting(&self) -> Vec<u8> {
+        format!("220 {} ESMTP ready\r\n", self.settings.hostname).into_bytes()
     }
 
     /// The EHLO reply: our own name, STARTTLS/AUTH as the connection allows, then the backend's
