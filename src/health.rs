@@ -29,11 +29,26 @@ pub struct BackendHealth {
     fail_streak: AtomicU32,
     sessions: AtomicUsize,
     /// What the state was observed for; a changed address starts afresh.
-    identity: String,
+    identity: Identity,
+}
+
+/// The parts of a backend's definition its health belongs to.
+#[derive(Debug, PartialEq, Eq)]
+struct Identity {
+    protocol: Protocol,
+    address: String,
+    transport: Transport,
+}
+
+impl Identity {
+    /// Compared on every session start and end, so without allocating.
+    fn matches(&self, b: &Backend) -> bool {
+        self.protocol == b.protocol && self.transport == b.transport && self.address == b.address
+    }
 }
 
 impl BackendHealth {
-    fn new(identity: String) -> BackendHealth {
+    fn new(identity: Identity) -> BackendHealth {
         BackendHealth {
             up: AtomicBool::new(true),
             ok_streak: AtomicU32::new(0),
@@ -58,12 +73,11 @@ pub enum Source {
 
 impl HealthTable {
     fn entry(&self, backend: &Backend) -> Arc<BackendHealth> {
-        let identity = identity(backend);
         let mut map = self.by_backend.lock().unwrap_or_else(|e| e.into_inner());
         match map.get(&backend.name) {
-            Some(h) if h.identity == identity => h.clone(),
+            Some(h) if h.identity.matches(backend) => h.clone(),
             _ => {
-                let h = Arc::new(BackendHealth::new(identity));
+                let h = Arc::new(BackendHealth::new(identity(backend)));
                 map.insert(backend.name.clone(), h.clone());
                 h
             }
@@ -131,8 +145,8 @@ impl Drop for SessionGuard {
     }
 }
 
-fn identity(b: &Backend) -> String {
-    format!("{:?}|{}|{:?}", b.protocol, b.address, b.transport)
+fn identity(b: &Backend) -> Identity {
+    Identity { protocol: b.protocol, address: b.address.clone(), transport: b.transport }
 }
 
 /// Run the active checks of one backend until `stop` is cancelled.
@@ -292,6 +306,21 @@ mod tests {
     fn backend() -> Arc<Backend> {
         let text = "[auth]\nsource = \"backend\"\n[[backend]]\nname = \"b\"\naddress = \"127.0.0.1:1\"\n[routing.imap]\ndefault = \"b\"\n";
         crate::config::Config::parse(std::path::Path::new("/t.toml"), text).unwrap().backends["b"].clone()
+    }
+
+    #[test]
+    fn a_changed_address_starts_afresh_and_the_same_one_does_not() {
+        let t = HealthTable::default();
+        let b = backend();
+        t.failure(&b, Source::Check, 1, "x");
+        assert!(!t.is_up("b"));
+        let same = Arc::new((*b).clone());
+        t.failure(&same, Source::Check, 1, "x");
+        assert!(!t.is_up("b"), "same definition, same state");
+        let mut moved = (*b).clone();
+        moved.address = "127.0.0.1:2".into();
+        t.success(&Arc::new(moved), Source::Check, 2);
+        assert!(t.is_up("b"), "a new address is not judged by the old one's failures");
     }
 
     #[test]
