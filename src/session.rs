@@ -261,18 +261,23 @@ async fn preauth(ctx: &SessionCtx, tcp: TcpStream, deadline: Instant) -> Result<
     let limits = &rt.config.limits;
     let lc = &ctx.listener;
     let mut greeted = false;
+    // With implicit TLS the first front end is made before the handshake: its greeting goes with
+    // the handshake (one write and one client round trip less), and it serves the session after.
+    let mut first_front = None;
     let mut stream: ClientStream = match lc.tls {
         TlsMode::Implicit => {
-            // The greeting goes with the handshake: one write and one client round trip less.
-            let early = Front::new(lc.protocol, front_settings(ctx, true)).immediate_greeting();
+            let front = Front::new(lc.protocol, front_settings(ctx, true));
+            let early = front.immediate_greeting();
             greeted = early.is_some();
+            first_front = Some(front);
             MaybeTls::Tls(Box::new(tls_accept(ctx, tcp, early).await?))
         }
         TlsMode::StartTls | TlsMode::None => MaybeTls::Plain(tcp),
     };
     let mut failures = 0u32;
     loop {
-        let mut front = Front::new(lc.protocol, front_settings(ctx, stream.is_tls()));
+        let mut front =
+            first_front.take().unwrap_or_else(|| Front::new(lc.protocol, front_settings(ctx, stream.is_tls())));
         if !greeted {
             let early = front.greet(&mut stream).await.map_err(|_| Outcome::PreAuth("client_error"))?;
             if let Some(reason) = early {

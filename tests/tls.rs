@@ -272,18 +272,24 @@ async fn certificate_change_is_noticed_without_a_signal() {
     }
 }
 
+/// A full session's start: greeting and one command answered. The greeting comes with the
+/// handshake and the TLS 1.3 ticket after the client's Finished, so by the time a command is
+/// answered the client holds the ticket if the server sent one.
+async fn first_session(c: &TlsConnector, addr: SocketAddr) -> Client<TlsStream<TcpStream>> {
+    let mut first = Client::new(handshake(c, addr, "mail.example.test").await.unwrap());
+    first.line().await;
+    first.send(b"a NOOP\r\n").await;
+    assert!(first.line().await.starts_with("a OK"));
+    first
+}
+
 #[tokio::test]
 async fn sessions_resume() {
     let s = setup().await;
     let c = s.pki.client(&[], false);
     let addr = s.proxy.addr("imaps");
-    let mut first = Client::new(handshake(&c, addr, "mail.example.test").await.unwrap());
+    let first = first_session(&c, addr).await;
     assert_eq!(first.stream.get_ref().get_ref().1.handshake_kind(), Some(rustls::HandshakeKind::Full));
-    // The greeting comes with the handshake; the TLS 1.3 ticket follows the client's Finished, so
-    // it has arrived by the time a command is answered.
-    first.line().await;
-    first.send(b"a NOOP\r\n").await;
-    first.line().await;
     let again = handshake(&c, addr, "mail.example.test").await.unwrap();
     assert_eq!(again.get_ref().1.handshake_kind(), Some(rustls::HandshakeKind::Resumed));
 }
@@ -293,8 +299,7 @@ async fn session_tickets_zero_turns_resumption_off() {
     let s = setup_with("session_tickets = 0").await;
     let c = s.pki.client(&[], false);
     let addr = s.proxy.addr("imaps");
-    let mut first = Client::new(handshake(&c, addr, "mail.example.test").await.unwrap());
-    first.line().await;
+    let _first = first_session(&c, addr).await;
     let again = handshake(&c, addr, "mail.example.test").await.unwrap();
     assert_eq!(again.get_ref().1.handshake_kind(), Some(rustls::HandshakeKind::Full));
 }
