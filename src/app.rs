@@ -111,7 +111,7 @@ pub fn build_runtime(config: Config, tls: &TlsShared) -> Result<Runtime, ConfigE
     let mut server_tls = HashMap::new();
     for l in &config.listeners {
         if l.tls != TlsMode::None {
-            server_tls.entry(l.protocol).or_insert_with(|| tls.server_config(l.protocol, config.tls.session_tickets));
+            server_tls.entry(l.protocol).or_insert_with(|| tls.server_config(l.protocol, &config.tls));
         }
     }
     let mut backend_tls = HashMap::new();

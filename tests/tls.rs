@@ -1,5 +1,5 @@
 //! TLS on the client leg: SNI selection (exact, wildcard, default), RSA and ECDSA, strict ALPN,
-//! TLS 1.2, STARTTLS (capabilities before/after, injection), and certificate files changing on
+//! TLS 1.2, the server's cipher suite order, STARTTLS (capabilities before/after, injection), and certificate files changing on
 //! disk.
 
 mod common;
@@ -40,14 +40,27 @@ impl Pki {
     }
 
     fn client_config(&self, alpn: &[&[u8]], tls12_only: bool) -> Arc<ClientConfig> {
+        self.client_config_with_suites(alpn, tls12_only, rustls::crypto::aws_lc_rs::DEFAULT_CIPHER_SUITES)
+    }
+
+    /// A client offering `suites` in that order.
+    fn client_config_with_suites(
+        &self,
+        alpn: &[&[u8]],
+        tls12_only: bool,
+        suites: &[rustls::SupportedCipherSuite],
+    ) -> Arc<ClientConfig> {
         let mut roots = RootCertStore::empty();
         roots.add(self.ca.der().clone()).unwrap();
-        let builder = if tls12_only {
-            ClientConfig::builder_with_protocol_versions(&[&rustls::version::TLS12])
-        } else {
-            ClientConfig::builder()
-        };
-        let mut cfg = builder.with_root_certificates(roots).with_no_client_auth();
+        let mut provider = rustls::crypto::aws_lc_rs::default_provider();
+        provider.cipher_suites = suites.to_vec();
+        let versions: &[&rustls::SupportedProtocolVersion] =
+            if tls12_only { &[&rustls::version::TLS12] } else { &[&rustls::version::TLS13, &rustls::version::TLS12] };
+        let mut cfg = ClientConfig::builder_with_provider(Arc::new(provider))
+            .with_protocol_versions(versions)
+            .unwrap()
+            .with_root_certificates(roots)
+            .with_no_client_auth();
         cfg.alpn_protocols = alpn.iter().map(|a| a.to_vec()).collect();
         Arc::new(cfg)
     }
@@ -302,6 +315,44 @@ async fn session_tickets_zero_turns_resumption_off() {
     let _first = first_session(&c, addr).await;
     let again = handshake(&c, addr, "mail.example.test").await.unwrap();
     assert_eq!(again.get_ref().1.handshake_kind(), Some(rustls::HandshakeKind::Full));
+}
+
+fn suite(s: &TlsStream<TcpStream>) -> rustls::CipherSuite {
+    s.get_ref().1.negotiated_cipher_suite().unwrap().suite()
+}
+
+/// A client offering only `suites`.
+fn client_with_suites(pki: &Pki, suites: &[rustls::SupportedCipherSuite]) -> TlsConnector {
+    TlsConnector::from(pki.client_config_with_suites(&[], false, suites))
+}
+
+/// The server's order decides: AES-128-GCM (SHA-256 key schedule) although rustls' client lists
+/// AES-256-GCM first; a suite the client does not offer is never chosen.
+#[tokio::test]
+async fn server_chooses_the_cipher_suite() {
+    use rustls::crypto::aws_lc_rs::cipher_suite as cs;
+    let s = setup().await;
+    let addr = s.proxy.addr("imaps");
+    let tls = handshake(&s.pki.client(&[], false), addr, "mail.example.test").await.unwrap();
+    assert_eq!(suite(&tls), rustls::CipherSuite::TLS13_AES_128_GCM_SHA256);
+    let tls = handshake(&s.pki.client(&[], true), addr, "mail.example.test").await.unwrap();
+    assert_eq!(suite(&tls), rustls::CipherSuite::TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256);
+    let only_chacha = client_with_suites(&s.pki, &[cs::TLS13_CHACHA20_POLY1305_SHA256]);
+    let tls = handshake(&only_chacha, addr, "mail.example.test").await.unwrap();
+    assert_eq!(suite(&tls), rustls::CipherSuite::TLS13_CHACHA20_POLY1305_SHA256);
+}
+
+#[tokio::test]
+async fn configured_cipher_suites_are_the_only_ones() {
+    use rustls::crypto::aws_lc_rs::cipher_suite as cs;
+    let s = setup_with(r#"cipher_suites = ["TLS13_CHACHA20_POLY1305_SHA256", "TLS13_AES_256_GCM_SHA384"]"#).await;
+    let addr = s.proxy.addr("imaps");
+    let tls = handshake(&s.pki.client(&[], false), addr, "mail.example.test").await.unwrap();
+    assert_eq!(suite(&tls), rustls::CipherSuite::TLS13_CHACHA20_POLY1305_SHA256);
+    let only_aes128 = client_with_suites(&s.pki, &[cs::TLS13_AES_128_GCM_SHA256]);
+    assert!(handshake(&only_aes128, addr, "mail.example.test").await.is_err());
+    // No TLS 1.2 suite configured: a TLS 1.2-only client is refused.
+    assert!(handshake(&s.pki.client(&[], true), addr, "mail.example.test").await.is_err());
 }
 
 /// The greeting leaves with the server's first TLS 1.3 flight (half-RTT data): a client that has

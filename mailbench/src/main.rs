@@ -77,6 +77,10 @@ enum Kx {
 
 type Conn = BufReader<Box<dyn Stream>>;
 
+/// The cipher suite of the first TLS session, reported so runs can show every server negotiated
+/// the same one.
+static TLS_SUITE: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+
 trait Stream: AsyncRead + AsyncWrite + Unpin + Send {}
 impl<T: AsyncRead + AsyncWrite + Unpin + Send> Stream for T {}
 
@@ -130,6 +134,7 @@ async fn main() {
         "p99_ms": pct(0.99),
         "mb_per_sec": mb,
         "bytes": tally.bytes,
+        "tls_suite": TLS_SUITE.get(),
     });
     println!("{out}");
 }
@@ -157,7 +162,11 @@ async fn connect(args: &Args, connector: &tokio_rustls::TlsConnector) -> Result<
     let _ = tcp.set_nodelay(true);
     let stream: Box<dyn Stream> = if args.tls {
         let name = rustls::pki_types::ServerName::try_from(args.sni.clone()).map_err(|e| e.to_string())?;
-        Box::new(connector.connect(name, tcp).await.map_err(|e| format!("tls: {e}"))?)
+        let tls = connector.connect(name, tcp).await.map_err(|e| format!("tls: {e}"))?;
+        if let Some(suite) = tls.get_ref().1.negotiated_cipher_suite() {
+            let _ = TLS_SUITE.set(format!("{:?}", suite.suite()));
+        }
+        Box::new(tls)
     } else {
         Box::new(tcp)
     };

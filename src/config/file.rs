@@ -176,6 +176,8 @@ pub struct TlsFile {
     pub self_signed_names: Option<Vec<String>>,
     /// TLS 1.3 session tickets sent after each full handshake (0 turns resumption off).
     pub session_tickets: Option<Spanned<usize>>,
+    /// Cipher suites in the server's order of preference (rustls / IANA names).
+    pub cipher_suites: Option<Spanned<Vec<String>>>,
 }
 
 #[derive(Debug, Deserialize)]

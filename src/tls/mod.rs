@@ -18,7 +18,7 @@ use rustls::{ClientConfig, RootCertStore, ServerConfig};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 
-use crate::config::{Backend, Protocol};
+use crate::config::{Backend, Protocol, TlsSettings};
 use certs::CertStore;
 
 /// Install the process-wide crypto provider (aws-lc-rs). Safe to call more than once.
@@ -41,18 +41,31 @@ impl TlsShared {
     /// A server config for one protocol: only TLS 1.2/1.3 (the provider's defaults), ALPN limited
     /// to the protocol's own identifier (a client offering only others gets
     /// `no_application_protocol`; a client offering none is accepted).
-    /// `tickets` is how many TLS 1.3 session tickets follow each handshake (`tls.session_tickets`).
-    pub fn server_config(&self, protocol: Protocol, tickets: usize) -> Arc<ServerConfig> {
-        let mut cfg = ServerConfig::builder_with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
+    /// The cipher suite is the first of `tls.cipher_suites` the client offers (server order), and
+    /// `tls.session_tickets` TLS 1.3 session tickets follow each handshake.
+    pub fn server_config(&self, protocol: Protocol, settings: &TlsSettings) -> Arc<ServerConfig> {
+        let mut provider = rustls::crypto::aws_lc_rs::default_provider();
+        provider.cipher_suites = cipher_suites(&settings.cipher_suites);
+        let mut cfg = ServerConfig::builder_with_provider(Arc::new(provider))
+            .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
+            // Unreachable: the configuration always keeps a TLS 1.3 suite.
+            .unwrap_or_else(|_| ServerConfig::builder_with_protocol_versions(&[&rustls::version::TLS13]))
             .with_no_client_auth()
             .with_cert_resolver(self.certs.clone());
+        cfg.ignore_client_order = true;
         cfg.alpn_protocols = vec![protocol.alpn().to_vec()];
         cfg.session_storage = self.sessions.clone();
-        cfg.send_tls13_tickets = tickets;
+        cfg.send_tls13_tickets = settings.session_tickets;
         // The greeting, queued before the handshake, leaves with the server's Finished.
         cfg.send_half_rtt_data = true;
         Arc::new(cfg)
     }
+}
+
+/// The provider's suites named in `names`, in that order (names are validated with the config).
+fn cipher_suites(names: &[String]) -> Vec<rustls::SupportedCipherSuite> {
+    let all = rustls::crypto::aws_lc_rs::ALL_CIPHER_SUITES;
+    names.iter().filter_map(|n| all.iter().find(|s| s.suite().as_str() == Some(n.as_str())).copied()).collect()
 }
 
 /// Sessions kept for resumption (TLS 1.2 session IDs and TLS 1.3 tickets), about 4,096 at once.
