@@ -34,7 +34,35 @@ async fn user_pass_with_xclient_and_pipelined_commands() {
     let got = backend.lines(0);
     assert!(got[0].starts_with("XCLIENT ADDR=127.0.0.1 PORT="), "{got:?}");
     assert!(got[0].contains(" SESSION=") && got[0].ends_with(" TTL=5\r\n"), "{got:?}");
-    assert_eq!(&got[1..], ["USER alice@example.test\r\n", "PASS secret\r\n", "STAT\r\n", "QUIT\r\n"]);
+    // The first login to a backend asks for its capabilities once.
+    assert_eq!(&got[1..], ["CAPA\r\n", "USER alice@example.test\r\n", "PASS secret\r\n", "STAT\r\n", "QUIT\r\n"]);
+}
+
+/// A backend whose CAPA lists PIPELINING gets USER and PASS in one write, and is asked for its
+/// capabilities only once; one that does not gets them one at a time, each after its reply.
+#[tokio::test]
+async fn user_and_pass_pipelined_only_where_the_backend_says_so() {
+    for (behaviour, pipelines) in [(Behaviour::Pop3, true), (Behaviour::Pop3NoXclient, false)] {
+        let (proxy, backend) = setup(behaviour, "client_address = \"none\"").await;
+        for _ in 0..3 {
+            let mut c = greeted(&proxy).await;
+            c.send(b"USER alice@example.test\r\nPASS secret\r\n").await;
+            assert_eq!(c.line().await, "+OK\r\n");
+            assert_eq!(c.line().await, "+OK Logged in.\r\n", "{behaviour:?}");
+            c.send(b"QUIT\r\n").await;
+            assert_eq!(c.line().await, "+OK Logging out.\r\n");
+        }
+        let capa = (0..3).filter(|&i| backend.lines(i).contains(&"CAPA\r\n".to_string())).count();
+        assert_eq!(capa, 1, "{behaviour:?}");
+        for i in 0..3 {
+            let got = backend.lines(i);
+            let user = got.iter().position(|l| l.starts_with("USER ")).unwrap();
+            assert_eq!(got[user + 1], "PASS secret\r\n", "{behaviour:?}");
+        }
+        // The first login pipelines too, right after its CAPA.
+        let expected = if pipelines { 3 } else { 0 };
+        assert_eq!(backend.pipelined.load(std::sync::atomic::Ordering::SeqCst), expected, "{behaviour:?}");
+    }
 }
 
 #[tokio::test]
