@@ -106,9 +106,9 @@ pub enum Behaviour {
     RejectLogin,
     /// Greets with PREAUTH (reliability case 13).
     Preauth,
-    /// POP3: Dovecot-like, announces XCLIENT (and PIPELINING in CAPA), accepts any USER/PASS or AUTH.
+    /// POP3: Dovecot-like, announces XCLIENT (and SASL PLAIN in CAPA), accepts any USER/PASS or AUTH.
     Pop3,
-    /// POP3: does not announce XCLIENT (proxy not trusted) nor PIPELINING.
+    /// POP3: does not announce XCLIENT (proxy not trusted) nor SASL.
     Pop3NoXclient,
     /// SMTP: Postfix-like, announces XCLIENT, accepts AUTH, takes messages.
     Smtp,
@@ -144,8 +144,6 @@ pub struct FakeBackend {
     pub accepted: Arc<AtomicUsize>,
     /// Every line received, per connection.
     pub received: Arc<Mutex<Vec<Vec<String>>>>,
-    /// POP3: USER lines that arrived with the next command already behind them (pipelined).
-    pub pipelined: Arc<AtomicUsize>,
 }
 
 impl FakeBackend {
@@ -154,8 +152,7 @@ impl FakeBackend {
         let addr = listener.local_addr().unwrap();
         let accepted = Arc::new(AtomicUsize::new(0));
         let received = Arc::new(Mutex::new(Vec::new()));
-        let pipelined = Arc::new(AtomicUsize::new(0));
-        let (acc, rec, pipe) = (accepted.clone(), received.clone(), pipelined.clone());
+        let (acc, rec) = (accepted.clone(), received.clone());
         tokio::spawn(async move {
             loop {
                 let Ok((s, _)) = listener.accept().await else { return };
@@ -165,10 +162,10 @@ impl FakeBackend {
                     r.push(Vec::new());
                     r.len() - 1
                 };
-                let (rec, pipe) = (rec.clone(), pipe.clone());
+                let rec = rec.clone();
                 tokio::spawn(async move {
                     if behaviour.is_pop3() {
-                        serve_pop3(s, behaviour, rec, idx, pipe).await
+                        serve_pop3(s, behaviour, rec, idx).await
                     } else if behaviour.is_smtp() {
                         serve_smtp(s, behaviour, rec, idx).await
                     } else {
@@ -177,7 +174,7 @@ impl FakeBackend {
                 });
             }
         });
-        FakeBackend { addr, accepted, received, pipelined }
+        FakeBackend { addr, accepted, received }
     }
 
     pub fn lines(&self, conn: usize) -> Vec<String> {
@@ -264,13 +261,7 @@ async fn record_line<R: AsyncBufReadExt + Unpin>(
     }
 }
 
-async fn serve_pop3(
-    s: TcpStream,
-    behaviour: Behaviour,
-    rec: Arc<Mutex<Vec<Vec<String>>>>,
-    idx: usize,
-    pipelined: Arc<AtomicUsize>,
-) {
+async fn serve_pop3(s: TcpStream, behaviour: Behaviour, rec: Arc<Mutex<Vec<Vec<String>>>>, idx: usize) {
     let (r, mut w) = s.into_split();
     let mut r = BufReader::new(r);
     let greeting: &[u8] =
@@ -282,15 +273,12 @@ async fn serve_pop3(
         let verb = line.split([' ', '\r']).next().unwrap_or("").to_ascii_uppercase();
         let reply: &[u8] = match verb.as_str() {
             "XCLIENT" => b"+OK Updated\r\n",
-            // Dovecot's list; PIPELINING only where XCLIENT is announced too (a "newer" server).
-            "CAPA" if behaviour == Behaviour::Pop3 => b"+OK\r\nTOP\r\nUIDL\r\nPIPELINING\r\nUSER\r\n.\r\n",
-            "CAPA" => b"+OK\r\nTOP\r\nUIDL\r\nUSER\r\n.\r\n",
-            "USER" => {
-                if !r.buffer().is_empty() {
-                    pipelined.fetch_add(1, Ordering::SeqCst);
-                }
-                b"+OK\r\n"
+            // Dovecot's list; SASL only where XCLIENT is announced too (a "newer" server).
+            "CAPA" if behaviour == Behaviour::Pop3 => {
+                b"+OK\r\nTOP\r\nUIDL\r\nPIPELINING\r\nUSER\r\nSASL PLAIN LOGIN\r\n.\r\n"
             }
+            "CAPA" => b"+OK\r\nTOP\r\nUIDL\r\nUSER\r\n.\r\n",
+            "USER" => b"+OK\r\n",
             "PASS" | "AUTH" => b"+OK Logged in.\r\n",
             "STAT" => b"+OK 1 42\r\n",
             "QUIT" => {
