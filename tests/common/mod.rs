@@ -106,9 +106,9 @@ pub enum Behaviour {
     RejectLogin,
     /// Greets with PREAUTH (reliability case 13).
     Preauth,
-    /// POP3: Dovecot-like, announces XCLIENT (and SASL PLAIN in CAPA), accepts any USER/PASS or AUTH.
+    /// POP3: Dovecot-like, announces XCLIENT, accepts any USER/PASS or AUTH.
     Pop3,
-    /// POP3: does not announce XCLIENT (proxy not trusted) nor SASL.
+    /// POP3: does not announce XCLIENT (proxy not trusted).
     Pop3NoXclient,
     /// SMTP: Postfix-like, announces XCLIENT, accepts AUTH, takes messages.
     Smtp,
@@ -273,11 +273,6 @@ async fn serve_pop3(s: TcpStream, behaviour: Behaviour, rec: Arc<Mutex<Vec<Vec<S
         let verb = line.split([' ', '\r']).next().unwrap_or("").to_ascii_uppercase();
         let reply: &[u8] = match verb.as_str() {
             "XCLIENT" => b"+OK Updated\r\n",
-            // Dovecot's list; SASL only where XCLIENT is announced too (a "newer" server).
-            "CAPA" if behaviour == Behaviour::Pop3 => {
-                b"+OK\r\nTOP\r\nUIDL\r\nPIPELINING\r\nUSER\r\nSASL PLAIN LOGIN\r\n.\r\n"
-            }
-            "CAPA" => b"+OK\r\nTOP\r\nUIDL\r\nUSER\r\n.\r\n",
             "USER" => b"+OK\r\n",
             "PASS" | "AUTH" => b"+OK Logged in.\r\n",
             "STAT" => b"+OK 1 42\r\n",
