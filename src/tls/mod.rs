@@ -292,3 +292,24 @@ mod session_cache_tests {
         assert_eq!(c.get(&key(2)), Some(vec![22]));
     }
 }
+
+#[cfg(test)]
+mod cipher_suite_tests {
+    use super::*;
+    use crate::config::DEFAULT_CIPHER_SUITES;
+
+    /// Every name the configuration accepts is a suite of the crypto provider, in the order given
+    /// (a renamed or dropped suite would otherwise vanish from the server config silently).
+    #[test]
+    fn every_accepted_name_maps_to_a_provider_suite_in_order() {
+        let names: Vec<String> = DEFAULT_CIPHER_SUITES.iter().map(|s| s.to_string()).collect();
+        let suites = cipher_suites(&names);
+        let got: Vec<&str> = suites.iter().filter_map(|s| s.suite().as_str()).collect();
+        assert_eq!(got, DEFAULT_CIPHER_SUITES);
+        let reversed: Vec<String> = names.iter().rev().cloned().collect();
+        assert_eq!(
+            cipher_suites(&reversed)[0].suite(),
+            rustls::CipherSuite::TLS_ECDHE_RSA_WITH_CHACHA20_POLY1305_SHA256
+        );
+    }
+}
