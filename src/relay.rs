@@ -1,5 +1,7 @@
 //! After login the proxy is a byte pipe: copy both ways until both sides are done, propagate
-//! half-close, count bytes, and end the session after an idle period with no traffic.
+//! half-close, count bytes (into the metrics as they move, not only at the end, so a long
+//! session shows up in throughput graphs while it lasts), and end the session after an idle
+//! period with no traffic.
 //!
 //! Memory: a direction holds a buffer only while it has bytes in flight. When a read would block
 //! the (empty) buffer is released, so an idle session holds no copy buffers at all.
@@ -10,6 +12,7 @@ use std::pin::Pin;
 use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
+use prometheus::IntCounter;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::time::{Instant, Sleep};
 use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
@@ -24,6 +27,14 @@ const LARGE_BUF: usize = 64 * 1024;
 pub struct Transferred {
     pub client_to_backend: u64,
     pub backend_to_client: u64,
+}
+
+/// Counters the relay adds each direction's bytes to as they are written: once per wakeup of
+/// the session at most, not per write.
+#[derive(Debug, Clone, Default)]
+pub struct Meters {
+    pub client_to_backend: Option<IntCounter>,
+    pub backend_to_client: Option<IntCounter>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -63,6 +74,8 @@ struct Direction {
     /// A read has filled the small buffer: this direction carries bulk data.
     bulk: bool,
     bytes: u64,
+    /// How much of `bytes` the meter has been given.
+    reported: u64,
 }
 
 enum Side {
@@ -71,6 +84,15 @@ enum Side {
 }
 
 impl Direction {
+    fn report(&mut self, meter: Option<&IntCounter>) {
+        if let Some(m) = meter
+            && self.bytes > self.reported
+        {
+            m.inc_by(self.bytes - self.reported);
+            self.reported = self.bytes;
+        }
+    }
+
     /// Move bytes from `r` to `w`. Ready(Ok) when EOF was read and propagated.
     fn poll_copy<R, W>(
         &mut self,
@@ -151,7 +173,7 @@ pub struct Deadlines {
 
 /// Relay between `client` and `backend` until both directions end, an error, `idle` passes with
 /// no byte moving either way, or a deadline (max duration, shutdown grace) passes.
-pub async fn relay<C, B>(client: &mut C, backend: &mut B, d: Deadlines) -> (RelayEnd, Transferred)
+pub async fn relay<C, B>(client: &mut C, backend: &mut B, d: Deadlines, meters: Meters) -> (RelayEnd, Transferred)
 where
     C: AsyncRead + AsyncWrite + Unpin + ?Sized,
     B: AsyncRead + AsyncWrite + Unpin + ?Sized,
@@ -172,6 +194,7 @@ where
         stopping: false,
         cancelled,
         grace,
+        meters,
     };
     let end = (&mut r).await;
     (end, Transferred { client_to_backend: r.up.bytes, backend_to_client: r.down.bytes })
@@ -191,6 +214,7 @@ struct Relay<'a, C: ?Sized, B: ?Sized> {
     stopping: bool,
     cancelled: Option<Pin<Box<WaitForCancellationFutureOwned>>>,
     grace: Duration,
+    meters: Meters,
 }
 
 impl<C: ?Sized, B: ?Sized> Relay<'_, C, B> {
@@ -209,6 +233,20 @@ where
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<RelayEnd> {
         let this = &mut **self.get_mut();
+        let end = this.poll_relay(cx);
+        this.up.report(this.meters.client_to_backend.as_ref());
+        this.down.report(this.meters.backend_to_client.as_ref());
+        end
+    }
+}
+
+impl<C, B> Relay<'_, C, B>
+where
+    C: AsyncRead + AsyncWrite + Unpin + ?Sized,
+    B: AsyncRead + AsyncWrite + Unpin + ?Sized,
+{
+    fn poll_relay(&mut self, cx: &mut Context<'_>) -> Poll<RelayEnd> {
+        let this = self;
         if let Some(c) = this.cancelled.as_mut()
             && c.as_mut().poll(cx).is_ready()
         {
@@ -296,11 +334,15 @@ mod tests {
     async fn copies_both_ways_and_propagates_half_close() {
         let (mut client_app, mut client_proxy) = duplex(64);
         let (mut backend_proxy, mut backend_app) = duplex(64);
+        let up = IntCounter::new("up", "up").unwrap();
+        let down = IntCounter::new("down", "down").unwrap();
+        let meters = Meters { client_to_backend: Some(up.clone()), backend_to_client: Some(down.clone()) };
         let task = tokio::spawn(async move {
             relay(
                 &mut client_proxy,
                 &mut backend_proxy,
                 Deadlines { idle: Duration::from_secs(5), ..Deadlines::default() },
+                meters,
             )
             .await
         });
@@ -316,6 +358,8 @@ mod tests {
         let mut got = Vec::new();
         backend_app.read_to_end(&mut got).await.unwrap();
         assert_eq!(got, big);
+        // Counted while the session is still open (the backend has not answered yet).
+        assert_eq!((up.get(), down.get()), (100_000, 0));
         backend_app.write_all(b"* BYE\r\n").await.unwrap();
         backend_app.shutdown().await.unwrap();
         assert_eq!(writer.await.unwrap(), b"* BYE\r\n");
@@ -323,6 +367,7 @@ mod tests {
         assert_eq!(end, RelayEnd::Closed);
         assert_eq!(t.client_to_backend, 100_000);
         assert_eq!(t.backend_to_client, 7);
+        assert_eq!((up.get(), down.get()), (100_000, 7));
     }
 
     #[tokio::test(start_paused = true)]
@@ -333,6 +378,7 @@ mod tests {
             &mut client_proxy,
             &mut backend_proxy,
             Deadlines { idle: Duration::from_secs(1800), ..Deadlines::default() },
+            Meters::default(),
         )
         .await;
         assert_eq!(end, RelayEnd::IdleTimeout);
@@ -347,7 +393,7 @@ mod tests {
             max_end: Some(Instant::now() + Duration::from_secs(60)),
             shutdown: None,
         };
-        assert_eq!(relay(&mut client_proxy, &mut backend_proxy, d).await.0, RelayEnd::MaxDuration);
+        assert_eq!(relay(&mut client_proxy, &mut backend_proxy, d, Meters::default()).await.0, RelayEnd::MaxDuration);
         let token = CancellationToken::new();
         let t2 = token.clone();
         tokio::spawn(async move {
@@ -360,7 +406,7 @@ mod tests {
             max_end: None,
             shutdown: Some((token, Duration::from_secs(10))),
         };
-        assert_eq!(relay(&mut client_proxy, &mut backend_proxy, d).await.0, RelayEnd::Stopped);
+        assert_eq!(relay(&mut client_proxy, &mut backend_proxy, d, Meters::default()).await.0, RelayEnd::Stopped);
         assert_eq!(start.elapsed(), Duration::from_secs(15));
     }
 }

@@ -140,7 +140,7 @@ pub async fn run(mut ctx: SessionCtx, mut tcp: TcpStream) {
                 max_end: limits.max_session_duration.map(|d| start + d),
                 shutdown: Some((ctx.shutdown.clone(), ctx.shutdown_grace)),
             };
-            let (end, bytes) = relay_session(&mut a, deadlines).await;
+            let (end, bytes) = relay_session(&mut a, protocol, deadlines).await;
             if end == "shutdown" || end == "max_duration" {
                 let _ = a.client.write_all(a.goodbye).await;
                 let _ = a.client.shutdown().await;
@@ -149,8 +149,6 @@ pub async fn run(mut ctx: SessionCtx, mut tcp: TcpStream) {
         }
     };
     let m = metrics();
-    m.relayed_bytes.with_label_values(&[protocol, "client_to_backend"]).inc_by(bytes.client_to_backend);
-    m.relayed_bytes.with_label_values(&[protocol, "backend_to_client"]).inc_by(bytes.backend_to_client);
     m.session_duration.with_label_values(&[protocol]).observe(start.elapsed().as_secs_f64());
     let (phase, result) = match outcome {
         Outcome::PreAuth(r) => ("preauth", r),
@@ -210,7 +208,11 @@ async fn read_proxy_header(
     }
 }
 
-async fn relay_session(a: &mut Authenticated, deadlines: relay::Deadlines) -> (&'static str, Transferred) {
+async fn relay_session(
+    a: &mut Authenticated,
+    protocol: &str,
+    deadlines: relay::Deadlines,
+) -> (&'static str, Transferred) {
     let first = std::mem::take(&mut a.to_client);
     if a.client.write_all(&first).await.is_err() || a.client.flush().await.is_err() {
         return ("client_error", Transferred::default());
@@ -219,7 +221,14 @@ async fn relay_session(a: &mut Authenticated, deadlines: relay::Deadlines) -> (&
         return ("backend_error", Transferred::default());
     }
     a.pipelined = Vec::new();
-    let (end, t) = relay::relay(&mut a.client, &mut a.backend.stream, deadlines).await;
+    // Bytes reach relayed_bytes_total as they move, so long sessions (IDLE, big FETCHes) show
+    // in throughput graphs while they last rather than all at once when they end.
+    let relayed = &metrics().relayed_bytes;
+    let meters = relay::Meters {
+        client_to_backend: Some(relayed.with_label_values(&[protocol, "client_to_backend"])),
+        backend_to_client: Some(relayed.with_label_values(&[protocol, "backend_to_client"])),
+    };
+    let (end, t) = relay::relay(&mut a.client, &mut a.backend.stream, deadlines, meters).await;
     (end.as_str(), t)
 }
 
