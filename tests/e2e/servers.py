@@ -136,8 +136,10 @@ service pop3-login {{
 class Dovecot:
     """A private Dovecot with passwd-file users and a master user `master` / `masterpw`."""
 
-    def __init__(self, workdir, users, imap_port=None, haproxy_port=None, pop3_port=None):
+    def __init__(self, workdir, users, imap_port=None, haproxy_port=None, pop3_port=None, extra_conf=""):
         self.dir = os.path.join(workdir, "dovecot")
+        # Appended to the configuration; a setting given again there replaces the one above.
+        self.extra_conf = extra_conf
         self.imap_port = imap_port or free_port()
         self.haproxy_port = haproxy_port or free_port()
         self.pop3_port = pop3_port or free_port()
@@ -160,6 +162,7 @@ class Dovecot:
         self.conf = os.path.join(self.dir, "dovecot.conf")
         with open(self.conf, "w") as f:
             f.write(DOVECOT_CONF.format(dir=self.dir, imap_port=self.imap_port, haproxy_port=self.haproxy_port, pop3_port=self.pop3_port))
+            f.write(self.extra_conf)
         self.proc = subprocess.Popen([binary, "-F", "-c", self.conf], stdout=subprocess.DEVNULL, stderr=open(os.path.join(self.dir, "stderr.log"), "w"))
         try:
             wait_greeting(self.imap_port)

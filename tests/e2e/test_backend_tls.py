@@ -1,0 +1,132 @@
+"""TLS to the backend: portcullis upgrades its IMAP (STARTTLS) and POP3 (STLS) connections to a
+real Dovecot that refuses logins without TLS (`ssl = required`), verifying Dovecot's certificate
+against a CA file. Dovecot's login log says each login arrived over TLS.
+
+Clients talk plaintext to the proxy here (a loopback test listener with allow_plaintext_auth):
+what is under test is the proxy's own backend leg.
+"""
+
+import imaplib
+import poplib
+import time
+
+import pytest
+
+from acme_servers import make_ca
+from conftest import DEMO
+from servers import Dovecot, Portcullis, free_port
+
+
+@pytest.fixture
+def tls_dovecot(tmp_path):
+    d = str(tmp_path)
+    ca, cert, key = make_ca(d)  # a CA and a leaf for localhost
+    # No login without TLS: ssl = required, and loopback is no longer a trusted network. Dovecot
+    # also counts a connection whose two ends have the same address as secure, so the proxy
+    # reaches this Dovecot on listeners at 127.0.0.2 (its connections come from 127.0.0.1).
+    far_imap, far_pop3 = free_port(), free_port()
+    extra = f"""ssl = required
+ssl_cert = <{cert}
+ssl_key = <{key}
+login_trusted_networks =
+service imap-login {{
+  inet_listener imap_far {{
+    address = 127.0.0.2
+    port = {far_imap}
+  }}
+}}
+service pop3-login {{
+  inet_listener pop3_far {{
+    address = 127.0.0.2
+    port = {far_pop3}
+  }}
+}}
+"""
+    dv = Dovecot(d, {DEMO[0]: DEMO[1]}, extra_conf=extra).start()
+    dv.ca, dv.far_imap, dv.far_pop3 = ca, far_imap, far_pop3
+    try:
+        yield dv
+    finally:
+        dv.stop()
+
+
+def proxy_config(dv, imap_port, pop3_port):
+    def backend(name, protocol, port):
+        return "\n".join([
+            "[[backend]]",
+            f'name = "{name}"',
+            f'protocol = "{protocol}"',
+            f'address = "127.0.0.2:{port}"',
+            'transport = "starttls"',
+            f'tls_ca_file = "{dv.ca}"',
+            'tls_server_name = "localhost"',
+            'client_address = "none"',
+            'login = "replay"',
+            "health = { enabled = false }",
+            "",
+        ])
+
+    listeners = []
+    for name, port, protocol in (("imap", imap_port, "imap"), ("pop3", pop3_port, "pop3")):
+        listeners += [
+            "[[listener]]",
+            f'name = "{name}"',
+            f'bind = "127.0.0.1:{port}"',
+            f'protocol = "{protocol}"',
+            'tls = "none"',
+            "allow_plaintext_auth = true",
+            "",
+        ]
+    return "\n".join([
+        "[log]", 'format = "text"', 'level = "info"', "",
+        "[tls]", 'self_signed_names = ["localhost"]', "",
+        *listeners,
+        "[auth]", 'source = "backend"', "",
+        "[throttle]", "enabled = false", "",
+        backend("dovecot-imap", "imap", dv.far_imap),
+        backend("dovecot-pop3", "pop3", dv.far_pop3),
+        "[routing.imap]", 'default = "dovecot-imap"', "",
+        "[routing.pop3]", 'default = "dovecot-pop3"', "",
+    ])
+
+
+def tls_logins(dv, want):
+    """Dovecot's successful login lines for the demo user, once `want` of them are logged."""
+    deadline = time.monotonic() + 10
+    while True:
+        lines = [line for line in dv.log().splitlines() if "Login: user=<" + DEMO[0] + ">" in line]
+        if len(lines) >= want or time.monotonic() > deadline:
+            return lines
+        time.sleep(0.05)
+
+
+def test_backend_starttls_and_stls_to_dovecot(tls_dovecot, tmp_path):
+    dv = tls_dovecot
+    # Without TLS this Dovecot refuses the login, so a proxy login below can only work over TLS.
+    with imaplib.IMAP4("127.0.0.2", dv.far_imap, timeout=10) as m:
+        with pytest.raises(imaplib.IMAP4.error, match="PRIVACYREQUIRED"):
+            m.login(*DEMO)
+    p = poplib.POP3("127.0.0.2", dv.far_pop3, timeout=10)
+    with pytest.raises(poplib.error_proto, match="Plaintext authentication disallowed"):
+        p.user(DEMO[0])  # Dovecot refuses USER itself here
+    p.quit()
+    imap_port, pop3_port = free_port(), free_port()
+    pc = Portcullis(str(tmp_path), proxy_config(dv, imap_port, pop3_port))
+    pc.start(wait_port=imap_port)
+    try:
+        with imaplib.IMAP4("127.0.0.1", imap_port, timeout=10) as m:
+            typ, _ = m.login(*DEMO)
+            assert typ == "OK"
+            typ, data = m.select("INBOX")
+            assert typ == "OK", data
+            m.logout()
+        p = poplib.POP3("127.0.0.1", pop3_port, timeout=10)
+        p.user(DEMO[0])
+        assert p.pass_(DEMO[1]).startswith(b"+OK")
+        assert p.stat() == (0, 0)
+        p.quit()
+        logins = tls_logins(dv, 2)
+        assert [("imap-login" in line, "pop3-login" in line) for line in logins] == [(True, False), (False, True)], logins
+        assert all(" TLS" in line for line in logins), logins
+    finally:
+        pc.stop()
