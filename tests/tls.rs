@@ -1,5 +1,6 @@
 //! TLS on the client leg: SNI selection (exact, wildcard, default), RSA and ECDSA, strict ALPN,
-//! TLS 1.2, the server's cipher suite order, STARTTLS (capabilities before/after, injection), and certificate files changing on
+//! TLS 1.2, the server's cipher suite order, STARTTLS (capabilities before/after, injection),
+//! session resumption, the greeting sent with the handshake, and certificate files changing on
 //! disk.
 
 mod common;

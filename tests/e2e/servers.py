@@ -209,17 +209,20 @@ class Dovecot:
             return ""
 
     def logins(self):
-        """Every `Login:` line of the info log as a dict (user, method, rip, lip, rport, lport, ...)."""
+        """Every `Login:` line of the info log as a dict (user, method, rip, lip, rport, lport, ...),
+        with `service` (`imap-login`, `pop3-login`) and flags such as `TLS` set to True."""
         out = []
         for line in self.info_log().splitlines():
-            _, sep, rest = line.partition("Login: ")
+            prefix, sep, rest = line.partition("Login: ")
             if not sep:
                 continue
-            fields = {}
+            fields = {"service": next((w.rstrip(":") for w in prefix.split() if w.endswith("-login:")), "")}
             for part in rest.split(", "):
                 k, eq, v = part.partition("=")
                 if eq:
                     fields[k] = v.strip("<>")
+                elif part.strip():
+                    fields[part.strip()] = True
             out.append(fields)
         return out
 

@@ -8,13 +8,12 @@ what is under test is the proxy's own backend leg.
 
 import imaplib
 import poplib
-import time
 
 import pytest
 
 from acme_servers import make_ca
 from conftest import DEMO
-from servers import Dovecot, Portcullis, free_port
+from servers import Dovecot, Portcullis, free_port, wait_for
 
 
 @pytest.fixture
@@ -90,16 +89,6 @@ def proxy_config(dv, imap_port, pop3_port):
     ])
 
 
-def tls_logins(dv, want):
-    """Dovecot's successful login lines for the demo user, once `want` of them are logged."""
-    deadline = time.monotonic() + 10
-    while True:
-        lines = [line for line in dv.log().splitlines() if "Login: user=<" + DEMO[0] + ">" in line]
-        if len(lines) >= want or time.monotonic() > deadline:
-            return lines
-        time.sleep(0.05)
-
-
 def test_backend_starttls_and_stls_to_dovecot(tls_dovecot, tmp_path):
     dv = tls_dovecot
     # Without TLS this Dovecot refuses the login, so a proxy login below can only work over TLS.
@@ -125,8 +114,10 @@ def test_backend_starttls_and_stls_to_dovecot(tls_dovecot, tmp_path):
         assert p.pass_(DEMO[1]).startswith(b"+OK")
         assert p.stat() == (0, 0)
         p.quit()
-        logins = tls_logins(dv, 2)
-        assert [("imap-login" in line, "pop3-login" in line) for line in logins] == [(True, False), (False, True)], logins
-        assert all(" TLS" in line for line in logins), logins
+        logins = wait_for(lambda: len(dv.logins()) >= 2 and dv.logins(), timeout=10)
+        assert [(l["service"], l["user"], l.get("TLS")) for l in logins] == [
+            ("imap-login", DEMO[0], True),
+            ("pop3-login", DEMO[0], True),
+        ], dv.info_log()
     finally:
         pc.stop()
