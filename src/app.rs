@@ -110,8 +110,14 @@ impl SocketKey {
 pub fn build_runtime(config: Config, tls: &TlsShared) -> Result<Runtime, ConfigError> {
     let mut server_tls = HashMap::new();
     for l in &config.listeners {
-        if l.tls != TlsMode::None {
-            server_tls.entry(l.protocol).or_insert_with(|| tls.server_config(l.protocol, &config.tls));
+        if l.tls != TlsMode::None && !server_tls.contains_key(&l.protocol) {
+            let cfg = tls.server_config(l.protocol, &config.tls).map_err(|message| ConfigError {
+                file: config.path.clone(),
+                position: None,
+                field: "tls.cipher_suites".into(),
+                message,
+            })?;
+            server_tls.insert(l.protocol, cfg);
         }
     }
     let mut backend_tls = HashMap::new();

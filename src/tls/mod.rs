@@ -42,14 +42,15 @@ impl TlsShared {
     /// to the protocol's own identifier (a client offering only others gets
     /// `no_application_protocol`; a client offering none is accepted).
     /// The cipher suite is the first of `tls.cipher_suites` the client offers (server order), and
-    /// `tls.session_tickets` TLS 1.3 session tickets follow each handshake.
-    pub fn server_config(&self, protocol: Protocol, settings: &TlsSettings) -> Arc<ServerConfig> {
+    /// `tls.session_tickets` TLS 1.3 session tickets follow each handshake. Err (rustls' reason)
+    /// only if rustls refuses the suites, which config validation rules out (it keeps a TLS 1.3
+    /// suite); never a silent fallback to suites the operator did not list.
+    pub fn server_config(&self, protocol: Protocol, settings: &TlsSettings) -> Result<Arc<ServerConfig>, String> {
         let mut provider = rustls::crypto::aws_lc_rs::default_provider();
         provider.cipher_suites = cipher_suites(&settings.cipher_suites);
         let mut cfg = ServerConfig::builder_with_provider(Arc::new(provider))
             .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
-            // Unreachable: the configuration always keeps a TLS 1.3 suite.
-            .unwrap_or_else(|_| ServerConfig::builder_with_protocol_versions(&[&rustls::version::TLS13]))
+            .map_err(|e| e.to_string())?
             .with_no_client_auth()
             .with_cert_resolver(self.certs.clone());
         cfg.ignore_client_order = true;
@@ -58,7 +59,7 @@ impl TlsShared {
         cfg.send_tls13_tickets = settings.session_tickets;
         // The greeting, queued before the handshake, leaves with the server's Finished.
         cfg.send_half_rtt_data = true;
-        Arc::new(cfg)
+        Ok(Arc::new(cfg))
     }
 }
 
@@ -311,5 +312,22 @@ mod cipher_suite_tests {
             cipher_suites(&reversed)[0].suite(),
             rustls::CipherSuite::TLS_ECDHE_RSA_WITH_CHACHA20_POLY1305_SHA256
         );
+    }
+
+    /// A suite list rustls refuses is an error, not a server config with other suites.
+    #[test]
+    fn suites_rustls_refuses_are_an_error_not_a_fallback() {
+        let settings = TlsSettings {
+            certificates: Vec::new(),
+            self_signed_names: vec!["localhost".into()],
+            session_tickets: 1,
+            cipher_suites: Vec::new(),
+        };
+        let store = certs::CertStore::load(&settings).expect("self-signed store");
+        let shared = TlsShared::new(Arc::new(store));
+        assert!(shared.server_config(Protocol::Imap, &settings).is_err());
+        let settings = TlsSettings { cipher_suites: vec!["TLS13_AES_128_GCM_SHA256".into()], ..settings };
+        let cfg = shared.server_config(Protocol::Imap, &settings).expect("one TLS 1.3 suite");
+        assert_eq!(cfg.crypto_provider().cipher_suites.len(), 1);
     }
 }
