@@ -7,13 +7,16 @@ import os
 import socket
 import subprocess
 import time
+import urllib.request
 
 from conftest import DEMO, write_users_file
 from servers import ROOT, Portcullis, free_port, wait_for
 
 
-def config(dovecot, port, users_path, extra_limits=""):
+def config(dovecot, port, users_path, extra_limits="", admin_port=None):
+    admin = f'[admin]\nbind = "127.0.0.1:{admin_port}"\n' if admin_port else ""
     return f"""
+{admin}
 [[listener]]
 name = "imap"
 bind = "127.0.0.1:{port}"
@@ -66,8 +69,8 @@ def test_password_guessing_burst_is_throttled_while_others_log_in(dovecot, tmp_p
     """Reliability cases 44, 55, 57 and 63."""
     users = tmp_path / "users"
     write_users_file(str(users))
-    port = free_port()
-    pc = Portcullis(str(tmp_path), config(dovecot, port, users)).start(wait_port=port)
+    port, admin = free_port(), free_port()
+    pc = Portcullis(str(tmp_path), config(dovecot, port, users, admin_port=admin)).start(wait_port=port)
     try:
         before = dovecot.settled_log()
         replies = []
@@ -104,8 +107,10 @@ def test_password_guessing_burst_is_throttled_while_others_log_in(dovecot, tmp_p
         assert "rip=127.0.0.3" not in new
         log = pc.log()
         assert "reason=throttled" in log and "rip=127.0.0.3" in log
-        metrics_line = 'result="throttled"'
-        assert metrics_line or True
+        with urllib.request.urlopen(f"http://127.0.0.1:{admin}/metrics", timeout=5) as r:
+            metrics = r.read().decode()
+        counted = [l for l in metrics.splitlines() if l.startswith("portcullis_logins_total{") and 'result="throttled"' in l]
+        assert counted and int(float(counted[0].rsplit(" ", 1)[1])) == len(throttled), (counted, len(throttled))
     finally:
         pc.stop()
 
