@@ -40,6 +40,52 @@ async fn login_relays_backend_reply_and_pipelined_commands_in_order() {
 }
 
 #[tokio::test]
+async fn backend_data_right_after_the_login_reply_reaches_the_client() {
+    // Reliability case 70: an untagged line the backend writes with its login reply, before the
+    // client sends anything more, is relayed at once.
+    let (proxy, _backend) = setup(Behaviour::UnsolicitedAfterLogin).await;
+    let mut c = greeted(&proxy).await;
+    c.send(b"a1 LOGIN alice@example.test secret\r\n").await;
+    assert_eq!(c.until_tagged("a1").await.last().unwrap(), "a1 OK Logged in\r\n");
+    let next = tokio::time::timeout(Duration::from_secs(5), c.line()).await.expect("relayed without a command");
+    assert_eq!(next, "* 3 EXISTS\r\n");
+}
+
+#[tokio::test]
+async fn case_variants_of_a_name_are_one_user_for_limits() {
+    // Reliability case 43: with the default `lowercase = "all"`, ALICE@Example.TEST is
+    // alice@example.test for the users file and the per-user session limit.
+    let backend = FakeBackend::start(Behaviour::Normal).await;
+    let proxy = Proxy::start(&plain_config(backend.addr, "max_sessions_per_user = 1"), USERS).await;
+    let mut first = greeted(&proxy).await;
+    first.send(b"a LOGIN alice@example.test secret\r\n").await;
+    assert!(first.until_tagged("a").await.last().unwrap().starts_with("a OK"));
+    let mut second = greeted(&proxy).await;
+    second.send(b"b LOGIN ALICE@Example.TEST secret\r\n").await;
+    let reply = second.until_tagged("b").await;
+    assert!(
+        reply.last().unwrap().starts_with("b NO") && reply.last().unwrap().contains("Too many sessions"),
+        "{reply:?}"
+    );
+    first.send(b"c LOGOUT\r\n").await;
+    first.until_tagged("c").await;
+    assert!(first.closed().await);
+    // The session (and its slot) ends once both directions have: the client closes too.
+    drop(first);
+    let mut reply = Vec::new();
+    for _ in 0..50 {
+        let mut third = greeted(&proxy).await;
+        third.send(b"d LOGIN ALICE@Example.TEST secret\r\n").await;
+        reply = third.until_tagged("d").await;
+        if reply.last().unwrap().starts_with("d OK") {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(reply.last().unwrap().starts_with("d OK"), "{reply:?}");
+}
+
+#[tokio::test]
 async fn quoted_escapes_and_literals_are_decoded_once_and_reencoded() {
     let (proxy, backend) = setup(Behaviour::Normal).await;
     let mut c = greeted(&proxy).await;

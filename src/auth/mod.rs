@@ -97,11 +97,14 @@ pub async fn authenticate(config: &Config, creds: &Credentials) -> Verdict {
 mod tests {
     use super::*;
 
+    /// Reliability case 43: case variants of one user are one name for routing and limits.
     #[test]
     fn canonical_names() {
         use crate::config::{Lowercase, UserRule};
         let r = UserRule::default();
-        assert_eq!(r.canonical("Alice@EXAMPLE.test").as_deref(), Some("Alice@example.test"));
+        assert_eq!(r.canonical("Alice@EXAMPLE.test").as_deref(), Some("alice@example.test"));
+        let domain_only = UserRule { lowercase: Lowercase::Domain, ..UserRule::default() };
+        assert_eq!(domain_only.canonical("Alice@EXAMPLE.test").as_deref(), Some("Alice@example.test"));
         assert_eq!(r.canonical("bob").as_deref(), Some("bob"));
         assert_eq!(r.canonical(""), None);
         assert_eq!(r.canonical("a b"), None);

@@ -357,7 +357,10 @@ pub struct AcmeCertSpec {
     pub rsa: bool,
 }
 
-/// How user names are made canonical.
+/// How user names are made canonical. Lower-casing the whole name by default is what Dovecot
+/// does (`auth_username_format = %Lu`) and what most mail stores do: `Alice@` and `alice@` are
+/// one user, so they share per-user limits and a backend (reliability case 43). A replayed login
+/// still carries the name as the client typed it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct UserRule {
     pub lowercase: Lowercase,
@@ -374,7 +377,7 @@ pub enum Lowercase {
 
 impl Default for UserRule {
     fn default() -> Self {
-        UserRule { lowercase: Lowercase::Domain, default_domain: None, strip_default_domain: false }
+        UserRule { lowercase: Lowercase::All, default_domain: None, strip_default_domain: false }
     }
 }
 
@@ -1198,8 +1201,8 @@ impl Validator<'_> {
 
     fn users(&self, u: &file::UsersFile) -> Result<UserRule, ConfigError> {
         let lowercase = match u.lowercase.as_ref().map(|l| l.get_ref().as_str()) {
-            None | Some("domain") => Lowercase::Domain,
-            Some("all") => Lowercase::All,
+            Some("domain") => Lowercase::Domain,
+            None | Some("all") => Lowercase::All,
             Some("none") => Lowercase::None,
             Some(other) => {
                 let span = u.lowercase.as_ref().map(|l| l.span());
