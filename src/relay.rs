@@ -330,6 +330,7 @@ mod tests {
         assert_eq!(got, body);
     }
 
+    /// Reliability case 71.
     #[tokio::test]
     async fn copies_both_ways_and_propagates_half_close() {
         let (mut client_app, mut client_proxy) = duplex(64);
@@ -370,6 +371,38 @@ mod tests {
         assert_eq!((up.get(), down.get()), (100_000, 7));
     }
 
+    /// Reliability case 59: a client that stops reading stops the backend being read. The relay
+    /// holds at most one buffer per direction; the rest stays in the backend's socket (here, its
+    /// writer stays blocked), and every byte arrives once the client reads again.
+    #[tokio::test]
+    async fn slow_reader_applies_backpressure_to_the_backend() {
+        let (mut client_app, mut client_proxy) = duplex(4096);
+        let (mut backend_proxy, mut backend_app) = duplex(4096);
+        let down = IntCounter::new("down", "down").unwrap();
+        let meters = Meters { backend_to_client: Some(down.clone()), ..Meters::default() };
+        let task = tokio::spawn(async move {
+            let d = Deadlines { idle: Duration::from_secs(5), ..Deadlines::default() };
+            relay(&mut client_proxy, &mut backend_proxy, d, meters).await
+        });
+        let body: Vec<u8> = (0..4u32 << 20).map(|i| (i % 253) as u8).collect();
+        let sent = body.clone();
+        let writer = tokio::spawn(async move {
+            backend_app.write_all(&sent).await.unwrap();
+            backend_app.shutdown().await.unwrap();
+            backend_app
+        });
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert!(!writer.is_finished(), "the backend must be held back while the client reads nothing");
+        assert!(down.get() <= 4096, "only what fits the client's pipe was written: {}", down.get());
+        let mut got = Vec::new();
+        client_app.read_to_end(&mut got).await.unwrap();
+        assert!(got == body, "all {} bytes, in order", body.len());
+        drop(client_app);
+        drop(writer.await.unwrap());
+        assert_eq!(task.await.unwrap().0, RelayEnd::Closed);
+    }
+
+    /// Reliability case 60.
     #[tokio::test(start_paused = true)]
     async fn idle_timeout_ends_relay() {
         let (_client_app, mut client_proxy) = duplex(64);

@@ -52,6 +52,7 @@ async fn wait_for_extensions(proxy: &Proxy) {
     panic!("backend probe did not fill the EHLO cache");
 }
 
+/// Reliability case 48: CHUNKING (and so BDAT) is offered only when the backend offers it.
 #[tokio::test]
 async fn honest_ehlo_shows_the_backends_extensions() {
     let (proxy, _b) = setup(Behaviour::Smtp).await;
@@ -157,6 +158,12 @@ async fn backend_refusing_starttls_fails_closed() {
 async fn backend_starttls_reply_with_extra_bytes_aborts() {
     // Reliability case 10.
     login_fails_unavailable(Behaviour::SmtpStartTlsExtraBytes, "transport = \"starttls\"\ntls_verify = false").await;
+}
+
+#[tokio::test]
+async fn backend_answering_starttls_without_tls_fails_closed() {
+    // Reliability case 72: the handshake fails, and nothing falls back to plaintext.
+    login_fails_unavailable(Behaviour::SmtpStartTlsNotTls, "transport = \"starttls\"\ntls_verify = false").await;
 }
 
 #[tokio::test]

@@ -162,6 +162,7 @@ fn served(s: &TlsStream<TcpStream>) -> CertificateDer<'static> {
     s.get_ref().1.peer_certificates().unwrap()[0].clone().into_owned()
 }
 
+/// Reliability case 17 (an unknown name gets the default certificate).
 #[tokio::test]
 async fn sni_selects_exact_wildcard_rsa_and_default() {
     let s = setup().await;
@@ -200,6 +201,32 @@ async fn tls12_clients_work_and_login_relays() {
     assert!(c.until_tagged("a").await.last().unwrap().starts_with("a OK [CAPABILITY IMAP4rev1 IDLE MOVE]"));
 }
 
+/// Reliability case 20: a TLS 1.1 ClientHello gets one fatal alert and nothing else: no handshake,
+/// no greeting. (rustls answers `handshake_failure` to this bare hello, `protocol_version` to
+/// some others; either ends it.)
+#[tokio::test]
+async fn tls11_client_gets_a_fatal_alert_and_nothing_else() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let s = setup().await;
+    let mut hello = vec![0x03, 0x02]; // client_version TLS 1.1
+    hello.extend_from_slice(&[7u8; 32]); // random
+    // No session id; AES128-SHA and ECDHE-ECDSA-AES128-GCM-SHA256; null compression.
+    hello.extend_from_slice(&[0, 0, 4, 0x00, 0x2f, 0xc0, 0x2b, 1, 0]);
+    let mut handshake = vec![1, 0, 0, hello.len() as u8];
+    handshake.extend_from_slice(&hello);
+    let mut record = vec![0x16, 0x03, 0x02, 0, handshake.len() as u8];
+    record.extend_from_slice(&handshake);
+    let mut tcp = TcpStream::connect(s.proxy.addr("imaps")).await.unwrap();
+    tcp.write_all(&record).await.unwrap();
+    let mut got = Vec::new();
+    tokio::time::timeout(std::time::Duration::from_secs(5), tcp.read_to_end(&mut got)).await.unwrap().unwrap();
+    // One alert record, level fatal (2): handshake_failure (40) or protocol_version (70).
+    assert_eq!(got.len(), 7, "{got:?}");
+    assert_eq!((got[0], got[5]), (0x15, 2), "{got:?}");
+    assert!(matches!(got[6], 40 | 70), "{got:?}");
+}
+
+/// Reliability case 9: the plaintext phase is compared byte for byte (no `[ALERT]`, nothing extra).
 #[tokio::test]
 async fn starttls_capabilities_and_upgrade() {
     let s = setup().await;
@@ -343,6 +370,7 @@ async fn server_chooses_the_cipher_suite() {
     assert_eq!(suite(&tls), rustls::CipherSuite::TLS13_CHACHA20_POLY1305_SHA256);
 }
 
+/// Reliability case 20 (cipher policy).
 #[tokio::test]
 async fn configured_cipher_suites_are_the_only_ones() {
     use rustls::crypto::aws_lc_rs::cipher_suite as cs;

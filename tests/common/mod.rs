@@ -120,6 +120,10 @@ pub enum Behaviour {
     SmtpRefuseStartTls,
     /// SMTP: answers STARTTLS with 220 plus extra bytes in the same segment (case 10).
     SmtpStartTlsExtraBytes,
+    /// SMTP: answers STARTTLS with 220, then plaintext instead of a TLS handshake (case 72).
+    SmtpStartTlsNotTls,
+    /// IMAP: sends an untagged line right after its login reply, in the same write (case 70).
+    UnsolicitedAfterLogin,
 }
 
 impl Behaviour {
@@ -135,6 +139,7 @@ impl Behaviour {
                 | Behaviour::SmtpDropAfterEhlo
                 | Behaviour::SmtpRefuseStartTls
                 | Behaviour::SmtpStartTlsExtraBytes
+                | Behaviour::SmtpStartTlsNotTls
         )
     }
 }
@@ -224,6 +229,10 @@ async fn serve(s: TcpStream, behaviour: Behaviour, rec: Arc<Mutex<Vec<Vec<String
         let reply = if upper.contains(" LOGIN ") || upper.contains(" AUTHENTICATE ") {
             match behaviour {
                 Behaviour::RejectLogin => format!("{tag} NO [AUTHENTICATIONFAILED] Authentication failed.\r\n"),
+                Behaviour::UnsolicitedAfterLogin => {
+                    logged_in = true;
+                    format!("{tag} OK Logged in\r\n* 3 EXISTS\r\n")
+                }
                 _ => {
                     logged_in = true;
                     format!("* CAPABILITY IMAP4rev1 IDLE\r\n{tag} OK [CAPABILITY IMAP4rev1 IDLE MOVE] Logged in\r\n")
@@ -298,7 +307,10 @@ async fn serve_smtp(s: TcpStream, behaviour: Behaviour, rec: Arc<Mutex<Vec<Vec<S
         let verb = line.split([' ', '\r', ':']).next().unwrap_or("").to_ascii_uppercase();
         let reply: Vec<u8> = match verb.as_str() {
             "EHLO" => {
-                let tls = if matches!(behaviour, Behaviour::SmtpRefuseStartTls | Behaviour::SmtpStartTlsExtraBytes) {
+                let tls = if matches!(
+                    behaviour,
+                    Behaviour::SmtpRefuseStartTls | Behaviour::SmtpStartTlsExtraBytes | Behaviour::SmtpStartTlsNotTls
+                ) {
                     "250-STARTTLS\r\n"
                 } else {
                     ""
@@ -314,6 +326,14 @@ async fn serve_smtp(s: TcpStream, behaviour: Behaviour, rec: Arc<Mutex<Vec<Vec<S
             }
             "STARTTLS" => match behaviour {
                 Behaviour::SmtpRefuseStartTls => b"454 4.7.0 TLS not available\r\n".to_vec(),
+                Behaviour::SmtpStartTlsNotTls => {
+                    let _ = w.write_all(b"220 2.0.0 Ready\r\n").await;
+                    // Wait for the ClientHello, then answer it with plaintext.
+                    let mut hello = [0u8; 1];
+                    let _ = r.read(&mut hello).await;
+                    let _ = w.write_all(b"HTTP/1.1 400 Bad Request\r\n\r\n").await;
+                    return;
+                }
                 _ => b"220 2.0.0 Ready\r\n250 injected\r\n".to_vec(),
             },
             "XCLIENT" => match behaviour {

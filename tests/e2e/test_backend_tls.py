@@ -49,7 +49,7 @@ service pop3-login {{
         dv.stop()
 
 
-def proxy_config(dv, imap_port, pop3_port):
+def proxy_config(dv, imap_port, pop3_port, server_name="localhost", ca=True):
     def backend(name, protocol, port):
         return "\n".join([
             "[[backend]]",
@@ -57,8 +57,8 @@ def proxy_config(dv, imap_port, pop3_port):
             f'protocol = "{protocol}"',
             f'address = "127.0.0.2:{port}"',
             'transport = "starttls"',
-            f'tls_ca_file = "{dv.ca}"',
-            'tls_server_name = "localhost"',
+            f'tls_ca_file = "{dv.ca}"' if ca else "",
+            f'tls_server_name = "{server_name}"',
             'client_address = "none"',
             'login = "replay"',
             "health = { enabled = false }",
@@ -119,5 +119,29 @@ def test_backend_starttls_and_stls_to_dovecot(tls_dovecot, tmp_path):
             ("imap-login", DEMO[0], True),
             ("pop3-login", DEMO[0], True),
         ], dv.info_log()
+    finally:
+        pc.stop()
+
+
+@pytest.mark.parametrize("server_name,ca", [("wrong.example", True), ("localhost", False)], ids=["wrong name", "untrusted CA"])
+def test_backend_certificate_that_does_not_verify_fails_closed(tls_dovecot, tmp_path, server_name, ca):
+    """Reliability cases 14 and 72: a backend certificate for another name, or from a CA the proxy
+    does not trust (system roots only), ends the login attempt with a temporary failure; nothing
+    is sent in plaintext instead, and Dovecot sees no login."""
+    dv = tls_dovecot
+    imap_port, pop3_port = free_port(), free_port()
+    pc = Portcullis(str(tmp_path), proxy_config(dv, imap_port, pop3_port, server_name, ca))
+    pc.start(wait_port=imap_port)
+    try:
+        with imaplib.IMAP4("127.0.0.1", imap_port, timeout=10) as m:
+            with pytest.raises(imaplib.IMAP4.error, match="UNAVAILABLE"):
+                m.login(*DEMO)
+        p = poplib.POP3("127.0.0.1", pop3_port, timeout=10)
+        p.user(DEMO[0])
+        with pytest.raises(poplib.error_proto, match=r"SYS/TEMP"):
+            p.pass_(DEMO[1])
+        p.quit()
+        assert "certificate" in wait_for(lambda: "certificate" in pc.log() and pc.log(), timeout=10).lower()
+        assert dv.logins() == []
     finally:
         pc.stop()

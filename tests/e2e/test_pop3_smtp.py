@@ -26,7 +26,8 @@ def body_of(message):
 
 
 def make_message(tag):
-    """A message with 8-bit UTF-8 text and lines longer than 998 octets (RFC 5322 limit)."""
+    """A message with 8-bit UTF-8 text and lines longer than 998 octets (RFC 5322 limit; reliability
+    case 49: relayed byte for byte, never buffered whole)."""
     long_line = ("x" * 40 + " ").encode() * 37
     body = (
         "Grüße aus Köln — ünïcödé ✓\r\n".encode()

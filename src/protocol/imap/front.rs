@@ -483,6 +483,23 @@ mod tests {
         run_front(crate::config::Protocol::Imap, settings(), chunks)
     }
 
+    /// Reliability cases 26 and 24: a read that fills the 4,096-byte buffer exactly with whole
+    /// commands, and a pipeline longer than two buffers, are each answered in full and in order.
+    #[test]
+    fn full_buffers_of_pipelined_commands() {
+        let exact = b"a NOOP\r\n".repeat(READ_CHUNK / 8);
+        assert_eq!(exact.len(), READ_CHUNK);
+        let long = b"b NOOP\r\n".repeat(1100);
+        let (out, events) = run(vec![exact, long, b"z LOGOUT\r\n".to_vec()]);
+        let out = String::from_utf8(out).unwrap();
+        let lines: Vec<&str> = out.split_terminator("\r\n").collect();
+        assert_eq!(lines.len(), 1 + 512 + 1100 + 2, "{}", lines.len());
+        assert!(lines[1..513].iter().all(|l| *l == "a OK NOOP completed."));
+        assert!(lines[513..1613].iter().all(|l| *l == "b OK NOOP completed."));
+        assert_eq!(&lines[1613..], ["* BYE Logging out.", "z OK Logout completed."]);
+        assert_eq!(events, vec!["closed logout"]);
+    }
+
     #[test]
     fn scripted_dialogue() {
         let (out, events) = run(vec![b"a NOOP\r\nb LOGIN {5}\r\n".to_vec(), b"alice pw\r\nc LOGOUT\r\n".to_vec()]);

@@ -87,6 +87,8 @@ pub async fn probe(
 mod tests {
     use super::*;
 
+    /// Reliability cases 9 and 48: only known, printable extensions pass; CHUNKING only when the
+    /// backend offers it.
     #[test]
     fn only_pass_through_extensions_survive() {
         let announced: Vec<String> = [

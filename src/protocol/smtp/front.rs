@@ -286,6 +286,18 @@ mod tests {
         assert_eq!(ev, vec!["login Some(\"alice\")", "closed logout"]);
     }
 
+    /// Reliability case 26: whole commands filling the 4,096-byte read exactly: every one answered.
+    #[test]
+    fn a_read_filled_exactly_with_commands() {
+        let mut exact = b"NOOP\r\n".repeat(680);
+        exact.extend_from_slice(&b"NOOP x\r\n".repeat(2));
+        assert_eq!(exact.len(), 4096);
+        let (out, ev) = run(vec![b"EHLO c\r\n".to_vec(), exact, b"QUIT\r\n".to_vec()]);
+        let tail = out.split_once("250 8BITMIME\r\n").map(|(_, t)| t).unwrap_or_default();
+        assert_eq!(tail, format!("{}221 2.0.0 Bye\r\n", "250 2.0.0 OK\r\n".repeat(682)));
+        assert_eq!(ev, vec!["closed logout"]);
+    }
+
     #[test]
     fn before_tls_no_auth_and_538() {
         let mut st = settings();
