@@ -37,15 +37,19 @@ impl EhloCache {
     }
 }
 
-/// Keep the pass-through extensions, with their parameters (`SIZE 10240000`).
+/// Keep the pass-through extensions in the only shapes their RFCs give them: the keyword alone,
+/// or `SIZE` with a number (`SIZE 10240000`). Anything else a backend appends is dropped with the
+/// line, so nothing but these fixed words reaches a client (before TLS too).
 pub fn filter(announced: &[String]) -> Vec<String> {
     announced
         .iter()
         .filter(|line| {
-            let keyword = line.split(' ').next().unwrap_or("");
+            let (keyword, param) = line.split_once(' ').unwrap_or((line.as_str(), ""));
             PASSED_ON.iter().any(|p| p.eq_ignore_ascii_case(keyword))
-                && line.bytes().all(|b| b.is_ascii_graphic() || b == b' ')
-                && line.len() <= 128
+                && (param.is_empty()
+                    || keyword.eq_ignore_ascii_case("SIZE")
+                        && param.len() <= 20
+                        && param.bytes().all(|b| b.is_ascii_digit()))
         })
         .cloned()
         .collect()
@@ -104,6 +108,9 @@ mod tests {
             "SMTPUTF8",
             "CHUNKING",
             "XCLIENT NAME ADDR PROTO HELO LOGIN",
+            "SIZE [ALERT] visit example.com",
+            "8BITMIME now",
+            "PIPELINING\u{1b}[31m",
         ]
         .iter()
         .map(|s| s.to_string())
