@@ -35,7 +35,7 @@ def make_ca(dir):
 
 
 class Pebble:
-    def __init__(self, workdir, http_port, tls_port, validity=3600):
+    def __init__(self, workdir, http_port, tls_port, validity=3600, nonce_reject=0):
         self.dir = os.path.join(workdir, "pebble")
         os.makedirs(self.dir, exist_ok=True)
         open_up(self.dir)
@@ -46,6 +46,7 @@ class Pebble:
         self.http_port = http_port
         self.tls_port = tls_port
         self.validity = validity
+        self.nonce_reject = nonce_reject  # percent of valid nonces Pebble refuses with badNonce
         self.ca, self.api_cert, self.api_key = make_ca(self.dir)
         self.procs = []
 
@@ -75,7 +76,7 @@ class Pebble:
         path = os.path.join(self.dir, "pebble.json")
         with open(path, "w") as f:
             json.dump(config, f)
-        env = dict(os.environ, PEBBLE_VA_NOSLEEP="1", PEBBLE_AUTHZREUSE="0", PEBBLE_WFE_NONCEREJECT="0")
+        env = dict(os.environ, PEBBLE_VA_NOSLEEP="1", PEBBLE_AUTHZREUSE="0", PEBBLE_WFE_NONCEREJECT=str(self.nonce_reject))
         log = open(os.path.join(self.dir, "pebble.log"), "a")
         self.pebble = subprocess.Popen(
             ["pebble", "-config", path, "-dnsserver", f"127.0.0.1:{self.dns_port}"], stdout=log, stderr=log, env=env)

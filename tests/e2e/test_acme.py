@@ -122,6 +122,30 @@ def test_issuance_and_verified_handshake(kind, pebble, tmp_path, dovecot):
         pc.stop()
 
 
+def test_bad_nonces_fail_the_order_and_the_proxy_keeps_serving(tmp_path, dovecot):
+    """Reliability case 79: Pebble refuses every nonce (badNonce). The ACME client retries each
+    request with the fresh nonce it is given, then the order fails; the proxy keeps serving the
+    certificate it has (here its self-signed one), says why, counts the error and retries."""
+    p = Pebble(str(tmp_path), http_port=free_port(), tls_port=free_port(), nonce_reject=100).start()
+    try:
+        pc = start(p, tmp_path, dovecot, f'challenge = "http-01"\nhttp01_bind = "127.0.0.1:{p.http_port}"')
+        try:
+            assert wait_for(lambda: "ACME: will retry" in pc.log(), timeout=30), pc.log()
+            assert "badNonce" in pc.log(), pc.log()
+            assert "ACME: certificate issued" not in pc.log()
+            ctx = ssl.create_default_context()
+            ctx.check_hostname = False
+            ctx.verify_mode = ssl.CERT_NONE
+            with socket.create_connection(("127.0.0.1", pc.imaps), timeout=5) as raw:
+                with ctx.wrap_socket(raw, server_hostname=NAME) as s:
+                    assert s.recv(100).startswith(b"* OK")
+            assert 'portcullis_acme_orders_total{result="error"}' in metrics(pc)
+        finally:
+            pc.stop()
+    finally:
+        p.stop()
+
+
 def test_renewal_swaps_under_a_running_session_and_outage_keeps_serving(pebble, tmp_path, dovecot):
     challenge = f'challenge = "http-01"\nhttp01_bind = "127.0.0.1:{pebble.http_port}"'
     pc = start(pebble, tmp_path, dovecot, challenge)
