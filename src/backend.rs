@@ -120,6 +120,11 @@ async fn connect_inner(
         .await
         .map_err(|_| BackendError::Connect(io::ErrorKind::TimedOut.into()))?
         .map_err(BackendError::Connect)?;
+    // Reliability case 73 (Dovecot's login_proxy_is_ourself): a backend at the very address the
+    // client reached us on is this listener, and the login would loop back into it for ever.
+    if tcp.peer_addr().is_ok_and(|p| p == client.local) {
+        return Err(BackendError::Protocol("proxy loop: the backend is the listener the client reached"));
+    }
     let _ = tcp.set_nodelay(true);
     if backend.client_address == ClientAddress::ProxyV2 {
         let header =
