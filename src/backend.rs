@@ -116,14 +116,20 @@ async fn connect_inner(
     client: &ClientInfo,
     timeout: std::time::Duration,
 ) -> Result<BackendStream, BackendError> {
+    // Reliability case 73 (Dovecot's login_proxy_is_ourself): a backend at the very address the
+    // client reached us on is this listener, and the login would loop back into it for ever.
+    // An address literal is checked before connecting, a host name once it has resolved.
+    const LOOP: BackendError = BackendError::Protocol("proxy loop: the backend is the listener the client reached");
+    let literal = backend.address.parse::<SocketAddr>().ok();
+    if literal == Some(client.local) {
+        return Err(LOOP);
+    }
     let mut tcp = tokio::time::timeout(timeout, TcpStream::connect(backend.address.as_str()))
         .await
         .map_err(|_| BackendError::Connect(io::ErrorKind::TimedOut.into()))?
         .map_err(BackendError::Connect)?;
-    // Reliability case 73 (Dovecot's login_proxy_is_ourself): a backend at the very address the
-    // client reached us on is this listener, and the login would loop back into it for ever.
-    if tcp.peer_addr().is_ok_and(|p| p == client.local) {
-        return Err(BackendError::Protocol("proxy loop: the backend is the listener the client reached"));
+    if literal.is_none() && tcp.peer_addr().is_ok_and(|p| p == client.local) {
+        return Err(LOOP);
     }
     let _ = tcp.set_nodelay(true);
     if backend.client_address == ClientAddress::ProxyV2 {

@@ -87,23 +87,26 @@ async fn case_variants_of_a_name_are_one_user_for_limits() {
 
 #[tokio::test]
 async fn a_backend_that_is_the_listener_itself_is_a_loop_not_a_login() {
-    // Reliability case 73: the route points at the listener the client reached. The proxy
-    // notices on connecting (the backend's address is the client's local address), fails the
-    // login as unavailable, and does not recurse.
-    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-    let own: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
-    // A long backend login timeout: a loop left to run would hold the reply for 30 s.
-    let config = plain_config(own, "")
-        .replace("bind = \"127.0.0.1:0\"", &format!("bind = \"{own}\""))
-        .replace("backend_login_timeout = \"500ms\"", "backend_login_timeout = \"30s\"");
-    let proxy = Proxy::start(&config, USERS).await;
-    assert_eq!(proxy.addr("plain"), own);
-    let mut c = greeted(&proxy).await;
-    c.send(b"a LOGIN alice@example.test secret\r\n").await;
-    let reply = tokio::time::timeout(Duration::from_secs(10), c.until_tagged("a")).await.expect("answered at once");
-    assert!(reply.last().unwrap().starts_with("a NO [UNAVAILABLE]"), "{reply:?}");
-    // Still serving: the next client is greeted.
-    greeted(&proxy).await;
+    // Reliability case 73: the route points at the listener the client reached, as an address
+    // literal (caught before connecting) or a host name (caught once connected). The login fails
+    // as unavailable at once and does not recurse.
+    for host in ["127.0.0.1", "localhost"] {
+        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let own: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+        // A long backend login timeout: a loop left to run would hold the reply for 30 s.
+        let config = plain_config(own, "")
+            .replace("bind = \"127.0.0.1:0\"", &format!("bind = \"{own}\""))
+            .replace(&format!("address = \"{own}\""), &format!("address = \"{host}:{port}\""))
+            .replace("backend_login_timeout = \"500ms\"", "backend_login_timeout = \"30s\"");
+        let proxy = Proxy::start(&config, USERS).await;
+        assert_eq!(proxy.addr("plain"), own);
+        let mut c = greeted(&proxy).await;
+        c.send(b"a LOGIN alice@example.test secret\r\n").await;
+        let reply = tokio::time::timeout(Duration::from_secs(10), c.until_tagged("a")).await.expect("answered at once");
+        assert!(reply.last().unwrap().starts_with("a NO [UNAVAILABLE]"), "{host}: {reply:?}");
+        // Still serving: the next client is greeted.
+        greeted(&proxy).await;
+    }
 }
 
 #[tokio::test]
