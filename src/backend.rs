@@ -120,15 +120,17 @@ async fn connect_inner(
     // client reached us on is this listener, and the login would loop back into it for ever.
     // An address literal is checked before connecting, a host name once it has resolved.
     const LOOP: BackendError = BackendError::Protocol("proxy loop: the backend is the listener the client reached");
+    let here =
+        |a: SocketAddr| a.port() == client.local.port() && a.ip().to_canonical() == client.local.ip().to_canonical();
     let literal = backend.address.parse::<SocketAddr>().ok();
-    if literal == Some(client.local) {
+    if literal.is_some_and(here) {
         return Err(LOOP);
     }
     let mut tcp = tokio::time::timeout(timeout, TcpStream::connect(backend.address.as_str()))
         .await
         .map_err(|_| BackendError::Connect(io::ErrorKind::TimedOut.into()))?
         .map_err(BackendError::Connect)?;
-    if literal.is_none() && tcp.peer_addr().is_ok_and(|p| p == client.local) {
+    if literal.is_none() && tcp.peer_addr().is_ok_and(here) {
         return Err(LOOP);
     }
     let _ = tcp.set_nodelay(true);
