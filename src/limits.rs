@@ -324,6 +324,16 @@ impl Connections {
     }
 }
 
+/// A uniform random number in [0, 1), for jitter and spreading (not for secrets): SipHash of a
+/// counter under the standard library's randomly keyed, per-thread hasher. No allocation.
+pub fn random_unit() -> f64 {
+    use std::hash::BuildHasher;
+    static COUNTER: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let n = COUNTER.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let h = std::collections::hash_map::RandomState::new().hash_one(n);
+    (h >> 11) as f64 / (1u64 << 53) as f64
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -365,6 +375,14 @@ mod tests {
             t.failure(&s, a, Some("alice"), 42);
         }
         assert_eq!(t.check(&s, a, Some("alice")), Decision::Allow { delay: Duration::ZERO });
+    }
+
+    #[test]
+    fn random_unit_is_in_range_and_varies() {
+        let xs: Vec<f64> = (0..1000).map(|_| super::random_unit()).collect();
+        assert!(xs.iter().all(|x| (0.0..1.0).contains(x)));
+        let low = xs.iter().filter(|x| **x < 0.5).count();
+        assert!((400..600).contains(&low), "{low} of 1000 below 0.5");
     }
 
     #[tokio::test(start_paused = true)]

@@ -73,6 +73,11 @@ struct Direction {
     needs_flush: bool,
     /// A read has filled the small buffer: this direction carries bulk data.
     bulk: bool,
+    /// At EOF, do not shut the writer down: the relay decides when to close (the backend's
+    /// disconnect spread).
+    hold_close: bool,
+    /// EOF was read and everything before it written; the shutdown is held back.
+    held: bool,
     bytes: u64,
     /// How much of `bytes` the meter has been given.
     reported: u64,
@@ -128,6 +133,12 @@ impl Direction {
                 self.needs_flush = false;
             }
             if self.read_done {
+                if self.hold_close {
+                    // The relay's timer wakes it; nothing more moves this way.
+                    self.held = true;
+                    self.buf = None;
+                    return Poll::Pending;
+                }
                 ready!(w.as_mut().poll_shutdown(cx)).map_err(|e| (Side::Writer, e))?;
                 self.done = true;
                 self.buf = None;
@@ -169,6 +180,10 @@ pub struct Deadlines {
     pub max_end: Option<Instant>,
     /// Shutdown: once cancelled, the session has `grace` more to finish.
     pub shutdown: Option<(CancellationToken, Duration)>,
+    /// When the backend ends the session while the client is still connected, close the client
+    /// this much later (or as soon as it closes itself), so that the clients of a backend that
+    /// goes away do not all reconnect at the same moment. Zero: pass the close on at once.
+    pub backend_close_hold: Duration,
 }
 
 /// Relay between `client` and `backend` until both directions end, an error, `idle` passes with
@@ -183,11 +198,14 @@ where
         Some((token, grace)) => (Some(Box::pin(token.cancelled_owned())), grace),
         None => (None, Duration::ZERO),
     };
+    let hold = d.backend_close_hold;
     let mut r = Relay {
         client,
         backend,
         up: Direction::default(),
-        down: Direction::default(),
+        down: Direction { hold_close: !hold.is_zero(), ..Direction::default() },
+        hold,
+        held_end: None,
         idle: d.idle,
         sleep: Box::pin(tokio::time::sleep_until(first)),
         max_end: d.max_end,
@@ -215,12 +233,28 @@ struct Relay<'a, C: ?Sized, B: ?Sized> {
     cancelled: Option<Pin<Box<WaitForCancellationFutureOwned>>>,
     grace: Duration,
     meters: Meters,
+    /// `Deadlines::backend_close_hold`.
+    hold: Duration,
+    /// The backend has gone while the client is connected: how the session will be reported
+    /// once the hold is over (or the client closes).
+    held_end: Option<RelayEnd>,
 }
 
 impl<C: ?Sized, B: ?Sized> Relay<'_, C, B> {
     fn next_deadline(&self) -> Instant {
         let idle = Instant::now() + self.idle;
         self.max_end.map_or(idle, |m| m.min(idle))
+    }
+
+    /// The backend is gone: keep the client connected for the hold (never past a hard deadline),
+    /// then end the session as `end`. Called once; later calls keep the first deadline.
+    fn hold_client(&mut self, end: RelayEnd) {
+        if self.held_end.is_none() {
+            self.held_end = Some(end);
+            self.down.read_done = true;
+            let until = Instant::now() + self.hold;
+            self.sleep.as_mut().reset(self.max_end.map_or(until, |m| m.min(until)));
+        }
     }
 }
 
@@ -266,20 +300,29 @@ where
             });
         }
         let down = this.down.poll_copy(cx, Pin::new(&mut *this.backend), Pin::new(&mut *this.client), &mut active);
-        if let Poll::Ready(Err((side, _))) = down {
-            return Poll::Ready(match side {
-                Side::Reader => RelayEnd::BackendError,
-                Side::Writer => RelayEnd::ClientError,
-            });
+        match down {
+            // A backend that fails is held like one that closes (reliability case 74).
+            Poll::Ready(Err((Side::Reader, _))) if this.down.hold_close => this.hold_client(RelayEnd::BackendError),
+            Poll::Ready(Err((side, _))) => {
+                return Poll::Ready(match side {
+                    Side::Reader => RelayEnd::BackendError,
+                    Side::Writer => RelayEnd::ClientError,
+                });
+            }
+            Poll::Pending if this.down.held => this.hold_client(RelayEnd::Closed),
+            _ => {}
         }
-        if up.is_ready() && down.is_ready() {
-            return Poll::Ready(RelayEnd::Closed);
+        if up.is_ready() && (down.is_ready() || this.held_end.is_some()) {
+            return Poll::Ready(this.held_end.unwrap_or(RelayEnd::Closed));
         }
-        if active {
+        if active && this.held_end.is_none() {
             let next = this.next_deadline();
             this.sleep.as_mut().reset(next);
         }
         if this.sleep.as_mut().poll(cx).is_ready() {
+            if let Some(end) = this.held_end {
+                return Poll::Ready(end);
+            }
             let hard = this.max_end.is_some_and(|m| Instant::now() >= m);
             return Poll::Ready(match (hard, this.stopping) {
                 (true, true) => RelayEnd::Stopped,
@@ -402,6 +445,53 @@ mod tests {
         assert_eq!(task.await.unwrap().0, RelayEnd::Closed);
     }
 
+    /// Reliability case 74: with a hold, a backend that goes away (closing or failing) leaves its
+    /// client connected, with everything the backend sent, until the hold is over; a client that
+    /// closes first ends the session at once. Without a hold the close is passed on at once
+    /// (`copies_both_ways_and_propagates_half_close`).
+    #[tokio::test(start_paused = true)]
+    async fn backend_close_is_held_back_from_the_client() {
+        async fn relay_with_hold(
+            mut client_proxy: tokio::io::DuplexStream,
+            mut backend_proxy: tokio::io::DuplexStream,
+        ) -> (RelayEnd, Duration) {
+            let start = Instant::now();
+            let d = Deadlines {
+                idle: Duration::from_secs(1800),
+                backend_close_hold: Duration::from_secs(7),
+                ..Deadlines::default()
+            };
+            let end = relay(&mut client_proxy, &mut backend_proxy, d, Meters::default()).await.0;
+            (end, start.elapsed())
+        }
+
+        // The backend closes after a last line; the client stays connected and silent.
+        let (mut client_app, client_proxy) = duplex(1024);
+        let (backend_proxy, mut backend_app) = duplex(1024);
+        let task = tokio::spawn(relay_with_hold(client_proxy, backend_proxy));
+        backend_app.write_all(b"* BYE going away\r\n").await.unwrap();
+        drop(backend_app);
+        let mut got = [0u8; 18];
+        client_app.read_exact(&mut got).await.unwrap();
+        assert_eq!(&got, b"* BYE going away\r\n");
+        let mut rest = Vec::new();
+        client_app.read_to_end(&mut rest).await.unwrap();
+        assert!(rest.is_empty());
+        assert_eq!(task.await.unwrap(), (RelayEnd::Closed, Duration::from_secs(7)));
+
+        // The client closes during the hold: the session ends then.
+        let (client_app, client_proxy) = duplex(1024);
+        let (backend_proxy, backend_app) = duplex(1024);
+        let task = tokio::spawn(relay_with_hold(client_proxy, backend_proxy));
+        drop(backend_app);
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        assert!(!task.is_finished());
+        drop(client_app);
+        let (end, took) = task.await.unwrap();
+        assert_eq!(end, RelayEnd::Closed);
+        assert!(took < Duration::from_secs(3), "{took:?}");
+    }
+
     /// Reliability case 60.
     #[tokio::test(start_paused = true)]
     async fn idle_timeout_ends_relay() {
@@ -424,7 +514,7 @@ mod tests {
         let d = Deadlines {
             idle: Duration::from_secs(1800),
             max_end: Some(Instant::now() + Duration::from_secs(60)),
-            shutdown: None,
+            ..Deadlines::default()
         };
         assert_eq!(relay(&mut client_proxy, &mut backend_proxy, d, Meters::default()).await.0, RelayEnd::MaxDuration);
         let token = CancellationToken::new();
@@ -436,8 +526,8 @@ mod tests {
         let start = Instant::now();
         let d = Deadlines {
             idle: Duration::from_secs(1800),
-            max_end: None,
             shutdown: Some((token, Duration::from_secs(10))),
+            ..Deadlines::default()
         };
         assert_eq!(relay(&mut client_proxy, &mut backend_proxy, d, Meters::default()).await.0, RelayEnd::Stopped);
         assert_eq!(start.elapsed(), Duration::from_secs(15));

@@ -139,6 +139,10 @@ pub async fn run(mut ctx: SessionCtx, mut tcp: TcpStream) {
                 idle: limits.idle_timeout,
                 max_end: limits.max_session_duration.map(|d| start + d),
                 shutdown: Some((ctx.shutdown.clone(), ctx.shutdown_grace)),
+                backend_close_hold: match limits.backend_disconnect_spread {
+                    spread if spread.is_zero() => Duration::ZERO,
+                    spread => spread.mul_f64(crate::limits::random_unit()),
+                },
             };
             let (end, bytes) = relay_session(&mut a, protocol, deadlines).await;
             if end == "shutdown" || end == "max_duration" {

@@ -136,6 +136,9 @@ pub struct LimitsFile {
     /// Longest a relayed session may last (default: unlimited).
     #[serde(default, with = "humantime_serde::option")]
     pub max_session_duration: Option<Duration>,
+    /// When a backend ends sessions, close each client after a random delay up to this.
+    #[serde(default, with = "humantime_serde::option")]
+    pub backend_disconnect_spread: Option<Duration>,
     /// Connection caps (0 = unlimited).
     pub max_connections: Option<usize>,
     pub max_connections_per_listener: Option<usize>,

@@ -100,6 +100,10 @@ pub struct Limits {
     pub smtp_greeting_delay: Duration,
     pub command_timeout: Duration,
     pub max_session_duration: Option<Duration>,
+    /// A client whose backend goes away is closed after a random delay up to this (0: at once),
+    /// so the clients of a failed backend reconnect spread out (Dovecot's
+    /// `login_proxy_max_disconnect_delay`).
+    pub backend_disconnect_spread: Duration,
     pub max_connections: usize,
     pub max_connections_per_listener: usize,
     pub max_connections_per_ip: usize,
@@ -123,6 +127,7 @@ impl Default for Limits {
             smtp_greeting_delay: Duration::ZERO,
             command_timeout: Duration::from_secs(30),
             max_session_duration: None,
+            backend_disconnect_spread: Duration::ZERO,
             max_connections: 0,
             max_connections_per_listener: 0,
             max_connections_per_ip: 100,
@@ -849,6 +854,7 @@ impl Validator<'_> {
             smtp_greeting_delay: l.smtp_greeting_delay.unwrap_or(d.smtp_greeting_delay),
             command_timeout: l.command_timeout.unwrap_or(d.command_timeout),
             max_session_duration: l.max_session_duration.filter(|d| !d.is_zero()),
+            backend_disconnect_spread: l.backend_disconnect_spread.unwrap_or(d.backend_disconnect_spread),
             max_connections: l.max_connections.unwrap_or(d.max_connections),
             max_connections_per_listener: l.max_connections_per_listener.unwrap_or(d.max_connections_per_listener),
             max_connections_per_ip: l.max_connections_per_ip.unwrap_or(d.max_connections_per_ip),
@@ -1747,11 +1753,13 @@ default = "b"
     #[test]
     fn defaults_and_durations() {
         let c = parse(&format!(
-            "{BASE}\n[limits]\nidle_timeout = \"45m\"\nmax_errors = 3\n[[listener]]\nname = \"x\"\nbind = \"[::1]:993\"\nprotocol = \"imap\"\ntls = \"implicit\"\n"
+            "{BASE}\n[limits]\nidle_timeout = \"45m\"\nmax_errors = 3\nbackend_disconnect_spread = \"20s\"\n[[listener]]\nname = \"x\"\nbind = \"[::1]:993\"\nprotocol = \"imap\"\ntls = \"implicit\"\n"
         ))
         .unwrap();
         assert_eq!(c.limits.idle_timeout, Duration::from_secs(45 * 60));
         assert_eq!(c.limits.max_errors, 3);
+        assert_eq!(c.limits.backend_disconnect_spread, Duration::from_secs(20));
+        assert_eq!(Limits::default().backend_disconnect_spread, Duration::ZERO);
         assert_eq!(c.limits.preauth_idle_timeout, DEFAULT_PREAUTH_IDLE);
         assert_eq!(c.listeners[0].tls, TlsMode::Implicit);
         // A TLS listener without certificates gets a self-signed "localhost" one.

@@ -201,12 +201,6 @@ pub fn backoff(min: Duration, attempt: u32, random: f64) -> Duration {
     base.mul_f64(0.75 + 0.5 * random.clamp(0.0, 1.0))
 }
 
-fn random_unit() -> f64 {
-    let mut b = [0u8; 8];
-    let _ = rustls::crypto::aws_lc_rs::default_provider().secure_random.fill(&mut b);
-    (u64::from_le_bytes(b) >> 11) as f64 / (1u64 << 53) as f64
-}
-
 fn to_instant(t: SystemTime) -> tokio::time::Instant {
     let now = SystemTime::now();
     tokio::time::Instant::now() + t.duration_since(now).unwrap_or(Duration::ZERO)
@@ -234,7 +228,7 @@ impl CertTask {
         loop {
             let due = match (&current, failures) {
                 (_, f) if f > 0 => {
-                    let wait = backoff(self.settings.retry_min, f - 1, random_unit());
+                    let wait = backoff(self.settings.retry_min, f - 1, crate::limits::random_unit());
                     tracing::info!(certificate = %self.label, retry_in = ?wait, "ACME: will retry");
                     Some(tokio::time::Instant::now() + wait)
                 }
@@ -285,7 +279,7 @@ impl CertTask {
     async fn planned(&self, ck: &CertifiedKey) -> Option<(Plan, bool)> {
         let (not_before, not_after) = validity(ck)?;
         let ari = self.ari_window(ck).await;
-        Some((plan_renewal(SystemTime::now(), not_before, not_after, ari, random_unit()), ari.is_some()))
+        Some((plan_renewal(SystemTime::now(), not_before, not_after, ari, crate::limits::random_unit()), ari.is_some()))
     }
 
     /// Whether `ck` should be renewed now (the planner's time has come).
