@@ -1,0 +1,95 @@
+"""A backend that goes away under logged-in clients (reliability case 74): with
+`limits.backend_disconnect_spread`, each client gets what Dovecot said last at once, but its
+connection is closed after a random delay up to the spread, so the clients of a failed backend
+do not all reconnect in the same instant.
+"""
+
+import imaplib
+import threading
+import time
+
+from conftest import DEMO
+from servers import Dovecot, Portcullis, free_port
+
+SPREAD = 3.0
+CLIENTS = 20
+
+
+def config(port, dovecot):
+    return f"""
+[[listener]]
+name = "imap"
+bind = "127.0.0.1:{port}"
+protocol = "imap"
+tls = "none"
+allow_plaintext_auth = true
+
+[auth]
+source = "backend"
+
+[throttle]
+enabled = false
+
+[limits]
+backend_disconnect_spread = "{SPREAD}s"
+max_sessions_per_user = 0
+max_connections_per_ip = 0
+
+[[backend]]
+name = "dovecot"
+address = "127.0.0.1:{dovecot.imap_port}"
+health = {{ enabled = false }}
+
+[routing.imap]
+default = "dovecot"
+"""
+
+
+def test_clients_of_a_stopped_backend_are_closed_spread_out(tmp_path):
+    # One user, many sessions from one address: above Dovecot's default of 10 per user and IP.
+    dv = Dovecot(str(tmp_path / "dovecot"), {DEMO[0]: DEMO[1]}, extra_conf="mail_max_userip_connections = 100\n").start()
+    port = free_port()
+    pc = Portcullis(str(tmp_path), config(port, dv)).start(wait_port=port)
+    try:
+        sessions = []
+        for _ in range(CLIENTS):
+            m = imaplib.IMAP4("127.0.0.1", port, timeout=10)
+            m.login(*DEMO)
+            m.select("INBOX")
+            m.sock.settimeout(SPREAD + 30)
+            sessions.append(m)
+        first_bytes, closed = [None] * CLIENTS, [None] * CLIENTS
+
+        def watch(i, sock):
+            while True:
+                data = sock.recv(4096)
+                now = time.monotonic()
+                if data and first_bytes[i] is None:
+                    first_bytes[i] = (now, data)
+                if not data:
+                    closed[i] = now
+                    return
+
+        threads = [threading.Thread(target=watch, args=(i, m.sock)) for i, m in enumerate(sessions)]
+        for t in threads:
+            t.start()
+        dv.stop()  # Dovecot ends its imap processes: every backend connection closes
+        for t in threads:
+            t.join(SPREAD + 40)
+        assert all(c is not None for c in closed), closed
+        # Dovecot's farewell comes through; each close follows it within the spread, and the
+        # closes are spread over it rather than all at once. (Dovecot's imap processes send
+        # their BYE some seconds after the master has gone, so times are taken from the BYE.)
+        held = []
+        for (at, data), c in zip(first_bytes, closed):
+            assert b"* BYE" in data, data
+            held.append(c - at)
+        held.sort()
+        assert held[0] >= 0 and held[-1] < SPREAD + 0.5, held
+        assert held[-1] - held[0] > SPREAD / 3, held
+        assert sum(1 for h in held if h > 0.3) >= CLIENTS // 2, held
+        for m in sessions:
+            m.sock.close()
+    finally:
+        pc.stop()
+        dv.stop()
