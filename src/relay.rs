@@ -507,6 +507,31 @@ mod tests {
         assert_eq!(end, RelayEnd::IdleTimeout);
     }
 
+    /// Reliability case 60: traffic either way restarts the idle timer (IDLE keepalives keep a
+    /// session), silence ends it one idle period after the last byte.
+    #[tokio::test(start_paused = true)]
+    async fn traffic_restarts_the_idle_timer() {
+        let (mut client_app, mut client_proxy) = duplex(64);
+        let (mut backend_proxy, mut backend_app) = duplex(64);
+        let start = Instant::now();
+        let task = tokio::spawn(async move {
+            let d = Deadlines { idle: Duration::from_secs(1800), ..Deadlines::default() };
+            let end = relay(&mut client_proxy, &mut backend_proxy, d, Meters::default()).await.0;
+            (end, start.elapsed())
+        });
+        let mut buf = [0u8; 8];
+        for _ in 0..3 {
+            tokio::time::sleep(Duration::from_secs(1200)).await;
+            client_app.write_all(b"DONE\r\n").await.unwrap();
+            backend_app.read_exact(&mut buf[..6]).await.unwrap();
+            tokio::time::sleep(Duration::from_secs(1200)).await;
+            backend_app.write_all(b"* OK\r\n").await.unwrap();
+            client_app.read_exact(&mut buf[..6]).await.unwrap();
+        }
+        assert!(!task.is_finished(), "two hours of traffic at 20-minute gaps keep the session");
+        assert_eq!(task.await.unwrap(), (RelayEnd::IdleTimeout, Duration::from_secs(6 * 1200 + 1800)));
+    }
+
     #[tokio::test(start_paused = true)]
     async fn max_duration_and_shutdown_grace_end_busy_sessions() {
         let (_a, mut client_proxy) = duplex(64);
