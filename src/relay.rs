@@ -288,7 +288,11 @@ where
             this.stopping = true;
             let end = Instant::now() + this.grace;
             this.max_end = Some(this.max_end.map_or(end, |m| m.min(end)));
-            let next = this.next_deadline();
+            let mut next = this.next_deadline();
+            if this.held_end.is_some() {
+                // Holding a client whose backend has gone: shutdown may end it sooner, never later.
+                next = next.min(this.sleep.deadline());
+            }
             this.sleep.as_mut().reset(next);
         }
         let mut active = false;
@@ -490,6 +494,27 @@ mod tests {
         let (end, took) = task.await.unwrap();
         assert_eq!(end, RelayEnd::Closed);
         assert!(took < Duration::from_secs(3), "{took:?}");
+
+        // Shutdown during a hold ends it at whichever comes first, the hold or the grace.
+        for (hold, grace, ends) in [(600, 5, 7), (3, 30, 3)] {
+            let (_client_app, mut client_proxy) = duplex(1024);
+            let (mut backend_proxy, backend_app) = duplex(1024);
+            let token = CancellationToken::new();
+            let d = Deadlines {
+                idle: Duration::from_secs(1800),
+                shutdown: Some((token.clone(), Duration::from_secs(grace))),
+                backend_close_hold: Duration::from_secs(hold),
+                ..Deadlines::default()
+            };
+            let start = Instant::now();
+            let task =
+                tokio::spawn(async move { relay(&mut client_proxy, &mut backend_proxy, d, Meters::default()).await.0 });
+            drop(backend_app);
+            tokio::time::sleep(Duration::from_secs(2)).await;
+            token.cancel();
+            assert_eq!(task.await.unwrap(), RelayEnd::Closed);
+            assert_eq!(start.elapsed(), Duration::from_secs(ends), "hold {hold}s, grace {grace}s");
+        }
     }
 
     /// Reliability case 60.
