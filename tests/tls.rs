@@ -173,7 +173,25 @@ async fn sni_selects_exact_wildcard_rsa_and_default() {
     assert_eq!(served(&handshake(&c, addr, "imap.example.org").await.unwrap()), s.wild);
     assert_eq!(served(&handshake(&c, addr, "rsa.example.test").await.unwrap()), s.rsa);
     // An unknown name gets the default certificate (and so fails name verification).
-    assert!(handshake(&c, addr, "other.example.net").await.is_err());
+    let err = handshake(&c, addr, "other.example.net").await.unwrap_err();
+    assert!(err.to_string().contains("not valid for name"), "{err}");
+}
+
+/// Reliability case 17, strict mode: a name no certificate is for ends the handshake with an
+/// alert from the proxy (rustls sends access_denied when no certificate resolves); known names
+/// and clients that send no name are served as before.
+#[tokio::test]
+async fn strict_sni_refuses_unknown_names_but_serves_clients_without_sni() {
+    let s = setup_with("strict_sni = true").await;
+    let addr = s.proxy.addr("imaps");
+    let c = s.pki.client(&[], false);
+    assert_eq!(served(&handshake(&c, addr, "imap.example.org").await.unwrap()), s.wild);
+    let err = handshake(&c, addr, "other.example.net").await.unwrap_err();
+    assert!(err.to_string().contains("received fatal alert: AccessDenied"), "{err}");
+    let mut no_sni = (*s.pki.client_config(&[], false)).clone();
+    no_sni.enable_sni = false;
+    let tls = handshake(&TlsConnector::from(Arc::new(no_sni)), addr, "mail.example.test").await.unwrap();
+    assert_eq!(served(&tls), s.mail);
 }
 
 #[tokio::test]

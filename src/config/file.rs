@@ -181,6 +181,8 @@ pub struct TlsFile {
     pub session_tickets: Option<Spanned<usize>>,
     /// Cipher suites in the server's order of preference (rustls / IANA names).
     pub cipher_suites: Option<Spanned<Vec<String>>>,
+    /// Refuse the handshake when the client names a host no certificate is for.
+    pub strict_sni: Option<bool>,
 }
 
 #[derive(Debug, Deserialize)]

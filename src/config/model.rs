@@ -182,6 +182,10 @@ pub struct TlsSettings {
     /// Cipher suites in the server's order of preference: the first one the client also offers
     /// is chosen, whatever the client's own order. Names as rustls and IANA spell them.
     pub cipher_suites: Vec<String>,
+    /// A client that names (SNI) a host no certificate is for gets a failed handshake instead of
+    /// the default certificate (ALPACA's countermeasure: a mail port never answers for a name it
+    /// does not serve). Clients that send no name still get the default certificate.
+    pub strict_sni: bool,
 }
 
 /// The server's order unless configured: AES-128-GCM first, because its TLS 1.3 key schedule runs
@@ -982,7 +986,13 @@ impl Validator<'_> {
                 out
             }
         };
-        Ok(TlsSettings { certificates, self_signed_names, session_tickets, cipher_suites })
+        Ok(TlsSettings {
+            certificates,
+            self_signed_names,
+            session_tickets,
+            cipher_suites,
+            strict_sni: t.strict_sni.unwrap_or(false),
+        })
     }
 
     fn listeners(&self, ls: &[file::ListenerFile]) -> Result<Vec<Arc<ListenerConfig>>, ConfigError> {

@@ -33,6 +33,8 @@ pub struct CertMaps {
     wildcard: HashMap<String, Arc<CertifiedKey>>,
     default: Option<Arc<CertifiedKey>>,
     explicit_default: bool,
+    /// `tls.strict_sni`: an unknown name gets no certificate (the handshake fails).
+    strict_sni: bool,
     /// What each configured pair was loaded from, to keep a good pair when its files break.
     loaded: HashMap<(PathBuf, PathBuf), (Vec<u8>, Arc<CertifiedKey>)>,
     /// (label, not-after as Unix seconds) of every certificate served.
@@ -132,6 +134,9 @@ impl CertStore {
             {
                 return Some(k.clone());
             }
+            if maps.strict_sni {
+                return None;
+            }
         }
         maps.default.clone().or_else(|| self.acme.load().first().map(|e| e.key.clone()))
     }
@@ -144,7 +149,7 @@ impl ResolvesServerCert for CertStore {
 }
 
 fn build(settings: &TlsSettings, previous: Option<&CertMaps>) -> Result<CertMaps, CertError> {
-    let mut maps = CertMaps::default();
+    let mut maps = CertMaps { strict_sni: settings.strict_sni, ..CertMaps::default() };
     for spec in &settings.certificates {
         let key = (spec.cert.clone(), spec.key.clone());
         let certified = match read_pair(spec) {

@@ -322,6 +322,7 @@ mod cipher_suite_tests {
             self_signed_names: vec!["localhost".into()],
             session_tickets: 1,
             cipher_suites: Vec::new(),
+            strict_sni: false,
         };
         let store = certs::CertStore::load(&settings).expect("self-signed store");
         let shared = TlsShared::new(Arc::new(store));
