@@ -9,8 +9,9 @@
 //! reloads for backends whose address did not change.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use tokio::io::AsyncWriteExt;
 use tokio_util::sync::CancellationToken;
@@ -28,6 +29,9 @@ pub struct BackendHealth {
     ok_streak: AtomicU32,
     fail_streak: AtomicU32,
     sessions: AtomicUsize,
+    /// Sessions this backend ended while their clients were connected, in the current second:
+    /// (second since start << 32) | count. See `SessionGuard::close_hold`.
+    closes: AtomicU64,
     /// What the state was observed for; a changed address starts afresh.
     identity: Identity,
 }
@@ -54,6 +58,7 @@ impl BackendHealth {
             ok_streak: AtomicU32::new(0),
             fail_streak: AtomicU32::new(0),
             sessions: AtomicUsize::new(0),
+            closes: AtomicU64::new(0),
             identity,
         }
     }
@@ -138,6 +143,35 @@ impl HealthTable {
 
 /// Decrements the backend's session count when dropped.
 pub struct SessionGuard(Arc<BackendHealth>);
+
+impl SessionGuard {
+    /// For the relay: asked when this backend ends the session while its client is connected.
+    /// Like Dovecot's `login_proxy_max_disconnect_delay`: as long as the backend ends no more
+    /// sessions a second than a `spread`'s share of them (sessions / spread in seconds), clients
+    /// are closed at once (ordinary logouts); beyond that rate (the backend failed or restarted)
+    /// each further client is held for a random delay up to `spread`, so they do not all
+    /// reconnect together.
+    pub fn close_hold(&self, spread: Duration) -> crate::relay::CloseHold {
+        let h = self.0.clone();
+        Box::new(move || {
+            let second = u64::from(since_start().as_secs() as u32);
+            let mut count = 1u64;
+            let _ = h.closes.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |w| {
+                count = if w >> 32 == second { (w & 0xffff_ffff) + 1 } else { 1 };
+                Some(second << 32 | count)
+            });
+            let sessions = h.sessions.load(Ordering::Relaxed) as f64 + count as f64;
+            let per_second = (sessions / spread.as_secs_f64().max(1.0)).ceil();
+            if (count as f64) <= per_second { Duration::ZERO } else { spread.mul_f64(crate::limits::random_unit()) }
+        })
+    }
+}
+
+/// Time since the process started (a monotonic clock for per-second windows).
+fn since_start() -> Duration {
+    static START: std::sync::OnceLock<tokio::time::Instant> = std::sync::OnceLock::new();
+    START.get_or_init(tokio::time::Instant::now).elapsed()
+}
 
 impl Drop for SessionGuard {
     fn drop(&mut self) {
@@ -306,6 +340,26 @@ mod tests {
     fn backend() -> Arc<Backend> {
         let text = "[auth]\nsource = \"backend\"\n[[backend]]\nname = \"b\"\naddress = \"127.0.0.1:1\"\n[routing.imap]\ndefault = \"b\"\n";
         crate::config::Config::parse(std::path::Path::new("/t.toml"), text).unwrap().backends["b"].clone()
+    }
+
+    /// Reliability case 74: a backend ending sessions one at a time (logouts) has its clients
+    /// closed at once; one that ends many in the same second (it failed) has most of them held,
+    /// each for a random delay within the spread.
+    #[test]
+    fn disconnects_are_held_only_beyond_a_spreads_share_per_second() {
+        let t = HealthTable::default();
+        let b = backend();
+        let spread = Duration::from_secs(10);
+        let guards: Vec<SessionGuard> = (0..100).map(|_| t.session(&b)).collect();
+        // 100 sessions over 10 s: up to about 11 a second close at once.
+        let holds: Vec<Duration> = guards.iter().map(|g| g.close_hold(spread)()).collect();
+        let at_once = holds.iter().take_while(|h| h.is_zero()).count();
+        assert!((10..=12).contains(&at_once), "{at_once} closed at once");
+        let held = &holds[at_once..];
+        assert!(held.iter().all(|h| *h <= spread));
+        assert!(held.iter().filter(|h| !h.is_zero()).count() >= held.len() - 2, "{holds:?}");
+        let distinct: std::collections::HashSet<_> = held.iter().collect();
+        assert!(distinct.len() > held.len() / 2, "random delays, not one: {holds:?}");
     }
 
     #[test]

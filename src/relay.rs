@@ -171,8 +171,12 @@ impl Direction {
     }
 }
 
+/// Asked when the backend ends a session whose client is still connected: how long to keep the
+/// client before closing it (zero: close at once). See `limits.backend_disconnect_spread`.
+pub type CloseHold = Box<dyn FnOnce() -> Duration + Send>;
+
 /// When a relayed session must end even if bytes still move.
-#[derive(Debug, Clone, Default)]
+#[derive(Default)]
 pub struct Deadlines {
     /// No byte either way for this long ends the session.
     pub idle: Duration,
@@ -182,8 +186,8 @@ pub struct Deadlines {
     pub shutdown: Option<(CancellationToken, Duration)>,
     /// When the backend ends the session while the client is still connected, close the client
     /// this much later (or as soon as it closes itself), so that the clients of a backend that
-    /// goes away do not all reconnect at the same moment. Zero: pass the close on at once.
-    pub backend_close_hold: Duration,
+    /// goes away do not all reconnect at the same moment. None: pass the close on at once.
+    pub backend_close_hold: Option<CloseHold>,
 }
 
 /// Relay between `client` and `backend` until both directions end, an error, `idle` passes with
@@ -198,13 +202,12 @@ where
         Some((token, grace)) => (Some(Box::pin(token.cancelled_owned())), grace),
         None => (None, Duration::ZERO),
     };
-    let hold = d.backend_close_hold;
     let mut r = Relay {
         client,
         backend,
         up: Direction::default(),
-        down: Direction { hold_close: !hold.is_zero(), ..Direction::default() },
-        hold,
+        down: Direction { hold_close: d.backend_close_hold.is_some(), ..Direction::default() },
+        hold: d.backend_close_hold,
         held_end: None,
         idle: d.idle,
         sleep: Box::pin(tokio::time::sleep_until(first)),
@@ -215,6 +218,12 @@ where
         meters,
     };
     let end = (&mut r).await;
+    if r.held_end.is_some() {
+        // The held direction never shut the client's side down: do it now (TLS close_notify),
+        // briefly, as an ordinary close would have.
+        use tokio::io::AsyncWriteExt;
+        let _ = tokio::time::timeout(Duration::from_secs(1), r.client.shutdown()).await;
+    }
     (end, Transferred { client_to_backend: r.up.bytes, backend_to_client: r.down.bytes })
 }
 
@@ -233,8 +242,8 @@ struct Relay<'a, C: ?Sized, B: ?Sized> {
     cancelled: Option<Pin<Box<WaitForCancellationFutureOwned>>>,
     grace: Duration,
     meters: Meters,
-    /// `Deadlines::backend_close_hold`.
-    hold: Duration,
+    /// `Deadlines::backend_close_hold`, taken when the backend ends the session.
+    hold: Option<CloseHold>,
     /// The backend has gone while the client is connected: how the session will be reported
     /// once the hold is over (or the client closes).
     held_end: Option<RelayEnd>,
@@ -252,7 +261,8 @@ impl<C: ?Sized, B: ?Sized> Relay<'_, C, B> {
         if self.held_end.is_none() {
             self.held_end = Some(end);
             self.down.read_done = true;
-            let until = Instant::now() + self.hold;
+            let hold = self.hold.take().map_or(Duration::ZERO, |h| h());
+            let until = Instant::now() + hold;
             self.sleep.as_mut().reset(self.max_end.map_or(until, |m| m.min(until)));
         }
     }
@@ -279,6 +289,19 @@ where
     C: AsyncRead + AsyncWrite + Unpin + ?Sized,
     B: AsyncRead + AsyncWrite + Unpin + ?Sized,
 {
+    /// Read and drop what the client sends; Ready once it has closed (EOF or an error).
+    fn poll_discard_client(&mut self, cx: &mut Context<'_>) -> Poll<()> {
+        let mut scratch = [0u8; 512];
+        loop {
+            let mut rb = ReadBuf::new(&mut scratch);
+            match Pin::new(&mut *self.client).poll_read(cx, &mut rb) {
+                Poll::Pending => return Poll::Pending,
+                Poll::Ready(Ok(())) if !rb.filled().is_empty() => continue,
+                Poll::Ready(_) => return Poll::Ready(()),
+            }
+        }
+    }
+
     fn poll_relay(&mut self, cx: &mut Context<'_>) -> Poll<RelayEnd> {
         let this = self;
         if let Some(c) = this.cancelled.as_mut()
@@ -294,6 +317,14 @@ where
                 next = next.min(this.sleep.deadline());
             }
             this.sleep.as_mut().reset(next);
+        }
+        if let Some(end) = this.held_end {
+            // Held: the backend is gone, so what the client sends now goes nowhere; read it only
+            // to notice the client closing, and end then (or when the hold is over).
+            if this.poll_discard_client(cx).is_ready() || this.sleep.as_mut().poll(cx).is_ready() {
+                return Poll::Ready(end);
+            }
+            return Poll::Pending;
         }
         let mut active = false;
         let up = this.up.poll_copy(cx, Pin::new(&mut *this.client), Pin::new(&mut *this.backend), &mut active);
@@ -316,17 +347,28 @@ where
             Poll::Pending if this.down.held => this.hold_client(RelayEnd::Closed),
             _ => {}
         }
-        if up.is_ready() && (down.is_ready() || this.held_end.is_some()) {
-            return Poll::Ready(this.held_end.unwrap_or(RelayEnd::Closed));
+        if let Some(end) = this.held_end
+            && (up.is_ready() || this.sleep.deadline() <= Instant::now())
+        {
+            // The client had already closed its side, or the hold is zero.
+            return Poll::Ready(end);
         }
-        if active && this.held_end.is_none() {
+        if up.is_ready() && down.is_ready() {
+            return Poll::Ready(RelayEnd::Closed);
+        }
+        if this.held_end.is_some() {
+            // Wake for the client's close or the end of the hold.
+            return if this.poll_discard_client(cx).is_ready() || this.sleep.as_mut().poll(cx).is_ready() {
+                Poll::Ready(this.held_end.unwrap_or(RelayEnd::Closed))
+            } else {
+                Poll::Pending
+            };
+        }
+        if active {
             let next = this.next_deadline();
             this.sleep.as_mut().reset(next);
         }
         if this.sleep.as_mut().poll(cx).is_ready() {
-            if let Some(end) = this.held_end {
-                return Poll::Ready(end);
-            }
             let hard = this.max_end.is_some_and(|m| Instant::now() >= m);
             return Poll::Ready(match (hard, this.stopping) {
                 (true, true) => RelayEnd::Stopped,
@@ -455,21 +497,24 @@ mod tests {
     /// (`copies_both_ways_and_propagates_half_close`).
     #[tokio::test(start_paused = true)]
     async fn backend_close_is_held_back_from_the_client() {
+        /// Returns the proxy's client stream too, still open: an EOF the client sees is the
+        /// relay's own shutdown (close_notify over TLS), not the stream being dropped.
         async fn relay_with_hold(
             mut client_proxy: tokio::io::DuplexStream,
             mut backend_proxy: tokio::io::DuplexStream,
-        ) -> (RelayEnd, Duration) {
+        ) -> (RelayEnd, Duration, tokio::io::DuplexStream) {
             let start = Instant::now();
             let d = Deadlines {
                 idle: Duration::from_secs(1800),
-                backend_close_hold: Duration::from_secs(7),
+                backend_close_hold: Some(Box::new(|| Duration::from_secs(7))),
                 ..Deadlines::default()
             };
             let end = relay(&mut client_proxy, &mut backend_proxy, d, Meters::default()).await.0;
-            (end, start.elapsed())
+            (end, start.elapsed(), client_proxy)
         }
 
-        // The backend closes after a last line; the client stays connected and silent.
+        // The backend closes after a last line; the client stays connected and, during the hold,
+        // sends a command that goes nowhere and does not end the hold.
         let (mut client_app, client_proxy) = duplex(1024);
         let (backend_proxy, mut backend_app) = duplex(1024);
         let task = tokio::spawn(relay_with_hold(client_proxy, backend_proxy));
@@ -478,10 +523,13 @@ mod tests {
         let mut got = [0u8; 18];
         client_app.read_exact(&mut got).await.unwrap();
         assert_eq!(&got, b"* BYE going away\r\n");
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        client_app.write_all(b"a NOOP\r\n").await.unwrap();
+        let (end, took, _open) = task.await.unwrap();
+        assert_eq!((end, took), (RelayEnd::Closed, Duration::from_secs(7)));
         let mut rest = Vec::new();
-        client_app.read_to_end(&mut rest).await.unwrap();
-        assert!(rest.is_empty());
-        assert_eq!(task.await.unwrap(), (RelayEnd::Closed, Duration::from_secs(7)));
+        let eof = tokio::time::timeout(Duration::from_secs(5), client_app.read_to_end(&mut rest)).await;
+        assert!(eof.is_ok() && rest.is_empty(), "the relay shuts the client's side down itself");
 
         // The client closes during the hold: the session ends then.
         let (client_app, client_proxy) = duplex(1024);
@@ -491,7 +539,7 @@ mod tests {
         tokio::time::sleep(Duration::from_secs(2)).await;
         assert!(!task.is_finished());
         drop(client_app);
-        let (end, took) = task.await.unwrap();
+        let (end, took, _) = task.await.unwrap();
         assert_eq!(end, RelayEnd::Closed);
         assert!(took < Duration::from_secs(3), "{took:?}");
 
@@ -503,7 +551,7 @@ mod tests {
             let d = Deadlines {
                 idle: Duration::from_secs(1800),
                 shutdown: Some((token.clone(), Duration::from_secs(grace))),
-                backend_close_hold: Duration::from_secs(hold),
+                backend_close_hold: Some(Box::new(move || Duration::from_secs(hold))),
                 ..Deadlines::default()
             };
             let start = Instant::now();

@@ -37,6 +37,8 @@ pub struct SessionCtx {
     pub listener: Arc<ListenerConfig>,
     pub peer: SocketAddr,
     pub local: SocketAddr,
+    /// The socket address the connection was accepted on (`local` may come from a PROXY header).
+    pub accepted_on: SocketAddr,
     pub id: String,
     pub shutdown: CancellationToken,
     pub ehlo: Arc<EhloCache>,
@@ -63,7 +65,7 @@ struct Authenticated {
     backend_name: String,
     pipelined: Vec<u8>,
     /// Counts this session against its backend's `max_sessions` while it lives.
-    _guard: SessionGuard,
+    guard: SessionGuard,
     /// Counts the session against the user's `max_sessions_per_user`.
     _user_slot: Option<crate::limits::UserSlot>,
     /// The protocol's goodbye, for a shutdown that outlasts the grace period.
@@ -139,10 +141,8 @@ pub async fn run(mut ctx: SessionCtx, mut tcp: TcpStream) {
                 idle: limits.idle_timeout,
                 max_end: limits.max_session_duration.map(|d| start + d),
                 shutdown: Some((ctx.shutdown.clone(), ctx.shutdown_grace)),
-                backend_close_hold: match limits.backend_disconnect_spread {
-                    spread if spread.is_zero() => Duration::ZERO,
-                    spread => spread.mul_f64(crate::limits::random_unit()),
-                },
+                backend_close_hold: (!limits.backend_disconnect_spread.is_zero())
+                    .then(|| a.guard.close_hold(limits.backend_disconnect_spread)),
             };
             let (end, bytes) = relay_session(&mut a, protocol, deadlines).await;
             if end == "shutdown" || end == "max_duration" {
@@ -355,7 +355,7 @@ async fn preauth(ctx: &SessionCtx, tcp: TcpStream, deadline: Instant) -> Result<
                         user,
                         backend_name,
                         pipelined,
-                        _guard: guard,
+                        guard,
                         _user_slot: user_slot,
                         goodbye,
                     });
@@ -549,6 +549,7 @@ async fn login_inner(
     let info = ClientInfo {
         peer: ctx.peer,
         local: ctx.local,
+        accepted_on: ctx.accepted_on,
         session_id: ctx.id.clone(),
         id_fields: hints.id_fields,
         helo: hints.helo,

@@ -1,7 +1,8 @@
 """A backend that goes away under logged-in clients (reliability case 74): with
-`limits.backend_disconnect_spread`, each client gets what Dovecot said last at once, but its
-connection is closed after a random delay up to the spread, so the clients of a failed backend
-do not all reconnect in the same instant.
+`limits.backend_disconnect_spread`, each client gets what Dovecot said last at once; beyond the
+first second's share of the backend's sessions (sessions / spread), each connection is closed
+after a random delay up to the spread, so the clients of a failed backend do not all reconnect
+in the same instant.
 """
 
 import imaplib
@@ -11,8 +12,8 @@ import time
 from conftest import DEMO
 from servers import Dovecot, Portcullis, free_port
 
-SPREAD = 3.0
-CLIENTS = 20
+SPREAD = 5.0
+CLIENTS = 30
 
 
 def config(port, dovecot):
@@ -85,9 +86,10 @@ def test_clients_of_a_stopped_backend_are_closed_spread_out(tmp_path):
             assert b"* BYE" in data, data
             held.append(c - at)
         held.sort()
-        assert held[0] >= 0 and held[-1] < SPREAD + 0.5, held
+        assert held[-1] < SPREAD + 0.5, held
         assert held[-1] - held[0] > SPREAD / 3, held
-        assert sum(1 for h in held if h > 0.3) >= CLIENTS // 2, held
+        # About 7 (31 / 5) may close at once; most of the rest are held.
+        assert sum(1 for h in held if h > 0.3) >= CLIENTS // 3, held
         for m in sessions:
             m.sock.close()
     finally:
