@@ -457,6 +457,7 @@ impl App {
                 listener,
                 peer,
                 local,
+                accepted_on: local,
                 id: format!("{:x}-{n:x}", self.started),
                 shutdown: self.shutdown.clone(),
                 ehlo: self.ehlo.clone(),

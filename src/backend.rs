@@ -54,7 +54,11 @@ impl BackendError {
 #[derive(Debug, Clone)]
 pub struct ClientInfo {
     pub peer: SocketAddr,
+    /// The proxy address the client reached (from a PROXY header when a trusted one came first).
     pub local: SocketAddr,
+    /// The proxy's own socket address this connection was accepted on (never from a header):
+    /// what the proxy-loop check compares a backend with.
+    pub accepted_on: SocketAddr,
     pub session_id: String,
     /// IMAP: the client's own ID fields (already filtered).
     pub id_fields: Vec<(String, String)>,
@@ -70,6 +74,7 @@ impl ClientInfo {
         ClientInfo {
             peer: here,
             local: here,
+            accepted_on: here,
             session_id: String::new(),
             id_fields: Vec::new(),
             helo: None,
@@ -118,11 +123,16 @@ async fn connect_inner(
 ) -> Result<BackendStream, BackendError> {
     // Reliability case 73 (Dovecot's login_proxy_is_ourself): a backend at the very address the
     // client reached us on is this listener, and the login would loop back into it for ever.
-    // An address literal is checked before connecting, a host name once it has resolved.
+    // An address literal is checked before connecting, a host name once it has resolved. The
+    // socket the connection was accepted on counts, not an address from a PROXY header.
     const LOOP: BackendError = BackendError::Protocol("proxy loop: the backend is the listener the client reached");
-    let here =
-        |a: SocketAddr| a.port() == client.local.port() && a.ip().to_canonical() == client.local.ip().to_canonical();
+    let own = client.accepted_on;
+    let here = |a: SocketAddr| a.port() == own.port() && a.ip().to_canonical() == own.ip().to_canonical();
     let literal = backend.address.parse::<SocketAddr>().ok();
+    if literal.is_some_and(|a| a.ip().is_unspecified()) {
+        // Refused in the config; an auth service could still name it. It would reach this host.
+        return Err(BackendError::Protocol("backend address names no host (0.0.0.0 or [::])"));
+    }
     if literal.is_some_and(here) {
         return Err(LOOP);
     }

@@ -107,6 +107,27 @@ async fn a_backend_that_is_the_listener_itself_is_a_loop_not_a_login() {
         // Still serving: the next client is greeted.
         greeted(&proxy).await;
     }
+
+    // Behind a trusted PROXY sender the client's header names another destination; the check
+    // uses the socket the connection was accepted on, so a proxy-v2 backend pointing at the
+    // listener itself is still caught (else each hop would carry the header on for ever).
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let own: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let config = plain_config(own, "")
+        .replace(
+            "bind = \"127.0.0.1:0\"",
+            &format!("bind = \"{own}\"\nproxy_protocol = true\ntrusted_proxies = [\"127.0.0.1/32\"]"),
+        )
+        .replace(&format!("address = \"{own}\""), &format!("address = \"{own}\"\nclient_address = \"proxy-v2\""))
+        .replace("backend_login_timeout = \"500ms\"", "backend_login_timeout = \"30s\"");
+    let proxy = Proxy::start(&config, USERS).await;
+    let mut c = Client::connect(own).await;
+    c.send(b"PROXY TCP4 198.51.100.7 192.0.2.1 40000 143\r\n").await;
+    assert!(c.line().await.starts_with("* OK"));
+    c.send(b"a LOGIN alice@example.test secret\r\n").await;
+    let reply = tokio::time::timeout(Duration::from_secs(10), c.until_tagged("a")).await.expect("answered at once");
+    assert!(reply.last().unwrap().starts_with("a NO [UNAVAILABLE]"), "behind PROXY: {reply:?}");
+    drop(proxy);
 }
 
 #[tokio::test]

@@ -253,7 +253,7 @@ pub struct AuthHttpFile {
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct UsersFile {
-    /// `domain` (default): lower-case the domain part; `all`; `none`.
+    /// `all` (default): lower-case the whole name; `domain`: only the domain part; `none`.
     pub lowercase: Option<Spanned<String>>,
     /// Added to user names without a domain.
     pub default_domain: Option<Spanned<String>>,

@@ -100,9 +100,10 @@ pub struct Limits {
     pub smtp_greeting_delay: Duration,
     pub command_timeout: Duration,
     pub max_session_duration: Option<Duration>,
-    /// A client whose backend goes away is closed after a random delay up to this (0: at once),
-    /// so the clients of a failed backend reconnect spread out (Dovecot's
-    /// `login_proxy_max_disconnect_delay`).
+    /// When a backend ends more sessions a second than this spread's share of them (it failed),
+    /// each further client is closed after a random delay up to this (0: always at once), so the
+    /// clients of a failed backend reconnect spread out (Dovecot's
+    /// `login_proxy_max_disconnect_delay`; see `SessionGuard::close_hold`).
     pub backend_disconnect_spread: Duration,
     pub max_connections: usize,
     pub max_connections_per_listener: usize,
@@ -926,6 +927,14 @@ impl Validator<'_> {
                     "a certificate needs names or `default = true`",
                 ));
             }
+            if names.is_empty() && t.strict_sni == Some(true) {
+                // Names are matched from `names` only: this one would answer no client that asks.
+                return Err(self.err(
+                    Some(c.cert.span()),
+                    format!("tls.certificate[{i}].names"),
+                    "with tls.strict_sni every certificate needs its names listed",
+                ));
+            }
             certificates.push(CertSpec {
                 cert: self.resolve(c.cert.get_ref()),
                 key: self.resolve(c.key.get_ref()),
@@ -1339,6 +1348,14 @@ impl Validator<'_> {
             let host = split_host_port(&address).ok_or_else(|| {
                 self.err(Some(b.address.span()), field("address"), format!("{address:?} is not host:port"))
             })?;
+            if address.parse::<SocketAddr>().is_ok_and(|a| a.ip().is_unspecified()) {
+                // 0.0.0.0 / [::] reach this host: likely a listener's bind copied here (a loop).
+                return Err(self.err(
+                    Some(b.address.span()),
+                    field("address"),
+                    format!("{address:?} names no host (0.0.0.0 and [::] are for binding)"),
+                ));
+            }
             let transport = match b.transport.as_ref().map(|t| t.get_ref().as_str()) {
                 None | Some("plain") => Transport::Plain,
                 Some("tls") => Transport::Tls,
@@ -1692,12 +1709,28 @@ default = "b"
 
         let e = parse(&BASE.replace("127.0.0.1:143", "127.0.0.1")).unwrap_err();
         assert_eq!(e.field, "backend[0].address");
+        let e = parse(&BASE.replace("127.0.0.1:143", "0.0.0.0:143")).unwrap_err();
+        assert_eq!(e.field, "backend[0].address");
+        assert!(e.message.contains("names no host"), "{e}");
 
         let e = parse(&BASE.replace("name = \"b\"", "name = \"b\"\nlogin = \"master\"")).unwrap_err();
         assert_eq!(e.field, "backend[0].master_user");
 
         let e = parse(&BASE.replace("[auth]\nsource = \"backend\"", "")).unwrap_err();
         assert_eq!(e.field, "auth.passwd_file");
+    }
+
+    #[test]
+    fn strict_sni_needs_every_certificate_named() {
+        let tls = |strict: bool, names: &str| {
+            format!(
+                "[tls]\nstrict_sni = {strict}\n[[tls.certificate]]\ncert = \"c.pem\"\nkey = \"c.key\"\ndefault = true\n{names}\n{BASE}"
+            )
+        };
+        assert!(!parse(&tls(false, "")).unwrap().tls.strict_sni);
+        let e = parse(&tls(true, "")).unwrap_err();
+        assert_eq!(e.field, "tls.certificate[0].names");
+        assert!(parse(&tls(true, "names = [\"mail.example.org\"]")).unwrap().tls.strict_sni);
     }
 
     #[test]
