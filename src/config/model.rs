@@ -1615,6 +1615,14 @@ impl Validator<'_> {
                 let canonical = rule.canonical(user).ok_or_else(|| {
                     self.err(Some(target.span()), field.clone(), format!("{user:?} is not a user name"))
                 })?;
+                if t.users.contains_key(&canonical) {
+                    // Two keys for one user (`Alice@` and `alice@`): one would silently win.
+                    return Err(self.err(
+                        Some(target.span()),
+                        field,
+                        format!("{user:?} is the same user as another key ({canonical:?})"),
+                    ));
+                }
                 t.users.insert(canonical, lookup(target, field)?);
             }
             Ok(t)
@@ -1709,6 +1717,14 @@ default = "b"
 
         let e = parse(&BASE.replace("127.0.0.1:143", "127.0.0.1")).unwrap_err();
         assert_eq!(e.field, "backend[0].address");
+        // Two routing keys for one canonical user (reliability case 43): refused, not one winning.
+        let e = parse(&BASE.replace(
+            "[routing.imap]",
+            "[routing.imap]\nusers = { \"Alice@example.org\" = \"b\", \"alice@example.org\" = \"b\" }",
+        ))
+        .unwrap_err();
+        assert!(e.field.starts_with("routing.imap.users."), "{e}");
+        assert!(e.message.contains("same user"), "{e}");
         let e = parse(&BASE.replace("127.0.0.1:143", "0.0.0.0:143")).unwrap_err();
         assert_eq!(e.field, "backend[0].address");
         assert!(e.message.contains("names no host"), "{e}");
