@@ -255,16 +255,24 @@ impl<C: ?Sized, B: ?Sized> Relay<'_, C, B> {
         self.max_end.map_or(idle, |m| m.min(idle))
     }
 
-    /// The backend is gone: keep the client connected for the hold (never past a hard deadline),
-    /// then end the session as `end`. Called once; later calls keep the first deadline.
-    fn hold_client(&mut self, end: RelayEnd) {
-        if self.held_end.is_none() {
-            self.held_end = Some(end);
-            self.down.read_done = true;
-            let hold = self.hold.take().map_or(Duration::ZERO, |h| h());
-            let until = Instant::now() + hold;
-            self.sleep.as_mut().reset(self.max_end.map_or(until, |m| m.min(until)));
+    /// The backend is gone: ask how long to keep the client, and if at all, keep it connected
+    /// that long (never past a hard deadline), then end the session as `end`. False: no hold
+    /// (an ordinary close), and the direction goes on to shut the client's side down as usual.
+    fn hold_client(&mut self, end: RelayEnd) -> bool {
+        if self.held_end.is_some() {
+            return true;
         }
+        let hold = self.hold.take().map_or(Duration::ZERO, |h| h());
+        if hold.is_zero() {
+            self.down.hold_close = false;
+            self.down.held = false;
+            return false;
+        }
+        self.held_end = Some(end);
+        self.down.read_done = true;
+        let until = Instant::now() + hold;
+        self.sleep.as_mut().reset(self.max_end.map_or(until, |m| m.min(until)));
+        true
     }
 }
 
@@ -334,23 +342,27 @@ where
                 Side::Writer => RelayEnd::BackendError,
             });
         }
-        let down = this.down.poll_copy(cx, Pin::new(&mut *this.backend), Pin::new(&mut *this.client), &mut active);
-        match down {
+        let mut down = this.down.poll_copy(cx, Pin::new(&mut *this.backend), Pin::new(&mut *this.client), &mut active);
+        if let Poll::Ready(Err((Side::Reader, _))) = down
+            && this.down.hold_close
+            && this.hold_client(RelayEnd::BackendError)
+        {
             // A backend that fails is held like one that closes (reliability case 74).
-            Poll::Ready(Err((Side::Reader, _))) if this.down.hold_close => this.hold_client(RelayEnd::BackendError),
-            Poll::Ready(Err((side, _))) => {
-                return Poll::Ready(match side {
-                    Side::Reader => RelayEnd::BackendError,
-                    Side::Writer => RelayEnd::ClientError,
-                });
-            }
-            Poll::Pending if this.down.held => this.hold_client(RelayEnd::Closed),
-            _ => {}
+            down = Poll::Pending;
+        } else if down.is_pending() && this.down.held && !this.hold_client(RelayEnd::Closed) {
+            // No hold after all: shut the client's side down as without a spread.
+            down = this.down.poll_copy(cx, Pin::new(&mut *this.backend), Pin::new(&mut *this.client), &mut active);
+        }
+        if let Poll::Ready(Err((side, _))) = down {
+            return Poll::Ready(match side {
+                Side::Reader => RelayEnd::BackendError,
+                Side::Writer => RelayEnd::ClientError,
+            });
         }
         if let Some(end) = this.held_end
-            && (up.is_ready() || this.sleep.deadline() <= Instant::now())
+            && up.is_ready()
         {
-            // The client had already closed its side, or the hold is zero.
+            // The client had already closed its side.
             return Poll::Ready(end);
         }
         if up.is_ready() && down.is_ready() {
@@ -542,6 +554,28 @@ mod tests {
         let (end, took, _) = task.await.unwrap();
         assert_eq!(end, RelayEnd::Closed);
         assert!(took < Duration::from_secs(3), "{took:?}");
+
+        // No hold granted (an ordinary logout): the close is passed on at once and the session
+        // waits for the client's own close, exactly as without a spread.
+        let (mut client_app, mut client_proxy) = duplex(1024);
+        let (mut backend_proxy, mut backend_app) = duplex(1024);
+        let task = tokio::spawn(async move {
+            let d = Deadlines {
+                idle: Duration::from_secs(1800),
+                backend_close_hold: Some(Box::new(|| Duration::ZERO)),
+                ..Deadlines::default()
+            };
+            relay(&mut client_proxy, &mut backend_proxy, d, Meters::default()).await.0
+        });
+        backend_app.write_all(b"a OK Logout completed.\r\n").await.unwrap();
+        drop(backend_app);
+        let mut got = Vec::new();
+        client_app.read_to_end(&mut got).await.unwrap();
+        assert_eq!(got, b"a OK Logout completed.\r\n");
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        assert!(!task.is_finished(), "the client's side is still open");
+        drop(client_app);
+        assert_eq!(task.await.unwrap(), RelayEnd::Closed);
 
         // Shutdown during a hold ends it at whichever comes first, the hold or the grace.
         for (hold, grace, ends) in [(600, 5, 7), (3, 30, 3)] {
