@@ -136,7 +136,13 @@ async fn connect_inner(
     if literal.is_some_and(here) {
         return Err(LOOP);
     }
-    let mut tcp = tokio::time::timeout(timeout, TcpStream::connect(backend.address.as_str()))
+    let connect = async {
+        match literal {
+            Some(a) => TcpStream::connect(a).await,
+            None => TcpStream::connect(backend.address.as_str()).await,
+        }
+    };
+    let mut tcp = tokio::time::timeout(timeout, connect)
         .await
         .map_err(|_| BackendError::Connect(io::ErrorKind::TimedOut.into()))?
         .map_err(BackendError::Connect)?;

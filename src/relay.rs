@@ -297,17 +297,20 @@ where
     C: AsyncRead + AsyncWrite + Unpin + ?Sized,
     B: AsyncRead + AsyncWrite + Unpin + ?Sized,
 {
-    /// Read and drop what the client sends; Ready once it has closed (EOF or an error).
-    fn poll_discard_client(&mut self, cx: &mut Context<'_>) -> Poll<()> {
+    /// A held client (its backend has gone): what it sends now goes nowhere, so read it only to
+    /// notice it closing (EOF or an error, also one seen earlier), and end as `end` then or when
+    /// the hold is over.
+    fn poll_held(&mut self, cx: &mut Context<'_>, end: RelayEnd) -> Poll<RelayEnd> {
         let mut scratch = [0u8; 512];
         loop {
             let mut rb = ReadBuf::new(&mut scratch);
             match Pin::new(&mut *self.client).poll_read(cx, &mut rb) {
-                Poll::Pending => return Poll::Pending,
+                Poll::Pending => break,
                 Poll::Ready(Ok(())) if !rb.filled().is_empty() => continue,
-                Poll::Ready(_) => return Poll::Ready(()),
+                Poll::Ready(_) => return Poll::Ready(end),
             }
         }
+        self.sleep.as_mut().poll(cx).map(|()| end)
     }
 
     fn poll_relay(&mut self, cx: &mut Context<'_>) -> Poll<RelayEnd> {
@@ -327,12 +330,7 @@ where
             this.sleep.as_mut().reset(next);
         }
         if let Some(end) = this.held_end {
-            // Held: the backend is gone, so what the client sends now goes nowhere; read it only
-            // to notice the client closing, and end then (or when the hold is over).
-            if this.poll_discard_client(cx).is_ready() || this.sleep.as_mut().poll(cx).is_ready() {
-                return Poll::Ready(end);
-            }
-            return Poll::Pending;
+            return this.poll_held(cx, end);
         }
         let mut active = false;
         let up = this.up.poll_copy(cx, Pin::new(&mut *this.client), Pin::new(&mut *this.backend), &mut active);
@@ -359,22 +357,12 @@ where
                 Side::Writer => RelayEnd::ClientError,
             });
         }
-        if let Some(end) = this.held_end
-            && up.is_ready()
-        {
-            // The client had already closed its side.
-            return Poll::Ready(end);
+        if let Some(end) = this.held_end {
+            // The hold began in this poll (a client that already closed its side ends it at once).
+            return this.poll_held(cx, end);
         }
         if up.is_ready() && down.is_ready() {
             return Poll::Ready(RelayEnd::Closed);
-        }
-        if this.held_end.is_some() {
-            // Wake for the client's close or the end of the hold.
-            return if this.poll_discard_client(cx).is_ready() || this.sleep.as_mut().poll(cx).is_ready() {
-                Poll::Ready(this.held_end.unwrap_or(RelayEnd::Closed))
-            } else {
-                Poll::Pending
-            };
         }
         if active {
             let next = this.next_deadline();
@@ -554,6 +542,16 @@ mod tests {
         let (end, took, _) = task.await.unwrap();
         assert_eq!(end, RelayEnd::Closed);
         assert!(took < Duration::from_secs(3), "{took:?}");
+
+        // The client closed its side before the backend went: nothing to hold it for.
+        let (mut client_app, client_proxy) = duplex(1024);
+        let (backend_proxy, backend_app) = duplex(1024);
+        let task = tokio::spawn(relay_with_hold(client_proxy, backend_proxy));
+        client_app.shutdown().await.unwrap();
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        drop(backend_app);
+        let (end, took, _) = task.await.unwrap();
+        assert_eq!((end, took), (RelayEnd::Closed, Duration::from_secs(1)));
 
         // No hold granted (an ordinary logout): the close is passed on at once and the session
         // waits for the client's own close, exactly as without a spread.

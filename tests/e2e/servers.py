@@ -45,6 +45,28 @@ def free_port():
             return port
 
 
+def imap_to_dovecot(port, dovecot, tables=""):
+    """A portcullis config: one plaintext IMAP listener on `port` (logins allowed) in front of
+    `dovecot`, without health checks, plus `tables` (auth, limits, throttle, admin ...)."""
+    return f"""{tables}
+
+[[listener]]
+name = "imap"
+bind = "127.0.0.1:{port}"
+protocol = "imap"
+tls = "none"
+allow_plaintext_auth = true
+
+[[backend]]
+name = "dovecot"
+address = "127.0.0.1:{dovecot.imap_port}"
+health = {{ enabled = false }}
+
+[routing.imap]
+default = "dovecot"
+"""
+
+
 def wait_greeting(port, prefix=b"* OK", timeout=10.0, host="127.0.0.1", tls=False):
     """Readiness is the greeting, not an accepting port (Dovecot drops early connections)."""
     deadline = time.monotonic() + timeout

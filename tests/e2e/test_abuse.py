@@ -10,20 +10,12 @@ import time
 import urllib.request
 
 from conftest import DEMO, write_users_file
-from servers import ROOT, Portcullis, free_port, wait_for
+from servers import ROOT, Portcullis, free_port, imap_to_dovecot, wait_for
 
 
 def config(dovecot, port, users_path, extra_limits="", admin_port=None):
     admin = f'[admin]\nbind = "127.0.0.1:{admin_port}"\n' if admin_port else ""
-    return f"""
-{admin}
-[[listener]]
-name = "imap"
-bind = "127.0.0.1:{port}"
-protocol = "imap"
-tls = "none"
-allow_plaintext_auth = true
-
+    return imap_to_dovecot(port, dovecot, f"""{admin}
 [auth]
 passwd_file = "{users_path}"
 
@@ -39,15 +31,7 @@ penalty_max = "100ms"
 block_after = 20
 user_block_after = 1000
 cooldown = "1m"
-
-[[backend]]
-name = "dovecot"
-address = "127.0.0.1:{dovecot.imap_port}"
-health = {{ enabled = false }}
-
-[routing.imap]
-default = "dovecot"
-"""
+""")
 
 
 def connect(port, source):

@@ -10,21 +10,14 @@ import threading
 import time
 
 from conftest import DEMO
-from servers import Dovecot, Portcullis, free_port
+from servers import Dovecot, Portcullis, free_port, imap_to_dovecot
 
 SPREAD = 5.0
 CLIENTS = 30
 
 
 def config(port, dovecot):
-    return f"""
-[[listener]]
-name = "imap"
-bind = "127.0.0.1:{port}"
-protocol = "imap"
-tls = "none"
-allow_plaintext_auth = true
-
+    return imap_to_dovecot(port, dovecot, f"""
 [auth]
 source = "backend"
 
@@ -35,15 +28,7 @@ enabled = false
 backend_disconnect_spread = "{SPREAD}s"
 max_sessions_per_user = 0
 max_connections_per_ip = 0
-
-[[backend]]
-name = "dovecot"
-address = "127.0.0.1:{dovecot.imap_port}"
-health = {{ enabled = false }}
-
-[routing.imap]
-default = "dovecot"
-"""
+""")
 
 
 def test_clients_of_a_stopped_backend_are_closed_spread_out(tmp_path):
