@@ -3,6 +3,10 @@
 //! percentiles and throughput as one JSON object on the last line of stdout.
 //!
 //! Certificates are never verified: this measures proxies on loopback, not PKI.
+//!
+//! `stub-backend` is the other end: a minimal IMAP and POP3 server (see `stub.rs`).
+
+mod stub;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -20,6 +24,8 @@ enum Mode {
     SmtpSubmit,
     Fetch,
     Idle,
+    /// Serve `--imap-listen` and `--pop3-listen` as a minimal backend until stdin closes.
+    StubBackend,
 }
 
 #[derive(Parser, Debug, Clone)]
@@ -27,9 +33,16 @@ enum Mode {
 struct Args {
     #[arg(value_enum)]
     mode: Mode,
-    /// host:port of the proxy (or of the backend, for the no-proxy ceiling).
-    #[arg(long)]
+    /// host:port of the proxy (or of the backend, for the no-proxy ceiling). Required except in
+    /// stub-backend mode.
+    #[arg(long, default_value = "", required_unless_present = "imap_listen")]
     target: String,
+    /// stub-backend mode: where to serve IMAP.
+    #[arg(long, requires = "pop3_listen")]
+    imap_listen: Option<String>,
+    /// stub-backend mode: where to serve POP3.
+    #[arg(long, requires = "imap_listen")]
+    pop3_listen: Option<String>,
     /// Implicit TLS (without it: plaintext).
     #[arg(long)]
     tls: bool,
@@ -97,6 +110,17 @@ struct Tally {
 async fn main() {
     let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
     let args = Args::parse();
+    if args.mode == Mode::StubBackend {
+        let (Some(imap), Some(pop3)) = (&args.imap_listen, &args.pop3_listen) else {
+            eprintln!("mailbench: stub-backend needs --imap-listen and --pop3-listen");
+            std::process::exit(2);
+        };
+        if let Err(e) = stub::serve(imap, pop3).await {
+            eprintln!("mailbench: {e}");
+            std::process::exit(2);
+        }
+        return;
+    }
     let connector = match tls_connector(args.kx, args.resume) {
         Ok(c) => c,
         Err(e) => {
@@ -190,7 +214,7 @@ async fn run_workers(args: &Args, connector: &tokio_rustls::TlsConnector, worker
                     Mode::Pop3Login => pop3_login(&args, &connector, &user).await.map(|_| 0),
                     Mode::SmtpSubmit => smtp_submit(&args, &connector, &user).await.map(|_| args.message_size as u64),
                     Mode::Fetch => fetch(&args, &connector, deadline, &mut t).await.map(|_| 0),
-                    Mode::Idle => Ok(0),
+                    Mode::Idle | Mode::StubBackend => Ok(0),
                 };
                 match r {
                     Ok(bytes) => {
