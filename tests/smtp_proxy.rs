@@ -177,3 +177,27 @@ async fn early_talker_is_refused() {
     let mut c = Client::connect(proxy.addr("plain")).await;
     assert_eq!(c.line().await, "220 proxy.example.test ESMTP ready\r\n");
 }
+
+#[tokio::test]
+async fn a_command_split_over_segments_is_one_command() {
+    let (proxy, _b) = setup(Behaviour::Smtp).await;
+    let mut c = greeted(&proxy).await;
+    // Reliability case 22: `HEL` … 100 ms … `O example.com` is one HELO.
+    for piece in [&b"HEL"[..], b"O client.example.test\r\n"] {
+        c.send(piece).await;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let helo = reply(&mut c).await;
+    assert_eq!(helo.len(), 1, "{helo:?}");
+    assert!(helo[0].starts_with("250 proxy.example.test"), "{helo:?}");
+    // Reliability case 23: `FOO B` … `AR` gets exactly one error; the next reply is NOOP's.
+    for piece in [&b"FOO B"[..], b"AR\r\n"] {
+        c.send(piece).await;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let err = reply(&mut c).await;
+    assert!(err.len() == 1 && err[0].starts_with("5"), "{err:?}");
+    c.send(b"NOOP\r\n").await;
+    let noop = reply(&mut c).await;
+    assert!(noop[0].starts_with("250"), "{noop:?}");
+}
