@@ -150,7 +150,8 @@ async fn pop3(tcp: TcpStream) -> std::io::Result<()> {
             }
             b"CAPA" => b"+OK\r\nUSER\r\nSASL PLAIN\r\nPIPELINING\r\n.\r\n",
             b"STAT" => b"+OK 0 0\r\n",
-            b"AUTH" if line.split(|&b| b == b' ').count() < 3 => {
+            // `AUTH PLAIN` without an initial response: the response comes on the next line.
+            b"AUTH" if line.split(|&b| b == b' ').count() == 2 => {
                 c.get_mut().write_all(b"+ \r\n").await?;
                 if read_line(&mut c, &mut line).await?.is_none() {
                     return Ok(());
