@@ -179,13 +179,18 @@ mod tests {
         assert!(!has_initial_response(b"a AUTHENTICATE PLAIN\r\n"));
     }
 
+    /// A client connected to a stub serving `protocol` on a fresh loopback port.
+    async fn connected(protocol: Protocol) -> BufReader<TcpStream> {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(accept_loop(listener, protocol));
+        BufReader::new(TcpStream::connect(addr).await.unwrap())
+    }
+
     /// What nginx's mail proxy sends: the user and the password as synchronizing literals.
     #[tokio::test]
     async fn imap_login_with_literals_then_logout() {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        tokio::spawn(accept_loop(listener, Protocol::Imap));
-        let mut c = BufReader::new(TcpStream::connect(addr).await.unwrap());
+        let mut c = connected(Protocol::Imap).await;
         let mut l = Vec::new();
         let next = async |c: &mut BufReader<TcpStream>, l: &mut Vec<u8>| {
             read_line(c, l).await.unwrap().unwrap();
@@ -205,10 +210,7 @@ mod tests {
 
     #[tokio::test]
     async fn pop3_user_pass_quit() {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        tokio::spawn(accept_loop(listener, Protocol::Pop3));
-        let mut c = BufReader::new(TcpStream::connect(addr).await.unwrap());
+        let mut c = connected(Protocol::Pop3).await;
         let mut l = Vec::new();
         c.get_mut().write_all(b"USER alice\r\nPASS pw\r\nQUIT\r\n").await.unwrap();
         for want in ["+OK stub", "+OK\r", "+OK Logged in", "+OK Logging out"] {

@@ -57,7 +57,12 @@ protocol = "imap"
 tls = "none"
 allow_plaintext_auth = true
 
-[[backend]]
+{dovecot_imap_route(dovecot)}"""
+
+
+def dovecot_imap_route(dovecot):
+    """Config lines: backend "dovecot" (IMAP, no health checks) and the IMAP route to it."""
+    return f"""[[backend]]
 name = "dovecot"
 address = "127.0.0.1:{dovecot.imap_port}"
 health = {{ enabled = false }}

@@ -14,7 +14,7 @@ import pytest
 
 from acme_servers import DNS_HOOK, Pebble
 from conftest import DEMO
-from servers import Portcullis, free_port, portcullis_binary, wait_for
+from servers import Portcullis, dovecot_imap_route, free_port, portcullis_binary, wait_for
 
 NAME = "mail.example.test"
 
@@ -36,14 +36,7 @@ tls = "implicit"
 [auth]
 source = "backend"
 
-[[backend]]
-name = "dovecot"
-address = "127.0.0.1:{dovecot.imap_port}"
-health = {{ enabled = false }}
-
-[routing.imap]
-default = "dovecot"
-
+{dovecot_imap_route(dovecot)}
 [acme]
 directory = "{pebble.directory}"
 ca_file = "{pebble.ca}"
