@@ -459,24 +459,16 @@ async fn preauth_idle_timeout_says_bye() {
     assert!(c.closed().await);
 }
 
-/// Sends `pieces` as separate segments, 100 ms apart.
-async fn send_in_pieces(c: &mut Client<tokio::net::TcpStream>, pieces: &[&[u8]]) {
-    for piece in pieces {
-        c.send(piece).await;
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
-
 #[tokio::test]
 async fn a_command_split_over_segments_is_one_command() {
     let (proxy, _b) = setup(Behaviour::Normal).await;
     let mut c = greeted(&proxy).await;
     // Reliability case 22: one command, however it is cut.
-    send_in_pieces(&mut c, &[b"a NO", b"O", b"P\r", b"\n"]).await;
+    c.send_in_pieces(&[b"a NO", b"O", b"P\r", b"\n"]).await;
     assert_eq!(c.line().await, "a OK NOOP completed.\r\n");
     // Reliability case 23: an invalid command in two pieces gets exactly one error; the next
     // reply is the next command's.
-    send_in_pieces(&mut c, &[b"b FOO B", b"AR\r\n"]).await;
+    c.send_in_pieces(&[b"b FOO B", b"AR\r\n"]).await;
     assert_eq!(c.line().await, "b BAD Error in IMAP command.\r\n");
     c.send(b"c NOOP\r\n").await;
     assert_eq!(c.line().await, "c OK NOOP completed.\r\n");

@@ -87,17 +87,12 @@ async fn password_that_would_inject_a_command_is_not_replayed() {
 async fn a_command_split_over_segments_is_one_command() {
     let (proxy, _b) = setup(Behaviour::Pop3, "").await;
     let mut c = greeted(&proxy).await;
-    let pause = || tokio::time::sleep(std::time::Duration::from_millis(100));
     // Reliability case 22: `CA` … `PA` is one CAPA.
-    c.send(b"CA").await;
-    pause().await;
-    c.send(b"PA\r\n").await;
+    c.send_in_pieces(&[b"CA", b"PA\r\n"]).await;
     assert!(c.line().await.starts_with("+OK"));
     while c.line().await != ".\r\n" {}
     // Reliability case 23: `FOO B` … `AR` gets exactly one error; the next reply is USER's.
-    c.send(b"FOO B").await;
-    pause().await;
-    c.send(b"AR\r\n").await;
+    c.send_in_pieces(&[b"FOO B", b"AR\r\n"]).await;
     assert!(c.line().await.starts_with("-ERR"));
     c.send(b"USER alice@example.test\r\n").await;
     assert_eq!(c.line().await, "+OK\r\n");

@@ -183,18 +183,12 @@ async fn a_command_split_over_segments_is_one_command() {
     let (proxy, _b) = setup(Behaviour::Smtp).await;
     let mut c = greeted(&proxy).await;
     // Reliability case 22: `HEL` … 100 ms … `O example.com` is one HELO.
-    for piece in [&b"HEL"[..], b"O client.example.test\r\n"] {
-        c.send(piece).await;
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    c.send_in_pieces(&[b"HEL", b"O client.example.test\r\n"]).await;
     let helo = reply(&mut c).await;
     assert_eq!(helo.len(), 1, "{helo:?}");
     assert!(helo[0].starts_with("250 proxy.example.test"), "{helo:?}");
     // Reliability case 23: `FOO B` … `AR` gets exactly one error; the next reply is NOOP's.
-    for piece in [&b"FOO B"[..], b"AR\r\n"] {
-        c.send(piece).await;
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    c.send_in_pieces(&[b"FOO B", b"AR\r\n"]).await;
     let err = reply(&mut c).await;
     assert!(err.len() == 1 && err[0].starts_with("5"), "{err:?}");
     c.send(b"NOOP\r\n").await;

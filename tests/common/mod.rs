@@ -393,6 +393,14 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Client<S> {
         self.stream.get_mut().flush().await.unwrap();
     }
 
+    /// Sends `pieces` as separate segments, 100 ms apart (a command cut up in transit).
+    pub async fn send_in_pieces(&mut self, pieces: &[&[u8]]) {
+        for piece in pieces {
+            self.send(piece).await;
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
     /// One line, or "" at EOF.
     pub async fn line(&mut self) -> String {
         let mut buf = Vec::new();
