@@ -21,18 +21,21 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::auth::http::AuthHttp;
-use crate::config::{AuthSource, Config, ConfigError, Protocol, TlsMode, Transport};
+use crate::config::{AuthSource, Config, ConfigError, Protocol, TlsMode, Transport, VerifyClient};
 use crate::health::{self, HealthTable};
 use crate::protocol::smtp::ehlo::EhloCache;
 use crate::session::{self, SessionCtx};
 use crate::tls::TlsShared;
 use crate::tls::certs::{CertError, CertStore};
+use crate::tls::client_cert::ClientAuth;
 
 /// One immutable snapshot: config plus everything derived from it that must change with it.
 pub struct Runtime {
     pub config: Config,
     /// Server TLS config per protocol (all listeners of a protocol share ALPN and certificates).
     pub server_tls: HashMap<Protocol, Arc<ServerConfig>>,
+    /// Listeners that ask for client certificates have their own config and policy, by name.
+    pub client_auth: HashMap<String, (Arc<ServerConfig>, Arc<ClientAuth>)>,
     /// Client TLS config per backend name, for TLS and STARTTLS backends.
     pub backend_tls: HashMap<String, Arc<ClientConfig>>,
     /// For backends named by the auth service that are not in the config (system roots).
@@ -109,15 +112,25 @@ impl SocketKey {
 /// Build the runtime pieces for a config (also used by `portcullis check`).
 pub fn build_runtime(config: Config, tls: &TlsShared) -> Result<Runtime, ConfigError> {
     let mut server_tls = HashMap::new();
+    let mut client_auth = HashMap::new();
+    let suites_error =
+        |message| ConfigError { file: config.path.clone(), position: None, field: "tls.cipher_suites".into(), message };
     for l in &config.listeners {
-        if l.tls != TlsMode::None && !server_tls.contains_key(&l.protocol) {
-            let cfg = tls.server_config(l.protocol, &config.tls).map_err(|message| ConfigError {
-                file: config.path.clone(),
-                position: None,
-                field: "tls.cipher_suites".into(),
-                message,
-            })?;
-            server_tls.insert(l.protocol, cfg);
+        if l.tls == TlsMode::None {
+            continue;
+        }
+        if l.verify_client != VerifyClient::Off {
+            let policy =
+                ClientAuth::new(l.verify_client, l.client_ca_file.as_deref()).map_err(|message| ConfigError {
+                    file: config.path.clone(),
+                    position: None,
+                    field: format!("listener {:?} client_ca_file", l.name),
+                    message,
+                })?;
+            let cfg = tls.server_config(l.protocol, &config.tls, Some(&policy)).map_err(suites_error)?;
+            client_auth.insert(l.name.clone(), (cfg, Arc::new(policy)));
+        } else if let std::collections::hash_map::Entry::Vacant(slot) = server_tls.entry(l.protocol) {
+            slot.insert(tls.server_config(l.protocol, &config.tls, None).map_err(suites_error)?);
         }
     }
     let mut backend_tls = HashMap::new();
@@ -145,7 +158,7 @@ pub fn build_runtime(config: Config, tls: &TlsShared) -> Result<Runtime, ConfigE
         }
         _ => (None, None),
     };
-    Ok(Runtime { config, server_tls, backend_tls, default_backend_tls, auth_http })
+    Ok(Runtime { config, server_tls, client_auth, backend_tls, default_backend_tls, auth_http })
 }
 
 /// Validate a config file fully (parse, referenced files, certificates) without binding.

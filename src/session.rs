@@ -26,7 +26,8 @@ use crate::metrics::{ActiveConnection, metrics};
 use crate::protocol::smtp::ehlo::EhloCache;
 use crate::protocol::{CloseReason, Event, Front, FrontSettings, Goodbye, LoginFailure};
 use crate::relay::{self, Transferred};
-use crate::tls::{ClientStream, MaybeTls};
+use crate::tls::client_cert::{CertCheck, ClientCertFacts};
+use crate::tls::{ClientStream, MaybeTls, TlsInfo};
 
 /// Time past the login deadline in which a session still gets to say goodbye.
 const LOGIN_TIMEOUT_SLACK: Duration = Duration::from_secs(1);
@@ -276,14 +277,18 @@ async fn preauth(ctx: &SessionCtx, tcp: TcpStream, deadline: Instant) -> Result<
     let mut greeted = false;
     // With implicit TLS the first front end is made before the handshake: its greeting goes with
     // the handshake (one write and one client round trip less), and it serves the session after.
+    // (Not where the listener wants a client certificate: nothing is sent before it is checked.)
     let mut first_front = None;
+    let mut client_cert = None;
     let mut stream: ClientStream = match lc.tls {
         TlsMode::Implicit => {
             let front = Front::new(lc.protocol, front_settings(ctx, true));
-            let early = front.immediate_greeting();
+            let early = if rt.client_auth.contains_key(&lc.name) { None } else { front.immediate_greeting() };
             greeted = early.is_some();
             first_front = Some(front);
-            MaybeTls::Tls(Box::new(tls_accept(ctx, tcp, early).await?))
+            let (tls, cert) = tls_accept(ctx, tcp, early).await?;
+            client_cert = cert;
+            MaybeTls::Tls(Box::new(tls))
         }
         TlsMode::StartTls | TlsMode::None => MaybeTls::Plain(tcp),
     };
@@ -326,7 +331,7 @@ async fn preauth(ctx: &SessionCtx, tcp: TcpStream, deadline: Instant) -> Result<
             let fail_at = Instant::now() + limits.auth_failure_delay;
             let attempt = match req.credentials {
                 None => Err(LoginError::Bad { user: None, reason: "malformed" }),
-                Some(creds) => login(ctx, &front, creds, failures + 1, tls_info(&stream)).await,
+                Some(creds) => login(ctx, &front, creds, failures + 1, tls_info(&stream, &client_cert)).await,
             };
             match attempt {
                 Ok((mut logged_in, user, backend_name, guard, user_slot)) => {
@@ -407,7 +412,9 @@ async fn preauth(ctx: &SessionCtx, tcp: TcpStream, deadline: Instant) -> Result<
         let MaybeTls::Plain(tcp) = stream else {
             return Err(Outcome::PreAuth("starttls_on_tls"));
         };
-        stream = MaybeTls::Tls(Box::new(tls_accept(ctx, tcp, None).await?));
+        let (tls, cert) = tls_accept(ctx, tcp, None).await?;
+        client_cert = cert;
+        stream = MaybeTls::Tls(Box::new(tls));
         metrics().starttls_upgrades.with_label_values(&[lc.protocol.as_str(), &lc.name]).inc();
     }
 }
@@ -428,7 +435,7 @@ enum LoginError {
 }
 
 /// The connection's TLS parameters as nginx names them for `Auth-SSL-*`.
-fn tls_info(stream: &ClientStream) -> Option<(String, String)> {
+fn tls_info(stream: &ClientStream, client_cert: &Option<ClientCertFacts>) -> Option<TlsInfo> {
     let MaybeTls::Tls(t) = stream else { return None };
     let conn = t.get_ref().1;
     let version = match conn.protocol_version()? {
@@ -437,7 +444,7 @@ fn tls_info(stream: &ClientStream) -> Option<(String, String)> {
         v => format!("{v:?}"),
     };
     let cipher = conn.negotiated_cipher_suite().map(|c| format!("{:?}", c.suite())).unwrap_or_default();
-    Some((version, cipher))
+    Some(TlsInfo { version, cipher, client_cert: client_cert.clone() })
 }
 
 /// Verify, route and log in to a backend, failing over along the rendezvous order.
@@ -447,7 +454,7 @@ async fn login(
     front: &Front,
     creds: Credentials,
     attempt: u32,
-    tls: Option<(String, String)>,
+    tls: Option<TlsInfo>,
 ) -> Result<(LoggedIn, String, String, SessionGuard, Option<crate::limits::UserSlot>), LoginError> {
     let rt = &ctx.runtime;
     let hints = front.hints();
@@ -479,7 +486,7 @@ async fn login_inner(
     ctx: &SessionCtx,
     creds: Credentials,
     attempt: u32,
-    tls: Option<(String, String)>,
+    tls: Option<TlsInfo>,
     hints: crate::protocol::ClientHints,
 ) -> Result<(LoggedIn, String, String, SessionGuard, Option<crate::limits::UserSlot>), LoginError> {
     let rt = &ctx.runtime;
@@ -663,13 +670,23 @@ async fn fail(
 /// the handshake: with TLS 1.3 rustls sends it right after the server's Finished, in the same
 /// write as the server's first flight (half-RTT data; nothing the client sends is needed for
 /// it, and it carries nothing secret); with TLS 1.2 it follows the handshake.
+///
+/// On a listener that asks for client certificates, the certificate is judged here: refused,
+/// the client gets nginx's line for it and the session ends; accepted, its facts are returned
+/// for the auth service.
 async fn tls_accept(
     ctx: &SessionCtx,
     tcp: TcpStream,
     greeting: Option<Vec<u8>>,
-) -> Result<tokio_rustls::server::TlsStream<TcpStream>, Outcome> {
-    let Some(cfg) = ctx.runtime.server_tls.get(&ctx.listener.protocol).cloned() else {
-        return Err(Outcome::PreAuth("tls_unconfigured"));
+) -> Result<(tokio_rustls::server::TlsStream<TcpStream>, Option<ClientCertFacts>), Outcome> {
+    let lc = &ctx.listener;
+    let client_auth = ctx.runtime.client_auth.get(&lc.name);
+    let cfg = match client_auth {
+        Some((cfg, _)) => cfg.clone(),
+        None => match ctx.runtime.server_tls.get(&lc.protocol) {
+            Some(cfg) => cfg.clone(),
+            None => return Err(Outcome::PreAuth("tls_unconfigured")),
+        },
     };
     let acceptor = tokio_rustls::TlsAcceptor::from(cfg);
     let started = Instant::now();
@@ -692,7 +709,18 @@ async fn tls_accept(
                 _ => "other",
             };
             m.tls_handshakes.with_label_values(&[protocol, listener, "success", version]).inc();
-            Ok(s)
+            let Some((_, policy)) = client_auth else { return Ok((s, None)) };
+            let (why, reason, detail) = match policy.check(s.get_ref().1.peer_certificates()) {
+                CertCheck::Accepted(facts) => return Ok((s, Some(facts))),
+                CertCheck::Missing => (Goodbye::NoCertificate, "client_cert_missing", "no certificate"),
+                CertCheck::Refused(why) => (Goodbye::CertificateError, "client_cert_refused", why),
+            };
+            tracing::info!(session = %ctx.id, peer = %ctx.peer.ip(), listener = %listener, error = detail, "client certificate refused");
+            m.connections_rejected.with_label_values(&[protocol, listener, "client_cert"]).inc();
+            let mut s = s;
+            let _ = s.write_all(crate::protocol::goodbye(lc.protocol, why)).await;
+            let _ = s.shutdown().await;
+            Err(Outcome::PreAuth(reason))
         }
         Ok(Err(e)) => {
             tracing::debug!(session = %ctx.id, error = %e, "TLS handshake failed");

@@ -29,6 +29,7 @@ use siphasher::sip::SipHasher13;
 use tokio::time::Instant;
 
 use crate::config::{AuthHttpSettings, ClientAddress, Protocol, Transport};
+use crate::tls::TlsInfo;
 
 /// Longest failure text passed on to a client.
 const MAX_MESSAGE: usize = 200;
@@ -47,8 +48,8 @@ pub struct Query<'a> {
     pub attempt: u32,
     pub client_ip: IpAddr,
     pub helo: Option<&'a str>,
-    /// (protocol version, cipher suite) when the client connection is TLS.
-    pub tls: Option<(String, String)>,
+    /// Protocol version, cipher suite and client certificate when the client connection is TLS.
+    pub tls: Option<TlsInfo>,
 }
 
 /// The service's decision.
@@ -238,10 +239,21 @@ pub fn build_request(url: &str, q: &Query<'_>, extra: &[(String, String)]) -> Re
         headers.push(("Auth-SMTP-From", Vec::new()));
         headers.push(("Auth-SMTP-To", Vec::new()));
     }
-    if let Some((version, cipher)) = &q.tls {
+    if let Some(tls) = &q.tls {
         headers.push(("Auth-SSL", b"on".to_vec()));
-        headers.push(("Auth-SSL-Protocol", version.clone().into_bytes()));
-        headers.push(("Auth-SSL-Cipher", cipher.clone().into_bytes()));
+        headers.push(("Auth-SSL-Protocol", tls.version.clone().into_bytes()));
+        headers.push(("Auth-SSL-Cipher", tls.cipher.clone().into_bytes()));
+        // Only on listeners that ask for client certificates (nginx: auth_http_pass_client_cert).
+        if let Some(client) = &tls.client_cert {
+            headers.push(("Auth-SSL-Verify", client.verify.clone().into_bytes()));
+            if let Some(c) = &client.cert {
+                headers.push(("Auth-SSL-Subject", c.subject.clone().into_bytes()));
+                headers.push(("Auth-SSL-Issuer", c.issuer.clone().into_bytes()));
+                headers.push(("Auth-SSL-Serial", c.serial.clone().into_bytes()));
+                headers.push(("Auth-SSL-Fingerprint", c.fingerprint.clone().into_bytes()));
+                headers.push(("Auth-SSL-Cert", escape(c.pem.as_bytes())));
+            }
+        }
     }
     let mut builder = Request::get(uri);
     for (k, v) in headers {
@@ -313,7 +325,11 @@ mod tests {
             attempt: 2,
             client_ip: "192.0.2.42".parse().unwrap(),
             helo: Some("client.example"),
-            tls: Some(("TLSv1.3".into(), "TLS13_AES_256_GCM_SHA384".into())),
+            tls: Some(TlsInfo {
+                version: "TLSv1.3".into(),
+                cipher: "TLS13_AES_256_GCM_SHA384".into(),
+                client_cert: None,
+            }),
         }
     }
 
@@ -344,6 +360,26 @@ mod tests {
         let req = build_request("http://auth.example/", &query(Protocol::Smtp), &[]).unwrap();
         let r = render(&req);
         assert!(r.contains("auth-protocol: smtp\r\nauth-login-attempt: 2\r\nclient-ip: 192.0.2.42\r\nclient-host: [UNAVAILABLE]\r\nauth-smtp-helo: client.example\r\n"), "{r}");
+        // A listener with verify_client: the certificate facts follow the cipher, in nginx's order.
+        use crate::tls::client_cert::{CertDetails, ClientCertFacts};
+        let mut q = query(Protocol::Imap);
+        let details = CertDetails {
+            subject: "CN=alice,O=Example".into(),
+            issuer: "CN=ca".into(),
+            serial: "1F42".into(),
+            fingerprint: "0a1b".into(),
+            pem: "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n".into(),
+        };
+        if let Some(t) = q.tls.as_mut() {
+            t.client_cert = Some(ClientCertFacts { verify: "SUCCESS".into(), cert: Some(details) });
+        }
+        let r = render(&build_request("http://auth.example/", &q, &[]).unwrap());
+        assert!(r.ends_with("auth-ssl-cipher: TLS13_AES_256_GCM_SHA384\r\nauth-ssl-verify: SUCCESS\r\nauth-ssl-subject: CN=alice,O=Example\r\nauth-ssl-issuer: CN=ca\r\nauth-ssl-serial: 1F42\r\nauth-ssl-fingerprint: 0a1b\r\nauth-ssl-cert: -----BEGIN%20CERTIFICATE-----%0AMIIB%0A-----END%20CERTIFICATE-----%0A\r\n"), "{r}");
+        if let Some(t) = q.tls.as_mut() {
+            t.client_cert = Some(ClientCertFacts { verify: "NONE".into(), cert: None });
+        }
+        let r = render(&build_request("http://auth.example/", &q, &[]).unwrap());
+        assert!(r.ends_with("auth-ssl-verify: NONE\r\n"), "{r}");
     }
 
     #[test]

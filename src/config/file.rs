@@ -212,6 +212,10 @@ pub struct ListenerFile {
     pub proxy_protocol: bool,
     /// Peers allowed to send the PROXY header (CIDRs); anyone else is closed.
     pub trusted_proxies: Option<Spanned<Vec<String>>>,
+    /// Ask TLS clients for a certificate: "off" (default), "on", "optional", "optional_no_ca".
+    pub verify_client: Option<Spanned<String>>,
+    /// PEM file of the CAs client certificates must chain to.
+    pub client_ca_file: Option<Spanned<PathBuf>>,
 }
 
 #[derive(Debug, Deserialize)]

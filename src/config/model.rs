@@ -273,6 +273,25 @@ pub struct ListenerConfig {
     pub allow_plaintext_auth: bool,
     /// Peers that must send a PROXY header first; empty when the listener does not use it.
     pub trusted_proxies: Vec<Cidr>,
+    /// Client certificates (nginx `ssl_verify_client`), with the CA file they are checked
+    /// against (`None` only with `VerifyClient::Off`, or `OptionalNoCa` without CAs).
+    pub verify_client: VerifyClient,
+    pub client_ca_file: Option<PathBuf>,
+}
+
+/// Whether a TLS listener asks for client certificates, named as nginx's `ssl_verify_client`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum VerifyClient {
+    /// Not asked for.
+    #[default]
+    Off,
+    /// Required, and it must chain to `client_ca_file`.
+    On,
+    /// Asked for; a client without one is served, one with a bad certificate is not.
+    Optional,
+    /// Asked for; any certificate that is in its validity period is accepted, whoever issued it,
+    /// and the verdict goes to the auth service (`Auth-SSL-Verify`).
+    OptionalNoCa,
 }
 
 /// An address range such as `10.0.0.0/8` or `fd00::/8`.
@@ -1093,6 +1112,7 @@ impl Validator<'_> {
                     out
                 }
             };
+            let (verify_client, client_ca_file) = self.verify_client(l, tls, &field)?;
             out.push(Arc::new(ListenerConfig {
                 name,
                 bind,
@@ -1100,9 +1120,66 @@ impl Validator<'_> {
                 tls,
                 allow_plaintext_auth: l.allow_plaintext_auth,
                 trusted_proxies,
+                verify_client,
+                client_ca_file,
             }));
         }
         Ok(out)
+    }
+
+    /// A listener's `verify_client` and `client_ca_file`. The CA file is read here too, so a
+    /// missing or unreadable one is reported at its line (it is read again for each runtime).
+    fn verify_client(
+        &self,
+        l: &file::ListenerFile,
+        tls: TlsMode,
+        field: &dyn Fn(&str) -> String,
+    ) -> Result<(VerifyClient, Option<PathBuf>), ConfigError> {
+        let mode = match &l.verify_client {
+            None => VerifyClient::Off,
+            Some(v) => match v.get_ref().as_str() {
+                "off" => VerifyClient::Off,
+                "on" => VerifyClient::On,
+                "optional" => VerifyClient::Optional,
+                "optional_no_ca" => VerifyClient::OptionalNoCa,
+                other => {
+                    return Err(self.err(
+                        Some(v.span()),
+                        field("verify_client"),
+                        format!("expected \"off\", \"on\", \"optional\" or \"optional_no_ca\", found {other:?}"),
+                    ));
+                }
+            },
+        };
+        if mode != VerifyClient::Off && tls == TlsMode::None {
+            let span = l.verify_client.as_ref().map(|v| v.span());
+            return Err(self.err(
+                span,
+                field("verify_client"),
+                "client certificates need tls = \"implicit\" or \"starttls\"",
+            ));
+        }
+        let ca = match &l.client_ca_file {
+            None if matches!(mode, VerifyClient::On | VerifyClient::Optional) => {
+                let span = l.verify_client.as_ref().map(|v| v.span());
+                return Err(self.err(
+                    span,
+                    field("client_ca_file"),
+                    "verify_client = \"on\" or \"optional\" needs client_ca_file",
+                ));
+            }
+            None => None,
+            Some(p) if mode == VerifyClient::Off => {
+                return Err(self.err(Some(p.span()), field("client_ca_file"), "only used with verify_client"));
+            }
+            Some(p) => {
+                let path = self.resolve(p.get_ref());
+                crate::tls::client_cert::load_roots(&path)
+                    .map_err(|message| self.err(Some(p.span()), field("client_ca_file"), message))?;
+                Some(path)
+            }
+        };
+        Ok((mode, ca))
     }
 
     fn acme(&self, a: &file::AcmeFile) -> Result<AcmeSettings, ConfigError> {
@@ -1684,6 +1761,37 @@ default = "b"
 
     fn with_listener(listener: &str) -> String {
         format!("{BASE}\n[[listener]]\n{listener}\n")
+    }
+
+    /// `verify_client` and `client_ca_file`: values, combinations and the CA file, each error at
+    /// its line and field.
+    #[test]
+    fn client_certificate_settings() {
+        let l =
+            |extra: &str| with_listener(&format!("name = \"x\"\nbind = \"127.0.0.1:1\"\nprotocol = \"imap\"\n{extra}"));
+        let e = parse(&l("tls = \"implicit\"\nverify_client = \"yes\"")).unwrap_err();
+        assert_eq!((e.field.as_str(), e.position.map(|p| p.0)), ("listener[0].verify_client", Some(17)));
+        let e = parse(&l("tls = \"implicit\"\nverify_client = \"on\"")).unwrap_err();
+        assert_eq!(e.field, "listener[0].client_ca_file");
+        assert!(e.message.contains("needs client_ca_file"), "{e}");
+        let e = parse(&l("tls = \"none\"\nverify_client = \"optional_no_ca\"")).unwrap_err();
+        assert_eq!(e.field, "listener[0].verify_client");
+        let e = parse(&l("tls = \"implicit\"\nclient_ca_file = \"ca.pem\"")).unwrap_err();
+        assert_eq!(
+            (e.field.as_str(), e.message.as_str()),
+            ("listener[0].client_ca_file", "only used with verify_client")
+        );
+        // Relative to the config file's directory, and read now.
+        let e = parse(&l("tls = \"implicit\"\nverify_client = \"on\"\nclient_ca_file = \"ca.pem\"")).unwrap_err();
+        assert_eq!((e.field.as_str(), e.position.map(|p| p.0)), ("listener[0].client_ca_file", Some(18)));
+        assert!(e.message.contains("/etc/portcullis/ca.pem"), "{e}");
+        let c = parse(&l("tls = \"implicit\"\nverify_client = \"optional_no_ca\"")).unwrap();
+        assert_eq!(
+            (c.listeners[0].verify_client, c.listeners[0].client_ca_file.as_ref()),
+            (VerifyClient::OptionalNoCa, None)
+        );
+        let c = parse(&l("tls = \"starttls\"")).unwrap();
+        assert_eq!(c.listeners[0].verify_client, VerifyClient::Off);
     }
 
     #[test]

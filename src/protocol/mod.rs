@@ -124,6 +124,10 @@ pub enum Goodbye {
     LoginTimeout,
     TooManyFailures,
     LineTooLong,
+    /// The listener requires a client certificate and the client sent none.
+    NoCertificate,
+    /// The client's certificate was refused.
+    CertificateError,
 }
 
 /// Client facts a front end learned that a backend may be told.
@@ -216,27 +220,42 @@ impl Front {
     }
 
     pub fn goodbye(&self, why: Goodbye) -> &'static [u8] {
-        match (self, why) {
-            (Front::Imap(_), Goodbye::Shutdown) => b"* BYE Server shutting down.\r\n",
-            (Front::Imap(_), Goodbye::TooManyConnections) => b"* BYE Too many connections, try again later.\r\n",
-            (Front::Pop3(_), Goodbye::TooManyConnections) => {
-                b"-ERR [IN-USE] Too many connections, try again later.\r\n"
-            }
-            (Front::Smtp(_), Goodbye::TooManyConnections) => b"421 4.7.0 Too many connections, try again later\r\n",
-            (Front::Imap(_), Goodbye::LoginTimeout) => b"* BYE Login timed out.\r\n",
-            (Front::Pop3(_), Goodbye::LoginTimeout) => b"-ERR Login timed out.\r\n",
-            (Front::Smtp(_), Goodbye::LoginTimeout) => b"421 4.4.2 Error: login timed out, closing connection\r\n",
-            (Front::Imap(_), Goodbye::TooManyFailures) => b"* BYE Too many failed logins.\r\n",
-            (Front::Imap(_), Goodbye::LineTooLong) => b"* BYE Command line too long.\r\n",
-            (Front::Pop3(_), Goodbye::Shutdown) => b"-ERR [SYS/TEMP] Server shutting down.\r\n",
-            (Front::Pop3(_), Goodbye::TooManyFailures) => b"-ERR [AUTH] Too many failed logins.\r\n",
-            (Front::Pop3(_), Goodbye::LineTooLong) => b"-ERR Line too long.\r\n",
-            (Front::Smtp(_), Goodbye::Shutdown) => b"421 4.3.2 Service shutting down, closing connection\r\n",
-            (Front::Smtp(_), Goodbye::TooManyFailures) => {
-                b"421 4.7.0 Too many failed authentication attempts, closing connection\r\n"
-            }
-            (Front::Smtp(_), Goodbye::LineTooLong) => b"421 4.7.0 Line too long, closing connection\r\n",
+        let protocol = match self {
+            Front::Imap(_) => Protocol::Imap,
+            Front::Pop3(_) => Protocol::Pop3,
+            Front::Smtp(_) => Protocol::Smtp,
+        };
+        goodbye(protocol, why)
+    }
+}
+
+/// The line a session is closed with, for `why`.
+pub fn goodbye(protocol: Protocol, why: Goodbye) -> &'static [u8] {
+    match (protocol, why) {
+        (Protocol::Imap, Goodbye::Shutdown) => b"* BYE Server shutting down.\r\n",
+        (Protocol::Imap, Goodbye::TooManyConnections) => b"* BYE Too many connections, try again later.\r\n",
+        (Protocol::Pop3, Goodbye::TooManyConnections) => b"-ERR [IN-USE] Too many connections, try again later.\r\n",
+        (Protocol::Smtp, Goodbye::TooManyConnections) => b"421 4.7.0 Too many connections, try again later\r\n",
+        (Protocol::Imap, Goodbye::LoginTimeout) => b"* BYE Login timed out.\r\n",
+        (Protocol::Pop3, Goodbye::LoginTimeout) => b"-ERR Login timed out.\r\n",
+        (Protocol::Smtp, Goodbye::LoginTimeout) => b"421 4.4.2 Error: login timed out, closing connection\r\n",
+        (Protocol::Imap, Goodbye::TooManyFailures) => b"* BYE Too many failed logins.\r\n",
+        (Protocol::Imap, Goodbye::LineTooLong) => b"* BYE Command line too long.\r\n",
+        (Protocol::Pop3, Goodbye::Shutdown) => b"-ERR [SYS/TEMP] Server shutting down.\r\n",
+        (Protocol::Pop3, Goodbye::TooManyFailures) => b"-ERR [AUTH] Too many failed logins.\r\n",
+        (Protocol::Pop3, Goodbye::LineTooLong) => b"-ERR Line too long.\r\n",
+        (Protocol::Smtp, Goodbye::Shutdown) => b"421 4.3.2 Service shutting down, closing connection\r\n",
+        (Protocol::Smtp, Goodbye::TooManyFailures) => {
+            b"421 4.7.0 Too many failed authentication attempts, closing connection\r\n"
         }
+        (Protocol::Smtp, Goodbye::LineTooLong) => b"421 4.7.0 Line too long, closing connection\r\n",
+        // nginx's lines for a listener that wants a client certificate (reliability case 21).
+        (Protocol::Imap, Goodbye::NoCertificate) => b"* BYE No required SSL certificate\r\n",
+        (Protocol::Pop3, Goodbye::NoCertificate) => b"-ERR No required SSL certificate\r\n",
+        (Protocol::Smtp, Goodbye::NoCertificate) => b"421 4.7.1 No required SSL certificate\r\n",
+        (Protocol::Imap, Goodbye::CertificateError) => b"* BYE SSL certificate error\r\n",
+        (Protocol::Pop3, Goodbye::CertificateError) => b"-ERR SSL certificate error\r\n",
+        (Protocol::Smtp, Goodbye::CertificateError) => b"421 4.7.1 SSL certificate error\r\n",
     }
 }
 

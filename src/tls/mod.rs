@@ -7,6 +7,7 @@
 
 pub mod acme;
 pub mod certs;
+pub mod client_cert;
 
 use std::io;
 use std::pin::Pin;
@@ -20,6 +21,16 @@ use tokio::net::TcpStream;
 
 use crate::config::{Backend, Protocol, TlsSettings};
 use certs::CertStore;
+
+/// A client connection's TLS facts, named as nginx passes them to `auth_http` (`Auth-SSL-*`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TlsInfo {
+    /// `TLSv1.3` or `TLSv1.2`.
+    pub version: String,
+    pub cipher: String,
+    /// Set on listeners that ask for client certificates.
+    pub client_cert: Option<client_cert::ClientCertFacts>,
+}
 
 /// Install the process-wide crypto provider (aws-lc-rs). Safe to call more than once.
 pub fn init_crypto() {
@@ -45,14 +56,24 @@ impl TlsShared {
     /// `tls.session_tickets` TLS 1.3 session tickets follow each handshake. Err (rustls' reason)
     /// only if rustls refuses the suites, which config validation rules out (it keeps a TLS 1.3
     /// suite); never a silent fallback to suites the operator did not list.
-    pub fn server_config(&self, protocol: Protocol, settings: &TlsSettings) -> Result<Arc<ServerConfig>, String> {
+    /// With `client`, the handshake asks for a client certificate (judged after it by
+    /// `ClientAuth::check`).
+    pub fn server_config(
+        &self,
+        protocol: Protocol,
+        settings: &TlsSettings,
+        client: Option<&client_cert::ClientAuth>,
+    ) -> Result<Arc<ServerConfig>, String> {
         let mut provider = rustls::crypto::aws_lc_rs::default_provider();
         provider.cipher_suites = cipher_suites(&settings.cipher_suites);
-        let mut cfg = ServerConfig::builder_with_provider(Arc::new(provider))
+        let builder = ServerConfig::builder_with_provider(Arc::new(provider))
             .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
-            .map_err(|e| e.to_string())?
-            .with_no_client_auth()
-            .with_cert_resolver(self.certs.clone());
+            .map_err(|e| e.to_string())?;
+        let builder = match client {
+            Some(c) => builder.with_client_cert_verifier(c.verifier()),
+            None => builder.with_no_client_auth(),
+        };
+        let mut cfg = builder.with_cert_resolver(self.certs.clone());
         cfg.ignore_client_order = true;
         cfg.alpn_protocols = vec![protocol.alpn().to_vec()];
         cfg.session_storage = self.sessions.clone();
@@ -326,9 +347,9 @@ mod cipher_suite_tests {
         };
         let store = certs::CertStore::load(&settings).expect("self-signed store");
         let shared = TlsShared::new(Arc::new(store));
-        assert!(shared.server_config(Protocol::Imap, &settings).is_err());
+        assert!(shared.server_config(Protocol::Imap, &settings, None).is_err());
         let settings = TlsSettings { cipher_suites: vec!["TLS13_AES_128_GCM_SHA256".into()], ..settings };
-        let cfg = shared.server_config(Protocol::Imap, &settings).expect("one TLS 1.3 suite");
+        let cfg = shared.server_config(Protocol::Imap, &settings, None).expect("one TLS 1.3 suite");
         assert_eq!(cfg.crypto_provider().cipher_suites.len(), 1);
     }
 }

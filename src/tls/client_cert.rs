@@ -1,0 +1,402 @@
+//! Client certificates on a listener (nginx's `ssl_verify_client`; reliability case 21).
+//!
+//! The handshake only asks for a certificate and checks that the client holds its key (the
+//! CertificateVerify signature); it never fails for the certificate itself. The chain is checked
+//! after the handshake, by `ClientAuth::check`, so that a client with no certificate or a bad one
+//! gets the protocol's own error line (as nginx sends) instead of a bare TLS alert, and so that
+//! `optional_no_ca` can pass the verdict on to the auth service.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use rustls::client::danger::HandshakeSignatureValid;
+use rustls::crypto::WebPkiSupportedAlgorithms;
+use rustls::pki_types::{CertificateDer, UnixTime};
+use rustls::server::WebPkiClientVerifier;
+use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
+use rustls::{CertificateError, DigitallySignedStruct, DistinguishedName, RootCertStore, SignatureScheme};
+
+use crate::config::VerifyClient;
+
+/// The CA certificates in a PEM file; Err (the file and the reason) if there are none.
+pub fn load_roots(path: &Path) -> Result<RootCertStore, String> {
+    use rustls::pki_types::pem::PemObject;
+    let mut roots = RootCertStore::empty();
+    for cert in CertificateDer::pem_file_iter(path).map_err(|e| format!("{}: {e}", path.display()))? {
+        let cert = cert.map_err(|e| format!("{}: {e}", path.display()))?;
+        roots.add(cert).map_err(|e| format!("{}: {e}", path.display()))?;
+    }
+    if roots.is_empty() {
+        return Err(format!("{}: no CA certificates in the file", path.display()));
+    }
+    Ok(roots)
+}
+
+/// One listener's client-certificate policy.
+#[derive(Debug)]
+pub struct ClientAuth {
+    mode: VerifyClient,
+    /// Verifies a chain against the listener's CAs (none for `optional_no_ca` without a CA file).
+    chain: Option<Arc<dyn ClientCertVerifier>>,
+    request: Arc<RequestCertificate>,
+}
+
+/// What the handshake's certificate means for the session.
+#[derive(Debug, PartialEq, Eq)]
+pub enum CertCheck {
+    /// Serve the session; the facts go to the auth service.
+    Accepted(ClientCertFacts),
+    /// `verify_client = "on"` and the client sent none.
+    Missing,
+    /// A certificate the policy refuses (untrusted, expired, unreadable), and why (for the log).
+    Refused(&'static str),
+}
+
+/// The certificate facts nginx passes to `auth_http` (`Auth-SSL-Verify`, `-Subject`, ...).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClientCertFacts {
+    /// `SUCCESS`, `FAILED:<reason>` or `NONE`, as nginx writes them.
+    pub verify: String,
+    pub cert: Option<CertDetails>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CertDetails {
+    /// Distinguished names in RFC 2253 form (`CN=alice,O=Example`), non-ASCII bytes escaped.
+    pub subject: String,
+    pub issuer: String,
+    /// The serial number in upper-case hex.
+    pub serial: String,
+    /// SHA-1 of the DER certificate in lower-case hex (nginx's `$ssl_client_fingerprint`).
+    pub fingerprint: String,
+    /// The certificate in PEM.
+    pub pem: String,
+}
+
+impl ClientAuth {
+    /// The policy for `mode` with the CAs in `ca_file` (required for `on` and `optional`).
+    pub fn new(mode: VerifyClient, ca_file: Option<&Path>) -> Result<ClientAuth, String> {
+        let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+        let (chain, hints) = match ca_file {
+            Some(path) => {
+                let roots = Arc::new(load_roots(path)?);
+                let hints = roots.subjects();
+                let verifier = WebPkiClientVerifier::builder_with_provider(roots, provider.clone())
+                    .build()
+                    .map_err(|e| format!("{}: {e}", path.display()))?;
+                (Some(verifier), hints)
+            }
+            None if mode == VerifyClient::OptionalNoCa => (None, Vec::new()),
+            None => return Err("client certificates need a CA file".into()),
+        };
+        let request = Arc::new(RequestCertificate { hints, algorithms: provider.signature_verification_algorithms });
+        Ok(ClientAuth { mode, chain, request })
+    }
+
+    /// The handshake's side: ask for a certificate, check the key signature, never refuse.
+    pub fn verifier(&self) -> Arc<dyn ClientCertVerifier> {
+        self.request.clone()
+    }
+
+    /// Judge the certificate chain the client presented (`None`: it sent none).
+    pub fn check(&self, chain: Option<&[CertificateDer<'_>]>) -> CertCheck {
+        let Some((leaf, intermediates)) = chain.and_then(|c| c.split_first()) else {
+            return match self.mode {
+                VerifyClient::On => CertCheck::Missing,
+                _ => CertCheck::Accepted(ClientCertFacts { verify: "NONE".into(), cert: None }),
+            };
+        };
+        let Some(details) = details(leaf) else { return CertCheck::Refused("unreadable certificate") };
+        let verdict = match &self.chain {
+            Some(v) => v.verify_client_cert(leaf, intermediates, UnixTime::now()).map(|_| ()).map_err(reason),
+            None if !in_validity_period(leaf) => Err(Failure::Hard("certificate has expired or is not yet valid")),
+            None if details.subject == details.issuer => Err(Failure::Unknown("self-signed certificate")),
+            None => Err(Failure::Unknown("unable to get local issuer certificate")),
+        };
+        let verify = match verdict {
+            Ok(()) => "SUCCESS".to_string(),
+            // Only `optional_no_ca` lets an unknown issuer through, as nginx does.
+            Err(Failure::Unknown(why)) if self.mode == VerifyClient::OptionalNoCa => format!("FAILED:{why}"),
+            Err(Failure::Unknown(why) | Failure::Hard(why)) => return CertCheck::Refused(why),
+        };
+        CertCheck::Accepted(ClientCertFacts { verify, cert: Some(details) })
+    }
+}
+
+/// Why a chain did not verify: an issuer nobody vouches for (which `optional_no_ca` accepts), or
+/// anything else.
+enum Failure {
+    Unknown(&'static str),
+    Hard(&'static str),
+}
+
+/// OpenSSL's words for the error, which is what nginx's `Auth-SSL-Verify` carries.
+fn reason(e: rustls::Error) -> Failure {
+    match e {
+        rustls::Error::InvalidCertificate(CertificateError::UnknownIssuer) => {
+            Failure::Unknown("unable to get local issuer certificate")
+        }
+        rustls::Error::InvalidCertificate(CertificateError::Expired | CertificateError::ExpiredContext { .. }) => {
+            Failure::Hard("certificate has expired")
+        }
+        rustls::Error::InvalidCertificate(
+            CertificateError::NotValidYet | CertificateError::NotValidYetContext { .. },
+        ) => Failure::Hard("certificate is not yet valid"),
+        rustls::Error::InvalidCertificate(
+            CertificateError::InvalidPurpose | CertificateError::InvalidPurposeContext { .. },
+        ) => Failure::Hard("unsupported certificate purpose"),
+        rustls::Error::InvalidCertificate(CertificateError::BadSignature) => {
+            Failure::Hard("certificate signature failure")
+        }
+        _ => Failure::Hard("certificate verify failed"),
+    }
+}
+
+fn in_validity_period(leaf: &CertificateDer<'_>) -> bool {
+    x509_parser::parse_x509_certificate(leaf.as_ref()).map(|(_, c)| c.validity().is_valid()).unwrap_or(false)
+}
+
+/// Subject, issuer, serial, fingerprint and PEM; None if the certificate cannot be parsed.
+fn details(leaf: &CertificateDer<'_>) -> Option<CertDetails> {
+    use base64::Engine;
+    let (_, cert) = x509_parser::parse_x509_certificate(leaf.as_ref()).ok()?;
+    let serial = cert.raw_serial();
+    let first = serial.iter().position(|&b| b != 0).unwrap_or(serial.len().saturating_sub(1));
+    let serial = serial[first..].iter().map(|b| format!("{b:02X}")).collect();
+    let digest = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA1_FOR_LEGACY_USE_ONLY, leaf.as_ref());
+    let fingerprint = digest.as_ref().iter().map(|b| format!("{b:02x}")).collect();
+    let b64 = base64::engine::general_purpose::STANDARD.encode(leaf.as_ref());
+    let mut pem = String::from("-----BEGIN CERTIFICATE-----\n");
+    for line in b64.as_bytes().chunks(64) {
+        pem.push_str(std::str::from_utf8(line).ok()?);
+        pem.push('\n');
+    }
+    pem.push_str("-----END CERTIFICATE-----\n");
+    Some(CertDetails { subject: rfc2253(cert.subject()), issuer: rfc2253(cert.issuer()), serial, fingerprint, pem })
+}
+
+/// A distinguished name as OpenSSL prints it with `XN_FLAG_RFC2253`: last RDN first, `,`
+/// between RDNs, `+` inside one, special characters backslash-escaped and every byte outside
+/// printable ASCII as `\XX`, so the result is always a valid header value.
+fn rfc2253(name: &x509_parser::x509::X509Name<'_>) -> String {
+    let registry = x509_parser::objects::oid_registry();
+    let mut out = String::new();
+    let rdns: Vec<_> = name.iter_rdn().collect();
+    for (i, rdn) in rdns.into_iter().rev().enumerate() {
+        if i > 0 {
+            out.push(',');
+        }
+        for (j, atv) in rdn.iter().enumerate() {
+            if j > 0 {
+                out.push('+');
+            }
+            match x509_parser::objects::oid2abbrev(atv.attr_type(), registry) {
+                Ok(short) => out.push_str(short),
+                Err(_) => out.push_str(&atv.attr_type().to_id_string()),
+            }
+            out.push('=');
+            let value = atv.as_str().map(str::as_bytes).unwrap_or(atv.attr_value().data);
+            let last = value.len().saturating_sub(1);
+            for (k, &b) in value.iter().enumerate() {
+                let edge_space = b == b' ' && (k == 0 || k == last);
+                match b {
+                    b',' | b'+' | b'"' | b'\\' | b'<' | b'>' | b';' | b'=' => {
+                        out.push('\\');
+                        out.push(b as char);
+                    }
+                    b'#' if k == 0 => out.push_str("\\#"),
+                    _ if edge_space => out.push_str("\\ "),
+                    0x20..=0x7e => out.push(b as char),
+                    _ => out.push_str(&format!("\\{b:02X}")),
+                }
+            }
+        }
+    }
+    out
+}
+
+/// Asks for a certificate (naming the listener's CAs) and checks the client's signature with its
+/// key; the certificate itself is judged after the handshake by `ClientAuth::check`.
+#[derive(Debug)]
+struct RequestCertificate {
+    hints: Vec<DistinguishedName>,
+    algorithms: WebPkiSupportedAlgorithms,
+}
+
+impl ClientCertVerifier for RequestCertificate {
+    fn offer_client_auth(&self) -> bool {
+        true
+    }
+
+    fn client_auth_mandatory(&self) -> bool {
+        false
+    }
+
+    fn root_hint_subjects(&self) -> &[DistinguishedName] {
+        &self.hints
+    }
+
+    fn verify_client_cert(
+        &self,
+        _end_entity: &CertificateDer<'_>,
+        _intermediates: &[CertificateDer<'_>],
+        _now: UnixTime,
+    ) -> Result<ClientCertVerified, rustls::Error> {
+        Ok(ClientCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.algorithms)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.algorithms)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.algorithms.supported_schemes()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, DnType, IsCa, KeyPair};
+    use std::time::{Duration, SystemTime};
+
+    fn ca(name: &str) -> CertifiedIssuer<'static, KeyPair> {
+        let mut p = CertificateParams::new(Vec::<String>::new()).unwrap();
+        p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        p.distinguished_name.push(DnType::CommonName, name);
+        CertifiedIssuer::self_signed(p, KeyPair::generate().unwrap()).unwrap()
+    }
+
+    /// A client certificate for `cn`, valid from `from` to `to` days from now.
+    fn client_params(cn: &str, from: i64, to: i64) -> CertificateParams {
+        let mut p = CertificateParams::new(Vec::<String>::new()).unwrap();
+        p.distinguished_name.push(DnType::CommonName, cn);
+        p.distinguished_name.push(DnType::OrganizationName, "Example, Inc.");
+        p.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ClientAuth];
+        let now = SystemTime::now();
+        let day = |d: i64| {
+            let t = if d >= 0 {
+                now + Duration::from_secs(d as u64 * 86400)
+            } else {
+                now - Duration::from_secs((-d) as u64 * 86400)
+            };
+            time::OffsetDateTime::from(t)
+        };
+        p.not_before = day(from);
+        p.not_after = day(to);
+        p.serial_number = Some(rcgen::SerialNumber::from_slice(&[0x00, 0x42, 0x1f]));
+        p
+    }
+
+    fn issued(cn: &str, by: &CertifiedIssuer<'static, KeyPair>, from: i64, to: i64) -> CertificateDer<'static> {
+        client_params(cn, from, to).signed_by(&KeyPair::generate().unwrap(), by).unwrap().der().clone()
+    }
+
+    fn policy(mode: VerifyClient, ca: Option<&CertifiedIssuer<'static, KeyPair>>) -> ClientAuth {
+        let dir = std::env::temp_dir().join(format!(
+            "portcullis-cc-{}-{:?}",
+            std::process::id(),
+            std::thread::current().id()
+        ));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("ca.pem");
+        let file = ca.map(|c| {
+            std::fs::write(&path, c.pem()).unwrap();
+            path.as_path()
+        });
+        ClientAuth::new(mode, file).unwrap()
+    }
+
+    /// Reliability case 21: none / wrong / untrusted certificates, per mode.
+    #[test]
+    fn verdicts_per_mode() {
+        let good_ca = ca("Example Client CA");
+        let other_ca = ca("Somebody Else");
+        let good = issued("alice", &good_ca, -1, 30);
+        let untrusted = issued("mallory", &other_ca, -1, 30);
+        let expired = issued("old", &good_ca, -30, -1);
+
+        let on = policy(VerifyClient::On, Some(&good_ca));
+        assert_eq!(on.check(None), CertCheck::Missing);
+        assert_eq!(on.check(Some(&[])), CertCheck::Missing);
+        let CertCheck::Accepted(facts) = on.check(Some(std::slice::from_ref(&good))) else { panic!("good refused") };
+        assert_eq!(facts.verify, "SUCCESS");
+        let cert = facts.cert.expect("details");
+        assert_eq!(cert.subject, "O=Example\\, Inc.,CN=alice");
+        assert_eq!(cert.issuer, "CN=Example Client CA");
+        assert_eq!(cert.serial, "421F");
+        assert_eq!(cert.fingerprint.len(), 40);
+        assert!(
+            cert.pem.starts_with("-----BEGIN CERTIFICATE-----\n") && cert.pem.ends_with("-----END CERTIFICATE-----\n")
+        );
+        assert_eq!(
+            on.check(Some(std::slice::from_ref(&untrusted))),
+            CertCheck::Refused("unable to get local issuer certificate")
+        );
+        assert_eq!(on.check(Some(std::slice::from_ref(&expired))), CertCheck::Refused("certificate has expired"));
+        assert_eq!(
+            on.check(Some(&[CertificateDer::from(vec![0x30, 0x03, 1, 2, 3])])),
+            CertCheck::Refused("unreadable certificate")
+        );
+
+        let optional = policy(VerifyClient::Optional, Some(&good_ca));
+        assert_eq!(optional.check(None), CertCheck::Accepted(ClientCertFacts { verify: "NONE".into(), cert: None }));
+        assert!(matches!(optional.check(Some(std::slice::from_ref(&untrusted))), CertCheck::Refused(_)));
+
+        let no_ca = policy(VerifyClient::OptionalNoCa, Some(&good_ca));
+        let CertCheck::Accepted(facts) = no_ca.check(Some(std::slice::from_ref(&untrusted))) else { panic!("refused") };
+        assert_eq!(facts.verify, "FAILED:unable to get local issuer certificate");
+        assert_eq!(facts.cert.expect("details").issuer, "CN=Somebody Else");
+        // Expired is not "optional": refused even here, as nginx does.
+        assert!(matches!(no_ca.check(Some(std::slice::from_ref(&expired))), CertCheck::Refused(_)));
+
+        let bare = policy(VerifyClient::OptionalNoCa, None);
+        let self_signed = {
+            let key = KeyPair::generate().unwrap();
+            client_params("me", -1, 30).self_signed(&key).unwrap().der().clone()
+        };
+        let CertCheck::Accepted(facts) = bare.check(Some(std::slice::from_ref(&self_signed))) else {
+            panic!("refused")
+        };
+        assert_eq!(facts.verify, "FAILED:self-signed certificate");
+        assert!(matches!(bare.check(Some(std::slice::from_ref(&expired))), CertCheck::Refused(_)));
+        assert!(bare.verifier().root_hint_subjects().is_empty());
+        assert_eq!(on.verifier().root_hint_subjects().len(), 1);
+    }
+
+    #[test]
+    fn names_are_escaped_for_headers() {
+        let mut p = CertificateParams::new(Vec::<String>::new()).unwrap();
+        p.distinguished_name.push(DnType::CommonName, "Zoë \"x\"+y;#\r\n ");
+        let cert = p.self_signed(&KeyPair::generate().unwrap()).unwrap();
+        let d = details(cert.der()).unwrap();
+        assert_eq!(d.subject, "CN=Zo\\C3\\AB \\\"x\\\"\\+y\\;#\\0D\\0A\\ ");
+        assert!(d.subject.bytes().all(|b| (0x20..0x7f).contains(&b)));
+    }
+
+    #[test]
+    fn ca_file_errors_name_the_file() {
+        let missing = Path::new("/nonexistent/ca.pem");
+        assert!(load_roots(missing).unwrap_err().contains("/nonexistent/ca.pem"));
+        let dir = std::env::temp_dir().join(format!("portcullis-cc-empty-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let empty = dir.join("empty.pem");
+        std::fs::write(&empty, "not a certificate\n").unwrap();
+        assert!(load_roots(&empty).unwrap_err().contains("no CA certificates"));
+        assert!(ClientAuth::new(VerifyClient::On, None).is_err());
+    }
+}

@@ -1,0 +1,286 @@
+"""Client certificates (nginx's ssl_verify_client; reliability case 21), end to end: certificates
+made with the openssl command, Python's ssl/imaplib/poplib/smtplib as clients, the real Dovecot
+behind the proxy, and an auth_http service that records the Auth-SSL-* headers it is sent.
+
+Case 21: no certificate, an untrusted one, or an expired one is refused with nginx's line for the
+protocol (`* BYE No required SSL certificate`, `* BYE SSL certificate error`, ...) and the
+connection closes before any greeting; `optional_no_ca` lets an unknown issuer through and tells
+the auth service so.
+"""
+
+import http.server
+import imaplib
+import os
+import poplib
+import smtplib
+import subprocess
+import threading
+import urllib.parse
+
+import pytest
+
+from conftest import DEMO
+from servers import Portcullis, RawClient, client_tls_context, free_port
+
+
+def openssl(*args, cwd):
+    subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True)
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory):
+    """ca.pem (trusted by the proxy), alice (issued by it), mallory (issued by another CA),
+    expired (issued by the trusted CA, no longer valid) and self (self-signed)."""
+    d = str(tmp_path_factory.mktemp("pki"))
+    ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes"]
+    for ca in ("ca", "other-ca"):
+        openssl("req", "-x509", *ec, "-keyout", f"{ca}.key", "-out", f"{ca}.pem", "-days", "30",
+                "-subj", f"/O=Example/CN={ca} root", "-addext", "basicConstraints=critical,CA:TRUE",
+                "-addext", "keyUsage=critical,keyCertSign,cRLSign", cwd=d)
+    with open(os.path.join(d, "client.ext"), "w") as f:
+        f.write("basicConstraints=CA:FALSE\nextendedKeyUsage=clientAuth\n")
+    for name, ca, days in (("alice", "ca", "30"), ("mallory", "other-ca", "30"), ("expired", "ca", "-1")):
+        openssl("req", *ec, "-keyout", f"{name}.key", "-out", f"{name}.csr", "-subj", f"/O=Example/CN={name}", cwd=d)
+        openssl("x509", "-req", "-in", f"{name}.csr", "-CA", f"{ca}.pem", "-CAkey", f"{ca}.key", "-set_serial", "0x1F42",
+                "-days", days, "-extfile", "client.ext", "-out", f"{name}.pem", cwd=d)
+    openssl("req", "-x509", *ec, "-keyout", "self.key", "-out", "self.pem", "-days", "30", "-subj", "/CN=self", cwd=d)
+    fingerprint = subprocess.run(["openssl", "x509", "-in", "alice.pem", "-noout", "-fingerprint", "-sha1"],
+                                 cwd=d, check=True, capture_output=True, text=True).stdout
+    return {"dir": d, "alice_sha1": fingerprint.split("=", 1)[1].strip().replace(":", "").lower()}
+
+
+def ctx_with(pki, name=None):
+    ctx = client_tls_context()
+    if name:
+        ctx.load_cert_chain(os.path.join(pki["dir"], f"{name}.pem"), os.path.join(pki["dir"], f"{name}.key"))
+    return ctx
+
+
+class AuthHandler(http.server.BaseHTTPRequestHandler):
+    """auth_http: demo's password is good; every request's headers are kept."""
+
+    backend = None
+    seen = []
+
+    def do_GET(self):
+        self.seen.append({k.lower(): v for k, v in self.headers.items()})
+        self.send_response(200)
+        user = urllib.parse.unquote(self.headers.get("Auth-User", ""))
+        if (user, urllib.parse.unquote(self.headers.get("Auth-Pass", ""))) == DEMO:
+            self.send_header("Auth-Status", "OK")
+            self.send_header("Auth-Server", "127.0.0.1")
+            self.send_header("Auth-Port", str(self.backend))
+        else:
+            self.send_header("Auth-Status", "Invalid login or password")
+        self.end_headers()
+
+    def log_message(self, *args):
+        pass
+
+
+LISTENERS = [
+    # name, protocol, tls, verify_client, with the CA file
+    ("imaps", "imap", "implicit", "on", True),
+    ("imap", "imap", "starttls", "on", True),
+    ("pop3s", "pop3", "implicit", "on", True),
+    ("submissions", "smtp", "implicit", "on", True),
+    ("imaps-optional", "imap", "implicit", "optional", True),
+    ("imaps-noca", "imap", "implicit", "optional_no_ca", False),
+    ("imaps-plain", "imap", "implicit", "off", False),
+]
+
+
+@pytest.fixture(scope="module")
+def cert_proxy(dovecot, pki, tmp_path_factory):
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), AuthHandler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    AuthHandler.backend = dovecot.imap_port
+    ports = {name: free_port() for name, *_ in LISTENERS}
+    out = ['[tls]', 'self_signed_names = ["localhost"]', '']
+    for name, protocol, tls, verify, with_ca in LISTENERS:
+        out += ['[[listener]]', f'name = "{name}"', f'bind = "127.0.0.1:{ports[name]}"', f'protocol = "{protocol}"',
+                f'tls = "{tls}"']
+        if verify != "off":
+            out.append(f'verify_client = "{verify}"')
+        if with_ca:
+            out.append('client_ca_file = "../ca.pem"')
+        out.append('')
+    out += ['[auth]', 'source = "http"', '[auth.http]', f'urls = ["http://127.0.0.1:{server.server_address[1]}/auth"]', '',
+            '[throttle]', 'enabled = false', '',
+            '[[backend]]', 'name = "dovecot"', f'address = "127.0.0.1:{dovecot.imap_port}"', 'health = { enabled = false }', '',
+            '[[backend]]', 'name = "nowhere-pop3"', 'protocol = "pop3"', f'address = "127.0.0.1:{free_port()}"',
+            'health = { enabled = false }', '',
+            '[[backend]]', 'name = "nowhere-smtp"', 'protocol = "smtp"', f'address = "127.0.0.1:{free_port()}"',
+            'health = { enabled = false }', '',
+            '[routing.imap]', 'default = "dovecot"', '[routing.pop3]', 'default = "nowhere-pop3"',
+            '[routing.smtp]', 'default = "nowhere-smtp"', '']
+    # The CA file is named relative to the config file (portcullis/../ca.pem = the pki dir).
+    pc = Portcullis(pki["dir"], "\n".join(out))
+    pc.start(wait_port=ports["imaps-plain"], tls=True)
+    pc.ports = ports
+    try:
+        yield pc
+    finally:
+        pc.stop()
+        server.shutdown()
+        server.server_close()
+
+
+def tls_lines(port, ctx):
+    """Everything an implicit-TLS listener sends before it closes, read as raw bytes."""
+    c = RawClient(port)
+    c.sock = ctx.wrap_socket(c.sock, server_hostname="localhost")
+    try:
+        return c.read_to_close()
+    finally:
+        c.close()
+
+
+def test_required_certificate_refusals_per_protocol(cert_proxy, pki, dovecot):
+    """Case 21: none / untrusted / expired, in IMAP, POP3 and SMTP words, nothing else sent."""
+    p = cert_proxy.ports
+    before = len(dovecot.logins())
+    assert tls_lines(p["imaps"], ctx_with(pki)) == b"* BYE No required SSL certificate\r\n"
+    assert tls_lines(p["imaps"], ctx_with(pki, "mallory")) == b"* BYE SSL certificate error\r\n"
+    assert tls_lines(p["imaps"], ctx_with(pki, "expired")) == b"* BYE SSL certificate error\r\n"
+    assert tls_lines(p["imaps"], ctx_with(pki, "self")) == b"* BYE SSL certificate error\r\n"
+    assert tls_lines(p["pop3s"], ctx_with(pki)) == b"-ERR No required SSL certificate\r\n"
+    assert tls_lines(p["pop3s"], ctx_with(pki, "mallory")) == b"-ERR SSL certificate error\r\n"
+    assert tls_lines(p["submissions"], ctx_with(pki)) == b"421 4.7.1 No required SSL certificate\r\n"
+    assert tls_lines(p["submissions"], ctx_with(pki, "mallory")) == b"421 4.7.1 SSL certificate error\r\n"
+    log = cert_proxy.log()
+    assert "client certificate refused" in log and "unable to get local issuer certificate" in log
+    assert "certificate has expired" in log
+    assert len(dovecot.logins()) == before
+    # The trusted certificate gets each protocol's greeting.
+    assert tls_lines_first(p["pop3s"], ctx_with(pki, "alice")).startswith(b"+OK")
+    assert tls_lines_first(p["submissions"], ctx_with(pki, "alice")).startswith(b"220 ")
+
+
+def tls_lines_first(port, ctx):
+    c = RawClient(port)
+    c.sock = ctx.wrap_socket(c.sock, server_hostname="localhost")
+    try:
+        return c.line()
+    finally:
+        c.close()
+
+
+def test_trusted_certificate_logs_in_and_auth_service_sees_it(cert_proxy, pki, dovecot):
+    AuthHandler.seen.clear()
+    m = imaplib.IMAP4_SSL("127.0.0.1", cert_proxy.ports["imaps"], ssl_context=ctx_with(pki, "alice"), timeout=10)
+    assert m.login(*DEMO)[0] == "OK"
+    assert m.select("INBOX")[0] == "OK"
+    m.logout()
+    h = AuthHandler.seen[-1]
+    assert h["auth-ssl"] == "on"
+    assert h["auth-ssl-verify"] == "SUCCESS"
+    assert h["auth-ssl-subject"] == "CN=alice,O=Example"
+    assert h["auth-ssl-issuer"] == "CN=ca root,O=Example"
+    assert h["auth-ssl-serial"] == "1F42"
+    assert h["auth-ssl-fingerprint"] == pki["alice_sha1"]
+    pem = urllib.parse.unquote(h["auth-ssl-cert"])
+    with open(os.path.join(pki["dir"], "alice.pem")) as f:
+        assert pem.strip() == f.read().strip()
+
+
+def test_starttls_listener_checks_after_the_upgrade(cert_proxy, pki):
+    port = cert_proxy.ports["imap"]
+    c = RawClient(port)
+    try:
+        assert c.line().startswith(b"* OK")
+        c.send(b"a STARTTLS\r\n")
+        assert c.line().startswith(b"a OK")
+        c.starttls()  # no certificate
+        assert c.read_to_close() == b"* BYE No required SSL certificate\r\n"
+    finally:
+        c.close()
+    m = imaplib.IMAP4("127.0.0.1", port, timeout=10)
+    m.starttls(ssl_context=ctx_with(pki, "alice"))
+    assert m.login(*DEMO)[0] == "OK"
+    m.logout()
+
+
+def test_optional_and_optional_no_ca(cert_proxy, pki):
+    p = cert_proxy.ports
+    AuthHandler.seen.clear()
+    # optional: no certificate is fine (Auth-SSL-Verify: NONE); an untrusted one is not.
+    m = imaplib.IMAP4_SSL("127.0.0.1", p["imaps-optional"], ssl_context=ctx_with(pki), timeout=10)
+    assert m.login(*DEMO)[0] == "OK"
+    m.logout()
+    assert AuthHandler.seen[-1]["auth-ssl-verify"] == "NONE"
+    assert "auth-ssl-subject" not in AuthHandler.seen[-1]
+    assert tls_lines(p["imaps-optional"], ctx_with(pki, "mallory")) == b"* BYE SSL certificate error\r\n"
+    # optional_no_ca: an issuer nobody vouches for passes, and the service is told.
+    m = imaplib.IMAP4_SSL("127.0.0.1", p["imaps-noca"], ssl_context=ctx_with(pki, "self"), timeout=10)
+    assert m.login(*DEMO)[0] == "OK"
+    m.logout()
+    assert AuthHandler.seen[-1]["auth-ssl-verify"] == "FAILED:self-signed certificate"
+    assert AuthHandler.seen[-1]["auth-ssl-subject"] == "CN=self"
+    m = imaplib.IMAP4_SSL("127.0.0.1", p["imaps-noca"], ssl_context=ctx_with(pki, "mallory"), timeout=10)
+    assert m.login(*DEMO)[0] == "OK"
+    m.logout()
+    assert AuthHandler.seen[-1]["auth-ssl-verify"] == "FAILED:unable to get local issuer certificate"
+    # ... but not an expired certificate.
+    assert tls_lines(p["imaps-noca"], ctx_with(pki, "expired")) == b"* BYE SSL certificate error\r\n"
+    # A listener without verify_client sends none of these headers.
+    m = imaplib.IMAP4_SSL("127.0.0.1", p["imaps-plain"], ssl_context=ctx_with(pki, "alice"), timeout=10)
+    assert m.login(*DEMO)[0] == "OK"
+    m.logout()
+    assert "auth-ssl-verify" not in AuthHandler.seen[-1] and AuthHandler.seen[-1]["auth-ssl"] == "on"
+
+
+def test_pop3_and_smtp_clients_with_certificates(cert_proxy, pki):
+    """poplib and smtplib see nginx's refusal as their protocols' errors."""
+    with pytest.raises(poplib.error_proto, match="No required SSL certificate"):
+        poplib.POP3_SSL("127.0.0.1", cert_proxy.ports["pop3s"], context=ctx_with(pki), timeout=10)
+    with pytest.raises(smtplib.SMTPConnectError) as e:
+        smtplib.SMTP_SSL("127.0.0.1", cert_proxy.ports["submissions"], context=ctx_with(pki, "mallory"), timeout=10)
+    assert e.value.smtp_code == 421 and b"SSL certificate error" in e.value.smtp_error
+
+
+def test_check_names_the_ca_file(tmp_path):
+    """`portcullis check`: a missing CA file is reported with the file, line and field."""
+    from servers import portcullis_binary
+    cfg = tmp_path / "p.toml"
+    cfg.write_text('[tls]\nself_signed_names = ["localhost"]\n[[listener]]\nname = "imaps"\nbind = "127.0.0.1:1"\n'
+                   'protocol = "imap"\ntls = "implicit"\nverify_client = "on"\nclient_ca_file = "missing.pem"\n'
+                   '[auth]\nsource = "backend"\n[[backend]]\nname = "b"\naddress = "127.0.0.1:2"\n[routing.imap]\ndefault = "b"\n')
+    r = subprocess.run([portcullis_binary(), "check", "--config", str(cfg)], capture_output=True, text=True)
+    assert r.returncode != 0
+    assert f"{cfg}:9:" in r.stderr + r.stdout and "listener[0].client_ca_file" in r.stderr + r.stdout
+    assert str(tmp_path / "missing.pem") in r.stderr + r.stdout
+
+
+def test_resumed_sessions_are_judged_again(cert_proxy, pki):
+    """A TLS session resumed on a verify_client listener is judged by the certificate stored with
+    it: alice's resumes and is served; one from a listener that asked for none is refused."""
+    p = cert_proxy.ports
+
+    def greet(port, ctx, session=None):
+        c = RawClient(port)
+        c.sock = ctx.wrap_socket(c.sock, server_hostname="localhost", session=session)
+        try:
+            first = c.line()
+            # A reply after the greeting: by then the TLS 1.3 ticket has arrived too.
+            c.send(b"a NOOP\r\n")
+            assert c.until_tagged(b"a")[-1].startswith(b"a OK")
+            return first, c.sock.session, c.sock.session_reused
+        finally:
+            c.close()
+
+    alice = ctx_with(pki, "alice")
+    first, session, reused = greet(p["imaps"], alice)
+    assert first.startswith(b"* OK") and not reused
+    first, _, reused = greet(p["imaps"], alice, session)
+    assert first.startswith(b"* OK") and reused
+    # A session from the listener without verify_client carries no certificate.
+    bare = ctx_with(pki)
+    first, session, _ = greet(p["imaps-plain"], bare)
+    assert first.startswith(b"* OK")
+    c = RawClient(p["imaps"])
+    c.sock = bare.wrap_socket(c.sock, server_hostname="localhost", session=session)
+    try:
+        assert c.read_to_close() == b"* BYE No required SSL certificate\r\n"
+    finally:
+        c.close()
