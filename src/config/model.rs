@@ -1174,7 +1174,7 @@ impl Validator<'_> {
             }
             Some(p) => {
                 let path = self.resolve(p.get_ref());
-                crate::tls::client_cert::load_roots(&path)
+                crate::tls::load_roots(&path)
                     .map_err(|message| self.err(Some(p.span()), field("client_ca_file"), message))?;
                 Some(path)
             }

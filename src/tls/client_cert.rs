@@ -14,23 +14,9 @@ use rustls::crypto::WebPkiSupportedAlgorithms;
 use rustls::pki_types::{CertificateDer, UnixTime};
 use rustls::server::WebPkiClientVerifier;
 use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
-use rustls::{CertificateError, DigitallySignedStruct, DistinguishedName, RootCertStore, SignatureScheme};
+use rustls::{CertificateError, DigitallySignedStruct, DistinguishedName, SignatureScheme};
 
 use crate::config::VerifyClient;
-
-/// The CA certificates in a PEM file; Err (the file and the reason) if there are none.
-pub fn load_roots(path: &Path) -> Result<RootCertStore, String> {
-    use rustls::pki_types::pem::PemObject;
-    let mut roots = RootCertStore::empty();
-    for cert in CertificateDer::pem_file_iter(path).map_err(|e| format!("{}: {e}", path.display()))? {
-        let cert = cert.map_err(|e| format!("{}: {e}", path.display()))?;
-        roots.add(cert).map_err(|e| format!("{}: {e}", path.display()))?;
-    }
-    if roots.is_empty() {
-        return Err(format!("{}: no CA certificates in the file", path.display()));
-    }
-    Ok(roots)
-}
 
 /// One listener's client-certificate policy.
 #[derive(Debug)]
@@ -79,7 +65,7 @@ impl ClientAuth {
         let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
         let (chain, hints) = match ca_file {
             Some(path) => {
-                let roots = Arc::new(load_roots(path)?);
+                let roots = Arc::new(super::load_roots(path)?);
                 let hints = roots.subjects();
                 let verifier = WebPkiClientVerifier::builder_with_provider(roots, provider.clone())
                     .build()
@@ -391,12 +377,12 @@ mod tests {
     #[test]
     fn ca_file_errors_name_the_file() {
         let missing = Path::new("/nonexistent/ca.pem");
-        assert!(load_roots(missing).unwrap_err().contains("/nonexistent/ca.pem"));
+        assert!(super::super::load_roots(missing).unwrap_err().contains("/nonexistent/ca.pem"));
         let dir = std::env::temp_dir().join(format!("portcullis-cc-empty-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let empty = dir.join("empty.pem");
         std::fs::write(&empty, "not a certificate\n").unwrap();
-        assert!(load_roots(&empty).unwrap_err().contains("no CA certificates"));
+        assert!(super::super::load_roots(&empty).unwrap_err().contains("no CA certificates"));
         assert!(ClientAuth::new(VerifyClient::On, None).is_err());
     }
 }

@@ -22,6 +22,21 @@ use tokio::net::TcpStream;
 use crate::config::{Backend, Protocol, TlsSettings};
 use certs::CertStore;
 
+/// The CA certificates in a PEM file; Err (the file and the reason) if there are none.
+pub fn load_roots(path: &std::path::Path) -> Result<RootCertStore, String> {
+    use rustls::pki_types::CertificateDer;
+    use rustls::pki_types::pem::PemObject;
+    let mut roots = RootCertStore::empty();
+    for cert in CertificateDer::pem_file_iter(path).map_err(|e| format!("{}: {e}", path.display()))? {
+        let cert = cert.map_err(|e| format!("{}: {e}", path.display()))?;
+        roots.add(cert).map_err(|e| format!("{}: {e}", path.display()))?;
+    }
+    if roots.is_empty() {
+        return Err(format!("{}: no CA certificates in the file", path.display()));
+    }
+    Ok(roots)
+}
+
 /// A client connection's TLS facts, named as nginx passes them to `auth_http` (`Auth-SSL-*`).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TlsInfo {
@@ -153,12 +168,7 @@ pub fn client_config(backend: &Backend) -> Result<Arc<ClientConfig>, String> {
     } else {
         let mut roots = RootCertStore::empty();
         match &backend.tls_ca_file {
-            Some(path) => {
-                for cert in CertificateDer::pem_file_iter(path).map_err(|e| format!("{}: {e}", path.display()))? {
-                    let cert = cert.map_err(|e| format!("{}: {e}", path.display()))?;
-                    roots.add(cert).map_err(|e| format!("{}: {e}", path.display()))?;
-                }
-            }
+            Some(path) => roots = load_roots(path)?,
             None => {
                 let system = std::path::Path::new("/etc/ssl/certs/ca-certificates.crt");
                 if let Ok(iter) = CertificateDer::pem_file_iter(system) {
