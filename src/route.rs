@@ -75,7 +75,8 @@ fn lookup<'a>(table: &'a RouteTable, user: &str) -> Option<&'a Target> {
         return Some(t);
     }
     if let Some((_, domain)) = user.rsplit_once('@') {
-        let domain = domain.to_ascii_lowercase();
+        // Canonical already, unless `[users] lowercase = "none"` kept it as typed.
+        let domain = crate::config::canonical_domain(domain).unwrap_or_else(|| domain.to_ascii_lowercase());
         if let Some(t) = table.domains.get(&domain) {
             return Some(t);
         }

@@ -127,6 +127,22 @@ mod tests {
         assert_eq!(strip.canonical("Bob@EXAMPLE.org").as_deref(), Some("Bob"));
         assert_eq!(strip.canonical("Bob").as_deref(), Some("Bob"));
         assert_eq!(strip.canonical("bob@other.net").as_deref(), Some("bob@other.net"));
+        // Internationalised domains: U-label, A-label (any case) and a decomposed U-label are one.
+        for typed in
+            ["jo@Bücher.Example", "jo@xn--bcher-kva.example", "jo@XN--BCHER-KVA.example", "jo@bu\u{308}cher.example"]
+        {
+            assert_eq!(r.canonical(typed).as_deref(), Some("jo@xn--bcher-kva.example"), "{typed}");
+            assert_eq!(domain_only.canonical(typed).as_deref(), Some("jo@xn--bcher-kva.example"), "{typed}");
+        }
+        assert_eq!(r.canonical("jo@xn--zz.example"), None, "a broken A-label");
+        let none = UserRule { lowercase: Lowercase::None, ..UserRule::default() };
+        assert_eq!(none.canonical("Jo@Bücher.example").as_deref(), Some("Jo@Bücher.example"));
+        let idn_default = UserRule {
+            lowercase: Lowercase::All,
+            default_domain: Some("xn--bcher-kva.example".into()),
+            strip_default_domain: true,
+        };
+        assert_eq!(idn_default.canonical("jo@bücher.example").as_deref(), Some("jo"));
     }
 
     #[test]

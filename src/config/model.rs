@@ -428,7 +428,7 @@ impl UserRule {
         let local = if self.lowercase == Lowercase::All { local.to_lowercase() } else { local.to_string() };
         let domain = match domain {
             Some(d) if self.lowercase == Lowercase::None => Some(d.to_string()),
-            Some(d) => Some(d.to_lowercase()),
+            Some(d) => Some(canonical_domain(d)?),
             None => self.default_domain.clone(),
         };
         Some(match domain {
@@ -442,6 +442,18 @@ impl UserRule {
             None => local,
         })
     }
+}
+
+/// A domain in its one canonical form: lower case, and an internationalised name in its ASCII
+/// (`xn--`) form (IDNA, UTS #46), whichever form it was typed in: `Bücher.example`,
+/// `xn--bcher-kva.example` and a decomposed `bu\u{308}cher.example` are one domain
+/// (reliability case 43). None for a name IDNA refuses, such as a broken `xn--` label.
+pub fn canonical_domain(d: &str) -> Option<String> {
+    let ace = |l: &str| l.len() >= 4 && l.as_bytes()[..4].eq_ignore_ascii_case(b"xn--");
+    if d.is_ascii() && !d.split('.').any(ace) {
+        return Some(d.to_ascii_lowercase());
+    }
+    idna::domain_to_ascii(d).ok()
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -643,9 +655,9 @@ pub struct Routing {
 #[derive(Debug, Default)]
 pub struct RouteTable {
     pub default: Option<Target>,
-    /// Lower-case domain → target.
+    /// Canonical domain (lower case, IDNs in their xn-- form) → target.
     pub domains: HashMap<String, Target>,
-    /// `*.parent` rules keyed by the lower-case parent domain.
+    /// `*.parent` rules keyed by the canonical parent domain.
     pub wildcards: HashMap<String, Target>,
     /// Canonical user → target.
     pub users: HashMap<String, Target>,
@@ -1317,7 +1329,7 @@ impl Validator<'_> {
         };
         let default_domain = match &u.default_domain {
             Some(d) => {
-                let name = d.get_ref().trim().to_ascii_lowercase();
+                let name = canonical_domain(d.get_ref().trim()).unwrap_or_default();
                 if name.is_empty() || !name.split('.').all(valid_label) {
                     return Err(self.err(
                         Some(d.span()),
@@ -1672,7 +1684,11 @@ impl Validator<'_> {
             }
             for (domain, target) in domains {
                 let field = format!("{prefix}.domains.{domain}");
-                let d = domain.to_ascii_lowercase();
+                let d = match domain.strip_prefix("*.") {
+                    Some(parent) => canonical_domain(parent).map(|p| format!("*.{p}")),
+                    None => canonical_domain(domain),
+                }
+                .unwrap_or_default();
                 let bare = d.strip_prefix("*.").unwrap_or(&d);
                 if bare.is_empty() || !bare.split('.').all(valid_label) {
                     return Err(self.err(
@@ -1761,6 +1777,29 @@ default = "b"
 
     fn with_listener(listener: &str) -> String {
         format!("{BASE}\n[[listener]]\n{listener}\n")
+    }
+
+    /// Reliability case 43: routing keys and the default domain in any IDN form are one domain.
+    #[test]
+    fn internationalised_domains_in_routing() {
+        let c = parse(&BASE.replace(
+            "[routing.imap]\ndefault = \"b\"",
+            "[users]\ndefault_domain = \"Bücher.example\"\n[routing.imap]\ndefault = \"b\"\ndomains = { \"*.Bücher.example\" = \"b\", \"müller.test\" = \"b\" }",
+        ))
+        .unwrap();
+        assert_eq!(c.users.default_domain.as_deref(), Some("xn--bcher-kva.example"));
+        let t = &c.routing.tables[&Protocol::Imap];
+        assert!(t.domains.contains_key("xn--mller-kva.test"), "{:?}", t.domains.keys());
+        assert!(t.wildcards.contains_key("xn--bcher-kva.example"));
+        let e = parse(&BASE.replace(
+            "[routing.imap]\ndefault = \"b\"",
+            "[routing.imap]\ndefault = \"b\"\nusers = { \"jo@bücher.example\" = \"b\", \"jo@xn--bcher-kva.example\" = \"b\" }",
+        ))
+        .unwrap_err();
+        assert!(e.message.contains("same user"), "{e}");
+        let e = parse(&BASE.replace("default = \"b\"", "default = \"b\"\ndomains = { \"xn--zz.test\" = \"b\" }"))
+            .unwrap_err();
+        assert_eq!(e.field, "routing.imap.domains.xn--zz.test");
     }
 
     /// `verify_client` and `client_ca_file`: values, combinations and the CA file, each error at

@@ -176,3 +176,63 @@ def test_fail2ban_filter_matches_every_failure_line(dovecot, tmp_path):
     assert len(ips) == len(lines), (ips, lines)
     assert sorted(set(ips)) == ["127.0.0.5", "127.0.0.6", "127.0.0.7"], ips
     assert "6.6.6.6" not in ips
+
+
+def test_one_user_whatever_form_it_is_typed_in(tmp_path):
+    """Reliability case 43: case variants and the U-label / A-label forms of an internationalised
+    domain are one user for routing and per-user limits. The route names the domain as U-label
+    (the default route is a dead backend), Dovecot knows the A-label user, and one session is
+    the user's limit."""
+    from servers import Dovecot, IMAP4From, RawClient
+    dv = Dovecot(str(tmp_path / "dv"), {"jo@xn--bcher-kva.example": "pw"}).start()
+    port = free_port()
+    cfg = f"""
+[[listener]]
+name = "imap"
+bind = "127.0.0.1:{port}"
+protocol = "imap"
+tls = "none"
+allow_plaintext_auth = true
+
+[auth]
+source = "backend"
+
+[limits]
+max_sessions_per_user = 1
+
+[[backend]]
+name = "dovecot"
+address = "127.0.0.1:{dv.imap_port}"
+health = {{ enabled = false }}
+
+[[backend]]
+name = "dead"
+address = "127.0.0.1:{free_port()}"
+health = {{ enabled = false }}
+
+[routing.imap]
+default = "dead"
+domains = {{ "Bücher.example" = "dovecot" }}
+"""
+    pc = Portcullis(str(tmp_path), cfg).start(wait_port=port)
+    try:
+        m = IMAP4From("127.0.0.1", port)
+        assert m.login("jo@XN--BCHER-KVA.example", "pw")[0] == "OK"
+        for typed in ("Jo@B\u00fccher.Example", "jo@xn--bcher-kva.example", "JO@bu\u0308cher.example"):
+            c = RawClient(port)
+            try:
+                assert c.line().startswith(b"* OK")
+                c.send(b'a LOGIN "' + typed.encode() + b'" "pw"\r\n')
+                reply = c.until_tagged(b"a")[-1]
+                assert reply.startswith(b"a NO") and b"Too many sessions" in reply, (typed, reply)
+            finally:
+                c.close()
+        m.logout()
+        # The limit is free again, and the A-label user routes by the U-label domain key.
+        m = IMAP4From("127.0.0.1", port)
+        assert wait_for(lambda: m.login("jo@xn--bcher-kva.example", "pw")[0] == "OK")
+        m.logout()
+        assert sum(1 for f in dv.logins() if f.get("user") == "jo@xn--bcher-kva.example") == 2
+    finally:
+        pc.stop()
+        dv.stop()
