@@ -702,10 +702,18 @@ impl Config {
         if let AuthSource::PasswdFile { path, .. } = &self.auth {
             files.push(path.clone());
         }
+        if let AuthSource::Http(AuthHttpSettings { ca_file: Some(ca), .. }) = &self.auth {
+            files.push(ca.clone());
+        }
         for c in &self.tls.certificates {
             files.push(c.cert.clone());
             files.push(c.key.clone());
         }
+        // CA files, so a replaced CA applies to new sessions without a SIGHUP.
+        files.extend(self.listeners.iter().filter_map(|l| l.client_ca_file.clone()));
+        let mut backends: Vec<_> = self.backends.values().filter_map(|b| b.tls_ca_file.clone()).collect();
+        backends.sort();
+        files.extend(backends);
         files
     }
 }

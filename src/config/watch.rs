@@ -1,5 +1,5 @@
 //! Reload triggers: SIGHUP, and any change under the directories holding the config file, the
-//! users file and the certificates.
+//! users file, the certificates and the CA files (client, backend and auth service CAs).
 //!
 //! Directories are watched, never files: editors save by rename and Kubernetes swaps a `..data`
 //! symlink, and a watch on the old inode would go stale after the first save. Events are

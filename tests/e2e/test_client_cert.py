@@ -284,3 +284,63 @@ def test_resumed_sessions_are_judged_again(cert_proxy, pki):
         assert c.read_to_close() == b"* BYE No required SSL certificate\r\n"
     finally:
         c.close()
+
+
+def test_replaced_ca_file_applies_to_new_sessions(dovecot, pki, tmp_path):
+    """The client CA file is watched like the certificates: replacing it applies to the next
+    handshake, and a session already logged in goes on."""
+    import shutil
+    import time
+    ca = tmp_path / "client-ca.pem"
+    shutil.copy(os.path.join(pki["dir"], "ca.pem"), ca)
+    port = free_port()
+    cfg = f"""[tls]
+self_signed_names = ["localhost"]
+
+[[listener]]
+name = "imaps"
+bind = "127.0.0.1:{port}"
+protocol = "imap"
+tls = "implicit"
+verify_client = "on"
+client_ca_file = "{ca}"
+
+[auth]
+source = "backend"
+
+[[backend]]
+name = "dovecot"
+address = "127.0.0.1:{dovecot.imap_port}"
+health = {{ enabled = false }}
+
+[routing.imap]
+default = "dovecot"
+"""
+    pc = Portcullis(str(tmp_path), cfg).start()
+    try:
+        assert wait_for_greeting(port, ctx_with(pki, "alice"))
+        held = imaplib.IMAP4_SSL("127.0.0.1", port, ssl_context=ctx_with(pki, "alice"), timeout=10)
+        assert held.login(*DEMO)[0] == "OK"
+        tmp = tmp_path / "client-ca.pem.new"
+        shutil.copy(os.path.join(pki["dir"], "other-ca.pem"), tmp)
+        os.replace(tmp, ca)
+        deadline = time.monotonic() + 10
+        while tls_lines_first(port, ctx_with(pki, "mallory")).startswith(b"* BYE") and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert tls_lines_first(port, ctx_with(pki, "mallory")).startswith(b"* OK")
+        assert tls_lines(port, ctx_with(pki, "alice")) == b"* BYE SSL certificate error\r\n"
+        assert held.noop()[0] == "OK"
+        held.logout()
+    finally:
+        pc.stop()
+
+
+def wait_for_greeting(port, ctx, timeout=10.0):
+    import time
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            return tls_lines_first(port, ctx).startswith(b"* OK")
+        except OSError:
+            time.sleep(0.1)
+    return False
