@@ -112,8 +112,7 @@ pub async fn run(mut ctx: SessionCtx, mut tcp: TcpStream) {
             // A plaintext reply where the protocol starts in plaintext; an implicit-TLS port is
             // just closed (a handshake is what the cap protects).
             if ctx.listener.tls != TlsMode::Implicit {
-                let goodbye =
-                    Front::new(ctx.listener.protocol, front_settings(&ctx, false)).goodbye(Goodbye::TooManyConnections);
+                let goodbye = crate::protocol::goodbye(ctx.listener.protocol, Goodbye::TooManyConnections);
                 Box::pin(async move {
                     let _ = tcp.write_all(goodbye).await;
                     let _ = tcp.shutdown().await;
@@ -237,7 +236,9 @@ async fn relay_session(
     (end.as_str(), t)
 }
 
-fn front_settings(ctx: &SessionCtx, tls_active: bool) -> FrontSettings {
+/// The front end's settings for this connection; `client_cert` is what the TLS handshake's
+/// certificate check accepted, if the listener asks for one.
+fn front_settings(ctx: &SessionCtx, tls_active: bool, client_cert: Option<&ClientCertFacts>) -> FrontSettings {
     let config = &ctx.runtime.config;
     let lc = &ctx.listener;
     // Honest EHLO: the extensions of the backend unauthenticated SMTP clients would be routed to.
@@ -260,6 +261,8 @@ fn front_settings(ctx: &SessionCtx, tls_active: bool) -> FrontSettings {
         tls_active,
         starttls_offered: lc.tls == TlsMode::StartTls,
         auth_allowed: tls_active || lc.allow_plaintext_auth,
+        // Only the auth service can say what a certificate is worth.
+        external: tls_active && ctx.runtime.auth_http.is_some() && client_cert.is_some_and(|c| c.cert.is_some()),
         max_line: config.limits.max_line_length,
         max_errors: config.limits.max_errors,
         idle_timeout: config.limits.preauth_idle_timeout,
@@ -277,25 +280,30 @@ async fn preauth(ctx: &SessionCtx, tcp: TcpStream, deadline: Instant) -> Result<
     let mut greeted = false;
     // With implicit TLS the first front end is made before the handshake: its greeting goes with
     // the handshake (one write and one client round trip less), and it serves the session after.
-    // (Not where the listener wants a client certificate: nothing is sent before it is checked.)
+    // Not where the listener wants a client certificate: nothing is sent before it is checked,
+    // and the front end, made after, knows whether it may offer SASL EXTERNAL.
     let mut first_front = None;
     let mut client_cert = None;
     let mut stream: ClientStream = match lc.tls {
-        TlsMode::Implicit => {
-            let front = Front::new(lc.protocol, front_settings(ctx, true));
-            let early = if rt.client_auth.contains_key(&lc.name) { None } else { front.immediate_greeting() };
-            greeted = early.is_some();
-            first_front = Some(front);
-            let (tls, cert) = tls_accept(ctx, tcp, early).await?;
+        TlsMode::Implicit if rt.client_auth.contains_key(&lc.name) => {
+            let (tls, cert) = tls_accept(ctx, tcp, None).await?;
             client_cert = cert;
             MaybeTls::Tls(Box::new(tls))
+        }
+        TlsMode::Implicit => {
+            let front = Front::new(lc.protocol, front_settings(ctx, true, None));
+            let early = front.immediate_greeting();
+            greeted = early.is_some();
+            first_front = Some(front);
+            MaybeTls::Tls(Box::new(tls_accept(ctx, tcp, early).await?.0))
         }
         TlsMode::StartTls | TlsMode::None => MaybeTls::Plain(tcp),
     };
     let mut failures = 0u32;
     loop {
-        let mut front =
-            first_front.take().unwrap_or_else(|| Front::new(lc.protocol, front_settings(ctx, stream.is_tls())));
+        let mut front = first_front
+            .take()
+            .unwrap_or_else(|| Front::new(lc.protocol, front_settings(ctx, stream.is_tls(), client_cert.as_ref())));
         if !greeted {
             let early = front.greet(&mut stream).await.map_err(|_| Outcome::PreAuth("client_error"))?;
             if let Some(reason) = early {
@@ -331,7 +339,9 @@ async fn preauth(ctx: &SessionCtx, tcp: TcpStream, deadline: Instant) -> Result<
             let fail_at = Instant::now() + limits.auth_failure_delay;
             let attempt = match req.credentials {
                 None => Err(LoginError::Bad { user: None, reason: "malformed" }),
-                Some(creds) => login(ctx, &front, creds, failures + 1, tls_info(&stream, &client_cert)).await,
+                Some(creds) => {
+                    login(ctx, &front, req.mechanism, creds, failures + 1, tls_info(&stream, &client_cert)).await
+                }
             };
             match attempt {
                 Ok((mut logged_in, user, backend_name, guard, user_slot)) => {
@@ -452,6 +462,7 @@ fn tls_info(stream: &ClientStream, client_cert: &Option<ClientCertFacts>) -> Opt
 async fn login(
     ctx: &SessionCtx,
     front: &Front,
+    mechanism: crate::protocol::Mechanism,
     creds: Credentials,
     attempt: u32,
     tls: Option<TlsInfo>,
@@ -469,7 +480,7 @@ async fn login(
         crate::limits::Decision::Allow { .. } => {}
     }
     let fingerprint = crate::limits::password_fingerprint(creds.password.expose());
-    let result = login_inner(ctx, creds, attempt, tls, hints).await;
+    let result = login_inner(ctx, mechanism, creds, attempt, tls, hints).await;
     let s = &rt.config.throttle;
     match &result {
         Ok((_, user, _, _, _)) => ctx.throttle.success(s, ip, user),
@@ -484,6 +495,7 @@ async fn login(
 #[allow(clippy::type_complexity)]
 async fn login_inner(
     ctx: &SessionCtx,
+    mechanism: crate::protocol::Mechanism,
     creds: Credentials,
     attempt: u32,
     tls: Option<TlsInfo>,
@@ -497,8 +509,10 @@ async fn login_inner(
             let Some(user) = rt.config.users.canonical(&creds.user) else {
                 return Err(LoginError::Bad { user: None, reason: "malformed" });
             };
+            let external = mechanism == crate::protocol::Mechanism::External;
             let q = crate::auth::http::Query {
                 protocol,
+                method: if external { "external" } else { "plain" },
                 user: &creds.user,
                 password: creds.password.expose(),
                 attempt,
@@ -529,6 +543,10 @@ async fn login_inner(
                     (user, target, false, creds)
                 }
             }
+        }
+        // The front ends offer EXTERNAL only with an auth service; nothing else can judge it.
+        None if mechanism == crate::protocol::Mechanism::External => {
+            return Err(LoginError::Bad { user: None, reason: "malformed" });
         }
         None => {
             let asked = Instant::now();
@@ -567,6 +585,12 @@ async fn login_inner(
             // The user's mailbox lives only there and it is down: fail fast.
             tracing::warn!(session = %ctx.id, backend = %backend.name, "backend down and its pool has no failover");
             break;
+        }
+        if creds.password.expose().is_empty() && backend.login == crate::config::BackendLogin::Replay {
+            // SASL EXTERNAL with no Auth-Pass from the service: nothing to replay (nginx needs
+            // Auth-Pass here too). A master-user or XCLIENT backend needs none.
+            tracing::warn!(session = %ctx.id, backend = %backend.name, "EXTERNAL login: the auth service sent no Auth-Pass to replay");
+            return Err(LoginError::Unavailable("auth_service_error"));
         }
         let started = Instant::now();
         let result =

@@ -42,6 +42,9 @@ const MAX_CACHE: usize = 100_000;
 #[derive(Debug, Clone)]
 pub struct Query<'a> {
     pub protocol: Protocol,
+    /// `Auth-Method`: `plain`, or `external` (SASL EXTERNAL: no password, the client
+    /// certificate speaks for the user).
+    pub method: &'static str,
     pub user: &'a str,
     pub password: &'a [u8],
     /// 1 for the first attempt on a connection, counting up.
@@ -193,8 +196,20 @@ fn cache_key(q: &Query<'_>) -> u64 {
             u64::from_le_bytes(b[8..].try_into().unwrap_or_default()),
         )
     });
+    // The client certificate's verdict and fingerprint too: a service may answer by them.
+    let cert = q.tls.as_ref().and_then(|t| t.client_cert.as_ref());
+    let verify = cert.map_or("", |c| c.verify.as_str());
+    let fingerprint = cert.and_then(|c| c.cert.as_ref()).map_or("", |c| c.fingerprint.as_str());
     let mut buf = Vec::new();
-    for part in [q.protocol.as_str().as_bytes(), q.user.as_bytes(), q.password, q.client_ip.to_string().as_bytes()] {
+    for part in [
+        q.protocol.as_str().as_bytes(),
+        q.method.as_bytes(),
+        q.user.as_bytes(),
+        q.password,
+        q.client_ip.to_string().as_bytes(),
+        verify.as_bytes(),
+        fingerprint.as_bytes(),
+    ] {
         buf.extend_from_slice(&(part.len() as u64).to_le_bytes());
         buf.extend_from_slice(part);
     }
@@ -226,7 +241,7 @@ pub fn build_request(url: &str, q: &Query<'_>, extra: &[(String, String)]) -> Re
     let host = uri.authority().map(|a| a.to_string()).ok_or_else(|| format!("{url}: no host"))?;
     let mut headers: Vec<(&str, Vec<u8>)> = vec![
         ("Host", host.into_bytes()),
-        ("Auth-Method", b"plain".to_vec()),
+        ("Auth-Method", q.method.as_bytes().to_vec()),
         ("Auth-User", escape(q.user.as_bytes())),
         ("Auth-Pass", escape(q.password)),
         ("Auth-Protocol", q.protocol.as_str().into()),
@@ -320,6 +335,7 @@ mod tests {
     fn query(protocol: Protocol) -> Query<'static> {
         Query {
             protocol,
+            method: "plain",
             user: "alice@example.org",
             password: "p w%\u{e9}\r\n".as_bytes(),
             attempt: 2,
@@ -340,6 +356,38 @@ mod tests {
             out.push_str(&format!("{}: {}\r\n", k.as_str(), String::from_utf8_lossy(v.as_bytes())));
         }
         out
+    }
+
+    /// A cached answer is only reused for the same attempt: same method, credentials, address and
+    /// client certificate (a service may answer by the certificate).
+    #[test]
+    fn cache_key_covers_method_and_certificate() {
+        use crate::tls::client_cert::{CertDetails, ClientCertFacts};
+        let base = query(Protocol::Imap);
+        let with_cert = |verify: &str, fingerprint: &str| {
+            let mut q = query(Protocol::Imap);
+            let cert = CertDetails {
+                subject: String::new(),
+                issuer: String::new(),
+                serial: String::new(),
+                fingerprint: fingerprint.into(),
+                pem: String::new(),
+            };
+            if let Some(t) = q.tls.as_mut() {
+                t.client_cert = Some(ClientCertFacts { verify: verify.into(), cert: Some(cert) });
+            }
+            q
+        };
+        assert_eq!(cache_key(&base), cache_key(&query(Protocol::Imap)));
+        let keys = [
+            cache_key(&base),
+            cache_key(&Query { method: "external", ..query(Protocol::Imap) }),
+            cache_key(&with_cert("SUCCESS", "aa")),
+            cache_key(&with_cert("SUCCESS", "bb")),
+            cache_key(&with_cert("FAILED:self-signed certificate", "aa")),
+        ];
+        let distinct: std::collections::HashSet<_> = keys.iter().collect();
+        assert_eq!(distinct.len(), keys.len());
     }
 
     #[test]

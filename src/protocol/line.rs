@@ -186,7 +186,7 @@ impl Dialogue {
         let first = match ir {
             Some(ir) => sasl::decode_response(&ir),
             None => {
-                let challenge = if mechanism == Mechanism::Plain {
+                let challenge = if matches!(mechanism, Mechanism::Plain | Mechanism::External) {
                     self.replies.plain_challenge
                 } else {
                     self.replies.user_challenge
@@ -196,8 +196,10 @@ impl Dialogue {
             }
         };
         let Some(first) = self.answered(s, first).await? else { return Ok(None) };
-        if mechanism == Mechanism::Plain {
-            return Ok(Some(sasl::decode_plain(&first)));
+        match mechanism {
+            Mechanism::Plain => return Ok(Some(sasl::decode_plain(&first))),
+            Mechanism::External => return Ok(Some(sasl::external(&first))),
+            Mechanism::Login | Mechanism::SaslLogin => {}
         }
         write(s, self.replies.password_challenge).await?;
         let second = self.response(s).await?;

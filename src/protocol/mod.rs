@@ -28,6 +28,9 @@ pub struct FrontSettings {
     pub starttls_offered: bool,
     /// Credentials may be accepted now.
     pub auth_allowed: bool,
+    /// SASL EXTERNAL may be offered: TLS with an accepted client certificate, and an auth
+    /// service to decide what it is worth.
+    pub external: bool,
     pub max_line: u32,
     pub max_errors: u32,
     pub idle_timeout: Duration,
@@ -75,6 +78,10 @@ pub enum Mechanism {
     Login,
     Plain,
     SaslLogin,
+    /// SASL EXTERNAL (RFC 4422 appendix A): the client certificate vouches, the client names the
+    /// user, there is no password. Offered only with an accepted client certificate and an auth
+    /// service to judge it.
+    External,
 }
 
 impl Mechanism {
@@ -83,6 +90,7 @@ impl Mechanism {
             Mechanism::Login => "login",
             Mechanism::Plain => "plain",
             Mechanism::SaslLogin => "sasl-login",
+            Mechanism::External => "external",
         }
     }
 }
@@ -288,6 +296,7 @@ pub mod harness {
             tls_active: false,
             starttls_offered: true,
             auth_allowed: true,
+            external: false,
             max_line: 1024,
             max_errors: 5,
             idle_timeout: Duration::from_secs(5),

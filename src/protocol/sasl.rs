@@ -36,6 +36,19 @@ pub fn credentials(user: &[u8], password: &[u8]) -> Option<Credentials> {
     Some(Credentials { user: user.to_string(), password: Password::new(password.to_vec()) })
 }
 
+/// SASL EXTERNAL's one response: the user to act as (the authorisation identity). An empty one
+/// (leave it to the certificate) is refused: the proxy routes and limits by user name.
+pub fn external(authzid: &[u8]) -> Option<Credentials> {
+    if authzid.is_empty() || authzid.len() > MAX_USER_LEN || authzid.contains(&0) {
+        return None;
+    }
+    let user = std::str::from_utf8(authzid).ok()?;
+    if user.chars().any(|c| c.is_control()) {
+        return None;
+    }
+    Some(Credentials { user: user.to_string(), password: Password::new(Vec::new()) })
+}
+
 /// The server challenges of SASL LOGIN, base64 of "Username:" and "Password:".
 pub const LOGIN_USER_CHALLENGE: &str = "VXNlcm5hbWU6";
 pub const LOGIN_PASSWORD_CHALLENGE: &str = "UGFzc3dvcmQ6";
@@ -60,6 +73,17 @@ mod tests {
         assert!(decode_plain(b"\0\0pw").is_none());
         assert!(decode_plain(b"\0alice\0").is_none());
         assert!(decode_plain(b"\0\xff\xfe\0pw").is_none());
+    }
+
+    #[test]
+    fn external_names_a_user_and_nothing_else() {
+        let c = external(b"alice@example.org").unwrap();
+        assert_eq!((c.user.as_str(), c.password.expose()), ("alice@example.org", &b""[..]));
+        assert!(external(b"").is_none());
+        assert!(external(b"a\0b").is_none());
+        assert!(external(b"a\rb").is_none());
+        assert!(external(b"\xff").is_none());
+        assert!(external(&[b'a'; 300]).is_none());
     }
 
     proptest! {

@@ -20,7 +20,7 @@ import urllib.parse
 import pytest
 
 from conftest import DEMO
-from servers import Portcullis, RawClient, client_tls_context, free_port
+from servers import Portcullis, RawClient, client_tls_context, free_port, wait_for
 
 
 def openssl(*args, cwd):
@@ -60,13 +60,34 @@ class AuthHandler(http.server.BaseHTTPRequestHandler):
     """auth_http: demo's password is good; every request's headers are kept."""
 
     backend = None
+    pop3 = None
     seen = []
 
     def do_GET(self):
         self.seen.append({k.lower(): v for k, v in self.headers.items()})
         self.send_response(200)
         user = urllib.parse.unquote(self.headers.get("Auth-User", ""))
-        if (user, urllib.parse.unquote(self.headers.get("Auth-Pass", ""))) == DEMO:
+        if self.headers.get("Auth-Method") == "external":
+            # SASL EXTERNAL: alice's certificate speaks for demo; the service knows demo's
+            # password for a replayed login (POP3, IMAP) and names the XCLIENT backend for SMTP.
+            trusted = (self.headers.get("Auth-SSL-Verify") == "SUCCESS"
+                       and self.headers.get("Auth-SSL-Subject") == "CN=alice,O=Example")
+            if trusted and user == DEMO[0]:
+                self.send_header("Auth-Status", "OK")
+                protocol = self.headers.get("Auth-Protocol")
+                if protocol == "smtp":
+                    self.send_header("Auth-Server", "postfix")
+                else:
+                    self.send_header("Auth-Server", "127.0.0.1")
+                    self.send_header("Auth-Port", str(self.pop3 if protocol == "pop3" else self.backend))
+                    self.send_header("Auth-Pass", DEMO[1])
+            elif trusted and user == "nopass@example.test":
+                self.send_header("Auth-Status", "OK")
+                self.send_header("Auth-Server", "127.0.0.1")
+                self.send_header("Auth-Port", str(self.backend))
+            else:
+                self.send_header("Auth-Status", "Certificate not accepted for this user")
+        elif (user, urllib.parse.unquote(self.headers.get("Auth-Pass", ""))) == DEMO:
             self.send_header("Auth-Status", "OK")
             self.send_header("Auth-Server", "127.0.0.1")
             self.send_header("Auth-Port", str(self.backend))
@@ -91,10 +112,11 @@ LISTENERS = [
 
 
 @pytest.fixture(scope="module")
-def cert_proxy(dovecot, pki, tmp_path_factory):
+def cert_proxy(dovecot, postfix, pki, tmp_path_factory):
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), AuthHandler)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     AuthHandler.backend = dovecot.imap_port
+    AuthHandler.pop3 = dovecot.pop3_port
     ports = {name: free_port() for name, *_ in LISTENERS}
     out = ['[tls]', 'self_signed_names = ["localhost"]', '']
     for name, protocol, tls, verify, with_ca in LISTENERS:
@@ -112,6 +134,8 @@ def cert_proxy(dovecot, pki, tmp_path_factory):
             'health = { enabled = false }', '',
             '[[backend]]', 'name = "nowhere-smtp"', 'protocol = "smtp"', f'address = "127.0.0.1:{free_port()}"',
             'health = { enabled = false }', '',
+            '[[backend]]', 'name = "postfix"', 'protocol = "smtp"', f'address = "127.0.0.1:{postfix.port}"',
+            'client_address = "xclient"', 'login = "xclient"', 'health = { enabled = false }', '',
             '[routing.imap]', 'default = "dovecot"', '[routing.pop3]', 'default = "nowhere-pop3"',
             '[routing.smtp]', 'default = "nowhere-smtp"', '']
     # The CA file is named relative to the config file (portcullis/../ca.pem = the pki dir).
@@ -344,3 +368,64 @@ def wait_for_greeting(port, ctx, timeout=10.0):
         except OSError:
             time.sleep(0.1)
     return False
+
+
+def test_sasl_external_with_a_trusted_certificate(cert_proxy, pki, dovecot, postfix):
+    """SASL EXTERNAL (nginx's `auth external`): offered only with an accepted client certificate
+    and an auth service; the service sees Auth-Method external and the certificate, and gives the
+    password to replay (IMAP, POP3) or names an XCLIENT backend (SMTP)."""
+    import base64
+    p = cert_proxy.ports
+    AuthHandler.seen.clear()
+    m = imaplib.IMAP4_SSL("127.0.0.1", p["imaps"], ssl_context=ctx_with(pki, "alice"), timeout=10)
+    assert "AUTH=EXTERNAL" in m.capabilities
+    before = sum(1 for f in dovecot.logins() if f.get("user") == DEMO[0])
+    assert m.authenticate("EXTERNAL", lambda _: DEMO[0].encode())[0] == "OK"
+    assert m.select("INBOX")[0] == "OK"
+    m.logout()
+    h = AuthHandler.seen[-1]
+    assert (h["auth-method"], h["auth-user"], h["auth-pass"]) == ("external", DEMO[0], "")
+    assert wait_for(lambda: sum(1 for f in dovecot.logins() if f.get("user") == DEMO[0]) > before)
+    # Another certificate for the same user: the service's refusal, in its own words.
+    m = imaplib.IMAP4_SSL("127.0.0.1", p["imaps-noca"], ssl_context=ctx_with(pki, "self"), timeout=10)
+    assert "AUTH=EXTERNAL" in m.capabilities
+    with pytest.raises(imaplib.IMAP4.error, match="Certificate not accepted"):
+        m.authenticate("EXTERNAL", lambda _: DEMO[0].encode())
+    # The service said OK but gave no password to replay: a temporary failure, not a login.
+    m = imaplib.IMAP4_SSL("127.0.0.1", p["imaps"], ssl_context=ctx_with(pki, "alice"), timeout=10)
+    with pytest.raises(imaplib.IMAP4.error, match="UNAVAILABLE"):
+        m.authenticate("EXTERNAL", lambda _: b"nopass@example.test")
+    m.logout()
+    # No certificate (optional), or no verify_client: not offered, and refused if tried.
+    for port, ctx in ((p["imaps-optional"], ctx_with(pki)), (p["imaps-plain"], ctx_with(pki, "alice"))):
+        m = imaplib.IMAP4_SSL("127.0.0.1", port, ssl_context=ctx, timeout=10)
+        assert "AUTH=EXTERNAL" not in m.capabilities
+        with pytest.raises(imaplib.IMAP4.error, match="Unsupported authentication mechanism"):
+            m.authenticate("EXTERNAL", lambda _: DEMO[0].encode())
+        m.logout()
+    # POP3: AUTH EXTERNAL, then the mailbox.
+    c = RawClient(p["pop3s"])
+    c.sock = ctx_with(pki, "alice").wrap_socket(c.sock, server_hostname="localhost")
+    try:
+        assert c.line().startswith(b"+OK")
+        c.send(b"CAPA\r\n")
+        capa = b""
+        while not capa.endswith(b"\r\n.\r\n"):
+            capa += c.line()
+        assert b"SASL PLAIN LOGIN EXTERNAL\r\n" in capa
+        c.send(b"AUTH EXTERNAL " + base64.b64encode(DEMO[0].encode()) + b"\r\n")
+        assert c.line().startswith(b"+OK"), "POP3 EXTERNAL login"
+        c.send(b"STAT\r\n")
+        assert c.line().startswith(b"+OK ")
+    finally:
+        c.close()
+    # SMTP: AUTH EXTERNAL, then XCLIENT LOGIN= to Postfix, which takes a message.
+    s = smtplib.SMTP_SSL("127.0.0.1", p["submissions"], context=ctx_with(pki, "alice"), timeout=10)
+    s.ehlo("client.example")
+    assert "EXTERNAL" in s.esmtp_features.get("auth", "").split()
+    code, _ = s.docmd("AUTH", "EXTERNAL " + base64.b64encode(DEMO[0].encode()).decode())
+    assert code == 235
+    before = len(postfix.delivered(DEMO[0]))
+    s.sendmail(DEMO[0], [DEMO[0]], b"Subject: external\r\n\r\nsent after SASL EXTERNAL\r\n")
+    s.quit()
+    assert wait_for(lambda: len(postfix.delivered(DEMO[0])) > before, timeout=15)

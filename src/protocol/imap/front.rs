@@ -81,6 +81,9 @@ impl ImapFront {
         }
         if self.settings.auth_allowed {
             caps.push_str(" AUTH=PLAIN AUTH=LOGIN");
+            if self.settings.external {
+                caps.push_str(" AUTH=EXTERNAL");
+            }
         } else {
             caps.push_str(" LOGINDISABLED");
         }
@@ -210,7 +213,9 @@ impl ImapFront {
                         self.privacy_required(s, &tag).await?;
                         continue;
                     }
-                    let Some(mechanism) = mechanism else {
+                    // Reliability case 42: EXTERNAL only where it is offered.
+                    let Some(mechanism) = mechanism.filter(|m| *m != Mechanism::External || self.settings.external)
+                    else {
                         write(s, format!("{tag} NO Unsupported authentication mechanism.\r\n").as_bytes()).await?;
                         continue;
                     };
@@ -322,6 +327,7 @@ impl ImapFront {
                 let mech = match mechanism {
                     AuthMechanism::Plain => Some(Mechanism::Plain),
                     AuthMechanism::Login => Some(Mechanism::SaslLogin),
+                    ref other if other.as_ref().eq_ignore_ascii_case("EXTERNAL") => Some(Mechanism::External),
                     _ => None,
                 };
                 Action::Authenticate(tag, mech, initial_response.map(|ir| ir.declassify().to_vec()))
@@ -340,7 +346,7 @@ impl ImapFront {
         ir: Option<Vec<u8>>,
     ) -> io::Result<Option<Option<Credentials>>> {
         match mechanism {
-            Mechanism::Plain => {
+            Mechanism::Plain | Mechanism::External => {
                 let msg = match ir {
                     Some(msg) => msg,
                     None => {
@@ -351,7 +357,7 @@ impl ImapFront {
                         }
                     }
                 };
-                Ok(Some(sasl::decode_plain(&msg)))
+                Ok(Some(if mechanism == Mechanism::External { sasl::external(&msg) } else { sasl::decode_plain(&msg) }))
             }
             Mechanism::SaslLogin | Mechanism::Login => {
                 let user = match ir {
@@ -498,6 +504,31 @@ mod tests {
         assert!(lines[513..1613].iter().all(|l| *l == "b OK NOOP completed."));
         assert_eq!(&lines[1613..], ["* BYE Logging out.", "z OK Logout completed."]);
         assert_eq!(events, vec!["closed logout"]);
+    }
+
+    /// SASL EXTERNAL: offered and taken only where the session allows it (reliability case 42);
+    /// the one response names the user, with or without SASL-IR; an empty one is malformed.
+    #[test]
+    fn external_only_where_offered() {
+        let input =
+            b"a AUTHENTICATE EXTERNAL YWxpY2U=\r\nb AUTHENTICATE EXTERNAL\r\nYWxpY2U=\r\nc AUTHENTICATE EXTERNAL =\r\n"
+                .to_vec();
+        let (out, events) = run(vec![input.clone()]);
+        let out = String::from_utf8(out).unwrap();
+        assert!(!out.contains("AUTH=EXTERNAL"), "{out}");
+        assert!(out.contains("a NO Unsupported authentication mechanism.\r\nb NO Unsupported"), "{out}");
+        assert!(events.iter().all(|e| !e.starts_with("login")), "{events:?}");
+        let external = FrontSettings { external: true, ..settings() };
+        let (out, events) = run_front(crate::config::Protocol::Imap, external, vec![input]);
+        let out = String::from_utf8(out).unwrap();
+        assert!(
+            out.starts_with(
+                "* OK [CAPABILITY IMAP4rev1 SASL-IR ID LITERAL+ STARTTLS AUTH=PLAIN AUTH=LOGIN AUTH=EXTERNAL]"
+            ),
+            "{out}"
+        );
+        assert!(out.contains("a NO [AUTHENTICATIONFAILED] Authentication failed.\r\n+ \r\nb NO"), "{out}");
+        assert_eq!(&events[..3], ["login Some(\"alice\")", "login Some(\"alice\")", "login None"]);
     }
 
     #[test]

@@ -47,7 +47,11 @@ impl Pop3Front {
             caps.push_str("STLS\r\n");
         }
         if self.settings.auth_allowed {
-            caps.push_str("USER\r\nSASL PLAIN LOGIN\r\n");
+            caps.push_str(if self.settings.external {
+                "USER\r\nSASL PLAIN LOGIN EXTERNAL\r\n"
+            } else {
+                "USER\r\nSASL PLAIN LOGIN\r\n"
+            });
         }
         caps.push_str(".\r\n");
         caps
@@ -131,7 +135,12 @@ impl Pop3Front {
                     }
                     let Some(arg) = arg else {
                         // The pre-RFC 5034 listing some clients still ask for.
-                        write(s, b"+OK\r\nPLAIN\r\nLOGIN\r\n.\r\n").await?;
+                        let listing: &[u8] = if self.settings.external {
+                            b"+OK\r\nPLAIN\r\nLOGIN\r\nEXTERNAL\r\n.\r\n"
+                        } else {
+                            b"+OK\r\nPLAIN\r\nLOGIN\r\n.\r\n"
+                        };
+                        write(s, listing).await?;
                         continue;
                     };
                     let (mech, ir) = match arg.iter().position(|b| *b == b' ') {
@@ -142,6 +151,8 @@ impl Pop3Front {
                         Mechanism::Plain
                     } else if mech.eq_ignore_ascii_case(b"LOGIN") {
                         Mechanism::SaslLogin
+                    } else if mech.eq_ignore_ascii_case(b"EXTERNAL") && self.settings.external {
+                        Mechanism::External
                     } else {
                         // Reliability case 42.
                         write(s, b"-ERR Unsupported authentication mechanism.\r\n").await?;
@@ -222,6 +233,25 @@ mod tests {
             "+OK POP3 proxy ready.\r\n+OK Capability list follows\r\nRESP-CODES\r\nAUTH-RESP-CODE\r\nPIPELINING\r\nSTLS\r\nUSER\r\nSASL PLAIN LOGIN\r\n.\r\n+OK\r\n-ERR [AUTH] Authentication failed.\r\n+OK Logging out.\r\n"
         );
         assert_eq!(ev, vec!["login Some(\"alice\")", "closed logout"]);
+    }
+
+    /// SASL EXTERNAL only where offered (reliability case 42); the response names the user.
+    #[test]
+    fn external_only_where_offered() {
+        let input = b"AUTH\r\nAUTH EXTERNAL YWxpY2U=\r\nAUTH EXTERNAL\r\nYWxpY2U=\r\n".to_vec();
+        let (out, ev) = run(vec![input.clone()]);
+        assert!(out.contains("+OK\r\nPLAIN\r\nLOGIN\r\n.\r\n"), "{out}");
+        assert_eq!(out.matches("-ERR Unsupported authentication mechanism.").count(), 2, "{out}");
+        assert!(ev.iter().all(|e| !e.starts_with("login")), "{ev:?}");
+        let st = crate::protocol::FrontSettings { external: true, ..settings() };
+        let (out, ev) = run_front(Protocol::Pop3, st, vec![b"CAPA\r\n".to_vec(), input]);
+        let out = String::from_utf8(out).unwrap();
+        assert!(
+            out.contains("SASL PLAIN LOGIN EXTERNAL\r\n") && out.contains("+OK\r\nPLAIN\r\nLOGIN\r\nEXTERNAL\r\n.\r\n"),
+            "{out}"
+        );
+        assert!(out.contains("-ERR [AUTH] Authentication failed.\r\n+ \r\n-ERR [AUTH]"), "{out}");
+        assert_eq!(&ev[..2], ["login Some(\"alice\")", "login Some(\"alice\")"]);
     }
 
     #[test]

@@ -11,7 +11,7 @@
 
 use std::io;
 
-use smtp_proto::{AUTH_LOGIN, AUTH_PLAIN, Request};
+use smtp_proto::{AUTH_EXTERNAL, AUTH_LOGIN, AUTH_PLAIN, Request};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite};
 
 use crate::protocol::line::{Dialogue, Replies};
@@ -87,7 +87,7 @@ impl SmtpFront {
             lines.push("STARTTLS".into());
         }
         if self.settings.auth_allowed {
-            lines.push("AUTH PLAIN LOGIN".into());
+            lines.push(if self.settings.external { "AUTH PLAIN LOGIN EXTERNAL" } else { "AUTH PLAIN LOGIN" }.into());
         }
         lines.extend(self.settings.extensions.iter().cloned());
         let mut out = String::new();
@@ -187,6 +187,7 @@ impl SmtpFront {
                     let mechanism = match mechanism {
                         AUTH_PLAIN => Mechanism::Plain,
                         AUTH_LOGIN => Mechanism::SaslLogin,
+                        AUTH_EXTERNAL if self.settings.external => Mechanism::External,
                         _ => {
                             // Reliability case 42 (smtp-proto reports unknown names as 0).
                             self.d.err(s, "504 5.5.4 Unrecognized authentication type\r\n").await?;
@@ -284,6 +285,22 @@ mod tests {
             "220 proxy.example.test ESMTP ready\r\n250-proxy.example.test\r\n250-STARTTLS\r\n250-AUTH PLAIN LOGIN\r\n250-SIZE 1000\r\n250 8BITMIME\r\n535 5.7.8 Authentication credentials invalid\r\n530 5.7.0 Authentication required\r\n221 2.0.0 Bye\r\n"
         );
         assert_eq!(ev, vec!["login Some(\"alice\")", "closed logout"]);
+    }
+
+    /// SASL EXTERNAL only where offered (reliability case 42); the response names the user.
+    #[test]
+    fn external_only_where_offered() {
+        let input = b"EHLO c\r\nAUTH EXTERNAL YWxpY2U=\r\nAUTH EXTERNAL\r\nYWxpY2U=\r\nAUTH EXTERNAL =\r\n".to_vec();
+        let (out, ev) = run(vec![input.clone()]);
+        assert!(out.contains("250-AUTH PLAIN LOGIN\r\n"), "{out}");
+        assert_eq!(out.matches("504 5.5.4 Unrecognized authentication type").count(), 3, "{out}");
+        assert!(ev.iter().all(|e| !e.starts_with("login")), "{ev:?}");
+        let st = crate::protocol::FrontSettings { external: true, ..settings() };
+        let (out, ev) = run_front(Protocol::Smtp, st, vec![input]);
+        let out = String::from_utf8(out).unwrap();
+        assert!(out.contains("250-AUTH PLAIN LOGIN EXTERNAL\r\n"), "{out}");
+        assert!(out.contains("535 5.7.8 Authentication credentials invalid\r\n334 \r\n535"), "{out}");
+        assert_eq!(&ev[..3], ["login Some(\"alice\")", "login Some(\"alice\")", "login None"]);
     }
 
     /// Reliability case 26: whole commands filling the 4,096-byte read exactly: every one answered.
