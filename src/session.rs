@@ -457,6 +457,17 @@ fn tls_info(stream: &ClientStream, client_cert: &Option<ClientCertFacts>) -> Opt
     Some(TlsInfo { version, cipher, client_cert: client_cert.clone() })
 }
 
+/// What a login attempt tried, for the throttle (a retry of the same one counts once): the
+/// password, or for EXTERNAL, which has none, the user it names and the certificate it came with.
+fn attempt_fingerprint(mechanism: crate::protocol::Mechanism, creds: &Credentials, tls: Option<&TlsInfo>) -> u64 {
+    if mechanism != crate::protocol::Mechanism::External {
+        return crate::limits::password_fingerprint(creds.password.expose());
+    }
+    let cert = tls.and_then(|t| t.client_cert.as_ref()).and_then(|c| c.cert.as_ref());
+    let tried = format!("external\0{}\0{}", creds.user, cert.map_or("", |c| c.fingerprint.as_str()));
+    crate::limits::password_fingerprint(tried.as_bytes())
+}
+
 /// Verify, route and log in to a backend, failing over along the rendezvous order.
 #[allow(clippy::type_complexity)]
 async fn login(
@@ -479,7 +490,7 @@ async fn login(
         }
         crate::limits::Decision::Allow { .. } => {}
     }
-    let fingerprint = crate::limits::password_fingerprint(creds.password.expose());
+    let fingerprint = attempt_fingerprint(mechanism, &creds, tls.as_ref());
     let result = login_inner(ctx, mechanism, creds, attempt, tls, hints).await;
     let s = &rt.config.throttle;
     match &result {
@@ -757,5 +768,42 @@ async fn tls_accept(
             m.connections_rejected.with_label_values(&[protocol, listener, "tls"]).inc();
             Err(Outcome::PreAuth("tls_timeout"))
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::auth::Password;
+    use crate::protocol::Mechanism;
+    use crate::tls::client_cert::{CertDetails, ClientCertFacts};
+
+    /// Every failed EXTERNAL attempt with another user or certificate counts for the throttle;
+    /// without this they would all share the empty password's fingerprint and count once.
+    #[test]
+    fn external_attempts_are_told_apart() {
+        let creds = |user: &str, pw: &[u8]| Credentials { user: user.into(), password: Password::new(pw.to_vec()) };
+        let tls = |fp: &str| TlsInfo {
+            version: "TLSv1.3".into(),
+            cipher: String::new(),
+            client_cert: Some(ClientCertFacts {
+                verify: "SUCCESS".into(),
+                cert: Some(CertDetails {
+                    subject: String::new(),
+                    issuer: String::new(),
+                    serial: String::new(),
+                    fingerprint: fp.into(),
+                    pem: String::new(),
+                }),
+            }),
+        };
+        let ext = |user: &str, fp: &str| attempt_fingerprint(Mechanism::External, &creds(user, b""), Some(&tls(fp)));
+        assert_eq!(ext("a", "aa"), ext("a", "aa"));
+        assert_ne!(ext("a", "aa"), ext("b", "aa"));
+        assert_ne!(ext("a", "aa"), ext("a", "bb"));
+        let plain = |pw: &[u8]| attempt_fingerprint(Mechanism::Plain, &creds("a", pw), None);
+        assert_eq!(plain(b"x"), plain(b"x"));
+        assert_ne!(plain(b"x"), plain(b"y"));
+        assert_ne!(ext("a", ""), plain(b""));
     }
 }

@@ -128,7 +128,7 @@ impl AuthHttp {
         }
         let mut last = String::from("no URL");
         for url in &self.settings.urls {
-            let req = match build_request(url, q, &self.settings.headers) {
+            let req = match build_request(url, q, &self.settings.headers, self.settings.pass_client_cert) {
                 Ok(r) => r,
                 Err(e) => {
                     last = e;
@@ -222,11 +222,13 @@ fn getrandom_fill(buf: &mut [u8]) -> Result<(), ()> {
 
 /// nginx's `NGX_ESCAPE_MAIL_AUTH`: space, `%` and bytes below 0x20 become `%XX`; every other
 /// byte, UTF-8 included, is sent as is (as HTTP obs-text). Measured against nginx 1.22 in
-/// `tests/e2e/test_auth_http_nginx.py`.
+/// `tests/e2e/test_auth_http_nginx.py`. One difference: DEL (0x7f), which nginx sends raw, is
+/// `%7F` here, since an HTTP header value may not hold it (the login would otherwise fail as
+/// an auth service outage); a service that unescapes, as it must, sees the same byte.
 pub fn escape(value: &[u8]) -> Vec<u8> {
     let mut out = Vec::with_capacity(value.len());
     for &b in value {
-        if b <= 0x20 || b == b'%' {
+        if b <= 0x20 || b == b'%' || b == 0x7f {
             out.extend_from_slice(format!("%{b:02X}").as_bytes());
         } else {
             out.push(b);
@@ -236,7 +238,13 @@ pub fn escape(value: &[u8]) -> Vec<u8> {
 }
 
 /// The request nginx would send for `q` (header order as nginx writes them).
-pub fn build_request(url: &str, q: &Query<'_>, extra: &[(String, String)]) -> Result<Request<Empty<Bytes>>, String> {
+/// With `pass_cert`, a client certificate is sent too (`Auth-SSL-Cert`).
+pub fn build_request(
+    url: &str,
+    q: &Query<'_>,
+    extra: &[(String, String)],
+    pass_cert: bool,
+) -> Result<Request<Empty<Bytes>>, String> {
     let uri: hyper::Uri = url.parse().map_err(|e| format!("{url}: {e}"))?;
     let host = uri.authority().map(|a| a.to_string()).ok_or_else(|| format!("{url}: no host"))?;
     let mut headers: Vec<(&str, Vec<u8>)> = vec![
@@ -266,7 +274,9 @@ pub fn build_request(url: &str, q: &Query<'_>, extra: &[(String, String)]) -> Re
                 headers.push(("Auth-SSL-Issuer", c.issuer.clone().into_bytes()));
                 headers.push(("Auth-SSL-Serial", c.serial.clone().into_bytes()));
                 headers.push(("Auth-SSL-Fingerprint", c.fingerprint.clone().into_bytes()));
-                headers.push(("Auth-SSL-Cert", escape(c.pem.as_bytes())));
+                if pass_cert {
+                    headers.push(("Auth-SSL-Cert", escape(c.pem.as_bytes())));
+                }
             }
         }
     }
@@ -399,13 +409,14 @@ mod tests {
             "http://127.0.0.1:9000/auth?x=1",
             &query(Protocol::Imap),
             &[("X-Auth-Key".into(), "s3cret".into())],
+            false,
         )
         .unwrap();
         assert_eq!(
             render(&req),
             "GET /auth?x=1 HTTP/1.1\r\nhost: 127.0.0.1:9000\r\nauth-method: plain\r\nauth-user: alice@example.org\r\nauth-pass: p%20w%25\u{e9}%0D%0A\r\nauth-protocol: imap\r\nauth-login-attempt: 2\r\nclient-ip: 192.0.2.42\r\nauth-ssl: on\r\nauth-ssl-protocol: TLSv1.3\r\nauth-ssl-cipher: TLS13_AES_256_GCM_SHA384\r\nx-auth-key: s3cret\r\n"
         );
-        let req = build_request("http://auth.example/", &query(Protocol::Smtp), &[]).unwrap();
+        let req = build_request("http://auth.example/", &query(Protocol::Smtp), &[], false).unwrap();
         let r = render(&req);
         assert!(r.contains("auth-protocol: smtp\r\nauth-login-attempt: 2\r\nclient-ip: 192.0.2.42\r\nclient-host: [UNAVAILABLE]\r\nauth-smtp-helo: client.example\r\n"), "{r}");
         // A listener with verify_client: the certificate facts follow the cipher, in nginx's order.
@@ -421,19 +432,24 @@ mod tests {
         if let Some(t) = q.tls.as_mut() {
             t.client_cert = Some(ClientCertFacts { verify: "SUCCESS".into(), cert: Some(details) });
         }
-        let r = render(&build_request("http://auth.example/", &q, &[]).unwrap());
+        let r = render(&build_request("http://auth.example/", &q, &[], false).unwrap());
+        assert!(r.ends_with("auth-ssl-fingerprint: 0a1b\r\n"), "{r}");
+        let r = render(&build_request("http://auth.example/", &q, &[], true).unwrap());
         assert!(r.ends_with("auth-ssl-cipher: TLS13_AES_256_GCM_SHA384\r\nauth-ssl-verify: SUCCESS\r\nauth-ssl-subject: CN=alice,O=Example\r\nauth-ssl-issuer: CN=ca\r\nauth-ssl-serial: 1F42\r\nauth-ssl-fingerprint: 0a1b\r\nauth-ssl-cert: -----BEGIN%20CERTIFICATE-----%0AMIIB%0A-----END%20CERTIFICATE-----%0A\r\n"), "{r}");
         if let Some(t) = q.tls.as_mut() {
             t.client_cert = Some(ClientCertFacts { verify: "NONE".into(), cert: None });
         }
-        let r = render(&build_request("http://auth.example/", &q, &[]).unwrap());
+        let r = render(&build_request("http://auth.example/", &q, &[], true).unwrap());
         assert!(r.ends_with("auth-ssl-verify: NONE\r\n"), "{r}");
     }
 
     #[test]
     fn escaping_is_nginx_mail_auth() {
         assert_eq!(escape(b"plain"), b"plain");
-        assert_eq!(escape(b"a b%c\x7f\x00\x1f\xff\"\\+"), b"a%20b%25c\x7f%00%1F\xff\"\\+");
+        assert_eq!(escape(b"a b%c\x7f\x00\x1f\xff\"\\+"), b"a%20b%25c%7F%00%1F\xff\"\\+");
+        // Every escaped value is a valid header value.
+        let all: Vec<u8> = (0..=255).collect();
+        assert!(HeaderValue::from_bytes(&escape(&all)).is_ok());
     }
 
     fn headers(pairs: &[(&str, &str)]) -> HeaderMap {

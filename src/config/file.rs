@@ -252,6 +252,9 @@ pub struct AuthHttpFile {
     /// How long a negative answer is reused (default 0: not cached).
     #[serde(default, with = "humantime_serde::option")]
     pub negative_cache_ttl: Option<Duration>,
+    /// Send the client certificate itself (`Auth-SSL-Cert`), as nginx's auth_http_pass_client_cert.
+    #[serde(default)]
+    pub pass_client_cert: bool,
 }
 
 #[derive(Debug, Default, Deserialize)]

@@ -352,6 +352,8 @@ pub struct AuthHttpSettings {
     pub ca_file: Option<PathBuf>,
     pub cache_ttl: Duration,
     pub negative_cache_ttl: Duration,
+    /// `Auth-SSL-Cert` with the client certificate in PEM (nginx: auth_http_pass_client_cert).
+    pub pass_client_cert: bool,
 }
 
 pub const LETSENCRYPT: &str = "https://acme-v02.api.letsencrypt.org/directory";
@@ -1179,6 +1181,11 @@ impl Validator<'_> {
                 "client certificates need tls = \"implicit\" or \"starttls\"",
             ));
         }
+        if mode != VerifyClient::Off && l.allow_plaintext_auth {
+            // A STARTTLS client could log in before TLS, and so without a certificate.
+            let span = l.verify_client.as_ref().map(|v| v.span());
+            return Err(self.err(span, field("allow_plaintext_auth"), "cannot be true with verify_client"));
+        }
         let ca = match &l.client_ca_file {
             None if matches!(mode, VerifyClient::On | VerifyClient::Optional) => {
                 let span = l.verify_client.as_ref().map(|v| v.span());
@@ -1393,6 +1400,7 @@ impl Validator<'_> {
                 ca_file: h.ca_file.as_ref().map(|p| self.resolve(p.get_ref())),
                 cache_ttl: h.cache_ttl.unwrap_or(Duration::ZERO),
                 negative_cache_ttl: h.negative_cache_ttl.unwrap_or(Duration::ZERO),
+                pass_client_cert: h.pass_client_cert,
             }));
         }
         if a.http.is_some() {
@@ -1705,11 +1713,19 @@ impl Validator<'_> {
                         format!("{domain:?} is not a domain or *.domain"),
                     ));
                 }
-                let tgt = lookup(target, field)?;
-                match d.strip_prefix("*.") {
+                let tgt = lookup(target, field.clone())?;
+                let previous = match d.strip_prefix("*.") {
                     Some(parent) => t.wildcards.insert(parent.to_string(), tgt),
-                    None => t.domains.insert(d, tgt),
+                    None => t.domains.insert(d.clone(), tgt),
                 };
+                if previous.is_some() {
+                    // `Example.org` and `example.org`, or an IDN in both forms: one would win.
+                    return Err(self.err(
+                        Some(target.span()),
+                        field,
+                        format!("{domain:?} is the same domain as another key ({d:?})"),
+                    ));
+                }
             }
             for (user, target) in users {
                 let field = format!("{prefix}.users.{user}");
@@ -1805,6 +1821,12 @@ default = "b"
         ))
         .unwrap_err();
         assert!(e.message.contains("same user"), "{e}");
+        let e = parse(&BASE.replace(
+            "default = \"b\"",
+            "default = \"b\"\ndomains = { \"bücher.example\" = \"b\", \"XN--BCHER-KVA.example\" = \"b\" }",
+        ))
+        .unwrap_err();
+        assert!(e.message.contains("same domain"), "{e}");
         let e = parse(&BASE.replace("default = \"b\"", "default = \"b\"\ndomains = { \"xn--zz.test\" = \"b\" }"))
             .unwrap_err();
         assert_eq!(e.field, "routing.imap.domains.xn--zz.test");
@@ -1839,6 +1861,10 @@ default = "b"
         );
         let c = parse(&l("tls = \"starttls\"")).unwrap();
         assert_eq!(c.listeners[0].verify_client, VerifyClient::Off);
+        // Logins before STARTTLS would need no certificate.
+        let e = parse(&l("tls = \"starttls\"\nallow_plaintext_auth = true\nverify_client = \"optional_no_ca\""))
+            .unwrap_err();
+        assert_eq!((e.field.as_str(), e.position.map(|p| p.0)), ("listener[0].allow_plaintext_auth", Some(18)));
     }
 
     #[test]

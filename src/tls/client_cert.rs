@@ -93,10 +93,17 @@ impl ClientAuth {
             };
         };
         let Some(details) = details(leaf) else { return CertCheck::Refused("unreadable certificate") };
+        let self_signed = details.subject == details.issuer;
         let verdict = match &self.chain {
-            Some(v) => v.verify_client_cert(leaf, intermediates, UnixTime::now()).map(|_| ()).map_err(reason),
+            Some(v) => {
+                v.verify_client_cert(leaf, intermediates, UnixTime::now()).map(|_| ()).map_err(|e| match reason(e) {
+                    // OpenSSL's word for it, with or without a CA file.
+                    Failure::Unknown(_) if self_signed => Failure::Unknown("self-signed certificate"),
+                    other => other,
+                })
+            }
             None if !in_validity_period(leaf) => Err(Failure::Hard("certificate has expired or is not yet valid")),
-            None if details.subject == details.issuer => Err(Failure::Unknown("self-signed certificate")),
+            None if self_signed => Err(Failure::Unknown("self-signed certificate")),
             None => Err(Failure::Unknown("unable to get local issuer certificate")),
         };
         let verify = match verdict {
@@ -350,11 +357,17 @@ mod tests {
         // Expired is not "optional": refused even here, as nginx does.
         assert!(matches!(no_ca.check(Some(std::slice::from_ref(&expired))), CertCheck::Refused(_)));
 
-        let bare = policy(VerifyClient::OptionalNoCa, None);
         let self_signed = {
             let key = KeyPair::generate().unwrap();
             client_params("me", -1, 30).self_signed(&key).unwrap().der().clone()
         };
+        // A self-signed certificate is named so with a CA file too, as OpenSSL does.
+        let CertCheck::Accepted(facts) = no_ca.check(Some(std::slice::from_ref(&self_signed))) else {
+            panic!("refused")
+        };
+        assert_eq!(facts.verify, "FAILED:self-signed certificate");
+        assert_eq!(on.check(Some(std::slice::from_ref(&self_signed))), CertCheck::Refused("self-signed certificate"));
+        let bare = policy(VerifyClient::OptionalNoCa, None);
         let CertCheck::Accepted(facts) = bare.check(Some(std::slice::from_ref(&self_signed))) else {
             panic!("refused")
         };
