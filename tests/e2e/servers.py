@@ -268,13 +268,62 @@ class Dovecot:
         return last
 
     def stop(self):
+        """Stop the master, then the service processes it leaves behind (by PID). A login
+        process can outlive the master for seconds, still holding the listening sockets, and a
+        restart on the same ports would then fail with "Address already in use"."""
         if self.proc and self.proc.poll() is None:
+            children = child_pids(self.proc.pid)
             self.proc.send_signal(signal.SIGTERM)
             try:
                 self.proc.wait(5)
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
+            end_processes(children)
+
+
+def child_pids(pid):
+    """The PIDs whose parent is `pid`."""
+    out = []
+    for p in os.listdir("/proc"):
+        if not p.isdigit():
+            continue
+        try:
+            with open(f"/proc/{p}/stat") as f:
+                stat = f.read()
+        except OSError:
+            continue
+        if int(stat[stat.rindex(")") + 2:].split()[1]) == pid:
+            out.append(int(p))
+    return out
+
+
+def end_processes(pids, timeout=5.0):
+    """SIGTERM each PID still alive, wait for them to go, SIGKILL what is left."""
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        alive = []
+        for pid in pids:
+            try:
+                os.kill(pid, sig)
+                alive.append(pid)
+            except ProcessLookupError:
+                pass
+        deadline = time.monotonic() + timeout
+        while alive and time.monotonic() < deadline:
+            alive = [p for p in alive if os.path.exists(f"/proc/{p}") and not zombie(p)]
+            time.sleep(0.05)
+        if not alive:
+            return
+        pids = alive
+
+
+def zombie(pid):
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            stat = f.read()
+        return stat[stat.rindex(")") + 2] == "Z"
+    except OSError:
+        return True
 
 
 POSTFIX_MAIN_CF = """\
