@@ -80,6 +80,13 @@ struct Args {
     /// not it issues tickets.
     #[arg(long)]
     resume: bool,
+    /// A client certificate (PEM chain) to present, for listeners that ask for one; with
+    /// `--client-key`.
+    #[arg(long, requires = "client_key")]
+    client_cert: Option<std::path::PathBuf>,
+    /// The client certificate's private key (PEM).
+    #[arg(long, requires = "client_cert")]
+    client_key: Option<std::path::PathBuf>,
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum, PartialEq, Eq)]
@@ -121,7 +128,7 @@ async fn main() {
         }
         return;
     }
-    let connector = match tls_connector(args.kx, args.resume) {
+    let connector = match tls_connector(&args) {
         Ok(c) => c,
         Err(e) => {
             eprintln!("mailbench: TLS setup: {e}");
@@ -163,18 +170,30 @@ async fn main() {
     println!("{out}");
 }
 
-fn tls_connector(kx: Kx, resume: bool) -> Result<tokio_rustls::TlsConnector, String> {
+fn tls_connector(args: &Args) -> Result<tokio_rustls::TlsConnector, String> {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    let (kx, resume) = (args.kx, args.resume);
     let mut provider = rustls::crypto::aws_lc_rs::default_provider();
     if kx == Kx::X25519 {
         provider.kx_groups = vec![rustls::crypto::aws_lc_rs::kx_group::X25519];
     }
     let provider = Arc::new(provider);
-    let mut cfg = rustls::ClientConfig::builder_with_provider(provider.clone())
+    let builder = rustls::ClientConfig::builder_with_provider(provider.clone())
         .with_safe_default_protocol_versions()
         .map_err(|e| e.to_string())?
         .dangerous()
-        .with_custom_certificate_verifier(Arc::new(NoVerify(provider)))
-        .with_no_client_auth();
+        .with_custom_certificate_verifier(Arc::new(NoVerify(provider)));
+    let mut cfg = match (&args.client_cert, &args.client_key) {
+        (Some(cert), Some(key)) => {
+            let chain = CertificateDer::pem_file_iter(cert)
+                .and_then(|i| i.collect::<Result<Vec<_>, _>>())
+                .map_err(|e| format!("{}: {e}", cert.display()))?;
+            let key = PrivateKeyDer::from_pem_file(key).map_err(|e| format!("{}: {e}", key.display()))?;
+            builder.with_client_auth_cert(chain, key).map_err(|e| e.to_string())?
+        }
+        _ => builder.with_no_client_auth(),
+    };
     if !resume {
         cfg.resumption = rustls::client::Resumption::disabled();
     }
