@@ -97,8 +97,16 @@ impl ClientAuth {
         let verdict = match &self.chain {
             Some(v) => {
                 v.verify_client_cert(leaf, intermediates, UnixTime::now()).map(|_| ()).map_err(|e| match reason(e) {
-                    // OpenSSL's word for it, with or without a CA file.
-                    Failure::Unknown(_) if self_signed => Failure::Unknown("self-signed certificate"),
+                    // OpenSSL's word for it, with or without a CA file. A self-signed certificate
+                    // is often marked CA:TRUE (`openssl req -x509` does), which webpki refuses as
+                    // an end entity before it looks for an issuer: the same case, if in date.
+                    Failure::Unknown(_) | Failure::Hard("certificate verify failed") if self_signed => {
+                        if in_validity_period(leaf) {
+                            Failure::Unknown("self-signed certificate")
+                        } else {
+                            Failure::Hard("certificate has expired or is not yet valid")
+                        }
+                    }
                     other => other,
                 })
             }
@@ -367,6 +375,15 @@ mod tests {
         };
         assert_eq!(facts.verify, "FAILED:self-signed certificate");
         assert_eq!(on.check(Some(std::slice::from_ref(&self_signed))), CertCheck::Refused("self-signed certificate"));
+        // ... also when it says CA:TRUE, as `openssl req -x509` makes them, unless out of date.
+        let self_signed_ca = |from, to| {
+            let mut p = client_params("me too", from, to);
+            p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+            p.self_signed(&KeyPair::generate().unwrap()).unwrap().der().clone()
+        };
+        let CertCheck::Accepted(facts) = no_ca.check(Some(&[self_signed_ca(-1, 30)])) else { panic!("refused") };
+        assert_eq!(facts.verify, "FAILED:self-signed certificate");
+        assert!(matches!(no_ca.check(Some(&[self_signed_ca(-30, -1)])), CertCheck::Refused(_)));
         let bare = policy(VerifyClient::OptionalNoCa, None);
         let CertCheck::Accepted(facts) = bare.check(Some(std::slice::from_ref(&self_signed))) else {
             panic!("refused")

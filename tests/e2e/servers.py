@@ -282,48 +282,52 @@ class Dovecot:
             end_processes(children)
 
 
-def child_pids(pid):
-    """The PIDs whose parent is `pid`."""
-    out = []
-    for p in os.listdir("/proc"):
-        if not p.isdigit():
-            continue
-        try:
-            with open(f"/proc/{p}/stat") as f:
-                stat = f.read()
-        except OSError:
-            continue
-        if int(stat[stat.rindex(")") + 2:].split()[1]) == pid:
-            out.append(int(p))
-    return out
-
-
-def end_processes(pids, timeout=5.0):
-    """SIGTERM each PID still alive, wait for them to go, SIGKILL what is left."""
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        alive = []
-        for pid in pids:
-            try:
-                os.kill(pid, sig)
-                alive.append(pid)
-            except ProcessLookupError:
-                pass
-        deadline = time.monotonic() + timeout
-        while alive and time.monotonic() < deadline:
-            alive = [p for p in alive if os.path.exists(f"/proc/{p}") and not zombie(p)]
-            time.sleep(0.05)
-        if not alive:
-            return
-        pids = alive
-
-
-def zombie(pid):
+def proc_stat(pid):
+    """(state, parent PID, start time) of a process from /proc, or None if it is gone."""
     try:
         with open(f"/proc/{pid}/stat") as f:
             stat = f.read()
-        return stat[stat.rindex(")") + 2] == "Z"
     except OSError:
-        return True
+        return None
+    fields = stat[stat.rindex(")") + 2:].split()
+    return fields[0], int(fields[1]), fields[19]
+
+
+def child_pids(pid):
+    """The processes whose parent is `pid`, as (PID, start time): the start time tells a
+    reused PID from the process it was."""
+    out = []
+    for p in os.listdir("/proc"):
+        if p.isdigit():
+            st = proc_stat(int(p))
+            if st and st[1] == pid:
+                out.append((int(p), st[2]))
+    return out
+
+
+def end_processes(procs, timeout=5.0):
+    """SIGTERM each of `procs` (PID, start time) still running, wait for them to go, SIGKILL
+    what is left. A PID now held by another process is left alone."""
+    def running(p):
+        st = proc_stat(p[0])
+        return st is not None and st[2] == p[1] and st[0] != "Z"
+
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        alive = []
+        for p in procs:
+            if running(p):
+                try:
+                    os.kill(p[0], sig)
+                    alive.append(p)
+                except ProcessLookupError:
+                    pass
+        deadline = time.monotonic() + timeout
+        while alive and time.monotonic() < deadline:
+            alive = [p for p in alive if running(p)]
+            time.sleep(0.05)
+        if not alive:
+            return
+        procs = alive
 
 
 POSTFIX_MAIN_CF = """\
