@@ -15,6 +15,7 @@ pub struct Metrics {
     pub connections_active: IntGaugeVec,
     pub connections_rejected: IntCounterVec,
     pub tls_handshakes: IntCounterVec,
+    pub client_certificates: IntCounterVec,
     pub tls_handshake_duration: HistogramVec,
     pub starttls_upgrades: IntCounterVec,
     pub logins: IntCounterVec,
@@ -104,6 +105,13 @@ impl Metrics {
                 "tls_handshakes_total",
                 "TLS handshakes with clients",
                 &["protocol", "listener", "result", "version"],
+            ),
+            client_certificates: counter(
+                &r,
+                "client_certificates_total",
+                "Client certificate checks on listeners with verify_client, by verdict: verified, \
+                 unverified (accepted by optional_no_ca), none (optional), missing and refused (closed)",
+                &["protocol", "listener", "verdict"],
             ),
             tls_handshake_duration: histogram(
                 &r,

@@ -745,7 +745,16 @@ async fn tls_accept(
             };
             m.tls_handshakes.with_label_values(&[protocol, listener, "success", version]).inc();
             let Some((_, policy)) = client_auth else { return Ok((s, None)) };
-            let (why, reason, detail) = match policy.check(s.get_ref().1.peer_certificates()) {
+            let check = policy.check(s.get_ref().1.peer_certificates());
+            let verdict = match &check {
+                CertCheck::Accepted(f) if f.cert.is_none() => "none",
+                CertCheck::Accepted(f) if f.verify == "SUCCESS" => "verified",
+                CertCheck::Accepted(_) => "unverified",
+                CertCheck::Missing => "missing",
+                CertCheck::Refused(_) => "refused",
+            };
+            m.client_certificates.with_label_values(&[protocol, listener, verdict]).inc();
+            let (why, reason, detail) = match check {
                 CertCheck::Accepted(facts) => return Ok((s, Some(facts))),
                 CertCheck::Missing => (Goodbye::NoCertificate, "client_cert_missing", "no certificate"),
                 CertCheck::Refused(why) => (Goodbye::CertificateError, "client_cert_refused", why),

@@ -118,7 +118,8 @@ def cert_proxy(dovecot, postfix, pki, tmp_path_factory):
     AuthHandler.backend = dovecot.imap_port
     AuthHandler.pop3 = dovecot.pop3_port
     ports = {name: free_port() for name, *_ in LISTENERS}
-    out = ['[tls]', 'self_signed_names = ["localhost"]', '']
+    admin = free_port()
+    out = ['[tls]', 'self_signed_names = ["localhost"]', '', '[admin]', f'bind = "127.0.0.1:{admin}"', '']
     for name, protocol, tls, verify, with_ca in LISTENERS:
         out += ['[[listener]]', f'name = "{name}"', f'bind = "127.0.0.1:{ports[name]}"', f'protocol = "{protocol}"',
                 f'tls = "{tls}"']
@@ -143,6 +144,7 @@ def cert_proxy(dovecot, postfix, pki, tmp_path_factory):
     pc = Portcullis(pki["dir"], "\n".join(out))
     pc.start(wait_port=ports["imaps-plain"], tls=True)
     pc.ports = ports
+    pc.admin = admin
     try:
         yield pc
     finally:
@@ -180,6 +182,25 @@ def test_required_certificate_refusals_per_protocol(cert_proxy, pki, dovecot):
     # The trusted certificate gets each protocol's greeting.
     assert tls_lines_first(p["pop3s"], ctx_with(pki, "alice")).startswith(b"+OK")
     assert tls_lines_first(p["submissions"], ctx_with(pki, "alice")).startswith(b"220 ")
+    # Counted by verdict, per listener.
+    m = client_certificate_counts(cert_proxy.admin)
+    assert m[("imaps", "missing")] >= 1 and m[("imaps", "refused")] >= 3, m
+    assert m[("pop3s", "missing")] >= 1 and m[("pop3s", "verified")] >= 1, m
+    assert m[("submissions", "refused")] >= 1 and m[("submissions", "verified")] >= 1, m
+    assert not any(listener == "imaps-plain" for listener, _ in m), m
+
+
+def client_certificate_counts(admin_port):
+    """portcullis_client_certificates_total from /metrics, as {(listener, verdict): count}."""
+    import re
+    import urllib.request
+    text = urllib.request.urlopen(f"http://127.0.0.1:{admin_port}/metrics", timeout=10).read().decode()
+    out = {}
+    for line in text.splitlines():
+        if line.startswith("portcullis_client_certificates_total{"):
+            labels = dict(re.findall(r'(\w+)="([^"]*)"', line))
+            out[(labels["listener"], labels["verdict"])] = float(line.rsplit(" ", 1)[1])
+    return out
 
 
 def tls_lines_first(port, ctx):
@@ -246,6 +267,8 @@ def test_optional_and_optional_no_ca(cert_proxy, pki):
     assert m.login(*DEMO)[0] == "OK"
     m.logout()
     assert AuthHandler.seen[-1]["auth-ssl-verify"] == "FAILED:unable to get local issuer certificate"
+    m = client_certificate_counts(cert_proxy.admin)
+    assert m[("imaps-noca", "unverified")] >= 2 and m[("imaps-optional", "none")] >= 1, m
     # ... but not an expired certificate.
     assert tls_lines(p["imaps-noca"], ctx_with(pki, "expired")) == b"* BYE SSL certificate error\r\n"
     # A listener without verify_client sends none of these headers.
