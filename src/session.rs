@@ -26,7 +26,7 @@ use crate::metrics::{ActiveConnection, metrics};
 use crate::protocol::smtp::ehlo::EhloCache;
 use crate::protocol::{CloseReason, Event, Front, FrontSettings, Goodbye, LoginFailure};
 use crate::relay::{self, Transferred};
-use crate::tls::client_cert::{CertCheck, ClientCertFacts};
+use crate::tls::client_cert::{CertCheck, ClientAuth, ClientCertFacts};
 use crate::tls::{ClientStream, MaybeTls, TlsInfo};
 
 /// Time past the login deadline in which a session still gets to say goodbye.
@@ -284,9 +284,11 @@ async fn preauth(ctx: &SessionCtx, tcp: TcpStream, deadline: Instant) -> Result<
     // and the front end, made after, knows whether it may offer SASL EXTERNAL.
     let mut first_front = None;
     let mut client_cert = None;
+    // Looked up once per connection; None on listeners without verify_client.
+    let client_auth = rt.client_auth.get(&lc.name);
     let mut stream: ClientStream = match lc.tls {
-        TlsMode::Implicit if rt.client_auth.contains_key(&lc.name) => {
-            let (tls, cert) = tls_accept(ctx, tcp, None).await?;
+        TlsMode::Implicit if client_auth.is_some() => {
+            let (tls, cert) = tls_accept(ctx, tcp, None, client_auth).await?;
             client_cert = cert;
             MaybeTls::Tls(Box::new(tls))
         }
@@ -295,7 +297,7 @@ async fn preauth(ctx: &SessionCtx, tcp: TcpStream, deadline: Instant) -> Result<
             let early = front.immediate_greeting();
             greeted = early.is_some();
             first_front = Some(front);
-            MaybeTls::Tls(Box::new(tls_accept(ctx, tcp, early).await?.0))
+            MaybeTls::Tls(Box::new(tls_accept(ctx, tcp, early, None).await?.0))
         }
         TlsMode::StartTls | TlsMode::None => MaybeTls::Plain(tcp),
     };
@@ -422,7 +424,7 @@ async fn preauth(ctx: &SessionCtx, tcp: TcpStream, deadline: Instant) -> Result<
         let MaybeTls::Plain(tcp) = stream else {
             return Err(Outcome::PreAuth("starttls_on_tls"));
         };
-        let (tls, cert) = tls_accept(ctx, tcp, None).await?;
+        let (tls, cert) = tls_accept(ctx, tcp, None, client_auth).await?;
         client_cert = cert;
         stream = MaybeTls::Tls(Box::new(tls));
         metrics().starttls_upgrades.with_label_values(&[lc.protocol.as_str(), &lc.name]).inc();
@@ -706,16 +708,16 @@ async fn fail(
 /// write as the server's first flight (half-RTT data; nothing the client sends is needed for
 /// it, and it carries nothing secret); with TLS 1.2 it follows the handshake.
 ///
-/// On a listener that asks for client certificates, the certificate is judged here: refused,
-/// the client gets nginx's line for it and the session ends; accepted, its facts are returned
-/// for the auth service.
+/// On a listener that asks for client certificates (`client_auth`: its TLS config and policy),
+/// the certificate is judged here: refused, the client gets nginx's line for it and the session
+/// ends; accepted, its facts are returned for the auth service.
 async fn tls_accept(
     ctx: &SessionCtx,
     tcp: TcpStream,
     greeting: Option<Vec<u8>>,
+    client_auth: Option<&(Arc<rustls::ServerConfig>, Arc<ClientAuth>)>,
 ) -> Result<(tokio_rustls::server::TlsStream<TcpStream>, Option<ClientCertFacts>), Outcome> {
     let lc = &ctx.listener;
-    let client_auth = ctx.runtime.client_auth.get(&lc.name);
     let cfg = match client_auth {
         Some((cfg, _)) => cfg.clone(),
         None => match ctx.runtime.server_tls.get(&lc.protocol) {
@@ -802,7 +804,7 @@ mod tests {
                     issuer: String::new(),
                     serial: String::new(),
                     fingerprint: fp.into(),
-                    pem: String::new(),
+                    der: Vec::new(),
                 }),
             }),
         };

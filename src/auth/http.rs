@@ -275,7 +275,7 @@ pub fn build_request(
                 headers.push(("Auth-SSL-Serial", c.serial.clone().into_bytes()));
                 headers.push(("Auth-SSL-Fingerprint", c.fingerprint.clone().into_bytes()));
                 if pass_cert {
-                    headers.push(("Auth-SSL-Cert", escape(c.pem.as_bytes())));
+                    headers.push(("Auth-SSL-Cert", escape(c.pem().as_bytes())));
                 }
             }
         }
@@ -381,7 +381,7 @@ mod tests {
                 issuer: String::new(),
                 serial: String::new(),
                 fingerprint: fingerprint.into(),
-                pem: String::new(),
+                der: Vec::new(),
             };
             if let Some(t) = q.tls.as_mut() {
                 t.client_cert = Some(ClientCertFacts { verify: verify.into(), cert: Some(cert) });
@@ -427,7 +427,7 @@ mod tests {
             issuer: "CN=ca".into(),
             serial: "1F42".into(),
             fingerprint: "0a1b".into(),
-            pem: "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n".into(),
+            der: vec![0x30, 0x82, 0x01], // "MIIB" in base64
         };
         if let Some(t) = q.tls.as_mut() {
             t.client_cert = Some(ClientCertFacts { verify: "SUCCESS".into(), cert: Some(details) });

@@ -55,8 +55,25 @@ pub struct CertDetails {
     pub serial: String,
     /// SHA-1 of the DER certificate in lower-case hex (nginx's `$ssl_client_fingerprint`).
     pub fingerprint: String,
+    /// The certificate itself (DER); `pem()` writes it out for `Auth-SSL-Cert`, only when sent.
+    pub der: Vec<u8>,
+}
+
+impl CertDetails {
     /// The certificate in PEM.
-    pub pem: String,
+    pub fn pem(&self) -> String {
+        use base64::Engine;
+        let b64 = base64::engine::general_purpose::STANDARD.encode(&self.der);
+        let mut pem = String::with_capacity(b64.len() + b64.len() / 64 + 64);
+        pem.push_str("-----BEGIN CERTIFICATE-----\n");
+        // Base64 is ASCII, so every 64-byte chunk is on a character boundary.
+        for line in b64.as_bytes().chunks(64) {
+            pem.push_str(&String::from_utf8_lossy(line));
+            pem.push('\n');
+        }
+        pem.push_str("-----END CERTIFICATE-----\n");
+        pem
+    }
 }
 
 impl ClientAuth {
@@ -92,7 +109,7 @@ impl ClientAuth {
                 _ => CertCheck::Accepted(ClientCertFacts { verify: "NONE".into(), cert: None }),
             };
         };
-        let Some(details) = details(leaf) else { return CertCheck::Refused("unreadable certificate") };
+        let Some((details, in_date)) = details(leaf) else { return CertCheck::Refused("unreadable certificate") };
         let self_signed = details.subject == details.issuer;
         let verdict = match &self.chain {
             Some(v) => {
@@ -101,7 +118,7 @@ impl ClientAuth {
                     // is often marked CA:TRUE (`openssl req -x509` does), which webpki refuses as
                     // an end entity before it looks for an issuer: the same case, if in date.
                     Failure::Unknown(_) | Failure::Hard("certificate verify failed") if self_signed => {
-                        if in_validity_period(leaf) {
+                        if in_date {
                             Failure::Unknown("self-signed certificate")
                         } else {
                             Failure::Hard("certificate has expired or is not yet valid")
@@ -110,7 +127,7 @@ impl ClientAuth {
                     other => other,
                 })
             }
-            None if !in_validity_period(leaf) => Err(Failure::Hard("certificate has expired or is not yet valid")),
+            None if !in_date => Err(Failure::Hard("certificate has expired or is not yet valid")),
             None if self_signed => Err(Failure::Unknown("self-signed certificate")),
             None => Err(Failure::Unknown("unable to get local issuer certificate")),
         };
@@ -153,27 +170,23 @@ fn reason(e: rustls::Error) -> Failure {
     }
 }
 
-fn in_validity_period(leaf: &CertificateDer<'_>) -> bool {
-    x509_parser::parse_x509_certificate(leaf.as_ref()).map(|(_, c)| c.validity().is_valid()).unwrap_or(false)
-}
-
-/// Subject, issuer, serial, fingerprint and PEM; None if the certificate cannot be parsed.
-fn details(leaf: &CertificateDer<'_>) -> Option<CertDetails> {
-    use base64::Engine;
+/// Subject, issuer, serial, fingerprint and the DER, and whether it is within its validity
+/// period now, from one parse; None if the certificate cannot be parsed.
+fn details(leaf: &CertificateDer<'_>) -> Option<(CertDetails, bool)> {
     let (_, cert) = x509_parser::parse_x509_certificate(leaf.as_ref()).ok()?;
     let serial = cert.raw_serial();
     let first = serial.iter().position(|&b| b != 0).unwrap_or(serial.len().saturating_sub(1));
     let serial = serial[first..].iter().map(|b| format!("{b:02X}")).collect();
     let digest = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA1_FOR_LEGACY_USE_ONLY, leaf.as_ref());
     let fingerprint = digest.as_ref().iter().map(|b| format!("{b:02x}")).collect();
-    let b64 = base64::engine::general_purpose::STANDARD.encode(leaf.as_ref());
-    let mut pem = String::from("-----BEGIN CERTIFICATE-----\n");
-    for line in b64.as_bytes().chunks(64) {
-        pem.push_str(std::str::from_utf8(line).ok()?);
-        pem.push('\n');
-    }
-    pem.push_str("-----END CERTIFICATE-----\n");
-    Some(CertDetails { subject: rfc2253(cert.subject()), issuer: rfc2253(cert.issuer()), serial, fingerprint, pem })
+    let details = CertDetails {
+        subject: rfc2253(cert.subject()),
+        issuer: rfc2253(cert.issuer()),
+        serial,
+        fingerprint,
+        der: leaf.as_ref().to_vec(),
+    };
+    Some((details, cert.validity().is_valid()))
 }
 
 /// A distinguished name as OpenSSL prints it with `XN_FLAG_RFC2253`: last RDN first, `,`
@@ -342,7 +355,8 @@ mod tests {
         assert_eq!(cert.serial, "421F");
         assert_eq!(cert.fingerprint.len(), 40);
         assert!(
-            cert.pem.starts_with("-----BEGIN CERTIFICATE-----\n") && cert.pem.ends_with("-----END CERTIFICATE-----\n")
+            cert.pem().starts_with("-----BEGIN CERTIFICATE-----\n")
+                && cert.pem().ends_with("-----END CERTIFICATE-----\n")
         );
         assert_eq!(
             on.check(Some(std::slice::from_ref(&untrusted))),
@@ -399,7 +413,7 @@ mod tests {
         let mut p = CertificateParams::new(Vec::<String>::new()).unwrap();
         p.distinguished_name.push(DnType::CommonName, "Zoë \"x\"+y;#\r\n ");
         let cert = p.self_signed(&KeyPair::generate().unwrap()).unwrap();
-        let d = details(cert.der()).unwrap();
+        let (d, _) = details(cert.der()).unwrap();
         assert_eq!(d.subject, "CN=Zo\\C3\\AB \\\"x\\\"\\+y\\;#\\0D\\0A\\ ");
         assert!(d.subject.bytes().all(|b| (0x20..0x7f).contains(&b)));
     }

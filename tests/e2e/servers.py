@@ -560,10 +560,13 @@ class IMAP4SSLFrom(imaplib.IMAP4_SSL):
 class RawClient:
     """Bytes in, bytes out: for what imaplib would not send (pipelining, injection, junk)."""
 
-    def __init__(self, port, tls=False, alpn=None, timeout=5.0, source=CLIENT_IP):
+    def __init__(self, port, tls=False, alpn=None, timeout=5.0, source=CLIENT_IP, ctx=None, session=None):
+        """With `tls`: implicit TLS, with `ctx` (an ssl.SSLContext, e.g. holding a client
+        certificate) or the default test context, resuming `session` if given."""
         self.sock = client_socket(port, timeout=timeout, source=source)
         if tls:
-            self.sock = client_tls_context(alpn).wrap_socket(self.sock, server_hostname="localhost")
+            ctx = ctx or client_tls_context(alpn)
+            self.sock = ctx.wrap_socket(self.sock, server_hostname="localhost", session=session)
         self.buf = b""
 
     def starttls(self, alpn=None):

@@ -155,10 +155,18 @@ def cert_proxy(dovecot, postfix, pki, tmp_path_factory):
 
 def tls_lines(port, ctx):
     """Everything an implicit-TLS listener sends before it closes, read as raw bytes."""
-    c = RawClient(port)
-    c.sock = ctx.wrap_socket(c.sock, server_hostname="localhost")
+    c = RawClient(port, tls=True, ctx=ctx)
     try:
         return c.read_to_close()
+    finally:
+        c.close()
+
+
+def tls_lines_first(port, ctx):
+    """The first line an implicit-TLS listener sends."""
+    c = RawClient(port, tls=True, ctx=ctx)
+    try:
+        return c.line()
     finally:
         c.close()
 
@@ -201,15 +209,6 @@ def client_certificate_counts(admin_port):
             labels = dict(re.findall(r'(\w+)="([^"]*)"', line))
             out[(labels["listener"], labels["verdict"])] = float(line.rsplit(" ", 1)[1])
     return out
-
-
-def tls_lines_first(port, ctx):
-    c = RawClient(port)
-    c.sock = ctx.wrap_socket(c.sock, server_hostname="localhost")
-    try:
-        return c.line()
-    finally:
-        c.close()
 
 
 def test_trusted_certificate_logs_in_and_auth_service_sees_it(cert_proxy, pki, dovecot):
@@ -306,8 +305,7 @@ def test_resumed_sessions_are_judged_again(cert_proxy, pki):
     p = cert_proxy.ports
 
     def greet(port, ctx, session=None):
-        c = RawClient(port)
-        c.sock = ctx.wrap_socket(c.sock, server_hostname="localhost", session=session)
+        c = RawClient(port, tls=True, ctx=ctx, session=session)
         try:
             first = c.line()
             # A reply after the greeting: by then the TLS 1.3 ticket has arrived too.
@@ -331,8 +329,7 @@ def test_resumed_sessions_are_judged_again(cert_proxy, pki):
     ):
         first, session, _ = greet(p[source], ctx)
         assert first.startswith(b"* OK")
-        c = RawClient(p["imaps"])
-        c.sock = ctx.wrap_socket(c.sock, server_hostname="localhost", session=session)
+        c = RawClient(p["imaps"], tls=True, ctx=ctx, session=session)
         try:
             assert c.read_to_close() == refusal
             assert c.sock.session_reused, source
@@ -434,8 +431,7 @@ def test_sasl_external_with_a_trusted_certificate(cert_proxy, pki, dovecot):
             m.authenticate("EXTERNAL", lambda _: DEMO[0].encode())
         m.logout()
     # POP3: AUTH EXTERNAL, then the mailbox.
-    c = RawClient(p["pop3s"])
-    c.sock = ctx_with(pki, "alice").wrap_socket(c.sock, server_hostname="localhost")
+    c = RawClient(p["pop3s"], tls=True, ctx=ctx_with(pki, "alice"))
     try:
         assert c.line().startswith(b"+OK")
         c.send(b"CAPA\r\n")
