@@ -120,11 +120,11 @@ pub fn build_runtime(config: Config, tls: &TlsShared) -> Result<Runtime, ConfigE
             continue;
         }
         if l.verify_client != VerifyClient::Off {
-            let policy =
-                ClientAuth::new(l.verify_client, l.client_ca_file.as_deref()).map_err(|message| ConfigError {
+            let policy = ClientAuth::new(l.verify_client, l.client_ca_file.as_deref(), l.client_crl_file.as_deref())
+                .map_err(|message| ConfigError {
                     file: config.path.clone(),
                     position: None,
-                    field: format!("listener {:?} client_ca_file", l.name),
+                    field: format!("listener {:?} client certificate files", l.name),
                     message,
                 })?;
             let cfg = tls.server_config(l.protocol, &config.tls, Some(&policy)).map_err(suites_error)?;

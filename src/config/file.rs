@@ -216,6 +216,8 @@ pub struct ListenerFile {
     pub verify_client: Option<Spanned<String>>,
     /// PEM file of the CAs client certificates must chain to.
     pub client_ca_file: Option<Spanned<PathBuf>>,
+    /// PEM file of certificate revocation lists for client certificates (nginx's `ssl_crl`).
+    pub client_crl_file: Option<Spanned<PathBuf>>,
 }
 
 #[derive(Debug, Deserialize)]

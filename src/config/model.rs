@@ -277,6 +277,8 @@ pub struct ListenerConfig {
     /// against (`None` only with `VerifyClient::Off`, or `OptionalNoCa` without CAs).
     pub verify_client: VerifyClient,
     pub client_ca_file: Option<PathBuf>,
+    /// Revocation lists checked for every certificate in a client's chain (nginx `ssl_crl`).
+    pub client_crl_file: Option<PathBuf>,
 }
 
 /// Whether a TLS listener asks for client certificates, named as nginx's `ssl_verify_client`.
@@ -713,6 +715,7 @@ impl Config {
         }
         // CA files, so a replaced CA applies to new sessions without a SIGHUP.
         files.extend(self.listeners.iter().filter_map(|l| l.client_ca_file.clone()));
+        files.extend(self.listeners.iter().filter_map(|l| l.client_crl_file.clone()));
         let mut backends: Vec<_> = self.backends.values().filter_map(|b| b.tls_ca_file.clone()).collect();
         backends.sort();
         files.extend(backends);
@@ -1134,7 +1137,7 @@ impl Validator<'_> {
                     out
                 }
             };
-            let (verify_client, client_ca_file) = self.verify_client(l, tls, &field)?;
+            let (verify_client, client_ca_file, client_crl_file) = self.verify_client(l, tls, &field)?;
             out.push(Arc::new(ListenerConfig {
                 name,
                 bind,
@@ -1144,19 +1147,21 @@ impl Validator<'_> {
                 trusted_proxies,
                 verify_client,
                 client_ca_file,
+                client_crl_file,
             }));
         }
         Ok(out)
     }
 
-    /// A listener's `verify_client` and `client_ca_file`. The CA file is read here too, so a
-    /// missing or unreadable one is reported at its line (it is read again for each runtime).
+    /// A listener's `verify_client`, `client_ca_file` and `client_crl_file`. The files are read
+    /// here too, so a missing or unreadable one is reported at its line (they are read again for
+    /// each runtime).
     fn verify_client(
         &self,
         l: &file::ListenerFile,
         tls: TlsMode,
         field: &dyn Fn(&str) -> String,
-    ) -> Result<(VerifyClient, Option<PathBuf>), ConfigError> {
+    ) -> Result<(VerifyClient, Option<PathBuf>, Option<PathBuf>), ConfigError> {
         let mode = match &l.verify_client {
             None => VerifyClient::Off,
             Some(v) => match v.get_ref().as_str() {
@@ -1206,7 +1211,21 @@ impl Validator<'_> {
                 Some(path)
             }
         };
-        Ok((mode, ca))
+        let crl = match (&l.client_crl_file, &ca) {
+            (None, _) => None,
+            (Some(p), None) => {
+                let why =
+                    if mode == VerifyClient::Off { "only used with verify_client" } else { "needs client_ca_file" };
+                return Err(self.err(Some(p.span()), field("client_crl_file"), why));
+            }
+            (Some(p), Some(ca)) => {
+                let path = self.resolve(p.get_ref());
+                crate::tls::client_cert::ClientAuth::new(mode, Some(ca), Some(&path))
+                    .map_err(|message| self.err(Some(p.span()), field("client_crl_file"), message))?;
+                Some(path)
+            }
+        };
+        Ok((mode, ca, crl))
     }
 
     fn acme(&self, a: &file::AcmeFile) -> Result<AcmeSettings, ConfigError> {
@@ -1865,6 +1884,30 @@ default = "b"
         let e = parse(&l("tls = \"starttls\"\nallow_plaintext_auth = true\nverify_client = \"optional_no_ca\""))
             .unwrap_err();
         assert_eq!((e.field.as_str(), e.position.map(|p| p.0)), ("listener[0].allow_plaintext_auth", Some(18)));
+        // Revocation lists need verify_client and a CA file; the file is read now.
+        let e = parse(&l("tls = \"implicit\"\nclient_crl_file = \"crl.pem\"")).unwrap_err();
+        assert_eq!(
+            (e.field.as_str(), e.message.as_str()),
+            ("listener[0].client_crl_file", "only used with verify_client")
+        );
+        let e = parse(&l("tls = \"implicit\"\nverify_client = \"optional_no_ca\"\nclient_crl_file = \"crl.pem\""))
+            .unwrap_err();
+        assert_eq!((e.field.as_str(), e.message.as_str()), ("listener[0].client_crl_file", "needs client_ca_file"));
+        let dir = std::env::temp_dir().join(format!("portcullis-model-crl-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let ca = rcgen::CertificateParams::new(Vec::<String>::new())
+            .unwrap()
+            .self_signed(&rcgen::KeyPair::generate().unwrap())
+            .unwrap();
+        std::fs::write(dir.join("ca.pem"), ca.pem()).unwrap();
+        let e = parse(&l(&format!(
+            "tls = \"implicit\"\nverify_client = \"on\"\nclient_ca_file = \"{}\"\nclient_crl_file = \"{}\"",
+            dir.join("ca.pem").display(),
+            dir.join("missing.pem").display()
+        )))
+        .unwrap_err();
+        assert_eq!((e.field.as_str(), e.position.map(|p| p.0)), ("listener[0].client_crl_file", Some(19)));
+        assert!(e.message.contains("missing.pem"), "{e}");
     }
 
     #[test]

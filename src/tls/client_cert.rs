@@ -11,7 +11,7 @@ use std::sync::Arc;
 
 use rustls::client::danger::HandshakeSignatureValid;
 use rustls::crypto::WebPkiSupportedAlgorithms;
-use rustls::pki_types::{CertificateDer, UnixTime};
+use rustls::pki_types::{CertificateDer, CertificateRevocationListDer, UnixTime};
 use rustls::server::WebPkiClientVerifier;
 use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
 use rustls::{CertificateError, DigitallySignedStruct, DistinguishedName, SignatureScheme};
@@ -77,18 +77,31 @@ impl CertDetails {
 }
 
 impl ClientAuth {
-    /// The policy for `mode` with the CAs in `ca_file` (required for `on` and `optional`).
-    pub fn new(mode: VerifyClient, ca_file: Option<&Path>) -> Result<ClientAuth, String> {
+    /// The policy for `mode` with the CAs in `ca_file` (required for `on` and `optional`) and
+    /// the revocation lists in `crl_file` (only with a CA file).
+    ///
+    /// With CRLs, every certificate in the chain is checked, as nginx's `ssl_crl` does (OpenSSL's
+    /// `CRL_CHECK_ALL`): each issuer needs a CRL in the file, and an expired CRL refuses, so a CRL
+    /// that is not refreshed fails closed.
+    pub fn new(mode: VerifyClient, ca_file: Option<&Path>, crl_file: Option<&Path>) -> Result<ClientAuth, String> {
         let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
         let (chain, hints) = match ca_file {
             Some(path) => {
                 let roots = Arc::new(super::load_roots(path)?);
                 let hints = roots.subjects();
-                let verifier = WebPkiClientVerifier::builder_with_provider(roots, provider.clone())
-                    .build()
-                    .map_err(|e| format!("{}: {e}", path.display()))?;
+                let mut builder = WebPkiClientVerifier::builder_with_provider(roots, provider.clone());
+                if let Some(crl_path) = crl_file {
+                    builder = builder.with_crls(load_crls(crl_path)?).enforce_revocation_expiration();
+                }
+                let verifier = builder.build().map_err(|e| match e {
+                    rustls::server::VerifierBuilderError::InvalidCrl(e) => {
+                        format!("{}: not a usable CRL ({e:?})", crl_file.unwrap_or(path).display())
+                    }
+                    e => format!("{}: {e}", path.display()),
+                })?;
                 (Some(verifier), hints)
             }
+            None if crl_file.is_some() => return Err("revocation lists need a CA file".into()),
             None if mode == VerifyClient::OptionalNoCa => (None, Vec::new()),
             None => return Err("client certificates need a CA file".into()),
         };
@@ -141,6 +154,18 @@ impl ClientAuth {
     }
 }
 
+/// The CRLs in a PEM file (`-----BEGIN X509 CRL-----`), at least one.
+fn load_crls(path: &Path) -> Result<Vec<CertificateRevocationListDer<'static>>, String> {
+    use rustls::pki_types::pem::PemObject;
+    let crls = CertificateRevocationListDer::pem_file_iter(path)
+        .and_then(|it| it.collect::<Result<Vec<_>, _>>())
+        .map_err(|e| format!("{}: {e}", path.display()))?;
+    if crls.is_empty() {
+        return Err(format!("{}: no CRLs in the file (PEM, -----BEGIN X509 CRL-----)", path.display()));
+    }
+    Ok(crls)
+}
+
 /// Why a chain did not verify: an issuer nobody vouches for (which `optional_no_ca` accepts), or
 /// anything else.
 enum Failure {
@@ -166,6 +191,14 @@ fn reason(e: rustls::Error) -> Failure {
         rustls::Error::InvalidCertificate(CertificateError::BadSignature) => {
             Failure::Hard("certificate signature failure")
         }
+        rustls::Error::InvalidCertificate(CertificateError::Revoked) => Failure::Hard("certificate revoked"),
+        rustls::Error::InvalidCertificate(CertificateError::UnknownRevocationStatus) => {
+            Failure::Hard("unable to get certificate CRL")
+        }
+        rustls::Error::InvalidCertificate(
+            CertificateError::ExpiredRevocationList | CertificateError::ExpiredRevocationListContext { .. },
+        ) => Failure::Hard("CRL has expired"),
+        rustls::Error::InvalidCertRevocationList(_) => Failure::Hard("CRL signature failure"),
         _ => Failure::Hard("certificate verify failed"),
     }
 }
@@ -332,7 +365,7 @@ mod tests {
             std::fs::write(&path, c.pem()).unwrap();
             path.as_path()
         });
-        ClientAuth::new(mode, file).unwrap()
+        ClientAuth::new(mode, file, None).unwrap()
     }
 
     /// Reliability case 21: none / wrong / untrusted certificates, per mode.
@@ -408,6 +441,91 @@ mod tests {
         assert_eq!(on.verifier().root_hint_subjects().len(), 1);
     }
 
+    /// A CRL from `by` revoking `serials`, its next update `next` days from now.
+    fn crl(by: &CertifiedIssuer<'static, KeyPair>, serials: &[&[u8]], next: i64) -> String {
+        let now = time::OffsetDateTime::now_utc();
+        rcgen::CertificateRevocationListParams {
+            this_update: now - time::Duration::days(2),
+            next_update: now + time::Duration::days(next),
+            crl_number: rcgen::SerialNumber::from(1u64),
+            issuing_distribution_point: None,
+            revoked_certs: serials
+                .iter()
+                .map(|s| rcgen::RevokedCertParams {
+                    serial_number: rcgen::SerialNumber::from_slice(s),
+                    revocation_time: now - time::Duration::days(1),
+                    reason_code: Some(rcgen::RevocationReason::KeyCompromise),
+                    invalidity_date: None,
+                })
+                .collect(),
+            key_identifier_method: rcgen::KeyIdMethod::Sha256,
+        }
+        .signed_by(by)
+        .unwrap()
+        .pem()
+        .unwrap()
+    }
+
+    /// nginx's `ssl_crl`: a revoked certificate is refused in every mode; each issuer needs a
+    /// CRL, and an expired or forged one refuses too (fails closed).
+    #[test]
+    fn revocation_lists() {
+        let good_ca = ca("Example Client CA");
+        let other_ca = ca("Somebody Else");
+        let alice = issued("alice", &good_ca, -1, 30);
+        let bob = {
+            let mut p = client_params("bob", -1, 30);
+            p.serial_number = Some(rcgen::SerialNumber::from_slice(&[0x0b, 0x0b]));
+            p.signed_by(&KeyPair::generate().unwrap(), &good_ca).unwrap().der().clone()
+        };
+        let dir = std::env::temp_dir().join(format!("portcullis-crl-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let ca_path = dir.join("ca.pem");
+        std::fs::write(&ca_path, good_ca.pem()).unwrap();
+        let with = |mode, crl_pem: &str| {
+            let path = dir.join("crl.pem");
+            std::fs::write(&path, crl_pem).unwrap();
+            ClientAuth::new(mode, Some(&ca_path), Some(&path))
+        };
+        let revoking_bob = crl(&good_ca, &[&[0x0b, 0x0b]], 7);
+        for mode in [VerifyClient::On, VerifyClient::Optional, VerifyClient::OptionalNoCa] {
+            let p = with(mode, &revoking_bob).unwrap();
+            assert!(matches!(p.check(Some(std::slice::from_ref(&alice))), CertCheck::Accepted(_)), "{mode:?}");
+            assert_eq!(
+                p.check(Some(std::slice::from_ref(&bob))),
+                CertCheck::Refused("certificate revoked"),
+                "{mode:?}"
+            );
+        }
+        // Several CRLs in one file: the issuer's own is used.
+        let both = format!("{}{revoking_bob}", crl(&other_ca, &[], 7));
+        assert_eq!(
+            with(VerifyClient::On, &both).unwrap().check(Some(std::slice::from_ref(&bob))),
+            CertCheck::Refused("certificate revoked")
+        );
+        // No CRL from this issuer: status unknown, refused (OpenSSL's CRL_CHECK_ALL).
+        let p = with(VerifyClient::On, &crl(&other_ca, &[], 7)).unwrap();
+        assert_eq!(p.check(Some(std::slice::from_ref(&alice))), CertCheck::Refused("unable to get certificate CRL"));
+        // Expired: refused, so a CRL nobody refreshes fails closed.
+        let p = with(VerifyClient::On, &crl(&good_ca, &[], -1)).unwrap();
+        assert_eq!(p.check(Some(std::slice::from_ref(&alice))), CertCheck::Refused("CRL has expired"));
+        // Signed by another key under the same name: refused.
+        let impostor = {
+            let mut p = CertificateParams::new(Vec::<String>::new()).unwrap();
+            p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+            p.distinguished_name.push(DnType::CommonName, "Example Client CA");
+            CertifiedIssuer::self_signed(p, KeyPair::generate().unwrap()).unwrap()
+        };
+        let p = with(VerifyClient::On, &crl(&impostor, &[], 7)).unwrap();
+        assert_eq!(p.check(Some(std::slice::from_ref(&alice))), CertCheck::Refused("CRL signature failure"));
+        // A file without a CRL, or with a broken one, is a config error naming it.
+        let e = with(VerifyClient::On, &good_ca.pem()).unwrap_err();
+        assert!(e.contains("crl.pem") && e.contains("no CRLs"), "{e}");
+        let e = with(VerifyClient::On, "-----BEGIN X509 CRL-----\nMAMCAQE=\n-----END X509 CRL-----\n").unwrap_err();
+        assert!(e.contains("crl.pem") && e.contains("not a usable CRL"), "{e}");
+        assert!(ClientAuth::new(VerifyClient::OptionalNoCa, None, Some(&dir.join("crl.pem"))).is_err());
+    }
+
     #[test]
     fn names_are_escaped_for_headers() {
         let mut p = CertificateParams::new(Vec::<String>::new()).unwrap();
@@ -427,6 +545,6 @@ mod tests {
         let empty = dir.join("empty.pem");
         std::fs::write(&empty, "not a certificate\n").unwrap();
         assert!(super::super::load_roots(&empty).unwrap_err().contains("no CA certificates"));
-        assert!(ClientAuth::new(VerifyClient::On, None).is_err());
+        assert!(ClientAuth::new(VerifyClient::On, None, None).is_err());
     }
 }

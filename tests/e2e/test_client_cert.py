@@ -457,3 +457,87 @@ def test_sasl_external_with_a_trusted_certificate(cert_proxy, pki, dovecot):
     assert s.rcpt("someone@elsewhere.test")[0] == 250
     s.rset()
     s.quit()
+
+
+def make_crl(pki, d, revoke):
+    """A CRL from the trusted CA revoking the certificates in `revoke` (PEM paths), made the way
+    a CA operator makes one: `openssl ca -revoke`, then `openssl ca -gencrl`."""
+    d.mkdir(exist_ok=True)
+    (d / "ca.cnf").write_text("[ca]\ndefault_ca = ca_default\n[ca_default]\ndatabase = index.txt\n"
+                              "crlnumber = crlnumber\ndefault_md = sha256\ndefault_crl_days = 7\n")
+    (d / "index.txt").write_text("")
+    (d / "crlnumber").write_text("01\n")
+    ca = ["-config", "ca.cnf", "-cert", os.path.join(pki["dir"], "ca.pem"), "-keyfile", os.path.join(pki["dir"], "ca.key")]
+    for pem in revoke:
+        openssl("ca", *ca, "-revoke", pem, cwd=d)
+    openssl("ca", *ca, "-gencrl", "-out", "crl.pem", cwd=d)
+    return d / "crl.pem"
+
+
+def test_revoked_certificates_are_refused(dovecot, pki, tmp_path):
+    """nginx's ssl_crl: a certificate the CA revoked gets nginx's error line, before any greeting
+    and before Dovecot hears of it; a replaced CRL applies to the next handshake, while a session
+    already logged in goes on; `portcullis check` names a CRL file that holds no CRL."""
+    import shutil
+    import time
+    d = pki["dir"]
+    openssl("req", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes", "-keyout", str(tmp_path / "bob.key"),
+            "-out", str(tmp_path / "bob.csr"), "-subj", "/O=Example/CN=bob", cwd=d)
+    openssl("x509", "-req", "-in", str(tmp_path / "bob.csr"), "-CA", "ca.pem", "-CAkey", "ca.key", "-set_serial", "0x0B0B",
+            "-days", "30", "-extfile", "client.ext", "-out", str(tmp_path / "bob.pem"), cwd=d)
+    bob = client_tls_context()
+    bob.load_cert_chain(str(tmp_path / "bob.pem"), str(tmp_path / "bob.key"))
+    crl = tmp_path / "crl.pem"
+    shutil.copy(make_crl(pki, tmp_path / "ca1", [str(tmp_path / "bob.pem")]), crl)
+    port = free_port()
+    cfg = f"""[tls]
+self_signed_names = ["localhost"]
+
+[[listener]]
+name = "imaps"
+bind = "127.0.0.1:{port}"
+protocol = "imap"
+tls = "implicit"
+verify_client = "on"
+client_ca_file = "{d}/ca.pem"
+client_crl_file = "{crl}"
+
+[auth]
+source = "backend"
+
+[[backend]]
+name = "dovecot"
+address = "127.0.0.1:{dovecot.imap_port}"
+health = {{ enabled = false }}
+
+[routing.imap]
+default = "dovecot"
+"""
+    pc = Portcullis(str(tmp_path), cfg).start()
+    try:
+        assert wait_for_greeting(port, ctx_with(pki, "alice"))
+        before = len(dovecot.logins())
+        assert tls_lines(port, bob) == b"* BYE SSL certificate error\r\n"
+        assert "certificate revoked" in pc.log()
+        assert len(dovecot.logins()) == before
+        held = imaplib.IMAP4_SSL("127.0.0.1", port, ssl_context=ctx_with(pki, "alice"), timeout=10)
+        assert held.login(*DEMO)[0] == "OK"
+        # The CA revokes alice too; the new CRL is swapped in under the proxy.
+        tmp = tmp_path / "crl.pem.new"
+        shutil.copy(make_crl(pki, tmp_path / "ca2", [str(tmp_path / "bob.pem"), os.path.join(d, "alice.pem")]), tmp)
+        os.replace(tmp, crl)
+        deadline = time.monotonic() + 10
+        while tls_lines_first(port, ctx_with(pki, "alice")).startswith(b"* OK") and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert tls_lines(port, ctx_with(pki, "alice")) == b"* BYE SSL certificate error\r\n"
+        assert held.noop()[0] == "OK"
+        held.logout()
+    finally:
+        pc.stop()
+    from servers import portcullis_binary
+    bad = tmp_path / "bad.toml"
+    bad.write_text(cfg.replace(f'client_crl_file = "{crl}"', f'client_crl_file = "{d}/ca.pem"'))
+    r = subprocess.run([portcullis_binary(), "check", "--config", str(bad)], capture_output=True, text=True)
+    assert r.returncode != 0
+    assert f"{bad}:11:" in r.stderr + r.stdout and "listener[0].client_crl_file" in r.stderr + r.stdout, r.stderr
+    assert "no CRLs" in r.stderr + r.stdout
