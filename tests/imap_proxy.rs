@@ -161,6 +161,34 @@ async fn utf8_password_goes_to_backend_as_literal() {
 }
 
 #[tokio::test]
+async fn id_goes_out_with_the_login_and_its_reply_stays_with_the_proxy() {
+    // One write for ID and LOGIN: the backend reads ID with LOGIN already waiting. Its `* ID`
+    // reply is the proxy's, never the client's.
+    let (proxy, backend) = setup(Behaviour::Normal).await;
+    let mut c = greeted(&proxy).await;
+    c.send(b"a1 LOGIN alice@example.test secret\r\n").await;
+    let lines = c.until_tagged("a1").await;
+    assert_eq!(lines, vec!["* CAPABILITY IMAP4rev1 IDLE\r\n", "a1 OK [CAPABILITY IMAP4rev1 IDLE MOVE] Logged in\r\n"]);
+    let got = backend.lines(0);
+    assert!(got[0].starts_with("P2 ID (") && got[1].starts_with("P3 LOGIN "), "{got:?}");
+    assert_eq!(backend.pipelined.load(std::sync::atomic::Ordering::SeqCst), 1);
+
+    // Without LITERAL+, a literal password waits for the backend's "+", which comes after ID's
+    // reply: that reply is skipped, not taken for a refusal.
+    let backend = FakeBackend::start(Behaviour::SyncLiterals).await;
+    let users = "u@example.test:{PLAIN}p\u{e4}ss\n";
+    let proxy = Proxy::start(&plain_config(backend.addr, ""), users).await;
+    let mut c = greeted(&proxy).await;
+    c.send("t1 LOGIN u@example.test \"p\u{e4}ss\"\r\n".as_bytes()).await;
+    let lines = c.until_tagged("t1").await;
+    assert_eq!(lines.last().unwrap(), "t1 OK [CAPABILITY IMAP4rev1 IDLE MOVE] Logged in\r\n", "{lines:?}");
+    assert!(!lines.iter().any(|l| l.starts_with("* ID")), "{lines:?}");
+    let got = backend.lines(0);
+    assert!(got[0].starts_with("P2 ID ("), "{got:?}");
+    assert_eq!(got[1], "P3 LOGIN \"u@example.test\" {5}\r\np\u{e4}ss\r\n");
+}
+
+#[tokio::test]
 async fn wrong_password_is_refused_without_touching_a_backend() {
     let (proxy, backend) = setup(Behaviour::Normal).await;
     let mut c = greeted(&proxy).await;

@@ -124,6 +124,8 @@ pub enum Behaviour {
     SmtpStartTlsNotTls,
     /// IMAP: sends an untagged line right after its login reply, in the same write (case 70).
     UnsolicitedAfterLogin,
+    /// IMAP: no LITERAL+ and no SASL-IR, so a literal waits for the backend's "+".
+    SyncLiterals,
 }
 
 impl Behaviour {
@@ -149,6 +151,8 @@ pub struct FakeBackend {
     pub accepted: Arc<AtomicUsize>,
     /// Every line received, per connection.
     pub received: Arc<Mutex<Vec<Vec<String>>>>,
+    /// Commands read while the next one had already arrived (the sender pipelined them).
+    pub pipelined: Arc<AtomicUsize>,
 }
 
 impl FakeBackend {
@@ -157,7 +161,8 @@ impl FakeBackend {
         let addr = listener.local_addr().unwrap();
         let accepted = Arc::new(AtomicUsize::new(0));
         let received = Arc::new(Mutex::new(Vec::new()));
-        let (acc, rec) = (accepted.clone(), received.clone());
+        let pipelined = Arc::new(AtomicUsize::new(0));
+        let (acc, rec, ahead) = (accepted.clone(), received.clone(), pipelined.clone());
         tokio::spawn(async move {
             loop {
                 let Ok((s, _)) = listener.accept().await else { return };
@@ -168,18 +173,19 @@ impl FakeBackend {
                     r.len() - 1
                 };
                 let rec = rec.clone();
+                let ahead = ahead.clone();
                 tokio::spawn(async move {
                     if behaviour.is_pop3() {
-                        serve_pop3(s, behaviour, rec, idx).await
+                        serve_pop3(s, behaviour, rec, idx, ahead).await
                     } else if behaviour.is_smtp() {
                         serve_smtp(s, behaviour, rec, idx).await
                     } else {
-                        serve(s, behaviour, rec, idx).await
+                        serve(s, behaviour, rec, idx, ahead).await
                     }
                 });
             }
         });
-        FakeBackend { addr, accepted, received }
+        FakeBackend { addr, accepted, received, pipelined }
     }
 
     pub fn lines(&self, conn: usize) -> Vec<String> {
@@ -191,11 +197,18 @@ impl FakeBackend {
     }
 }
 
-async fn serve(s: TcpStream, behaviour: Behaviour, rec: Arc<Mutex<Vec<Vec<String>>>>, idx: usize) {
+async fn serve(
+    s: TcpStream,
+    behaviour: Behaviour,
+    rec: Arc<Mutex<Vec<Vec<String>>>>,
+    idx: usize,
+    pipelined: Arc<AtomicUsize>,
+) {
     let (r, mut w) = s.into_split();
     let mut r = BufReader::new(r);
     let greeting: &[u8] = match behaviour {
         Behaviour::Preauth => b"* PREAUTH [CAPABILITY IMAP4rev1] ready\r\n",
+        Behaviour::SyncLiterals => b"* OK [CAPABILITY IMAP4rev1 ID AUTH=PLAIN] fake ready\r\n",
         _ => b"* OK [CAPABILITY IMAP4rev1 SASL-IR LITERAL+ ID AUTH=PLAIN] fake ready\r\n",
     };
     if w.write_all(greeting).await.is_err() {
@@ -219,6 +232,23 @@ async fn serve(s: TcpStream, behaviour: Behaviour, rec: Arc<Mutex<Vec<Vec<String
                 return;
             }
         }
+        // A synchronising literal: the sender waits for "+" before the value.
+        while let Some(n) = sync_literal_len(&line).filter(|_| behaviour == Behaviour::SyncLiterals) {
+            if w.write_all(b"+ go ahead\r\n").await.is_err() {
+                return;
+            }
+            let mut lit = vec![0u8; n];
+            if r.read_exact(&mut lit).await.is_err() {
+                return;
+            }
+            line.extend_from_slice(&lit);
+            if r.read_until(b'\n', &mut line).await.is_err() {
+                return;
+            }
+        }
+        if !r.buffer().is_empty() {
+            pipelined.fetch_add(1, Ordering::SeqCst);
+        }
         let text = String::from_utf8_lossy(&line).into_owned();
         rec.lock().unwrap()[idx].push(text.clone());
         if behaviour == Behaviour::HangAfterGreeting {
@@ -241,6 +271,8 @@ async fn serve(s: TcpStream, behaviour: Behaviour, rec: Arc<Mutex<Vec<Vec<String
         } else if logged_in && behaviour == Behaviour::DieAfterLogin {
             let _ = w.write_all(b"* BYE going away\r\n").await;
             return;
+        } else if upper.contains(" ID (") {
+            format!("* ID (\"name\" \"fake\")\r\n{tag} OK ID completed.\r\n")
         } else if upper.contains(" LOGOUT") {
             let _ = w.write_all(format!("* BYE bye\r\n{tag} OK Logout completed.\r\n").as_bytes()).await;
             return;
@@ -270,7 +302,13 @@ async fn record_line<R: AsyncBufReadExt + Unpin>(
     }
 }
 
-async fn serve_pop3(s: TcpStream, behaviour: Behaviour, rec: Arc<Mutex<Vec<Vec<String>>>>, idx: usize) {
+async fn serve_pop3(
+    s: TcpStream,
+    behaviour: Behaviour,
+    rec: Arc<Mutex<Vec<Vec<String>>>>,
+    idx: usize,
+    pipelined: Arc<AtomicUsize>,
+) {
     let (r, mut w) = s.into_split();
     let mut r = BufReader::new(r);
     let greeting: &[u8] =
@@ -279,6 +317,9 @@ async fn serve_pop3(s: TcpStream, behaviour: Behaviour, rec: Arc<Mutex<Vec<Vec<S
         return;
     }
     while let Some(line) = record_line(&mut r, &rec, idx).await {
+        if !r.buffer().is_empty() {
+            pipelined.fetch_add(1, Ordering::SeqCst);
+        }
         let verb = line.split([' ', '\r']).next().unwrap_or("").to_ascii_uppercase();
         let reply: &[u8] = match verb.as_str() {
             "XCLIENT" => b"+OK Updated\r\n",
@@ -362,6 +403,13 @@ async fn serve_smtp(s: TcpStream, behaviour: Behaviour, rec: Arc<Mutex<Vec<Vec<S
             return;
         }
     }
+}
+
+fn sync_literal_len(line: &[u8]) -> Option<usize> {
+    let s = std::str::from_utf8(line).ok()?;
+    let s = s.trim_end_matches(['\r', '\n']);
+    let open = s.rfind('{')?;
+    s[open + 1..].strip_suffix('}')?.parse().ok()
 }
 
 fn literal_plus_len(line: &[u8]) -> Option<usize> {

@@ -9,7 +9,7 @@ use std::sync::Arc;
 
 use base64::Engine;
 use rustls::ClientConfig;
-use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
 
 use crate::auth::Credentials;
 use crate::backend::{self, BackendError, ClientInfo, Lines, LoggedIn, starts_with_ci};
@@ -46,7 +46,13 @@ pub async fn connect_and_login(
         stream = backend::starttls(backend, tls.as_ref(), stream, &lines).await?;
     }
 
-    if backend.client_address == ClientAddress::Xclient {
+    // The commands from here on, in order. A backend that announces XCLIENT in its greeting is
+    // Dovecot, which takes pipelined commands (it announces PIPELINING, RFC 2449): XCLIENT and
+    // the login then go in one write and are answered in order, two round trips less per login.
+    // Other backends get one command at a time, as nginx sends them.
+    let mut commands = Commands(Vec::with_capacity(3));
+    let pipelining = backend.client_address == ClientAddress::Xclient;
+    if pipelining {
         if !xclient {
             return Err(BackendError::Protocol(
                 "backend does not offer XCLIENT (is the proxy in login_trusted_networks?)",
@@ -58,13 +64,9 @@ pub async fn connect_and_login(
             client.peer.port(),
             client.session_id
         );
-        stream.write_all(cmd.as_bytes()).await?;
-        if !lines.line(&mut stream).await?.starts_with(b"+OK") {
-            return Err(BackendError::Protocol("backend rejected XCLIENT"));
-        }
+        commands.0.push(cmd.into_bytes());
     }
-
-    let reply = match &backend.login {
+    match &backend.login {
         BackendLogin::Replay | BackendLogin::Xclient => {
             let password = creds.password.expose();
             if !line_safe(creds.user.as_bytes()) || !line_safe(password) {
@@ -72,8 +74,8 @@ pub async fn connect_and_login(
                 // inject a command. Such credentials cannot be replayed.
                 return Err(BackendError::Rejected);
             }
-            command(&mut stream, &mut lines, &[b"USER ", creds.user.as_bytes()]).await?;
-            command(&mut stream, &mut lines, &[b"PASS ", password]).await?
+            commands.push(&[b"USER ", creds.user.as_bytes()]);
+            commands.push(&[b"PASS ", password]);
         }
         BackendLogin::Master { user: master, password } => {
             let mut msg = Vec::with_capacity(user.len() + master.len() + password.len() + 2);
@@ -83,31 +85,60 @@ pub async fn connect_and_login(
             msg.push(0);
             msg.extend_from_slice(password.as_bytes());
             let b64 = base64::engine::general_purpose::STANDARD.encode(&msg);
-            command(&mut stream, &mut lines, &[b"AUTH PLAIN ", b64.as_bytes()]).await?
+            crate::auth::wipe(&mut msg);
+            commands.push(&[b"AUTH PLAIN ", b64.as_bytes()]);
+            crate::auth::wipe(&mut b64.into_bytes());
         }
-    };
+    }
+    if pipelining {
+        stream.write_all(&commands.0.concat()).await?;
+        stream.flush().await?;
+    }
+    let mut reply = Vec::new();
+    for i in 0..commands.0.len() {
+        if !pipelining {
+            stream.write_all(&commands.0[i]).await?;
+            stream.flush().await?;
+        }
+        reply = lines.line(&mut stream).await?;
+        if i == 0 && pipelining {
+            // XCLIENT's reply.
+            if !reply.starts_with(b"+OK") {
+                return Err(BackendError::Protocol("backend rejected XCLIENT"));
+            }
+            continue;
+        }
+        verdict(&reply)?;
+    }
     Ok(LoggedIn { stream, untagged: Vec::new(), reply, leftover: lines.into_leftover(), extensions: None })
 }
 
-/// Send one command and return its `+OK` line; `-ERR` is the backend's verdict.
-async fn command<S: AsyncRead + AsyncWrite + Unpin>(
-    s: &mut S,
-    lines: &mut Lines,
-    parts: &[&[u8]],
-) -> Result<Vec<u8>, BackendError> {
-    let mut cmd = Vec::new();
-    for p in parts {
-        cmd.extend_from_slice(p);
+/// Command lines that may hold a password, zeroed when dropped, whichever way the login ends.
+struct Commands(Vec<Vec<u8>>);
+
+impl Commands {
+    fn push(&mut self, parts: &[&[u8]]) {
+        let mut cmd = Vec::with_capacity(parts.iter().map(|p| p.len()).sum::<usize>() + 2);
+        for p in parts {
+            cmd.extend_from_slice(p);
+        }
+        cmd.extend_from_slice(b"\r\n");
+        self.0.push(cmd);
     }
-    cmd.extend_from_slice(b"\r\n");
-    s.write_all(&cmd).await?;
-    s.flush().await?;
-    crate::auth::wipe(&mut cmd);
-    let reply = lines.line(s).await?;
+}
+
+impl Drop for Commands {
+    fn drop(&mut self) {
+        self.0.iter_mut().for_each(crate::auth::wipe);
+    }
+}
+
+/// A login command's reply: `+OK` goes on, `-ERR` is the backend's verdict.
+fn verdict(reply: &[u8]) -> Result<(), BackendError> {
     if reply.starts_with(b"+OK") {
-        return Ok(reply);
+        return Ok(());
     }
-    if starts_with_ci(&reply, b"-ERR [SYS/TEMP]") || starts_with_ci(&reply, b"-ERR [IN-USE]") {
+    if starts_with_ci(reply, b"-ERR [SYS/TEMP]") || starts_with_ci(reply, b"-ERR [IN-USE]") {
         return Err(BackendError::Refused);
     }
     if reply.starts_with(b"-ERR") {
