@@ -161,9 +161,10 @@ async fn utf8_password_goes_to_backend_as_literal() {
 }
 
 #[tokio::test]
-async fn id_goes_out_with_the_login_and_its_reply_stays_with_the_proxy() {
-    // One write for ID and LOGIN: the backend reads ID with LOGIN already waiting. Its `* ID`
-    // reply is the proxy's, never the client's.
+async fn id_reply_stays_with_the_proxy_and_a_literal_waits_for_the_backend() {
+    // ID's `* ID` reply is the proxy's, never the client's. ID and LOGIN go one at a time: the
+    // LOGIN carries the ACK of ID's reply, so a backend's LOGIN reply is never held back by
+    // Nagle's algorithm waiting for a delayed ACK (docs/performance.md).
     let (proxy, backend) = setup(Behaviour::Normal).await;
     let mut c = greeted(&proxy).await;
     c.send(b"a1 LOGIN alice@example.test secret\r\n").await;
@@ -171,10 +172,9 @@ async fn id_goes_out_with_the_login_and_its_reply_stays_with_the_proxy() {
     assert_eq!(lines, vec!["* CAPABILITY IMAP4rev1 IDLE\r\n", "a1 OK [CAPABILITY IMAP4rev1 IDLE MOVE] Logged in\r\n"]);
     let got = backend.lines(0);
     assert!(got[0].starts_with("P2 ID (") && got[1].starts_with("P3 LOGIN "), "{got:?}");
-    assert_eq!(backend.pipelined.load(std::sync::atomic::Ordering::SeqCst), 1);
+    assert_eq!(backend.pipelined.load(std::sync::atomic::Ordering::SeqCst), 0);
 
-    // Without LITERAL+, a literal password waits for the backend's "+", which comes after ID's
-    // reply: that reply is skipped, not taken for a refusal.
+    // Without LITERAL+, a literal password waits for the backend's "+" (reliability case 30).
     let backend = FakeBackend::start(Behaviour::SyncLiterals).await;
     let users = "u@example.test:{PLAIN}p\u{e4}ss\n";
     let proxy = Proxy::start(&plain_config(backend.addr, ""), users).await;

@@ -69,14 +69,8 @@ pub async fn connect_and_login(
         }
     };
 
-    // ID goes out in the same write as the login: IMAP lets a client pipeline commands (RFC 9051
-    // §5.5) and a server answers them in order, so every line up to ID's tagged reply is ID's
-    // (and dropped, as it always was). One round trip less per login, for the proxy and the
-    // backend. ID changes no state a LOGIN depends on failing; its verdict was never checked.
-    let mut cmd = Vec::with_capacity(256 + creds.user.len() + creds.password.expose().len());
-    let mut id_pending = false;
     if backend.client_address == ClientAddress::ImapId && caps.id {
-        cmd.extend_from_slice(b"P2 ID (");
+        let mut cmd = b"P2 ID (".to_vec();
         let mut fields: Vec<(String, String)> = vec![
             ("x-originating-ip".into(), client.peer.ip().to_string()),
             ("x-originating-port".into(), client.peer.port().to_string()),
@@ -94,21 +88,28 @@ pub async fn connect_and_login(
             quoted(&mut cmd, v.as_bytes());
         }
         cmd.extend_from_slice(b")\r\n");
-        id_pending = true;
+        stream.write_all(&cmd).await?;
+        loop {
+            let l = lines.line(&mut stream).await?;
+            if l.starts_with(b"P2 ") {
+                break;
+            }
+        }
     }
-    let mut replies = Replies { lines, id_pending };
 
     match &backend.login {
         // Config validation only allows XCLIENT logins on SMTP backends.
         BackendLogin::Replay | BackendLogin::Xclient => {
             // One write for the whole command (unless a synchronising literal must wait for the
             // backend's "+"): a command in pieces costs the backend a wakeup per segment.
+            let mut cmd = Vec::with_capacity(32 + creds.user.len() + creds.password.expose().len());
             cmd.extend_from_slice(b"P3 LOGIN ");
-            push_astring(&mut stream, &mut replies, &mut cmd, creds.user.as_bytes(), caps.literal_plus).await?;
+            push_astring(&mut stream, &mut lines, &mut cmd, creds.user.as_bytes(), caps.literal_plus).await?;
             cmd.push(b' ');
-            push_astring(&mut stream, &mut replies, &mut cmd, creds.password.expose(), caps.literal_plus).await?;
+            push_astring(&mut stream, &mut lines, &mut cmd, creds.password.expose(), caps.literal_plus).await?;
             cmd.extend_from_slice(b"\r\n");
             stream.write_all(&cmd).await?;
+            crate::auth::wipe(&mut cmd);
         }
         BackendLogin::Master { user: master, password } => {
             let mut msg = Vec::with_capacity(user.len() + master.len() + password.len() + 2);
@@ -118,36 +119,27 @@ pub async fn connect_and_login(
             msg.push(0);
             msg.extend_from_slice(password.as_bytes());
             let b64 = base64::engine::general_purpose::STANDARD.encode(&msg);
-            crate::auth::wipe(&mut msg);
-            cmd.extend_from_slice(b"P3 AUTHENTICATE PLAIN");
-            if !caps.sasl_ir {
-                cmd.extend_from_slice(b"\r\n");
-                stream.write_all(&cmd).await?;
-                stream.flush().await?;
-                cmd.clear();
-                if !replies.line(&mut stream).await?.starts_with(b"+") {
+            if caps.sasl_ir {
+                stream.write_all(format!("P3 AUTHENTICATE PLAIN {b64}\r\n").as_bytes()).await?;
+            } else {
+                stream.write_all(b"P3 AUTHENTICATE PLAIN\r\n").await?;
+                let l = lines.line(&mut stream).await?;
+                if !l.starts_with(b"+") {
                     return Err(BackendError::Protocol("no continuation for AUTHENTICATE"));
                 }
-            } else {
-                cmd.push(b' ');
+                stream.write_all(format!("{b64}\r\n").as_bytes()).await?;
             }
-            cmd.extend_from_slice(b64.as_bytes());
-            cmd.extend_from_slice(b"\r\n");
-            stream.write_all(&cmd).await?;
-            crate::auth::wipe(&mut b64.into_bytes());
         }
     }
-    crate::auth::wipe(&mut cmd);
     stream.flush().await?;
 
     let mut untagged = Vec::new();
     loop {
-        let l = replies.line(&mut stream).await?;
+        let l = lines.line(&mut stream).await?;
         if let Some(rest) = l.strip_prefix(b"P3 ") {
             if starts_with_ci(rest, b"OK") {
                 let reply = rest.to_vec();
-                let leftover = replies.lines.into_leftover();
-                return Ok(LoggedIn { stream, untagged, reply, leftover, extensions: None });
+                return Ok(LoggedIn { stream, untagged, reply, leftover: lines.into_leftover(), extensions: None });
             }
             if starts_with_ci(rest, b"NO [UNAVAILABLE]") || starts_with_ci(rest, b"NO [SERVERBUG]") {
                 return Err(BackendError::Refused);
@@ -174,7 +166,7 @@ pub async fn connect_and_login(
 /// header, and the value follows the backend's "+").
 async fn push_astring<S: AsyncRead + AsyncWrite + Unpin>(
     s: &mut S,
-    replies: &mut Replies,
+    lines: &mut Lines,
     cmd: &mut Vec<u8>,
     value: &[u8],
     literal_plus: bool,
@@ -190,34 +182,13 @@ async fn push_astring<S: AsyncRead + AsyncWrite + Unpin>(
         s.write_all(cmd).await?;
         s.flush().await?;
         crate::auth::wipe(cmd);
-        let l = replies.line(s).await?;
+        let l = lines.line(s).await?;
         if !l.starts_with(b"+") {
             return Err(BackendError::Rejected);
         }
     }
     cmd.extend_from_slice(value);
     Ok(())
-}
-
-/// The backend's lines after the login was sent, without the reply to a pipelined ID (its
-/// untagged lines and its `P2` tagged line), which come first.
-struct Replies {
-    lines: Lines,
-    id_pending: bool,
-}
-
-impl Replies {
-    async fn line<S: AsyncRead + Unpin>(&mut self, s: &mut S) -> Result<Vec<u8>, BackendError> {
-        loop {
-            let l = self.lines.line(s).await?;
-            if !self.id_pending {
-                return Ok(l);
-            }
-            if l.starts_with(b"P2 ") {
-                self.id_pending = false;
-            }
-        }
-    }
 }
 
 /// Append `value` as an IMAP quoted string (only called with printable ASCII).
