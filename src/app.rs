@@ -337,10 +337,16 @@ impl App {
     }
 
     fn record_certificates(&self) {
-        let g = &crate::metrics::metrics().certificate_not_after;
-        g.reset();
+        let m = crate::metrics::metrics();
+        m.certificate_not_after.reset();
         for (label, t) in self.tls.certs.expiries() {
-            g.with_label_values(&[&label]).set(t as f64);
+            m.certificate_not_after.with_label_values(&[&label]).set(t as f64);
+        }
+        m.client_crl_next_update.reset();
+        for (listener, (_, policy)) in &self.runtime.load().client_auth {
+            if let Some(t) = policy.crl_next_update() {
+                m.client_crl_next_update.with_label_values(&[listener]).set(t as f64);
+            }
         }
     }
 

@@ -33,6 +33,7 @@ pub struct Metrics {
     pub config_reloads: IntCounterVec,
     pub config_last_reload_success: IntGauge,
     pub certificate_not_after: GaugeVec,
+    pub client_crl_next_update: GaugeVec,
     pub acme_orders: IntCounterVec,
     pub acme_renewals: IntCounterVec,
     pub build_info: IntGaugeVec,
@@ -86,6 +87,16 @@ impl Metrics {
         )
         .expect("valid metric");
         r.register(Box::new(not_after.clone())).expect("unique metric");
+        let crl_next_update = GaugeVec::new(
+            Opts::new(
+                "client_crl_next_update_timestamp_seconds",
+                "When the first of a listener's client-certificate revocation lists expires",
+            )
+            .namespace("portcullis"),
+            &["listener"],
+        )
+        .expect("valid metric");
+        r.register(Box::new(crl_next_update.clone())).expect("unique metric");
         let m = Metrics {
             connections_accepted: counter(
                 &r,
@@ -174,6 +185,7 @@ impl Metrics {
             config_reloads: counter(&r, "config_reloads_total", "Configuration reloads by result", &["result"]),
             config_last_reload_success: last_reload,
             certificate_not_after: not_after,
+            client_crl_next_update: crl_next_update,
             acme_orders: counter(&r, "acme_orders_total", "ACME certificate orders by result", &["result"]),
             acme_renewals: counter(&r, "acme_renewals_total", "ACME renewals by result", &["result"]),
             build_info: gauge(&r, "build_info", "Build information", &["version"]),

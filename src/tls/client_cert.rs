@@ -25,6 +25,9 @@ pub struct ClientAuth {
     /// Verifies a chain against the listener's CAs (none for `optional_no_ca` without a CA file).
     chain: Option<Arc<dyn ClientCertVerifier>>,
     request: Arc<RequestCertificate>,
+    /// The earliest next update of the revocation lists (Unix seconds): past it, every
+    /// certificate is refused until a new CRL is installed.
+    crl_next_update: Option<i64>,
 }
 
 /// What the handshake's certificate means for the session.
@@ -85,13 +88,20 @@ impl ClientAuth {
     /// that is not refreshed fails closed.
     pub fn new(mode: VerifyClient, ca_file: Option<&Path>, crl_file: Option<&Path>) -> Result<ClientAuth, String> {
         let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+        let mut crl_next_update = None;
         let (chain, hints) = match ca_file {
             Some(path) => {
                 let roots = Arc::new(super::load_roots(path)?);
                 let hints = roots.subjects();
                 let mut builder = WebPkiClientVerifier::builder_with_provider(roots, provider.clone());
                 if let Some(crl_path) = crl_file {
-                    builder = builder.with_crls(load_crls(crl_path)?).enforce_revocation_expiration();
+                    let crls = load_crls(crl_path)?;
+                    crl_next_update = crls
+                        .iter()
+                        .filter_map(|c| x509_parser::parse_x509_crl(c).ok()?.1.next_update())
+                        .map(|t| t.timestamp())
+                        .min();
+                    builder = builder.with_crls(crls).enforce_revocation_expiration();
                 }
                 let verifier = builder.build().map_err(|e| match e {
                     rustls::server::VerifierBuilderError::InvalidCrl(e) => {
@@ -106,7 +116,12 @@ impl ClientAuth {
             None => return Err("client certificates need a CA file".into()),
         };
         let request = Arc::new(RequestCertificate { hints, algorithms: provider.signature_verification_algorithms });
-        Ok(ClientAuth { mode, chain, request })
+        Ok(ClientAuth { mode, chain, request, crl_next_update })
+    }
+
+    /// When the first of the listener's CRLs expires (Unix seconds), if it has any.
+    pub fn crl_next_update(&self) -> Option<i64> {
+        self.crl_next_update
     }
 
     /// The handshake's side: ask for a certificate, check the key signature, never refuse.
@@ -488,6 +503,11 @@ mod tests {
             ClientAuth::new(mode, Some(&ca_path), Some(&path))
         };
         let revoking_bob = crl(&good_ca, &[&[0x0b, 0x0b]], 7);
+        // The earliest next update, for the metric: the 3-day list, not the 7-day one.
+        let soonest = with(VerifyClient::On, &format!("{revoking_bob}{}", crl(&good_ca, &[], 3))).unwrap();
+        let in_3_days = time::OffsetDateTime::now_utc().unix_timestamp() + 3 * 86400;
+        assert!((soonest.crl_next_update().unwrap() - in_3_days).abs() < 60);
+        assert_eq!(policy(VerifyClient::On, Some(&good_ca)).crl_next_update(), None);
         for mode in [VerifyClient::On, VerifyClient::Optional, VerifyClient::OptionalNoCa] {
             let p = with(mode, &revoking_bob).unwrap();
             assert!(matches!(p.check(Some(std::slice::from_ref(&alice))), CertCheck::Accepted(_)), "{mode:?}");

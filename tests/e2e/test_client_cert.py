@@ -474,6 +474,22 @@ def make_crl(pki, d, revoke):
     return d / "crl.pem"
 
 
+def next_update(crl):
+    import ssl
+    out = subprocess.run(["openssl", "crl", "-in", str(crl), "-noout", "-nextupdate"], check=True,
+                         capture_output=True, text=True).stdout
+    return ssl.cert_time_to_seconds(out.split("=", 1)[1].strip())
+
+
+def crl_next_update(admin_port):
+    """portcullis_client_crl_next_update_timestamp_seconds from /metrics, by listener."""
+    import re
+    import urllib.request
+    text = urllib.request.urlopen(f"http://127.0.0.1:{admin_port}/metrics", timeout=10).read().decode()
+    return {re.search(r'listener="([^"]*)"', line).group(1): float(line.rsplit(" ", 1)[1])
+            for line in text.splitlines() if line.startswith("portcullis_client_crl_next_update_timestamp_seconds{")}
+
+
 def test_revoked_certificates_are_refused(dovecot, pki, tmp_path):
     """nginx's ssl_crl: a certificate the CA revoked gets nginx's error line, before any greeting
     and before Dovecot hears of it; a replaced CRL applies to the next handshake, while a session
@@ -489,9 +505,12 @@ def test_revoked_certificates_are_refused(dovecot, pki, tmp_path):
     bob.load_cert_chain(str(tmp_path / "bob.pem"), str(tmp_path / "bob.key"))
     crl = tmp_path / "crl.pem"
     shutil.copy(make_crl(pki, tmp_path / "ca1", [str(tmp_path / "bob.pem")]), crl)
-    port = free_port()
+    port, admin = free_port(), free_port()
     cfg = f"""[tls]
 self_signed_names = ["localhost"]
+
+[admin]
+bind = "127.0.0.1:{admin}"
 
 [[listener]]
 name = "imaps"
@@ -520,6 +539,8 @@ default = "dovecot"
         assert tls_lines(port, bob) == b"* BYE SSL certificate error\r\n"
         assert "certificate revoked" in pc.log()
         assert len(dovecot.logins()) == before
+        # When the CRL runs out, for an alert before every certificate is refused.
+        assert crl_next_update(admin) == {"imaps": next_update(crl)}
         held = imaplib.IMAP4_SSL("127.0.0.1", port, ssl_context=ctx_with(pki, "alice"), timeout=10)
         assert held.login(*DEMO)[0] == "OK"
         # The CA revokes alice too; the new CRL is swapped in under the proxy.
@@ -539,5 +560,5 @@ default = "dovecot"
     bad.write_text(cfg.replace(f'client_crl_file = "{crl}"', f'client_crl_file = "{d}/ca.pem"'))
     r = subprocess.run([portcullis_binary(), "check", "--config", str(bad)], capture_output=True, text=True)
     assert r.returncode != 0
-    assert f"{bad}:11:" in r.stderr + r.stdout and "listener[0].client_crl_file" in r.stderr + r.stdout, r.stderr
+    assert f"{bad}:14:" in r.stderr + r.stdout and "listener[0].client_crl_file" in r.stderr + r.stdout, r.stderr
     assert "no CRLs" in r.stderr + r.stdout
