@@ -127,6 +127,12 @@ pub fn build_runtime(config: Config, tls: &TlsShared) -> Result<Runtime, ConfigE
                     field: format!("listener {:?} client certificate files", l.name),
                     message,
                 })?;
+            if policy.crl_next_update().is_some_and(|t| t < unix_now()) {
+                tracing::warn!(
+                    listener = %l.name,
+                    "client_crl_file is past its next update: certificates that need it are refused until a new CRL is installed"
+                );
+            }
             let cfg = tls.server_config(l.protocol, &config.tls, Some(&policy)).map_err(suites_error)?;
             client_auth.insert(l.name.clone(), (cfg, Arc::new(policy)));
         } else if let std::collections::hash_map::Entry::Vacant(slot) = server_tls.entry(l.protocol) {

@@ -49,7 +49,10 @@ async fn dovecot_gets_xclient_and_user_in_one_write_others_one_at_a_time() {
     c.send(b"PASS secret\r\n").await;
     assert_eq!(c.line().await, "+OK Logged in.\r\n");
     let got = backend.lines(0);
-    assert!(got[0].starts_with("XCLIENT ") && got[1..] == ["USER alice@example.test\r\n", "PASS secret\r\n"]);
+    assert!(
+        got[0].starts_with("XCLIENT ") && got[1..] == ["USER alice@example.test\r\n", "PASS secret\r\n"],
+        "{got:?}"
+    );
     assert_eq!(backend.pipelined.load(Ordering::SeqCst), 1);
     // Without XCLIENT, nothing says the backend pipelines: one command at a time.
     let (proxy, backend) = setup(Behaviour::Pop3, "client_address = \"none\"").await;
@@ -92,6 +95,25 @@ async fn backend_without_xclient_fails_closed() {
     c.send(b"USER alice@example.test\r\nPASS secret\r\n").await;
     assert_eq!(c.line().await, "+OK\r\n");
     assert_eq!(c.line().await, "-ERR [SYS/TEMP] Server unavailable, try again later.\r\n");
+}
+
+#[tokio::test]
+async fn a_refused_xclient_or_user_stops_the_login_before_pass() {
+    // XCLIENT and USER share a write; PASS goes only after both said +OK.
+    for (behaviour, answer) in [
+        // A refused XCLIENT is the proxy's problem (not the user's): a temporary failure.
+        (Behaviour::Pop3RejectXclient, "-ERR [SYS/TEMP] Server unavailable, try again later.\r\n"),
+        (Behaviour::Pop3BusyUser, "-ERR [SYS/TEMP] Server unavailable, try again later.\r\n"),
+    ] {
+        let (proxy, backend) = setup(behaviour, "").await;
+        let mut c = greeted(&proxy).await;
+        c.send(b"USER alice@example.test\r\nPASS secret\r\n").await;
+        assert_eq!(c.line().await, "+OK\r\n");
+        assert_eq!(c.line().await, answer, "{behaviour:?}");
+        let got = backend.lines(0);
+        assert!(got[0].starts_with("XCLIENT ") && got[1] == "USER alice@example.test\r\n", "{got:?}");
+        assert!(!got.iter().any(|l| l.starts_with("PASS")), "{behaviour:?}: {got:?}");
+    }
 }
 
 #[tokio::test]

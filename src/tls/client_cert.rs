@@ -96,11 +96,7 @@ impl ClientAuth {
                 let mut builder = WebPkiClientVerifier::builder_with_provider(roots, provider.clone());
                 if let Some(crl_path) = crl_file {
                     let crls = load_crls(crl_path)?;
-                    crl_next_update = crls
-                        .iter()
-                        .filter_map(|c| x509_parser::parse_x509_crl(c).ok()?.1.next_update())
-                        .map(|t| t.timestamp())
-                        .min();
+                    crl_next_update = crl_facts(crl_path, &crls)?;
                     builder = builder.with_crls(crls).enforce_revocation_expiration();
                 }
                 let verifier = builder.build().map_err(|e| match e {
@@ -181,6 +177,26 @@ fn load_crls(path: &Path) -> Result<Vec<CertificateRevocationListDer<'static>>, 
     Ok(crls)
 }
 
+/// When the first of the CRLs expires (Unix seconds). Two CRLs from one issuer are refused:
+/// only the first would ever be consulted, so a newer one appended after it would silently not
+/// apply. (A CRL webpki cannot parse is reported by the verifier's builder.)
+fn crl_facts(path: &Path, crls: &[CertificateRevocationListDer<'_>]) -> Result<Option<i64>, String> {
+    let mut issuers = Vec::new();
+    let mut next_update = None::<i64>;
+    for crl in crls {
+        let Ok((_, parsed)) = x509_parser::parse_x509_crl(crl) else { continue };
+        let issuer = parsed.issuer();
+        if issuers.iter().any(|i: &Vec<u8>| i == issuer.as_raw()) {
+            return Err(format!("{}: two CRLs from {}; keep only the newest", path.display(), rfc2253(issuer)));
+        }
+        issuers.push(issuer.as_raw().to_vec());
+        if let Some(t) = parsed.next_update() {
+            next_update = Some(next_update.map_or(t.timestamp(), |n| n.min(t.timestamp())));
+        }
+    }
+    Ok(next_update)
+}
+
 /// Why a chain did not verify: an issuer nobody vouches for (which `optional_no_ca` accepts), or
 /// anything else.
 enum Failure {
@@ -213,6 +229,9 @@ fn reason(e: rustls::Error) -> Failure {
         rustls::Error::InvalidCertificate(
             CertificateError::ExpiredRevocationList | CertificateError::ExpiredRevocationListContext { .. },
         ) => Failure::Hard("CRL has expired"),
+        rustls::Error::InvalidCertRevocationList(rustls::CertRevocationListError::IssuerInvalidForCrl) => {
+            Failure::Hard("key usage does not include CRL signing")
+        }
         rustls::Error::InvalidCertRevocationList(_) => Failure::Hard("CRL signature failure"),
         _ => Failure::Hard("certificate verify failed"),
     }
@@ -504,10 +523,13 @@ mod tests {
         };
         let revoking_bob = crl(&good_ca, &[&[0x0b, 0x0b]], 7);
         // The earliest next update, for the metric: the 3-day list, not the 7-day one.
-        let soonest = with(VerifyClient::On, &format!("{revoking_bob}{}", crl(&good_ca, &[], 3))).unwrap();
+        let soonest = with(VerifyClient::On, &format!("{revoking_bob}{}", crl(&other_ca, &[], 3))).unwrap();
         let in_3_days = time::OffsetDateTime::now_utc().unix_timestamp() + 3 * 86400;
         assert!((soonest.crl_next_update().unwrap() - in_3_days).abs() < 60);
         assert_eq!(policy(VerifyClient::On, Some(&good_ca)).crl_next_update(), None);
+        // Two from one issuer: only the first would count, so the file is refused.
+        let e = with(VerifyClient::On, &format!("{revoking_bob}{}", crl(&good_ca, &[], 3))).unwrap_err();
+        assert!(e.contains("two CRLs from CN=Example Client CA"), "{e}");
         for mode in [VerifyClient::On, VerifyClient::Optional, VerifyClient::OptionalNoCa] {
             let p = with(mode, &revoking_bob).unwrap();
             assert!(matches!(p.check(Some(std::slice::from_ref(&alice))), CertCheck::Accepted(_)), "{mode:?}");
@@ -538,6 +560,31 @@ mod tests {
         };
         let p = with(VerifyClient::On, &crl(&impostor, &[], 7)).unwrap();
         assert_eq!(p.check(Some(std::slice::from_ref(&alice))), CertCheck::Refused("CRL signature failure"));
+        // An intermediate's certificates need the intermediate's own CRL: the root's is not
+        // enough (the whole chain up to the CAs in the CA file is checked).
+        let intermediate = {
+            let mut p = CertificateParams::new(Vec::<String>::new()).unwrap();
+            p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+            p.distinguished_name.push(DnType::CommonName, "Example Intermediate");
+            p.serial_number = Some(rcgen::SerialNumber::from_slice(&[0x1a]));
+            CertifiedIssuer::signed_by(p, KeyPair::generate().unwrap(), &good_ca).unwrap()
+        };
+        let carol = issued("carol", &intermediate, -1, 30);
+        let chain = [carol, intermediate.der().clone()];
+        let p = with(VerifyClient::On, &crl(&good_ca, &[], 7)).unwrap();
+        assert_eq!(p.check(Some(&chain)), CertCheck::Refused("unable to get certificate CRL"));
+        let p = with(VerifyClient::On, &format!("{}{}", crl(&good_ca, &[], 7), crl(&intermediate, &[], 7))).unwrap();
+        assert!(matches!(p.check(Some(&chain)), CertCheck::Accepted(_)));
+        let p = with(
+            VerifyClient::On,
+            &format!("{}{}", crl(&good_ca, &[], 7), crl(&intermediate, &[&[0x00, 0x42, 0x1f]], 7)),
+        )
+        .unwrap();
+        assert_eq!(p.check(Some(&chain)), CertCheck::Refused("certificate revoked"));
+        // The root revoking the intermediate refuses its certificates, not only the leaf's CRL.
+        let p =
+            with(VerifyClient::On, &format!("{}{}", crl(&good_ca, &[&[0x1a]], 7), crl(&intermediate, &[], 7))).unwrap();
+        assert_eq!(p.check(Some(&chain)), CertCheck::Refused("certificate revoked"));
         // A file without a CRL, or with a broken one, is a config error naming it.
         let e = with(VerifyClient::On, &good_ca.pem()).unwrap_err();
         assert!(e.contains("crl.pem") && e.contains("no CRLs"), "{e}");

@@ -110,6 +110,10 @@ pub enum Behaviour {
     Pop3,
     /// POP3: does not announce XCLIENT (proxy not trusted).
     Pop3NoXclient,
+    /// POP3: announces XCLIENT, then answers it with -ERR.
+    Pop3RejectXclient,
+    /// POP3: announces XCLIENT, answers USER with a temporary -ERR.
+    Pop3BusyUser,
     /// SMTP: Postfix-like, announces XCLIENT, accepts AUTH, takes messages.
     Smtp,
     /// SMTP: rejects XCLIENT with 550.
@@ -130,7 +134,10 @@ pub enum Behaviour {
 
 impl Behaviour {
     fn is_pop3(self) -> bool {
-        matches!(self, Behaviour::Pop3 | Behaviour::Pop3NoXclient)
+        matches!(
+            self,
+            Behaviour::Pop3 | Behaviour::Pop3NoXclient | Behaviour::Pop3RejectXclient | Behaviour::Pop3BusyUser
+        )
     }
 
     fn is_smtp(self) -> bool {
@@ -312,7 +319,7 @@ async fn serve_pop3(
     let (r, mut w) = s.into_split();
     let mut r = BufReader::new(r);
     let greeting: &[u8] =
-        if behaviour == Behaviour::Pop3 { b"+OK [XCLIENT] fake ready.\r\n" } else { b"+OK fake ready.\r\n" };
+        if behaviour == Behaviour::Pop3NoXclient { b"+OK fake ready.\r\n" } else { b"+OK [XCLIENT] fake ready.\r\n" };
     if w.write_all(greeting).await.is_err() {
         return;
     }
@@ -322,7 +329,9 @@ async fn serve_pop3(
         }
         let verb = line.split([' ', '\r']).next().unwrap_or("").to_ascii_uppercase();
         let reply: &[u8] = match verb.as_str() {
+            "XCLIENT" if behaviour == Behaviour::Pop3RejectXclient => b"-ERR Not trusted\r\n",
             "XCLIENT" => b"+OK Updated\r\n",
+            "USER" if behaviour == Behaviour::Pop3BusyUser => b"-ERR [SYS/TEMP] Busy\r\n",
             "USER" => b"+OK\r\n",
             "PASS" | "AUTH" => b"+OK Logged in.\r\n",
             "STAT" => b"+OK 1 42\r\n",

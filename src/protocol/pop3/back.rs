@@ -46,29 +46,30 @@ pub async fn connect_and_login(
         stream = backend::starttls(backend, tls.as_ref(), stream, &lines).await?;
     }
 
-    // The commands from here on, in order. A backend that announces XCLIENT in its greeting is
-    // Dovecot, which takes pipelined commands (it announces PIPELINING, RFC 2449): XCLIENT goes
-    // in one write with USER, a round trip less per login. The last command (PASS, or AUTH) still
-    // waits for the replies before it and so carries their ACK: pipelined too, it made each login
-    // wait about 40 ms, the backend's reply held by Nagle's algorithm until our delayed ACK
-    // (measured against Dovecot; docs/performance.md). Other backends get one command at a
-    // time, as nginx sends them.
-    let mut commands = Commands(Vec::with_capacity(3));
-    let pipelining = backend.client_address == ClientAddress::Xclient;
-    if pipelining {
+    // The login goes out in writes, each answered in full before the next. A backend that
+    // announces XCLIENT in its greeting is Dovecot, which takes pipelined commands (it announces
+    // PIPELINING, RFC 2449), so XCLIENT and USER share a write: a round trip less per login. The
+    // last command (PASS, or AUTH) waits for the replies before it and so carries their ACK:
+    // pipelined too, it made each login wait about 40 ms, its reply held by the backend's Nagle
+    // algorithm until our delayed ACK (measured against Dovecot; docs/performance.md). Other
+    // backends get one command at a time, as nginx sends them.
+    let mut first = Batch::default();
+    let xclient_sent = backend.client_address == ClientAddress::Xclient;
+    if xclient_sent {
         if !xclient {
             return Err(BackendError::Protocol(
                 "backend does not offer XCLIENT (is the proxy in login_trusted_networks?)",
             ));
         }
         let cmd = format!(
-            "XCLIENT ADDR={} PORT={} SESSION={} TTL={PROXY_TTL}\r\n",
+            "XCLIENT ADDR={} PORT={} SESSION={} TTL={PROXY_TTL}",
             client.peer.ip(),
             client.peer.port(),
             client.session_id
         );
-        commands.0.push(cmd.into_bytes());
+        first.add(&[cmd.as_bytes()]);
     }
+    let mut last = Batch::default();
     match &backend.login {
         BackendLogin::Replay | BackendLogin::Xclient => {
             let password = creds.password.expose();
@@ -77,8 +78,8 @@ pub async fn connect_and_login(
                 // inject a command. Such credentials cannot be replayed.
                 return Err(BackendError::Rejected);
             }
-            commands.push(&[b"USER ", creds.user.as_bytes()]);
-            commands.push(&[b"PASS ", password]);
+            first.add(&[b"USER ", creds.user.as_bytes()]);
+            last.add(&[b"PASS ", password]);
         }
         BackendLogin::Master { user: master, password } => {
             let mut msg = Vec::with_capacity(user.len() + master.len() + password.len() + 2);
@@ -87,52 +88,59 @@ pub async fn connect_and_login(
             msg.extend_from_slice(master.as_bytes());
             msg.push(0);
             msg.extend_from_slice(password.as_bytes());
-            let b64 = base64::engine::general_purpose::STANDARD.encode(&msg);
+            let mut b64 = base64::engine::general_purpose::STANDARD.encode(&msg).into_bytes();
             crate::auth::wipe(&mut msg);
-            commands.push(&[b"AUTH PLAIN ", b64.as_bytes()]);
-            crate::auth::wipe(&mut b64.into_bytes());
+            last.add(&[b"AUTH PLAIN ", &b64]);
+            crate::auth::wipe(&mut b64);
         }
     }
-    let last = commands.0.len().saturating_sub(1);
-    let mut sent = 0;
+    let mut xclient_reply_due = xclient_sent;
     let mut reply = Vec::new();
-    for i in 0..commands.0.len() {
-        if i == sent {
-            let upto = if pipelining && i < last { last } else { i + 1 };
-            stream.write_all(&commands.0[i..upto].concat()).await?;
-            stream.flush().await?;
-            sent = upto;
-        }
-        reply = lines.line(&mut stream).await?;
-        if i == 0 && pipelining {
-            // XCLIENT's reply.
-            if !reply.starts_with(b"+OK") {
-                return Err(BackendError::Protocol("backend rejected XCLIENT"));
-            }
+    for batch in [&first, &last] {
+        if batch.replies == 0 {
             continue;
         }
-        verdict(&reply)?;
+        stream.write_all(&batch.bytes).await?;
+        stream.flush().await?;
+        for _ in 0..batch.replies {
+            reply = lines.line(&mut stream).await?;
+            if std::mem::take(&mut xclient_reply_due) {
+                if !reply.starts_with(b"+OK") {
+                    return Err(BackendError::Protocol("backend rejected XCLIENT"));
+                }
+            } else {
+                verdict(&reply)?;
+            }
+        }
     }
     Ok(LoggedIn { stream, untagged: Vec::new(), reply, leftover: lines.into_leftover(), extensions: None })
 }
 
-/// Command lines that may hold a password, zeroed when dropped, whichever way the login ends.
-struct Commands(Vec<Vec<u8>>);
+/// Login commands sent in one write, and how many replies they get. The bytes may hold a
+/// password: they are zeroed when dropped, whichever way the login ends.
+#[derive(Default)]
+struct Batch {
+    bytes: Vec<u8>,
+    replies: usize,
+}
 
-impl Commands {
-    fn push(&mut self, parts: &[&[u8]]) {
-        let mut cmd = Vec::with_capacity(parts.iter().map(|p| p.len()).sum::<usize>() + 2);
+impl Batch {
+    /// Append one command line (its parts, then CRLF).
+    fn add(&mut self, parts: &[&[u8]]) {
+        // Reserved before copying: a line holding a password is always alone in its batch
+        // (PASS, AUTH), so it is never left behind, unzeroed, by a reallocation.
+        self.bytes.reserve(parts.iter().map(|p| p.len()).sum::<usize>() + 2);
         for p in parts {
-            cmd.extend_from_slice(p);
+            self.bytes.extend_from_slice(p);
         }
-        cmd.extend_from_slice(b"\r\n");
-        self.0.push(cmd);
+        self.bytes.extend_from_slice(b"\r\n");
+        self.replies += 1;
     }
 }
 
-impl Drop for Commands {
+impl Drop for Batch {
     fn drop(&mut self) {
-        self.0.iter_mut().for_each(crate::auth::wipe);
+        crate::auth::wipe(&mut self.bytes);
     }
 }
 
