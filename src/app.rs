@@ -119,14 +119,13 @@ pub fn build_runtime(config: Config, tls: &TlsShared) -> Result<Runtime, ConfigE
         if l.tls == TlsMode::None {
             continue;
         }
-        if l.verify_client != VerifyClient::Off {
-            let policy = ClientAuth::new(l.verify_client, l.client_ca_file.as_deref(), l.client_crl_file.as_deref())
-                .map_err(|message| ConfigError {
-                    file: config.path.clone(),
-                    position: None,
-                    field: format!("listener {:?} client certificate files", l.name),
-                    message,
-                })?;
+        if l.client_cert.mode != VerifyClient::Off {
+            let policy = ClientAuth::new(&l.client_cert).map_err(|message| ConfigError {
+                file: config.path.clone(),
+                position: None,
+                field: format!("listener {:?} client certificate files", l.name),
+                message,
+            })?;
             if policy.crl_next_update().is_some_and(|t| t < unix_now()) {
                 tracing::warn!(
                     listener = %l.name,

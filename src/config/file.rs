@@ -218,6 +218,8 @@ pub struct ListenerFile {
     pub client_ca_file: Option<Spanned<PathBuf>>,
     /// PEM file of certificate revocation lists for client certificates (nginx's `ssl_crl`).
     pub client_crl_file: Option<Spanned<PathBuf>>,
+    /// How long a client's chain may be (nginx's `ssl_verify_depth`, default 1).
+    pub client_verify_depth: Option<Spanned<i64>>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -273,13 +273,40 @@ pub struct ListenerConfig {
     pub allow_plaintext_auth: bool,
     /// Peers that must send a PROXY header first; empty when the listener does not use it.
     pub trusted_proxies: Vec<Cidr>,
-    /// Client certificates (nginx `ssl_verify_client`), with the CA file they are checked
-    /// against (`None` only with `VerifyClient::Off`, or `OptionalNoCa` without CAs).
-    pub verify_client: VerifyClient,
-    pub client_ca_file: Option<PathBuf>,
-    /// Revocation lists checked for every certificate in a client's chain (nginx `ssl_crl`).
-    pub client_crl_file: Option<PathBuf>,
+    /// Client certificates (nginx `ssl_verify_client` and friends).
+    pub client_cert: ClientCertSettings,
 }
+
+/// A listener's client-certificate settings: nginx's `ssl_verify_client`,
+/// `ssl_client_certificate`, `ssl_crl` and `ssl_verify_depth`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClientCertSettings {
+    pub mode: VerifyClient,
+    /// The CAs a certificate must chain to (`None` only with `VerifyClient::Off`, or
+    /// `OptionalNoCa` without CAs).
+    pub ca_file: Option<PathBuf>,
+    /// Revocation lists, checked for every certificate in the chain up to the CAs.
+    pub crl_file: Option<PathBuf>,
+    /// The longest chain accepted, counted as OpenSSL does: 1 (nginx's default) is a certificate
+    /// issued by one of the CAs itself, 2 allows one intermediate from the client, and so on.
+    pub verify_depth: usize,
+}
+
+impl Default for ClientCertSettings {
+    fn default() -> ClientCertSettings {
+        ClientCertSettings {
+            mode: VerifyClient::Off,
+            ca_file: None,
+            crl_file: None,
+            verify_depth: DEFAULT_VERIFY_DEPTH,
+        }
+    }
+}
+
+/// nginx's `ssl_verify_depth` default.
+pub const DEFAULT_VERIFY_DEPTH: usize = 1;
+/// webpki builds paths of at most six intermediates.
+const MAX_VERIFY_DEPTH: i64 = 7;
 
 /// Whether a TLS listener asks for client certificates, named as nginx's `ssl_verify_client`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -714,8 +741,8 @@ impl Config {
             files.push(c.key.clone());
         }
         // CA files, so a replaced CA applies to new sessions without a SIGHUP.
-        files.extend(self.listeners.iter().filter_map(|l| l.client_ca_file.clone()));
-        files.extend(self.listeners.iter().filter_map(|l| l.client_crl_file.clone()));
+        files.extend(self.listeners.iter().filter_map(|l| l.client_cert.ca_file.clone()));
+        files.extend(self.listeners.iter().filter_map(|l| l.client_cert.crl_file.clone()));
         let mut backends: Vec<_> = self.backends.values().filter_map(|b| b.tls_ca_file.clone()).collect();
         backends.sort();
         files.extend(backends);
@@ -1137,7 +1164,7 @@ impl Validator<'_> {
                     out
                 }
             };
-            let (verify_client, client_ca_file, client_crl_file) = self.verify_client(l, tls, &field)?;
+            let client_cert = self.client_cert(l, tls, &field)?;
             out.push(Arc::new(ListenerConfig {
                 name,
                 bind,
@@ -1145,23 +1172,21 @@ impl Validator<'_> {
                 tls,
                 allow_plaintext_auth: l.allow_plaintext_auth,
                 trusted_proxies,
-                verify_client,
-                client_ca_file,
-                client_crl_file,
+                client_cert,
             }));
         }
         Ok(out)
     }
 
-    /// A listener's `verify_client`, `client_ca_file` and `client_crl_file`. The files are read
-    /// here too, so a missing or unreadable one is reported at its line (they are read again for
-    /// each runtime).
-    fn verify_client(
+    /// A listener's `verify_client`, `client_ca_file`, `client_crl_file` and
+    /// `client_verify_depth`. The files are read here too, so a missing or unreadable one is
+    /// reported at its line (they are read again for each runtime).
+    fn client_cert(
         &self,
         l: &file::ListenerFile,
         tls: TlsMode,
         field: &dyn Fn(&str) -> String,
-    ) -> Result<(VerifyClient, Option<PathBuf>, Option<PathBuf>), ConfigError> {
+    ) -> Result<ClientCertSettings, ConfigError> {
         let mode = match &l.verify_client {
             None => VerifyClient::Off,
             Some(v) => match v.get_ref().as_str() {
@@ -1211,21 +1236,33 @@ impl Validator<'_> {
                 Some(path)
             }
         };
-        let crl = match (&l.client_crl_file, &ca) {
-            (None, _) => None,
-            (Some(p), None) => {
-                let why =
-                    if mode == VerifyClient::Off { "only used with verify_client" } else { "needs client_ca_file" };
-                return Err(self.err(Some(p.span()), field("client_crl_file"), why));
-            }
-            (Some(p), Some(ca)) => {
-                let path = self.resolve(p.get_ref());
-                crate::tls::client_cert::ClientAuth::new(mode, Some(ca), Some(&path))
-                    .map_err(|message| self.err(Some(p.span()), field("client_crl_file"), message))?;
-                Some(path)
-            }
+        let needs_ca = |span, name: &str| {
+            let why = if mode == VerifyClient::Off { "only used with verify_client" } else { "needs client_ca_file" };
+            self.err(Some(span), field(name), why)
         };
-        Ok((mode, ca, crl))
+        let mut settings = ClientCertSettings { mode, ca_file: ca, ..ClientCertSettings::default() };
+        if let Some(d) = &l.client_verify_depth {
+            if settings.ca_file.is_none() {
+                return Err(needs_ca(d.span(), "client_verify_depth"));
+            }
+            if !(1..=MAX_VERIFY_DEPTH).contains(d.get_ref()) {
+                return Err(self.err(
+                    Some(d.span()),
+                    field("client_verify_depth"),
+                    format!("expected 1 to {MAX_VERIFY_DEPTH}, found {}", d.get_ref()),
+                ));
+            }
+            settings.verify_depth = *d.get_ref() as usize;
+        }
+        if let Some(p) = &l.client_crl_file {
+            if settings.ca_file.is_none() {
+                return Err(needs_ca(p.span(), "client_crl_file"));
+            }
+            settings.crl_file = Some(self.resolve(p.get_ref()));
+            crate::tls::client_cert::ClientAuth::new(&settings)
+                .map_err(|message| self.err(Some(p.span()), field("client_crl_file"), message))?;
+        }
+        Ok(settings)
     }
 
     fn acme(&self, a: &file::AcmeFile) -> Result<AcmeSettings, ConfigError> {
@@ -1875,11 +1912,11 @@ default = "b"
         assert!(e.message.contains("/etc/portcullis/ca.pem"), "{e}");
         let c = parse(&l("tls = \"implicit\"\nverify_client = \"optional_no_ca\"")).unwrap();
         assert_eq!(
-            (c.listeners[0].verify_client, c.listeners[0].client_ca_file.as_ref()),
+            (c.listeners[0].client_cert.mode, c.listeners[0].client_cert.ca_file.as_ref()),
             (VerifyClient::OptionalNoCa, None)
         );
         let c = parse(&l("tls = \"starttls\"")).unwrap();
-        assert_eq!(c.listeners[0].verify_client, VerifyClient::Off);
+        assert_eq!(c.listeners[0].client_cert, ClientCertSettings::default());
         // Logins before STARTTLS would need no certificate.
         let e = parse(&l("tls = \"starttls\"\nallow_plaintext_auth = true\nverify_client = \"optional_no_ca\""))
             .unwrap_err();
@@ -1908,6 +1945,24 @@ default = "b"
         .unwrap_err();
         assert_eq!((e.field.as_str(), e.position.map(|p| p.0)), ("listener[0].client_crl_file", Some(19)));
         assert!(e.message.contains("missing.pem"), "{e}");
+        // client_verify_depth: 1 (nginx's default) unless set, 1 to 7, only with a CA file.
+        let with_ca = |extra: &str| {
+            l(&format!(
+                "tls = \"implicit\"\nverify_client = \"on\"\nclient_ca_file = \"{}\"\n{extra}",
+                dir.join("ca.pem").display()
+            ))
+        };
+        assert_eq!(parse(&with_ca("")).unwrap().listeners[0].client_cert.verify_depth, 1);
+        assert_eq!(parse(&with_ca("client_verify_depth = 3")).unwrap().listeners[0].client_cert.verify_depth, 3);
+        let e = parse(&with_ca("client_verify_depth = 0")).unwrap_err();
+        assert_eq!(
+            (e.field.as_str(), e.message.as_str()),
+            ("listener[0].client_verify_depth", "expected 1 to 7, found 0")
+        );
+        assert_eq!(e.position.map(|p| p.0), Some(19));
+        let e =
+            parse(&l("tls = \"implicit\"\nverify_client = \"optional_no_ca\"\nclient_verify_depth = 2")).unwrap_err();
+        assert_eq!((e.field.as_str(), e.message.as_str()), ("listener[0].client_verify_depth", "needs client_ca_file"));
     }
 
     #[test]

@@ -16,7 +16,7 @@ use rustls::server::WebPkiClientVerifier;
 use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
 use rustls::{CertificateError, DigitallySignedStruct, DistinguishedName, SignatureScheme};
 
-use crate::config::VerifyClient;
+use crate::config::{ClientCertSettings, VerifyClient};
 
 /// One listener's client-certificate policy.
 #[derive(Debug)]
@@ -24,6 +24,8 @@ pub struct ClientAuth {
     mode: VerifyClient,
     /// Verifies a chain against the listener's CAs (none for `optional_no_ca` without a CA file).
     chain: Option<Arc<dyn ClientCertVerifier>>,
+    /// Intermediates from the client that a chain may use (`verify_depth - 1`).
+    max_intermediates: usize,
     request: Arc<RequestCertificate>,
     /// The earliest next update of the revocation lists (Unix seconds): past it, every
     /// certificate is refused until a new CRL is installed.
@@ -80,13 +82,15 @@ impl CertDetails {
 }
 
 impl ClientAuth {
-    /// The policy for `mode` with the CAs in `ca_file` (required for `on` and `optional`) and
-    /// the revocation lists in `crl_file` (only with a CA file).
+    /// The policy for `mode` with the CAs in `ca_file` (required for `on` and `optional`), the
+    /// revocation lists in `crl_file` and the chain length `verify_depth` (both only with a CA
+    /// file).
     ///
     /// With CRLs, every certificate in the chain is checked, as nginx's `ssl_crl` does (OpenSSL's
     /// `CRL_CHECK_ALL`): each issuer needs a CRL in the file, and an expired CRL refuses, so a CRL
     /// that is not refreshed fails closed.
-    pub fn new(mode: VerifyClient, ca_file: Option<&Path>, crl_file: Option<&Path>) -> Result<ClientAuth, String> {
+    pub fn new(settings: &ClientCertSettings) -> Result<ClientAuth, String> {
+        let (mode, ca_file, crl_file) = (settings.mode, settings.ca_file.as_deref(), settings.crl_file.as_deref());
         let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
         let mut crl_next_update = None;
         let (chain, hints) = match ca_file {
@@ -112,7 +116,8 @@ impl ClientAuth {
             None => return Err("client certificates need a CA file".into()),
         };
         let request = Arc::new(RequestCertificate { hints, algorithms: provider.signature_verification_algorithms });
-        Ok(ClientAuth { mode, chain, request, crl_next_update })
+        let max_intermediates = settings.verify_depth.saturating_sub(1);
+        Ok(ClientAuth { mode, chain, max_intermediates, request, crl_next_update })
     }
 
     /// When the first of the listener's CRLs expires (Unix seconds), if it has any.
@@ -135,9 +140,20 @@ impl ClientAuth {
         };
         let Some((details, in_date)) = details(leaf) else { return CertCheck::Refused("unreadable certificate") };
         let self_signed = details.subject == details.issuer;
+        // nginx's `ssl_verify_depth`: only the first `depth - 1` certificates the client sent
+        // after its own (TLS puts each issuer after what it issued) may link it to a CA.
+        let allowed = &intermediates[..intermediates.len().min(self.max_intermediates)];
         let verdict = match &self.chain {
             Some(v) => {
-                v.verify_client_cert(leaf, intermediates, UnixTime::now()).map(|_| ()).map_err(|e| match reason(e) {
+                v.verify_client_cert(leaf, allowed, UnixTime::now()).map(|_| ()).map_err(|e| match reason(e) {
+                    // Linked to a CA only through more intermediates than the depth allows:
+                    // OpenSSL's "chain too long", which not even `optional_no_ca` accepts.
+                    Failure::Unknown(_)
+                        if allowed.len() < intermediates.len()
+                            && v.verify_client_cert(leaf, intermediates, UnixTime::now()).is_ok() =>
+                    {
+                        Failure::Hard("certificate chain too long")
+                    }
                     // OpenSSL's word for it, with or without a CA file. A self-signed certificate
                     // is often marked CA:TRUE (`openssl req -x509` does), which webpki refuses as
                     // an end entity before it looks for an issuer: the same case, if in date.
@@ -399,7 +415,8 @@ mod tests {
             std::fs::write(&path, c.pem()).unwrap();
             path.as_path()
         });
-        ClientAuth::new(mode, file, None).unwrap()
+        let settings = ClientCertSettings { mode, ca_file: file.map(Path::to_path_buf), ..Default::default() };
+        ClientAuth::new(&settings).unwrap()
     }
 
     /// Reliability case 21: none / wrong / untrusted certificates, per mode.
@@ -519,7 +536,12 @@ mod tests {
         let with = |mode, crl_pem: &str| {
             let path = dir.join("crl.pem");
             std::fs::write(&path, crl_pem).unwrap();
-            ClientAuth::new(mode, Some(&ca_path), Some(&path))
+            ClientAuth::new(&ClientCertSettings {
+                mode,
+                ca_file: Some(ca_path.clone()),
+                crl_file: Some(path),
+                verify_depth: 2,
+            })
         };
         let revoking_bob = crl(&good_ca, &[&[0x0b, 0x0b]], 7);
         // The earliest next update, for the metric: the 3-day list, not the 7-day one.
@@ -590,7 +612,46 @@ mod tests {
         assert!(e.contains("crl.pem") && e.contains("no CRLs"), "{e}");
         let e = with(VerifyClient::On, "-----BEGIN X509 CRL-----\nMAMCAQE=\n-----END X509 CRL-----\n").unwrap_err();
         assert!(e.contains("crl.pem") && e.contains("not a usable CRL"), "{e}");
-        assert!(ClientAuth::new(VerifyClient::OptionalNoCa, None, Some(&dir.join("crl.pem"))).is_err());
+        let no_ca = ClientCertSettings {
+            mode: VerifyClient::OptionalNoCa,
+            crl_file: Some(dir.join("crl.pem")),
+            ..Default::default()
+        };
+        assert!(ClientAuth::new(&no_ca).is_err());
+    }
+
+    /// nginx's `ssl_verify_depth`: 1 (the default) is a certificate a CA issued itself; each
+    /// step up allows one more intermediate from the client.
+    #[test]
+    fn verify_depth() {
+        let root = ca("Example Root");
+        let intermediate = {
+            let mut p = CertificateParams::new(Vec::<String>::new()).unwrap();
+            p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+            p.distinguished_name.push(DnType::CommonName, "Example Intermediate");
+            CertifiedIssuer::signed_by(p, KeyPair::generate().unwrap(), &root).unwrap()
+        };
+        let direct = issued("alice", &root, -1, 30);
+        let chain = [issued("carol", &intermediate, -1, 30), intermediate.der().clone()];
+        let dir = std::env::temp_dir().join(format!("portcullis-depth-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("root.pem"), root.pem()).unwrap();
+        let at = |mode, verify_depth| {
+            let s = ClientCertSettings { mode, ca_file: Some(dir.join("root.pem")), crl_file: None, verify_depth };
+            ClientAuth::new(&s).unwrap()
+        };
+        for mode in [VerifyClient::On, VerifyClient::OptionalNoCa] {
+            let one = at(mode, 1);
+            assert!(matches!(one.check(Some(std::slice::from_ref(&direct))), CertCheck::Accepted(_)));
+            assert_eq!(one.check(Some(&chain)), CertCheck::Refused("certificate chain too long"), "{mode:?}");
+            let CertCheck::Accepted(facts) = at(mode, 2).check(Some(&chain)) else { panic!("depth 2 refused") };
+            assert_eq!(facts.verify, "SUCCESS");
+        }
+        // An intermediate the client did not send is still an unknown issuer.
+        assert_eq!(
+            at(VerifyClient::On, 1).check(Some(&chain[..1])),
+            CertCheck::Refused("unable to get local issuer certificate")
+        );
     }
 
     #[test]
@@ -612,6 +673,6 @@ mod tests {
         let empty = dir.join("empty.pem");
         std::fs::write(&empty, "not a certificate\n").unwrap();
         assert!(super::super::load_roots(&empty).unwrap_err().contains("no CA certificates"));
-        assert!(ClientAuth::new(VerifyClient::On, None, None).is_err());
+        assert!(ClientAuth::new(&ClientCertSettings { mode: VerifyClient::On, ..Default::default() }).is_err());
     }
 }

@@ -562,3 +562,41 @@ default = "dovecot"
     assert r.returncode != 0
     assert f"{bad}:14:" in r.stderr + r.stdout and "listener[0].client_crl_file" in r.stderr + r.stdout, r.stderr
     assert "no CRLs" in r.stderr + r.stdout
+
+
+def test_verify_depth_limits_intermediates(dovecot, pki, tmp_path):
+    """nginx's ssl_verify_depth, default 1: a certificate from an intermediate CA (sent by the
+    client with its own) is refused unless the listener allows the longer chain."""
+    d = pki["dir"]
+    ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes"]
+    (tmp_path / "int.ext").write_text("basicConstraints=critical,CA:TRUE\nkeyUsage=critical,keyCertSign,cRLSign\n")
+    openssl("req", *ec, "-keyout", "int.key", "-out", "int.csr", "-subj", "/O=Example/CN=intermediate", cwd=tmp_path)
+    openssl("x509", "-req", "-in", "int.csr", "-CA", f"{d}/ca.pem", "-CAkey", f"{d}/ca.key", "-set_serial", "0x33",
+            "-days", "30", "-extfile", "int.ext", "-out", "int.pem", cwd=tmp_path)
+    openssl("req", *ec, "-keyout", "carol.key", "-out", "carol.csr", "-subj", "/O=Example/CN=carol", cwd=tmp_path)
+    openssl("x509", "-req", "-in", "carol.csr", "-CA", "int.pem", "-CAkey", "int.key", "-set_serial", "0x44",
+            "-days", "30", "-extfile", f"{d}/client.ext", "-out", "carol.pem", cwd=tmp_path)
+    (tmp_path / "carol-chain.pem").write_text((tmp_path / "carol.pem").read_text() + (tmp_path / "int.pem").read_text())
+    carol = client_tls_context()
+    carol.load_cert_chain(str(tmp_path / "carol-chain.pem"), str(tmp_path / "carol.key"))
+    ports = {"imaps": free_port(), "imaps-depth2": free_port()}
+    out = ['[tls]', 'self_signed_names = ["localhost"]', '']
+    for name, port in ports.items():
+        out += ['[[listener]]', f'name = "{name}"', f'bind = "127.0.0.1:{port}"', 'protocol = "imap"',
+                'tls = "implicit"', 'verify_client = "on"', f'client_ca_file = "{d}/ca.pem"']
+        if name == "imaps-depth2":
+            out.append("client_verify_depth = 2")
+        out.append('')
+    out += ['[auth]', 'source = "backend"', '', '[[backend]]', 'name = "dovecot"',
+            f'address = "127.0.0.1:{dovecot.imap_port}"', 'health = { enabled = false }', '',
+            '[routing.imap]', 'default = "dovecot"', '']
+    pc = Portcullis(str(tmp_path), "\n".join(out)).start()
+    try:
+        assert wait_for_greeting(ports["imaps"], ctx_with(pki, "alice"))
+        assert tls_lines(ports["imaps"], carol) == b"* BYE SSL certificate error\r\n"
+        assert "certificate chain too long" in pc.log()
+        m = imaplib.IMAP4_SSL("127.0.0.1", ports["imaps-depth2"], ssl_context=carol, timeout=10)
+        assert m.login(*DEMO)[0] == "OK"
+        m.logout()
+    finally:
+        pc.stop()
