@@ -287,8 +287,9 @@ pub struct ClientCertSettings {
     pub ca_file: Option<PathBuf>,
     /// Revocation lists, checked for every certificate in the chain up to the CAs.
     pub crl_file: Option<PathBuf>,
-    /// The longest chain accepted, counted as OpenSSL does: 1 (nginx's default) is a certificate
-    /// issued by one of the CAs itself, 2 allows one intermediate from the client, and so on.
+    /// How many intermediate CAs from the client may stand between its certificate and a CA
+    /// from `ca_file`, as OpenSSL (1.1 and later) counts `ssl_verify_depth`: 0 is a certificate
+    /// issued by one of those CAs itself, 1 (nginx's default) allows one intermediate.
     pub verify_depth: usize,
 }
 
@@ -306,7 +307,7 @@ impl Default for ClientCertSettings {
 /// nginx's `ssl_verify_depth` default.
 pub const DEFAULT_VERIFY_DEPTH: usize = 1;
 /// webpki builds paths of at most six intermediates.
-const MAX_VERIFY_DEPTH: i64 = 7;
+const MAX_VERIFY_DEPTH: i64 = 6;
 
 /// Whether a TLS listener asks for client certificates, named as nginx's `ssl_verify_client`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -1245,11 +1246,11 @@ impl Validator<'_> {
             if settings.ca_file.is_none() {
                 return Err(needs_ca(d.span(), "client_verify_depth"));
             }
-            if !(1..=MAX_VERIFY_DEPTH).contains(d.get_ref()) {
+            if !(0..=MAX_VERIFY_DEPTH).contains(d.get_ref()) {
                 return Err(self.err(
                     Some(d.span()),
                     field("client_verify_depth"),
-                    format!("expected 1 to {MAX_VERIFY_DEPTH}, found {}", d.get_ref()),
+                    format!("expected 0 to {MAX_VERIFY_DEPTH}, found {}", d.get_ref()),
                 ));
             }
             settings.verify_depth = *d.get_ref() as usize;
@@ -1945,7 +1946,7 @@ default = "b"
         .unwrap_err();
         assert_eq!((e.field.as_str(), e.position.map(|p| p.0)), ("listener[0].client_crl_file", Some(19)));
         assert!(e.message.contains("missing.pem"), "{e}");
-        // client_verify_depth: 1 (nginx's default) unless set, 1 to 7, only with a CA file.
+        // client_verify_depth: 1 (nginx's default) unless set, 0 to 6, only with a CA file.
         let with_ca = |extra: &str| {
             l(&format!(
                 "tls = \"implicit\"\nverify_client = \"on\"\nclient_ca_file = \"{}\"\n{extra}",
@@ -1953,16 +1954,18 @@ default = "b"
             ))
         };
         assert_eq!(parse(&with_ca("")).unwrap().listeners[0].client_cert.verify_depth, 1);
-        assert_eq!(parse(&with_ca("client_verify_depth = 3")).unwrap().listeners[0].client_cert.verify_depth, 3);
-        let e = parse(&with_ca("client_verify_depth = 0")).unwrap_err();
+        assert_eq!(parse(&with_ca("client_verify_depth = 0")).unwrap().listeners[0].client_cert.verify_depth, 0);
+        assert_eq!(parse(&with_ca("client_verify_depth = 6")).unwrap().listeners[0].client_cert.verify_depth, 6);
+        let e = parse(&with_ca("client_verify_depth = 7")).unwrap_err();
         assert_eq!(
             (e.field.as_str(), e.message.as_str()),
-            ("listener[0].client_verify_depth", "expected 1 to 7, found 0")
+            ("listener[0].client_verify_depth", "expected 0 to 6, found 7")
         );
         assert_eq!(e.position.map(|p| p.0), Some(19));
         let e =
             parse(&l("tls = \"implicit\"\nverify_client = \"optional_no_ca\"\nclient_verify_depth = 2")).unwrap_err();
         assert_eq!((e.field.as_str(), e.message.as_str()), ("listener[0].client_verify_depth", "needs client_ca_file"));
+        assert_eq!(e.position.map(|p| p.0), Some(18));
     }
 
     #[test]

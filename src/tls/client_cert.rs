@@ -24,7 +24,7 @@ pub struct ClientAuth {
     mode: VerifyClient,
     /// Verifies a chain against the listener's CAs (none for `optional_no_ca` without a CA file).
     chain: Option<Arc<dyn ClientCertVerifier>>,
-    /// Intermediates from the client that a chain may use (`verify_depth - 1`).
+    /// Intermediates from the client that a chain may use (`verify_depth`).
     max_intermediates: usize,
     request: Arc<RequestCertificate>,
     /// The earliest next update of the revocation lists (Unix seconds): past it, every
@@ -100,7 +100,7 @@ impl ClientAuth {
                 let mut builder = WebPkiClientVerifier::builder_with_provider(roots, provider.clone());
                 if let Some(crl_path) = crl_file {
                     let crls = load_crls(crl_path)?;
-                    crl_next_update = crl_facts(crl_path, &crls)?;
+                    crl_next_update = self::crl_next_update(crl_path, &crls)?;
                     builder = builder.with_crls(crls).enforce_revocation_expiration();
                 }
                 let verifier = builder.build().map_err(|e| match e {
@@ -116,8 +116,7 @@ impl ClientAuth {
             None => return Err("client certificates need a CA file".into()),
         };
         let request = Arc::new(RequestCertificate { hints, algorithms: provider.signature_verification_algorithms });
-        let max_intermediates = settings.verify_depth.saturating_sub(1);
-        Ok(ClientAuth { mode, chain, max_intermediates, request, crl_next_update })
+        Ok(ClientAuth { mode, chain, max_intermediates: settings.verify_depth, request, crl_next_update })
     }
 
     /// When the first of the listener's CRLs expires (Unix seconds), if it has any.
@@ -140,8 +139,9 @@ impl ClientAuth {
         };
         let Some((details, in_date)) = details(leaf) else { return CertCheck::Refused("unreadable certificate") };
         let self_signed = details.subject == details.issuer;
-        // nginx's `ssl_verify_depth`: only the first `depth - 1` certificates the client sent
-        // after its own (TLS puts each issuer after what it issued) may link it to a CA.
+        // nginx's `ssl_verify_depth`: only the first `depth` certificates the client sent after
+        // its own may link it to a CA. Clients send each issuer after what it issued (TLS 1.2
+        // requires it); one that sends them out of order needs a larger depth.
         let allowed = &intermediates[..intermediates.len().min(self.max_intermediates)];
         let verdict = match &self.chain {
             Some(v) => {
@@ -193,19 +193,27 @@ fn load_crls(path: &Path) -> Result<Vec<CertificateRevocationListDer<'static>>, 
     Ok(crls)
 }
 
-/// When the first of the CRLs expires (Unix seconds). Two CRLs from one issuer are refused:
-/// only the first would ever be consulted, so a newer one appended after it would silently not
-/// apply. (A CRL webpki cannot parse is reported by the verifier's builder.)
-fn crl_facts(path: &Path, crls: &[CertificateRevocationListDer<'_>]) -> Result<Option<i64>, String> {
-    let mut issuers = Vec::new();
+/// When the first of the CRLs expires (Unix seconds). Two CRLs for the same scope (issuer and
+/// issuing distribution point) are refused: only the first would ever be consulted, so a newer
+/// one appended after it would silently not apply. Partitioned CRLs (one issuer, different
+/// distribution points) are fine. (A CRL webpki cannot parse is refused by the verifier's
+/// builder.)
+fn crl_next_update(path: &Path, crls: &[CertificateRevocationListDer<'_>]) -> Result<Option<i64>, String> {
+    let mut scopes: Vec<(Vec<u8>, Option<Vec<u8>>)> = Vec::new();
     let mut next_update = None::<i64>;
     for crl in crls {
         let Ok((_, parsed)) = x509_parser::parse_x509_crl(crl) else { continue };
         let issuer = parsed.issuer();
-        if issuers.iter().any(|i: &Vec<u8>| i == issuer.as_raw()) {
+        let point = parsed
+            .extensions()
+            .iter()
+            .find(|e| e.oid == x509_parser::oid_registry::OID_X509_EXT_ISSUER_DISTRIBUTION_POINT)
+            .map(|e| e.value.to_vec());
+        let scope = (issuer.as_raw().to_vec(), point);
+        if scopes.contains(&scope) {
             return Err(format!("{}: two CRLs from {}; keep only the newest", path.display(), rfc2253(issuer)));
         }
-        issuers.push(issuer.as_raw().to_vec());
+        scopes.push(scope);
         if let Some(t) = parsed.next_update() {
             next_update = Some(next_update.map_or(t.timestamp(), |n| n.min(t.timestamp())));
         }
@@ -494,12 +502,20 @@ mod tests {
 
     /// A CRL from `by` revoking `serials`, its next update `next` days from now.
     fn crl(by: &CertifiedIssuer<'static, KeyPair>, serials: &[&[u8]], next: i64) -> String {
+        crl_at(by, serials, next, None)
+    }
+
+    /// The same, for the distribution point `uri` (a partition of the issuer's CRL).
+    fn crl_at(by: &CertifiedIssuer<'static, KeyPair>, serials: &[&[u8]], next: i64, uri: Option<&str>) -> String {
         let now = time::OffsetDateTime::now_utc();
         rcgen::CertificateRevocationListParams {
             this_update: now - time::Duration::days(2),
             next_update: now + time::Duration::days(next),
             crl_number: rcgen::SerialNumber::from(1u64),
-            issuing_distribution_point: None,
+            issuing_distribution_point: uri.map(|u| rcgen::CrlIssuingDistributionPoint {
+                distribution_point: rcgen::CrlDistributionPoint { uris: vec![u.to_string()] },
+                scope: None,
+            }),
             revoked_certs: serials
                 .iter()
                 .map(|s| rcgen::RevokedCertParams {
@@ -540,7 +556,7 @@ mod tests {
                 mode,
                 ca_file: Some(ca_path.clone()),
                 crl_file: Some(path),
-                verify_depth: 2,
+                verify_depth: 1,
             })
         };
         let revoking_bob = crl(&good_ca, &[&[0x0b, 0x0b]], 7);
@@ -552,6 +568,13 @@ mod tests {
         // Two from one issuer: only the first would count, so the file is refused.
         let e = with(VerifyClient::On, &format!("{revoking_bob}{}", crl(&good_ca, &[], 3))).unwrap_err();
         assert!(e.contains("two CRLs from CN=Example Client CA"), "{e}");
+        // ... unless they are partitions of its list, for different distribution points.
+        let partitions = format!(
+            "{revoking_bob}{}{}",
+            crl_at(&good_ca, &[], 7, Some("http://crl.example/1")),
+            crl_at(&good_ca, &[], 7, Some("http://crl.example/2"))
+        );
+        assert!(with(VerifyClient::On, &partitions).is_ok());
         for mode in [VerifyClient::On, VerifyClient::Optional, VerifyClient::OptionalNoCa] {
             let p = with(mode, &revoking_bob).unwrap();
             assert!(matches!(p.check(Some(std::slice::from_ref(&alice))), CertCheck::Accepted(_)), "{mode:?}");
@@ -620,8 +643,8 @@ mod tests {
         assert!(ClientAuth::new(&no_ca).is_err());
     }
 
-    /// nginx's `ssl_verify_depth`: 1 (the default) is a certificate a CA issued itself; each
-    /// step up allows one more intermediate from the client.
+    /// nginx's `ssl_verify_depth`, counted as OpenSSL 1.1 and later do: 0 is a certificate a CA
+    /// issued itself, 1 (the default) allows one intermediate from the client, and so on.
     #[test]
     fn verify_depth() {
         let root = ca("Example Root");
@@ -640,12 +663,22 @@ mod tests {
             let s = ClientCertSettings { mode, ca_file: Some(dir.join("root.pem")), crl_file: None, verify_depth };
             ClientAuth::new(&s).unwrap()
         };
+        let second = {
+            let mut p = CertificateParams::new(Vec::<String>::new()).unwrap();
+            p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+            p.distinguished_name.push(DnType::CommonName, "Example Second Intermediate");
+            CertifiedIssuer::signed_by(p, KeyPair::generate().unwrap(), &intermediate).unwrap()
+        };
+        let long = [issued("dave", &second, -1, 30), second.der().clone(), intermediate.der().clone()];
         for mode in [VerifyClient::On, VerifyClient::OptionalNoCa] {
-            let one = at(mode, 1);
-            assert!(matches!(one.check(Some(std::slice::from_ref(&direct))), CertCheck::Accepted(_)));
-            assert_eq!(one.check(Some(&chain)), CertCheck::Refused("certificate chain too long"), "{mode:?}");
-            let CertCheck::Accepted(facts) = at(mode, 2).check(Some(&chain)) else { panic!("depth 2 refused") };
+            let zero = at(mode, 0);
+            assert!(matches!(zero.check(Some(std::slice::from_ref(&direct))), CertCheck::Accepted(_)));
+            assert_eq!(zero.check(Some(&chain)), CertCheck::Refused("certificate chain too long"), "{mode:?}");
+            let default = at(mode, crate::config::DEFAULT_VERIFY_DEPTH);
+            let CertCheck::Accepted(facts) = default.check(Some(&chain)) else { panic!("one intermediate refused") };
             assert_eq!(facts.verify, "SUCCESS");
+            assert_eq!(default.check(Some(&long)), CertCheck::Refused("certificate chain too long"), "{mode:?}");
+            assert!(matches!(at(mode, 2).check(Some(&long)), CertCheck::Accepted(_)));
         }
         // An intermediate the client did not send is still an unknown issuer.
         assert_eq!(

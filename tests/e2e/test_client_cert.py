@@ -565,8 +565,9 @@ default = "dovecot"
 
 
 def test_verify_depth_limits_intermediates(dovecot, pki, tmp_path):
-    """nginx's ssl_verify_depth, default 1: a certificate from an intermediate CA (sent by the
-    client with its own) is refused unless the listener allows the longer chain."""
+    """nginx's ssl_verify_depth, counted as OpenSSL 1.1+ does, default 1: a certificate from an
+    intermediate CA (sent by the client with its own) passes by default and is refused where
+    the listener allows no intermediate (depth 0)."""
     d = pki["dir"]
     ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes"]
     (tmp_path / "int.ext").write_text("basicConstraints=critical,CA:TRUE\nkeyUsage=critical,keyCertSign,cRLSign\n")
@@ -579,13 +580,13 @@ def test_verify_depth_limits_intermediates(dovecot, pki, tmp_path):
     (tmp_path / "carol-chain.pem").write_text((tmp_path / "carol.pem").read_text() + (tmp_path / "int.pem").read_text())
     carol = client_tls_context()
     carol.load_cert_chain(str(tmp_path / "carol-chain.pem"), str(tmp_path / "carol.key"))
-    ports = {"imaps": free_port(), "imaps-depth2": free_port()}
+    ports = {"imaps": free_port(), "imaps-depth0": free_port()}
     out = ['[tls]', 'self_signed_names = ["localhost"]', '']
     for name, port in ports.items():
         out += ['[[listener]]', f'name = "{name}"', f'bind = "127.0.0.1:{port}"', 'protocol = "imap"',
                 'tls = "implicit"', 'verify_client = "on"', f'client_ca_file = "{d}/ca.pem"']
-        if name == "imaps-depth2":
-            out.append("client_verify_depth = 2")
+        if name == "imaps-depth0":
+            out.append("client_verify_depth = 0")
         out.append('')
     out += ['[auth]', 'source = "backend"', '', '[[backend]]', 'name = "dovecot"',
             f'address = "127.0.0.1:{dovecot.imap_port}"', 'health = { enabled = false }', '',
@@ -593,10 +594,11 @@ def test_verify_depth_limits_intermediates(dovecot, pki, tmp_path):
     pc = Portcullis(str(tmp_path), "\n".join(out)).start()
     try:
         assert wait_for_greeting(ports["imaps"], ctx_with(pki, "alice"))
-        assert tls_lines(ports["imaps"], carol) == b"* BYE SSL certificate error\r\n"
-        assert "certificate chain too long" in pc.log()
-        m = imaplib.IMAP4_SSL("127.0.0.1", ports["imaps-depth2"], ssl_context=carol, timeout=10)
+        m = imaplib.IMAP4_SSL("127.0.0.1", ports["imaps"], ssl_context=carol, timeout=10)
         assert m.login(*DEMO)[0] == "OK"
         m.logout()
+        assert tls_lines_first(ports["imaps-depth0"], ctx_with(pki, "alice")).startswith(b"* OK")
+        assert tls_lines(ports["imaps-depth0"], carol) == b"* BYE SSL certificate error\r\n"
+        assert "certificate chain too long" in pc.log()
     finally:
         pc.stop()

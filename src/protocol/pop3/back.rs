@@ -36,7 +36,7 @@ pub async fn connect_and_login(
             BackendError::Protocol("unexpected greeting")
         });
     }
-    let xclient = greeting.windows(9).any(|w| w.eq_ignore_ascii_case(b"[XCLIENT]"));
+    let xclient_offered = greeting.windows(9).any(|w| w.eq_ignore_ascii_case(b"[XCLIENT]"));
 
     if backend.transport == Transport::StartTls {
         stream.write_all(b"STLS\r\n").await?;
@@ -54,9 +54,9 @@ pub async fn connect_and_login(
     // algorithm until our delayed ACK (measured against Dovecot; docs/performance.md). Other
     // backends get one command at a time, as nginx sends them.
     let mut first = Batch::default();
-    let xclient_sent = backend.client_address == ClientAddress::Xclient;
-    if xclient_sent {
-        if !xclient {
+    let send_xclient = backend.client_address == ClientAddress::Xclient;
+    if send_xclient {
+        if !xclient_offered {
             return Err(BackendError::Protocol(
                 "backend does not offer XCLIENT (is the proxy in login_trusted_networks?)",
             ));
@@ -94,7 +94,7 @@ pub async fn connect_and_login(
             crate::auth::wipe(&mut b64);
         }
     }
-    let mut xclient_reply_due = xclient_sent;
+    let mut xclient_reply_due = send_xclient;
     let mut reply = Vec::new();
     for batch in [&first, &last] {
         if batch.replies == 0 {
