@@ -27,8 +27,8 @@ pub struct ClientAuth {
     /// Intermediates from the client that a chain may use (`verify_depth`).
     max_intermediates: usize,
     request: Arc<RequestCertificate>,
-    /// The earliest next update of the revocation lists (Unix seconds): past it, every
-    /// certificate is refused until a new CRL is installed.
+    /// The earliest next update of the revocation lists (Unix seconds): past it, certificates
+    /// whose chain needs that list are refused until a new CRL is installed.
     crl_next_update: Option<i64>,
 }
 
