@@ -30,7 +30,16 @@ pub struct ClientAuth {
     /// The earliest next update of the revocation lists (Unix seconds): past it, certificates
     /// whose chain needs that list are refused until a new CRL is installed.
     crl_next_update: Option<i64>,
+    /// Chains verified under this policy, by a hash of their bytes, with the time their verdict
+    /// holds until: the first expiry of any of their certificates or of the CRLs. A returning
+    /// client's chain then costs a hash instead of a signature check and a path search (its
+    /// key signature is still checked in every handshake). The cache belongs to the policy, so
+    /// new CAs or CRLs (a reload) start it empty.
+    verified: std::sync::Mutex<std::collections::HashMap<[u8; 32], i64>>,
 }
+
+/// Verified chains kept per listener; when full the cache starts over.
+const MAX_VERIFIED: usize = 4096;
 
 /// What the handshake's certificate means for the session.
 #[derive(Debug, PartialEq, Eq)]
@@ -116,7 +125,51 @@ impl ClientAuth {
             None => return Err("client certificates need a CA file".into()),
         };
         let request = Arc::new(RequestCertificate { hints, algorithms: provider.signature_verification_algorithms });
-        Ok(ClientAuth { mode, chain, max_intermediates: settings.verify_depth, request, crl_next_update })
+        Ok(ClientAuth {
+            mode,
+            chain,
+            max_intermediates: settings.verify_depth,
+            request,
+            crl_next_update,
+            verified: Default::default(),
+        })
+    }
+
+    /// Verify a chain, or find it verified before and still within the time its verdict holds.
+    fn verify(
+        &self,
+        v: &dyn ClientCertVerifier,
+        leaf: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+    ) -> Result<(), rustls::Error> {
+        let now = UnixTime::now();
+        let secs = i64::try_from(now.as_secs()).unwrap_or(i64::MAX);
+        let mut hash = aws_lc_rs::digest::Context::new(&aws_lc_rs::digest::SHA256);
+        for cert in std::iter::once(leaf).chain(intermediates) {
+            hash.update(&(cert.len() as u64).to_be_bytes());
+            hash.update(cert.as_ref());
+        }
+        let mut key = [0u8; 32];
+        key.copy_from_slice(hash.finish().as_ref());
+        let cache = || self.verified.lock().unwrap_or_else(|e| e.into_inner());
+        if cache().get(&key).is_some_and(|&until| secs < until) {
+            return Ok(());
+        }
+        v.verify_client_cert(leaf, intermediates, now)?;
+        // Good until the first certificate (of those the path may use) or CRL runs out; not
+        // kept if one of them cannot be read here.
+        let expiries: Option<Vec<i64>> = std::iter::once(leaf)
+            .chain(intermediates)
+            .map(|c| Some(x509_parser::parse_x509_certificate(c).ok()?.1.validity().not_after.timestamp()))
+            .collect();
+        if let Some(until) = expiries.and_then(|e| e.into_iter().chain(self.crl_next_update).min()) {
+            let mut cache = cache();
+            if cache.len() >= MAX_VERIFIED {
+                cache.clear();
+            }
+            cache.insert(key, until);
+        }
+        Ok(())
     }
 
     /// When the first of the listener's CRLs expires (Unix seconds), if it has any.
@@ -145,7 +198,7 @@ impl ClientAuth {
         let allowed = &intermediates[..intermediates.len().min(self.max_intermediates)];
         let verdict = match &self.chain {
             Some(v) => {
-                v.verify_client_cert(leaf, allowed, UnixTime::now()).map(|_| ()).map_err(|e| match reason(e) {
+                self.verify(v.as_ref(), leaf, allowed).map_err(|e| match reason(e) {
                     // Linked to a CA only through more intermediates than the depth allows:
                     // OpenSSL's "chain too long", which not even `optional_no_ca` accepts.
                     Failure::Unknown(_)
@@ -583,6 +636,10 @@ mod tests {
                 CertCheck::Refused("certificate revoked"),
                 "{mode:?}"
             );
+            // A verified chain is remembered only until the CRL runs out (7 days, before alice).
+            let week = time::OffsetDateTime::now_utc().unix_timestamp() + 7 * 86400;
+            let untils: Vec<i64> = p.verified.lock().unwrap().values().copied().collect();
+            assert!(untils.len() == 1 && (untils[0] - week).abs() < 120, "{untils:?}");
         }
         // Several CRLs in one file: the issuer's own is used.
         let both = format!("{}{revoking_bob}", crl(&other_ca, &[], 7));
@@ -685,6 +742,76 @@ mod tests {
             at(VerifyClient::On, 1).check(Some(&chain[..1])),
             CertCheck::Refused("unable to get local issuer certificate")
         );
+    }
+
+    /// Counts the chain verifications it passes on.
+    #[derive(Debug)]
+    struct Counting(Arc<dyn ClientCertVerifier>, std::sync::atomic::AtomicUsize);
+
+    impl ClientCertVerifier for Counting {
+        fn root_hint_subjects(&self) -> &[DistinguishedName] {
+            self.0.root_hint_subjects()
+        }
+        fn verify_client_cert(
+            &self,
+            end_entity: &CertificateDer<'_>,
+            intermediates: &[CertificateDer<'_>],
+            now: UnixTime,
+        ) -> Result<ClientCertVerified, rustls::Error> {
+            self.1.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            self.0.verify_client_cert(end_entity, intermediates, now)
+        }
+        fn verify_tls12_signature(
+            &self,
+            m: &[u8],
+            c: &CertificateDer<'_>,
+            d: &DigitallySignedStruct,
+        ) -> Result<HandshakeSignatureValid, rustls::Error> {
+            self.0.verify_tls12_signature(m, c, d)
+        }
+        fn verify_tls13_signature(
+            &self,
+            m: &[u8],
+            c: &CertificateDer<'_>,
+            d: &DigitallySignedStruct,
+        ) -> Result<HandshakeSignatureValid, rustls::Error> {
+            self.0.verify_tls13_signature(m, c, d)
+        }
+        fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+            self.0.supported_verify_schemes()
+        }
+    }
+
+    /// A returning client's chain is not verified again while its verdict holds; a refused
+    /// chain, another chain, or an expired verdict is.
+    #[test]
+    fn verified_chains_are_remembered_until_they_expire() {
+        let good_ca = ca("Example Client CA");
+        let alice = issued("alice", &good_ca, -1, 30);
+        let bob = issued("bob", &good_ca, -1, 30);
+        let mallory = issued("mallory", &ca("Somebody Else"), -1, 30);
+        let mut p = policy(VerifyClient::On, Some(&good_ca));
+        let counting = Arc::new(Counting(p.chain.clone().unwrap(), Default::default()));
+        p.chain = Some(counting.clone());
+        let calls = || counting.1.load(std::sync::atomic::Ordering::SeqCst);
+        for _ in 0..3 {
+            assert!(matches!(p.check(Some(std::slice::from_ref(&alice))), CertCheck::Accepted(_)));
+        }
+        assert_eq!(calls(), 1);
+        assert!(matches!(p.check(Some(std::slice::from_ref(&bob))), CertCheck::Accepted(_)));
+        assert_eq!(calls(), 2);
+        for _ in 0..2 {
+            assert!(matches!(p.check(Some(std::slice::from_ref(&mallory))), CertCheck::Refused(_)));
+        }
+        assert_eq!(calls(), 4);
+        // Kept until the certificate's own expiry, about 30 days from now.
+        let month = time::OffsetDateTime::now_utc().unix_timestamp() + 30 * 86400;
+        let untils: Vec<i64> = p.verified.lock().unwrap().values().copied().collect();
+        assert!(untils.len() == 2 && untils.iter().all(|u| (u - month).abs() < 120), "{untils:?}");
+        // Past it, verified again.
+        p.verified.lock().unwrap().values_mut().for_each(|u| *u = 0);
+        assert!(matches!(p.check(Some(std::slice::from_ref(&alice))), CertCheck::Accepted(_)));
+        assert_eq!(calls(), 5);
     }
 
     #[test]
