@@ -30,15 +30,16 @@ pub struct ClientAuth {
     /// The earliest next update of the revocation lists (Unix seconds): past it, certificates
     /// whose chain needs that list are refused until a new CRL is installed.
     crl_next_update: Option<i64>,
-    /// Chains verified under this policy, by a hash of their bytes, with the time their verdict
-    /// holds until: the first expiry of any of their certificates or of the CRLs. A returning
-    /// client's chain then costs a hash instead of a signature check and a path search (its
-    /// key signature is still checked in every handshake). The cache belongs to the policy, so
-    /// new CAs or CRLs (a reload) start it empty.
-    verified: std::sync::Mutex<std::collections::HashMap<[u8; 32], i64>>,
+    /// Chains verified under this policy, by a hash of the certificates given to the verifier
+    /// (the client's and the intermediates the depth allows), with the times their verdict
+    /// holds from and until: the latest start and the first expiry of their certificates and
+    /// the CRLs. A returning client's chain then costs a hash instead of a signature check and a
+    /// path search (its key signature is still checked in every handshake). The cache belongs
+    /// to the policy, so new CAs or CRLs (a reload) start it empty.
+    verified: std::sync::Mutex<std::collections::HashMap<[u8; 32], (i64, i64)>>,
 }
 
-/// Verified chains kept per listener; when full the cache starts over.
+/// Verified chains kept per listener; when full, expired ones go, and if none has, all.
 const MAX_VERIFIED: usize = 4096;
 
 /// What the handshake's certificate means for the session.
@@ -152,22 +153,30 @@ impl ClientAuth {
         let mut key = [0u8; 32];
         key.copy_from_slice(hash.finish().as_ref());
         let cache = || self.verified.lock().unwrap_or_else(|e| e.into_inner());
-        if cache().get(&key).is_some_and(|&until| secs < until) {
+        if cache().get(&key).is_some_and(|&(from, until)| from <= secs && secs < until) {
             return Ok(());
         }
         v.verify_client_cert(leaf, intermediates, now)?;
-        // Good until the first certificate (of those the path may use) or CRL runs out; not
-        // kept if one of them cannot be read here.
-        let expiries: Option<Vec<i64>> = std::iter::once(leaf)
+        // Good while every certificate the path may use is in date and the CRLs have not run
+        // out; not kept if a certificate cannot be read here.
+        let validity: Option<Vec<(i64, i64)>> = std::iter::once(leaf)
             .chain(intermediates)
-            .map(|c| Some(x509_parser::parse_x509_certificate(c).ok()?.1.validity().not_after.timestamp()))
+            .map(|c| {
+                let v = x509_parser::parse_x509_certificate(c).ok()?.1.validity().clone();
+                Some((v.not_before.timestamp(), v.not_after.timestamp()))
+            })
             .collect();
-        if let Some(until) = expiries.and_then(|e| e.into_iter().chain(self.crl_next_update).min()) {
+        if let Some(validity) = validity {
+            let from = validity.iter().map(|v| v.0).max().unwrap_or(i64::MAX);
+            let until = validity.iter().map(|v| v.1).chain(self.crl_next_update).min().unwrap_or(i64::MIN);
             let mut cache = cache();
             if cache.len() >= MAX_VERIFIED {
-                cache.clear();
+                cache.retain(|_, &mut (_, until)| secs < until);
+                if cache.len() >= MAX_VERIFIED {
+                    cache.clear();
+                }
             }
-            cache.insert(key, until);
+            cache.insert(key, (from, until));
         }
         Ok(())
     }
@@ -249,13 +258,15 @@ fn load_crls(path: &Path) -> Result<Vec<CertificateRevocationListDer<'static>>, 
 /// When the first of the CRLs expires (Unix seconds). Two CRLs for the same scope (issuer and
 /// issuing distribution point) are refused: only the first would ever be consulted, so a newer
 /// one appended after it would silently not apply. Partitioned CRLs (one issuer, different
-/// distribution points) are fine. (A CRL webpki cannot parse is refused by the verifier's
-/// builder.)
+/// distribution points) are fine. A CRL that cannot be read here is refused too: its expiry
+/// would be missing from the metric and from how long a verified chain is remembered.
 fn crl_next_update(path: &Path, crls: &[CertificateRevocationListDer<'_>]) -> Result<Option<i64>, String> {
     let mut scopes: Vec<(Vec<u8>, Option<Vec<u8>>)> = Vec::new();
     let mut next_update = None::<i64>;
     for crl in crls {
-        let Ok((_, parsed)) = x509_parser::parse_x509_crl(crl) else { continue };
+        let Ok((_, parsed)) = x509_parser::parse_x509_crl(crl) else {
+            return Err(format!("{}: not a usable CRL (cannot be read)", path.display()));
+        };
         let issuer = parsed.issuer();
         let point = parsed
             .extensions()
@@ -638,7 +649,7 @@ mod tests {
             );
             // A verified chain is remembered only until the CRL runs out (7 days, before alice).
             let week = time::OffsetDateTime::now_utc().unix_timestamp() + 7 * 86400;
-            let untils: Vec<i64> = p.verified.lock().unwrap().values().copied().collect();
+            let untils: Vec<i64> = p.verified.lock().unwrap().values().map(|v| v.1).collect();
             assert!(untils.len() == 1 && (untils[0] - week).abs() < 120, "{untils:?}");
         }
         // Several CRLs in one file: the issuer's own is used.
@@ -806,12 +817,23 @@ mod tests {
         assert_eq!(calls(), 4);
         // Kept until the certificate's own expiry, about 30 days from now.
         let month = time::OffsetDateTime::now_utc().unix_timestamp() + 30 * 86400;
-        let untils: Vec<i64> = p.verified.lock().unwrap().values().copied().collect();
+        let untils: Vec<i64> = p.verified.lock().unwrap().values().map(|v| v.1).collect();
         assert!(untils.len() == 2 && untils.iter().all(|u| (u - month).abs() < 120), "{untils:?}");
-        // Past it, verified again.
-        p.verified.lock().unwrap().values_mut().for_each(|u| *u = 0);
+        // Past it, verified again; so too before its start (a clock set back).
+        p.verified.lock().unwrap().values_mut().for_each(|v| v.1 = 0);
         assert!(matches!(p.check(Some(std::slice::from_ref(&alice))), CertCheck::Accepted(_)));
         assert_eq!(calls(), 5);
+        p.verified.lock().unwrap().values_mut().for_each(|v| v.0 = i64::MAX);
+        assert!(matches!(p.check(Some(std::slice::from_ref(&alice))), CertCheck::Accepted(_)));
+        assert_eq!(calls(), 6);
+        // The intermediates given to the verifier are part of the key.
+        let with_extra = [alice.clone(), bob.clone()];
+        let mut deep = policy(VerifyClient::On, Some(&good_ca));
+        deep.max_intermediates = 1;
+        deep.chain = Some(counting.clone());
+        assert!(matches!(deep.check(Some(std::slice::from_ref(&alice))), CertCheck::Accepted(_)));
+        assert!(matches!(deep.check(Some(&with_extra)), CertCheck::Accepted(_)));
+        assert_eq!(calls(), 8);
     }
 
     #[test]
