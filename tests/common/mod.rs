@@ -228,21 +228,16 @@ async fn serve(
             Ok(0) | Err(_) => return,
             Ok(_) => {}
         }
-        // Read a LITERAL+ argument inline so the recorded line is whole.
-        while let Some(n) = literal_plus_len(&line) {
-            let mut lit = vec![0u8; n];
-            if r.read_exact(&mut lit).await.is_err() {
-                return;
-            }
-            line.extend_from_slice(&lit);
-            if r.read_until(b'\n', &mut line).await.is_err() {
-                return;
-            }
-        }
-        // A synchronising literal: the sender waits for "+" before the value.
-        while let Some(n) = sync_literal_len(&line).filter(|_| behaviour == Behaviour::SyncLiterals) {
-            if w.write_all(b"+ go ahead\r\n").await.is_err() {
-                return;
+        // Read literal arguments inline so the recorded line is whole: a LITERAL+ one at once, a
+        // synchronising one (only where this backend does without LITERAL+) after its "+".
+        while let Some((n, sync)) = literal_len(&line) {
+            if sync {
+                if behaviour != Behaviour::SyncLiterals {
+                    break;
+                }
+                if w.write_all(b"+ go ahead\r\n").await.is_err() {
+                    return;
+                }
             }
             let mut lit = vec![0u8; n];
             if r.read_exact(&mut lit).await.is_err() {
@@ -414,19 +409,17 @@ async fn serve_smtp(s: TcpStream, behaviour: Behaviour, rec: Arc<Mutex<Vec<Vec<S
     }
 }
 
-fn sync_literal_len(line: &[u8]) -> Option<usize> {
+/// The literal announced at the end of a line: its length, and whether it is synchronising
+/// (`{n}`, the sender waits for "+") rather than LITERAL+ (`{n+}`).
+fn literal_len(line: &[u8]) -> Option<(usize, bool)> {
     let s = std::str::from_utf8(line).ok()?;
     let s = s.trim_end_matches(['\r', '\n']);
     let open = s.rfind('{')?;
-    s[open + 1..].strip_suffix('}')?.parse().ok()
-}
-
-fn literal_plus_len(line: &[u8]) -> Option<usize> {
-    let s = std::str::from_utf8(line).ok()?;
-    let s = s.trim_end_matches(['\r', '\n']);
-    let open = s.rfind('{')?;
-    let inner = s[open + 1..].strip_suffix("+}")?;
-    inner.parse().ok()
+    let inner = s[open + 1..].strip_suffix('}')?;
+    match inner.strip_suffix('+') {
+        Some(n) => Some((n.parse().ok()?, false)),
+        None => Some((inner.parse().ok()?, true)),
+    }
 }
 
 /// A line-oriented test client over any stream.

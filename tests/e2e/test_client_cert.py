@@ -27,23 +27,47 @@ def openssl(*args, cwd):
     subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True)
 
 
+EC_KEY = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes"]
+
+
+def issue(d, name, ca, serial, ext, days="30", cn=None):
+    """d/name.key and d/name.pem for /O=Example/CN=<cn or name>, issued by the CA at ca.pem and
+    ca.key (a path without the suffix), with the extensions in the file ext."""
+    openssl("req", *EC_KEY, "-keyout", f"{name}.key", "-out", f"{name}.csr", "-subj", f"/O=Example/CN={cn or name}",
+            cwd=d)
+    openssl("x509", "-req", "-in", f"{name}.csr", "-CA", f"{ca}.pem", "-CAkey", f"{ca}.key", "-set_serial", serial,
+            "-days", days, "-extfile", ext, "-out", f"{name}.pem", cwd=d)
+
+
+def dovecot_proxy_config(dovecot, listeners, admin=None):
+    """A config with implicit-TLS IMAP listeners, {name: (port, [extra lines])}, in front of
+    Dovecot, which checks the passwords (auth.source = "backend")."""
+    out = ['[tls]', 'self_signed_names = ["localhost"]', '']
+    if admin is not None:
+        out += ['[admin]', f'bind = "127.0.0.1:{admin}"', '']
+    for name, (port, extra) in listeners.items():
+        out += ['[[listener]]', f'name = "{name}"', f'bind = "127.0.0.1:{port}"', 'protocol = "imap"',
+                'tls = "implicit"', *extra, '']
+    out += ['[auth]', 'source = "backend"', '', '[[backend]]', 'name = "dovecot"',
+            f'address = "127.0.0.1:{dovecot.imap_port}"', 'health = { enabled = false }', '',
+            '[routing.imap]', 'default = "dovecot"', '']
+    return "\n".join(out)
+
+
 @pytest.fixture(scope="module")
 def pki(tmp_path_factory):
     """ca.pem (trusted by the proxy), alice (issued by it), mallory (issued by another CA),
     expired (issued by the trusted CA, no longer valid) and self (self-signed)."""
     d = str(tmp_path_factory.mktemp("pki"))
-    ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes"]
     for ca in ("ca", "other-ca"):
-        openssl("req", "-x509", *ec, "-keyout", f"{ca}.key", "-out", f"{ca}.pem", "-days", "30",
+        openssl("req", "-x509", *EC_KEY, "-keyout", f"{ca}.key", "-out", f"{ca}.pem", "-days", "30",
                 "-subj", f"/O=Example/CN={ca} root", "-addext", "basicConstraints=critical,CA:TRUE",
                 "-addext", "keyUsage=critical,keyCertSign,cRLSign", cwd=d)
     with open(os.path.join(d, "client.ext"), "w") as f:
         f.write("basicConstraints=CA:FALSE\nextendedKeyUsage=clientAuth\n")
     for name, ca, days in (("alice", "ca", "30"), ("mallory", "other-ca", "30"), ("expired", "ca", "-1")):
-        openssl("req", *ec, "-keyout", f"{name}.key", "-out", f"{name}.csr", "-subj", f"/O=Example/CN={name}", cwd=d)
-        openssl("x509", "-req", "-in", f"{name}.csr", "-CA", f"{ca}.pem", "-CAkey", f"{ca}.key", "-set_serial", "0x1F42",
-                "-days", days, "-extfile", "client.ext", "-out", f"{name}.pem", cwd=d)
-    openssl("req", "-x509", *ec, "-keyout", "self.key", "-out", "self.pem", "-days", "30", "-subj", "/CN=self", cwd=d)
+        issue(d, name, ca, "0x1F42", "client.ext", days=days)
+    openssl("req", "-x509", *EC_KEY, "-keyout", "self.key", "-out", "self.pem", "-days", "30", "-subj", "/CN=self", cwd=d)
     fingerprint = subprocess.run(["openssl", "x509", "-in", "alice.pem", "-noout", "-fingerprint", "-sha1"],
                                  cwd=d, check=True, capture_output=True, text=True).stdout
     return {"dir": d, "alice_sha1": fingerprint.split("=", 1)[1].strip().replace(":", "").lower()}
@@ -341,32 +365,10 @@ def test_replaced_ca_file_applies_to_new_sessions(dovecot, pki, tmp_path):
     """The client CA file is watched like the certificates: replacing it applies to the next
     handshake, and a session already logged in goes on."""
     import shutil
-    import time
     ca = tmp_path / "client-ca.pem"
     shutil.copy(os.path.join(pki["dir"], "ca.pem"), ca)
     port = free_port()
-    cfg = f"""[tls]
-self_signed_names = ["localhost"]
-
-[[listener]]
-name = "imaps"
-bind = "127.0.0.1:{port}"
-protocol = "imap"
-tls = "implicit"
-verify_client = "on"
-client_ca_file = "{ca}"
-
-[auth]
-source = "backend"
-
-[[backend]]
-name = "dovecot"
-address = "127.0.0.1:{dovecot.imap_port}"
-health = {{ enabled = false }}
-
-[routing.imap]
-default = "dovecot"
-"""
+    cfg = dovecot_proxy_config(dovecot, {"imaps": (port, ['verify_client = "on"', f'client_ca_file = "{ca}"'])})
     pc = Portcullis(str(tmp_path), cfg).start()
     try:
         assert wait_for_greeting(port, ctx_with(pki, "alice"))
@@ -375,9 +377,7 @@ default = "dovecot"
         tmp = tmp_path / "client-ca.pem.new"
         shutil.copy(os.path.join(pki["dir"], "other-ca.pem"), tmp)
         os.replace(tmp, ca)
-        deadline = time.monotonic() + 10
-        while tls_lines_first(port, ctx_with(pki, "mallory")).startswith(b"* BYE") and time.monotonic() < deadline:
-            time.sleep(0.1)
+        wait_for(lambda: tls_lines_first(port, ctx_with(pki, "mallory")).startswith(b"* OK"), timeout=10, interval=0.1)
         assert tls_lines_first(port, ctx_with(pki, "mallory")).startswith(b"* OK")
         assert tls_lines(port, ctx_with(pki, "alice")) == b"* BYE SSL certificate error\r\n"
         assert held.noop()[0] == "OK"
@@ -495,43 +495,15 @@ def test_revoked_certificates_are_refused(dovecot, pki, tmp_path):
     and before Dovecot hears of it; a replaced CRL applies to the next handshake, while a session
     already logged in goes on; `portcullis check` names a CRL file that holds no CRL."""
     import shutil
-    import time
     d = pki["dir"]
-    openssl("req", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes", "-keyout", str(tmp_path / "bob.key"),
-            "-out", str(tmp_path / "bob.csr"), "-subj", "/O=Example/CN=bob", cwd=d)
-    openssl("x509", "-req", "-in", str(tmp_path / "bob.csr"), "-CA", "ca.pem", "-CAkey", "ca.key", "-set_serial", "0x0B0B",
-            "-days", "30", "-extfile", "client.ext", "-out", str(tmp_path / "bob.pem"), cwd=d)
+    issue(tmp_path, "bob", f"{d}/ca", "0x0B0B", f"{d}/client.ext")
     bob = client_tls_context()
     bob.load_cert_chain(str(tmp_path / "bob.pem"), str(tmp_path / "bob.key"))
     crl = tmp_path / "crl.pem"
     shutil.copy(make_crl(pki, tmp_path / "ca1", [str(tmp_path / "bob.pem")]), crl)
     port, admin = free_port(), free_port()
-    cfg = f"""[tls]
-self_signed_names = ["localhost"]
-
-[admin]
-bind = "127.0.0.1:{admin}"
-
-[[listener]]
-name = "imaps"
-bind = "127.0.0.1:{port}"
-protocol = "imap"
-tls = "implicit"
-verify_client = "on"
-client_ca_file = "{d}/ca.pem"
-client_crl_file = "{crl}"
-
-[auth]
-source = "backend"
-
-[[backend]]
-name = "dovecot"
-address = "127.0.0.1:{dovecot.imap_port}"
-health = {{ enabled = false }}
-
-[routing.imap]
-default = "dovecot"
-"""
+    settings = ['verify_client = "on"', f'client_ca_file = "{d}/ca.pem"', f'client_crl_file = "{crl}"']
+    cfg = dovecot_proxy_config(dovecot, {"imaps": (port, settings)}, admin=admin)
     pc = Portcullis(str(tmp_path), cfg).start()
     try:
         assert wait_for_greeting(port, ctx_with(pki, "alice"))
@@ -547,9 +519,7 @@ default = "dovecot"
         tmp = tmp_path / "crl.pem.new"
         shutil.copy(make_crl(pki, tmp_path / "ca2", [str(tmp_path / "bob.pem"), os.path.join(d, "alice.pem")]), tmp)
         os.replace(tmp, crl)
-        deadline = time.monotonic() + 10
-        while tls_lines_first(port, ctx_with(pki, "alice")).startswith(b"* OK") and time.monotonic() < deadline:
-            time.sleep(0.1)
+        wait_for(lambda: tls_lines_first(port, ctx_with(pki, "alice")).startswith(b"* BYE"), timeout=10, interval=0.1)
         assert tls_lines(port, ctx_with(pki, "alice")) == b"* BYE SSL certificate error\r\n"
         assert held.noop()[0] == "OK"
         held.logout()
@@ -560,7 +530,8 @@ default = "dovecot"
     bad.write_text(cfg.replace(f'client_crl_file = "{crl}"', f'client_crl_file = "{d}/ca.pem"'))
     r = subprocess.run([portcullis_binary(), "check", "--config", str(bad)], capture_output=True, text=True)
     assert r.returncode != 0
-    assert f"{bad}:14:" in r.stderr + r.stdout and "listener[0].client_crl_file" in r.stderr + r.stdout, r.stderr
+    line = cfg.splitlines().index(f'client_crl_file = "{crl}"') + 1
+    assert f"{bad}:{line}:" in r.stderr + r.stdout and "listener[0].client_crl_file" in r.stderr + r.stdout, r.stderr
     assert "no CRLs" in r.stderr + r.stdout
 
 
@@ -569,29 +540,17 @@ def test_verify_depth_limits_intermediates(dovecot, pki, tmp_path):
     intermediate CA (sent by the client with its own) passes by default and is refused where
     the listener allows no intermediate (depth 0)."""
     d = pki["dir"]
-    ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes"]
     (tmp_path / "int.ext").write_text("basicConstraints=critical,CA:TRUE\nkeyUsage=critical,keyCertSign,cRLSign\n")
-    openssl("req", *ec, "-keyout", "int.key", "-out", "int.csr", "-subj", "/O=Example/CN=intermediate", cwd=tmp_path)
-    openssl("x509", "-req", "-in", "int.csr", "-CA", f"{d}/ca.pem", "-CAkey", f"{d}/ca.key", "-set_serial", "0x33",
-            "-days", "30", "-extfile", "int.ext", "-out", "int.pem", cwd=tmp_path)
-    openssl("req", *ec, "-keyout", "carol.key", "-out", "carol.csr", "-subj", "/O=Example/CN=carol", cwd=tmp_path)
-    openssl("x509", "-req", "-in", "carol.csr", "-CA", "int.pem", "-CAkey", "int.key", "-set_serial", "0x44",
-            "-days", "30", "-extfile", f"{d}/client.ext", "-out", "carol.pem", cwd=tmp_path)
+    issue(tmp_path, "int", f"{d}/ca", "0x33", "int.ext", cn="intermediate")
+    issue(tmp_path, "carol", "int", "0x44", f"{d}/client.ext")
     (tmp_path / "carol-chain.pem").write_text((tmp_path / "carol.pem").read_text() + (tmp_path / "int.pem").read_text())
     carol = client_tls_context()
     carol.load_cert_chain(str(tmp_path / "carol-chain.pem"), str(tmp_path / "carol.key"))
     ports = {"imaps": free_port(), "imaps-depth0": free_port()}
-    out = ['[tls]', 'self_signed_names = ["localhost"]', '']
-    for name, port in ports.items():
-        out += ['[[listener]]', f'name = "{name}"', f'bind = "127.0.0.1:{port}"', 'protocol = "imap"',
-                'tls = "implicit"', 'verify_client = "on"', f'client_ca_file = "{d}/ca.pem"']
-        if name == "imaps-depth0":
-            out.append("client_verify_depth = 0")
-        out.append('')
-    out += ['[auth]', 'source = "backend"', '', '[[backend]]', 'name = "dovecot"',
-            f'address = "127.0.0.1:{dovecot.imap_port}"', 'health = { enabled = false }', '',
-            '[routing.imap]', 'default = "dovecot"', '']
-    pc = Portcullis(str(tmp_path), "\n".join(out)).start()
+    settings = ['verify_client = "on"', f'client_ca_file = "{d}/ca.pem"']
+    cfg = dovecot_proxy_config(dovecot, {"imaps": (ports["imaps"], settings),
+                                         "imaps-depth0": (ports["imaps-depth0"], settings + ["client_verify_depth = 0"])})
+    pc = Portcullis(str(tmp_path), cfg).start()
     try:
         assert wait_for_greeting(ports["imaps"], ctx_with(pki, "alice"))
         m = imaplib.IMAP4_SSL("127.0.0.1", ports["imaps"], ssl_context=carol, timeout=10)
