@@ -418,6 +418,9 @@ mod tests {
         );
         let req = build_request("http://auth.example/", &query(Protocol::Smtp), &[], false).unwrap();
         let r = render(&req);
+        // Reliability case 52: the proxy does no reverse DNS (nginx does with `resolver`), so
+        // Client-Host, like XCLIENT's NAME, is always nginx's placeholder for "no name": no
+        // resolver to fail, stall or loop.
         assert!(r.contains("auth-protocol: smtp\r\nauth-login-attempt: 2\r\nclient-ip: 192.0.2.42\r\nclient-host: [UNAVAILABLE]\r\nauth-smtp-helo: client.example\r\n"), "{r}");
         // A listener with verify_client: the certificate facts follow the cipher, in nginx's order.
         use crate::tls::client_cert::{CertDetails, ClientCertFacts};

@@ -5,18 +5,21 @@ Clients: poplib, smtplib, swaks, curl. The client side binds 127.0.0.2 so its ad
 from the proxy's own and can be found in the backends' logs and headers.
 """
 
+import base64
+import contextlib
 import hashlib
 import os
 import poplib
 import smtplib
 import socket
+import ssl
 import subprocess
 import time
 
 import pytest
 
 from conftest import DEMO
-from servers import CLIENT_IP, client_tls_context, wait_for
+from servers import CLIENT_IP, client_socket, client_tls_context, wait_for
 
 
 def body_of(message):
@@ -253,3 +256,160 @@ def test_pop3_and_smtp_alpn(mail_proxy):
         with socket.create_connection(("127.0.0.1", mail_proxy.setup.port(name)), timeout=5) as raw:
             with ctx.wrap_socket(raw, server_hostname="localhost") as t:
                 assert t.selected_alpn_protocol() == good
+
+
+# Reliability case 46: end-of-data look-alikes (SMTP smuggling, hannob/smtpsmug). Only CRLF.CRLF
+# ends DATA; what a backend makes of the others is its own business (Postfix 3.7's
+# smtpd_forbid_bare_newline is off by default). Case 47: a second message pipelined in the same
+# DATA stream after a real CRLF.CRLF, which is legal after AUTH.
+SMUGGLING_VARIANTS = [
+    b"\n.\n", b"\r.\r", b"\r.\n", b"\n.\r", b"\n.\r\n", b"\r\n.\n", b"\r.\r\n", b"\r\n.\r",
+    b"\r\n\0.\r\n", b"\r\n.\0\r\n", b"\r\r\n.\r\r\n", b"\r\n.\r\n",
+]
+
+
+def smuggling_session(sock, index, variant, path):
+    """After login: one transaction whose message carries `variant` followed by a second
+    transaction's commands and message, all in one write after the 354, then QUIT. Returns the
+    final reply lines from MAIL FROM on, up to the server's close."""
+    def tag(part):
+        return f"smug{index}-{path}-{part}"
+
+    def head(part):
+        return (f"From: {DEMO[0]}\r\nTo: {DEMO[0]}\r\nSubject: {tag(part)}\r\n"
+                f"Message-ID: <{tag(part)}@e2e.example.test>\r\n\r\n").encode()
+
+    sock.sendall(f"MAIL FROM:<{DEMO[0]}>\r\nRCPT TO:<{DEMO[0]}>\r\nDATA\r\n".encode())
+    replies = read_replies(sock, 3)
+    assert [r[:3] for r in replies] == [b"250", b"250", b"354"], replies
+    sock.sendall(
+        head("outer") + b"first part" + variant
+        + f"MAIL FROM:<{DEMO[0]}>\r\nRCPT TO:<{DEMO[0]}>\r\nDATA\r\n".encode()
+        + head("inner") + b"smuggled part\r\n.\r\n"
+    )
+    sock.sendall(b"QUIT\r\n")
+    replies += read_replies(sock, None)
+    assert replies[-1].startswith(b"221"), replies
+    return replies
+
+
+def read_replies(sock, count):
+    """`count` final reply lines (all of them up to EOF when None)."""
+    buf, lines = b"", []
+    while count is None or len(lines) < count:
+        try:
+            chunk = sock.recv(4096)
+        except (ssl.SSLEOFError, ConnectionResetError):
+            chunk = b""
+        if not chunk:
+            break
+        buf += chunk
+        while b"\r\n" in buf:
+            line, buf = buf.split(b"\r\n", 1)
+            if line[3:4] != b"-":
+                lines.append(line)
+    return lines
+
+
+def expect_reply(sock, code):
+    reply = read_replies(sock, 1)
+    assert reply and reply[0].startswith(code), reply
+
+
+def delivered_smuggling(postfix, path, queued, timeout=15.0):
+    """{variant index: sorted [parts found together in one delivered file]} for `path`, once
+    `queued` files have arrived."""
+    marker = f"-{path}-".encode()
+
+    def files():
+        out = []
+        for p in postfix.delivered(DEMO[0]):
+            with open(p, "rb") as f:
+                data = f.read()
+            if marker in data and b"Subject: smug" in data:
+                out.append(data)
+        return out
+
+    assert wait_for(lambda: len(files()) >= queued, timeout=timeout), postfix.log()[-3000:]
+    time.sleep(0.3)
+    found = {}
+    for data in files():
+        parts = tuple(sorted(p for p in ("outer", "inner") if f"-{path}-{p}@".encode() in data))
+        index = int(data.split(b"Subject: smug", 1)[1].split(b"-", 1)[0])
+        found.setdefault(index, []).append((parts, body_of(data).replace(marker, b"-PATH-")))
+    return {k: sorted(v) for k, v in found.items()}
+
+
+def test_smuggling_look_alikes_reach_postfix_as_sent(mail_proxy):
+    """Reliability cases 46 and 47: after AUTH the proxy relays the DATA stream byte for byte and
+    acts on none of the end-of-data look-alikes, so Postfix behind the proxy does exactly what it
+    does for a client talking to it directly: the same replies, the same messages delivered."""
+    pf = mail_proxy.postfix
+    replies = {"proxy": [], "direct": []}
+    for index, variant in enumerate(SMUGGLING_VARIANTS):
+        # Through the proxy: implicit TLS, AUTH PLAIN; the proxy logs in to Postfix with XCLIENT.
+        with submission_login(mail_proxy) as s:
+            replies["proxy"].append(smuggling_session(s, index, variant, "proxy"))
+        # Directly: the same XCLIENT the proxy sends, then the same bytes.
+        with client_socket(pf.port, source="127.0.0.1") as s:
+            expect_reply(s, b"220")
+            s.sendall(b"EHLO proxy.example\r\n")
+            expect_reply(s, b"250")
+            s.sendall(f"XCLIENT ADDR={CLIENT_IP} NAME=[UNAVAILABLE] PROTO=ESMTP HELO=client.example "
+                      f"LOGIN={DEMO[0]}\r\n".encode())
+            expect_reply(s, b"220")
+            s.sendall(b"EHLO client.example\r\n")
+            expect_reply(s, b"250")
+            replies["direct"].append(smuggling_session(s, index, variant, "direct"))
+    codes = {path: [[r[:3] for r in session] for session in got] for path, got in replies.items()}
+    assert codes["proxy"] == codes["direct"]
+    queued = sum(b"queued as" in r for session in replies["proxy"] for r in session)
+    through, direct = delivered_smuggling(pf, "proxy", queued), delivered_smuggling(pf, "direct", queued)
+    assert through == direct
+    # Not vacuous: every session delivered something, and a real CRLF.CRLF ends the first message
+    # so the pipelined second is delivered on its own (case 47). Debian 12's Postfix (3.7, with
+    # smtpd_forbid_bare_newline off) also splits at four of the look-alikes (\n.\n, \n.\r\n,
+    # \r\n.\n, \r\r\n.\r\r\n); a proxy that rewrote line ends or NULs, stopped at a look-alike
+    # or answered for the backend would differ from the direct session above.
+    last = len(SMUGGLING_VARIANTS) - 1
+    assert [p for p, _ in through[last]] == [("inner",), ("outer",)], through[last]
+    assert len(through) == len(SMUGGLING_VARIANTS)
+
+    # The fix README gives operators works behind the proxy: with smtpd_forbid_bare_newline =
+    # normalize, \n.\n no longer ends the message. Its exclusions ($mynetworks, 127.0.0.1 here)
+    # are matched against the address XCLIENT forwarded (127.0.0.2), not the proxy's.
+    bare_lf = SMUGGLING_VARIANTS.index(b"\n.\n")
+    assert [p for p, _ in through[bare_lf]] == [("inner",), ("outer",)], "Postfix's default changed?"
+    postfix_settings(pf, "smtpd_forbid_bare_newline=normalize")
+    try:
+        with submission_login(mail_proxy) as s:
+            session = smuggling_session(s, bare_lf, SMUGGLING_VARIANTS[bare_lf], "fixed")
+        assert [r[:3] for r in session] == [b"250", b"250", b"354", b"250", b"221"], session
+        fixed = delivered_smuggling(pf, "fixed", 1)
+        assert [p for p, _ in fixed[bare_lf]] == [("inner", "outer")], fixed
+    finally:
+        postfix_settings(pf, "smtpd_forbid_bare_newline=no")
+
+
+@contextlib.contextmanager
+def submission_login(mail_proxy):
+    """A raw TLS socket to the proxy's port 465, logged in as the demo user."""
+    with client_socket(mail_proxy.setup.port("submissions")) as raw:
+        with client_tls_context().wrap_socket(raw, server_hostname="localhost") as s:
+            expect_reply(s, b"220")
+            s.sendall(b"EHLO client.example\r\n")
+            expect_reply(s, b"250")
+            plain = base64.b64encode(f"\0{DEMO[0]}\0{DEMO[1]}".encode())
+            s.sendall(b"AUTH PLAIN " + plain + b"\r\n")
+            expect_reply(s, b"235")
+            yield s
+
+
+def postfix_settings(postfix, setting):
+    """Change one main.cf setting of the test Postfix and reload it; returns once its master has
+    reloaded (idle smtpd processes of the old generation exit then)."""
+    reloads = postfix.log().count(" reload -- version")
+    subprocess.run(["postconf", "-c", postfix.dir, "-e", setting], check=True, capture_output=True)
+    subprocess.run(["postfix", "-c", postfix.dir, "reload"], check=True, capture_output=True)
+    assert wait_for(lambda: postfix.log().count(" reload -- version") > reloads, timeout=10), postfix.log()[-2000:]
+    time.sleep(0.3)
