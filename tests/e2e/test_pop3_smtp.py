@@ -12,14 +12,13 @@ import os
 import poplib
 import smtplib
 import socket
-import ssl
 import subprocess
 import time
 
 import pytest
 
 from conftest import DEMO, QUOTED
-from servers import CLIENT_IP, child_pids, client_socket, client_tls_context, wait_for
+from servers import CLIENT_IP, RawClient, child_pids, client_tls_context, wait_for
 
 
 def body_of(message):
@@ -270,7 +269,7 @@ SMUGGLING_VARIANTS = [
 SMUGGLE_RCPT = QUOTED[0]
 
 
-def smuggling_session(sock, index, variant, path):
+def smuggling_session(c, index, variant, path):
     """After login: one transaction whose message carries `variant` followed by a second
     transaction's commands and message, all in one write after the 354, then QUIT. Returns the
     final reply lines from MAIL FROM on, up to the server's close."""
@@ -282,37 +281,28 @@ def smuggling_session(sock, index, variant, path):
                 f"Message-ID: <{tag(part)}@e2e.example.test>\r\n\r\n").encode()
 
     envelope = f"MAIL FROM:<{DEMO[0]}>\r\nRCPT TO:<{SMUGGLE_RCPT}>\r\nDATA\r\n".encode()
-    sock.sendall(envelope)
-    replies = read_replies(sock, 3)
+    c.send(envelope)
+    replies = [reply(c) for _ in range(3)]
     assert [r[:3] for r in replies] == [b"250", b"250", b"354"], replies
-    sock.sendall(head("outer") + b"first part" + variant + envelope + head("inner") + b"smuggled part\r\n.\r\n")
-    sock.sendall(b"QUIT\r\n")
-    replies += read_replies(sock, None)
+    c.send(head("outer") + b"first part" + variant + envelope + head("inner") + b"smuggled part\r\n.\r\n")
+    c.send(b"QUIT\r\n")
+    # The last lines of every reply, up to the server's close.
+    replies += [line for line in c.read_to_close(10).split(b"\r\n") if line[3:4] == b" "]
     assert replies[-1].startswith(b"221"), replies
     return replies
 
 
-def read_replies(sock, count):
-    """`count` final reply lines (all of them up to EOF when None)."""
-    buf, lines = b"", []
-    while count is None or len(lines) < count:
-        try:
-            chunk = sock.recv(4096)
-        except (ssl.SSLEOFError, ConnectionResetError):
-            chunk = b""
-        if not chunk:
-            break
-        buf += chunk
-        while b"\r\n" in buf:
-            line, buf = buf.split(b"\r\n", 1)
-            if line[3:4] != b"-":
-                lines.append(line)
-    return lines
+def reply(c):
+    """The last line of the next (multi-line) SMTP reply, without its CRLF."""
+    while True:
+        line = c.line()
+        if line[3:4] != b"-":
+            return line[:-2]
 
 
-def expect_reply(sock, code):
-    reply = read_replies(sock, 1)
-    assert reply and reply[0].startswith(code), reply
+def expect_reply(c, code):
+    r = reply(c)
+    assert r.startswith(code), r
 
 
 def delivered_smuggling(postfix, path, queued, timeout=15.0):
@@ -356,16 +346,19 @@ def test_smuggling_look_alikes_reach_postfix_as_sent(mail_proxy):
         with submission_login(mail_proxy) as s:
             replies["proxy"].append(smuggling_session(s, index, variant, "proxy"))
         # Directly: the same XCLIENT the proxy sends, then the same bytes.
-        with client_socket(pf.port, source="127.0.0.1") as s:
-            expect_reply(s, b"220")
-            s.sendall(b"EHLO proxy.example\r\n")
-            expect_reply(s, b"250")
-            s.sendall(f"XCLIENT ADDR={CLIENT_IP} PORT={s.getsockname()[1]} NAME=[UNAVAILABLE] PROTO=ESMTP "
-                      f"HELO=client.example LOGIN={DEMO[0]}\r\n".encode())
-            expect_reply(s, b"220")
-            s.sendall(b"EHLO client.example\r\n")
-            expect_reply(s, b"250")
-            replies["direct"].append(smuggling_session(s, index, variant, "direct"))
+        c = RawClient(pf.port, source="127.0.0.1")
+        try:
+            expect_reply(c, b"220")
+            c.send(b"EHLO proxy.example\r\n")
+            expect_reply(c, b"250")
+            c.send(f"XCLIENT ADDR={CLIENT_IP} PORT={c.sock.getsockname()[1]} NAME=[UNAVAILABLE] PROTO=ESMTP "
+                   f"HELO=client.example LOGIN={DEMO[0]}\r\n".encode())
+            expect_reply(c, b"220")
+            c.send(b"EHLO client.example\r\n")
+            expect_reply(c, b"250")
+            replies["direct"].append(smuggling_session(c, index, variant, "direct"))
+        finally:
+            c.close()
     codes = {path: [[r[:3] for r in session] for session in got] for path, got in replies.items()}
     assert codes["proxy"] == codes["direct"]
     queued = sum(b"queued as" in r for session in replies["proxy"] for r in session)
@@ -404,16 +397,17 @@ def test_smuggling_look_alikes_reach_postfix_as_sent(mail_proxy):
 
 @contextlib.contextmanager
 def submission_login(mail_proxy):
-    """A raw TLS socket to the proxy's port 465, logged in as the demo user."""
-    with client_socket(mail_proxy.setup.port("submissions")) as raw:
-        with client_tls_context().wrap_socket(raw, server_hostname="localhost") as s:
-            expect_reply(s, b"220")
-            s.sendall(b"EHLO client.example\r\n")
-            expect_reply(s, b"250")
-            plain = base64.b64encode(f"\0{DEMO[0]}\0{DEMO[1]}".encode())
-            s.sendall(b"AUTH PLAIN " + plain + b"\r\n")
-            expect_reply(s, b"235")
-            yield s
+    """A raw client on the proxy's port 465 (implicit TLS), logged in as the demo user."""
+    c = RawClient(mail_proxy.setup.port("submissions"), tls=True)
+    try:
+        expect_reply(c, b"220")
+        c.send(b"EHLO client.example\r\n")
+        expect_reply(c, b"250")
+        c.send(b"AUTH PLAIN " + base64.b64encode(f"\0{DEMO[0]}\0{DEMO[1]}".encode()) + b"\r\n")
+        expect_reply(c, b"235")
+        yield c
+    finally:
+        c.close()
 
 
 def postfix_reconfigure(postfix, set=(), remove=(), check=True):
