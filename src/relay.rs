@@ -17,6 +17,8 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::time::{Instant, Sleep};
 use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 
+use crate::protocol::smtp::guard::CommandGuard;
+
 /// Per-direction copy buffer, allocated only while data moves: commands and short replies fit
 /// the small one; once a read fills it (a bulk transfer), the direction moves to the large one,
 /// which cuts CPU per byte relayed (fewer reads and TLS writes per megabyte).
@@ -48,6 +50,8 @@ pub enum RelayEnd {
     Stopped,
     /// `limits.max_session_duration` reached.
     MaxDuration,
+    /// The client sent a command that must not reach the backend (see `CommandGuard`).
+    Refused,
 }
 
 impl RelayEnd {
@@ -59,6 +63,7 @@ impl RelayEnd {
             RelayEnd::BackendError => "backend_error",
             RelayEnd::Stopped => "shutdown",
             RelayEnd::MaxDuration => "max_duration",
+            RelayEnd::Refused => "refused_command",
         }
     }
 }
@@ -78,6 +83,10 @@ struct Direction {
     hold_close: bool,
     /// EOF was read and everything before it written; the shutdown is held back.
     held: bool,
+    /// Checks what this direction reads before it is written (client to backend, SMTP).
+    guard: Option<CommandGuard>,
+    /// The guard refused what was read: what came before it is written, then the copy ends.
+    refused: bool,
     bytes: u64,
     /// How much of `bytes` the meter has been given.
     reported: u64,
@@ -86,6 +95,8 @@ struct Direction {
 enum Side {
     Reader,
     Writer,
+    /// The direction's guard refused what the reader sent.
+    Guard,
 }
 
 impl Direction {
@@ -132,6 +143,10 @@ impl Direction {
                 ready!(w.as_mut().poll_flush(cx)).map_err(|e| (Side::Writer, e))?;
                 self.needs_flush = false;
             }
+            if self.refused {
+                self.buf = None;
+                return Poll::Ready(Err((Side::Guard, io::ErrorKind::InvalidData.into())));
+            }
             if self.read_done {
                 if self.hold_close {
                     // The relay's timer wakes it; nothing more moves this way.
@@ -160,8 +175,10 @@ impl Direction {
                     if n == 0 {
                         self.read_done = true;
                     } else {
+                        let cut = self.guard.as_mut().and_then(|g| g.scan(rb.filled()));
+                        self.refused = cut.is_some();
                         self.pos = 0;
-                        self.cap = n;
+                        self.cap = cut.unwrap_or(n);
                         self.bulk |= n == len;
                         *active = true;
                     }
@@ -191,8 +208,16 @@ pub struct Deadlines {
 }
 
 /// Relay between `client` and `backend` until both directions end, an error, `idle` passes with
-/// no byte moving either way, or a deadline (max duration, shutdown grace) passes.
-pub async fn relay<C, B>(client: &mut C, backend: &mut B, d: Deadlines, meters: Meters) -> (RelayEnd, Transferred)
+/// no byte moving either way, or a deadline (max duration, shutdown grace) passes. With a
+/// `guard`, what the client sends is checked before it is written, and the relay ends (as
+/// `Refused`) where the guard refuses it.
+pub async fn relay<C, B>(
+    client: &mut C,
+    backend: &mut B,
+    d: Deadlines,
+    meters: Meters,
+    guard: Option<CommandGuard>,
+) -> (RelayEnd, Transferred)
 where
     C: AsyncRead + AsyncWrite + Unpin + ?Sized,
     B: AsyncRead + AsyncWrite + Unpin + ?Sized,
@@ -205,7 +230,7 @@ where
     let mut r = Relay {
         client,
         backend,
-        up: Direction::default(),
+        up: Direction { guard, ..Direction::default() },
         down: Direction { hold_close: d.backend_close_hold.is_some(), ..Direction::default() },
         hold: d.backend_close_hold,
         held_end: None,
@@ -338,6 +363,7 @@ where
             return Poll::Ready(match side {
                 Side::Reader => RelayEnd::ClientError,
                 Side::Writer => RelayEnd::BackendError,
+                Side::Guard => RelayEnd::Refused,
             });
         }
         let mut down = this.down.poll_copy(cx, Pin::new(&mut *this.backend), Pin::new(&mut *this.client), &mut active);
@@ -355,6 +381,7 @@ where
             return Poll::Ready(match side {
                 Side::Reader => RelayEnd::BackendError,
                 Side::Writer => RelayEnd::ClientError,
+                Side::Guard => RelayEnd::Refused,
             });
         }
         if let Some(end) = this.held_end {
@@ -433,6 +460,7 @@ mod tests {
                 &mut backend_proxy,
                 Deadlines { idle: Duration::from_secs(5), ..Deadlines::default() },
                 meters,
+                None,
             )
             .await
         });
@@ -471,7 +499,7 @@ mod tests {
         let meters = Meters { backend_to_client: Some(down.clone()), ..Meters::default() };
         let task = tokio::spawn(async move {
             let d = Deadlines { idle: Duration::from_secs(5), ..Deadlines::default() };
-            relay(&mut client_proxy, &mut backend_proxy, d, meters).await
+            relay(&mut client_proxy, &mut backend_proxy, d, meters, None).await
         });
         let body: Vec<u8> = (0..4u32 << 20).map(|i| (i % 253) as u8).collect();
         let sent = body.clone();
@@ -509,7 +537,7 @@ mod tests {
                 backend_close_hold: Some(Box::new(|| Duration::from_secs(7))),
                 ..Deadlines::default()
             };
-            let end = relay(&mut client_proxy, &mut backend_proxy, d, Meters::default()).await.0;
+            let end = relay(&mut client_proxy, &mut backend_proxy, d, Meters::default(), None).await.0;
             (end, start.elapsed(), client_proxy)
         }
 
@@ -563,7 +591,7 @@ mod tests {
                 backend_close_hold: Some(Box::new(|| Duration::ZERO)),
                 ..Deadlines::default()
             };
-            relay(&mut client_proxy, &mut backend_proxy, d, Meters::default()).await.0
+            relay(&mut client_proxy, &mut backend_proxy, d, Meters::default(), None).await.0
         });
         backend_app.write_all(b"a OK Logout completed.\r\n").await.unwrap();
         drop(backend_app);
@@ -587,14 +615,42 @@ mod tests {
                 ..Deadlines::default()
             };
             let start = Instant::now();
-            let task =
-                tokio::spawn(async move { relay(&mut client_proxy, &mut backend_proxy, d, Meters::default()).await.0 });
+            let task = tokio::spawn(async move {
+                relay(&mut client_proxy, &mut backend_proxy, d, Meters::default(), None).await.0
+            });
             drop(backend_app);
             tokio::time::sleep(Duration::from_secs(2)).await;
             token.cancel();
             assert_eq!(task.await.unwrap(), RelayEnd::Closed);
             assert_eq!(start.elapsed(), Duration::from_secs(ends), "hold {hold}s, grace {grace}s");
         }
+    }
+
+    /// Reliability case 50 after login: the guard's cut is where the relay stops writing, and
+    /// the backend's replies up to then still reach the client.
+    #[tokio::test]
+    async fn a_refused_command_ends_the_relay_with_what_came_before_it_written() {
+        let (mut client_app, mut client_proxy) = duplex(1024);
+        let (mut backend_proxy, mut backend_app) = duplex(1024);
+        let d = Deadlines { idle: Duration::from_secs(5), ..Deadlines::default() };
+        let task = tokio::spawn(async move {
+            relay(&mut client_proxy, &mut backend_proxy, d, Meters::default(), Some(CommandGuard::default())).await
+        });
+        client_app.write_all(b"NOOP\r\n").await.unwrap();
+        let mut got = [0u8; 6];
+        backend_app.read_exact(&mut got).await.unwrap();
+        assert_eq!(&got, b"NOOP\r\n");
+        backend_app.write_all(b"250 2.0.0 Ok\r\n").await.unwrap();
+        let mut reply = [0u8; 14];
+        client_app.read_exact(&mut reply).await.unwrap();
+        assert_eq!(&reply, b"250 2.0.0 Ok\r\n");
+        client_app.write_all(b"RSET\r\nXCLIENT LOGIN=other\r\nMAIL FROM:<x@y>\r\n").await.unwrap();
+        let (end, t) = task.await.unwrap();
+        assert_eq!(end, RelayEnd::Refused);
+        assert_eq!(t.client_to_backend, 12, "NOOP and RSET, nothing after");
+        let mut rest = Vec::new();
+        backend_app.read_to_end(&mut rest).await.unwrap();
+        assert_eq!(rest, b"RSET\r\n");
     }
 
     /// Reliability case 60.
@@ -607,6 +663,7 @@ mod tests {
             &mut backend_proxy,
             Deadlines { idle: Duration::from_secs(1800), ..Deadlines::default() },
             Meters::default(),
+            None,
         )
         .await;
         assert_eq!(end, RelayEnd::IdleTimeout);
@@ -621,7 +678,7 @@ mod tests {
         let start = Instant::now();
         let task = tokio::spawn(async move {
             let d = Deadlines { idle: Duration::from_secs(1800), ..Deadlines::default() };
-            let end = relay(&mut client_proxy, &mut backend_proxy, d, Meters::default()).await.0;
+            let end = relay(&mut client_proxy, &mut backend_proxy, d, Meters::default(), None).await.0;
             (end, start.elapsed())
         });
         let mut buf = [0u8; 8];
@@ -646,7 +703,10 @@ mod tests {
             max_end: Some(Instant::now() + Duration::from_secs(60)),
             ..Deadlines::default()
         };
-        assert_eq!(relay(&mut client_proxy, &mut backend_proxy, d, Meters::default()).await.0, RelayEnd::MaxDuration);
+        assert_eq!(
+            relay(&mut client_proxy, &mut backend_proxy, d, Meters::default(), None).await.0,
+            RelayEnd::MaxDuration
+        );
         let token = CancellationToken::new();
         let t2 = token.clone();
         tokio::spawn(async move {
@@ -659,7 +719,7 @@ mod tests {
             shutdown: Some((token, Duration::from_secs(10))),
             ..Deadlines::default()
         };
-        assert_eq!(relay(&mut client_proxy, &mut backend_proxy, d, Meters::default()).await.0, RelayEnd::Stopped);
+        assert_eq!(relay(&mut client_proxy, &mut backend_proxy, d, Meters::default(), None).await.0, RelayEnd::Stopped);
         assert_eq!(start.elapsed(), Duration::from_secs(15));
     }
 }

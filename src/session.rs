@@ -24,6 +24,7 @@ use crate::health::{HealthTable, SessionGuard, Source};
 use crate::logging;
 use crate::metrics::{ActiveConnection, metrics};
 use crate::protocol::smtp::ehlo::EhloCache;
+use crate::protocol::smtp::guard::CommandGuard;
 use crate::protocol::{CloseReason, Event, Front, FrontSettings, Goodbye, LoginFailure};
 use crate::relay::{self, Transferred};
 use crate::tls::client_cert::{CertCheck, ClientAuth, ClientCertFacts};
@@ -31,6 +32,8 @@ use crate::tls::{ClientStream, MaybeTls, TlsInfo};
 
 /// Time past the login deadline in which a session still gets to say goodbye.
 const LOGIN_TIMEOUT_SLACK: Duration = Duration::from_secs(1);
+/// How long a relayed session that ends gets to write its goodbye and close.
+const GOODBYE_TIMEOUT: Duration = Duration::from_secs(1);
 
 /// Everything a session needs, fixed at accept.
 pub struct SessionCtx {
@@ -144,10 +147,26 @@ pub async fn run(mut ctx: SessionCtx, mut tcp: TcpStream) {
                 backend_close_hold: (!limits.backend_disconnect_spread.is_zero())
                     .then(|| a.guard.close_hold(limits.backend_disconnect_spread)),
             };
-            let (end, bytes) = relay_session(&mut a, protocol, deadlines).await;
-            if end == "shutdown" || end == "max_duration" {
-                let _ = a.client.write_all(a.goodbye).await;
-                let _ = a.client.shutdown().await;
+            // XCLIENT and XFORWARD are the proxy's to send (reliability case 50, after login).
+            let guard = (ctx.listener.protocol == Protocol::Smtp).then(CommandGuard::default);
+            let (end, bytes) = relay_session(&mut a, protocol, deadlines, guard).await;
+            let goodbye = match end {
+                "shutdown" | "max_duration" => Some(a.goodbye),
+                "refused_command" => {
+                    tracing::warn!(session = %ctx.id, client = %ctx.peer, user = %logging::safe_user(Some(&a.user)),
+                        "client sent XCLIENT or XFORWARD after login; session closed");
+                    Some(crate::protocol::goodbye(ctx.listener.protocol, Goodbye::RefusedCommand))
+                }
+                _ => None,
+            };
+            if let Some(goodbye) = goodbye {
+                // Briefly: a client that has stopped reading must not hold the session (and its
+                // backend connection and slots) open past its end.
+                let _ = tokio::time::timeout(GOODBYE_TIMEOUT, async {
+                    let _ = a.client.write_all(goodbye).await;
+                    let _ = a.client.shutdown().await;
+                })
+                .await;
             }
             (Outcome::Relayed(end), Some(a.user), Some(a.backend_name), bytes)
         }
@@ -216,15 +235,22 @@ async fn relay_session(
     a: &mut Authenticated,
     protocol: &str,
     deadlines: relay::Deadlines,
+    mut guard: Option<CommandGuard>,
 ) -> (&'static str, Transferred) {
     let first = std::mem::take(&mut a.to_client);
     if a.client.write_all(&first).await.is_err() || a.client.flush().await.is_err() {
         return ("client_error", Transferred::default());
     }
-    if !a.pipelined.is_empty() && a.backend.stream.write_all(&a.pipelined).await.is_err() {
+    // What the client sent after its login command is checked like the rest of its stream.
+    let pipelined = std::mem::take(&mut a.pipelined);
+    let cut = guard.as_mut().and_then(|g| g.scan(&pipelined));
+    let pass = &pipelined[..cut.unwrap_or(pipelined.len())];
+    if !pass.is_empty() && a.backend.stream.write_all(pass).await.is_err() {
         return ("backend_error", Transferred::default());
     }
-    a.pipelined = Vec::new();
+    if cut.is_some() {
+        return (relay::RelayEnd::Refused.as_str(), Transferred::default());
+    }
     // Bytes reach relayed_bytes_total as they move, so long sessions (IDLE, big FETCHes) show
     // in throughput graphs while they last rather than all at once when they end.
     let relayed = &metrics().relayed_bytes;
@@ -232,7 +258,7 @@ async fn relay_session(
         client_to_backend: Some(relayed.with_label_values(&[protocol, "client_to_backend"])),
         backend_to_client: Some(relayed.with_label_values(&[protocol, "backend_to_client"])),
     };
-    let (end, t) = relay::relay(&mut a.client, &mut a.backend.stream, deadlines, meters).await;
+    let (end, t) = relay::relay(&mut a.client, &mut a.backend.stream, deadlines, meters, guard).await;
     (end.as_str(), t)
 }
 

@@ -136,6 +136,8 @@ pub enum Goodbye {
     NoCertificate,
     /// The client's certificate was refused.
     CertificateError,
+    /// After login, the client sent a command only the proxy may send (SMTP XCLIENT, XFORWARD).
+    RefusedCommand,
 }
 
 /// Client facts a front end learned that a backend may be told.
@@ -264,6 +266,11 @@ pub fn goodbye(protocol: Protocol, why: Goodbye) -> &'static [u8] {
         (Protocol::Imap, Goodbye::CertificateError) => b"* BYE SSL certificate error\r\n",
         (Protocol::Pop3, Goodbye::CertificateError) => b"-ERR SSL certificate error\r\n",
         (Protocol::Smtp, Goodbye::CertificateError) => b"421 4.7.1 SSL certificate error\r\n",
+        (Protocol::Imap, Goodbye::RefusedCommand) => b"* BYE Command not allowed after login.\r\n",
+        (Protocol::Pop3, Goodbye::RefusedCommand) => b"-ERR Command not allowed after login.\r\n",
+        (Protocol::Smtp, Goodbye::RefusedCommand) => {
+            b"421 4.7.0 Command not allowed after login, closing connection\r\n"
+        }
     }
 }
 

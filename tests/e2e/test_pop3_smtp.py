@@ -346,19 +346,8 @@ def test_smuggling_look_alikes_reach_postfix_as_sent(mail_proxy):
         with submission_login(mail_proxy) as s:
             replies["proxy"].append(smuggling_session(s, index, variant, "proxy"))
         # Directly: the same XCLIENT the proxy sends, then the same bytes.
-        c = RawClient(pf.port, source="127.0.0.1")
-        try:
-            expect_reply(c, b"220")
-            c.send(b"EHLO proxy.example\r\n")
-            expect_reply(c, b"250")
-            c.send(f"XCLIENT ADDR={CLIENT_IP} PORT={c.sock.getsockname()[1]} NAME=[UNAVAILABLE] PROTO=ESMTP "
-                   f"HELO=client.example LOGIN={DEMO[0]}\r\n".encode())
-            expect_reply(c, b"220")
-            c.send(b"EHLO client.example\r\n")
-            expect_reply(c, b"250")
+        with postfix_login(pf) as c:
             replies["direct"].append(smuggling_session(c, index, variant, "direct"))
-        finally:
-            c.close()
     codes = {path: [[r[:3] for r in session] for session in got] for path, got in replies.items()}
     assert codes["proxy"] == codes["direct"]
     queued = sum(b"queued as" in r for session in replies["proxy"] for r in session)
@@ -393,6 +382,25 @@ def test_smuggling_look_alikes_reach_postfix_as_sent(mail_proxy):
     finally:
         postfix_reconfigure(pf, remove=["smtpd_forbid_bare_newline", "smtpd_forbid_bare_newline_exclusions"],
                             check=False)
+
+
+@contextlib.contextmanager
+def postfix_login(postfix):
+    """A raw client straight to Postfix from the proxy's address, logged in as the demo user with
+    the XCLIENT the proxy sends."""
+    c = RawClient(postfix.port, source="127.0.0.1")
+    try:
+        expect_reply(c, b"220")
+        c.send(b"EHLO proxy.example\r\n")
+        expect_reply(c, b"250")
+        c.send(f"XCLIENT ADDR={CLIENT_IP} PORT={c.sock.getsockname()[1]} NAME=[UNAVAILABLE] PROTO=ESMTP "
+               f"HELO=client.example LOGIN={DEMO[0]}\r\n".encode())
+        expect_reply(c, b"220")
+        c.send(b"EHLO client.example\r\n")
+        expect_reply(c, b"250")
+        yield c
+    finally:
+        c.close()
 
 
 @contextlib.contextmanager
@@ -435,3 +443,83 @@ def postfix_reconfigure(postfix, set=(), remove=(), check=True):
     subprocess.run(["postfix", "-c", postfix.dir, "reload"], check=check, capture_output=True)
     gone = wait_for(lambda: not any(p in smtpds() for p in old), timeout=10)
     assert gone or not check, f"smtpd processes from before the reload still run:\n{postfix.log()[-2000:]}"
+
+
+# Reliability case 50, after login: Postfix caches XCLIENT authorisation per connection, so a
+# connection from the proxy may send XCLIENT again at any time, and a client's XCLIENT relayed
+# after AUTH would take another user's login (LOGIN=) and address. Each stream below is one a
+# client could send after AUTH; each makes Postfix take the forged login when sent on a
+# connection that may use XCLIENT (checked below), and each is refused by the proxy.
+FORGED = "mallory@example.test"
+
+
+def forged_transaction(tag):
+    """A transaction after a forged XCLIENT: its message's Received header names the login
+    Postfix believed in."""
+    return (f"EHLO forged.example\r\nMAIL FROM:<{FORGED}>\r\nRCPT TO:<{SMUGGLE_RCPT}>\r\nDATA\r\n"
+            f"From: {FORGED}\r\nTo: {SMUGGLE_RCPT}\r\nSubject: {tag}\r\nMessage-ID: <{tag}@e2e.example.test>\r\n\r\n"
+            f"forged\r\n.\r\nQUIT\r\n").encode()
+
+
+XCLIENT_AFTER_LOGIN = {
+    "plain": b"XCLIENT LOGIN=" + FORGED.encode() + b" ADDR=6.6.6.6\r\n",
+    "leading space": b" XCLIENT LOGIN=" + FORGED.encode() + b"\r\n",
+    "tab": b"XCLIENT\tLOGIN=" + FORGED.encode() + b"\r\n",
+    "lower case, bare LF": b"xclient login=" + FORGED.encode() + b" addr=6.6.6.6\n",
+    "after another command": b"NOOP\r\nXCLIENT LOGIN=" + FORGED.encode() + b"\r\n",
+    # DATA without a transaction is refused (503), so what follows is read as commands.
+    "after a refused DATA": b"DATA\r\nXCLIENT LOGIN=" + FORGED.encode() + b"\r\n",
+    # Debian 12's Postfix ends a message at \n.\n (see the smuggling test above).
+    "after an end-of-data look-alike": (
+        f"MAIL FROM:<{DEMO[0]}>\r\nRCPT TO:<{SMUGGLE_RCPT}>\r\nDATA\r\nSubject: lookalike\r\n\r\nbody\n.\n"
+        f"XCLIENT LOGIN={FORGED}\r\n").encode(),
+}
+
+
+def forged_logins(postfix, tags, timeout=15.0):
+    """{tag: authenticated sender named in its delivered message}, once every tag has arrived."""
+    found = {}
+
+    def look():
+        for p in postfix.delivered(SMUGGLE_RCPT):
+            with open(p, "rb") as f:
+                data = f.read()
+            for tag in tags:
+                if f"<{tag}@e2e.example.test>".encode() in data:
+                    found[tag] = data.split(b"(Authenticated sender: ", 1)[1].split(b")", 1)[0].decode()
+        return len(found) == len(tags)
+
+    assert wait_for(look, timeout=timeout), (found, postfix.log()[-3000:])
+    return found
+
+
+def test_client_xclient_after_login_never_reaches_postfix(mail_proxy):
+    pf = mail_proxy.postfix
+    # Straight to Postfix from the proxy's address, each stream takes the forged login.
+    direct = {}
+    for i, (name, stream) in enumerate(XCLIENT_AFTER_LOGIN.items()):
+        with postfix_login(pf) as c:
+            c.send(stream + forged_transaction(f"forged-direct-{i}"))
+            direct[f"forged-direct-{i}"] = name
+            c.read_to_close(10)
+    assert set(forged_logins(pf, direct).values()) == {FORGED}
+    # Through the proxy, each is refused: the session is closed with a 421 and the forged
+    # transaction never reaches Postfix. So is XFORWARD (a backend may trust the proxy for it
+    # too), and a line after a bare CR (Postfix ends lines at LF only; other servers may not).
+    streams = dict(XCLIENT_AFTER_LOGIN, xforward=b"XFORWARD ADDR=6.6.6.6 NAME=forged.example\r\n",
+                   bare_cr=b"NOOP\rXCLIENT LOGIN=" + FORGED.encode() + b"\r\n")
+    for i, (name, stream) in enumerate(streams.items()):
+        with submission_login(mail_proxy) as s:
+            s.send(stream + forged_transaction(f"forged-proxy-{i}"))
+            lines = s.read_to_close(10).split(b"\r\n")
+            assert b"421 4.7.0 Command not allowed after login, closing connection" in lines, (name, lines)
+    # A message sent after them arrives on its own (with the real login); none of theirs did.
+    with submission_login(mail_proxy) as s:
+        s.send(forged_transaction("forged-after").replace(b"EHLO forged.example\r\n", b"").replace(
+            f"<{FORGED}>".encode(), f"<{DEMO[0]}>".encode()))
+        s.read_to_close(10)
+    assert forged_logins(pf, ["forged-after"]) == {"forged-after": DEMO[0]}
+    time.sleep(1)
+    for p in pf.delivered(SMUGGLE_RCPT):
+        with open(p, "rb") as f:
+            assert b"forged-proxy-" not in f.read()

@@ -1,0 +1,157 @@
+//! After login an SMTP session is relayed as bytes, with one exception: XCLIENT and XFORWARD
+//! from the client must never reach the backend (reliability case 50, after login as well as
+//! before). A backend that trusts the proxy with them checks that once per connection (Postfix
+//! caches `smtpd_authorized_xclient_hosts` so that XCLIENT cannot revoke itself), so a client's
+//! `XCLIENT LOGIN=someone-else` relayed after AUTH would be believed: another user's login, a
+//! forged address.
+//!
+//! The guard does not follow the session's state. Whether a line is a command or message text
+//! depends on the backend's replies (a refused DATA leaves it reading commands) and on where it
+//! thinks a message ends (Postfix also ends one at `\n.\n`, case 46), which the proxy cannot
+//! know for certain. So it refuses every line, anywhere in what the client sends, that a server
+//! could read as one of these commands: after a CR or LF (or at the start), any spaces and tabs,
+//! the verb in any case, then a space or tab. A line of message text that starts that way ends
+//! the session too; that is the price of never guessing.
+
+/// The verbs refused.
+const VERBS: [&[u8]; 2] = [b"XCLIENT", b"XFORWARD"];
+/// Every verb still possible, one bit per entry of `VERBS`.
+const ALL: u8 = 0b11;
+
+/// Scans what the client sends after login, across reads.
+#[derive(Debug)]
+pub struct CommandGuard {
+    state: State,
+}
+
+#[derive(Debug, Clone, Copy)]
+enum State {
+    /// At the start of a line or in its leading blanks (`matched` = 0), or `matched` letters
+    /// into the verbs whose bits are set in `verbs`.
+    Line { matched: usize, verbs: u8 },
+    /// In a line that cannot be one of the commands.
+    Text,
+}
+
+impl Default for CommandGuard {
+    fn default() -> Self {
+        // The first byte after login starts a command line.
+        Self { state: State::Line { matched: 0, verbs: ALL } }
+    }
+}
+
+fn blank(b: u8) -> bool {
+    b == b' ' || b == b'\t'
+}
+
+impl CommandGuard {
+    /// Scan the next bytes the client sent. `Some(n)`: a refused command starts at `bytes[n]`
+    /// (or, at 0, began in an earlier read); only `bytes[..n]` may go on, and the session must
+    /// end. What went on before holds no line end after the verb, so no server acts on it.
+    pub fn scan(&mut self, bytes: &[u8]) -> Option<usize> {
+        let mut line_start = 0;
+        let mut i = 0;
+        while i < bytes.len() {
+            let b = bytes[i];
+            if b == b'\r' || b == b'\n' {
+                self.state = State::Line { matched: 0, verbs: ALL };
+                i += 1;
+                line_start = i;
+                continue;
+            }
+            match self.state {
+                State::Text => match memchr::memchr2(b'\r', b'\n', &bytes[i..]) {
+                    Some(at) => i += at,
+                    None => return None,
+                },
+                State::Line { matched: 0, .. } if blank(b) => i += 1,
+                State::Line { matched, verbs } => {
+                    let mut next = 0;
+                    for (k, verb) in VERBS.iter().enumerate() {
+                        if verbs & (1 << k) == 0 {
+                            continue;
+                        }
+                        if matched == verb.len() {
+                            if blank(b) {
+                                return Some(line_start);
+                            }
+                        } else if verb[matched].eq_ignore_ascii_case(&b) {
+                            next |= 1 << k;
+                        }
+                    }
+                    self.state =
+                        if next == 0 { State::Text } else { State::Line { matched: matched + 1, verbs: next } };
+                    i += 1;
+                }
+            }
+        }
+        None
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Where a guard that is fed `chunks` one after the other refuses: (chunk, offset).
+    fn refused(chunks: &[&[u8]]) -> Option<(usize, usize)> {
+        let mut g = CommandGuard::default();
+        chunks.iter().enumerate().find_map(|(k, c)| g.scan(c).map(|at| (k, at)))
+    }
+
+    #[test]
+    fn refuses_the_commands_wherever_a_line_starts() {
+        // Reliability case 50 after login, and the forms the end-to-end test shows Postfix
+        // accepting: any case, leading blanks, a tab after the verb, bare LF line ends, after
+        // other commands and inside what may be message text (case 46's look-alikes).
+        for (stream, at) in [
+            (&b"XCLIENT LOGIN=x\r\n"[..], 0),
+            (b"xclient login=x\n", 0),
+            (b"  \tXClient\tLOGIN=x\r\n", 0),
+            (b"XFORWARD ADDR=1.2.3.4\r\n", 0),
+            (b"NOOP\r\nXCLIENT ADDR=1.2.3.4\r\n", 6),
+            (b"NOOP\rXCLIENT ADDR=1.2.3.4\r\n", 5),
+            (b"DATA\r\nSubject: x\r\n\r\nbody\n.\nXCLIENT LOGIN=x\r\n", 27),
+            (b"MAIL FROM:<a@b>\r\nDATA\r\ntext\r\n xforward NAME=x\r\n", 29),
+        ] {
+            assert_eq!(refused(&[stream]), Some((0, at)), "{:?}", String::from_utf8_lossy(stream));
+        }
+    }
+
+    #[test]
+    fn a_command_split_across_reads_is_refused_where_the_verb_completes() {
+        // The line began in the first read: nothing of the second may go on.
+        assert_eq!(refused(&[b"NOOP\r\nXCLI", b"ENT LOGIN=x\r\n"]), Some((1, 0)));
+        assert_eq!(refused(&[b"NOOP\r\n", b"XCLIENT", b" LOGIN=x\r\n"]), Some((2, 0)));
+        assert_eq!(refused(&[b"NOOP\r", b"\nXFORWARD ADDR=x\r\n"]), Some((1, 1)));
+        // The line end and the verb in separate reads: the verb's read is cut at its start.
+        assert_eq!(refused(&[b"RSET\r\n", b"  XCLIENT NAME=x\r\n"]), Some((1, 0)));
+    }
+
+    #[test]
+    fn everything_else_goes_through() {
+        let ok: &[&[u8]] = &[
+            b"EHLO client.example\r\nMAIL FROM:<xclient@example.test>\r\nRCPT TO:<a@b>\r\nDATA\r\n",
+            // Not the verb: longer words, the verb without an argument, not at a line start.
+            b"XCLIENTS x\r\nXFORWARDED x\r\nXCLIENT\r\nXFORWARD\r\n",
+            b"Subject: about XCLIENT LOGIN=x\r\n\r\nsee the XFORWARD ADDR= doc\r\n.\r\n",
+            b"X-Header: XCLIENT\r\nXCLIEN T\r\nX CLIENT a\r\n.XCLIENT a\r\n>XCLIENT a\r\n",
+            b"",
+        ];
+        let mut g = CommandGuard::default();
+        for chunk in ok {
+            assert_eq!(g.scan(chunk), None, "{:?}", String::from_utf8_lossy(chunk));
+        }
+        // Also when every byte arrives on its own.
+        let mut g = CommandGuard::default();
+        for chunk in ok {
+            for b in chunk.iter() {
+                assert_eq!(g.scan(std::slice::from_ref(b)), None);
+            }
+        }
+        // Binary data: no line start followed by a verb, however long.
+        let bulk: Vec<u8> = (0..200_000u32).map(|i| (i.wrapping_mul(2_654_435_761) >> 24) as u8).collect();
+        let mut g = CommandGuard::default();
+        assert_eq!(g.scan(&bulk), None);
+    }
+}
