@@ -55,6 +55,8 @@ pub enum CloseReason {
     HttpRequest,
     StartTlsInjection,
     EarlyTalker,
+    /// SMTP BDAT before login: its chunk would otherwise be read as commands.
+    ChunkBeforeLogin,
 }
 
 impl CloseReason {
@@ -68,6 +70,7 @@ impl CloseReason {
             CloseReason::HttpRequest => "http_request",
             CloseReason::StartTlsInjection => "starttls_injection",
             CloseReason::EarlyTalker => "early_talker",
+            CloseReason::ChunkBeforeLogin => "chunk_before_login",
         }
     }
 }

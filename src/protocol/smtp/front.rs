@@ -205,11 +205,17 @@ impl SmtpFront {
                     write(s, b"221 2.0.0 Bye\r\n").await?;
                     return Ok(Event::Closed(CloseReason::Logout));
                 }
+                Ok(Request::Bdat { .. }) => {
+                    // RFC 3030: a refused BDAT's chunk is still the client's to send, and what
+                    // follows it is data, not commands. Reading it only to drop it is not worth
+                    // the code; a client that sends one before AUTH is told and disconnected.
+                    write(s, b"421 4.7.0 Error: BDAT before authentication, closing connection\r\n").await?;
+                    return Ok(Event::Closed(CloseReason::ChunkBeforeLogin));
+                }
                 Ok(
                     Request::Mail { .. }
                     | Request::Rcpt { .. }
                     | Request::Data
-                    | Request::Bdat { .. }
                     | Request::Burl { .. }
                     | Request::Vrfy { .. }
                     | Request::Expn { .. }
@@ -285,6 +291,17 @@ mod tests {
             "220 proxy.example.test ESMTP ready\r\n250-proxy.example.test\r\n250-STARTTLS\r\n250-AUTH PLAIN LOGIN\r\n250-SIZE 1000\r\n250 8BITMIME\r\n535 5.7.8 Authentication credentials invalid\r\n530 5.7.0 Authentication required\r\n221 2.0.0 Bye\r\n"
         );
         assert_eq!(ev, vec!["login Some(\"alice\")", "closed logout"]);
+    }
+
+    /// BDAT before login: its chunk is never read as commands (the AUTH inside it here).
+    #[test]
+    fn bdat_before_login_closes() {
+        let (out, ev) = run(vec![b"EHLO c\r\nBDAT 32 LAST\r\nAUTH PLAIN AGFsaWNlAHB3\r\nNOOP\r\n".to_vec()]);
+        assert!(
+            out.ends_with("250 8BITMIME\r\n421 4.7.0 Error: BDAT before authentication, closing connection\r\n"),
+            "{out}"
+        );
+        assert_eq!(ev, vec!["closed chunk_before_login"]);
     }
 
     /// SASL EXTERNAL only where offered (reliability case 42); the response names the user.
