@@ -211,6 +211,8 @@ impl Dialogue {
         match r {
             Response::Data(d) => Ok(Some(d)),
             Response::Cancel => {
+                // An error for case 54's count: AUTH and cancel over and over would never end.
+                self.errors += 1;
                 write(s, self.replies.canceled).await?;
                 Ok(None)
             }

@@ -216,6 +216,8 @@ impl ImapFront {
                     // Reliability case 42: EXTERNAL only where it is offered.
                     let Some(mechanism) = mechanism.filter(|m| *m != Mechanism::External || self.settings.external)
                     else {
+                        // Counted like an error (case 54), or a client could ask forever.
+                        self.errors += 1;
                         write(s, format!("{tag} NO Unsupported authentication mechanism.\r\n").as_bytes()).await?;
                         continue;
                     };
@@ -423,7 +425,7 @@ impl ImapFront {
             SaslLine::Data(d) => Ok(Some(d)),
             SaslLine::Cancel => {
                 // RFC 9051 §6.2.2: a cancelled exchange is answered with a tagged BAD.
-                write(s, format!("{tag} BAD Authentication canceled.\r\n").as_bytes()).await?;
+                self.bad(s, Some(tag), "Authentication canceled.").await?;
                 Ok(None)
             }
             SaslLine::Bad => {
@@ -487,6 +489,16 @@ mod tests {
     /// Run the front end over `chunks` (greeting included); its output and events.
     fn run(chunks: Vec<Vec<u8>>) -> (Vec<u8>, Vec<String>) {
         run_front(crate::config::Protocol::Imap, settings(), chunks)
+    }
+
+    /// Case 54: unknown mechanisms and cancelled exchanges count as errors.
+    #[test]
+    fn refused_and_cancelled_authenticate_count_as_errors() {
+        let (out, ev) = run(vec![b"a AUTHENTICATE CRAM-MD5\r\nb AUTHENTICATE PLAIN\r\n*\r\n".repeat(3)]);
+        let out = String::from_utf8(out).unwrap();
+        assert_eq!(out.matches("NO Unsupported authentication mechanism.").count(), 3, "{out}");
+        assert_eq!(out.matches("BAD Authentication canceled.").count(), 2, "{out}");
+        assert_eq!(ev, vec!["closed too_many_errors"]);
     }
 
     /// Reliability cases 26 and 24: a read that fills the 4,096-byte buffer exactly with whole

@@ -155,7 +155,7 @@ impl Pop3Front {
                         Mechanism::External
                     } else {
                         // Reliability case 42.
-                        write(s, b"-ERR Unsupported authentication mechanism.\r\n").await?;
+                        self.d.err(s, "-ERR Unsupported authentication mechanism.\r\n").await?;
                         continue;
                     };
                     if let Some(credentials) = self.d.sasl(s, mechanism, ir).await? {
@@ -282,6 +282,15 @@ mod tests {
             "+OK POP3 proxy ready.\r\n+ \r\n-ERR [AUTH] Authentication failed.\r\n+ UGFzc3dvcmQ6\r\n-ERR [AUTH] Authentication failed.\r\n+ \r\n-ERR Authentication canceled.\r\n-ERR Unsupported authentication mechanism.\r\n+OK\r\nPLAIN\r\nLOGIN\r\n.\r\n"
         );
         assert_eq!(ev, vec!["login Some(\"alice\")", "login Some(\"alice\")", "closed client_closed"]);
+    }
+
+    /// Case 54: unknown mechanisms and cancelled exchanges count as errors.
+    #[test]
+    fn refused_and_cancelled_auth_count_as_errors() {
+        let (out, ev) = run(vec![b"AUTH CRAM-MD5\r\nAUTH PLAIN\r\n*\r\n".repeat(3)]);
+        assert!(out.ends_with("-ERR Too many invalid commands.\r\n"), "{out}");
+        assert_eq!(out.matches("-ERR Authentication canceled.").count(), 2, "{out}");
+        assert_eq!(ev, vec!["closed too_many_errors"]);
     }
 
     #[test]

@@ -293,6 +293,15 @@ mod tests {
         assert_eq!(ev, vec!["login Some(\"alice\")", "closed logout"]);
     }
 
+    /// Case 54: cancelled exchanges count as errors (unknown mechanisms already did).
+    #[test]
+    fn cancelled_auth_counts_as_an_error() {
+        let (out, ev) = run(vec![b"EHLO c\r\n".to_vec(), b"AUTH LOGIN\r\n*\r\n".repeat(6)]);
+        assert_eq!(out.matches("501 5.7.0 Authentication aborted").count(), 5, "{out}");
+        assert!(out.ends_with("421 4.7.0 Too many errors, closing connection\r\n"), "{out}");
+        assert_eq!(ev, vec!["closed too_many_errors"]);
+    }
+
     /// BDAT before login: its chunk is never read as commands (the AUTH inside it here).
     #[test]
     fn bdat_before_login_closes() {
