@@ -131,6 +131,12 @@ impl ImapFront {
                 self.frag.poison_message();
             }
             if let FragmentInfo::Line { announcement: Some(ann), .. } = info {
+                if self.frag.is_max_message_size_exceeded() {
+                    // Reliability case 27: a line already over the limit is not saved by the
+                    // literal it announces at its end.
+                    write(s, b"* BYE Command line too long.\r\n").await?;
+                    return Ok(Event::Closed(CloseReason::LineTooLong));
+                }
                 let used = self.frag.message_bytes().len() as u64;
                 if u64::from(ann.length) + used > u64::from(self.settings.max_line) {
                     // Reliability case 29/31: never send "+" for an oversized literal.
@@ -153,6 +159,17 @@ impl ImapFront {
                         let tag = self.frag.decode_tag().map(|t| t.as_ref().to_string());
                         self.frag.skip_message();
                         self.bad(s, tag.as_deref(), "Error in IMAP command.").await?;
+                        continue;
+                    }
+                    if !self.settings.auth_allowed && is_login(self.frag.message_bytes()) {
+                        // Reliability cases 6/7: no "+" that asks for a name or password where
+                        // LOGIN will be refused anyway (before TLS).
+                        let tag = self.frag.decode_tag().map(|t| t.as_ref().to_string());
+                        self.frag.skip_message();
+                        match tag {
+                            Some(tag) => self.privacy_required(s, &tag).await?,
+                            None => self.bad(s, None, "Error in IMAP command.").await?,
+                        }
                         continue;
                     }
                     write(s, b"+ Ready for literal data.\r\n").await?;
@@ -411,6 +428,11 @@ impl ImapFront {
                     };
                 }
                 Some(FragmentInfo::Literal { .. }) => continue,
+                None if self.frag.is_max_message_size_exceeded() => {
+                    // Reliability case 28, as for commands: a response that never ends.
+                    write(s, b"* BYE Command line too long.\r\n").await?;
+                    return Err(io::Error::new(io::ErrorKind::InvalidData, "SASL response too long"));
+                }
                 None => match self.fill(s).await? {
                     Fill::Data => continue,
                     Fill::Eof => return Err(io::ErrorKind::UnexpectedEof.into()),
@@ -477,6 +499,12 @@ enum Fill {
 
 fn printable(s: &str) -> bool {
     s.bytes().all(|b| (0x20..0x7f).contains(&b))
+}
+
+/// Whether a command (so far) is LOGIN: its second word, after the tag.
+fn is_login(command: &[u8]) -> bool {
+    let mut words = command.split(|b| *b == b' ');
+    words.nth(1).is_some_and(|verb| verb.eq_ignore_ascii_case(b"LOGIN"))
 }
 
 #[cfg(test)]
@@ -552,6 +580,43 @@ mod tests {
             "* OK [CAPABILITY IMAP4rev1 SASL-IR ID LITERAL+ STARTTLS AUTH=PLAIN AUTH=LOGIN] IMAP proxy ready.\r\na OK NOOP completed.\r\n+ Ready for literal data.\r\nb NO [AUTHENTICATIONFAILED] Authentication failed.\r\n* BYE Logging out.\r\nc OK Logout completed.\r\n"
         );
         assert_eq!(events, vec!["login Some(\"alice\")", "closed logout"]);
+    }
+
+    /// Cases 6/7: before TLS, LOGIN's literal gets no "+" (the client would send its name and
+    /// password in the clear only to be refused), just the refusal LOGIN gets anyway.
+    #[test]
+    fn no_continuation_for_a_login_literal_before_tls() {
+        let st = FrontSettings { auth_allowed: false, ..settings() };
+        let (out, ev) =
+            run_front(crate::config::Protocol::Imap, st, vec![b"a login {5}\r\n".to_vec(), b"b LOGOUT\r\n".to_vec()]);
+        let out = String::from_utf8(out).unwrap();
+        assert!(!out.contains("+ Ready"), "{out}");
+        assert!(out.contains("\r\na BAD [PRIVACYREQUIRED] "), "{out}");
+        assert!(out.ends_with("b OK Logout completed.\r\n"), "{out}");
+        assert_eq!(ev, vec!["closed logout"]);
+        // Other commands' literals still get theirs.
+        let st = FrontSettings { auth_allowed: false, ..settings() };
+        let (out, _) = run_front(crate::config::Protocol::Imap, st, vec![b"a ID ({2}\r\n".to_vec()]);
+        assert!(String::from_utf8(out).unwrap().ends_with("+ Ready for literal data.\r\n"));
+    }
+
+    /// Case 27 when the over-long line ends in a literal, and case 28 for a SASL response that
+    /// never ends: the line limit closes the connection in both.
+    #[test]
+    fn over_long_lines_close_also_before_a_literal_and_in_sasl() {
+        let mut line = b"a LOGIN ".to_vec();
+        line.extend(vec![b'x'; 1100]);
+        line.extend_from_slice(b" {5}\r\n");
+        let (out, ev) = run(vec![line]);
+        let out = String::from_utf8(out).unwrap();
+        assert!(out.ends_with("ready.\r\n* BYE Command line too long.\r\n"), "{out}");
+        assert!(!out.contains("+ Ready") && !out.contains("Literal too large"), "{out}");
+        assert_eq!(ev, vec!["closed line_too_long"]);
+        let (out, ev) = run(vec![b"a AUTHENTICATE PLAIN\r\n".to_vec(), vec![b'A'; 2000], vec![b'A'; 2000]]);
+        let out = String::from_utf8(out).unwrap();
+        assert!(out.ends_with("+ \r\n* BYE Command line too long.\r\n"), "{out}");
+        // The SASL exchange ends the dialogue with an error, as for a literal in a response.
+        assert_eq!(ev, vec!["error InvalidData"]);
     }
 
     #[test]
