@@ -275,6 +275,14 @@ async fn serve(
             return;
         } else if upper.contains(" ID (") {
             format!("* ID (\"name\" \"fake\")\r\n{tag} OK ID completed.\r\n")
+        } else if upper.contains(" FETCH ") {
+            // A 32 MiB message: more than the sockets between here and a client hold.
+            let body = vec![b'x'; 32 << 20];
+            let head = format!("* 1 FETCH (BODY[] {{{}}}\r\n", body.len());
+            if w.write_all(head.as_bytes()).await.is_err() || w.write_all(&body).await.is_err() {
+                return;
+            }
+            format!(")\r\n{tag} OK done\r\n")
         } else if upper.contains(" LOGOUT") {
             let _ = w.write_all(format!("* BYE bye\r\n{tag} OK Logout completed.\r\n").as_bytes()).await;
             return;
