@@ -12,6 +12,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use notify_debouncer_full::notify::RecursiveMode;
+use notify_debouncer_full::notify::event::{AccessKind, AccessMode, EventKind};
 use notify_debouncer_full::{DebounceEventResult, new_debouncer};
 use tokio::sync::mpsc;
 
@@ -25,7 +26,7 @@ pub fn spawn(app: Arc<App>) -> Result<(), notify_debouncer_full::notify::Error> 
     let fs_tx = tx.clone();
     let mut debouncer = new_debouncer(DEBOUNCE, None, move |res: DebounceEventResult| {
         if let Ok(events) = res
-            && !events.is_empty()
+            && events.iter().any(|e| changes(&e.event.kind))
         {
             let _ = fs_tx.try_send(false);
         }
@@ -62,6 +63,16 @@ pub fn spawn(app: Arc<App>) -> Result<(), notify_debouncer_full::notify::Error> 
     Ok(())
 }
 
+/// Whether an event can mean a changed file. inotify also reports opens and reads, and every
+/// reload opens the files it reads: counting those made each reload trigger the next.
+fn changes(kind: &EventKind) -> bool {
+    match kind {
+        EventKind::Access(AccessKind::Close(AccessMode::Write)) => true,
+        EventKind::Access(_) => false,
+        _ => true,
+    }
+}
+
 fn watch_dirs(
     app: &App,
     debouncer: &mut notify_debouncer_full::Debouncer<
@@ -90,6 +101,34 @@ fn watch_dirs(
                 }
                 Err(e) => tracing::warn!(dir = %d.display(), error = %e, "cannot watch directory for changes"),
             }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use notify_debouncer_full::notify::event::{CreateKind, ModifyKind, RemoveKind, RenameMode};
+
+    #[test]
+    fn opens_and_reads_are_not_changes() {
+        for kind in [
+            EventKind::Access(AccessKind::Open(AccessMode::Any)),
+            EventKind::Access(AccessKind::Open(AccessMode::Read)),
+            EventKind::Access(AccessKind::Close(AccessMode::Read)),
+            EventKind::Access(AccessKind::Read),
+        ] {
+            assert!(!changes(&kind), "{kind:?}");
+        }
+        for kind in [
+            EventKind::Access(AccessKind::Close(AccessMode::Write)),
+            EventKind::Create(CreateKind::File),
+            EventKind::Modify(ModifyKind::Name(RenameMode::To)),
+            EventKind::Modify(ModifyKind::Any),
+            EventKind::Remove(RemoveKind::File),
+            EventKind::Any,
+        ] {
+            assert!(changes(&kind), "{kind:?}");
         }
     }
 }
