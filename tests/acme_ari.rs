@@ -133,3 +133,68 @@ async fn ari_window_shapes_the_renewal_plan() {
     // Two-thirds of the lifetime would have been ~59 days: ARI moved it to day 10.
     assert!(plan.renew_at < now + Duration::from_secs(20 * 86400));
 }
+
+/// A stored account for the mock directory and the settings for one certificate; returns the
+/// settings and the state directory.
+fn settings_for(
+    dir: &std::path::Path,
+    directory: &str,
+    ca_file: &std::path::Path,
+) -> (portcullis::config::AcmeSettings, std::path::PathBuf) {
+    let state = dir.join("state");
+    std::fs::create_dir_all(state.join("certs")).unwrap();
+    let account_key = KeyPair::generate().unwrap();
+    use base64::Engine;
+    let creds = serde_json::json!({
+        "id": format!("{}/acct/1", directory.trim_end_matches("/dir")),
+        "key_pkcs8": base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(account_key.serialize_der()),
+        "directory": directory,
+    });
+    std::fs::write(state.join("account.json"), creds.to_string()).unwrap();
+    let webroot = dir.join("webroot");
+    std::fs::create_dir_all(&webroot).unwrap();
+    let text = format!(
+        "[auth]\nsource = \"backend\"\n[[backend]]\nname = \"b\"\naddress = \"127.0.0.1:1\"\n[routing.imap]\ndefault = \"b\"\n[acme]\ndirectory = \"{directory}\"\nca_file = \"{}\"\nterms_agreed = true\nstate_dir = \"{}\"\nhttp01_webroot = \"{}\"\nretry_min = \"1h\"\n[[acme.certificate]]\nnames = [\"mail.example.test\"]\n",
+        ca_file.display(),
+        state.display(),
+        webroot.display()
+    );
+    let config = portcullis::config::Config::parse(&dir.join("p.toml"), &text).unwrap();
+    (config.acme.unwrap(), state)
+}
+
+/// When the CA's ARI window has opened (well before two thirds of the lifetime), the renewal is
+/// ordered at once, and the window is not asked for again and again.
+#[tokio::test]
+async fn an_open_ari_window_orders_the_renewal_once() {
+    portcullis::tls::init_crypto();
+    let dir = tempfile::tempdir().unwrap();
+    let now = SystemTime::now();
+    let window = (now - Duration::from_secs(3600), now - Duration::from_secs(1800));
+    let (directory, ca_file, seen) = mock_directory(dir.path(), window).await;
+    let (settings, state) = settings_for(dir.path(), &directory, &ca_file);
+    // A stored 90-day certificate, one day old: far from two thirds of its life.
+    let mut issuer_params = CertificateParams::new(Vec::<String>::new()).unwrap();
+    issuer_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    issuer_params.key_identifier_method = rcgen::KeyIdMethod::Sha256;
+    let issuer = CertifiedIssuer::self_signed(issuer_params, KeyPair::generate().unwrap()).unwrap();
+    let leaf_key = KeyPair::generate().unwrap();
+    let mut leaf_params = CertificateParams::new(vec!["mail.example.test".to_string()]).unwrap();
+    leaf_params.not_before = time::OffsetDateTime::from(now - Duration::from_secs(86400));
+    leaf_params.not_after = time::OffsetDateTime::from(now + Duration::from_secs(89 * 86400));
+    leaf_params.use_authority_key_identifier_extension = true;
+    let leaf = leaf_params.signed_by(&leaf_key, &issuer).unwrap();
+    std::fs::write(state.join("certs/mail.example.test.pem"), leaf.pem()).unwrap();
+    std::fs::write(state.join("certs/mail.example.test.key"), leaf_key.serialize_pem()).unwrap();
+    let config = portcullis::config::Config::parse(&dir.path().join("q.toml"), "[auth]\nsource = \"backend\"\n[[backend]]\nname = \"b\"\naddress = \"127.0.0.1:1\"\n[routing.imap]\ndefault = \"b\"\n").unwrap();
+    let certs = Arc::new(portcullis::tls::certs::CertStore::load(&config.tls).unwrap());
+    let stop = tokio_util::sync::CancellationToken::new();
+    let _handle = portcullis::tls::acme::start(settings, certs, stop.clone()).await.unwrap();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    stop.cancel();
+    let seen = seen.lock().unwrap().clone();
+    let ari = seen.iter().filter(|p| p.starts_with("/ari/")).count();
+    // The mock has no order endpoint: the order fails, and the next try is retry_min (1 h) away.
+    assert_eq!(ari, 1, "renewalInfo asked {ari} times in 2 s");
+    assert!(seen.iter().any(|p| p.starts_with("/order") || p == "/nonce"), "no order was placed: {seen:?}");
+}

@@ -226,22 +226,29 @@ impl CertTask {
         }
         let mut failures = 0u32;
         loop {
-            let due = match (&current, failures) {
+            // When to wake, and whether that is only an ARI re-check (which plans again) rather
+            // than the renewal itself.
+            let (due, recheck) = match (&current, failures) {
                 (_, f) if f > 0 => {
                     let wait = backoff(self.settings.retry_min, f - 1, crate::limits::random_unit());
                     tracing::info!(certificate = %self.label, retry_in = ?wait, "ACME: will retry");
-                    Some(tokio::time::Instant::now() + wait)
+                    (Some(tokio::time::Instant::now() + wait), false)
                 }
-                (None, _) => None,
-                (Some(ck), _) => self.plan(ck).await,
+                (None, _) => (None, false),
+                (Some(ck), _) => match self.plan(ck).await {
+                    Some((at, recheck)) => (Some(at), recheck),
+                    None => (None, false),
+                },
             };
             let woke_by_trigger = tokio::select! {
                 _ = stop.cancelled() => return,
                 _ = trigger.notified() => true,
                 _ = async { if let Some(d) = due { tokio::time::sleep_until(d).await } } => false,
             };
-            // A recheck (ARI Retry-After) only plans again.
-            if !woke_by_trigger && failures == 0 && current.as_ref().is_some_and(|ck| !self.due(ck)) {
+            // The planned time is the renewal (the ARI window's random point, or two thirds of
+            // the lifetime), so it is acted on as it comes. Judging it again by the two-thirds
+            // rule here would turn an ARI window that opens earlier into a loop of re-plans.
+            if !woke_by_trigger && recheck {
                 continue;
             }
             let renewal = current.is_some();
@@ -267,12 +274,14 @@ impl CertTask {
         }
     }
 
-    /// When to act next for `ck`: the renewal time, or an earlier ARI re-check.
-    async fn plan(&self, ck: &CertifiedKey) -> Option<tokio::time::Instant> {
+    /// When to act next for `ck`: the renewal time, or an earlier ARI re-check (true).
+    async fn plan(&self, ck: &CertifiedKey) -> Option<(tokio::time::Instant, bool)> {
         let (plan, ari) = self.planned(ck).await?;
-        let at = plan.recheck_at.unwrap_or(plan.renew_at);
         tracing::info!(certificate = %self.label, renew_at = ?plan.renew_at, ari, "ACME: renewal planned");
-        Some(to_instant(at))
+        Some(match plan.recheck_at {
+            Some(recheck) => (to_instant(recheck), true),
+            None => (to_instant(plan.renew_at), false),
+        })
     }
 
     /// The renewal plan for `ck`, and whether the CA's ARI window shaped it.
@@ -280,20 +289,6 @@ impl CertTask {
         let (not_before, not_after) = validity(ck)?;
         let ari = self.ari_window(ck).await;
         Some((plan_renewal(SystemTime::now(), not_before, not_after, ari, crate::limits::random_unit()), ari.is_some()))
-    }
-
-    /// Whether `ck` should be renewed now (the planner's time has come).
-    fn due(&self, ck: &CertifiedKey) -> bool {
-        match validity(ck) {
-            Some((nb, na)) => {
-                let life = na.duration_since(nb).unwrap_or(Duration::ZERO);
-                // Past two thirds of the lifetime, or inside the last day: renew. (With ARI the
-                // planner's random point already passed when this runs, unless it was a recheck.)
-                SystemTime::now() >= nb + life.mul_f64(2.0 / 3.0)
-                    || SystemTime::now() + Duration::from_secs(86400) >= na
-            }
-            None => true,
-        }
     }
 
     async fn ari_window(&self, ck: &CertifiedKey) -> Option<(SystemTime, SystemTime, Duration)> {
