@@ -449,28 +449,9 @@ impl App {
     }
 
     async fn accept_loop(self: Arc<Self>, name: String, socket: Arc<TcpListener>, token: CancellationToken) {
-        let mut backoff = Duration::from_millis(5);
+        let mut backoff = ACCEPT_BACKOFF_MIN;
         loop {
-            let accepted = tokio::select! {
-                _ = token.cancelled() => return,
-                r = socket.accept() => r,
-            };
-            let (tcp, peer) = match accepted {
-                Ok(x) => {
-                    backoff = Duration::from_millis(5);
-                    x
-                }
-                Err(e) => {
-                    // Out of file descriptors and similar: back off instead of spinning.
-                    tracing::warn!(listener = %name, error = %e, "accept failed");
-                    tokio::select! {
-                        _ = token.cancelled() => return,
-                        _ = tokio::time::sleep(backoff) => {}
-                    }
-                    backoff = (backoff * 2).min(Duration::from_secs(1));
-                    continue;
-                }
-            };
+            let Some((tcp, peer)) = accept(&socket, &mut backoff, &token, &name).await else { return };
             let runtime = self.runtime.load_full();
             let Some(listener) = runtime.config.listener(&name).cloned() else { continue };
             let grace = runtime.config.limits.shutdown_grace;
@@ -597,4 +578,38 @@ fn fingerprint(files: &[PathBuf]) -> u64 {
         std::fs::read(f).unwrap_or_default().hash(&mut h);
     }
     h.finish()
+}
+
+/// The first wait after an accept error.
+pub(crate) const ACCEPT_BACKOFF_MIN: Duration = Duration::from_millis(5);
+
+/// The next connection on `socket`, or None once `stop` is cancelled. An accept error (out of
+/// file descriptors and the like) is logged and waited out, `backoff` doubling from 5 ms to 1 s,
+/// instead of retried at once in a loop that would take a core.
+pub(crate) async fn accept(
+    socket: &TcpListener,
+    backoff: &mut Duration,
+    stop: &CancellationToken,
+    what: &str,
+) -> Option<(tokio::net::TcpStream, std::net::SocketAddr)> {
+    loop {
+        let accepted = tokio::select! {
+            _ = stop.cancelled() => return None,
+            r = socket.accept() => r,
+        };
+        match accepted {
+            Ok(x) => {
+                *backoff = ACCEPT_BACKOFF_MIN;
+                return Some(x);
+            }
+            Err(e) => {
+                tracing::warn!(listener = %what, error = %e, "accept failed");
+                tokio::select! {
+                    _ = stop.cancelled() => return None,
+                    _ = tokio::time::sleep(*backoff) => {}
+                }
+                *backoff = (*backoff * 2).min(Duration::from_secs(1));
+            }
+        }
+    }
 }

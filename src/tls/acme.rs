@@ -625,11 +625,9 @@ fn write_private(path: &Path, bytes: &[u8]) -> AcmeResult<()> {
 async fn http01_responder(listener: tokio::net::TcpListener, challenges: Arc<Challenges>, stop: CancellationToken) {
     use bytes::Bytes;
     use http_body_util::Full;
+    let mut backoff = crate::app::ACCEPT_BACKOFF_MIN;
     loop {
-        let (tcp, _) = tokio::select! {
-            _ = stop.cancelled() => return,
-            r = listener.accept() => match r { Ok(x) => x, Err(_) => continue },
-        };
+        let Some((tcp, _)) = crate::app::accept(&listener, &mut backoff, &stop, "acme-http-01").await else { return };
         let challenges = challenges.clone();
         tokio::spawn(async move {
             let svc = hyper::service::service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
@@ -666,10 +664,10 @@ async fn tls_alpn01_responder(listener: tokio::net::TcpListener, challenges: Arc
             .with_cert_resolver(Arc::new(AlpnChallengeResolver(challenges)));
     cfg.alpn_protocols = vec![ACME_TLS_ALPN.to_vec()];
     let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(cfg));
+    let mut backoff = crate::app::ACCEPT_BACKOFF_MIN;
     loop {
-        let (tcp, peer) = tokio::select! {
-            _ = stop.cancelled() => return,
-            r = listener.accept() => match r { Ok(x) => x, Err(_) => continue },
+        let Some((tcp, peer)) = crate::app::accept(&listener, &mut backoff, &stop, "acme-tls-alpn-01").await else {
+            return;
         };
         let acceptor = acceptor.clone();
         tokio::spawn(async move {
