@@ -485,11 +485,20 @@ fn tls_info(stream: &ClientStream, client_cert: &Option<ClientCertFacts>) -> Opt
     Some(TlsInfo { version, cipher, client_cert: client_cert.clone() })
 }
 
-/// What a login attempt tried, for the throttle (a retry of the same one counts once): the
-/// password, or for EXTERNAL, which has none, the user it names and the certificate it came with.
+/// What a login attempt tried, for the throttle (a retry of the same one counts once): the user
+/// and password, or for EXTERNAL, which has none, the user it names and the certificate it came
+/// with. The user is part of it so that one password tried against many users (spraying) counts
+/// once per user against the address, not once in all.
 fn attempt_fingerprint(mechanism: crate::protocol::Mechanism, creds: &Credentials, tls: Option<&TlsInfo>) -> u64 {
     if mechanism != crate::protocol::Mechanism::External {
-        return crate::limits::password_fingerprint(creds.password.expose());
+        // Length-prefixed, so no user/password split reads as another.
+        let mut tried = Vec::with_capacity(8 + creds.user.len() + creds.password.expose().len());
+        tried.extend_from_slice(&(creds.user.len() as u64).to_le_bytes());
+        tried.extend_from_slice(creds.user.as_bytes());
+        tried.extend_from_slice(creds.password.expose());
+        let fingerprint = crate::limits::password_fingerprint(&tried);
+        crate::auth::wipe(&mut tried);
+        return fingerprint;
     }
     let cert = tls.and_then(|t| t.client_cert.as_ref()).and_then(|c| c.cert.as_ref());
     let tried = format!("external\0{}\0{}", creds.user, cert.map_or("", |c| c.fingerprint.as_str()));
@@ -838,9 +847,12 @@ mod tests {
         assert_eq!(ext("a", "aa"), ext("a", "aa"));
         assert_ne!(ext("a", "aa"), ext("b", "aa"));
         assert_ne!(ext("a", "aa"), ext("a", "bb"));
-        let plain = |pw: &[u8]| attempt_fingerprint(Mechanism::Plain, &creds("a", pw), None);
-        assert_eq!(plain(b"x"), plain(b"x"));
-        assert_ne!(plain(b"x"), plain(b"y"));
-        assert_ne!(ext("a", ""), plain(b""));
+        let plain = |user: &str, pw: &[u8]| attempt_fingerprint(Mechanism::Plain, &creds(user, pw), None);
+        assert_eq!(plain("a", b"x"), plain("a", b"x"));
+        assert_ne!(plain("a", b"x"), plain("a", b"y"));
+        // Reliability case 55: one password sprayed over users is a new attempt for each.
+        assert_ne!(plain("a", b"x"), plain("b", b"x"));
+        assert_ne!(plain("a\0x", b""), plain("a", b"x\0"));
+        assert_ne!(ext("a", ""), plain("a", b""));
     }
 }

@@ -99,6 +99,27 @@ def test_password_guessing_burst_is_throttled_while_others_log_in(dovecot, tmp_p
         pc.stop()
 
 
+def test_one_password_sprayed_over_many_users_is_throttled(dovecot, tmp_path):
+    """Reliability case 55: a retried password counts once, but the same password against
+    another user is a new attempt, so spraying one password from one address is blocked."""
+    users = tmp_path / "users"
+    write_users_file(str(users))
+    port = free_port()
+    pc = Portcullis(str(tmp_path), config(dovecot, port, users)).start(wait_port=port)
+    try:
+        replies = []
+        for i in range(40):
+            s, f = connect(port, "127.0.0.5")
+            s.sendall(f"a LOGIN spray{i}@example.test Summer2024!\r\n".encode())
+            replies.append(f.readline())
+            s.close()
+        failed = [r for r in replies if b"[AUTHENTICATIONFAILED]" in r]
+        throttled = [r for r in replies if b"[UNAVAILABLE] Too many login failures" in r]
+        assert len(failed) == 20 and len(throttled) == 20, replies
+    finally:
+        pc.stop()
+
+
 def test_idle_preauth_connections_are_cut_and_memory_returns(dovecot, tmp_path):
     """Reliability case 58: 2,000 silent connections hold nothing past the deadline."""
     users = tmp_path / "users"
