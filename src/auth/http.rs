@@ -33,6 +33,8 @@ use crate::tls::TlsInfo;
 
 /// Longest failure text passed on to a client.
 const MAX_MESSAGE: usize = 200;
+/// The most of a response body read (and thrown away).
+const MAX_BODY: usize = 64 * 1024;
 /// Longest `Auth-Wait` honoured.
 const MAX_WAIT: Duration = Duration::from_secs(60);
 /// Most cached answers kept.
@@ -138,8 +140,9 @@ impl AuthHttp {
             let resp = tokio::time::timeout(self.settings.timeout, async {
                 let resp = self.client.request(req).await.map_err(|e| e.to_string())?;
                 let headers = resp.headers().clone();
-                // Drain the (ignored) body so the connection can be reused.
-                let _ = resp.into_body().collect().await;
+                // Drain the (ignored) body so the connection can be reused, up to a bound: a
+                // service that sends more costs a connection, not memory.
+                let _ = http_body_util::Limited::new(resp.into_body(), MAX_BODY).collect().await;
                 Ok::<HeaderMap, String>(headers)
             })
             .await;
@@ -293,22 +296,24 @@ pub fn build_request(
 
 /// Read the service's answer from its headers (the status code is ignored, as nginx does).
 pub fn parse_response(headers: &HeaderMap) -> Result<Answer, String> {
-    let get = |name: &str| headers.get(name).and_then(|v| v.to_str().ok()).map(str::trim);
+    // Header values may hold any octet (a service answering in its own language sends UTF-8):
+    // read them as text either way, so a refusal stays a refusal and is not taken for an outage.
+    let get = |name: &str| headers.get(name).map(|v| String::from_utf8_lossy(v.as_bytes()).trim().to_string());
     let status = get("Auth-Status").ok_or("no Auth-Status header")?;
     if status == "OK" {
         let server = get("Auth-Server").filter(|s| !s.is_empty()).ok_or("Auth-Status OK without Auth-Server")?;
-        let port = match get("Auth-Port") {
+        let port = match get("Auth-Port").as_deref() {
             Some(p) => Some(p.parse::<u16>().map_err(|_| "bad Auth-Port")?),
             None => None,
         };
-        let transport = match get("Auth-Transport") {
+        let transport = match get("Auth-Transport").as_deref() {
             None => None,
             Some("plain") => Some(Transport::Plain),
             Some("tls") => Some(Transport::Tls),
             Some("starttls") => Some(Transport::StartTls),
             Some(_) => return Err("bad Auth-Transport".into()),
         };
-        let client_address = match get("Auth-Client-Address") {
+        let client_address = match get("Auth-Client-Address").as_deref() {
             None => None,
             Some("imap-id") => Some(ClientAddress::ImapId),
             Some("xclient") => Some(ClientAddress::Xclient),
@@ -317,19 +322,28 @@ pub fn parse_response(headers: &HeaderMap) -> Result<Answer, String> {
             Some(_) => return Err("bad Auth-Client-Address".into()),
         };
         return Ok(Answer::Ok {
-            server: server.to_string(),
+            server,
             port,
-            user: get("Auth-User").map(str::to_string),
+            // The login the backend gets: exactly as sent, or refused (never the client's own
+            // name in its place).
+            user: match headers.get("Auth-User") {
+                None => None,
+                Some(v) => Some(std::str::from_utf8(v.as_bytes()).map_err(|_| "bad Auth-User")?.trim().to_string()),
+            },
             pass: headers.get("Auth-Pass").map(|v| v.as_bytes().to_vec()),
             transport,
             client_address,
         });
     }
-    let wait = match get("Auth-Wait") {
+    let wait = match get("Auth-Wait").as_deref() {
         Some(w) => Some(Duration::from_secs(w.parse::<u64>().map_err(|_| "bad Auth-Wait")?).min(MAX_WAIT)),
         None => None,
     };
-    Ok(Answer::Fail { message: client_text(status), wait, error_code: get("Auth-Error-Code").map(client_text) })
+    Ok(Answer::Fail {
+        message: client_text(&status),
+        wait,
+        error_code: get("Auth-Error-Code").as_deref().map(client_text),
+    })
 }
 
 /// Text from the service made safe to show a client: printable ASCII, bounded.
@@ -513,5 +527,30 @@ mod tests {
         assert!(
             parse_response(&headers(&[("Auth-Status", "OK"), ("Auth-Server", "x"), ("Auth-Port", "99999")])).is_err()
         );
+    }
+
+    /// Header values beyond visible ASCII: a refusal in UTF-8 stays a refusal (not an outage,
+    /// which the throttle would not count); a user name in UTF-8 is taken as sent, one that is
+    /// not UTF-8 refuses the answer rather than log in as the client's own name.
+    #[test]
+    fn non_ascii_answers() {
+        let raw = |pairs: &[(&str, &[u8])]| {
+            let mut h = HeaderMap::new();
+            for (k, v) in pairs {
+                h.append(HeaderName::from_bytes(k.as_bytes()).unwrap(), HeaderValue::from_bytes(v).unwrap());
+            }
+            h
+        };
+        assert_eq!(
+            parse_response(&raw(&[("Auth-Status", "Ungültiges Passwort".as_bytes())])).unwrap(),
+            Answer::Fail { message: "Ungltiges Passwort".into(), wait: None, error_code: None }
+        );
+        let ok = |user: &[u8]| {
+            parse_response(&raw(&[("Auth-Status", b"OK"), ("Auth-Server", b"10.0.0.5"), ("Auth-User", user)]))
+        };
+        assert!(
+            matches!(ok("jörg@example.org".as_bytes()), Ok(Answer::Ok { user: Some(u), .. }) if u == "jörg@example.org")
+        );
+        assert_eq!(ok(b"j\xf6rg@example.org").unwrap_err(), "bad Auth-User");
     }
 }
