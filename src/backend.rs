@@ -33,6 +33,10 @@ pub enum BackendError {
     Protocol(&'static str),
     #[error("backend refused service")]
     Refused,
+    /// The user's mailbox is in use (POP3 `[IN-USE]`, IMAP `[INUSE]`): the user's own state, not
+    /// the backend's health.
+    #[error("mailbox in use")]
+    InUse,
     #[error("backend rejected the credentials")]
     Rejected,
 }
@@ -45,6 +49,7 @@ impl BackendError {
             BackendError::Io(_) => "io",
             BackendError::Protocol(_) => "protocol",
             BackendError::Refused => "refused",
+            BackendError::InUse => "in_use",
             BackendError::Rejected => "rejected",
         }
     }

@@ -629,8 +629,11 @@ async fn login_inner(
         esmtp: hints.esmtp,
     };
     for backend in &plan.candidates {
-        if !target.failover() && !ctx.health.is_up(&backend.name) {
-            // The user's mailbox lives only there and it is down: fail fast.
+        if !target.failover() && backend.health.enabled && !ctx.health.is_up(&backend.name) {
+            // The user's mailbox lives only there and it is down: fail fast. Only where active
+            // checks will see it come back: a backend without them (one the auth service names
+            // by address, or with checks off) is marked up again only by a session that logs in,
+            // so it is always tried.
             tracing::warn!(session = %ctx.id, backend = %backend.name, "backend down and its pool has no failover");
             break;
         }
@@ -659,6 +662,11 @@ async fn login_inner(
             Err(BackendError::Rejected) => {
                 let reason = if deferred { "bad_credentials" } else { "backend_rejected" };
                 return Err(LoginError::Bad { user: Some(user), reason });
+            }
+            Err(BackendError::InUse) => {
+                // The user's own state (another session holds the mailbox): a temporary failure
+                // for this user, not a fault of the backend, and the same on every replica.
+                return Err(LoginError::Unavailable("mailbox_in_use"));
             }
             Err(e) => {
                 // Reliability cases 64-66: count it against the backend, try the next one.

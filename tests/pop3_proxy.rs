@@ -116,6 +116,42 @@ async fn a_refused_xclient_or_user_stops_the_login_before_pass() {
     }
 }
 
+/// Sessions that reached the backend and sent it `verb`.
+fn sessions_with(backend: &FakeBackend, verb: &str) -> usize {
+    (0..backend.connections()).filter(|&i| backend.lines(i).iter().any(|l| l.starts_with(verb))).count()
+}
+
+/// One user's locked mailbox is not the backend's fault: however often it happens (past the
+/// health `fall` of 3), the backend is not marked down and the next login still reaches it.
+#[tokio::test]
+async fn a_mailbox_in_use_does_not_mark_the_backend_down() {
+    let backend = FakeBackend::start(Behaviour::Pop3InUse).await;
+    let config = protocol_config("pop3", backend.addr, "")
+        .replace("health = { enabled = false }", "health = { enabled = true, interval = \"1h\" }");
+    let proxy = Proxy::start(&config, USERS).await;
+    for _ in 0..5 {
+        let mut c = greeted(&proxy).await;
+        c.send(b"USER alice@example.test\r\nPASS secret\r\n").await;
+        assert_eq!(c.line().await, "+OK\r\n");
+        assert_eq!(c.line().await, "-ERR [SYS/TEMP] Server unavailable, try again later.\r\n");
+    }
+    assert_eq!(sessions_with(&backend, "PASS"), 5);
+}
+
+/// A backend without active checks that sessions marked down is still tried (nothing else
+/// would ever mark it up again): a lone one, or one the auth service names by address.
+#[tokio::test]
+async fn a_backend_without_checks_is_tried_after_being_marked_down() {
+    let (proxy, backend) = setup(Behaviour::Pop3BusyUser, "").await;
+    for _ in 0..5 {
+        let mut c = greeted(&proxy).await;
+        c.send(b"USER alice@example.test\r\nPASS secret\r\n").await;
+        assert_eq!(c.line().await, "+OK\r\n");
+        assert_eq!(c.line().await, "-ERR [SYS/TEMP] Server unavailable, try again later.\r\n");
+    }
+    assert_eq!(sessions_with(&backend, "USER"), 5);
+}
+
 #[tokio::test]
 async fn password_that_would_inject_a_command_is_not_replayed() {
     // Backend-verified auth: SASL PLAIN can carry CR LF inside a password, USER/PASS cannot.

@@ -114,6 +114,8 @@ pub enum Behaviour {
     Pop3RejectXclient,
     /// POP3: announces XCLIENT, answers USER with a temporary -ERR.
     Pop3BusyUser,
+    /// POP3: answers PASS with `-ERR [IN-USE]` (another session holds the mailbox).
+    Pop3InUse,
     /// SMTP: Postfix-like, announces XCLIENT, accepts AUTH, takes messages.
     Smtp,
     /// SMTP: rejects XCLIENT with 550.
@@ -136,7 +138,11 @@ impl Behaviour {
     fn is_pop3(self) -> bool {
         matches!(
             self,
-            Behaviour::Pop3 | Behaviour::Pop3NoXclient | Behaviour::Pop3RejectXclient | Behaviour::Pop3BusyUser
+            Behaviour::Pop3
+                | Behaviour::Pop3NoXclient
+                | Behaviour::Pop3RejectXclient
+                | Behaviour::Pop3BusyUser
+                | Behaviour::Pop3InUse
         )
     }
 
@@ -336,6 +342,7 @@ async fn serve_pop3(
             "XCLIENT" => b"+OK Updated\r\n",
             "USER" if behaviour == Behaviour::Pop3BusyUser => b"-ERR [SYS/TEMP] Busy\r\n",
             "USER" => b"+OK\r\n",
+            "PASS" if behaviour == Behaviour::Pop3InUse => b"-ERR [IN-USE] Mailbox is locked by another session.\r\n",
             "PASS" | "AUTH" => b"+OK Logged in.\r\n",
             "STAT" => b"+OK 1 42\r\n",
             "QUIT" => {

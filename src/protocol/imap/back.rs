@@ -144,6 +144,9 @@ pub async fn connect_and_login(
             if starts_with_ci(rest, b"NO [UNAVAILABLE]") || starts_with_ci(rest, b"NO [SERVERBUG]") {
                 return Err(BackendError::Refused);
             }
+            if starts_with_ci(rest, b"NO [INUSE]") {
+                return Err(BackendError::InUse);
+            }
             return Err(BackendError::Rejected);
         }
         if l.starts_with(b"* BYE") {

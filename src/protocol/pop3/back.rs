@@ -149,7 +149,10 @@ fn verdict(reply: &[u8]) -> Result<(), BackendError> {
     if reply.starts_with(b"+OK") {
         return Ok(());
     }
-    if starts_with_ci(reply, b"-ERR [SYS/TEMP]") || starts_with_ci(reply, b"-ERR [IN-USE]") {
+    if starts_with_ci(reply, b"-ERR [IN-USE]") {
+        return Err(BackendError::InUse);
+    }
+    if starts_with_ci(reply, b"-ERR [SYS/TEMP]") {
         return Err(BackendError::Refused);
     }
     if reply.starts_with(b"-ERR") {
