@@ -117,10 +117,12 @@ impl Throttle {
         if table.len() >= s.max_entries {
             prune_locked(&mut table, s, now);
             if table.len() >= s.max_entries {
-                // Still full of live entries: drop the stalest tenth rather than grow.
-                let mut ages: Vec<(Instant, Key)> = table.iter().map(|(k, e)| (e.last, k.clone())).collect();
-                ages.sort_by_key(|(t, _)| *t);
-                for (_, k) in ages.into_iter().take(s.max_entries / 10 + 1) {
+                // Still full of live entries: drop the stalest tenth rather than grow, blocked
+                // ones last (a flood of fresh keys, say from one IPv6 /48, must not lift blocks).
+                let mut ages: Vec<(bool, Instant, Key)> =
+                    table.iter().map(|(k, e)| (e.blocked_until.is_some_and(|b| b > now), e.last, k.clone())).collect();
+                ages.sort_by_key(|(blocked, t, _)| (*blocked, *t));
+                for (_, _, k) in ages.into_iter().take(s.max_entries / 10 + 1) {
                     table.remove(&k);
                 }
             }
@@ -442,6 +444,25 @@ mod tests {
         tokio::time::advance(s.window + Duration::from_secs(1)).await;
         t.prune(&s);
         assert!(t.is_empty());
+    }
+
+    /// A full table drops idle counters before blocks: a flood of fresh keys does not unblock.
+    #[tokio::test(start_paused = true)]
+    async fn a_flood_of_keys_does_not_lift_a_block() {
+        let mut s = settings();
+        s.max_entries = 100;
+        let t = Throttle::default();
+        let attacker = ip("192.0.2.66");
+        for i in 0..u64::from(s.block_after) {
+            t.failure(&s, attacker, None, i);
+        }
+        assert_eq!(t.check(&s, attacker, None), Decision::Blocked);
+        for i in 0..1000u32 {
+            tokio::time::advance(Duration::from_millis(1)).await;
+            t.failure(&s, IpAddr::V4(std::net::Ipv4Addr::from(0x0a00_0000 + i)), None, 1);
+        }
+        assert!(t.len() <= 100, "{}", t.len());
+        assert_eq!(t.check(&s, attacker, None), Decision::Blocked);
     }
 
     #[test]
