@@ -87,10 +87,22 @@ pub async fn authenticate(config: &Config, creds: &Credentials) -> Verdict {
             let hash = entry.hash.clone();
             let backends = entry.backends.clone();
             let password = creds.password.clone();
+            // Hash checks (Argon2id: ~19 MiB and tens of milliseconds each) run a few at a time,
+            // not one blocking thread per attempt: a burst of guesses queues here instead of
+            // taking gigabytes and every core.
+            let Ok(_permit) = verify_permits().acquire().await else { return Verdict::Rejected { user: Some(user) } };
             let ok = tokio::task::spawn_blocking(move || hash.verify(password.expose())).await.unwrap_or(false);
             if ok { Verdict::Accepted { user, backends } } else { Verdict::Rejected { user: Some(user) } }
         }
     }
+}
+
+/// Password hash checks allowed at once: one per core.
+fn verify_permits() -> &'static tokio::sync::Semaphore {
+    static PERMITS: std::sync::OnceLock<tokio::sync::Semaphore> = std::sync::OnceLock::new();
+    PERMITS.get_or_init(|| {
+        tokio::sync::Semaphore::new(std::thread::available_parallelism().map_or(2, std::num::NonZeroUsize::get))
+    })
 }
 
 #[cfg(test)]
