@@ -237,15 +237,23 @@ async fn relay_session(
     deadlines: relay::Deadlines,
     mut guard: Option<CommandGuard>,
 ) -> (&'static str, Transferred) {
+    // These writes are bounded like the relay's own: by the idle timeout (a peer that reads
+    // nothing must not hold the session, its backend connection and its slots).
+    let idle = deadlines.idle;
     let first = std::mem::take(&mut a.to_client);
-    if a.client.write_all(&first).await.is_err() || a.client.flush().await.is_err() {
+    let written = tokio::time::timeout(idle, async {
+        a.client.write_all(&first).await?;
+        a.client.flush().await
+    })
+    .await;
+    if !matches!(written, Ok(Ok(()))) {
         return ("client_error", Transferred::default());
     }
     // What the client sent after its login command is checked like the rest of its stream.
     let pipelined = std::mem::take(&mut a.pipelined);
     let cut = guard.as_mut().and_then(|g| g.scan(&pipelined));
     let pass = &pipelined[..cut.unwrap_or(pipelined.len())];
-    if !pass.is_empty() && a.backend.stream.write_all(pass).await.is_err() {
+    if !pass.is_empty() && !matches!(tokio::time::timeout(idle, a.backend.stream.write_all(pass)).await, Ok(Ok(()))) {
         return ("backend_error", Transferred::default());
     }
     if cut.is_some() {
