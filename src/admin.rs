@@ -1,5 +1,6 @@
 //! The admin HTTP server: `/metrics` (Prometheus text), `/healthz` (the process answers) and
-//! `/readyz` (config loaded, listeners bound, every pool with a backend up, certificates loaded).
+//! `/readyz` (config loaded, listeners bound, every pool with a backend up, certificates loaded),
+//! and `POST /acme/renew/NAME` from the same host only.
 //! It binds loopback unless configured otherwise and never serves anything a client sent.
 
 use std::convert::Infallible;
@@ -21,7 +22,7 @@ use crate::metrics::metrics;
 pub async fn serve(listener: TcpListener, app: Weak<App>, stop: CancellationToken) {
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
     loop {
-        let (tcp, _) = tokio::select! {
+        let (tcp, peer) = tokio::select! {
             _ = stop.cancelled() => break,
             r = listener.accept() => match r {
                 Ok(x) => x,
@@ -32,6 +33,10 @@ pub async fn serve(listener: TcpListener, app: Weak<App>, stop: CancellationToke
                 }
             },
         };
+        // Renewals are asked from the proxy's own host (`portcullis renew`, which connects to the
+        // configured address): the only request here that acts, so not one for whoever can reach
+        // a metrics port bound to all addresses.
+        let same_host = tcp.local_addr().is_ok_and(|local| same_host(peer.ip(), local.ip()));
         let app = app.clone();
         let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
             let app = app.clone();
@@ -40,6 +45,13 @@ pub async fn serve(listener: TcpListener, app: Weak<App>, stop: CancellationToke
                 if req.method() == hyper::Method::POST
                     && let Some(label) = req.uri().path().strip_prefix("/acme/renew/")
                 {
+                    if !same_host {
+                        let resp = Response::builder()
+                            .status(StatusCode::FORBIDDEN)
+                            .body(Full::new(Bytes::from("renewals are asked from the proxy's own host\n")))
+                            .unwrap_or_default();
+                        return Ok::<_, Infallible>(resp);
+                    }
                     let label = label.to_string();
                     let found = match app.upgrade() {
                         Some(app) => app.acme_renew(if label.is_empty() { None } else { Some(&label) }).await,
@@ -64,6 +76,11 @@ pub async fn serve(listener: TcpListener, app: Weak<App>, stop: CancellationToke
         });
     }
     let _ = tokio::time::timeout(std::time::Duration::from_secs(2), graceful.shutdown()).await;
+}
+
+/// Whether a connection from `peer` to our `local` address comes from this host.
+fn same_host(peer: std::net::IpAddr, local: std::net::IpAddr) -> bool {
+    peer.is_loopback() || peer == local
 }
 
 fn handle(req: &Request<Incoming>, app: Option<Arc<App>>) -> Response<Full<Bytes>> {
@@ -98,4 +115,18 @@ fn handle(req: &Request<Incoming>, app: Option<Arc<App>>) -> Response<Full<Bytes
 /// Bind the admin address (a failure is a start/reload error).
 pub async fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
     TcpListener::bind(addr).await
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn renewals_only_from_this_host() {
+        let ip = |s: &str| s.parse::<std::net::IpAddr>().unwrap();
+        assert!(super::same_host(ip("127.0.0.1"), ip("127.0.0.1")));
+        assert!(super::same_host(ip("::1"), ip("0.0.0.0")));
+        // The CLI on the host, to an admin bound to one of its addresses.
+        assert!(super::same_host(ip("10.0.0.5"), ip("10.0.0.5")));
+        assert!(!super::same_host(ip("10.0.0.7"), ip("10.0.0.5")));
+        assert!(!super::same_host(ip("2001:db8::7"), ip("2001:db8::5")));
+    }
 }
