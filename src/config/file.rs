@@ -8,6 +8,10 @@ use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::time::Duration;
 
+/// A duration with its place in the file, for settings whose value is checked (and an error must
+/// name the line).
+pub type SpannedDuration = Spanned<humantime_serde::Serde<Duration>>;
+
 use serde::Deserialize;
 use toml::Spanned;
 
@@ -78,8 +82,8 @@ pub struct AcmeFile {
     #[serde(default, with = "humantime_serde::option")]
     pub dns01_propagation: Option<Duration>,
     /// First retry delay after a failure (doubles, jittered, up to 6 h). Default 60 s.
-    #[serde(default, with = "humantime_serde::option")]
-    pub retry_min: Option<Duration>,
+    #[serde(default)]
+    pub retry_min: Option<SpannedDuration>,
     #[serde(default, rename = "certificate")]
     pub certificates: Vec<AcmeCertFile>,
 }
@@ -111,18 +115,18 @@ pub struct LogFile {
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct LimitsFile {
-    #[serde(default, with = "humantime_serde::option")]
-    pub tls_handshake_timeout: Option<Duration>,
-    #[serde(default, with = "humantime_serde::option")]
-    pub preauth_idle_timeout: Option<Duration>,
-    #[serde(default, with = "humantime_serde::option")]
-    pub login_timeout: Option<Duration>,
-    #[serde(default, with = "humantime_serde::option")]
-    pub idle_timeout: Option<Duration>,
-    #[serde(default, with = "humantime_serde::option")]
-    pub backend_connect_timeout: Option<Duration>,
-    #[serde(default, with = "humantime_serde::option")]
-    pub backend_login_timeout: Option<Duration>,
+    #[serde(default)]
+    pub tls_handshake_timeout: Option<SpannedDuration>,
+    #[serde(default)]
+    pub preauth_idle_timeout: Option<SpannedDuration>,
+    #[serde(default)]
+    pub login_timeout: Option<SpannedDuration>,
+    #[serde(default)]
+    pub idle_timeout: Option<SpannedDuration>,
+    #[serde(default)]
+    pub backend_connect_timeout: Option<SpannedDuration>,
+    #[serde(default)]
+    pub backend_login_timeout: Option<SpannedDuration>,
     #[serde(default, with = "humantime_serde::option")]
     pub auth_failure_delay: Option<Duration>,
     #[serde(default, with = "humantime_serde::option")]
@@ -131,8 +135,8 @@ pub struct LimitsFile {
     #[serde(default, with = "humantime_serde::option")]
     pub smtp_greeting_delay: Option<Duration>,
     /// Minimum progress: a command must be complete this long after its first byte.
-    #[serde(default, with = "humantime_serde::option")]
-    pub command_timeout: Option<Duration>,
+    #[serde(default)]
+    pub command_timeout: Option<SpannedDuration>,
     /// Longest a relayed session may last (default: unlimited).
     #[serde(default, with = "humantime_serde::option")]
     pub max_session_duration: Option<Duration>,

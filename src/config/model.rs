@@ -780,6 +780,25 @@ impl Validator<'_> {
         }
     }
 
+    /// A duration setting: `default` when absent, an error at its line when below `min`.
+    fn duration_at_least(
+        &self,
+        v: &Option<file::SpannedDuration>,
+        field: &str,
+        default: Duration,
+        min: Duration,
+    ) -> Result<Duration, ConfigError> {
+        match v {
+            None => Ok(default),
+            Some(s) if **s.get_ref() >= min => Ok(**s.get_ref()),
+            Some(s) => Err(self.err(
+                Some(s.span()),
+                field,
+                format!("must be at least {}", humantime_serde::re::humantime::format_duration(min)),
+            )),
+        }
+    }
+
     fn resolve(&self, p: &Path) -> PathBuf {
         if p.is_absolute() { p.to_path_buf() } else { self.path.parent().unwrap_or(Path::new(".")).join(p) }
     }
@@ -919,17 +938,25 @@ impl Validator<'_> {
                 Some(s) => Err(self.err(Some(s.span()), format!("limits.{field}"), format!("must be at least {min}"))),
             }
         };
+        // A zero timeout would end every handshake, login or session at once.
+        let timeout = |v: &Option<file::SpannedDuration>, field: &str, default: Duration| {
+            self.duration_at_least(v, &format!("limits.{field}"), default, Duration::from_millis(1))
+        };
         Ok(Limits {
-            tls_handshake_timeout: l.tls_handshake_timeout.unwrap_or(d.tls_handshake_timeout),
-            preauth_idle_timeout: l.preauth_idle_timeout.unwrap_or(d.preauth_idle_timeout),
-            login_timeout: l.login_timeout.unwrap_or(d.login_timeout),
-            idle_timeout: l.idle_timeout.unwrap_or(d.idle_timeout),
-            backend_connect_timeout: l.backend_connect_timeout.unwrap_or(d.backend_connect_timeout),
-            backend_login_timeout: l.backend_login_timeout.unwrap_or(d.backend_login_timeout),
+            tls_handshake_timeout: timeout(&l.tls_handshake_timeout, "tls_handshake_timeout", d.tls_handshake_timeout)?,
+            preauth_idle_timeout: timeout(&l.preauth_idle_timeout, "preauth_idle_timeout", d.preauth_idle_timeout)?,
+            login_timeout: timeout(&l.login_timeout, "login_timeout", d.login_timeout)?,
+            idle_timeout: timeout(&l.idle_timeout, "idle_timeout", d.idle_timeout)?,
+            backend_connect_timeout: timeout(
+                &l.backend_connect_timeout,
+                "backend_connect_timeout",
+                d.backend_connect_timeout,
+            )?,
+            backend_login_timeout: timeout(&l.backend_login_timeout, "backend_login_timeout", d.backend_login_timeout)?,
             auth_failure_delay: l.auth_failure_delay.unwrap_or(d.auth_failure_delay),
             shutdown_grace: l.shutdown_grace.unwrap_or(d.shutdown_grace),
             smtp_greeting_delay: l.smtp_greeting_delay.unwrap_or(d.smtp_greeting_delay),
-            command_timeout: l.command_timeout.unwrap_or(d.command_timeout),
+            command_timeout: timeout(&l.command_timeout, "command_timeout", d.command_timeout)?,
             max_session_duration: l.max_session_duration.filter(|d| !d.is_zero()),
             backend_disconnect_spread: l.backend_disconnect_spread.unwrap_or(d.backend_disconnect_spread),
             max_connections: l.max_connections.unwrap_or(d.max_connections),
@@ -1380,7 +1407,13 @@ impl Validator<'_> {
             ca_file: a.ca_file.as_ref().map(|p| self.resolve(p.get_ref())),
             state_dir: self.resolve(a.state_dir.get_ref()),
             challenge,
-            retry_min: a.retry_min.unwrap_or(Duration::from_secs(60)),
+            // Below a second a failing order would be retried hard enough to trip the CA's limits.
+            retry_min: self.duration_at_least(
+                &a.retry_min,
+                "acme.retry_min",
+                Duration::from_secs(60),
+                Duration::from_secs(1),
+            )?,
             certificates,
         })
     }
@@ -1966,6 +1999,29 @@ default = "b"
             parse(&l("tls = \"implicit\"\nverify_client = \"optional_no_ca\"\nclient_verify_depth = 2")).unwrap_err();
         assert_eq!((e.field.as_str(), e.message.as_str()), ("listener[0].client_verify_depth", "needs client_ca_file"));
         assert_eq!(e.position.map(|p| p.0), Some(18));
+    }
+
+    /// Durations that would end everything at once (a zero timeout) or hammer a CA (no retry
+    /// backoff) are refused at their line.
+    #[test]
+    fn zero_timeouts_and_retries_are_refused() {
+        let e = parse(&format!("{BASE}\n[limits]\nlogin_timeout = \"0s\"\n")).unwrap_err();
+        assert_eq!((e.field.as_str(), e.message.as_str()), ("limits.login_timeout", "must be at least 1ms"));
+        assert!(e.position.is_some());
+        for field in ["tls_handshake_timeout", "idle_timeout", "backend_connect_timeout", "command_timeout"] {
+            let e = parse(&format!("{BASE}\n[limits]\n{field} = \"0s\"\n")).unwrap_err();
+            assert_eq!(e.field, format!("limits.{field}"));
+        }
+        let ok = parse(&format!("{BASE}\n[limits]\nlogin_timeout = \"20s\"\n")).unwrap();
+        assert_eq!(ok.limits.login_timeout, Duration::from_secs(20));
+        let acme = |retry: &str| {
+            parse(&format!(
+                "{BASE}\n[acme]\ndirectory = \"https://acme.example/dir\"\nterms_agreed = true\nstate_dir = \"/var/lib/p\"\nretry_min = \"{retry}\"\n[[acme.certificate]]\nnames = [\"mail.example.org\"]\n"
+            ))
+        };
+        let e = acme("0s").unwrap_err();
+        assert_eq!((e.field.as_str(), e.message.as_str()), ("acme.retry_min", "must be at least 1s"));
+        assert_eq!(acme("5m").unwrap().acme.unwrap().retry_min, Duration::from_secs(300));
     }
 
     #[test]
