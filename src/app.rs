@@ -297,7 +297,8 @@ impl App {
             return Ok(());
         }
         if let Some(old) = slot.take() {
-            old.stop();
+            // Waits until the old responder has let go of its port, which the new one may bind.
+            old.stop().await;
         }
         if let Some(settings) = wanted {
             let handle = crate::tls::acme::start(settings, self.tls.certs.clone(), self.shutdown.child_token())

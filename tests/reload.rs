@@ -201,3 +201,34 @@ async fn shutdown_says_bye_to_clients_still_logging_in() {
     tokio::time::timeout(std::time::Duration::from_millis(1500), done).await.unwrap().unwrap();
     assert!(refused(port));
 }
+
+/// A reload that changes `[acme]` restarts the ACME manager on the same HTTP-01 port: the old
+/// responder lets go of it before the new one binds (before, the bind failed and ACME stayed
+/// off until a restart).
+#[tokio::test]
+async fn a_reload_that_changes_acme_keeps_the_responder() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let backend = FakeBackend::start(Behaviour::Normal).await;
+    let port = free_port();
+    let state = tempfile::tempdir().unwrap();
+    let acme = |contact: &str| {
+        format!(
+            "{}\n[acme]\ndirectory = \"https://127.0.0.1:1/dir\"\nterms_agreed = true\ncontact = [\"mailto:{contact}\"]\nstate_dir = \"{}\"\nhttp01_bind = \"127.0.0.1:{port}\"\nretry_min = \"1h\"\n[[acme.certificate]]\nnames = [\"mail.example.test\"]\n",
+            plain_config(backend.addr, ""),
+            state.path().display()
+        )
+    };
+    let answers = || async move {
+        let Ok(mut s) = tokio::net::TcpStream::connect(("127.0.0.1", port)).await else { return false };
+        let _ =
+            s.write_all(b"GET /.well-known/acme-challenge/x HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").await;
+        let mut out = String::new();
+        let _ = s.read_to_string(&mut out).await;
+        out.starts_with("HTTP/1.1 404")
+    };
+    let proxy = Proxy::start(&acme("a@example.test"), USERS).await;
+    assert!(answers().await);
+    write_file(&proxy.config_path(), &acme("b@example.test"));
+    assert_eq!(proxy.app.reload(false).await.unwrap(), portcullis::app::Reloaded::Applied);
+    assert!(answers().await, "no HTTP-01 responder after the reload");
+}

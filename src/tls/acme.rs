@@ -85,6 +85,8 @@ pub struct AcmeHandle {
     pub settings: AcmeSettings,
     triggers: HashMap<String, Arc<Notify>>,
     stop: CancellationToken,
+    /// The challenge responder's task, which owns its listening socket.
+    responder: Option<tokio::task::JoinHandle<()>>,
 }
 
 impl AcmeHandle {
@@ -105,34 +107,39 @@ impl AcmeHandle {
         }
     }
 
-    pub fn stop(&self) {
+    /// Stop the renewal tasks and the responder, and return once the responder's port is free
+    /// (a manager started next, say after a reload, binds it again).
+    pub async fn stop(self) {
         self.stop.cancel();
+        if let Some(responder) = self.responder {
+            let _ = responder.await;
+        }
     }
 }
 
 /// Start the responders and the renewal tasks. Binding a responder is the only thing that can
 /// fail here; everything else is retried in the background.
 pub async fn start(settings: AcmeSettings, certs: Arc<CertStore>, stop: CancellationToken) -> AcmeResult<AcmeHandle> {
+    std::fs::create_dir_all(settings.state_dir.join("certs"))
+        .map_err(|e| format!("cannot create {}: {e}", settings.state_dir.display()))?;
     let challenges = Arc::new(Challenges::default());
-    match &settings.challenge {
+    let responder = match &settings.challenge {
         AcmeChallenge::Http01Responder(addr) => {
             let listener = tokio::net::TcpListener::bind(addr)
                 .await
                 .map_err(|e| format!("cannot bind the HTTP-01 responder on {addr}: {e}"))?;
             tracing::info!(addr = %addr, "ACME HTTP-01 responder listening");
-            tokio::spawn(http01_responder(listener, challenges.clone(), stop.clone()));
+            Some(tokio::spawn(http01_responder(listener, challenges.clone(), stop.clone())))
         }
         AcmeChallenge::TlsAlpn01(addr) => {
             let listener = tokio::net::TcpListener::bind(addr)
                 .await
                 .map_err(|e| format!("cannot bind the TLS-ALPN-01 responder on {addr}: {e}"))?;
             tracing::info!(addr = %addr, "ACME TLS-ALPN-01 responder listening");
-            tokio::spawn(tls_alpn01_responder(listener, challenges.clone(), stop.clone()));
+            Some(tokio::spawn(tls_alpn01_responder(listener, challenges.clone(), stop.clone())))
         }
-        AcmeChallenge::Http01Webroot(_) | AcmeChallenge::Dns01 { .. } => {}
-    }
-    std::fs::create_dir_all(settings.state_dir.join("certs"))
-        .map_err(|e| format!("cannot create {}: {e}", settings.state_dir.display()))?;
+        AcmeChallenge::Http01Webroot(_) | AcmeChallenge::Dns01 { .. } => None,
+    };
     let account = Arc::new(tokio::sync::Mutex::new(None));
     let mut triggers = HashMap::new();
     for spec in &settings.certificates {
@@ -149,7 +156,7 @@ pub async fn start(settings: AcmeSettings, certs: Arc<CertStore>, stop: Cancella
         };
         tokio::spawn(task.run(trigger, stop.clone()));
     }
-    Ok(AcmeHandle { settings, triggers, stop })
+    Ok(AcmeHandle { settings, triggers, stop, responder })
 }
 
 struct CertTask {
