@@ -292,6 +292,13 @@ impl App {
     /// Start, restart or stop the ACME manager to match the running config.
     async fn apply_acme(self: &Arc<Self>) -> Result<(), StartError> {
         let wanted = self.runtime.load().config.acme.clone();
+        // Certificates no longer configured are not served any more.
+        let labels: Vec<&str> = wanted
+            .iter()
+            .flat_map(|a| a.certificates.iter())
+            .filter_map(|c| c.names.first().map(String::as_str))
+            .collect();
+        self.tls.certs.retain_acme(&labels);
         let mut slot = self.acme.lock().await;
         if slot.as_ref().map(|h| &h.settings) == wanted.as_ref() {
             return Ok(());

@@ -224,7 +224,7 @@ impl CertTask {
             None => match crate::tls::certs::self_signed(&self.spec.names) {
                 Ok(ck) => {
                     tracing::warn!(certificate = %self.label, "ACME: no certificate yet; serving a self-signed one until the CA issues it");
-                    self.certs.install_acme(&self.label, &self.spec.names, ck);
+                    self.certs.install_acme(&self.label, &self.spec.names, ck, true);
                 }
                 Err(e) => {
                     tracing::error!(certificate = %self.label, error = %e, "cannot make a placeholder certificate")
@@ -321,7 +321,7 @@ impl CertTask {
         {
             metrics().certificate_not_after.with_label_values(&[&self.label]).set(d.as_secs() as f64);
         }
-        self.certs.install_acme(&self.label, &self.spec.names, ck);
+        self.certs.install_acme(&self.label, &self.spec.names, ck, false);
         tracing::info!(certificate = %self.label, names = ?self.spec.names, "ACME: certificate installed");
     }
 

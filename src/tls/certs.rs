@@ -53,6 +53,19 @@ struct AcmeEntry {
     names: Vec<String>,
     key: Arc<CertifiedKey>,
     not_after: Option<i64>,
+    /// The self-signed stand-in served until the CA issues the certificate.
+    placeholder: bool,
+}
+
+impl AcmeEntry {
+    /// A stand-in or an expired certificate gives way to a configured one for the same name.
+    fn weak(&self) -> bool {
+        self.placeholder || self.not_after.is_some_and(|t| t < unix_now())
+    }
+}
+
+fn unix_now() -> i64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs() as i64)
 }
 
 impl fmt::Debug for CertStore {
@@ -87,14 +100,23 @@ impl CertStore {
     /// configured name, `default` for an unnamed default, `self-signed` for the generated one.
     pub fn expiries(&self) -> Vec<(String, i64)> {
         let mut out = self.maps.load().expiry.clone();
-        out.extend(self.acme.load().iter().filter_map(|e| e.not_after.map(|t| (e.label.clone(), t))));
+        // Not a stand-in's: its year of validity would hide that the CA has issued nothing.
+        out.extend(
+            self.acme
+                .load()
+                .iter()
+                .filter(|e| !e.placeholder)
+                .filter_map(|e| e.not_after.map(|t| (e.label.clone(), t))),
+        );
         out
     }
 
     /// Install (or replace) an ACME certificate. New handshakes see it at once; sessions in
-    /// progress are untouched.
-    pub fn install_acme(&self, label: &str, names: &[String], key: Arc<CertifiedKey>) {
-        let entry = AcmeEntry { label: label.to_string(), names: names.to_vec(), not_after: not_after(&key), key };
+    /// progress are untouched. A `placeholder` (self-signed, until the CA issues one) is served
+    /// only for names no configured certificate covers.
+    pub fn install_acme(&self, label: &str, names: &[String], key: Arc<CertifiedKey>, placeholder: bool) {
+        let entry =
+            AcmeEntry { label: label.to_string(), names: names.to_vec(), not_after: not_after(&key), key, placeholder };
         self.acme.rcu(|current| {
             let mut next: Vec<AcmeEntry> = current.iter().filter(|e| e.label != label).cloned().collect();
             next.push(entry.clone());
@@ -102,12 +124,20 @@ impl CertStore {
         });
     }
 
+    /// Keep only the ACME certificates whose labels are still configured (a reload that removes
+    /// one, or `[acme]` altogether, stops serving it).
+    pub fn retain_acme(&self, labels: &[&str]) {
+        self.acme
+            .rcu(|current| current.iter().filter(|e| labels.contains(&e.label.as_str())).cloned().collect::<Vec<_>>());
+    }
+
     /// The ACME certificate installed under `label`, if any.
     pub fn acme_certificate(&self, label: &str) -> Option<Arc<CertifiedKey>> {
         self.acme.load().iter().find(|e| e.label == label).map(|e| e.key.clone())
     }
 
-    fn acme_lookup(&self, name: &str) -> Option<Arc<CertifiedKey>> {
+    /// The ACME entry for `name`, and whether it is weak (see `AcmeEntry::weak`).
+    fn acme_lookup(&self, name: &str) -> Option<(Arc<CertifiedKey>, bool)> {
         let acme = self.acme.load();
         let parent = name.split_once('.').map(|(_, p)| p);
         acme.iter()
@@ -115,16 +145,18 @@ impl CertStore {
             .or_else(|| {
                 acme.iter().find(|e| e.names.iter().any(|n| n.strip_prefix("*.").is_some_and(|p| Some(p) == parent)))
             })
-            .map(|e| e.key.clone())
+            .map(|e| (e.key.clone(), e.weak()))
     }
 
-    /// The certificate a handshake for `name` would get.
+    /// The certificate a handshake for `name` would get: an ACME one, else a configured one,
+    /// except that a stand-in or expired ACME certificate comes after a configured one.
     pub fn lookup(&self, name: Option<&str>) -> Option<Arc<CertifiedKey>> {
         let maps = self.maps.load();
         if let Some(name) = name {
             let name = name.trim_end_matches('.').to_ascii_lowercase();
-            if let Some(k) = self.acme_lookup(&name) {
-                return Some(k);
+            let acme = self.acme_lookup(&name);
+            if let Some((k, false)) = &acme {
+                return Some(k.clone());
             }
             if let Some(k) = maps.exact.get(&name) {
                 return Some(k.clone());
@@ -133,6 +165,9 @@ impl CertStore {
                 && let Some(k) = maps.wildcard.get(parent)
             {
                 return Some(k.clone());
+            }
+            if let Some((k, true)) = acme {
+                return Some(k);
             }
             if maps.strict_sni {
                 return None;
@@ -270,4 +305,51 @@ pub fn self_signed(names: &[String]) -> Result<Arc<CertifiedKey>, CertError> {
         .unwrap_or_else(|| Arc::new(rustls::crypto::aws_lc_rs::default_provider()));
     let ck = CertifiedKey::from_der(chain, key, &provider).map_err(|e| CertError::SelfSigned(e.to_string()))?;
     Ok(Arc::new(ck))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// ACME certificates win for their names, except a stand-in (before the CA has issued one)
+    /// or an expired one, which give way to a configured certificate; a label no longer
+    /// configured stops being served; a stand-in's expiry is not reported.
+    #[test]
+    fn acme_layer_order_and_removal() {
+        crate::tls::init_crypto();
+        let names = vec!["mail.example.test".to_string()];
+        let text = r#"
+[tls]
+self_signed_names = ["mail.example.test"]
+[auth]
+source = "backend"
+[[backend]]
+name = "b"
+address = "127.0.0.1:143"
+[routing.imap]
+default = "b"
+"#;
+        let config = crate::config::Config::parse(std::path::Path::new("/etc/portcullis/p.toml"), text).unwrap();
+        let store = CertStore::load(&config.tls).unwrap();
+        let configured = store.lookup(Some("mail.example.test")).unwrap();
+        let same = |a: &Arc<CertifiedKey>, b: &Arc<CertifiedKey>| a.cert[0] == b.cert[0];
+
+        let placeholder = self_signed(&names).unwrap();
+        store.install_acme("mail.example.test", &names, placeholder.clone(), true);
+        assert!(same(&store.lookup(Some("mail.example.test")).unwrap(), &configured));
+        assert!(!store.expiries().iter().any(|(l, _)| l == "mail.example.test"));
+        // For a name nothing configured covers, the stand-in is served.
+        store.install_acme("other.example.test", &["other.example.test".into()], placeholder.clone(), true);
+        assert!(same(&store.lookup(Some("other.example.test")).unwrap(), &placeholder));
+
+        let issued = self_signed(&names).unwrap();
+        store.install_acme("mail.example.test", &names, issued.clone(), false);
+        assert!(same(&store.lookup(Some("mail.example.test")).unwrap(), &issued));
+        assert!(store.expiries().iter().any(|(l, _)| l == "mail.example.test"));
+
+        store.retain_acme(&["other.example.test"]);
+        assert!(same(&store.lookup(Some("mail.example.test")).unwrap(), &configured));
+        store.retain_acme(&[]);
+        assert!(store.acme_certificate("other.example.test").is_none());
+    }
 }
