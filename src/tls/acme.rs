@@ -436,8 +436,12 @@ impl CertTask {
         let ck =
             CertifiedKey::from_der(chain, key, &provider()).map_err(|e| format!("issued certificate unusable: {e}"))?;
         let (cert_path, key_path) = self.paths();
-        write_private(&key_path, key_pem.as_bytes())?;
-        write_private(&cert_path, chain_pem.as_bytes())?;
+        // Both written out before either replaces the old one: a full disk or a crash while
+        // writing leaves the previous pair whole, never a new key beside an old certificate.
+        let key_tmp = stage_private(&key_path, key_pem.as_bytes())?;
+        let cert_tmp = stage_private(&cert_path, chain_pem.as_bytes())?;
+        commit(&key_tmp, &key_path)?;
+        commit(&cert_tmp, &cert_path)?;
         tracing::info!(certificate = %self.label, "ACME: certificate issued and stored");
         Ok(Arc::new(ck))
     }
@@ -615,8 +619,16 @@ fn dns_names(ck: &CertifiedKey) -> Option<Vec<String>> {
 
 /// Write a secret file atomically: 0600, temp file, fsync, rename.
 fn write_private(path: &Path, bytes: &[u8]) -> AcmeResult<()> {
+    let tmp = stage_private(path, bytes)?;
+    commit(&tmp, path)
+}
+
+/// The first half of `write_private`: the bytes in a 0600 temp file beside `path`, on disk.
+fn stage_private(path: &Path, bytes: &[u8]) -> AcmeResult<PathBuf> {
     use std::os::unix::fs::OpenOptionsExt;
-    let tmp = path.with_extension("tmp");
+    let mut name = path.as_os_str().to_owned();
+    name.push(".tmp");
+    let tmp = PathBuf::from(name);
     let mut f = std::fs::OpenOptions::new()
         .write(true)
         .create(true)
@@ -625,7 +637,12 @@ fn write_private(path: &Path, bytes: &[u8]) -> AcmeResult<()> {
         .open(&tmp)
         .map_err(|e| format!("{}: {e}", tmp.display()))?;
     f.write_all(bytes).and_then(|_| f.sync_all()).map_err(|e| format!("{}: {e}", tmp.display()))?;
-    std::fs::rename(&tmp, path).map_err(|e| format!("{}: {e}", path.display()))
+    Ok(tmp)
+}
+
+/// The second half: the staged file takes `path`'s place.
+fn commit(tmp: &Path, path: &Path) -> AcmeResult<()> {
+    std::fs::rename(tmp, path).map_err(|e| format!("{}: {e}", path.display()))
 }
 
 /// Serve `/.well-known/acme-challenge/TOKEN` and nothing else.
