@@ -28,6 +28,13 @@ impl Password {
     pub fn expose(&self) -> &[u8] {
         &self.0
     }
+
+    /// The bytes to build a secret in place (a command line holding a password): whatever is
+    /// written is zeroed on drop, on every path out. Reserve enough first: growing the vector
+    /// would free a copy unzeroed.
+    pub fn buffer_mut(&mut self) -> &mut Vec<u8> {
+        &mut self.0
+    }
 }
 
 impl fmt::Debug for Password {

@@ -4,7 +4,29 @@
 //! answers it exactly like a wrong password. Authorisation identities other than the user itself
 //! are refused here (reliability case 37): the proxy never lets a client act as someone else.
 
+use base64::Engine;
+
 use crate::auth::{Credentials, MAX_PASSWORD_LEN, MAX_USER_LEN, Password};
+
+/// A SASL PLAIN response line for a backend: `prefix`, then base64 of `authzid NUL authcid NUL
+/// password`, then CRLF. It holds a password, so it comes back as a `Password` (zeroed when
+/// dropped), and the message it was encoded from is zeroed here; no other copy is made.
+pub fn plain_response(prefix: &[u8], authzid: &[u8], authcid: &[u8], password: &[u8]) -> Password {
+    let mut msg = Vec::with_capacity(authzid.len() + authcid.len() + password.len() + 2);
+    msg.extend_from_slice(authzid);
+    msg.push(0);
+    msg.extend_from_slice(authcid);
+    msg.push(0);
+    msg.extend_from_slice(password);
+    let encoded = base64::encoded_len(msg.len(), true).unwrap_or(0);
+    let mut line = vec![0u8; prefix.len() + encoded + 2];
+    line[..prefix.len()].copy_from_slice(prefix);
+    let written = base64::engine::general_purpose::STANDARD.encode_slice(&msg, &mut line[prefix.len()..]).unwrap_or(0);
+    line.truncate(prefix.len() + written);
+    line.extend_from_slice(b"\r\n");
+    crate::auth::wipe(&mut msg);
+    Password::new(line)
+}
 
 /// Decode `authzid NUL authcid NUL passwd`.
 pub fn decode_plain(msg: &[u8]) -> Option<Credentials> {
@@ -56,6 +78,15 @@ pub const LOGIN_PASSWORD_CHALLENGE: &str = "UGFzc3dvcmQ6";
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn plain_response_line() {
+        let line = plain_response(b"AUTH PLAIN ", b"", b"alice", b"secret");
+        // base64("\0alice\0secret")
+        assert_eq!(line.expose(), b"AUTH PLAIN AGFsaWNlAHNlY3JldA==\r\n");
+        let line = plain_response(b"", b"alice", b"master", b"pw");
+        assert_eq!(line.expose(), b"YWxpY2UAbWFzdGVyAHB3\r\n");
+    }
     use proptest::prelude::*;
 
     #[test]

@@ -8,13 +8,13 @@
 
 use std::sync::Arc;
 
-use base64::Engine;
 use rustls::ClientConfig;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 
 use crate::auth::Credentials;
 use crate::backend::{self, BackendError, ClientInfo, Lines, LoggedIn, MAX_BACKEND_LINE, starts_with_ci};
 use crate::config::{Backend, BackendLogin, ClientAddress, Transport};
+use crate::protocol::sasl::plain_response;
 
 /// Connect and log in. The caller wraps this in the backend login deadline.
 pub async fn connect_and_login(
@@ -102,32 +102,29 @@ pub async fn connect_and_login(
         BackendLogin::Replay | BackendLogin::Xclient => {
             // One write for the whole command (unless a synchronising literal must wait for the
             // backend's "+"): a command in pieces costs the backend a wakeup per segment.
-            let mut cmd = Vec::with_capacity(32 + creds.user.len() + creds.password.expose().len());
+            // Zeroed when dropped, also on an error path; room for quoting that doubles every
+            // byte and two literal headers, so it never grows (and leaves a copy behind).
+            let (user, password) = (creds.user.as_bytes(), creds.password.expose());
+            let mut line = crate::auth::Password::new(Vec::with_capacity(64 + 2 * (user.len() + password.len())));
+            let cmd = line.buffer_mut();
             cmd.extend_from_slice(b"P3 LOGIN ");
-            push_astring(&mut stream, &mut lines, &mut cmd, creds.user.as_bytes(), caps.literal_plus).await?;
+            push_astring(&mut stream, &mut lines, cmd, user, caps.literal_plus).await?;
             cmd.push(b' ');
-            push_astring(&mut stream, &mut lines, &mut cmd, creds.password.expose(), caps.literal_plus).await?;
+            push_astring(&mut stream, &mut lines, cmd, password, caps.literal_plus).await?;
             cmd.extend_from_slice(b"\r\n");
-            stream.write_all(&cmd).await?;
-            crate::auth::wipe(&mut cmd);
+            stream.write_all(cmd).await?;
         }
         BackendLogin::Master { user: master, password } => {
-            let mut msg = Vec::with_capacity(user.len() + master.len() + password.len() + 2);
-            msg.extend_from_slice(user.as_bytes());
-            msg.push(0);
-            msg.extend_from_slice(master.as_bytes());
-            msg.push(0);
-            msg.extend_from_slice(password.as_bytes());
-            let b64 = base64::engine::general_purpose::STANDARD.encode(&msg);
+            let (user, master, password) = (user.as_bytes(), master.as_bytes(), password.as_bytes());
             if caps.sasl_ir {
-                stream.write_all(format!("P3 AUTHENTICATE PLAIN {b64}\r\n").as_bytes()).await?;
+                stream.write_all(plain_response(b"P3 AUTHENTICATE PLAIN ", user, master, password).expose()).await?;
             } else {
                 stream.write_all(b"P3 AUTHENTICATE PLAIN\r\n").await?;
                 let l = lines.line(&mut stream).await?;
                 if !l.starts_with(b"+") {
                     return Err(BackendError::Protocol("no continuation for AUTHENTICATE"));
                 }
-                stream.write_all(format!("{b64}\r\n").as_bytes()).await?;
+                stream.write_all(plain_response(b"", user, master, password).expose()).await?;
             }
         }
     }

@@ -7,13 +7,13 @@
 
 use std::sync::Arc;
 
-use base64::Engine;
 use rustls::ClientConfig;
 use tokio::io::AsyncWriteExt;
 
 use crate::auth::Credentials;
 use crate::backend::{self, BackendError, ClientInfo, Lines, LoggedIn, starts_with_ci};
 use crate::config::{Backend, BackendLogin, ClientAddress, Transport};
+use crate::protocol::sasl::plain_response;
 
 /// Dovecot's loop guard: each proxy hop decrements it.
 const PROXY_TTL: u32 = 5;
@@ -82,16 +82,9 @@ pub async fn connect_and_login(
             last.add(&[b"PASS ", password]);
         }
         BackendLogin::Master { user: master, password } => {
-            let mut msg = Vec::with_capacity(user.len() + master.len() + password.len() + 2);
-            msg.extend_from_slice(user.as_bytes());
-            msg.push(0);
-            msg.extend_from_slice(master.as_bytes());
-            msg.push(0);
-            msg.extend_from_slice(password.as_bytes());
-            let mut b64 = base64::engine::general_purpose::STANDARD.encode(&msg).into_bytes();
-            crate::auth::wipe(&mut msg);
-            last.add(&[b"AUTH PLAIN ", &b64]);
-            crate::auth::wipe(&mut b64);
+            let line = plain_response(b"AUTH PLAIN ", user.as_bytes(), master.as_bytes(), password.as_bytes());
+            let line = line.expose();
+            last.add(&[&line[..line.len() - 2]]);
         }
     }
     let mut xclient_reply_due = send_xclient;

@@ -8,13 +8,13 @@
 
 use std::sync::Arc;
 
-use base64::Engine;
 use rustls::ClientConfig;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 
 use crate::auth::Credentials;
 use crate::backend::{self, BackendError, ClientInfo, Lines, LoggedIn, MAX_BACKEND_LINE};
 use crate::config::{Backend, BackendLogin, ClientAddress, Transport};
+use crate::protocol::sasl::plain_response;
 
 /// Most lines accepted in one multi-line reply.
 const MAX_REPLY_LINES: usize = 64;
@@ -101,19 +101,12 @@ pub async fn connect_and_login(
     match &backend.login {
         BackendLogin::Xclient => {}
         BackendLogin::Replay => {
-            let mut msg = vec![0u8];
-            msg.extend_from_slice(creds.user.as_bytes());
-            msg.push(0);
-            msg.extend_from_slice(creds.password.expose());
-            auth_plain(&mut stream, &mut lines, &msg).await?;
+            let line = plain_response(b"AUTH PLAIN ", b"", creds.user.as_bytes(), creds.password.expose());
+            auth_plain(&mut stream, &mut lines, line.expose()).await?;
         }
         BackendLogin::Master { user: master, password } => {
-            let mut msg = user.as_bytes().to_vec();
-            msg.push(0);
-            msg.extend_from_slice(master.as_bytes());
-            msg.push(0);
-            msg.extend_from_slice(password.as_bytes());
-            auth_plain(&mut stream, &mut lines, &msg).await?;
+            let line = plain_response(b"AUTH PLAIN ", user.as_bytes(), master.as_bytes(), password.as_bytes());
+            auth_plain(&mut stream, &mut lines, line.expose()).await?;
         }
     }
     Ok(LoggedIn {
@@ -125,13 +118,13 @@ pub async fn connect_and_login(
     })
 }
 
+/// Send an `AUTH PLAIN` line (from `plain_response`) and read its verdict.
 async fn auth_plain<S: AsyncRead + AsyncWrite + Unpin>(
     s: &mut S,
     lines: &mut Lines,
-    msg: &[u8],
+    line: &[u8],
 ) -> Result<(), BackendError> {
-    let b64 = base64::engine::general_purpose::STANDARD.encode(msg);
-    s.write_all(format!("AUTH PLAIN {b64}\r\n").as_bytes()).await?;
+    s.write_all(line).await?;
     match read_reply(s, lines).await?.0 {
         235 => Ok(()),
         535 | 534 | 501 => Err(BackendError::Rejected),
