@@ -394,8 +394,8 @@ pub struct AcmeSettings {
     pub directory: String,
     pub contact: Vec<String>,
     pub terms_agreed: bool,
-    /// (key id, raw HMAC key)
-    pub eab: Option<(String, Vec<u8>)>,
+    /// (key id, raw HMAC key); the key is redacted in Debug output and zeroed when dropped.
+    pub eab: Option<(String, crate::auth::Password)>,
     pub ca_file: Option<PathBuf>,
     pub state_dir: PathBuf,
     pub challenge: AcmeChallenge,
@@ -1367,7 +1367,7 @@ impl Validator<'_> {
                 let raw = base64::engine::general_purpose::URL_SAFE_NO_PAD
                     .decode(key.get_ref().trim_end_matches('='))
                     .map_err(|_| self.err(Some(key.span()), "acme.eab_hmac_key", "not base64url"))?;
-                Some((kid.clone(), raw))
+                Some((kid.clone(), crate::auth::Password::new(raw)))
             }
             _ => return Err(self.err(None, "acme.eab_kid", "eab_kid and eab_hmac_key go together")),
         };

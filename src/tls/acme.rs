@@ -369,7 +369,7 @@ impl CertTask {
             }
         }
         let contact: Vec<&str> = self.settings.contact.iter().map(String::as_str).collect();
-        let eab = self.settings.eab.as_ref().map(|(kid, key)| ExternalAccountKey::new(kid.clone(), key));
+        let eab = self.settings.eab.as_ref().map(|(kid, key)| ExternalAccountKey::new(kid.clone(), key.expose()));
         let (account, creds) = builder()?
             .create(
                 &NewAccount { contact: &contact, terms_of_service_agreed: true, only_return_existing: false },
