@@ -136,22 +136,26 @@ fn run(config_path: PathBuf) -> anyhow::Result<()> {
     drop(initial);
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().context("starting the runtime")?;
     rt.block_on(async move {
+        use tokio::signal::unix::{SignalKind, signal};
+        // Every handler is in place before the (possibly slow) start: a reload or renewal signal
+        // sent meanwhile is acted on afterwards instead of killing the process.
+        let hup = signal(SignalKind::hangup())?;
+        let mut usr1 = signal(SignalKind::user_defined1())?;
+        let mut term = signal(SignalKind::terminate())?;
+        let mut int = signal(SignalKind::interrupt())?;
         let app = App::start(&config_path).await?;
-        portcullis::config::watch::spawn(app.clone()).context("starting the config watcher")?;
+        portcullis::config::watch::spawn(app.clone(), hup).context("starting the config watcher")?;
         tracing::info!(version = env!("CARGO_PKG_VERSION"), config = %config_path.display(), "portcullis started");
         portcullis::systemd::notify("READY=1");
         spawn_memory_trim();
         // SIGUSR1: renew every ACME certificate now.
         let usr1_app = app.clone();
-        let mut usr1 = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::user_defined1())?;
         tokio::spawn(async move {
             while usr1.recv().await.is_some() {
                 let started = usr1_app.acme_renew(None).await;
                 tracing::info!(acme = started, "SIGUSR1: renewing ACME certificates");
             }
         });
-        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
-        let mut int = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())?;
         tokio::select! {
             _ = term.recv() => {}
             _ = int.recv() => {}

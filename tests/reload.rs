@@ -166,7 +166,7 @@ async fn kubernetes_configmap_symlink_swap_is_noticed() {
     std::os::unix::fs::symlink("..data/portcullis.toml", d.join("portcullis.toml")).unwrap();
     std::os::unix::fs::symlink("..data/users", d.join("users")).unwrap();
     let app = portcullis::app::App::start(&d.join("portcullis.toml")).await.unwrap();
-    portcullis::config::watch::spawn(app.clone()).unwrap();
+    portcullis::config::watch::spawn(app.clone(), hangup()).unwrap();
     login(std::net::SocketAddr::from(([127, 0, 0, 1], pa))).await;
 
     std::os::unix::fs::symlink("..v2", d.join("..data_tmp")).unwrap();

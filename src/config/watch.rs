@@ -20,8 +20,9 @@ use crate::app::{App, Reloaded};
 
 const DEBOUNCE: Duration = Duration::from_millis(200);
 
-/// Start the watcher and the SIGHUP handler; both run until the process ends.
-pub fn spawn(app: Arc<App>) -> Result<(), notify_debouncer_full::notify::Error> {
+/// Start the watcher and the SIGHUP handler (`hup`, installed by the caller as early as it can);
+/// both run until the process ends.
+pub fn spawn(app: Arc<App>, mut hup: tokio::signal::unix::Signal) -> Result<(), notify_debouncer_full::notify::Error> {
     let (tx, mut rx) = mpsc::channel::<bool>(16);
     let fs_tx = tx.clone();
     let mut debouncer = new_debouncer(DEBOUNCE, None, move |res: DebounceEventResult| {
@@ -35,10 +36,6 @@ pub fn spawn(app: Arc<App>) -> Result<(), notify_debouncer_full::notify::Error> 
     watch_dirs(&app, &mut debouncer, &mut watched);
 
     tokio::spawn(async move {
-        let Ok(mut hup) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) else {
-            tracing::error!("cannot install SIGHUP handler");
-            return;
-        };
         while hup.recv().await.is_some() {
             let _ = tx.send(true).await;
         }

@@ -506,3 +506,8 @@ pub fn write_file(path: &Path, text: &str) {
     std::fs::write(&tmp, text).unwrap();
     std::fs::rename(&tmp, path).unwrap();
 }
+
+/// A SIGHUP stream for `config::watch::spawn`.
+pub fn hangup() -> tokio::signal::unix::Signal {
+    tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).unwrap()
+}
