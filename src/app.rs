@@ -259,6 +259,9 @@ impl App {
 
     async fn reload_inner(self: &Arc<Self>, force: bool) -> Result<Reloaded, StartError> {
         let mut last = self.reload_lock.lock().await;
+        if self.shutdown.is_cancelled() {
+            return Ok(Reloaded::Unchanged);
+        }
         let config = Config::load(&self.config_path)?;
         let fp = fingerprint(&config.watched_files());
         if !force && fp == *last {
@@ -535,10 +538,16 @@ impl App {
         // Relayed sessions say goodbye themselves when the grace period is over; allow them a
         // moment more to do it.
         let grace = self.runtime.load().config.limits.shutdown_grace + std::time::Duration::from_secs(2);
-        self.shutdown.cancel();
-        // Close the listening sockets now (the accept loops hold the only other references and
-        // end on the cancellation), so new clients are refused rather than left in the backlog.
-        self.sockets.lock().unwrap_or_else(|e| e.into_inner()).clear();
+        {
+            // A reload in progress finishes first, and none starts after (it would bind and put
+            // listening sockets back).
+            let _reload = self.reload_lock.lock().await;
+            self.shutdown.cancel();
+            // Close the listening sockets now (the accept loops hold the only other references
+            // and end on the cancellation), so new clients are refused rather than left in the
+            // backlog.
+            self.sockets.lock().unwrap_or_else(|e| e.into_inner()).clear();
+        }
         self.sessions.close();
         if tokio::time::timeout(grace, self.sessions.wait()).await.is_err() {
             tracing::warn!(remaining = self.sessions.len(), "shutdown grace period over; closing remaining sessions");

@@ -232,3 +232,27 @@ async fn a_reload_that_changes_acme_keeps_the_responder() {
     assert_eq!(proxy.app.reload(false).await.unwrap(), portcullis::app::Reloaded::Applied);
     assert!(answers().await, "no HTTP-01 responder after the reload");
 }
+
+/// After shutdown has begun, a reload (say from the file watcher) binds nothing again.
+#[tokio::test]
+async fn no_reload_after_shutdown() {
+    let backend = FakeBackend::start(Behaviour::Normal).await;
+    let (pa, pb) = (free_port(), free_port());
+    let proxy = Proxy::start(&config(backend.addr, &[("a", pa)]), USERS).await;
+    proxy.app.shutdown().await;
+    // The accept loops let go of their sockets as they see the cancellation.
+    let closed = || async {
+        for _ in 0..100 {
+            if refused(pa) && refused(pb) {
+                return true;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+        false
+    };
+    assert!(closed().await);
+    write_file(&proxy.config_path(), &config(backend.addr, &[("a", pa), ("b", pb)]));
+    assert_eq!(proxy.app.reload(true).await.unwrap(), portcullis::app::Reloaded::Unchanged);
+    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    assert!(refused(pa) && refused(pb));
+}
