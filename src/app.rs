@@ -262,8 +262,10 @@ impl App {
         if self.shutdown.is_cancelled() {
             return Ok(Reloaded::Unchanged);
         }
+        let main_before = fingerprint(std::slice::from_ref(&self.config_path));
         let config = Config::load(&self.config_path)?;
-        let fp = fingerprint(&config.watched_files());
+        let files = config.watched_files();
+        let fp = fingerprint(&files);
         if !force && fp == *last {
             return Ok(Reloaded::Unchanged);
         }
@@ -288,7 +290,11 @@ impl App {
         if let Err(e) = self.apply_acme().await {
             tracing::error!(error = %e, "ACME could not be (re)started; certificates stay as they are");
         }
-        *last = fp;
+        // A file that changed while it was being read (a save in progress) may now run
+        // half-written: then the fingerprint is not kept, and the save's own events (or the
+        // next reload) load it again instead of finding it "unchanged".
+        let settled = fingerprint(std::slice::from_ref(&self.config_path)) == main_before && fingerprint(&files) == fp;
+        *last = if settled { fp } else { 0 };
         Ok(Reloaded::Applied)
     }
 
