@@ -1687,6 +1687,14 @@ impl Validator<'_> {
                             "interval, timeout, rise and fall must be above 0",
                         ));
                     }
+                    if hs.login.is_some() && !hs.starttls && transport == Transport::StartTls {
+                        // The check would send the test password in the clear.
+                        return Err(self.err(
+                            None,
+                            field("health.starttls"),
+                            "a check with login_user must use STARTTLS on a starttls backend",
+                        ));
+                    }
                     hs
                 }
             };
@@ -1999,6 +2007,22 @@ default = "b"
             parse(&l("tls = \"implicit\"\nverify_client = \"optional_no_ca\"\nclient_verify_depth = 2")).unwrap_err();
         assert_eq!((e.field.as_str(), e.message.as_str()), ("listener[0].client_verify_depth", "needs client_ca_file"));
         assert_eq!(e.position.map(|p| p.0), Some(18));
+    }
+
+    /// A health check's test login never goes out in the clear on a STARTTLS backend.
+    #[test]
+    fn check_login_without_starttls_is_refused() {
+        let cfg = |starttls: bool| {
+            BASE.replace(
+                "address = \"127.0.0.1:143\"",
+                &format!(
+                    "address = \"127.0.0.1:143\"\ntransport = \"starttls\"\ntls_server_name = \"mail.example.org\"\n[backend.health]\nstarttls = {starttls}\nlogin_user = \"probe\"\nlogin_password = \"pw\""
+                ),
+            )
+        };
+        assert!(parse(&cfg(true)).is_ok());
+        let e = parse(&cfg(false)).unwrap_err();
+        assert_eq!(e.field, "backend[0].health.starttls");
     }
 
     /// Durations that would end everything at once (a zero timeout) or hammer a CA (no retry
