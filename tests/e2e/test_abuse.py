@@ -122,6 +122,14 @@ def test_one_password_sprayed_over_many_users_is_throttled(dovecot, tmp_path):
 
 def test_idle_preauth_connections_are_cut_and_memory_returns(dovecot, tmp_path):
     """Reliability case 58: 2,000 silent connections hold nothing past the deadline."""
+    # 2,000 sockets here and as many in the proxy (which inherits the limit): more than Debian's
+    # default soft limit of 1,024 open files.
+    import resource
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = 8192 if hard == resource.RLIM_INFINITY else min(hard, 8192)
+    if soft != resource.RLIM_INFINITY and soft < want:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
+    assert resource.getrlimit(resource.RLIMIT_NOFILE)[0] >= 4500, "need about 4,500 open files"
     users = tmp_path / "users"
     write_users_file(str(users))
     port = free_port()
