@@ -18,6 +18,14 @@ fn quickstart_config_passes_check() {
         ("submission", "127.0.0.1:10587"),
     ];
     assert_eq!(names, expected.iter().map(|(n, a)| (*n, a.to_string())).collect::<Vec<_>>());
+    // So are the backends `scripts/quickstart` starts, the admin server and the demo user.
+    let mut backends: Vec<_> = c.backends.values().map(|b| (b.protocol.as_str(), b.address.as_str())).collect();
+    backends.sort();
+    assert_eq!(backends, [("imap", "127.0.0.1:20143"), ("pop3", "127.0.0.1:20110"), ("smtp", "127.0.0.1:20587")]);
+    assert_eq!(c.admin, Some("127.0.0.1:10080".parse().unwrap()));
+    let portcullis::config::AuthSource::PasswdFile { users, .. } = &c.auth else { panic!("not a users file") };
+    let demo = users.get("demo@example.test").expect("no demo user");
+    assert!(demo.hash.verify(b"demo") && !demo.hash.verify(b"demo2"));
 }
 
 #[test]
