@@ -23,12 +23,18 @@ use crate::protocol::smtp::ehlo::{self, EhloCache};
 /// How often an SMTP backend with health checks off is asked for its EHLO extensions.
 const DISABLED_PROBE_INTERVAL: std::time::Duration = std::time::Duration::from_secs(300);
 
+/// A backend without active checks that sessions marked down is tried again (in its usual place)
+/// this long after its last failure: no check would ever mark it up, only a session that logs in.
+pub const RETRY_UNCHECKED: Duration = Duration::from_secs(30);
+
 #[derive(Debug)]
 pub struct BackendHealth {
     up: AtomicBool,
     ok_streak: AtomicU32,
     fail_streak: AtomicU32,
     sessions: AtomicUsize,
+    /// When the last failure while down happened, in milliseconds since start.
+    down_since_ms: AtomicU64,
     /// Sessions this backend ended while their clients were connected, in the current second:
     /// (second since start << 32) | count. See `SessionGuard::close_hold`.
     closes: AtomicU64,
@@ -58,6 +64,7 @@ impl BackendHealth {
             ok_streak: AtomicU32::new(0),
             fail_streak: AtomicU32::new(0),
             sessions: AtomicUsize::new(0),
+            down_since_ms: AtomicU64::new(0),
             closes: AtomicU64::new(0),
             identity,
         }
@@ -98,6 +105,18 @@ impl HealthTable {
         self.get(name).is_none_or(|h| h.up.load(Ordering::Relaxed))
     }
 
+    /// Whether to route to `backend` as a healthy one: up, or without active checks and down
+    /// for `RETRY_UNCHECKED` since its last failure (half-open: a session tries it, and its
+    /// login marks it up or down again).
+    pub fn usable(&self, backend: &Backend) -> bool {
+        let Some(h) = self.get(&backend.name) else { return true };
+        if h.up.load(Ordering::Relaxed) {
+            return true;
+        }
+        let since = (since_start().as_millis() as u64).saturating_sub(h.down_since_ms.load(Ordering::Relaxed));
+        !backend.health.enabled && since >= RETRY_UNCHECKED.as_millis() as u64
+    }
+
     pub fn sessions(&self, name: &str) -> usize {
         self.get(name).map_or(0, |h| h.sessions.load(Ordering::Relaxed))
     }
@@ -124,8 +143,11 @@ impl HealthTable {
         let h = self.entry(backend);
         h.ok_streak.store(0, Ordering::Relaxed);
         let streak = h.fail_streak.fetch_add(1, Ordering::Relaxed) + 1;
-        if streak >= fall && h.up.swap(false, Ordering::Relaxed) {
-            tracing::warn!(backend = %backend.name, source = ?source, reason = why, failures = streak, "backend is down");
+        if streak >= fall {
+            h.down_since_ms.store(since_start().as_millis() as u64, Ordering::Relaxed);
+            if h.up.swap(false, Ordering::Relaxed) {
+                tracing::warn!(backend = %backend.name, source = ?source, reason = why, failures = streak, "backend is down");
+            }
         }
     }
 
@@ -375,6 +397,29 @@ mod tests {
         moved.address = "127.0.0.1:2".into();
         t.success(&Arc::new(moved), Source::Check, 2);
         assert!(t.is_up("b"), "a new address is not judged by the old one's failures");
+    }
+
+    /// A backend without checks that sessions marked down is tried again after a while (only
+    /// a session can mark it up); one with checks waits for them.
+    #[tokio::test(start_paused = true)]
+    async fn unchecked_backends_are_retried_after_a_while() {
+        let t = HealthTable::default();
+        let mut unchecked = (*backend()).clone();
+        unchecked.health.enabled = false;
+        let (unchecked, checked) = (Arc::new(unchecked), backend());
+        for b in [&unchecked, &checked] {
+            t.failure(b, Source::Session, 1, "x");
+            assert!(!t.usable(b));
+        }
+        tokio::time::advance(RETRY_UNCHECKED).await;
+        assert!(t.usable(&unchecked) && !t.is_up("b"), "half-open, still reported down");
+        assert!(!t.usable(&checked));
+        // The retry fails: another wait.
+        t.failure(&unchecked, Source::Session, 1, "x");
+        assert!(!t.usable(&unchecked));
+        tokio::time::advance(RETRY_UNCHECKED).await;
+        t.success(&unchecked, Source::Session, 2);
+        assert!(t.is_up("b"));
     }
 
     #[test]

@@ -106,7 +106,7 @@ pub fn plan(target: &Target, protocol: Protocol, user: &str, health: &HealthTabl
     } else {
         let (mut good, mut full, mut down) = (Vec::new(), Vec::new(), Vec::new());
         for b in ordered.into_iter().filter(|b| b.state == BackendState::Up) {
-            if !health.is_up(&b.name) {
+            if !health.usable(&b) {
                 down.push(b);
             } else if b.max_sessions > 0 && health.sessions(&b.name) >= b.max_sessions as usize {
                 full.push(b);
