@@ -63,33 +63,36 @@ pub fn target(config: &Config, protocol: Protocol, user: &str, pinned: &[String]
     }
     let tables = config.routing.tables.get(&protocol).into_iter().chain([&config.routing.shared]);
     for table in tables {
-        if let Some(t) = lookup(table, user).filter(|t| t.serves(protocol)) {
+        if let Some(t) = lookup(table, user, protocol) {
             return Some(t.clone());
         }
     }
     None
 }
 
-fn lookup<'a>(table: &'a RouteTable, user: &str) -> Option<&'a Target> {
-    if let Some(t) = table.users.get(user) {
+/// The most specific rule in `table` for `user` whose target serves `protocol`: a rule for
+/// another protocol (in the shared table) is passed over, not a dead end.
+fn lookup<'a>(table: &'a RouteTable, user: &str, protocol: Protocol) -> Option<&'a Target> {
+    let serves = |t: &&Target| t.serves(protocol);
+    if let Some(t) = table.users.get(user).filter(serves) {
         return Some(t);
     }
     if let Some((_, domain)) = user.rsplit_once('@') {
         // Canonical already, unless `[users] lowercase = "none"` kept it as typed.
         let domain = crate::config::canonical_domain(domain).unwrap_or_else(|| domain.to_ascii_lowercase());
-        if let Some(t) = table.domains.get(&domain) {
+        if let Some(t) = table.domains.get(&domain).filter(serves) {
             return Some(t);
         }
         // `*.example.org` matches any subdomain depth, most specific parent first.
         let mut rest = domain.as_str();
         while let Some((_, parent)) = rest.split_once('.') {
-            if let Some(t) = table.wildcards.get(parent) {
+            if let Some(t) = table.wildcards.get(parent).filter(serves) {
                 return Some(t);
             }
             rest = parent;
         }
     }
-    table.default.as_ref()
+    table.default.as_ref().filter(serves)
 }
 
 /// Order a target's backends for `user`, applying states, health and session limits.

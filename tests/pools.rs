@@ -183,3 +183,35 @@ default = "hosts"
         assert_eq!(imap, pop3);
     }
 }
+
+/// A shared-table rule whose target does not speak the session's protocol is passed over for
+/// the next rule in the same table (here the default), not a dead end.
+#[test]
+fn a_shared_rule_for_another_protocol_falls_through_to_the_default() {
+    let cfg = r#"
+[auth]
+source = "backend"
+[[backend]]
+name = "legacy-imap"
+address = "127.0.0.1:1"
+[[backend]]
+name = "h1-imap"
+address = "127.0.0.1:2"
+[[backend]]
+name = "h1-pop3"
+protocol = "pop3"
+address = "127.0.0.1:3"
+[[pool]]
+name = "hosts"
+backends = ["h1-imap", "h1-pop3"]
+[routing]
+default = "hosts"
+domains = { "legacy.example.org" = "legacy-imap" }
+"#;
+    let config = portcullis::config::Config::parse(std::path::Path::new("/t.toml"), cfg).unwrap();
+    let user = "ann@legacy.example.org";
+    let imap = portcullis::route::target(&config, Protocol::Imap, user, &[]).unwrap();
+    assert_eq!(imap.name(), "legacy-imap");
+    let pop3 = portcullis::route::target(&config, Protocol::Pop3, user, &[]).expect("no POP3 route");
+    assert_eq!(pop3.name(), "hosts");
+}
