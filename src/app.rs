@@ -396,14 +396,28 @@ impl App {
         if dynamic > 0 {
             m.backend_sessions.with_label_values(&["dynamic"]).set(dynamic as i64);
         }
-        for p in rt.config.pools.values() {
-            let up = p
-                .backends
-                .iter()
-                .filter(|b| b.state == crate::config::BackendState::Up && self.health.is_up(&b.name))
-                .count();
-            m.pool_backends_up.with_label_values(&[&p.name]).set(up as i64);
+        for (pool, protocol, up) in self.pools_up(&rt.config) {
+            m.pool_backends_up.with_label_values(&[pool, protocol.as_str()]).set(up as i64);
         }
+    }
+
+    /// (pool, protocol, backends up and not draining) for every protocol a pool's backends
+    /// speak: a pool serving IMAP and POP3 whose IMAP backends are all down is down for IMAP.
+    fn pools_up<'a>(&self, config: &'a Config) -> Vec<(&'a str, Protocol, usize)> {
+        let mut out = Vec::new();
+        for p in config.pools.values() {
+            for protocol in Protocol::ALL {
+                let mut members = p.backends.iter().filter(|b| b.protocol == protocol).peekable();
+                if members.peek().is_none() {
+                    continue;
+                }
+                let up = members
+                    .filter(|b| b.state == crate::config::BackendState::Up && self.health.is_up(&b.name))
+                    .count();
+                out.push((p.name.as_str(), protocol, up));
+            }
+        }
+        out
     }
 
     /// What keeps the proxy from being ready, empty when it is: listeners bound, every pool with
@@ -424,11 +438,9 @@ impl App {
             }
         }
         drop(sockets);
-        for p in rt.config.pools.values() {
-            let any_up =
-                p.backends.iter().any(|b| b.state == crate::config::BackendState::Up && self.health.is_up(&b.name));
-            if !any_up {
-                problems.push(format!("pool {} has no backend up", p.name));
+        for (pool, protocol, up) in self.pools_up(&rt.config) {
+            if up == 0 {
+                problems.push(format!("pool {pool} has no {} backend up", protocol.as_str()));
             }
         }
         if rt.config.listeners.iter().any(|l| l.tls != TlsMode::None) && self.tls.certs.lookup(None).is_none() {

@@ -170,8 +170,8 @@ impl Metrics {
             pool_backends_up: gauge(
                 &r,
                 "pool_backends_up",
-                "Backends of the pool that are up and not draining",
-                &["pool"],
+                "Backends of the pool that are up and not draining, per protocol they speak",
+                &["pool", "protocol"],
             ),
             health_checks: counter(&r, "health_checks_total", "Active health checks by result", &["backend", "result"]),
             relayed_bytes: counter(&r, "relayed_bytes_total", "Bytes relayed after login", &["protocol", "direction"]),

@@ -77,7 +77,7 @@ async fn readiness_reports_a_pool_without_healthy_backends() {
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    assert_eq!(last, (503, "pool p has no backend up\n".to_string()));
+    assert_eq!(last, (503, "pool p has no imap backend up\n".to_string()));
     let (_, metrics) = http_get(admin, "/metrics").await;
     assert!(metrics.contains("portcullis_backend_up{backend=\"d\"} 0"));
     assert!(metrics.contains("portcullis_health_checks_total{backend=\"d\",result=\"failure\"}"));
