@@ -1750,6 +1750,20 @@ impl Validator<'_> {
                         format!("{b:?} listed twice"),
                     ));
                 }
+                // host_key ties one host's IMAP, POP3 and SMTP backends together; two backends
+                // of one protocol with the same key would hash alike, and one would get no users.
+                if let Some(m) =
+                    members.iter().find(|m| m.host_key == backend.host_key && m.protocol == backend.protocol)
+                {
+                    return Err(self.err(
+                        Some(p.backends.span()),
+                        format!("pool[{i}].backends"),
+                        format!(
+                            "{:?} and {b:?} share host_key {:?} and a protocol: one would never get a user",
+                            m.name, backend.host_key
+                        ),
+                    ));
+                }
                 members.push(backend.clone());
             }
             if members.is_empty() {
@@ -2007,6 +2021,20 @@ default = "b"
             parse(&l("tls = \"implicit\"\nverify_client = \"optional_no_ca\"\nclient_verify_depth = 2")).unwrap_err();
         assert_eq!((e.field.as_str(), e.message.as_str()), ("listener[0].client_verify_depth", "needs client_ca_file"));
         assert_eq!(e.position.map(|p| p.0), Some(18));
+    }
+
+    /// Two backends of one protocol in a pool may not share a host_key (one would get no users).
+    #[test]
+    fn a_shared_host_key_within_a_protocol_is_refused() {
+        let cfg = |second: &str| {
+            format!(
+                "[auth]\nsource = \"backend\"\n[[backend]]\nname = \"a\"\naddress = \"127.0.0.1:1\"\nhost_key = \"h\"\n[[backend]]\nname = \"b\"\naddress = \"127.0.0.1:2\"\nhost_key = \"h\"\n{second}\n[[pool]]\nname = \"p\"\nbackends = [\"a\", \"b\"]\n[routing]\ndefault = \"p\"\n"
+            )
+        };
+        let e = parse(&cfg("")).unwrap_err();
+        assert_eq!(e.field, "pool[0].backends");
+        assert!(e.message.contains("share host_key"), "{}", e.message);
+        assert!(parse(&cfg("protocol = \"pop3\"")).is_ok(), "one host's IMAP and POP3 backends share it");
     }
 
     /// A health check's test login never goes out in the clear on a STARTTLS backend.
