@@ -157,9 +157,13 @@ impl HealthTable {
         map.iter().filter(|(k, _)| !configured(k)).map(|(_, h)| h.sessions.load(Ordering::Relaxed)).sum()
     }
 
-    /// Forget backends that are no longer configured.
+    /// Forget backends that are no longer configured, once they have no sessions open (those of
+    /// backends the auth service named keep being counted).
     pub fn retain(&self, names: &[&str]) {
-        self.by_backend.lock().unwrap_or_else(|e| e.into_inner()).retain(|k, _| names.contains(&k.as_str()));
+        self.by_backend
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .retain(|k, h| names.contains(&k.as_str()) || h.sessions.load(Ordering::Relaxed) > 0);
     }
 }
 
