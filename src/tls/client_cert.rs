@@ -106,6 +106,7 @@ impl ClientAuth {
         let (chain, hints) = match ca_file {
             Some(path) => {
                 let roots = Arc::new(super::load_roots(path)?);
+                check_client_cas(path)?;
                 let hints = roots.subjects();
                 let mut builder = WebPkiClientVerifier::builder_with_provider(roots, provider.clone());
                 if let Some(crl_path) = crl_file {
@@ -347,6 +348,39 @@ fn details(leaf: &CertificateDer<'_>) -> Option<(CertDetails, bool)> {
 /// A distinguished name as OpenSSL prints it with `XN_FLAG_RFC2253`: last RDN first, `,`
 /// between RDNs, `+` inside one, special characters backslash-escaped and every byte outside
 /// printable ASCII as `\XX`, so the result is always a valid header value.
+/// What webpki does not check in a trust anchor and OpenSSL (so nginx) does: that it is a CA and
+/// in date. A client's own certificate put in the CA file would otherwise let its key sign
+/// certificates for any subject, verified "SUCCESS"; an expired CA would go on vouching.
+fn check_client_cas(path: &std::path::Path) -> Result<(), String> {
+    use rustls::pki_types::CertificateDer;
+    use rustls::pki_types::pem::PemObject;
+    let now = x509_parser::time::ASN1Time::now();
+    for cert in CertificateDer::pem_file_iter(path).map_err(|e| format!("{}: {e}", path.display()))? {
+        let cert = cert.map_err(|e| format!("{}: {e}", path.display()))?;
+        let Ok((_, parsed)) = x509_parser::parse_x509_certificate(cert.as_ref()) else {
+            return Err(format!("{}: a certificate that cannot be parsed", path.display()));
+        };
+        let subject = rfc2253(parsed.subject());
+        if let Ok(Some(bc)) = parsed.basic_constraints()
+            && !bc.value.ca
+        {
+            return Err(format!(
+                "{}: {subject} is not a CA certificate (CA:FALSE); client certificates are checked against the CAs that issue them",
+                path.display()
+            ));
+        }
+        if !parsed.validity().is_valid_at(now) {
+            return Err(format!(
+                "{}: CA {subject} is not valid now (valid {} to {})",
+                path.display(),
+                parsed.validity().not_before,
+                parsed.validity().not_after
+            ));
+        }
+    }
+    Ok(())
+}
+
 fn rfc2253(name: &x509_parser::x509::X509Name<'_>) -> String {
     let registry = x509_parser::objects::oid_registry();
     let mut out = String::new();
@@ -489,6 +523,34 @@ mod tests {
         });
         let settings = ClientCertSettings { mode, ca_file: file.map(Path::to_path_buf), ..Default::default() };
         ClientAuth::new(&settings).unwrap()
+    }
+
+    /// The CA file holds CAs in date: a client's own certificate (CA:FALSE) "pinned" there would
+    /// let its key sign certificates for any subject; an expired CA would go on vouching.
+    #[test]
+    fn the_ca_file_takes_only_cas_in_date() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("ca.pem");
+        let load = |pem: &str| {
+            std::fs::write(&path, pem).unwrap();
+            let settings =
+                ClientCertSettings { mode: VerifyClient::On, ca_file: Some(path.clone()), ..Default::default() };
+            ClientAuth::new(&settings).map(|_| ())
+        };
+        assert!(load(&ca("Example Client CA").pem()).is_ok());
+        let leaf = client_params("alice", -1, 30).self_signed(&KeyPair::generate().unwrap()).unwrap();
+        let mut not_ca = client_params("alice", -1, 30);
+        not_ca.is_ca = IsCa::ExplicitNoCa;
+        let not_ca = not_ca.self_signed(&KeyPair::generate().unwrap()).unwrap();
+        let e = load(&not_ca.pem()).unwrap_err();
+        assert!(e.contains("CN=alice") && e.contains("not a CA certificate"), "{e}");
+        // Without basicConstraints (a v1-style root) it is taken, as OpenSSL takes it.
+        assert!(load(&leaf.pem()).is_ok());
+        let mut old = client_params("Old CA", -30, -1);
+        old.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        let old = old.self_signed(&KeyPair::generate().unwrap()).unwrap();
+        let e = load(&old.pem()).unwrap_err();
+        assert!(e.contains("is not valid now"), "{e}");
     }
 
     /// Reliability case 21: none / wrong / untrusted certificates, per mode.
