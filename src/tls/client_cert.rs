@@ -201,6 +201,11 @@ impl ClientAuth {
             };
         };
         let Some((details, in_date)) = details(leaf) else { return CertCheck::Refused("unreadable certificate") };
+        if !for_clients(leaf) {
+            // OpenSSL's "unsupported certificate purpose", which nginx refuses in every mode;
+            // webpki would say so only where it runs (a CA file, an issuer found).
+            return CertCheck::Refused("unsupported certificate purpose");
+        }
         let self_signed = details.subject == details.issuer;
         // nginx's `ssl_verify_depth`: only the first `depth` certificates the client sent after
         // its own may link it to a CA. Clients send each issuer after what it issued (TLS 1.2
@@ -348,6 +353,17 @@ fn details(leaf: &CertificateDer<'_>) -> Option<(CertDetails, bool)> {
 /// A distinguished name as OpenSSL prints it with `XN_FLAG_RFC2253`: last RDN first, `,`
 /// between RDNs, `+` inside one, special characters backslash-escaped and every byte outside
 /// printable ASCII as `\XX`, so the result is always a valid header value.
+/// Whether a certificate may authenticate a TLS client: no extended key usage (any purpose, as
+/// OpenSSL reads it), or one that lists clientAuth or anyExtendedKeyUsage.
+fn for_clients(leaf: &CertificateDer<'_>) -> bool {
+    let Ok((_, cert)) = x509_parser::parse_x509_certificate(leaf.as_ref()) else { return false };
+    match cert.extended_key_usage() {
+        Ok(None) => true,
+        Ok(Some(eku)) => eku.value.client_auth || eku.value.any,
+        Err(_) => false,
+    }
+}
+
 /// What webpki does not check in a trust anchor and OpenSSL (so nginx) does: that it is a CA and
 /// in date. A client's own certificate put in the CA file would otherwise let its key sign
 /// certificates for any subject, verified "SUCCESS"; an expired CA would go on vouching.
@@ -523,6 +539,23 @@ mod tests {
         });
         let settings = ClientCertSettings { mode, ca_file: file.map(Path::to_path_buf), ..Default::default() };
         ClientAuth::new(&settings).unwrap()
+    }
+
+    /// A certificate for servers only (serverAuth) is refused in every mode, also without a CA
+    /// file (`optional_no_ca`), as nginx refuses it.
+    #[test]
+    fn a_server_only_certificate_is_refused() {
+        let mut server_only = client_params("alice", -1, 30);
+        server_only.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ServerAuth];
+        let cert = server_only.self_signed(&KeyPair::generate().unwrap()).unwrap().der().clone();
+        for p in [policy(VerifyClient::OptionalNoCa, None), policy(VerifyClient::OptionalNoCa, Some(&ca("Example CA")))]
+        {
+            let got = p.check(Some(std::slice::from_ref(&cert)));
+            assert!(matches!(got, CertCheck::Refused("unsupported certificate purpose")), "{got:?}");
+        }
+        let client = client_params("alice", -1, 30).self_signed(&KeyPair::generate().unwrap()).unwrap().der().clone();
+        let got = policy(VerifyClient::OptionalNoCa, None).check(Some(std::slice::from_ref(&client)));
+        assert!(matches!(got, CertCheck::Accepted(_)), "{got:?}");
     }
 
     /// The CA file holds CAs in date: a client's own certificate (CA:FALSE) "pinned" there would
