@@ -166,10 +166,23 @@ pub fn build_runtime(config: Config, tls: &TlsShared) -> Result<Runtime, ConfigE
     Ok(Runtime { config, server_tls, client_auth, backend_tls, default_backend_tls, auth_http })
 }
 
+/// A certificate file that cannot be used, as a config error at the line that names it.
+fn cert_error(config: &Config, e: crate::tls::certs::CertError) -> StartError {
+    match e {
+        crate::tls::certs::CertError::File { path, message, field, position } => StartError::Config(ConfigError {
+            file: config.path.clone(),
+            position,
+            field,
+            message: format!("{}: {message}", path.display()),
+        }),
+        e => StartError::Cert(e),
+    }
+}
+
 /// Validate a config file fully (parse, referenced files, certificates) without binding.
 pub fn check(path: &Path) -> Result<Config, StartError> {
     let config = Config::load(path)?;
-    let store = CertStore::load(&config.tls)?;
+    let store = CertStore::load(&config.tls).map_err(|e| cert_error(&config, e))?;
     let rt = build_runtime(config, &TlsShared::new(Arc::new(store)))?;
     Ok(rt.config)
 }
@@ -179,7 +192,7 @@ impl App {
     pub async fn start(config_path: &Path) -> Result<Arc<App>, StartError> {
         let config = Config::load(config_path)?;
         let fingerprint = fingerprint(&config.watched_files());
-        let certs = Arc::new(CertStore::load(&config.tls)?);
+        let certs = Arc::new(CertStore::load(&config.tls).map_err(|e| cert_error(&config, e))?);
         let tls = TlsShared::new(certs);
         let runtime = build_runtime(config, &tls)?;
         let sockets = bind_all(&runtime.config, &HashMap::new()).await?;
@@ -269,7 +282,7 @@ impl App {
         if !force && fp == *last {
             return Ok(Reloaded::Unchanged);
         }
-        let maps = self.tls.certs.prepare(&config.tls)?;
+        let maps = self.tls.certs.prepare(&config.tls).map_err(|e| cert_error(&config, e))?;
         let runtime = build_runtime(config, &self.tls)?;
         let current = self.sockets.lock().unwrap_or_else(|e| e.into_inner()).clone();
         let sockets = bind_all(&runtime.config, &current).await?;

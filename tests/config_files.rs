@@ -39,3 +39,18 @@ fn reference_config_parses() {
     assert_eq!(c.backends.len(), 4);
     assert_eq!(c.tls.certificates.len(), 2);
 }
+
+/// A certificate file that cannot be used is reported at the line that names it, like every
+/// other config error.
+#[test]
+fn a_missing_certificate_file_is_named_at_its_line() {
+    portcullis::tls::init_crypto();
+    let dir = tempfile::tempdir().unwrap();
+    let text = "[auth]\nsource = \"backend\"\n\n[[tls.certificate]]\ncert = \"nowhere.pem\"\nkey = \"nowhere.key\"\nnames = [\"mail.example.org\"]\n\n[[backend]]\nname = \"b\"\naddress = \"127.0.0.1:143\"\n[routing.imap]\ndefault = \"b\"\n";
+    let path = dir.path().join("p.toml");
+    std::fs::write(&path, text).unwrap();
+    let e = portcullis::app::check(&path).unwrap_err().to_string();
+    let expected = format!("{}:5:8: field `tls.certificate[0].cert`", path.display());
+    assert!(e.starts_with(&expected), "{e}");
+    assert!(e.contains("nowhere.pem"), "{e}");
+}

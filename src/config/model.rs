@@ -216,6 +216,8 @@ pub const MAX_SESSION_TICKETS: usize = 8;
 pub struct CertSpec {
     pub cert: PathBuf,
     pub key: PathBuf,
+    /// Where `cert` and `key` are set: (field, line and column), for errors about the files.
+    pub origin: [(String, Option<(usize, usize)>); 2],
     /// Lower-case names; a leading `*.` marks a wildcard.
     pub names: Vec<String>,
     pub default: bool,
@@ -1037,6 +1039,10 @@ impl Validator<'_> {
             certificates.push(CertSpec {
                 cert: self.resolve(c.cert.get_ref()),
                 key: self.resolve(c.key.get_ref()),
+                origin: [
+                    (format!("tls.certificate[{i}].cert"), Some(self.position(c.cert.span()))),
+                    (format!("tls.certificate[{i}].key"), Some(self.position(c.key.span()))),
+                ],
                 names,
                 default: c.default,
             });

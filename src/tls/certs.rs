@@ -19,8 +19,9 @@ use crate::config::{CertSpec, TlsSettings};
 
 #[derive(Debug, thiserror::Error)]
 pub enum CertError {
+    /// A configured file: `field` and `position` say where the config names it.
     #[error("{path}: {message}")]
-    File { path: PathBuf, message: String },
+    File { path: PathBuf, message: String, field: String, position: Option<(usize, usize)> },
     #[error("self-signed certificate: {0}")]
     SelfSigned(String),
 }
@@ -226,6 +227,7 @@ fn build(settings: &TlsSettings, previous: Option<&CertMaps>) -> Result<CertMaps
         let spec = CertSpec {
             cert: PathBuf::new(),
             key: PathBuf::new(),
+            origin: Default::default(),
             names: names.iter().map(|n| n.to_ascii_lowercase()).collect(),
             default: maps.default.is_none(),
         };
@@ -267,7 +269,10 @@ fn add(maps: &mut CertMaps, spec: &CertSpec, ck: Arc<CertifiedKey>) {
 
 /// Read and check one certificate/key pair; returns the raw bytes (for change detection) too.
 fn read_pair(spec: &CertSpec) -> Result<(Vec<u8>, Arc<CertifiedKey>), CertError> {
-    let file_err = |path: &Path, message: String| CertError::File { path: path.to_path_buf(), message };
+    let file_err = |path: &Path, message: String| {
+        let (field, position) = if path == spec.cert { spec.origin[0].clone() } else { spec.origin[1].clone() };
+        CertError::File { path: path.to_path_buf(), message, field, position }
+    };
     let cert_bytes = std::fs::read(&spec.cert).map_err(|e| file_err(&spec.cert, e.to_string()))?;
     let key_bytes = std::fs::read(&spec.key).map_err(|e| file_err(&spec.key, e.to_string()))?;
     let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(&cert_bytes)
