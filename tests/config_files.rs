@@ -54,3 +54,14 @@ fn a_missing_certificate_file_is_named_at_its_line() {
     assert!(e.starts_with(&expected), "{e}");
     assert!(e.contains("nowhere.pem"), "{e}");
 }
+
+/// A backend's CA file that cannot be read is reported at its line too.
+#[test]
+fn a_missing_backend_ca_file_is_named_at_its_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let text = "[auth]\nsource = \"backend\"\n[[backend]]\nname = \"b\"\naddress = \"127.0.0.1:993\"\ntransport = \"tls\"\ntls_server_name = \"mail.example.org\"\ntls_ca_file = \"missing-ca.pem\"\n[routing.imap]\ndefault = \"b\"\n";
+    let path = dir.path().join("p.toml");
+    std::fs::write(&path, text).unwrap();
+    let e = portcullis::config::Config::load(&path).unwrap_err();
+    assert_eq!((e.field.as_str(), e.position.map(|p| p.0)), ("backend[0].tls_ca_file", Some(8)), "{e}");
+}

@@ -782,6 +782,15 @@ impl Validator<'_> {
         }
     }
 
+    /// A CA file setting, resolved, with its certificates read once here so a file that is
+    /// missing or holds none is reported at its line (the runtime reads it again).
+    fn ca_file(&self, v: &Option<Spanned<PathBuf>>, field: &str) -> Result<Option<PathBuf>, ConfigError> {
+        let Some(p) = v else { return Ok(None) };
+        let path = self.resolve(p.get_ref());
+        crate::tls::load_roots(&path).map_err(|message| self.err(Some(p.span()), field, message))?;
+        Ok(Some(path))
+    }
+
     /// A duration setting: `default` when absent, an error at its line when below `min`.
     fn duration_at_least(
         &self,
@@ -1493,7 +1502,7 @@ impl Validator<'_> {
                 urls: h.urls.get_ref().clone(),
                 timeout: h.timeout.unwrap_or(Duration::from_secs(10)),
                 headers: h.headers.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
-                ca_file: h.ca_file.as_ref().map(|p| self.resolve(p.get_ref())),
+                ca_file: self.ca_file(&h.ca_file, "auth.http.ca_file")?,
                 cache_ttl: h.cache_ttl.unwrap_or(Duration::ZERO),
                 negative_cache_ttl: h.negative_cache_ttl.unwrap_or(Duration::ZERO),
                 pass_client_cert: h.pass_client_cert,
@@ -1720,7 +1729,7 @@ impl Validator<'_> {
                     transport,
                     tls_server_name,
                     tls_verify: b.tls_verify.unwrap_or(true),
-                    tls_ca_file: b.tls_ca_file.as_ref().map(|p| self.resolve(p.get_ref())),
+                    tls_ca_file: self.ca_file(&b.tls_ca_file, &field("tls_ca_file"))?,
                     client_address,
                     login,
                 }),
