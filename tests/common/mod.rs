@@ -166,6 +166,8 @@ pub struct FakeBackend {
     pub received: Arc<Mutex<Vec<Vec<String>>>>,
     /// Commands read while the next one had already arrived (the sender pipelined them).
     pub pipelined: Arc<AtomicUsize>,
+    /// Connections whose session has ended here (the peer closed, or a write failed).
+    pub ended: Arc<AtomicUsize>,
 }
 
 impl FakeBackend {
@@ -175,7 +177,8 @@ impl FakeBackend {
         let accepted = Arc::new(AtomicUsize::new(0));
         let received = Arc::new(Mutex::new(Vec::new()));
         let pipelined = Arc::new(AtomicUsize::new(0));
-        let (acc, rec, ahead) = (accepted.clone(), received.clone(), pipelined.clone());
+        let ended = Arc::new(AtomicUsize::new(0));
+        let (acc, rec, ahead, done) = (accepted.clone(), received.clone(), pipelined.clone(), ended.clone());
         tokio::spawn(async move {
             loop {
                 let Ok((s, _)) = listener.accept().await else { return };
@@ -187,6 +190,7 @@ impl FakeBackend {
                 };
                 let rec = rec.clone();
                 let ahead = ahead.clone();
+                let done = done.clone();
                 tokio::spawn(async move {
                     if behaviour.is_pop3() {
                         serve_pop3(s, behaviour, rec, idx, ahead).await
@@ -195,10 +199,11 @@ impl FakeBackend {
                     } else {
                         serve(s, behaviour, rec, idx, ahead).await
                     }
+                    done.fetch_add(1, Ordering::SeqCst);
                 });
             }
         });
-        FakeBackend { addr, accepted, received, pipelined }
+        FakeBackend { addr, accepted, received, pipelined, ended }
     }
 
     pub fn lines(&self, conn: usize) -> Vec<String> {
