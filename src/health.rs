@@ -33,8 +33,8 @@ pub struct BackendHealth {
     ok_streak: AtomicU32,
     fail_streak: AtomicU32,
     sessions: AtomicUsize,
-    /// When the last failure while down happened, in milliseconds since start.
-    down_since_ms: AtomicU64,
+    /// When the last failure while down happened.
+    last_failure: Mutex<Option<tokio::time::Instant>>,
     /// Sessions this backend ended while their clients were connected, in the current second:
     /// (second since start << 32) | count. See `SessionGuard::close_hold`.
     closes: AtomicU64,
@@ -64,7 +64,7 @@ impl BackendHealth {
             ok_streak: AtomicU32::new(0),
             fail_streak: AtomicU32::new(0),
             sessions: AtomicUsize::new(0),
-            down_since_ms: AtomicU64::new(0),
+            last_failure: Mutex::new(None),
             closes: AtomicU64::new(0),
             identity,
         }
@@ -113,8 +113,8 @@ impl HealthTable {
         if h.up.load(Ordering::Relaxed) {
             return true;
         }
-        let since = (since_start().as_millis() as u64).saturating_sub(h.down_since_ms.load(Ordering::Relaxed));
-        !backend.health.enabled && since >= RETRY_UNCHECKED.as_millis() as u64
+        let last = *h.last_failure.lock().unwrap_or_else(|e| e.into_inner());
+        !backend.health.enabled && last.is_none_or(|t| t.elapsed() >= RETRY_UNCHECKED)
     }
 
     pub fn sessions(&self, name: &str) -> usize {
@@ -144,7 +144,7 @@ impl HealthTable {
         h.ok_streak.store(0, Ordering::Relaxed);
         let streak = h.fail_streak.fetch_add(1, Ordering::Relaxed) + 1;
         if streak >= fall {
-            h.down_since_ms.store(since_start().as_millis() as u64, Ordering::Relaxed);
+            *h.last_failure.lock().unwrap_or_else(|e| e.into_inner()) = Some(tokio::time::Instant::now());
             if h.up.swap(false, Ordering::Relaxed) {
                 tracing::warn!(backend = %backend.name, source = ?source, reason = why, failures = streak, "backend is down");
             }
