@@ -186,8 +186,9 @@ fn penalty(s: &ThrottleSettings, failures: u32) -> Duration {
     s.penalty_base.saturating_mul(1u32 << steps).min(s.penalty_max)
 }
 
-/// A process-local hash of a password, to recognise repeats without keeping the password.
-pub fn password_fingerprint(password: &[u8]) -> u64 {
+/// A process-local hash of an attempt (its parts: user, password...), to recognise repeats
+/// without keeping the password.
+pub fn password_fingerprint(parts: &[&[u8]]) -> u64 {
     use std::sync::OnceLock;
     static KEY: OnceLock<(u64, u64)> = OnceLock::new();
     let (k0, k1) = *KEY.get_or_init(|| {
@@ -196,7 +197,15 @@ pub fn password_fingerprint(password: &[u8]) -> u64 {
         let (a, c) = b.split_at(8);
         (u64::from_le_bytes(a.try_into().unwrap_or_default()), u64::from_le_bytes(c.try_into().unwrap_or_default()))
     });
-    siphasher::sip::SipHasher13::new_with_keys(k0, k1).hash(password)
+    // Each part length-prefixed, so no split of the same bytes reads as another; hashed in
+    // place, so no copy of a password is made.
+    use std::hash::Hasher;
+    let mut h = siphasher::sip::SipHasher13::new_with_keys(k0, k1);
+    for part in parts {
+        h.write_u64(part.len() as u64);
+        h.write(part);
+    }
+    h.finish()
 }
 
 /// Connection counts for the caps.

@@ -499,18 +499,11 @@ fn tls_info(stream: &ClientStream, client_cert: &Option<ClientCertFacts>) -> Opt
 /// once per user against the address, not once in all.
 fn attempt_fingerprint(mechanism: crate::protocol::Mechanism, creds: &Credentials, tls: Option<&TlsInfo>) -> u64 {
     if mechanism != crate::protocol::Mechanism::External {
-        // Length-prefixed, so no user/password split reads as another.
-        let mut tried = Vec::with_capacity(8 + creds.user.len() + creds.password.expose().len());
-        tried.extend_from_slice(&(creds.user.len() as u64).to_le_bytes());
-        tried.extend_from_slice(creds.user.as_bytes());
-        tried.extend_from_slice(creds.password.expose());
-        let fingerprint = crate::limits::password_fingerprint(&tried);
-        crate::auth::wipe(&mut tried);
-        return fingerprint;
+        return crate::limits::password_fingerprint(&[creds.user.as_bytes(), creds.password.expose()]);
     }
     let cert = tls.and_then(|t| t.client_cert.as_ref()).and_then(|c| c.cert.as_ref());
-    let tried = format!("external\0{}\0{}", creds.user, cert.map_or("", |c| c.fingerprint.as_str()));
-    crate::limits::password_fingerprint(tried.as_bytes())
+    let fingerprint = cert.map_or("", |c| c.fingerprint.as_str());
+    crate::limits::password_fingerprint(&[b"external", creds.user.as_bytes(), fingerprint.as_bytes()])
 }
 
 /// Verify, route and log in to a backend, failing over along the rendezvous order.
