@@ -1274,7 +1274,7 @@ impl Validator<'_> {
             }
             Some(p) => {
                 let path = self.resolve(p.get_ref());
-                crate::tls::load_roots(&path)
+                crate::tls::load_roots_checked(&path, crate::tls::client_cert::client_ca)
                     .map_err(|message| self.err(Some(p.span()), field("client_ca_file"), message))?;
                 Some(path)
             }

@@ -105,8 +105,7 @@ impl ClientAuth {
         let mut crl_next_update = None;
         let (chain, hints) = match ca_file {
             Some(path) => {
-                let roots = Arc::new(super::load_roots(path)?);
-                check_client_cas(path)?;
+                let roots = Arc::new(super::load_roots_checked(path, client_ca)?);
                 let hints = roots.subjects();
                 let mut builder = WebPkiClientVerifier::builder_with_provider(roots, provider.clone());
                 if let Some(crl_path) = crl_file {
@@ -200,8 +199,10 @@ impl ClientAuth {
                 _ => CertCheck::Accepted(ClientCertFacts { verify: "NONE".into(), cert: None }),
             };
         };
-        let Some((details, in_date)) = details(leaf) else { return CertCheck::Refused("unreadable certificate") };
-        if !for_clients(leaf) {
+        let Some((details, in_date, for_clients)) = details(leaf) else {
+            return CertCheck::Refused("unreadable certificate");
+        };
+        if !for_clients {
             // OpenSSL's "unsupported certificate purpose", which nginx refuses in every mode;
             // webpki would say so only where it runs (a CA file, an issuer found).
             return CertCheck::Refused("unsupported certificate purpose");
@@ -333,8 +334,16 @@ fn reason(e: rustls::Error) -> Failure {
 
 /// Subject, issuer, serial, fingerprint and the DER, and whether it is within its validity
 /// period now, from one parse; None if the certificate cannot be parsed.
-fn details(leaf: &CertificateDer<'_>) -> Option<(CertDetails, bool)> {
+/// The facts nginx passes on, whether the certificate is in date, and whether it may
+/// authenticate a TLS client: no extended key usage (any purpose, as OpenSSL reads it), or one
+/// that lists clientAuth or anyExtendedKeyUsage. One parse per handshake for all three.
+fn details(leaf: &CertificateDer<'_>) -> Option<(CertDetails, bool, bool)> {
     let (_, cert) = x509_parser::parse_x509_certificate(leaf.as_ref()).ok()?;
+    let for_clients = match cert.extended_key_usage() {
+        Ok(None) => true,
+        Ok(Some(eku)) => eku.value.client_auth || eku.value.any,
+        Err(_) => false,
+    };
     let serial = cert.raw_serial();
     let first = serial.iter().position(|&b| b != 0).unwrap_or(serial.len().saturating_sub(1));
     let serial = serial[first..].iter().map(|b| format!("{b:02X}")).collect();
@@ -347,56 +356,34 @@ fn details(leaf: &CertificateDer<'_>) -> Option<(CertDetails, bool)> {
         fingerprint,
         der: leaf.as_ref().to_vec(),
     };
-    Some((details, cert.validity().is_valid()))
-}
-
-/// A distinguished name as OpenSSL prints it with `XN_FLAG_RFC2253`: last RDN first, `,`
-/// between RDNs, `+` inside one, special characters backslash-escaped and every byte outside
-/// printable ASCII as `\XX`, so the result is always a valid header value.
-/// Whether a certificate may authenticate a TLS client: no extended key usage (any purpose, as
-/// OpenSSL reads it), or one that lists clientAuth or anyExtendedKeyUsage.
-fn for_clients(leaf: &CertificateDer<'_>) -> bool {
-    let Ok((_, cert)) = x509_parser::parse_x509_certificate(leaf.as_ref()) else { return false };
-    match cert.extended_key_usage() {
-        Ok(None) => true,
-        Ok(Some(eku)) => eku.value.client_auth || eku.value.any,
-        Err(_) => false,
-    }
+    Some((details, cert.validity().is_valid(), for_clients))
 }
 
 /// What webpki does not check in a trust anchor and OpenSSL (so nginx) does: that it is a CA and
 /// in date. A client's own certificate put in the CA file would otherwise let its key sign
 /// certificates for any subject, verified "SUCCESS"; an expired CA would go on vouching.
-fn check_client_cas(path: &std::path::Path) -> Result<(), String> {
-    use rustls::pki_types::CertificateDer;
-    use rustls::pki_types::pem::PemObject;
-    let now = x509_parser::time::ASN1Time::now();
-    for cert in CertificateDer::pem_file_iter(path).map_err(|e| format!("{}: {e}", path.display()))? {
-        let cert = cert.map_err(|e| format!("{}: {e}", path.display()))?;
-        let Ok((_, parsed)) = x509_parser::parse_x509_certificate(cert.as_ref()) else {
-            return Err(format!("{}: a certificate that cannot be parsed", path.display()));
-        };
-        let subject = rfc2253(parsed.subject());
-        if let Ok(Some(bc)) = parsed.basic_constraints()
-            && !bc.value.ca
-        {
-            return Err(format!(
-                "{}: {subject} is not a CA certificate (CA:FALSE); client certificates are checked against the CAs that issue them",
-                path.display()
-            ));
-        }
-        if !parsed.validity().is_valid_at(now) {
-            return Err(format!(
-                "{}: CA {subject} is not valid now (valid {} to {})",
-                path.display(),
-                parsed.validity().not_before,
-                parsed.validity().not_after
-            ));
-        }
+pub(crate) fn client_ca(cert: &CertificateDer<'_>) -> Result<(), String> {
+    let Ok((_, parsed)) = x509_parser::parse_x509_certificate(cert.as_ref()) else {
+        return Err("a certificate that cannot be parsed".into());
+    };
+    let subject = rfc2253(parsed.subject());
+    if let Ok(Some(bc)) = parsed.basic_constraints()
+        && !bc.value.ca
+    {
+        return Err(format!(
+            "{subject} is not a CA certificate (CA:FALSE); client certificates are checked against the CAs that issue them"
+        ));
+    }
+    let validity = parsed.validity();
+    if !validity.is_valid() {
+        return Err(format!("CA {subject} is not valid now (valid {} to {})", validity.not_before, validity.not_after));
     }
     Ok(())
 }
 
+/// A distinguished name as OpenSSL prints it with `XN_FLAG_RFC2253`: last RDN first, `,`
+/// between RDNs, `+` inside one, special characters backslash-escaped and every byte outside
+/// printable ASCII as `\XX`, so the result is always a valid header value.
 fn rfc2253(name: &x509_parser::x509::X509Name<'_>) -> String {
     let registry = x509_parser::objects::oid_registry();
     let mut out = String::new();
@@ -936,7 +923,7 @@ mod tests {
         let mut p = CertificateParams::new(Vec::<String>::new()).unwrap();
         p.distinguished_name.push(DnType::CommonName, "Zoë \"x\"+y;#\r\n ");
         let cert = p.self_signed(&KeyPair::generate().unwrap()).unwrap();
-        let (d, _) = details(cert.der()).unwrap();
+        let (d, _, _) = details(cert.der()).unwrap();
         assert_eq!(d.subject, "CN=Zo\\C3\\AB \\\"x\\\"\\+y\\;#\\0D\\0A\\ ");
         assert!(d.subject.bytes().all(|b| (0x20..0x7f).contains(&b)));
     }

@@ -24,11 +24,20 @@ use certs::CertStore;
 
 /// The CA certificates in a PEM file; Err (the file and the reason) if there are none.
 pub fn load_roots(path: &std::path::Path) -> Result<RootCertStore, String> {
+    load_roots_checked(path, |_| Ok(()))
+}
+
+/// `load_roots`, with each certificate passed through `check` first.
+pub fn load_roots_checked(
+    path: &std::path::Path,
+    check: impl Fn(&rustls::pki_types::CertificateDer<'_>) -> Result<(), String>,
+) -> Result<RootCertStore, String> {
     use rustls::pki_types::CertificateDer;
     use rustls::pki_types::pem::PemObject;
     let mut roots = RootCertStore::empty();
     for cert in CertificateDer::pem_file_iter(path).map_err(|e| format!("{}: {e}", path.display()))? {
         let cert = cert.map_err(|e| format!("{}: {e}", path.display()))?;
+        check(&cert).map_err(|e| format!("{}: {e}", path.display()))?;
         roots.add(cert).map_err(|e| format!("{}: {e}", path.display()))?;
     }
     if roots.is_empty() {
