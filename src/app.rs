@@ -586,7 +586,8 @@ impl App {
     }
 }
 
-fn unix_now() -> i64 {
+/// Seconds since the Unix epoch (what certificate expiries and the metrics use).
+pub(crate) fn unix_now() -> i64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs() as i64)
 }
 

@@ -61,12 +61,8 @@ struct AcmeEntry {
 impl AcmeEntry {
     /// A stand-in or an expired certificate gives way to a configured one for the same name.
     fn weak(&self) -> bool {
-        self.placeholder || self.not_after.is_some_and(|t| t < unix_now())
+        self.placeholder || self.not_after.is_some_and(|t| t < crate::app::unix_now())
     }
-}
-
-fn unix_now() -> i64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs() as i64)
 }
 
 impl fmt::Debug for CertStore {
