@@ -83,36 +83,9 @@ async fn ari_window_shapes_the_renewal_plan() {
     // The CA suggests renewing in a 2-hour window 10 days from now.
     let window = (now + Duration::from_secs(10 * 86400), now + Duration::from_secs(10 * 86400 + 7200));
     let (directory, ca_file, seen) = mock_directory(dir.path(), window).await;
-    let state = dir.path().join("state");
-    std::fs::create_dir_all(&state).unwrap();
-    // A stored account (restoring it fetches only the directory: no account request).
-    let account_key = KeyPair::generate().unwrap();
-    use base64::Engine;
-    let creds = serde_json::json!({
-        "id": format!("{}/acct/1", directory.trim_end_matches("/dir")),
-        "key_pkcs8": base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(account_key.serialize_der()),
-        "directory": directory,
-    });
-    std::fs::write(state.join("account.json"), creds.to_string()).unwrap();
-    let text = format!(
-        "[auth]\nsource = \"backend\"\n[[backend]]\nname = \"b\"\naddress = \"127.0.0.1:1\"\n[routing.imap]\ndefault = \"b\"\n[acme]\ndirectory = \"{directory}\"\nca_file = \"{}\"\nterms_agreed = true\nstate_dir = \"{}\"\n[[acme.certificate]]\nnames = [\"mail.example.test\"]\n",
-        ca_file.display(),
-        state.display()
-    );
-    let config = portcullis::config::Config::parse(&dir.path().join("p.toml"), &text).unwrap();
-    let settings = config.acme.unwrap();
-    // A 90-day certificate issued by some CA (the ARI id only needs its AKI and serial).
-    let mut issuer_params = CertificateParams::new(Vec::<String>::new()).unwrap();
-    issuer_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    issuer_params.key_identifier_method = rcgen::KeyIdMethod::Sha256;
-    let issuer = CertifiedIssuer::self_signed(issuer_params, KeyPair::generate().unwrap()).unwrap();
-    let leaf_key = KeyPair::generate().unwrap();
-    let mut leaf_params = CertificateParams::new(vec!["mail.example.test".to_string()]).unwrap();
-    leaf_params.not_before = time::OffsetDateTime::from(now - Duration::from_secs(86400));
-    leaf_params.not_after = time::OffsetDateTime::from(now + Duration::from_secs(89 * 86400));
-    leaf_params.serial_number = Some(rcgen::SerialNumber::from_slice(&[0x42, 0x17]));
-    leaf_params.use_authority_key_identifier_extension = true;
-    let leaf = leaf_params.signed_by(&leaf_key, &issuer).unwrap();
+    let (config, _) = config_for(dir.path(), &directory, &ca_file);
+    let settings = config.acme.clone().unwrap();
+    let (leaf, leaf_key) = ninety_day_leaf(now);
     let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
     let ck = rustls::sign::CertifiedKey::from_der(
         vec![leaf.der().clone()],
@@ -134,13 +107,14 @@ async fn ari_window_shapes_the_renewal_plan() {
     assert!(plan.renew_at < now + Duration::from_secs(20 * 86400));
 }
 
-/// A stored account for the mock directory and the settings for one certificate; returns the
-/// settings and the state directory.
-fn settings_for(
+/// A stored account for the mock directory (restoring it fetches only the directory: no account
+/// request) and a config with `[acme]` for one certificate; returns the config and the state
+/// directory.
+fn config_for(
     dir: &std::path::Path,
     directory: &str,
     ca_file: &std::path::Path,
-) -> (portcullis::config::AcmeSettings, std::path::PathBuf) {
+) -> (portcullis::config::Config, std::path::PathBuf) {
     let state = dir.join("state");
     std::fs::create_dir_all(state.join("certs")).unwrap();
     let account_key = KeyPair::generate().unwrap();
@@ -159,8 +133,23 @@ fn settings_for(
         state.display(),
         webroot.display()
     );
-    let config = portcullis::config::Config::parse(&dir.join("p.toml"), &text).unwrap();
-    (config.acme.unwrap(), state)
+    (portcullis::config::Config::parse(&dir.join("p.toml"), &text).unwrap(), state)
+}
+
+/// A 90-day certificate for mail.example.test, one day old, issued by some CA (the ARI id only
+/// needs its AKI and serial).
+fn ninety_day_leaf(now: SystemTime) -> (rcgen::Certificate, KeyPair) {
+    let mut issuer_params = CertificateParams::new(Vec::<String>::new()).unwrap();
+    issuer_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    issuer_params.key_identifier_method = rcgen::KeyIdMethod::Sha256;
+    let issuer = CertifiedIssuer::self_signed(issuer_params, KeyPair::generate().unwrap()).unwrap();
+    let leaf_key = KeyPair::generate().unwrap();
+    let mut leaf_params = CertificateParams::new(vec!["mail.example.test".to_string()]).unwrap();
+    leaf_params.not_before = time::OffsetDateTime::from(now - Duration::from_secs(86400));
+    leaf_params.not_after = time::OffsetDateTime::from(now + Duration::from_secs(89 * 86400));
+    leaf_params.serial_number = Some(rcgen::SerialNumber::from_slice(&[0x42, 0x17]));
+    leaf_params.use_authority_key_identifier_extension = true;
+    (leaf_params.signed_by(&leaf_key, &issuer).unwrap(), leaf_key)
 }
 
 /// When the CA's ARI window has opened (well before two thirds of the lifetime), the renewal is
@@ -172,21 +161,12 @@ async fn an_open_ari_window_orders_the_renewal_once() {
     let now = SystemTime::now();
     let window = (now - Duration::from_secs(3600), now - Duration::from_secs(1800));
     let (directory, ca_file, seen) = mock_directory(dir.path(), window).await;
-    let (settings, state) = settings_for(dir.path(), &directory, &ca_file);
+    let (config, state) = config_for(dir.path(), &directory, &ca_file);
+    let settings = config.acme.clone().unwrap();
     // A stored 90-day certificate, one day old: far from two thirds of its life.
-    let mut issuer_params = CertificateParams::new(Vec::<String>::new()).unwrap();
-    issuer_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    issuer_params.key_identifier_method = rcgen::KeyIdMethod::Sha256;
-    let issuer = CertifiedIssuer::self_signed(issuer_params, KeyPair::generate().unwrap()).unwrap();
-    let leaf_key = KeyPair::generate().unwrap();
-    let mut leaf_params = CertificateParams::new(vec!["mail.example.test".to_string()]).unwrap();
-    leaf_params.not_before = time::OffsetDateTime::from(now - Duration::from_secs(86400));
-    leaf_params.not_after = time::OffsetDateTime::from(now + Duration::from_secs(89 * 86400));
-    leaf_params.use_authority_key_identifier_extension = true;
-    let leaf = leaf_params.signed_by(&leaf_key, &issuer).unwrap();
+    let (leaf, leaf_key) = ninety_day_leaf(now);
     std::fs::write(state.join("certs/mail.example.test.pem"), leaf.pem()).unwrap();
     std::fs::write(state.join("certs/mail.example.test.key"), leaf_key.serialize_pem()).unwrap();
-    let config = portcullis::config::Config::parse(&dir.path().join("q.toml"), "[auth]\nsource = \"backend\"\n[[backend]]\nname = \"b\"\naddress = \"127.0.0.1:1\"\n[routing.imap]\ndefault = \"b\"\n").unwrap();
     let certs = Arc::new(portcullis::tls::certs::CertStore::load(&config.tls).unwrap());
     let stop = tokio_util::sync::CancellationToken::new();
     let _handle = portcullis::tls::acme::start(settings, certs, stop.clone()).await.unwrap();
