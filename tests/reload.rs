@@ -256,3 +256,61 @@ async fn no_reload_after_shutdown() {
     tokio::time::sleep(std::time::Duration::from_millis(100)).await;
     assert!(refused(pa) && refused(pb));
 }
+
+async fn logs_in(addr: std::net::SocketAddr, password: &str) -> bool {
+    let mut c = Client::connect(addr).await;
+    c.line().await;
+    c.send(format!("a LOGIN alice@example.test {password}\r\n").as_bytes()).await;
+    c.until_tagged("a").await.last().is_some_and(|l| l.starts_with("a OK"))
+}
+
+async fn eventually_logs_in(addr: std::net::SocketAddr, password: &str, what: &str) {
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
+    while !logs_in(addr, password).await {
+        assert!(tokio::time::Instant::now() < deadline, "{what} not picked up");
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test]
+async fn a_replaced_or_recreated_directory_is_watched_again() {
+    // The users file lives outside the config file's directory, in a directory that a deploy
+    // tool replaces by renaming a new one into place; the watch must follow the path, not the
+    // old inode.
+    portcullis::tls::init_crypto();
+    let backend = FakeBackend::start(Behaviour::Normal).await;
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let users = |password: &str| format!("alice@example.test:{{PLAIN}}{password}\n");
+    std::fs::create_dir(d.join("conf")).unwrap();
+    std::fs::create_dir(d.join("secrets")).unwrap();
+    std::fs::write(d.join("secrets/users"), users("first")).unwrap();
+    let cfg = plain_config(backend.addr, "")
+        .replace("passwd_file = \"users\"", &format!("passwd_file = \"{}/secrets/users\"", d.display()));
+    std::fs::write(d.join("conf/portcullis.toml"), cfg).unwrap();
+    let app = portcullis::app::App::start(&d.join("conf/portcullis.toml")).await.unwrap();
+    portcullis::config::watch::spawn(app.clone(), hangup()).unwrap();
+    let addr = app.local_addrs("plain")[0];
+    assert!(logs_in(addr, "first").await);
+
+    // Replaced: a new directory renamed over the path.
+    std::fs::create_dir(d.join("secrets.new")).unwrap();
+    std::fs::write(d.join("secrets.new/users"), users("second")).unwrap();
+    std::fs::rename(d.join("secrets"), d.join("secrets.old")).unwrap();
+    std::fs::rename(d.join("secrets.new"), d.join("secrets")).unwrap();
+    eventually_logs_in(addr, "second", "replaced directory").await;
+    // An edit inside the new directory is seen (the watch is on the new inode).
+    write_file(&d.join("secrets/users"), &users("third"));
+    eventually_logs_in(addr, "third", "edit inside the replaced directory").await;
+
+    // Gone for a while, then back: looked for again on a timer.
+    std::fs::rename(d.join("secrets"), d.join("secrets.gone")).unwrap();
+    tokio::time::sleep(std::time::Duration::from_millis(600)).await;
+    assert!(logs_in(addr, "third").await, "the running config stays while the directory is gone");
+    std::fs::create_dir(d.join("secrets.v4")).unwrap();
+    std::fs::write(d.join("secrets.v4/users"), users("fourth")).unwrap();
+    std::fs::rename(d.join("secrets.v4"), d.join("secrets")).unwrap();
+    eventually_logs_in(addr, "fourth", "recreated directory").await;
+    write_file(&d.join("secrets/users"), &users("fifth"));
+    eventually_logs_in(addr, "fifth", "edit inside the recreated directory").await;
+}

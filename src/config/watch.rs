@@ -2,12 +2,16 @@
 //! users file, the certificates and the CA files (client, backend and auth service CAs).
 //!
 //! Directories are watched, never files: editors save by rename and Kubernetes swaps a `..data`
-//! symlink, and a watch on the old inode would go stale after the first save. Events are
-//! debounced; the reload itself re-reads through symlinks and skips when no input file changed.
-//! A bad file is logged and the running config stays.
+//! symlink, and a watch on the old inode would go stale after the first save. A watched directory
+//! that is itself replaced (a deploy tool renaming a new `certs/` into place) is watched again
+//! under its new inode after the reload its removal triggers; one that is missing at that moment
+//! is looked for again every few seconds. Events are debounced; the reload itself re-reads
+//! through symlinks and skips when no input file changed. A bad file is logged and the running
+//! config stays.
 
-use std::collections::HashSet;
-use std::path::PathBuf;
+use std::collections::{HashMap, HashSet};
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -19,21 +23,32 @@ use tokio::sync::mpsc;
 use crate::app::{App, Reloaded};
 
 const DEBOUNCE: Duration = Duration::from_millis(200);
+/// How soon a directory that could not be watched is looked for again.
+const RETRY: Duration = Duration::from_secs(2);
+
+/// A watched directory's identity: a directory renamed into its place has another inode, and
+/// the watch on the old one no longer sees the path's files.
+type DirId = (u64, u64);
+
+fn dir_id(dir: &Path) -> Option<DirId> {
+    std::fs::metadata(dir).ok().filter(|m| m.is_dir()).map(|m| (m.dev(), m.ino()))
+}
 
 /// Start the watcher and the SIGHUP handler (`hup`, installed by the caller as early as it can);
 /// both run until the process ends.
 pub fn spawn(app: Arc<App>, mut hup: tokio::signal::unix::Signal) -> Result<(), notify_debouncer_full::notify::Error> {
     let (tx, mut rx) = mpsc::channel::<bool>(16);
     let fs_tx = tx.clone();
-    let mut debouncer = new_debouncer(DEBOUNCE, None, move |res: DebounceEventResult| {
+    let debouncer = new_debouncer(DEBOUNCE, None, move |res: DebounceEventResult| {
         if let Ok(events) = res
             && events.iter().any(|e| changes(&e.event.kind))
         {
             let _ = fs_tx.try_send(false);
         }
     })?;
-    let mut watched: HashSet<PathBuf> = HashSet::new();
-    watch_dirs(&app, &mut debouncer, &mut watched);
+    let mut watches = Watches { debouncer, ids: HashMap::new(), missing: HashSet::new() };
+    watches.update(&app);
+    let again = tx.clone();
 
     tokio::spawn(async move {
         while hup.recv().await.is_some() {
@@ -42,7 +57,22 @@ pub fn spawn(app: Arc<App>, mut hup: tokio::signal::unix::Signal) -> Result<(), 
     });
 
     tokio::spawn(async move {
-        while let Some(mut force) = rx.recv().await {
+        loop {
+            let mut force = if watches.missing.is_empty() {
+                match rx.recv().await {
+                    Some(force) => force,
+                    None => break,
+                }
+            } else {
+                // A directory that could not be watched sends no events: look for it on a timer,
+                // and reload once it is back (its files may have changed unseen).
+                match tokio::time::timeout(RETRY, rx.recv()).await {
+                    Ok(Some(force)) => force,
+                    Ok(None) => break,
+                    Err(_) if watches.update(&app) => false,
+                    Err(_) => continue,
+                }
+            };
             // Coalesce a burst of events into one reload.
             while let Ok(f) = rx.try_recv() {
                 force |= f;
@@ -54,10 +84,83 @@ pub fn spawn(app: Arc<App>, mut hup: tokio::signal::unix::Signal) -> Result<(), 
                 Ok(Reloaded::Unchanged) => tracing::debug!("configuration files unchanged"),
                 Err(e) => tracing::error!(error = %e, "configuration reload failed; keeping the running configuration"),
             }
-            watch_dirs(&app, &mut debouncer, &mut watched);
+            // A directory replaced while the reload ran may hold files it did not read.
+            if watches.update(&app) {
+                let _ = again.try_send(false);
+            }
         }
     });
     Ok(())
+}
+
+struct Watches {
+    debouncer: notify_debouncer_full::Debouncer<
+        notify_debouncer_full::notify::RecommendedWatcher,
+        notify_debouncer_full::RecommendedCache,
+    >,
+    /// Watched directories and the inode each watch is on.
+    ids: HashMap<PathBuf, DirId>,
+    /// Directories that could not be watched (not there, say).
+    missing: HashSet<PathBuf>,
+}
+
+impl Watches {
+    /// Watch every directory the running config reads from that is not yet watched under its
+    /// current inode. Returns whether a directory that was missing or replaced is watched now,
+    /// under an inode whose files no reload may have read yet.
+    fn update(&mut self, app: &App) -> bool {
+        let mut dirs: HashSet<PathBuf> =
+            app.runtime().config.watched_files().iter().filter_map(|f| f.parent().map(dir_or_dot)).collect();
+        // The config file's own directory is always watched, even if the running config came
+        // from elsewhere, so a fixed file is noticed.
+        if let Some(p) = app.config_path().parent() {
+            dirs.insert(dir_or_dot(p));
+        }
+        self.missing.retain(|d| dirs.contains(d));
+        // Directories the config no longer reads from.
+        let unused: Vec<PathBuf> = self.ids.keys().filter(|d| !dirs.contains(*d)).cloned().collect();
+        for d in unused {
+            let _ = self.debouncer.unwatch(&d);
+            self.ids.remove(&d);
+        }
+        let mut found = false;
+        for d in dirs {
+            let id = dir_id(&d);
+            let replaced = match self.ids.get(&d) {
+                Some(old) if Some(*old) == id => continue,
+                Some(_) => {
+                    // Replaced or gone: the old watch follows the old inode.
+                    let _ = self.debouncer.unwatch(&d);
+                    self.ids.remove(&d);
+                    true
+                }
+                None => false,
+            };
+            let watched = match id {
+                Some(id) => match self.debouncer.watch(&d, RecursiveMode::NonRecursive) {
+                    Ok(()) => {
+                        self.ids.insert(d.clone(), id);
+                        Ok(())
+                    }
+                    Err(e) => Err(e.to_string()),
+                },
+                None => Err("not a directory or not found".to_owned()),
+            };
+            match watched {
+                Ok(()) => found |= self.missing.remove(&d) || replaced,
+                Err(e) => {
+                    if self.missing.insert(d.clone()) {
+                        tracing::warn!(dir = %d.display(), error = %e, "cannot watch directory for changes; looking again every few seconds");
+                    }
+                }
+            }
+        }
+        found
+    }
+}
+
+fn dir_or_dot(p: &Path) -> PathBuf {
+    if p.as_os_str().is_empty() { PathBuf::from(".") } else { p.to_path_buf() }
 }
 
 /// Whether an event can mean a changed file. inotify also reports opens and reads, and every
@@ -67,38 +170,6 @@ fn changes(kind: &EventKind) -> bool {
         EventKind::Access(AccessKind::Close(AccessMode::Write)) => true,
         EventKind::Access(_) => false,
         _ => true,
-    }
-}
-
-fn watch_dirs(
-    app: &App,
-    debouncer: &mut notify_debouncer_full::Debouncer<
-        notify_debouncer_full::notify::RecommendedWatcher,
-        notify_debouncer_full::RecommendedCache,
-    >,
-    watched: &mut HashSet<PathBuf>,
-) {
-    let mut dirs: HashSet<PathBuf> = app
-        .runtime()
-        .config
-        .watched_files()
-        .iter()
-        .filter_map(|f| f.parent().map(|p| if p.as_os_str().is_empty() { PathBuf::from(".") } else { p.to_path_buf() }))
-        .collect();
-    // The config file's own directory is always watched, even if the running config came from
-    // elsewhere, so a fixed file is noticed.
-    if let Some(p) = app.config_path().parent() {
-        dirs.insert(if p.as_os_str().is_empty() { PathBuf::from(".") } else { p.to_path_buf() });
-    }
-    for d in &dirs {
-        if !watched.contains(d) {
-            match debouncer.watch(d, RecursiveMode::NonRecursive) {
-                Ok(()) => {
-                    watched.insert(d.clone());
-                }
-                Err(e) => tracing::warn!(dir = %d.display(), error = %e, "cannot watch directory for changes"),
-            }
-        }
     }
 }
 
