@@ -314,3 +314,33 @@ async fn a_replaced_or_recreated_directory_is_watched_again() {
     write_file(&d.join("secrets/users"), &users("fifth"));
     eventually_logs_in(addr, "fifth", "edit inside the recreated directory").await;
 }
+
+#[tokio::test]
+async fn a_switched_release_symlink_is_noticed() {
+    // A deploy that keeps releases side by side and switches `current` to the new one: the old
+    // release is not touched, so no event reaches the watch on it.
+    portcullis::tls::init_crypto();
+    let backend = FakeBackend::start(Behaviour::Normal).await;
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let users = |password: &str| format!("alice@example.test:{{PLAIN}}{password}\n");
+    for (release, password) in [("r1", "first"), ("r2", "second")] {
+        std::fs::create_dir_all(d.join("releases").join(release)).unwrap();
+        std::fs::write(d.join("releases").join(release).join("users"), users(password)).unwrap();
+    }
+    std::os::unix::fs::symlink("releases/r1", d.join("current")).unwrap();
+    std::fs::create_dir(d.join("conf")).unwrap();
+    let cfg = plain_config(backend.addr, "")
+        .replace("passwd_file = \"users\"", &format!("passwd_file = \"{}/current/users\"", d.display()));
+    std::fs::write(d.join("conf/portcullis.toml"), cfg).unwrap();
+    let app = portcullis::app::App::start(&d.join("conf/portcullis.toml")).await.unwrap();
+    portcullis::config::watch::spawn(app.clone(), hangup()).unwrap();
+    let addr = app.local_addrs("plain")[0];
+    assert!(logs_in(addr, "first").await);
+
+    std::os::unix::fs::symlink("releases/r2", d.join("current.new")).unwrap();
+    std::fs::rename(d.join("current.new"), d.join("current")).unwrap();
+    eventually_logs_in(addr, "second", "switched symlink").await;
+    write_file(&d.join("current/users"), &users("third"));
+    eventually_logs_in(addr, "third", "edit inside the new release").await;
+}

@@ -3,11 +3,11 @@
 //!
 //! Directories are watched, never files: editors save by rename and Kubernetes swaps a `..data`
 //! symlink, and a watch on the old inode would go stale after the first save. A watched directory
-//! that is itself replaced (a deploy tool renaming a new `certs/` into place) is watched again
-//! under its new inode after the reload its removal triggers; one that is missing at that moment
-//! is looked for again every few seconds. Events are debounced; the reload itself re-reads
-//! through symlinks and skips when no input file changed. A bad file is logged and the running
-//! config stays.
+//! that is itself replaced (a deploy tool renaming a new `certs/` into place, or switching a
+//! `current` symlink to another release) or missing is noticed by a check every 2 s of each
+//! directory's inode, watched again under the new one and reloaded. Events are debounced; the
+//! reload itself re-reads through symlinks and skips when no input file changed. A bad file is
+//! logged and the running config stays.
 
 use std::collections::{HashMap, HashSet};
 use std::os::unix::fs::MetadataExt;
@@ -47,7 +47,7 @@ pub fn spawn(app: Arc<App>, mut hup: tokio::signal::unix::Signal) -> Result<(), 
         }
     })?;
     let mut watches = Watches { debouncer, ids: HashMap::new(), missing: HashSet::new() };
-    watches.update(&app);
+    watches.update(&app, true);
     let again = tx.clone();
 
     tokio::spawn(async move {
@@ -58,20 +58,14 @@ pub fn spawn(app: Arc<App>, mut hup: tokio::signal::unix::Signal) -> Result<(), 
 
     tokio::spawn(async move {
         loop {
-            let mut force = if watches.missing.is_empty() {
-                match rx.recv().await {
-                    Some(force) => force,
-                    None => break,
-                }
-            } else {
-                // A directory that could not be watched sends no events: look for it on a timer,
-                // and reload once it is back (its files may have changed unseen).
-                match tokio::time::timeout(RETRY, rx.recv()).await {
-                    Ok(Some(force)) => force,
-                    Ok(None) => break,
-                    Err(_) if watches.update(&app) => false,
-                    Err(_) => continue,
-                }
+            // A directory that is missing, or was replaced without an event reaching its old
+            // watch (a symlink switched to another directory), is found by the timer; reload
+            // then, as its files may have changed unseen.
+            let mut force = match tokio::time::timeout(RETRY, rx.recv()).await {
+                Ok(Some(force)) => force,
+                Ok(None) => break,
+                Err(_) if watches.update(&app, false) => false,
+                Err(_) => continue,
             };
             // Coalesce a burst of events into one reload.
             while let Ok(f) = rx.try_recv() {
@@ -85,7 +79,7 @@ pub fn spawn(app: Arc<App>, mut hup: tokio::signal::unix::Signal) -> Result<(), 
                 Err(e) => tracing::error!(error = %e, "configuration reload failed; keeping the running configuration"),
             }
             // A directory replaced while the reload ran may hold files it did not read.
-            if watches.update(&app) {
+            if watches.update(&app, true) {
                 let _ = again.try_send(false);
             }
         }
@@ -106,9 +100,11 @@ struct Watches {
 
 impl Watches {
     /// Watch every directory the running config reads from that is not yet watched under its
-    /// current inode. Returns whether a directory that was missing or replaced is watched now,
-    /// under an inode whose files no reload may have read yet.
-    fn update(&mut self, app: &App) -> bool {
+    /// current inode; with `refresh`, add every watch again too (notify drops a watch by itself
+    /// when its directory is moved or deleted, and a directory moved back keeps its inode).
+    /// Returns whether a directory that was missing or replaced is watched now, under an inode
+    /// whose files no reload may have read yet.
+    fn update(&mut self, app: &App, refresh: bool) -> bool {
         let mut dirs: HashSet<PathBuf> =
             app.runtime().config.watched_files().iter().filter_map(|f| f.parent().map(dir_or_dot)).collect();
         // The config file's own directory is always watched, even if the running config came
@@ -127,7 +123,8 @@ impl Watches {
         for d in dirs {
             let id = dir_id(&d);
             let replaced = match self.ids.get(&d) {
-                Some(old) if Some(*old) == id => continue,
+                Some(old) if Some(*old) == id && !refresh => continue,
+                Some(old) if Some(*old) == id => false,
                 Some(_) => {
                     // Replaced or gone: the old watch follows the old inode.
                     let _ = self.debouncer.unwatch(&d);
@@ -159,8 +156,11 @@ impl Watches {
     }
 }
 
+/// A file's directory as an absolute path: notify keys its watches by absolute path, so `conf`
+/// and `./conf` must not count as two directories (unwatching one would end the other's watch).
 fn dir_or_dot(p: &Path) -> PathBuf {
-    if p.as_os_str().is_empty() { PathBuf::from(".") } else { p.to_path_buf() }
+    let p = if p.as_os_str().is_empty() { Path::new(".") } else { p };
+    std::path::absolute(p).unwrap_or_else(|_| p.to_path_buf())
 }
 
 /// Whether an event can mean a changed file. inotify also reports opens and reads, and every
