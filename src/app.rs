@@ -320,20 +320,34 @@ impl App {
             .flat_map(|a| a.certificates.iter())
             .filter_map(|c| c.names.first().map(String::as_str))
             .collect();
-        self.tls.certs.retain_acme(&labels);
         let mut slot = self.acme.lock().await;
         if slot.as_ref().map(|h| &h.settings) == wanted.as_ref() {
+            self.tls.certs.retain_acme(&labels);
             return Ok(());
         }
+        let previous = slot.as_ref().map(|h| h.settings.clone());
         if let Some(old) = slot.take() {
-            // Waits until the old responder has let go of its port, which the new one may bind.
+            // Waits until the old responder has let go of its port, which the new one may bind,
+            // and until the old tasks have ended, so none installs a certificate after this.
             old.stop().await;
         }
+        self.tls.certs.retain_acme(&labels);
         if let Some(settings) = wanted {
-            let handle = crate::tls::acme::start(settings, self.tls.certs.clone(), self.shutdown.child_token())
-                .await
-                .map_err(StartError::Acme)?;
-            *slot = Some(handle);
+            match crate::tls::acme::start(settings, self.tls.certs.clone(), self.shutdown.child_token()).await {
+                Ok(handle) => *slot = Some(handle),
+                Err(e) => {
+                    // Renewal must not stop because the new settings cannot start (a responder
+                    // port taken, say): the previous settings go on until a reload fixes it.
+                    if let Some(previous) = previous
+                        && let Ok(handle) =
+                            crate::tls::acme::start(previous, self.tls.certs.clone(), self.shutdown.child_token()).await
+                    {
+                        tracing::warn!("ACME: the previous ACME settings stay in force");
+                        *slot = Some(handle);
+                    }
+                    return Err(StartError::Acme(e));
+                }
+            }
         }
         Ok(())
     }

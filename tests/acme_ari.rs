@@ -16,6 +16,7 @@ use rustls::pki_types::PrivateKeyDer;
 async fn mock_directory(
     dir: &std::path::Path,
     window: (SystemTime, SystemTime),
+    retry_after: &'static str,
 ) -> (String, std::path::PathBuf, Arc<Mutex<Vec<String>>>) {
     let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
     ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
@@ -60,7 +61,7 @@ async fn mock_directory(
                             let body = format!(r#"{{"suggestedWindow":{{"start":"{start}","end":"{end}"}}}}"#);
                             Response::builder()
                                 .header("content-type", "application/json")
-                                .header("retry-after", "21600")
+                                .header("retry-after", retry_after)
                                 .body(Full::new(Bytes::from(body)))
                         } else {
                             Response::builder().status(404).body(Full::new(Bytes::new()))
@@ -82,17 +83,10 @@ async fn ari_window_shapes_the_renewal_plan() {
     let now = SystemTime::now();
     // The CA suggests renewing in a 2-hour window 10 days from now.
     let window = (now + Duration::from_secs(10 * 86400), now + Duration::from_secs(10 * 86400 + 7200));
-    let (directory, ca_file, seen) = mock_directory(dir.path(), window).await;
+    let (directory, ca_file, seen) = mock_directory(dir.path(), window, "21600").await;
     let (config, _) = config_for(dir.path(), &directory, &ca_file);
     let settings = config.acme.clone().unwrap();
-    let (leaf, leaf_key) = ninety_day_leaf(now);
-    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
-    let ck = rustls::sign::CertifiedKey::from_der(
-        vec![leaf.der().clone()],
-        PrivateKeyDer::try_from(leaf_key.serialize_der()).unwrap(),
-        &provider,
-    )
-    .unwrap();
+    let ck = ninety_day_key(now);
     let certs = Arc::new(portcullis::tls::certs::CertStore::load(&config.tls).unwrap());
 
     let (plan, ari) = portcullis::tls::acme::renewal_plan(&settings, certs, &ck).await.unwrap();
@@ -105,6 +99,24 @@ async fn ari_window_shapes_the_renewal_plan() {
     assert!(seen.iter().any(|p| p.starts_with("/ari/")), "{seen:?}");
     // Two-thirds of the lifetime would have been ~59 days: ARI moved it to day 10.
     assert!(plan.renew_at < now + Duration::from_secs(20 * 86400));
+}
+
+#[tokio::test]
+async fn an_ari_retry_after_of_zero_does_not_make_a_loop() {
+    portcullis::tls::init_crypto();
+    let dir = tempfile::tempdir().unwrap();
+    let now = SystemTime::now();
+    let window = (now + Duration::from_secs(10 * 86400), now + Duration::from_secs(10 * 86400 + 7200));
+    let (directory, ca_file, _) = mock_directory(dir.path(), window, "0").await;
+    let (config, _) = config_for(dir.path(), &directory, &ca_file);
+    let settings = config.acme.clone().unwrap();
+    let ck = ninety_day_key(now);
+    let certs = Arc::new(portcullis::tls::certs::CertStore::load(&config.tls).unwrap());
+    let (plan, ari) = portcullis::tls::acme::renewal_plan(&settings, certs, &ck).await.unwrap();
+    assert!(ari);
+    // "Ask again now" is taken as one minute (RFC 9773's lower bound), not as a loop.
+    let recheck = plan.recheck_at.unwrap();
+    assert!(recheck >= now + Duration::from_secs(59), "{plan:?}");
 }
 
 /// A stored account for the mock directory (restoring it fetches only the directory: no account
@@ -138,6 +150,18 @@ fn config_for(
 
 /// A 90-day certificate for mail.example.test, one day old, issued by some CA (the ARI id only
 /// needs its AKI and serial).
+/// `ninety_day_leaf` as the certified key a running proxy holds.
+fn ninety_day_key(now: SystemTime) -> rustls::sign::CertifiedKey {
+    let (leaf, leaf_key) = ninety_day_leaf(now);
+    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    rustls::sign::CertifiedKey::from_der(
+        vec![leaf.der().clone()],
+        PrivateKeyDer::try_from(leaf_key.serialize_der()).unwrap(),
+        &provider,
+    )
+    .unwrap()
+}
+
 fn ninety_day_leaf(now: SystemTime) -> (rcgen::Certificate, KeyPair) {
     let mut issuer_params = CertificateParams::new(Vec::<String>::new()).unwrap();
     issuer_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
@@ -160,7 +184,7 @@ async fn an_open_ari_window_orders_the_renewal_once() {
     let dir = tempfile::tempdir().unwrap();
     let now = SystemTime::now();
     let window = (now - Duration::from_secs(3600), now - Duration::from_secs(1800));
-    let (directory, ca_file, seen) = mock_directory(dir.path(), window).await;
+    let (directory, ca_file, seen) = mock_directory(dir.path(), window, "21600").await;
     let (config, state) = config_for(dir.path(), &directory, &ca_file);
     let settings = config.acme.clone().unwrap();
     // A stored 90-day certificate, one day old: far from two thirds of its life.

@@ -1401,6 +1401,19 @@ impl Validator<'_> {
             if names.is_empty() {
                 return Err(self.err(Some(c.names.span()), field, "at least one name is needed"));
             }
+            // The first name labels the certificate: its stored files, its metrics, its slot in
+            // the certificate store and `acme renew NAME`. Two with one label would overwrite
+            // each other.
+            if let Some(j) = certificates.iter().position(|o: &AcmeCertSpec| o.names[0] == names[0]) {
+                return Err(self.err(
+                    Some(c.names.span()),
+                    field,
+                    format!(
+                        "first name {:?} already labels acme.certificate[{j}]; list the names in another order",
+                        names[0]
+                    ),
+                ));
+            }
             let rsa = match c.key_type.as_ref().map(|k| k.get_ref().as_str()) {
                 None | Some("ecdsa-p256") => false,
                 Some("rsa-2048") => true,
@@ -2089,6 +2102,22 @@ default = "b"
         let e = acme("0s").unwrap_err();
         assert_eq!((e.field.as_str(), e.message.as_str()), ("acme.retry_min", "must be at least 1s"));
         assert_eq!(acme("5m").unwrap().acme.unwrap().retry_min, Duration::from_secs(300));
+    }
+
+    #[test]
+    fn acme_certificates_need_distinct_first_names() {
+        let acme = |second: &str| {
+            parse(&format!(
+                "{BASE}\n[acme]\ndirectory = \"https://acme.example/dir\"\nterms_agreed = true\nstate_dir = \"/var/lib/p\"\n[[acme.certificate]]\nnames = [\"mail.example.org\"]\n[[acme.certificate]]\nnames = {second}\nkey_type = \"rsa-2048\"\n"
+            ))
+        };
+        // An RSA and an ECDSA certificate for one host would share files, metrics and a slot.
+        let e = acme("[\"Mail.example.org\", \"imap.example.org\"]").unwrap_err();
+        assert_eq!(e.field, "acme.certificate[1].names");
+        assert!(e.message.contains("already labels acme.certificate[0]"), "{e}");
+        assert!(e.position.is_some());
+        let ok = acme("[\"imap.example.org\", \"mail.example.org\"]").unwrap().acme.unwrap();
+        assert_eq!(ok.certificates.len(), 2);
     }
 
     #[test]

@@ -33,6 +33,15 @@ use crate::tls::certs::CertStore;
 const MAX_BACKOFF: Duration = Duration::from_secs(6 * 3600);
 /// How long the CA gets to validate challenges.
 const VALIDATION_TIMEOUT: Duration = Duration::from_secs(90);
+/// The longest one exchange with the CA, or one run of the DNS-01 hook, may take: a CA that
+/// stops answering fails the step instead of stalling the certificate's task for ever.
+const STEP_TIMEOUT: Duration = Duration::from_secs(120);
+/// The bounds put on an ARI Retry-After (RFC 9773 §4.3.3 suggests one minute and one day): a
+/// CA answering `0`, or a date in the past, must not make the task ask again in a loop.
+const ARI_RECHECK_MIN: Duration = Duration::from_secs(60);
+const ARI_RECHECK_MAX: Duration = Duration::from_secs(24 * 3600);
+/// How long stopping the manager waits for its tasks to clean up challenge material.
+const STOP_GRACE: Duration = Duration::from_secs(10);
 /// The ALPN protocol of TLS-ALPN-01 (RFC 8737).
 pub const ACME_TLS_ALPN: &[u8] = b"acme-tls/1";
 
@@ -87,6 +96,8 @@ pub struct AcmeHandle {
     stop: CancellationToken,
     /// The challenge responder's task, which owns its listening socket.
     responder: Option<tokio::task::JoinHandle<()>>,
+    /// One task per certificate.
+    tasks: Vec<tokio::task::JoinHandle<()>>,
 }
 
 impl AcmeHandle {
@@ -108,11 +119,21 @@ impl AcmeHandle {
     }
 
     /// Stop the renewal tasks and the responder, and return once the responder's port is free
-    /// (a manager started next, say after a reload, binds it again).
+    /// (a manager started next, say after a reload, binds it again) and the tasks have ended:
+    /// an order in progress removes its challenge material first (up to `STOP_GRACE`), and no
+    /// old task installs a certificate after this returns.
     pub async fn stop(self) {
         self.stop.cancel();
         if let Some(responder) = self.responder {
             let _ = responder.await;
+        }
+        let deadline = tokio::time::Instant::now() + STOP_GRACE;
+        for task in self.tasks {
+            let abort = task.abort_handle();
+            if tokio::time::timeout_at(deadline, task).await.is_err() {
+                tracing::warn!("ACME: a certificate task did not stop in time; challenge material may be left behind");
+                abort.abort();
+            }
         }
     }
 }
@@ -142,6 +163,7 @@ pub async fn start(settings: AcmeSettings, certs: Arc<CertStore>, stop: Cancella
     };
     let account = Arc::new(tokio::sync::Mutex::new(None));
     let mut triggers = HashMap::new();
+    let mut tasks = Vec::new();
     for spec in &settings.certificates {
         let label = spec.names[0].clone();
         let trigger = Arc::new(Notify::new());
@@ -154,11 +176,12 @@ pub async fn start(settings: AcmeSettings, certs: Arc<CertStore>, stop: Cancella
             challenges: challenges.clone(),
             account: account.clone(),
         };
-        tokio::spawn(task.run(trigger, stop.clone()));
+        tasks.push(tokio::spawn(task.supervise(trigger, stop.clone())));
     }
-    Ok(AcmeHandle { settings, triggers, stop, responder })
+    Ok(AcmeHandle { settings, triggers, stop, responder, tasks })
 }
 
+#[derive(Clone)]
 struct CertTask {
     settings: AcmeSettings,
     spec: AcmeCertSpec,
@@ -213,7 +236,41 @@ fn to_instant(t: SystemTime) -> tokio::time::Instant {
     tokio::time::Instant::now() + t.duration_since(now).unwrap_or(Duration::ZERO)
 }
 
+/// One step of an order: given up when the manager stops or after `limit`.
+async fn step<T>(
+    stop: &CancellationToken,
+    limit: Duration,
+    what: &str,
+    fut: impl std::future::Future<Output = AcmeResult<T>>,
+) -> AcmeResult<T> {
+    tokio::select! {
+        _ = stop.cancelled() => Err(format!("{what}: stopped")),
+        r = tokio::time::timeout(limit, fut) => r.unwrap_or_else(|_| Err(format!("{what}: no answer within {limit:?}"))),
+    }
+}
+
 impl CertTask {
+    /// Run the task, and run it again if it panics (a CA's answer tripping an assertion in the
+    /// ACME client, say): renewal must not end silently while the proxy keeps serving.
+    async fn supervise(self, trigger: Arc<Notify>, stop: CancellationToken) {
+        let mut attempt = 0u32;
+        loop {
+            let run = tokio::spawn(self.clone().run(trigger.clone(), stop.clone()));
+            match run.await {
+                Err(e) if e.is_panic() && !stop.is_cancelled() => {
+                    let wait = backoff(self.settings.retry_min, attempt, crate::limits::random_unit());
+                    attempt = attempt.saturating_add(1);
+                    tracing::error!(certificate = %self.label, retry_in = ?wait, "ACME: the certificate's task failed unexpectedly; starting it again");
+                    tokio::select! {
+                        _ = stop.cancelled() => return,
+                        _ = tokio::time::sleep(wait) => {}
+                    }
+                }
+                _ => return,
+            }
+        }
+    }
+
     async fn run(self, trigger: Arc<Notify>, stop: CancellationToken) {
         let mut current = self.load_stored();
         match &current {
@@ -242,7 +299,7 @@ impl CertTask {
                     (Some(tokio::time::Instant::now() + wait), false)
                 }
                 (None, _) => (None, false),
-                (Some(ck), _) => match self.plan(ck).await {
+                (Some(ck), _) => match self.plan(ck, &stop).await {
                     Some((at, recheck)) => (Some(at), recheck),
                     None => (None, false),
                 },
@@ -259,7 +316,12 @@ impl CertTask {
                 continue;
             }
             let renewal = current.is_some();
-            match tokio::select! { _ = stop.cancelled() => return, r = self.order() => r } {
+            // Not dropped mid-way when the manager stops: the order notices and cleans up.
+            let result = self.order(&stop).await;
+            if stop.is_cancelled() {
+                return;
+            }
+            match result {
                 Ok(ck) => {
                     failures = 0;
                     metrics().acme_orders.with_label_values(&["success"]).inc();
@@ -282,8 +344,8 @@ impl CertTask {
     }
 
     /// When to act next for `ck`: the renewal time, or an earlier ARI re-check (true).
-    async fn plan(&self, ck: &CertifiedKey) -> Option<(tokio::time::Instant, bool)> {
-        let (plan, ari) = self.planned(ck).await?;
+    async fn plan(&self, ck: &CertifiedKey, stop: &CancellationToken) -> Option<(tokio::time::Instant, bool)> {
+        let (plan, ari) = self.planned(ck, stop).await?;
         tracing::info!(certificate = %self.label, renew_at = ?plan.renew_at, ari, "ACME: renewal planned");
         Some(match plan.recheck_at {
             Some(recheck) => (to_instant(recheck), true),
@@ -292,9 +354,14 @@ impl CertTask {
     }
 
     /// The renewal plan for `ck`, and whether the CA's ARI window shaped it.
-    async fn planned(&self, ck: &CertifiedKey) -> Option<(Plan, bool)> {
+    async fn planned(&self, ck: &CertifiedKey, stop: &CancellationToken) -> Option<(Plan, bool)> {
         let (not_before, not_after) = validity(ck)?;
-        let ari = self.ari_window(ck).await;
+        let ari = step(stop, STEP_TIMEOUT, "renewal information", async { Ok(self.ari_window(ck).await) })
+            .await
+            .unwrap_or_else(|e| {
+                tracing::warn!(certificate = %self.label, error = %e, "ACME: renewal information unavailable; using two thirds of the lifetime");
+                None
+            });
         Some((plan_renewal(SystemTime::now(), not_before, not_after, ari, crate::limits::random_unit()), ari.is_some()))
     }
 
@@ -305,6 +372,7 @@ impl CertTask {
         match account.renewal_info(&id).await {
             Ok((info, retry_after)) => {
                 let w = info.suggested_window;
+                let retry_after = retry_after.clamp(ARI_RECHECK_MIN, ARI_RECHECK_MAX);
                 Some((SystemTime::from(w.start), SystemTime::from(w.end), retry_after))
             }
             Err(instant_acme::Error::Unsupported(_)) => None,
@@ -331,12 +399,32 @@ impl CertTask {
         (dir.join(format!("{file}.pem")), dir.join(format!("{file}.key")))
     }
 
-    /// The stored certificate, if it exists, covers the configured names and has not expired.
+    /// The stored certificate, if it exists, matches its key, covers the configured names and
+    /// has not expired.
     fn load_stored(&self) -> Option<Arc<CertifiedKey>> {
         let (cert, key) = self.paths();
+        if let Some(ck) = self.load_pair(&cert, &key) {
+            return Some(ck);
+        }
+        // A crash between an order's two renames leaves the new key beside the old certificate,
+        // and the new certificate staged: finish the job.
+        let staged = staged_path(&cert);
+        let ck = self.load_pair(&staged, &key)?;
+        match commit(&staged, &cert) {
+            Ok(()) => {
+                tracing::warn!(certificate = %self.label, "ACME: completed a certificate write that was interrupted")
+            }
+            Err(e) => {
+                tracing::warn!(certificate = %self.label, error = %e, "ACME: cannot complete an interrupted certificate write")
+            }
+        }
+        Some(ck)
+    }
+
+    fn load_pair(&self, cert: &Path, key: &Path) -> Option<Arc<CertifiedKey>> {
         let chain: Vec<CertificateDer<'static>> =
-            CertificateDer::pem_file_iter(&cert).ok()?.collect::<Result<_, _>>().ok()?;
-        let key = PrivateKeyDer::from_pem_file(&key).ok()?;
+            CertificateDer::pem_file_iter(cert).ok()?.collect::<Result<_, _>>().ok()?;
+        let key = PrivateKeyDer::from_pem_file(key).ok()?;
         let ck = CertifiedKey::from_der(chain, key, &provider()).ok()?;
         let (_, not_after) = validity(&ck)?;
         let names = dns_names(&ck)?;
@@ -390,12 +478,15 @@ impl CertTask {
         let _ = std::fs::remove_file(self.settings.state_dir.join("account.json"));
     }
 
-    /// One order, start to finish. Challenge material is always cleaned up.
-    async fn order(&self) -> AcmeResult<Arc<CertifiedKey>> {
+    /// One order, start to finish; each step given up when `stop` fires or the CA stalls.
+    /// Challenge material is always cleaned up, also when the order is given up.
+    async fn order(&self, stop: &CancellationToken) -> AcmeResult<Arc<CertifiedKey>> {
         tracing::info!(certificate = %self.label, names = ?self.spec.names, challenge = challenge_name(&self.settings.challenge), "ACME: ordering");
-        let account = self.account().await?;
+        let account = step(stop, STEP_TIMEOUT, "ACME account", self.account()).await?;
         let ids: Vec<Identifier> = self.spec.names.iter().map(|n| Identifier::Dns(n.clone())).collect();
-        let mut order = match account.new_order(&NewOrder::new(&ids)).await {
+        let new_order =
+            step(stop, STEP_TIMEOUT, "new order", async { Ok(account.new_order(&NewOrder::new(&ids)).await) });
+        let mut order = match new_order.await? {
             Ok(o) => o,
             Err(instant_acme::Error::Api(p))
                 if p.r#type.as_deref().is_some_and(|t| t.ends_with("accountDoesNotExist")) =>
@@ -413,22 +504,36 @@ impl CertTask {
             files: Vec::new(),
             dns: Vec::new(),
         };
-        let result = self.validate(&mut order, &mut cleanup).await;
+        // Validation waits for the CA (and, for DNS-01, for the records to propagate).
+        let propagation = match &self.settings.challenge {
+            AcmeChallenge::Dns01 { propagation, .. } => *propagation,
+            _ => Duration::ZERO,
+        };
+        let names = self.spec.names.len() as u32;
+        let limit = VALIDATION_TIMEOUT + (STEP_TIMEOUT + propagation).saturating_mul(names.max(1));
+        let result = step(stop, limit, "validation", self.validate(&mut order, &mut cleanup)).await;
         cleanup.run(&self.settings.challenge).await;
         result?;
         let key_pem = if self.spec.rsa {
             let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_RSA_SHA256).map_err(|e| e.to_string())?;
             let params = rcgen::CertificateParams::new(self.spec.names.clone()).map_err(|e| e.to_string())?;
             let csr = params.serialize_request(&key).map_err(|e| e.to_string())?;
-            order.finalize_csr(csr.der()).await.map_err(|e| format!("finalize: {e}"))?;
+            step(stop, STEP_TIMEOUT, "finalize", async {
+                order.finalize_csr(csr.der()).await.map_err(|e| format!("finalize: {e}"))
+            })
+            .await?;
             key.serialize_pem()
         } else {
-            order.finalize().await.map_err(|e| format!("finalize: {e}"))?
+            step(stop, STEP_TIMEOUT, "finalize", async { order.finalize().await.map_err(|e| format!("finalize: {e}")) })
+                .await?
         };
-        let chain_pem = order
-            .poll_certificate(&RetryPolicy::new().timeout(VALIDATION_TIMEOUT))
-            .await
-            .map_err(|e| format!("certificate download: {e}"))?;
+        let chain_pem = step(stop, VALIDATION_TIMEOUT + STEP_TIMEOUT, "certificate download", async {
+            order
+                .poll_certificate(&RetryPolicy::new().timeout(VALIDATION_TIMEOUT))
+                .await
+                .map_err(|e| format!("certificate download: {e}"))
+        })
+        .await?;
         let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(chain_pem.as_bytes())
             .collect::<Result<_, _>>()
             .map_err(|e| format!("CA sent a bad certificate chain: {e}"))?;
@@ -491,8 +596,9 @@ impl CertTask {
                 }
                 AcmeChallenge::Dns01 { hook, propagation } => {
                     let record = format!("_acme-challenge.{name}");
+                    // Noted first: an add given up half-way is removed too.
+                    cleanup.dns.push((record.clone(), key_auth.dns_value()));
                     run_hook(hook, "add", &record, &key_auth.dns_value()).await?;
-                    cleanup.dns.push((record, key_auth.dns_value()));
                     // Give the record time to reach every authoritative server the CA may ask.
                     tokio::time::sleep(*propagation).await;
                 }
@@ -557,10 +663,12 @@ fn challenge_name(c: &AcmeChallenge) -> &'static str {
 }
 
 async fn run_hook(hook: &Path, action: &str, record: &str, value: &str) -> AcmeResult<()> {
-    let out = tokio::process::Command::new(hook)
-        .args([action, record, value])
-        .output()
+    let run = tokio::process::Command::new(hook).args([action, record, value]).kill_on_drop(true).output();
+    let out = tokio::time::timeout(STEP_TIMEOUT, run)
         .await
+        .map_err(|_| {
+            format!("DNS-01 hook {} {action} {record}: still running after {STEP_TIMEOUT:?}; killed", hook.display())
+        })?
         .map_err(|e| format!("DNS-01 hook {}: {e}", hook.display()))?;
     if !out.status.success() {
         return Err(format!(
@@ -626,9 +734,7 @@ fn write_private(path: &Path, bytes: &[u8]) -> AcmeResult<()> {
 /// The first half of `write_private`: the bytes in a 0600 temp file beside `path`, on disk.
 fn stage_private(path: &Path, bytes: &[u8]) -> AcmeResult<PathBuf> {
     use std::os::unix::fs::OpenOptionsExt;
-    let mut name = path.as_os_str().to_owned();
-    name.push(".tmp");
-    let tmp = PathBuf::from(name);
+    let tmp = staged_path(path);
     let mut f = std::fs::OpenOptions::new()
         .write(true)
         .create(true)
@@ -640,9 +746,22 @@ fn stage_private(path: &Path, bytes: &[u8]) -> AcmeResult<PathBuf> {
     Ok(tmp)
 }
 
-/// The second half: the staged file takes `path`'s place.
+/// Where `stage_private` puts the bytes meant for `path`.
+fn staged_path(path: &Path) -> PathBuf {
+    let mut name = path.as_os_str().to_owned();
+    name.push(".tmp");
+    PathBuf::from(name)
+}
+
+/// The second half: the staged file takes `path`'s place, and the directory is synced so the
+/// rename survives a power cut.
 fn commit(tmp: &Path, path: &Path) -> AcmeResult<()> {
-    std::fs::rename(tmp, path).map_err(|e| format!("{}: {e}", path.display()))
+    std::fs::rename(tmp, path).map_err(|e| format!("{}: {e}", path.display()))?;
+    if let Some(dir) = path.parent() {
+        let dir = if dir.as_os_str().is_empty() { Path::new(".") } else { dir };
+        std::fs::File::open(dir).and_then(|d| d.sync_all()).map_err(|e| format!("{}: {e}", dir.display()))?;
+    }
+    Ok(())
 }
 
 /// Serve `/.well-known/acme-challenge/TOKEN` and nothing else.
@@ -718,7 +837,7 @@ pub async fn renewal_plan(settings: &AcmeSettings, certs: Arc<CertStore>, ck: &C
         challenges: Arc::new(Challenges::default()),
         account: Arc::new(tokio::sync::Mutex::new(None)),
     };
-    task.planned(ck).await
+    task.planned(ck, &CancellationToken::new()).await
 }
 
 #[cfg(test)]
@@ -780,6 +899,59 @@ mod tests {
         assert_eq!(std::fs::read(&p).unwrap(), b"two");
         assert_eq!(std::fs::metadata(&p).unwrap().permissions().mode() & 0o777, 0o600);
         assert!(!dir.path().join("k.tmp").exists());
+    }
+
+    #[test]
+    fn an_interrupted_certificate_write_is_completed_at_start() {
+        crate::tls::init_crypto();
+        let dir = tempfile::tempdir().unwrap();
+        let names = vec!["mail.example.test".to_string()];
+        let text = "[auth]\nsource = \"backend\"\n[[backend]]\nname = \"b\"\naddress = \"127.0.0.1:143\"\n[routing.imap]\ndefault = \"b\"\n";
+        let config = crate::config::Config::parse(Path::new("/etc/portcullis/p.toml"), text).unwrap();
+        let settings = AcmeSettings {
+            directory: "https://acme.example/dir".into(),
+            contact: Vec::new(),
+            terms_agreed: true,
+            eab: None,
+            ca_file: None,
+            state_dir: dir.path().to_path_buf(),
+            challenge: AcmeChallenge::Http01Webroot(dir.path().to_path_buf()),
+            retry_min: Duration::from_secs(60),
+            certificates: vec![AcmeCertSpec { names: names.clone(), rsa: false }],
+        };
+        let task = CertTask {
+            settings,
+            spec: AcmeCertSpec { names: names.clone(), rsa: false },
+            label: names[0].clone(),
+            certs: Arc::new(CertStore::load(&config.tls).unwrap()),
+            challenges: Arc::new(Challenges::default()),
+            account: Arc::new(tokio::sync::Mutex::new(None)),
+        };
+        let pair = || {
+            let key = rcgen::KeyPair::generate().unwrap();
+            let cert = rcgen::CertificateParams::new(names.clone()).unwrap().self_signed(&key).unwrap();
+            (cert.pem(), key.serialize_pem())
+        };
+        let (old_cert, _) = pair();
+        let (new_cert, new_key) = pair();
+        let (cert_path, key_path) = task.paths();
+        std::fs::create_dir_all(cert_path.parent().unwrap()).unwrap();
+        // The state after a crash between the key's rename and the certificate's.
+        std::fs::write(&key_path, &new_key).unwrap();
+        std::fs::write(&cert_path, &old_cert).unwrap();
+        std::fs::write(staged_path(&cert_path), &new_cert).unwrap();
+        assert!(task.load_pair(&cert_path, &key_path).is_none(), "the old certificate does not match the new key");
+        let ck = task.load_stored().expect("the staged certificate is used");
+        let stored = CertificateDer::from_pem_slice(new_cert.as_bytes()).unwrap();
+        assert_eq!(ck.cert[0], stored);
+        assert_eq!(std::fs::read_to_string(&cert_path).unwrap(), new_cert);
+        assert!(!staged_path(&cert_path).exists());
+        assert!(task.load_stored().is_some());
+        // A staged certificate that does not match the key either is not used.
+        let (other_cert, _) = pair();
+        std::fs::write(&cert_path, &old_cert).unwrap();
+        std::fs::write(staged_path(&cert_path), &other_cert).unwrap();
+        assert!(task.load_stored().is_none());
     }
 
     #[test]
