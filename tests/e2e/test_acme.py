@@ -1,6 +1,7 @@
 """ACME end to end with Pebble: issuance over HTTP-01, TLS-ALPN-01 and DNS-01, an IMAPS client
 verifying the issued certificate against Pebble's root, forced renewal under a running session,
-a CA outage, and a restart that reuses the stored account and certificate.
+a CA outage, a restart that reuses the stored account and certificate, and an order stopped by
+a reload that still removes its DNS record.
 """
 
 import os
@@ -197,5 +198,33 @@ def test_restart_reuses_account_and_certificate(pebble, tmp_path, dovecot):
         restarted = pc.log()[len(log_before):]
         assert "ACME: ordering" not in restarted, restarted
         assert serial(served_certificate(pc.imaps, pebble.issuing_root(), str(tmp_path))) == first
+    finally:
+        pc.stop()
+
+
+def test_an_order_stopped_by_a_reload_removes_its_dns_record(pebble, tmp_path, dovecot):
+    """A reload that changes [acme] while an order waits for its DNS record to propagate: the
+    old order is given up, and its record is removed before the new settings order again."""
+    calls = tmp_path / "hook-calls"
+    hook = tmp_path / "dns-hook"
+    hook.write_text(
+        DNS_HOOK % pebble.dns_mgmt_port
+        + f"with open({str(calls)!r}, 'a') as f:\n    f.write(action + ' ' + name + '\\n')\n"
+    )
+    hook.chmod(0o755)
+    slow = f'challenge = "dns-01"\ndns01_hook = "{hook}"\ndns01_propagation = "60s"'
+    imaps, admin = free_port(), free_port()
+    pc = Portcullis(str(tmp_path), acme_config(pebble, tmp_path, slow, imaps, admin, dovecot)).start(wait_port=imaps, tls=True)
+    try:
+        record = f"add _acme-challenge.{NAME}"
+        assert wait_for(lambda: calls.exists() and record in calls.read_text(), timeout=30), pc.log()
+        fast = slow.replace('"60s"', '"100ms"')
+        pc.write_config(acme_config(pebble, tmp_path, fast, imaps, admin, dovecot))
+        assert issued(pc, timeout=40), pc.log() + pebble.log()
+        seen = calls.read_text().split()
+        actions = seen[0::2]
+        # add (old order), remove (old order, given up), add and remove (the new order).
+        assert actions[:4] == ["add", "remove", "add", "remove"], seen
+        assert "configuration reloaded" in pc.log()
     finally:
         pc.stop()
