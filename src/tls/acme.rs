@@ -289,6 +289,9 @@ impl CertTask {
             },
         }
         let mut failures = 0u32;
+        // No planned order before this: a fresh certificate that already looks due (a clock far
+        // ahead, a CA issuing very short lifetimes) must not be re-ordered in a loop.
+        let mut earliest = tokio::time::Instant::now();
         loop {
             // When to wake, and whether that is only an ARI re-check (which plans again) rather
             // than the renewal itself.
@@ -300,7 +303,7 @@ impl CertTask {
                 }
                 (None, _) => (None, false),
                 (Some(ck), _) => match self.plan(ck, &stop).await {
-                    Some((at, recheck)) => (Some(at), recheck),
+                    Some((at, recheck)) => (Some(at.max(earliest)), recheck),
                     None => (None, false),
                 },
             };
@@ -324,6 +327,7 @@ impl CertTask {
             match result {
                 Ok(ck) => {
                     failures = 0;
+                    earliest = tokio::time::Instant::now() + self.settings.retry_min;
                     metrics().acme_orders.with_label_values(&["success"]).inc();
                     if renewal {
                         metrics().acme_renewals.with_label_values(&["success"]).inc();
