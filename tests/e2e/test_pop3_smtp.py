@@ -472,6 +472,10 @@ XCLIENT_AFTER_LOGIN = {
     "plain": b"XCLIENT LOGIN=" + FORGED.encode() + b" ADDR=6.6.6.6\r\n",
     "leading space": b" XCLIENT LOGIN=" + FORGED.encode() + b"\r\n",
     "tab": b"XCLIENT\tLOGIN=" + FORGED.encode() + b"\r\n",
+    # Postfix splits words on every isspace character and keeps a CR that does not end a line.
+    "vertical tab": b"XCLIENT\x0bLOGIN=" + FORGED.encode() + b"\r\n",
+    "form feed first": b"\x0cXCLIENT LOGIN=" + FORGED.encode() + b"\r\n",
+    "CR inside the line": b"XCLIENT\rLOGIN=" + FORGED.encode() + b"\r\n",
     "lower case, bare LF": b"xclient login=" + FORGED.encode() + b" addr=6.6.6.6\n",
     "after another command": b"NOOP\r\nXCLIENT LOGIN=" + FORGED.encode() + b"\r\n",
     # DATA without a transaction is refused (503), so what follows is read as commands.

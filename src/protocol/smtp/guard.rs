@@ -9,9 +9,11 @@
 //! depends on the backend's replies (a refused DATA leaves it reading commands) and on where it
 //! thinks a message ends (Postfix also ends one at `\n.\n`, case 46), which the proxy cannot
 //! know for certain. So it refuses every line, anywhere in what the client sends, that a server
-//! could read as one of these commands: after a CR or LF (or at the start), any spaces and tabs,
-//! the verb in any case, then a space or tab. A line of message text that starts that way ends
-//! the session too; that is the price of never guessing.
+//! could read as one of these commands: after a CR or LF (or at the start), any blanks, the verb
+//! in any case, then a blank or a line end. Blanks are what Postfix's tokenizer splits words on
+//! (C's `isspace`: space, tab, VT, FF, and a CR that does not end the line, which Postfix keeps),
+//! so `XCLIENT\x0bLOGIN=x` and `XCLIENT\rLOGIN=x` are refused like `XCLIENT LOGIN=x`. A line of
+//! message text that starts that way ends the session too; that is the price of never guessing.
 
 /// The verbs refused.
 const VERBS: [&[u8]; 2] = [b"XCLIENT", b"XFORWARD"];
@@ -40,8 +42,9 @@ impl Default for CommandGuard {
     }
 }
 
+/// Word separators besides CR and LF (those end a line here, and CR may separate words too).
 fn blank(b: u8) -> bool {
-    b == b' ' || b == b'\t'
+    matches!(b, b' ' | b'\t' | 0x0b | 0x0c)
 }
 
 impl CommandGuard {
@@ -54,6 +57,14 @@ impl CommandGuard {
         while i < bytes.len() {
             let b = bytes[i];
             if b == b'\r' || b == b'\n' {
+                // The verb followed by a line end (bare), or by a CR that a server may take for a
+                // word separator inside the line.
+                if let State::Line { matched, verbs } = self.state
+                    && matched > 0
+                    && VERBS.iter().enumerate().any(|(k, v)| verbs & (1 << k) != 0 && v.len() == matched)
+                {
+                    return Some(line_start);
+                }
                 self.state = State::Line { matched: 0, verbs: ALL };
                 i += 1;
                 line_start = i;
@@ -113,6 +124,14 @@ mod tests {
             (b"NOOP\rXCLIENT ADDR=1.2.3.4\r\n", 5),
             (b"DATA\r\nSubject: x\r\n\r\nbody\n.\nXCLIENT LOGIN=x\r\n", 27),
             (b"MAIL FROM:<a@b>\r\nDATA\r\ntext\r\n xforward NAME=x\r\n", 29),
+            // Postfix splits words on every isspace character and keeps a CR inside a line.
+            (b"XCLIENT\x0bLOGIN=victim\r\n", 0),
+            (b"XCLIENT\x0cLOGIN=victim\r\n", 0),
+            (b"XCLIENT\rLOGIN=victim\r\n", 0),
+            (b"\x0cXCLIENT LOGIN=victim\r\n", 0),
+            (b"\x0b \tXFORWARD\x0bNAME=x\r\n", 0),
+            (b"NOOP\r\nXCLIENT\r\n", 6),
+            (b"NOOP\r\nxforward\n", 6),
         ] {
             assert_eq!(refused(&[stream]), Some((0, at)), "{:?}", String::from_utf8_lossy(stream));
         }
@@ -132,8 +151,8 @@ mod tests {
     fn everything_else_goes_through() {
         let ok: &[&[u8]] = &[
             b"EHLO client.example\r\nMAIL FROM:<xclient@example.test>\r\nRCPT TO:<a@b>\r\nDATA\r\n",
-            // Not the verb: longer words, the verb without an argument, not at a line start.
-            b"XCLIENTS x\r\nXFORWARDED x\r\nXCLIENT\r\nXFORWARD\r\n",
+            // Not the verb: longer words, not at a line start.
+            b"XCLIENTS x\r\nXFORWARDED x\r\nXCLIENT_ x\r\n",
             b"Subject: about XCLIENT LOGIN=x\r\n\r\nsee the XFORWARD ADDR= doc\r\n.\r\n",
             b"X-Header: XCLIENT\r\nXCLIEN T\r\nX CLIENT a\r\n.XCLIENT a\r\n>XCLIENT a\r\n",
             b"",
