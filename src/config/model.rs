@@ -343,7 +343,18 @@ impl Cidr {
             }
         };
         let max = if matches!(addr, std::net::IpAddr::V4(_)) { 32 } else { 128 };
-        (prefix <= max).then_some(Cidr { addr, prefix })
+        if prefix > max {
+            return None;
+        }
+        // `::ffff:192.0.2.10` (how a `[::]` listener shows IPv4 peers) is that IPv4 range:
+        // `contains` compares mapped addresses as IPv4. A prefix that cuts into the mapping
+        // prefix itself names no IPv4 range and is refused.
+        if let std::net::IpAddr::V6(a) = addr
+            && let Some(v4) = a.to_ipv4_mapped()
+        {
+            return (prefix >= 96).then(|| Cidr { addr: std::net::IpAddr::V4(v4), prefix: prefix - 96 });
+        }
+        Some(Cidr { addr, prefix })
     }
 
     pub fn contains(&self, ip: std::net::IpAddr) -> bool {
@@ -361,8 +372,10 @@ impl Cidr {
         if width != ip_width {
             return false;
         }
-        let shift = width - u32::from(self.prefix);
-        shift >= width || (net >> shift) == (ip >> shift)
+        match width.checked_sub(u32::from(self.prefix)) {
+            Some(shift) => shift >= width || (net >> shift) == (ip >> shift),
+            None => false,
+        }
     }
 }
 
@@ -2218,6 +2231,17 @@ default = "b"
         assert!(Cidr::parse("127.0.0.1").unwrap().contains("127.0.0.1".parse().unwrap()));
         assert!(Cidr::parse("10.0.0.0/33").is_none());
         assert!(Cidr::parse("nope").is_none());
+        // An IPv4-mapped entry is its IPv4 address or range, never "every IPv4 peer".
+        let mapped = Cidr::parse("::ffff:192.0.2.10").unwrap();
+        assert_eq!(mapped, Cidr::parse("192.0.2.10").unwrap());
+        assert!(mapped.contains("192.0.2.10".parse().unwrap()));
+        assert!(mapped.contains("::ffff:192.0.2.10".parse().unwrap()));
+        assert!(!mapped.contains("192.0.2.11".parse().unwrap()));
+        assert!(!mapped.contains("203.0.113.9".parse().unwrap()));
+        assert_eq!(Cidr::parse("::ffff:10.0.0.0/104").unwrap(), Cidr::parse("10.0.0.0/8").unwrap());
+        assert!(Cidr::parse("::ffff:10.0.0.0/64").is_none());
+        // A prefix wider than its address (not made by parse) matches nothing.
+        assert!(!Cidr { addr: "10.0.0.1".parse().unwrap(), prefix: 40 }.contains("10.0.0.1".parse().unwrap()));
     }
 
     #[test]
