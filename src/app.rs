@@ -511,7 +511,10 @@ impl App {
             let runtime = self.runtime.load_full();
             let Some(listener) = runtime.config.listener(&name).cloned() else { continue };
             let grace = runtime.config.limits.shutdown_grace;
-            let local = tcp.local_addr().unwrap_or(peer);
+            // A `[::]` listener sees IPv4 clients as `::ffff:a.b.c.d`: logs, limits and what
+            // backends are told use the plain IPv4 address.
+            let peer = canonical(peer);
+            let local = canonical(tcp.local_addr().unwrap_or(peer));
             let n = self.next_session.fetch_add(1, Ordering::Relaxed);
             let ctx = SessionCtx {
                 runtime,
@@ -675,4 +678,9 @@ pub(crate) async fn accept(
             }
         }
     }
+}
+
+/// `addr` with an IPv4-mapped IPv6 address as plain IPv4.
+pub fn canonical(addr: SocketAddr) -> SocketAddr {
+    SocketAddr::new(addr.ip().to_canonical(), addr.port())
 }

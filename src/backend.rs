@@ -70,6 +70,8 @@ pub struct ClientInfo {
     /// SMTP: the name the client gave in EHLO/HELO, and whether it used EHLO.
     pub helo: Option<String>,
     pub esmtp: bool,
+    /// The proxy's own connection (health check, capability probe): no client's address to tell.
+    pub probe: bool,
 }
 
 impl ClientInfo {
@@ -84,6 +86,7 @@ impl ClientInfo {
             id_fields: Vec::new(),
             helo: None,
             esmtp: true,
+            probe: true,
         }
     }
 }
@@ -156,8 +159,13 @@ async fn connect_inner(
     }
     let _ = tcp.set_nodelay(true);
     if backend.client_address == ClientAddress::ProxyV2 {
-        let header =
-            proxy_header::ProxyHeader::with_address(proxy_header::ProxiedAddress::stream(client.peer, client.local));
+        // A probe is the proxy's own connection: LOCAL, so the backend does not take it for a
+        // client at 127.0.0.1 (which it may trust).
+        let header = if client.probe {
+            proxy_header::ProxyHeader::with_local()
+        } else {
+            proxy_header::ProxyHeader::with_address(proxy_header::ProxiedAddress::stream(client.peer, client.local))
+        };
         let mut buf = Vec::with_capacity(64);
         header.encode_v2(&mut buf).map_err(|_| BackendError::Protocol("cannot encode PROXY header"))?;
         tcp.write_all(&buf).await?;

@@ -194,6 +194,8 @@ pub async fn run(mut ctx: SessionCtx, mut tcp: TcpStream) {
     );
 }
 
+const PROXY_V2_SIGNATURE: &[u8] = b"\r\n\r\n\0\r\nQUIT\n";
+
 /// Read a PROXY v1/v2 header from a trusted load balancer (reliability case 53). The header is
 /// peeked and only its own bytes consumed; anything malformed, untrusted or late closes.
 async fn read_proxy_header(
@@ -206,7 +208,9 @@ async fn read_proxy_header(
         return Err("untrusted peer");
     }
     let deadline = Instant::now() + timeout;
-    let mut buf = [0u8; 536];
+    // A v1 header fits in 107 bytes and a v2 header without TLVs in 232; one with TLVs (a
+    // balancer's unique ID, TLS facts) can be up to 16 + 65,535.
+    let mut buf = vec![0u8; 536];
     loop {
         let n =
             tokio::time::timeout_at(deadline, tcp.peek(&mut buf)).await.map_err(|_| "timeout")?.map_err(|_| "io")?;
@@ -220,11 +224,20 @@ async fn read_proxy_header(
                 // `peek` saw these bytes, so this read returns at once.
                 tcp.read_exact(&mut skip).await.map_err(|_| "io")?;
                 // LOCAL/UNKNOWN: the connection is the balancer's own; keep the peer address.
-                return Ok(addrs.unwrap_or((ctx.peer, ctx.local)));
+                let (peer, local) = addrs.unwrap_or((ctx.peer, ctx.local));
+                return Ok((crate::app::canonical(peer), crate::app::canonical(local)));
             }
             Err(proxy_header::Error::BufferTooShort) if n < buf.len() => {
                 // Split across segments: wait for more (bounded by the deadline).
                 tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            Err(proxy_header::Error::BufferTooShort) if n >= 16 && buf.starts_with(PROXY_V2_SIGNATURE) => {
+                // A v2 header longer than the buffer: its length is in its fixed part.
+                let need = 16 + usize::from(u16::from_be_bytes([buf[14], buf[15]]));
+                if need <= buf.len() {
+                    return Err("malformed");
+                }
+                buf.resize(need, 0);
             }
             Err(_) => return Err("malformed"),
         }
@@ -253,7 +266,11 @@ async fn relay_session(
     let pipelined = std::mem::take(&mut a.pipelined);
     let cut = guard.as_mut().and_then(|g| g.scan(&pipelined));
     let pass = &pipelined[..cut.unwrap_or(pipelined.len())];
-    if !pass.is_empty() && !matches!(tokio::time::timeout(idle, a.backend.stream.write_all(pass)).await, Ok(Ok(()))) {
+    let forwarded = tokio::time::timeout(idle, async {
+        a.backend.stream.write_all(pass).await?;
+        a.backend.stream.flush().await
+    });
+    if !pass.is_empty() && !matches!(forwarded.await, Ok(Ok(()))) {
         return ("backend_error", Transferred::default());
     }
     if cut.is_some() {
@@ -628,6 +645,7 @@ async fn login_inner(
         id_fields: hints.id_fields,
         helo: hints.helo,
         esmtp: hints.esmtp,
+        probe: false,
     };
     for backend in &plan.candidates {
         if !target.failover() && backend.health.enabled && !ctx.health.is_up(&backend.name) {

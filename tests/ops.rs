@@ -123,6 +123,22 @@ async fn proxy_header_from_a_trusted_balancer_sets_the_client_address() {
     c.until_tagged("a").await;
     assert!(backend.lines(1)[0].contains("\"203.0.113.9\""));
 
+    // A v2 header with TLVs longer than the first read (a balancer's unique ID and padding;
+    // up to 65,535 bytes are allowed), and an IPv4-mapped source given as plain IPv4.
+    let mut h = v2_header("[::ffff:192.0.2.8]:4343", "[::ffff:198.51.100.1]:143");
+    let tlv_len = 3000u16;
+    h.extend_from_slice(&[0x04, (tlv_len >> 8) as u8, tlv_len as u8]);
+    h.extend(std::iter::repeat_n(0u8, usize::from(tlv_len)));
+    let len = u16::from_be_bytes([h[14], h[15]]) + 3 + tlv_len;
+    h[14..16].copy_from_slice(&len.to_be_bytes());
+    let mut c = Client::connect(proxy.addr("plain")).await;
+    c.send(&h).await;
+    assert!(c.line().await.starts_with("* OK"));
+    c.send(b"a LOGIN alice@example.test secret\r\n").await;
+    c.until_tagged("a").await;
+    let id = &backend.lines(2)[0];
+    assert!(id.contains("\"x-originating-ip\" \"192.0.2.8\" \"x-originating-port\" \"4343\""), "{id}");
+
     // Malformed: closed without a greeting.
     let mut c = Client::connect(proxy.addr("plain")).await;
     c.send(b"PROXY NONSENSE\r\n").await;
@@ -130,6 +146,29 @@ async fn proxy_header_from_a_trusted_balancer_sets_the_client_address() {
     // No header at all on a PROXY listener: also closed (never auto-detected).
     let mut c = Client::connect(proxy.addr("plain")).await;
     c.send(b"a NOOP\r\n").await;
+    assert_eq!(c.line().await, "");
+}
+
+#[tokio::test]
+async fn ipv4_clients_of_a_dual_stack_listener_are_ipv4_to_limits_and_backends() {
+    // A `[::]` listener sees 127.0.0.1 as ::ffff:127.0.0.1; a trusted range written that way
+    // is that one address, and the backend is told the IPv4 address.
+    let backend = FakeBackend::start(Behaviour::Normal).await;
+    let cfg = proxy_config(backend.addr, "\"::ffff:127.0.0.1\"").replace("bind = \"127.0.0.1:0\"", "bind = \"[::]:0\"");
+    let proxy = Proxy::start(&cfg, USERS).await;
+    let port = proxy.addr("plain").port();
+    let mut c = Client::connect(std::net::SocketAddr::from(([127, 0, 0, 1], port))).await;
+    c.send(b"PROXY UNKNOWN\r\n").await;
+    assert!(c.line().await.starts_with("* OK"));
+    c.send(b"a LOGIN alice@example.test secret\r\n").await;
+    c.until_tagged("a").await;
+    let id = &backend.lines(0)[0];
+    assert!(id.contains("\"x-originating-ip\" \"127.0.0.1\""), "{id}");
+    assert!(id.contains("\"x-connected-ip\" \"127.0.0.1\""), "{id}");
+    // The mapped entry does not trust every IPv4 address.
+    let proxy = Proxy::start(&proxy_config(backend.addr, "\"::ffff:10.9.9.9\""), USERS).await;
+    let mut c = Client::connect(proxy.addr("plain")).await;
+    c.send(b"PROXY TCP4 203.0.113.9 198.51.100.1 5555 143\r\n").await;
     assert_eq!(c.line().await, "");
 }
 
@@ -186,4 +225,30 @@ async fn relayed_sessions_get_a_goodbye_after_the_grace_period() {
     assert!(started.elapsed() >= Duration::from_millis(300));
     assert!(c.closed().await);
     tokio::time::timeout(Duration::from_secs(5), done).await.unwrap().unwrap();
+}
+
+#[tokio::test]
+async fn health_checks_send_a_local_proxy_header() {
+    // A probe is the proxy's own connection: a PROXY v2 backend must not take it for a client
+    // at 127.0.0.1 (which backends often trust).
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<Vec<u8>>(4);
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            let mut head = vec![0u8; 16];
+            if s.read_exact(&mut head).await.is_ok() {
+                let _ = tx.send(head).await;
+            }
+        }
+    });
+    let cfg = format!(
+        "[[listener]]\nname = \"plain\"\nbind = \"127.0.0.1:0\"\nprotocol = \"imap\"\ntls = \"none\"\n[auth]\nsource = \"backend\"\n[[backend]]\nname = \"h\"\naddress = \"{addr}\"\nclient_address = \"proxy-v2\"\n[backend.health]\ninterval = \"100ms\"\n[routing.imap]\ndefault = \"h\"\n"
+    );
+    let _proxy = Proxy::start(&cfg, USERS).await;
+    let head = tokio::time::timeout(Duration::from_secs(5), rx.recv()).await.unwrap().unwrap();
+    assert_eq!(&head[..12], b"\r\n\r\n\0\r\nQUIT\n");
+    // Version 2, command LOCAL (0x20), not PROXY (0x21); no address family.
+    assert_eq!(head[12], 0x20, "{head:?}");
+    assert_eq!(head[13], 0x00, "{head:?}");
 }
