@@ -432,6 +432,10 @@ async fn preauth(ctx: &SessionCtx, tcp: TcpStream, deadline: Instant) -> Result<
                     count_login(lc, req.mechanism, why);
                     fail(&mut front, &mut stream, LoginFailure::Unavailable, 0, u32::MAX).await?;
                 }
+                Err(LoginError::InUse) => {
+                    count_login(lc, req.mechanism, "mailbox_in_use");
+                    fail(&mut front, &mut stream, LoginFailure::InUse, 0, u32::MAX).await?;
+                }
                 Err(LoginError::Bad { user, reason }) => {
                     count_login(lc, req.mechanism, "bad_credentials");
                     logging::login_failed(ctx.peer.ip(), user.as_deref(), lc.protocol.as_str(), &lc.name, reason);
@@ -452,6 +456,7 @@ async fn preauth(ctx: &SessionCtx, tcp: TcpStream, deadline: Instant) -> Result<
                     let failure = LoginFailure::Message {
                         text: "Too many sessions for this user, try again later.".into(),
                         smtp_code: Some("454 4.7.0".into()),
+                        temporary: true,
                     };
                     fail(&mut front, &mut stream, failure, 0, u32::MAX).await?;
                 }
@@ -464,7 +469,7 @@ async fn preauth(ctx: &SessionCtx, tcp: TcpStream, deadline: Instant) -> Result<
                     if let Some(w) = wait {
                         tokio::time::sleep(w).await;
                     }
-                    let failure = LoginFailure::Message { text, smtp_code: code };
+                    let failure = LoginFailure::Message { text, smtp_code: code, temporary: wait.is_some() };
                     let max = if wait.is_some() { limits.max_auth_attempts } else { failures };
                     fail(&mut front, &mut stream, failure, failures, max).await?;
                 }
@@ -489,6 +494,8 @@ enum LoginError {
     /// No backend could take the session (`backend_unavailable`), or the auth service is out
     /// (`auth_service_error`): the client may retry.
     Unavailable(&'static str),
+    /// The backend says another session holds the user's mailbox.
+    InUse,
     /// The auth service refused with its own text (nginx `Auth-Status`), maybe with a wait.
     Denied { user: Option<String>, text: String, wait: Option<Duration>, code: Option<String> },
     /// Too many failures from the address or for the user (reliability cases 55, 56).
@@ -685,7 +692,7 @@ async fn login_inner(
             Err(BackendError::InUse) => {
                 // The user's own state (another session holds the mailbox): a temporary failure
                 // for this user, not a fault of the backend, and the same on every replica.
-                return Err(LoginError::Unavailable("mailbox_in_use"));
+                return Err(LoginError::InUse);
             }
             Err(e) => {
                 // Reliability cases 64-66: count it against the backend, try the next one.

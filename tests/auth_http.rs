@@ -167,6 +167,25 @@ async fn failure_text_is_shown_and_without_auth_wait_the_connection_closes() {
 }
 
 #[tokio::test]
+async fn pop3_refusals_carry_a_response_code_and_nothing_follows_the_last() {
+    // CAPA announces AUTH-RESP-CODE: a refusal says [AUTH], a refusal with Auth-Wait says
+    // [SYS/TEMP]. After the last refusal the connection closes without an unsolicited reply.
+    let pooled = FakeBackend::start(Behaviour::Normal).await;
+    let (auth, _) = auth_service(answers(1)).await;
+    let cfg = config(auth, pooled.addr, "").replace("protocol = \"imap\"", "protocol = \"pop3\"");
+    let proxy = Proxy::start(&cfg, "").await;
+    let mut c = Client::connect(proxy.addr("plain")).await;
+    c.line().await;
+    c.send(b"USER slow@example.test\r\nPASS x\r\n").await;
+    assert_eq!(c.line().await, "+OK\r\n");
+    assert_eq!(c.line().await, "-ERR [SYS/TEMP] Try again later, please\r\n");
+    c.send(b"USER who@example.test\r\nPASS nope\r\nNOOP\r\n").await;
+    assert_eq!(c.line().await, "+OK\r\n");
+    assert_eq!(c.line().await, "-ERR [AUTH] Invalid login or password\r\n");
+    assert_eq!(c.line().await, "", "nothing follows the refusal, not even an answer to NOOP");
+}
+
+#[tokio::test]
 async fn auth_wait_delays_and_lets_the_client_retry() {
     let pooled = FakeBackend::start(Behaviour::Normal).await;
     let (auth, seen) = auth_service(answers(1)).await;

@@ -86,6 +86,15 @@ async fn wrong_password_never_reaches_the_backend() {
     assert_eq!(c.line().await, "+OK\r\n");
     assert_eq!(c.line().await, "-ERR [AUTH] Authentication failed.\r\n");
     assert_eq!(backend.connections(), 0);
+    // The last allowed failure (max_auth_attempts, 3) closes with its own reply only: POP3 has
+    // no unsolicited replies, so a second -ERR would answer the pipelined NOOP.
+    for last in [false, true] {
+        let noop = if last { "NOOP\r\n" } else { "" };
+        c.send(format!("USER alice@example.test\r\nPASS nope\r\n{noop}").as_bytes()).await;
+        assert_eq!(c.line().await, "+OK\r\n");
+        assert_eq!(c.line().await, "-ERR [AUTH] Authentication failed.\r\n");
+    }
+    assert_eq!(c.line().await, "", "closed after the third failure, nothing more");
 }
 
 #[tokio::test]
@@ -133,7 +142,8 @@ async fn a_mailbox_in_use_does_not_mark_the_backend_down() {
         let mut c = greeted(&proxy).await;
         c.send(b"USER alice@example.test\r\nPASS secret\r\n").await;
         assert_eq!(c.line().await, "+OK\r\n");
-        assert_eq!(c.line().await, "-ERR [SYS/TEMP] Server unavailable, try again later.\r\n");
+        // RFC 2449's code, so the client can tell its user why.
+        assert_eq!(c.line().await, "-ERR [IN-USE] Mailbox is in use, try again later.\r\n");
     }
     assert_eq!(sessions_with(&backend, "PASS"), 5);
 }

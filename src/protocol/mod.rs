@@ -120,11 +120,13 @@ pub enum LoginFailure {
     BadCredentials,
     /// The backend could not be reached or failed: the client may retry.
     Unavailable,
-    /// The auth service's own text (already made printable and bounded), and for SMTP its
-    /// reply code.
-    Message { text: String, smtp_code: Option<String> },
+    /// The auth service's own text (already made printable and bounded), for SMTP its reply
+    /// code, and whether the client may retry (POP3 then says `[SYS/TEMP]`, else `[AUTH]`).
+    Message { text: String, smtp_code: Option<String>, temporary: bool },
     /// Too many failures from this address or for this user: come back later.
     Throttled,
+    /// The backend says another session holds the user's mailbox.
+    InUse,
 }
 
 /// Final words before the proxy closes a connection on its own.
@@ -255,7 +257,9 @@ pub fn goodbye(protocol: Protocol, why: Goodbye) -> &'static [u8] {
         (Protocol::Imap, Goodbye::TooManyFailures) => b"* BYE Too many failed logins.\r\n",
         (Protocol::Imap, Goodbye::LineTooLong) => b"* BYE Command line too long.\r\n",
         (Protocol::Pop3, Goodbye::Shutdown) => b"-ERR [SYS/TEMP] Server shutting down.\r\n",
-        (Protocol::Pop3, Goodbye::TooManyFailures) => b"-ERR [AUTH] Too many failed logins.\r\n",
+        // POP3 has no unsolicited replies: a second `-ERR` after the failed login's own would be
+        // read by a pipelining client as the answer to its next command. Just close.
+        (Protocol::Pop3, Goodbye::TooManyFailures) => b"",
         (Protocol::Pop3, Goodbye::LineTooLong) => b"-ERR Line too long.\r\n",
         (Protocol::Smtp, Goodbye::Shutdown) => b"421 4.3.2 Service shutting down, closing connection\r\n",
         (Protocol::Smtp, Goodbye::TooManyFailures) => {

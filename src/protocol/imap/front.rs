@@ -262,6 +262,7 @@ impl ImapFront {
             LoginFailure::Unavailable => format!("{tag} NO [UNAVAILABLE] Server unavailable, try again later.\r\n"),
             LoginFailure::Message { text, .. } => format!("{tag} NO {text}\r\n"),
             LoginFailure::Throttled => format!("{tag} NO [UNAVAILABLE] Too many login failures, try again later.\r\n"),
+            LoginFailure::InUse => format!("{tag} NO [INUSE] Mailbox is in use, try again later.\r\n"),
         };
         write(s, reply.as_bytes()).await
     }

@@ -174,8 +174,18 @@ impl Pop3Front {
         match failure {
             LoginFailure::BadCredentials => write(s, b"-ERR [AUTH] Authentication failed.\r\n").await,
             LoginFailure::Unavailable => write(s, b"-ERR [SYS/TEMP] Server unavailable, try again later.\r\n").await,
-            LoginFailure::Message { text, .. } => write(s, format!("-ERR {text}\r\n").as_bytes()).await,
+            LoginFailure::Message { text, temporary, .. } => {
+                // CAPA announces AUTH-RESP-CODE (RFC 3206): every failed login carries a code,
+                // unless the auth service's text brings its own.
+                let code = match (text.starts_with('['), temporary) {
+                    (true, _) => "",
+                    (false, true) => "[SYS/TEMP] ",
+                    (false, false) => "[AUTH] ",
+                };
+                write(s, format!("-ERR {code}{text}\r\n").as_bytes()).await
+            }
             LoginFailure::Throttled => write(s, b"-ERR [SYS/TEMP] Too many login failures, try again later.\r\n").await,
+            LoginFailure::InUse => write(s, b"-ERR [IN-USE] Mailbox is in use, try again later.\r\n").await,
         }
     }
 

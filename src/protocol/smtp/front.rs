@@ -31,7 +31,8 @@ const REPLIES: Replies = Replies {
     password_challenge: b"334 UGFzc3dvcmQ6\r\n",
     canceled: b"501 5.7.0 Authentication aborted\r\n",
     invalid: "501 5.5.2 Error: cannot decode response\r\n",
-    too_long: b"500 5.5.2 Error: line too long\r\n",
+    // Closing: RFC 5321 §3.8 allows a server to close on its own only after a 421.
+    too_long: b"421 4.7.0 Line too long, closing connection\r\n",
     idle: b"421 4.4.2 Error: timeout exceeded\r\n",
 };
 
@@ -119,7 +120,7 @@ impl SmtpFront {
             }
             let is_auth = line.len() >= 5 && line[..5].eq_ignore_ascii_case(b"AUTH ");
             if line.len() > MAX_COMMAND && !is_auth {
-                write(s, b"500 5.5.2 Error: line too long\r\n").await?;
+                write(s, REPLIES.too_long).await?;
                 return Ok(Event::Closed(CloseReason::LineTooLong));
             }
             if line.contains(&0) {
@@ -238,9 +239,11 @@ impl SmtpFront {
     pub async fn login_failed<S: AsyncWrite + Unpin>(&mut self, s: &mut S, failure: LoginFailure) -> io::Result<()> {
         match failure {
             LoginFailure::BadCredentials => write(s, b"535 5.7.8 Authentication credentials invalid\r\n").await,
-            LoginFailure::Unavailable => write(s, b"454 4.7.0 Temporary authentication failure\r\n").await,
+            LoginFailure::Unavailable | LoginFailure::InUse => {
+                write(s, b"454 4.7.0 Temporary authentication failure\r\n").await
+            }
             LoginFailure::Throttled => write(s, b"454 4.7.0 Too many login failures, try again later\r\n").await,
-            LoginFailure::Message { text, smtp_code } => {
+            LoginFailure::Message { text, smtp_code, .. } => {
                 // nginx's default code for a refusal without Auth-Error-Code.
                 let code = smtp_code.as_deref().filter(|c| valid_reply_code(c)).unwrap_or("535 5.7.0");
                 write(s, format!("{code} {text}\r\n").as_bytes()).await
@@ -389,7 +392,7 @@ mod tests {
         long.extend(vec![b'a'; 600]);
         long.extend_from_slice(b"\r\n");
         let (out, ev) = run(vec![long]);
-        assert!(out.ends_with("500 5.5.2 Error: line too long\r\n"));
+        assert!(out.ends_with("421 4.7.0 Line too long, closing connection\r\n"), "{out}");
         assert_eq!(ev, vec!["closed line_too_long"]);
     }
 
