@@ -368,17 +368,13 @@ async fn preauth(ctx: &SessionCtx, tcp: TcpStream, deadline: Instant) -> Result<
         loop {
             let event = tokio::select! {
                 e = front.next_event(&mut stream) => e.map_err(|_| Outcome::PreAuth("client_error"))?,
+                // Reliability case 80: tell clients still logging in why they are dropped.
                 _ = ctx.shutdown.cancelled() => {
-                    // Reliability case 80: tell clients still logging in why they are dropped.
-                    let _ = stream.write_all(front.goodbye(Goodbye::Shutdown)).await;
-                    let _ = stream.shutdown().await;
-                    return Err(Outcome::PreAuth("shutdown"));
+                    return Err(close(&mut stream, &front, Goodbye::Shutdown, "shutdown").await)
                 }
+                // Reliability case 58: activity does not extend the login deadline.
                 _ = tokio::time::sleep_until(deadline) => {
-                    // Reliability case 58: activity does not extend the login deadline.
-                    let _ = stream.write_all(front.goodbye(Goodbye::LoginTimeout)).await;
-                    let _ = stream.shutdown().await;
-                    return Err(Outcome::PreAuth("login_timeout"));
+                    return Err(close(&mut stream, &front, Goodbye::LoginTimeout, "login_timeout").await)
                 }
             };
             let req = match event {
@@ -389,11 +385,24 @@ async fn preauth(ctx: &SessionCtx, tcp: TcpStream, deadline: Instant) -> Result<
                 Event::StartTls => break,
                 Event::Login(req) => req,
             };
-            let fail_at = Instant::now() + limits.auth_failure_delay;
+            // Never past the deadline: the failure delay and an Auth-Wait end at it (the next
+            // turn of the loop then says goodbye).
+            let fail_at = (Instant::now() + limits.auth_failure_delay).min(deadline);
             let attempt = match req.credentials {
                 None => Err(LoginError::Bad { user: None, reason: "malformed" }),
                 Some(creds) => {
-                    login(ctx, &front, req.mechanism, creds, failures + 1, tls_info(&stream, &client_cert)).await
+                    // The login itself (auth service, backends one after another) is bounded
+                    // by the deadline and shutdown too, and the client hears which.
+                    let tls = tls_info(&stream, &client_cert);
+                    tokio::select! {
+                        a = login(ctx, &front, req.mechanism, creds, failures + 1, tls) => a,
+                        _ = ctx.shutdown.cancelled() => {
+                            return Err(close(&mut stream, &front, Goodbye::Shutdown, "shutdown").await)
+                        }
+                        _ = tokio::time::sleep_until(deadline) => {
+                            return Err(close(&mut stream, &front, Goodbye::LoginTimeout, "login_timeout").await)
+                        }
+                    }
                 }
             };
             match attempt {
@@ -467,7 +476,7 @@ async fn preauth(ctx: &SessionCtx, tcp: TcpStream, deadline: Instant) -> Result<
                     // nginx semantics: with Auth-Wait, wait and let the client retry; without,
                     // answer and close.
                     if let Some(w) = wait {
-                        tokio::time::sleep(w).await;
+                        tokio::time::sleep_until((Instant::now() + w).min(deadline)).await;
                     }
                     let failure = LoginFailure::Message { text, smtp_code: code, temporary: wait.is_some() };
                     let max = if wait.is_some() { limits.max_auth_attempts } else { failures };
@@ -770,6 +779,13 @@ async fn fail(
         return Err(Outcome::PreAuth("too_many_failures"));
     }
     Ok(())
+}
+
+/// Say `why` and close, before login; the outcome to report (`reason`).
+async fn close(stream: &mut ClientStream, front: &Front, why: Goodbye, reason: &'static str) -> Outcome {
+    let _ = stream.write_all(front.goodbye(why)).await;
+    let _ = stream.shutdown().await;
+    Outcome::PreAuth(reason)
 }
 
 /// TLS handshake on an accepted socket. `greeting`, if any, is queued in the connection before

@@ -412,6 +412,22 @@ async fn backend_hanging_after_greeting_gives_unavailable() {
 }
 
 #[tokio::test]
+async fn the_login_deadline_holds_while_the_backend_login_runs() {
+    // The backend's own login timeout (10 s) is longer than the whole login's (1 s): the client
+    // is told at the deadline, not dropped without a word.
+    let backend = FakeBackend::start(Behaviour::HangAfterGreeting).await;
+    let cfg = plain_config(backend.addr, "login_timeout = \"1s\"")
+        .replace("backend_login_timeout = \"500ms\"", "backend_login_timeout = \"10s\"");
+    let proxy = Proxy::start(&cfg, USERS).await;
+    let mut c = greeted(&proxy).await;
+    let start = tokio::time::Instant::now();
+    c.send(b"a LOGIN alice@example.test secret\r\n").await;
+    assert_eq!(c.line().await, "* BYE Login timed out.\r\n");
+    assert!(start.elapsed() < Duration::from_secs(3), "{:?}", start.elapsed());
+    assert_eq!(c.line().await, "");
+}
+
+#[tokio::test]
 async fn preauth_greeting_from_backend_aborts() {
     // Reliability case 13.
     let (proxy, _backend) = setup(Behaviour::Preauth).await;
