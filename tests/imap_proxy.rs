@@ -427,6 +427,66 @@ async fn the_login_deadline_holds_while_the_backend_login_runs() {
     assert_eq!(c.line().await, "");
 }
 
+/// A one-connection IMAP backend that greets with `greeting`, answers the first command it
+/// reads (the proxy's login) with `reply`, then waits; returns its address and what it read.
+async fn scripted_backend(
+    greeting: &'static [u8],
+    reply: &'static [u8],
+) -> (std::net::SocketAddr, std::sync::Arc<std::sync::Mutex<Vec<u8>>>) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let s2 = seen.clone();
+    tokio::spawn(async move {
+        let Ok((mut s, _)) = listener.accept().await else { return };
+        s.write_all(greeting).await.unwrap();
+        let mut buf = [0u8; 512];
+        let mut replied = false;
+        while let Ok(n) = s.read(&mut buf).await {
+            if n == 0 {
+                return;
+            }
+            s2.lock().unwrap().extend_from_slice(&buf[..n]);
+            if !replied {
+                s.write_all(reply).await.unwrap();
+                replied = true;
+            }
+        }
+    });
+    (addr, seen)
+}
+
+#[tokio::test]
+async fn a_backend_saying_logindisabled_gets_no_login() {
+    // RFC 9051 §6.2.3: no LOGIN where the server says LOGINDISABLED. The backend's refusal would
+    // read as the user's wrong password; it is the backend's configuration.
+    let (addr, seen) = scripted_backend(
+        b"* OK [CAPABILITY IMAP4rev1 STARTTLS LOGINDISABLED] ready\r\n",
+        b"P3 NO [PRIVACYREQUIRED] no\r\n",
+    )
+    .await;
+    let proxy = Proxy::start(&plain_config(addr, ""), USERS).await;
+    let mut c = greeted(&proxy).await;
+    c.send(b"a LOGIN alice@example.test secret\r\n").await;
+    assert_eq!(c.line().await, "a NO [UNAVAILABLE] Server unavailable, try again later.\r\n");
+    let seen = String::from_utf8_lossy(&seen.lock().unwrap()).into_owned();
+    assert!(!seen.contains("LOGIN") && !seen.contains("secret"), "{seen}");
+}
+
+#[tokio::test]
+async fn a_continuation_after_the_login_command_fails_it_at_once() {
+    // Nothing is left to send: waiting would hold the client for the backend login timeout.
+    let (addr, _) = scripted_backend(b"* OK [CAPABILITY IMAP4rev1] ready\r\n", b"+ \r\n").await;
+    let cfg = plain_config(addr, "").replace("backend_login_timeout = \"500ms\"", "backend_login_timeout = \"10s\"");
+    let proxy = Proxy::start(&cfg, USERS).await;
+    let mut c = greeted(&proxy).await;
+    let start = tokio::time::Instant::now();
+    c.send(b"a LOGIN alice@example.test secret\r\n").await;
+    assert_eq!(c.line().await, "a NO [UNAVAILABLE] Server unavailable, try again later.\r\n");
+    assert!(start.elapsed() < Duration::from_secs(3), "{:?}", start.elapsed());
+}
+
 #[tokio::test]
 async fn preauth_greeting_from_backend_aborts() {
     // Reliability case 13.

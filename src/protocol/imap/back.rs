@@ -100,6 +100,12 @@ pub async fn connect_and_login(
     match &backend.login {
         // Config validation only allows XCLIENT logins on SMTP backends.
         BackendLogin::Replay | BackendLogin::Xclient => {
+            // RFC 9051 §6.2.3: no LOGIN where the server says LOGINDISABLED (a plaintext backend
+            // that wants STARTTLS). Its refusal would read as wrong credentials and count
+            // against the user; it is the backend's configuration instead.
+            if caps.login_disabled {
+                return Err(BackendError::Protocol("backend advertises LOGINDISABLED (use starttls or tls)"));
+            }
             // One write for the whole command (unless a synchronising literal must wait for the
             // backend's "+"): a command in pieces costs the backend a wakeup per segment.
             // Zeroed when dropped, also on an error path; room for quoting that doubles every
@@ -138,13 +144,7 @@ pub async fn connect_and_login(
                 let reply = rest.to_vec();
                 return Ok(LoggedIn { stream, untagged, reply, leftover: lines.into_leftover(), extensions: None });
             }
-            if starts_with_ci(rest, b"NO [UNAVAILABLE]") || starts_with_ci(rest, b"NO [SERVERBUG]") {
-                return Err(BackendError::Refused);
-            }
-            if starts_with_ci(rest, b"NO [INUSE]") {
-                return Err(BackendError::InUse);
-            }
-            return Err(BackendError::Rejected);
+            return Err(refusal(rest));
         }
         if l.starts_with(b"* BYE") {
             return Err(BackendError::Refused);
@@ -155,10 +155,26 @@ pub async fn connect_and_login(
                 return Err(BackendError::Protocol("too much untagged data at login"));
             }
             untagged.extend_from_slice(&l);
-        } else if !l.starts_with(b"+") {
+        } else {
+            // Also a "+": nothing is left to send (literals are done, SASL-IR went whole), and
+            // waiting would hold the client until the backend login times out.
             return Err(BackendError::Protocol("unexpected line at login"));
         }
     }
+}
+
+/// What the backend's tagged non-OK reply to the login (after the tag) means.
+fn refusal(rest: &[u8]) -> BackendError {
+    if starts_with_ci(rest, b"NO [UNAVAILABLE]") || starts_with_ci(rest, b"NO [SERVERBUG]") {
+        return BackendError::Refused;
+    }
+    if starts_with_ci(rest, b"NO [INUSE]") {
+        return BackendError::InUse;
+    }
+    // NO, and also BAD: a server may call a user name it cannot parse a bad command, and a
+    // client chooses user names; counting that against the backend's health would let anyone
+    // mark it down.
+    BackendError::Rejected
 }
 
 /// Append one IMAP astring argument to `cmd`: a quoted string when it is plain ASCII, else a
@@ -184,7 +200,13 @@ async fn push_astring<S: AsyncRead + AsyncWrite + Unpin>(
         crate::auth::wipe(cmd);
         let l = lines.line(s).await?;
         if !l.starts_with(b"+") {
-            return Err(BackendError::Rejected);
+            // The backend answered the command before the value was sent: classify its reply
+            // like the login's own, never as the user's wrong password by default.
+            return Err(match l.strip_prefix(b"P3 ") {
+                Some(rest) => refusal(rest),
+                None if l.starts_with(b"* BYE") => BackendError::Refused,
+                None => BackendError::Protocol("no continuation for a literal at login"),
+            });
         }
     }
     cmd.extend_from_slice(value);
@@ -209,6 +231,7 @@ struct Caps {
     id: bool,
     sasl_ir: bool,
     literal_plus: bool,
+    login_disabled: bool,
 }
 
 impl Caps {
@@ -221,6 +244,8 @@ impl Caps {
                 c.sasl_ir = true;
             } else if word.eq_ignore_ascii_case(b"LITERAL+") {
                 c.literal_plus = true;
+            } else if word.eq_ignore_ascii_case(b"LOGINDISABLED") {
+                c.login_disabled = true;
             }
         }
         c
@@ -252,5 +277,16 @@ mod tests {
             capability_code(b"* OK [CAPABILITY IMAP4rev1 SASL-IR LITERAL+ ID AUTH=PLAIN] Dovecot ready.\r\n").unwrap();
         assert!(c.id && c.sasl_ir && c.literal_plus);
         assert!(capability_code(b"* OK ready\r\n").is_none());
+        let c = capability_code(b"* OK [CAPABILITY IMAP4rev1 STARTTLS LOGINDISABLED] ready\r\n").unwrap();
+        assert!(c.login_disabled && !c.literal_plus);
+    }
+
+    #[test]
+    fn login_refusals() {
+        assert!(matches!(refusal(b"NO [UNAVAILABLE] later\r\n"), BackendError::Refused));
+        assert!(matches!(refusal(b"no [serverbug] oops\r\n"), BackendError::Refused));
+        assert!(matches!(refusal(b"NO [INUSE] busy\r\n"), BackendError::InUse));
+        assert!(matches!(refusal(b"NO [AUTHENTICATIONFAILED] no\r\n"), BackendError::Rejected));
+        assert!(matches!(refusal(b"BAD parse error\r\n"), BackendError::Rejected));
     }
 }
