@@ -377,9 +377,9 @@ async fn plaintext_listener_without_permission_disables_login() {
     let g = c.line().await;
     assert!(g.contains("LOGINDISABLED") && !g.contains("AUTH="), "{g}");
     c.send(b"a LOGIN alice@example.test secret\r\n").await;
-    assert!(c.line().await.starts_with("a BAD [PRIVACYREQUIRED]"));
+    assert!(c.line().await.starts_with("a NO [PRIVACYREQUIRED]"));
     c.send(b"b AUTHENTICATE PLAIN AGFsaWNlQGV4YW1wbGUudGVzdABzZWNyZXQ=\r\n").await;
-    assert!(c.line().await.starts_with("b BAD [PRIVACYREQUIRED]"));
+    assert!(c.line().await.starts_with("b NO [PRIVACYREQUIRED]"));
     assert_eq!(backend.connections(), 0);
 }
 

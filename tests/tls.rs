@@ -253,7 +253,7 @@ async fn starttls_capabilities_and_upgrade() {
     // Reliability case 6: STARTTLS and LOGINDISABLED before TLS, no AUTH=.
     assert_eq!(g, "* OK [CAPABILITY IMAP4rev1 SASL-IR ID LITERAL+ STARTTLS LOGINDISABLED] IMAP proxy ready.\r\n");
     c.send(b"a LOGIN alice@example.test secret\r\n").await;
-    assert!(c.line().await.starts_with("a BAD [PRIVACYREQUIRED]"));
+    assert!(c.line().await.starts_with("a NO [PRIVACYREQUIRED]"));
     c.send(b"b STARTTLS\r\n").await;
     assert_eq!(c.line().await, "b OK Begin TLS negotiation now.\r\n");
     let tcp = c.stream.into_inner();

@@ -30,6 +30,8 @@ const READ_CHUNK: usize = 4096;
 const MAX_ID_PAIRS: usize = 20;
 const MAX_ID_KEY: usize = 30;
 const MAX_ID_VALUE: usize = 1024;
+/// Why LOGIN and AUTHENTICATE are refused before TLS.
+const PRIVACY_REQUIRED: &str = "[PRIVACYREQUIRED] Authentication disallowed on non-secure connections, use STARTTLS.";
 
 pub struct ImapFront {
     settings: FrontSettings,
@@ -166,8 +168,9 @@ impl ImapFront {
                         // LOGIN will be refused anyway (before TLS).
                         let tag = self.frag.decode_tag().map(|t| t.as_ref().to_string());
                         self.frag.skip_message();
+                        // BAD here: the command is cut off mid-way, its literal never read.
                         match tag {
-                            Some(tag) => self.privacy_required(s, &tag).await?,
+                            Some(tag) => self.bad(s, Some(&tag), PRIVACY_REQUIRED).await?,
                             None => self.bad(s, None, "Error in IMAP command.").await?,
                         }
                         continue;
@@ -458,15 +461,18 @@ impl ImapFront {
         }
     }
 
+    /// Counts as an error (closing after `max_errors`).
     async fn bad<S: AsyncWrite + Unpin>(&mut self, s: &mut S, tag: Option<&str>, text: &str) -> io::Result<()> {
         self.errors += 1;
         write(s, format!("{} BAD {text}\r\n", tag.unwrap_or("*")).as_bytes()).await
     }
 
     async fn privacy_required<S: AsyncWrite + Unpin>(&mut self, s: &mut S, tag: &str) -> io::Result<()> {
-        // Reliability cases 6/7: no credentials before TLS.
-        self.bad(s, Some(tag), "[PRIVACYREQUIRED] Authentication disallowed on non-secure connections, use STARTTLS.")
-            .await
+        // Reliability cases 6/7: no credentials before TLS. NO, as RFC 9051 §7.1 and Dovecot
+        // answer a well-formed command refused by policy; still counted, so a client that keeps
+        // trying is closed.
+        self.errors += 1;
+        write(s, format!("{tag} NO {PRIVACY_REQUIRED}\r\n").as_bytes()).await
     }
 
     async fn fill<S: AsyncRead + Unpin>(&mut self, s: &mut S) -> io::Result<Fill> {
