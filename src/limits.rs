@@ -90,6 +90,13 @@ impl Throttle {
         for (i, key) in keys.into_iter().enumerate() {
             let Some(key) = key else { continue };
             let Some(e) = table.get_mut(&key) else { continue };
+            if e.blocked_until.is_some_and(|b| b <= now) {
+                // The block has run its course: counting starts again, so it lasted `cooldown`
+                // (the counter would otherwise block again at once until `window` had passed).
+                e.blocked_until = None;
+                e.failures = 0;
+                e.recent.clear();
+            }
             if now.duration_since(e.last) > s.window && e.blocked_until.is_none_or(|b| b <= now) {
                 table.remove(&key);
                 continue;
@@ -372,10 +379,17 @@ mod tests {
         // Reliability case 55: 0, 0, 0, then 2, 4, 8 ... capped at 15.
         assert_eq!(delays, vec![0, 0, 0, 2, 4, 8]);
         assert_eq!(t.check(&s, a, None), Decision::Blocked);
-        tokio::time::advance(s.cooldown + Duration::from_secs(1)).await;
-        // Cooled down, and with the window also passed the counter is gone.
-        tokio::time::advance(s.window).await;
+        tokio::time::advance(s.cooldown - Duration::from_secs(1)).await;
+        assert_eq!(t.check(&s, a, None), Decision::Blocked);
+        tokio::time::advance(Duration::from_secs(2)).await;
+        // Cooled down: the block lasts `cooldown`, not `cooldown + window`, and counting starts
+        // again from zero.
         assert_eq!(t.check(&s, a, None), Decision::Allow { delay: Duration::ZERO });
+        for i in 0..6u64 {
+            assert!(matches!(t.check(&s, a, None), Decision::Allow { .. }));
+            t.failure(&s, a, None, 100 + i);
+        }
+        assert_eq!(t.check(&s, a, None), Decision::Blocked);
     }
 
     #[tokio::test(start_paused = true)]

@@ -590,7 +590,7 @@ mod tests {
     }
 
     /// Cases 6/7: before TLS, LOGIN's literal gets no "+" (the client would send its name and
-    /// password in the clear only to be refused), just the refusal LOGIN gets anyway.
+    /// password in the clear only to be refused), just a refusal (BAD: the command is cut off).
     #[test]
     fn no_continuation_for_a_login_literal_before_tls() {
         let st = FrontSettings { auth_allowed: false, ..settings() };
