@@ -18,9 +18,19 @@ use tokio_util::sync::CancellationToken;
 use crate::app::App;
 use crate::metrics::metrics;
 
+/// Connections served at once; more are closed at accept. A scraper needs one or two; the
+/// cap keeps anyone who can reach the port from holding the file descriptors the mail
+/// listeners share.
+const MAX_CONNECTIONS: usize = 64;
+/// How long a request's headers may take to arrive, and how long one connection may stay open
+/// (a scraper reconnects; a connection that sends nothing is closed).
+const HEADER_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+const CONNECTION_LIFETIME: std::time::Duration = std::time::Duration::from_secs(60);
+
 /// Serve until `stop` is cancelled.
 pub async fn serve(listener: TcpListener, app: Weak<App>, stop: CancellationToken) {
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
     loop {
         let (tcp, peer) = tokio::select! {
             _ = stop.cancelled() => break,
@@ -32,6 +42,10 @@ pub async fn serve(listener: TcpListener, app: Weak<App>, stop: CancellationToke
                     continue;
                 }
             },
+        };
+        let Ok(slot) = slots.clone().try_acquire_owned() else {
+            tracing::warn!(peer = %peer, "admin connection refused: too many open");
+            continue;
         };
         // Renewals are asked from the proxy's own host (`portcullis renew`, which connects to the
         // configured address): the only request here that acts, so not one for whoever can reach
@@ -45,10 +59,17 @@ pub async fn serve(listener: TcpListener, app: Weak<App>, stop: CancellationToke
                 if req.method() == hyper::Method::POST
                     && let Some(label) = req.uri().path().strip_prefix("/acme/renew/")
                 {
-                    if !same_host {
+                    // A browser on this host could be made to send this POST by any web page
+                    // (no preflight for a body-less POST); browsers always say where from.
+                    let from_browser = req.headers().contains_key("origin")
+                        || req.headers().contains_key("sec-fetch-site")
+                        || req.headers().contains_key("referer");
+                    if !same_host || from_browser {
                         let resp = Response::builder()
                             .status(StatusCode::FORBIDDEN)
-                            .body(Full::new(Bytes::from("renewals are asked from the proxy's own host\n")))
+                            .body(Full::new(Bytes::from(
+                                "renewals are asked from the proxy's own host, not from a browser\n",
+                            )))
                             .unwrap_or_default();
                         return Ok::<_, Infallible>(resp);
                     }
@@ -69,10 +90,14 @@ pub async fn serve(listener: TcpListener, app: Weak<App>, stop: CancellationToke
                 Ok::<_, Infallible>(handle(&req, app.upgrade()))
             }
         });
-        let conn = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(tcp), svc);
+        let conn = hyper::server::conn::http1::Builder::new()
+            .timer(hyper_util::rt::TokioTimer::new())
+            .header_read_timeout(HEADER_TIMEOUT)
+            .serve_connection(TokioIo::new(tcp), svc);
         let conn = graceful.watch(conn);
         tokio::spawn(async move {
-            let _ = conn.await;
+            let _ = tokio::time::timeout(CONNECTION_LIFETIME, conn).await;
+            drop(slot);
         });
     }
     let _ = tokio::time::timeout(std::time::Duration::from_secs(2), graceful.shutdown()).await;

@@ -252,3 +252,42 @@ async fn health_checks_send_a_local_proxy_header() {
     assert_eq!(head[12], 0x20, "{head:?}");
     assert_eq!(head[13], 0x00, "{head:?}");
 }
+
+async fn http_raw(addr: std::net::SocketAddr, request: &str) -> String {
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    s.write_all(request.as_bytes()).await.unwrap();
+    let mut out = String::new();
+    let _ = tokio::time::timeout(Duration::from_secs(5), s.read_to_string(&mut out)).await;
+    out
+}
+
+#[tokio::test]
+async fn the_admin_server_refuses_browsers_renewals_and_caps_its_connections() {
+    let backend = FakeBackend::start(Behaviour::Normal).await;
+    let cfg = plain_config(backend.addr, "").replace("[limits]", "[admin]\nbind = \"127.0.0.1:0\"\n\n[limits]");
+    let proxy = Proxy::start(&cfg, USERS).await;
+    let admin = proxy.app.admin_addr().unwrap();
+    let post = |extra: &str| {
+        format!("POST /acme/renew/x HTTP/1.1\r\nHost: a\r\nContent-Length: 0\r\n{extra}Connection: close\r\n\r\n")
+    };
+    // From this host, as `portcullis renew` asks: heard (no such certificate here).
+    assert!(http_raw(admin, &post("")).await.starts_with("HTTP/1.1 404"));
+    // A web page open in a browser on this host cannot ask (cross-site request forgery).
+    for header in
+        ["Origin: https://evil.example\r\n", "Sec-Fetch-Site: cross-site\r\n", "Referer: https://e.example/\r\n"]
+    {
+        assert!(http_raw(admin, &post(header)).await.starts_with("HTTP/1.1 403"), "{header}");
+    }
+    // Connections that send nothing hold a slot each; past the cap new ones are closed unheard,
+    // and a slot freed is usable again.
+    let mut idle = Vec::new();
+    for _ in 0..64 {
+        idle.push(tokio::net::TcpStream::connect(admin).await.unwrap());
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let get = "GET /healthz HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n";
+    assert_eq!(http_raw(admin, get).await, "");
+    idle.pop();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(http_raw(admin, get).await.starts_with("HTTP/1.1 200"));
+}
