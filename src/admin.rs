@@ -1,5 +1,6 @@
 //! The admin HTTP server: `/metrics` (Prometheus text), `/healthz` (the process answers) and
-//! `/readyz` (config loaded, listeners bound, every pool with a backend up, certificates loaded),
+//! `/readyz` (config loaded, listeners bound, certificates loaded; pools without a backend up are
+//! listed but do not make it fail),
 //! and `POST /acme/renew/NAME` from the same host only.
 //! It binds loopback unless configured otherwise and never serves anything a client sent.
 
@@ -129,8 +130,11 @@ fn handle(req: &Request<Incoming>, app: Option<Arc<App>>) -> Response<Full<Bytes
         }
         "/healthz" => text(StatusCode::OK, "ok\n".into()),
         "/readyz" => match app.map(|a| a.readiness()) {
-            Some(problems) if problems.is_empty() => text(StatusCode::OK, "ready\n".into()),
-            Some(problems) => text(StatusCode::SERVICE_UNAVAILABLE, problems.join("\n") + "\n"),
+            Some((problems, degraded)) if problems.is_empty() => {
+                let notes: String = degraded.iter().map(|d| format!("degraded: {d}\n")).collect();
+                text(StatusCode::OK, format!("ready\n{notes}"))
+            }
+            Some((problems, _)) => text(StatusCode::SERVICE_UNAVAILABLE, problems.join("\n") + "\n"),
             None => text(StatusCode::SERVICE_UNAVAILABLE, "shutting down\n".into()),
         },
         _ => text(StatusCode::NOT_FOUND, "not found\n".into()),

@@ -447,13 +447,16 @@ impl App {
         out
     }
 
-    /// What keeps the proxy from being ready, empty when it is: listeners bound, every pool with
-    /// a backend up, certificates loaded.
-    pub fn readiness(&self) -> Vec<String> {
+    /// What keeps this instance from serving (empty: ready), and what is degraded but shared
+    /// with every instance (a pool with no backend up). The second does not make it unready: a
+    /// backend outage would take every instance out of its load balancer at once, and clients
+    /// would get refused connections instead of the protocol's "try again later".
+    pub fn readiness(&self) -> (Vec<String>, Vec<String>) {
         let mut problems = Vec::new();
+        let mut degraded = Vec::new();
         if self.shutdown.is_cancelled() {
             problems.push("shutting down".to_string());
-            return problems;
+            return (problems, degraded);
         }
         let rt = self.runtime.load();
         let sockets = self.sockets.lock().unwrap_or_else(|e| e.into_inner());
@@ -467,13 +470,13 @@ impl App {
         drop(sockets);
         for (pool, protocol, up) in self.pools_up(&rt.config) {
             if up == 0 {
-                problems.push(format!("pool {pool} has no {} backend up", protocol.as_str()));
+                degraded.push(format!("pool {pool} has no {} backend up", protocol.as_str()));
             }
         }
         if rt.config.listeners.iter().any(|l| l.tls != TlsMode::None) && self.tls.certs.lookup(None).is_none() {
             problems.push("no certificate loaded".to_string());
         }
-        problems
+        (problems, degraded)
     }
 
     /// Start accept loops for new (listener, address) pairs and stop the ones no longer wanted.
