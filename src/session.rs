@@ -648,10 +648,20 @@ async fn login_inner(
             (user, target, deferred, creds)
         }
     };
-    let Some(user_slot) = ctx.connections.acquire_user(&user, limits.max_sessions_per_user) else {
-        return Err(LoginError::TooManySessions { user });
+    // Where the backend has yet to verify the password, the slot is taken only once it has:
+    // wrong-password attempts in flight must not fill the user's cap and lock the user out.
+    let max_sessions = limits.max_sessions_per_user;
+    let user_slot = if deferred {
+        if ctx.connections.user_full(&user, max_sessions) {
+            return Err(LoginError::TooManySessions { user });
+        }
+        None
+    } else {
+        match ctx.connections.acquire_user(&user, max_sessions) {
+            Some(slot) => Some(slot),
+            None => return Err(LoginError::TooManySessions { user }),
+        }
     };
-    let user_slot = Some(user_slot);
     let plan = crate::route::plan(&target, protocol, &user, &ctx.health);
     let info = ClientInfo {
         peer: ctx.peer,
@@ -692,7 +702,16 @@ async fn login_inner(
             Ok(logged_in) => {
                 ctx.health.success(backend, Source::Session, backend.health.rise);
                 let guard = ctx.health.session(backend);
-                return Ok((logged_in, user, backend.name.clone(), guard, user_slot));
+                let user_slot = match user_slot {
+                    Some(slot) => slot,
+                    // Verified now; another session may have taken the last slot meanwhile
+                    // (dropping `logged_in` closes the backend connection).
+                    None => match ctx.connections.acquire_user(&user, max_sessions) {
+                        Some(slot) => slot,
+                        None => return Err(LoginError::TooManySessions { user }),
+                    },
+                };
+                return Ok((logged_in, user, backend.name.clone(), guard, Some(user_slot)));
             }
             Err(BackendError::Rejected) => {
                 let reason = if deferred { "bad_credentials" } else { "backend_rejected" };

@@ -488,6 +488,37 @@ async fn a_continuation_after_the_login_command_fails_it_at_once() {
 }
 
 #[tokio::test]
+async fn logins_the_backend_has_yet_to_verify_do_not_fill_the_user_cap() {
+    // With the backend verifying passwords, an attacker's logins as the victim (held at the
+    // backend here) must not take the victim's session slot.
+    let backend = FakeBackend::start(Behaviour::HangAfterGreeting).await;
+    let cfg = plain_config(backend.addr, "max_sessions_per_user = 1")
+        .replace("passwd_file = \"users\"", "source = \"backend\"")
+        .replace("backend_login_timeout = \"500ms\"", "backend_login_timeout = \"2s\"");
+    let proxy = Proxy::start(&cfg, "").await;
+    let mut attacker = greeted(&proxy).await;
+    attacker.send(b"a LOGIN alice@example.test guess\r\n").await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let mut victim = greeted(&proxy).await;
+    victim.send(b"b LOGIN alice@example.test secret\r\n").await;
+    let reply = victim.until_tagged("b").await;
+    assert!(!reply.last().unwrap().contains("Too many sessions"), "{reply:?}");
+
+    // Verified logins still count: the second of two is refused.
+    let backend = FakeBackend::start(Behaviour::Normal).await;
+    let cfg = plain_config(backend.addr, "max_sessions_per_user = 1")
+        .replace("passwd_file = \"users\"", "source = \"backend\"");
+    let proxy = Proxy::start(&cfg, "").await;
+    let mut first = greeted(&proxy).await;
+    first.send(b"a LOGIN alice@example.test secret\r\n").await;
+    assert!(first.until_tagged("a").await.last().unwrap().starts_with("a OK"));
+    let mut second = greeted(&proxy).await;
+    second.send(b"b LOGIN alice@example.test secret\r\n").await;
+    let reply = second.until_tagged("b").await;
+    assert!(reply.last().unwrap().contains("Too many sessions"), "{reply:?}");
+}
+
+#[tokio::test]
 async fn preauth_greeting_from_backend_aborts() {
     // Reliability case 13.
     let (proxy, _backend) = setup(Behaviour::Preauth).await;
