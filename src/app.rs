@@ -516,8 +516,7 @@ impl App {
             let grace = runtime.config.limits.shutdown_grace;
             // A `[::]` listener sees IPv4 clients as `::ffff:a.b.c.d`: logs, limits and what
             // backends are told use the plain IPv4 address.
-            let peer = canonical(peer);
-            let local = canonical(tcp.local_addr().unwrap_or(peer));
+            let (peer, local) = canonical_pair(peer, tcp.local_addr().unwrap_or(peer));
             let n = self.next_session.fetch_add(1, Ordering::Relaxed);
             let ctx = SessionCtx {
                 runtime,
@@ -598,6 +597,11 @@ impl App {
             // and end on the cancellation), so new clients are refused rather than left in the
             // backlog.
             self.sockets.lock().unwrap_or_else(|e| e.into_inner()).clear();
+        }
+        // An ACME order in progress removes its challenge material (DNS records, webroot files)
+        // before the process ends.
+        if let Some(acme) = self.acme.lock().await.take() {
+            acme.stop().await;
         }
         self.sessions.close();
         if tokio::time::timeout(grace, self.sessions.wait()).await.is_err() {
@@ -686,4 +690,31 @@ pub(crate) async fn accept(
 /// `addr` with an IPv4-mapped IPv6 address as plain IPv4.
 pub fn canonical(addr: SocketAddr) -> SocketAddr {
     SocketAddr::new(addr.ip().to_canonical(), addr.port())
+}
+
+/// A connection's two ends made plain IPv4 where both are IPv4 (mapped or not), else left as
+/// they are: one family for both, as a PROXY v2 header to a backend must have.
+pub fn canonical_pair(a: SocketAddr, b: SocketAddr) -> (SocketAddr, SocketAddr) {
+    let (ca, cb) = (canonical(a), canonical(b));
+    if ca.is_ipv4() == cb.is_ipv4() { (ca, cb) } else { (a, b) }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn canonical_pairs_keep_one_family() {
+        let a = |s: &str| s.parse::<SocketAddr>().unwrap();
+        assert_eq!(
+            canonical_pair(a("[::ffff:192.0.2.1]:1"), a("[::ffff:127.0.0.1]:2")),
+            (a("192.0.2.1:1"), a("127.0.0.1:2"))
+        );
+        assert_eq!(canonical_pair(a("192.0.2.1:1"), a("127.0.0.1:2")), (a("192.0.2.1:1"), a("127.0.0.1:2")));
+        // A mapped source with a real IPv6 destination stays IPv6 on both ends.
+        assert_eq!(
+            canonical_pair(a("[::ffff:192.0.2.1]:1"), a("[2001:db8::5]:2")),
+            (a("[::ffff:192.0.2.1]:1"), a("[2001:db8::5]:2"))
+        );
+    }
 }

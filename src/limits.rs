@@ -292,12 +292,12 @@ impl Drop for OwnedSlot {
 }
 
 impl Connections {
-    /// Count a session for `user`; `None` when the user already has `max` (0 = unlimited).
     /// Whether `user` has `max` sessions already (0 = unlimited), without taking a slot.
     pub fn user_full(&self, user: &str, max: usize) -> bool {
         max > 0 && self.per_user.lock().unwrap_or_else(|e| e.into_inner()).get(user).is_some_and(|n| *n >= max)
     }
 
+    /// Count a session for `user`; `None` when the user already has `max` (0 = unlimited).
     pub fn acquire_user(self: &std::sync::Arc<Self>, user: &str, max: usize) -> Option<UserSlot> {
         let mut u = self.per_user.lock().unwrap_or_else(|e| e.into_inner());
         let n = u.entry(user.to_string()).or_default();

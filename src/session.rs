@@ -225,7 +225,7 @@ async fn read_proxy_header(
                 tcp.read_exact(&mut skip).await.map_err(|_| "io")?;
                 // LOCAL/UNKNOWN: the connection is the balancer's own; keep the peer address.
                 let (peer, local) = addrs.unwrap_or((ctx.peer, ctx.local));
-                return Ok((crate::app::canonical(peer), crate::app::canonical(local)));
+                return Ok(crate::app::canonical_pair(peer, local));
             }
             Err(proxy_header::Error::BufferTooShort) if n < buf.len() => {
                 // Split across segments: wait for more (bounded by the deadline).

@@ -236,6 +236,15 @@ fn to_instant(t: SystemTime) -> tokio::time::Instant {
     tokio::time::Instant::now() + t.duration_since(now).unwrap_or(Duration::ZERO)
 }
 
+/// A task that ends when its handle is dropped.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
 /// One step of an order: given up when the manager stops or after `limit`.
 async fn step<T>(
     stop: &CancellationToken,
@@ -255,8 +264,9 @@ impl CertTask {
     async fn supervise(self, trigger: Arc<Notify>, stop: CancellationToken) {
         let mut attempt = 0u32;
         loop {
-            let run = tokio::spawn(self.clone().run(trigger.clone(), stop.clone()));
-            match run.await {
+            // Aborted with this task (when stopping gives up waiting), not left running.
+            let mut run = AbortOnDrop(tokio::spawn(self.clone().run(trigger.clone(), stop.clone())));
+            match (&mut run.0).await {
                 Err(e) if e.is_panic() && !stop.is_cancelled() => {
                     let wait = backoff(self.settings.retry_min, attempt, crate::limits::random_unit());
                     attempt = attempt.saturating_add(1);

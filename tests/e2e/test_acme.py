@@ -202,9 +202,9 @@ def test_restart_reuses_account_and_certificate(pebble, tmp_path, dovecot):
         pc.stop()
 
 
-def test_an_order_stopped_by_a_reload_removes_its_dns_record(pebble, tmp_path, dovecot):
-    """A reload that changes [acme] while an order waits for its DNS record to propagate: the
-    old order is given up, and its record is removed before the new settings order again."""
+def recording_dns_hook(pebble, tmp_path):
+    """A DNS-01 hook that also appends "ACTION NAME" to a file; (challenge config, that file)
+    with a propagation wait long enough to interrupt."""
     calls = tmp_path / "hook-calls"
     hook = tmp_path / "dns-hook"
     hook.write_text(
@@ -212,7 +212,13 @@ def test_an_order_stopped_by_a_reload_removes_its_dns_record(pebble, tmp_path, d
         + f"with open({str(calls)!r}, 'a') as f:\n    f.write(action + ' ' + name + '\\n')\n"
     )
     hook.chmod(0o755)
-    slow = f'challenge = "dns-01"\ndns01_hook = "{hook}"\ndns01_propagation = "60s"'
+    return f'challenge = "dns-01"\ndns01_hook = "{hook}"\ndns01_propagation = "60s"', calls
+
+
+def test_an_order_stopped_by_a_reload_removes_its_dns_record(pebble, tmp_path, dovecot):
+    """A reload that changes [acme] while an order waits for its DNS record to propagate: the
+    old order is given up, and its record is removed before the new settings order again."""
+    slow, calls = recording_dns_hook(pebble, tmp_path)
     imaps, admin = free_port(), free_port()
     pc = Portcullis(str(tmp_path), acme_config(pebble, tmp_path, slow, imaps, admin, dovecot)).start(wait_port=imaps, tls=True)
     try:
@@ -228,3 +234,15 @@ def test_an_order_stopped_by_a_reload_removes_its_dns_record(pebble, tmp_path, d
         assert "configuration reloaded" in pc.log()
     finally:
         pc.stop()
+
+
+def test_shutdown_during_an_order_removes_its_dns_record(pebble, tmp_path, dovecot):
+    slow, calls = recording_dns_hook(pebble, tmp_path)
+    imaps, admin = free_port(), free_port()
+    pc = Portcullis(str(tmp_path), acme_config(pebble, tmp_path, slow, imaps, admin, dovecot)).start(wait_port=imaps, tls=True)
+    try:
+        assert wait_for(lambda: calls.exists() and f"add _acme-challenge.{NAME}" in calls.read_text(), timeout=30), pc.log()
+    finally:
+        pc.stop()
+    assert pc.proc.returncode == 0, pc.log()
+    assert calls.read_text().split()[0::2] == ["add", "remove"], calls.read_text()
