@@ -114,7 +114,7 @@ async fn an_ari_retry_after_of_zero_does_not_make_a_loop() {
     let certs = Arc::new(portcullis::tls::certs::CertStore::load(&config.tls).unwrap());
     let (plan, ari) = portcullis::tls::acme::renewal_plan(&settings, certs, &ck).await.unwrap();
     assert!(ari);
-    // "Ask again now" is taken as one minute (RFC 9773's lower bound), not as a loop.
+    // Reliability case 79 (a CA's odd answer): "ask again now" is taken as one minute (RFC 9773's lower bound), not as a loop.
     let recheck = plan.recheck_at.unwrap();
     assert!(recheck >= now + Duration::from_secs(59), "{plan:?}");
 }

@@ -125,7 +125,7 @@ async fn proxy_header_from_a_trusted_balancer_sets_the_client_address() {
     c.until_tagged("a").await;
     assert!(backend.lines(1)[0].contains("\"203.0.113.9\""));
 
-    // A v2 header with TLVs longer than the first read (a balancer's unique ID and padding;
+    // Reliability case 53: a v2 header with TLVs longer than the first read (a balancer's unique ID and padding;
     // up to 65,535 bytes are allowed), and an IPv4-mapped source given as plain IPv4.
     let mut h = v2_header("[::ffff:192.0.2.8]:4343", "[::ffff:198.51.100.1]:143");
     let tlv_len = 3000u16;

@@ -950,7 +950,8 @@ mod tests {
         let (new_cert, new_key) = pair();
         let (cert_path, key_path) = task.paths();
         std::fs::create_dir_all(cert_path.parent().unwrap()).unwrap();
-        // The state after a crash between the key's rename and the certificate's.
+        // Reliability case 78 (never a key beside a certificate it does not match): the state
+        // after a crash between the key's rename and the certificate's.
         std::fs::write(&key_path, &new_key).unwrap();
         std::fs::write(&cert_path, &old_cert).unwrap();
         std::fs::write(staged_path(&cert_path), &new_cert).unwrap();
