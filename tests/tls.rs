@@ -130,13 +130,21 @@ async fn setup() -> Setup {
 
 /// `tls_settings` goes into the `[tls]` table.
 async fn setup_with(tls_settings: &str) -> Setup {
+    setup_full(tls_settings, "").await
+}
+
+/// Like `setup_with`, with `extra` appended to the config (more listeners, say); the CA is in
+/// `ca.pem` beside it.
+async fn setup_full(tls_settings: &str, extra: &str) -> Setup {
     portcullis::tls::init_crypto();
     let pki = Pki::new();
     let backend = FakeBackend::start(Behaviour::Normal).await;
     let (mail_pem, mail_key, mail) = pki.leaf(&["mail.example.test"], false);
     let (wild_pem, wild_key, wild) = pki.leaf(&["*.example.org"], false);
     let (rsa_pem, rsa_key, rsa) = pki.leaf(&["rsa.example.test"], true);
+    let ca_pem = pki.ca.pem();
     let files = [
+        ("ca.pem", ca_pem.as_str()),
         ("mail.pem", mail_pem.as_str()),
         ("mail.key", mail_key.as_str()),
         ("wild.pem", wild_pem.as_str()),
@@ -148,7 +156,7 @@ async fn setup_with(tls_settings: &str) -> Setup {
         "[[tls.certificate]]",
         &format!("[tls]\n{tls_settings}\n\n[[tls.certificate]]"),
         1,
-    );
+    ) + extra;
     let proxy = Proxy::start_with_files(&config, USERS, &files).await;
     Setup { pki, proxy, _backend: backend, mail, wild, rsa }
 }
@@ -356,11 +364,28 @@ async fn sessions_resume() {
 #[tokio::test]
 async fn session_tickets_zero_turns_resumption_off() {
     let s = setup_with("session_tickets = 0").await;
-    let c = s.pki.client(&[], false);
-    let addr = s.proxy.addr("imaps");
-    let _first = first_session(&c, addr).await;
-    let again = handshake(&c, addr, "mail.example.test").await.unwrap();
-    assert_eq!(again.get_ref().1.handshake_kind(), Some(rustls::HandshakeKind::Full));
+    // TLS 1.3 tickets, and TLS 1.2 session IDs too.
+    for tls12_only in [false, true] {
+        let c = s.pki.client(&[], tls12_only);
+        let addr = s.proxy.addr("imaps");
+        let _first = first_session(&c, addr).await;
+        let again = handshake(&c, addr, "mail.example.test").await.unwrap();
+        assert_eq!(again.get_ref().1.handshake_kind(), Some(rustls::HandshakeKind::Full), "TLS 1.2 only: {tls12_only}");
+    }
+}
+
+#[tokio::test]
+async fn a_session_does_not_resume_on_a_listener_with_another_client_certificate_policy() {
+    // Same name, another port that asks for client certificates: resuming there would carry no
+    // certificate (a client holding one would be refused, or lose EXTERNAL).
+    let extra = "\n[[listener]]\nname = \"imaps-cert\"\nbind = \"127.0.0.1:0\"\nprotocol = \"imap\"\ntls = \"implicit\"\nverify_client = \"optional\"\nclient_ca_file = \"ca.pem\"\n";
+    let s = setup_full("", extra).await;
+    for tls12_only in [false, true] {
+        let c = s.pki.client(&[], tls12_only);
+        let _first = first_session(&c, s.proxy.addr("imaps")).await;
+        let there = handshake(&c, s.proxy.addr("imaps-cert"), "mail.example.test").await.unwrap();
+        assert_eq!(there.get_ref().1.handshake_kind(), Some(rustls::HandshakeKind::Full), "TLS 1.2 only: {tls12_only}");
+    }
 }
 
 fn suite(s: &TlsStream<TcpStream>) -> rustls::CipherSuite {

@@ -100,7 +100,16 @@ impl TlsShared {
         let mut cfg = builder.with_cert_resolver(self.certs.clone());
         cfg.ignore_client_order = true;
         cfg.alpn_protocols = vec![protocol.alpn().to_vec()];
-        cfg.session_storage = self.sessions.clone();
+        cfg.session_storage = match (settings.session_tickets, client) {
+            // No resumption at all: TLS 1.2 session IDs are stored here too, not only tickets.
+            (0, _) => Arc::new(rustls::server::NoServerSessionStorage {}),
+            // A listener that asks for client certificates keeps its own sessions. rustls
+            // resumes on suite and name alone, so a session from a listener without client
+            // auth (same SNI, another port) would resume here with no certificate: a client
+            // that holds one would be refused, or on an optional listener lose EXTERNAL.
+            (_, Some(_)) => Arc::new(SessionCache::new(SESSION_CACHE_SIZE)),
+            (_, None) => self.sessions.clone(),
+        };
         cfg.send_tls13_tickets = settings.session_tickets;
         // The greeting, queued before the handshake, leaves with the server's Finished.
         cfg.send_half_rtt_data = true;
