@@ -29,6 +29,9 @@ const LARGE_BUF: usize = 64 * 1024;
 pub struct Transferred {
     pub client_to_backend: u64,
     pub backend_to_client: u64,
+    /// The relay ended with backend bytes read but not yet written to the client: a reply was
+    /// part-way through (a big FETCH, say), so a goodbye line now would land inside it.
+    pub mid_reply: bool,
 }
 
 /// Counters the relay adds each direction's bytes to as they are written: once per wakeup of
@@ -249,7 +252,8 @@ where
         use tokio::io::AsyncWriteExt;
         let _ = tokio::time::timeout(Duration::from_secs(1), r.client.shutdown()).await;
     }
-    (end, Transferred { client_to_backend: r.up.bytes, backend_to_client: r.down.bytes })
+    let mid_reply = r.down.pos < r.down.cap;
+    (end, Transferred { client_to_backend: r.up.bytes, backend_to_client: r.down.bytes, mid_reply })
 }
 
 /// One allocation-light future for the whole relayed life of a session: the timers are one

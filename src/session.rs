@@ -151,6 +151,9 @@ pub async fn run(mut ctx: SessionCtx, mut tcp: TcpStream) {
             let guard = (ctx.listener.protocol == Protocol::Smtp).then(CommandGuard::default);
             let (end, bytes) = relay_session(&mut a, protocol, deadlines, guard).await;
             let goodbye = match end {
+                // Not inside a reply the client is still reading (it would become part of a
+                // literal): then the connection just closes.
+                "shutdown" | "max_duration" if bytes.mid_reply => None,
                 "shutdown" | "max_duration" => Some(a.goodbye),
                 "refused_command" => {
                     tracing::warn!(session = %ctx.id, client = %ctx.peer, user = %logging::safe_user(Some(&a.user)),

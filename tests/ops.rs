@@ -209,6 +209,34 @@ async fn a_client_that_stops_reading_does_not_outlive_max_session_duration() {
 }
 
 #[tokio::test]
+async fn a_session_ending_inside_a_reply_closes_without_a_goodbye_inside_it() {
+    // The session reaches its max duration while a 32 MiB FETCH is part-way to a slowly
+    // reading client: a "* BYE" now would become part of the message's literal.
+    let backend = FakeBackend::start(Behaviour::Normal).await;
+    let proxy = Proxy::start(&plain_config(backend.addr, "max_session_duration = \"1s\""), USERS).await;
+    let mut c = Client::connect(proxy.addr("plain")).await;
+    c.line().await;
+    c.send(b"a LOGIN alice@example.test secret\r\n").await;
+    c.until_tagged("a").await;
+    c.send(b"b FETCH 1 BODY[]\r\n").await;
+    let mut got = Vec::new();
+    let mut buf = vec![0u8; 64 << 10];
+    let started = tokio::time::Instant::now();
+    loop {
+        match tokio::time::timeout(Duration::from_secs(5), c.stream.read(&mut buf)).await {
+            Ok(Ok(0)) | Ok(Err(_)) => break,
+            Ok(Ok(n)) => got.extend_from_slice(&buf[..n]),
+            Err(_) => panic!("the session did not end"),
+        }
+        // About 6 MB/s: the whole message would take five seconds.
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(started.elapsed() < Duration::from_secs(5), "{:?}", started.elapsed());
+    assert!(got.len() < 32 << 20, "the whole message arrived: the session did not end inside it");
+    assert!(!got.windows(5).any(|w| w == b"* BYE"), "a goodbye inside the reply");
+}
+
+#[tokio::test]
 async fn relayed_sessions_get_a_goodbye_after_the_grace_period() {
     let backend = FakeBackend::start(Behaviour::Normal).await;
     let proxy = Proxy::start(&plain_config(backend.addr, "shutdown_grace = \"300ms\""), USERS).await;
