@@ -2,7 +2,9 @@
 //!
 //! Only the user, the password and the extra fields matter to the proxy; the uid..shell fields
 //! may be empty. Extra fields are space-separated `key=value` pairs; `backend=a,b` pins a user to
-//! backends (the one speaking the session's protocol is used). Hashes are parsed when the file is loaded, so a malformed entry is a config error
+//! backends (the one speaking the session's protocol is used). Dovecot's fields that refuse or
+//! restrict a login (`nologin`, `fail`, `allow_nets`, `allow_real_nets`) are refused at load
+//! rather than ignored; other extra fields are ignored. Hashes are parsed when the file is loaded, so a malformed entry is a config error
 //! with a line number, never a surprise at login. Verification is CPU-heavy and must run in
 //! `spawn_blocking` (see `auth::Authenticator`).
 
@@ -147,6 +149,20 @@ impl UserDb {
                         Some(("backend", v)) if !v.is_empty() => {
                             backends.extend(v.split(',').filter(|b| !b.is_empty()).map(str::to_string))
                         }
+                        // Fields with which Dovecot refuses or restricts a login: ignoring them
+                        // would let in a user the file shuts out.
+                        Some((k @ ("allow_nets" | "allow_real_nets"), _)) => {
+                            return Err(err(
+                                "extra",
+                                format!("{k} is not supported here: the user would not be restricted"),
+                            ));
+                        }
+                        None if matches!(kv, "nologin" | "fail") => {
+                            return Err(err(
+                                "extra",
+                                format!("{kv} is not supported here: the user would not be refused"),
+                            ));
+                        }
                         // Other Dovecot extra fields (userdb_*, nodelay, ...) are allowed and ignored.
                         _ => {}
                     }
@@ -211,6 +227,13 @@ mod tests {
         assert!(matches!(UserDb::parse_default("nohash\n"), Err(LoadError::Line { line: 1, .. })));
         assert!(matches!(UserDb::parse_default("a:{ARGON2ID}garbage\n"), Err(LoadError::Line { line: 1, .. })));
         assert!(matches!(UserDb::parse_default("a:{PLAIN}x\na:{PLAIN}y\n"), Err(LoadError::Line { line: 2, .. })));
+        // Dovecot fields that shut a user out are refused, never ignored (the user would get in).
+        for extra in ["nologin", "fail", "allow_nets=10.0.0.0/8", "nodelay allow_real_nets=127.0.0.1"] {
+            match UserDb::parse_default(&format!("ok:{{PLAIN}}x\nbob:{{PLAIN}}y::::::{extra}\n")) {
+                Err(LoadError::Line { line: 2, field, .. }) => assert_eq!(field, "extra", "{extra}"),
+                other => panic!("{extra}: unexpected {other:?}"),
+            }
+        }
     }
 
     #[test]

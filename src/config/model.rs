@@ -780,10 +780,29 @@ impl Validator<'_> {
     }
 
     fn toml_error(&self, e: &toml::de::Error) -> ConfigError {
-        let message = e.message().trim().to_string();
-        // serde names the offending key in backticks; use it as the field when present.
-        let field = message.split('`').nth(1).map(str::to_string).unwrap_or_else(|| "-".into());
-        ConfigError { file: self.path.to_path_buf(), position: e.span().map(|s| self.position(s)), field, message }
+        let mut message = e.message().trim().to_string();
+        let position = e.span().map(|s| self.position(s));
+        let field = if message.starts_with("invalid type") || message.starts_with("invalid value") {
+            // serde quotes the *value* here (``invalid type: integer `20240611`, expected a
+            // string``), which may be a password: leave it out, and name the key from the line.
+            if let (Some(a), Some(b)) = (message.find(" `"), message.rfind('`'))
+                && b > a
+            {
+                message.replace_range(a..=b, "");
+            }
+            e.span()
+                .and_then(|sp| {
+                    let line_start = self.text[..sp.start.min(self.text.len())].rfind('\n').map_or(0, |i| i + 1);
+                    let line = self.text[line_start..].lines().next()?;
+                    let key = line.split_once('=')?.0.trim().trim_matches('"');
+                    (!key.is_empty()).then(|| key.to_string())
+                })
+                .unwrap_or_else(|| "-".into())
+        } else {
+            // Otherwise serde names the offending key in backticks (missing or unknown field).
+            message.split('`').nth(1).map(str::to_string).unwrap_or_else(|| "-".into())
+        };
+        ConfigError { file: self.path.to_path_buf(), position, field, message }
     }
 
     fn err(&self, span: Option<Range<usize>>, field: impl Into<String>, message: impl Into<String>) -> ConfigError {
@@ -2115,6 +2134,16 @@ default = "b"
         let e = acme("0s").unwrap_err();
         assert_eq!((e.field.as_str(), e.message.as_str()), ("acme.retry_min", "must be at least 1s"));
         assert_eq!(acme("5m").unwrap().acme.unwrap().retry_min, Duration::from_secs(300));
+    }
+
+    #[test]
+    fn a_value_of_the_wrong_type_is_not_shown() {
+        // It may be a secret; the key is named instead.
+        let e = parse(&format!("{BASE}\n[admin]\nbind = 20240611\n")).unwrap_err();
+        assert_eq!(e.field, "bind", "{e}");
+        assert!(!e.to_string().contains("20240611"), "{e}");
+        assert!(e.message.starts_with("invalid type: integer"), "{e}");
+        assert!(e.position.is_some());
     }
 
     #[test]
