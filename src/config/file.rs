@@ -109,7 +109,7 @@ pub struct LogFile {
     /// `text` (default) or `json`.
     pub format: Option<Spanned<String>>,
     /// A tracing filter such as `info` or `portcullis=debug`.
-    pub level: Option<String>,
+    pub level: Option<Spanned<String>>,
 }
 
 #[derive(Debug, Default, Deserialize)]

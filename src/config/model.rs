@@ -959,7 +959,15 @@ impl Validator<'_> {
             admin,
             acme,
             log_format,
-            log_level: raw.log.level,
+            log_level: match &raw.log.level {
+                // An invalid filter would silently fall back to errors only, and the warn-level
+                // "login failed" lines fail2ban reads would vanish.
+                Some(l) => match tracing_subscriber::EnvFilter::builder().parse(l.get_ref()) {
+                    Ok(_) => Some(l.get_ref().clone()),
+                    Err(e) => return Err(self.err(Some(l.span()), "log.level", format!("not a log filter: {e}"))),
+                },
+                None => None,
+            },
             limits,
             throttle,
             tls,
@@ -1041,7 +1049,8 @@ impl Validator<'_> {
             max_entries: t.max_entries.unwrap_or(d.max_entries).max(100),
         };
         if s.block_after == 0 || s.user_block_after == 0 {
-            return Err(self.err(None, "throttle.block_after", "must be at least 1"));
+            let field = if s.block_after == 0 { "throttle.block_after" } else { "throttle.user_block_after" };
+            return Err(self.err(None, field, "must be at least 1"));
         }
         Ok(s)
     }
@@ -1380,10 +1389,24 @@ impl Validator<'_> {
                 SocketAddr::from(([0, 0, 0, 0], 443)),
             )?),
             Some("dns-01") => match &a.dns01_hook {
-                Some(hook) => AcmeChallenge::Dns01 {
-                    hook: self.resolve(hook.get_ref()),
-                    propagation: a.dns01_propagation.unwrap_or(Duration::from_secs(30)),
-                },
+                Some(hook) => {
+                    use std::os::unix::fs::PermissionsExt;
+                    let path = self.resolve(hook.get_ref());
+                    // Found missing at the first order otherwise, long after `check` said yes.
+                    let runnable =
+                        std::fs::metadata(&path).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0);
+                    if !runnable {
+                        return Err(self.err(
+                            Some(hook.span()),
+                            "acme.dns01_hook",
+                            format!("{} is not an executable file", path.display()),
+                        ));
+                    }
+                    AcmeChallenge::Dns01 {
+                        hook: path,
+                        propagation: a.dns01_propagation.unwrap_or(Duration::from_secs(30)),
+                    }
+                }
                 None => {
                     return Err(self.err(
                         a.challenge.as_ref().map(|c| c.span()),
@@ -1464,7 +1487,7 @@ impl Validator<'_> {
             contact: a.contact.clone(),
             terms_agreed: a.terms_agreed,
             eab,
-            ca_file: a.ca_file.as_ref().map(|p| self.resolve(p.get_ref())),
+            ca_file: self.ca_file(&a.ca_file, "acme.ca_file")?,
             state_dir: self.resolve(a.state_dir.get_ref()),
             challenge,
             // Below a second a failing order would be retried hard enough to trip the CA's limits.
@@ -1526,8 +1549,19 @@ impl Validator<'_> {
                 return Err(self.err(Some(h.urls.span()), "auth.http.urls", "at least one URL is needed"));
             }
             for u in h.urls.get_ref() {
+                // No user:password@ part: it would be logged with the URL and sent in Host, never
+                // used as credentials (headers are the way: `headers = { Authorization = ... }`).
+                let uri = u.parse::<hyper::Uri>().ok();
+                if uri.as_ref().and_then(|uri| uri.authority()).is_some_and(|a| a.as_str().contains('@')) {
+                    // Not echoed: it holds a password.
+                    return Err(self.err(
+                        Some(h.urls.span()),
+                        "auth.http.urls",
+                        "a URL may not hold a user name or password (send them in auth.http.headers)",
+                    ));
+                }
                 let ok = (u.starts_with("http://") || u.starts_with("https://"))
-                    && u.parse::<hyper::Uri>().is_ok_and(|uri| uri.host().is_some());
+                    && uri.is_some_and(|uri| uri.host().is_some());
                 if !ok {
                     return Err(self.err(
                         Some(h.urls.span()),
@@ -2134,6 +2168,40 @@ default = "b"
         let e = acme("0s").unwrap_err();
         assert_eq!((e.field.as_str(), e.message.as_str()), ("acme.retry_min", "must be at least 1s"));
         assert_eq!(acme("5m").unwrap().acme.unwrap().retry_min, Duration::from_secs(300));
+    }
+
+    #[test]
+    fn check_catches_what_run_would_only_find_later() {
+        // A log filter that would silently fall back to errors only (and hide fail2ban's lines).
+        let e = parse(&format!("{BASE}\n[log]\nlevel = \"portcullis=verbose\"\n")).unwrap_err();
+        assert_eq!(e.field, "log.level", "{e}");
+        assert!(e.position.is_some());
+        assert_eq!(
+            parse(&format!("{BASE}\n[log]\nlevel = \"info,portcullis=debug\"\n")).unwrap().log_level.as_deref(),
+            Some("info,portcullis=debug")
+        );
+        // The field that is 0 is the one named.
+        let e = parse(&format!("{BASE}\n[throttle]\nuser_block_after = 0\n")).unwrap_err();
+        assert_eq!(e.field, "throttle.user_block_after");
+        // An auth service URL with credentials in it: refused, and not echoed.
+        let e = parse(
+            &format!("{BASE}\n[auth.http]\nurls = [\"https://svc:s3cret@auth.example/\"]\n")
+                .replace("source = \"backend\"", "source = \"http\""),
+        )
+        .unwrap_err();
+        assert_eq!(e.field, "auth.http.urls", "{e}");
+        assert!(!e.to_string().contains("s3cret"), "{e}");
+        // A DNS-01 hook that is not there, and an ACME CA file that is not there.
+        let acme = |extra: &str| {
+            parse(&format!(
+                "{BASE}\n[acme]\ndirectory = \"https://acme.example/dir\"\nterms_agreed = true\nstate_dir = \"/var/lib/p\"\n{extra}\n[[acme.certificate]]\nnames = [\"mail.example.org\"]\n"
+            ))
+        };
+        let e = acme("challenge = \"dns-01\"\ndns01_hook = \"/nonexistent/hook\"").unwrap_err();
+        assert_eq!(e.field, "acme.dns01_hook", "{e}");
+        assert!(e.position.is_some());
+        let e = acme("ca_file = \"/nonexistent/ca.pem\"").unwrap_err();
+        assert_eq!(e.field, "acme.ca_file", "{e}");
     }
 
     #[test]
