@@ -519,6 +519,20 @@ async fn logins_the_backend_has_yet_to_verify_do_not_fill_the_user_cap() {
 }
 
 #[tokio::test]
+async fn an_unknown_user_with_the_first_users_password_is_refused() {
+    // An unknown name is checked against the first entry's hash (alice's) so that it costs
+    // what a wrong password does; the result must never let it in.
+    let backend = FakeBackend::start(Behaviour::Normal).await;
+    let proxy = Proxy::start(&plain_config(backend.addr, ""), USERS).await;
+    let mut c = greeted(&proxy).await;
+    c.send(b"a LOGIN nobody@example.test secret\r\n").await;
+    assert_eq!(c.line().await, "a NO [AUTHENTICATIONFAILED] Authentication failed.\r\n");
+    assert_eq!(backend.connections(), 0);
+    c.send(b"b LOGIN alice@example.test secret\r\n").await;
+    assert!(c.until_tagged("b").await.last().unwrap().starts_with("b OK"));
+}
+
+#[tokio::test]
 async fn preauth_greeting_from_backend_aborts() {
     // Reliability case 13.
     let (proxy, _backend) = setup(Behaviour::Preauth).await;

@@ -88,18 +88,20 @@ pub async fn authenticate(config: &Config, creds: &Credentials) -> Verdict {
         // The HTTP service is asked by the session (it needs the connection's details).
         AuthSource::Backend | AuthSource::Http(_) => Verdict::Deferred { user },
         AuthSource::PasswdFile { users, .. } => {
-            let Some(entry) = users.get(&user) else {
-                return Verdict::Rejected { user: Some(user) };
+            // An unknown user's password is checked too, against another entry's hash, and the
+            // answer discarded: an unknown name must not answer sooner than a wrong password.
+            let (hash, backends, known) = match (users.get(&user), users.stand_in()) {
+                (Some(entry), _) => (entry.hash.clone(), entry.backends.clone(), true),
+                (None, Some(stand_in)) => (stand_in.clone(), Vec::new(), false),
+                (None, None) => return Verdict::Rejected { user: Some(user) },
             };
-            let hash = entry.hash.clone();
-            let backends = entry.backends.clone();
             let password = creds.password.clone();
             // Hash checks (Argon2id: ~19 MiB and tens of milliseconds each) run a few at a time,
             // not one blocking thread per attempt: a burst of guesses queues here instead of
             // taking gigabytes and every core.
             let Ok(_permit) = verify_permits().acquire().await else { return Verdict::Rejected { user: Some(user) } };
             let ok = tokio::task::spawn_blocking(move || hash.verify(password.expose())).await.unwrap_or(false);
-            if ok { Verdict::Accepted { user, backends } } else { Verdict::Rejected { user: Some(user) } }
+            if ok && known { Verdict::Accepted { user, backends } } else { Verdict::Rejected { user: Some(user) } }
         }
     }
 }

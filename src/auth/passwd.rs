@@ -118,6 +118,9 @@ pub struct UserEntry {
 #[derive(Debug, Default)]
 pub struct UserDb {
     users: HashMap<String, UserEntry>,
+    /// The first entry's hash: what an unknown user's password is checked against, so that an
+    /// unknown name costs what a known one does (no user enumeration by timing).
+    stand_in: Option<PasswordHash>,
 }
 
 impl UserDb {
@@ -129,6 +132,7 @@ impl UserDb {
     /// Parse a users file; names are made canonical with `rule`, as logins will be.
     pub fn parse(text: &str, rule: &UserRule) -> Result<UserDb, LoadError> {
         let mut users = HashMap::new();
+        let mut stand_in = None;
         for (i, line) in text.lines().enumerate() {
             let line_no = i + 1;
             let err = |field: &str, message: String| LoadError::Line { line: line_no, field: field.into(), message };
@@ -168,11 +172,19 @@ impl UserDb {
                     }
                 }
             }
+            if stand_in.is_none() {
+                stand_in = Some(hash.clone());
+            }
             if users.insert(user.clone(), UserEntry { hash, backends }).is_some() {
                 return Err(err("user", format!("duplicate user {user:?}")));
             }
         }
-        Ok(UserDb { users })
+        Ok(UserDb { users, stand_in })
+    }
+
+    /// A hash to check an unknown user's password against (its result never counts).
+    pub fn stand_in(&self) -> Option<&PasswordHash> {
+        self.stand_in.as_ref()
     }
 
     pub fn get(&self, canonical_user: &str) -> Option<&UserEntry> {
