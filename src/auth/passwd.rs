@@ -56,8 +56,15 @@ impl PasswordHash {
         match scheme.to_ascii_uppercase().as_str() {
             "PLAIN" | "CLEARTEXT" => Ok(PasswordHash::Plain(data)),
             "ARGON2ID" | "ARGON2I" => {
-                argon2::password_hash::phc::PasswordHash::new(&data)
+                let parsed = argon2::password_hash::phc::PasswordHash::new(&data)
                     .map_err(|e| format!("malformed {scheme} hash: {e}"))?;
+                // Well-formed but unusable (another algorithm, parameters Argon2 refuses) would
+                // pass `check` and then fail every login.
+                let algorithm = parsed.algorithm.as_str();
+                if !algorithm.eq_ignore_ascii_case(&scheme.replace('-', "")) {
+                    return Err(format!("{scheme} hash names the algorithm {algorithm:?}"));
+                }
+                argon2::Params::try_from(&parsed).map_err(|e| format!("{scheme} hash parameters: {e}"))?;
                 Ok(PasswordHash::Argon2(data))
             }
             "BLF-CRYPT" => {
@@ -238,6 +245,18 @@ mod tests {
         }
         assert!(matches!(UserDb::parse_default("nohash\n"), Err(LoadError::Line { line: 1, .. })));
         assert!(matches!(UserDb::parse_default("a:{ARGON2ID}garbage\n"), Err(LoadError::Line { line: 1, .. })));
+        // Well-formed, unusable: parameters Argon2 refuses (m=1), another algorithm.
+        for bad in [
+            "{ARGON2ID}$argon2id$v=19$m=1,t=1,p=1$c2FsdHNhbHQ$aGFzaGhhc2hoYXNoaGFzaA",
+            "{ARGON2ID}$argon2i$v=19$m=19456,t=2,p=1$c2FsdHNhbHQ$aGFzaGhhc2hoYXNoaGFzaA",
+        ] {
+            assert!(
+                matches!(UserDb::parse_default(&format!("a:{bad}\n")), Err(LoadError::Line { line: 1, .. })),
+                "{bad}"
+            );
+        }
+        let good = hash_argon2id(b"pw").unwrap();
+        assert!(UserDb::parse_default(&format!("a:{good}\n")).is_ok());
         assert!(matches!(UserDb::parse_default("a:{PLAIN}x\na:{PLAIN}y\n"), Err(LoadError::Line { line: 2, .. })));
         // Dovecot fields that shut a user out are refused, never ignored (the user would get in).
         for extra in ["nologin", "fail", "allow_nets=10.0.0.0/8", "nodelay allow_real_nets=127.0.0.1"] {
