@@ -65,3 +65,21 @@ fn a_missing_backend_ca_file_is_named_at_its_line() {
     let e = portcullis::config::Config::load(&path).unwrap_err();
     assert_eq!((e.field.as_str(), e.position.map(|p| p.0)), ("backend[0].tls_ca_file", Some(8)), "{e}");
 }
+
+/// A user pinned to a backend that does not exist is reported at the user's line.
+#[test]
+fn a_user_pinned_to_an_unknown_backend_is_named_at_its_line() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("users"),
+        "# users\na@example.org:{PLAIN}x::::::backend=b\nc@example.org:{PLAIN}y::::::backend=nope\n",
+    )
+    .unwrap();
+    let text = "[auth]\npasswd_file = \"users\"\n\n[[backend]]\nname = \"b\"\naddress = \"127.0.0.1:143\"\n[routing.imap]\ndefault = \"b\"\n";
+    let path = dir.path().join("p.toml");
+    std::fs::write(&path, text).unwrap();
+    let e = portcullis::config::Config::parse(&path, text).unwrap_err().to_string();
+    let expected = format!("{}:3:1: field `backend`", dir.path().join("users").display());
+    assert!(e.starts_with(&expected), "{e}");
+    assert!(e.contains("\"nope\""), "{e}");
+}

@@ -120,6 +120,8 @@ pub struct UserEntry {
     /// Backends this user is pinned to (`backend=a,b`); the one speaking the session's protocol
     /// is used.
     pub backends: Vec<String>,
+    /// Where the entry is in the file, for errors found after loading.
+    pub line: usize,
 }
 
 #[derive(Debug, Default)]
@@ -182,7 +184,7 @@ impl UserDb {
             if stand_in.is_none() {
                 stand_in = Some(hash.clone());
             }
-            if users.insert(user.clone(), UserEntry { hash, backends }).is_some() {
+            if users.insert(user.clone(), UserEntry { hash, backends, line: line_no }).is_some() {
                 return Err(err("user", format!("duplicate user {user:?}")));
             }
         }
@@ -206,9 +208,16 @@ impl UserDb {
         self.users.is_empty()
     }
 
-    /// (user, backend) for every user pinned to a backend, for config validation.
-    pub fn backend_refs(&self) -> impl Iterator<Item = (&str, &str)> {
-        self.users.iter().flat_map(|(u, e)| e.backends.iter().map(move |b| (u.as_str(), b.as_str())))
+    /// (line, user, backend) for every user pinned to a backend, in file order, for config
+    /// validation.
+    pub fn backend_refs(&self) -> Vec<(usize, &str, &str)> {
+        let mut refs: Vec<(usize, &str, &str)> = self
+            .users
+            .iter()
+            .flat_map(|(u, e)| e.backends.iter().map(move |b| (e.line, u.as_str(), b.as_str())))
+            .collect();
+        refs.sort_unstable();
+        refs
     }
 }
 

@@ -929,11 +929,11 @@ impl Validator<'_> {
             }
         }
         if let AuthSource::PasswdFile { users, path } = &auth {
-            for (user, backend) in users.backend_refs() {
+            for (line, user, backend) in users.backend_refs() {
                 if !backends.contains_key(backend) && !pools.contains_key(backend) {
                     return Err(ConfigError {
                         file: path.clone(),
-                        position: None,
+                        position: Some((line, 1)),
                         field: "backend".into(),
                         message: format!("user {user:?} names unknown backend or pool {backend:?}"),
                     });
