@@ -806,12 +806,38 @@ impl Validator<'_> {
     }
 
     fn err(&self, span: Option<Range<usize>>, field: impl Into<String>, message: impl Into<String>) -> ConfigError {
-        ConfigError {
-            file: self.path.to_path_buf(),
-            position: span.map(|s| self.position(s)),
-            field: field.into(),
-            message: message.into(),
+        let field = field.into();
+        let position = span.map(|s| self.position(s)).or_else(|| self.find_field(&field));
+        ConfigError { file: self.path.to_path_buf(), position, field, message: message.into() }
+    }
+
+    /// Where `field` (`table.key`, `table.sub.key`) is set, for errors about values the parser
+    /// keeps no position for: the `key =` line in its table, else the table's header.
+    fn find_field(&self, field: &str) -> Option<(usize, usize)> {
+        let (table, key) = field.rsplit_once('.')?;
+        let header = |line: &str| {
+            let t = line.trim();
+            t.starts_with('[').then(|| t.trim_matches(|c| c == '[' || c == ']').trim().to_string())
+        };
+        let is_key = |line: &str, key: &str| {
+            line.trim_start().strip_prefix(key).is_some_and(|rest| rest.trim_start().starts_with('='))
+        };
+        let mut current = String::new();
+        let mut table_line = None;
+        for (i, line) in self.text.lines().enumerate() {
+            if let Some(h) = header(line) {
+                current = h;
+                if current == field && table_line.is_none() {
+                    table_line = Some(i + 1);
+                }
+                continue;
+            }
+            if current == table && is_key(line, key) {
+                let col = line.len() - line.trim_start().len() + 1;
+                return Some((i + 1, col));
+            }
         }
+        table_line.map(|l| (l, 1))
     }
 
     /// A CA file setting, resolved, with its certificates read once here so a file that is
@@ -2202,6 +2228,14 @@ default = "b"
         assert!(e.position.is_some());
         let e = acme("ca_file = \"/nonexistent/ca.pem\"").unwrap_err();
         assert_eq!(e.field, "acme.ca_file", "{e}");
+    }
+
+    #[test]
+    fn errors_about_values_without_a_span_still_name_their_line() {
+        let e = parse(&format!("{BASE}\n[throttle]\npenalty_after = 3\nuser_block_after = 0\n")).unwrap_err();
+        assert_eq!((e.field.as_str(), e.position.map(|p| p.0)), ("throttle.user_block_after", Some(14)), "{e}");
+        let e = parse(&format!("{BASE}\n[users]\n\nstrip_default_domain = true\n")).unwrap_err();
+        assert_eq!((e.field.as_str(), e.position.map(|p| p.0)), ("users.strip_default_domain", Some(14)), "{e}");
     }
 
     #[test]
