@@ -520,8 +520,9 @@ async fn logins_the_backend_has_yet_to_verify_do_not_fill_the_user_cap() {
 
 #[tokio::test]
 async fn an_unknown_user_with_the_first_users_password_is_refused() {
-    // An unknown name is checked against the first entry's hash (alice's) so that it costs
-    // what a wrong password does; the result must never let it in.
+    // An unknown name is checked against the costliest hash (alice's: all are PLAIN here, and
+    // the first is taken) so that it costs what a wrong password does; the result must never
+    // let it in.
     let backend = FakeBackend::start(Behaviour::Normal).await;
     let proxy = Proxy::start(&plain_config(backend.addr, ""), USERS).await;
     let mut c = greeted(&proxy).await;

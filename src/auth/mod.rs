@@ -88,8 +88,8 @@ pub async fn authenticate(config: &Config, creds: &Credentials) -> Verdict {
         // The HTTP service is asked by the session (it needs the connection's details).
         AuthSource::Backend | AuthSource::Http(_) => Verdict::Deferred { user },
         AuthSource::PasswdFile { users, .. } => {
-            // An unknown user's password is checked too, against another entry's hash, and the
-            // answer discarded: an unknown name must not answer sooner than a wrong password.
+            // An unknown user's password is checked too, against the file's costliest hash, and
+            // the answer discarded: an unknown name must not answer sooner than a wrong password.
             let (hash, backends, known) = match (users.get(&user), users.stand_in()) {
                 (Some(entry), _) => (entry.hash.clone(), entry.backends.clone(), true),
                 (None, Some(stand_in)) => (stand_in.clone(), Vec::new(), false),

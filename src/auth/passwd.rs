@@ -58,12 +58,9 @@ impl PasswordHash {
             "ARGON2ID" | "ARGON2I" => {
                 let parsed = argon2::password_hash::phc::PasswordHash::new(&data)
                     .map_err(|e| format!("malformed {scheme} hash: {e}"))?;
-                // Well-formed but unusable (another algorithm, parameters Argon2 refuses) would
-                // pass `check` and then fail every login.
-                let algorithm = parsed.algorithm.as_str();
-                if !algorithm.eq_ignore_ascii_case(&scheme.replace('-', "")) {
-                    return Err(format!("{scheme} hash names the algorithm {algorithm:?}"));
-                }
+                // Well-formed but with parameters Argon2 refuses would pass `check` and then fail
+                // every login. (The algorithm is the hash's own: `{ARGON2ID}$argon2i$...`
+                // verifies as argon2i, as Dovecot's does.)
                 argon2::Params::try_from(&parsed).map_err(|e| format!("{scheme} hash parameters: {e}"))?;
                 Ok(PasswordHash::Argon2(data))
             }
@@ -86,6 +83,16 @@ impl PasswordHash {
             other => Err(format!(
                 "unsupported password scheme {other:?} (ARGON2ID, BLF-CRYPT, SHA512-CRYPT, SHA256-CRYPT, PLAIN)"
             )),
+        }
+    }
+
+    /// How expensive the scheme is to verify, in rank only.
+    fn cost(&self) -> u8 {
+        match self {
+            PasswordHash::Plain(_) => 0,
+            PasswordHash::ShaCrypt(_) => 1,
+            PasswordHash::BlfCrypt(_) => 2,
+            PasswordHash::Argon2(_) => 3,
         }
     }
 
@@ -127,8 +134,9 @@ pub struct UserEntry {
 #[derive(Debug, Default)]
 pub struct UserDb {
     users: HashMap<String, UserEntry>,
-    /// The first entry's hash: what an unknown user's password is checked against, so that an
-    /// unknown name costs what a known one does (no user enumeration by timing).
+    /// The hash of the costliest scheme in the file (the first such entry): what an unknown
+    /// user's password is checked against, so that an unknown name costs what a known one does
+    /// (no user enumeration by timing).
     stand_in: Option<PasswordHash>,
 }
 
@@ -170,10 +178,12 @@ impl UserDb {
                                 format!("{k} is not supported here: the user would not be restricted"),
                             ));
                         }
-                        None if matches!(kv, "nologin" | "fail") => {
+                        // Bare or with a value (`nologin=y`, as Dovecot's documentation writes it).
+                        _ if matches!(kv.split_once('=').map_or(kv, |(k, _)| k), "nologin" | "fail") => {
+                            let k = kv.split_once('=').map_or(kv, |(k, _)| k);
                             return Err(err(
                                 "extra",
-                                format!("{kv} is not supported here: the user would not be refused"),
+                                format!("{k} is not supported here: the user would not be refused"),
                             ));
                         }
                         // Other Dovecot extra fields (userdb_*, nodelay, ...) are allowed and ignored.
@@ -181,7 +191,8 @@ impl UserDb {
                     }
                 }
             }
-            if stand_in.is_none() {
+            // The costliest scheme in the file, so no unknown name answers sooner than a real one.
+            if stand_in.as_ref().is_none_or(|s: &PasswordHash| s.cost() < hash.cost()) {
                 stand_in = Some(hash.clone());
             }
             if users.insert(user.clone(), UserEntry { hash, backends, line: line_no }).is_some() {
@@ -254,21 +265,19 @@ mod tests {
         }
         assert!(matches!(UserDb::parse_default("nohash\n"), Err(LoadError::Line { line: 1, .. })));
         assert!(matches!(UserDb::parse_default("a:{ARGON2ID}garbage\n"), Err(LoadError::Line { line: 1, .. })));
-        // Well-formed, unusable: parameters Argon2 refuses (m=1), another algorithm.
-        for bad in [
-            "{ARGON2ID}$argon2id$v=19$m=1,t=1,p=1$c2FsdHNhbHQ$aGFzaGhhc2hoYXNoaGFzaA",
-            "{ARGON2ID}$argon2i$v=19$m=19456,t=2,p=1$c2FsdHNhbHQ$aGFzaGhhc2hoYXNoaGFzaA",
-        ] {
-            assert!(
-                matches!(UserDb::parse_default(&format!("a:{bad}\n")), Err(LoadError::Line { line: 1, .. })),
-                "{bad}"
-            );
-        }
+        // Well-formed, unusable: parameters Argon2 refuses (m=1).
+        let bad = "{ARGON2ID}$argon2id$v=19$m=1,t=1,p=1$c2FsdHNhbHQ$aGFzaGhhc2hoYXNoaGFzaA";
+        assert!(matches!(UserDb::parse_default(&format!("a:{bad}\n")), Err(LoadError::Line { line: 1, .. })));
+        // The hash's own algorithm counts, not the label: Dovecot verifies these too.
+        let argon2i = "{ARGON2ID}$argon2i$v=19$m=19456,t=2,p=1$c2FsdHNhbHQ$aGFzaGhhc2hoYXNoaGFzaA";
+        assert!(UserDb::parse_default(&format!("a:{argon2i}\n")).is_ok());
         let good = hash_argon2id(b"pw").unwrap();
         assert!(UserDb::parse_default(&format!("a:{good}\n")).is_ok());
         assert!(matches!(UserDb::parse_default("a:{PLAIN}x\na:{PLAIN}y\n"), Err(LoadError::Line { line: 2, .. })));
         // Dovecot fields that shut a user out are refused, never ignored (the user would get in).
-        for extra in ["nologin", "fail", "allow_nets=10.0.0.0/8", "nodelay allow_real_nets=127.0.0.1"] {
+        for extra in
+            ["nologin", "nologin=y", "fail=yes", "fail", "allow_nets=10.0.0.0/8", "nodelay allow_real_nets=127.0.0.1"]
+        {
             match UserDb::parse_default(&format!("ok:{{PLAIN}}x\nbob:{{PLAIN}}y::::::{extra}\n")) {
                 Err(LoadError::Line { line: 2, field, .. }) => assert_eq!(field, "extra", "{extra}"),
                 other => panic!("{extra}: unexpected {other:?}"),

@@ -784,11 +784,14 @@ impl Validator<'_> {
         let position = e.span().map(|s| self.position(s));
         let field = if message.starts_with("invalid type") || message.starts_with("invalid value") {
             // serde quotes the *value* here (``invalid type: integer `20240611`, expected a
-            // string``), which may be a password: leave it out, and name the key from the line.
-            if let (Some(a), Some(b)) = (message.find(" `"), message.rfind('`'))
-                && b > a
+            // string``, or `string "..."`), which may be a password: keep only its kind, and name
+            // the key from the line.
+            if let Some(colon) = message.find(": ")
+                && let Some(expected) = message.find(", expected")
+                && expected > colon
             {
-                message.replace_range(a..=b, "");
+                let kind = message[colon + 2..expected].split([' ', '`', '"']).next().unwrap_or("").to_string();
+                message.replace_range(colon + 2..expected, &kind);
             }
             e.span()
                 .and_then(|sp| {
@@ -988,6 +991,9 @@ impl Validator<'_> {
             log_level: match &raw.log.level {
                 // An invalid filter would silently fall back to errors only, and the warn-level
                 // "login failed" lines fail2ban reads would vanish.
+                Some(l) if l.get_ref().split(',').all(|d| d.trim().is_empty()) => {
+                    return Err(self.err(Some(l.span()), "log.level", "empty: name a level such as \"info\""));
+                }
                 Some(l) => match tracing_subscriber::EnvFilter::builder().parse(l.get_ref()) {
                     Ok(_) => Some(l.get_ref().clone()),
                     Err(e) => return Err(self.err(Some(l.span()), "log.level", format!("not a log filter: {e}"))),
@@ -1578,7 +1584,11 @@ impl Validator<'_> {
                 // No user:password@ part: it would be logged with the URL and sent in Host, never
                 // used as credentials (headers are the way: `headers = { Authorization = ... }`).
                 let uri = u.parse::<hyper::Uri>().ok();
-                if uri.as_ref().and_then(|uri| uri.authority()).is_some_and(|a| a.as_str().contains('@')) {
+                // On the text, not the parsed URL: one that does not parse must not be echoed
+                // below with a password in it either.
+                let authority = u.split_once("://").map_or(u.as_str(), |(_, rest)| rest);
+                let authority = authority.split(['/', '?', '#']).next().unwrap_or("");
+                if authority.contains('@') {
                     // Not echoed: it holds a password.
                     return Err(self.err(
                         Some(h.urls.span()),
@@ -2217,6 +2227,15 @@ default = "b"
         .unwrap_err();
         assert_eq!(e.field, "auth.http.urls", "{e}");
         assert!(!e.to_string().contains("s3cret"), "{e}");
+        // Also when the URL does not parse.
+        let e = parse(
+            &format!("{BASE}\n[auth.http]\nurls = [\"https://svc:p{{ss@auth.example/\"]\n")
+                .replace("source = \"backend\"", "source = \"http\""),
+        )
+        .unwrap_err();
+        assert!(!e.to_string().contains("p{ss"), "{e}");
+        // An empty log filter would run at errors only.
+        assert_eq!(parse(&format!("{BASE}\n[log]\nlevel = \",\"\n")).unwrap_err().field, "log.level");
         // A DNS-01 hook that is not there, and an ACME CA file that is not there.
         let acme = |extra: &str| {
             parse(&format!(
@@ -2244,8 +2263,14 @@ default = "b"
         let e = parse(&format!("{BASE}\n[admin]\nbind = 20240611\n")).unwrap_err();
         assert_eq!(e.field, "bind", "{e}");
         assert!(!e.to_string().contains("20240611"), "{e}");
-        assert!(e.message.starts_with("invalid type: integer"), "{e}");
+        assert!(e.message.starts_with("invalid type: integer, expected"), "{e}");
         assert!(e.position.is_some());
+        // A string where a list is expected: not shown either.
+        let text = format!("{BASE}\n[auth.http]\nurls = \"https://svc:s3cret@auth.example/\"\n")
+            .replace("source = \"backend\"", "source = \"http\"");
+        let e = parse(&text).unwrap_err();
+        assert!(!e.to_string().contains("s3cret"), "{e}");
+        assert_eq!(e.field, "urls", "{e}");
     }
 
     #[test]

@@ -61,7 +61,9 @@ pub fn init_crypto() {
     let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
 }
 
-/// State shared by every server config, so resumption survives config reloads.
+/// State shared by every server config, so resumption survives config reloads. (Listeners that
+/// ask for client certificates keep their own sessions, made afresh at each reload: their CA or
+/// CRL may have changed with it.)
 #[derive(Clone)]
 pub struct TlsShared {
     pub certs: Arc<CertStore>,
