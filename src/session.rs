@@ -71,7 +71,7 @@ struct Authenticated {
     /// Counts this session against its backend's `max_sessions` while it lives.
     guard: SessionGuard,
     /// Counts the session against the user's `max_sessions_per_user`.
-    _user_slot: Option<crate::limits::UserSlot>,
+    _user_slot: crate::limits::UserSlot,
     /// The protocol's goodbye, for a shutdown that outlasts the grace period.
     goodbye: &'static [u8],
 }
@@ -551,7 +551,7 @@ async fn login(
     creds: Credentials,
     attempt: u32,
     tls: Option<TlsInfo>,
-) -> Result<(LoggedIn, String, String, SessionGuard, Option<crate::limits::UserSlot>), LoginError> {
+) -> Result<(LoggedIn, String, String, SessionGuard, crate::limits::UserSlot), LoginError> {
     let rt = &ctx.runtime;
     let hints = front.hints();
     let throttle_user = rt.config.users.canonical(&creds.user);
@@ -585,7 +585,7 @@ async fn login_inner(
     attempt: u32,
     tls: Option<TlsInfo>,
     hints: crate::protocol::ClientHints,
-) -> Result<(LoggedIn, String, String, SessionGuard, Option<crate::limits::UserSlot>), LoginError> {
+) -> Result<(LoggedIn, String, String, SessionGuard, crate::limits::UserSlot), LoginError> {
     let rt = &ctx.runtime;
     let limits = &rt.config.limits;
     let protocol = ctx.listener.protocol;
@@ -714,7 +714,7 @@ async fn login_inner(
                         None => return Err(LoginError::TooManySessions { user }),
                     },
                 };
-                return Ok((logged_in, user, backend.name.clone(), guard, Some(user_slot)));
+                return Ok((logged_in, user, backend.name.clone(), guard, user_slot));
             }
             Err(BackendError::Rejected) => {
                 let reason = if deferred { "bad_credentials" } else { "backend_rejected" };
@@ -796,9 +796,7 @@ async fn fail(
     let closing = failures >= max;
     front.login_failed(stream, failure).await.map_err(|_| Outcome::PreAuth("client_error"))?;
     if closing {
-        let _ = stream.write_all(front.goodbye(Goodbye::TooManyFailures)).await;
-        let _ = stream.shutdown().await;
-        return Err(Outcome::PreAuth("too_many_failures"));
+        return Err(close(stream, front, Goodbye::TooManyFailures, "too_many_failures").await);
     }
     Ok(())
 }

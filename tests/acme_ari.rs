@@ -76,26 +76,40 @@ async fn mock_directory(
     (format!("{base}/dir"), ca_file, seen)
 }
 
-#[tokio::test]
-async fn ari_window_shapes_the_renewal_plan() {
+/// The CA's suggested renewal window for these tests: 2 hours, 10 days after `now`.
+fn ten_day_window(now: SystemTime) -> (SystemTime, SystemTime) {
+    (now + Duration::from_secs(10 * 86400), now + Duration::from_secs(10 * 86400 + 7200))
+}
+
+/// The renewal plan for a 90-day certificate issued `now`, from a mock CA that suggests
+/// `window` with `retry_after`; also the paths the CA was asked for.
+async fn plan_from_mock(
+    now: SystemTime,
+    window: (SystemTime, SystemTime),
+    retry_after: &'static str,
+) -> (portcullis::tls::acme::Plan, bool, Vec<String>) {
     portcullis::tls::init_crypto();
     let dir = tempfile::tempdir().unwrap();
-    let now = SystemTime::now();
-    // The CA suggests renewing in a 2-hour window 10 days from now.
-    let window = (now + Duration::from_secs(10 * 86400), now + Duration::from_secs(10 * 86400 + 7200));
-    let (directory, ca_file, seen) = mock_directory(dir.path(), window, "21600").await;
+    let (directory, ca_file, seen) = mock_directory(dir.path(), window, retry_after).await;
     let (config, _) = config_for(dir.path(), &directory, &ca_file);
     let settings = config.acme.clone().unwrap();
     let ck = ninety_day_key(now);
     let certs = Arc::new(portcullis::tls::certs::CertStore::load(&config.tls).unwrap());
-
     let (plan, ari) = portcullis::tls::acme::renewal_plan(&settings, certs, &ck).await.unwrap();
+    let seen = seen.lock().unwrap().clone();
+    (plan, ari, seen)
+}
+
+#[tokio::test]
+async fn ari_window_shapes_the_renewal_plan() {
+    let now = SystemTime::now();
+    let window = ten_day_window(now);
+    let (plan, ari, seen) = plan_from_mock(now, window, "21600").await;
     assert!(ari, "the ARI window was not used");
     assert!(plan.renew_at >= window.0 && plan.renew_at <= window.1, "{plan:?}");
     // Retry-After (6 h) is earlier than the window: ask again then.
     let recheck = plan.recheck_at.unwrap();
     assert!(recheck > now + Duration::from_secs(6 * 3600 - 60) && recheck < now + Duration::from_secs(6 * 3600 + 60));
-    let seen = seen.lock().unwrap().clone();
     assert!(seen.iter().any(|p| p.starts_with("/ari/")), "{seen:?}");
     // Two-thirds of the lifetime would have been ~59 days: ARI moved it to day 10.
     assert!(plan.renew_at < now + Duration::from_secs(20 * 86400));
@@ -103,18 +117,11 @@ async fn ari_window_shapes_the_renewal_plan() {
 
 #[tokio::test]
 async fn an_ari_retry_after_of_zero_does_not_make_a_loop() {
-    portcullis::tls::init_crypto();
-    let dir = tempfile::tempdir().unwrap();
     let now = SystemTime::now();
-    let window = (now + Duration::from_secs(10 * 86400), now + Duration::from_secs(10 * 86400 + 7200));
-    let (directory, ca_file, _) = mock_directory(dir.path(), window, "0").await;
-    let (config, _) = config_for(dir.path(), &directory, &ca_file);
-    let settings = config.acme.clone().unwrap();
-    let ck = ninety_day_key(now);
-    let certs = Arc::new(portcullis::tls::certs::CertStore::load(&config.tls).unwrap());
-    let (plan, ari) = portcullis::tls::acme::renewal_plan(&settings, certs, &ck).await.unwrap();
+    let (plan, ari, _) = plan_from_mock(now, ten_day_window(now), "0").await;
     assert!(ari);
-    // Reliability case 79 (a CA's odd answer): "ask again now" is taken as one minute (RFC 9773's lower bound), not as a loop.
+    // Reliability case 79 (a CA's odd answer): "ask again now" is taken as one minute
+    // (RFC 9773's lower bound), not as a loop.
     let recheck = plan.recheck_at.unwrap();
     assert!(recheck >= now + Duration::from_secs(59), "{plan:?}");
 }

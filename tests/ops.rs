@@ -184,16 +184,23 @@ async fn proxy_header_from_an_untrusted_peer_is_refused() {
     assert_eq!(backend.connections(), 0);
 }
 
-/// A session at its max duration whose client has stopped reading still ends: the goodbye is
-/// written briefly or not at all, and the backend connection is closed.
-#[tokio::test]
-async fn a_client_that_stops_reading_does_not_outlive_max_session_duration() {
+/// A relayed session through a proxy whose `[limits]` get `limits`: the fake backend, the proxy
+/// (kept alive by the caller) and the logged-in client.
+async fn relayed(limits: &str) -> (FakeBackend, Proxy, Client<tokio::net::TcpStream>) {
     let backend = FakeBackend::start(Behaviour::Normal).await;
-    let proxy = Proxy::start(&plain_config(backend.addr, "max_session_duration = \"1s\""), USERS).await;
+    let proxy = Proxy::start(&plain_config(backend.addr, limits), USERS).await;
     let mut c = Client::connect(proxy.addr("plain")).await;
     c.line().await;
     c.send(b"a LOGIN alice@example.test secret\r\n").await;
     c.until_tagged("a").await;
+    (backend, proxy, c)
+}
+
+/// A session at its max duration whose client has stopped reading still ends: the goodbye is
+/// written briefly or not at all, and the backend connection is closed.
+#[tokio::test]
+async fn a_client_that_stops_reading_does_not_outlive_max_session_duration() {
+    let (backend, _proxy, mut c) = relayed("max_session_duration = \"1s\"").await;
     // 32 MiB come back; this client reads none of it. The backend's session ends when the
     // proxy closes its connection (its write fails), not before.
     c.send(b"b FETCH 1 BODY[]\r\n").await;
@@ -212,12 +219,7 @@ async fn a_client_that_stops_reading_does_not_outlive_max_session_duration() {
 async fn a_session_ending_inside_a_reply_closes_without_a_goodbye_inside_it() {
     // The session reaches its max duration while a 32 MiB FETCH is part-way to a slowly
     // reading client: a "* BYE" now would become part of the message's literal.
-    let backend = FakeBackend::start(Behaviour::Normal).await;
-    let proxy = Proxy::start(&plain_config(backend.addr, "max_session_duration = \"1s\""), USERS).await;
-    let mut c = Client::connect(proxy.addr("plain")).await;
-    c.line().await;
-    c.send(b"a LOGIN alice@example.test secret\r\n").await;
-    c.until_tagged("a").await;
+    let (_backend, _proxy, mut c) = relayed("max_session_duration = \"1s\"").await;
     c.send(b"b FETCH 1 BODY[]\r\n").await;
     let mut got = Vec::new();
     let mut buf = vec![0u8; 64 << 10];
@@ -238,12 +240,7 @@ async fn a_session_ending_inside_a_reply_closes_without_a_goodbye_inside_it() {
 
 #[tokio::test]
 async fn relayed_sessions_get_a_goodbye_after_the_grace_period() {
-    let backend = FakeBackend::start(Behaviour::Normal).await;
-    let proxy = Proxy::start(&plain_config(backend.addr, "shutdown_grace = \"300ms\""), USERS).await;
-    let mut c = Client::connect(proxy.addr("plain")).await;
-    c.line().await;
-    c.send(b"a LOGIN alice@example.test secret\r\n").await;
-    c.until_tagged("a").await;
+    let (_backend, proxy, mut c) = relayed("shutdown_grace = \"300ms\"").await;
     let app = proxy.app.clone();
     let started = tokio::time::Instant::now();
     let done = tokio::spawn(async move { app.shutdown().await });

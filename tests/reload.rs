@@ -272,25 +272,41 @@ async fn eventually_logs_in(addr: std::net::SocketAddr, password: &str, what: &s
     }
 }
 
+/// alice's users-file line with `password`.
+fn alice_with(password: &str) -> String {
+    format!("alice@example.test:{{PLAIN}}{password}\n")
+}
+
+/// A proxy whose config lives in `d/conf` and reads its users file from `d/users_file` (a
+/// directory other than the config's), with the watcher running; the app and its listener.
+async fn watched_proxy(
+    backend: std::net::SocketAddr,
+    d: &std::path::Path,
+    users_file: &str,
+) -> (std::sync::Arc<portcullis::app::App>, std::net::SocketAddr) {
+    portcullis::tls::init_crypto();
+    std::fs::create_dir(d.join("conf")).unwrap();
+    let cfg = plain_config(backend, "")
+        .replace("passwd_file = \"users\"", &format!("passwd_file = \"{}/{users_file}\"", d.display()));
+    std::fs::write(d.join("conf/portcullis.toml"), cfg).unwrap();
+    let app = portcullis::app::App::start(&d.join("conf/portcullis.toml")).await.unwrap();
+    portcullis::config::watch::spawn(app.clone(), hangup()).unwrap();
+    let addr = app.local_addrs("plain")[0];
+    (app, addr)
+}
+
 #[tokio::test]
 async fn a_replaced_or_recreated_directory_is_watched_again() {
     // The users file lives outside the config file's directory, in a directory that a deploy
     // tool replaces by renaming a new one into place; the watch must follow the path, not the
     // old inode.
-    portcullis::tls::init_crypto();
     let backend = FakeBackend::start(Behaviour::Normal).await;
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
-    let users = |password: &str| format!("alice@example.test:{{PLAIN}}{password}\n");
-    std::fs::create_dir(d.join("conf")).unwrap();
+    let users = alice_with;
     std::fs::create_dir(d.join("secrets")).unwrap();
     std::fs::write(d.join("secrets/users"), users("first")).unwrap();
-    let cfg = plain_config(backend.addr, "")
-        .replace("passwd_file = \"users\"", &format!("passwd_file = \"{}/secrets/users\"", d.display()));
-    std::fs::write(d.join("conf/portcullis.toml"), cfg).unwrap();
-    let app = portcullis::app::App::start(&d.join("conf/portcullis.toml")).await.unwrap();
-    portcullis::config::watch::spawn(app.clone(), hangup()).unwrap();
-    let addr = app.local_addrs("plain")[0];
+    let (_app, addr) = watched_proxy(backend.addr, d, "secrets/users").await;
     assert!(logs_in(addr, "first").await);
 
     // Replaced: a new directory renamed over the path.
@@ -319,23 +335,16 @@ async fn a_replaced_or_recreated_directory_is_watched_again() {
 async fn a_switched_release_symlink_is_noticed() {
     // A deploy that keeps releases side by side and switches `current` to the new one: the old
     // release is not touched, so no event reaches the watch on it.
-    portcullis::tls::init_crypto();
     let backend = FakeBackend::start(Behaviour::Normal).await;
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
-    let users = |password: &str| format!("alice@example.test:{{PLAIN}}{password}\n");
+    let users = alice_with;
     for (release, password) in [("r1", "first"), ("r2", "second")] {
         std::fs::create_dir_all(d.join("releases").join(release)).unwrap();
         std::fs::write(d.join("releases").join(release).join("users"), users(password)).unwrap();
     }
     std::os::unix::fs::symlink("releases/r1", d.join("current")).unwrap();
-    std::fs::create_dir(d.join("conf")).unwrap();
-    let cfg = plain_config(backend.addr, "")
-        .replace("passwd_file = \"users\"", &format!("passwd_file = \"{}/current/users\"", d.display()));
-    std::fs::write(d.join("conf/portcullis.toml"), cfg).unwrap();
-    let app = portcullis::app::App::start(&d.join("conf/portcullis.toml")).await.unwrap();
-    portcullis::config::watch::spawn(app.clone(), hangup()).unwrap();
-    let addr = app.local_addrs("plain")[0];
+    let (_app, addr) = watched_proxy(backend.addr, d, "current/users").await;
     assert!(logs_in(addr, "first").await);
 
     std::os::unix::fs::symlink("releases/r2", d.join("current.new")).unwrap();
