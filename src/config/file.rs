@@ -10,10 +10,44 @@ use std::time::Duration;
 
 /// A duration with its place in the file, for settings whose value is checked (and an error must
 /// name the line).
-pub type SpannedDuration = Spanned<humantime_serde::Serde<Duration>>;
+pub type SpannedDuration = Spanned<BoundedDuration>;
 
-use serde::Deserialize;
+use serde::{Deserialize, Deserializer};
 use toml::Spanned;
+
+/// The longest duration any setting accepts. Operators write huge values to mean "never", but the
+/// runtime adds durations to clock readings, which overflow (and panic) near `u64` seconds.
+pub const MAX_DURATION: Duration = Duration::from_secs(10 * 31_557_600); // humantime's "10years"
+
+/// A humantime duration (`"30s"`, `"5m"`) of at most [`MAX_DURATION`]; every duration in the file
+/// is read through it.
+#[derive(Debug, Clone, Copy)]
+pub struct BoundedDuration(Duration);
+
+impl std::ops::Deref for BoundedDuration {
+    type Target = Duration;
+    fn deref(&self) -> &Duration {
+        &self.0
+    }
+}
+
+impl<'de> Deserialize<'de> for BoundedDuration {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let value = humantime_serde::Serde::<Duration>::deserialize(d)?.into_inner();
+        if value > MAX_DURATION {
+            return Err(serde::de::Error::invalid_value(
+                serde::de::Unexpected::Other("duration"),
+                &"a duration of at most 10 years",
+            ));
+        }
+        Ok(Self(value))
+    }
+}
+
+/// `deserialize_with` for the optional durations that need no position.
+fn bounded<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
+    Ok(Option::<BoundedDuration>::deserialize(d)?.map(|b| b.0))
+}
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -79,7 +113,7 @@ pub struct AcmeFile {
     pub tls_alpn01_bind: Option<Spanned<String>>,
     /// DNS-01: a command run as `hook add|remove NAME VALUE`.
     pub dns01_hook: Option<Spanned<PathBuf>>,
-    #[serde(default, with = "humantime_serde::option")]
+    #[serde(default, deserialize_with = "bounded")]
     pub dns01_propagation: Option<Duration>,
     /// First retry delay after a failure (doubles, jittered, up to 6 h). Default 60 s.
     #[serde(default)]
@@ -127,21 +161,21 @@ pub struct LimitsFile {
     pub backend_connect_timeout: Option<SpannedDuration>,
     #[serde(default)]
     pub backend_login_timeout: Option<SpannedDuration>,
-    #[serde(default, with = "humantime_serde::option")]
+    #[serde(default, deserialize_with = "bounded")]
     pub auth_failure_delay: Option<Duration>,
-    #[serde(default, with = "humantime_serde::option")]
+    #[serde(default, deserialize_with = "bounded")]
     pub shutdown_grace: Option<Duration>,
     /// SMTP: wait this long before the greeting; a client that talks first is refused.
-    #[serde(default, with = "humantime_serde::option")]
+    #[serde(default, deserialize_with = "bounded")]
     pub smtp_greeting_delay: Option<Duration>,
     /// Minimum progress: a command must be complete this long after its first byte.
     #[serde(default)]
     pub command_timeout: Option<SpannedDuration>,
     /// Longest a relayed session may last (default: unlimited).
-    #[serde(default, with = "humantime_serde::option")]
+    #[serde(default, deserialize_with = "bounded")]
     pub max_session_duration: Option<Duration>,
     /// When a backend ends sessions, close each client after a random delay up to this.
-    #[serde(default, with = "humantime_serde::option")]
+    #[serde(default, deserialize_with = "bounded")]
     pub backend_disconnect_spread: Option<Duration>,
     /// Connection caps (0 = unlimited).
     pub max_connections: Option<usize>,
@@ -159,15 +193,15 @@ pub struct LimitsFile {
 pub struct ThrottleFile {
     pub enabled: Option<bool>,
     pub penalty_after: Option<u32>,
-    #[serde(default, with = "humantime_serde::option")]
+    #[serde(default, deserialize_with = "bounded")]
     pub penalty_base: Option<Duration>,
-    #[serde(default, with = "humantime_serde::option")]
+    #[serde(default, deserialize_with = "bounded")]
     pub penalty_max: Option<Duration>,
     pub block_after: Option<u32>,
     pub user_block_after: Option<u32>,
-    #[serde(default, with = "humantime_serde::option")]
+    #[serde(default, deserialize_with = "bounded")]
     pub cooldown: Option<Duration>,
-    #[serde(default, with = "humantime_serde::option")]
+    #[serde(default, deserialize_with = "bounded")]
     pub window: Option<Duration>,
     pub ipv6_prefix: Option<Spanned<u8>>,
     pub trusted: Option<Spanned<Vec<String>>>,
@@ -247,7 +281,7 @@ pub struct AuthFile {
 pub struct AuthHttpFile {
     /// One or more URLs, tried in order when one fails.
     pub urls: Spanned<Vec<String>>,
-    #[serde(default, with = "humantime_serde::option")]
+    #[serde(default, deserialize_with = "bounded")]
     pub timeout: Option<Duration>,
     /// Extra request headers (nginx `auth_http_header`).
     #[serde(default)]
@@ -255,10 +289,10 @@ pub struct AuthHttpFile {
     /// PEM CA certificates for https URLs (default: the system roots).
     pub ca_file: Option<Spanned<PathBuf>>,
     /// How long a positive answer is reused (default 0: not cached).
-    #[serde(default, with = "humantime_serde::option")]
+    #[serde(default, deserialize_with = "bounded")]
     pub cache_ttl: Option<Duration>,
     /// How long a negative answer is reused (default 0: not cached).
-    #[serde(default, with = "humantime_serde::option")]
+    #[serde(default, deserialize_with = "bounded")]
     pub negative_cache_ttl: Option<Duration>,
     /// Send the client certificate itself (`Auth-SSL-Cert`), as nginx's auth_http_pass_client_cert.
     #[serde(default)]
@@ -343,9 +377,9 @@ pub struct RouteTableFile {
 pub struct HealthFile {
     /// Active checks on (default true).
     pub enabled: Option<bool>,
-    #[serde(default, with = "humantime_serde::option")]
+    #[serde(default, deserialize_with = "bounded")]
     pub interval: Option<Duration>,
-    #[serde(default, with = "humantime_serde::option")]
+    #[serde(default, deserialize_with = "bounded")]
     pub timeout: Option<Duration>,
     /// Consecutive successes to mark a down backend up (default 2).
     pub rise: Option<u32>,

@@ -2206,6 +2206,26 @@ default = "b"
         assert_eq!(acme("5m").unwrap().acme.unwrap().retry_min, Duration::from_secs(300));
     }
 
+    /// A duration meant as "never" (hundreds of billions of years) used to pass and then panic
+    /// when the runtime added it to the clock. Every duration, checked or not, is capped.
+    #[test]
+    fn absurdly_long_durations_are_refused_at_their_line() {
+        for (table, key) in [
+            ("limits", "idle_timeout"),
+            ("limits", "max_session_duration"),
+            ("limits", "auth_failure_delay"),
+            ("throttle", "cooldown"),
+            ("throttle", "window"),
+        ] {
+            let e = parse(&format!("{BASE}\n[{table}]\n{key} = \"500000000000years\"\n")).unwrap_err();
+            assert_eq!(e.field, key, "{e}");
+            assert_eq!(e.message, "invalid value: duration, expected a duration of at most 10 years", "{e}");
+            assert_eq!(e.position.map(|p| p.0), Some(13), "{e}");
+        }
+        let ok = parse(&format!("{BASE}\n[limits]\nidle_timeout = \"10years\"\n")).unwrap();
+        assert!(ok.limits.idle_timeout > Duration::from_secs(315_000_000));
+    }
+
     #[test]
     fn check_catches_what_run_would_only_find_later() {
         // A log filter that would silently fall back to errors only (and hide fail2ban's lines).
