@@ -474,6 +474,30 @@ async fn a_backend_saying_logindisabled_gets_no_login() {
     assert!(!seen.contains("LOGIN") && !seen.contains("secret"), "{seen}");
 }
 
+/// A backend that does not announce ID (Courier, Exchange): the default `client_address` logs in
+/// without it; `client_address = "imap-id"` set explicitly fails closed instead.
+#[tokio::test]
+async fn a_backend_without_id_gets_none_and_explicit_imap_id_fails_closed() {
+    const GREETING: &[u8] = b"* OK [CAPABILITY IMAP4rev1 LITERAL+] ready\r\n";
+    let (addr, seen) = scripted_backend(GREETING, b"P3 OK Logged in\r\n").await;
+    let proxy = Proxy::start(&plain_config(addr, ""), USERS).await;
+    let mut c = greeted(&proxy).await;
+    c.send(b"a LOGIN alice@example.test secret\r\n").await;
+    assert!(c.line().await.starts_with("a OK "));
+    let sent = String::from_utf8_lossy(&seen.lock().unwrap()).into_owned();
+    assert!(sent.starts_with("P3 LOGIN ") && !sent.contains(" ID "), "{sent}");
+
+    let (addr, seen) = scripted_backend(GREETING, b"P3 OK Logged in\r\n").await;
+    let cfg = plain_config(addr, "")
+        .replace("health = { enabled = false }", "health = { enabled = false }\nclient_address = \"imap-id\"");
+    let proxy = Proxy::start(&cfg, USERS).await;
+    let mut c = greeted(&proxy).await;
+    c.send(b"a LOGIN alice@example.test secret\r\n").await;
+    assert_eq!(c.line().await, "a NO [UNAVAILABLE] Server unavailable, try again later.\r\n");
+    let sent = String::from_utf8_lossy(&seen.lock().unwrap()).into_owned();
+    assert!(!sent.contains("LOGIN") && !sent.contains("secret"), "{sent}");
+}
+
 #[tokio::test]
 async fn a_continuation_after_the_login_command_fails_it_at_once() {
     // Nothing is left to send: waiting would hold the client for the backend login timeout.

@@ -144,6 +144,12 @@ async fn backend_rejecting_xclient_fails_closed() {
 }
 
 #[tokio::test]
+async fn backend_xclient_without_addr_fails_closed() {
+    // The client's address is what XCLIENT is for; sending the rest would lose it silently.
+    login_fails_unavailable(Behaviour::SmtpXclientWithoutAddr, "").await;
+}
+
+#[tokio::test]
 async fn backend_dropping_after_ehlo_fails_closed() {
     login_fails_unavailable(Behaviour::SmtpDropAfterEhlo, "").await;
 }

@@ -512,8 +512,12 @@ pub enum Transport {
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ClientAddress {
-    /// IMAP `ID ("x-originating-ip" ...)`, read by Dovecot from `login_trusted_networks`.
+    /// IMAP `ID ("x-originating-ip" ...)`, read by Dovecot from `login_trusted_networks`. Set
+    /// explicitly (config or auth service): a backend that does not announce ID fails the login.
     ImapId,
+    /// IMAP's default: ID where the backend announces it; elsewhere (Courier, Exchange) the login
+    /// goes ahead without, and a warning names the backend once.
+    ImapIdIfAnnounced,
     /// POP3 `XCLIENT ADDR= PORT= SESSION= TTL=` (Dovecot) or SMTP `XCLIENT ADDR= PORT= NAME=
     /// HELO= PROTO=` (Postfix), honoured from trusted networks only.
     Xclient,
@@ -681,7 +685,7 @@ impl Backend {
             tls_verify: true,
             tls_ca_file: None,
             client_address: match protocol {
-                Protocol::Imap => ClientAddress::ImapId,
+                Protocol::Imap => ClientAddress::ImapIdIfAnnounced,
                 Protocol::Pop3 | Protocol::Smtp => ClientAddress::Xclient,
             },
             login: match protocol {
@@ -1705,7 +1709,8 @@ impl Validator<'_> {
                 })?,
             };
             let client_address = match (protocol, b.client_address.as_ref().map(|t| t.get_ref().as_str())) {
-                (Protocol::Imap, None | Some("imap-id")) => ClientAddress::ImapId,
+                (Protocol::Imap, None) => ClientAddress::ImapIdIfAnnounced,
+                (Protocol::Imap, Some("imap-id")) => ClientAddress::ImapId,
                 (Protocol::Pop3 | Protocol::Smtp, None | Some("xclient")) => ClientAddress::Xclient,
                 (_, Some("proxy-v2")) => ClientAddress::ProxyV2,
                 (_, Some("none")) => ClientAddress::None,
@@ -2458,7 +2463,10 @@ default = "b"
         // A TLS listener without certificates gets a self-signed "localhost" one.
         assert_eq!(c.tls.self_signed_names, vec!["localhost".to_string()]);
         let b = &c.backends["b"];
-        assert_eq!((b.transport, b.client_address, b.tls_verify), (Transport::Plain, ClientAddress::ImapId, true));
+        assert_eq!(
+            (b.transport, b.client_address, b.tls_verify),
+            (Transport::Plain, ClientAddress::ImapIdIfAnnounced, true)
+        );
         assert!(
             !format!("{:?}", BackendLogin::Master { user: "m".into(), password: "sekrit".into() }).contains("sekrit")
         );

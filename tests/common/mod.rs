@@ -120,6 +120,8 @@ pub enum Behaviour {
     Smtp,
     /// SMTP: rejects XCLIENT with 550.
     SmtpRejectXclient,
+    /// SMTP: announces XCLIENT without its ADDR attribute.
+    SmtpXclientWithoutAddr,
     /// SMTP: closes the connection after answering EHLO.
     SmtpDropAfterEhlo,
     /// SMTP: offers STARTTLS but answers it with 454.
@@ -151,6 +153,7 @@ impl Behaviour {
             self,
             Behaviour::Smtp
                 | Behaviour::SmtpRejectXclient
+                | Behaviour::SmtpXclientWithoutAddr
                 | Behaviour::SmtpDropAfterEhlo
                 | Behaviour::SmtpRefuseStartTls
                 | Behaviour::SmtpStartTlsExtraBytes
@@ -380,8 +383,13 @@ async fn serve_smtp(s: TcpStream, behaviour: Behaviour, rec: Arc<Mutex<Vec<Vec<S
                 } else {
                     ""
                 };
+                let xclient = if behaviour == Behaviour::SmtpXclientWithoutAddr {
+                    "NAME PROTO HELO LOGIN"
+                } else {
+                    "NAME ADDR PORT PROTO HELO LOGIN"
+                };
                 let reply = format!(
-                    "250-fake.example\r\n250-PIPELINING\r\n250-SIZE 10240000\r\n250-VRFY\r\n{tls}250-AUTH PLAIN\r\n250-XCLIENT NAME ADDR PORT PROTO HELO LOGIN\r\n250-ENHANCEDSTATUSCODES\r\n250 8BITMIME\r\n"
+                    "250-fake.example\r\n250-PIPELINING\r\n250-SIZE 10240000\r\n250-VRFY\r\n{tls}250-AUTH PLAIN\r\n250-XCLIENT {xclient}\r\n250-ENHANCEDSTATUSCODES\r\n250 8BITMIME\r\n"
                 );
                 if behaviour == Behaviour::SmtpDropAfterEhlo {
                     let _ = w.write_all(reply.as_bytes()).await;

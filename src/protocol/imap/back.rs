@@ -16,6 +16,22 @@ use crate::backend::{self, BackendError, ClientInfo, Lines, LoggedIn, MAX_BACKEN
 use crate::config::{Backend, BackendLogin, ClientAddress, Transport};
 use crate::protocol::sasl::plain_response;
 
+/// The default `client_address` goes without ID where a backend does not announce it: said once
+/// per backend, so the operator knows its logs see the proxy's address, without a line per login.
+fn warn_no_id_once(backend: &Backend) {
+    static WARNED: std::sync::Mutex<Vec<String>> = std::sync::Mutex::new(Vec::new());
+    let mut warned = WARNED.lock().unwrap_or_else(|e| e.into_inner());
+    if warned.len() < 1024 && !warned.contains(&backend.address) {
+        warned.push(backend.address.clone());
+        tracing::warn!(
+            backend = %backend.name,
+            address = %backend.address,
+            "backend does not announce IMAP ID: it sees the proxy's address, not the client's \
+             (set client_address = \"proxy-v2\" or \"none\" to choose, or \"imap-id\" to refuse such backends)"
+        );
+    }
+}
+
 /// Connect and log in. The caller wraps this in the backend login deadline.
 pub async fn connect_and_login(
     backend: &Backend,
@@ -69,7 +85,19 @@ pub async fn connect_and_login(
         }
     };
 
-    if backend.client_address == ClientAddress::ImapId && caps.id {
+    let send_id = match backend.client_address {
+        ClientAddress::ImapId if !caps.id => {
+            // Set explicitly: fail closed rather than lose the client's address silently.
+            return Err(BackendError::Protocol("backend does not announce ID (client_address = \"imap-id\")"));
+        }
+        ClientAddress::ImapIdIfAnnounced if !caps.id => {
+            warn_no_id_once(backend);
+            false
+        }
+        ClientAddress::ImapId | ClientAddress::ImapIdIfAnnounced => true,
+        ClientAddress::Xclient | ClientAddress::ProxyV2 | ClientAddress::None => false,
+    };
+    if send_id {
         let mut cmd = b"P2 ID (".to_vec();
         let mut fields: Vec<(String, String)> = vec![
             ("x-originating-ip".into(), client.peer.ip().to_string()),

@@ -60,6 +60,10 @@ pub async fn connect_and_login(
         let supports = |a: &str| attrs.iter().any(|x| x == a);
         let mut cmd = String::from("XCLIENT");
         if backend.client_address == ClientAddress::Xclient {
+            // The address is what XCLIENT is for: without it, fail closed as without XCLIENT.
+            if !supports("ADDR") {
+                return Err(BackendError::Protocol("backend XCLIENT does not accept ADDR"));
+            }
             let addr = match client.peer.ip() {
                 std::net::IpAddr::V4(a) => a.to_string(),
                 std::net::IpAddr::V6(a) => format!("IPV6:{a}"),
