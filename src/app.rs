@@ -644,7 +644,7 @@ async fn bind_all(
 }
 
 /// A hash of every input file's bytes, to skip reloads that change nothing.
-fn fingerprint(files: &[PathBuf]) -> u64 {
+pub(crate) fn fingerprint(files: &[PathBuf]) -> u64 {
     let mut h = std::collections::hash_map::DefaultHasher::new();
     for f in files {
         f.hash(&mut h);

@@ -353,3 +353,25 @@ async fn a_switched_release_symlink_is_noticed() {
     write_file(&d.join("current/users"), &users("third"));
     eventually_logs_in(addr, "third", "edit inside the new release").await;
 }
+
+#[tokio::test]
+async fn a_directory_named_only_by_a_config_that_failed_is_looked_at_again() {
+    // The new config names a users file in a directory that does not exist yet, so its reload
+    // fails and no watch can cover that directory; creating the file must still be picked up.
+    let backend = FakeBackend::start(Behaviour::Normal).await;
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    std::fs::create_dir(d.join("secrets")).unwrap();
+    std::fs::write(d.join("secrets/users"), alice_with("first")).unwrap();
+    let (app, addr) = watched_proxy(backend.addr, d, "secrets/users").await;
+    let cfg_path = d.join("conf/portcullis.toml");
+    let cfg = std::fs::read_to_string(&cfg_path).unwrap().replace("secrets/users", "later/users");
+    write_file(&cfg_path, &cfg);
+    // Time for the event, the failed reload and a few of the watcher's checks.
+    tokio::time::sleep(std::time::Duration::from_millis(2500)).await;
+    assert!(logs_in(addr, "first").await, "the running config stays");
+    std::fs::create_dir(d.join("later")).unwrap();
+    std::fs::write(d.join("later/users"), alice_with("second")).unwrap();
+    eventually_logs_in(addr, "second", "users file in a directory only the failed config named").await;
+    drop(app);
+}

@@ -7,7 +7,8 @@
 //! `current` symlink to another release) or missing is noticed by a check every 2 s of each
 //! directory's inode, watched again under the new one and reloaded. Events are debounced; the
 //! reload itself re-reads through symlinks and skips when no input file changed. A bad file is
-//! logged and the running config stays.
+//! logged and the running config stays; while it does, the same 2 s check retries the reload as
+//! soon as what it failed on changes (a certificate in a directory only the new config names).
 
 use std::collections::{HashMap, HashSet};
 use std::os::unix::fs::MetadataExt;
@@ -57,26 +58,34 @@ pub fn spawn(app: Arc<App>, mut hup: tokio::signal::unix::Signal) -> Result<(), 
     });
 
     tokio::spawn(async move {
+        let mut failed: Option<Failed> = None;
         loop {
             // A directory that is missing, or was replaced without an event reaching its old
             // watch (a symlink switched to another directory), is found by the timer; reload
-            // then, as its files may have changed unseen.
+            // then, as its files may have changed unseen. So is a change to what the last failed
+            // reload failed on: its files may be in directories only the new config names,
+            // which no watch covers yet.
             let mut force = match tokio::time::timeout(RETRY, rx.recv()).await {
                 Ok(Some(force)) => force,
                 Ok(None) => break,
                 Err(_) if watches.update(&app, false) => false,
+                Err(_) if failed.as_ref().is_some_and(|f| *f != Failed::now(&app)) => false,
                 Err(_) => continue,
             };
             // Coalesce a burst of events into one reload.
             while let Ok(f) = rx.try_recv() {
                 force |= f;
             }
+            failed = None;
             match app.reload(force).await {
                 Ok(Reloaded::Applied) => {
                     tracing::info!(config = %app.config_path().display(), "configuration reloaded")
                 }
                 Ok(Reloaded::Unchanged) => tracing::debug!("configuration files unchanged"),
-                Err(e) => tracing::error!(error = %e, "configuration reload failed; keeping the running configuration"),
+                Err(e) => {
+                    tracing::error!(error = %e, "configuration reload failed; keeping the running configuration");
+                    failed = Some(Failed::now(&app));
+                }
             }
             // A directory replaced while the reload ran may hold files it did not read.
             if watches.update(&app, true) {
@@ -85,6 +94,25 @@ pub fn spawn(app: Arc<App>, mut hup: tokio::signal::unix::Signal) -> Result<(), 
         }
     });
     Ok(())
+}
+
+/// Where a failed reload stands, looked at again on the timer: the config's error, or (a config
+/// that loads but failed later, on a certificate say) the contents of every file it names.
+/// Retried only when this changes, so a config that stays broken is not reloaded (and counted
+/// as a failed reload) every few seconds.
+#[derive(PartialEq)]
+enum Failed {
+    Load(String),
+    Inputs(u64),
+}
+
+impl Failed {
+    fn now(app: &App) -> Failed {
+        match crate::config::Config::load(app.config_path()) {
+            Err(e) => Failed::Load(e.to_string()),
+            Ok(c) => Failed::Inputs(crate::app::fingerprint(&c.watched_files())),
+        }
+    }
 }
 
 struct Watches {
