@@ -190,6 +190,12 @@ pub fn check(path: &Path) -> Result<Config, StartError> {
 impl App {
     /// Load the config, bind every listener and start accepting.
     pub async fn start(config_path: &Path) -> Result<Arc<App>, StartError> {
+        // Absolute once, against the directory the proxy started in: reloads then read the
+        // config (and the files it names relative to itself) by path, and so follow a config
+        // directory replaced by a deploy, instead of staying in the old one through the
+        // process's working directory.
+        let absolute = std::path::absolute(config_path);
+        let config_path = absolute.as_deref().unwrap_or(config_path);
         let config = Config::load(config_path)?;
         let fingerprint = fingerprint(&config.watched_files());
         let certs = Arc::new(CertStore::load(&config.tls).map_err(|e| cert_error(&config, e))?);

@@ -375,3 +375,50 @@ async fn a_directory_named_only_by_a_config_that_failed_is_looked_at_again() {
     eventually_logs_in(addr, "second", "users file in a directory only the failed config named").await;
     drop(app);
 }
+
+/// Kills the spawned proxy (by its own handle) when the test ends, pass or fail.
+struct Child(std::process::Child);
+
+impl Drop for Child {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[tokio::test]
+async fn a_relative_config_path_follows_its_replaced_directory() {
+    // `portcullis run -c portcullis.toml` started inside /etc/portcullis, which a deploy then
+    // replaces by renaming a new one into place: reloads must read the new directory's files,
+    // not the old one the process's working directory still points at.
+    let backend = FakeBackend::start(Behaviour::Normal).await;
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let port = free_port();
+    let cfg = plain_config(backend.addr, "").replace("bind = \"127.0.0.1:0\"", &format!("bind = \"127.0.0.1:{port}\""));
+    std::fs::create_dir(d.join("conf")).unwrap();
+    std::fs::write(d.join("conf/portcullis.toml"), &cfg).unwrap();
+    std::fs::write(d.join("conf/users"), alice_with("first")).unwrap();
+    let _proxy = Child(
+        std::process::Command::new(env!("CARGO_BIN_EXE_portcullis"))
+            .args(["run", "-c", "portcullis.toml"])
+            .current_dir(d.join("conf"))
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let addr: std::net::SocketAddr = ([127, 0, 0, 1], port).into();
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(20);
+    while refused(port) {
+        assert!(tokio::time::Instant::now() < deadline, "the proxy did not start");
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    assert!(logs_in(addr, "first").await);
+
+    std::fs::create_dir(d.join("conf.new")).unwrap();
+    std::fs::write(d.join("conf.new/portcullis.toml"), &cfg).unwrap();
+    std::fs::write(d.join("conf.new/users"), alice_with("second")).unwrap();
+    std::fs::rename(d.join("conf"), d.join("conf.old")).unwrap();
+    std::fs::rename(d.join("conf.new"), d.join("conf")).unwrap();
+    eventually_logs_in(addr, "second", "replaced config directory").await;
+}
