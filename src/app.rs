@@ -638,7 +638,17 @@ async fn bind_all(
                 out.insert(key, s.clone());
                 continue;
             }
-            let s = TcpListener::bind(addr).await.map_err(|source| StartError::Bind {
+            // `[::]:993` beside `0.0.0.0:993` (the usual pair): the IPv6 socket takes IPv6 only,
+            // or with Linux's default (dual-stack) it would claim the IPv4 port as well and one
+            // of the two binds would fail. `[::]:993` alone stays dual-stack.
+            let v6only = addr.ip().is_unspecified()
+                && addr.is_ipv6()
+                && config
+                    .listeners
+                    .iter()
+                    .flat_map(|l| &l.bind)
+                    .any(|b| b.is_ipv4() && b.port() == addr.port() && b.ip().is_unspecified());
+            let s = listen(*addr, v6only).map_err(|source| StartError::Bind {
                 listener: l.name.clone(),
                 addr: *addr,
                 source,
@@ -647,6 +657,23 @@ async fn bind_all(
         }
     }
     Ok(out)
+}
+
+/// A listening socket: SO_REUSEADDR (a restart rebinds at once), IPV6_V6ONLY when asked, and a
+/// backlog of 1024 (the kernel caps it at `net.core.somaxconn`) rather than the standard
+/// library's 128, which a burst of reconnecting clients overflows (each overflow costs that
+/// client a SYN retransmission, a second or more).
+fn listen(addr: SocketAddr, v6only: bool) -> std::io::Result<TcpListener> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let s = Socket::new(Domain::for_address(addr), Type::STREAM.cloexec(), Some(Protocol::TCP))?;
+    s.set_reuse_address(true)?;
+    if v6only {
+        s.set_only_v6(true)?;
+    }
+    s.set_nonblocking(true)?;
+    s.bind(&addr.into())?;
+    s.listen(1024)?;
+    TcpListener::from_std(s.into())
 }
 
 /// A hash of every input file's bytes, to skip reloads that change nothing.

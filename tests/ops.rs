@@ -318,3 +318,20 @@ async fn the_admin_server_refuses_browsers_renewals_and_caps_its_connections() {
     tokio::time::sleep(Duration::from_millis(200)).await;
     assert!(http_raw(admin, get).await.starts_with("HTTP/1.1 200"));
 }
+
+#[tokio::test]
+async fn an_ipv4_and_an_ipv6_wildcard_on_one_port_both_bind() {
+    // The usual pair `["0.0.0.0:993", "[::]:993"]`: with Linux's default dual-stack sockets the
+    // IPv6 one claimed the IPv4 port too, and the second bind failed at start.
+    let backend = FakeBackend::start(Behaviour::Normal).await;
+    let port = std::net::TcpListener::bind("[::]:0").unwrap().local_addr().unwrap().port();
+    let cfg = plain_config(backend.addr, "")
+        .replace("bind = \"127.0.0.1:0\"", &format!("bind = [\"0.0.0.0:{port}\", \"[::]:{port}\"]"));
+    let proxy = Proxy::start(&cfg, USERS).await;
+    assert_eq!(proxy.app.local_addrs("plain").len(), 2);
+    for ip in ["127.0.0.1", "::1"] {
+        let addr = std::net::SocketAddr::new(ip.parse().unwrap(), port);
+        let mut c = Client::connect(addr).await;
+        assert!(c.line().await.starts_with("* OK"), "{ip}");
+    }
+}
