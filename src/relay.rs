@@ -237,6 +237,7 @@ where
         down: Direction { hold_close: d.backend_close_hold.is_some(), ..Direction::default() },
         hold: d.backend_close_hold,
         held_end: None,
+        up_failed: false,
         idle: d.idle,
         sleep: Box::pin(tokio::time::sleep_until(first)),
         max_end: d.max_end,
@@ -245,7 +246,10 @@ where
         grace,
         meters,
     };
-    let end = (&mut r).await;
+    let mut end = (&mut r).await;
+    if r.up_failed && end == RelayEnd::Closed {
+        end = RelayEnd::BackendError;
+    }
     if r.held_end.is_some() {
         // The held direction never shut the client's side down: do it now (TLS close_notify),
         // briefly, as an ordinary close would have.
@@ -276,6 +280,9 @@ struct Relay<'a, C: ?Sized, B: ?Sized> {
     /// The backend has gone while the client is connected: how the session will be reported
     /// once the hold is over (or the client closes).
     held_end: Option<RelayEnd>,
+    /// A write to the backend failed: the session ends as a backend error, once what the
+    /// backend sent before has reached the client.
+    up_failed: bool,
 }
 
 impl<C: ?Sized, B: ?Sized> Relay<'_, C, B> {
@@ -362,7 +369,17 @@ where
             return this.poll_held(cx, end);
         }
         let mut active = false;
-        let up = this.up.poll_copy(cx, Pin::new(&mut *this.client), Pin::new(&mut *this.backend), &mut active);
+        let mut up = this.up.poll_copy(cx, Pin::new(&mut *this.client), Pin::new(&mut *this.backend), &mut active);
+        if let Poll::Ready(Err((Side::Writer, _))) = up {
+            // The backend stopped taking bytes (it closed, and our write met its RST): what it
+            // sent before still goes to the client (reliability case 69), so this direction
+            // ends here and the other runs on to its end. What the client sent is dropped, as
+            // the backend would have dropped it.
+            this.up.done = true;
+            this.up.buf = None;
+            this.up_failed = true;
+            up = Poll::Ready(Ok(()));
+        }
         if let Poll::Ready(Err((side, _))) = up {
             return Poll::Ready(match side {
                 Side::Reader => RelayEnd::ClientError,
@@ -490,6 +507,29 @@ mod tests {
         assert_eq!(t.client_to_backend, 100_000);
         assert_eq!(t.backend_to_client, 7);
         assert_eq!((up.get(), down.get()), (100_000, 7));
+    }
+
+    /// Reliability case 69: a backend that sends the end of a reply and closes, while the client
+    /// (slow to read) sends something: the write to the backend fails, and what the backend
+    /// sent before still reaches the client in full.
+    #[tokio::test]
+    async fn a_failed_write_to_the_backend_still_delivers_what_it_sent() {
+        let (mut client_app, mut client_proxy) = duplex(64);
+        let (mut backend_proxy, mut backend_app) = duplex(256 * 1024);
+        let reply: Vec<u8> = (0..100_000u32).map(|i| (i % 251) as u8).collect();
+        backend_app.write_all(&reply).await.unwrap();
+        drop(backend_app);
+        client_app.write_all(b"a NOOP\r\n").await.unwrap();
+        let task = tokio::spawn(async move {
+            let d = Deadlines { idle: Duration::from_secs(5), ..Deadlines::default() };
+            relay(&mut client_proxy, &mut backend_proxy, d, Meters::default(), None).await
+        });
+        let mut got = Vec::new();
+        client_app.read_to_end(&mut got).await.unwrap();
+        assert_eq!(got.len(), reply.len());
+        assert!(got == reply);
+        let (end, t) = task.await.unwrap();
+        assert_eq!((end, t.backend_to_client), (RelayEnd::BackendError, 100_000));
     }
 
     /// Reliability case 59: a client that stops reading stops the backend being read. The relay
