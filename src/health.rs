@@ -176,10 +176,13 @@ impl SessionGuard {
     /// sessions a second than a `spread`'s share of them (sessions / spread in seconds), clients
     /// are closed at once (ordinary logouts); beyond that rate (the backend failed or restarted)
     /// each further client is held for a random delay up to `spread`, so they do not all
-    /// reconnect together.
-    pub fn close_hold(&self, spread: Duration) -> crate::relay::CloseHold {
+    /// reconnect together. The hold takes the session's count here and `release` (its other
+    /// slots) and gives them back as the backend goes: a held client has no backend session, and
+    /// must not keep a restarted backend "full" or its user at the per-user cap.
+    pub fn close_hold(self, spread: Duration, release: impl Send + 'static) -> crate::relay::CloseHold {
         let h = self.0.clone();
         Box::new(move || {
+            let _released = (self, release);
             let second = u64::from(since_start().as_secs() as u32);
             let mut count = 1u64;
             let _ = h.closes.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |w| {
@@ -378,7 +381,9 @@ mod tests {
         let spread = Duration::from_secs(10);
         let guards: Vec<SessionGuard> = (0..100).map(|_| t.session(&b)).collect();
         // 100 sessions over 10 s: up to about 11 a second close at once.
-        let holds: Vec<Duration> = guards.iter().map(|g| g.close_hold(spread)()).collect();
+        // Each hold gives its session back as it is asked: the estimate stays at 100 sessions.
+        let holds: Vec<Duration> = guards.into_iter().map(|g| g.close_hold(spread, ())()).collect();
+        assert_eq!(t.sessions("b"), 0);
         let at_once = holds.iter().take_while(|h| h.is_zero()).count();
         assert!((10..=12).contains(&at_once), "{at_once} closed at once");
         let held = &holds[at_once..];

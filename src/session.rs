@@ -68,10 +68,10 @@ struct Authenticated {
     user: String,
     backend_name: String,
     pipelined: Vec<u8>,
-    /// Counts this session against its backend's `max_sessions` while it lives.
-    guard: SessionGuard,
-    /// Counts the session against the user's `max_sessions_per_user`.
-    _user_slot: crate::limits::UserSlot,
+    /// Count this session against its backend's `max_sessions` and its user's
+    /// `max_sessions_per_user` while it lives; taken by the backend close hold, which gives them
+    /// back when the backend goes.
+    slots: Option<(SessionGuard, crate::limits::UserSlot)>,
     /// The protocol's goodbye, for a shutdown that outlasts the grace period.
     goodbye: &'static [u8],
 }
@@ -145,7 +145,9 @@ pub async fn run(mut ctx: SessionCtx, mut tcp: TcpStream) {
                 max_end: limits.max_session_duration.map(|d| start + d),
                 shutdown: Some((ctx.shutdown.clone(), ctx.shutdown_grace)),
                 backend_close_hold: (!limits.backend_disconnect_spread.is_zero())
-                    .then(|| a.guard.close_hold(limits.backend_disconnect_spread)),
+                    .then(|| a.slots.take())
+                    .flatten()
+                    .map(|(guard, user)| guard.close_hold(limits.backend_disconnect_spread, user)),
             };
             // XCLIENT and XFORWARD are the proxy's to send (reliability case 50, after login).
             let guard = (ctx.listener.protocol == Protocol::Smtp).then(CommandGuard::default);
@@ -435,8 +437,7 @@ async fn preauth(ctx: &SessionCtx, tcp: TcpStream, deadline: Instant) -> Result<
                         user,
                         backend_name,
                         pipelined,
-                        guard,
-                        _user_slot: user_slot,
+                        slots: Some((guard, user_slot)),
                         goodbye,
                     });
                 }

@@ -588,6 +588,31 @@ async fn backend_dying_mid_session_closes_the_client_after_flushing() {
 }
 
 #[tokio::test]
+async fn a_client_held_after_its_backend_went_keeps_no_slot() {
+    // Reliability case 74: with a disconnect spread, the second of two sessions a backend ends
+    // in the same second is held; the held client has no backend session, so its user may log
+    // in again meanwhile (and the backend is not counted full).
+    let backend = FakeBackend::start(Behaviour::DieAfterLogin).await;
+    let cfg = plain_config(backend.addr, "max_sessions_per_user = 1\nbackend_disconnect_spread = \"60s\"");
+    let proxy = Proxy::start(&cfg, &format!("{USERS}bob@example.test:{{PLAIN}}pw\n")).await;
+    let mut sessions = Vec::new();
+    for login in ["bob@example.test pw", "alice@example.test secret"] {
+        let mut c = greeted(&proxy).await;
+        c.send(format!("a LOGIN {login}\r\n").as_bytes()).await;
+        assert!(c.until_tagged("a").await.last().unwrap().starts_with("a OK"));
+        sessions.push(c);
+    }
+    for c in &mut sessions {
+        c.send(b"b NOOP\r\n").await;
+        assert_eq!(c.line().await, "* BYE going away\r\n");
+    }
+    let mut again = greeted(&proxy).await;
+    again.send(b"a LOGIN alice@example.test secret\r\n").await;
+    let reply = again.until_tagged("a").await;
+    assert!(reply.last().unwrap().starts_with("a OK"), "{reply:?}");
+}
+
+#[tokio::test]
 async fn backend_verified_auth_uses_the_backend_verdict() {
     let backend = FakeBackend::start(Behaviour::RejectLogin).await;
     let config = plain_config(backend.addr, "").replace("passwd_file = \"users\"", "source = \"backend\"");
