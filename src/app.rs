@@ -299,6 +299,8 @@ impl App {
         };
         let stop_admin = runtime.config.admin.is_none();
         self.tls.certs.install(maps);
+        // Before the new config runs, so its first sessions count on the entries it will keep.
+        self.health.sync(runtime.config.backends.values().map(|b| &**b));
         self.runtime.store(Arc::new(runtime));
         self.apply_sockets(sockets);
         if admin.is_some() || stop_admin {
@@ -583,8 +585,6 @@ impl App {
         let old = std::mem::replace(&mut *self.checks.lock().unwrap_or_else(|e| e.into_inner()), token.clone());
         old.cancel();
         let backends: Vec<_> = rt.config.backends.values().cloned().collect();
-        let names: Vec<&str> = backends.iter().map(|b| b.name.as_str()).collect();
-        self.health.retain(&names);
         health::spawn_all(&backends, &rt.backend_tls, &rt.config.hostname, &self.health, &self.ehlo, &token);
     }
 

@@ -88,6 +88,11 @@ impl HealthTable {
         let mut map = self.by_backend.lock().unwrap_or_else(|e| e.into_inner());
         match map.get(&backend.name) {
             Some(h) if h.identity.matches(backend) => h.clone(),
+            // A configured backend's entry follows the running config (`sync`): a session or a
+            // check still on the definition from before a reload that changed its address
+            // counts on a record of its own, and neither resets the new address's state nor
+            // hides the sessions counted there.
+            Some(_) if !backend.dynamic => Arc::new(BackendHealth::new(identity(backend))),
             _ => {
                 let h = Arc::new(BackendHealth::new(identity(backend)));
                 map.insert(backend.name.clone(), h.clone());
@@ -157,13 +162,19 @@ impl HealthTable {
         map.iter().filter(|(k, _)| !configured(k)).map(|(_, h)| h.sessions.load(Ordering::Relaxed)).sum()
     }
 
-    /// Forget backends that are no longer configured, once they have no sessions open (those of
-    /// backends the auth service named keep being counted).
-    pub fn retain(&self, names: &[&str]) {
-        self.by_backend
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .retain(|k, h| names.contains(&k.as_str()) || h.sessions.load(Ordering::Relaxed) > 0);
+    /// Make the table follow a new config, before it runs: a backend whose address, protocol or
+    /// transport changed starts afresh (up, no sessions counted), the others keep their state,
+    /// and backends no longer configured are forgotten once they have no sessions open (those
+    /// of backends the auth service named keep being counted).
+    pub fn sync<'a>(&self, backends: impl IntoIterator<Item = &'a Backend>) {
+        let backends: Vec<&Backend> = backends.into_iter().collect();
+        let mut map = self.by_backend.lock().unwrap_or_else(|e| e.into_inner());
+        map.retain(|k, h| backends.iter().any(|b| b.name == *k) || h.sessions.load(Ordering::Relaxed) > 0);
+        for b in backends {
+            if map.get(&b.name).is_some_and(|h| !h.identity.matches(b)) {
+                map.insert(b.name.clone(), Arc::new(BackendHealth::new(identity(b))));
+            }
+        }
     }
 }
 
@@ -404,8 +415,32 @@ mod tests {
         assert!(!t.is_up("b"), "same definition, same state");
         let mut moved = (*b).clone();
         moved.address = "127.0.0.1:2".into();
-        t.success(&Arc::new(moved), Source::Check, 2);
+        let moved = Arc::new(moved);
+        t.sync([&*moved]);
         assert!(t.is_up("b"), "a new address is not judged by the old one's failures");
+        t.sync([&*moved]);
+        t.failure(&moved, Source::Check, 1, "x");
+        assert!(!t.is_up("b"), "a reload that keeps the address keeps the state");
+    }
+
+    /// After a reload that moved a backend, sessions and checks still on the old definition
+    /// (a client greeted before the reload, a check already under way) neither reset the new
+    /// address's state nor hide the sessions counted on it.
+    #[test]
+    fn the_old_definition_does_not_touch_the_new_entry() {
+        let t = HealthTable::default();
+        let old = backend();
+        let mut moved = (*old).clone();
+        moved.address = "127.0.0.1:2".into();
+        let moved = Arc::new(moved);
+        let _on_old = t.session(&old);
+        t.sync([&*moved]);
+        let _on_new = t.session(&moved);
+        t.failure(&moved, Source::Check, 1, "x");
+        let _late = t.session(&old);
+        t.success(&old, Source::Session, 2);
+        assert!(!t.is_up("b"), "the old address's login does not mark the new one up");
+        assert_eq!(t.sessions("b"), 1);
     }
 
     /// A backend without checks that sessions marked down is tried again after a while (only
