@@ -9,7 +9,7 @@
 //! reloads for backends whose address did not change.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -17,7 +17,7 @@ use tokio::io::AsyncWriteExt;
 use tokio_util::sync::CancellationToken;
 
 use crate::backend::{self, BackendError, ClientInfo, Lines};
-use crate::config::{Backend, Protocol, Transport};
+use crate::config::{Backend, BackendState, Protocol, Transport};
 use crate::protocol::smtp::ehlo::{self, EhloCache};
 
 /// How often an SMTP backend with health checks off is asked for its EHLO extensions.
@@ -40,6 +40,9 @@ pub struct BackendHealth {
     closes: AtomicU64,
     /// What the state was observed for; a changed address starts afresh.
     identity: Identity,
+    /// The backend's `state` in the running config (`sync`), for sessions that route by the
+    /// config they were greeted under: 0 up, 1 draining, 2 disabled.
+    configured: AtomicU8,
 }
 
 /// The parts of a backend's definition its health belongs to.
@@ -67,6 +70,7 @@ impl BackendHealth {
             last_failure: Mutex::new(None),
             closes: AtomicU64::new(0),
             identity,
+            configured: AtomicU8::new(0),
         }
     }
 }
@@ -171,9 +175,31 @@ impl HealthTable {
         let mut map = self.by_backend.lock().unwrap_or_else(|e| e.into_inner());
         map.retain(|k, h| backends.iter().any(|b| b.name == *k) || h.sessions.load(Ordering::Relaxed) > 0);
         for b in backends {
-            if map.get(&b.name).is_some_and(|h| !h.identity.matches(b)) {
-                map.insert(b.name.clone(), Arc::new(BackendHealth::new(identity(b))));
-            }
+            let h = match map.get(&b.name) {
+                Some(h) if h.identity.matches(b) => h.clone(),
+                _ => {
+                    let h = Arc::new(BackendHealth::new(identity(b)));
+                    map.insert(b.name.clone(), h.clone());
+                    h
+                }
+            };
+            let state = match b.state {
+                BackendState::Up => 0,
+                BackendState::Draining => 1,
+                BackendState::Disabled => 2,
+            };
+            h.configured.store(state, Ordering::Relaxed);
+        }
+    }
+
+    /// The state the running config gives `name`, which may be stricter than the one in the
+    /// snapshot a session routes by (a client greeted before the reload that drained it):
+    /// routing takes the stricter of the two, so "set it and reload" holds at once.
+    pub fn configured_state(&self, name: &str) -> BackendState {
+        match self.get(name).map_or(0, |h| h.configured.load(Ordering::Relaxed)) {
+            0 => BackendState::Up,
+            1 => BackendState::Draining,
+            _ => BackendState::Disabled,
         }
     }
 }

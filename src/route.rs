@@ -102,13 +102,16 @@ fn lookup<'a>(table: &'a RouteTable, user: &str, protocol: Protocol) -> Option<&
 /// resort if health is stale). Without failover the user's mailbox lives on exactly one backend:
 /// the first non-disabled one in rendezvous order, draining or not, and nothing else.
 pub fn plan(target: &Target, protocol: Protocol, user: &str, health: &HealthTable) -> Route {
-    let eligible = target.backends().iter().filter(|b| b.protocol == protocol && b.state != BackendState::Disabled);
+    // The stricter of the session's snapshot and the running config: a session greeted before
+    // a reload that drained or disabled a backend logs in under the new state.
+    let state = |b: &Backend| b.state.max(health.configured_state(&b.name));
+    let eligible = target.backends().iter().filter(|b| b.protocol == protocol && state(b) != BackendState::Disabled);
     let ordered = rendezvous(eligible, user);
     let candidates = if !target.failover() {
         ordered.into_iter().take(1).collect()
     } else {
         let (mut good, mut full, mut down) = (Vec::new(), Vec::new(), Vec::new());
-        for b in ordered.into_iter().filter(|b| b.state == BackendState::Up) {
+        for b in ordered.into_iter().filter(|b| state(b) == BackendState::Up) {
             if !health.usable(&b) {
                 down.push(b);
             } else if b.max_sessions > 0 && health.sessions(&b.name) >= b.max_sessions as usize {

@@ -130,6 +130,31 @@ async fn sessions_keep_their_snapshot_and_new_ones_use_the_new_config() {
 }
 
 #[tokio::test]
+async fn a_backend_disabled_by_a_reload_is_not_used_by_sessions_greeted_before_it() {
+    // "Set it and reload" must hold at once: the snapshot a session was greeted under still
+    // routes it, but never to a backend the running config has taken out.
+    let backend = FakeBackend::start(Behaviour::Normal).await;
+    let pa = free_port();
+    let cfg = config(backend.addr, &[("a", pa)]);
+    let proxy = Proxy::start(&cfg, USERS).await;
+    let a = std::net::SocketAddr::from(([127, 0, 0, 1], pa));
+    let mut early = Client::connect(a).await;
+    assert!(early.line().await.starts_with("* OK"));
+    let disabled = cfg.replace("health = { enabled = false }", "health = { enabled = false }\nstate = \"disabled\"");
+    write_file(&proxy.config_path(), &disabled);
+    proxy.app.reload(false).await.unwrap();
+    early.send(b"a LOGIN alice@example.test secret\r\n").await;
+    assert_eq!(early.line().await, "a NO [UNAVAILABLE] Server unavailable, try again later.\r\n");
+    assert_eq!(backend.connections(), 0);
+    // Enabled again: the same early session now gets it.
+    write_file(&proxy.config_path(), &cfg);
+    proxy.app.reload(false).await.unwrap();
+    early.send(b"b LOGIN alice@example.test secret\r\n").await;
+    assert!(early.until_tagged("b").await.last().unwrap().starts_with("b OK"));
+    assert_eq!(backend.connections(), 1);
+}
+
+#[tokio::test]
 async fn users_file_changes_are_reloaded() {
     let backend = FakeBackend::start(Behaviour::Normal).await;
     let proxy = Proxy::start(&plain_config(backend.addr, ""), USERS).await;

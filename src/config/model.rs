@@ -571,7 +571,8 @@ pub struct Backend {
     pub login: BackendLogin,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// Ordered from least to most restrictive.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub enum BackendState {
     Up,
     /// No new sessions; existing ones continue.
