@@ -122,10 +122,10 @@ fn handle(req: &Request<Incoming>, app: Option<Arc<App>>) -> Response<Full<Bytes
     }
     match req.uri().path() {
         "/metrics" => {
-            if let Some(app) = &app {
-                app.refresh_gauges();
-            }
-            let (ctype, body) = metrics().render();
+            let (ctype, body) = match &app {
+                Some(app) => app.render_metrics(),
+                None => metrics().render(),
+            };
             Response::builder().header("content-type", ctype).body(Full::new(Bytes::from(body))).unwrap_or_default()
         }
         "/healthz" => text(StatusCode::OK, "ok\n".into()),

@@ -408,6 +408,16 @@ impl App {
     }
 
     /// Bring the backend gauges up to date (called at every scrape).
+    /// The metrics page: gauges refreshed, then everything rendered, one scrape at a time. The
+    /// refresh resets the backend and pool gauges before setting them again, and a second
+    /// scrape (an HA pair of Prometheus servers) rendering in between would miss those series.
+    pub fn render_metrics(&self) -> (String, Vec<u8>) {
+        static SCRAPE: Mutex<()> = Mutex::new(());
+        let _one = SCRAPE.lock().unwrap_or_else(|e| e.into_inner());
+        self.refresh_gauges();
+        crate::metrics::metrics().render()
+    }
+
     pub fn refresh_gauges(&self) {
         let m = crate::metrics::metrics();
         let rt = self.runtime.load();

@@ -335,3 +335,26 @@ async fn an_ipv4_and_an_ipv6_wildcard_on_one_port_both_bind() {
         assert!(c.line().await.starts_with("* OK"), "{ip}");
     }
 }
+
+#[tokio::test]
+async fn concurrent_scrapes_all_see_every_backend() {
+    // Two Prometheus servers scraping at once: each page has the backend's series (the gauges
+    // are reset and set again on every scrape).
+    let backend = FakeBackend::start(Behaviour::Normal).await;
+    let proxy = Proxy::start(&plain_config(backend.addr, ""), USERS).await;
+    let scrapers: Vec<_> = (0..2)
+        .map(|_| {
+            let app = proxy.app.clone();
+            std::thread::spawn(move || {
+                (0..3000)
+                    .filter(|_| {
+                        let page = String::from_utf8(app.render_metrics().1).unwrap();
+                        !page.contains("portcullis_backend_up{backend=\"fake\"}")
+                    })
+                    .count()
+            })
+        })
+        .collect();
+    let missing: Vec<usize> = scrapers.into_iter().map(|s| s.join().unwrap()).collect();
+    assert_eq!(missing, [0, 0]);
+}
