@@ -90,6 +90,9 @@ struct Direction {
     guard: Option<CommandGuard>,
     /// The guard refused what was read: what came before it is written, then the copy ends.
     refused: bool,
+    /// `buf` holds bytes the session had before the relay began (`Start`), sized to them: once
+    /// written it is dropped, not read into.
+    seeded: bool,
     bytes: u64,
     /// How much of `bytes` the meter has been given.
     reported: u64,
@@ -145,6 +148,10 @@ impl Direction {
             if self.needs_flush {
                 ready!(w.as_mut().poll_flush(cx)).map_err(|e| (Side::Writer, e))?;
                 self.needs_flush = false;
+            }
+            if self.seeded {
+                self.seeded = false;
+                self.buf = None;
             }
             if self.refused {
                 self.buf = None;
@@ -210,6 +217,22 @@ pub struct Deadlines {
     pub backend_close_hold: Option<CloseHold>,
 }
 
+/// What each direction has to write before it reads: the login reply and what the backend sent
+/// with it, for the client; what the client pipelined after its login command (already passed
+/// by the guard), for the backend.
+#[derive(Default)]
+pub struct Start {
+    pub to_client: Vec<u8>,
+    pub to_backend: Vec<u8>,
+}
+
+impl Direction {
+    fn seeded(bytes: Vec<u8>) -> Direction {
+        let cap = bytes.len();
+        Direction { buf: (cap > 0).then(|| bytes.into_boxed_slice()), cap, seeded: cap > 0, ..Direction::default() }
+    }
+}
+
 /// Relay between `client` and `backend` until both directions end, an error, `idle` passes with
 /// no byte moving either way, or a deadline (max duration, shutdown grace) passes. With a
 /// `guard`, what the client sends is checked before it is written, and the relay ends (as
@@ -225,6 +248,23 @@ where
     C: AsyncRead + AsyncWrite + Unpin + ?Sized,
     B: AsyncRead + AsyncWrite + Unpin + ?Sized,
 {
+    relay_from(client, backend, d, meters, guard, Start::default()).await
+}
+
+/// `relay`, with bytes each way to write first: they are bounded by the same deadlines
+/// (idle, max duration, shutdown), counted and metered like the rest.
+pub async fn relay_from<C, B>(
+    client: &mut C,
+    backend: &mut B,
+    d: Deadlines,
+    meters: Meters,
+    guard: Option<CommandGuard>,
+    start: Start,
+) -> (RelayEnd, Transferred)
+where
+    C: AsyncRead + AsyncWrite + Unpin + ?Sized,
+    B: AsyncRead + AsyncWrite + Unpin + ?Sized,
+{
     let first = d.max_end.map_or(Instant::now() + d.idle, |m| m.min(Instant::now() + d.idle));
     let (cancelled, grace) = match d.shutdown {
         Some((token, grace)) => (Some(Box::pin(token.cancelled_owned())), grace),
@@ -233,8 +273,8 @@ where
     let mut r = Relay {
         client,
         backend,
-        up: Direction { guard, ..Direction::default() },
-        down: Direction { hold_close: d.backend_close_hold.is_some(), ..Direction::default() },
+        up: Direction { guard, ..Direction::seeded(start.to_backend) },
+        down: Direction { hold_close: d.backend_close_hold.is_some(), ..Direction::seeded(start.to_client) },
         hold: d.backend_close_hold,
         held_end: None,
         up_failed: false,
@@ -530,6 +570,50 @@ mod tests {
         assert!(got == reply);
         let (end, t) = task.await.unwrap();
         assert_eq!((end, t.backend_to_client), (RelayEnd::BackendError, 100_000));
+    }
+
+    /// The login reply and the client's pipelined commands go first, in order, counted like
+    /// the rest; and a client that reads none of its reply is still ended by shutdown.
+    #[tokio::test]
+    async fn the_start_goes_first_counted_and_bounded_by_the_deadlines() {
+        let (mut client_app, mut client_proxy) = duplex(64);
+        let (mut backend_proxy, mut backend_app) = duplex(64);
+        let start = Start { to_client: b"a OK logged in\r\n".to_vec(), to_backend: b"b NOOP\r\n".to_vec() };
+        let task = tokio::spawn(async move {
+            let d = Deadlines { idle: Duration::from_secs(5), ..Deadlines::default() };
+            relay_from(&mut client_proxy, &mut backend_proxy, d, Meters::default(), None, start).await
+        });
+        let mut got = [0u8; 8];
+        backend_app.read_exact(&mut got).await.unwrap();
+        assert_eq!(&got, b"b NOOP\r\n");
+        backend_app.write_all(b"b OK done\r\n").await.unwrap();
+        drop(backend_app);
+        client_app.shutdown().await.unwrap();
+        let mut back = Vec::new();
+        client_app.read_to_end(&mut back).await.unwrap();
+        assert_eq!(back, b"a OK logged in\r\nb OK done\r\n");
+        let (end, t) = task.await.unwrap();
+        assert_eq!((end, t.client_to_backend, t.backend_to_client), (RelayEnd::Closed, 8, 27));
+
+        // 100 KB of login reply to a client that reads nothing: shutdown still ends it.
+        let (_client_app, mut client_proxy) = duplex(64);
+        let (mut backend_proxy, _backend_app) = duplex(64);
+        let stop = CancellationToken::new();
+        let d = Deadlines {
+            idle: Duration::from_secs(60),
+            shutdown: Some((stop.clone(), Duration::from_millis(50))),
+            ..Deadlines::default()
+        };
+        let start = Start { to_client: vec![b'x'; 100_000], to_backend: Vec::new() };
+        stop.cancel();
+        let (end, t) = tokio::time::timeout(
+            Duration::from_secs(5),
+            relay_from(&mut client_proxy, &mut backend_proxy, d, Meters::default(), None, start),
+        )
+        .await
+        .unwrap();
+        assert_eq!(end, RelayEnd::Stopped);
+        assert!(t.mid_reply && t.backend_to_client == 64, "{t:?}");
     }
 
     /// Reliability case 59: a client that stops reading stops the backend being read. The relay

@@ -255,32 +255,22 @@ async fn relay_session(
     deadlines: relay::Deadlines,
     mut guard: Option<CommandGuard>,
 ) -> (&'static str, Transferred) {
-    // These writes are bounded like the relay's own: by the idle timeout (a peer that reads
-    // nothing must not hold the session, its backend connection and its slots).
-    let idle = deadlines.idle;
-    let first = std::mem::take(&mut a.to_client);
-    let written = tokio::time::timeout(idle, async {
-        a.client.write_all(&first).await?;
-        a.client.flush().await
-    })
-    .await;
-    if !matches!(written, Ok(Ok(()))) {
-        return ("client_error", Transferred::default());
-    }
-    // What the client sent after its login command is checked like the rest of its stream.
-    let pipelined = std::mem::take(&mut a.pipelined);
-    let cut = guard.as_mut().and_then(|g| g.scan(&pipelined));
-    let pass = &pipelined[..cut.unwrap_or(pipelined.len())];
-    let forwarded = tokio::time::timeout(idle, async {
-        a.backend.stream.write_all(pass).await?;
-        a.backend.stream.flush().await
-    });
-    if !pass.is_empty() && !matches!(forwarded.await, Ok(Ok(()))) {
-        return ("backend_error", Transferred::default());
-    }
-    if cut.is_some() {
+    // The login reply goes to the client, and what it pipelined after its login command to the
+    // backend, inside the relay: bounded by its deadlines (a client that reads nothing, a
+    // shutdown) and counted like the rest.
+    let to_client = std::mem::take(&mut a.to_client);
+    let to_backend = std::mem::take(&mut a.pipelined);
+    // What the client pipelined is checked like the rest of its stream. Refused there, the
+    // client still gets its login reply (bounded by the idle timeout), and the session ends.
+    if guard.as_mut().and_then(|g| g.scan(&to_backend)).is_some() {
+        let _ = tokio::time::timeout(deadlines.idle, async {
+            a.client.write_all(&to_client).await?;
+            a.client.flush().await
+        })
+        .await;
         return (relay::RelayEnd::Refused.as_str(), Transferred::default());
     }
+    let start = relay::Start { to_client, to_backend };
     // Bytes reach relayed_bytes_total as they move, so long sessions (IDLE, big FETCHes) show
     // in throughput graphs while they last rather than all at once when they end.
     let relayed = &metrics().relayed_bytes;
@@ -288,7 +278,7 @@ async fn relay_session(
         client_to_backend: Some(relayed.with_label_values(&[protocol, "client_to_backend"])),
         backend_to_client: Some(relayed.with_label_values(&[protocol, "backend_to_client"])),
     };
-    let (end, t) = relay::relay(&mut a.client, &mut a.backend.stream, deadlines, meters, guard).await;
+    let (end, t) = relay::relay_from(&mut a.client, &mut a.backend.stream, deadlines, meters, guard, start).await;
     (end.as_str(), t)
 }
 
