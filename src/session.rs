@@ -611,11 +611,20 @@ async fn login_inner(
                 Ok(crate::auth::http::Answer::Ok { server, port, user: new_user, pass, transport, client_address }) => {
                     let target = service_target(&rt.config, protocol, &server, port, transport, client_address)
                         .ok_or(LoginError::Unavailable("backend_unavailable"))?;
+                    // An Auth-User that is no usable name (empty, spaces, too long) is the
+                    // service's fault: never the client's own name in its place, which master
+                    // and XCLIENT logins would open.
+                    let user = match &new_user {
+                        Some(u) => rt.config.users.canonical(u).ok_or_else(|| {
+                            tracing::warn!(session = %ctx.id, "auth service answered with an unusable Auth-User");
+                            LoginError::Unavailable("auth_service_error")
+                        })?,
+                        None => user,
+                    };
                     let creds = Credentials {
                         user: new_user.unwrap_or(creds.user),
                         password: pass.map(crate::auth::Password::new).unwrap_or(creds.password),
                     };
-                    let user = rt.config.users.canonical(&creds.user).unwrap_or(user);
                     (user, target, false, creds)
                 }
             }

@@ -118,6 +118,9 @@ fn answers(direct_port: u16) -> Answers {
                 ("Auth-Pass", "backendpw"),
             ]),
             ("slow@example.test", _) => h(&[("Auth-Status", "Try again later, please"), ("Auth-Wait", "1")]),
+            ("unusable@example.test", _) => {
+                h(&[("Auth-Status", "OK"), ("Auth-Server", "mailpool"), ("Auth-User", "Shared Sales")])
+            }
             (_, _) => h(&[("Auth-Status", "Invalid login or password")]),
         }
     })
@@ -152,6 +155,24 @@ async fn service_routes_by_address_and_by_pool_with_credential_override() {
     assert_eq!(req["auth-login-attempt"], "1");
     assert_eq!(req["client-ip"], "127.0.0.1");
     assert_eq!(req["x-auth-key"], "s3cret");
+}
+
+#[tokio::test]
+async fn an_unusable_auth_user_is_an_outage_not_the_clients_own_name() {
+    // "Shared Sales" is no user name: the session must not go on as the client's own name
+    // (which a master or XCLIENT login would open), nor reach the backend at all.
+    let pooled = FakeBackend::start(Behaviour::Normal).await;
+    let (auth, _) = auth_service(answers(1)).await;
+    let cfg = config(auth, pooled.addr, "").replace(
+        "health = { enabled = false }",
+        "health = { enabled = false }\nlogin = \"master\"\nmaster_user = \"m\"\nmaster_password = \"mp\"",
+    );
+    let proxy = Proxy::start(&cfg, "").await;
+    let mut c = Client::connect(proxy.addr("plain")).await;
+    c.line().await;
+    c.send(b"a LOGIN unusable@example.test pw\r\n").await;
+    assert_eq!(c.line().await, "a NO [UNAVAILABLE] Server unavailable, try again later.\r\n");
+    assert_eq!(pooled.connections(), 0);
 }
 
 #[tokio::test]

@@ -199,7 +199,10 @@ fn cache_key(q: &Query<'_>) -> u64 {
             u64::from_le_bytes(b[8..].try_into().unwrap_or_default()),
         )
     });
-    // The client certificate's verdict and fingerprint too: a service may answer by them.
+    // Everything the request tells the service that it may answer by: the TLS state (a service
+    // that refuses logins without Auth-SSL must not see its answer to an IMAPS login reused for
+    // a plaintext one), the client certificate's verdict and fingerprint, HELO, the attempt.
+    let tls = q.tls.as_ref().map_or(String::new(), |t| format!("{} {}", t.version, t.cipher));
     let cert = q.tls.as_ref().and_then(|t| t.client_cert.as_ref());
     let verify = cert.map_or("", |c| c.verify.as_str());
     let fingerprint = cert.and_then(|c| c.cert.as_ref()).map_or("", |c| c.fingerprint.as_str());
@@ -210,8 +213,11 @@ fn cache_key(q: &Query<'_>) -> u64 {
         q.user.as_bytes(),
         q.password,
         q.client_ip.to_string().as_bytes(),
+        tls.as_bytes(),
         verify.as_bytes(),
         fingerprint.as_bytes(),
+        q.helo.unwrap_or("").as_bytes(),
+        &q.attempt.to_le_bytes(),
     ] {
         buf.extend_from_slice(&(part.len() as u64).to_le_bytes());
         buf.extend_from_slice(part);
@@ -335,10 +341,9 @@ pub fn parse_response(headers: &HeaderMap) -> Result<Answer, String> {
             client_address,
         });
     }
-    let wait = match get("Auth-Wait").as_deref() {
-        Some(w) => Some(Duration::from_secs(w.parse::<u64>().map_err(|_| "bad Auth-Wait")?).min(MAX_WAIT)),
-        None => None,
-    };
+    // An Auth-Wait that is not a number of seconds is ignored, as nginx does: the refusal
+    // stands (and counts against the client), rather than becoming an outage.
+    let wait = get("Auth-Wait").and_then(|w| w.parse::<u64>().ok()).map(|n| Duration::from_secs(n).min(MAX_WAIT));
     Ok(Answer::Fail {
         message: client_text(&status),
         wait,
@@ -382,8 +387,8 @@ mod tests {
         out
     }
 
-    /// A cached answer is only reused for the same attempt: same method, credentials, address and
-    /// client certificate (a service may answer by the certificate).
+    /// A cached answer is only reused for the same attempt: same method, credentials, address,
+    /// TLS state, client certificate, HELO and attempt number (a service may answer by any).
     #[test]
     fn cache_key_covers_method_and_certificate() {
         use crate::tls::client_cert::{CertDetails, ClientCertFacts};
@@ -409,6 +414,10 @@ mod tests {
             cache_key(&with_cert("SUCCESS", "aa")),
             cache_key(&with_cert("SUCCESS", "bb")),
             cache_key(&with_cert("FAILED:self-signed certificate", "aa")),
+            // Without TLS (a plaintext listener) the service may answer otherwise.
+            cache_key(&Query { tls: None, ..query(Protocol::Imap) }),
+            cache_key(&Query { helo: Some("other.example"), ..query(Protocol::Imap) }),
+            cache_key(&Query { attempt: 1, ..query(Protocol::Imap) }),
         ];
         let distinct: std::collections::HashSet<_> = keys.iter().collect();
         assert_eq!(distinct.len(), keys.len());
@@ -522,6 +531,13 @@ mod tests {
                 .unwrap(),
             Answer::Fail { message: "Temporaryproblem".into(), wait: None, error_code: Some("451 4.3.0".into()) }
         );
+        // Not a number of seconds: ignored (nginx), the refusal stands rather than an outage.
+        for bad in ["3s", "2.5", "-1"] {
+            assert_eq!(
+                parse_response(&headers(&[("Auth-Status", "Invalid login"), ("Auth-Wait", bad)])).unwrap(),
+                Answer::Fail { message: "Invalid login".into(), wait: None, error_code: None }
+            );
+        }
         assert!(parse_response(&headers(&[])).is_err());
         assert!(parse_response(&headers(&[("Auth-Status", "OK")])).is_err());
         assert!(

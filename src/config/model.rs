@@ -2124,10 +2124,9 @@ default = "b"
         assert_eq!((e.field.as_str(), e.message.as_str()), ("listener[0].client_crl_file", "needs client_ca_file"));
         let dir = std::env::temp_dir().join(format!("portcullis-model-crl-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
-        let ca = rcgen::CertificateParams::new(Vec::<String>::new())
-            .unwrap()
-            .self_signed(&rcgen::KeyPair::generate().unwrap())
-            .unwrap();
+        let mut ca = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        ca.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        let ca = ca.self_signed(&rcgen::KeyPair::generate().unwrap()).unwrap();
         std::fs::write(dir.join("ca.pem"), ca.pem()).unwrap();
         let e = parse(&l(&format!(
             "tls = \"implicit\"\nverify_client = \"on\"\nclient_ca_file = \"{}\"\nclient_crl_file = \"{}\"",

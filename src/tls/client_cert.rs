@@ -367,11 +367,22 @@ pub(crate) fn client_ca(cert: &CertificateDer<'_>) -> Result<(), String> {
         return Err("a certificate that cannot be parsed".into());
     };
     let subject = rfc2253(parsed.subject());
-    if let Ok(Some(bc)) = parsed.basic_constraints()
-        && !bc.value.ca
-    {
+    // OpenSSL's X509_check_ca, which nginx's verification applies to every issuer, the trust
+    // anchor included: basicConstraints CA:TRUE; without basicConstraints, a version 1
+    // self-signed root or a keyUsage with keyCertSign. Anything else (CA:FALSE, no extension at
+    // all as many end-entity certificates have, a broken one) is not a CA.
+    let is_ca = match parsed.basic_constraints() {
+        Ok(Some(bc)) => bc.value.ca,
+        Ok(None) => {
+            let v1_root = parsed.version() == x509_parser::x509::X509Version::V1 && parsed.subject() == parsed.issuer();
+            let cert_sign = matches!(parsed.key_usage(), Ok(Some(ku)) if ku.value.key_cert_sign());
+            v1_root || cert_sign
+        }
+        Err(_) => false,
+    };
+    if !is_ca {
         return Err(format!(
-            "{subject} is not a CA certificate (CA:FALSE); client certificates are checked against the CAs that issue them"
+            "{subject} is not a CA certificate (no basicConstraints CA:TRUE); client certificates are checked against the CAs that issue them"
         ));
     }
     let validity = parsed.validity();
@@ -545,8 +556,9 @@ mod tests {
         assert!(matches!(got, CertCheck::Accepted(_)), "{got:?}");
     }
 
-    /// The CA file holds CAs in date: a client's own certificate (CA:FALSE) "pinned" there would
-    /// let its key sign certificates for any subject; an expired CA would go on vouching.
+    /// The CA file holds CAs in date: a client's own certificate (CA:FALSE, or no
+    /// basicConstraints at all) "pinned" there would let its key sign certificates for any
+    /// subject; an expired CA would go on vouching.
     #[test]
     fn the_ca_file_takes_only_cas_in_date() {
         let dir = tempfile::tempdir().unwrap();
@@ -564,8 +576,14 @@ mod tests {
         let not_ca = not_ca.self_signed(&KeyPair::generate().unwrap()).unwrap();
         let e = load(&not_ca.pem()).unwrap_err();
         assert!(e.contains("CN=alice") && e.contains("not a CA certificate"), "{e}");
-        // Without basicConstraints (a v1-style root) it is taken, as OpenSSL takes it.
-        assert!(load(&leaf.pem()).is_ok());
+        // Without basicConstraints either (rcgen's default, `openssl x509 -req` without an
+        // extfile): OpenSSL refuses it as an issuer, and webpki would not.
+        let e = load(&leaf.pem()).unwrap_err();
+        assert!(e.contains("CN=alice") && e.contains("not a CA certificate"), "{e}");
+        // ... unless its keyUsage allows signing certificates, as OpenSSL's check allows.
+        let mut signer = client_params("Signer", -1, 30);
+        signer.key_usages = vec![rcgen::KeyUsagePurpose::KeyCertSign];
+        assert!(load(&signer.self_signed(&KeyPair::generate().unwrap()).unwrap().pem()).is_ok());
         let mut old = client_params("Old CA", -30, -1);
         old.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
         let old = old.self_signed(&KeyPair::generate().unwrap()).unwrap();
