@@ -433,6 +433,11 @@ async fn preauth(ctx: &SessionCtx, tcp: TcpStream, deadline: Instant) -> Result<
                 }
                 Err(LoginError::Unavailable(why)) => {
                     count_login(lc, req.mechanism, why);
+                    // Not the user's failure (not counted, not throttled), but paced like one:
+                    // a client looping on LOGIN during an outage would otherwise send the auth
+                    // service or the backends a request per round trip for the whole login
+                    // window (reliability cases 54, 61).
+                    tokio::time::sleep_until(fail_at).await;
                     fail(&mut front, &mut stream, LoginFailure::Unavailable, 0, u32::MAX).await?;
                 }
                 Err(LoginError::InUse) => {

@@ -226,14 +226,19 @@ async fn auth_wait_delays_and_lets_the_client_retry() {
 async fn outage_is_a_temporary_failure_and_never_counts_against_the_user() {
     let pooled = FakeBackend::start(Behaviour::Normal).await;
     let down = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
-    let proxy = Proxy::start(&config(down, pooled.addr, ""), "").await;
+    let cfg = config(down, pooled.addr, "").replace("auth_failure_delay = \"10ms\"", "auth_failure_delay = \"200ms\"");
+    let proxy = Proxy::start(&cfg, "").await;
     let mut c = Client::connect(proxy.addr("plain")).await;
     c.line().await;
-    // More outages than max_auth_attempts (3): the connection stays open.
+    // More outages than max_auth_attempts (3): the connection stays open. Each answer is paced
+    // like a failed login (reliability case 54): a client looping on LOGIN cannot turn the
+    // outage into a request per round trip.
+    let started = tokio::time::Instant::now();
     for tag in ["a", "b", "c", "d"] {
         c.send(format!("{tag} LOGIN x@example.test y\r\n").as_bytes()).await;
         assert_eq!(c.line().await, format!("{tag} NO [UNAVAILABLE] Server unavailable, try again later.\r\n"));
     }
+    assert!(started.elapsed() >= std::time::Duration::from_millis(800), "{:?}", started.elapsed());
 }
 
 #[tokio::test]
