@@ -189,3 +189,13 @@ async fn a_command_split_over_segments_is_one_command() {
     c.send(b"USER alice@example.test\r\n").await;
     assert_eq!(c.line().await, "+OK\r\n");
 }
+
+#[tokio::test]
+async fn over_the_connection_cap_is_a_temporary_server_condition_not_a_locked_mailbox() {
+    // RFC 3206 [SYS/TEMP]; [IN-USE] (RFC 2449) would tell the client its maildrop is locked.
+    let backend = FakeBackend::start(Behaviour::Pop3).await;
+    let proxy = Proxy::start(&protocol_config("pop3", backend.addr, "max_connections_per_ip = 1"), USERS).await;
+    let _first = greeted(&proxy).await;
+    let mut second = Client::connect(proxy.addr("plain")).await;
+    assert_eq!(second.line().await, "-ERR [SYS/TEMP] Too many connections, try again later.\r\n");
+}

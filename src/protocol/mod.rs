@@ -249,7 +249,9 @@ pub fn goodbye(protocol: Protocol, why: Goodbye) -> &'static [u8] {
     match (protocol, why) {
         (Protocol::Imap, Goodbye::Shutdown) => b"* BYE Server shutting down.\r\n",
         (Protocol::Imap, Goodbye::TooManyConnections) => b"* BYE Too many connections, try again later.\r\n",
-        (Protocol::Pop3, Goodbye::TooManyConnections) => b"-ERR [IN-USE] Too many connections, try again later.\r\n",
+        // RFC 3206 SYS/TEMP: a temporary condition of the server. IN-USE (RFC 2449) means the
+        // maildrop is locked, which some clients show as such.
+        (Protocol::Pop3, Goodbye::TooManyConnections) => b"-ERR [SYS/TEMP] Too many connections, try again later.\r\n",
         (Protocol::Smtp, Goodbye::TooManyConnections) => b"421 4.7.0 Too many connections, try again later\r\n",
         (Protocol::Imap, Goodbye::LoginTimeout) => b"* BYE Login timed out.\r\n",
         (Protocol::Pop3, Goodbye::LoginTimeout) => b"-ERR Login timed out.\r\n",

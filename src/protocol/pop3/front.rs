@@ -57,6 +57,17 @@ impl Pop3Front {
         caps
     }
 
+    /// Answer a command with an error and count it. The answer that reaches `max_errors` says
+    /// the connection is closing instead: a separate `-ERR` after it would be read by a
+    /// pipelining client as the answer to its next command (RFC 2449 §6.6: one reply each).
+    async fn error<S: AsyncWrite + Unpin>(&mut self, s: &mut S, reply: &str) -> io::Result<()> {
+        if self.d.errors + 1 >= self.settings.max_errors {
+            self.d.err(s, "-ERR Too many invalid commands.\r\n").await
+        } else {
+            self.d.err(s, reply).await
+        }
+    }
+
     pub async fn greet<S: AsyncWrite + Unpin>(&self, s: &mut S) -> io::Result<()> {
         write(s, Self::GREETING).await
     }
@@ -66,7 +77,7 @@ impl Pop3Front {
     pub async fn next_event<S: AsyncRead + AsyncWrite + Unpin>(&mut self, s: &mut S) -> io::Result<Event> {
         loop {
             if self.d.errors >= self.settings.max_errors {
-                write(s, b"-ERR Too many invalid commands.\r\n").await?;
+                // The last error's reply said so (`error`): POP3 has no unsolicited replies.
                 return Ok(Event::Closed(CloseReason::TooManyErrors));
             }
             let line = match self.d.line(s).await? {
@@ -74,7 +85,7 @@ impl Pop3Front {
                 Err(reason) => return Ok(Event::Closed(reason)),
             };
             let Some(line) = line else {
-                self.d.err(s, "-ERR Invalid command line.\r\n").await?;
+                self.error(s, "-ERR Invalid command line.\r\n").await?;
                 continue;
             };
             if looks_like_http(&line) {
@@ -95,7 +106,7 @@ impl Pop3Front {
                 "STLS" => {
                     if !self.settings.starttls_offered || self.settings.tls_active {
                         // Reliability case 3.
-                        self.d.err(s, "-ERR STLS not available.\r\n").await?;
+                        self.error(s, "-ERR STLS not available.\r\n").await?;
                         continue;
                     }
                     if self.d.lines.has_buffered() {
@@ -115,7 +126,7 @@ impl Pop3Front {
                             self.user = Some(user.to_vec());
                             write(s, b"+OK\r\n").await?;
                         }
-                        _ => self.d.err(s, "-ERR Missing user name.\r\n").await?,
+                        _ => self.error(s, "-ERR Missing user name.\r\n").await?,
                     }
                 }
                 "PASS" => {
@@ -123,7 +134,7 @@ impl Pop3Front {
                         continue;
                     }
                     let Some(user) = self.user.take() else {
-                        self.d.err(s, "-ERR No user name given.\r\n").await?;
+                        self.error(s, "-ERR No user name given.\r\n").await?;
                         continue;
                     };
                     let credentials = sasl::credentials(&user, arg.unwrap_or_default());
@@ -155,7 +166,7 @@ impl Pop3Front {
                         Mechanism::External
                     } else {
                         // Reliability case 42.
-                        self.d.err(s, "-ERR Unsupported authentication mechanism.\r\n").await?;
+                        self.error(s, "-ERR Unsupported authentication mechanism.\r\n").await?;
                         continue;
                     };
                     if let Some(credentials) = self.d.sasl(s, mechanism, ir).await? {
@@ -163,9 +174,9 @@ impl Pop3Front {
                     }
                 }
                 "APOP" | "STAT" | "LIST" | "RETR" | "DELE" | "RSET" | "TOP" | "UIDL" | "LAST" => {
-                    self.d.err(s, "-ERR Not allowed before authentication.\r\n").await?
+                    self.error(s, "-ERR Not allowed before authentication.\r\n").await?
                 }
-                _ => self.d.err(s, "-ERR Unknown command.\r\n").await?,
+                _ => self.error(s, "-ERR Unknown command.\r\n").await?,
             }
         }
     }
@@ -198,7 +209,7 @@ impl Pop3Front {
             return Ok(true);
         }
         // Reliability cases 6/7: no credentials before TLS.
-        self.d.err(s, "-ERR [AUTH] Plaintext authentication disallowed on non-secure connections.\r\n").await?;
+        self.error(s, "-ERR [AUTH] Plaintext authentication disallowed on non-secure connections.\r\n").await?;
         Ok(false)
     }
 }
@@ -307,6 +318,9 @@ mod tests {
     fn errors_and_limits() {
         let (out, ev) = run(vec![b"RETR 1\r\nFOO\r\nBAR\n\r\nPASS x\r\nUSER\r\nNOOP\r\n".to_vec()]);
         assert!(out.ends_with("-ERR Too many invalid commands.\r\n"), "{out}");
+        // One reply per command: the fifth error's reply is the one that says so, and the
+        // pipelined NOOP gets none (no unsolicited -ERR a client would take for its answer).
+        assert_eq!(out.matches("-ERR").count(), 5, "{out}");
         assert_eq!(ev, vec!["closed too_many_errors"]);
         let mut long = b"USER ".to_vec();
         long.extend(vec![b'a'; 300]);
