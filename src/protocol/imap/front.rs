@@ -139,8 +139,10 @@ impl ImapFront {
                     write(s, b"* BYE Command line too long.\r\n").await?;
                     return Ok(Event::Closed(CloseReason::LineTooLong));
                 }
+                // With room for the CRLF that must still follow it: a "+" for a literal that
+                // only fits without it would invite data the limit then refuses (case 29).
                 let used = self.frag.message_bytes().len() as u64;
-                if u64::from(ann.length) + used > u64::from(self.settings.max_line) {
+                if u64::from(ann.length) + used + 2 > u64::from(self.settings.max_line) {
                     // Reliability case 29/31: never send "+" for an oversized literal.
                     match ann.mode {
                         LiteralMode::Sync => {
@@ -605,6 +607,24 @@ mod tests {
         let st = FrontSettings { auth_allowed: false, ..settings() };
         let (out, _) = run_front(crate::config::Protocol::Imap, st, vec![b"a ID ({2}\r\n".to_vec()]);
         assert!(String::from_utf8(out).unwrap().ends_with("+ Ready for literal data.\r\n"));
+    }
+
+    /// Case 29 at the limit: no "+" for a literal that fills the line limit exactly, since
+    /// the command's CRLF still has to follow it; one that leaves room for it gets its "+".
+    #[test]
+    fn a_literal_gets_its_continuation_only_with_room_for_the_crlf() {
+        // settings(): max_line 1024; "a LOGIN {1008}\r\n" is 16 bytes.
+        let (out, _) = run(vec![b"a LOGIN {1008}\r\n".to_vec()]);
+        let out = String::from_utf8(out).unwrap();
+        assert!(out.ends_with("a BAD Literal too large.\r\n") && !out.contains("+ Ready"), "{out}");
+        let (out, _) = run(vec![b"a LOGIN {1006}\r\n".to_vec()]);
+        assert!(String::from_utf8(out).unwrap().ends_with("+ Ready for literal data.\r\n"));
+        // And the literal then sent with its CRLF is within the limit.
+        let mut literal = vec![b'x'; 1006];
+        literal.extend_from_slice(b"\r\n");
+        let (out, _) = run(vec![b"a LOGIN {1006}\r\n".to_vec(), literal]);
+        let out = String::from_utf8(out).unwrap();
+        assert!(out.contains("+ Ready") && !out.contains("too long"), "{out}");
     }
 
     /// Case 27 when the over-long line ends in a literal, and case 28 for a SASL response that
