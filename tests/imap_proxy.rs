@@ -613,6 +613,24 @@ async fn a_client_held_after_its_backend_went_keeps_no_slot() {
 }
 
 #[tokio::test]
+async fn a_large_command_pipelined_after_login_goes_to_the_backend() {
+    // Reliability case 25 with a small line limit: an APPEND longer than the limit, sent in the
+    // same write as the LOGIN, is the backend's to judge after login, not a reason to drop it.
+    let backend = FakeBackend::start(Behaviour::Normal).await;
+    let proxy = Proxy::start(&plain_config(backend.addr, "max_line_length = 1024"), USERS).await;
+    let mut c = greeted(&proxy).await;
+    let mut burst = b"a LOGIN alice@example.test secret\r\nb APPEND INBOX {1500+}\r\n".to_vec();
+    burst.extend(vec![b'x'; 1500]);
+    burst.extend_from_slice(b"\r\n");
+    c.send(&burst).await;
+    let reply = c.until_tagged("a").await;
+    assert!(reply.last().unwrap().starts_with("a OK"), "{reply:?}");
+    assert!(c.until_tagged("b").await.last().unwrap().starts_with("b OK"));
+    let got = backend.lines(0).concat();
+    assert!(got.contains(&format!("b APPEND INBOX {{1500+}}\r\n{}\r\n", "x".repeat(1500))), "{got}");
+}
+
+#[tokio::test]
 async fn backend_verified_auth_uses_the_backend_verdict() {
     let backend = FakeBackend::start(Behaviour::RejectLogin).await;
     let config = plain_config(backend.addr, "").replace("passwd_file = \"users\"", "source = \"backend\"");

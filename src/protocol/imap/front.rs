@@ -488,7 +488,11 @@ impl ImapFront {
             let since = *self.partial_since.get_or_insert_with(tokio::time::Instant::now);
             wait = wait.min(self.settings.command_timeout.saturating_sub(since.elapsed()));
         }
-        match tokio::time::timeout(wait, s.read(&mut buf)).await {
+        // Never more than the line limit at once: what follows a LOGIN in the same read (the
+        // client's pipelined commands, an APPEND's data) is then always less than the limit, and
+        // goes on to the backend (`into_pipelined`) instead of failing the login as too long.
+        let take = READ_CHUNK.min(self.settings.max_line as usize);
+        match tokio::time::timeout(wait, s.read(&mut buf[..take])).await {
             Err(_) => Ok(Fill::Timeout),
             Ok(Ok(0)) => Ok(Fill::Eof),
             Ok(Ok(n)) => {
