@@ -394,6 +394,8 @@ impl App {
     }
 
     fn record_certificates(&self) {
+        // Reset and set again like the backend gauges: not while a scrape renders.
+        let _one = GAUGES.lock().unwrap_or_else(|e| e.into_inner());
         let m = crate::metrics::metrics();
         m.certificate_not_after.reset();
         for (label, t) in self.tls.certs.expiries() {
@@ -407,17 +409,16 @@ impl App {
         }
     }
 
-    /// Bring the backend gauges up to date (called at every scrape).
     /// The metrics page: gauges refreshed, then everything rendered, one scrape at a time. The
     /// refresh resets the backend and pool gauges before setting them again, and a second
     /// scrape (an HA pair of Prometheus servers) rendering in between would miss those series.
     pub fn render_metrics(&self) -> (String, Vec<u8>) {
-        static SCRAPE: Mutex<()> = Mutex::new(());
-        let _one = SCRAPE.lock().unwrap_or_else(|e| e.into_inner());
+        let _one = GAUGES.lock().unwrap_or_else(|e| e.into_inner());
         self.refresh_gauges();
         crate::metrics::metrics().render()
     }
 
+    /// Bring the backend gauges up to date (called at every scrape).
     pub fn refresh_gauges(&self) {
         let m = crate::metrics::metrics();
         let rt = self.runtime.load();
@@ -640,6 +641,33 @@ async fn bind_all(
     config: &Config,
     current: &HashMap<SocketKey, Arc<TcpListener>>,
 ) -> Result<HashMap<SocketKey, Arc<TcpListener>>, StartError> {
+    // `[::]:993` beside `0.0.0.0:993` (the usual pair): the IPv6 socket takes IPv6 only, or
+    // with Linux's default (dual-stack) it would claim the IPv4 port as well and one of the two
+    // binds would fail. `[::]:993` alone stays dual-stack.
+    let v6only = |addr: &SocketAddr| {
+        addr.ip().is_unspecified()
+            && addr.is_ipv6()
+            && config
+                .listeners
+                .iter()
+                .flat_map(|l| &l.bind)
+                .any(|b| b.is_ipv4() && b.port() == addr.port() && b.ip().is_unspecified())
+    };
+    // A socket cannot change IPV6_V6ONLY once bound, nor be bound again while it listens: a
+    // reload that adds or removes the IPv4 half of such a pair needs a restart, and says so
+    // (before binding anything) rather than fail on the IPv4 half or leave IPv4 clients refused.
+    for l in &config.listeners {
+        for addr in l.bind.iter().filter(|a| a.is_ipv6() && a.ip().is_unspecified()) {
+            let Some(s) = current.get(&SocketKey::new(&l.name, *addr)) else { continue };
+            let bind_error = |source| StartError::Bind { listener: l.name.clone(), addr: *addr, source };
+            if socket2::SockRef::from(&**s).only_v6().map_err(bind_error)? != v6only(addr) {
+                return Err(bind_error(std::io::Error::other(
+                    "the IPv4 half of this port was added or removed, and a listening socket cannot \
+                     change between IPv6-only and dual-stack: restart to apply",
+                )));
+            }
+        }
+    }
     let mut out = HashMap::new();
     for l in &config.listeners {
         for addr in &l.bind {
@@ -648,17 +676,7 @@ async fn bind_all(
                 out.insert(key, s.clone());
                 continue;
             }
-            // `[::]:993` beside `0.0.0.0:993` (the usual pair): the IPv6 socket takes IPv6 only,
-            // or with Linux's default (dual-stack) it would claim the IPv4 port as well and one
-            // of the two binds would fail. `[::]:993` alone stays dual-stack.
-            let v6only = addr.ip().is_unspecified()
-                && addr.is_ipv6()
-                && config
-                    .listeners
-                    .iter()
-                    .flat_map(|l| &l.bind)
-                    .any(|b| b.is_ipv4() && b.port() == addr.port() && b.ip().is_unspecified());
-            let s = listen(*addr, v6only).map_err(|source| StartError::Bind {
+            let s = listen(*addr, v6only(addr)).map_err(|source| StartError::Bind {
                 listener: l.name.clone(),
                 addr: *addr,
                 source,
@@ -669,7 +687,7 @@ async fn bind_all(
     Ok(out)
 }
 
-/// A listening socket: SO_REUSEADDR (a restart rebinds at once), IPV6_V6ONLY when asked, and a
+/// A listening socket: SO_REUSEADDR (a restart rebinds at once), IPV6_V6ONLY as asked, and a
 /// backlog of 1024 (the kernel caps it at `net.core.somaxconn`) rather than the standard
 /// library's 128, which a burst of reconnecting clients overflows (each overflow costs that
 /// client a SYN retransmission, a second or more).
@@ -677,14 +695,19 @@ fn listen(addr: SocketAddr, v6only: bool) -> std::io::Result<TcpListener> {
     use socket2::{Domain, Protocol, Socket, Type};
     let s = Socket::new(Domain::for_address(addr), Type::STREAM.cloexec(), Some(Protocol::TCP))?;
     s.set_reuse_address(true)?;
-    if v6only {
-        s.set_only_v6(true)?;
+    if addr.is_ipv6() && addr.ip().is_unspecified() {
+        // Set both ways, not left to `net.ipv6.bindv6only`: `[::]:P` alone is dual-stack as
+        // documented, and a reload can tell what a listening socket was bound as.
+        s.set_only_v6(v6only)?;
     }
     s.set_nonblocking(true)?;
     s.bind(&addr.into())?;
     s.listen(1024)?;
     TcpListener::from_std(s.into())
 }
+
+/// Held while gauges that are reset and set again change, and while a scrape renders them.
+static GAUGES: Mutex<()> = Mutex::new(());
 
 /// A hash of every input file's bytes, to skip reloads that change nothing.
 pub(crate) fn fingerprint(files: &[PathBuf]) -> u64 {

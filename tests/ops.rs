@@ -324,7 +324,7 @@ async fn an_ipv4_and_an_ipv6_wildcard_on_one_port_both_bind() {
     // The usual pair `["0.0.0.0:993", "[::]:993"]`: with Linux's default dual-stack sockets the
     // IPv6 one claimed the IPv4 port too, and the second bind failed at start.
     let backend = FakeBackend::start(Behaviour::Normal).await;
-    let port = std::net::TcpListener::bind("[::]:0").unwrap().local_addr().unwrap().port();
+    let port = free_port();
     let cfg = plain_config(backend.addr, "")
         .replace("bind = \"127.0.0.1:0\"", &format!("bind = [\"0.0.0.0:{port}\", \"[::]:{port}\"]"));
     let proxy = Proxy::start(&cfg, USERS).await;

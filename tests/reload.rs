@@ -5,20 +5,6 @@ mod common;
 
 use common::*;
 
-/// A free port outside the kernel's ephemeral range (32768-60999 on Linux), so an outgoing
-/// connection of a parallel test cannot take it between now and the bind.
-fn free_port() -> u16 {
-    use std::sync::atomic::{AtomicU16, Ordering};
-    static NEXT: AtomicU16 = AtomicU16::new(0);
-    let start = 20_000 + (std::process::id() % 500) as u16 * 20;
-    loop {
-        let port = start + NEXT.fetch_add(1, Ordering::Relaxed) % 10_000;
-        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
-            return port;
-        }
-    }
-}
-
 fn config(backend: std::net::SocketAddr, listeners: &[(&str, u16)]) -> String {
     let mut c = plain_config(backend, "");
     for (name, port) in listeners {
@@ -446,4 +432,28 @@ async fn a_relative_config_path_follows_its_replaced_directory() {
     std::fs::rename(d.join("conf"), d.join("conf.old")).unwrap();
     std::fs::rename(d.join("conf.new"), d.join("conf")).unwrap();
     eventually_logs_in(addr, "second", "replaced config directory").await;
+}
+
+#[tokio::test]
+async fn a_reload_that_adds_or_removes_the_ipv4_half_of_a_wildcard_pair_asks_for_a_restart() {
+    // `[::]:P` beside `0.0.0.0:P` is bound IPv6-only, alone dual-stack; a listening socket
+    // cannot change that, so such a reload fails (the running config stays) rather than leave
+    // IPv4 clients refused.
+    let backend = FakeBackend::start(Behaviour::Normal).await;
+    let with = |bind: &str| plain_config(backend.addr, "").replace("bind = \"127.0.0.1:0\"", &format!("bind = {bind}"));
+    let pair = |port: u16| with(&format!("[\"0.0.0.0:{port}\", \"[::]:{port}\"]"));
+    let alone = |port: u16| with(&format!("\"[::]:{port}\""));
+    let port = free_port();
+    let proxy = Proxy::start(&pair(port), USERS).await;
+    write_file(&proxy.config_path(), &alone(port));
+    let e = proxy.app.reload(false).await.unwrap_err().to_string();
+    assert!(e.contains("restart"), "{e}");
+    assert_eq!(proxy.app.local_addrs("plain").len(), 2, "the running config stays");
+    let port = free_port();
+    let proxy = Proxy::start(&alone(port), USERS).await;
+    let mut c = Client::connect(([127, 0, 0, 1], port).into()).await;
+    assert!(c.line().await.starts_with("* OK"), "alone, [::] takes IPv4 too");
+    write_file(&proxy.config_path(), &pair(port));
+    let e = proxy.app.reload(false).await.unwrap_err().to_string();
+    assert!(e.contains("restart"), "{e}");
 }

@@ -524,3 +524,18 @@ pub fn write_file(path: &Path, text: &str) {
 pub fn hangup() -> tokio::signal::unix::Signal {
     tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).unwrap()
 }
+
+/// A free port outside the kernel's ephemeral range (32768-60999 on Linux), so an outgoing
+/// connection of a parallel test cannot take it between now and the bind; free on every
+/// address (what a wildcard listener needs).
+pub fn free_port() -> u16 {
+    use std::sync::atomic::{AtomicU16, Ordering};
+    static NEXT: AtomicU16 = AtomicU16::new(0);
+    let start = 20_000 + (std::process::id() % 500) as u16 * 20;
+    loop {
+        let port = start + NEXT.fetch_add(1, Ordering::Relaxed) % 10_000;
+        if std::net::TcpListener::bind(("0.0.0.0", port)).is_ok() {
+            return port;
+        }
+    }
+}
