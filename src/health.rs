@@ -78,6 +78,9 @@ impl BackendHealth {
 #[derive(Debug, Default)]
 pub struct HealthTable {
     by_backend: Mutex<HashMap<String, Arc<BackendHealth>>>,
+    /// The backends the running config names, once a reload has synced the table: a name a
+    /// session's older snapshot still routes to but the running config dropped is disabled.
+    configured_names: Mutex<Option<std::collections::HashSet<String>>>,
 }
 
 /// Why a check or session counted against a backend.
@@ -172,6 +175,8 @@ impl HealthTable {
     /// of backends the auth service named keep being counted).
     pub fn sync<'a>(&self, backends: impl IntoIterator<Item = &'a Backend>) {
         let backends: Vec<&Backend> = backends.into_iter().collect();
+        *self.configured_names.lock().unwrap_or_else(|e| e.into_inner()) =
+            Some(backends.iter().map(|b| b.name.clone()).collect());
         let mut map = self.by_backend.lock().unwrap_or_else(|e| e.into_inner());
         map.retain(|k, h| backends.iter().any(|b| b.name == *k) || h.sessions.load(Ordering::Relaxed) > 0);
         for b in backends {
@@ -192,10 +197,20 @@ impl HealthTable {
         }
     }
 
-    /// The state the running config gives `name`, which may be stricter than the one in the
-    /// snapshot a session routes by (a client greeted before the reload that drained it):
-    /// routing takes the stricter of the two, so "set it and reload" holds at once.
+    /// The state the running config gives configured backend `name` (disabled if it no longer
+    /// names it), which may be stricter than the one in the snapshot a session routes by (a
+    /// client greeted before the reload that drained it): routing takes the stricter of the
+    /// two, so "set it and reload" holds at once.
     pub fn configured_state(&self, name: &str) -> BackendState {
+        let dropped = self
+            .configured_names
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_ref()
+            .is_some_and(|names| !names.contains(name));
+        if dropped {
+            return BackendState::Disabled;
+        }
         match self.get(name).map_or(0, |h| h.configured.load(Ordering::Relaxed)) {
             0 => BackendState::Up,
             1 => BackendState::Draining,
@@ -447,6 +462,20 @@ mod tests {
         t.sync([&*moved]);
         t.failure(&moved, Source::Check, 1, "x");
         assert!(!t.is_up("b"), "a reload that keeps the address keeps the state");
+    }
+
+    /// The running config's state per name: up before any reload, as synced after one, and
+    /// disabled for a name a reload dropped (an older snapshot may still route to it).
+    #[test]
+    fn configured_state_follows_the_running_config() {
+        let t = HealthTable::default();
+        assert_eq!(t.configured_state("b"), BackendState::Up);
+        let mut drained = (*backend()).clone();
+        drained.state = BackendState::Draining;
+        t.sync([&drained]);
+        assert_eq!(t.configured_state("b"), BackendState::Draining);
+        t.sync(std::iter::empty());
+        assert_eq!(t.configured_state("b"), BackendState::Disabled);
     }
 
     /// After a reload that moved a backend, sessions and checks still on the old definition

@@ -104,7 +104,8 @@ fn lookup<'a>(table: &'a RouteTable, user: &str, protocol: Protocol) -> Option<&
 pub fn plan(target: &Target, protocol: Protocol, user: &str, health: &HealthTable) -> Route {
     // The stricter of the session's snapshot and the running config: a session greeted before
     // a reload that drained or disabled a backend logs in under the new state.
-    let state = |b: &Backend| b.state.max(health.configured_state(&b.name));
+    // (Backends the auth service names by address are in no config.)
+    let state = |b: &Backend| if b.dynamic { b.state } else { b.state.max(health.configured_state(&b.name)) };
     let eligible = target.backends().iter().filter(|b| b.protocol == protocol && state(b) != BackendState::Disabled);
     let ordered = rendezvous(eligible, user);
     let candidates = if !target.failover() {

@@ -261,9 +261,10 @@ async fn relay_session(
     let to_client = std::mem::take(&mut a.to_client);
     let to_backend = std::mem::take(&mut a.pipelined);
     // What the client pipelined is checked like the rest of its stream. Refused there, the
-    // client still gets its login reply (bounded by the idle timeout), and the session ends.
+    // client still gets its login reply, briefly (like a goodbye), and the session ends; nothing
+    // it pipelined goes to the backend, as no reply to it would reach the client.
     if guard.as_mut().and_then(|g| g.scan(&to_backend)).is_some() {
-        let _ = tokio::time::timeout(deadlines.idle, async {
+        let _ = tokio::time::timeout(GOODBYE_TIMEOUT, async {
             a.client.write_all(&to_client).await?;
             a.client.flush().await
         })

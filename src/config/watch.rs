@@ -69,7 +69,7 @@ pub fn spawn(app: Arc<App>, mut hup: tokio::signal::unix::Signal) -> Result<(), 
                 Ok(Some(force)) => force,
                 Ok(None) => break,
                 Err(_) if watches.update(&app, false) => false,
-                Err(_) if failed.as_ref().is_some_and(|f| *f != Failed::now(&app)) => false,
+                Err(_) if failed.is_some() && failed != Some(Failed::now(&app).await) => false,
                 Err(_) => continue,
             };
             // Coalesce a burst of events into one reload.
@@ -84,7 +84,7 @@ pub fn spawn(app: Arc<App>, mut hup: tokio::signal::unix::Signal) -> Result<(), 
                 Ok(Reloaded::Unchanged) => tracing::debug!("configuration files unchanged"),
                 Err(e) => {
                     tracing::error!(error = %e, "configuration reload failed; keeping the running configuration");
-                    failed = Some(Failed::now(&app));
+                    failed = Some(Failed::now(&app).await);
                 }
             }
             // A directory replaced while the reload ran may hold files it did not read.
@@ -107,11 +107,14 @@ enum Failed {
 }
 
 impl Failed {
-    fn now(app: &App) -> Failed {
-        match crate::config::Config::load(app.config_path()) {
+    /// Off the runtime's threads: it reads and parses every file the config names.
+    async fn now(app: &App) -> Failed {
+        let path = app.config_path().to_path_buf();
+        let look = move || match crate::config::Config::load(&path) {
             Err(e) => Failed::Load(e.to_string()),
             Ok(c) => Failed::Inputs(crate::app::fingerprint(&c.watched_files())),
-        }
+        };
+        tokio::task::spawn_blocking(look).await.unwrap_or_else(|e| Failed::Load(e.to_string()))
     }
 }
 
