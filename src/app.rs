@@ -437,10 +437,14 @@ impl App {
                 .set(i64::from(b.state == crate::config::BackendState::Draining));
             m.backend_sessions.with_label_values(&[name]).set(self.health.sessions(name) as i64);
         }
-        // Sessions on backends the auth service named by address, under the bounded label.
-        let dynamic = self.health.other_sessions(&|n| rt.config.backends.contains_key(n));
+        // Sessions on backends the auth service named by address, under the bounded label; on
+        // backends a reload removed, under their names until those sessions end.
+        let (dynamic, removed) = self.health.other_sessions(&|n| rt.config.backends.contains_key(n));
         if dynamic > 0 {
             m.backend_sessions.with_label_values(&["dynamic"]).set(dynamic as i64);
+        }
+        for (name, n) in removed {
+            m.backend_sessions.with_label_values(&[&name]).set(n as i64);
         }
         for (pool, protocol, up) in self.pools_up(&rt.config) {
             m.pool_backends_up.with_label_values(&[pool, protocol.as_str()]).set(up as i64);

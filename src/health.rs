@@ -43,6 +43,8 @@ pub struct BackendHealth {
     /// The backend's `state` in the running config (`sync`), for sessions that route by the
     /// config they were greeted under: 0 up, 1 draining, 2 disabled.
     configured: AtomicU8,
+    /// Named by the auth service, not the config.
+    dynamic: bool,
 }
 
 /// The parts of a backend's definition its health belongs to.
@@ -61,7 +63,7 @@ impl Identity {
 }
 
 impl BackendHealth {
-    fn new(identity: Identity) -> BackendHealth {
+    fn new(identity: Identity, dynamic: bool) -> BackendHealth {
         BackendHealth {
             up: AtomicBool::new(true),
             ok_streak: AtomicU32::new(0),
@@ -71,6 +73,7 @@ impl BackendHealth {
             closes: AtomicU64::new(0),
             identity,
             configured: AtomicU8::new(0),
+            dynamic,
         }
     }
 }
@@ -99,9 +102,9 @@ impl HealthTable {
             // check still on the definition from before a reload that changed its address
             // counts on a record of its own, and neither resets the new address's state nor
             // hides the sessions counted there.
-            Some(_) if !backend.dynamic => Arc::new(BackendHealth::new(identity(backend))),
+            Some(_) if !backend.dynamic => Arc::new(BackendHealth::new(identity(backend), backend.dynamic)),
             _ => {
-                let h = Arc::new(BackendHealth::new(identity(backend)));
+                let h = Arc::new(BackendHealth::new(identity(backend), backend.dynamic));
                 map.insert(backend.name.clone(), h.clone());
                 h
             }
@@ -163,10 +166,22 @@ impl HealthTable {
         }
     }
 
-    /// Open sessions on backends that are not in `configured` (named by the auth service).
-    pub fn other_sessions(&self, configured: &dyn Fn(&str) -> bool) -> usize {
+    /// Open sessions on backends that are not in `configured`: the sum on backends the auth
+    /// service named by address (the bounded `dynamic` label), and per name those a reload
+    /// removed from the config (kept while their sessions last, so a backend taken out by
+    /// removal can be watched draining like one set to `draining`).
+    pub fn other_sessions(&self, configured: &dyn Fn(&str) -> bool) -> (usize, Vec<(String, usize)>) {
         let map = self.by_backend.lock().unwrap_or_else(|e| e.into_inner());
-        map.iter().filter(|(k, _)| !configured(k)).map(|(_, h)| h.sessions.load(Ordering::Relaxed)).sum()
+        let (mut dynamic, mut removed) = (0, Vec::new());
+        for (name, h) in map.iter().filter(|(k, _)| !configured(k)) {
+            let n = h.sessions.load(Ordering::Relaxed);
+            if h.dynamic {
+                dynamic += n;
+            } else if n > 0 {
+                removed.push((name.clone(), n));
+            }
+        }
+        (dynamic, removed)
     }
 
     /// Make the table follow a new config, before it runs: a backend whose address, protocol or
@@ -183,7 +198,7 @@ impl HealthTable {
             let h = match map.get(&b.name) {
                 Some(h) if h.identity.matches(b) => h.clone(),
                 _ => {
-                    let h = Arc::new(BackendHealth::new(identity(b)));
+                    let h = Arc::new(BackendHealth::new(identity(b), b.dynamic));
                     map.insert(b.name.clone(), h.clone());
                     h
                 }

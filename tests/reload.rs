@@ -457,3 +457,22 @@ async fn a_reload_that_adds_or_removes_the_ipv4_half_of_a_wildcard_pair_asks_for
     let e = proxy.app.reload(false).await.unwrap_err().to_string();
     assert!(e.contains("restart"), "{e}");
 }
+
+#[tokio::test]
+async fn sessions_on_a_backend_a_reload_removed_are_shown_under_its_name() {
+    // Removing a backend from the config is a way to take it out: its sessions go on, and the
+    // operator watches them end under its own name, not the auth service's `dynamic` label.
+    let backend = FakeBackend::start(Behaviour::Normal).await;
+    let pa = free_port();
+    let cfg = config(backend.addr, &[("a", pa)]);
+    let proxy = Proxy::start(&cfg, USERS).await;
+    let mut c = login(([127, 0, 0, 1], pa).into()).await;
+    let renamed =
+        cfg.replace("name = \"fake\"", "name = \"renamed\"").replace("default = \"fake\"", "default = \"renamed\"");
+    write_file(&proxy.config_path(), &renamed);
+    proxy.app.reload(false).await.unwrap();
+    let page = String::from_utf8(proxy.app.render_metrics().1).unwrap();
+    assert!(page.contains("portcullis_backend_sessions{backend=\"fake\"} 1"), "{page}");
+    assert!(!page.contains("portcullis_backend_sessions{backend=\"dynamic\"}"), "{page}");
+    still_works(&mut c, "b").await;
+}
