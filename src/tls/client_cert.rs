@@ -37,6 +37,10 @@ pub struct ClientAuth {
     /// path search (its key signature is still checked in every handshake). The cache belongs
     /// to the policy, so new CAs or CRLs (a reload) start it empty.
     verified: std::sync::Mutex<std::collections::HashMap<[u8; 32], (i64, i64)>>,
+    /// Each CA's subject (DER) and validity (Unix seconds): webpki does not look at a trust
+    /// anchor's dates, and OpenSSL (so nginx) refuses a chain whose CA has expired. Checked at
+    /// load too; this is for a CA that runs out while the proxy runs.
+    ca_validity: Vec<(Vec<u8>, i64, i64)>,
 }
 
 /// Verified chains kept per listener; when full, expired ones go, and if none has, all.
@@ -103,9 +107,21 @@ impl ClientAuth {
         let (mode, ca_file, crl_file) = (settings.mode, settings.ca_file.as_deref(), settings.crl_file.as_deref());
         let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
         let mut crl_next_update = None;
+        let mut ca_validity = Vec::new();
         let (chain, hints) = match ca_file {
             Some(path) => {
-                let roots = Arc::new(super::load_roots_checked(path, client_ca)?);
+                let roots = Arc::new(super::load_roots_checked(path, |cert| {
+                    client_ca(cert)?;
+                    if let Ok((_, c)) = x509_parser::parse_x509_certificate(cert.as_ref()) {
+                        let v = c.validity();
+                        ca_validity.push((
+                            c.subject().as_raw().to_vec(),
+                            v.not_before.timestamp(),
+                            v.not_after.timestamp(),
+                        ));
+                    }
+                    Ok(())
+                })?);
                 let hints = roots.subjects();
                 let mut builder = WebPkiClientVerifier::builder_with_provider(roots, provider.clone());
                 if let Some(crl_path) = crl_file {
@@ -133,7 +149,29 @@ impl ClientAuth {
             request,
             crl_next_update,
             verified: Default::default(),
+            ca_validity,
         })
+    }
+
+    /// The CAs a verified chain can end at (those named as the issuer of one of its
+    /// certificates): the latest any of them is valid until, or an error if none is in date now.
+    fn ca_in_date(&self, chain: &[&CertificateDer<'_>], now: i64) -> Result<i64, rustls::Error> {
+        let issuers: Vec<Vec<u8>> = chain
+            .iter()
+            .filter_map(|c| Some(x509_parser::parse_x509_certificate(c.as_ref()).ok()?.1.issuer().as_raw().to_vec()))
+            .collect();
+        let cas: Vec<&(Vec<u8>, i64, i64)> =
+            self.ca_validity.iter().filter(|(subject, _, _)| issuers.contains(subject)).collect();
+        if cas.is_empty() {
+            return Ok(i64::MAX);
+        }
+        match cas.iter().filter(|(_, from, until)| *from <= now && now < *until).map(|(_, _, until)| *until).max() {
+            Some(until) => Ok(until),
+            None if cas.iter().all(|(_, from, _)| *from > now) => {
+                Err(rustls::Error::InvalidCertificate(CertificateError::NotValidYet))
+            }
+            None => Err(rustls::Error::InvalidCertificate(CertificateError::Expired)),
+        }
     }
 
     /// Verify a chain, or find it verified before and still within the time its verdict holds.
@@ -157,8 +195,10 @@ impl ClientAuth {
             return Ok(());
         }
         v.verify_client_cert(leaf, intermediates, now)?;
-        // Good while every certificate the path may use is in date and the CRLs have not run
-        // out; not kept if a certificate cannot be read here.
+        let certs: Vec<&CertificateDer<'_>> = std::iter::once(leaf).chain(intermediates).collect();
+        let ca_until = self.ca_in_date(&certs, secs)?;
+        // Good while every certificate the path may use, its CA included, is in date and the
+        // CRLs have not run out; not kept if a certificate cannot be read here.
         let validity: Option<Vec<(i64, i64)>> = std::iter::once(leaf)
             .chain(intermediates)
             .map(|c| {
@@ -168,7 +208,8 @@ impl ClientAuth {
             .collect();
         if let Some(validity) = validity {
             let from = validity.iter().map(|v| v.0).max().unwrap_or(i64::MAX);
-            let until = validity.iter().map(|v| v.1).chain(self.crl_next_update).min().unwrap_or(i64::MIN);
+            let until =
+                validity.iter().map(|v| v.1).chain(self.crl_next_update).chain([ca_until]).min().unwrap_or(i64::MIN);
             let mut cache = cache();
             if cache.len() >= MAX_VERIFIED {
                 cache.retain(|_, &mut (_, until)| secs < until);
@@ -589,6 +630,23 @@ mod tests {
         let old = old.self_signed(&KeyPair::generate().unwrap()).unwrap();
         let e = load(&old.pem()).unwrap_err();
         assert!(e.contains("is not valid now"), "{e}");
+    }
+
+    /// webpki does not look at a trust anchor's dates; OpenSSL (so nginx) refuses a chain whose
+    /// CA has expired. A CA in date at load that runs out while the proxy runs stops vouching
+    /// then, and a remembered verdict does not outlive it.
+    #[test]
+    fn a_ca_that_runs_out_while_running_stops_vouching() {
+        let good_ca = ca("Example Client CA");
+        let alice = issued("alice", &good_ca, -1, 30);
+        let mut on = policy(VerifyClient::On, Some(&good_ca));
+        let now = UnixTime::now().as_secs() as i64;
+        on.ca_validity[0].2 = now + 100;
+        assert!(matches!(on.check(Some(std::slice::from_ref(&alice))), CertCheck::Accepted(_)));
+        assert!(on.verified.lock().unwrap().values().all(|&(_, until)| until == now + 100));
+        on.ca_validity[0].2 = now - 1;
+        on.verified.lock().unwrap().clear();
+        assert_eq!(on.check(Some(std::slice::from_ref(&alice))), CertCheck::Refused("certificate has expired"));
     }
 
     /// Reliability case 21: none / wrong / untrusted certificates, per mode.

@@ -30,7 +30,7 @@ pub fn load_roots(path: &std::path::Path) -> Result<RootCertStore, String> {
 /// `load_roots`, with each certificate passed through `check` first.
 pub fn load_roots_checked(
     path: &std::path::Path,
-    check: impl Fn(&rustls::pki_types::CertificateDer<'_>) -> Result<(), String>,
+    mut check: impl FnMut(&rustls::pki_types::CertificateDer<'_>) -> Result<(), String>,
 ) -> Result<RootCertStore, String> {
     use rustls::pki_types::CertificateDer;
     use rustls::pki_types::pem::PemObject;
