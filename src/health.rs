@@ -84,6 +84,9 @@ pub struct HealthTable {
     /// The backends the running config names, once a reload has synced the table: a name a
     /// session's older snapshot still routes to but the running config dropped is disabled.
     configured_names: Mutex<Option<std::collections::HashSet<String>>>,
+    /// The records of backends the last reload moved (address, protocol or transport changed),
+    /// for what still runs on their old definition.
+    previous: Mutex<HashMap<String, Arc<BackendHealth>>>,
 }
 
 /// Why a check or session counted against a backend.
@@ -100,9 +103,16 @@ impl HealthTable {
             Some(h) if h.identity.matches(backend) => h.clone(),
             // A configured backend's entry follows the running config (`sync`): a session or a
             // check still on the definition from before a reload that changed its address
-            // counts on a record of its own, and neither resets the new address's state nor
-            // hides the sessions counted there.
-            Some(_) if !backend.dynamic => Arc::new(BackendHealth::new(identity(backend), backend.dynamic)),
+            // counts on the old address's record (kept by `sync` until the next reload, so its
+            // sessions and disconnects are counted together, for the disconnect spread too),
+            // and neither resets the new address's state nor hides the sessions counted there.
+            Some(_) if !backend.dynamic => {
+                let previous = self.previous.lock().unwrap_or_else(|e| e.into_inner());
+                match previous.get(&backend.name) {
+                    Some(h) if h.identity.matches(backend) => h.clone(),
+                    _ => Arc::new(BackendHealth::new(identity(backend), false)),
+                }
+            }
             _ => {
                 let h = Arc::new(BackendHealth::new(identity(backend), backend.dynamic));
                 map.insert(backend.name.clone(), h.clone());
@@ -194,12 +204,15 @@ impl HealthTable {
             Some(backends.iter().map(|b| b.name.clone()).collect());
         let mut map = self.by_backend.lock().unwrap_or_else(|e| e.into_inner());
         map.retain(|k, h| backends.iter().any(|b| b.name == *k) || h.sessions.load(Ordering::Relaxed) > 0);
+        let mut previous = HashMap::new();
         for b in backends {
             let h = match map.get(&b.name) {
                 Some(h) if h.identity.matches(b) => h.clone(),
                 _ => {
                     let h = Arc::new(BackendHealth::new(identity(b), b.dynamic));
-                    map.insert(b.name.clone(), h.clone());
+                    if let Some(old) = map.insert(b.name.clone(), h.clone()) {
+                        previous.insert(b.name.clone(), old);
+                    }
                     h
                 }
             };
@@ -210,6 +223,7 @@ impl HealthTable {
             };
             h.configured.store(state, Ordering::Relaxed);
         }
+        *self.previous.lock().unwrap_or_else(|e| e.into_inner()) = previous;
     }
 
     /// The state the running config gives configured backend `name` (disabled if it no longer
@@ -507,10 +521,13 @@ mod tests {
         t.sync([&*moved]);
         let _on_new = t.session(&moved);
         t.failure(&moved, Source::Check, 1, "x");
-        let _late = t.session(&old);
+        let late = t.session(&old);
         t.success(&old, Source::Session, 2);
         assert!(!t.is_up("b"), "the old address's login does not mark the new one up");
         assert_eq!(t.sessions("b"), 1);
+        // The old address's sessions are counted together (its disconnect spread sees them all).
+        assert!(Arc::ptr_eq(&_on_old.0, &late.0));
+        assert_eq!(late.0.sessions.load(Ordering::Relaxed), 2);
     }
 
     /// A backend without checks that sessions marked down is tried again after a while (only
