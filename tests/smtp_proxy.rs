@@ -52,7 +52,8 @@ async fn wait_for_extensions(proxy: &Proxy) {
     panic!("backend probe did not fill the EHLO cache");
 }
 
-/// Reliability case 48: CHUNKING (and so BDAT) is offered only when the backend offers it.
+/// Reliability case 48: only extensions the backend offers, and never CHUNKING (BDAT after login
+/// is refused: a chunk's count could hide a command from the guard).
 #[tokio::test]
 async fn honest_ehlo_shows_the_backends_extensions() {
     let (proxy, _b) = setup(Behaviour::Smtp).await;

