@@ -205,6 +205,14 @@ def test_fail2ban_filter_matches_every_failure_line(dovecot, tmp_path):
     assert len(ips) == len(lines), (ips, lines)
     assert sorted(set(ips)) == ["127.0.0.5", "127.0.0.6", "127.0.0.7"], ips
     assert "6.6.6.6" not in ips
+    # The log's times are UTC ("...Z"): read as such on a host in any zone. Read as local time,
+    # they would be hours off, and fail2ban drops lines older than findtime: no ban, ever.
+    for tz in ("UTC", "Asia/Tokyo", "America/New_York"):
+        out = subprocess.run(["fail2ban-regex", "-r", "-o", "row", log, filt], capture_output=True, text=True,
+                             timeout=60, env=dict(os.environ, TZ=tz))
+        assert out.returncode == 0, out.stderr
+        times = [float(l.split(",")[1]) for l in out.stdout.splitlines() if l.startswith("['")]
+        assert len(times) == len(lines) and all(abs(t - time.time()) < 600 for t in times), (tz, times)
 
 
 def test_one_user_whatever_form_it_is_typed_in(tmp_path):
