@@ -37,6 +37,10 @@ pub enum BackendError {
     /// the backend's health.
     #[error("mailbox in use")]
     InUse,
+    /// The backend refused something the client chose (its EHLO name, replayed after XCLIENT):
+    /// the client's to fix, not the backend's health.
+    #[error("backend refused the client's {0}")]
+    ClientRefused(&'static str),
     #[error("backend rejected the credentials")]
     Rejected,
 }
@@ -50,6 +54,7 @@ impl BackendError {
             BackendError::Protocol(_) => "protocol",
             BackendError::Refused => "refused",
             BackendError::InUse => "in_use",
+            BackendError::ClientRefused(_) => "client_refused",
             BackendError::Rejected => "rejected",
         }
     }

@@ -459,6 +459,15 @@ async fn preauth(ctx: &SessionCtx, tcp: TcpStream, deadline: Instant) -> Result<
                     failures += 1;
                     fail(&mut front, &mut stream, LoginFailure::Throttled, failures, limits.max_auth_attempts).await?;
                 }
+                Err(LoginError::ClientRefused) => {
+                    count_login(lc, req.mechanism, "client_refused");
+                    let failure = LoginFailure::Message {
+                        text: "The mail server refused your EHLO name.".into(),
+                        smtp_code: Some("550 5.7.1".into()),
+                        temporary: false,
+                    };
+                    fail(&mut front, &mut stream, failure, 0, u32::MAX).await?;
+                }
                 Err(LoginError::TooManySessions { user }) => {
                     count_login(lc, req.mechanism, "too_many_sessions");
                     tracing::info!(session = %ctx.id, user = %logging::safe_user(Some(&user)), "too many sessions for user");
@@ -511,6 +520,9 @@ enum LoginError {
     Throttled { user: Option<String> },
     /// The user already has the most sessions allowed.
     TooManySessions { user: String },
+    /// The backend refused what the client chose (its EHLO name): not counted against the user
+    /// or the backend.
+    ClientRefused,
 }
 
 /// The connection's TLS parameters as nginx names them for `Auth-SSL-*`.
@@ -730,6 +742,12 @@ async fn login_inner(
                 // The user's own state (another session holds the mailbox): a temporary failure
                 // for this user, not a fault of the backend, and the same on every replica.
                 return Err(LoginError::InUse);
+            }
+            Err(e @ BackendError::ClientRefused(_)) => {
+                // The client's own choice, the same on every replica: no failover, and no count
+                // against the backend (a client could otherwise mark a pool down at will).
+                tracing::info!(session = %ctx.id, backend = %backend.name, error = %e, "backend refused the client's EHLO name");
+                return Err(LoginError::ClientRefused);
             }
             Err(e) => {
                 // Reliability cases 64-66: count it against the backend, try the next one.

@@ -151,6 +151,26 @@ async fn backend_xclient_without_addr_fails_closed() {
 }
 
 #[tokio::test]
+async fn an_ehlo_name_the_backend_refuses_is_the_clients_failure_not_the_backends() {
+    // The backend takes the proxy's EHLO and refuses the client's, replayed after XCLIENT. That
+    // must not count against the backend: one client could otherwise mark a whole pool down.
+    let (proxy, _backend) = setup(Behaviour::SmtpStrictHelo).await;
+    for _ in 0..4 {
+        let mut c = greeted(&proxy).await;
+        c.send(b"EHLO odd_name\r\n").await;
+        reply(&mut c).await;
+        c.send(b"AUTH PLAIN AGFsaWNlQGV4YW1wbGUudGVzdABzZWNyZXQ=\r\n").await;
+        assert_eq!(c.line().await, "550 5.7.1 The mail server refused your EHLO name.\r\n");
+    }
+    assert!(proxy.app.health().is_up("fake"));
+    let mut c = greeted(&proxy).await;
+    c.send(b"EHLO client.example\r\n").await;
+    reply(&mut c).await;
+    c.send(b"AUTH PLAIN AGFsaWNlQGV4YW1wbGUudGVzdABzZWNyZXQ=\r\n").await;
+    assert_eq!(c.line().await, "235 2.7.0 Authentication successful\r\n");
+}
+
+#[tokio::test]
 async fn backend_dropping_after_ehlo_fails_closed() {
     login_fails_unavailable(Behaviour::SmtpDropAfterEhlo, "").await;
 }

@@ -122,6 +122,8 @@ pub enum Behaviour {
     SmtpRejectXclient,
     /// SMTP: announces XCLIENT without its ADDR attribute.
     SmtpXclientWithoutAddr,
+    /// SMTP: refuses EHLO names with an underscore (501), as Exim does by default.
+    SmtpStrictHelo,
     /// SMTP: closes the connection after answering EHLO.
     SmtpDropAfterEhlo,
     /// SMTP: offers STARTTLS but answers it with 454.
@@ -154,6 +156,7 @@ impl Behaviour {
             Behaviour::Smtp
                 | Behaviour::SmtpRejectXclient
                 | Behaviour::SmtpXclientWithoutAddr
+                | Behaviour::SmtpStrictHelo
                 | Behaviour::SmtpDropAfterEhlo
                 | Behaviour::SmtpRefuseStartTls
                 | Behaviour::SmtpStartTlsExtraBytes
@@ -374,6 +377,9 @@ async fn serve_smtp(s: TcpStream, behaviour: Behaviour, rec: Arc<Mutex<Vec<Vec<S
     while let Some(line) = record_line(&mut r, &rec, idx).await {
         let verb = line.split([' ', '\r', ':']).next().unwrap_or("").to_ascii_uppercase();
         let reply: Vec<u8> = match verb.as_str() {
+            "EHLO" if behaviour == Behaviour::SmtpStrictHelo && line.contains('_') => {
+                b"501 5.5.2 Syntactically invalid EHLO argument(s)\r\n".to_vec()
+            }
             "EHLO" => {
                 let tls = if matches!(
                     behaviour,

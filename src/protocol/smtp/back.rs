@@ -97,9 +97,18 @@ pub async fn connect_and_login(
             421 => return Err(BackendError::Refused),
             _ => return Err(BackendError::Protocol("backend rejected XCLIENT")),
         }
-        // XCLIENT starts a new SMTP session: replay the client's greeting command.
+        // XCLIENT starts a new SMTP session: replay the client's greeting command. The backend
+        // took ours, so a refusal now is of the client's name (Exim's syntax check, Postfix with
+        // smtpd_delay_reject = no): the client's failure, not the backend's.
         let helo = client.helo.as_deref().unwrap_or(hostname);
-        ehlo(&mut stream, &mut lines, helo, client.esmtp).await?;
+        match ehlo(&mut stream, &mut lines, helo, client.esmtp).await {
+            Err(BackendError::Protocol(_)) if client.helo.is_some() => {
+                return Err(BackendError::ClientRefused("EHLO name"));
+            }
+            other => {
+                other?;
+            }
+        }
     }
 
     match &backend.login {
