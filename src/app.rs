@@ -261,9 +261,15 @@ impl App {
     /// Re-read the config and apply it. `force` skips the unchanged-files check (SIGHUP).
     /// Counted in `portcullis_config_reloads_total` and reported to systemd.
     pub async fn reload(self: &Arc<Self>, force: bool) -> Result<Reloaded, StartError> {
+        // Once stopping, systemd has been told STOPPING=1: no RELOADING/READY after it.
+        if self.shutdown.is_cancelled() {
+            return Ok(Reloaded::Unchanged);
+        }
         crate::systemd::reloading();
         let result = self.reload_inner(force).await;
-        crate::systemd::notify("READY=1");
+        if !self.shutdown.is_cancelled() {
+            crate::systemd::notify("READY=1");
+        }
         let m = crate::metrics::metrics();
         match &result {
             Ok(Reloaded::Applied) => {
