@@ -22,8 +22,8 @@ use crate::config::{ClientCertSettings, VerifyClient};
 #[derive(Debug)]
 pub struct ClientAuth {
     mode: VerifyClient,
-    /// Verifies a chain against the listener's CAs (none for `optional_no_ca` without a CA file).
-    chain: Option<Arc<dyn ClientCertVerifier>>,
+    /// The listener's CAs (none for `optional_no_ca` without a CA file).
+    cas: Option<Cas>,
     /// Intermediates from the client that a chain may use (`verify_depth`).
     max_intermediates: usize,
     request: Arc<RequestCertificate>,
@@ -37,10 +37,72 @@ pub struct ClientAuth {
     /// path search (its key signature is still checked in every handshake). The cache belongs
     /// to the policy, so new CAs or CRLs (a reload) start it empty.
     verified: std::sync::Mutex<std::collections::HashMap<[u8; 32], (i64, i64)>>,
-    /// Each CA's subject (DER) and validity (Unix seconds): webpki does not look at a trust
-    /// anchor's dates, and OpenSSL (so nginx) refuses a chain whose CA has expired. Checked at
-    /// load too; this is for a CA that runs out while the proxy runs.
-    ca_validity: Vec<(Vec<u8>, i64, i64)>,
+}
+
+/// A verifier over the CA file's CAs that are in date: webpki does not look at a trust anchor's
+/// dates, and OpenSSL (so nginx) refuses a chain whose CA has expired or is not yet valid. A CA
+/// that runs out while the proxy runs drops out then (the verifier is rebuilt without it), one
+/// not yet valid joins when it becomes valid, and a reload never fails for either.
+#[derive(Debug)]
+struct Cas {
+    /// Each CA with its validity (Unix seconds).
+    certs: Vec<(CertificateDer<'static>, i64, i64)>,
+    crls: Vec<CertificateRevocationListDer<'static>>,
+    provider: Arc<rustls::crypto::CryptoProvider>,
+    /// Over every CA whatever its dates: tells "your CA has expired" from "unknown CA".
+    all: Arc<dyn ClientCertVerifier>,
+    /// Which CAs the current verifier is over, and it (None: no CA in date).
+    current: std::sync::Mutex<CurrentVerifier>,
+}
+
+type CurrentVerifier = (Vec<usize>, Option<Arc<dyn ClientCertVerifier>>);
+
+impl Cas {
+    fn build(
+        &self,
+        which: &[usize],
+    ) -> Result<Option<Arc<dyn ClientCertVerifier>>, rustls::server::VerifierBuilderError> {
+        if which.is_empty() {
+            return Ok(None);
+        }
+        let mut roots = rustls::RootCertStore::empty();
+        for &i in which {
+            // Each was added to a store when the file was read.
+            let _ = roots.add(self.certs[i].0.clone());
+        }
+        let mut builder = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), self.provider.clone());
+        if !self.crls.is_empty() {
+            builder = builder.with_crls(self.crls.clone()).enforce_revocation_expiration();
+        }
+        builder.build().map(Some)
+    }
+
+    /// The verifier over the CAs in date at `now`, and until when that set stays as it is.
+    fn at(&self, now: i64) -> (Option<Arc<dyn ClientCertVerifier>>, i64) {
+        let which: Vec<usize> =
+            (0..self.certs.len()).filter(|&i| self.certs[i].1 <= now && now < self.certs[i].2).collect();
+        let next = self
+            .certs
+            .iter()
+            .map(|&(_, from, until)| {
+                if now < from {
+                    from
+                } else if now < until {
+                    until
+                } else {
+                    i64::MAX
+                }
+            })
+            .min()
+            .unwrap_or(i64::MAX);
+        let mut current = self.current.lock().unwrap_or_else(|e| e.into_inner());
+        if current.0 != which
+            && let Ok(v) = self.build(&which)
+        {
+            *current = (which, v);
+        }
+        (current.1.clone(), next)
+    }
 }
 
 /// Verified chains kept per listener; when full, expired ones go, and if none has, all.
@@ -107,35 +169,52 @@ impl ClientAuth {
         let (mode, ca_file, crl_file) = (settings.mode, settings.ca_file.as_deref(), settings.crl_file.as_deref());
         let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
         let mut crl_next_update = None;
-        let mut ca_validity = Vec::new();
-        let (chain, hints) = match ca_file {
+        let (cas, hints) = match ca_file {
             Some(path) => {
-                let roots = Arc::new(super::load_roots_checked(path, |cert| {
+                let mut certs = Vec::new();
+                let roots = super::load_roots_checked(path, |cert| {
                     client_ca(cert)?;
                     if let Ok((_, c)) = x509_parser::parse_x509_certificate(cert.as_ref()) {
                         let v = c.validity();
-                        ca_validity.push((
-                            c.subject().as_raw().to_vec(),
-                            v.not_before.timestamp(),
-                            v.not_after.timestamp(),
-                        ));
+                        if !v.is_valid() {
+                            tracing::warn!(ca = %rfc2253(c.subject()), file = %path.display(), not_before = %v.not_before,
+                                not_after = %v.not_after, "client CA not valid now: chains through it are refused while it is not");
+                        }
+                        certs.push((cert.clone().into_owned(), v.not_before.timestamp(), v.not_after.timestamp()));
                     }
                     Ok(())
-                })?);
+                })?;
                 let hints = roots.subjects();
-                let mut builder = WebPkiClientVerifier::builder_with_provider(roots, provider.clone());
-                if let Some(crl_path) = crl_file {
-                    let crls = load_crls(crl_path)?;
-                    crl_next_update = self::crl_next_update(crl_path, &crls)?;
-                    builder = builder.with_crls(crls).enforce_revocation_expiration();
-                }
-                let verifier = builder.build().map_err(|e| match e {
+                let crls = match crl_file {
+                    Some(crl_path) => {
+                        let crls = load_crls(crl_path)?;
+                        crl_next_update = self::crl_next_update(crl_path, &crls)?;
+                        crls
+                    }
+                    None => Vec::new(),
+                };
+                let builder_error = |e| match e {
                     rustls::server::VerifierBuilderError::InvalidCrl(e) => {
                         format!("{}: not a usable CRL ({e:?})", crl_file.unwrap_or(path).display())
                     }
                     e => format!("{}: {e}", path.display()),
-                })?;
-                (Some(verifier), hints)
+                };
+                let mut cas = Cas {
+                    certs,
+                    crls,
+                    provider: provider.clone(),
+                    all: WebPkiClientVerifier::no_client_auth(),
+                    current: Default::default(),
+                };
+                let every: Vec<usize> = (0..cas.certs.len()).collect();
+                cas.all = cas
+                    .build(&every)
+                    .map_err(builder_error)?
+                    .ok_or_else(|| format!("{}: no CA certificates in the file", path.display()))?;
+                // The verifier over the CAs in date now, built here rather than at the first
+                // handshake.
+                cas.at(UnixTime::now().as_secs() as i64);
+                (Some(cas), hints)
             }
             None if crl_file.is_some() => return Err("revocation lists need a CA file".into()),
             None if mode == VerifyClient::OptionalNoCa => (None, Vec::new()),
@@ -144,40 +223,19 @@ impl ClientAuth {
         let request = Arc::new(RequestCertificate { hints, algorithms: provider.signature_verification_algorithms });
         Ok(ClientAuth {
             mode,
-            chain,
+            cas,
             max_intermediates: settings.verify_depth,
             request,
             crl_next_update,
             verified: Default::default(),
-            ca_validity,
         })
-    }
-
-    /// The CAs a verified chain can end at (those named as the issuer of one of its
-    /// certificates): the latest any of them is valid until, or an error if none is in date now.
-    fn ca_in_date(&self, chain: &[&CertificateDer<'_>], now: i64) -> Result<i64, rustls::Error> {
-        let issuers: Vec<Vec<u8>> = chain
-            .iter()
-            .filter_map(|c| Some(x509_parser::parse_x509_certificate(c.as_ref()).ok()?.1.issuer().as_raw().to_vec()))
-            .collect();
-        let cas: Vec<&(Vec<u8>, i64, i64)> =
-            self.ca_validity.iter().filter(|(subject, _, _)| issuers.contains(subject)).collect();
-        if cas.is_empty() {
-            return Ok(i64::MAX);
-        }
-        match cas.iter().filter(|(_, from, until)| *from <= now && now < *until).map(|(_, _, until)| *until).max() {
-            Some(until) => Ok(until),
-            None if cas.iter().all(|(_, from, _)| *from > now) => {
-                Err(rustls::Error::InvalidCertificate(CertificateError::NotValidYet))
-            }
-            None => Err(rustls::Error::InvalidCertificate(CertificateError::Expired)),
-        }
     }
 
     /// Verify a chain, or find it verified before and still within the time its verdict holds.
     fn verify(
         &self,
         v: &dyn ClientCertVerifier,
+        ca_until: i64,
         leaf: &CertificateDer<'_>,
         intermediates: &[CertificateDer<'_>],
     ) -> Result<(), rustls::Error> {
@@ -195,10 +253,9 @@ impl ClientAuth {
             return Ok(());
         }
         v.verify_client_cert(leaf, intermediates, now)?;
-        let certs: Vec<&CertificateDer<'_>> = std::iter::once(leaf).chain(intermediates).collect();
-        let ca_until = self.ca_in_date(&certs, secs)?;
-        // Good while every certificate the path may use, its CA included, is in date and the
-        // CRLs have not run out; not kept if a certificate cannot be read here.
+        // Good while every certificate the path may use is in date, the set of CAs in date
+        // stays as it is and the CRLs have not run out; not kept if a certificate cannot be
+        // read here.
         let validity: Option<Vec<(i64, i64)>> = std::iter::once(leaf)
             .chain(intermediates)
             .map(|c| {
@@ -253,14 +310,25 @@ impl ClientAuth {
         // its own may link it to a CA. Clients send each issuer after what it issued (TLS 1.2
         // requires it); one that sends them out of order needs a larger depth.
         let allowed = &intermediates[..intermediates.len().min(self.max_intermediates)];
-        let verdict = match &self.chain {
-            Some(v) => {
-                self.verify(v.as_ref(), leaf, allowed).map_err(|e| match reason(e) {
+        let verdict = match &self.cas {
+            Some(cas) => {
+                let now = UnixTime::now();
+                let (v, ca_until) = cas.at(i64::try_from(now.as_secs()).unwrap_or(i64::MAX));
+                let result = match &v {
+                    Some(v) => self.verify(v.as_ref(), ca_until, leaf, allowed),
+                    None => Err(rustls::Error::InvalidCertificate(CertificateError::UnknownIssuer)),
+                };
+                result.map_err(|e| match reason(e) {
+                    // Its CA is in the file but not in date: OpenSSL's "certificate has
+                    // expired" (or "is not yet valid"), which not even `optional_no_ca` accepts.
+                    Failure::Unknown(_) if cas.all.verify_client_cert(leaf, allowed, now).is_ok() => {
+                        Failure::Hard("certificate has expired or is not yet valid")
+                    }
                     // Linked to a CA only through more intermediates than the depth allows:
                     // OpenSSL's "chain too long", which not even `optional_no_ca` accepts.
                     Failure::Unknown(_)
                         if allowed.len() < intermediates.len()
-                            && v.verify_client_cert(leaf, intermediates, UnixTime::now()).is_ok() =>
+                            && cas.all.verify_client_cert(leaf, intermediates, now).is_ok() =>
                     {
                         Failure::Hard("certificate chain too long")
                     }
@@ -400,9 +468,9 @@ fn details(leaf: &CertificateDer<'_>) -> Option<(CertDetails, bool, bool)> {
     Some((details, cert.validity().is_valid(), for_clients))
 }
 
-/// What webpki does not check in a trust anchor and OpenSSL (so nginx) does: that it is a CA and
-/// in date. A client's own certificate put in the CA file would otherwise let its key sign
-/// certificates for any subject, verified "SUCCESS"; an expired CA would go on vouching.
+/// What webpki does not check in a trust anchor and OpenSSL (so nginx) does: that it is a CA. A
+/// client's own certificate put in the CA file would otherwise let its key sign certificates
+/// for any subject, verified "SUCCESS". (Its dates are checked at each verification: `Cas`.)
 pub(crate) fn client_ca(cert: &CertificateDer<'_>) -> Result<(), String> {
     let Ok((_, parsed)) = x509_parser::parse_x509_certificate(cert.as_ref()) else {
         return Err("a certificate that cannot be parsed".into());
@@ -425,10 +493,6 @@ pub(crate) fn client_ca(cert: &CertificateDer<'_>) -> Result<(), String> {
         return Err(format!(
             "{subject} is not a CA certificate (no basicConstraints CA:TRUE); client certificates are checked against the CAs that issue them"
         ));
-    }
-    let validity = parsed.validity();
-    if !validity.is_valid() {
-        return Err(format!("CA {subject} is not valid now (valid {} to {})", validity.not_before, validity.not_after));
     }
     Ok(())
 }
@@ -625,11 +689,19 @@ mod tests {
         let mut signer = client_params("Signer", -1, 30);
         signer.key_usages = vec![rcgen::KeyUsagePurpose::KeyCertSign];
         assert!(load(&signer.self_signed(&KeyPair::generate().unwrap()).unwrap().pem()).is_ok());
+        // An expired CA loads (a CA that runs out must not make every later reload fail, a
+        // certificate renewal's included), and vouches for no one: "certificate has expired".
         let mut old = client_params("Old CA", -30, -1);
         old.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        let old = old.self_signed(&KeyPair::generate().unwrap()).unwrap();
-        let e = load(&old.pem()).unwrap_err();
-        assert!(e.contains("is not valid now"), "{e}");
+        let old = CertifiedIssuer::self_signed(old, KeyPair::generate().unwrap()).unwrap();
+        assert!(load(&old.pem()).is_ok());
+        let alice = issued("alice", &old, -1, 30);
+        for mode in [VerifyClient::On, VerifyClient::OptionalNoCa] {
+            assert_eq!(
+                policy(mode, Some(&old)).check(Some(std::slice::from_ref(&alice))),
+                CertCheck::Refused("certificate has expired or is not yet valid")
+            );
+        }
     }
 
     /// webpki does not look at a trust anchor's dates; OpenSSL (so nginx) refuses a chain whose
@@ -641,12 +713,38 @@ mod tests {
         let alice = issued("alice", &good_ca, -1, 30);
         let mut on = policy(VerifyClient::On, Some(&good_ca));
         let now = UnixTime::now().as_secs() as i64;
-        on.ca_validity[0].2 = now + 100;
+        fn until(on: &mut ClientAuth) -> &mut i64 {
+            &mut on.cas.as_mut().unwrap().certs[0].2
+        }
+        *until(&mut on) = now + 100;
         assert!(matches!(on.check(Some(std::slice::from_ref(&alice))), CertCheck::Accepted(_)));
         assert!(on.verified.lock().unwrap().values().all(|&(_, until)| until == now + 100));
-        on.ca_validity[0].2 = now - 1;
-        on.verified.lock().unwrap().clear();
-        assert_eq!(on.check(Some(std::slice::from_ref(&alice))), CertCheck::Refused("certificate has expired"));
+        // Run out since: refused at once, the remembered verdict notwithstanding (it ended with
+        // the CA), and not let through as an unknown issuer under `optional_no_ca` either.
+        *until(&mut on) = now - 1;
+        let expired = CertCheck::Refused("certificate has expired or is not yet valid");
+        assert_eq!(on.check(Some(std::slice::from_ref(&alice))), expired);
+        on.mode = VerifyClient::OptionalNoCa;
+        assert_eq!(on.check(Some(std::slice::from_ref(&alice))), expired);
+        // A CA beside it that is in date still vouches for its own.
+        let other_ca = ca("Other CA");
+        let bob = issued("bob", &other_ca, -1, 30);
+        let both = format!("{}{}", good_ca.pem(), other_ca.pem());
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("ca.pem"), both).unwrap();
+        let settings = ClientCertSettings {
+            mode: VerifyClient::On,
+            ca_file: Some(dir.path().join("ca.pem")),
+            ..Default::default()
+        };
+        let mut two = ClientAuth::new(&settings).unwrap();
+        *until(&mut two) = now - 1;
+        assert_eq!(two.check(Some(std::slice::from_ref(&alice))), expired);
+        assert!(matches!(two.check(Some(std::slice::from_ref(&bob))), CertCheck::Accepted(_)));
+        // Sending the CA in date along (a public certificate anyone has) changes nothing: the
+        // verdict is over the CAs in date, not over names in the chain.
+        let with_other = [alice.clone(), other_ca.der().clone()];
+        assert_eq!(two.check(Some(&with_other)), expired);
     }
 
     /// Reliability case 21: none / wrong / untrusted certificates, per mode.
@@ -959,9 +1057,9 @@ mod tests {
         let alice = issued("alice", &good_ca, -1, 30);
         let bob = issued("bob", &good_ca, -1, 30);
         let mallory = issued("mallory", &ca("Somebody Else"), -1, 30);
-        let mut p = policy(VerifyClient::On, Some(&good_ca));
-        let counting = Arc::new(Counting(p.chain.clone().unwrap(), Default::default()));
-        p.chain = Some(counting.clone());
+        let p = policy(VerifyClient::On, Some(&good_ca));
+        let counting = Arc::new(Counting(current(&p), Default::default()));
+        set_current(&p, counting.clone());
         let calls = || counting.1.load(std::sync::atomic::Ordering::SeqCst);
         for _ in 0..3 {
             assert!(matches!(p.check(Some(std::slice::from_ref(&alice))), CertCheck::Accepted(_)));
@@ -988,10 +1086,19 @@ mod tests {
         let with_extra = [alice.clone(), bob.clone()];
         let mut deep = policy(VerifyClient::On, Some(&good_ca));
         deep.max_intermediates = 1;
-        deep.chain = Some(counting.clone());
+        set_current(&deep, counting.clone());
         assert!(matches!(deep.check(Some(std::slice::from_ref(&alice))), CertCheck::Accepted(_)));
         assert!(matches!(deep.check(Some(&with_extra)), CertCheck::Accepted(_)));
         assert_eq!(calls(), 8);
+    }
+
+    /// The verifier a policy uses now (over its CAs, all in date here).
+    fn current(p: &ClientAuth) -> Arc<dyn ClientCertVerifier> {
+        p.cas.as_ref().unwrap().current.lock().unwrap().1.clone().unwrap()
+    }
+
+    fn set_current(p: &ClientAuth, v: Arc<dyn ClientCertVerifier>) {
+        p.cas.as_ref().unwrap().current.lock().unwrap().1 = Some(v);
     }
 
     #[test]
