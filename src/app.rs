@@ -261,15 +261,15 @@ impl App {
     /// Re-read the config and apply it. `force` skips the unchanged-files check (SIGHUP).
     /// Counted in `portcullis_config_reloads_total` and reported to systemd.
     pub async fn reload(self: &Arc<Self>, force: bool) -> Result<Reloaded, StartError> {
-        // Once stopping, systemd has been told STOPPING=1: no RELOADING/READY after it.
+        // Under the reload lock, which shutdown takes before it cancels and tells systemd
+        // STOPPING=1: a reload either reports RELOADING/READY before that, or does nothing.
+        let mut last = self.reload_lock.lock().await;
         if self.shutdown.is_cancelled() {
             return Ok(Reloaded::Unchanged);
         }
         crate::systemd::reloading();
-        let result = self.reload_inner(force).await;
-        if !self.shutdown.is_cancelled() {
-            crate::systemd::notify("READY=1");
-        }
+        let result = self.reload_inner(force, &mut last).await;
+        crate::systemd::notify("READY=1");
         let m = crate::metrics::metrics();
         match &result {
             Ok(Reloaded::Applied) => {
@@ -282,11 +282,7 @@ impl App {
         result
     }
 
-    async fn reload_inner(self: &Arc<Self>, force: bool) -> Result<Reloaded, StartError> {
-        let mut last = self.reload_lock.lock().await;
-        if self.shutdown.is_cancelled() {
-            return Ok(Reloaded::Unchanged);
-        }
+    async fn reload_inner(self: &Arc<Self>, force: bool, last: &mut u64) -> Result<Reloaded, StartError> {
         let main_before = fingerprint(std::slice::from_ref(&self.config_path));
         let config = Config::load(&self.config_path)?;
         let files = config.watched_files();
@@ -620,6 +616,7 @@ impl App {
             // listening sockets back).
             let _reload = self.reload_lock.lock().await;
             self.shutdown.cancel();
+            crate::systemd::notify("STOPPING=1");
             // Close the listening sockets now (the accept loops hold the only other references
             // and end on the cancellation), so new clients are refused rather than left in the
             // backlog.

@@ -37,10 +37,10 @@ pub enum BackendError {
     /// the backend's health.
     #[error("mailbox in use")]
     InUse,
-    /// The backend refused something the client chose (its EHLO name, replayed after XCLIENT):
-    /// the client's to fix, not the backend's health.
-    #[error("backend refused the client's {0}")]
-    ClientRefused(&'static str),
+    /// The backend refused the client's own EHLO name (replayed after XCLIENT; it took the
+    /// proxy's), for now (4xx) or for good (5xx): the client's to fix, not the backend's health.
+    #[error("backend refused the client's EHLO name")]
+    ClientRefused { temporary: bool },
     #[error("backend rejected the credentials")]
     Rejected,
 }
@@ -54,7 +54,7 @@ impl BackendError {
             BackendError::Protocol(_) => "protocol",
             BackendError::Refused => "refused",
             BackendError::InUse => "in_use",
-            BackendError::ClientRefused(_) => "client_refused",
+            BackendError::ClientRefused { .. } => "client_refused",
             BackendError::Rejected => "rejected",
         }
     }

@@ -161,7 +161,7 @@ fn run(config_path: PathBuf) -> anyhow::Result<()> {
             _ = int.recv() => {}
         }
         tracing::info!("shutting down: no new connections; sessions get the grace period");
-        portcullis::systemd::notify("STOPPING=1");
+        // STOPPING=1 is sent by `App::shutdown`, after any reload under way has reported.
         // A second signal means "now".
         tokio::spawn(async move {
             tokio::select! {

@@ -159,7 +159,7 @@ pub async fn run(mut ctx: SessionCtx, mut tcp: TcpStream) {
                 "shutdown" | "max_duration" => Some(a.goodbye),
                 "refused_command" => {
                     tracing::warn!(session = %ctx.id, client = %ctx.peer, user = %logging::safe_user(Some(&a.user)),
-                        "client sent XCLIENT or XFORWARD after login; session closed");
+                        "client sent XCLIENT, XFORWARD or BDAT after login (or a message line starting so); session closed");
                     Some(crate::protocol::goodbye(ctx.listener.protocol, Goodbye::RefusedCommand))
                 }
                 _ => None,
@@ -459,14 +459,19 @@ async fn preauth(ctx: &SessionCtx, tcp: TcpStream, deadline: Instant) -> Result<
                     failures += 1;
                     fail(&mut front, &mut stream, LoginFailure::Throttled, failures, limits.max_auth_attempts).await?;
                 }
-                Err(LoginError::ClientRefused) => {
+                Err(LoginError::ClientRefused { temporary }) => {
                     count_login(lc, req.mechanism, "client_refused");
-                    let failure = LoginFailure::Message {
-                        text: "The mail server refused your EHLO name.".into(),
-                        smtp_code: Some("550 5.7.1".into()),
-                        temporary: false,
+                    // Not the user's credentials (not logged for fail2ban, not throttled), but
+                    // each try costs a backend login: paced and counted like a failure.
+                    failures += 1;
+                    tokio::time::sleep_until(fail_at).await;
+                    let (text, code) = if temporary {
+                        ("The mail server cannot take your EHLO name now, try again later.", "454 4.7.0")
+                    } else {
+                        ("The mail server refused your EHLO name.", "550 5.7.1")
                     };
-                    fail(&mut front, &mut stream, failure, 0, u32::MAX).await?;
+                    let failure = LoginFailure::Message { text: text.into(), smtp_code: Some(code.into()), temporary };
+                    fail(&mut front, &mut stream, failure, failures, limits.max_auth_attempts).await?;
                 }
                 Err(LoginError::TooManySessions { user }) => {
                     count_login(lc, req.mechanism, "too_many_sessions");
@@ -520,9 +525,9 @@ enum LoginError {
     Throttled { user: Option<String> },
     /// The user already has the most sessions allowed.
     TooManySessions { user: String },
-    /// The backend refused what the client chose (its EHLO name): not counted against the user
-    /// or the backend.
-    ClientRefused,
+    /// The backend refused the client's own EHLO name, for now or for good: not the user's
+    /// credentials nor the backend's health.
+    ClientRefused { temporary: bool },
 }
 
 /// The connection's TLS parameters as nginx names them for `Auth-SSL-*`.
@@ -743,11 +748,11 @@ async fn login_inner(
                 // for this user, not a fault of the backend, and the same on every replica.
                 return Err(LoginError::InUse);
             }
-            Err(e @ BackendError::ClientRefused(_)) => {
+            Err(BackendError::ClientRefused { temporary }) => {
                 // The client's own choice, the same on every replica: no failover, and no count
                 // against the backend (a client could otherwise mark a pool down at will).
-                tracing::info!(session = %ctx.id, backend = %backend.name, error = %e, "backend refused the client's EHLO name");
-                return Err(LoginError::ClientRefused);
+                tracing::info!(session = %ctx.id, backend = %backend.name, temporary, "backend refused the client's EHLO name");
+                return Err(LoginError::ClientRefused { temporary });
             }
             Err(e) => {
                 // Reliability cases 64-66: count it against the backend, try the next one.

@@ -101,13 +101,13 @@ pub async fn connect_and_login(
         // took ours, so a refusal now is of the client's name (Exim's syntax check, Postfix with
         // smtpd_delay_reject = no): the client's failure, not the backend's.
         let helo = client.helo.as_deref().unwrap_or(hostname);
-        match ehlo(&mut stream, &mut lines, helo, client.esmtp).await {
-            Err(BackendError::Protocol(_)) if client.helo.is_some() => {
-                return Err(BackendError::ClientRefused("EHLO name"));
+        match send_ehlo(&mut stream, &mut lines, helo, client.esmtp).await?.0 {
+            250 => {}
+            421 => return Err(BackendError::Refused),
+            code @ 400..=599 if client.helo.is_some() => {
+                return Err(BackendError::ClientRefused { temporary: code < 500 });
             }
-            other => {
-                other?;
-            }
+            _ => return Err(BackendError::Protocol("EHLO refused")),
         }
     }
 
@@ -153,15 +153,25 @@ pub async fn ehlo<S: AsyncRead + AsyncWrite + Unpin>(
     name: &str,
     esmtp: bool,
 ) -> Result<Vec<String>, BackendError> {
+    match send_ehlo(s, lines, name, esmtp).await? {
+        (250, extensions) => Ok(extensions),
+        (421, _) => Err(BackendError::Refused),
+        _ => Err(BackendError::Protocol("EHLO refused")),
+    }
+}
+
+/// Send EHLO (or HELO): the reply's code, and the extension lines of a 250 reply.
+async fn send_ehlo<S: AsyncRead + AsyncWrite + Unpin>(
+    s: &mut S,
+    lines: &mut Lines,
+    name: &str,
+    esmtp: bool,
+) -> Result<(u16, Vec<String>), BackendError> {
     let verb = if esmtp { "EHLO" } else { "HELO" };
     s.write_all(format!("{verb} {name}\r\n").as_bytes()).await?;
     s.flush().await?;
     let (code, text) = read_reply(s, lines).await?;
-    match code {
-        250 => Ok(text.into_iter().skip(1).collect()),
-        421 => Err(BackendError::Refused),
-        _ => Err(BackendError::Protocol("EHLO refused")),
-    }
+    Ok((code, if code == 250 { text.into_iter().skip(1).collect() } else { Vec::new() }))
 }
 
 /// Read one (possibly multi-line) reply: its code and the text of each line.
