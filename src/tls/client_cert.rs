@@ -96,12 +96,22 @@ impl Cas {
             .min()
             .unwrap_or(i64::MAX);
         let mut current = self.current.lock().unwrap_or_else(|e| e.into_inner());
-        if current.0 != which
-            && let Ok(v) = self.build(&which)
-        {
+        if current.0 != which {
+            // The same certificates and CRLs built `all`, so this does not fail; if it ever did,
+            // no CA vouches (closed) rather than the previous set (which may hold one that has
+            // just run out).
+            let v = self.build(&which).unwrap_or_else(|e| {
+                tracing::error!(error = %e, "cannot build the client certificate verifier; refusing client certificates");
+                None
+            });
             *current = (which, v);
         }
         (current.1.clone(), next)
+    }
+
+    /// Whether some CA is out of date now (then `all` can tell "expired" from "unknown").
+    fn some_out_of_date(&self) -> bool {
+        self.current.lock().unwrap_or_else(|e| e.into_inner()).0.len() < self.certs.len()
     }
 }
 
@@ -318,12 +328,21 @@ impl ClientAuth {
                     Some(v) => self.verify(v.as_ref(), ca_until, leaf, allowed),
                     None => Err(rustls::Error::InvalidCertificate(CertificateError::UnknownIssuer)),
                 };
-                result.map_err(|e| match reason(e) {
-                    // Its CA is in the file but not in date: OpenSSL's "certificate has
-                    // expired" (or "is not yet valid"), which not even `optional_no_ca` accepts.
-                    Failure::Unknown(_) if cas.all.verify_client_cert(leaf, allowed, now).is_ok() => {
-                        Failure::Hard("certificate has expired or is not yet valid")
+                let result = result.map_err(|e| match reason(e) {
+                    // Unknown to the CAs in date, and some CA is not: its CA may be that one.
+                    // Then it is OpenSSL's "certificate has expired" (or "is not yet valid"), or
+                    // whatever else the chain fails on (revoked, an expired CRL): hard failures
+                    // all, which not even `optional_no_ca` accepts.
+                    Failure::Unknown(why) if cas.some_out_of_date() => {
+                        match cas.all.verify_client_cert(leaf, allowed, now).map_err(reason) {
+                            Ok(_) => Failure::Hard("certificate has expired or is not yet valid"),
+                            Err(Failure::Hard(hard)) => Failure::Hard(hard),
+                            Err(Failure::Unknown(_)) => Failure::Unknown(why),
+                        }
                     }
+                    other => other,
+                });
+                result.map_err(|failure| match failure {
                     // Linked to a CA only through more intermediates than the depth allows:
                     // OpenSSL's "chain too long", which not even `optional_no_ca` accepts.
                     Failure::Unknown(_)
@@ -908,6 +927,15 @@ mod tests {
             let untils: Vec<i64> = p.verified.lock().unwrap().values().map(|v| v.1).collect();
             assert!(untils.len() == 1 && (untils[0] - week).abs() < 120, "{untils:?}");
         }
+        // Its CA out of date since: still "revoked" under `optional_no_ca`, not let through as
+        // an unknown issuer (the verifier in date knows no CA; the one over all says why).
+        let mut p = with(VerifyClient::OptionalNoCa, &revoking_bob).unwrap();
+        p.cas.as_mut().unwrap().certs[0].2 = time::OffsetDateTime::now_utc().unix_timestamp() - 1;
+        assert_eq!(p.check(Some(std::slice::from_ref(&bob))), CertCheck::Refused("certificate revoked"));
+        assert_eq!(
+            p.check(Some(std::slice::from_ref(&alice))),
+            CertCheck::Refused("certificate has expired or is not yet valid")
+        );
         // Several CRLs in one file: the issuer's own is used.
         let both = format!("{}{revoking_bob}", crl(&other_ca, &[], 7));
         assert_eq!(
