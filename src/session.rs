@@ -288,19 +288,11 @@ async fn relay_session(
 fn front_settings(ctx: &SessionCtx, tls_active: bool, client_cert: Option<&ClientCertFacts>) -> FrontSettings {
     let config = &ctx.runtime.config;
     let lc = &ctx.listener;
-    // Honest EHLO: the extensions of the backend unauthenticated SMTP clients would be routed to.
+    // Honest EHLO: what every SMTP backend announces, as the client may be routed to any of them
+    // (the user is not known before AUTH).
     let extensions = match lc.protocol {
         Protocol::Smtp => {
-            let r = &config.routing;
-            r.tables
-                .get(&Protocol::Smtp)
-                .into_iter()
-                .chain([&r.shared])
-                .filter_map(|t| t.default.as_ref().or_else(|| t.domains.values().next()))
-                .flat_map(|t| t.backends().iter())
-                .filter(|b| b.protocol == Protocol::Smtp)
-                .find_map(|b| ctx.ehlo.get(&b.name))
-                .unwrap_or_else(|| Arc::from(Vec::new()))
+            ctx.ehlo.common(config.backends.values().filter(|b| b.protocol == Protocol::Smtp).map(|b| b.name.as_str()))
         }
         _ => Arc::from(Vec::new()),
     };

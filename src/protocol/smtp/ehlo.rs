@@ -26,6 +26,35 @@ impl EhloCache {
         self.by_backend.lock().unwrap_or_else(|e| e.into_inner()).get(backend).cloned()
     }
 
+    /// What every one of `backends` announced (those not learned yet are left out): the
+    /// extensions they all have, SIZE at the smallest limit. A client may be routed to any of
+    /// them (by domain, a users-file pin, the auth service), and must not be shown what its
+    /// backend lacks (an SMTPUTF8 or DSN it would then be refused, a SIZE it would overrun).
+    pub fn common<'a>(&self, backends: impl IntoIterator<Item = &'a str>) -> Arc<[String]> {
+        let map = self.by_backend.lock().unwrap_or_else(|e| e.into_inner());
+        let lists: Vec<&Arc<[String]>> = backends.into_iter().filter_map(|b| map.get(b)).collect();
+        let Some((first, rest)) = lists.split_first() else { return Arc::from(Vec::new()) };
+        if rest.is_empty() {
+            return Arc::clone(first);
+        }
+        let keyword = |e: &str| e.split(' ').next().unwrap_or("").to_ascii_uppercase();
+        // RFC 1870: no number, or 0, is no fixed limit.
+        let limit = |e: &str| e.split(' ').nth(1).and_then(|n| n.parse::<u64>().ok()).filter(|n| *n > 0);
+        first
+            .iter()
+            .filter(|e| rest.iter().all(|l| l.iter().any(|x| keyword(x) == keyword(e))))
+            .map(|e| {
+                if keyword(e) != "SIZE" {
+                    return e.clone();
+                }
+                let smallest =
+                    lists.iter().filter_map(|l| l.iter().find(|x| keyword(x) == "SIZE")).filter_map(|x| limit(x)).min();
+                smallest.map_or_else(|| "SIZE".to_string(), |n| format!("SIZE {n}"))
+            })
+            .collect::<Vec<_>>()
+            .into()
+    }
+
     /// Record what `backend` announced in its EHLO reply.
     pub fn update(&self, backend: &str, announced: &[String]) {
         let filtered: Arc<[String]> = filter(announced).into();
@@ -119,6 +148,16 @@ mod tests {
             filter(&announced),
             vec!["PIPELINING", "SIZE 10240000", "ENHANCEDSTATUSCODES", "8BITMIME", "DSN", "SMTPUTF8"]
         );
+        // Several backends: what they all have, SIZE at the smallest limit.
+        let c = EhloCache::default();
+        let set = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        c.update("a", &set(&["PIPELINING", "SIZE 10240000", "SMTPUTF8", "DSN", "8BITMIME"]));
+        c.update("b", &set(&["PIPELINING", "SIZE 5000000", "8BITMIME", "DSN"]));
+        c.update("c", &set(&["pipelining", "SIZE", "8BITMIME", "DSN", "ENHANCEDSTATUSCODES"]));
+        assert_eq!(&*c.common(["a", "b", "c", "unknown"]), ["PIPELINING", "SIZE 5000000", "DSN", "8BITMIME"]);
+        assert_eq!(&*c.common(["a"]), ["PIPELINING", "SIZE 10240000", "SMTPUTF8", "DSN", "8BITMIME"]);
+        assert_eq!(&*c.common(["c", "a"]), ["pipelining", "SIZE 10240000", "8BITMIME", "DSN"]);
+        assert!(c.common(["unknown"]).is_empty());
         let cache = EhloCache::default();
         assert!(cache.get("b").is_none());
         cache.update("b", &announced);
