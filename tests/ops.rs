@@ -18,12 +18,19 @@ async fn http_get(addr: std::net::SocketAddr, path: &str) -> (u16, String) {
     (status, body)
 }
 
-#[tokio::test]
-async fn admin_serves_metrics_health_and_readiness() {
+/// A proxy with an admin server, in front of a fake backend: the backend (kept alive by the
+/// caller), the proxy and the admin address.
+async fn with_admin() -> (FakeBackend, Proxy, std::net::SocketAddr) {
     let backend = FakeBackend::start(Behaviour::Normal).await;
     let cfg = plain_config(backend.addr, "").replace("[limits]", "[admin]\nbind = \"127.0.0.1:0\"\n\n[limits]");
     let proxy = Proxy::start(&cfg, USERS).await;
     let admin = proxy.app.admin_addr().unwrap();
+    (backend, proxy, admin)
+}
+
+#[tokio::test]
+async fn admin_serves_metrics_health_and_readiness() {
+    let (_backend, proxy, admin) = with_admin().await;
     let mut c = Client::connect(proxy.addr("plain")).await;
     c.line().await;
     c.send(b"a LOGIN alice@example.test secret\r\n").await;
@@ -290,10 +297,7 @@ async fn http_raw(addr: std::net::SocketAddr, request: &str) -> String {
 
 #[tokio::test]
 async fn the_admin_server_refuses_browsers_renewals_and_caps_its_connections() {
-    let backend = FakeBackend::start(Behaviour::Normal).await;
-    let cfg = plain_config(backend.addr, "").replace("[limits]", "[admin]\nbind = \"127.0.0.1:0\"\n\n[limits]");
-    let proxy = Proxy::start(&cfg, USERS).await;
-    let admin = proxy.app.admin_addr().unwrap();
+    let (_backend, _proxy, admin) = with_admin().await;
     let post = |extra: &str| {
         format!("POST /acme/renew/x HTTP/1.1\r\nHost: a\r\nContent-Length: 0\r\n{extra}Connection: close\r\n\r\n")
     };

@@ -77,8 +77,9 @@ impl Cas {
         builder.build().map(Some)
     }
 
-    /// The verifier over the CAs in date at `now`, and until when that set stays as it is.
-    fn at(&self, now: i64) -> (Option<Arc<dyn ClientCertVerifier>>, i64) {
+    /// The verifier over the CAs in date at `now`, until when that set stays as it is, and
+    /// whether some CA is out of date now (then `all` can tell "expired" from "unknown").
+    fn at(&self, now: i64) -> (Option<Arc<dyn ClientCertVerifier>>, i64, bool) {
         let which: Vec<usize> =
             (0..self.certs.len()).filter(|&i| self.certs[i].1 <= now && now < self.certs[i].2).collect();
         let next = self
@@ -106,12 +107,7 @@ impl Cas {
             });
             *current = (which, v);
         }
-        (current.1.clone(), next)
-    }
-
-    /// Whether some CA is out of date now (then `all` can tell "expired" from "unknown").
-    fn some_out_of_date(&self) -> bool {
-        self.current.lock().unwrap_or_else(|e| e.into_inner()).0.len() < self.certs.len()
+        (current.1.clone(), next, current.0.len() < self.certs.len())
     }
 }
 
@@ -323,7 +319,7 @@ impl ClientAuth {
         let verdict = match &self.cas {
             Some(cas) => {
                 let now = UnixTime::now();
-                let (v, ca_until) = cas.at(i64::try_from(now.as_secs()).unwrap_or(i64::MAX));
+                let (v, ca_until, some_out_of_date) = cas.at(i64::try_from(now.as_secs()).unwrap_or(i64::MAX));
                 let result = match &v {
                     Some(v) => self.verify(v.as_ref(), ca_until, leaf, allowed),
                     None => Err(rustls::Error::InvalidCertificate(CertificateError::UnknownIssuer)),
@@ -333,7 +329,7 @@ impl ClientAuth {
                     // Then it is OpenSSL's "certificate has expired" (or "is not yet valid"), or
                     // whatever else the chain fails on (revoked, an expired CRL): hard failures
                     // all, which not even `optional_no_ca` accepts.
-                    Failure::Unknown(why) if cas.some_out_of_date() => {
+                    Failure::Unknown(why) if some_out_of_date => {
                         match cas.all.verify_client_cert(leaf, allowed, now).map_err(reason) {
                             Ok(_) => Failure::Hard("certificate has expired or is not yet valid"),
                             Err(Failure::Hard(hard)) => Failure::Hard(hard),
