@@ -208,6 +208,8 @@ def test_fail2ban_filter_matches_every_failure_line(dovecot, tmp_path):
     # The log's times are UTC ("...Z"): read as such on a host in any zone. Read as local time,
     # they would be hours off, and fail2ban drops lines older than findtime: no ban, ever.
     for tz in ("UTC", "Asia/Tokyo", "America/New_York"):
+        # Without its zone file TZ falls back to UTC, and this would prove nothing.
+        assert os.path.exists(f"/usr/share/zoneinfo/{tz}"), f"no zone file for {tz} (tzdata)"
         out = subprocess.run(["fail2ban-regex", "-r", "-o", "row", log, filt], capture_output=True, text=True,
                              timeout=60, env=dict(os.environ, TZ=tz))
         assert out.returncode == 0, out.stderr
