@@ -2,7 +2,10 @@
 //! login → logout (or a submission, or a fetch) and report sessions per second, latency
 //! percentiles and throughput as one JSON object on the last line of stdout.
 //!
-//! Certificates are never verified: this measures proxies on loopback, not PKI.
+//! Certificates are never verified: this measures proxies on loopback, not PKI. Nor, unless
+//! `--verify-signature`, is the server's handshake signature: made with a key from a certificate
+//! nobody checked, it proves nothing, and checking it (an ECDSA verification) was a third of
+//! mailbench's CPU per login, on the cores it shares with the proxies it measures.
 //!
 //! `stub-backend` is the other end: a minimal IMAP and POP3 server (see `stub.rs`).
 
@@ -80,6 +83,11 @@ struct Args {
     /// not it issues tickets.
     #[arg(long)]
     resume: bool,
+    /// Check the server's TLS handshake signature, as a client that verified the certificate
+    /// would have to. Off by default: the certificate itself is never verified, so the check
+    /// proves nothing and only adds client CPU on cores shared with the proxy under test.
+    #[arg(long)]
+    verify_signature: bool,
     /// A client certificate (PEM chain) to present, for listeners that ask for one; with
     /// `--client-key`.
     #[arg(long, requires = "client_key")]
@@ -183,7 +191,7 @@ fn tls_connector(args: &Args) -> Result<tokio_rustls::TlsConnector, String> {
         .with_safe_default_protocol_versions()
         .map_err(|e| e.to_string())?
         .dangerous()
-        .with_custom_certificate_verifier(Arc::new(NoVerify(provider)));
+        .with_custom_certificate_verifier(Arc::new(NoVerify { provider, check_signature: args.verify_signature }));
     let mut cfg = match (&args.client_cert, &args.client_key) {
         (Some(cert), Some(key)) => {
             let chain = CertificateDer::pem_file_iter(cert)
@@ -480,8 +488,12 @@ async fn idle(args: &Args, connector: &tokio_rustls::TlsConnector) -> Tally {
     t
 }
 
+/// Accepts any certificate; checks the handshake signature only when `check_signature`.
 #[derive(Debug)]
-struct NoVerify(Arc<rustls::crypto::CryptoProvider>);
+struct NoVerify {
+    provider: Arc<rustls::crypto::CryptoProvider>,
+    check_signature: bool,
+}
 
 impl rustls::client::danger::ServerCertVerifier for NoVerify {
     fn verify_server_cert(
@@ -500,7 +512,10 @@ impl rustls::client::danger::ServerCertVerifier for NoVerify {
         c: &rustls::pki_types::CertificateDer<'_>,
         d: &rustls::DigitallySignedStruct,
     ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(m, c, d, &self.0.signature_verification_algorithms)
+        if !self.check_signature {
+            return Ok(rustls::client::danger::HandshakeSignatureValid::assertion());
+        }
+        rustls::crypto::verify_tls12_signature(m, c, d, &self.provider.signature_verification_algorithms)
     }
     fn verify_tls13_signature(
         &self,
@@ -508,9 +523,82 @@ impl rustls::client::danger::ServerCertVerifier for NoVerify {
         c: &rustls::pki_types::CertificateDer<'_>,
         d: &rustls::DigitallySignedStruct,
     ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(m, c, d, &self.0.signature_verification_algorithms)
+        if !self.check_signature {
+            return Ok(rustls::client::danger::HandshakeSignatureValid::assertion());
+        }
+        rustls::crypto::verify_tls13_signature(m, c, d, &self.provider.signature_verification_algorithms)
     }
     fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
-        self.0.signature_verification_algorithms.supported_schemes()
+        self.provider.signature_verification_algorithms.supported_schemes()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
+    use tokio::net::TcpListener;
+
+    /// A server whose handshake signature cannot be right: it presents one key's certificate and
+    /// signs with another key.
+    #[derive(Debug)]
+    struct WrongKey(Arc<rustls::sign::CertifiedKey>);
+
+    impl rustls::server::ResolvesServerCert for WrongKey {
+        fn resolve(&self, _: rustls::server::ClientHello<'_>) -> Option<Arc<rustls::sign::CertifiedKey>> {
+            Some(self.0.clone())
+        }
+    }
+
+    async fn wrong_key_server() -> std::net::SocketAddr {
+        let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+        let shown = rcgen::generate_simple_self_signed(vec!["localhost".into()]).unwrap();
+        let signing = rcgen::KeyPair::generate().unwrap();
+        let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(signing.serialize_der()));
+        let key = provider.key_provider.load_private_key(key).unwrap();
+        let certified = rustls::sign::CertifiedKey::new(vec![CertificateDer::from(shown.cert.der().to_vec())], key);
+        let cfg = rustls::ServerConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_no_client_auth()
+            .with_cert_resolver(Arc::new(WrongKey(Arc::new(certified))));
+        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(cfg));
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            while let Ok((tcp, _)) = listener.accept().await {
+                if let Ok(mut tls) = acceptor.accept(tcp).await {
+                    let _ = tls.write_all(b"* OK hi\r\n").await;
+                    let _ = tls.flush().await;
+                }
+            }
+        });
+        addr
+    }
+
+    /// By default the handshake signature is not checked (the certificate never is); with
+    /// `--verify-signature` a bad one fails the handshake.
+    #[tokio::test]
+    async fn the_handshake_signature_is_checked_only_when_asked() {
+        let addr = wrong_key_server().await;
+        for (extra, should_connect) in [(None, true), (Some("--verify-signature"), false)] {
+            let target = addr.to_string();
+            let mut argv = vec!["mailbench", "imap-login", "--target", &target, "--tls"];
+            argv.extend(extra);
+            let args = Args::parse_from(argv);
+            let connector = tls_connector(&args).unwrap();
+            match connect(&args, &connector).await {
+                Ok(mut c) => {
+                    assert!(should_connect, "{extra:?}: connected despite a bad signature");
+                    let mut line = String::new();
+                    c.read_line(&mut line).await.unwrap();
+                    assert_eq!(line, "* OK hi\r\n");
+                }
+                Err(e) => {
+                    assert!(!should_connect, "{extra:?}: {e}");
+                    assert!(e.contains("tls:"), "{e}");
+                }
+            }
+        }
     }
 }
