@@ -217,3 +217,36 @@ async fn an_open_ari_window_orders_the_renewal_once() {
     assert_eq!(ari, 1, "renewalInfo asked {ari} times");
     assert!(seen.iter().any(|p| p.starts_with("/order") || p == "/nonce"), "no order was placed: {seen:?}");
 }
+
+/// A name added to a certificate whose stored pair is in date: the stored certificate goes on
+/// being served for the names it has (not a self-signed stand-in for all of them) while the new
+/// one is ordered, at once.
+#[tokio::test]
+async fn an_added_name_keeps_the_stored_certificate_while_ordering() {
+    portcullis::tls::init_crypto();
+    let dir = tempfile::tempdir().unwrap();
+    let now = SystemTime::now();
+    // A window far ahead: the order below can only come from the added name.
+    let window = (now + Duration::from_secs(80 * 86400), now + Duration::from_secs(81 * 86400));
+    let (directory, ca_file, seen) = mock_directory(dir.path(), window, "21600").await;
+    let (config, state) = config_for(dir.path(), &directory, &ca_file);
+    let mut settings = config.acme.clone().unwrap();
+    settings.certificates[0].names.push("new.example.test".to_string());
+    let (leaf, leaf_key) = ninety_day_leaf(now);
+    std::fs::write(state.join("certs/mail.example.test.pem"), leaf.pem()).unwrap();
+    std::fs::write(state.join("certs/mail.example.test.key"), leaf_key.serialize_pem()).unwrap();
+    let certs = Arc::new(portcullis::tls::certs::CertStore::load(&config.tls).unwrap());
+    let stop = tokio_util::sync::CancellationToken::new();
+    let _handle = portcullis::tls::acme::start(settings, certs.clone(), stop.clone()).await.unwrap();
+    let ordered = || seen.lock().unwrap().iter().any(|p| p.starts_with("/order") || p == "/nonce");
+    for _ in 0..100 {
+        if ordered() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let served = certs.lookup(Some("mail.example.test")).expect("a certificate for mail.example.test");
+    stop.cancel();
+    assert!(ordered(), "the added name was not ordered at once: {:?}", seen.lock().unwrap());
+    assert!(served.cert[0].as_ref() == leaf.der().as_ref(), "the stored certificate is not the one served");
+}

@@ -288,6 +288,14 @@ impl CertTask {
                 tracing::info!(certificate = %self.label, "ACME: using the stored certificate");
                 self.install(ck.clone());
             }
+            // A stored certificate that is in date but lacks a name added since (or whose order
+            // failed): served for the names it has while the new one is ordered, rather than a
+            // stand-in that no client trusts for any of them.
+            None if let Some((ck, covered)) = self.load_partial() => {
+                tracing::warn!(certificate = %self.label, covered = ?covered, configured = ?self.spec.names,
+                    "ACME: the stored certificate lacks some configured names; serving it for the names it has until the CA issues one for all");
+                self.install_for(ck, &covered);
+            }
             None => match crate::tls::certs::self_signed(&self.spec.names) {
                 Ok(ck) => {
                     tracing::warn!(certificate = %self.label, "ACME: no certificate yet; serving a self-signed one until the CA issues it");
@@ -398,13 +406,18 @@ impl CertTask {
     }
 
     fn install(&self, ck: Arc<CertifiedKey>) {
+        self.install_for(ck, &self.spec.names);
+    }
+
+    /// Serve `ck` for `names` (the configured ones, or those of them a stored certificate has).
+    fn install_for(&self, ck: Arc<CertifiedKey>, names: &[String]) {
         if let Some((_, not_after)) = validity(&ck)
             && let Ok(d) = not_after.duration_since(SystemTime::UNIX_EPOCH)
         {
             metrics().certificate_not_after.with_label_values(&[&self.label]).set(d.as_secs() as f64);
         }
-        self.certs.install_acme(&self.label, &self.spec.names, ck, false);
-        tracing::info!(certificate = %self.label, names = ?self.spec.names, "ACME: certificate installed");
+        self.certs.install_acme(&self.label, names, ck, false);
+        tracing::info!(certificate = %self.label, names = ?names, "ACME: certificate installed");
     }
 
     fn paths(&self) -> (PathBuf, PathBuf) {
@@ -436,14 +449,15 @@ impl CertTask {
     }
 
     fn load_pair(&self, cert: &Path, key: &Path) -> Option<Arc<CertifiedKey>> {
-        let chain: Vec<CertificateDer<'static>> =
-            CertificateDer::pem_file_iter(cert).ok()?.collect::<Result<_, _>>().ok()?;
-        let key = PrivateKeyDer::from_pem_file(key).ok()?;
-        let ck = CertifiedKey::from_der(chain, key, &provider()).ok()?;
-        let (_, not_after) = validity(&ck)?;
-        let names = dns_names(&ck)?;
-        let covers = self.spec.names.iter().all(|n| names.contains(n));
-        (covers && not_after > SystemTime::now()).then(|| Arc::new(ck))
+        let (ck, covered) = read_pair(cert, key, &self.spec.names)?;
+        (covered.len() == self.spec.names.len()).then_some(ck)
+    }
+
+    /// The stored certificate when it is in date and has some of the configured names but not
+    /// all, with the names it has.
+    fn load_partial(&self) -> Option<(Arc<CertifiedKey>, Vec<String>)> {
+        let (cert, key) = self.paths();
+        read_pair(&cert, &key, &self.spec.names).filter(|(_, covered)| !covered.is_empty())
     }
 
     async fn account(&self) -> AcmeResult<Account> {
@@ -721,6 +735,22 @@ fn validity(ck: &CertifiedKey) -> Option<(SystemTime, SystemTime)> {
     let v = cert.validity();
     let t = |secs: i64| SystemTime::UNIX_EPOCH + Duration::from_secs(secs.max(0) as u64);
     Some((t(v.not_before.timestamp()), t(v.not_after.timestamp())))
+}
+
+/// A stored pair that loads, matches its key and has not expired, with those of `names` its
+/// certificate has.
+fn read_pair(cert: &Path, key: &Path, names: &[String]) -> Option<(Arc<CertifiedKey>, Vec<String>)> {
+    let chain: Vec<CertificateDer<'static>> =
+        CertificateDer::pem_file_iter(cert).ok()?.collect::<Result<_, _>>().ok()?;
+    let key = PrivateKeyDer::from_pem_file(key).ok()?;
+    let ck = CertifiedKey::from_der(chain, key, &provider()).ok()?;
+    let (_, not_after) = validity(&ck)?;
+    if not_after <= SystemTime::now() {
+        return None;
+    }
+    let has = dns_names(&ck)?;
+    let covered = names.iter().filter(|n| has.contains(n)).cloned().collect();
+    Some((Arc::new(ck), covered))
 }
 
 fn dns_names(ck: &CertifiedKey) -> Option<Vec<String>> {
