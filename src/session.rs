@@ -224,6 +224,9 @@ async fn read_proxy_header(
         }
         match proxy_header::ProxyHeader::parse(&buf[..n], proxy_header::ParseConfig::default()) {
             Ok((header, len)) => {
+                if !header_checks_out(&header) {
+                    return Err("malformed");
+                }
                 let addrs = header.proxied_address().map(|a| (a.source, a.destination));
                 let mut skip = vec![0u8; len];
                 // `peek` saw these bytes, so this read returns at once.
@@ -247,6 +250,28 @@ async fn read_proxy_header(
             Err(_) => return Err("malformed"),
         }
     }
+}
+
+/// What the parser leaves unchecked in a v2 header (reliability case 53, after HAProxy's
+/// validation): every TLV within the header and well formed, the SSL TLV's own TLVs included; no
+/// NUL inside a text value; and a stream (TCP) address, not a datagram one.
+fn header_checks_out(header: &proxy_header::ProxyHeader<'_>) -> bool {
+    use proxy_header::Tlv;
+    fn sound(tlv: &Tlv<'_>) -> bool {
+        match tlv {
+            Tlv::Authority(t)
+            | Tlv::SslVersion(t)
+            | Tlv::SslCn(t)
+            | Tlv::SslCipher(t)
+            | Tlv::SslSigAlg(t)
+            | Tlv::SslKeyAlg(t)
+            | Tlv::Netns(t) => !t.contains('\0'),
+            Tlv::Ssl(ssl) => ssl.tlvs().all(|t| t.is_ok_and(|t| sound(&t))),
+            _ => true,
+        }
+    }
+    header.proxied_address().is_none_or(|a| a.protocol == proxy_header::Protocol::Stream)
+        && header.tlvs().all(|t| t.is_ok_and(|t| sound(&t)))
 }
 
 async fn relay_session(

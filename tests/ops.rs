@@ -158,6 +158,55 @@ async fn proxy_header_from_a_trusted_balancer_sets_the_client_address() {
     assert_eq!(c.line().await, "");
 }
 
+/// `header` with raw TLV bytes appended and its length field grown to match.
+fn with_tlvs(mut header: Vec<u8>, tlvs: &[u8]) -> Vec<u8> {
+    let len = u16::from_be_bytes([header[14], header[15]]) + tlvs.len() as u16;
+    header[14..16].copy_from_slice(&len.to_be_bytes());
+    header.extend_from_slice(tlvs);
+    header
+}
+
+/// Reliability case 53 (HAProxy's proxy_protocol_tlv_validation and _embedded_nul tests): a v2
+/// header whose TLVs overrun it, or that carries a NUL inside a text TLV, or a UDP address, is
+/// closed without a greeting; well-formed TLVs (an authority, SSL facts) are accepted.
+#[tokio::test]
+async fn malformed_proxy_tlvs_close_the_connection() {
+    let backend = FakeBackend::start(Behaviour::Normal).await;
+    let proxy = Proxy::start(&proxy_config(backend.addr, "\"127.0.0.0/8\""), USERS).await;
+    let base = || v2_header("192.0.2.7:4242", "198.51.100.1:143");
+    let mut good = vec![0x02, 0, 17];
+    good.extend_from_slice(b"mail.example.test");
+    good.extend_from_slice(&[0x20, 0, 15, 0x01, 0, 0, 0, 0, 0x21, 0, 7]);
+    good.extend_from_slice(b"TLSv1.3");
+    let mut c = Client::connect(proxy.addr("plain")).await;
+    c.send(&with_tlvs(base(), &good)).await;
+    assert!(c.line().await.starts_with("* OK"), "well-formed TLVs refused");
+
+    let datagram = {
+        let h = proxy_header::ProxyHeader::with_address(proxy_header::ProxiedAddress::datagram(
+            "192.0.2.7:4242".parse().unwrap(),
+            "198.51.100.1:143".parse().unwrap(),
+        ));
+        let mut buf = Vec::new();
+        h.encode_v2(&mut buf).unwrap();
+        buf
+    };
+    let cases: [(&str, Vec<u8>); 4] = [
+        // A NOOP TLV claiming 256 bytes, four of them inside the header.
+        ("overrun", with_tlvs(base(), &[0x04, 0x01, 0x00, 0, 0, 0, 0])),
+        ("NUL in the authority", with_tlvs(base(), b"\x02\x00\x09mail\0evil")),
+        // The SSL TLV's version TLV claims 16 bytes and has none.
+        ("SSL sub-TLV overrun", with_tlvs(base(), &[0x20, 0, 8, 0x01, 0, 0, 0, 0, 0x21, 0, 0x10])),
+        ("datagram", datagram),
+    ];
+    for (what, header) in cases {
+        let mut c = Client::connect(proxy.addr("plain")).await;
+        c.send(&header).await;
+        assert_eq!(c.line().await, "", "{what}: not closed");
+    }
+    assert_eq!(backend.connections(), 0);
+}
+
 #[tokio::test]
 async fn ipv4_clients_of_a_dual_stack_listener_are_ipv4_to_limits_and_backends() {
     // A `[::]` listener sees 127.0.0.1 as ::ffff:127.0.0.1; a trusted range written that way
