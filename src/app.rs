@@ -61,6 +61,9 @@ pub enum StartError {
 pub enum Reloaded {
     Applied,
     Unchanged,
+    /// Everything but ACME was applied: the ACME manager could not start with the new settings
+    /// (the previous ones, if any, go on). Counted as a failed reload, so it is seen.
+    AcmeFailed(String),
 }
 
 pub struct App {
@@ -277,7 +280,7 @@ impl App {
                 m.config_last_reload_success.set(unix_now());
             }
             Ok(Reloaded::Unchanged) => {}
-            Err(_) => m.config_reloads.with_label_values(&["error"]).inc(),
+            Ok(Reloaded::AcmeFailed(_)) | Err(_) => m.config_reloads.with_label_values(&["error"]).inc(),
         }
         result
     }
@@ -309,9 +312,16 @@ impl App {
             self.apply_admin(admin);
         }
         self.restart_checks();
+        let acme = self.apply_acme().await;
+        // After ACME has dropped the certificates no longer configured, so their expiry series
+        // go with them (else they would page about certificates nobody serves).
         self.record_certificates();
-        if let Err(e) = self.apply_acme().await {
+        if let Err(e) = acme {
+            // The rest of the config runs; the fingerprint is not kept, so the next reload
+            // (a file event, SIGHUP) tries ACME again instead of finding nothing changed.
             tracing::error!(error = %e, "ACME could not be (re)started; certificates stay as they are");
+            *last = 0;
+            return Ok(Reloaded::AcmeFailed(e.to_string()));
         }
         // A file that changed while it was being read (a save in progress) may now run
         // half-written: then the fingerprint is not kept, and the save's own events (or the
@@ -714,7 +724,7 @@ fn listen(addr: SocketAddr, v6only: bool) -> std::io::Result<TcpListener> {
 }
 
 /// Held while gauges that are reset and set again change, and while a scrape renders them.
-static GAUGES: Mutex<()> = Mutex::new(());
+pub(crate) static GAUGES: Mutex<()> = Mutex::new(());
 
 /// A hash of every input file's bytes, to skip reloads that change nothing.
 pub(crate) fn fingerprint(files: &[PathBuf]) -> u64 {

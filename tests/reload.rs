@@ -244,6 +244,33 @@ async fn a_reload_that_changes_acme_keeps_the_responder() {
     assert!(answers().await, "no HTTP-01 responder after the reload");
 }
 
+/// A reload whose ACME settings cannot start (the HTTP-01 port taken) applies the rest but says
+/// so, and is tried again by the next reload even though no file changed; once the port is
+/// free, ACME runs.
+#[tokio::test]
+async fn a_reload_whose_acme_cannot_start_says_so_and_is_retried() {
+    let backend = FakeBackend::start(Behaviour::Normal).await;
+    let (port, pa) = (free_port(), free_port());
+    let state = tempfile::tempdir().unwrap();
+    let proxy = Proxy::start(&plain_config(backend.addr, ""), USERS).await;
+    let taken = std::net::TcpListener::bind(("127.0.0.1", port)).unwrap();
+    let with_acme = format!(
+        "{}\n[acme]\ndirectory = \"https://127.0.0.1:1/dir\"\nterms_agreed = true\nstate_dir = \"{}\"\nhttp01_bind = \"127.0.0.1:{port}\"\nretry_min = \"1h\"\n[[acme.certificate]]\nnames = [\"mail.example.test\"]\n",
+        config(backend.addr, &[("a", pa)]),
+        state.path().display()
+    );
+    write_file(&proxy.config_path(), &with_acme);
+    let reloaded = proxy.app.reload(false).await.unwrap();
+    assert!(matches!(reloaded, portcullis::app::Reloaded::AcmeFailed(_)), "{reloaded:?}");
+    // The rest of the config runs.
+    login(std::net::SocketAddr::from(([127, 0, 0, 1], pa))).await;
+    let again = proxy.app.reload(false).await.unwrap();
+    assert!(matches!(again, portcullis::app::Reloaded::AcmeFailed(_)), "not retried: {again:?}");
+    drop(taken);
+    assert_eq!(proxy.app.reload(false).await.unwrap(), portcullis::app::Reloaded::Applied);
+    assert!(std::net::TcpStream::connect(("127.0.0.1", port)).is_ok(), "no HTTP-01 responder");
+}
+
 /// After shutdown has begun, a reload (say from the file watcher) binds nothing again.
 #[tokio::test]
 async fn no_reload_after_shutdown() {

@@ -82,6 +82,10 @@ pub fn spawn(app: Arc<App>, mut hup: tokio::signal::unix::Signal) -> Result<(), 
                     tracing::info!(config = %app.config_path().display(), "configuration reloaded")
                 }
                 Ok(Reloaded::Unchanged) => tracing::debug!("configuration files unchanged"),
+                Ok(Reloaded::AcmeFailed(e)) => {
+                    tracing::error!(error = %e, "configuration reloaded, but ACME could not be (re)started with it");
+                    failed = Some(Failed::now(&app).await);
+                }
                 Err(e) => {
                     tracing::error!(error = %e, "configuration reload failed; keeping the running configuration");
                     failed = Some(Failed::now(&app).await);

@@ -411,12 +411,14 @@ impl CertTask {
 
     /// Serve `ck` for `names` (the configured ones, or those of them a stored certificate has).
     fn install_for(&self, ck: Arc<CertifiedKey>, names: &[String]) {
-        if let Some((_, not_after)) = validity(&ck)
-            && let Ok(d) = not_after.duration_since(SystemTime::UNIX_EPOCH)
-        {
+        // Under the lock a reload's reset-and-set of these gauges takes, so it cannot write the
+        // old expiry back over this one.
+        let _gauges = crate::app::GAUGES.lock().unwrap_or_else(|e| e.into_inner());
+        let not_after = validity(&ck).and_then(|(_, t)| t.duration_since(SystemTime::UNIX_EPOCH).ok());
+        self.certs.install_acme(&self.label, names, ck, false);
+        if let Some(d) = not_after {
             metrics().certificate_not_after.with_label_values(&[&self.label]).set(d.as_secs() as f64);
         }
-        self.certs.install_acme(&self.label, names, ck, false);
         tracing::info!(certificate = %self.label, names = ?names, "ACME: certificate installed");
     }
 
