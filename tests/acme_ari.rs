@@ -23,8 +23,18 @@ async fn mock_directory(
     let ca = CertifiedIssuer::self_signed(ca_params, KeyPair::generate().unwrap()).unwrap();
     let ca_file = dir.join("mock-ca.pem");
     std::fs::write(&ca_file, ca.pem()).unwrap();
+    let (directory, seen) = mock_directory_under(&ca, window, retry_after).await;
+    (directory, ca_file, seen)
+}
+
+/// `mock_directory` serving a certificate from `ca`; returns (directory URL, paths seen).
+async fn mock_directory_under(
+    ca: &CertifiedIssuer<'static, KeyPair>,
+    window: (SystemTime, SystemTime),
+    retry_after: &'static str,
+) -> (String, Arc<Mutex<Vec<String>>>) {
     let key = KeyPair::generate().unwrap();
-    let leaf = CertificateParams::new(vec!["127.0.0.1".to_string()]).unwrap().signed_by(&key, &ca).unwrap();
+    let leaf = CertificateParams::new(vec!["127.0.0.1".to_string()]).unwrap().signed_by(&key, ca).unwrap();
     let mut cfg = rustls::ServerConfig::builder()
         .with_no_client_auth()
         .with_single_cert(vec![leaf.der().clone()], PrivateKeyDer::try_from(key.serialize_der()).unwrap())
@@ -73,7 +83,7 @@ async fn mock_directory(
             });
         }
     });
-    (format!("{base}/dir"), ca_file, seen)
+    (format!("{base}/dir"), seen)
 }
 
 /// The CA's suggested renewal window for these tests: 2 hours, 10 days after `now`.
@@ -249,4 +259,75 @@ async fn an_added_name_keeps_the_stored_certificate_while_ordering() {
     stop.cancel();
     assert!(ordered(), "the added name was not ordered at once: {:?}", seen.lock().unwrap());
     assert!(served.cert[0].as_ref() == leaf.der().as_ref(), "the stored certificate is not the one served");
+}
+
+/// A stored certificate issued by another directory (the config moved from staging to
+/// production, say) is served while this directory is asked for one at once, instead of being
+/// kept until two thirds of its life as if this CA had issued it.
+#[tokio::test]
+async fn a_certificate_from_another_directory_is_replaced_at_once() {
+    portcullis::tls::init_crypto();
+    let dir = tempfile::tempdir().unwrap();
+    let now = SystemTime::now();
+    let window = (now + Duration::from_secs(80 * 86400), now + Duration::from_secs(81 * 86400));
+    let (directory, ca_file, seen) = mock_directory(dir.path(), window, "21600").await;
+    let (config, state) = config_for(dir.path(), &directory, &ca_file);
+    let (leaf, leaf_key) = ninety_day_leaf(now);
+    std::fs::write(state.join("certs/mail.example.test.pem"), leaf.pem()).unwrap();
+    std::fs::write(state.join("certs/mail.example.test.key"), leaf_key.serialize_pem()).unwrap();
+    std::fs::write(state.join("certs/mail.example.test.directory"), "https://staging.example.test/dir").unwrap();
+    let certs = Arc::new(portcullis::tls::certs::CertStore::load(&config.tls).unwrap());
+    let stop = tokio_util::sync::CancellationToken::new();
+    let _handle =
+        portcullis::tls::acme::start(config.acme.clone().unwrap(), certs.clone(), stop.clone()).await.unwrap();
+    let ordered = || seen.lock().unwrap().iter().any(|p| p.starts_with("/order") || p == "/nonce");
+    for _ in 0..100 {
+        if ordered() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let served = certs.lookup(Some("mail.example.test")).expect("a certificate for mail.example.test");
+    stop.cancel();
+    assert!(ordered(), "no order at the new directory: {:?}", seen.lock().unwrap());
+    assert!(served.cert[0].as_ref() == leaf.der().as_ref(), "the stored certificate is not served meanwhile");
+}
+
+/// An account stored for another directory is neither used (it would send every order back to
+/// that CA) nor overwritten: a new one is made at the configured directory, in its own file.
+#[tokio::test]
+async fn an_account_from_another_directory_is_not_used() {
+    portcullis::tls::init_crypto();
+    let dir = tempfile::tempdir().unwrap();
+    let now = SystemTime::now();
+    let window = (now + Duration::from_secs(80 * 86400), now + Duration::from_secs(81 * 86400));
+    // Both directories under one CA, so the old one is reachable: the case where its stored
+    // account would be used.
+    let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    let ca = CertifiedIssuer::self_signed(ca_params, KeyPair::generate().unwrap()).unwrap();
+    let ca_file = dir.path().join("mock-ca.pem");
+    std::fs::write(&ca_file, ca.pem()).unwrap();
+    let (old_directory, old_seen) = mock_directory_under(&ca, window, "21600").await;
+    let (directory, seen) = mock_directory_under(&ca, window, "21600").await;
+    let (config, state) = config_for(dir.path(), &old_directory, &ca_file);
+    let mut settings = config.acme.clone().unwrap();
+    settings.directory = directory.clone();
+    let certs = Arc::new(portcullis::tls::certs::CertStore::load(&config.tls).unwrap());
+    let stop = tokio_util::sync::CancellationToken::new();
+    let _handle = portcullis::tls::acme::start(settings, certs, stop.clone()).await.unwrap();
+    // The mock answers no nonce, so the account is asked for up to that point.
+    let asked_new = || seen.lock().unwrap().iter().any(|p| p == "/nonce" || p == "/acct");
+    for _ in 0..100 {
+        if asked_new() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    stop.cancel();
+    assert!(asked_new(), "no account asked of the new directory: {:?}", seen.lock().unwrap());
+    assert!(old_seen.lock().unwrap().is_empty(), "the old directory was used: {:?}", old_seen.lock().unwrap());
+    let stored: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(state.join("account.json")).unwrap()).unwrap();
+    assert_eq!(stored["directory"], old_directory.as_str(), "the old directory's account was overwritten");
 }

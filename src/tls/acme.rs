@@ -292,8 +292,8 @@ impl CertTask {
             // failed): served for the names it has while the new one is ordered, rather than a
             // stand-in that no client trusts for any of them.
             None if let Some((ck, covered)) = self.load_partial() => {
-                tracing::warn!(certificate = %self.label, covered = ?covered, configured = ?self.spec.names,
-                    "ACME: the stored certificate lacks some configured names; serving it for the names it has until the CA issues one for all");
+                tracing::warn!(certificate = %self.label, covered = ?covered, configured = ?self.spec.names, directory = %self.settings.directory,
+                    "ACME: the stored certificate lacks some configured names or came from another directory; serving it for the names it has until this directory issues one");
                 self.install_for(ck, &covered);
             }
             None => match crate::tls::certs::self_signed(&self.spec.names) {
@@ -422,6 +422,39 @@ impl CertTask {
         tracing::info!(certificate = %self.label, names = ?names, "ACME: certificate installed");
     }
 
+    /// The account file for the configured directory: `account.json` when it is that
+    /// directory's (or there is none yet), else one named after the directory. An account
+    /// belongs to one CA: after a switch (staging to production, or to another CA) the stored
+    /// one would take every order back to the CA it came from, and overwriting it would lose it.
+    fn account_path(&self) -> PathBuf {
+        let main = self.settings.state_dir.join("account.json");
+        if stored_directory(&main).is_none_or(|d| d == self.settings.directory) {
+            return main;
+        }
+        let name: String = self
+            .settings
+            .directory
+            .trim_start_matches("https://")
+            .chars()
+            .map(|c| if c.is_ascii_alphanumeric() || c == '.' || c == '-' { c } else { '_' })
+            .collect();
+        self.settings.state_dir.join(format!("account-{name}.json"))
+    }
+
+    /// Where the stored certificate records the directory that issued it.
+    fn issuer_path(&self) -> PathBuf {
+        self.paths().0.with_extension("directory")
+    }
+
+    /// Whether the stored certificate came from the configured directory (a certificate stored
+    /// before this was recorded is taken to have).
+    fn issued_here(&self) -> bool {
+        match std::fs::read_to_string(self.issuer_path()) {
+            Ok(d) => d.trim() == self.settings.directory,
+            Err(_) => true,
+        }
+    }
+
     fn paths(&self) -> (PathBuf, PathBuf) {
         let dir = self.settings.state_dir.join("certs");
         let file = self.label.replace('*', "_wildcard");
@@ -431,6 +464,9 @@ impl CertTask {
     /// The stored certificate, if it exists, matches its key, covers the configured names and
     /// has not expired.
     fn load_stored(&self) -> Option<Arc<CertifiedKey>> {
+        if !self.issued_here() {
+            return None;
+        }
         let (cert, key) = self.paths();
         if let Some(ck) = self.load_pair(&cert, &key) {
             return Some(ck);
@@ -456,7 +492,7 @@ impl CertTask {
     }
 
     /// The stored certificate when it is in date and has some of the configured names but not
-    /// all, with the names it has.
+    /// all, or came from another directory, with the names it has.
     fn load_partial(&self) -> Option<(Arc<CertifiedKey>, Vec<String>)> {
         let (cert, key) = self.paths();
         read_pair(&cert, &key, &self.spec.names).filter(|(_, covered)| !covered.is_empty())
@@ -467,7 +503,7 @@ impl CertTask {
         if let Some(a) = slot.as_ref() {
             return Ok(a.clone());
         }
-        let path = self.settings.state_dir.join("account.json");
+        let path = self.account_path();
         let builder = || match &self.settings.ca_file {
             Some(ca) => {
                 Account::builder_with_root(ca).map_err(|e| format!("ACME client with CA {}: {e}", ca.display()))
@@ -505,7 +541,7 @@ impl CertTask {
 
     async fn forget_account(&self) {
         *self.account.lock().await = None;
-        let _ = std::fs::remove_file(self.settings.state_dir.join("account.json"));
+        let _ = std::fs::remove_file(self.account_path());
     }
 
     /// One order, start to finish; each step given up when `stop` fires or the CA stalls.
@@ -577,6 +613,10 @@ impl CertTask {
         let cert_tmp = stage_private(&cert_path, chain_pem.as_bytes())?;
         commit(&key_tmp, &key_path)?;
         commit(&cert_tmp, &cert_path)?;
+        if let Err(e) = write_private(&self.issuer_path(), self.settings.directory.as_bytes()) {
+            // Only a later switch of directory needs it; the certificate itself is stored.
+            tracing::warn!(certificate = %self.label, error = %e, "ACME: cannot record which directory issued the certificate");
+        }
         tracing::info!(certificate = %self.label, "ACME: certificate issued and stored");
         Ok(Arc::new(ck))
     }
@@ -613,6 +653,12 @@ impl CertTask {
                     cleanup.tokens.push(ch.token.clone());
                 }
                 AcmeChallenge::Http01Webroot(root) => {
+                    // A file name: base64url only (RFC 8555 8.3), never a path out of the webroot.
+                    if ch.token.is_empty()
+                        || !ch.token.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+                    {
+                        return Err(format!("{name}: the CA sent a challenge token that is not base64url"));
+                    }
                     let dir = root.join(".well-known/acme-challenge");
                     std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
                     let file = dir.join(&ch.token);
@@ -737,6 +783,13 @@ fn validity(ck: &CertifiedKey) -> Option<(SystemTime, SystemTime)> {
     let v = cert.validity();
     let t = |secs: i64| SystemTime::UNIX_EPOCH + Duration::from_secs(secs.max(0) as u64);
     Some((t(v.not_before.timestamp()), t(v.not_after.timestamp())))
+}
+
+/// The directory URL an account file records, if it can be read (files written by older
+/// versions of the ACME library may have none).
+fn stored_directory(path: &Path) -> Option<String> {
+    let v: serde_json::Value = serde_json::from_slice(&std::fs::read(path).ok()?).ok()?;
+    v.get("directory")?.as_str().map(str::to_string)
 }
 
 /// A stored pair that loads, matches its key and has not expired, with those of `names` its
