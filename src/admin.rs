@@ -23,6 +23,9 @@ use crate::metrics::metrics;
 /// cap keeps anyone who can reach the port from holding the file descriptors the mail
 /// listeners share.
 const MAX_CONNECTIONS: usize = 64;
+/// Connections from one address at once: one client holding idle connections cannot take every
+/// slot and so lock out the scraper and the health probes (which restart the pod when they fail).
+const MAX_PER_ADDRESS: usize = 8;
 /// How long a request's headers may take to arrive, and how long one connection may stay open
 /// (a scraper reconnects; a connection that sends nothing is closed).
 const HEADER_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
@@ -32,6 +35,7 @@ const CONNECTION_LIFETIME: std::time::Duration = std::time::Duration::from_secs(
 pub async fn serve(listener: TcpListener, app: Weak<App>, stop: CancellationToken) {
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
     let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
+    let open: OpenPerAddress = Arc::default();
     loop {
         let (tcp, peer) = tokio::select! {
             _ = stop.cancelled() => break,
@@ -43,6 +47,10 @@ pub async fn serve(listener: TcpListener, app: Weak<App>, stop: CancellationToke
                     continue;
                 }
             },
+        };
+        let Some(per_address) = PerAddress::take(&open, peer.ip()) else {
+            tracing::warn!(peer = %peer, "admin connection refused: too many open from this address");
+            continue;
         };
         let Ok(slot) = slots.clone().try_acquire_owned() else {
             tracing::warn!(peer = %peer, "admin connection refused: too many open");
@@ -98,10 +106,42 @@ pub async fn serve(listener: TcpListener, app: Weak<App>, stop: CancellationToke
         let conn = graceful.watch(conn);
         tokio::spawn(async move {
             let _ = tokio::time::timeout(CONNECTION_LIFETIME, conn).await;
-            drop(slot);
+            drop((slot, per_address));
         });
     }
     let _ = tokio::time::timeout(std::time::Duration::from_secs(2), graceful.shutdown()).await;
+}
+
+type OpenPerAddress = Arc<std::sync::Mutex<std::collections::HashMap<std::net::IpAddr, usize>>>;
+
+/// One open admin connection counted against its address; given back when dropped.
+struct PerAddress {
+    open: OpenPerAddress,
+    ip: std::net::IpAddr,
+}
+
+impl PerAddress {
+    fn take(open: &OpenPerAddress, ip: std::net::IpAddr) -> Option<PerAddress> {
+        let mut map = open.lock().unwrap_or_else(|e| e.into_inner());
+        let n = map.entry(ip).or_insert(0);
+        if *n >= MAX_PER_ADDRESS {
+            return None;
+        }
+        *n += 1;
+        Some(PerAddress { open: open.clone(), ip })
+    }
+}
+
+impl Drop for PerAddress {
+    fn drop(&mut self) {
+        let mut map = self.open.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(n) = map.get_mut(&self.ip) {
+            *n -= 1;
+            if *n == 0 {
+                map.remove(&self.ip);
+            }
+        }
+    }
 }
 
 /// Whether a connection from `peer` to our `local` address comes from this host.

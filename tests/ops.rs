@@ -68,6 +68,37 @@ async fn admin_serves_metrics_health_and_readiness() {
     assert_eq!(http_get(admin, "/nope").await.0, 404);
 }
 
+/// One address holding idle connections to the admin port gets eight; more from it are closed
+/// at once, and others (the scraper, the health probes) are still served.
+#[tokio::test]
+async fn one_address_cannot_take_every_admin_connection() {
+    let (_backend, _proxy, admin) = with_admin().await;
+    let from = |ip: [u8; 4]| {
+        let s = tokio::net::TcpSocket::new_v4().unwrap();
+        s.bind(std::net::SocketAddr::from((ip, 0))).unwrap();
+        s.connect(admin)
+    };
+    // The status of a GET /healthz on `s`, "" if it is closed unanswered.
+    let ask = |mut s: tokio::net::TcpStream| async move {
+        let _ = s.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").await;
+        let mut out = Vec::new();
+        let _ = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut out)).await;
+        String::from_utf8_lossy(out.get(9..12).unwrap_or_default()).to_string()
+    };
+    let mut held = Vec::new();
+    for _ in 0..8 {
+        held.push(from([127, 0, 0, 3]).await.unwrap());
+    }
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_eq!(ask(from([127, 0, 0, 3]).await.unwrap()).await, "", "a ninth connection was served");
+    assert_eq!(ask(from([127, 0, 0, 4]).await.unwrap()).await, "200", "another address was refused");
+    // A held connection closed gives its place back.
+    drop(held.pop());
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_eq!(ask(from([127, 0, 0, 3]).await.unwrap()).await, "200");
+    drop(held);
+}
+
 #[tokio::test]
 async fn readiness_reports_a_pool_without_healthy_backends_but_stays_ready() {
     let dead = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
