@@ -244,6 +244,41 @@ async fn a_reload_that_changes_acme_keeps_the_responder() {
     assert!(answers().await, "no HTTP-01 responder after the reload");
 }
 
+/// The HTTP-01 responder serves at most 256 connections at once: a flood on port 80 cannot take
+/// the descriptors the mail listeners share. Others are closed at accept; a freed place is
+/// served again.
+#[tokio::test]
+async fn the_http01_responder_has_a_connection_cap() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let backend = FakeBackend::start(Behaviour::Normal).await;
+    let port = free_port();
+    let state = tempfile::tempdir().unwrap();
+    let cfg = format!(
+        "{}\n[acme]\ndirectory = \"https://127.0.0.1:1/dir\"\nterms_agreed = true\nstate_dir = \"{}\"\nhttp01_bind = \"127.0.0.1:{port}\"\nretry_min = \"1h\"\n[[acme.certificate]]\nnames = [\"mail.example.test\"]\n",
+        plain_config(backend.addr, ""),
+        state.path().display()
+    );
+    let _proxy = Proxy::start(&cfg, USERS).await;
+    let status = |mut s: tokio::net::TcpStream| async move {
+        let _ =
+            s.write_all(b"GET /.well-known/acme-challenge/x HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").await;
+        let mut out = Vec::new();
+        let _ = tokio::time::timeout(std::time::Duration::from_secs(5), s.read_to_end(&mut out)).await;
+        String::from_utf8_lossy(out.get(9..12).unwrap_or_default()).to_string()
+    };
+    let connect = || tokio::net::TcpStream::connect(("127.0.0.1", port));
+    let mut held = Vec::new();
+    for _ in 0..256 {
+        held.push(connect().await.unwrap());
+    }
+    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    assert_eq!(status(connect().await.unwrap()).await, "", "a connection over the cap was served");
+    drop(held.pop());
+    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    assert_eq!(status(connect().await.unwrap()).await, "404");
+    drop(held);
+}
+
 /// A reload whose ACME settings cannot start (the HTTP-01 port taken) applies the rest but says
 /// so, and is tried again by the next reload even though no file changed; once the port is
 /// free, ACME runs.

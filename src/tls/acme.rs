@@ -352,6 +352,10 @@ impl CertTask {
                     }
                     self.install(ck.clone());
                     current = Some(ck);
+                    // A renewal asked for while this order ran is answered by it: its stored
+                    // permit would start a second order at once (another certificate counted
+                    // against the CA's duplicate limit).
+                    let _ = tokio::time::timeout(Duration::ZERO, trigger.notified()).await;
                 }
                 Err(e) => {
                     failures = failures.saturating_add(1);
@@ -863,15 +867,30 @@ fn commit(tmp: &Path, path: &Path) -> AcmeResult<()> {
     Ok(())
 }
 
+/// Connections a challenge responder serves at once; more are closed at accept. A CA validates
+/// from a handful of places; the cap keeps a flood on a public port 80 or 443 from taking the
+/// file descriptors the mail listeners share.
+const RESPONDER_MAX_CONNECTIONS: usize = 256;
+/// How long one responder connection may stay open: a CA's request is answered at once.
+const RESPONDER_CONNECTION_LIFETIME: Duration = Duration::from_secs(10);
+
 /// Serve `/.well-known/acme-challenge/TOKEN` and nothing else.
 async fn http01_responder(listener: tokio::net::TcpListener, challenges: Arc<Challenges>, stop: CancellationToken) {
     use bytes::Bytes;
     use http_body_util::Full;
     let mut backoff = crate::app::ACCEPT_BACKOFF_MIN;
+    let slots = Arc::new(tokio::sync::Semaphore::new(RESPONDER_MAX_CONNECTIONS));
     loop {
-        let Some((tcp, _)) = crate::app::accept(&listener, &mut backoff, &stop, "acme-http-01").await else { return };
+        let Some((tcp, peer)) = crate::app::accept(&listener, &mut backoff, &stop, "acme-http-01").await else {
+            return;
+        };
+        let Ok(slot) = slots.clone().try_acquire_owned() else {
+            tracing::debug!(peer = %peer, "ACME: HTTP-01 connection refused: too many open");
+            continue;
+        };
         let challenges = challenges.clone();
         tokio::spawn(async move {
+            let _slot = slot;
             let svc = hyper::service::service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
                 let answer = req
                     .uri()
@@ -890,7 +909,7 @@ async fn http01_responder(listener: tokio::net::TcpListener, challenges: Arc<Cha
             });
             let io = hyper_util::rt::TokioIo::new(tcp);
             let _ = tokio::time::timeout(
-                Duration::from_secs(30),
+                RESPONDER_CONNECTION_LIFETIME,
                 hyper::server::conn::http1::Builder::new().serve_connection(io, svc),
             )
             .await;
@@ -907,13 +926,19 @@ async fn tls_alpn01_responder(listener: tokio::net::TcpListener, challenges: Arc
     cfg.alpn_protocols = vec![ACME_TLS_ALPN.to_vec()];
     let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(cfg));
     let mut backoff = crate::app::ACCEPT_BACKOFF_MIN;
+    let slots = Arc::new(tokio::sync::Semaphore::new(RESPONDER_MAX_CONNECTIONS));
     loop {
         let Some((tcp, peer)) = crate::app::accept(&listener, &mut backoff, &stop, "acme-tls-alpn-01").await else {
             return;
         };
+        let Ok(slot) = slots.clone().try_acquire_owned() else {
+            tracing::debug!(peer = %peer, "ACME: TLS-ALPN-01 connection refused: too many open");
+            continue;
+        };
         let acceptor = acceptor.clone();
         tokio::spawn(async move {
-            match tokio::time::timeout(Duration::from_secs(10), acceptor.accept(tcp)).await {
+            let _slot = slot;
+            match tokio::time::timeout(RESPONDER_CONNECTION_LIFETIME, acceptor.accept(tcp)).await {
                 Ok(Ok(mut tls)) => {
                     tracing::debug!(peer = %peer, "ACME: TLS-ALPN-01 validation handshake answered");
                     let _ = tokio::io::AsyncWriteExt::shutdown(&mut tls).await;

@@ -236,6 +236,24 @@ def test_an_order_stopped_by_a_reload_removes_its_dns_record(pebble, tmp_path, d
         pc.stop()
 
 
+def test_a_renewal_asked_during_an_order_is_answered_by_it(pebble, tmp_path, dovecot):
+    """SIGUSR1 (renew now) while an order waits for its DNS record: that order answers it. A
+    second order straight after would be another certificate against the CA's duplicate limit."""
+    slow, calls = recording_dns_hook(pebble, tmp_path)
+    slow = slow.replace('"60s"', '"2s"')
+    imaps, admin = free_port(), free_port()
+    pc = Portcullis(str(tmp_path), acme_config(pebble, tmp_path, slow, imaps, admin, dovecot)).start(wait_port=imaps, tls=True)
+    try:
+        assert wait_for(lambda: calls.exists() and f"add _acme-challenge.{NAME}" in calls.read_text(), timeout=30), pc.log()
+        os.kill(pc.proc.pid, 10)  # SIGUSR1, during the order's 2 s propagation wait
+        assert issued(pc, timeout=40), pc.log() + pebble.log()
+        time.sleep(3.0)
+        assert pc.log().count("ACME: ordering") == 1, pc.log()
+        assert pc.log().count("ACME: certificate issued and stored") == 1, pc.log()
+    finally:
+        pc.stop()
+
+
 def test_shutdown_during_an_order_removes_its_dns_record(pebble, tmp_path, dovecot):
     slow, calls = recording_dns_hook(pebble, tmp_path)
     imaps, admin = free_port(), free_port()
