@@ -68,16 +68,19 @@ async fn admin_serves_metrics_health_and_readiness() {
     assert_eq!(http_get(admin, "/nope").await.0, 404);
 }
 
+/// A connection to `to` from the loopback address `ip`.
+async fn connect_from(ip: [u8; 4], to: std::net::SocketAddr) -> tokio::net::TcpStream {
+    let s = tokio::net::TcpSocket::new_v4().unwrap();
+    s.bind(std::net::SocketAddr::from((ip, 0))).unwrap();
+    s.connect(to).await.unwrap()
+}
+
 /// One address holding idle connections to the admin port gets eight; more from it are closed
 /// at once, and others (the scraper, the health probes) are still served.
 #[tokio::test]
 async fn one_address_cannot_take_every_admin_connection() {
     let (_backend, _proxy, admin) = with_admin().await;
-    let from = |ip: [u8; 4]| {
-        let s = tokio::net::TcpSocket::new_v4().unwrap();
-        s.bind(std::net::SocketAddr::from((ip, 0))).unwrap();
-        s.connect(admin)
-    };
+    let from = |ip: [u8; 4]| async move { Ok::<_, std::io::Error>(connect_from(ip, admin).await) };
     // The status of a GET /healthz on `s`, "" if it is closed unanswered.
     let ask = |mut s: tokio::net::TcpStream| async move {
         let _ = s.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").await;
@@ -391,9 +394,10 @@ async fn the_admin_server_refuses_browsers_renewals_and_caps_its_connections() {
     }
     // Connections that send nothing hold a slot each; past the cap new ones are closed unheard,
     // and a slot freed is usable again.
+    // From eight addresses, eight each: one address gets no more (see below).
     let mut idle = Vec::new();
-    for _ in 0..64 {
-        idle.push(tokio::net::TcpStream::connect(admin).await.unwrap());
+    for i in 0..64u8 {
+        idle.push(connect_from([127, 0, 1, 10 + i / 8], admin).await);
     }
     tokio::time::sleep(Duration::from_millis(200)).await;
     let get = "GET /healthz HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n";
