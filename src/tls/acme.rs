@@ -294,7 +294,13 @@ impl CertTask {
             None if let Some((ck, covered)) = self.load_partial() => {
                 tracing::warn!(certificate = %self.label, covered = ?covered, configured = ?self.spec.names, directory = %self.settings.directory,
                     "ACME: the stored certificate lacks some configured names or came from another directory; serving it for the names it has until this directory issues one");
-                self.install_for(ck, &covered);
+                if self.issued_here() {
+                    self.install_for(ck, &covered);
+                } else {
+                    // Perhaps a staging certificate: a stand-in, which a configured certificate
+                    // for the same names outranks.
+                    self.certs.install_acme(&self.label, &covered, ck, true);
+                }
             }
             None => match crate::tls::certs::self_signed(&self.spec.names) {
                 Ok(ck) => {
@@ -431,10 +437,6 @@ impl CertTask {
     /// belongs to one CA: after a switch (staging to production, or to another CA) the stored
     /// one would take every order back to the CA it came from, and overwriting it would lose it.
     fn account_path(&self) -> PathBuf {
-        let main = self.settings.state_dir.join("account.json");
-        if stored_directory(&main).is_none_or(|d| d == self.settings.directory) {
-            return main;
-        }
         let name: String = self
             .settings
             .directory
@@ -442,7 +444,12 @@ impl CertTask {
             .chars()
             .map(|c| if c.is_ascii_alphanumeric() || c == '.' || c == '-' { c } else { '_' })
             .collect();
-        self.settings.state_dir.join(format!("account-{name}.json"))
+        let own = self.settings.state_dir.join(format!("account-{name}.json"));
+        if own.exists() {
+            return own;
+        }
+        let main = self.settings.state_dir.join("account.json");
+        if stored_directory(&main).is_none_or(|d| d == self.settings.directory) { main } else { own }
     }
 
     /// Where the stored certificate records the directory that issued it.
@@ -450,12 +457,14 @@ impl CertTask {
         self.paths().0.with_extension("directory")
     }
 
-    /// Whether the stored certificate came from the configured directory (a certificate stored
-    /// before this was recorded is taken to have).
+    /// Whether the stored certificate came from the configured directory.
     fn issued_here(&self) -> bool {
         match std::fs::read_to_string(self.issuer_path()) {
             Ok(d) => d.trim() == self.settings.directory,
-            Err(_) => true,
+            // Stored before the issuer was recorded, when one account (account.json) made every
+            // order: its directory issued the certificate.
+            Err(_) => stored_directory(&self.settings.state_dir.join("account.json"))
+                .is_none_or(|d| d == self.settings.directory),
         }
     }
 
@@ -468,18 +477,21 @@ impl CertTask {
     /// The stored certificate, if it exists, matches its key, covers the configured names and
     /// has not expired.
     fn load_stored(&self) -> Option<Arc<CertifiedKey>> {
-        if !self.issued_here() {
-            return None;
-        }
         let (cert, key) = self.paths();
-        if let Some(ck) = self.load_pair(&cert, &key) {
-            return Some(ck);
+        let issuer = self.issuer_path();
+        let (staged_cert, staged_issuer) = (staged_path(&cert), staged_path(&issuer));
+        // An order stages the key, the certificate and its issuer, then renames them in that
+        // order. A crash after the certificate's rename leaves only the issuer staged: finish.
+        if !staged_cert.exists() && staged_issuer.exists() {
+            let _ = commit(&staged_issuer, &issuer);
         }
-        // A crash between an order's two renames leaves the new key beside the old certificate,
-        // and the new certificate staged: finish the job.
-        let staged = staged_path(&cert);
-        let ck = self.load_pair(&staged, &key)?;
-        match commit(&staged, &cert) {
+        if let Some(ck) = self.load_pair(&cert, &key) {
+            return self.issued_here().then_some(ck);
+        }
+        // A crash between the key's and the certificate's renames leaves the new key beside the
+        // old certificate, and the new certificate staged: finish the job.
+        let ck = self.load_pair(&staged_cert, &key)?;
+        match commit(&staged_cert, &cert) {
             Ok(()) => {
                 tracing::warn!(certificate = %self.label, "ACME: completed a certificate write that was interrupted")
             }
@@ -487,7 +499,10 @@ impl CertTask {
                 tracing::warn!(certificate = %self.label, error = %e, "ACME: cannot complete an interrupted certificate write")
             }
         }
-        Some(ck)
+        if staged_issuer.exists() {
+            let _ = commit(&staged_issuer, &issuer);
+        }
+        self.issued_here().then_some(ck)
     }
 
     fn load_pair(&self, cert: &Path, key: &Path) -> Option<Arc<CertifiedKey>> {
@@ -615,9 +630,11 @@ impl CertTask {
         // writing leaves the previous pair whole, never a new key beside an old certificate.
         let key_tmp = stage_private(&key_path, key_pem.as_bytes())?;
         let cert_tmp = stage_private(&cert_path, chain_pem.as_bytes())?;
+        let issuer_path = self.issuer_path();
+        let issuer_tmp = stage_private(&issuer_path, self.settings.directory.as_bytes())?;
         commit(&key_tmp, &key_path)?;
         commit(&cert_tmp, &cert_path)?;
-        if let Err(e) = write_private(&self.issuer_path(), self.settings.directory.as_bytes()) {
+        if let Err(e) = commit(&issuer_tmp, &issuer_path) {
             // Only a later switch of directory needs it; the certificate itself is stored.
             tracing::warn!(certificate = %self.label, error = %e, "ACME: cannot record which directory issued the certificate");
         }

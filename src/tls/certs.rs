@@ -54,7 +54,8 @@ struct AcmeEntry {
     names: Vec<String>,
     key: Arc<CertifiedKey>,
     not_after: Option<i64>,
-    /// The self-signed stand-in served until the CA issues the certificate.
+    /// A stand-in served until the CA issues the certificate: self-signed, or a stored one
+    /// from another ACME directory (perhaps staging).
     placeholder: bool,
 }
 
