@@ -819,33 +819,123 @@ impl Validator<'_> {
         ConfigError { file: self.path.to_path_buf(), position, field, message: message.into() }
     }
 
-    /// Where `field` (`table.key`, `table.sub.key`) is set, for errors about values the parser
-    /// keeps no position for: the `key =` line in its table, else the table's header.
-    fn find_field(&self, field: &str) -> Option<(usize, usize)> {
-        let (table, key) = field.rsplit_once('.')?;
-        let header = |line: &str| {
-            let t = line.trim();
-            t.starts_with('[').then(|| t.trim_matches(|c| c == '[' || c == ']').trim().to_string())
+    /// Addresses that cannot all be listened on at once, which `bind` would only find at start
+    /// (or at a reload): a wildcard beside a specific address on the same port (`0.0.0.0:993` and
+    /// `127.0.0.1:993`; `[::]:993` alone is dual-stack and takes IPv4 too), whether listeners,
+    /// the admin server or an ACME responder ask for them. (A backend that is one of the
+    /// proxy's own listeners is left to the run-time loop guard, which also covers the backends
+    /// an auth service names.)
+    fn check_sockets(
+        &self,
+        raw: &FileConfig,
+        listeners: &[Arc<ListenerConfig>],
+        admin: Option<SocketAddr>,
+        acme: Option<&AcmeSettings>,
+    ) -> Result<(), ConfigError> {
+        let mut binds: Vec<(SocketAddr, String, Option<Range<usize>>)> = Vec::new();
+        for (i, l) in listeners.iter().enumerate() {
+            let span = raw.listeners.get(i).map(|r| r.bind.span());
+            binds.extend(l.bind.iter().map(|a| (*a, format!("listener[{i}].bind"), span.clone())));
+        }
+        if let Some(a) = admin {
+            binds.push((a, "admin.bind".into(), raw.admin.as_ref().and_then(|r| r.bind.as_ref()).map(|b| b.span())));
+        }
+        let raw_acme = raw.acme.as_ref();
+        match acme.map(|a| &a.challenge) {
+            Some(AcmeChallenge::Http01Responder(a)) => binds.push((
+                *a,
+                "acme.http01_bind".into(),
+                raw_acme.and_then(|r| r.http01_bind.as_ref()).map(|b| b.span()),
+            )),
+            Some(AcmeChallenge::TlsAlpn01(a)) => binds.push((
+                *a,
+                "acme.tls_alpn01_bind".into(),
+                raw_acme.and_then(|r| r.tls_alpn01_bind.as_ref()).map(|b| b.span()),
+            )),
+            _ => {}
+        }
+        // As `bind_all` does: `[::]:P` is IPv6-only when a listener also binds `0.0.0.0:P`.
+        let v4_wildcard = |port: u16| {
+            listeners.iter().flat_map(|l| &l.bind).any(|b| b.is_ipv4() && b.port() == port && b.ip().is_unspecified())
         };
-        let is_key = |line: &str, key: &str| {
-            line.trim_start().strip_prefix(key).is_some_and(|rest| rest.trim_start().starts_with('='))
-        };
-        let mut current = String::new();
-        let mut table_line = None;
-        for (i, line) in self.text.lines().enumerate() {
-            if let Some(h) = header(line) {
-                current = h;
-                if current == field && table_line.is_none() {
-                    table_line = Some(i + 1);
-                }
-                continue;
+        let overlap = |a: &SocketAddr, b: &SocketAddr| {
+            if a.port() == 0 || a.port() != b.port() {
+                return false;
             }
-            if current == table && is_key(line, key) {
-                let col = line.len() - line.trim_start().len() + 1;
-                return Some((i + 1, col));
+            match (a.is_ipv4(), b.is_ipv4()) {
+                _ if a == b => true,
+                (true, true) | (false, false) => a.ip().is_unspecified() || b.ip().is_unspecified(),
+                // A dual-stack `[::]:P` takes every IPv4 address on P.
+                (false, true) => a.ip().is_unspecified() && !v4_wildcard(a.port()),
+                (true, false) => b.ip().is_unspecified() && !v4_wildcard(b.port()),
+            }
+        };
+        for (j, (b, field, span)) in binds.iter().enumerate() {
+            if let Some((a, other, _)) = binds[..j].iter().find(|(a, _, _)| overlap(a, b)) {
+                return Err(self.err(
+                    span.clone(),
+                    field.clone(),
+                    format!("{b} cannot listen beside {a} ({other}): the two overlap on port {}", b.port()),
+                ));
             }
         }
-        table_line.map(|l| (l, 1))
+        Ok(())
+    }
+
+    /// Where `field` (`table.key`, `backend[2].health.fall`) is set, for errors about values the
+    /// parser keeps no position for: the `key =` line in its table, else the table's header,
+    /// else (a key inside an inline table, a table not written out) the nearest enclosing one.
+    /// Tables are named as errors name them: the third `[[backend]]` is `backend[2]`, and a
+    /// `[backend.health]` under it `backend[2].health`.
+    fn find_field(&self, field: &str) -> Option<(usize, usize)> {
+        let mut counts: HashMap<String, usize> = HashMap::new();
+        // Array-of-tables name -> the current element's name (`backend` -> `backend[2]`).
+        let mut arrays: HashMap<String, String> = HashMap::new();
+        let mut headers: Vec<(String, usize)> = Vec::new();
+        let mut keys: Vec<(String, String, usize, usize)> = Vec::new();
+        let mut current = String::new();
+        for (i, line) in self.text.lines().enumerate() {
+            let t = line.trim();
+            if t.starts_with('#') {
+                continue;
+            }
+            if t.starts_with('[') {
+                let t = t.split('#').next().unwrap_or(t).trim();
+                let name = t.trim_matches(|c| c == '[' || c == ']').trim().to_string();
+                current = if t.starts_with("[[") {
+                    let n = counts.entry(name.clone()).or_insert(0);
+                    let element = format!("{name}[{n}]");
+                    *n += 1;
+                    arrays.insert(name, element.clone());
+                    element
+                } else {
+                    // `[a.b.c]` under an element of `[[a.b]]` is `a.b[N].c`.
+                    match arrays.iter().filter(|(a, _)| name.starts_with(&format!("{a}."))).max_by_key(|(a, _)| a.len())
+                    {
+                        Some((a, element)) => format!("{element}{}", &name[a.len()..]),
+                        None => name,
+                    }
+                };
+                headers.push((current.clone(), i + 1));
+                continue;
+            }
+            if let Some((key, _)) = t.split_once('=') {
+                let col = line.len() - line.trim_start().len() + 1;
+                keys.push((current.clone(), key.trim().trim_matches('"').to_string(), i + 1, col));
+            }
+        }
+        let mut f = field;
+        loop {
+            if let Some((table, key)) = f.rsplit_once('.')
+                && let Some((_, _, line, col)) = keys.iter().find(|(t, k, _, _)| t == table && k == key)
+            {
+                return Some((*line, *col));
+            }
+            if let Some((_, line)) = headers.iter().find(|(h, _)| h == f) {
+                return Some((*line, 1));
+            }
+            f = f.rsplit_once('.')?.0;
+        }
     }
 
     /// A CA file setting, resolved, with its certificates read once here so a file that is
@@ -987,6 +1077,7 @@ impl Validator<'_> {
             Some(a) => Some(self.acme(a)?),
             None => None,
         };
+        self.check_sockets(&raw, &listeners, admin, acme.as_ref())?;
         Ok(Config {
             path: self.path.to_path_buf(),
             hostname,
@@ -1519,6 +1610,15 @@ impl Validator<'_> {
             };
             certificates.push(AcmeCertSpec { names, rsa });
         }
+        // RFC 8555 7.3: contacts are URLs; a bare address is refused by the CA when the account
+        // is made, long after `check` said OK.
+        if let Some(c) = a.contact.iter().find(|c| !c.starts_with("mailto:") || c.len() == "mailto:".len()) {
+            return Err(self.err(
+                None,
+                "acme.contact",
+                format!("{c:?} is not a mailto: URL (\"mailto:postmaster@example.org\")"),
+            ));
+        }
         Ok(AcmeSettings {
             directory,
             contact: a.contact.clone(),
@@ -1618,6 +1718,10 @@ impl Validator<'_> {
                     return Err(self.err(None, format!("auth.http.headers.{k}"), "not a valid HTTP header"));
                 }
             }
+            if h.timeout.is_some_and(|t| t.is_zero()) {
+                // Every request would time out: every login a temporary failure.
+                return Err(self.err(None, "auth.http.timeout", "must be above 0"));
+            }
             return Ok(AuthSource::Http(AuthHttpSettings {
                 urls: h.urls.get_ref().clone(),
                 timeout: h.timeout.unwrap_or(Duration::from_secs(10)),
@@ -1676,7 +1780,11 @@ impl Validator<'_> {
             }
             let address = b.address.get_ref().clone();
             let host = split_host_port(&address).ok_or_else(|| {
-                self.err(Some(b.address.span()), field("address"), format!("{address:?} is not host:port"))
+                self.err(
+                    Some(b.address.span()),
+                    field("address"),
+                    format!("{address:?} is not host:port (an IPv6 address in brackets: \"[2001:db8::1]:143\")"),
+                )
             })?;
             if address.parse::<SocketAddr>().is_ok_and(|a| a.ip().is_unspecified()) {
                 // 0.0.0.0 / [::] reach this host: likely a listener's bind copied here (a loop).
@@ -2023,7 +2131,12 @@ fn valid_label(l: &str) -> bool {
 fn split_host_port(s: &str) -> Option<String> {
     let (host, port) = s.rsplit_once(':')?;
     port.parse::<u16>().ok()?;
-    let host = host.strip_prefix('[').and_then(|h| h.strip_suffix(']')).unwrap_or(host);
+    // An IPv6 address goes in brackets: `fd00::11` would read as host `fd00:`, port 11.
+    let host = match host.strip_prefix('[') {
+        Some(h) => h.strip_suffix(']')?,
+        None if host.contains(':') => return None,
+        None => host,
+    };
     (!host.is_empty()).then(|| host.to_string())
 }
 
@@ -2312,6 +2425,79 @@ default = "b"
         assert!(e.position.is_some());
         let ok = acme("[\"imap.example.org\", \"mail.example.org\"]").unwrap().acme.unwrap();
         assert_eq!(ok.certificates.len(), 2);
+    }
+
+    #[test]
+    fn errors_inside_arrays_of_tables_and_inline_tables_name_their_line() {
+        let second = "\n[[backend]]\nname = \"c\"\naddress = \"127.0.0.1:144\"\n";
+        let text = format!("{BASE}{second}[backend.health]\nfall = 0\n");
+        let e = parse(&text).unwrap_err();
+        assert_eq!(e.field, "backend[1].health", "{e}");
+        let want = text.lines().position(|l| l == "[backend.health]").map(|i| i + 1);
+        assert_eq!(e.position.map(|p| p.0), want, "{e}");
+        let text = format!("{BASE}{second}health = {{ fall = 0 }}\n");
+        let e = parse(&text).unwrap_err();
+        let want = text.lines().position(|l| l.starts_with("health =")).map(|i| i + 1);
+        assert_eq!((e.field.as_str(), e.position.map(|p| p.0)), ("backend[1].health", want), "{e}");
+    }
+
+    #[test]
+    fn addresses_that_cannot_all_listen_are_refused_by_check() {
+        let listeners = |binds: &[&str]| {
+            let mut t = BASE.to_string();
+            for (i, b) in binds.iter().enumerate() {
+                t.push_str(&format!(
+                    "\n[[listener]]\nname = \"l{i}\"\nbind = {b}\nprotocol = \"imap\"\ntls = \"none\"\n"
+                ));
+            }
+            t
+        };
+        for binds in [
+            &["\"0.0.0.0:10993\"", "\"127.0.0.1:10993\""][..],
+            &["[\"0.0.0.0:10110\", \"127.0.0.1:10110\"]"],
+            // `[::]` alone is dual-stack: it takes IPv4 127.0.0.1 as well.
+            &["\"[::]:10110\"", "\"127.0.0.1:10110\""],
+            &["\"[::]:10110\"", "\"[::1]:10110\""],
+        ] {
+            let e = parse(&listeners(binds)).unwrap_err();
+            assert!(e.field.ends_with(".bind") && e.message.contains("overlap"), "{binds:?}: {e}");
+            assert!(e.position.is_some(), "{e}");
+        }
+        // The usual pair, and ports that differ, are fine.
+        parse(&listeners(&["[\"0.0.0.0:993\", \"[::]:993\"]", "\"127.0.0.1:995\""])).unwrap();
+        // The admin server on a listener's address.
+        let e = parse(&format!("{}\n[admin]\nbind = \"127.0.0.1:10993\"\n", listeners(&["\"0.0.0.0:10993\""])))
+            .unwrap_err();
+        assert_eq!(e.field, "admin.bind", "{e}");
+    }
+
+    #[test]
+    fn values_check_used_to_pass_that_fail_at_run_time() {
+        // An IPv6 backend without brackets would be host "fd00:", port 11.
+        let e = parse(&BASE.replace("127.0.0.1:143", "fd00::11")).unwrap_err();
+        assert_eq!(e.field, "backend[0].address", "{e}");
+        parse(&BASE.replace("127.0.0.1:143", "[fd00::11]:143")).unwrap();
+        // An ACME contact must be a URL.
+        let acme = |contact: &str| {
+            parse(&format!(
+                "{BASE}\n[acme]\ndirectory = \"https://acme.example/dir\"\nterms_agreed = true\ncontact = [\"{contact}\"]\nstate_dir = \"/var/lib/p\"\n[[acme.certificate]]\nnames = [\"mail.example.org\"]\n"
+            ))
+        };
+        let e = acme("postmaster@example.org").unwrap_err();
+        assert_eq!(e.field, "acme.contact", "{e}");
+        assert!(e.position.is_some(), "{e}");
+        acme("mailto:postmaster@example.org").unwrap();
+        // A zero auth service timeout would fail every login.
+        let http = |timeout: &str| {
+            parse(
+                &format!("{BASE}\n[auth.http]\nurls = [\"http://127.0.0.1:9000/auth\"]\ntimeout = \"{timeout}\"\n")
+                    .replace("source = \"backend\"", "source = \"http\""),
+            )
+        };
+        let e = http("0s").unwrap_err();
+        assert_eq!(e.field, "auth.http.timeout", "{e}");
+        assert!(e.position.is_some(), "{e}");
+        http("2s").unwrap();
     }
 
     #[test]
