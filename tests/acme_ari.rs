@@ -263,34 +263,53 @@ async fn an_added_name_keeps_the_stored_certificate_while_ordering() {
 
 /// A stored certificate issued by another directory (the config moved from staging to
 /// production, say) is served while this directory is asked for one at once, instead of being
-/// kept until two thirds of its life as if this CA had issued it.
+/// kept until two thirds of its life as if this CA had issued it. The issuer is read from the
+/// record beside the certificate, or (stored before that was kept) from account.json.
 #[tokio::test]
 async fn a_certificate_from_another_directory_is_replaced_at_once() {
     portcullis::tls::init_crypto();
-    let dir = tempfile::tempdir().unwrap();
-    let now = SystemTime::now();
-    let window = (now + Duration::from_secs(80 * 86400), now + Duration::from_secs(81 * 86400));
-    let (directory, ca_file, seen) = mock_directory(dir.path(), window, "21600").await;
-    let (config, state) = config_for(dir.path(), &directory, &ca_file);
-    let (leaf, leaf_key) = ninety_day_leaf(now);
-    std::fs::write(state.join("certs/mail.example.test.pem"), leaf.pem()).unwrap();
-    std::fs::write(state.join("certs/mail.example.test.key"), leaf_key.serialize_pem()).unwrap();
-    std::fs::write(state.join("certs/mail.example.test.directory"), "https://staging.example.test/dir").unwrap();
-    let certs = Arc::new(portcullis::tls::certs::CertStore::load(&config.tls).unwrap());
-    let stop = tokio_util::sync::CancellationToken::new();
-    let _handle =
-        portcullis::tls::acme::start(config.acme.clone().unwrap(), certs.clone(), stop.clone()).await.unwrap();
-    let ordered = || seen.lock().unwrap().iter().any(|p| p.starts_with("/order") || p == "/nonce");
-    for _ in 0..100 {
-        if ordered() {
-            break;
+    for recorded in [true, false] {
+        let dir = tempfile::tempdir().unwrap();
+        let now = SystemTime::now();
+        let window = (now + Duration::from_secs(80 * 86400), now + Duration::from_secs(81 * 86400));
+        let (directory, ca_file, seen) = mock_directory(dir.path(), window, "21600").await;
+        let (config, state) = config_for(dir.path(), &directory, &ca_file);
+        let (leaf, leaf_key) = ninety_day_leaf(now);
+        std::fs::write(state.join("certs/mail.example.test.pem"), leaf.pem()).unwrap();
+        std::fs::write(state.join("certs/mail.example.test.key"), leaf_key.serialize_pem()).unwrap();
+        let staging = "https://staging.example.test/dir";
+        if recorded {
+            std::fs::write(state.join("certs/mail.example.test.directory"), staging).unwrap();
+        } else {
+            let mut account: serde_json::Value =
+                serde_json::from_slice(&std::fs::read(state.join("account.json")).unwrap()).unwrap();
+            account["directory"] = staging.into();
+            std::fs::write(state.join("account.json"), account.to_string()).unwrap();
         }
-        tokio::time::sleep(Duration::from_millis(100)).await;
+        // A configured certificate for the same name, which a stand-in gives way to.
+        let mut tls = config.tls.clone();
+        tls.self_signed_names = vec!["mail.example.test".to_string()];
+        let certs = Arc::new(portcullis::tls::certs::CertStore::load(&tls).unwrap());
+        let configured = certs.lookup(Some("mail.example.test")).unwrap();
+        let stop = tokio_util::sync::CancellationToken::new();
+        let _handle =
+            portcullis::tls::acme::start(config.acme.clone().unwrap(), certs.clone(), stop.clone()).await.unwrap();
+        let ordered = || seen.lock().unwrap().iter().any(|p| p.starts_with("/order") || p == "/nonce");
+        for _ in 0..100 {
+            if ordered() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let interim = certs.acme_certificate("mail.example.test").expect("an ACME certificate installed");
+        let served = certs.lookup(Some("mail.example.test")).expect("a certificate for mail.example.test");
+        stop.cancel();
+        assert!(ordered(), "recorded {recorded}: no order at the new directory: {:?}", seen.lock().unwrap());
+        // The stored certificate stands in (not a self-signed one)...
+        assert!(interim.cert[0].as_ref() == leaf.der().as_ref(), "recorded {recorded}: not the stored certificate");
+        // ...but, perhaps from staging, gives way to a configured certificate.
+        assert!(Arc::ptr_eq(&served, &configured), "recorded {recorded}: taken as issued by this directory");
     }
-    let served = certs.lookup(Some("mail.example.test")).expect("a certificate for mail.example.test");
-    stop.cancel();
-    assert!(ordered(), "no order at the new directory: {:?}", seen.lock().unwrap());
-    assert!(served.cert[0].as_ref() == leaf.der().as_ref(), "the stored certificate is not served meanwhile");
 }
 
 /// An account stored for another directory is neither used (it would send every order back to
