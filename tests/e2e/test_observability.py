@@ -517,7 +517,7 @@ def test_dashboard_panels_cover_the_brief():
         "rate(portcullis_connections_accepted_total",
         "portcullis_connections_active",
         "portcullis_logins_total",
-        'result=~"bad_credentials|denied"',
+        'result=~"bad_credentials|denied|throttled"',
         "portcullis_backend_sessions",
         "rate(portcullis_relayed_bytes_total",
         "portcullis_config_reloads_total",
