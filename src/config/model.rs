@@ -798,17 +798,17 @@ impl Validator<'_> {
                 let kind = message[colon + 2..expected].split([' ', '`', '"']).next().unwrap_or("").to_string();
                 message.replace_range(colon + 2..expected, &kind);
             }
-            e.span()
-                .and_then(|sp| {
-                    let line_start = self.text[..sp.start.min(self.text.len())].rfind('\n').map_or(0, |i| i + 1);
-                    let line = self.text[line_start..].lines().next()?;
-                    let key = line.split_once('=')?.0.trim().trim_matches('"');
-                    (!key.is_empty()).then(|| key.to_string())
-                })
-                .unwrap_or_else(|| "-".into())
-        } else {
-            // Otherwise serde names the offending key in backticks (missing or unknown field).
+            position.and_then(|(line, _)| self.key_on_line(line)).unwrap_or_else(|| "-".into())
+        } else if ["missing field", "unknown field", "duplicate field"].iter().any(|m| message.starts_with(m)) {
+            // serde names the offending key in backticks.
             message.split('`').nth(1).map(str::to_string).unwrap_or_else(|| "-".into())
+        } else {
+            // A syntax error, a duplicate key, a value of no accepted shape: the key on its line,
+            // if there is one (the backticks there quote a token, not a field).
+            if message.contains("untagged enum BindFile") {
+                message = "expected an \"IP:port\" string or a list of them".into();
+            }
+            position.and_then(|(line, _)| self.key_on_line(line)).unwrap_or_else(|| "-".into())
         };
         ConfigError { file: self.path.to_path_buf(), position, field, message }
     }
@@ -882,12 +882,11 @@ impl Validator<'_> {
         Ok(())
     }
 
-    /// Where `field` (`table.key`, `backend[2].health.fall`) is set, for errors about values the
-    /// parser keeps no position for: the `key =` line in its table, else the table's header,
-    /// else (a key inside an inline table, a table not written out) the nearest enclosing one.
-    /// Tables are named as errors name them: the third `[[backend]]` is `backend[2]`, and a
-    /// `[backend.health]` under it `backend[2].health`.
-    fn find_field(&self, field: &str) -> Option<(usize, usize)> {
+    /// The file's tables and keys as errors name them, with their lines: the third
+    /// `[[backend]]` is `backend[2]`, a `[backend.health]` under it `backend[2].health`. Returns
+    /// (table, line) for each header and (table, key, line, column) for each `key =` line.
+    #[allow(clippy::type_complexity)]
+    fn layout(&self) -> (Vec<(String, usize)>, Vec<(String, String, usize, usize)>) {
         let mut counts: HashMap<String, usize> = HashMap::new();
         // Array-of-tables name -> the current element's name (`backend` -> `backend[2]`).
         let mut arrays: HashMap<String, String> = HashMap::new();
@@ -924,6 +923,23 @@ impl Validator<'_> {
                 keys.push((current.clone(), key.trim().trim_matches('"').to_string(), i + 1, col));
             }
         }
+        (headers, keys)
+    }
+
+    /// The full name (`limits.login_timeout`) of the key set on `line`, if one is.
+    fn key_on_line(&self, line: usize) -> Option<String> {
+        let (_, keys) = self.layout();
+        let (table, key, _, _) = keys.into_iter().find(|(_, _, l, _)| *l == line)?;
+        Some(if table.is_empty() { key } else { format!("{table}.{key}") })
+    }
+
+    /// Where `field` (`table.key`, `backend[2].health.fall`) is set, for errors about values the
+    /// parser keeps no position for: the `key =` line in its table, else the table's header,
+    /// else (a key inside an inline table, a table not written out) the nearest enclosing one.
+    /// Tables are named as errors name them: the third `[[backend]]` is `backend[2]`, and a
+    /// `[backend.health]` under it `backend[2].health`.
+    fn find_field(&self, field: &str) -> Option<(usize, usize)> {
+        let (headers, keys) = self.layout();
         let mut f = field;
         loop {
             if let Some((table, key)) = f.rsplit_once('.')
@@ -2336,7 +2352,7 @@ default = "b"
             ("throttle", "window"),
         ] {
             let e = parse(&format!("{BASE}\n[{table}]\n{key} = \"500000000000years\"\n")).unwrap_err();
-            assert_eq!(e.field, key, "{e}");
+            assert_eq!(e.field, format!("{table}.{key}"), "{e}");
             assert_eq!(e.message, "invalid value: duration, expected a duration of at most 10 years", "{e}");
             assert_eq!(e.position.map(|p| p.0), Some(13), "{e}");
         }
@@ -2399,7 +2415,7 @@ default = "b"
     fn a_value_of_the_wrong_type_is_not_shown() {
         // It may be a secret; the key is named instead.
         let e = parse(&format!("{BASE}\n[admin]\nbind = 20240611\n")).unwrap_err();
-        assert_eq!(e.field, "bind", "{e}");
+        assert_eq!(e.field, "admin.bind", "{e}");
         assert!(!e.to_string().contains("20240611"), "{e}");
         assert!(e.message.starts_with("invalid type: integer, expected"), "{e}");
         assert!(e.position.is_some());
@@ -2408,7 +2424,7 @@ default = "b"
             .replace("source = \"backend\"", "source = \"http\"");
         let e = parse(&text).unwrap_err();
         assert!(!e.to_string().contains("s3cret"), "{e}");
-        assert_eq!(e.field, "urls", "{e}");
+        assert_eq!(e.field, "auth.http.urls", "{e}");
     }
 
     #[test]
@@ -2521,9 +2537,16 @@ default = "b"
         assert_eq!(e.field, "allow_plain");
         assert_eq!(e.position.map(|p| p.0), Some(17));
 
-        // Syntax errors carry a position too.
+        // Syntax errors carry a position too, and name no token as the field.
         let e = parse("[[listener]\n").unwrap_err();
         assert_eq!(e.position.map(|p| p.0), Some(1));
+        assert_eq!(e.field, "-", "{e}");
+        // A key given twice, or a value of no accepted shape: named in full.
+        let e = parse(&BASE.replace("name = \"b\"", "name = \"b\"\nname = \"c\"")).unwrap_err();
+        assert_eq!(e.field, "backend[0].name", "{e}");
+        let e = parse(&with_listener("name = \"x\"\nbind = 10110\nprotocol = \"imap\"\ntls = \"none\"")).unwrap_err();
+        assert_eq!(e.field, "listener[0].bind", "{e}");
+        assert!(e.message.contains("IP:port") && !e.message.contains("enum"), "{e}");
 
         let e = parse(&BASE.replace("default = \"b\"", "default = \"nope\"")).unwrap_err();
         assert_eq!(e.field, "routing.imap.default");
