@@ -1192,6 +1192,10 @@ impl Validator<'_> {
             trusted,
             max_entries: t.max_entries.unwrap_or(d.max_entries).max(100),
         };
+        if s.enabled && s.window.is_zero() {
+            // Counts would start again at every attempt: throttling on in name only.
+            return Err(self.err(None, "throttle.window", "must be above 0 (enabled = false turns throttling off)"));
+        }
         if s.block_after == 0 || s.user_block_after == 0 {
             let field = if s.block_after == 0 { "throttle.block_after" } else { "throttle.user_block_after" };
             return Err(self.err(None, field, "must be at least 1"));
@@ -1241,11 +1245,24 @@ impl Validator<'_> {
                 default: c.default,
             });
         }
-        if certificates.iter().filter(|c| c.default).count() > 1 {
-            return Err(self.err(None, "tls.certificate.default", "only one certificate may be the default"));
+        if let Some(second) = certificates.iter().enumerate().filter(|(_, c)| c.default).nth(1).map(|(i, _)| i) {
+            return Err(self.err(
+                None,
+                format!("tls.certificate[{second}].default"),
+                "only one certificate may be the default",
+            ));
         }
         let self_signed_names = match &t.self_signed_names {
-            Some(n) => n.clone(),
+            Some(n) => {
+                if let Some(bad) = n.iter().find(|n| rustls::pki_types::ServerName::try_from(n.as_str()).is_err()) {
+                    return Err(self.err(
+                        None,
+                        "tls.self_signed_names",
+                        format!("{bad:?} is not a DNS name or an IP address"),
+                    ));
+                }
+                n.clone()
+            }
             None if certificates.is_empty() => vec!["localhost".to_string()],
             None => Vec::new(),
         };
@@ -2485,6 +2502,22 @@ default = "b"
         let e = parse(&format!("{}\n[admin]\nbind = \"127.0.0.1:10993\"\n", listeners(&["\"0.0.0.0:10993\""])))
             .unwrap_err();
         assert_eq!(e.field, "admin.bind", "{e}");
+    }
+
+    #[test]
+    fn more_values_that_used_to_pass() {
+        let e = parse(&format!("{BASE}\n[throttle]\nwindow = \"0s\"\n")).unwrap_err();
+        assert_eq!((e.field.as_str(), e.position.is_some()), ("throttle.window", true), "{e}");
+        parse(&format!("{BASE}\n[throttle]\nenabled = false\nwindow = \"0s\"\n")).unwrap();
+        let e = parse(&format!("{BASE}\n[tls]\nself_signed_names = [\"mail example org\"]\n")).unwrap_err();
+        assert_eq!((e.field.as_str(), e.position.is_some()), ("tls.self_signed_names", true), "{e}");
+        parse(&format!("{BASE}\n[tls]\nself_signed_names = [\"mail.example.org\", \"127.0.0.1\"]\n")).unwrap();
+        // The second default is the one named, at its line.
+        let two = "[tls]\n[[tls.certificate]]\ncert = \"/nonexistent/a.pem\"\nkey = \"/nonexistent/a.key\"\ndefault = true\n[[tls.certificate]]\ncert = \"/nonexistent/b.pem\"\nkey = \"/nonexistent/b.key\"\ndefault = true\n";
+        let text = format!("{BASE}\n{two}");
+        let e = parse(&text).unwrap_err();
+        let second = text.lines().enumerate().filter(|(_, l)| *l == "default = true").nth(1).map(|(i, _)| i + 1);
+        assert_eq!((e.field.as_str(), e.position.map(|p| p.0)), ("tls.certificate[1].default", second), "{e}");
     }
 
     #[test]
