@@ -1254,7 +1254,9 @@ impl Validator<'_> {
         }
         let self_signed_names = match &t.self_signed_names {
             Some(n) => {
-                if let Some(bad) = n.iter().find(|n| rustls::pki_types::ServerName::try_from(n.as_str()).is_err()) {
+                let valid =
+                    |n: &str| rustls::pki_types::ServerName::try_from(n.strip_prefix("*.").unwrap_or(n)).is_ok();
+                if let Some(bad) = n.iter().find(|n| !valid(n)) {
                     return Err(self.err(
                         None,
                         "tls.self_signed_names",
@@ -2511,7 +2513,10 @@ default = "b"
         parse(&format!("{BASE}\n[throttle]\nenabled = false\nwindow = \"0s\"\n")).unwrap();
         let e = parse(&format!("{BASE}\n[tls]\nself_signed_names = [\"mail example org\"]\n")).unwrap_err();
         assert_eq!((e.field.as_str(), e.position.is_some()), ("tls.self_signed_names", true), "{e}");
-        parse(&format!("{BASE}\n[tls]\nself_signed_names = [\"mail.example.org\", \"127.0.0.1\"]\n")).unwrap();
+        parse(&format!(
+            "{BASE}\n[tls]\nself_signed_names = [\"mail.example.org\", \"*.example.org\", \"127.0.0.1\"]\n"
+        ))
+        .unwrap();
         // The second default is the one named, at its line.
         let two = "[tls]\n[[tls.certificate]]\ncert = \"/nonexistent/a.pem\"\nkey = \"/nonexistent/a.key\"\ndefault = true\n[[tls.certificate]]\ncert = \"/nonexistent/b.pem\"\nkey = \"/nonexistent/b.key\"\ndefault = true\n";
         let text = format!("{BASE}\n{two}");
