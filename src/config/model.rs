@@ -776,6 +776,89 @@ struct Validator<'a> {
     text: &'a str,
 }
 
+/// A key set in the file: its table and name as errors name them, where it is, and the last
+/// line its value spans.
+struct KeyAt {
+    table: String,
+    key: String,
+    line: usize,
+    col: usize,
+    last: usize,
+}
+
+/// The key at the start of a `key = value` line (bare, dotted or quoted) and the rest after `=`.
+fn key_token(t: &str) -> Option<(&str, &str)> {
+    let end = match t.chars().next()? {
+        q @ ('"' | '\'') => t[1..].find(q)? + 2,
+        _ => t.find(|c: char| !(c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.'))).unwrap_or(t.len()),
+    };
+    let rest = t[end..].trim_start().strip_prefix('=')?;
+    (end > 0).then_some((&t[..end], rest))
+}
+
+/// Whether a value that started on an earlier line is still open: inside brackets or braces,
+/// or a multi-line string.
+#[derive(Default)]
+struct ValueScan {
+    depth: usize,
+    /// The closing delimiter while inside a multi-line string.
+    multiline: Option<&'static str>,
+}
+
+impl ValueScan {
+    fn open(&self) -> bool {
+        self.depth > 0 || self.multiline.is_some()
+    }
+
+    fn scan(&mut self, text: &str) {
+        const BASIC: &str = "\"\"\"";
+        const LITERAL: &str = "'''";
+        let mut rest = text;
+        loop {
+            if let Some(delim) = self.multiline {
+                match rest.find(delim) {
+                    Some(at) => {
+                        self.multiline = None;
+                        rest = &rest[at + 3..];
+                    }
+                    None => return,
+                }
+            }
+            let Some(c) = rest.chars().next() else { return };
+            if rest.starts_with(BASIC) || rest.starts_with(LITERAL) {
+                self.multiline = Some(if c == '"' { BASIC } else { LITERAL });
+                rest = &rest[3..];
+                continue;
+            }
+            match c {
+                '#' => return,
+                '"' | '\'' => {
+                    // A one-line string: skip to its closing quote (past escapes in "...").
+                    let mut chars = rest.char_indices().skip(1);
+                    let mut close = None;
+                    while let Some((at, ch)) = chars.next() {
+                        if ch == '\\' && c == '"' {
+                            chars.next();
+                        } else if ch == c {
+                            close = Some(at);
+                            break;
+                        }
+                    }
+                    match close {
+                        Some(at) => rest = &rest[at + 1..],
+                        None => return,
+                    }
+                    continue;
+                }
+                '[' | '{' => self.depth += 1,
+                ']' | '}' => self.depth = self.depth.saturating_sub(1),
+                _ => {}
+            }
+            rest = &rest[c.len_utf8()..];
+        }
+    }
+}
+
 impl Validator<'_> {
     fn position(&self, span: Range<usize>) -> (usize, usize) {
         let upto = &self.text[..span.start.min(self.text.len())];
@@ -854,11 +937,16 @@ impl Validator<'_> {
             )),
             _ => {}
         }
-        // As `bind_all` does: `[::]:P` is IPv6-only when a listener also binds `0.0.0.0:P`.
+        // As `bind_all` does: a listener's `[::]:P` is IPv6-only when a listener also binds
+        // `0.0.0.0:P`. The admin server and the ACME responders bind with the system's default,
+        // dual-stack on Linux, so their `[::]:P` always takes IPv4 too.
+        let listener_binds = listeners.iter().flat_map(|l| &l.bind).count();
         let v4_wildcard = |port: u16| {
             listeners.iter().flat_map(|l| &l.bind).any(|b| b.is_ipv4() && b.port() == port && b.ip().is_unspecified())
         };
-        let overlap = |a: &SocketAddr, b: &SocketAddr| {
+        let dual_stack =
+            |i: usize, a: &SocketAddr| a.ip().is_unspecified() && (i >= listener_binds || !v4_wildcard(a.port()));
+        let overlap = |(i, a): (usize, &SocketAddr), (j, b): (usize, &SocketAddr)| {
             if a.port() == 0 || a.port() != b.port() {
                 return false;
             }
@@ -866,12 +954,14 @@ impl Validator<'_> {
                 _ if a == b => true,
                 (true, true) | (false, false) => a.ip().is_unspecified() || b.ip().is_unspecified(),
                 // A dual-stack `[::]:P` takes every IPv4 address on P.
-                (false, true) => a.ip().is_unspecified() && !v4_wildcard(a.port()),
-                (true, false) => b.ip().is_unspecified() && !v4_wildcard(b.port()),
+                (false, true) => dual_stack(i, a),
+                (true, false) => dual_stack(j, b),
             }
         };
         for (j, (b, field, span)) in binds.iter().enumerate() {
-            if let Some((a, other, _)) = binds[..j].iter().find(|(a, _, _)| overlap(a, b)) {
+            if let Some((a, other, _)) =
+                binds[..j].iter().enumerate().find(|(i, (a, _, _))| overlap((*i, a), (j, b))).map(|(_, x)| x)
+            {
                 return Err(self.err(
                     span.clone(),
                     field.clone(),
@@ -883,19 +973,28 @@ impl Validator<'_> {
     }
 
     /// The file's tables and keys as errors name them, with their lines: the third
-    /// `[[backend]]` is `backend[2]`, a `[backend.health]` under it `backend[2].health`. Returns
-    /// (table, line) for each header and (table, key, line, column) for each `key =` line.
-    #[allow(clippy::type_complexity)]
-    fn layout(&self) -> (Vec<(String, usize)>, Vec<(String, String, usize, usize)>) {
+    /// `[[backend]]` is `backend[2]`, a `[backend.health]` under it `backend[2].health`, a dotted
+    /// `health.fall = 0` in it `backend[2].health` and `fall`. Returns each header as (table,
+    /// line) and each key set at the top of a table, with the lines its value spans (a
+    /// multi-line array, inline table or string belongs to the key that opened it).
+    fn layout(&self) -> (Vec<(String, usize)>, Vec<KeyAt>) {
         let mut counts: HashMap<String, usize> = HashMap::new();
         // Array-of-tables name -> the current element's name (`backend` -> `backend[2]`).
         let mut arrays: HashMap<String, String> = HashMap::new();
         let mut headers: Vec<(String, usize)> = Vec::new();
-        let mut keys: Vec<(String, String, usize, usize)> = Vec::new();
+        let mut keys: Vec<KeyAt> = Vec::new();
         let mut current = String::new();
+        let mut value = ValueScan::default();
         for (i, line) in self.text.lines().enumerate() {
+            if value.open() {
+                value.scan(line);
+                if let Some(k) = keys.last_mut() {
+                    k.last = i + 1;
+                }
+                continue;
+            }
             let t = line.trim();
-            if t.starts_with('#') {
+            if t.starts_with('#') || t.is_empty() {
                 continue;
             }
             if t.starts_with('[') {
@@ -918,19 +1017,25 @@ impl Validator<'_> {
                 headers.push((current.clone(), i + 1));
                 continue;
             }
-            if let Some((key, _)) = t.split_once('=') {
-                let col = line.len() - line.trim_start().len() + 1;
-                keys.push((current.clone(), key.trim().trim_matches('"').to_string(), i + 1, col));
-            }
+            let Some((key, rest)) = key_token(t) else { continue };
+            let (table, key) = match key.rsplit_once('.') {
+                Some((prefix, last)) if !key.starts_with(['"', '\'']) => {
+                    (if current.is_empty() { prefix.to_string() } else { format!("{current}.{prefix}") }, last)
+                }
+                _ => (current.clone(), key.trim_matches(['"', '\''])),
+            };
+            let col = line.len() - line.trim_start().len() + 1;
+            keys.push(KeyAt { table, key: key.to_string(), line: i + 1, col, last: i + 1 });
+            value.scan(rest);
         }
         (headers, keys)
     }
 
-    /// The full name (`limits.login_timeout`) of the key set on `line`, if one is.
+    /// The full name (`limits.login_timeout`) of the key whose value is on `line`, if any.
     fn key_on_line(&self, line: usize) -> Option<String> {
         let (_, keys) = self.layout();
-        let (table, key, _, _) = keys.into_iter().find(|(_, _, l, _)| *l == line)?;
-        Some(if table.is_empty() { key } else { format!("{table}.{key}") })
+        let k = keys.into_iter().find(|k| k.line <= line && line <= k.last)?;
+        Some(if k.table.is_empty() { k.key } else { format!("{}.{}", k.table, k.key) })
     }
 
     /// Where `field` (`table.key`, `backend[2].health.fall`) is set, for errors about values the
@@ -943,14 +1048,21 @@ impl Validator<'_> {
         let mut f = field;
         loop {
             if let Some((table, key)) = f.rsplit_once('.')
-                && let Some((_, _, line, col)) = keys.iter().find(|(t, k, _, _)| t == table && k == key)
+                && let Some(k) = keys.iter().find(|k| k.table == table && k.key == key)
             {
-                return Some((*line, *col));
+                return Some((k.line, k.col));
             }
             if let Some((_, line)) = headers.iter().find(|(h, _)| h == f) {
                 return Some((*line, 1));
             }
-            f = f.rsplit_once('.')?.0;
+            match f.rsplit_once('.') {
+                Some((up, _)) => f = up,
+                // `backend[1]` of an array written inline (`backend = [{...}]`): its key's line.
+                None => {
+                    let name = f.split('[').next().unwrap_or(f);
+                    return keys.iter().find(|k| k.table.is_empty() && k.key == name).map(|k| (k.line, k.col));
+                }
+            }
         }
     }
 
@@ -1647,7 +1759,9 @@ impl Validator<'_> {
         }
         // RFC 8555 7.3: contacts are URLs; a bare address is refused by the CA when the account
         // is made, long after `check` said OK.
-        if let Some(c) = a.contact.iter().find(|c| !c.starts_with("mailto:") || c.len() == "mailto:".len()) {
+        if let Some(c) =
+            a.contact.iter().find(|c| !c.get(..7).is_some_and(|p| p.eq_ignore_ascii_case("mailto:")) || c.len() == 7)
+        {
             return Err(self.err(
                 None,
                 "acme.contact",
@@ -2500,10 +2614,32 @@ default = "b"
         }
         // The usual pair, and ports that differ, are fine.
         parse(&listeners(&["[\"0.0.0.0:993\", \"[::]:993\"]", "\"127.0.0.1:995\""])).unwrap();
-        // The admin server on a listener's address.
-        let e = parse(&format!("{}\n[admin]\nbind = \"127.0.0.1:10993\"\n", listeners(&["\"0.0.0.0:10993\""])))
-            .unwrap_err();
-        assert_eq!(e.field, "admin.bind", "{e}");
+        // The admin server on a listener's address; or on `[::]` (dual-stack: it is not paired
+        // as listeners are) beside a listener's `0.0.0.0`.
+        for admin in ["127.0.0.1:10993", "[::]:10993"] {
+            let e =
+                parse(&format!("{}\n[admin]\nbind = \"{admin}\"\n", listeners(&["\"0.0.0.0:10993\""]))).unwrap_err();
+            assert_eq!(e.field, "admin.bind", "{e}");
+        }
+    }
+
+    #[test]
+    fn a_key_is_named_from_the_line_that_opened_its_value() {
+        // A bad element on a continuation line of a multi-line array: the key named is the
+        // array's, and nothing of the value (here a URL with a token) is shown.
+        let text = format!("{BASE}\n[auth.http]\nurls = [\n  \"https://auth.example/?token=S3cr3t\", 5,\n]\n")
+            .replace("source = \"backend\"", "source = \"http\"");
+        let e = parse(&text).unwrap_err();
+        assert_eq!(e.field, "auth.http.urls", "{e}");
+        assert!(!e.to_string().contains("S3cr3t") && !e.to_string().contains("token"), "{e}");
+        // A dotted key is its table's key.
+        let e = parse(&format!("limits.idle_timeout = 5\n{BASE}")).unwrap_err();
+        assert_eq!(e.field, "limits.idle_timeout", "{e}");
+        // A scheme in capitals is still mailto:.
+        parse(&format!(
+            "{BASE}\n[acme]\ndirectory = \"https://acme.example/dir\"\nterms_agreed = true\ncontact = [\"MAILTO:postmaster@example.org\"]\nstate_dir = \"/var/lib/p\"\n[[acme.certificate]]\nnames = [\"mail.example.org\"]\n"
+        ))
+        .unwrap();
     }
 
     #[test]
