@@ -660,7 +660,11 @@ def main():
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
     print(f"backends ready: dovecot imap 127.0.0.1:{dv.imap_port} pop3 127.0.0.1:{dv.pop3_port}, postfix 127.0.0.1:{pf.port}", flush=True)
-    dv.proc.wait()
+    # Polled, not dv.proc.wait(): a signal arriving inside wait() runs `stop` while wait() holds
+    # the Popen's lock, and stop's own wait on the same process then blocks for ever (Ctrl-C on
+    # the quickstart hung instead of stopping).
+    while dv.proc.poll() is None:
+        time.sleep(0.5)
     pf.stop()
     sys.exit(1)
 
