@@ -136,6 +136,22 @@ async fn an_ari_retry_after_of_zero_does_not_make_a_loop() {
     assert!(recheck >= now + Duration::from_secs(59), "{plan:?}");
 }
 
+/// Waits (up to 10 s) until the mock has seen a path that `hit` picks; whether it has.
+async fn seen_within(seen: &Arc<Mutex<Vec<String>>>, hit: impl Fn(&str) -> bool) -> bool {
+    for _ in 0..100 {
+        if seen.lock().unwrap().iter().any(|p| hit(p)) {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    false
+}
+
+/// An order begun: its nonce asked for (the mock gives none), or the order itself.
+fn an_order(p: &str) -> bool {
+    p.starts_with("/order") || p == "/nonce"
+}
+
 /// A stored account for the mock directory (restoring it fetches only the directory: no account
 /// request) and a config with `[acme]` for one certificate; returns the config and the state
 /// directory.
@@ -212,13 +228,7 @@ async fn an_open_ari_window_orders_the_renewal_once() {
     let stop = tokio_util::sync::CancellationToken::new();
     let _handle = portcullis::tls::acme::start(settings, certs, stop.clone()).await.unwrap();
     // Until the order is tried (or 10 s), then a second more for any re-plan to show.
-    let ordered = || seen.lock().unwrap().iter().any(|p| p.starts_with("/order") || p == "/nonce");
-    for _ in 0..100 {
-        if ordered() {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    seen_within(&seen, an_order).await;
     tokio::time::sleep(Duration::from_secs(1)).await;
     stop.cancel();
     let seen = seen.lock().unwrap().clone();
@@ -248,16 +258,10 @@ async fn an_added_name_keeps_the_stored_certificate_while_ordering() {
     let certs = Arc::new(portcullis::tls::certs::CertStore::load(&config.tls).unwrap());
     let stop = tokio_util::sync::CancellationToken::new();
     let _handle = portcullis::tls::acme::start(settings, certs.clone(), stop.clone()).await.unwrap();
-    let ordered = || seen.lock().unwrap().iter().any(|p| p.starts_with("/order") || p == "/nonce");
-    for _ in 0..100 {
-        if ordered() {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    let ordered = seen_within(&seen, an_order).await;
     let served = certs.lookup(Some("mail.example.test")).expect("a certificate for mail.example.test");
     stop.cancel();
-    assert!(ordered(), "the added name was not ordered at once: {:?}", seen.lock().unwrap());
+    assert!(ordered, "the added name was not ordered at once: {:?}", seen.lock().unwrap());
     assert!(served.cert[0].as_ref() == leaf.der().as_ref(), "the stored certificate is not the one served");
 }
 
@@ -294,17 +298,11 @@ async fn a_certificate_from_another_directory_is_replaced_at_once() {
         let stop = tokio_util::sync::CancellationToken::new();
         let _handle =
             portcullis::tls::acme::start(config.acme.clone().unwrap(), certs.clone(), stop.clone()).await.unwrap();
-        let ordered = || seen.lock().unwrap().iter().any(|p| p.starts_with("/order") || p == "/nonce");
-        for _ in 0..100 {
-            if ordered() {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
+        let ordered = seen_within(&seen, an_order).await;
         let interim = certs.acme_certificate("mail.example.test").expect("an ACME certificate installed");
         let served = certs.lookup(Some("mail.example.test")).expect("a certificate for mail.example.test");
         stop.cancel();
-        assert!(ordered(), "recorded {recorded}: no order at the new directory: {:?}", seen.lock().unwrap());
+        assert!(ordered, "recorded {recorded}: no order at the new directory: {:?}", seen.lock().unwrap());
         // The stored certificate stands in (not a self-signed one)...
         assert!(interim.cert[0].as_ref() == leaf.der().as_ref(), "recorded {recorded}: not the stored certificate");
         // ...but, perhaps from staging, gives way to a configured certificate.
@@ -336,15 +334,9 @@ async fn an_account_from_another_directory_is_not_used() {
     let stop = tokio_util::sync::CancellationToken::new();
     let _handle = portcullis::tls::acme::start(settings, certs, stop.clone()).await.unwrap();
     // The mock answers no nonce, so the account is asked for up to that point.
-    let asked_new = || seen.lock().unwrap().iter().any(|p| p == "/nonce" || p == "/acct");
-    for _ in 0..100 {
-        if asked_new() {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    let asked_new = seen_within(&seen, |p| p == "/nonce" || p == "/acct").await;
     stop.cancel();
-    assert!(asked_new(), "no account asked of the new directory: {:?}", seen.lock().unwrap());
+    assert!(asked_new, "no account asked of the new directory: {:?}", seen.lock().unwrap());
     assert!(old_seen.lock().unwrap().is_empty(), "the old directory was used: {:?}", old_seen.lock().unwrap());
     let stored: serde_json::Value =
         serde_json::from_slice(&std::fs::read(state.join("account.json")).unwrap()).unwrap();
