@@ -34,8 +34,8 @@ const CONNECTION_LIFETIME: std::time::Duration = std::time::Duration::from_secs(
 /// Serve until `stop` is cancelled.
 pub async fn serve(listener: TcpListener, app: Weak<App>, stop: CancellationToken) {
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
-    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
-    let open: OpenPerAddress = Arc::default();
+    // The mail listeners' counter, with its own instance: the admin server's caps are its own.
+    let open = Arc::new(crate::limits::Connections::default());
     loop {
         let (tcp, peer) = tokio::select! {
             _ = stop.cancelled() => break,
@@ -48,13 +48,12 @@ pub async fn serve(listener: TcpListener, app: Weak<App>, stop: CancellationToke
                 }
             },
         };
-        let Some(per_address) = PerAddress::take(&open, peer.ip()) else {
-            tracing::warn!(peer = %peer, "admin connection refused: too many open from this address");
-            continue;
-        };
-        let Ok(slot) = slots.clone().try_acquire_owned() else {
-            tracing::warn!(peer = %peer, "admin connection refused: too many open");
-            continue;
+        let slot = match open.acquire("admin", peer.ip(), MAX_CONNECTIONS, 0, MAX_PER_ADDRESS) {
+            Ok(slot) => slot,
+            Err(cap) => {
+                tracing::warn!(peer = %peer, cap = cap.as_str(), "admin connection refused: too many open");
+                continue;
+            }
         };
         // Renewals are asked from the proxy's own host (`portcullis renew`, which connects to the
         // configured address): the only request here that acts, so not one for whoever can reach
@@ -106,42 +105,10 @@ pub async fn serve(listener: TcpListener, app: Weak<App>, stop: CancellationToke
         let conn = graceful.watch(conn);
         tokio::spawn(async move {
             let _ = tokio::time::timeout(CONNECTION_LIFETIME, conn).await;
-            drop((slot, per_address));
+            drop(slot);
         });
     }
     let _ = tokio::time::timeout(std::time::Duration::from_secs(2), graceful.shutdown()).await;
-}
-
-type OpenPerAddress = Arc<std::sync::Mutex<std::collections::HashMap<std::net::IpAddr, usize>>>;
-
-/// One open admin connection counted against its address; given back when dropped.
-struct PerAddress {
-    open: OpenPerAddress,
-    ip: std::net::IpAddr,
-}
-
-impl PerAddress {
-    fn take(open: &OpenPerAddress, ip: std::net::IpAddr) -> Option<PerAddress> {
-        let mut map = open.lock().unwrap_or_else(|e| e.into_inner());
-        let n = map.entry(ip).or_insert(0);
-        if *n >= MAX_PER_ADDRESS {
-            return None;
-        }
-        *n += 1;
-        Some(PerAddress { open: open.clone(), ip })
-    }
-}
-
-impl Drop for PerAddress {
-    fn drop(&mut self) {
-        let mut map = self.open.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(n) = map.get_mut(&self.ip) {
-            *n -= 1;
-            if *n == 0 {
-                map.remove(&self.ip);
-            }
-        }
-    }
 }
 
 /// Whether a connection from `peer` to our `local` address comes from this host.
