@@ -776,86 +776,60 @@ struct Validator<'a> {
     text: &'a str,
 }
 
-/// A key set in the file: its table and name as errors name them, where it is, and the last
-/// line its value spans.
+/// A key or table in the file, named as errors name it (the third `[[backend]]` is
+/// `backend[2]`, a `[backend.health]` under it `backend[2].health`, a dotted `health.fall = 0`
+/// in it `backend[2].health.fall`), with where it starts and where its value ends. The
+/// positions come from the toml crate's own spanned parse, so they hold for every shape TOML
+/// allows (multi-line arrays and strings, inline tables, dotted and quoted keys).
 struct KeyAt {
-    table: String,
-    key: String,
-    line: usize,
-    col: usize,
-    last: usize,
+    name: String,
+    /// The key's first byte, or for a table written as a `[header]` the header's.
+    start: usize,
+    /// One past the value's last byte.
+    end: usize,
+    /// A table opened by a `[header]` or `[[header]]` line.
+    header: bool,
 }
 
-/// The key at the start of a `key = value` line (bare, dotted or quoted) and the rest after `=`.
-fn key_token(t: &str) -> Option<(&str, &str)> {
+/// The key at the start of `t` (bare, dotted or quoted) when `=` follows it.
+fn key_token(t: &str) -> Option<&str> {
     let end = match t.chars().next()? {
         q @ ('"' | '\'') => t[1..].find(q)? + 2,
         _ => t.find(|c: char| !(c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.'))).unwrap_or(t.len()),
     };
-    let rest = t[end..].trim_start().strip_prefix('=')?;
-    (end > 0).then_some((&t[..end], rest))
+    t[end..].trim_start().strip_prefix('=')?;
+    (end > 0).then_some(&t[..end])
 }
 
-/// Whether a value that started on an earlier line is still open: inside brackets or braces,
-/// or a multi-line string.
-#[derive(Default)]
-struct ValueScan {
-    depth: usize,
-    /// The closing delimiter while inside a multi-line string.
-    multiline: Option<&'static str>,
-}
-
-impl ValueScan {
-    fn open(&self) -> bool {
-        self.depth > 0 || self.multiline.is_some()
-    }
-
-    fn scan(&mut self, text: &str) {
-        const BASIC: &str = "\"\"\"";
-        const LITERAL: &str = "'''";
-        let mut rest = text;
-        loop {
-            if let Some(delim) = self.multiline {
-                match rest.find(delim) {
-                    Some(at) => {
-                        self.multiline = None;
-                        rest = &rest[at + 3..];
-                    }
-                    None => return,
-                }
+/// Every key and table under `value`, depth first, named below `prefix`.
+fn key_spans(text: &str, prefix: &str, value: &Spanned<toml::de::DeValue<'_>>, out: &mut Vec<KeyAt>) {
+    use toml::de::DeValue;
+    match value.get_ref() {
+        DeValue::Table(table) => {
+            for (k, v) in table.iter() {
+                let name =
+                    if prefix.is_empty() { k.get_ref().to_string() } else { format!("{prefix}.{}", k.get_ref()) };
+                let (key, val) = (k.span(), v.span());
+                out.push(KeyAt {
+                    name: name.clone(),
+                    start: key.start.min(val.start),
+                    end: key.end.max(val.end),
+                    // A header's value starts at its `[`, before the key inside it.
+                    header: val.start < key.start,
+                });
+                key_spans(text, &name, v, out);
             }
-            let Some(c) = rest.chars().next() else { return };
-            if rest.starts_with(BASIC) || rest.starts_with(LITERAL) {
-                self.multiline = Some(if c == '"' { BASIC } else { LITERAL });
-                rest = &rest[3..];
-                continue;
-            }
-            match c {
-                '#' => return,
-                '"' | '\'' => {
-                    // A one-line string: skip to its closing quote (past escapes in "...").
-                    let mut chars = rest.char_indices().skip(1);
-                    let mut close = None;
-                    while let Some((at, ch)) = chars.next() {
-                        if ch == '\\' && c == '"' {
-                            chars.next();
-                        } else if ch == c {
-                            close = Some(at);
-                            break;
-                        }
-                    }
-                    match close {
-                        Some(at) => rest = &rest[at + 1..],
-                        None => return,
-                    }
-                    continue;
-                }
-                '[' | '{' => self.depth += 1,
-                ']' | '}' => self.depth = self.depth.saturating_sub(1),
-                _ => {}
-            }
-            rest = &rest[c.len_utf8()..];
         }
+        DeValue::Array(items) => {
+            for (i, v) in items.iter().enumerate().filter(|(_, v)| matches!(v.get_ref(), DeValue::Table(_))) {
+                let name = format!("{prefix}[{i}]");
+                // An element of an array of tables starts at its `[[` (inline: at its `{`).
+                let header = text.get(v.span().start..).is_some_and(|t| t.starts_with('['));
+                out.push(KeyAt { name: name.clone(), start: v.span().start, end: v.span().end, header });
+                key_spans(text, &name, v, out);
+            }
+        }
+        _ => {}
     }
 }
 
@@ -873,7 +847,7 @@ impl Validator<'_> {
         let field = if message.starts_with("invalid type") || message.starts_with("invalid value") {
             // serde quotes the *value* here (``invalid type: integer `20240611`, expected a
             // string``, or `string "..."`), which may be a password: keep only its kind, and name
-            // the key from the line.
+            // the key it belongs to.
             if let Some(colon) = message.find(": ")
                 && let Some(expected) = message.find(", expected")
                 && expected > colon
@@ -881,17 +855,17 @@ impl Validator<'_> {
                 let kind = message[colon + 2..expected].split([' ', '`', '"']).next().unwrap_or("").to_string();
                 message.replace_range(colon + 2..expected, &kind);
             }
-            position.and_then(|(line, _)| self.key_on_line(line)).unwrap_or_else(|| "-".into())
+            e.span().and_then(|s| self.key_at(s.start)).unwrap_or_else(|| "-".into())
         } else if ["missing field", "unknown field", "duplicate field"].iter().any(|m| message.starts_with(m)) {
             // serde names the offending key in backticks.
             message.split('`').nth(1).map(str::to_string).unwrap_or_else(|| "-".into())
         } else {
-            // A syntax error, a duplicate key, a value of no accepted shape: the key on its line,
+            // A syntax error, a duplicate key, a value of no accepted shape: the key it is in,
             // if there is one (the backticks there quote a token, not a field).
             if message.contains("untagged enum BindFile") {
                 message = "expected an \"IP:port\" string or a list of them".into();
             }
-            position.and_then(|(line, _)| self.key_on_line(line)).unwrap_or_else(|| "-".into())
+            e.span().and_then(|s| self.key_at(s.start)).unwrap_or_else(|| "-".into())
         };
         ConfigError { file: self.path.to_path_buf(), position, field, message }
     }
@@ -972,97 +946,49 @@ impl Validator<'_> {
         Ok(())
     }
 
-    /// The file's tables and keys as errors name them, with their lines: the third
-    /// `[[backend]]` is `backend[2]`, a `[backend.health]` under it `backend[2].health`, a dotted
-    /// `health.fall = 0` in it `backend[2].health` and `fall`. Returns each header as (table,
-    /// line) and each key set at the top of a table, with the lines its value spans (a
-    /// multi-line array, inline table or string belongs to the key that opened it).
-    fn layout(&self) -> (Vec<(String, usize)>, Vec<KeyAt>) {
-        let mut counts: HashMap<String, usize> = HashMap::new();
-        // Array-of-tables name -> the current element's name (`backend` -> `backend[2]`).
-        let mut arrays: HashMap<String, String> = HashMap::new();
-        let mut headers: Vec<(String, usize)> = Vec::new();
-        let mut keys: Vec<KeyAt> = Vec::new();
-        let mut current = String::new();
-        let mut value = ValueScan::default();
-        for (i, line) in self.text.lines().enumerate() {
-            if value.open() {
-                value.scan(line);
-                if let Some(k) = keys.last_mut() {
-                    k.last = i + 1;
-                }
-                continue;
-            }
-            let t = line.trim();
-            if t.starts_with('#') || t.is_empty() {
-                continue;
-            }
-            if t.starts_with('[') {
-                let t = t.split('#').next().unwrap_or(t).trim();
-                let name = t.trim_matches(|c| c == '[' || c == ']').trim().to_string();
-                current = if t.starts_with("[[") {
-                    let n = counts.entry(name.clone()).or_insert(0);
-                    let element = format!("{name}[{n}]");
-                    *n += 1;
-                    arrays.insert(name, element.clone());
-                    element
-                } else {
-                    // `[a.b.c]` under an element of `[[a.b]]` is `a.b[N].c`.
-                    match arrays.iter().filter(|(a, _)| name.starts_with(&format!("{a}."))).max_by_key(|(a, _)| a.len())
-                    {
-                        Some((a, element)) => format!("{element}{}", &name[a.len()..]),
-                        None => name,
-                    }
-                };
-                headers.push((current.clone(), i + 1));
-                continue;
-            }
-            let Some((key, rest)) = key_token(t) else { continue };
-            let (table, key) = match key.rsplit_once('.') {
-                Some((prefix, last)) if !key.starts_with(['"', '\'']) => {
-                    (if current.is_empty() { prefix.to_string() } else { format!("{current}.{prefix}") }, last)
-                }
-                _ => (current.clone(), key.trim_matches(['"', '\''])),
-            };
-            let col = line.len() - line.trim_start().len() + 1;
-            keys.push(KeyAt { table, key: key.to_string(), line: i + 1, col, last: i + 1 });
-            value.scan(rest);
-        }
-        (headers, keys)
+    /// The file's keys and tables with their positions, from the toml crate's spanned parse
+    /// (which recovers past syntax errors, so a file that failed to load still has them).
+    fn layout(&self) -> Vec<KeyAt> {
+        let (doc, _) = toml::de::DeTable::parse_recoverable(self.text);
+        let root = Spanned::new(doc.span(), toml::de::DeValue::Table(doc.into_inner()));
+        let mut keys = Vec::new();
+        key_spans(self.text, "", &root, &mut keys);
+        keys
     }
 
-    /// The full name (`limits.login_timeout`) of the key whose value is on `line`, if any.
-    fn key_on_line(&self, line: usize) -> Option<String> {
-        let (_, keys) = self.layout();
-        let k = keys.into_iter().find(|k| k.line <= line && line <= k.last)?;
-        Some(if k.table.is_empty() { k.key } else { format!("{}.{}", k.table, k.key) })
+    /// The full name (`limits.login_timeout`) of the key an error at byte `at` is about: the
+    /// innermost key that starts before it and whose value reaches its line (so a bad element
+    /// of a multi-line array names the array); else a key given a second time at `at`, in the
+    /// table whose header is above it. None on a header line or between keys.
+    fn key_at(&self, at: usize) -> Option<String> {
+        let keys = self.layout();
+        let line = |offset: usize| self.position(offset..offset).0;
+        let on = line(at);
+        if let Some(k) = keys
+            .iter()
+            .filter(|k| !k.header && k.start <= at && line(k.end) >= on)
+            .max_by_key(|k| (k.start, k.name.len()))
+        {
+            return Some(k.name.clone());
+        }
+        let key = key_token(self.text.get(at..)?)?.trim_matches(['"', '\'']);
+        match keys.iter().filter(|k| k.header && k.start <= at).max_by_key(|k| k.start) {
+            Some(table) => Some(format!("{}.{key}", table.name)),
+            None => Some(key.to_string()),
+        }
     }
 
     /// Where `field` (`table.key`, `backend[2].health.fall`) is set, for errors about values the
-    /// parser keeps no position for: the `key =` line in its table, else the table's header,
-    /// else (a key inside an inline table, a table not written out) the nearest enclosing one.
-    /// Tables are named as errors name them: the third `[[backend]]` is `backend[2]`, and a
-    /// `[backend.health]` under it `backend[2].health`.
+    /// parser keeps no position for: the key's line, else (a default, or a key inside a value
+    /// given as a whole) the nearest enclosing table or key that is written out.
     fn find_field(&self, field: &str) -> Option<(usize, usize)> {
-        let (headers, keys) = self.layout();
+        let keys = self.layout();
         let mut f = field;
         loop {
-            if let Some((table, key)) = f.rsplit_once('.')
-                && let Some(k) = keys.iter().find(|k| k.table == table && k.key == key)
-            {
-                return Some((k.line, k.col));
+            if let Some(k) = keys.iter().find(|k| k.name == f) {
+                return Some(self.position(k.start..k.start));
             }
-            if let Some((_, line)) = headers.iter().find(|(h, _)| h == f) {
-                return Some((*line, 1));
-            }
-            match f.rsplit_once('.') {
-                Some((up, _)) => f = up,
-                // `backend[1]` of an array written inline (`backend = [{...}]`): its key's line.
-                None => {
-                    let name = f.split('[').next().unwrap_or(f);
-                    return keys.iter().find(|k| k.table.is_empty() && k.key == name).map(|k| (k.line, k.col));
-                }
-            }
+            f = &f[..f.rfind(['.', '['])?];
         }
     }
 
@@ -2621,6 +2547,51 @@ default = "b"
                 parse(&format!("{}\n[admin]\nbind = \"{admin}\"\n", listeners(&["\"0.0.0.0:10993\""]))).unwrap_err();
             assert_eq!(e.field, "admin.bind", "{e}");
         }
+    }
+
+    /// Keys and tables are found from the parsed file, so text that only looks like them (in
+    /// comments, multi-line strings, quoted keys) does not move an error's line or name.
+    #[test]
+    fn keys_are_found_where_the_toml_parser_puts_them() {
+        let text = r#"# [limits]
+# login_timeout = 1
+[server]
+hostname = """
+[limits]
+login_timeout = 2
+"""
+[[backend]]
+name = "a"
+health = { enabled = false, fall = 3 }
+[[backend]]
+name = "b"
+"quoted.key" = 1
+[backend.health]
+rise = 2
+[limits]
+login_timeout = "5s"
+"#;
+        let v = Validator { path: Path::new("p.toml"), text };
+        let line_of = |needle: &str| text.lines().position(|l| l == needle).map(|i| i + 1);
+        let at = |needle: &str| text.find(needle).unwrap_or(usize::MAX);
+        assert_eq!(v.find_field("limits.login_timeout"), line_of("login_timeout = \"5s\"").map(|l| (l, 1)));
+        assert_eq!(v.find_field("backend[1].health.rise"), line_of("rise = 2").map(|l| (l, 1)));
+        // Not written out: the table's header.
+        assert_eq!(v.find_field("backend[1].health.fall"), line_of("[backend.health]").map(|l| (l, 1)));
+        assert_eq!(v.find_field("backend[1].port"), line_of("[[backend]]").map(|l| (l + 3, 1)));
+        assert_eq!(
+            v.find_field("backend[0].health.fall").map(|p| p.0),
+            line_of("health = { enabled = false, fall = 3 }")
+        );
+        assert_eq!(v.find_field("backend[1].quoted.key").map(|p| p.0), line_of("\"quoted.key\" = 1"));
+        assert_eq!(v.key_at(at("fall = 3") + 7).as_deref(), Some("backend[0].health.fall"));
+        assert_eq!(v.key_at(at("login_timeout = 2")).as_deref(), Some("server.hostname"));
+        assert_eq!(v.key_at(at("# login_timeout")), None);
+        assert_eq!(v.key_at(at("[backend.health]")), None);
+        // A key given twice is named in the table it was given twice in.
+        let text = "[[backend]]\nname = \"a\"\n[[backend]]\nname = \"b\"\nname = \"c\"\n";
+        let v = Validator { path: Path::new("p.toml"), text };
+        assert_eq!(v.key_at(text.rfind("name").unwrap_or(0)).as_deref(), Some("backend[1].name"));
     }
 
     #[test]
