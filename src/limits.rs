@@ -6,8 +6,9 @@
 //! Dovecot's auth penalty does); past `block_after` the address or user is refused outright with
 //! the protocol's temporary error until `cooldown` has passed. Repeating the same wrong password
 //! does not escalate (clients retry stored passwords); a correct password within the limits
-//! logs in and clears the counters; auth-service outages never count; trusted networks are
-//! exempt. Counters forget after `window` without failures and are pruned on a timer, and the
+//! logs in and clears that user's counter and, from the address's, the failures that were that
+//! user's (a valid account of one's own must not reset a password spray against others);
+//! auth-service outages never count; trusted networks are exempt. Counters forget after `window` without failures and are pruned on a timer, and the
 //! tables are capped, so memory stays bounded.
 //!
 //! `governor` (GCRA rate limiting) was considered and not used: the penalty needs to read a
@@ -28,6 +29,10 @@ use crate::config::{Cidr, ThrottleSettings};
 
 /// Passwords remembered per key to recognise a client retrying the same wrong one.
 const RECENT_PASSWORDS: usize = 10;
+
+/// Failures per address remembered with the user they were for, so a success can take back
+/// only its own user's. Older failures stay counted (`block_after` is 20 by default).
+const ATTRIBUTED_FAILURES: usize = 64;
 
 /// What to do with a login attempt.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -50,6 +55,21 @@ struct Entry {
     last: Instant,
     blocked_until: Option<Instant>,
     recent: VecDeque<u64>,
+    /// Address entries: a hash of the user each recent counted failure was for.
+    users: VecDeque<u64>,
+}
+
+impl Entry {
+    fn reset(&mut self) {
+        self.failures = 0;
+        self.recent.clear();
+        self.users.clear();
+    }
+}
+
+/// A process-local hash of a user name, as address entries remember them.
+fn user_hash(user: &str) -> u64 {
+    password_fingerprint(&[b"throttle user", user.as_bytes()])
 }
 
 #[derive(Debug, Default)]
@@ -94,8 +114,7 @@ impl Throttle {
                 // The block has run its course: counting starts again, so it lasted `cooldown`
                 // (the counter would otherwise block again at once until `window` had passed).
                 e.blocked_until = None;
-                e.failures = 0;
-                e.recent.clear();
+                e.reset();
             }
             if now.duration_since(e.last) > s.window && e.blocked_until.is_none_or(|b| b <= now) {
                 table.remove(&key);
@@ -135,16 +154,18 @@ impl Throttle {
             }
         }
         let keys = [Some(Key::Ip(ip_key(ip, s.ipv6_prefix))), user.map(|u| Key::User(u.to_string()))];
+        let attributed = user.map(user_hash);
         for key in keys.into_iter().flatten() {
+            let by_address = matches!(key, Key::Ip(_));
             let e = table.entry(key).or_insert_with(|| Entry {
                 failures: 0,
                 last: now,
                 blocked_until: None,
                 recent: VecDeque::new(),
+                users: VecDeque::new(),
             });
             if now.duration_since(e.last) > s.window {
-                e.failures = 0;
-                e.recent.clear();
+                e.reset();
             }
             e.last = now;
             if e.recent.contains(&password) {
@@ -155,14 +176,32 @@ impl Throttle {
                 e.recent.pop_front();
             }
             e.failures += 1;
+            if by_address && let Some(u) = attributed {
+                e.users.push_back(u);
+                if e.users.len() > ATTRIBUTED_FAILURES {
+                    e.users.pop_front();
+                }
+            }
         }
     }
 
-    /// A successful login clears the address's and the user's counters.
+    /// A successful login clears the user's counter, and takes back from the address's the
+    /// failures that were for this user (a mistyped password, now right). Failures from the
+    /// address for other users stay: logging in to an account of one's own between guesses
+    /// at others' must not lift the address's limit.
     pub fn success(&self, s: &ThrottleSettings, ip: IpAddr, user: &str) {
         let mut table = self.table.lock().unwrap_or_else(|e| e.into_inner());
-        table.remove(&Key::Ip(ip_key(ip, s.ipv6_prefix)));
         table.remove(&Key::User(user.to_string()));
+        let key = Key::Ip(ip_key(ip, s.ipv6_prefix));
+        if let Some(e) = table.get_mut(&key) {
+            let u = user_hash(user);
+            let before = e.users.len();
+            e.users.retain(|x| *x != u);
+            e.failures = e.failures.saturating_sub((before - e.users.len()) as u32);
+            if e.failures == 0 && e.blocked_until.is_none() {
+                table.remove(&key);
+            }
+        }
     }
 
     /// Forget idle, unblocked entries.
@@ -458,6 +497,33 @@ mod tests {
         );
         t.success(&s, ip("192.0.2.7"), "bob");
         assert_eq!(t.check(&s, ip("192.0.2.7"), Some("bob")), Decision::Allow { delay: Duration::ZERO });
+    }
+
+    /// A password spray from one address, with a login to an account of the attacker's own
+    /// between guesses: the success takes back only its own user's failures, so the address
+    /// is still blocked after `block_after` guesses at others (reliability case 55), while the
+    /// user's own mistyped passwords, once right, are forgiven (case 44).
+    #[tokio::test(start_paused = true)]
+    async fn a_success_of_ones_own_does_not_lift_the_address_limit() {
+        let s = settings();
+        let t = Throttle::default();
+        let attacker = ip("198.51.100.9");
+        // Mallory mistypes her own password twice, then gets it right: those two are forgiven.
+        t.failure(&s, attacker, Some("mallory"), 1);
+        t.failure(&s, attacker, Some("mallory"), 2);
+        for n in 0..s.block_after - 1 {
+            assert!(matches!(t.check(&s, attacker, Some("mallory")), Decision::Allow { .. }));
+            t.success(&s, attacker, "mallory");
+            let victim = format!("victim{n}");
+            assert!(matches!(t.check(&s, attacker, Some(&victim)), Decision::Allow { .. }), "{victim}");
+            // (Fingerprints are of user and password: each guess is a new one.)
+            t.failure(&s, attacker, Some(&victim), 100 + u64::from(n));
+        }
+        t.success(&s, attacker, "mallory");
+        t.failure(&s, attacker, Some("victim-last"), 99);
+        assert_eq!(t.check(&s, attacker, Some("someone-else")), Decision::Blocked);
+        // Another address is untouched, and the victims' own counters hold one failure each.
+        assert_eq!(t.check(&s, ip("198.51.100.10"), Some("victim0")), Decision::Allow { delay: Duration::ZERO });
     }
 
     #[tokio::test(start_paused = true)]
