@@ -72,6 +72,8 @@ struct Authenticated {
     /// `max_sessions_per_user` while it lives; taken by the backend close hold, which gives them
     /// back when the backend goes.
     slots: Option<(SessionGuard, crate::limits::UserSlot)>,
+    /// SMTP: the backend offered STARTTLS on this connection (so a client's must not reach it).
+    backend_starttls: bool,
     /// The protocol's goodbye, for a shutdown that outlasts the grace period.
     goodbye: &'static [u8],
 }
@@ -149,8 +151,9 @@ pub async fn run(mut ctx: SessionCtx, mut tcp: TcpStream) {
                     .flatten()
                     .map(|(guard, user)| guard.close_hold(limits.backend_disconnect_spread, user)),
             };
-            // XCLIENT and XFORWARD are the proxy's to send (reliability case 50, after login).
-            let guard = (ctx.listener.protocol == Protocol::Smtp).then(CommandGuard::default);
+            // XCLIENT and XFORWARD are the proxy's to send (reliability case 50, after login), and
+            // a STARTTLS to the backend would hide what follows from the guard.
+            let guard = (ctx.listener.protocol == Protocol::Smtp).then(|| CommandGuard::new(a.backend_starttls));
             let (end, bytes) = relay_session(&mut a, protocol, deadlines, guard).await;
             let goodbye = match end {
                 // Not inside a reply the client is still reading (it would become part of a
@@ -159,8 +162,8 @@ pub async fn run(mut ctx: SessionCtx, mut tcp: TcpStream) {
                 "shutdown" | "max_duration" => Some(a.goodbye),
                 "refused_command" => {
                     tracing::warn!(session = %ctx.id, client = %ctx.peer, user = %logging::safe_user(Some(&a.user)),
-                        "client sent XCLIENT, XFORWARD or BDAT after login (or a message line starting so); session closed");
-                    Some(crate::protocol::goodbye(ctx.listener.protocol, Goodbye::RefusedCommand))
+                        "client sent XCLIENT, XFORWARD, BDAT or STARTTLS after login (or a message line starting so); session closed");
+                    (!bytes.mid_reply).then(|| crate::protocol::goodbye(ctx.listener.protocol, Goodbye::RefusedCommand))
                 }
                 _ => None,
             };
@@ -433,7 +436,9 @@ async fn preauth(ctx: &SessionCtx, tcp: TcpStream, deadline: Instant) -> Result<
                         let _ = stream.write_all(too_long).await;
                         return Err(Outcome::PreAuth(CloseReason::LineTooLong.as_str()));
                     };
+                    let mut backend_starttls = false;
                     if let Some(exts) = logged_in.extensions.take() {
+                        backend_starttls = crate::protocol::smtp::back::has(&exts, "STARTTLS");
                         ctx.ehlo.update(&backend_name, &exts);
                     }
                     tracing::debug!(session = %ctx.id, backend = %backend_name, mechanism = req.mechanism.as_str(), "login ok");
@@ -446,6 +451,7 @@ async fn preauth(ctx: &SessionCtx, tcp: TcpStream, deadline: Instant) -> Result<
                         backend_name,
                         pipelined,
                         slots: Some((guard, user_slot)),
+                        backend_starttls,
                         goodbye,
                     });
                 }

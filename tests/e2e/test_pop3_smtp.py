@@ -539,3 +539,35 @@ def test_client_xclient_after_login_never_reaches_postfix(mail_proxy):
     for p in pf.delivered(SMUGGLE_RCPT):
         with open(p, "rb") as f:
             assert b"forged-proxy-" not in f.read()
+
+
+def test_client_starttls_after_login_never_reaches_a_postfix_that_offers_it(mail_proxy, tmp_path):
+    """Relayed, a client's STARTTLS to a backend that offers it would start TLS between the
+    client and the backend inside the proxy's session, and the guard against XCLIENT and BDAT
+    (case 50) would see only ciphertext from then on."""
+    from acme_servers import make_ca
+    pf = mail_proxy.postfix
+    # Postfix without TLS does not offer it: the line goes through and Postfix refuses it.
+    with submission_login(mail_proxy) as s:
+        s.send(b"STARTTLS\r\n")
+        expect_reply(s, b"502")
+        s.send(b"NOOP\r\n")
+        expect_reply(s, b"250")
+    _, cert, key = make_ca(str(tmp_path))
+    tls = ["smtpd_tls_cert_file", "smtpd_tls_key_file", "smtpd_tls_security_level"]
+    postfix_reconfigure(pf, set=[f"smtpd_tls_cert_file={cert}", f"smtpd_tls_key_file={key}",
+                                 "smtpd_tls_security_level=may"])
+    try:
+        # Now, from the proxy's address and after XCLIENT's login, Postfix would start TLS.
+        with postfix_login(pf) as c:
+            c.send(b"STARTTLS\r\n")
+            expect_reply(c, b"220")
+        # Through the proxy (whose backend leg is plaintext here): refused, the session closed.
+        for stream in (b"STARTTLS\r\n", b"NOOP\r\n starttls\n"):
+            with submission_login(mail_proxy) as s:
+                s.send(stream)
+                lines = s.read_to_close(10).split(b"\r\n")
+                assert b"421 4.7.0 Command not allowed after login, closing connection" in lines, (stream, lines)
+                assert not any(l.startswith(b"220") for l in lines), lines
+    finally:
+        postfix_reconfigure(pf, remove=tls)

@@ -199,7 +199,7 @@ pub async fn read_reply<S: AsyncRead + Unpin>(
     }
 }
 
-fn has(exts: &[String], keyword: &str) -> bool {
+pub(crate) fn has(exts: &[String], keyword: &str) -> bool {
     exts.iter().any(|e| e.split(' ').next().is_some_and(|k| k.eq_ignore_ascii_case(keyword)))
 }
 

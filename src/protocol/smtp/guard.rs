@@ -21,16 +21,27 @@
 //! end-to-end test shows it). The guard cannot know whether a BDAT was accepted or how a
 //! server counted, so it does not follow chunks: the proxy never offers CHUNKING (`ehlo.rs`),
 //! clients send DATA, and one that sends BDAT anyway has its session ended.
+//!
+//! STARTTLS is refused the same way when the backend offered it on the proxy's connection (a
+//! plaintext one: a server does not offer it again inside TLS). Relayed, it would start a TLS
+//! session between the client and the backend, inside the client's session with the proxy, and
+//! from then on the guard would see only ciphertext: XCLIENT, XFORWARD and BDAT would pass
+//! unseen. Where the backend does not offer it, the line goes through (and is refused there), so
+//! message text that starts with the word is only at risk where the risk is real.
 
-/// The verbs refused.
-const VERBS: [&[u8]; 3] = [b"XCLIENT", b"XFORWARD", b"BDAT"];
-/// Every verb still possible, one bit per entry of `VERBS`.
-const ALL: u8 = 0b111;
+/// The verbs refused, one bit each in a guard's set.
+const VERBS: [&[u8]; 4] = [b"XCLIENT", b"XFORWARD", b"BDAT", b"STARTTLS"];
+/// Refused always.
+const ALWAYS: u8 = 0b0111;
+/// Refused when the backend offered STARTTLS.
+const STARTTLS: u8 = 0b1000;
 
 /// Scans what the client sends after login, across reads.
 #[derive(Debug)]
 pub struct CommandGuard {
     state: State,
+    /// The verbs refused (bits of `VERBS`).
+    refused: u8,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -44,8 +55,7 @@ enum State {
 
 impl Default for CommandGuard {
     fn default() -> Self {
-        // The first byte after login starts a command line.
-        Self { state: State::Line { matched: 0, verbs: ALL } }
+        Self::new(false)
     }
 }
 
@@ -55,6 +65,13 @@ fn blank(b: u8) -> bool {
 }
 
 impl CommandGuard {
+    /// `backend_offers_starttls`: the backend announced STARTTLS on the proxy's connection.
+    pub fn new(backend_offers_starttls: bool) -> Self {
+        let refused = if backend_offers_starttls { ALWAYS | STARTTLS } else { ALWAYS };
+        // The first byte after login starts a command line.
+        Self { state: State::Line { matched: 0, verbs: refused }, refused }
+    }
+
     /// Scan the next bytes the client sent. `Some(n)`: a refused command starts at `bytes[n]`
     /// (or, at 0, began in an earlier read); only `bytes[..n]` may go on, and the session must
     /// end. What went on before holds no line end after the verb, so no server acts on it.
@@ -72,7 +89,7 @@ impl CommandGuard {
                 {
                     return Some(line_start);
                 }
-                self.state = State::Line { matched: 0, verbs: ALL };
+                self.state = State::Line { matched: 0, verbs: self.refused };
                 i += 1;
                 line_start = i;
                 continue;
@@ -156,6 +173,20 @@ mod tests {
         assert_eq!(refused(&[b"NOOP\r", b"\nXFORWARD ADDR=x\r\n"]), Some((1, 1)));
         // The line end and the verb in separate reads: the verb's read is cut at its start.
         assert_eq!(refused(&[b"RSET\r\n", b"  XCLIENT NAME=x\r\n"]), Some((1, 0)));
+    }
+
+    /// A STARTTLS to a backend that offers it would take the rest of the session out of the
+    /// guard's sight (reliability case 50): refused then, and only then.
+    #[test]
+    fn starttls_is_refused_when_the_backend_offers_it() {
+        for (stream, at) in [(&b"STARTTLS\r\n"[..], 0), (b"NOOP\r\n starttls\n", 6), (b"RSET\r\nStartTLS \r\n", 6)] {
+            let mut g = CommandGuard::new(true);
+            assert_eq!(g.scan(stream), Some(at), "{:?}", String::from_utf8_lossy(stream));
+            assert_eq!(CommandGuard::new(false).scan(stream), None);
+        }
+        // The others stay refused either way; a longer word is not the verb.
+        assert_eq!(CommandGuard::new(true).scan(b"XCLIENT LOGIN=x\r\n"), Some(0));
+        assert_eq!(CommandGuard::new(true).scan(b"STARTTLSX\r\nSTART TLS\r\n"), None);
     }
 
     #[test]
