@@ -33,6 +33,14 @@ pub enum BackendError {
     Protocol(&'static str),
     #[error("backend refused service")]
     Refused,
+    /// The backend refused the login itself, for now (IMAP `NO [UNAVAILABLE]` or `[SERVERBUG]`,
+    /// a `* BYE` in reply; POP3 `-ERR [SYS/TEMP]`; SMTP `454`). It came after the credentials, so
+    /// it may be the user's own condition: Dovecot answers so when one user has too many
+    /// connections. Another backend is tried, but it does not count against this one's health,
+    /// or one user could mark a backend down for everyone; active checks still see a backend
+    /// that refuses every login.
+    #[error("backend refused the login for now")]
+    LoginRefused,
     /// The user's mailbox is in use (POP3 `[IN-USE]`, IMAP `[INUSE]`): the user's own state, not
     /// the backend's health.
     #[error("mailbox in use")]
@@ -53,6 +61,7 @@ impl BackendError {
             BackendError::Io(_) => "io",
             BackendError::Protocol(_) => "protocol",
             BackendError::Refused => "refused",
+            BackendError::LoginRefused => "login_refused",
             BackendError::InUse => "in_use",
             BackendError::ClientRefused { .. } => "client_refused",
             BackendError::Rejected => "rejected",

@@ -777,6 +777,12 @@ async fn login_inner(
                 tracing::info!(session = %ctx.id, backend = %backend.name, temporary, "backend refused the client's EHLO name");
                 return Err(LoginError::ClientRefused { temporary });
             }
+            Err(e @ BackendError::LoginRefused) => {
+                // Maybe the user's own condition (Dovecot's per-user connection limit): the next
+                // backend is tried, and this one's health is left to what sessions see before
+                // the credentials and to its active checks.
+                tracing::warn!(session = %ctx.id, backend = %backend.name, route = %plan.target, reason = e.reason(), "backend refused the login for now");
+            }
             Err(e) => {
                 // Reliability cases 64-66: count it against the backend, try the next one.
                 ctx.health.failure(backend, Source::Session, backend.health.fall, e.reason());

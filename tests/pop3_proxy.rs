@@ -152,13 +152,34 @@ async fn a_mailbox_in_use_does_not_mark_the_backend_down() {
 /// would ever mark it up again): a lone one, or one the auth service names by address.
 #[tokio::test]
 async fn a_backend_without_checks_is_tried_after_being_marked_down() {
-    let (proxy, backend) = setup(Behaviour::Pop3BusyUser, "").await;
+    // A refused XCLIENT, before any credentials: the backend's (or its config's) fault.
+    let (proxy, backend) = setup(Behaviour::Pop3RejectXclient, "").await;
     for _ in 0..5 {
         let mut c = greeted(&proxy).await;
         c.send(b"USER alice@example.test\r\nPASS secret\r\n").await;
         assert_eq!(c.line().await, "+OK\r\n");
         assert_eq!(c.line().await, "-ERR [SYS/TEMP] Server unavailable, try again later.\r\n");
     }
+    assert!(!proxy.app.health().is_up("fake"));
+    assert_eq!(sessions_with(&backend, "XCLIENT"), 5);
+}
+
+/// A login the backend refuses for now (`-ERR [SYS/TEMP]`, which Dovecot also answers when one
+/// user has too many connections) is not counted against the backend: however often one user
+/// brings it about (past the health `fall` of 3), the backend stays up for everyone.
+#[tokio::test]
+async fn a_refused_login_does_not_mark_the_backend_down() {
+    let backend = FakeBackend::start(Behaviour::Pop3BusyUser).await;
+    let config = protocol_config("pop3", backend.addr, "")
+        .replace("health = { enabled = false }", "health = { enabled = true, interval = \"1h\" }");
+    let proxy = Proxy::start(&config, USERS).await;
+    for _ in 0..5 {
+        let mut c = greeted(&proxy).await;
+        c.send(b"USER alice@example.test\r\nPASS secret\r\n").await;
+        assert_eq!(c.line().await, "+OK\r\n");
+        assert_eq!(c.line().await, "-ERR [SYS/TEMP] Server unavailable, try again later.\r\n");
+    }
+    assert!(proxy.app.health().is_up("fake"));
     assert_eq!(sessions_with(&backend, "USER"), 5);
 }
 

@@ -175,7 +175,7 @@ pub async fn connect_and_login(
             return Err(refusal(rest));
         }
         if l.starts_with(b"* BYE") {
-            return Err(BackendError::Refused);
+            return Err(BackendError::LoginRefused);
         }
         if l.starts_with(b"*") {
             // Reliability case 68: untagged data with the login reply is forwarded.
@@ -194,7 +194,7 @@ pub async fn connect_and_login(
 /// What the backend's tagged non-OK reply to the login (after the tag) means.
 fn refusal(rest: &[u8]) -> BackendError {
     if starts_with_ci(rest, b"NO [UNAVAILABLE]") || starts_with_ci(rest, b"NO [SERVERBUG]") {
-        return BackendError::Refused;
+        return BackendError::LoginRefused;
     }
     if starts_with_ci(rest, b"NO [INUSE]") {
         return BackendError::InUse;
@@ -232,7 +232,7 @@ async fn push_astring<S: AsyncRead + AsyncWrite + Unpin>(
             // like the login's own, never as the user's wrong password by default.
             return Err(match l.strip_prefix(b"P3 ") {
                 Some(rest) => refusal(rest),
-                None if l.starts_with(b"* BYE") => BackendError::Refused,
+                None if l.starts_with(b"* BYE") => BackendError::LoginRefused,
                 None => BackendError::Protocol("no continuation for a literal at login"),
             });
         }
@@ -311,8 +311,8 @@ mod tests {
 
     #[test]
     fn login_refusals() {
-        assert!(matches!(refusal(b"NO [UNAVAILABLE] later\r\n"), BackendError::Refused));
-        assert!(matches!(refusal(b"no [serverbug] oops\r\n"), BackendError::Refused));
+        assert!(matches!(refusal(b"NO [UNAVAILABLE] later\r\n"), BackendError::LoginRefused));
+        assert!(matches!(refusal(b"no [serverbug] oops\r\n"), BackendError::LoginRefused));
         assert!(matches!(refusal(b"NO [INUSE] busy\r\n"), BackendError::InUse));
         assert!(matches!(refusal(b"NO [AUTHENTICATIONFAILED] no\r\n"), BackendError::Rejected));
         assert!(matches!(refusal(b"BAD parse error\r\n"), BackendError::Rejected));

@@ -146,7 +146,7 @@ fn verdict(reply: &[u8]) -> Result<(), BackendError> {
         return Err(BackendError::InUse);
     }
     if starts_with_ci(reply, b"-ERR [SYS/TEMP]") {
-        return Err(BackendError::Refused);
+        return Err(BackendError::LoginRefused);
     }
     if reply.starts_with(b"-ERR") {
         return Err(BackendError::Rejected);

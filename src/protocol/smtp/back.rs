@@ -141,7 +141,8 @@ async fn auth_plain<S: AsyncRead + AsyncWrite + Unpin>(
     match read_reply(s, lines).await?.0 {
         235 => Ok(()),
         535 | 534 | 501 => Err(BackendError::Rejected),
-        421 | 454 => Err(BackendError::Refused),
+        421 => Err(BackendError::Refused),
+        454 => Err(BackendError::LoginRefused),
         _ => Err(BackendError::Protocol("unexpected AUTH reply")),
     }
 }
