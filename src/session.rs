@@ -466,7 +466,11 @@ async fn preauth(ctx: &SessionCtx, tcp: TcpStream, deadline: Instant) -> Result<
                 }
                 Err(LoginError::InUse) => {
                     count_login(lc, req.mechanism, "mailbox_in_use");
-                    fail(&mut front, &mut stream, LoginFailure::InUse, 0, u32::MAX).await?;
+                    // Not the user's credentials (not logged for fail2ban, not throttled), but
+                    // each try costs a backend login: paced and counted like a failure.
+                    failures += 1;
+                    tokio::time::sleep_until(fail_at).await;
+                    fail(&mut front, &mut stream, LoginFailure::InUse, failures, limits.max_auth_attempts).await?;
                 }
                 Err(LoginError::Bad { user, reason }) => {
                     count_login(lc, req.mechanism, "bad_credentials");
@@ -504,7 +508,10 @@ async fn preauth(ctx: &SessionCtx, tcp: TcpStream, deadline: Instant) -> Result<
                         smtp_code: Some("454 4.7.0".into()),
                         temporary: true,
                     };
-                    fail(&mut front, &mut stream, failure, 0, u32::MAX).await?;
+                    // Each try cost a password check: paced and counted like a failure.
+                    failures += 1;
+                    tokio::time::sleep_until(fail_at).await;
+                    fail(&mut front, &mut stream, failure, failures, limits.max_auth_attempts).await?;
                 }
                 Err(LoginError::Denied { user, text, wait, code }) => {
                     count_login(lc, req.mechanism, "denied");
@@ -698,7 +705,10 @@ async fn login_inner(
         }
     };
     // Where the backend has yet to verify the password, the slot is taken only once it has:
-    // wrong-password attempts in flight must not fill the user's cap and lock the user out.
+    // wrong-password attempts in flight must not fill the user's cap and lock the user out. A
+    // cap already full is answered before the backend is asked (no backend login for a user
+    // who could not have a session anyway), so there a client without the password learns
+    // that the user is at the cap; the answer is paced like a failure.
     let max_sessions = limits.max_sessions_per_user;
     let user_slot = if deferred {
         if ctx.connections.user_full(&user, max_sessions) {

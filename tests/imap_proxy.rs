@@ -528,18 +528,21 @@ async fn logins_the_backend_has_yet_to_verify_do_not_fill_the_user_cap() {
     let reply = victim.until_tagged("b").await;
     assert!(!reply.last().unwrap().contains("Too many sessions"), "{reply:?}");
 
-    // Verified logins still count: the second of two is refused.
+    // Verified logins still count: the second of two is refused, paced like a failed login.
     let backend = FakeBackend::start(Behaviour::Normal).await;
     let cfg = plain_config(backend.addr, "max_sessions_per_user = 1")
-        .replace("passwd_file = \"users\"", "source = \"backend\"");
+        .replace("passwd_file = \"users\"", "source = \"backend\"")
+        .replace("auth_failure_delay = \"10ms\"", "auth_failure_delay = \"300ms\"");
     let proxy = Proxy::start(&cfg, "").await;
     let mut first = greeted(&proxy).await;
     first.send(b"a LOGIN alice@example.test secret\r\n").await;
     assert!(first.until_tagged("a").await.last().unwrap().starts_with("a OK"));
     let mut second = greeted(&proxy).await;
+    let sent = std::time::Instant::now();
     second.send(b"b LOGIN alice@example.test secret\r\n").await;
     let reply = second.until_tagged("b").await;
     assert!(reply.last().unwrap().contains("Too many sessions"), "{reply:?}");
+    assert!(sent.elapsed() >= Duration::from_millis(300), "{:?}", sent.elapsed());
 }
 
 #[tokio::test]

@@ -148,6 +148,26 @@ async fn a_mailbox_in_use_does_not_mark_the_backend_down() {
     assert_eq!(sessions_with(&backend, "PASS"), 5);
 }
 
+/// Each try at a locked mailbox costs a backend login: the answer is paced like a failed
+/// login's and counted, so one connection cannot loop on it (reliability cases 54, 55).
+#[tokio::test]
+async fn a_mailbox_in_use_is_paced_and_counted() {
+    let backend = FakeBackend::start(Behaviour::Pop3InUse).await;
+    let config = protocol_config("pop3", backend.addr, "")
+        .replace("auth_failure_delay = \"10ms\"", "auth_failure_delay = \"300ms\"");
+    let proxy = Proxy::start(&config, USERS).await;
+    let mut c = greeted(&proxy).await;
+    for _ in 0..3 {
+        let sent = std::time::Instant::now();
+        c.send(b"USER alice@example.test\r\nPASS secret\r\n").await;
+        assert_eq!(c.line().await, "+OK\r\n");
+        assert_eq!(c.line().await, "-ERR [IN-USE] Mailbox is in use, try again later.\r\n");
+        assert!(sent.elapsed() >= std::time::Duration::from_millis(300), "{:?}", sent.elapsed());
+    }
+    assert_eq!(c.line().await, "", "closed after max_auth_attempts (3)");
+    assert_eq!(sessions_with(&backend, "PASS"), 3);
+}
+
 /// A backend without active checks that sessions marked down is still tried (nothing else
 /// would ever mark it up again): a lone one, or one the auth service names by address.
 #[tokio::test]
