@@ -538,7 +538,7 @@ async fn logins_the_backend_has_yet_to_verify_do_not_fill_the_user_cap() {
     first.send(b"a LOGIN alice@example.test secret\r\n").await;
     assert!(first.until_tagged("a").await.last().unwrap().starts_with("a OK"));
     let mut second = greeted(&proxy).await;
-    let sent = std::time::Instant::now();
+    let sent = tokio::time::Instant::now();
     second.send(b"b LOGIN alice@example.test secret\r\n").await;
     let reply = second.until_tagged("b").await;
     assert!(reply.last().unwrap().contains("Too many sessions"), "{reply:?}");

@@ -158,7 +158,7 @@ async fn a_mailbox_in_use_is_paced_and_counted() {
     let proxy = Proxy::start(&config, USERS).await;
     let mut c = greeted(&proxy).await;
     for _ in 0..3 {
-        let sent = std::time::Instant::now();
+        let sent = tokio::time::Instant::now();
         c.send(b"USER alice@example.test\r\nPASS secret\r\n").await;
         assert_eq!(c.line().await, "+OK\r\n");
         assert_eq!(c.line().await, "-ERR [IN-USE] Mailbox is in use, try again later.\r\n");
