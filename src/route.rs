@@ -62,22 +62,26 @@ pub fn target(config: &Config, protocol: Protocol, user: &str, pinned: &[String]
         }
     }
     let tables = config.routing.tables.get(&protocol).into_iter().chain([&config.routing.shared]);
+    // With `strip_default_domain`, the default domain's users have no domain left in their
+    // canonical name; their domain's rules still apply to them.
+    let default_domain = config.users.default_domain.as_deref().filter(|_| !user.contains('@'));
     for table in tables {
-        if let Some(t) = lookup(table, user, protocol) {
+        if let Some(t) = lookup(table, user, default_domain, protocol) {
             return Some(t.clone());
         }
     }
     None
 }
 
-/// The most specific rule in `table` for `user` whose target serves `protocol`: a rule for
-/// another protocol (in the shared table) is passed over, not a dead end.
-fn lookup<'a>(table: &'a RouteTable, user: &str, protocol: Protocol) -> Option<&'a Target> {
+/// The most specific rule in `table` for `user` (in `domain`, if the name carries none) whose
+/// target serves `protocol`: a rule for another protocol (in the shared table) is passed over,
+/// not a dead end.
+fn lookup<'a>(table: &'a RouteTable, user: &str, domain: Option<&str>, protocol: Protocol) -> Option<&'a Target> {
     let serves = |t: &&Target| t.serves(protocol);
     if let Some(t) = table.users.get(user).filter(serves) {
         return Some(t);
     }
-    if let Some((_, domain)) = user.rsplit_once('@') {
+    if let Some(domain) = user.rsplit_once('@').map(|(_, d)| d).or(domain) {
         // Canonical already, unless `[users] lowercase = "none"` kept it as typed.
         let domain = crate::config::canonical_domain(domain).unwrap_or_else(|| domain.to_ascii_lowercase());
         if let Some(t) = table.domains.get(&domain).filter(serves) {

@@ -215,3 +215,41 @@ domains = { "legacy.example.org" = "legacy-imap" }
     let pop3 = portcullis::route::target(&config, Protocol::Pop3, user, &[]).expect("no POP3 route");
     assert_eq!(pop3.name(), "hosts");
 }
+
+/// With `strip_default_domain`, `bob@example.org` is the user `bob`; a rule for `example.org`
+/// (exact or wildcard) still routes him, where it used to be skipped for the default.
+#[test]
+fn a_stripped_default_domain_still_has_its_domain_rules() {
+    let cfg = |rule: &str| {
+        format!(
+            r#"
+[users]
+default_domain = "example.org"
+strip_default_domain = true
+[auth]
+source = "backend"
+[[backend]]
+name = "legacy"
+address = "127.0.0.1:1"
+[[backend]]
+name = "new"
+address = "127.0.0.1:2"
+[routing.imap]
+default = "new"
+{rule}
+"#
+        )
+    };
+    for rule in [r#"domains = { "example.org" = "legacy" }"#, r#"domains = { "*.org" = "legacy" }"#] {
+        let config = portcullis::config::Config::parse(std::path::Path::new("/t.toml"), &cfg(rule)).unwrap();
+        for typed in ["bob@example.org", "Bob@Example.ORG", "bob"] {
+            let user = config.users.canonical(typed).unwrap();
+            assert_eq!(user, "bob");
+            let t = portcullis::route::target(&config, Protocol::Imap, &user, &[]).unwrap();
+            assert_eq!(t.name(), "legacy", "{rule}: {typed}");
+        }
+        // Other domains are untouched.
+        let t = portcullis::route::target(&config, Protocol::Imap, "ann@example.net", &[]).unwrap();
+        assert_eq!(t.name(), "new", "{rule}");
+    }
+}
