@@ -96,6 +96,13 @@ impl std::fmt::Debug for AuthHttp {
     }
 }
 
+/// A service URL as logs and errors show it: without its query string or fragment, where a
+/// token may be (`https://auth.example/check?key=...`). `check` refuses credentials in the
+/// authority for the same reason.
+fn shown(url: &str) -> &str {
+    url.split(['?', '#']).next().unwrap_or(url)
+}
+
 impl AuthHttp {
     pub fn new(settings: AuthHttpSettings) -> Result<AuthHttp, String> {
         use rustls::pki_types::CertificateDer;
@@ -152,10 +159,10 @@ impl AuthHttp {
                         self.remember(key, &answer);
                         return Ok(answer);
                     }
-                    Err(e) => last = format!("{url}: {e}"),
+                    Err(e) => last = format!("{}: {e}", shown(url)),
                 },
-                Ok(Err(e)) => last = format!("{url}: {e}"),
-                Err(_) => last = format!("{url}: timed out"),
+                Ok(Err(e)) => last = format!("{}: {e}", shown(url)),
+                Err(_) => last = format!("{}: timed out", shown(url)),
             }
             tracing::warn!(error = %last, "auth service failed; trying the next URL if any");
         }
@@ -254,8 +261,8 @@ pub fn build_request(
     extra: &[(String, String)],
     pass_cert: bool,
 ) -> Result<Request<Empty<Bytes>>, String> {
-    let uri: hyper::Uri = url.parse().map_err(|e| format!("{url}: {e}"))?;
-    let host = uri.authority().map(|a| a.to_string()).ok_or_else(|| format!("{url}: no host"))?;
+    let uri: hyper::Uri = url.parse().map_err(|e| format!("{}: {e}", shown(url)))?;
+    let host = uri.authority().map(|a| a.to_string()).ok_or_else(|| format!("{}: no host", shown(url)))?;
     let mut headers: Vec<(&str, Vec<u8>)> = vec![
         ("Host", host.into_bytes()),
         ("Auth-Method", q.method.as_bytes().to_vec()),
@@ -385,6 +392,28 @@ mod tests {
             out.push_str(&format!("{}: {}\r\n", k.as_str(), String::from_utf8_lossy(v.as_bytes())));
         }
         out
+    }
+
+    /// A token in a service URL's query string stays out of the outage the session logs.
+    #[tokio::test]
+    async fn an_outage_does_not_show_the_urls_query() {
+        let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+        // Refused at connect, and a URL that does not parse.
+        for url in [format!("http://{closed}/auth?key=S3cr3t"), "http://[::1/auth?key=S3cr3t".into()] {
+            let settings = AuthHttpSettings {
+                urls: vec![url.clone()],
+                timeout: Duration::from_secs(2),
+                headers: Vec::new(),
+                ca_file: None,
+                cache_ttl: Duration::ZERO,
+                negative_cache_ttl: Duration::ZERO,
+                pass_client_cert: false,
+            };
+            let service = AuthHttp::new(settings).unwrap();
+            let Err(Outage(why)) = service.query(&query(Protocol::Imap)).await else { panic!("no outage") };
+            assert!(!why.contains("S3cr3t") && why.contains("/auth"), "{url}: {why}");
+        }
+        assert_eq!(shown("https://a.example/x?key=1#f"), "https://a.example/x");
     }
 
     /// A cached answer is only reused for the same attempt: same method, credentials, address,
