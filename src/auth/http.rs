@@ -349,8 +349,12 @@ pub fn parse_response(headers: &HeaderMap) -> Result<Answer, String> {
         });
     }
     // An Auth-Wait that is not a number of seconds is ignored, as nginx does: the refusal
-    // stands (and counts against the client), rather than becoming an outage.
-    let wait = get("Auth-Wait").and_then(|w| w.parse::<u64>().ok()).map(|n| Duration::from_secs(n).min(MAX_WAIT));
+    // stands (and counts against the client), rather than becoming an outage. So is 0: nginx
+    // answers and closes then, as without the header.
+    let wait = get("Auth-Wait")
+        .and_then(|w| w.parse::<u64>().ok())
+        .filter(|n| *n > 0)
+        .map(|n| Duration::from_secs(n).min(MAX_WAIT));
     Ok(Answer::Fail {
         message: client_text(&status),
         wait,
@@ -561,7 +565,8 @@ mod tests {
             Answer::Fail { message: "Temporaryproblem".into(), wait: None, error_code: Some("451 4.3.0".into()) }
         );
         // Not a number of seconds: ignored (nginx), the refusal stands rather than an outage.
-        for bad in ["3s", "2.5", "-1"] {
+        // Nor is 0 a wait: nginx answers and closes, as without the header.
+        for bad in ["3s", "2.5", "-1", "0"] {
             assert_eq!(
                 parse_response(&headers(&[("Auth-Status", "Invalid login"), ("Auth-Wait", bad)])).unwrap(),
                 Answer::Fail { message: "Invalid login".into(), wait: None, error_code: None }
