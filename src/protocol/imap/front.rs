@@ -184,6 +184,9 @@ impl ImapFront {
             if !self.frag.is_message_complete() {
                 continue;
             }
+            // The next command's time starts when its own first bytes are read, even when they
+            // came in the same read as this one's end (case 58).
+            self.partial_since = None;
             if self.frag.is_max_message_size_exceeded() {
                 // Reliability case 27: error and close, memory stays bounded.
                 write(s, b"* BYE Command line too long.\r\n").await?;
@@ -424,6 +427,7 @@ impl ImapFront {
                     break SaslLine::Bad;
                 }
                 Some(FragmentInfo::Line { ending, .. }) => {
+                    self.partial_since = None;
                     if ending == LineEnding::Lf || self.frag.is_max_message_size_exceeded() {
                         break SaslLine::Bad;
                     }
@@ -530,6 +534,34 @@ mod tests {
     /// Run the front end over `chunks` (greeting included); its output and events.
     fn run(chunks: Vec<Vec<u8>>) -> (Vec<u8>, Vec<String>) {
         run_front(crate::config::Protocol::Imap, settings(), chunks)
+    }
+
+    /// Case 58: each command has `command_timeout` from its own first bytes, also when they
+    /// arrive in the same read as the end of the one before (which used to lend the next one
+    /// its start time, cutting a steady pipeline off mid-way).
+    #[tokio::test(start_paused = true)]
+    async fn each_command_has_its_own_time() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let (mut client, mut server) = tokio::io::duplex(4096);
+        let task = tokio::spawn(async move {
+            let mut front = crate::protocol::Front::new(crate::config::Protocol::Imap, settings());
+            assert!(front.greet(&mut server).await.unwrap().is_none());
+            match front.next_event(&mut server).await {
+                Ok(Event::Closed(r)) => r.as_str(),
+                _ => "other",
+            }
+        });
+        // command_timeout is 5 s: each command is 4 s in the making, 8 s since the first.
+        let step = std::time::Duration::from_secs(4);
+        client.write_all(b"a CAPA").await.unwrap();
+        tokio::time::sleep(step).await;
+        client.write_all(b"BILITY\r\nb NO").await.unwrap();
+        tokio::time::sleep(step).await;
+        client.write_all(b"OP\r\nc LOGOUT\r\n").await.unwrap();
+        let mut out = String::new();
+        client.read_to_string(&mut out).await.unwrap();
+        assert!(out.contains("b OK") && !out.contains("inactivity"), "{out}");
+        assert_eq!(task.await.unwrap(), "logout");
     }
 
     /// Case 54: unknown mechanisms and cancelled exchanges count as errors.
