@@ -12,7 +12,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite};
 
 use crate::auth::Credentials;
 use crate::protocol::sasl::{self, Response};
-use crate::protocol::{CloseReason, FrontSettings, Mechanism, write};
+use crate::protocol::{CloseReason, FrontSettings, Mechanism, looks_like_http, write};
 
 const READ_CHUNK: usize = 4096;
 
@@ -20,8 +20,9 @@ const READ_CHUNK: usize = 4096;
 pub enum Line {
     /// A line without its CRLF.
     Ok(Vec<u8>),
-    /// A line ending in bare LF, or holding a bare CR: reject it.
-    Malformed,
+    /// A line ending in bare LF, or holding a bare CR: reject it. `http`: it starts like an HTTP
+    /// request (reliability case 18), which closes the connection at once, line ends or not.
+    Malformed { http: bool },
     /// No line end within the limit: close the connection.
     TooLong,
 }
@@ -55,7 +56,7 @@ impl LineReader {
                     return Some(Line::TooLong);
                 }
                 if line.pop() != Some(b'\r') || line.contains(&b'\r') {
-                    return Some(Line::Malformed);
+                    return Some(Line::Malformed { http: looks_like_http(&line) });
                 }
                 Some(Line::Ok(line))
             }
@@ -158,7 +159,8 @@ impl Dialogue {
         loop {
             match self.lines.next_line() {
                 Some(Line::Ok(l)) => return Ok(Ok(Some(l))),
-                Some(Line::Malformed) => return Ok(Ok(None)),
+                Some(Line::Malformed { http: true }) => return Ok(Err(CloseReason::HttpRequest)),
+                Some(Line::Malformed { http: false }) => return Ok(Ok(None)),
                 Some(Line::TooLong) => {
                     write(s, self.replies.too_long).await?;
                     return Ok(Err(CloseReason::LineTooLong));
@@ -242,8 +244,8 @@ mod tests {
         let mut r = LineReader::new(16);
         r.push(b"NOOP\r\nA\nB\rC\r\nPARTIAL");
         assert_eq!(r.next_line(), Some(Line::Ok(b"NOOP".to_vec())));
-        assert_eq!(r.next_line(), Some(Line::Malformed));
-        assert_eq!(r.next_line(), Some(Line::Malformed));
+        assert_eq!(r.next_line(), Some(Line::Malformed { http: false }));
+        assert_eq!(r.next_line(), Some(Line::Malformed { http: false }));
         assert_eq!(r.next_line(), None);
         assert!(r.has_buffered());
         r.push(&[b'x'; 20]);

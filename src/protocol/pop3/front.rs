@@ -328,9 +328,11 @@ mod tests {
         let (out, ev) = run(vec![long]);
         assert!(out.ends_with("-ERR Line too long.\r\n"));
         assert_eq!(ev, vec!["closed line_too_long"]);
-        let (out, ev) = run(vec![b"GET / HTTP/1.1\r\n".to_vec()]);
-        assert_eq!(out, "+OK POP3 proxy ready.\r\n");
-        assert_eq!(ev, vec!["closed http_request"]);
+        for request in [&b"GET / HTTP/1.1\r\n"[..], b"GET / HTTP/1.0\nHost: x\n\n"] {
+            let (out, ev) = run(vec![request.to_vec()]);
+            assert_eq!(out, "+OK POP3 proxy ready.\r\n");
+            assert_eq!(ev, vec!["closed http_request"]);
+        }
     }
 
     proptest! {

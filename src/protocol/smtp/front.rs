@@ -385,9 +385,12 @@ mod tests {
         assert!(out.contains("550 5.7.0 Error: insufficient authorization\r\n"));
         assert!(out.contains("500 5.5.2 Error: command not recognized\r\n250 2.0.0 OK\r\n"));
         assert!(!out.contains("1.2.3.4") && !out.contains("FOO"));
-        let (out, ev) = run(vec![b"POST /x HTTP/1.1\r\n".to_vec()]);
-        assert_eq!(out, "220 proxy.example.test ESMTP ready\r\n");
-        assert_eq!(ev, vec!["closed http_request"]);
+        // Case 18, with CRLF or bare LF line ends alike: closed at once, nothing answered.
+        for request in [&b"POST /x HTTP/1.1\r\n"[..], b"GET / HTTP/1.0\nHost: x\n\n"] {
+            let (out, ev) = run(vec![request.to_vec()]);
+            assert_eq!(out, "220 proxy.example.test ESMTP ready\r\n");
+            assert_eq!(ev, vec!["closed http_request"]);
+        }
         let mut long = b"NOOP ".to_vec();
         long.extend(vec![b'a'; 600]);
         long.extend_from_slice(b"\r\n");
