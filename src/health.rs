@@ -27,6 +27,11 @@ const DISABLED_PROBE_INTERVAL: std::time::Duration = std::time::Duration::from_s
 /// this long after its last failure: no check would ever mark it up, only a session that logs in.
 pub const RETRY_UNCHECKED: Duration = Duration::from_secs(30);
 
+/// A backend whose active checks have said down for this long is no longer tried as a pool's
+/// last resort: logins fail at once instead of waiting out its connect timeout each time
+/// (reliability case 65; Dovecot's `PROXY_IMMEDIATE_FAILURE_SECS` is the same 30 s).
+pub const FAIL_FAST_AFTER: Duration = Duration::from_secs(30);
+
 #[derive(Debug)]
 pub struct BackendHealth {
     up: AtomicBool,
@@ -35,6 +40,8 @@ pub struct BackendHealth {
     sessions: AtomicUsize,
     /// When the last failure while down happened.
     last_failure: Mutex<Option<tokio::time::Instant>>,
+    /// When it went down (None while up).
+    down_since: Mutex<Option<tokio::time::Instant>>,
     /// Sessions this backend ended while their clients were connected, in the current second:
     /// (second since start << 32) | count. See `SessionGuard::close_hold`.
     closes: AtomicU64,
@@ -70,6 +77,7 @@ impl BackendHealth {
             fail_streak: AtomicU32::new(0),
             sessions: AtomicUsize::new(0),
             last_failure: Mutex::new(None),
+            down_since: Mutex::new(None),
             closes: AtomicU64::new(0),
             identity,
             configured: AtomicU8::new(0),
@@ -142,6 +150,13 @@ impl HealthTable {
         !backend.health.enabled && last.is_none_or(|t| t.elapsed() >= RETRY_UNCHECKED)
     }
 
+    /// Down by its active checks for `FAIL_FAST_AFTER` or more: not worth a login's wait.
+    pub fn long_down(&self, backend: &Backend) -> bool {
+        let Some(h) = self.get(&backend.name) else { return false };
+        let since = *h.down_since.lock().unwrap_or_else(|e| e.into_inner());
+        backend.health.enabled && !h.up.load(Ordering::Relaxed) && since.is_some_and(|t| t.elapsed() >= FAIL_FAST_AFTER)
+    }
+
     pub fn sessions(&self, name: &str) -> usize {
         self.get(name).map_or(0, |h| h.sessions.load(Ordering::Relaxed))
     }
@@ -160,6 +175,7 @@ impl HealthTable {
         // A real login is proof enough; checks need `rise` in a row.
         let enough = matches!(source, Source::Session) || streak >= rise;
         if enough && !h.up.swap(true, Ordering::Relaxed) {
+            *h.down_since.lock().unwrap_or_else(|e| e.into_inner()) = None;
             tracing::info!(backend = %backend.name, source = ?source, "backend is up");
         }
     }
@@ -169,8 +185,10 @@ impl HealthTable {
         h.ok_streak.store(0, Ordering::Relaxed);
         let streak = h.fail_streak.fetch_add(1, Ordering::Relaxed) + 1;
         if streak >= fall {
-            *h.last_failure.lock().unwrap_or_else(|e| e.into_inner()) = Some(tokio::time::Instant::now());
+            let now = tokio::time::Instant::now();
+            *h.last_failure.lock().unwrap_or_else(|e| e.into_inner()) = Some(now);
             if h.up.swap(false, Ordering::Relaxed) {
+                *h.down_since.lock().unwrap_or_else(|e| e.into_inner()) = Some(now);
                 tracing::warn!(backend = %backend.name, source = ?source, reason = why, failures = streak, "backend is down");
             }
         }

@@ -103,7 +103,8 @@ fn lookup<'a>(table: &'a RouteTable, user: &str, domain: Option<&str>, protocol:
 ///
 /// With failover: disabled and draining backends are left out, healthy ones come first in
 /// rendezvous order, full ones (max_sessions) after them, backends marked down last (a last
-/// resort if health is stale). Without failover the user's mailbox lives on exactly one backend:
+/// resort if health is stale), except those their active checks have said down for
+/// `FAIL_FAST_AFTER`: with every backend long down, a login fails at once. Without failover the user's mailbox lives on exactly one backend:
 /// the first non-disabled one in rendezvous order, draining or not, and nothing else.
 pub fn plan(target: &Target, protocol: Protocol, user: &str, health: &HealthTable) -> Route {
     // The stricter of the session's snapshot and the running config: a session greeted before
@@ -117,7 +118,9 @@ pub fn plan(target: &Target, protocol: Protocol, user: &str, health: &HealthTabl
     } else {
         let (mut good, mut full, mut down) = (Vec::new(), Vec::new(), Vec::new());
         for b in ordered.into_iter().filter(|b| state(b) == BackendState::Up) {
-            if !health.usable(&b) {
+            if health.long_down(&b) {
+                continue;
+            } else if !health.usable(&b) {
                 down.push(b);
             } else if b.max_sessions > 0 && health.sessions(&b.name) >= b.max_sessions as usize {
                 full.push(b);

@@ -253,3 +253,60 @@ default = "new"
         assert_eq!(t.name(), "new", "{rule}");
     }
 }
+
+/// Reliability case 65: a pool's backend that its checks have said down for 30 s is no longer
+/// a last resort, so with every backend long down a login fails at once instead of waiting out
+/// each one's connect timeout. One down for less than that is still tried, last.
+#[tokio::test(start_paused = true)]
+async fn backends_long_down_are_not_tried() {
+    use portcullis::health::{FAIL_FAST_AFTER, HealthTable, Source};
+    let cfg = r#"
+[auth]
+source = "backend"
+[[backend]]
+name = "a"
+address = "127.0.0.1:1"
+[[backend]]
+name = "b"
+address = "127.0.0.1:2"
+[[backend]]
+name = "c"
+address = "127.0.0.1:3"
+health = { enabled = false }
+[[pool]]
+name = "p"
+backends = ["a", "b", "c"]
+[[pool]]
+name = "q"
+backends = ["a", "b"]
+[routing]
+default = "p"
+users = { "q@example.test" = "q" }
+"#;
+    let config = portcullis::config::Config::parse(std::path::Path::new("/t.toml"), cfg).unwrap();
+    let health = HealthTable::default();
+    let names = |user: &str, health: &HealthTable| {
+        let t = portcullis::route::target(&config, Protocol::Imap, user, &[]).unwrap();
+        let mut n: Vec<String> = portcullis::route::plan(&t, Protocol::Imap, user, health)
+            .candidates
+            .iter()
+            .map(|b| b.name.clone())
+            .collect();
+        n.sort();
+        n
+    };
+    let (a, b, c) = (&config.backends["a"], &config.backends["b"], &config.backends["c"]);
+    for backend in [a, b, c] {
+        health.failure(backend, Source::Check, 1, "connect");
+    }
+    assert_eq!(names("u@example.test", &health), ["a", "b", "c"], "down, but still the last resort");
+    assert_eq!(names("q@example.test", &health), ["a", "b"]);
+    tokio::time::advance(FAIL_FAST_AFTER).await;
+    assert!(names("q@example.test", &health).is_empty(), "every backend long down: nothing to wait for");
+    // c has no active checks (only a login can mark it up): it stays in the plan.
+    health.failure(c, Source::Session, 1, "connect");
+    assert_eq!(names("u@example.test", &health), ["c"]);
+    // Up again by its checks: back in the plan.
+    health.success(a, Source::Check, 1);
+    assert_eq!(names("q@example.test", &health), ["a"]);
+}
