@@ -118,10 +118,10 @@ pub fn plan(target: &Target, protocol: Protocol, user: &str, health: &HealthTabl
     } else {
         let (mut good, mut full, mut down) = (Vec::new(), Vec::new(), Vec::new());
         for b in ordered.into_iter().filter(|b| state(b) == BackendState::Up) {
-            if health.long_down(&b) {
-                continue;
-            } else if !health.usable(&b) {
-                down.push(b);
+            if !health.usable(&b) {
+                if !health.long_down(&b) {
+                    down.push(b);
+                }
             } else if b.max_sessions > 0 && health.sessions(&b.name) >= b.max_sessions as usize {
                 full.push(b);
             } else {
