@@ -179,7 +179,11 @@ impl Direction {
                     self.buf = None;
                     return Poll::Pending;
                 }
-                Poll::Ready(Err(e)) => return Poll::Ready(Err((Side::Reader, e))),
+                Poll::Ready(Err(e)) => {
+                    // Nothing more moves this way (a held client may wait long after).
+                    self.buf = None;
+                    return Poll::Ready(Err((Side::Reader, e)));
+                }
                 Poll::Ready(Ok(())) => {
                     let n = rb.filled().len();
                     if n == 0 {
@@ -346,6 +350,10 @@ impl<C: ?Sized, B: ?Sized> Relay<'_, C, B> {
         }
         self.held_end = Some(end);
         self.down.read_done = true;
+        // Held, a client only waits: no copy buffer either way (the backend has gone, and
+        // what the client sends now is read into a scratch buffer and dropped).
+        self.down.buf = None;
+        self.up.buf = None;
         let until = Instant::now() + hold;
         self.sleep.as_mut().reset(self.max_end.map_or(until, |m| m.min(until)));
         true
@@ -752,6 +760,51 @@ mod tests {
             assert_eq!(task.await.unwrap(), RelayEnd::Closed);
             assert_eq!(start.elapsed(), Duration::from_secs(ends), "hold {hold}s, grace {grace}s");
         }
+    }
+
+    /// A backend that fails (a read error, as a TLS backend's close without close_notify is)
+    /// holds its client like one that closes, and the held session keeps no copy buffer: with
+    /// thousands of sessions held after a backend crash (case 74) they would add up.
+    #[tokio::test(start_paused = true)]
+    async fn a_session_held_after_a_backend_error_keeps_no_buffer() {
+        struct Failing;
+        impl AsyncRead for Failing {
+            fn poll_read(self: Pin<&mut Self>, _: &mut Context<'_>, _: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+                Poll::Ready(Err(io::ErrorKind::UnexpectedEof.into()))
+            }
+        }
+        impl AsyncWrite for Failing {
+            fn poll_write(self: Pin<&mut Self>, _: &mut Context<'_>, b: &[u8]) -> Poll<io::Result<usize>> {
+                Poll::Ready(Ok(b.len()))
+            }
+            fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+                Poll::Ready(Ok(()))
+            }
+            fn poll_shutdown(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+                Poll::Ready(Ok(()))
+            }
+        }
+        let (_client_app, mut client) = duplex(1024);
+        let mut backend = Failing;
+        let mut r = Relay {
+            client: &mut client,
+            backend: &mut backend,
+            up: Direction::default(),
+            down: Direction { hold_close: true, bulk: true, ..Direction::default() },
+            hold: Some(Box::new(|| Duration::from_secs(60))),
+            held_end: None,
+            up_failed: false,
+            idle: Duration::from_secs(1800),
+            sleep: Box::pin(tokio::time::sleep(Duration::from_secs(1800))),
+            max_end: None,
+            stopping: false,
+            cancelled: None,
+            grace: Duration::ZERO,
+            meters: Meters::default(),
+        };
+        assert!(tokio::time::timeout(Duration::from_secs(1), &mut r).await.is_err(), "held, not ended");
+        assert_eq!(r.held_end, Some(RelayEnd::BackendError));
+        assert!(r.down.buf.is_none() && r.up.buf.is_none());
     }
 
     /// Reliability case 50 after login: the guard's cut is where the relay stops writing, and
