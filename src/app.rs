@@ -114,6 +114,15 @@ impl SocketKey {
 
 /// Build the runtime pieces for a config (also used by `portcullis check`).
 pub fn build_runtime(config: Config, tls: &TlsShared) -> Result<Runtime, ConfigError> {
+    if let Some(cap) = crate::limits::descriptor_cap()
+        && config.limits.max_connections > cap
+    {
+        tracing::warn!(
+            max_connections = config.limits.max_connections,
+            sessions_the_descriptor_limit_allows = cap,
+            "max_connections is above what the open-file limit allows (two descriptors a session): raise LimitNOFILE or lower max_connections"
+        );
+    }
     let mut server_tls = HashMap::new();
     let mut client_auth = HashMap::new();
     let suites_error =

@@ -25,6 +25,11 @@ pub const MAX_BACKEND_LINE: usize = 64 * 1024;
 pub enum BackendError {
     #[error("connect failed: {0}")]
     Connect(io::Error),
+    /// This host, not the backend, is out of something a connection needs: file descriptors
+    /// (`EMFILE`, `ENFILE`), memory or socket buffers, or local ports. Never counted against the
+    /// backend's health: a descriptor flood on the proxy would otherwise mark its backends down.
+    #[error("no local resources to connect: {0}")]
+    Local(io::Error),
     #[error("TLS failed: {0}")]
     Tls(io::Error),
     #[error("I/O error: {0}")]
@@ -57,6 +62,7 @@ impl BackendError {
     pub fn reason(&self) -> &'static str {
         match self {
             BackendError::Connect(_) => "connect",
+            BackendError::Local(_) => "local_resources",
             BackendError::Tls(_) => "tls",
             BackendError::Io(_) => "io",
             BackendError::Protocol(_) => "protocol",
@@ -167,7 +173,7 @@ async fn connect_inner(
     let mut tcp = tokio::time::timeout(timeout, connect)
         .await
         .map_err(|_| BackendError::Connect(io::ErrorKind::TimedOut.into()))?
-        .map_err(BackendError::Connect)?;
+        .map_err(connect_error)?;
     if literal.is_none() && tcp.peer_addr().is_ok_and(here) {
         return Err(LOOP);
     }
@@ -187,6 +193,15 @@ async fn connect_inner(
     match backend.transport {
         Transport::Tls => Ok(MaybeTls::Tls(Box::new(tls_connect(backend, tls, tcp).await?))),
         Transport::Plain | Transport::StartTls => Ok(MaybeTls::Plain(tcp)),
+    }
+}
+
+/// A failed connect: the backend's, or this host's own shortage (Linux error numbers: ENOMEM 12,
+/// ENFILE 23, EMFILE 24, EADDRNOTAVAIL 99 for no free local port, ENOBUFS 105).
+fn connect_error(e: io::Error) -> BackendError {
+    match e.raw_os_error() {
+        Some(12 | 23 | 24 | 99 | 105) => BackendError::Local(e),
+        _ => BackendError::Connect(e),
     }
 }
 
@@ -256,4 +271,24 @@ impl Lines {
 
 pub fn starts_with_ci(s: &[u8], prefix: &[u8]) -> bool {
     s.len() >= prefix.len() && s[..prefix.len()].eq_ignore_ascii_case(prefix)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A connect that fails for want of descriptors, memory or local ports is this host's
+    /// shortage, never the backend's (not counted against its health); a refused or timed-out
+    /// connect is the backend's.
+    #[test]
+    fn local_shortages_are_told_apart_from_backend_failures() {
+        for errno in [12, 23, 24, 99, 105] {
+            assert!(matches!(connect_error(io::Error::from_raw_os_error(errno)), BackendError::Local(_)), "{errno}");
+        }
+        for e in [io::Error::from_raw_os_error(111), io::Error::from_raw_os_error(113), io::ErrorKind::TimedOut.into()]
+        {
+            assert!(matches!(connect_error(e), BackendError::Connect(_)));
+        }
+        assert_eq!(BackendError::Local(io::Error::from_raw_os_error(24)).reason(), "local_resources");
+    }
 }

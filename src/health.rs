@@ -332,6 +332,10 @@ pub async fn run_checks(
                 crate::metrics::metrics().health_checks.with_label_values(&[backend.label(), outcome]).inc();
                 match result {
                     Ok(()) => table.success(&backend, Source::Check, hs.rise),
+                    // The proxy's own shortage (descriptors, ports) says nothing of the backend.
+                    Err(e @ BackendError::Local(_)) => {
+                        tracing::warn!(backend = %backend.name, error = %e, "health check could not connect: out of local resources");
+                    }
                     Err(e) => {
                         tracing::debug!(backend = %backend.name, error = %e, "health check failed");
                         table.failure(&backend, Source::Check, hs.fall, e.reason());

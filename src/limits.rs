@@ -27,6 +27,36 @@ use tokio::time::Instant;
 
 use crate::config::{Cidr, ThrottleSettings};
 
+/// Descriptors kept back from sessions for everything else the process opens: listening
+/// sockets, the admin server, health checks, the auth service, files read at a reload.
+const RESERVED_DESCRIPTORS: usize = 256;
+
+/// The most sessions this process's descriptor limit allows (each holds two: the client's
+/// connection and the backend's), from `/proc/self/limits`; None when unlimited or unknown.
+pub fn descriptor_cap() -> Option<usize> {
+    static CAP: std::sync::OnceLock<Option<usize>> = std::sync::OnceLock::new();
+    *CAP.get_or_init(|| {
+        let limits = std::fs::read_to_string("/proc/self/limits").ok()?;
+        parse_descriptor_cap(&limits)
+    })
+}
+
+fn parse_descriptor_cap(limits: &str) -> Option<usize> {
+    let line = limits.lines().find_map(|l| l.strip_prefix("Max open files"))?;
+    let soft: usize = line.split_whitespace().next()?.parse().ok()?;
+    Some((soft.saturating_sub(RESERVED_DESCRIPTORS) / 2).max(1))
+}
+
+/// `max_connections` as applied: the configured cap, or with none (0) the descriptor cap, so a
+/// connection flood is refused at accept (counted, with the protocol's reply) instead of
+/// running the process out of descriptors, where its logins could reach no backend.
+pub fn effective_max_connections(configured: usize) -> usize {
+    match (configured, descriptor_cap()) {
+        (0, Some(cap)) => cap,
+        (n, _) => n,
+    }
+}
+
 /// Passwords remembered per key to recognise a client retrying the same wrong one.
 const RECENT_PASSWORDS: usize = 10;
 
@@ -524,6 +554,22 @@ mod tests {
         assert_eq!(t.check(&s, attacker, Some("someone-else")), Decision::Blocked);
         // Another address is untouched, and the victims' own counters hold one failure each.
         assert_eq!(t.check(&s, ip("198.51.100.10"), Some("victim0")), Decision::Allow { delay: Duration::ZERO });
+    }
+
+    /// Reliability case 57: with no `max_connections` set, the open-file limit sets it (two
+    /// descriptors a session, some kept back), so a flood is refused at accept rather than
+    /// leaving logins without a descriptor for their backend connection.
+    #[test]
+    fn the_descriptor_limit_caps_connections_when_nothing_else_does() {
+        let limits = "Limit                     Soft Limit           Hard Limit           Units     \n\
+                      Max cpu time              unlimited            unlimited            seconds   \n\
+                      Max open files            20000                20000                files     \n";
+        assert_eq!(parse_descriptor_cap(limits), Some((20000 - 256) / 2));
+        assert_eq!(parse_descriptor_cap(&limits.replace("20000  ", "unlimited")), None);
+        assert_eq!(parse_descriptor_cap("Max open files 100 100 files"), Some(1));
+        // This process: whatever its limit, a configured cap is kept as it is.
+        assert_eq!(effective_max_connections(5), 5);
+        assert_eq!(effective_max_connections(0), descriptor_cap().unwrap_or(0));
     }
 
     #[tokio::test(start_paused = true)]

@@ -106,7 +106,7 @@ pub async fn run(mut ctx: SessionCtx, mut tcp: TcpStream) {
     let _slot = match ctx.connections.acquire(
         &ctx.listener.name,
         client_key,
-        limits.max_connections,
+        crate::limits::effective_max_connections(limits.max_connections),
         limits.max_connections_per_listener,
         limits.max_connections_per_ip,
     ) {
@@ -786,6 +786,12 @@ async fn login_inner(
                 // against the backend (a client could otherwise mark a pool down at will).
                 tracing::info!(session = %ctx.id, backend = %backend.name, temporary, "backend refused the client's EHLO name");
                 return Err(LoginError::ClientRefused { temporary });
+            }
+            Err(e @ BackendError::Local(_)) => {
+                // Out of descriptors or ports here: no backend would fare better, and none is
+                // to blame (a connection flood on the proxy must not mark its backends down).
+                tracing::warn!(session = %ctx.id, backend = %backend.name, error = %e, "cannot connect to the backend: out of local resources");
+                return Err(LoginError::Unavailable("backend_unavailable"));
             }
             Err(e @ BackendError::LoginRefused) => {
                 // Maybe the user's own condition (Dovecot's per-user connection limit): the next
