@@ -28,7 +28,8 @@ use tokio::time::Instant;
 use crate::config::{Cidr, ThrottleSettings};
 
 /// Descriptors kept back from sessions for everything else the process opens: listening
-/// sockets, the admin server, health checks, the auth service, files read at a reload.
+/// sockets, the admin server, health checks, the auth service, files read at a reload (an
+/// eighth of the limit where that is less).
 const RESERVED_DESCRIPTORS: usize = 256;
 
 /// The most sessions this process's descriptor limit allows (each holds two: the client's
@@ -44,7 +45,7 @@ pub fn descriptor_cap() -> Option<usize> {
 fn parse_descriptor_cap(limits: &str) -> Option<usize> {
     let line = limits.lines().find_map(|l| l.strip_prefix("Max open files"))?;
     let soft: usize = line.split_whitespace().next()?.parse().ok()?;
-    Some((soft.saturating_sub(RESERVED_DESCRIPTORS) / 2).max(1))
+    Some((soft.saturating_sub(RESERVED_DESCRIPTORS.min(soft / 8)) / 2).max(1))
 }
 
 /// `max_connections` as applied: the configured cap, or with none (0) the descriptor cap, so a
@@ -566,7 +567,8 @@ mod tests {
                       Max open files            20000                20000                files     \n";
         assert_eq!(parse_descriptor_cap(limits), Some((20000 - 256) / 2));
         assert_eq!(parse_descriptor_cap(&limits.replace("20000  ", "unlimited")), None);
-        assert_eq!(parse_descriptor_cap("Max open files 100 100 files"), Some(1));
+        assert_eq!(parse_descriptor_cap("Max open files 1024 4096 files"), Some((1024 - 128) / 2));
+        assert_eq!(parse_descriptor_cap("Max open files 1 1 files"), Some(1));
         // This process: whatever its limit, a configured cap is kept as it is.
         assert_eq!(effective_max_connections(5), 5);
         assert_eq!(effective_max_connections(0), descriptor_cap().unwrap_or(0));
