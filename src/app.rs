@@ -81,6 +81,9 @@ pub struct App {
     /// Cancelled once at shutdown: stops accept loops and pre-auth sessions.
     shutdown: CancellationToken,
     next_session: AtomicU64,
+    /// The longest `shutdown_grace` any session was accepted with, in milliseconds: each keeps
+    /// the grace of its config, so shutdown waits for the longest (a reload may have lowered it).
+    longest_grace_ms: AtomicU64,
     started: u64,
     /// SMTP extensions each backend announces (outside the snapshot: learned, not configured).
     ehlo: Arc<EhloCache>,
@@ -230,6 +233,7 @@ impl App {
             sessions: TaskTracker::new(),
             shutdown: CancellationToken::new(),
             next_session: AtomicU64::new(1),
+            longest_grace_ms: AtomicU64::new(0),
             started,
             ehlo: Arc::new(EhloCache::default()),
             health: Arc::new(HealthTable::default()),
@@ -558,6 +562,7 @@ impl App {
             let runtime = self.runtime.load_full();
             let Some(listener) = runtime.config.listener(&name).cloned() else { continue };
             let grace = runtime.config.limits.shutdown_grace;
+            self.longest_grace_ms.fetch_max(u64::try_from(grace.as_millis()).unwrap_or(u64::MAX), Ordering::Relaxed);
             // A `[::]` listener sees IPv4 clients as `::ffff:a.b.c.d`: logs, limits and what
             // backends are told use the plain IPv4 address.
             let (peer, local) = canonical_pair(peer, tcp.local_addr().unwrap_or(peer));
@@ -627,9 +632,10 @@ impl App {
     /// Stop accepting, let pre-auth sessions say goodbye, and wait up to the grace period for
     /// relayed sessions to end.
     pub async fn shutdown(&self) {
-        // Relayed sessions say goodbye themselves when the grace period is over; allow them a
-        // moment more to do it.
-        let grace = self.runtime.load().config.limits.shutdown_grace + std::time::Duration::from_secs(2);
+        // Relayed sessions say goodbye themselves when their grace period is over (the one of the
+        // config they were accepted under); allow them a moment more to do it.
+        let longest = std::time::Duration::from_millis(self.longest_grace_ms.load(Ordering::Relaxed));
+        let grace = self.runtime.load().config.limits.shutdown_grace.max(longest) + std::time::Duration::from_secs(2);
         {
             // A reload in progress finishes first, and none starts after (it would bind and put
             // listening sockets back).

@@ -213,6 +213,28 @@ async fn shutdown_says_bye_to_clients_still_logging_in() {
     assert!(refused(port));
 }
 
+/// Each session keeps the grace of the config it was accepted under; shutdown waits for the
+/// longest of them, not just the current config's (a reload that lowered it used to let the
+/// process end, and cut off a session that still had grace left, without its goodbye; case 80).
+#[tokio::test]
+async fn shutdown_waits_out_the_grace_of_sessions_from_before_a_reload() {
+    let backend = FakeBackend::start(Behaviour::Normal).await;
+    let proxy = Proxy::start(&plain_config(backend.addr, "shutdown_grace = \"3s\""), USERS).await;
+    let mut relayed = login(proxy.addr("plain")).await;
+    write_file(&proxy.config_path(), &plain_config(backend.addr, "shutdown_grace = \"100ms\""));
+    assert_eq!(proxy.app.reload(false).await.unwrap(), portcullis::app::Reloaded::Applied);
+    let app = proxy.app.clone();
+    let started = tokio::time::Instant::now();
+    let done = tokio::spawn(async move { app.shutdown().await });
+    // The old session works on through its own 3 s, then hears the goodbye, and only then
+    // does shutdown finish.
+    tokio::time::sleep(std::time::Duration::from_millis(2500)).await;
+    still_works(&mut relayed, "r").await;
+    assert!(!done.is_finished(), "shutdown returned after {:?}", started.elapsed());
+    assert_eq!(relayed.line().await, "* BYE Server shutting down.\r\n");
+    tokio::time::timeout(std::time::Duration::from_secs(3), done).await.unwrap().unwrap();
+}
+
 /// A reload that changes `[acme]` restarts the ACME manager on the same HTTP-01 port: the old
 /// responder lets go of it before the new one binds (before, the bind failed and ACME stayed
 /// off until a restart).
