@@ -560,7 +560,17 @@ impl App {
         loop {
             let Some((tcp, peer)) = accept(&socket, &mut backoff, &token, &name).await else { return };
             let runtime = self.runtime.load_full();
-            let Some(listener) = runtime.config.listener(&name).cloned() else { continue };
+            // A reload that renamed the listener on this address swaps the config before it
+            // stops this loop: a client accepted in between goes to the listener now bound here.
+            let bound = socket.local_addr().ok();
+            let Some(listener) = runtime
+                .config
+                .listener(&name)
+                .or_else(|| runtime.config.listeners.iter().find(|l| bound.is_some_and(|a| l.bind.contains(&a))))
+                .cloned()
+            else {
+                continue;
+            };
             let grace = runtime.config.limits.shutdown_grace;
             self.longest_grace_ms.fetch_max(u64::try_from(grace.as_millis()).unwrap_or(u64::MAX), Ordering::Relaxed);
             // A `[::]` listener sees IPv4 clients as `::ffff:a.b.c.d`: logs, limits and what
@@ -765,6 +775,7 @@ pub(crate) async fn accept(
 ) -> Option<(tokio::net::TcpStream, std::net::SocketAddr)> {
     loop {
         let accepted = tokio::select! {
+            biased;
             _ = stop.cancelled() => return None,
             r = socket.accept() => r,
         };
