@@ -1243,6 +1243,9 @@ impl Validator<'_> {
 
     fn tls(&self, t: &file::TlsFile) -> Result<TlsSettings, ConfigError> {
         let mut certificates = Vec::new();
+        // Which certificate each name is served from: only one is (the first), so a second
+        // would never be, and the expiry alert would watch the wrong one.
+        let mut owner: HashMap<String, usize> = HashMap::new();
         for (i, c) in t.certificates.iter().enumerate() {
             let mut names = Vec::new();
             for n in &c.names {
@@ -1255,6 +1258,16 @@ impl Validator<'_> {
                         format!("{:?} is not a DNS name", n.get_ref()),
                     ));
                 }
+                if let Some(first) = owner.get(&name).filter(|first| **first != i) {
+                    return Err(self.err(
+                        Some(n.span()),
+                        format!("tls.certificate[{i}].names"),
+                        format!(
+                            "{name:?} is already served by tls.certificate[{first}]: one certificate per name (keep the one to serve)"
+                        ),
+                    ));
+                }
+                owner.insert(name.clone(), i);
                 names.push(name);
             }
             if names.is_empty() && !c.default {
@@ -2729,6 +2742,27 @@ login_timeout = "5s"
         let e = parse(&tls(true, "")).unwrap_err();
         assert_eq!(e.field, "tls.certificate[0].names");
         assert!(parse(&tls(true, "names = [\"mail.example.org\"]")).unwrap().tls.strict_sni);
+    }
+
+    /// Only one certificate is served for a name: a second listing it (an RSA one beside an
+    /// ECDSA one, a renewed one added below the old) would never be, and the expiry gauge named
+    /// after it would report the wrong certificate. Refused at the second's line.
+    #[test]
+    fn a_name_in_two_certificates_is_refused() {
+        let cert = |names: &str| format!("[[tls.certificate]]\ncert = \"c.pem\"\nkey = \"c.key\"\nnames = [{names}]\n");
+        let text = format!(
+            "[tls]\n{}{}{BASE}",
+            cert("\"mail.example.org\", \"*.example.org\""),
+            cert("\"imap.example.org\", \"Mail.Example.org\"")
+        );
+        let e = parse(&text).unwrap_err();
+        assert_eq!(e.field, "tls.certificate[1].names", "{e}");
+        let line = text.lines().position(|l| l.contains("Mail.Example.org")).map(|i| i + 1);
+        assert_eq!(e.position.map(|p| p.0), line, "{e}");
+        assert!(e.message.contains("tls.certificate[0]"), "{e}");
+        // Different names, a name listed twice in one certificate: fine.
+        let ok = format!("[tls]\n{}{}{BASE}", cert("\"a.example.org\", \"a.example.org\""), cert("\"b.example.org\""));
+        parse(&ok).unwrap();
     }
 
     #[test]

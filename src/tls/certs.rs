@@ -34,6 +34,9 @@ pub struct CertMaps {
     wildcard: HashMap<String, Arc<CertifiedKey>>,
     default: Option<Arc<CertifiedKey>>,
     explicit_default: bool,
+    /// The default is the generated self-signed certificate (no configured one is): an issued
+    /// ACME certificate answers clients without SNI before it.
+    generated_default: bool,
     /// `tls.strict_sni`: an unknown name gets no certificate (the handshake fails).
     strict_sni: bool,
     /// What each configured pair was loaded from, to keep a good pair when its files break.
@@ -134,16 +137,23 @@ impl CertStore {
         self.acme.load().iter().find(|e| e.label == label).map(|e| e.key.clone())
     }
 
-    /// The ACME entry for `name`, and whether it is weak (see `AcmeEntry::weak`).
+    /// The ACME entry for `name`, and whether it is weak (see `AcmeEntry::weak`): the first
+    /// sound one that names it, exactly or by wildcard (exact first), else the first weak one.
+    /// A stand-in for a newly added name must not hide an issued wildcard that covers it.
     fn acme_lookup(&self, name: &str) -> Option<(Arc<CertifiedKey>, bool)> {
         let acme = self.acme.load();
         let parent = name.split_once('.').map(|(_, p)| p);
-        acme.iter()
-            .find(|e| e.names.iter().any(|n| n == name))
-            .or_else(|| {
-                acme.iter().find(|e| e.names.iter().any(|n| n.strip_prefix("*.").is_some_and(|p| Some(p) == parent)))
-            })
-            .map(|e| (e.key.clone(), e.weak()))
+        let exact = acme.iter().filter(|e| e.names.iter().any(|n| n == name));
+        let wildcard =
+            acme.iter().filter(|e| e.names.iter().any(|n| n.strip_prefix("*.").is_some_and(|p| Some(p) == parent)));
+        let mut first_weak = None;
+        for e in exact.chain(wildcard) {
+            if !e.weak() {
+                return Some((e.key.clone(), false));
+            }
+            first_weak.get_or_insert_with(|| (e.key.clone(), true));
+        }
+        first_weak
     }
 
     /// The certificate a handshake for `name` would get: an ACME one, else a configured one,
@@ -171,7 +181,15 @@ impl CertStore {
                 return None;
             }
         }
-        maps.default.clone().or_else(|| self.acme.load().first().map(|e| e.key.clone()))
+        let acme = self.acme.load();
+        if maps.default.is_none() || maps.generated_default {
+            // No configured default: an issued ACME certificate (the first configured) rather
+            // than a generated one, for clients that send no name or an address.
+            if let Some(e) = acme.iter().find(|e| !e.weak()) {
+                return Some(e.key.clone());
+            }
+        }
+        maps.default.clone().or_else(|| acme.first().map(|e| e.key.clone()))
     }
 }
 
@@ -218,6 +236,7 @@ fn build(settings: &TlsSettings, previous: Option<&CertMaps>) -> Result<CertMaps
             }
         };
         maps.loaded.insert(self_signed_key(&names), (bytes, ck.clone()));
+        maps.generated_default = maps.default.is_none();
         if let Some(t) = not_after(&ck) {
             maps.expiry.push(("self-signed".into(), t));
         }
@@ -349,9 +368,19 @@ default = "b"
         assert!(same(&store.lookup(Some("mail.example.test")).unwrap(), &issued));
         assert!(store.expiries().iter().any(|(l, _)| l == "mail.example.test"));
 
+        // No name (or an address): the issued ACME certificate, not the generated default.
+        assert!(same(&store.lookup(None).unwrap(), &issued));
+
         store.retain_acme(&["other.example.test"]);
         assert!(same(&store.lookup(Some("mail.example.test")).unwrap(), &configured));
         store.retain_acme(&[]);
         assert!(store.acme_certificate("other.example.test").is_none());
+        assert!(same(&store.lookup(None).unwrap(), &configured), "the generated default again");
+
+        // A stand-in for a newly added name gives way to an issued wildcard that covers it.
+        let wildcard = self_signed(&["*.example.test".to_string()]).unwrap();
+        store.install_acme("wild", &["*.example.test".into()], wildcard.clone(), false);
+        store.install_acme("new.example.test", &["new.example.test".into()], placeholder.clone(), true);
+        assert!(same(&store.lookup(Some("new.example.test")).unwrap(), &wildcard));
     }
 }
