@@ -226,8 +226,10 @@ fn build(settings: &TlsSettings, previous: Option<&CertMaps>) -> Result<CertMaps
     if !settings.self_signed_names.is_empty() {
         let names = settings.self_signed_names.clone();
         // Reuse the previous self-signed key if the names did not change: clients that pinned it
-        // keep working across reloads.
-        let cached = previous.and_then(|p| p.loaded.get(&self_signed_key(&names))).cloned();
+        // keep working across reloads. Not within 30 days of its end (a year after it was
+        // made): a process that runs that long makes a new one at a reload.
+        let fresh = |ck: &Arc<CertifiedKey>| not_after(ck).is_some_and(|t| t > crate::app::unix_now() + 30 * 86_400);
+        let cached = previous.and_then(|p| p.loaded.get(&self_signed_key(&names))).filter(|(_, ck)| fresh(ck)).cloned();
         let (bytes, ck) = match cached {
             Some(c) => c,
             None => {
@@ -311,12 +313,16 @@ fn read_pair(spec: &CertSpec) -> Result<(Vec<u8>, Arc<CertifiedKey>), CertError>
 
 /// A self-signed ECDSA P-256 certificate for `names`, for demos and first starts.
 pub fn self_signed(names: &[String]) -> Result<Arc<CertifiedKey>, CertError> {
+    // A year, like a real certificate, so expiry metrics and alerts mean something.
+    self_signed_for(names, 365)
+}
+
+fn self_signed_for(names: &[String], days: i64) -> Result<Arc<CertifiedKey>, CertError> {
     let err = |e: rcgen::Error| CertError::SelfSigned(e.to_string());
     let mut params = rcgen::CertificateParams::new(names.to_vec()).map_err(err)?;
-    // A year, like a real certificate, so expiry metrics and alerts mean something.
     let now = time::OffsetDateTime::now_utc();
     params.not_before = now - time::Duration::days(1);
-    params.not_after = now + time::Duration::days(365);
+    params.not_after = now + time::Duration::days(days);
     let signing_key = rcgen::KeyPair::generate().map_err(err)?;
     let cert = params.self_signed(&signing_key).map_err(err)?;
     let chain = vec![cert.der().clone()];
@@ -331,6 +337,32 @@ pub fn self_signed(names: &[String]) -> Result<Arc<CertifiedKey>, CertError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The generated self-signed certificate is kept across reloads (clients may have pinned
+    /// it), but not into its last 30 days: a process that runs for a year gets a new one.
+    #[test]
+    fn the_self_signed_certificate_is_renewed_before_it_ends() {
+        crate::tls::init_crypto();
+        let names = vec!["localhost".to_string()];
+        let settings = TlsSettings {
+            certificates: Vec::new(),
+            self_signed_names: names.clone(),
+            session_tickets: 1,
+            cipher_suites: Vec::new(),
+            strict_sni: false,
+        };
+        let first = build(&settings, None).unwrap();
+        let key = self_signed_key(&names);
+        let same = |a: &CertMaps, b: &CertMaps| a.loaded[&key].1.cert[0] == b.loaded[&key].1.cert[0];
+        let again = build(&settings, Some(&first)).unwrap();
+        assert!(same(&first, &again), "kept across a reload");
+        let mut ending = again;
+        let old = self_signed_for(&names, 10).unwrap();
+        ending.loaded.insert(key.clone(), (Vec::new(), old));
+        let renewed = build(&settings, Some(&ending)).unwrap();
+        assert!(!same(&ending, &renewed), "renewed 10 days before its end");
+        assert!(not_after(&renewed.loaded[&key].1).is_some_and(|t| t > crate::app::unix_now() + 300 * 86_400));
+    }
 
     /// ACME certificates win for their names, except a stand-in (before the CA has issued one)
     /// or an expired one, which give way to a configured certificate; a label no longer
