@@ -40,8 +40,9 @@ pub struct BackendHealth {
     sessions: AtomicUsize,
     /// When the last failure while down happened.
     last_failure: Mutex<Option<tokio::time::Instant>>,
-    /// When it went down (None while up).
-    down_since: Mutex<Option<tokio::time::Instant>>,
+    /// Since when its active checks have failed, past `fall`, with none passing since (None
+    /// while up, or once a check passes).
+    checks_down_since: Mutex<Option<tokio::time::Instant>>,
     /// Sessions this backend ended while their clients were connected, in the current second:
     /// (second since start << 32) | count. See `SessionGuard::close_hold`.
     closes: AtomicU64,
@@ -77,7 +78,7 @@ impl BackendHealth {
             fail_streak: AtomicU32::new(0),
             sessions: AtomicUsize::new(0),
             last_failure: Mutex::new(None),
-            down_since: Mutex::new(None),
+            checks_down_since: Mutex::new(None),
             closes: AtomicU64::new(0),
             identity,
             configured: AtomicU8::new(0),
@@ -150,10 +151,12 @@ impl HealthTable {
         !backend.health.enabled && last.is_none_or(|t| t.elapsed() >= RETRY_UNCHECKED)
     }
 
-    /// Down by its active checks for `FAIL_FAST_AFTER` or more: not worth a login's wait.
+    /// Down, and its active checks failing, for `FAIL_FAST_AFTER` or more: not worth a login's
+    /// wait. Not a backend only sessions marked down, nor one whose last check passed (on its
+    /// way back up): those stay a last resort.
     pub fn long_down(&self, backend: &Backend) -> bool {
         let Some(h) = self.get(&backend.name) else { return false };
-        let since = *h.down_since.lock().unwrap_or_else(|e| e.into_inner());
+        let since = *h.checks_down_since.lock().unwrap_or_else(|e| e.into_inner());
         backend.health.enabled && !h.up.load(Ordering::Relaxed) && since.is_some_and(|t| t.elapsed() >= FAIL_FAST_AFTER)
     }
 
@@ -171,11 +174,14 @@ impl HealthTable {
     pub fn success(&self, backend: &Backend, source: Source, rise: u32) {
         let h = self.entry(backend);
         h.fail_streak.store(0, Ordering::Relaxed);
+        if matches!(source, Source::Check) {
+            *h.checks_down_since.lock().unwrap_or_else(|e| e.into_inner()) = None;
+        }
         let streak = h.ok_streak.fetch_add(1, Ordering::Relaxed) + 1;
         // A real login is proof enough; checks need `rise` in a row.
         let enough = matches!(source, Source::Session) || streak >= rise;
         if enough && !h.up.swap(true, Ordering::Relaxed) {
-            *h.down_since.lock().unwrap_or_else(|e| e.into_inner()) = None;
+            *h.checks_down_since.lock().unwrap_or_else(|e| e.into_inner()) = None;
             tracing::info!(backend = %backend.name, source = ?source, "backend is up");
         }
     }
@@ -187,8 +193,10 @@ impl HealthTable {
         if streak >= fall {
             let now = tokio::time::Instant::now();
             *h.last_failure.lock().unwrap_or_else(|e| e.into_inner()) = Some(now);
+            if matches!(source, Source::Check) {
+                h.checks_down_since.lock().unwrap_or_else(|e| e.into_inner()).get_or_insert(now);
+            }
             if h.up.swap(false, Ordering::Relaxed) {
-                *h.down_since.lock().unwrap_or_else(|e| e.into_inner()) = Some(now);
                 tracing::warn!(backend = %backend.name, source = ?source, reason = why, failures = streak, "backend is down");
             }
         }

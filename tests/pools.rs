@@ -273,15 +273,21 @@ address = "127.0.0.1:2"
 name = "c"
 address = "127.0.0.1:3"
 health = { enabled = false }
+[[backend]]
+name = "d"
+address = "127.0.0.1:4"
 [[pool]]
 name = "p"
 backends = ["a", "b", "c"]
 [[pool]]
 name = "q"
 backends = ["a", "b"]
+[[pool]]
+name = "r"
+backends = ["d"]
 [routing]
 default = "p"
-users = { "q@example.test" = "q" }
+users = { "q@example.test" = "q", "r@example.test" = "r" }
 "#;
     let config = portcullis::config::Config::parse(std::path::Path::new("/t.toml"), cfg).unwrap();
     let health = HealthTable::default();
@@ -295,18 +301,24 @@ users = { "q@example.test" = "q" }
         n.sort();
         n
     };
-    let (a, b, c) = (&config.backends["a"], &config.backends["b"], &config.backends["c"]);
+    let (a, b, c, d) = (&config.backends["a"], &config.backends["b"], &config.backends["c"], &config.backends["d"]);
     for backend in [a, b, c] {
         health.failure(backend, Source::Check, 1, "connect");
     }
+    // d is marked down by failed logins only (a blip), its checks have not failed.
+    health.failure(d, Source::Session, 1, "connect");
     assert_eq!(names("u@example.test", &health), ["a", "b", "c"], "down, but still the last resort");
     assert_eq!(names("q@example.test", &health), ["a", "b"]);
     tokio::time::advance(FAIL_FAST_AFTER).await;
     assert!(names("q@example.test", &health).is_empty(), "every backend long down: nothing to wait for");
+    assert_eq!(names("r@example.test", &health), ["d"], "down by sessions only: still a last resort");
     // c has no active checks (only a login can mark it up): it stays in the plan.
     health.failure(c, Source::Session, 1, "connect");
     assert_eq!(names("u@example.test", &health), ["c"]);
-    // Up again by its checks: back in the plan.
+    // One passing check (rise is 2): not up yet, but a last resort again.
+    health.success(b, Source::Check, 2);
+    assert_eq!(names("q@example.test", &health), ["b"]);
+    // Up again by its checks: first in the plan.
     health.success(a, Source::Check, 1);
-    assert_eq!(names("q@example.test", &health), ["a"]);
+    assert_eq!(names("q@example.test", &health), ["a", "b"]);
 }
