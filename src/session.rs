@@ -612,7 +612,14 @@ async fn login(
     let result = login_inner(ctx, mechanism, creds, attempt, tls, hints).await;
     let s = &rt.config.throttle;
     match &result {
-        Ok((_, user, _, _, _)) => ctx.throttle.success(s, ip, user),
+        Ok((_, user, _, _, _)) => {
+            ctx.throttle.success(s, ip, user);
+            // Failures were counted under the name the client gave; an auth service may have
+            // answered with another (Auth-User).
+            if let Some(typed) = throttle_user.as_deref().filter(|t| t != user) {
+                ctx.throttle.success(s, ip, typed);
+            }
+        }
         Err(LoginError::Bad { user, .. } | LoginError::Denied { user, .. }) => {
             ctx.throttle.failure(s, ip, user.as_deref().or(throttle_user.as_deref()), fingerprint)
         }
@@ -788,10 +795,10 @@ async fn login_inner(
                 return Err(LoginError::ClientRefused { temporary });
             }
             Err(e @ BackendError::Local(_)) => {
-                // Out of descriptors or ports here: no backend would fare better, and none is
-                // to blame (a connection flood on the proxy must not mark its backends down).
+                // Out of descriptors, memory or ports here: not the backend's fault (a connection
+                // flood on the proxy must not mark its backends down). The next one is tried: no
+                // free local port is a shortage toward one destination only.
                 tracing::warn!(session = %ctx.id, backend = %backend.name, error = %e, "cannot connect to the backend: out of local resources");
-                return Err(LoginError::Unavailable("backend_unavailable"));
             }
             Err(e @ BackendError::LoginRefused) => {
                 // Maybe the user's own condition (Dovecot's per-user connection limit): the next

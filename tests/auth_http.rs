@@ -252,3 +252,34 @@ async fn second_url_answers_when_the_first_is_down() {
     c.send(b"a LOGIN direct@example.test pw\r\n").await;
     assert!(c.until_tagged("a").await.last().unwrap().starts_with("a OK"));
 }
+
+/// Reliability case 44 with an auth service that renames the user (`Auth-User`): the failures
+/// were counted under the name the client gave, and a correct login takes them back from the
+/// address's count although the session goes on under the service's name.
+#[tokio::test]
+async fn a_login_renamed_by_the_service_takes_back_its_own_failures() {
+    let pooled = FakeBackend::start(Behaviour::Normal).await;
+    let (auth, _) = auth_service(answers(1)).await;
+    let cfg = config(auth, pooled.addr, "")
+        + "\n[throttle]\nenabled = true\npenalty_after = 100\nblock_after = 3\nuser_block_after = 100\n";
+    let proxy = Proxy::start(&cfg, "").await;
+    // The service's refusal closes the connection (no Auth-Wait): one attempt per connection.
+    let attempt = |user: &'static str, pass: &'static str| {
+        let addr = proxy.addr("plain");
+        async move {
+            let mut c = Client::connect(addr).await;
+            c.line().await;
+            c.send(format!("a LOGIN {user} \"{pass}\"\r\n").as_bytes()).await;
+            c.until_tagged("a").await.last().unwrap().clone()
+        }
+    };
+    for pass in ["typo1", "typo2"] {
+        assert_eq!(attempt("pooled@example.test", pass).await, "a NO Invalid login or password\r\n");
+    }
+    assert!(attempt("pooled@example.test", "p w%\u{e9}").await.starts_with("a OK"));
+    // Failures for someone else: with the two typos still counted, the address would reach
+    // block_after (3) after the first and the second would be refused as throttled.
+    for pass in ["guess1", "guess2"] {
+        assert_eq!(attempt("other@example.test", pass).await, "a NO Invalid login or password\r\n", "{pass}");
+    }
+}
