@@ -99,7 +99,7 @@ impl std::fmt::Debug for AuthHttp {
 /// A service URL as logs and errors show it: without its query string or fragment, where a
 /// token may be (`https://auth.example/check?key=...`). `check` refuses credentials in the
 /// authority for the same reason.
-fn shown(url: &str) -> &str {
+pub(crate) fn shown(url: &str) -> &str {
     url.split(['?', '#']).next().unwrap_or(url)
 }
 

@@ -1795,7 +1795,7 @@ impl Validator<'_> {
                     return Err(self.err(
                         Some(h.urls.span()),
                         "auth.http.urls",
-                        format!("{u:?} is not an http:// or https:// URL"),
+                        format!("{:?} is not an http:// or https:// URL", crate::auth::http::shown(u)),
                     ));
                 }
             }
@@ -2742,6 +2742,16 @@ login_timeout = "5s"
         let e = parse(&tls(true, "")).unwrap_err();
         assert_eq!(e.field, "tls.certificate[0].names");
         assert!(parse(&tls(true, "names = [\"mail.example.org\"]")).unwrap().tls.strict_sni);
+    }
+
+    /// A service URL with a token in its query is shown without it, also when it is refused.
+    #[test]
+    fn a_refused_auth_url_does_not_show_its_query() {
+        let text = format!("{BASE}\n[auth.http]\nurls = [\"htps://auth.example/check?key=S3cr3t\"]\n")
+            .replace("source = \"backend\"", "source = \"http\"");
+        let e = parse(&text).unwrap_err();
+        assert_eq!(e.field, "auth.http.urls", "{e}");
+        assert!(e.message.contains("htps://auth.example/check") && !e.to_string().contains("S3cr3t"), "{e}");
     }
 
     /// Only one certificate is served for a name: a second listing it (an RSA one beside an
