@@ -418,6 +418,12 @@ impl App {
         self.admin.lock().unwrap_or_else(|e| e.into_inner()).as_ref().and_then(|(_, _, local)| *local)
     }
 
+    /// Whether the generated self-signed certificate is in its last 30 days: a reload then
+    /// makes a new one (`tls::certs::build`), which the config watcher asks for.
+    pub fn self_signed_ending(&self) -> bool {
+        self.tls.certs.expiries().iter().any(|(label, t)| label == "self-signed" && *t < unix_now() + 30 * 86_400)
+    }
+
     fn record_certificates(&self) {
         // Reset and set again like the backend gauges: not while a scrape renders.
         let _one = GAUGES.lock().unwrap_or_else(|e| e.into_inner());

@@ -26,6 +26,8 @@ use crate::app::{App, Reloaded};
 const DEBOUNCE: Duration = Duration::from_millis(200);
 /// How soon a directory that could not be watched is looked for again.
 const RETRY: Duration = Duration::from_secs(2);
+/// How often the generated self-signed certificate's end is looked at.
+const SELF_SIGNED_CHECK: Duration = Duration::from_secs(3600);
 
 /// A watched directory's identity: a directory renamed into its place has another inode, and
 /// the watch on the old one no longer sees the path's files.
@@ -59,6 +61,9 @@ pub fn spawn(app: Arc<App>, mut hup: tokio::signal::unix::Signal) -> Result<(), 
 
     tokio::spawn(async move {
         let mut failed: Option<Failed> = None;
+        // The generated self-signed certificate is made anew at a reload in its last 30 days;
+        // with no file changing, nothing else would reload a process that runs for a year.
+        let mut self_signed_checked = tokio::time::Instant::now();
         loop {
             // A directory that is missing, or was replaced without an event reaching its old
             // watch (a symlink switched to another directory), is found by the timer; reload
@@ -70,6 +75,14 @@ pub fn spawn(app: Arc<App>, mut hup: tokio::signal::unix::Signal) -> Result<(), 
                 Ok(None) => break,
                 Err(_) if watches.update(&app, false) => false,
                 Err(_) if failed.is_some() && failed != Some(Failed::now(&app).await) => false,
+                Err(_) if self_signed_checked.elapsed() >= SELF_SIGNED_CHECK => {
+                    self_signed_checked = tokio::time::Instant::now();
+                    if !app.self_signed_ending() {
+                        continue;
+                    }
+                    tracing::info!("the self-signed certificate ends within 30 days: reloading to make a new one");
+                    true
+                }
                 Err(_) => continue,
             };
             // Coalesce a burst of events into one reload.
