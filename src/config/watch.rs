@@ -65,6 +65,17 @@ pub fn spawn(app: Arc<App>, mut hup: tokio::signal::unix::Signal) -> Result<(), 
         // with no file changing, nothing else would reload a process that runs for a year.
         let mut self_signed_checked = tokio::time::Instant::now();
         loop {
+            // The self-signed certificate's end is looked at on every pass, whatever woke it: a
+            // directory with a file that changes every second would otherwise keep the timer
+            // below from ever running out.
+            let mut renew = false;
+            if self_signed_checked.elapsed() >= SELF_SIGNED_CHECK {
+                self_signed_checked = tokio::time::Instant::now();
+                renew = app.self_signed_ending();
+                if renew {
+                    tracing::info!("the self-signed certificate ends within 30 days: reloading to make a new one");
+                }
+            }
             // A directory that is missing, or was replaced without an event reaching its old
             // watch (a symlink switched to another directory), is found by the timer; reload
             // then, as its files may have changed unseen. So is a change to what the last failed
@@ -75,16 +86,10 @@ pub fn spawn(app: Arc<App>, mut hup: tokio::signal::unix::Signal) -> Result<(), 
                 Ok(None) => break,
                 Err(_) if watches.update(&app, false) => false,
                 Err(_) if failed.is_some() && failed != Some(Failed::now(&app).await) => false,
-                Err(_) if self_signed_checked.elapsed() >= SELF_SIGNED_CHECK => {
-                    self_signed_checked = tokio::time::Instant::now();
-                    if !app.self_signed_ending() {
-                        continue;
-                    }
-                    tracing::info!("the self-signed certificate ends within 30 days: reloading to make a new one");
-                    true
-                }
+                Err(_) if renew => true,
                 Err(_) => continue,
             };
+            force |= renew;
             // Coalesce a burst of events into one reload.
             while let Ok(f) = rx.try_recv() {
                 force |= f;
