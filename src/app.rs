@@ -418,10 +418,10 @@ impl App {
         self.admin.lock().unwrap_or_else(|e| e.into_inner()).as_ref().and_then(|(_, _, local)| *local)
     }
 
-    /// Whether the generated self-signed certificate is in its last 30 days: a reload then
-    /// makes a new one (`tls::certs::build`), which the config watcher asks for.
+    /// Whether the generated self-signed certificate is in its last 30 days (see
+    /// `CertStore::self_signed_ending`).
     pub fn self_signed_ending(&self) -> bool {
-        self.tls.certs.expiries().iter().any(|(label, t)| label == "self-signed" && *t < unix_now() + 30 * 86_400)
+        self.tls.certs.self_signed_ending()
     }
 
     fn record_certificates(&self) {

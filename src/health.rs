@@ -174,14 +174,15 @@ impl HealthTable {
     pub fn success(&self, backend: &Backend, source: Source, rise: u32) {
         let h = self.entry(backend);
         h.fail_streak.store(0, Ordering::Relaxed);
-        if matches!(source, Source::Check) {
-            *h.checks_down_since.lock().unwrap_or_else(|e| e.into_inner()) = None;
-        }
         let streak = h.ok_streak.fetch_add(1, Ordering::Relaxed) + 1;
         // A real login is proof enough; checks need `rise` in a row.
         let enough = matches!(source, Source::Session) || streak >= rise;
-        if enough && !h.up.swap(true, Ordering::Relaxed) {
+        let came_up = enough && !h.up.swap(true, Ordering::Relaxed);
+        if came_up || matches!(source, Source::Check) {
+            // Up, or a check passed on the way there: no longer long down.
             *h.checks_down_since.lock().unwrap_or_else(|e| e.into_inner()) = None;
+        }
+        if came_up {
             tracing::info!(backend = %backend.name, source = ?source, "backend is up");
         }
     }

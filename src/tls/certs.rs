@@ -112,6 +112,12 @@ impl CertStore {
         out
     }
 
+    /// Whether the generated self-signed certificate is in its last 30 days: a reload (which the
+    /// config watcher asks for) then makes a new one.
+    pub fn self_signed_ending(&self) -> bool {
+        self.maps.load().expiry.iter().any(|(label, t)| label == SELF_SIGNED_LABEL && renewal_due(*t))
+    }
+
     /// Install (or replace) an ACME certificate. New handshakes see it at once; sessions in
     /// progress are untouched. A `placeholder` (self-signed, until the CA issues one) is served
     /// only for names no configured certificate covers.
@@ -228,7 +234,7 @@ fn build(settings: &TlsSettings, previous: Option<&CertMaps>) -> Result<CertMaps
         // Reuse the previous self-signed key if the names did not change: clients that pinned it
         // keep working across reloads. Not within 30 days of its end (a year after it was
         // made): a process that runs that long makes a new one at a reload.
-        let fresh = |ck: &Arc<CertifiedKey>| not_after(ck).is_some_and(|t| t > crate::app::unix_now() + 30 * 86_400);
+        let fresh = |ck: &Arc<CertifiedKey>| not_after(ck).is_some_and(|t| !renewal_due(t));
         let cached = previous.and_then(|p| p.loaded.get(&self_signed_key(&names))).filter(|(_, ck)| fresh(ck)).cloned();
         let (bytes, ck) = match cached {
             Some(c) => c,
@@ -240,7 +246,7 @@ fn build(settings: &TlsSettings, previous: Option<&CertMaps>) -> Result<CertMaps
         maps.loaded.insert(self_signed_key(&names), (bytes, ck.clone()));
         maps.generated_default = maps.default.is_none();
         if let Some(t) = not_after(&ck) {
-            maps.expiry.push(("self-signed".into(), t));
+            maps.expiry.push((SELF_SIGNED_LABEL.into(), t));
         }
         let spec = CertSpec {
             cert: PathBuf::new(),
@@ -252,6 +258,15 @@ fn build(settings: &TlsSettings, previous: Option<&CertMaps>) -> Result<CertMaps
         add(&mut maps, &spec, ck);
     }
     Ok(maps)
+}
+
+/// The expiry label of the generated self-signed certificate.
+const SELF_SIGNED_LABEL: &str = "self-signed";
+
+/// Whether a generated self-signed certificate ending at `not_after` (Unix seconds) is in its
+/// last 30 days, when a reload makes a new one.
+fn renewal_due(not_after: i64) -> bool {
+    not_after < crate::app::unix_now() + 30 * 86_400
 }
 
 /// The leaf certificate's notAfter, in Unix seconds.
@@ -361,6 +376,15 @@ mod tests {
         ending.loaded.insert(key.clone(), (Vec::new(), old));
         let renewed = build(&settings, Some(&ending)).unwrap();
         assert!(!same(&ending, &renewed), "renewed 10 days before its end");
+        // What the config watcher asks before forcing that reload.
+        let store = |maps: &CertMaps| {
+            let mut m = CertMaps::default();
+            m.expiry = maps.expiry.clone();
+            CertStore { maps: ArcSwap::from_pointee(m), acme: ArcSwap::from_pointee(Vec::new()) }
+        };
+        ending.expiry = vec![(SELF_SIGNED_LABEL.into(), not_after(&ending.loaded[&key].1).unwrap_or(0))];
+        assert!(store(&ending).self_signed_ending());
+        assert!(!store(&renewed).self_signed_ending());
         assert!(not_after(&renewed.loaded[&key].1).is_some_and(|t| t > crate::app::unix_now() + 300 * 86_400));
     }
 
