@@ -378,8 +378,7 @@ mod tests {
         assert!(!same(&ending, &renewed), "renewed 10 days before its end");
         // What the config watcher asks before forcing that reload.
         let store = |maps: &CertMaps| {
-            let mut m = CertMaps::default();
-            m.expiry = maps.expiry.clone();
+            let m = CertMaps { expiry: maps.expiry.clone(), ..CertMaps::default() };
             CertStore { maps: ArcSwap::from_pointee(m), acme: ArcSwap::from_pointee(Vec::new()) }
         };
         ending.expiry = vec![(SELF_SIGNED_LABEL.into(), not_after(&ending.loaded[&key].1).unwrap_or(0))];
