@@ -2248,6 +2248,11 @@ address = "127.0.0.1:143"
 default = "b"
 "#;
 
+    /// BASE with the auth service as the password source, and `body` as its `[auth.http]` table.
+    fn with_auth_http(body: &str) -> String {
+        format!("{BASE}\n[auth.http]\n{body}\n").replace("source = \"backend\"", "source = \"http\"")
+    }
+
     fn with_listener(listener: &str) -> String {
         format!("{BASE}\n[[listener]]\n{listener}\n")
     }
@@ -2446,19 +2451,11 @@ default = "b"
         let e = parse(&format!("{BASE}\n[throttle]\nuser_block_after = 0\n")).unwrap_err();
         assert_eq!(e.field, "throttle.user_block_after");
         // An auth service URL with credentials in it: refused, and not echoed.
-        let e = parse(
-            &format!("{BASE}\n[auth.http]\nurls = [\"https://svc:s3cret@auth.example/\"]\n")
-                .replace("source = \"backend\"", "source = \"http\""),
-        )
-        .unwrap_err();
+        let e = parse(&with_auth_http("urls = [\"https://svc:s3cret@auth.example/\"]")).unwrap_err();
         assert_eq!(e.field, "auth.http.urls", "{e}");
         assert!(!e.to_string().contains("s3cret"), "{e}");
         // Also when the URL does not parse.
-        let e = parse(
-            &format!("{BASE}\n[auth.http]\nurls = [\"https://svc:p{{ss@auth.example/\"]\n")
-                .replace("source = \"backend\"", "source = \"http\""),
-        )
-        .unwrap_err();
+        let e = parse(&with_auth_http("urls = [\"https://svc:p{ss@auth.example/\"]")).unwrap_err();
         assert!(!e.to_string().contains("p{ss"), "{e}");
         // An empty log filter would run at errors only.
         assert_eq!(parse(&format!("{BASE}\n[log]\nlevel = \",\"\n")).unwrap_err().field, "log.level");
@@ -2492,8 +2489,7 @@ default = "b"
         assert!(e.message.starts_with("invalid type: integer, expected"), "{e}");
         assert!(e.position.is_some());
         // A string where a list is expected: not shown either.
-        let text = format!("{BASE}\n[auth.http]\nurls = \"https://svc:s3cret@auth.example/\"\n")
-            .replace("source = \"backend\"", "source = \"http\"");
+        let text = with_auth_http("urls = \"https://svc:s3cret@auth.example/\"");
         let e = parse(&text).unwrap_err();
         assert!(!e.to_string().contains("s3cret"), "{e}");
         assert_eq!(e.field, "auth.http.urls", "{e}");
@@ -2611,8 +2607,7 @@ login_timeout = "5s"
     fn a_key_is_named_from_the_line_that_opened_its_value() {
         // A bad element on a continuation line of a multi-line array: the key named is the
         // array's, and nothing of the value (here a URL with a token) is shown.
-        let text = format!("{BASE}\n[auth.http]\nurls = [\n  \"https://auth.example/?token=S3cr3t\", 5,\n]\n")
-            .replace("source = \"backend\"", "source = \"http\"");
+        let text = with_auth_http("urls = [\n  \"https://auth.example/?token=S3cr3t\", 5,\n]");
         let e = parse(&text).unwrap_err();
         assert_eq!(e.field, "auth.http.urls", "{e}");
         assert!(!e.to_string().contains("S3cr3t") && !e.to_string().contains("token"), "{e}");
@@ -2663,10 +2658,7 @@ login_timeout = "5s"
         acme("mailto:postmaster@example.org").unwrap();
         // A zero auth service timeout would fail every login.
         let http = |timeout: &str| {
-            parse(
-                &format!("{BASE}\n[auth.http]\nurls = [\"http://127.0.0.1:9000/auth\"]\ntimeout = \"{timeout}\"\n")
-                    .replace("source = \"backend\"", "source = \"http\""),
-            )
+            parse(&with_auth_http(&format!("urls = [\"http://127.0.0.1:9000/auth\"]\ntimeout = \"{timeout}\"")))
         };
         let e = http("0s").unwrap_err();
         assert_eq!(e.field, "auth.http.timeout", "{e}");
@@ -2747,8 +2739,7 @@ login_timeout = "5s"
     /// A service URL with a token in its query is shown without it, also when it is refused.
     #[test]
     fn a_refused_auth_url_does_not_show_its_query() {
-        let text = format!("{BASE}\n[auth.http]\nurls = [\"htps://auth.example/check?key=S3cr3t\"]\n")
-            .replace("source = \"backend\"", "source = \"http\"");
+        let text = with_auth_http("urls = [\"htps://auth.example/check?key=S3cr3t\"]");
         let e = parse(&text).unwrap_err();
         assert_eq!(e.field, "auth.http.urls", "{e}");
         assert!(e.message.contains("htps://auth.example/check") && !e.to_string().contains("S3cr3t"), "{e}");
