@@ -130,21 +130,32 @@ fn sessions_with(backend: &FakeBackend, verb: &str) -> usize {
     (0..backend.connections()).filter(|&i| backend.lines(i).iter().any(|l| l.starts_with(verb))).count()
 }
 
+/// A proxy in front of a fake POP3 backend with active checks on (rarely run): a backend marked
+/// down would then be skipped, not tried.
+async fn with_checks(behaviour: Behaviour) -> (Proxy, FakeBackend) {
+    let backend = FakeBackend::start(behaviour).await;
+    let config = protocol_config("pop3", backend.addr, "")
+        .replace("health = { enabled = false }", "health = { enabled = true, interval = \"1h\" }");
+    (Proxy::start(&config, USERS).await, backend)
+}
+
+/// Five USER/PASS logins, each on its own connection, each answered with `reply`.
+async fn five_logins(proxy: &Proxy, reply: &str) {
+    for _ in 0..5 {
+        let mut c = greeted(proxy).await;
+        c.send(b"USER alice@example.test\r\nPASS secret\r\n").await;
+        assert_eq!(c.line().await, "+OK\r\n");
+        assert_eq!(c.line().await, reply);
+    }
+}
+
 /// One user's locked mailbox is not the backend's fault: however often it happens (past the
 /// health `fall` of 3), the backend is not marked down and the next login still reaches it.
 #[tokio::test]
 async fn a_mailbox_in_use_does_not_mark_the_backend_down() {
-    let backend = FakeBackend::start(Behaviour::Pop3InUse).await;
-    let config = protocol_config("pop3", backend.addr, "")
-        .replace("health = { enabled = false }", "health = { enabled = true, interval = \"1h\" }");
-    let proxy = Proxy::start(&config, USERS).await;
-    for _ in 0..5 {
-        let mut c = greeted(&proxy).await;
-        c.send(b"USER alice@example.test\r\nPASS secret\r\n").await;
-        assert_eq!(c.line().await, "+OK\r\n");
-        // RFC 2449's code, so the client can tell its user why.
-        assert_eq!(c.line().await, "-ERR [IN-USE] Mailbox is in use, try again later.\r\n");
-    }
+    let (proxy, backend) = with_checks(Behaviour::Pop3InUse).await;
+    // RFC 2449's code, so the client can tell its user why.
+    five_logins(&proxy, "-ERR [IN-USE] Mailbox is in use, try again later.\r\n").await;
     assert_eq!(sessions_with(&backend, "PASS"), 5);
 }
 
@@ -174,12 +185,7 @@ async fn a_mailbox_in_use_is_paced_and_counted() {
 async fn a_backend_without_checks_is_tried_after_being_marked_down() {
     // A refused XCLIENT, before any credentials: the backend's (or its config's) fault.
     let (proxy, backend) = setup(Behaviour::Pop3RejectXclient, "").await;
-    for _ in 0..5 {
-        let mut c = greeted(&proxy).await;
-        c.send(b"USER alice@example.test\r\nPASS secret\r\n").await;
-        assert_eq!(c.line().await, "+OK\r\n");
-        assert_eq!(c.line().await, "-ERR [SYS/TEMP] Server unavailable, try again later.\r\n");
-    }
+    five_logins(&proxy, "-ERR [SYS/TEMP] Server unavailable, try again later.\r\n").await;
     assert!(!proxy.app.health().is_up("fake"));
     assert_eq!(sessions_with(&backend, "XCLIENT"), 5);
 }
@@ -189,16 +195,8 @@ async fn a_backend_without_checks_is_tried_after_being_marked_down() {
 /// brings it about (past the health `fall` of 3), the backend stays up for everyone.
 #[tokio::test]
 async fn a_refused_login_does_not_mark_the_backend_down() {
-    let backend = FakeBackend::start(Behaviour::Pop3BusyUser).await;
-    let config = protocol_config("pop3", backend.addr, "")
-        .replace("health = { enabled = false }", "health = { enabled = true, interval = \"1h\" }");
-    let proxy = Proxy::start(&config, USERS).await;
-    for _ in 0..5 {
-        let mut c = greeted(&proxy).await;
-        c.send(b"USER alice@example.test\r\nPASS secret\r\n").await;
-        assert_eq!(c.line().await, "+OK\r\n");
-        assert_eq!(c.line().await, "-ERR [SYS/TEMP] Server unavailable, try again later.\r\n");
-    }
+    let (proxy, backend) = with_checks(Behaviour::Pop3BusyUser).await;
+    five_logins(&proxy, "-ERR [SYS/TEMP] Server unavailable, try again later.\r\n").await;
     assert!(proxy.app.health().is_up("fake"));
     assert_eq!(sessions_with(&backend, "USER"), 5);
 }
