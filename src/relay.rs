@@ -179,11 +179,7 @@ impl Direction {
                     self.buf = None;
                     return Poll::Pending;
                 }
-                Poll::Ready(Err(e)) => {
-                    // Nothing more moves this way (a held client may wait long after).
-                    self.buf = None;
-                    return Poll::Ready(Err((Side::Reader, e)));
-                }
+                Poll::Ready(Err(e)) => return Poll::Ready(Err((Side::Reader, e))),
                 Poll::Ready(Ok(())) => {
                     let n = rb.filled().len();
                     if n == 0 {
