@@ -117,15 +117,6 @@ impl SocketKey {
 
 /// Build the runtime pieces for a config (also used by `portcullis check`).
 pub fn build_runtime(config: Config, tls: &TlsShared) -> Result<Runtime, ConfigError> {
-    if let Some(cap) = crate::limits::descriptor_cap()
-        && config.limits.max_connections > cap
-    {
-        tracing::warn!(
-            max_connections = config.limits.max_connections,
-            sessions_the_descriptor_limit_allows = cap,
-            "max_connections is above what the open-file limit allows (two descriptors a session): raise LimitNOFILE or lower max_connections"
-        );
-    }
     let mut server_tls = HashMap::new();
     let mut client_auth = HashMap::new();
     let suites_error =
@@ -181,6 +172,21 @@ pub fn build_runtime(config: Config, tls: &TlsShared) -> Result<Runtime, ConfigE
     Ok(Runtime { config, server_tls, client_auth, backend_tls, default_backend_tls, auth_http })
 }
 
+/// Warn when the configured connection cap is above what this process's open-file limit
+/// allows. Only the running server calls it: `portcullis check` runs under the operator's
+/// shell, whose limit says nothing about the server's.
+fn warn_descriptor_cap(config: &Config) {
+    if let Some(cap) = crate::limits::descriptor_cap()
+        && config.limits.max_connections > cap
+    {
+        tracing::warn!(
+            max_connections = config.limits.max_connections,
+            sessions_the_descriptor_limit_allows = cap,
+            "max_connections is above what the open-file limit allows (two descriptors a session): raise LimitNOFILE or lower max_connections"
+        );
+    }
+}
+
 /// A certificate file that cannot be used, as a config error at the line that names it.
 fn cert_error(config: &Config, e: crate::tls::certs::CertError) -> StartError {
     match e {
@@ -216,6 +222,7 @@ impl App {
         let certs = Arc::new(CertStore::load(&config.tls).map_err(|e| cert_error(&config, e))?);
         let tls = TlsShared::new(certs);
         let runtime = build_runtime(config, &tls)?;
+        warn_descriptor_cap(&runtime.config);
         let sockets = bind_all(&runtime.config, &HashMap::new()).await?;
         let admin = match runtime.config.admin {
             Some(addr) => Some((addr, bind_admin(addr).await?)),
@@ -308,6 +315,7 @@ impl App {
         }
         let maps = self.tls.certs.prepare(&config.tls).map_err(|e| cert_error(&config, e))?;
         let runtime = build_runtime(config, &self.tls)?;
+        warn_descriptor_cap(&runtime.config);
         let current = self.sockets.lock().unwrap_or_else(|e| e.into_inner()).clone();
         let sockets = bind_all(&runtime.config, &current).await?;
         let running_admin = self.admin.lock().unwrap_or_else(|e| e.into_inner()).as_ref().map(|(a, _, _)| *a);

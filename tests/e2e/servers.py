@@ -463,6 +463,14 @@ def portcullis_binary():
     return max(built, key=os.path.getmtime)
 
 
+def open_files_limit(n):
+    """A `preexec_fn` that sets the child's RLIMIT_NOFILE to `n` (None: leave it)."""
+    if n is None:
+        return None
+    import resource
+    return lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (n, n))
+
+
 class Portcullis:
     """The real binary, run with a config file written into a temp dir."""
 
@@ -481,10 +489,11 @@ class Portcullis:
             f.write(text)
         os.replace(tmp, self.config)
 
-    def start(self, wait_port=None, tls=False):
+    def start(self, wait_port=None, tls=False, nofile=None):
+        """With `nofile`, the process's open-file limit (soft and hard) is set to it."""
         env = dict(os.environ, RUST_LOG=os.environ.get("PORTCULLIS_LOG", "info"))
         self.log_file = open(self.log_path, "a")
-        self.proc = subprocess.Popen([portcullis_binary(), "run", "--config", self.config], stdout=self.log_file, stderr=self.log_file, env=env)
+        self.proc = subprocess.Popen([portcullis_binary(), "run", "--config", self.config], stdout=self.log_file, stderr=self.log_file, env=env, preexec_fn=open_files_limit(nofile))
         if wait_port:
             try:
                 wait_greeting(wait_port, tls=tls)

@@ -80,3 +80,101 @@ def test_clients_of_a_stopped_backend_are_closed_spread_out(tmp_path):
     finally:
         pc.stop()
         dv.stop()
+
+
+def test_running_out_of_descriptors_is_not_the_backends_fault(tmp_path):
+    """A proxy at its open-file limit cannot open the backend connection (EMFILE). That is
+    the proxy's own shortage: the login gets a temporary failure, the error is counted as
+    `local_resources`, and the backend is not marked down for everyone else (with health
+    checks off, `fall` (3) session failures would mark it down)."""
+    import re
+    import subprocess
+    import urllib.request
+
+    from servers import RawClient, open_files_limit, portcullis_binary, wait_for
+
+    nofile = 64
+    dv = Dovecot(str(tmp_path / "dovecot"), {DEMO[0]: DEMO[1]}).start()
+    port, admin = free_port(), free_port()
+    text = imap_to_dovecot(port, dv, f"""
+[admin]
+bind = "127.0.0.1:{admin}"
+
+[auth]
+source = "backend"
+
+[throttle]
+enabled = false
+
+[limits]
+max_connections = 1000
+max_connections_per_ip = 0
+""")
+    pc = Portcullis(str(tmp_path), text)
+    # `check` runs under the operator's shell: the server's limit is not its to judge.
+    checked = subprocess.run([portcullis_binary(), "check", "--config", pc.config], capture_output=True, text=True,
+                             preexec_fn=open_files_limit(nofile))
+    assert checked.returncode == 0, checked.stderr
+    assert "open-file limit" not in checked.stdout + checked.stderr
+    pc.start(wait_port=port, nofile=nofile)
+    held = []
+    try:
+        assert "max_connections is above what the open-file limit allows" in pc.log()
+        login = b"a LOGIN " + DEMO[0].encode() + b" " + DEMO[1].encode() + b"\r\n"
+
+        def greeted(c, timeout):
+            c.sock.settimeout(timeout)
+            try:
+                return c.line().startswith(b"* OK")
+            except (TimeoutError, OSError, EOFError):
+                return False
+
+        # Take every descriptor: the first client the proxy can no longer accept waits in
+        # the listen queue.
+        while True:
+            assert len(held) < nofile, "the proxy kept accepting past its open-file limit"
+            c = RawClient(port)
+            if not greeted(c, 1.5):
+                waiting = c
+                break
+            held.append(c)
+        # One descriptor freed: the waiting client takes it, none is left for the backend. Each
+        # client after it takes the descriptor the one before gave back.
+        held.pop().close()
+        failures = 0
+        for _ in range(4):
+            assert greeted(waiting, 5), "the waiting client was not accepted"
+            waiting.sock.settimeout(10)
+            waiting.send(login)
+            reply = waiting.until_tagged(b"a")[-1]
+            assert reply.startswith(b"a NO [UNAVAILABLE]"), reply
+            failures += 1
+            waiting.close()
+            waiting = RawClient(port)
+        for c in held:
+            c.close()
+        held.clear()
+        assert greeted(waiting, 5)
+        waiting.close()
+
+        def scrape():
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{admin}/metrics", timeout=5) as r:
+                    return r.read().decode()
+            except OSError:
+                return None
+
+        assert wait_for(lambda: scrape() is not None, timeout=10)
+        metrics = scrape()
+        m = re.search(r'portcullis_backend_errors_total\{backend="dovecot",reason="local_resources"\} (\d+)', metrics)
+        assert m and int(m.group(1)) >= failures, metrics
+        assert 'portcullis_backend_up{backend="dovecot"} 1' in metrics, metrics
+        assert "backend is down" not in pc.log()
+        m = imaplib.IMAP4("127.0.0.1", port, timeout=10)
+        m.login(*DEMO)
+        m.logout()
+    finally:
+        for c in held:
+            c.close()
+        pc.stop()
+        dv.stop()
