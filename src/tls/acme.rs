@@ -600,14 +600,12 @@ impl CertTask {
         cleanup.run(&self.settings.challenge).await;
         result?;
         let key_pem = if self.spec.rsa {
-            let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_RSA_SHA256).map_err(|e| e.to_string())?;
-            let params = rcgen::CertificateParams::new(self.spec.names.clone()).map_err(|e| e.to_string())?;
-            let csr = params.serialize_request(&key).map_err(|e| e.to_string())?;
+            let (csr, key_pem) = rsa_csr(&self.spec.names)?;
             step(stop, STEP_TIMEOUT, "finalize", async {
-                order.finalize_csr(csr.der()).await.map_err(|e| format!("finalize: {e}"))
+                order.finalize_csr(&csr).await.map_err(|e| format!("finalize: {e}"))
             })
             .await?;
-            key.serialize_pem()
+            key_pem
         } else {
             step(stop, STEP_TIMEOUT, "finalize", async { order.finalize().await.map_err(|e| format!("finalize: {e}")) })
                 .await?
@@ -981,12 +979,51 @@ pub async fn renewal_plan(settings: &AcmeSettings, certs: Arc<CertStore>, ck: &C
     task.planned(ck, &CancellationToken::new()).await
 }
 
+/// A new RSA key and the CSR for `names` (DER, and the key as PEM). The subject is left empty,
+/// as instant-acme does for its own ECDSA CSRs: rcgen's default subject is the common name
+/// "rcgen self signed cert", which a CA reads as one more name to validate, and Let's Encrypt
+/// refuses the whole order for it (`badCSR`).
+fn rsa_csr(names: &[String]) -> Result<(Vec<u8>, String), String> {
+    let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_RSA_SHA256).map_err(|e| e.to_string())?;
+    let mut params = rcgen::CertificateParams::new(names.to_vec()).map_err(|e| e.to_string())?;
+    params.distinguished_name = rcgen::DistinguishedName::new();
+    let csr = params.serialize_request(&key).map_err(|e| e.to_string())?;
+    Ok((csr.der().to_vec(), key.serialize_pem()))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     fn t(secs: u64) -> SystemTime {
         SystemTime::UNIX_EPOCH + Duration::from_secs(secs)
+    }
+
+    #[test]
+    fn an_rsa_csr_names_only_the_certificates_names() {
+        use x509_parser::extensions::{GeneralName, ParsedExtension};
+        use x509_parser::prelude::FromDer;
+        let names = vec!["mail.example.org".to_string(), "imap.example.org".to_string()];
+        let (der, key_pem) = rsa_csr(&names).unwrap();
+        assert!(key_pem.contains("PRIVATE KEY"));
+        let (_, csr) = x509_parser::certification_request::X509CertificationRequest::from_der(&der).unwrap();
+        let subject = &csr.certification_request_info.subject;
+        assert_eq!(subject.iter_attributes().count(), 0, "subject: {subject}");
+        let sans: Vec<String> = csr
+            .requested_extensions()
+            .into_iter()
+            .flatten()
+            .filter_map(|e| match e {
+                ParsedExtension::SubjectAlternativeName(san) => Some(&san.general_names),
+                _ => None,
+            })
+            .flatten()
+            .map(|n| match n {
+                GeneralName::DNSName(d) => d.to_string(),
+                other => panic!("unexpected name {other:?}"),
+            })
+            .collect();
+        assert_eq!(sans, names);
     }
 
     #[test]
