@@ -1665,23 +1665,27 @@ impl Validator<'_> {
                 if bare.is_empty() || !bare.split('.').all(valid_label) {
                     return Err(self.err(Some(c.names.span()), field, format!("{n:?} is not a DNS name")));
                 }
+                // RFC 8555 7.1.3: a CA offers only dns-01 for a wildcard; any other challenge
+                // would fail every order, long after `check` said OK.
+                if bare.len() != name.len() && !matches!(challenge, AcmeChallenge::Dns01 { .. }) {
+                    return Err(self.err(
+                        Some(c.names.span()),
+                        field,
+                        format!("{n:?} is a wildcard: CAs validate wildcards by dns-01 only (challenge = \"dns-01\")"),
+                    ));
+                }
+                // One certificate per name: only the first would be served, two orders for one
+                // name at once would take each other's tls-alpn-01 challenge, and the first name
+                // labels a certificate's stored files, metrics and `acme renew NAME`.
+                let earlier = certificates.iter().position(|o: &AcmeCertSpec| o.names.contains(&name));
+                if earlier.is_some() || names.contains(&name) {
+                    let at = earlier.map_or(format!("acme.certificate[{i}]"), |j| format!("acme.certificate[{j}]"));
+                    return Err(self.err(Some(c.names.span()), field, format!("{name:?} is already listed in {at}")));
+                }
                 names.push(name);
             }
             if names.is_empty() {
                 return Err(self.err(Some(c.names.span()), field, "at least one name is needed"));
-            }
-            // The first name labels the certificate: its stored files, its metrics, its slot in
-            // the certificate store and `acme renew NAME`. Two with one label would overwrite
-            // each other.
-            if let Some(j) = certificates.iter().position(|o: &AcmeCertSpec| o.names[0] == names[0]) {
-                return Err(self.err(
-                    Some(c.names.span()),
-                    field,
-                    format!(
-                        "first name {:?} already labels acme.certificate[{j}]; list the names in another order",
-                        names[0]
-                    ),
-                ));
             }
             let rsa = match c.key_type.as_ref().map(|k| k.get_ref().as_str()) {
                 None | Some("ecdsa-p256") => false,
@@ -2496,19 +2500,40 @@ default = "b"
     }
 
     #[test]
-    fn acme_certificates_need_distinct_first_names() {
+    fn a_name_is_in_one_acme_certificate_only() {
         let acme = |second: &str| {
             parse(&format!(
                 "{BASE}\n[acme]\ndirectory = \"https://acme.example/dir\"\nterms_agreed = true\nstate_dir = \"/var/lib/p\"\n[[acme.certificate]]\nnames = [\"mail.example.org\"]\n[[acme.certificate]]\nnames = {second}\nkey_type = \"rsa-2048\"\n"
             ))
         };
-        // An RSA and an ECDSA certificate for one host would share files, metrics and a slot.
+        // An RSA and an ECDSA certificate for one host: only one would ever be served.
         let e = acme("[\"Mail.example.org\", \"imap.example.org\"]").unwrap_err();
         assert_eq!(e.field, "acme.certificate[1].names");
-        assert!(e.message.contains("already labels acme.certificate[0]"), "{e}");
+        assert!(e.message.contains("already listed in acme.certificate[0]"), "{e}");
         assert!(e.position.is_some());
-        let ok = acme("[\"imap.example.org\", \"mail.example.org\"]").unwrap().acme.unwrap();
+        let e = acme("[\"imap.example.org\", \"mail.example.org\"]").unwrap_err();
+        assert!(e.message.contains("\"mail.example.org\" is already listed in acme.certificate[0]"), "{e}");
+        let e = acme("[\"imap.example.org\", \"IMAP.example.org\"]").unwrap_err();
+        assert!(e.message.contains("already listed in acme.certificate[1]"), "{e}");
+        let ok = acme("[\"imap.example.org\", \"pop.example.org\"]").unwrap().acme.unwrap();
         assert_eq!(ok.certificates.len(), 2);
+    }
+
+    #[test]
+    fn acme_wildcards_need_dns01() {
+        let acme = |challenge: &str| {
+            parse(&format!(
+                "{BASE}\n[acme]\ndirectory = \"https://acme.example/dir\"\nterms_agreed = true\nstate_dir = \"/var/lib/p\"\n{challenge}\n[[acme.certificate]]\nnames = [\"example.org\", \"*.example.org\"]\n"
+            ))
+        };
+        for challenge in ["", "challenge = \"http-01\"", "challenge = \"tls-alpn-01\""] {
+            let e = acme(challenge).unwrap_err();
+            assert_eq!(e.field, "acme.certificate[0].names", "{e}");
+            assert!(e.message.contains("dns-01"), "{e}");
+            assert!(e.position.is_some());
+        }
+        let ok = acme("challenge = \"dns-01\"\ndns01_hook = \"/bin/true\"").unwrap().acme.unwrap();
+        assert_eq!(ok.certificates[0].names, ["example.org", "*.example.org"]);
     }
 
     #[test]
