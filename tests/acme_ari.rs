@@ -67,6 +67,8 @@ async fn mock_directory_under(
                             Response::builder()
                                 .header("content-type", "application/json")
                                 .body(Full::new(Bytes::from(body)))
+                        } else if path.starts_with("/ari/") && retry_after == "fail" {
+                            Response::builder().status(500).body(Full::new(Bytes::new()))
                         } else if path.starts_with("/ari/") {
                             let body = format!(r#"{{"suggestedWindow":{{"start":"{start}","end":"{end}"}}}}"#);
                             Response::builder()
@@ -134,6 +136,20 @@ async fn an_ari_retry_after_of_zero_does_not_make_a_loop() {
     // (RFC 9773's lower bound), not as a loop.
     let recheck = plan.recheck_at.unwrap();
     assert!(recheck >= now + Duration::from_secs(59), "{plan:?}");
+}
+
+#[tokio::test]
+async fn a_failed_ari_lookup_is_asked_again_within_the_hour() {
+    // The CA has ARI but answers 500 (down, or restarting, at the proxy's start): the plan falls
+    // back to two thirds of the lifetime for now, and asks again in an hour rather than never
+    // before day 60, when a revocation announced through ARI would long have been missed.
+    let now = SystemTime::now();
+    let (plan, ari, seen) = plan_from_mock(now, ten_day_window(now), "fail").await;
+    assert!(!ari);
+    assert!(seen.iter().any(|p| p.starts_with("/ari/")), "{seen:?}");
+    assert!(plan.renew_at > now + Duration::from_secs(58 * 86400), "{plan:?}");
+    let recheck = plan.recheck_at.expect("no re-check planned");
+    assert!(recheck > now + Duration::from_secs(3500) && recheck < now + Duration::from_secs(3700), "{plan:?}");
 }
 
 /// Waits (up to 10 s) until the mock has seen a path that `hit` picks; whether it has.
@@ -341,4 +357,51 @@ async fn an_account_from_another_directory_is_not_used() {
     let stored: serde_json::Value =
         serde_json::from_slice(&std::fs::read(state.join("account.json")).unwrap()).unwrap();
     assert_eq!(stored["directory"], old_directory.as_str(), "the old directory's account was overwritten");
+}
+
+/// A failed order's backoff outlives the process (reliability case 79): started again (a crash
+/// loop, or a reload that restarts the certificate tasks), the manager waits out the stored
+/// retry time instead of ordering at once, which against Let's Encrypt would spend its five
+/// failed validations per name and hour. A change of the certificate's names starts afresh.
+#[tokio::test]
+async fn a_failed_orders_backoff_survives_a_restart() {
+    portcullis::tls::init_crypto();
+    let dir = tempfile::tempdir().unwrap();
+    let now = SystemTime::now();
+    let (directory, ca_file, seen) = mock_directory(dir.path(), ten_day_window(now), "21600").await;
+    let (config, state) = config_for(dir.path(), &directory, &ca_file);
+    let settings = config.acme.clone().unwrap();
+    let run = |settings: portcullis::config::AcmeSettings| {
+        let (tls, seen) = (config.tls.clone(), seen.clone());
+        async move {
+            seen.lock().unwrap().clear();
+            let certs = Arc::new(portcullis::tls::certs::CertStore::load(&tls).unwrap());
+            let stop = tokio_util::sync::CancellationToken::new();
+            let handle = portcullis::tls::acme::start(settings, certs, stop.clone()).await.unwrap();
+            // An order tried (the mock has none to give: it fails), or 10 s without one.
+            let ordered = seen_within(&seen, an_order).await;
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            stop.cancel();
+            drop(handle);
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            ordered
+        }
+    };
+    // No certificate yet: ordered at once, and it fails.
+    assert!(run(settings.clone()).await, "the first start did not order");
+    let retry = state.join("certs/mail.example.test.retry");
+    let kept: serde_json::Value = serde_json::from_slice(&std::fs::read(&retry).unwrap()).unwrap();
+    assert_eq!(kept["failures"], 1, "{kept}");
+    let next = kept["next"].as_u64().unwrap();
+    let unix = now.duration_since(SystemTime::UNIX_EPOCH).unwrap().as_secs();
+    // retry_min is 1 h, with ±25 % jitter.
+    assert!(next >= unix + 2700 - 5 && next <= unix + 4500 + 30, "{kept}");
+    use std::os::unix::fs::PermissionsExt;
+    assert_eq!(std::fs::metadata(&retry).unwrap().permissions().mode() & 0o777, 0o600);
+    // Started again: the stored retry time is an hour off, so no order.
+    assert!(!run(settings.clone()).await, "a restart ordered again at once: {:?}", seen.lock().unwrap());
+    // Another name for the certificate: what was tried before is not what is ordered now.
+    let mut more = settings.clone();
+    more.certificates[0].names.push("new.example.test".to_string());
+    assert!(run(more).await, "a changed certificate waited out the old backoff");
 }

@@ -40,6 +40,8 @@ const STEP_TIMEOUT: Duration = Duration::from_secs(120);
 /// CA answering `0`, or a date in the past, must not make the task ask again in a loop.
 const ARI_RECHECK_MIN: Duration = Duration::from_secs(60);
 const ARI_RECHECK_MAX: Duration = Duration::from_secs(24 * 3600);
+/// When to ask for renewal information again after the CA did not answer.
+const ARI_RECHECK_AFTER_FAILURE: Duration = Duration::from_secs(3600);
 /// How long stopping the manager waits for its tasks to clean up challenge material.
 const STOP_GRACE: Duration = Duration::from_secs(10);
 /// The ALPN protocol of TLS-ALPN-01 (RFC 8737).
@@ -181,6 +183,16 @@ pub async fn start(settings: AcmeSettings, certs: Arc<CertStore>, stop: Cancella
     Ok(AcmeHandle { settings, triggers, stop, responder, tasks })
 }
 
+/// A certificate's failed orders, kept in `certs/LABEL.retry` until one succeeds.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct RetryState {
+    failures: u32,
+    /// When to try again, in seconds since the Unix epoch.
+    next: u64,
+    directory: String,
+    names: Vec<String>,
+}
+
 #[derive(Clone)]
 struct CertTask {
     settings: AcmeSettings,
@@ -312,7 +324,13 @@ impl CertTask {
                 }
             },
         }
-        let mut failures = 0u32;
+        // Failures so far and when to try again, as a restart or reload left them: a process
+        // started anew (a crash loop, a reload that adds a certificate) waits out the backoff
+        // rather than ordering again at once against the CA's failed-validation limit.
+        let (mut failures, mut retry_at) = match self.load_retry() {
+            Some(r) => (r.failures, Some(to_instant(SystemTime::UNIX_EPOCH + Duration::from_secs(r.next)))),
+            None => (0, None),
+        };
         // No planned order before this: a fresh certificate that already looks due (a clock far
         // ahead, a CA issuing very short lifetimes) must not be re-ordered in a loop.
         let mut earliest = tokio::time::Instant::now();
@@ -321,9 +339,9 @@ impl CertTask {
             // than the renewal itself.
             let (due, recheck) = match (&current, failures) {
                 (_, f) if f > 0 => {
-                    let wait = backoff(self.settings.retry_min, f - 1, crate::limits::random_unit());
-                    tracing::info!(certificate = %self.label, retry_in = ?wait, "ACME: will retry");
-                    (Some(tokio::time::Instant::now() + wait), false)
+                    let at = retry_at.unwrap_or_else(tokio::time::Instant::now);
+                    tracing::info!(certificate = %self.label, retry_in = ?at.saturating_duration_since(tokio::time::Instant::now()), "ACME: will retry");
+                    (Some(at), false)
                 }
                 (None, _) => (None, false),
                 (Some(ck), _) => match self.plan(ck, &stop).await {
@@ -351,6 +369,8 @@ impl CertTask {
             match result {
                 Ok(ck) => {
                     failures = 0;
+                    retry_at = None;
+                    self.clear_retry();
                     earliest = tokio::time::Instant::now() + self.settings.retry_min;
                     metrics().acme_orders.with_label_values(&["success"]).inc();
                     if renewal {
@@ -365,6 +385,9 @@ impl CertTask {
                 }
                 Err(e) => {
                     failures = failures.saturating_add(1);
+                    let wait = backoff(self.settings.retry_min, failures - 1, crate::limits::random_unit());
+                    retry_at = Some(tokio::time::Instant::now() + wait);
+                    self.save_retry(failures, SystemTime::now() + wait);
                     metrics().acme_orders.with_label_values(&["error"]).inc();
                     if renewal {
                         metrics().acme_renewals.with_label_values(&["error"]).inc();
@@ -388,30 +411,36 @@ impl CertTask {
     /// The renewal plan for `ck`, and whether the CA's ARI window shaped it.
     async fn planned(&self, ck: &CertifiedKey, stop: &CancellationToken) -> Option<(Plan, bool)> {
         let (not_before, not_after) = validity(ck)?;
-        let ari = step(stop, STEP_TIMEOUT, "renewal information", async { Ok(self.ari_window(ck).await) })
-            .await
-            .unwrap_or_else(|e| {
-                tracing::warn!(certificate = %self.label, error = %e, "ACME: renewal information unavailable; using two thirds of the lifetime");
-                None
-            });
-        Some((plan_renewal(SystemTime::now(), not_before, not_after, ari, crate::limits::random_unit()), ari.is_some()))
+        let ari = step(stop, STEP_TIMEOUT, "renewal information", self.ari_window(ck)).await.map_err(|e| {
+            tracing::warn!(certificate = %self.label, error = %e, "ACME: renewal information unavailable; using two thirds of the lifetime for now");
+        });
+        let now = SystemTime::now();
+        let window = ari.unwrap_or(None);
+        let mut plan = plan_renewal(now, not_before, not_after, window, crate::limits::random_unit());
+        // The CA has ARI but did not answer: asked again later, not left until two thirds of the
+        // lifetime, or a revocation it announces through ARI meanwhile goes unseen.
+        let recheck = now + ARI_RECHECK_AFTER_FAILURE;
+        if ari.is_err() && recheck < plan.renew_at {
+            plan.recheck_at = Some(plan.recheck_at.map_or(recheck, |r| r.min(recheck)));
+        }
+        Some((plan, window.is_some()))
     }
 
-    async fn ari_window(&self, ck: &CertifiedKey) -> Option<(SystemTime, SystemTime, Duration)> {
-        let account = self.account().await.ok()?;
-        let leaf = ck.cert.first()?;
-        let id = instant_acme::CertificateIdentifier::try_from(leaf).ok()?;
+    /// The CA's suggested renewal window and when to ask again; None when the CA has no ARI
+    /// (or the certificate no identifier for it), an error when it could not be asked.
+    async fn ari_window(&self, ck: &CertifiedKey) -> AcmeResult<Option<(SystemTime, SystemTime, Duration)>> {
+        let account = self.account().await?;
+        let Some(id) = ck.cert.first().and_then(|leaf| instant_acme::CertificateIdentifier::try_from(leaf).ok()) else {
+            return Ok(None);
+        };
         match account.renewal_info(&id).await {
             Ok((info, retry_after)) => {
                 let w = info.suggested_window;
                 let retry_after = retry_after.clamp(ARI_RECHECK_MIN, ARI_RECHECK_MAX);
-                Some((SystemTime::from(w.start), SystemTime::from(w.end), retry_after))
+                Ok(Some((SystemTime::from(w.start), SystemTime::from(w.end), retry_after)))
             }
-            Err(instant_acme::Error::Unsupported(_)) => None,
-            Err(e) => {
-                tracing::warn!(certificate = %self.label, error = %e, "ACME: renewal information unavailable; using two thirds of the lifetime");
-                None
-            }
+            Err(instant_acme::Error::Unsupported(_)) => Ok(None),
+            Err(e) => Err(e.to_string()),
         }
     }
 
@@ -472,6 +501,49 @@ impl CertTask {
         let dir = self.settings.state_dir.join("certs");
         let file = self.label.replace('*', "_wildcard");
         (dir.join(format!("{file}.pem")), dir.join(format!("{file}.key")))
+    }
+
+    /// Where a failed order's backoff is kept between runs.
+    fn retry_path(&self) -> PathBuf {
+        let (cert, _) = self.paths();
+        cert.with_extension("retry")
+    }
+
+    /// The stored backoff, if it was for this directory and these names (after a change of
+    /// either, ordering at once is what the operator asked for), its time capped at the longest
+    /// backoff from now (a clock set back meanwhile).
+    fn load_retry(&self) -> Option<RetryState> {
+        let bytes = std::fs::read(self.retry_path()).ok()?;
+        let mut r: RetryState = serde_json::from_slice(&bytes).ok()?;
+        if r.directory != self.settings.directory || r.names != self.spec.names || r.failures == 0 {
+            return None;
+        }
+        let now = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default().as_secs();
+        r.next = r.next.min(now + MAX_BACKOFF.mul_f64(1.25).as_secs());
+        Some(r)
+    }
+
+    fn save_retry(&self, failures: u32, next: SystemTime) {
+        let r = RetryState {
+            failures,
+            next: next.duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default().as_secs(),
+            directory: self.settings.directory.clone(),
+            names: self.spec.names.clone(),
+        };
+        let written =
+            serde_json::to_vec(&r).map_err(|e| e.to_string()).and_then(|b| write_private(&self.retry_path(), &b));
+        if let Err(e) = written {
+            tracing::warn!(certificate = %self.label, error = %e, "ACME: cannot keep the retry time; a restart would order again at once");
+        }
+    }
+
+    fn clear_retry(&self) {
+        let path = self.retry_path();
+        if let Err(e) = std::fs::remove_file(&path)
+            && e.kind() != std::io::ErrorKind::NotFound
+        {
+            tracing::warn!(certificate = %self.label, path = %path.display(), error = %e, "ACME: cannot remove the retry file");
+        }
     }
 
     /// The stored certificate, if it exists, matches its key, covers the configured names and
