@@ -11,7 +11,7 @@ use portcullis::app::{self, App};
 use portcullis::config::Config;
 
 #[derive(Parser)]
-#[command(name = "portcullis", version, about = "TLS-terminating mail edge proxy for IMAP")]
+#[command(name = "portcullis", version, about = "TLS-terminating mail edge proxy for IMAP, POP3, SMTP submission")]
 struct Cli {
     #[command(subcommand)]
     command: Command,
