@@ -450,6 +450,29 @@ async fn a_switched_release_symlink_is_noticed() {
 }
 
 #[tokio::test]
+async fn a_renewal_behind_a_chain_of_symlinks_is_noticed() {
+    // certbot's layout: the configured path links to live/NAME/..., which links into
+    // archive/NAME/. A renewal writes a new file in archive/ and switches the link in live/;
+    // neither directory is the configured path's own.
+    let backend = FakeBackend::start(Behaviour::Normal).await;
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    for sub in ["etc", "live", "archive"] {
+        std::fs::create_dir(d.join(sub)).unwrap();
+    }
+    std::fs::write(d.join("archive/users1"), alice_with("first")).unwrap();
+    std::os::unix::fs::symlink("../archive/users1", d.join("live/users")).unwrap();
+    std::os::unix::fs::symlink(d.join("live/users"), d.join("etc/users")).unwrap();
+    let (_app, addr) = watched_proxy(backend.addr, d, "etc/users").await;
+    assert!(logs_in(addr, "first").await);
+
+    std::fs::write(d.join("archive/users2"), alice_with("second")).unwrap();
+    std::os::unix::fs::symlink("../archive/users2", d.join("live/users.new")).unwrap();
+    std::fs::rename(d.join("live/users.new"), d.join("live/users")).unwrap();
+    eventually_logs_in(addr, "second", "a link switched two links away").await;
+}
+
+#[tokio::test]
 async fn a_directory_named_only_by_a_config_that_failed_is_looked_at_again() {
     // The new config names a users file in a directory that does not exist yet, so its reload
     // fails and no watch can cover that directory; creating the file must still be picked up.

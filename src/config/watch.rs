@@ -2,7 +2,8 @@
 //! users file, the certificates and the CA files (client, backend and auth service CAs).
 //!
 //! Directories are watched, never files: editors save by rename and Kubernetes swaps a `..data`
-//! symlink, and a watch on the old inode would go stale after the first save. A watched directory
+//! symlink, and a watch on the old inode would go stale after the first save. For a file that is
+//! a symlink, so is the directory of each link it leads through (certbot's `live/` and `archive/`). A watched directory
 //! that is itself replaced (a deploy tool renaming a new `certs/` into place, or switching a
 //! `current` symlink to another release) or missing is noticed by a check every 2 s of each
 //! directory's inode, watched again under the new one and reloaded. Events are debounced; the
@@ -159,7 +160,7 @@ impl Watches {
     /// whose files no reload may have read yet.
     fn update(&mut self, app: &App, refresh: bool) -> bool {
         let mut dirs: HashSet<PathBuf> =
-            app.runtime().config.watched_files().iter().filter_map(|f| f.parent().map(dir_or_dot)).collect();
+            app.runtime().config.watched_files().iter().flat_map(|f| link_dirs(f)).collect();
         // The config file's own directory is always watched, even if the running config came
         // from elsewhere, so a fixed file is noticed.
         if let Some(p) = app.config_path().parent() {
@@ -207,6 +208,28 @@ impl Watches {
         }
         found
     }
+}
+
+/// The directory of `file` and, where it is a symlink, of each link it leads through: certbot's
+/// `live/NAME/fullchain.pem` links into `archive/NAME/`, and a renewal writes a new file there and
+/// switches the link in `live/NAME/`, neither of which is the directory of a path such as
+/// `/etc/portcullis/tls/fullchain.pem` that links to it.
+fn link_dirs(file: &Path) -> Vec<PathBuf> {
+    let mut dirs = Vec::new();
+    let mut p = file.to_path_buf();
+    // Bounded, as the kernel bounds it: a loop of links ends here.
+    for _ in 0..8 {
+        let parent = p.parent().map(Path::to_path_buf);
+        if let Some(parent) = &parent {
+            dirs.push(dir_or_dot(parent));
+        }
+        match std::fs::read_link(&p) {
+            // A relative target is relative to the link's directory; join keeps an absolute one.
+            Ok(target) => p = parent.map_or(target.clone(), |d| d.join(&target)),
+            Err(_) => break,
+        }
+    }
+    dirs
 }
 
 /// A file's directory as an absolute path: notify keys its watches by absolute path, so `conf`
