@@ -258,6 +258,7 @@ impl App {
         app.record_certificates();
         let m = crate::metrics::metrics();
         m.config_last_reload_success.set(unix_now());
+        m.config_last_reload_successful.set(1);
         Ok(app)
     }
 
@@ -298,9 +299,14 @@ impl App {
             Ok(Reloaded::Applied) => {
                 m.config_reloads.with_label_values(&["success"]).inc();
                 m.config_last_reload_success.set(unix_now());
+                m.config_last_reload_successful.set(1);
             }
-            Ok(Reloaded::Unchanged) => {}
-            Ok(Reloaded::AcmeFailed(_)) | Err(_) => m.config_reloads.with_label_values(&["error"]).inc(),
+            // The files are what runs (a broken config put back as it was, say).
+            Ok(Reloaded::Unchanged) => m.config_last_reload_successful.set(1),
+            Ok(Reloaded::AcmeFailed(_)) | Err(_) => {
+                m.config_reloads.with_label_values(&["error"]).inc();
+                m.config_last_reload_successful.set(0);
+            }
         }
         result
     }
@@ -371,6 +377,8 @@ impl App {
             // Waits until the old responder has let go of its port, which the new one may bind,
             // and until the old tasks have ended, so none installs a certificate after this.
             old.stop().await;
+            // The new tasks set their own (from what each stored of its failures).
+            crate::metrics::metrics().acme_failures.reset();
         }
         self.tls.certs.retain_acme(&labels);
         if let Some(settings) = wanted {

@@ -32,10 +32,12 @@ pub struct Metrics {
     pub session_duration: HistogramVec,
     pub config_reloads: IntCounterVec,
     pub config_last_reload_success: IntGauge,
+    pub config_last_reload_successful: IntGauge,
     pub certificate_not_after: GaugeVec,
     pub client_crl_next_update: GaugeVec,
     pub acme_orders: IntCounterVec,
     pub acme_renewals: IntCounterVec,
+    pub acme_failures: IntGaugeVec,
     pub build_info: IntGaugeVec,
 }
 
@@ -80,6 +82,15 @@ impl Metrics {
         )
         .expect("valid metric");
         r.register(Box::new(last_reload.clone())).expect("unique metric");
+        let reload_ok = IntGauge::with_opts(
+            Opts::new(
+                "config_last_reload_successful",
+                "1 when the files on disk are the running configuration, 0 after a reload failed (until one succeeds)",
+            )
+            .namespace("portcullis"),
+        )
+        .expect("valid metric");
+        r.register(Box::new(reload_ok.clone())).expect("unique metric");
         let not_after = GaugeVec::new(
             Opts::new("certificate_not_after_timestamp_seconds", "Expiry of each served certificate")
                 .namespace("portcullis"),
@@ -184,10 +195,17 @@ impl Metrics {
             ),
             config_reloads: counter(&r, "config_reloads_total", "Configuration reloads by result", &["result"]),
             config_last_reload_success: last_reload,
+            config_last_reload_successful: reload_ok,
             certificate_not_after: not_after,
             client_crl_next_update: crl_next_update,
             acme_orders: counter(&r, "acme_orders_total", "ACME certificate orders by result", &["result"]),
             acme_renewals: counter(&r, "acme_renewals_total", "ACME renewals by result", &["result"]),
+            acme_failures: gauge(
+                &r,
+                "acme_consecutive_failures",
+                "Failed ACME orders in a row for each certificate (0 once one succeeds)",
+                &["certificate"],
+            ),
             build_info: gauge(&r, "build_info", "Build information", &["version"]),
             registry: r,
         };

@@ -331,6 +331,7 @@ impl CertTask {
             Some(r) => (r.failures, Some(to_instant(SystemTime::UNIX_EPOCH + Duration::from_secs(r.next)))),
             None => (0, None),
         };
+        metrics().acme_failures.with_label_values(&[&self.label]).set(i64::from(failures));
         // No planned order before this: a fresh certificate that already looks due (a clock far
         // ahead, a CA issuing very short lifetimes) must not be re-ordered in a loop.
         let mut earliest = tokio::time::Instant::now();
@@ -371,6 +372,7 @@ impl CertTask {
                     failures = 0;
                     retry_at = None;
                     self.clear_retry();
+                    metrics().acme_failures.with_label_values(&[&self.label]).set(0);
                     earliest = tokio::time::Instant::now() + self.settings.retry_min;
                     metrics().acme_orders.with_label_values(&["success"]).inc();
                     if renewal {
@@ -388,6 +390,7 @@ impl CertTask {
                     let wait = backoff(self.settings.retry_min, failures - 1, crate::limits::random_unit());
                     retry_at = Some(tokio::time::Instant::now() + wait);
                     self.save_retry(failures, SystemTime::now() + wait);
+                    metrics().acme_failures.with_label_values(&[&self.label]).set(i64::from(failures));
                     metrics().acme_orders.with_label_values(&["error"]).inc();
                     if renewal {
                         metrics().acme_renewals.with_label_values(&["error"]).inc();

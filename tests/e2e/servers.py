@@ -631,6 +631,25 @@ class RawClient:
             pass
 
 
+def scrape_metrics(admin_port):
+    """The proxy's /metrics page, or None when the admin server does not answer."""
+    import urllib.request
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{admin_port}/metrics", timeout=5) as r:
+            return r.read().decode()
+    except OSError:
+        return None
+
+
+def metric_value(page, series):
+    """The value of `series` (name and labels exactly as exported) on a /metrics page, or None."""
+    for line in (page or "").splitlines():
+        name, _, value = line.rpartition(" ")
+        if name == series:
+            return float(value)
+    return None
+
+
 def wait_for(predicate, timeout=5.0, interval=0.05):
     """Poll until predicate() is truthy; return its value (or the last falsy value)."""
     deadline = time.monotonic() + timeout

@@ -15,7 +15,7 @@ import pytest
 
 from acme_servers import DNS_HOOK, Pebble
 from conftest import DEMO
-from servers import Portcullis, dovecot_imap_route, free_port, portcullis_binary, wait_for
+from servers import Portcullis, dovecot_imap_route, free_port, metric_value, portcullis_binary, scrape_metrics, wait_for
 
 NAME = "mail.example.test"
 
@@ -133,7 +133,9 @@ def test_bad_nonces_fail_the_order_and_the_proxy_keeps_serving(tmp_path, dovecot
             with socket.create_connection(("127.0.0.1", pc.imaps), timeout=5) as raw:
                 with ctx.wrap_socket(raw, server_hostname=NAME) as s:
                     assert s.recv(100).startswith(b"* OK")
-            assert 'portcullis_acme_orders_total{result="error"}' in metrics(pc)
+            page = metrics(pc)
+            assert metric_value(page, 'portcullis_acme_orders_total{result="error"}') >= 1, page
+            assert metric_value(page, f'portcullis_acme_consecutive_failures{{certificate="{NAME}"}}') >= 1, page
         finally:
             pc.stop()
     finally:
@@ -163,6 +165,7 @@ def test_renewal_swaps_under_a_running_session_and_outage_keeps_serving(pebble, 
         assert second != first
         assert session.noop()[0] == "OK" and session.select("INBOX")[0] == "OK"
         session.logout()
+        assert metric_value(metrics(pc), f'portcullis_acme_consecutive_failures{{certificate="{NAME}"}}') == 0
         # The CA goes away: a forced renewal fails, the proxy keeps serving and retries.
         pebble.stop_pebble()
         before = pc.log().count("ACME: order failed")
@@ -170,16 +173,16 @@ def test_renewal_swaps_under_a_running_session_and_outage_keeps_serving(pebble, 
         assert wait_for(lambda: pc.log().count("ACME: order failed") > before, timeout=20), pc.log()
         assert serial(served_certificate(pc.imaps, root, str(tmp_path))) == second
         assert wait_for(lambda: "ACME: will retry" in pc.log())
-        assert "portcullis_acme_orders_total{result=\"error\"}" in metrics(pc)
+        page = metrics(pc)
+        assert metric_value(page, 'portcullis_acme_orders_total{result="error"}') >= 1, page
+        assert metric_value(page, f'portcullis_acme_consecutive_failures{{certificate="{NAME}"}}') >= 1, page
     finally:
         pc.stop()
 
 
 def metrics(pc):
-    import urllib.request
     admin = next(l.split('"')[1] for l in open(pc.config).read().splitlines() if l.startswith("bind = \"127.0.0.1:") and "imaps" not in l)
-    with urllib.request.urlopen(f"http://{admin}/metrics", timeout=5) as r:
-        return r.read().decode()
+    return scrape_metrics(admin.rsplit(":", 1)[1])
 
 
 def test_restart_reuses_account_and_certificate(pebble, tmp_path, dovecot):

@@ -87,11 +87,9 @@ def test_running_out_of_descriptors_is_not_the_backends_fault(tmp_path):
     the proxy's own shortage: the login gets a temporary failure, the error is counted as
     `local_resources`, and the backend is not marked down for everyone else (with health
     checks off, `fall` (3) session failures would mark it down)."""
-    import re
     import subprocess
-    import urllib.request
 
-    from servers import RawClient, open_files_limit, portcullis_binary, wait_for
+    from servers import RawClient, metric_value, open_files_limit, portcullis_binary, scrape_metrics, wait_for
 
     nofile = 64
     dv = Dovecot(str(tmp_path / "dovecot"), {DEMO[0]: DEMO[1]}).start()
@@ -157,18 +155,10 @@ max_connections_per_ip = 0
         assert greeted(waiting, 5)
         waiting.close()
 
-        def scrape():
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{admin}/metrics", timeout=5) as r:
-                    return r.read().decode()
-            except OSError:
-                return None
-
-        assert wait_for(lambda: scrape() is not None, timeout=10)
-        metrics = scrape()
-        m = re.search(r'portcullis_backend_errors_total\{backend="dovecot",reason="local_resources"\} (\d+)', metrics)
-        assert m and int(m.group(1)) >= failures, metrics
-        assert 'portcullis_backend_up{backend="dovecot"} 1' in metrics, metrics
+        metrics = wait_for(lambda: scrape_metrics(admin), timeout=10)
+        local = metric_value(metrics, 'portcullis_backend_errors_total{backend="dovecot",reason="local_resources"}')
+        assert local is not None and local >= failures, metrics
+        assert metric_value(metrics, 'portcullis_backend_up{backend="dovecot"}') == 1, metrics
         assert "backend is down" not in pc.log()
         m = imaplib.IMAP4("127.0.0.1", port, timeout=10)
         m.login(*DEMO)

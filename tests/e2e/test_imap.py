@@ -17,7 +17,7 @@ import time
 
 import pytest
 
-from conftest import DEAD, DEMO, DRIFT, HAPROXY, MASTER, QUOTED, WEIRD, ProxySetup, write_users_file
+from conftest import DEAD, DEMO, DRIFT, HAPROXY, MASTER, QUOTED, WEIRD, ProxySetup, start_proxy, write_users_file
 from servers import (
     CLIENT_IP,
     IMAP4From,
@@ -25,7 +25,9 @@ from servers import (
     RawClient,
     client_tls_context,
     free_port,
+    metric_value,
     portcullis_binary,
+    scrape_metrics,
     wait_for,
     wait_greeting,
 )
@@ -563,33 +565,43 @@ def test_hot_reload_adds_listener_keeps_sessions(own_proxy, dovecot):
     logout_cleanly(a)
 
 
-def test_broken_config_edit_keeps_running(own_proxy):
-    """Invalid TOML written over the config: the running config stays, the error is logged, and
-    `portcullis check` names the file and line (reliability case 76)."""
-    p = own_proxy
-    good = p.setup.text()
-    bad = good + "[[listener]\n"
-    bad_line = good.count("\n") + 1
-    p.pc.write_config(bad)
-    assert wait_for(lambda: "configuration reload failed" in p.log(), timeout=3), p.log()
-    time.sleep(0.3)
+def test_broken_config_edit_keeps_running(dovecot, tmp_path):
+    """Invalid TOML written over the config: the running config stays, the error is logged,
+    `portcullis check` names the file and line, and the reload gauge says so until the file is
+    put right (reliability case 76)."""
+    admin = free_port()
+    p = start_proxy(dovecot, str(tmp_path), admin_port=admin)
+    try:
+        reloaded = 'portcullis_config_last_reload_successful'
+        assert metric_value(scrape_metrics(admin), reloaded) == 1
+        good = p.setup.text()
+        bad = good + "[[listener]\n"
+        bad_line = good.count("\n") + 1
+        p.pc.write_config(bad)
+        assert wait_for(lambda: "configuration reload failed" in p.log(), timeout=3), p.log()
+        time.sleep(0.3)
+        assert metric_value(scrape_metrics(admin), reloaded) == 0
 
-    m = IMAP4SSLFrom("127.0.0.1", p.imaps)
-    assert m.login(*DEMO)[0] == "OK"
-    m.logout()
-    m = IMAP4From("127.0.0.1", p.imap, timeout=10)
-    m.starttls(ssl_context=client_tls_context())
-    assert m.login(*DEMO)[0] == "OK"
-    m.logout()
+        m = IMAP4SSLFrom("127.0.0.1", p.imaps)
+        assert m.login(*DEMO)[0] == "OK"
+        m.logout()
+        m = IMAP4From("127.0.0.1", p.imap, timeout=10)
+        m.starttls(ssl_context=client_tls_context())
+        assert m.login(*DEMO)[0] == "OK"
+        m.logout()
 
-    out = portcullis_check(p.pc.config)
-    assert out.returncode == 1, out
-    assert f"{p.pc.config}:{bad_line}:" in out.stderr, out.stderr
+        out = portcullis_check(p.pc.config)
+        assert out.returncode == 1, out
+        assert f"{p.pc.config}:{bad_line}:" in out.stderr, out.stderr
 
-    p.pc.write_config(good)
-    out = portcullis_check(p.pc.config)
-    assert out.returncode == 0, out.stderr
-    assert "OK (2 listeners, 4 backends)" in out.stdout
+        p.pc.write_config(good)
+        out = portcullis_check(p.pc.config)
+        assert out.returncode == 0, out.stderr
+        assert "OK (2 listeners, 4 backends)" in out.stdout
+        # The file is again what runs: no reload is applied (nothing changed), and the gauge clears.
+        assert wait_for(lambda: metric_value(scrape_metrics(admin), reloaded) == 1, timeout=10), p.log()
+    finally:
+        p.pc.stop()
 
 
 def test_check_names_bad_field(dovecot, tmp_path):

@@ -433,7 +433,7 @@ def test_alert_rules_have_for_severity_and_annotations():
         "PortcullisDown",
         "PortcullisCertificateExpiringSoon",
         "PortcullisCertificateExpiryCritical",
-        "PortcullisAcmeRenewalFailing",
+        "PortcullisAcmeOrderFailing",
         "PortcullisBackendDown",
         "PortcullisNoHealthyBackend",
         "PortcullisLoginFailureRatioHigh",
@@ -620,6 +620,7 @@ def test_template_variables_have_values(stack):
 # the feature's own test instead.
 CONFIGURED_ONLY = {
     "portcullis_client_crl_next_update_timestamp_seconds",  # client_crl_file: test_client_cert.py
+    "portcullis_acme_consecutive_failures",  # [[acme.certificate]]: test_acme.py
 }
 
 
