@@ -753,10 +753,7 @@ impl CertTask {
                     {
                         return Err(format!("{name}: the CA sent a challenge token that is not base64url"));
                     }
-                    let dir = root.join(".well-known/acme-challenge");
-                    std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
-                    let file = dir.join(&ch.token);
-                    std::fs::write(&file, key_auth.as_str()).map_err(|e| format!("{}: {e}", file.display()))?;
+                    let file = write_webroot_token(root, &ch.token, key_auth.as_str())?;
                     cleanup.files.push(file);
                 }
                 AcmeChallenge::TlsAlpn01(_) => {
@@ -1054,6 +1051,27 @@ pub async fn renewal_plan(settings: &AcmeSettings, certs: Arc<CertStore>, ck: &C
     task.planned(ck, &CancellationToken::new()).await
 }
 
+/// Put an HTTP-01 token where the web server serving `root` finds it. The file and the
+/// directories made for it are readable by everyone whatever the process's umask (the shipped
+/// systemd unit's is 0077): the web server runs as another user, and the token is public anyway
+/// (the CA fetches it over plain HTTP).
+fn write_webroot_token(root: &Path, token: &str, content: &str) -> AcmeResult<PathBuf> {
+    use std::os::unix::fs::PermissionsExt;
+    let shown = |p: &Path, e: std::io::Error| format!("{}: {e}", p.display());
+    let mut dir = root.to_path_buf();
+    for part in [".well-known", "acme-challenge"] {
+        dir.push(part);
+        if !dir.is_dir() {
+            std::fs::create_dir(&dir).map_err(|e| shown(&dir, e))?;
+            std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).map_err(|e| shown(&dir, e))?;
+        }
+    }
+    let file = dir.join(token);
+    std::fs::write(&file, content).map_err(|e| shown(&file, e))?;
+    std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o644)).map_err(|e| shown(&file, e))?;
+    Ok(file)
+}
+
 /// A new RSA key and the CSR for `names` (DER, and the key as PEM). The subject is left empty,
 /// as instant-acme does for its own ECDSA CSRs: rcgen's default subject is the common name
 /// "rcgen self signed cert", which a CA reads as one more name to validate, and Let's Encrypt
@@ -1072,6 +1090,22 @@ mod tests {
 
     fn t(secs: u64) -> SystemTime {
         SystemTime::UNIX_EPOCH + Duration::from_secs(secs)
+    }
+
+    #[test]
+    fn webroot_tokens_are_readable_by_the_web_server() {
+        use std::os::unix::fs::PermissionsExt;
+        let root = tempfile::tempdir().unwrap();
+        let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        let file = write_webroot_token(root.path(), "tok_en-1", "tok_en-1.thumb").unwrap();
+        assert_eq!(std::fs::read_to_string(&file).unwrap(), "tok_en-1.thumb");
+        assert_eq!(mode(&file), 0o644);
+        // Whatever mode a file left there had (a umask of 0077 gives 0600).
+        std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o600)).unwrap();
+        let again = write_webroot_token(root.path(), "tok_en-1", "tok_en-1.other").unwrap();
+        assert_eq!((mode(&again), std::fs::read_to_string(&again).unwrap().as_str()), (0o644, "tok_en-1.other"));
+        let dir = root.path().join(".well-known/acme-challenge");
+        assert_eq!((mode(&dir), mode(dir.parent().unwrap())), (0o755, 0o755));
     }
 
     #[test]

@@ -69,6 +69,10 @@ def test_systemd_unit_verifies(tmp_path):
     unit = open(os.path.join(DEPLOY, "systemd", "portcullis.service")).read()
     binary = portcullis_binary()
     assert "ExecStart=/usr/local/bin/portcullis run" in unit and "Type=notify" in unit
+    # `systemctl reload` fails on a broken config instead of reporting success: check first.
+    reloads = [l.split("=", 1)[1] for l in unit.splitlines() if l.startswith("ExecReload=")]
+    assert len(reloads) == 2 and reloads[0].startswith("/usr/local/bin/portcullis check"), reloads
+    assert "kill -HUP $MAINPID" in reloads[1], reloads
     unit = unit.replace("/usr/local/bin/portcullis", binary)
     path = tmp_path / "portcullis.service"
     path.write_text(unit)
