@@ -144,7 +144,7 @@ fn run(config_path: PathBuf) -> anyhow::Result<()> {
         let mut term = signal(SignalKind::terminate())?;
         let mut int = signal(SignalKind::interrupt())?;
         let app = App::start(&config_path).await?;
-        portcullis::config::watch::spawn(app.clone(), hup).context("starting the config watcher")?;
+        portcullis::config::watch::spawn(app.clone(), hup);
         tracing::info!(version = env!("CARGO_PKG_VERSION"), config = %config_path.display(), "portcullis started");
         portcullis::systemd::notify("READY=1");
         spawn_memory_trim();

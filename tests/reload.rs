@@ -177,7 +177,7 @@ async fn kubernetes_configmap_symlink_swap_is_noticed() {
     std::os::unix::fs::symlink("..data/portcullis.toml", d.join("portcullis.toml")).unwrap();
     std::os::unix::fs::symlink("..data/users", d.join("users")).unwrap();
     let app = portcullis::app::App::start(&d.join("portcullis.toml")).await.unwrap();
-    portcullis::config::watch::spawn(app.clone(), hangup()).unwrap();
+    portcullis::config::watch::spawn(app.clone(), hangup());
     login(std::net::SocketAddr::from(([127, 0, 0, 1], pa))).await;
 
     std::os::unix::fs::symlink("..v2", d.join("..data_tmp")).unwrap();
@@ -385,7 +385,7 @@ async fn watched_proxy(
         .replace("passwd_file = \"users\"", &format!("passwd_file = \"{}/{users_file}\"", d.display()));
     std::fs::write(d.join("conf/portcullis.toml"), cfg).unwrap();
     let app = portcullis::app::App::start(&d.join("conf/portcullis.toml")).await.unwrap();
-    portcullis::config::watch::spawn(app.clone(), hangup()).unwrap();
+    portcullis::config::watch::spawn(app.clone(), hangup());
     let addr = app.local_addrs("plain")[0];
     (app, addr)
 }

@@ -323,7 +323,7 @@ async fn certificate_files_changing_on_disk_are_reloaded_and_broken_ones_ignored
 #[tokio::test]
 async fn certificate_change_is_noticed_without_a_signal() {
     let s = setup().await;
-    portcullis::config::watch::spawn(s.proxy.app.clone(), hangup()).unwrap();
+    portcullis::config::watch::spawn(s.proxy.app.clone(), hangup());
     let c = s.pki.client(&[], false);
     let addr = s.proxy.addr("imaps");
     let (pem, key, new_wild) = s.pki.leaf(&["*.example.org"], false);

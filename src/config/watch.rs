@@ -10,6 +10,10 @@
 //! reload itself re-reads through symlinks and skips when no input file changed. A bad file is
 //! logged and the running config stays; while it does, the same 2 s check retries the reload as
 //! soon as what it failed on changes (a certificate in a directory only the new config names).
+//!
+//! Without inotify (the user's instances used up) the proxy still starts: every file is then
+//! looked at on the same 2 s timer (identity, size, times), as are the files of a directory no
+//! watch could be put on (the watch limit reached).
 
 use std::collections::{HashMap, HashSet};
 use std::os::unix::fs::MetadataExt;
@@ -40,17 +44,35 @@ fn dir_id(dir: &Path) -> Option<DirId> {
 
 /// Start the watcher and the SIGHUP handler (`hup`, installed by the caller as early as it can);
 /// both run until the process ends.
-pub fn spawn(app: Arc<App>, mut hup: tokio::signal::unix::Signal) -> Result<(), notify_debouncer_full::notify::Error> {
+pub fn spawn(app: Arc<App>, hup: tokio::signal::unix::Signal) {
+    spawn_with(app, hup, true)
+}
+
+/// `spawn`, with inotify or (`inotify` false, or none to be had) without: without, every file
+/// is looked at on the 2 s timer instead.
+fn spawn_with(app: Arc<App>, mut hup: tokio::signal::unix::Signal, inotify: bool) {
     let (tx, mut rx) = mpsc::channel::<bool>(16);
     let fs_tx = tx.clone();
-    let debouncer = new_debouncer(DEBOUNCE, None, move |res: DebounceEventResult| {
-        if let Ok(events) = res
-            && events.iter().any(|e| changes(&e.event.kind))
-        {
-            let _ = fs_tx.try_send(false);
+    let debouncer = inotify.then(|| {
+        new_debouncer(DEBOUNCE, None, move |res: DebounceEventResult| {
+            if let Ok(events) = res
+                && events.iter().any(|e| changes(&e.event.kind))
+            {
+                let _ = fs_tx.try_send(false);
+            }
+        })
+    });
+    let debouncer = match debouncer {
+        Some(Ok(d)) => Some(d),
+        Some(Err(e)) => {
+            // The user's inotify instances used up (128 by default, shared by every process of
+            // the UID: many containers under one UID on a node) must not stop the proxy.
+            tracing::warn!(error = %e, "cannot watch the config's files (inotify); looking at their sizes and times every 2 s instead (SIGHUP reloads too)");
+            None
         }
-    })?;
-    let mut watches = Watches { debouncer, ids: HashMap::new(), missing: HashSet::new() };
+        None => None,
+    };
+    let mut watches = Watches { debouncer, ids: HashMap::new(), missing: HashSet::new(), polled: None };
     watches.update(&app, true);
     let again = tx.clone();
 
@@ -116,7 +138,6 @@ pub fn spawn(app: Arc<App>, mut hup: tokio::signal::unix::Signal) -> Result<(), 
             }
         }
     });
-    Ok(())
 }
 
 /// Where a failed reload stands, looked at again on the timer: the config's error, or (a config
@@ -142,14 +163,28 @@ impl Failed {
 }
 
 struct Watches {
-    debouncer: notify_debouncer_full::Debouncer<
-        notify_debouncer_full::notify::RecommendedWatcher,
-        notify_debouncer_full::RecommendedCache,
+    /// None without inotify.
+    debouncer: Option<
+        notify_debouncer_full::Debouncer<
+            notify_debouncer_full::notify::RecommendedWatcher,
+            notify_debouncer_full::RecommendedCache,
+        >,
     >,
     /// Watched directories and the inode each watch is on.
     ids: HashMap<PathBuf, DirId>,
     /// Directories that could not be watched (not there, say).
     missing: HashSet<PathBuf>,
+    /// The last look at the files no watch covers (every file, without inotify).
+    polled: Option<Vec<Option<FileStamp>>>,
+}
+
+/// What the timer compares for a file no watch covers: which file it is (a rename puts another
+/// in its place), its size and its modification and change times (through symlinks).
+type FileStamp = (u64, u64, u64, i64, i64, i64, i64);
+
+fn stamp(file: &Path) -> Option<FileStamp> {
+    let m = std::fs::metadata(file).ok()?;
+    Some((m.dev(), m.ino(), m.len(), m.mtime(), m.mtime_nsec(), m.ctime(), m.ctime_nsec()))
 }
 
 impl Watches {
@@ -159,18 +194,19 @@ impl Watches {
     /// Returns whether a directory that was missing or replaced is watched now, under an inode
     /// whose files no reload may have read yet.
     fn update(&mut self, app: &App, refresh: bool) -> bool {
-        let mut dirs: HashSet<PathBuf> =
-            app.runtime().config.watched_files().iter().flat_map(|f| link_dirs(f)).collect();
+        let mut files = app.runtime().config.watched_files();
         // The config file's own directory is always watched, even if the running config came
         // from elsewhere, so a fixed file is noticed.
-        if let Some(p) = app.config_path().parent() {
-            dirs.insert(dir_or_dot(p));
-        }
+        files.push(app.config_path().to_path_buf());
+        let Some(debouncer) = &mut self.debouncer else {
+            return self.poll(&files);
+        };
+        let dirs: HashSet<PathBuf> = files.iter().flat_map(|f| link_dirs(f)).collect();
         self.missing.retain(|d| dirs.contains(d));
         // Directories the config no longer reads from.
         let unused: Vec<PathBuf> = self.ids.keys().filter(|d| !dirs.contains(*d)).cloned().collect();
         for d in unused {
-            let _ = self.debouncer.unwatch(&d);
+            let _ = debouncer.unwatch(&d);
             self.ids.remove(&d);
         }
         let mut found = false;
@@ -181,14 +217,14 @@ impl Watches {
                 Some(old) if Some(*old) == id => false,
                 Some(_) => {
                     // Replaced or gone: the old watch follows the old inode.
-                    let _ = self.debouncer.unwatch(&d);
+                    let _ = debouncer.unwatch(&d);
                     self.ids.remove(&d);
                     true
                 }
                 None => false,
             };
             let watched = match id {
-                Some(id) => match self.debouncer.watch(&d, RecursiveMode::NonRecursive) {
+                Some(id) => match debouncer.watch(&d, RecursiveMode::NonRecursive) {
                     Ok(()) => {
                         self.ids.insert(d.clone(), id);
                         Ok(())
@@ -206,7 +242,19 @@ impl Watches {
                 }
             }
         }
-        found
+        // Files in a directory no watch could be put on (inotify's watch limit reached, say)
+        // are looked at like files without inotify.
+        let unwatched: Vec<PathBuf> =
+            files.into_iter().filter(|f| link_dirs(f).iter().any(|d| self.missing.contains(d))).collect();
+        self.poll(&unwatched) || found
+    }
+
+    /// Whether any of `files` changed since the last look (not at the first).
+    fn poll(&mut self, files: &[PathBuf]) -> bool {
+        let now: Vec<Option<FileStamp>> = files.iter().map(|f| stamp(f)).collect();
+        let changed = self.polled.as_ref().is_some_and(|before| *before != now);
+        self.polled = Some(now);
+        changed
     }
 }
 
@@ -252,6 +300,32 @@ fn changes(kind: &EventKind) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn without_inotify_a_changed_file_is_still_reloaded() {
+        crate::tls::init_crypto();
+        let dir = tempfile::tempdir().unwrap();
+        // One digit changed: the same size, so only the file's times tell.
+        let cfg = |errors: u32| {
+            format!(
+                "[auth]\nsource = \"backend\"\n[limits]\nmax_errors = {errors}\n[[listener]]\nname = \"plain\"\nbind = \"127.0.0.1:0\"\nprotocol = \"imap\"\ntls = \"none\"\n[[backend]]\nname = \"b\"\naddress = \"127.0.0.1:1\"\n[backend.health]\nenabled = false\n[routing.imap]\ndefault = \"b\"\n"
+            )
+        };
+        let path = dir.path().join("p.toml");
+        std::fs::write(&path, cfg(3)).unwrap();
+        let app = App::start(&path).await.unwrap();
+        let hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).unwrap();
+        spawn_with(app.clone(), hup, false);
+        // The watcher's first look, before the change.
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        std::fs::write(&path, cfg(7)).unwrap();
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while app.runtime().config.limits.max_errors != 7 {
+            assert!(tokio::time::Instant::now() < deadline, "the changed file was not reloaded");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        app.shutdown().await;
+    }
     use notify_debouncer_full::notify::event::{CreateKind, ModifyKind, RemoveKind, RenameMode};
 
     #[test]
