@@ -45,22 +45,27 @@ async fn mock_directory_under(
     let base = format!("https://{}", listener.local_addr().unwrap());
     let seen = Arc::new(Mutex::new(Vec::new()));
     let (b2, s2) = (base.clone(), seen.clone());
+    // "flaky-directory": the first directory request gets a 503 (a CA restarting).
+    let flaky = Arc::new(std::sync::atomic::AtomicBool::new(retry_after == "flaky-directory"));
     let rfc3339 =
         |t: SystemTime| time::OffsetDateTime::from(t).format(&time::format_description::well_known::Rfc3339).unwrap();
     let (start, end) = (rfc3339(window.0), rfc3339(window.1));
     tokio::spawn(async move {
         loop {
             let Ok((tcp, _)) = listener.accept().await else { return };
-            let (acceptor, base, seen, start, end) =
-                (acceptor.clone(), b2.clone(), s2.clone(), start.clone(), end.clone());
+            let (acceptor, base, seen, start, end, flaky) =
+                (acceptor.clone(), b2.clone(), s2.clone(), start.clone(), end.clone(), flaky.clone());
             tokio::spawn(async move {
                 let Ok(tls) = acceptor.accept(tcp).await else { return };
                 let svc = hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
                     let path = req.uri().path().to_string();
                     seen.lock().unwrap().push(path.clone());
                     let (base, start, end) = (base.clone(), start.clone(), end.clone());
+                    let fail_once = path == "/dir" && flaky.swap(false, std::sync::atomic::Ordering::SeqCst);
                     async move {
-                        let resp = if path == "/dir" {
+                        let resp = if fail_once {
+                            Response::builder().status(503).body(Full::new(Bytes::new()))
+                        } else if path == "/dir" {
                             let body = format!(
                                 r#"{{"newNonce":"{base}/nonce","newAccount":"{base}/acct","newOrder":"{base}/order","renewalInfo":"{base}/ari"}}"#
                             );
@@ -404,4 +409,49 @@ async fn a_failed_orders_backoff_survives_a_restart() {
     let mut more = settings.clone();
     more.certificates[0].names.push("new.example.test".to_string());
     assert!(run(more).await, "a changed certificate waited out the old backoff");
+}
+
+/// A stored account is replaced only when it cannot be loaded: a CA that fails the directory
+/// request once (restarting) makes the attempt fail and wait for its retry, and the account is
+/// kept, not replaced by a new one (its key lost, the CA's new-account limit spent). One whose
+/// key does not load is put aside as `account.json.unusable` and a new one is asked for.
+#[tokio::test]
+async fn a_stored_account_outlives_a_ca_outage_but_not_a_broken_key() {
+    portcullis::tls::init_crypto();
+    for broken_key in [false, true] {
+        let dir = tempfile::tempdir().unwrap();
+        let now = SystemTime::now();
+        let mode = if broken_key { "21600" } else { "flaky-directory" };
+        let (directory, ca_file, seen) = mock_directory(dir.path(), ten_day_window(now), mode).await;
+        let (config, state) = config_for(dir.path(), &directory, &ca_file);
+        let account = state.join("account.json");
+        if broken_key {
+            let mut creds: serde_json::Value = serde_json::from_slice(&std::fs::read(&account).unwrap()).unwrap();
+            creds["key_pkcs8"] = "AAAA".into();
+            std::fs::write(&account, creds.to_string()).unwrap();
+        }
+        let stored = std::fs::read(&account).unwrap();
+        let certs = Arc::new(portcullis::tls::certs::CertStore::load(&config.tls).unwrap());
+        let stop = tokio_util::sync::CancellationToken::new();
+        let _handle = portcullis::tls::acme::start(config.acme.clone().unwrap(), certs, stop.clone()).await.unwrap();
+        let new_account = |p: &str| p == "/nonce" || p == "/acct";
+        let asked_new = if broken_key {
+            seen_within(&seen, new_account).await
+        } else {
+            // The directory asked for (and refused), then a moment for what would follow.
+            seen_within(&seen, |p| p == "/dir").await;
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            seen.lock().unwrap().iter().any(|p| new_account(p))
+        };
+        stop.cancel();
+        let seen = seen.lock().unwrap().clone();
+        if broken_key {
+            assert!(asked_new, "no new account asked for: {seen:?}");
+            assert_eq!(std::fs::read(state.join("account.json.unusable")).unwrap(), stored);
+        } else {
+            assert!(!asked_new, "a new account was asked for while the CA was down: {seen:?}");
+            assert_eq!(std::fs::read(&account).unwrap(), stored);
+            assert!(seen.iter().any(|p| p == "/dir"), "{seen:?}");
+        }
+    }
 }

@@ -604,16 +604,28 @@ impl CertTask {
             }
             None => Account::builder().map_err(|e| format!("ACME client: {e}")),
         };
-        if let Ok(bytes) = std::fs::read(&path)
-            && let Ok(creds) = serde_json::from_slice::<AccountCredentials>(&bytes)
-        {
-            match builder()?.from_credentials(creds).await {
+        if let Ok(bytes) = std::fs::read(&path) {
+            let restored = match serde_json::from_slice::<AccountCredentials>(&bytes) {
+                Ok(creds) => {
+                    builder()?.from_credentials(creds).await.map_err(|e| (stored_key_unusable(&e), e.to_string()))
+                }
+                Err(e) => Err((true, format!("{}: {e}", path.display()))),
+            };
+            match restored {
                 Ok(a) => {
                     tracing::info!(directory = %self.settings.directory, "ACME: using the stored account");
                     *slot = Some(a.clone());
                     return Ok(a);
                 }
-                Err(e) => tracing::warn!(error = %e, "ACME: stored account unusable; creating a new one"),
+                // Restoring also fetches the CA's directory: a CA down for a moment (or answering
+                // with an error page) is a failed attempt, retried with backoff, never a reason
+                // to replace the account (its key lost for good, the CA's new-account limit spent).
+                Err((false, e)) => return Err(format!("restoring the stored ACME account: {e}")),
+                Err((true, e)) => {
+                    let aside = path.with_extension("json.unusable");
+                    tracing::warn!(error = %e, kept_as = %aside.display(), "ACME: stored account unusable; creating a new one");
+                    std::fs::rename(&path, &aside).map_err(|e| format!("{}: {e}", path.display()))?;
+                }
             }
         }
         let contact: Vec<&str> = self.settings.contact.iter().map(String::as_str).collect();
@@ -1049,6 +1061,12 @@ pub async fn renewal_plan(settings: &AcmeSettings, certs: Arc<CertStore>, ck: &C
         account: Arc::new(tokio::sync::Mutex::new(None)),
     };
     task.planned(ck, &CancellationToken::new()).await
+}
+
+/// Whether restoring a stored account failed on its key (which does not load), rather than on
+/// reaching the CA.
+fn stored_key_unusable(e: &instant_acme::Error) -> bool {
+    matches!(e, instant_acme::Error::KeyRejected | instant_acme::Error::Crypto)
 }
 
 /// Put an HTTP-01 token where the web server serving `root` finds it. The file and the
