@@ -326,7 +326,16 @@ impl App {
         let sockets = bind_all(&runtime.config, &current).await?;
         let running_admin = self.admin.lock().unwrap_or_else(|e| e.into_inner()).as_ref().map(|(a, _, _)| *a);
         let admin = match runtime.config.admin {
-            Some(addr) if Some(addr) != running_admin => Some((addr, bind_admin(addr).await?)),
+            Some(addr) if Some(addr) != running_admin => {
+                let bound = bind_admin(addr).await.map_err(|e| match e {
+                    StartError::Bind { listener, addr, source } => {
+                        let ours = current.keys().map(|k| k.addr).chain(running_admin);
+                        StartError::Bind { listener, addr, source: held_by_us(source, addr, ours) }
+                    }
+                    e => e,
+                })?;
+                Some((addr, bound))
+            }
             _ => None,
         };
         let stop_admin = runtime.config.admin.is_none();
@@ -700,6 +709,27 @@ async fn bind_admin(addr: SocketAddr) -> Result<TcpListener, StartError> {
     crate::admin::bind(addr).await.map_err(|source| StartError::Bind { listener: "admin".into(), addr, source })
 }
 
+/// `source`, or, when it is "address in use" and one of this proxy's own sockets (`ours`, which a
+/// reload would give up only after binding) holds the port on another address, an error that
+/// says so: a port moved between a wildcard and a specific address (`127.0.0.1:993` to
+/// `0.0.0.0:993`) cannot be bound while the old socket listens, and takes a restart.
+fn held_by_us(source: std::io::Error, addr: SocketAddr, mut ours: impl Iterator<Item = SocketAddr>) -> std::io::Error {
+    if source.kind() != std::io::ErrorKind::AddrInUse {
+        return source;
+    }
+    match ours.find(|o| o.port() == addr.port() && *o != addr) {
+        Some(o) => std::io::Error::new(
+            std::io::ErrorKind::AddrInUse,
+            format!(
+                "port {} is held by this proxy's own socket on {o}: moving a port between a wildcard and a \
+                 specific address takes a restart",
+                addr.port()
+            ),
+        ),
+        None => source,
+    }
+}
+
 /// Bind every configured address, reusing sockets that are already bound.
 async fn bind_all(
     config: &Config,
@@ -743,7 +773,7 @@ async fn bind_all(
             let s = listen(*addr, v6only(addr)).map_err(|source| StartError::Bind {
                 listener: l.name.clone(),
                 addr: *addr,
-                source,
+                source: held_by_us(source, *addr, current.keys().map(|k| k.addr)),
             })?;
             out.insert(key, Arc::new(s));
         }

@@ -542,6 +542,28 @@ async fn a_relative_config_path_follows_its_replaced_directory() {
 }
 
 #[tokio::test]
+async fn a_port_moved_to_the_wildcard_address_asks_for_a_restart() {
+    // 127.0.0.1:P to 0.0.0.0:P (and the admin port likewise): the new socket cannot be bound
+    // while the old one listens, and the old one is let go only once the reload has bound
+    // everything. The error says it is the proxy's own socket, and the running config stays.
+    let backend = FakeBackend::start(Behaviour::Normal).await;
+    let (port, admin) = (free_port(), free_port());
+    let with = |host: &str, admin_host: &str| {
+        plain_config(backend.addr, "")
+            .replace("bind = \"127.0.0.1:0\"", &format!("bind = \"{host}:{port}\""))
+            .replace("[limits]", &format!("[admin]\nbind = \"{admin_host}:{admin}\"\n\n[limits]"))
+    };
+    let proxy = Proxy::start(&with("127.0.0.1", "127.0.0.1"), USERS).await;
+    for (host, admin_host, what) in [("0.0.0.0", "127.0.0.1", "listener"), ("127.0.0.1", "0.0.0.0", "admin")] {
+        write_file(&proxy.config_path(), &with(host, admin_host));
+        let e = proxy.app.reload(false).await.unwrap_err().to_string();
+        assert!(e.contains("held by this proxy's own socket") && e.contains("restart"), "{what}: {e}");
+        let mut c = Client::connect(([127, 0, 0, 1], port).into()).await;
+        assert!(c.line().await.starts_with("* OK"), "{what}: the running listener stays");
+    }
+}
+
+#[tokio::test]
 async fn a_reload_that_adds_or_removes_the_ipv4_half_of_a_wildcard_pair_asks_for_a_restart() {
     // `[::]:P` beside `0.0.0.0:P` is bound IPv6-only, alone dual-stack; a listening socket
     // cannot change that, so such a reload fails (the running config stays) rather than leave
