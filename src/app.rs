@@ -673,10 +673,6 @@ impl App {
     /// Stop accepting, let pre-auth sessions say goodbye, and wait up to the grace period for
     /// relayed sessions to end.
     pub async fn shutdown(&self) {
-        // Relayed sessions say goodbye themselves when their grace period is over (the one of the
-        // config they were accepted under); allow them a moment more to do it.
-        let longest = std::time::Duration::from_millis(self.longest_grace_ms.load(Ordering::Relaxed));
-        let grace = self.runtime.load().config.limits.shutdown_grace.max(longest) + std::time::Duration::from_secs(2);
         {
             // A reload in progress finishes first, and none starts after (it would bind and put
             // listening sockets back).
@@ -688,6 +684,11 @@ impl App {
             // backlog.
             self.sockets.lock().unwrap_or_else(|e| e.into_inner()).clear();
         }
+        // Relayed sessions say goodbye themselves when their grace period is over (the one of the
+        // config they were accepted under); allow them a moment more to do it. Read after the
+        // reload lock: a reload that ran until then may have raised it for sessions it accepted.
+        let longest = std::time::Duration::from_millis(self.longest_grace_ms.load(Ordering::Relaxed));
+        let grace = self.runtime.load().config.limits.shutdown_grace.max(longest) + std::time::Duration::from_secs(2);
         // An ACME order in progress removes its challenge material (DNS records, webroot files)
         // before the process ends.
         if let Some(acme) = self.acme.lock().await.take() {
