@@ -31,16 +31,27 @@ pub fn reloading() {
     notify(&format!("RELOADING=1\nMONOTONIC_USEC={usec}"));
 }
 
-fn nix_monotonic_usec() -> u128 {
-    // CLOCK_MONOTONIC as seen by /proc/uptime is close enough for systemd's ordering check.
-    std::fs::read_to_string("/proc/uptime")
-        .ok()
-        .and_then(|s| s.split_whitespace().next().and_then(|f| f.parse::<f64>().ok()))
-        .map_or(0, |secs| (secs * 1_000_000.0) as u128)
+fn nix_monotonic_usec() -> u64 {
+    std::fs::read_to_string("/proc/uptime").ok().and_then(|s| usec_not_before_monotonic(&s)).unwrap_or(0)
+}
+
+/// From /proc/uptime, a time in microseconds that is not before CLOCK_MONOTONIC's now, which
+/// systemd compares with when it asked for the reload: uptime is CLOCK_BOOTTIME (monotonic
+/// plus time suspended, never less) cut to hundredths, so the next hundredth is never early.
+fn usec_not_before_monotonic(uptime: &str) -> Option<u64> {
+    let (secs, hundredths) = uptime.split_whitespace().next()?.split_once('.')?;
+    let (secs, hundredths) = (secs.parse::<u64>().ok()?, hundredths.parse::<u64>().ok()?);
+    Some(secs * 1_000_000 + (hundredths + 1) * 10_000)
 }
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn the_reload_timestamp_is_rounded_up() {
+        assert_eq!(super::usec_not_before_monotonic("12345.67 9876.54\n"), Some(12_345_680_000));
+        assert_eq!(super::usec_not_before_monotonic("7.99 1.00"), Some(8_000_000));
+        assert_eq!(super::usec_not_before_monotonic("nonsense"), None);
+    }
     #[test]
     fn notifies_the_socket() {
         let dir = tempfile::tempdir().unwrap();
