@@ -421,112 +421,133 @@ async fn preauth(ctx: &SessionCtx, tcp: TcpStream, deadline: Instant) -> Result<
                     }
                 }
             };
-            match attempt {
-                Ok((mut logged_in, user, backend_name, guard, user_slot)) => {
-                    count_login(lc, req.mechanism, "success");
-                    // Taken, not cloned: nothing of the login dialogue stays in memory for the
-                    // (long, idle) life of the session.
-                    let untagged = std::mem::take(&mut logged_in.untagged);
-                    let reply = std::mem::take(&mut logged_in.reply);
-                    let mut to_client = front.success_reply(untagged, reply);
-                    to_client.append(&mut logged_in.leftover);
-                    let too_long = front.goodbye(Goodbye::LineTooLong);
-                    let goodbye = front.goodbye(Goodbye::Shutdown);
-                    let Some(pipelined) = front.into_pipelined() else {
-                        let _ = stream.write_all(too_long).await;
-                        return Err(Outcome::PreAuth(CloseReason::LineTooLong.as_str()));
+            let (mut logged_in, user, backend_name, guard, user_slot) = match attempt {
+                Ok(logged_in) => logged_in,
+                Err(e) => {
+                    // What to answer; whether it counts toward max_auth_attempts; until when to
+                    // wait first; whether it ends the connection whatever the count.
+                    let (failure, counted, until, closes) = match e {
+                        LoginError::Unavailable(why) => {
+                            count_login(lc, req.mechanism, why);
+                            // Not the user's failure (not counted, not throttled), but paced
+                            // like one: a client looping on LOGIN during an outage would
+                            // otherwise send the auth service or the backends a request per
+                            // round trip for the whole login window (reliability cases 54, 61).
+                            (LoginFailure::Unavailable, false, Some(fail_at), false)
+                        }
+                        LoginError::InUse => {
+                            count_login(lc, req.mechanism, "mailbox_in_use");
+                            // Not the user's credentials (not logged for fail2ban, not
+                            // throttled), but each try costs a backend login: paced and counted.
+                            (LoginFailure::InUse, true, Some(fail_at), false)
+                        }
+                        LoginError::Bad { user, reason } => {
+                            count_login(lc, req.mechanism, "bad_credentials");
+                            logging::login_failed(
+                                ctx.peer.ip(),
+                                user.as_deref(),
+                                lc.protocol.as_str(),
+                                &lc.name,
+                                reason,
+                            );
+                            (LoginFailure::BadCredentials, true, Some(fail_at), false)
+                        }
+                        LoginError::Throttled { user } => {
+                            count_login(lc, req.mechanism, "throttled");
+                            logging::login_failed(
+                                ctx.peer.ip(),
+                                user.as_deref(),
+                                lc.protocol.as_str(),
+                                &lc.name,
+                                "throttled",
+                            );
+                            // The throttle's own wait was the pace.
+                            (LoginFailure::Throttled, true, None, false)
+                        }
+                        LoginError::ClientRefused { temporary } => {
+                            count_login(lc, req.mechanism, "client_refused");
+                            // Not the user's credentials, but each try costs a backend login.
+                            let (text, code) = if temporary {
+                                ("The mail server cannot take your EHLO name now, try again later.", "454 4.7.0")
+                            } else {
+                                ("The mail server refused your EHLO name.", "550 5.7.1")
+                            };
+                            let failure =
+                                LoginFailure::Message { text: text.into(), smtp_code: Some(code.into()), temporary };
+                            (failure, true, Some(fail_at), false)
+                        }
+                        LoginError::TooManySessions { user } => {
+                            count_login(lc, req.mechanism, "too_many_sessions");
+                            tracing::info!(session = %ctx.id, user = %logging::safe_user(Some(&user)), "too many sessions for user");
+                            let failure = LoginFailure::Message {
+                                text: "Too many sessions for this user, try again later.".into(),
+                                smtp_code: Some("454 4.7.0".into()),
+                                temporary: true,
+                            };
+                            // Each try cost a password check.
+                            (failure, true, Some(fail_at), false)
+                        }
+                        LoginError::Denied { user, text, wait, code } => {
+                            count_login(lc, req.mechanism, "denied");
+                            logging::login_failed(
+                                ctx.peer.ip(),
+                                user.as_deref(),
+                                lc.protocol.as_str(),
+                                &lc.name,
+                                "denied",
+                            );
+                            // nginx semantics: with Auth-Wait, wait and let the client retry;
+                            // without, answer and close.
+                            let failure = LoginFailure::Message { text, smtp_code: code, temporary: wait.is_some() };
+                            (failure, true, wait.map(|w| (Instant::now() + w).min(deadline)), wait.is_none())
+                        }
                     };
-                    let mut backend_starttls = false;
-                    if let Some(exts) = logged_in.extensions.take() {
-                        backend_starttls = crate::protocol::smtp::back::has(&exts, "STARTTLS");
-                        ctx.ehlo.update(&backend_name, &exts);
+                    if counted {
+                        failures += 1;
                     }
-                    tracing::debug!(session = %ctx.id, backend = %backend_name, mechanism = req.mechanism.as_str(), "login ok");
-                    let backend = logged_in;
-                    return Ok(Authenticated {
-                        client: stream,
-                        backend,
-                        to_client,
-                        user,
-                        backend_name,
-                        pipelined,
-                        slots: Some((guard, user_slot)),
-                        backend_starttls,
-                        goodbye,
-                    });
-                }
-                Err(LoginError::Unavailable(why)) => {
-                    count_login(lc, req.mechanism, why);
-                    // Not the user's failure (not counted, not throttled), but paced like one:
-                    // a client looping on LOGIN during an outage would otherwise send the auth
-                    // service or the backends a request per round trip for the whole login
-                    // window (reliability cases 54, 61).
-                    tokio::time::sleep_until(fail_at).await;
-                    fail(&mut front, &mut stream, LoginFailure::Unavailable, 0, u32::MAX).await?;
-                }
-                Err(LoginError::InUse) => {
-                    count_login(lc, req.mechanism, "mailbox_in_use");
-                    // Not the user's credentials (not logged for fail2ban, not throttled), but
-                    // each try costs a backend login: paced and counted like a failure.
-                    failures += 1;
-                    tokio::time::sleep_until(fail_at).await;
-                    fail(&mut front, &mut stream, LoginFailure::InUse, failures, limits.max_auth_attempts).await?;
-                }
-                Err(LoginError::Bad { user, reason }) => {
-                    count_login(lc, req.mechanism, "bad_credentials");
-                    logging::login_failed(ctx.peer.ip(), user.as_deref(), lc.protocol.as_str(), &lc.name, reason);
-                    failures += 1;
-                    tokio::time::sleep_until(fail_at).await;
-                    fail(&mut front, &mut stream, LoginFailure::BadCredentials, failures, limits.max_auth_attempts)
-                        .await?;
-                }
-                Err(LoginError::Throttled { user }) => {
-                    count_login(lc, req.mechanism, "throttled");
-                    logging::login_failed(ctx.peer.ip(), user.as_deref(), lc.protocol.as_str(), &lc.name, "throttled");
-                    failures += 1;
-                    fail(&mut front, &mut stream, LoginFailure::Throttled, failures, limits.max_auth_attempts).await?;
-                }
-                Err(LoginError::ClientRefused { temporary }) => {
-                    count_login(lc, req.mechanism, "client_refused");
-                    // Not the user's credentials (not logged for fail2ban, not throttled), but
-                    // each try costs a backend login: paced and counted like a failure.
-                    failures += 1;
-                    tokio::time::sleep_until(fail_at).await;
-                    let (text, code) = if temporary {
-                        ("The mail server cannot take your EHLO name now, try again later.", "454 4.7.0")
-                    } else {
-                        ("The mail server refused your EHLO name.", "550 5.7.1")
-                    };
-                    let failure = LoginFailure::Message { text: text.into(), smtp_code: Some(code.into()), temporary };
-                    fail(&mut front, &mut stream, failure, failures, limits.max_auth_attempts).await?;
-                }
-                Err(LoginError::TooManySessions { user }) => {
-                    count_login(lc, req.mechanism, "too_many_sessions");
-                    tracing::info!(session = %ctx.id, user = %logging::safe_user(Some(&user)), "too many sessions for user");
-                    let failure = LoginFailure::Message {
-                        text: "Too many sessions for this user, try again later.".into(),
-                        smtp_code: Some("454 4.7.0".into()),
-                        temporary: true,
-                    };
-                    // Each try cost a password check: paced and counted like a failure.
-                    failures += 1;
-                    tokio::time::sleep_until(fail_at).await;
-                    fail(&mut front, &mut stream, failure, failures, limits.max_auth_attempts).await?;
-                }
-                Err(LoginError::Denied { user, text, wait, code }) => {
-                    count_login(lc, req.mechanism, "denied");
-                    logging::login_failed(ctx.peer.ip(), user.as_deref(), lc.protocol.as_str(), &lc.name, "denied");
-                    failures += 1;
-                    // nginx semantics: with Auth-Wait, wait and let the client retry; without,
-                    // answer and close.
-                    if let Some(w) = wait {
-                        tokio::time::sleep_until((Instant::now() + w).min(deadline)).await;
+                    if let Some(until) = until {
+                        tokio::time::sleep_until(until).await;
                     }
-                    let failure = LoginFailure::Message { text, smtp_code: code, temporary: wait.is_some() };
-                    let max = if wait.is_some() { limits.max_auth_attempts } else { failures };
-                    fail(&mut front, &mut stream, failure, failures, max).await?;
+                    let (count, max) = match (counted, closes) {
+                        (false, _) => (0, u32::MAX),
+                        (true, true) => (failures, failures),
+                        (true, false) => (failures, limits.max_auth_attempts),
+                    };
+                    fail(&mut front, &mut stream, failure, count, max).await?;
+                    continue;
                 }
+            };
+            count_login(lc, req.mechanism, "success");
+            // Taken, not cloned: nothing of the login dialogue stays in memory for the
+            // (long, idle) life of the session.
+            let untagged = std::mem::take(&mut logged_in.untagged);
+            let reply = std::mem::take(&mut logged_in.reply);
+            let mut to_client = front.success_reply(untagged, reply);
+            to_client.append(&mut logged_in.leftover);
+            let too_long = front.goodbye(Goodbye::LineTooLong);
+            let goodbye = front.goodbye(Goodbye::Shutdown);
+            let Some(pipelined) = front.into_pipelined() else {
+                let _ = stream.write_all(too_long).await;
+                return Err(Outcome::PreAuth(CloseReason::LineTooLong.as_str()));
+            };
+            let mut backend_starttls = false;
+            if let Some(exts) = logged_in.extensions.take() {
+                backend_starttls = crate::protocol::smtp::back::has(&exts, "STARTTLS");
+                ctx.ehlo.update(&backend_name, &exts);
             }
+            tracing::debug!(session = %ctx.id, backend = %backend_name, mechanism = req.mechanism.as_str(), "login ok");
+            let backend = logged_in;
+            return Ok(Authenticated {
+                client: stream,
+                backend,
+                to_client,
+                user,
+                backend_name,
+                pipelined,
+                slots: Some((guard, user_slot)),
+                backend_starttls,
+                goodbye,
+            });
         }
         // STARTTLS: the front end checked that no plaintext is buffered; upgrade and start over
         // with a fresh front end (pre-TLS state is forgotten).
