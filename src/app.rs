@@ -718,7 +718,9 @@ fn held_by_us(source: std::io::Error, addr: SocketAddr, mut ours: impl Iterator<
     if source.kind() != std::io::ErrorKind::AddrInUse {
         return source;
     }
-    match ours.find(|o| o.port() == addr.port() && *o != addr) {
+    // A wildcard takes the port on every address of its family ([::], dual-stack, on IPv4 too).
+    let covers = |w: &SocketAddr, other: &SocketAddr| w.ip().is_unspecified() && (w.is_ipv6() || other.is_ipv4());
+    match ours.find(|o| o.port() == addr.port() && *o != addr && (covers(o, &addr) || covers(&addr, o))) {
         Some(o) => std::io::Error::new(
             std::io::ErrorKind::AddrInUse,
             format!(

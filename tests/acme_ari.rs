@@ -376,8 +376,9 @@ async fn a_failed_orders_backoff_survives_a_restart() {
     let (directory, ca_file, seen) = mock_directory(dir.path(), ten_day_window(now), "21600").await;
     let (config, state) = config_for(dir.path(), &directory, &ca_file);
     let settings = config.acme.clone().unwrap();
+    let retry = state.join("certs/mail.example.test.retry");
     let run = |settings: portcullis::config::AcmeSettings| {
-        let (tls, seen) = (config.tls.clone(), seen.clone());
+        let (tls, seen, retry) = (config.tls.clone(), seen.clone(), retry.clone());
         async move {
             seen.lock().unwrap().clear();
             let certs = Arc::new(portcullis::tls::certs::CertStore::load(&tls).unwrap());
@@ -385,7 +386,14 @@ async fn a_failed_orders_backoff_survives_a_restart() {
             let handle = portcullis::tls::acme::start(settings, certs, stop.clone()).await.unwrap();
             // An order tried (the mock has none to give: it fails), or 10 s without one.
             let ordered = seen_within(&seen, an_order).await;
-            tokio::time::sleep(Duration::from_millis(300)).await;
+            // The failure recorded (the retry file written) before the manager stops.
+            for _ in 0..100 {
+                if !ordered || retry.exists() {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
             stop.cancel();
             drop(handle);
             tokio::time::sleep(Duration::from_millis(300)).await;
@@ -394,7 +402,6 @@ async fn a_failed_orders_backoff_survives_a_restart() {
     };
     // No certificate yet: ordered at once, and it fails.
     assert!(run(settings.clone()).await, "the first start did not order");
-    let retry = state.join("certs/mail.example.test.retry");
     let kept: serde_json::Value = serde_json::from_slice(&std::fs::read(&retry).unwrap()).unwrap();
     assert_eq!(kept["failures"], 1, "{kept}");
     let next = kept["next"].as_u64().unwrap();
@@ -454,4 +461,25 @@ async fn a_stored_account_outlives_a_ca_outage_but_not_a_broken_key() {
             assert!(seen.iter().any(|p| p == "/dir"), "{seen:?}");
         }
     }
+}
+
+/// A stored account that cannot be read (here a directory in its place; in life a permission
+/// or I/O error) is not taken for a missing one: no new account is asked for.
+#[tokio::test]
+async fn an_unreadable_stored_account_is_not_replaced() {
+    portcullis::tls::init_crypto();
+    let dir = tempfile::tempdir().unwrap();
+    let now = SystemTime::now();
+    let (directory, ca_file, seen) = mock_directory(dir.path(), ten_day_window(now), "21600").await;
+    let (config, state) = config_for(dir.path(), &directory, &ca_file);
+    std::fs::remove_file(state.join("account.json")).unwrap();
+    std::fs::create_dir(state.join("account.json")).unwrap();
+    let certs = Arc::new(portcullis::tls::certs::CertStore::load(&config.tls).unwrap());
+    let stop = tokio_util::sync::CancellationToken::new();
+    let _handle = portcullis::tls::acme::start(config.acme.clone().unwrap(), certs, stop.clone()).await.unwrap();
+    // The order starts at once (no certificate yet); give it a moment to get to the account.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    stop.cancel();
+    let seen = seen.lock().unwrap().clone();
+    assert!(!seen.iter().any(|p| p == "/nonce" || p == "/acct"), "a new account was asked for: {seen:?}");
 }

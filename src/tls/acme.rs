@@ -522,7 +522,13 @@ impl CertTask {
             return None;
         }
         let now = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default().as_secs();
-        r.next = r.next.min(now + MAX_BACKOFF.mul_f64(1.25).as_secs());
+        let longest = MAX_BACKOFF.mul_f64(1.25).as_secs();
+        // Long past: left by a run that stopped ordering (the certificate taken out of the
+        // config, and now back), not a backoff still running.
+        if r.next.saturating_add(longest) < now {
+            return None;
+        }
+        r.next = r.next.min(now + longest);
         Some(r)
     }
 
@@ -604,7 +610,13 @@ impl CertTask {
             }
             None => Account::builder().map_err(|e| format!("ACME client: {e}")),
         };
-        if let Ok(bytes) = std::fs::read(&path) {
+        let stored = match std::fs::read(&path) {
+            Ok(bytes) => Some(bytes),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+            // Unreadable (permissions, I/O): retried, never replaced by a new account.
+            Err(e) => return Err(format!("{}: {e}", path.display())),
+        };
+        if let Some(bytes) = stored {
             let restored = match serde_json::from_slice::<AccountCredentials>(&bytes) {
                 Ok(creds) => {
                     builder()?.from_credentials(creds).await.map_err(|e| (stored_key_unusable(&e), e.to_string()))
@@ -1076,12 +1088,17 @@ fn stored_key_unusable(e: &instant_acme::Error) -> bool {
 fn write_webroot_token(root: &Path, token: &str, content: &str) -> AcmeResult<PathBuf> {
     use std::os::unix::fs::PermissionsExt;
     let shown = |p: &Path, e: std::io::Error| format!("{}: {e}", p.display());
-    let mut dir = root.to_path_buf();
-    for part in [".well-known", "acme-challenge"] {
-        dir.push(part);
-        if !dir.is_dir() {
-            std::fs::create_dir(&dir).map_err(|e| shown(&dir, e))?;
-            std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).map_err(|e| shown(&dir, e))?;
+    let dir = root.join(".well-known/acme-challenge");
+    std::fs::create_dir_all(&dir).map_err(|e| shown(&dir, e))?;
+    // Also when they were made before (by an earlier version under the same umask): a
+    // directory the web server cannot enter fails every validation. Not ours to change (EPERM):
+    // the web server's owner set it up.
+    for d in [root.join(".well-known"), dir.clone()] {
+        let mode = std::fs::metadata(&d).map(|m| m.permissions().mode() & 0o777).unwrap_or(0o755);
+        if mode & 0o055 != 0o055
+            && let Err(e) = std::fs::set_permissions(&d, std::fs::Permissions::from_mode(mode | 0o755))
+        {
+            tracing::warn!(dir = %d.display(), error = %e, "ACME: the web server may not be able to read the challenge directory");
         }
     }
     let file = dir.join(token);
@@ -1118,11 +1135,12 @@ mod tests {
         let file = write_webroot_token(root.path(), "tok_en-1", "tok_en-1.thumb").unwrap();
         assert_eq!(std::fs::read_to_string(&file).unwrap(), "tok_en-1.thumb");
         assert_eq!(mode(&file), 0o644);
-        // Whatever mode a file left there had (a umask of 0077 gives 0600).
+        // Whatever mode a file or directory left there had (a umask of 0077 gives 0600 and 0700).
+        let dir = root.path().join(".well-known/acme-challenge");
         std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o600)).unwrap();
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700)).unwrap();
         let again = write_webroot_token(root.path(), "tok_en-1", "tok_en-1.other").unwrap();
         assert_eq!((mode(&again), std::fs::read_to_string(&again).unwrap().as_str()), (0o644, "tok_en-1.other"));
-        let dir = root.path().join(".well-known/acme-challenge");
         assert_eq!((mode(&dir), mode(dir.parent().unwrap())), (0o755, 0o755));
     }
 
