@@ -62,8 +62,30 @@ async fn mock_directory_under(
                     seen.lock().unwrap().push(path.clone());
                     let (base, start, end) = (base.clone(), start.clone(), end.clone());
                     let fail_once = path == "/dir" && flaky.swap(false, std::sync::atomic::Ordering::SeqCst);
+                    let seen = seen.clone();
                     async move {
-                        let resp = if fail_once {
+                        // "orders": nonces are given, and each new order's JWS payload is noted
+                        // (as "/order PAYLOAD") and refused as malformed.
+                        let orders = retry_after == "orders";
+                        let resp = if orders && path == "/nonce" {
+                            Response::builder().header("replay-nonce", "bW9jaw").body(Full::new(Bytes::new()))
+                        } else if orders && path == "/order" {
+                            use base64::Engine;
+                            use http_body_util::BodyExt;
+                            let body = req.into_body().collect().await.map(|b| b.to_bytes()).unwrap_or_default();
+                            let jws: serde_json::Value = serde_json::from_slice(&body).unwrap_or_default();
+                            let payload = base64::engine::general_purpose::URL_SAFE_NO_PAD
+                                .decode(jws["payload"].as_str().unwrap_or_default())
+                                .unwrap_or_default();
+                            seen.lock().unwrap().push(format!("/order {}", String::from_utf8_lossy(&payload)));
+                            Response::builder()
+                                .status(400)
+                                .header("content-type", "application/problem+json")
+                                .header("replay-nonce", "bW9jaw")
+                                .body(Full::new(Bytes::from(
+                                    r#"{"type":"urn:ietf:params:acme:error:malformed","detail":"mock"}"#,
+                                )))
+                        } else if fail_once {
                             Response::builder().status(503).body(Full::new(Bytes::new()))
                         } else if path == "/dir" {
                             let body = format!(
@@ -78,7 +100,7 @@ async fn mock_directory_under(
                             let body = format!(r#"{{"suggestedWindow":{{"start":"{start}","end":"{end}"}}}}"#);
                             Response::builder()
                                 .header("content-type", "application/json")
-                                .header("retry-after", retry_after)
+                                .header("retry-after", if orders { "21600" } else { retry_after })
                                 .body(Full::new(Bytes::from(body)))
                         } else {
                             Response::builder().status(404).body(Full::new(Bytes::new()))
@@ -482,4 +504,55 @@ async fn an_unreadable_stored_account_is_not_replaced() {
     stop.cancel();
     let seen = seen.lock().unwrap().clone();
     assert!(!seen.iter().any(|p| p == "/nonce" || p == "/acct"), "a new account was asked for: {seen:?}");
+}
+
+/// A renewal names the certificate it replaces (RFC 9773 §5, which exempts it from Let's
+/// Encrypt's new-order limits); refused as such, it is ordered again as a new one. A first
+/// certificate names none.
+#[tokio::test]
+async fn a_renewal_names_the_certificate_it_replaces() {
+    portcullis::tls::init_crypto();
+    for stored in [true, false] {
+        let dir = tempfile::tempdir().unwrap();
+        let now = SystemTime::now();
+        // A window already open: the stored certificate is renewed at once.
+        let window = (now - Duration::from_secs(3600), now - Duration::from_secs(1800));
+        let (directory, ca_file, seen) = mock_directory(dir.path(), window, "orders").await;
+        let (config, state) = config_for(dir.path(), &directory, &ca_file);
+        let (leaf, leaf_key) = ninety_day_leaf(now);
+        if stored {
+            std::fs::write(state.join("certs/mail.example.test.pem"), leaf.pem()).unwrap();
+            std::fs::write(state.join("certs/mail.example.test.key"), leaf_key.serialize_pem()).unwrap();
+        }
+        let certs = Arc::new(portcullis::tls::certs::CertStore::load(&config.tls).unwrap());
+        let stop = tokio_util::sync::CancellationToken::new();
+        let _handle = portcullis::tls::acme::start(config.acme.clone().unwrap(), certs, stop.clone()).await.unwrap();
+        let want = if stored { 2 } else { 1 };
+        for _ in 0..100 {
+            if seen.lock().unwrap().iter().filter(|p| p.starts_with("/order ")).count() >= want {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        stop.cancel();
+        let orders: Vec<serde_json::Value> = seen
+            .lock()
+            .unwrap()
+            .iter()
+            .filter_map(|p| p.strip_prefix("/order "))
+            .map(|p| serde_json::from_str(p).unwrap())
+            .collect();
+        assert_eq!(orders.len(), want, "stored {stored}: {orders:?}");
+        for o in &orders {
+            assert_eq!(o["identifiers"][0]["value"], "mail.example.test", "{o}");
+        }
+        if stored {
+            let id = instant_acme::CertificateIdentifier::try_from(leaf.der()).unwrap().to_string();
+            assert_eq!(orders[0]["replaces"], id.as_str(), "{:?}", orders[0]);
+            assert!(orders[1].get("replaces").is_none(), "the second try still names it: {:?}", orders[1]);
+        } else {
+            assert!(orders[0].get("replaces").is_none(), "{:?}", orders[0]);
+        }
+    }
 }

@@ -363,7 +363,7 @@ impl CertTask {
             }
             let renewal = current.is_some();
             // Not dropped mid-way when the manager stops: the order notices and cleans up.
-            let result = self.order(&stop).await;
+            let result = self.order(&stop, current.as_deref()).await;
             if stop.is_cancelled() {
                 return;
             }
@@ -664,17 +664,42 @@ impl CertTask {
 
     /// One order, start to finish; each step given up when `stop` fires or the CA stalls.
     /// Challenge material is always cleaned up, also when the order is given up.
-    async fn order(&self, stop: &CancellationToken) -> AcmeResult<Arc<CertifiedKey>> {
+    /// Order the certificate; a renewal names `replacing`, the one it replaces.
+    async fn order(&self, stop: &CancellationToken, replacing: Option<&CertifiedKey>) -> AcmeResult<Arc<CertifiedKey>> {
         tracing::info!(certificate = %self.label, names = ?self.spec.names, challenge = challenge_name(&self.settings.challenge), "ACME: ordering");
         let account = step(stop, STEP_TIMEOUT, "ACME account", self.account()).await?;
         let ids: Vec<Identifier> = self.spec.names.iter().map(|n| Identifier::Dns(n.clone())).collect();
-        let new_order =
-            step(stop, STEP_TIMEOUT, "new order", async { Ok(account.new_order(&NewOrder::new(&ids)).await) });
-        let mut order = match new_order.await? {
+        // RFC 9773 §5: a renewal says which certificate it replaces, and Let's Encrypt leaves
+        // such orders out of its new-order limits. Only to a CA with ARI (instant-acme refuses
+        // it otherwise), and for a certificate this directory issued.
+        let replaces = replacing
+            .filter(|_| self.issued_here())
+            .and_then(|ck| ck.cert.first())
+            .and_then(|leaf| instant_acme::CertificateIdentifier::try_from(leaf).ok())
+            .map(|id| id.into_owned());
+        let place = |replaces: Option<instant_acme::CertificateIdentifier<'static>>| {
+            let ids = &ids;
+            let account = &account;
+            step(stop, STEP_TIMEOUT, "new order", async move {
+                let new = match replaces {
+                    Some(r) => NewOrder::new(ids).replaces(r),
+                    None => NewOrder::new(ids),
+                };
+                Ok(account.new_order(&new).await)
+            })
+        };
+        let mut placed = place(replaces.clone()).await?;
+        if replaces.is_some() && placed.as_ref().is_err_and(|e| !account_unknown(e)) {
+            // Refused as a replacement (no ARI, already replaced, not this account's): the
+            // renewal matters more than the exemption.
+            if let Err(e) = &placed {
+                tracing::warn!(certificate = %self.label, error = %e, "ACME: the CA refused the order as a replacement; ordering it as a new one");
+            }
+            placed = place(None).await?;
+        }
+        let mut order = match placed {
             Ok(o) => o,
-            Err(instant_acme::Error::Api(p))
-                if p.r#type.as_deref().is_some_and(|t| t.ends_with("accountDoesNotExist")) =>
-            {
+            Err(e) if account_unknown(&e) => {
                 // The CA forgot the account (Pebble does on restart): make a new one next time.
                 self.forget_account().await;
                 return Err("the CA does not know the stored account; a new one will be created".into());
@@ -1073,6 +1098,11 @@ pub async fn renewal_plan(settings: &AcmeSettings, certs: Arc<CertStore>, ck: &C
         account: Arc::new(tokio::sync::Mutex::new(None)),
     };
     task.planned(ck, &CancellationToken::new()).await
+}
+
+/// Whether the CA answered that it does not know the account (Pebble forgets them on restart).
+fn account_unknown(e: &instant_acme::Error) -> bool {
+    matches!(e, instant_acme::Error::Api(p) if p.r#type.as_deref().is_some_and(|t| t.ends_with("accountDoesNotExist")))
 }
 
 /// Whether restoring a stored account failed on its key (which does not load), rather than on
