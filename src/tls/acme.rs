@@ -346,7 +346,13 @@ impl CertTask {
                 }
                 (None, _) => (None, false),
                 (Some(ck), _) => match self.plan(ck, &stop).await {
-                    Some((at, recheck)) => (Some(at.max(earliest)), recheck),
+                    Some((at, recheck)) => {
+                        if !recheck && at < earliest {
+                            tracing::warn!(certificate = %self.label, renew_in = ?earliest.saturating_duration_since(tokio::time::Instant::now()),
+                                "ACME: the certificate just issued is already due for renewal: is this host's clock right?");
+                        }
+                        (Some(at.max(earliest)), recheck)
+                    }
                     None => (None, false),
                 },
             };
