@@ -199,6 +199,18 @@ impl ClientAuth {
                     }
                     None => Vec::new(),
                 };
+                // webpki checks revocation below a trust anchor only, and every certificate in
+                // the CA file is one: an issuing CA listed there beside its root, and revoked by
+                // the root's CRL, would go on vouching for its clients (OpenSSL, so nginx, builds
+                // on to the root and checks it). Such a CA is left out.
+                certs.retain(|(cert, _, _)| match revoked_by(cert, &crls) {
+                    Some(by) => {
+                        tracing::warn!(ca = %by.0, crl_issuer = %by.1, file = %path.display(),
+                            "client CA revoked by its issuer's CRL: left out, chains through it are refused");
+                        false
+                    }
+                    None => true,
+                });
                 let builder_error = |e| match e {
                     rustls::server::VerifierBuilderError::InvalidCrl(e) => {
                         format!("{}: not a usable CRL ({e:?})", crl_file.unwrap_or(path).display())
@@ -375,6 +387,22 @@ impl ClientAuth {
 }
 
 /// The CRLs in a PEM file (`-----BEGIN X509 CRL-----`), at least one.
+/// The CA (its name, and its CRL's issuer) if one of `crls`, from the CA's own issuer, lists
+/// it as revoked. Only ever used to leave a CA out, so a CRL is not checked for a signature here
+/// (the verifier checks the ones it uses).
+fn revoked_by(cert: &CertificateDer<'_>, crls: &[CertificateRevocationListDer<'_>]) -> Option<(String, String)> {
+    let (_, c) = x509_parser::parse_x509_certificate(cert.as_ref()).ok()?;
+    if c.subject().as_raw() == c.issuer().as_raw() {
+        return None;
+    }
+    crls.iter().find_map(|crl| {
+        let (_, list) = x509_parser::parse_x509_crl(crl).ok()?;
+        let listed = list.issuer().as_raw() == c.issuer().as_raw()
+            && list.iter_revoked_certificates().any(|r| r.raw_serial() == c.raw_serial());
+        listed.then(|| (rfc2253(c.subject()), rfc2253(list.issuer())))
+    })
+}
+
 fn load_crls(path: &Path) -> Result<Vec<CertificateRevocationListDer<'static>>, String> {
     use rustls::pki_types::pem::PemObject;
     let crls = CertificateRevocationListDer::pem_file_iter(path)
@@ -866,6 +894,47 @@ mod tests {
         .unwrap()
         .pem()
         .unwrap()
+    }
+
+    /// An issuing CA listed in the CA file beside its root, and revoked by the root's CRL, no
+    /// longer vouches for its clients: whether they send it or not, they are refused.
+    #[test]
+    fn a_revoked_issuing_ca_in_the_ca_file_is_left_out() {
+        let root = ca("Example Root");
+        let issuing = {
+            let mut p = CertificateParams::new(Vec::<String>::new()).unwrap();
+            p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+            p.distinguished_name.push(DnType::CommonName, "Example Issuing CA");
+            p.serial_number = Some(rcgen::SerialNumber::from_slice(&[0x1c, 0xa0]));
+            CertifiedIssuer::signed_by(p, KeyPair::generate().unwrap(), &root).unwrap()
+        };
+        let carol = issued("carol", &issuing, -1, 30);
+        let dir = std::env::temp_dir().join(format!("portcullis-revoked-ca-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("ca.pem"), format!("{}{}", root.pem(), issuing.pem())).unwrap();
+        let with = |revoked: &[&[u8]]| {
+            std::fs::write(dir.join("crl.pem"), format!("{}{}", crl(&root, revoked, 7), crl(&issuing, &[], 7)))
+                .unwrap();
+            ClientAuth::new(&ClientCertSettings {
+                mode: VerifyClient::On,
+                ca_file: Some(dir.join("ca.pem")),
+                crl_file: Some(dir.join("crl.pem")),
+                verify_depth: 1,
+            })
+            .unwrap()
+        };
+        let sent_alone = std::slice::from_ref(&carol);
+        let with_issuer = [carol.clone(), issuing.der().clone()];
+        let fine = with(&[&[0x42]]);
+        assert!(matches!(fine.check(Some(sent_alone)), CertCheck::Accepted(_)));
+        assert!(matches!(fine.check(Some(&with_issuer)), CertCheck::Accepted(_)));
+        let revoked = with(&[&[0x1c, 0xa0]]);
+        assert!(
+            matches!(revoked.check(Some(sent_alone)), CertCheck::Refused(_)),
+            "{:?}",
+            revoked.check(Some(sent_alone))
+        );
+        assert_eq!(revoked.check(Some(&with_issuer)), CertCheck::Refused("certificate revoked"));
     }
 
     /// nginx's `ssl_crl`: a revoked certificate is refused in every mode; each issuer needs a
