@@ -488,12 +488,13 @@ fn reason(e: rustls::Error) -> Failure {
 /// period now, from one parse; None if the certificate cannot be parsed.
 /// The facts nginx passes on, whether the certificate is in date, and whether it may
 /// authenticate a TLS client: no extended key usage (any purpose, as OpenSSL reads it), or one
-/// that lists clientAuth or anyExtendedKeyUsage. One parse per handshake for all three.
+/// that lists clientAuth. anyExtendedKeyUsage alone is not enough: OpenSSL's ssl_client purpose
+/// (`xku_reject`) refuses it, and so nginx does. One parse per handshake for all three.
 fn details(leaf: &CertificateDer<'_>) -> Option<(CertDetails, bool, bool)> {
     let (_, cert) = x509_parser::parse_x509_certificate(leaf.as_ref()).ok()?;
     let for_clients = match cert.extended_key_usage() {
         Ok(None) => true,
-        Ok(Some(eku)) => eku.value.client_auth || eku.value.any,
+        Ok(Some(eku)) => eku.value.client_auth,
         Err(_) => false,
     };
     let serial = cert.raw_serial();
@@ -565,7 +566,8 @@ fn rfc2253(name: &x509_parser::x509::X509Name<'_>) -> String {
             for (k, &b) in value.iter().enumerate() {
                 let edge_space = b == b' ' && (k == 0 || k == last);
                 match b {
-                    b',' | b'+' | b'"' | b'\\' | b'<' | b'>' | b';' | b'=' => {
+                    // RFC 2253's specials, as OpenSSL escapes them for nginx (not '=').
+                    b',' | b'+' | b'"' | b'\\' | b'<' | b'>' | b';' => {
                         out.push('\\');
                         out.push(b as char);
                     }
@@ -699,6 +701,12 @@ mod tests {
             let got = p.check(Some(std::slice::from_ref(&cert)));
             assert!(matches!(got, CertCheck::Refused("unsupported certificate purpose")), "{got:?}");
         }
+        // anyExtendedKeyUsage alone, as OpenSSL reads it for a TLS client: not a client's.
+        let mut any = client_params("alice", -1, 30);
+        any.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::Any];
+        let any = any.self_signed(&KeyPair::generate().unwrap()).unwrap().der().clone();
+        let got = policy(VerifyClient::OptionalNoCa, None).check(Some(std::slice::from_ref(&any)));
+        assert!(matches!(got, CertCheck::Refused("unsupported certificate purpose")), "{got:?}");
         let client = client_params("alice", -1, 30).self_signed(&KeyPair::generate().unwrap()).unwrap().der().clone();
         let got = policy(VerifyClient::OptionalNoCa, None).check(Some(std::slice::from_ref(&client)));
         assert!(matches!(got, CertCheck::Accepted(_)), "{got:?}");
@@ -1197,10 +1205,10 @@ mod tests {
     #[test]
     fn names_are_escaped_for_headers() {
         let mut p = CertificateParams::new(Vec::<String>::new()).unwrap();
-        p.distinguished_name.push(DnType::CommonName, "Zoë \"x\"+y;#\r\n ");
+        p.distinguished_name.push(DnType::CommonName, "Zoë \"x\"+y;#=\r\n ");
         let cert = p.self_signed(&KeyPair::generate().unwrap()).unwrap();
         let (d, _, _) = details(cert.der()).unwrap();
-        assert_eq!(d.subject, "CN=Zo\\C3\\AB \\\"x\\\"\\+y\\;#\\0D\\0A\\ ");
+        assert_eq!(d.subject, "CN=Zo\\C3\\AB \\\"x\\\"\\+y\\;#=\\0D\\0A\\ ");
         assert!(d.subject.bytes().all(|b| (0x20..0x7f).contains(&b)));
     }
 
