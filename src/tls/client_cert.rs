@@ -524,7 +524,10 @@ pub(crate) fn client_ca(cert: &CertificateDer<'_>) -> Result<(), String> {
     // anchor included: basicConstraints CA:TRUE; without basicConstraints, a version 1
     // self-signed root or a keyUsage with keyCertSign. Anything else (CA:FALSE, no extension at
     // all as many end-entity certificates have, a broken one) is not a CA.
+    // A keyUsage without keyCertSign rules it out first, CA:TRUE or not (`ku_reject`).
+    let no_cert_sign = matches!(parsed.key_usage(), Ok(Some(ku)) if !ku.value.key_cert_sign());
     let is_ca = match parsed.basic_constraints() {
+        _ if no_cert_sign => false,
         Ok(Some(bc)) => bc.value.ca,
         Ok(None) => {
             let v1_root = parsed.version() == x509_parser::x509::X509Version::V1 && parsed.subject() == parsed.issuer();
@@ -535,7 +538,7 @@ pub(crate) fn client_ca(cert: &CertificateDer<'_>) -> Result<(), String> {
     };
     if !is_ca {
         return Err(format!(
-            "{subject} is not a CA certificate (no basicConstraints CA:TRUE); client certificates are checked against the CAs that issue them"
+            "{subject} is not a CA certificate (no basicConstraints CA:TRUE, or a keyUsage without keyCertSign); client certificates are checked against the CAs that issue them"
         ));
     }
     Ok(())
@@ -740,6 +743,13 @@ mod tests {
         let mut signer = client_params("Signer", -1, 30);
         signer.key_usages = vec![rcgen::KeyUsagePurpose::KeyCertSign];
         assert!(load(&signer.self_signed(&KeyPair::generate().unwrap()).unwrap().pem()).is_ok());
+        // CA:TRUE with a keyUsage that does not allow it to sign certificates: not a CA to
+        // OpenSSL either.
+        let mut no_sign = client_params("No Signer", -1, 30);
+        no_sign.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        no_sign.key_usages = vec![rcgen::KeyUsagePurpose::DigitalSignature];
+        let e = load(&no_sign.self_signed(&KeyPair::generate().unwrap()).unwrap().pem()).unwrap_err();
+        assert!(e.contains("CN=No Signer") && e.contains("not a CA certificate"), "{e}");
         // An expired CA loads (a CA that runs out must not make every later reload fail, a
         // certificate renewal's included), and vouches for no one: "certificate has expired".
         let mut old = client_params("Old CA", -30, -1);
