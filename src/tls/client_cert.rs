@@ -564,7 +564,11 @@ fn rfc2253(name: &x509_parser::x509::X509Name<'_>) -> String {
                 Err(_) => out.push_str(&atv.attr_type().to_id_string()),
             }
             out.push('=');
-            let value = atv.as_str().map(str::as_bytes).unwrap_or(atv.attr_value().data);
+            let converted = value_text(atv.attr_value().tag().0, atv.attr_value().data);
+            let value = match &converted {
+                Some(text) => text.as_bytes(),
+                None => atv.as_str().map(str::as_bytes).unwrap_or(atv.attr_value().data),
+            };
             let last = value.len().saturating_sub(1);
             for (k, &b) in value.iter().enumerate() {
                 let edge_space = b == b' ' && (k == 0 || k == last);
@@ -583,6 +587,24 @@ fn rfc2253(name: &x509_parser::x509::X509Name<'_>) -> String {
         }
     }
     out
+}
+
+/// A name value in one of the wide or legacy string types, as UTF-8, as OpenSSL converts it
+/// before escaping for nginx: BMPString (UTF-16BE, tag 30), UniversalString (UTF-32BE, 28),
+/// T61String (read as Latin-1, 20). None for the others (already ASCII or UTF-8).
+fn value_text(tag: u32, data: &[u8]) -> Option<String> {
+    match tag {
+        30 if data.len().is_multiple_of(2) => {
+            char::decode_utf16(data.chunks_exact(2).map(|c| u16::from_be_bytes([c[0], c[1]])))
+                .collect::<Result<String, _>>()
+                .ok()
+        }
+        28 if data.len().is_multiple_of(4) => {
+            data.chunks_exact(4).map(|c| char::from_u32(u32::from_be_bytes([c[0], c[1], c[2], c[3]]))).collect()
+        }
+        20 => Some(data.iter().map(|&b| char::from(b)).collect()),
+        _ => None,
+    }
 }
 
 /// Asks for a certificate (naming the listener's CAs) and checks the client's signature with its
@@ -1220,6 +1242,22 @@ mod tests {
         let (d, _, _) = details(cert.der()).unwrap();
         assert_eq!(d.subject, "CN=Zo\\C3\\AB \\\"x\\\"\\+y\\;#=\\0D\\0A\\ ");
         assert!(d.subject.bytes().all(|b| (0x20..0x7f).contains(&b)));
+    }
+
+    /// BMPString and the other wide types are printed as their text, as OpenSSL does, not as
+    /// their bytes (`\00a\00l...`).
+    #[test]
+    fn wide_string_names_are_printed_as_text() {
+        let mut p = CertificateParams::new(Vec::<String>::new()).unwrap();
+        let bmp = rcgen::string::BmpString::try_from("Zoë").unwrap();
+        p.distinguished_name.push(DnType::CommonName, rcgen::DnValue::BmpString(bmp));
+        let universal = rcgen::string::UniversalString::try_from("Ünit").unwrap();
+        p.distinguished_name.push(DnType::OrganizationalUnitName, rcgen::DnValue::UniversalString(universal));
+        let cert = p.self_signed(&KeyPair::generate().unwrap()).unwrap();
+        let (d, _, _) = details(cert.der()).unwrap();
+        assert_eq!(d.subject, "OU=\\C3\\9Cnit,CN=Zo\\C3\\AB");
+        assert_eq!(value_text(20, b"caf\xe9").as_deref(), Some("café"));
+        assert_eq!(value_text(30, b"\x00"), None);
     }
 
     #[test]
