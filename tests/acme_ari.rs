@@ -66,7 +66,9 @@ async fn mock_directory_under(
                     async move {
                         // "orders": nonces are given, and each new order's JWS payload is noted
                         // (as "/order PAYLOAD") and refused as malformed.
-                        let orders = retry_after == "orders";
+                        // "orders-limited": refused as rate-limited instead.
+                        let orders = retry_after.starts_with("orders");
+                        let refusal = if retry_after == "orders-limited" { "rateLimited" } else { "malformed" };
                         let resp = if orders && path == "/nonce" {
                             Response::builder().header("replay-nonce", "bW9jaw").body(Full::new(Bytes::new()))
                         } else if orders && path == "/order" {
@@ -82,9 +84,9 @@ async fn mock_directory_under(
                                 .status(400)
                                 .header("content-type", "application/problem+json")
                                 .header("replay-nonce", "bW9jaw")
-                                .body(Full::new(Bytes::from(
-                                    r#"{"type":"urn:ietf:params:acme:error:malformed","detail":"mock"}"#,
-                                )))
+                                .body(Full::new(Bytes::from(format!(
+                                    r#"{{"type":"urn:ietf:params:acme:error:{refusal}","detail":"mock"}}"#
+                                ))))
                         } else if fail_once {
                             Response::builder().status(503).body(Full::new(Bytes::new()))
                         } else if path == "/dir" {
@@ -512,12 +514,13 @@ async fn an_unreadable_stored_account_is_not_replaced() {
 #[tokio::test]
 async fn a_renewal_names_the_certificate_it_replaces() {
     portcullis::tls::init_crypto();
-    for stored in [true, false] {
+    // (a stored certificate to replace, the mock's refusal, orders expected)
+    for (stored, mode, want) in [(true, "orders", 2), (false, "orders", 1), (true, "orders-limited", 1)] {
         let dir = tempfile::tempdir().unwrap();
         let now = SystemTime::now();
         // A window already open: the stored certificate is renewed at once.
         let window = (now - Duration::from_secs(3600), now - Duration::from_secs(1800));
-        let (directory, ca_file, seen) = mock_directory(dir.path(), window, "orders").await;
+        let (directory, ca_file, seen) = mock_directory(dir.path(), window, mode).await;
         let (config, state) = config_for(dir.path(), &directory, &ca_file);
         let (leaf, leaf_key) = ninety_day_leaf(now);
         if stored {
@@ -527,7 +530,6 @@ async fn a_renewal_names_the_certificate_it_replaces() {
         let certs = Arc::new(portcullis::tls::certs::CertStore::load(&config.tls).unwrap());
         let stop = tokio_util::sync::CancellationToken::new();
         let _handle = portcullis::tls::acme::start(config.acme.clone().unwrap(), certs, stop.clone()).await.unwrap();
-        let want = if stored { 2 } else { 1 };
         for _ in 0..100 {
             if seen.lock().unwrap().iter().filter(|p| p.starts_with("/order ")).count() >= want {
                 break;
@@ -543,14 +545,17 @@ async fn a_renewal_names_the_certificate_it_replaces() {
             .filter_map(|p| p.strip_prefix("/order "))
             .map(|p| serde_json::from_str(p).unwrap())
             .collect();
-        assert_eq!(orders.len(), want, "stored {stored}: {orders:?}");
+        // Rate-limited is not a refusal of the replacement: not placed again at once.
+        assert_eq!(orders.len(), want, "stored {stored}, {mode}: {orders:?}");
         for o in &orders {
             assert_eq!(o["identifiers"][0]["value"], "mail.example.test", "{o}");
         }
         if stored {
             let id = instant_acme::CertificateIdentifier::try_from(leaf.der()).unwrap().to_string();
             assert_eq!(orders[0]["replaces"], id.as_str(), "{:?}", orders[0]);
-            assert!(orders[1].get("replaces").is_none(), "the second try still names it: {:?}", orders[1]);
+            if want == 2 {
+                assert!(orders[1].get("replaces").is_none(), "the second try still names it: {:?}", orders[1]);
+            }
         } else {
             assert!(orders[0].get("replaces").is_none(), "{:?}", orders[0]);
         }

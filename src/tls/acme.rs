@@ -349,7 +349,7 @@ impl CertTask {
                     Some((at, recheck)) => {
                         if !recheck && at < earliest {
                             tracing::warn!(certificate = %self.label, renew_in = ?earliest.saturating_duration_since(tokio::time::Instant::now()),
-                                "ACME: the certificate just issued is already due for renewal: is this host's clock right?");
+                                "ACME: the certificate just issued is already due for renewal: the CA's renewal window (ARI) says so, or this host's clock is wrong");
                         }
                         (Some(at.max(earliest)), recheck)
                     }
@@ -695,13 +695,16 @@ impl CertTask {
             })
         };
         let mut placed = place(replaces.clone()).await?;
-        if replaces.is_some() && placed.as_ref().is_err_and(|e| !account_unknown(e)) {
-            // Refused as a replacement (no ARI, already replaced, not this account's): the
-            // renewal matters more than the exemption.
-            if let Err(e) = &placed {
+        // Refused as a replacement (no ARI, already replaced, not this account's certificate):
+        // the renewal matters more than the exemption. Only then: an order the CA may have
+        // made (an answer lost, a 5xx) or will not take now (rate limits) is not placed twice.
+        match &placed {
+            Err(instant_acme::Error::Unsupported(_)) if replaces.is_some() => placed = place(None).await?,
+            Err(e) if replaces.is_some() && refused_as_replacement(e) => {
                 tracing::warn!(certificate = %self.label, error = %e, "ACME: the CA refused the order as a replacement; ordering it as a new one");
+                placed = place(None).await?;
             }
-            placed = place(None).await?;
+            _ => {}
         }
         let mut order = match placed {
             Ok(o) => o,
@@ -1104,6 +1107,15 @@ pub async fn renewal_plan(settings: &AcmeSettings, certs: Arc<CertStore>, ck: &C
         account: Arc::new(tokio::sync::Mutex::new(None)),
     };
     task.planned(ck, &CancellationToken::new()).await
+}
+
+/// Whether a new order naming the certificate it replaces was refused for that (RFC 9773 §5:
+/// `alreadyReplaced`; a certificate the CA does not know or not of this account is `malformed`
+/// or `unauthorized`).
+fn refused_as_replacement(e: &instant_acme::Error) -> bool {
+    matches!(e, instant_acme::Error::Api(p) if p.r#type.as_deref().is_some_and(|t| {
+        ["alreadyReplaced", "malformed", "unauthorized", "conflict"].iter().any(|kind| t.ends_with(kind))
+    }))
 }
 
 /// Whether the CA answered that it does not know the account (Pebble forgets them on restart).

@@ -47,6 +47,9 @@ pub struct ClientAuth {
 struct Cas {
     /// Each CA with its validity (Unix seconds).
     certs: Vec<(CertificateDer<'static>, i64, i64)>,
+    /// CAs from the file that their issuer's CRL revokes: not anchors, but offered after the
+    /// client's intermediates so a chain through one is found revoked.
+    revoked: Vec<CertificateDer<'static>>,
     crls: Vec<CertificateRevocationListDer<'static>>,
     provider: Arc<rustls::crypto::CryptoProvider>,
     /// Over every CA whatever its dates: tells "your CA has expired" from "unknown CA".
@@ -203,10 +206,15 @@ impl ClientAuth {
                 // the CA file is one: an issuing CA listed there beside its root, and revoked by
                 // the root's CRL, would go on vouching for its clients (OpenSSL, so nginx, builds
                 // on to the root and checks it). Such a CA is left out.
+                // It is then offered to the verifier as an intermediate, after the client's own:
+                // the path runs on to its root and its revocation is found ("certificate
+                // revoked", in every mode), where an unknown issuer would pass `optional_no_ca`.
+                let mut revoked = Vec::new();
                 certs.retain(|(cert, _, _)| match revoked_by(cert, &crls) {
                     Some(by) => {
                         tracing::warn!(ca = %by.0, crl_issuer = %by.1, file = %path.display(),
                             "client CA revoked by its issuer's CRL: left out, chains through it are refused");
+                        revoked.push(cert.clone());
                         false
                     }
                     None => true,
@@ -219,6 +227,7 @@ impl ClientAuth {
                 };
                 let mut cas = Cas {
                     certs,
+                    revoked,
                     crls,
                     provider: provider.clone(),
                     all: WebPkiClientVerifier::no_client_auth(),
@@ -330,6 +339,13 @@ impl ClientAuth {
         let allowed = &intermediates[..intermediates.len().min(self.max_intermediates)];
         let verdict = match &self.cas {
             Some(cas) => {
+                let with_revoked: Vec<CertificateDer<'_>>;
+                let allowed = if cas.revoked.is_empty() {
+                    allowed
+                } else {
+                    with_revoked = allowed.iter().chain(&cas.revoked).cloned().collect();
+                    &with_revoked[..]
+                };
                 let now = UnixTime::now();
                 let (v, ca_until, some_out_of_date) = cas.at(i64::try_from(now.as_secs()).unwrap_or(i64::MAX));
                 let result = match &v {
@@ -386,7 +402,6 @@ impl ClientAuth {
     }
 }
 
-/// The CRLs in a PEM file (`-----BEGIN X509 CRL-----`), at least one.
 /// The CA (its name, and its CRL's issuer) if one of `crls`, from the CA's own issuer, lists
 /// it as revoked. Only ever used to leave a CA out, so a CRL is not checked for a signature here
 /// (the verifier checks the ones it uses).
@@ -403,6 +418,7 @@ fn revoked_by(cert: &CertificateDer<'_>, crls: &[CertificateRevocationListDer<'_
     })
 }
 
+/// The CRLs in a PEM file (`-----BEGIN X509 CRL-----`), at least one.
 fn load_crls(path: &Path) -> Result<Vec<CertificateRevocationListDer<'static>>, String> {
     use rustls::pki_types::pem::PemObject;
     let crls = CertificateRevocationListDer::pem_file_iter(path)
@@ -952,11 +968,11 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("portcullis-revoked-ca-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         std::fs::write(dir.join("ca.pem"), format!("{}{}", root.pem(), issuing.pem())).unwrap();
-        let with = |revoked: &[&[u8]]| {
+        let with = |mode, revoked: &[&[u8]]| {
             std::fs::write(dir.join("crl.pem"), format!("{}{}", crl(&root, revoked, 7), crl(&issuing, &[], 7)))
                 .unwrap();
             ClientAuth::new(&ClientCertSettings {
-                mode: VerifyClient::On,
+                mode,
                 ca_file: Some(dir.join("ca.pem")),
                 crl_file: Some(dir.join("crl.pem")),
                 verify_depth: 1,
@@ -965,16 +981,14 @@ mod tests {
         };
         let sent_alone = std::slice::from_ref(&carol);
         let with_issuer = [carol.clone(), issuing.der().clone()];
-        let fine = with(&[&[0x42]]);
+        let fine = with(VerifyClient::On, &[&[0x42]]);
         assert!(matches!(fine.check(Some(sent_alone)), CertCheck::Accepted(_)));
         assert!(matches!(fine.check(Some(&with_issuer)), CertCheck::Accepted(_)));
-        let revoked = with(&[&[0x1c, 0xa0]]);
-        assert!(
-            matches!(revoked.check(Some(sent_alone)), CertCheck::Refused(_)),
-            "{:?}",
-            revoked.check(Some(sent_alone))
-        );
-        assert_eq!(revoked.check(Some(&with_issuer)), CertCheck::Refused("certificate revoked"));
+        for mode in [VerifyClient::On, VerifyClient::OptionalNoCa] {
+            let revoked = with(mode, &[&[0x1c, 0xa0]]);
+            assert_eq!(revoked.check(Some(sent_alone)), CertCheck::Refused("certificate revoked"), "{mode:?}");
+            assert_eq!(revoked.check(Some(&with_issuer)), CertCheck::Refused("certificate revoked"), "{mode:?}");
+        }
     }
 
     /// nginx's `ssl_crl`: a revoked certificate is refused in every mode; each issuer needs a
