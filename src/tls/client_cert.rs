@@ -47,9 +47,10 @@ pub struct ClientAuth {
 struct Cas {
     /// Each CA with its validity (Unix seconds).
     certs: Vec<(CertificateDer<'static>, i64, i64)>,
-    /// CAs from the file that their issuer's CRL revokes: not anchors, but offered after the
-    /// client's intermediates so a chain through one is found revoked.
-    revoked: Vec<CertificateDer<'static>>,
+    /// With CRLs, the file's CAs issued by another CA in it (or revoked): not anchors, but
+    /// offered after the client's intermediates, so the path runs on to the root and their
+    /// revocation is checked.
+    below_root: Vec<CertificateDer<'static>>,
     crls: Vec<CertificateRevocationListDer<'static>>,
     provider: Arc<rustls::crypto::CryptoProvider>,
     /// Over every CA whatever its dates: tells "your CA has expired" from "unknown CA".
@@ -203,22 +204,32 @@ impl ClientAuth {
                     None => Vec::new(),
                 };
                 // webpki checks revocation below a trust anchor only, and every certificate in
-                // the CA file is one: an issuing CA listed there beside its root, and revoked by
-                // the root's CRL, would go on vouching for its clients (OpenSSL, so nginx, builds
-                // on to the root and checks it). Such a CA is left out.
-                // It is then offered to the verifier as an intermediate, after the client's own:
-                // the path runs on to its root and its revocation is found ("certificate
-                // revoked", in every mode), where an unknown issuer would pass `optional_no_ca`.
-                let mut revoked = Vec::new();
-                certs.retain(|(cert, _, _)| match revoked_by(cert, &crls) {
-                    Some(by) => {
-                        tracing::warn!(ca = %by.0, crl_issuer = %by.1, file = %path.display(),
-                            "client CA revoked by its issuer's CRL: left out, chains through it are refused");
-                        revoked.push(cert.clone());
-                        false
-                    }
-                    None => true,
-                });
+                // the CA file would be one: an issuing CA listed there beside its root would go
+                // unchecked, revoked by the root's CRL or with no CRL from the root at all, where
+                // OpenSSL (so nginx) builds on to the root and checks it. With CRLs, such a CA is
+                // no anchor but offered to the verifier after the client's own intermediates, so
+                // the path runs on to its root: "certificate revoked" or "unable to get
+                // certificate CRL", in every mode. One revoked by a CRL whose issuer is not in the
+                // file is left out as well.
+                let mut below_root = Vec::new();
+                if !crls.is_empty() {
+                    let names: Vec<(Vec<u8>, Vec<u8>)> =
+                        certs.iter().filter_map(|(c, _, _)| subject_issuer(c)).collect();
+                    certs.retain(|(cert, _, _)| {
+                        let Some((subject, issuer)) = subject_issuer(cert) else { return true };
+                        let issuer_here = subject != issuer && names.iter().any(|(s, _)| *s == issuer);
+                        let revoked = revoked_by(cert, &crls);
+                        if let Some(by) = &revoked {
+                            tracing::warn!(ca = %by.0, crl_issuer = %by.1, file = %path.display(),
+                                "client CA revoked by its issuer's CRL: chains through it are refused");
+                        }
+                        if issuer_here || revoked.is_some() {
+                            below_root.push(cert.clone());
+                            return false;
+                        }
+                        true
+                    });
+                }
                 let builder_error = |e| match e {
                     rustls::server::VerifierBuilderError::InvalidCrl(e) => {
                         format!("{}: not a usable CRL ({e:?})", crl_file.unwrap_or(path).display())
@@ -227,7 +238,7 @@ impl ClientAuth {
                 };
                 let mut cas = Cas {
                     certs,
-                    revoked,
+                    below_root,
                     crls,
                     provider: provider.clone(),
                     all: WebPkiClientVerifier::no_client_auth(),
@@ -339,12 +350,12 @@ impl ClientAuth {
         let allowed = &intermediates[..intermediates.len().min(self.max_intermediates)];
         let verdict = match &self.cas {
             Some(cas) => {
-                let with_revoked: Vec<CertificateDer<'_>>;
-                let allowed = if cas.revoked.is_empty() {
+                let with_below: Vec<CertificateDer<'_>>;
+                let allowed = if cas.below_root.is_empty() {
                     allowed
                 } else {
-                    with_revoked = allowed.iter().chain(&cas.revoked).cloned().collect();
-                    &with_revoked[..]
+                    with_below = allowed.iter().chain(&cas.below_root).cloned().collect();
+                    &with_below[..]
                 };
                 let now = UnixTime::now();
                 let (v, ca_until, some_out_of_date) = cas.at(i64::try_from(now.as_secs()).unwrap_or(i64::MAX));
@@ -400,6 +411,12 @@ impl ClientAuth {
         };
         CertCheck::Accepted(ClientCertFacts { verify, cert: Some(details) })
     }
+}
+
+/// A certificate's subject and issuer names (DER).
+fn subject_issuer(cert: &CertificateDer<'_>) -> Option<(Vec<u8>, Vec<u8>)> {
+    let (_, c) = x509_parser::parse_x509_certificate(cert.as_ref()).ok()?;
+    Some((c.subject().as_raw().to_vec(), c.issuer().as_raw().to_vec()))
 }
 
 /// The CA (its name, and its CRL's issuer) if one of `crls`, from the CA's own issuer, lists
@@ -952,10 +969,11 @@ mod tests {
         .unwrap()
     }
 
-    /// An issuing CA listed in the CA file beside its root, and revoked by the root's CRL, no
-    /// longer vouches for its clients: whether they send it or not, they are refused.
+    /// An issuing CA listed in the CA file beside its root is checked against the root's CRL as
+    /// nginx checks it: revoked, or with no CRL from the root, its clients are refused whether
+    /// they send it or not, in every mode.
     #[test]
-    fn a_revoked_issuing_ca_in_the_ca_file_is_left_out() {
+    fn an_issuing_ca_in_the_ca_file_is_checked_against_its_roots_crl() {
         let root = ca("Example Root");
         let issuing = {
             let mut p = CertificateParams::new(Vec::<String>::new()).unwrap();
@@ -989,6 +1007,21 @@ mod tests {
             assert_eq!(revoked.check(Some(sent_alone)), CertCheck::Refused("certificate revoked"), "{mode:?}");
             assert_eq!(revoked.check(Some(&with_issuer)), CertCheck::Refused("certificate revoked"), "{mode:?}");
         }
+        // No CRL from the root: the issuing CA's status is unknown, as nginx finds it.
+        std::fs::write(dir.join("crl.pem"), crl(&issuing, &[], 7)).unwrap();
+        let settings =
+            |mode, crl_file| ClientCertSettings { mode, ca_file: Some(dir.join("ca.pem")), crl_file, verify_depth: 1 };
+        for mode in [VerifyClient::On, VerifyClient::OptionalNoCa] {
+            let no_root_crl = ClientAuth::new(&settings(mode, Some(dir.join("crl.pem")))).unwrap();
+            assert_eq!(
+                no_root_crl.check(Some(sent_alone)),
+                CertCheck::Refused("unable to get certificate CRL"),
+                "{mode:?}"
+            );
+        }
+        // Without CRLs nothing is checked for revocation, and both CAs vouch as before.
+        let no_crls = ClientAuth::new(&settings(VerifyClient::On, None)).unwrap();
+        assert!(matches!(no_crls.check(Some(sent_alone)), CertCheck::Accepted(_)));
     }
 
     /// nginx's `ssl_crl`: a revoked certificate is refused in every mode; each issuer needs a
