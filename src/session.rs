@@ -426,6 +426,10 @@ async fn preauth(ctx: &SessionCtx, tcp: TcpStream, deadline: Instant) -> Result<
                 Err(e) => {
                     // What to answer; whether it counts toward max_auth_attempts; until when to
                     // wait first; whether it ends the connection whatever the count.
+                    // The fail2ban line, for the refusals that are the client's own doing.
+                    let login_failed = |user: Option<&str>, reason: &str| {
+                        logging::login_failed(ctx.peer.ip(), user, lc.protocol.as_str(), &lc.name, reason)
+                    };
                     let (failure, counted, until, closes) = match e {
                         LoginError::Unavailable(why) => {
                             count_login(lc, req.mechanism, why);
@@ -443,24 +447,12 @@ async fn preauth(ctx: &SessionCtx, tcp: TcpStream, deadline: Instant) -> Result<
                         }
                         LoginError::Bad { user, reason } => {
                             count_login(lc, req.mechanism, "bad_credentials");
-                            logging::login_failed(
-                                ctx.peer.ip(),
-                                user.as_deref(),
-                                lc.protocol.as_str(),
-                                &lc.name,
-                                reason,
-                            );
+                            login_failed(user.as_deref(), reason);
                             (LoginFailure::BadCredentials, true, Some(fail_at), false)
                         }
                         LoginError::Throttled { user } => {
                             count_login(lc, req.mechanism, "throttled");
-                            logging::login_failed(
-                                ctx.peer.ip(),
-                                user.as_deref(),
-                                lc.protocol.as_str(),
-                                &lc.name,
-                                "throttled",
-                            );
+                            login_failed(user.as_deref(), "throttled");
                             // The throttle's own wait was the pace.
                             (LoginFailure::Throttled, true, None, false)
                         }
@@ -489,13 +481,7 @@ async fn preauth(ctx: &SessionCtx, tcp: TcpStream, deadline: Instant) -> Result<
                         }
                         LoginError::Denied { user, text, wait, code } => {
                             count_login(lc, req.mechanism, "denied");
-                            logging::login_failed(
-                                ctx.peer.ip(),
-                                user.as_deref(),
-                                lc.protocol.as_str(),
-                                &lc.name,
-                                "denied",
-                            );
+                            login_failed(user.as_deref(), "denied");
                             // nginx semantics: with Auth-Wait, wait and let the client retry;
                             // without, answer and close.
                             let failure = LoginFailure::Message { text, smtp_code: code, temporary: wait.is_some() };

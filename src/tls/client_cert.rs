@@ -706,6 +706,19 @@ mod tests {
         CertifiedIssuer::self_signed(p, KeyPair::generate().unwrap()).unwrap()
     }
 
+    /// An intermediate CA named `name`, issued by `by`, with `serial` if given.
+    fn sub_ca(
+        name: &str,
+        by: &CertifiedIssuer<'static, KeyPair>,
+        serial: Option<&[u8]>,
+    ) -> CertifiedIssuer<'static, KeyPair> {
+        let mut p = CertificateParams::new(Vec::<String>::new()).unwrap();
+        p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        p.distinguished_name.push(DnType::CommonName, name);
+        p.serial_number = serial.map(rcgen::SerialNumber::from_slice);
+        CertifiedIssuer::signed_by(p, KeyPair::generate().unwrap(), by).unwrap()
+    }
+
     /// A client certificate for `cn`, valid from `from` to `to` days from now.
     fn client_params(cn: &str, from: i64, to: i64) -> CertificateParams {
         let mut p = CertificateParams::new(Vec::<String>::new()).unwrap();
@@ -975,13 +988,7 @@ mod tests {
     #[test]
     fn an_issuing_ca_in_the_ca_file_is_checked_against_its_roots_crl() {
         let root = ca("Example Root");
-        let issuing = {
-            let mut p = CertificateParams::new(Vec::<String>::new()).unwrap();
-            p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-            p.distinguished_name.push(DnType::CommonName, "Example Issuing CA");
-            p.serial_number = Some(rcgen::SerialNumber::from_slice(&[0x1c, 0xa0]));
-            CertifiedIssuer::signed_by(p, KeyPair::generate().unwrap(), &root).unwrap()
-        };
+        let issuing = sub_ca("Example Issuing CA", &root, Some(&[0x1c, 0xa0]));
         let carol = issued("carol", &issuing, -1, 30);
         let dir = std::env::temp_dir().join(format!("portcullis-revoked-ca-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
@@ -1111,13 +1118,7 @@ mod tests {
         assert_eq!(p.check(Some(std::slice::from_ref(&alice))), CertCheck::Refused("CRL signature failure"));
         // An intermediate's certificates need the intermediate's own CRL: the root's is not
         // enough (the whole chain up to the CAs in the CA file is checked).
-        let intermediate = {
-            let mut p = CertificateParams::new(Vec::<String>::new()).unwrap();
-            p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-            p.distinguished_name.push(DnType::CommonName, "Example Intermediate");
-            p.serial_number = Some(rcgen::SerialNumber::from_slice(&[0x1a]));
-            CertifiedIssuer::signed_by(p, KeyPair::generate().unwrap(), &good_ca).unwrap()
-        };
+        let intermediate = sub_ca("Example Intermediate", &good_ca, Some(&[0x1a]));
         let carol = issued("carol", &intermediate, -1, 30);
         let chain = [carol, intermediate.der().clone()];
         let p = with(VerifyClient::On, &crl(&good_ca, &[], 7)).unwrap();
@@ -1152,12 +1153,7 @@ mod tests {
     #[test]
     fn verify_depth() {
         let root = ca("Example Root");
-        let intermediate = {
-            let mut p = CertificateParams::new(Vec::<String>::new()).unwrap();
-            p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-            p.distinguished_name.push(DnType::CommonName, "Example Intermediate");
-            CertifiedIssuer::signed_by(p, KeyPair::generate().unwrap(), &root).unwrap()
-        };
+        let intermediate = sub_ca("Example Intermediate", &root, None);
         let direct = issued("alice", &root, -1, 30);
         let chain = [issued("carol", &intermediate, -1, 30), intermediate.der().clone()];
         let dir = std::env::temp_dir().join(format!("portcullis-depth-{}", std::process::id()));
@@ -1167,12 +1163,7 @@ mod tests {
             let s = ClientCertSettings { mode, ca_file: Some(dir.join("root.pem")), crl_file: None, verify_depth };
             ClientAuth::new(&s).unwrap()
         };
-        let second = {
-            let mut p = CertificateParams::new(Vec::<String>::new()).unwrap();
-            p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-            p.distinguished_name.push(DnType::CommonName, "Example Second Intermediate");
-            CertifiedIssuer::signed_by(p, KeyPair::generate().unwrap(), &intermediate).unwrap()
-        };
+        let second = sub_ca("Example Second Intermediate", &intermediate, None);
         let long = [issued("dave", &second, -1, 30), second.der().clone(), intermediate.der().clone()];
         for mode in [VerifyClient::On, VerifyClient::OptionalNoCa] {
             let zero = at(mode, 0);
