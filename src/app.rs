@@ -291,9 +291,17 @@ impl App {
         if self.shutdown.is_cancelled() {
             return Ok(Reloaded::Unchanged);
         }
-        crate::systemd::reloading();
-        let result = self.reload_inner(force, &mut last).await;
-        crate::systemd::notify("READY=1");
+        // systemd hears of a reload only when one happens: SIGHUP (systemctl reload waits for
+        // it), or files whose contents changed. A file event that changes nothing (a touch, an
+        // editor's save of the same text) does not flip the unit to "reloading".
+        let mut reloading = force;
+        if reloading {
+            crate::systemd::reloading();
+        }
+        let result = self.reload_inner(force, &mut last, &mut reloading).await;
+        if reloading {
+            crate::systemd::notify("READY=1");
+        }
         let m = crate::metrics::metrics();
         match &result {
             Ok(Reloaded::Applied) => {
@@ -311,14 +319,28 @@ impl App {
         result
     }
 
-    async fn reload_inner(self: &Arc<Self>, force: bool, last: &mut u64) -> Result<Reloaded, StartError> {
+    /// `reloading`: whether systemd has been told RELOADING=1; set here once the files turn out
+    /// to have changed, so the caller follows with READY=1.
+    async fn reload_inner(
+        self: &Arc<Self>,
+        force: bool,
+        last: &mut u64,
+        reloading: &mut bool,
+    ) -> Result<Reloaded, StartError> {
         let main_before = fingerprint(std::slice::from_ref(&self.config_path));
-        let config = Config::load(&self.config_path)?;
-        let files = config.watched_files();
+        let config = Config::load(&self.config_path);
+        let files = match &config {
+            Ok(config) => config.watched_files(),
+            Err(_) => vec![self.config_path.clone()],
+        };
         let fp = fingerprint(&files);
         if !force && fp == *last {
             return Ok(Reloaded::Unchanged);
         }
+        if !std::mem::replace(reloading, true) {
+            crate::systemd::reloading();
+        }
+        let config = config?;
         let maps = self.tls.certs.prepare(&config.tls).map_err(|e| cert_error(&config, e))?;
         let runtime = build_runtime(config, &self.tls)?;
         warn_descriptor_cap(&runtime.config);

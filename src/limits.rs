@@ -32,6 +32,18 @@ use crate::config::{Cidr, ThrottleSettings};
 /// eighth of the limit where that is less).
 const RESERVED_DESCRIPTORS: usize = 256;
 
+/// Raise this process's soft open-file limit to its hard limit, before anything reads it (the
+/// descriptor cap below is read once). The soft limit stays low by default (1024 under systemd
+/// and most shells) only for programs that use select(); the hard limit is what the system
+/// lets the process have, so a proxy started outside the shipped unit (by hand, under another
+/// supervisor) is not held to about 450 sessions. Returns the soft limit before and after, or
+/// None when it could not be read or raised (the limit then stays as it was).
+pub fn raise_descriptor_limit() -> Option<(u64, u64)> {
+    let (soft, _) = rlimit::Resource::NOFILE.get().ok()?;
+    let raised = rlimit::increase_nofile_limit(u64::MAX).ok()?;
+    Some((soft, raised))
+}
+
 /// The most sessions this process's descriptor limit allows (each holds two: the client's
 /// connection and the backend's), from `/proc/self/limits`; None when unlimited or unknown.
 pub fn descriptor_cap() -> Option<usize> {

@@ -134,6 +134,13 @@ fn run(config_path: PathBuf) -> anyhow::Result<()> {
     let initial = Config::load(&config_path).map_err(anyhow::Error::new)?;
     portcullis::logging::init(initial.log_format, initial.log_level.as_deref());
     drop(initial);
+    match portcullis::limits::raise_descriptor_limit() {
+        Some((before, after)) if after > before => {
+            tracing::info!(from = before, to = after, "open-file limit raised to the hard limit");
+        }
+        Some(_) => {}
+        None => tracing::warn!("the open-file limit could not be read or raised; it stays as it was"),
+    }
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().context("starting the runtime")?;
     rt.block_on(async move {
         use tokio::signal::unix::{SignalKind, signal};

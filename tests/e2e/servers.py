@@ -464,11 +464,13 @@ def portcullis_binary():
 
 
 def open_files_limit(n):
-    """A `preexec_fn` that sets the child's RLIMIT_NOFILE to `n` (None: leave it)."""
+    """A `preexec_fn` that sets the child's RLIMIT_NOFILE to `n`, soft and hard, or to a
+    (soft, hard) pair (None: leave it)."""
     if n is None:
         return None
     import resource
-    return lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (n, n))
+    limits = n if isinstance(n, tuple) else (n, n)
+    return lambda: resource.setrlimit(resource.RLIMIT_NOFILE, limits)
 
 
 class Portcullis:
@@ -489,9 +491,10 @@ class Portcullis:
             f.write(text)
         os.replace(tmp, self.config)
 
-    def start(self, wait_port=None, tls=False, nofile=None):
-        """With `nofile`, the process's open-file limit (soft and hard) is set to it."""
-        env = dict(os.environ, RUST_LOG=os.environ.get("PORTCULLIS_LOG", "info"))
+    def start(self, wait_port=None, tls=False, nofile=None, env=None):
+        """With `nofile`, the process's open-file limit is set to it (see `open_files_limit`);
+        `env` adds to the environment."""
+        env = dict(os.environ, RUST_LOG=os.environ.get("PORTCULLIS_LOG", "info"), **(env or {}))
         self.log_file = open(self.log_path, "a")
         self.proc = subprocess.Popen([portcullis_binary(), "run", "--config", self.config], stdout=self.log_file, stderr=self.log_file, env=env, preexec_fn=open_files_limit(nofile))
         if wait_port:

@@ -176,3 +176,31 @@ max_connections_per_ip = 0
             c.close()
         pc.stop()
         dv.stop()
+
+
+def test_the_soft_open_file_limit_is_raised_to_the_hard_one(tmp_path, dovecot):
+    """Started with the usual soft limit below the hard one (a shell, another supervisor), the
+    proxy raises its soft limit to the hard limit before it derives anything from it, so its
+    descriptor cap (and the default max_connections) follows what the system allows."""
+    port = free_port()
+    text = imap_to_dovecot(port, dovecot, """
+[auth]
+source = "backend"
+
+[limits]
+max_connections = 1000
+""")
+    pc = Portcullis(str(tmp_path), text)
+    # 256 allows (256 - 32) / 2 = 112 sessions, so 1000 would be warned about; 4096 allows 1920.
+    pc.start(wait_port=port, nofile=(256, 4096))
+    try:
+        limits = open(f"/proc/{pc.proc.pid}/limits").read()
+        line = next(l for l in limits.splitlines() if l.startswith("Max open files"))
+        assert line.split()[3:5] == ["4096", "4096"], line
+        assert "open-file limit raised to the hard limit" in pc.log(), pc.log()
+        assert "max_connections is above what the open-file limit allows" not in pc.log(), pc.log()
+        m = imaplib.IMAP4("127.0.0.1", port, timeout=10)
+        m.login(*DEMO)
+        m.logout()
+    finally:
+        pc.stop()

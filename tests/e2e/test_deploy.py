@@ -87,3 +87,58 @@ def test_container_build_file_is_multi_stage_and_non_root(name):
     text = open(os.path.join(DEPLOY, "container", name)).read()
     assert text.count("FROM ") == 2 and "AS build" in text
     assert "USER nonroot" in text and "cargo build --release --locked" in text
+
+
+def test_systemd_hears_of_start_reloads_and_stop_only(tmp_path, dovecot):
+    """The `Type=notify` protocol as the shipped unit's systemd sees it, through a
+    NOTIFY_SOCKET of the test's own: READY=1 once listening; RELOADING=1 (with MONOTONIC_USEC)
+    then READY=1 for a SIGHUP and for a config whose contents changed; nothing for a file event
+    that changes nothing (the same text saved again); STOPPING=1 at SIGTERM."""
+    import signal
+    import socket
+
+    from servers import Portcullis, free_port, imap_to_dovecot
+
+    path = str(tmp_path / "notify")
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind(path)
+    sock.settimeout(15)
+
+    def next_state():
+        return sock.recv(4096).decode()
+
+    def nothing_for(seconds):
+        sock.settimeout(seconds)
+        try:
+            got = sock.recv(4096).decode()
+        except TimeoutError:
+            return True
+        finally:
+            sock.settimeout(15)
+        raise AssertionError(f"unexpected notification: {got!r}")
+
+    def reloaded():
+        first = next_state().split("\n")
+        assert first[0] == "RELOADING=1" and first[1].startswith("MONOTONIC_USEC="), first
+        assert int(first[1].split("=", 1)[1]) > 0, first
+        assert next_state() == "READY=1"
+
+    port = free_port()
+    text = imap_to_dovecot(port, dovecot, '[auth]\nsource = "backend"\n')
+    pc = Portcullis(str(tmp_path), text)
+    pc.start(wait_port=port, env={"NOTIFY_SOCKET": path})
+    try:
+        assert next_state() == "READY=1"
+        # The same contents written again (write and rename: a file event): no reload.
+        pc.write_config(text)
+        assert nothing_for(3)
+        pc.write_config(text + "\n# changed\n")
+        reloaded()
+        pc.proc.send_signal(signal.SIGHUP)
+        reloaded()
+        pc.proc.send_signal(signal.SIGTERM)
+        assert next_state() == "STOPPING=1"
+        assert pc.proc.wait(timeout=30) == 0
+    finally:
+        pc.stop()
+        sock.close()
