@@ -1243,9 +1243,9 @@ impl Validator<'_> {
 
     fn tls(&self, t: &file::TlsFile) -> Result<TlsSettings, ConfigError> {
         let mut certificates = Vec::new();
-        // Which certificate each name is served from: only one is (the first), so a second
-        // would never be, and the expiry alert would watch the wrong one.
-        let mut owner: HashMap<String, usize> = HashMap::new();
+        // A name may be listed by one certificate per key type (an ECDSA and an RSA one): the
+        // certificate store, which reads the keys, refuses two of one type (`portcullis check`
+        // too, at the second one's `cert`).
         for (i, c) in t.certificates.iter().enumerate() {
             let mut names = Vec::new();
             for n in &c.names {
@@ -1258,17 +1258,9 @@ impl Validator<'_> {
                         format!("{:?} is not a DNS name", n.get_ref()),
                     ));
                 }
-                if let Some(first) = owner.get(&name).filter(|first| **first != i) {
-                    return Err(self.err(
-                        Some(n.span()),
-                        format!("tls.certificate[{i}].names"),
-                        format!(
-                            "{name:?} is already served by tls.certificate[{first}]: one certificate per name (keep the one to serve)"
-                        ),
-                    ));
+                if !names.contains(&name) {
+                    names.push(name);
                 }
-                owner.insert(name.clone(), i);
-                names.push(name);
             }
             if names.is_empty() && !c.default {
                 return Err(self.err(
@@ -1296,13 +1288,7 @@ impl Validator<'_> {
                 default: c.default,
             });
         }
-        if let Some(second) = certificates.iter().enumerate().filter(|(_, c)| c.default).nth(1).map(|(i, _)| i) {
-            return Err(self.err(
-                None,
-                format!("tls.certificate[{second}].default"),
-                "only one certificate may be the default",
-            ));
-        }
+        // One default per key type, as one certificate per name and key type: the store checks.
         let self_signed_names = match &t.self_signed_names {
             Some(n) => {
                 let valid =
@@ -2662,12 +2648,11 @@ login_timeout = "5s"
             "{BASE}\n[tls]\nself_signed_names = [\"mail.example.org\", \"*.example.org\", \"127.0.0.1\"]\n"
         ))
         .unwrap();
-        // The second default is the one named, at its line.
+        // Two defaults parse: one per key type is allowed, which only the store, reading the
+        // keys, can check (tls::certs::tests::one_certificate_per_name_and_key_type).
         let two = "[tls]\n[[tls.certificate]]\ncert = \"/nonexistent/a.pem\"\nkey = \"/nonexistent/a.key\"\ndefault = true\n[[tls.certificate]]\ncert = \"/nonexistent/b.pem\"\nkey = \"/nonexistent/b.key\"\ndefault = true\n";
-        let text = format!("{BASE}\n{two}");
-        let e = parse(&text).unwrap_err();
-        let second = text.lines().enumerate().filter(|(_, l)| *l == "default = true").nth(1).map(|(i, _)| i + 1);
-        assert_eq!((e.field.as_str(), e.position.map(|p| p.0)), ("tls.certificate[1].default", second), "{e}");
+        let tls = parse(&format!("{BASE}\n{two}")).unwrap().tls;
+        assert!(tls.certificates.iter().all(|c| c.default));
     }
 
     #[test]
@@ -2775,25 +2760,21 @@ login_timeout = "5s"
         assert!(e.message.contains("htps://auth.example/check") && !e.to_string().contains("S3cr3t"), "{e}");
     }
 
-    /// Only one certificate is served for a name: a second listing it (an RSA one beside an
-    /// ECDSA one, a renewed one added below the old) would never be, and the expiry gauge named
-    /// after it would report the wrong certificate. Refused at the second's line.
+    /// A name may be listed by two certificates (an ECDSA and an RSA one): whether their key
+    /// types differ is the certificate store's to check, which reads the keys
+    /// (`tls::certs::tests::one_certificate_per_name_and_key_type`). A name listed twice in
+    /// one certificate is kept once.
     #[test]
-    fn a_name_in_two_certificates_is_refused() {
+    fn a_name_in_two_certificates_is_left_to_the_store() {
         let cert = |names: &str| format!("[[tls.certificate]]\ncert = \"c.pem\"\nkey = \"c.key\"\nnames = [{names}]\n");
         let text = format!(
             "[tls]\n{}{}{BASE}",
-            cert("\"mail.example.org\", \"*.example.org\""),
+            cert("\"mail.example.org\", \"*.example.org\", \"Mail.example.org\""),
             cert("\"imap.example.org\", \"Mail.Example.org\"")
         );
-        let e = parse(&text).unwrap_err();
-        assert_eq!(e.field, "tls.certificate[1].names", "{e}");
-        let line = text.lines().position(|l| l.contains("Mail.Example.org")).map(|i| i + 1);
-        assert_eq!(e.position.map(|p| p.0), line, "{e}");
-        assert!(e.message.contains("tls.certificate[0]"), "{e}");
-        // Different names, a name listed twice in one certificate: fine.
-        let ok = format!("[tls]\n{}{}{BASE}", cert("\"a.example.org\", \"a.example.org\""), cert("\"b.example.org\""));
-        parse(&ok).unwrap();
+        let tls = parse(&text).unwrap().tls;
+        assert_eq!(tls.certificates[0].names, ["mail.example.org", "*.example.org"]);
+        assert_eq!(tls.certificates[1].names, ["imap.example.org", "mail.example.org"]);
     }
 
     #[test]

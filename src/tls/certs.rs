@@ -3,6 +3,11 @@
 //! One `CertStore` lives for the whole process and is shared by every listener's `ServerConfig`,
 //! so swapping certificates (file change, reload, later ACME) never rebuilds a `ServerConfig` and
 //! never touches a session. Lookup: exact name, then `*.parent`, then the default.
+//!
+//! A name (or the default) may have one certificate per key type, an ECDSA and an RSA one say,
+//! as nginx and Dovecot allow: each handshake gets the first (ECDSA and EdDSA before RSA) that
+//! the client can use, judged by its signature algorithms and, for a TLS 1.2-only client, its
+//! cipher suites; old devices that know only RSA (printers and scanners sending mail) get RSA.
 
 use std::collections::HashMap;
 use std::fmt;
@@ -14,6 +19,7 @@ use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use rustls::server::{ClientHello, ResolvesServerCert};
 use rustls::sign::CertifiedKey;
+use rustls::{CipherSuite, SignatureAlgorithm, SignatureScheme};
 
 use crate::config::{CertSpec, TlsSettings};
 
@@ -29,11 +35,14 @@ pub enum CertError {
 /// The maps one swap replaces together.
 #[derive(Default)]
 pub struct CertMaps {
-    exact: HashMap<String, Arc<CertifiedKey>>,
+    exact: HashMap<String, Served>,
     /// Keyed by the parent domain of `*.parent`.
-    wildcard: HashMap<String, Arc<CertifiedKey>>,
-    default: Option<Arc<CertifiedKey>>,
+    wildcard: HashMap<String, Served>,
+    default: Served,
     explicit_default: bool,
+    /// Without an explicit default, the first certificate's first name: a certificate of
+    /// another key type for the same name joins it as the default.
+    implicit_default_name: Option<String>,
     /// The default is the generated self-signed certificate (no configured one is): an issued
     /// ACME certificate answers clients without SNI before it.
     generated_default: bool,
@@ -44,6 +53,9 @@ pub struct CertMaps {
     /// (label, not-after as Unix seconds) of every certificate served.
     expiry: Vec<(String, i64)>,
 }
+
+/// The certificates served for one name: one per key type, ECDSA and EdDSA before RSA.
+type Served = Vec<Arc<CertifiedKey>>;
 
 pub struct CertStore {
     maps: ArcSwap<CertMaps>,
@@ -74,7 +86,7 @@ impl fmt::Debug for CertStore {
         let m = self.maps.load();
         f.debug_struct("CertStore")
             .field("names", &m.exact.keys().collect::<Vec<_>>())
-            .field("has_default", &m.default.is_some())
+            .field("has_default", &!m.default.is_empty())
             .finish()
     }
 }
@@ -162,9 +174,16 @@ impl CertStore {
         first_weak
     }
 
-    /// The certificate a handshake for `name` would get: an ACME one, else a configured one,
-    /// except that a stand-in or expired ACME certificate comes after a configured one.
+    /// The certificate a handshake for `name` would get from a client that can use any: an
+    /// ACME one, else a configured one, except that a stand-in or expired ACME certificate
+    /// comes after a configured one.
     pub fn lookup(&self, name: Option<&str>) -> Option<Arc<CertifiedKey>> {
+        self.lookup_for(name, None)
+    }
+
+    /// As `lookup`, for a client that offers `hello` (its signature schemes and cipher suites):
+    /// where a name has one certificate per key type, the first it can use.
+    fn lookup_for(&self, name: Option<&str>, hello: Option<&Offered<'_>>) -> Option<Arc<CertifiedKey>> {
         let maps = self.maps.load();
         if let Some(name) = name {
             let name = name.trim_end_matches('.').to_ascii_lowercase();
@@ -172,13 +191,13 @@ impl CertStore {
             if let Some((k, false)) = &acme {
                 return Some(k.clone());
             }
-            if let Some(k) = maps.exact.get(&name) {
-                return Some(k.clone());
+            if let Some(served) = maps.exact.get(&name) {
+                return pick(served, hello);
             }
             if let Some((_, parent)) = name.split_once('.')
-                && let Some(k) = maps.wildcard.get(parent)
+                && let Some(served) = maps.wildcard.get(parent)
             {
-                return Some(k.clone());
+                return pick(served, hello);
             }
             if let Some((k, true)) = acme {
                 return Some(k);
@@ -188,26 +207,78 @@ impl CertStore {
             }
         }
         let acme = self.acme.load();
-        if maps.default.is_none() || maps.generated_default {
+        if maps.default.is_empty() || maps.generated_default {
             // No configured default: an issued ACME certificate (the first configured) rather
             // than a generated one, for clients that send no name or an address.
             if let Some(e) = acme.iter().find(|e| !e.weak()) {
                 return Some(e.key.clone());
             }
         }
-        maps.default.clone().or_else(|| acme.first().map(|e| e.key.clone()))
+        pick(&maps.default, hello).or_else(|| acme.first().map(|e| e.key.clone()))
     }
 }
 
 impl ResolvesServerCert for CertStore {
     fn resolve(&self, hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
-        self.lookup(hello.server_name())
+        let offered = Offered { schemes: hello.signature_schemes(), suites: hello.cipher_suites() };
+        self.lookup_for(hello.server_name(), Some(&offered))
+    }
+}
+
+/// What a client offers that decides which key type it can be served.
+struct Offered<'a> {
+    schemes: &'a [SignatureScheme],
+    suites: &'a [CipherSuite],
+}
+
+impl Offered<'_> {
+    /// Whether the client can verify `ck`: its key signs with a scheme the client offers, and a
+    /// client without TLS 1.3 offers a TLS 1.2 suite for that key type (the suite, not the
+    /// signature list, is what old RSA-only stacks get right).
+    fn accepts(&self, ck: &CertifiedKey) -> bool {
+        let tls13 = self.suites.iter().any(|s| {
+            matches!(
+                s,
+                CipherSuite::TLS13_AES_128_GCM_SHA256
+                    | CipherSuite::TLS13_AES_256_GCM_SHA384
+                    | CipherSuite::TLS13_CHACHA20_POLY1305_SHA256
+            )
+        });
+        let alg = ck.key.algorithm();
+        ck.key.choose_scheme(self.schemes).is_some()
+            && (tls13 || self.suites.iter().any(|s| tls12_key_type(*s) == Some(alg)))
+    }
+}
+
+/// The key type a TLS 1.2 ECDHE suite is for (rustls offers no others).
+fn tls12_key_type(suite: CipherSuite) -> Option<SignatureAlgorithm> {
+    match suite {
+        CipherSuite::TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256
+        | CipherSuite::TLS_ECDHE_ECDSA_WITH_AES_256_GCM_SHA384
+        | CipherSuite::TLS_ECDHE_ECDSA_WITH_CHACHA20_POLY1305_SHA256 => Some(SignatureAlgorithm::ECDSA),
+        CipherSuite::TLS_ECDHE_RSA_WITH_AES_128_GCM_SHA256
+        | CipherSuite::TLS_ECDHE_RSA_WITH_AES_256_GCM_SHA384
+        | CipherSuite::TLS_ECDHE_RSA_WITH_CHACHA20_POLY1305_SHA256 => Some(SignatureAlgorithm::RSA),
+        _ => None,
+    }
+}
+
+/// Of a name's certificates, the first the client can use; the first of all when it can use
+/// none (the handshake then fails as it would have) or nothing is known of the client.
+fn pick(served: &[Arc<CertifiedKey>], hello: Option<&Offered<'_>>) -> Option<Arc<CertifiedKey>> {
+    match (served, hello) {
+        ([only], _) => Some(only.clone()),
+        (all, Some(hello)) => all.iter().find(|ck| hello.accepts(ck)).or(all.first()).cloned(),
+        (all, None) => all.first().cloned(),
     }
 }
 
 fn build(settings: &TlsSettings, previous: Option<&CertMaps>) -> Result<CertMaps, CertError> {
     let mut maps = CertMaps { strict_sni: settings.strict_sni, ..CertMaps::default() };
-    for spec in &settings.certificates {
+    // Which certificate serves each name, and the default, for each key type: a second of the
+    // same type would never be served, and the expiry alert would watch the wrong one.
+    let mut owner: HashMap<(Option<&str>, String), usize> = HashMap::new();
+    for (i, spec) in settings.certificates.iter().enumerate() {
         let key = (spec.cert.clone(), spec.key.clone());
         let certified = match read_pair(spec) {
             Ok((bytes, ck)) => {
@@ -223,7 +294,26 @@ fn build(settings: &TlsSettings, previous: Option<&CertMaps>) -> Result<CertMaps
                 None => return Err(e),
             },
         };
-        let label = spec.names.first().cloned().unwrap_or_else(|| "default".into());
+        let key_type = key_type_name(certified.key.algorithm());
+        let served_as = spec.names.iter().map(|n| Some(n.as_str())).chain(spec.default.then_some(None));
+        for name in served_as {
+            if let Some(first) = owner.insert((name, key_type.clone()), i).filter(|first| *first != i) {
+                let what = name.map_or_else(|| "the default".to_string(), |n| format!("{n:?}"));
+                return Err(CertError::File {
+                    path: spec.cert.clone(),
+                    message: format!(
+                        "{what} is already served by tls.certificate[{first}] with an {key_type} key: one certificate per name and key type (keep the one to serve)"
+                    ),
+                    field: spec.origin[0].0.clone(),
+                    position: spec.origin[0].1,
+                });
+            }
+        }
+        let mut label = spec.names.first().cloned().unwrap_or_else(|| "default".into());
+        if maps.expiry.iter().any(|(l, _)| *l == label) {
+            // The second key type for the same names: a series of its own.
+            label = format!("{label} ({key_type})");
+        }
         if let Some(t) = not_after(&certified) {
             maps.expiry.push((label, t));
         }
@@ -244,7 +334,7 @@ fn build(settings: &TlsSettings, previous: Option<&CertMaps>) -> Result<CertMaps
             }
         };
         maps.loaded.insert(self_signed_key(&names), (bytes, ck.clone()));
-        maps.generated_default = maps.default.is_none();
+        maps.generated_default = maps.default.is_empty();
         if let Some(t) = not_after(&ck) {
             maps.expiry.push((SELF_SIGNED_LABEL.into(), t));
         }
@@ -253,7 +343,7 @@ fn build(settings: &TlsSettings, previous: Option<&CertMaps>) -> Result<CertMaps
             key: PathBuf::new(),
             origin: Default::default(),
             names: names.iter().map(|n| n.to_ascii_lowercase()).collect(),
-            default: maps.default.is_none(),
+            default: maps.default.is_empty(),
         };
         add(&mut maps, &spec, ck);
     }
@@ -282,21 +372,52 @@ fn self_signed_key(names: &[String]) -> (PathBuf, PathBuf) {
 
 fn add(maps: &mut CertMaps, spec: &CertSpec, ck: Arc<CertifiedKey>) {
     for name in &spec.names {
-        match name.strip_prefix("*.") {
-            Some(parent) => {
-                maps.wildcard.entry(parent.to_string()).or_insert_with(|| ck.clone());
-            }
-            None => {
-                maps.exact.entry(name.clone()).or_insert_with(|| ck.clone());
-            }
-        }
+        let served = match name.strip_prefix("*.") {
+            Some(parent) => maps.wildcard.entry(parent.to_string()).or_default(),
+            None => maps.exact.entry(name.clone()).or_default(),
+        };
+        serve(served, &ck);
     }
     if spec.default {
-        maps.default = Some(ck);
-        maps.explicit_default = true;
-    } else if !maps.explicit_default && maps.default.is_none() {
-        // Without an explicit default, the first certificate answers clients without SNI.
-        maps.default = Some(ck);
+        if !maps.explicit_default {
+            maps.default.clear();
+            maps.explicit_default = true;
+        }
+        serve(&mut maps.default, &ck);
+    } else if !maps.explicit_default {
+        // Without an explicit default, the first certificate answers clients without SNI, and
+        // with it one of another key type for the same (first) name.
+        match &maps.implicit_default_name {
+            None => {
+                maps.implicit_default_name = spec.names.first().cloned();
+                serve(&mut maps.default, &ck);
+            }
+            Some(first) if spec.names.first() == Some(first) => serve(&mut maps.default, &ck),
+            Some(_) => {}
+        }
+    }
+}
+
+/// Add `ck` to a name's certificates unless one of its key type is there already (the first
+/// listed wins), ECDSA and EdDSA before RSA: smaller and cheaper, for clients that take both.
+fn serve(served: &mut Served, ck: &Arc<CertifiedKey>) {
+    let alg = ck.key.algorithm();
+    if served.iter().any(|c| c.key.algorithm() == alg) {
+        return;
+    }
+    let rsa = |c: &Arc<CertifiedKey>| c.key.algorithm() == SignatureAlgorithm::RSA;
+    let at =
+        if alg == SignatureAlgorithm::RSA { served.len() } else { served.iter().position(rsa).unwrap_or(served.len()) };
+    served.insert(at, ck.clone());
+}
+
+/// A key type as the config's errors and the expiry series name it.
+fn key_type_name(alg: SignatureAlgorithm) -> String {
+    match alg {
+        SignatureAlgorithm::RSA => "RSA".into(),
+        SignatureAlgorithm::ECDSA => "ECDSA".into(),
+        SignatureAlgorithm::ED25519 => "Ed25519".into(),
+        other => format!("{other:?}"),
     }
 }
 
@@ -385,6 +506,96 @@ mod tests {
         assert!(store(&ending).self_signed_ending());
         assert!(!store(&renewed).self_signed_ending());
         assert!(not_after(&renewed.loaded[&key].1).is_some_and(|t| t > crate::app::unix_now() + 300 * 86_400));
+    }
+
+    /// A certificate for `names` with a new key of `alg`, written as `NAME.pem`/`NAME.key` in
+    /// `dir`, and its spec as the config would give it (index `i`).
+    fn pair(dir: &Path, name: &str, alg: &'static rcgen::SignatureAlgorithm, names: &[&str], i: usize) -> CertSpec {
+        let key = rcgen::KeyPair::generate_for(alg).unwrap();
+        let names: Vec<String> = names.iter().map(|n| n.to_string()).collect();
+        let cert = rcgen::CertificateParams::new(names.clone()).unwrap().self_signed(&key).unwrap();
+        let (cert_path, key_path) = (dir.join(format!("{name}.pem")), dir.join(format!("{name}.key")));
+        std::fs::write(&cert_path, cert.pem()).unwrap();
+        std::fs::write(&key_path, key.serialize_pem()).unwrap();
+        CertSpec {
+            cert: cert_path,
+            key: key_path,
+            origin: [
+                (format!("tls.certificate[{i}].cert"), Some((i + 1, 1))),
+                (format!("tls.certificate[{i}].key"), None),
+            ],
+            names: names.into_iter().filter(|n| !n.is_empty()).collect(),
+            default: false,
+        }
+    }
+
+    /// One certificate per name and key type: an ECDSA and an RSA certificate for the same
+    /// names are both served, each client getting the first it can use (ECDSA first, whichever
+    /// is listed first), also without SNI; two of one type for a name are refused at the
+    /// second's `cert`; each has its own expiry series.
+    #[test]
+    fn one_certificate_per_name_and_key_type() {
+        crate::tls::init_crypto();
+        let dir = tempfile::tempdir().unwrap();
+        let names = ["mail.example.org", "*.example.org"];
+        let rsa = pair(dir.path(), "rsa", &rcgen::PKCS_RSA_SHA256, &names, 0);
+        let ecdsa = pair(dir.path(), "ecdsa", &rcgen::PKCS_ECDSA_P256_SHA256, &names, 1);
+        let settings = TlsSettings {
+            certificates: vec![rsa, ecdsa],
+            self_signed_names: Vec::new(),
+            session_tickets: 1,
+            cipher_suites: Vec::new(),
+            strict_sni: false,
+        };
+        let store = CertStore::load(&settings).unwrap();
+        let modern = Offered {
+            schemes: &[SignatureScheme::ECDSA_NISTP256_SHA256, SignatureScheme::RSA_PSS_SHA256],
+            suites: &[CipherSuite::TLS13_AES_128_GCM_SHA256, CipherSuite::TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256],
+        };
+        let rsa_only = Offered {
+            schemes: &[SignatureScheme::RSA_PSS_SHA256, SignatureScheme::RSA_PKCS1_SHA256],
+            suites: &[CipherSuite::TLS13_AES_128_GCM_SHA256],
+        };
+        // An old TLS 1.2 stack that lists ECDSA signatures but has no ECDSA suite.
+        let tls12_rsa_suites = Offered {
+            schemes: &[SignatureScheme::ECDSA_NISTP256_SHA256, SignatureScheme::RSA_PKCS1_SHA256],
+            suites: &[CipherSuite::TLS_ECDHE_RSA_WITH_AES_128_GCM_SHA256],
+        };
+        let alg =
+            |name: Option<&str>, hello: &Offered<'_>| store.lookup_for(name, Some(hello)).unwrap().key.algorithm();
+        for name in [Some("mail.example.org"), Some("imap.example.org"), None] {
+            assert_eq!(alg(name, &modern), SignatureAlgorithm::ECDSA, "{name:?}");
+            assert_eq!(alg(name, &rsa_only), SignatureAlgorithm::RSA, "{name:?}");
+            assert_eq!(alg(name, &tls12_rsa_suites), SignatureAlgorithm::RSA, "{name:?}");
+        }
+        let mut labels: Vec<String> = store.expiries().into_iter().map(|(l, _)| l).collect();
+        labels.sort();
+        assert_eq!(labels, ["mail.example.org", "mail.example.org (ECDSA)"]);
+
+        // A second ECDSA certificate for one of the names: refused where the config names it.
+        let again =
+            pair(dir.path(), "again", &rcgen::PKCS_ECDSA_P256_SHA256, &["imap.example.org", "mail.example.org"], 2);
+        let mut twice = settings.clone();
+        twice.certificates.push(again);
+        let Err(CertError::File { field, position, message, .. }) = CertStore::load(&twice) else {
+            panic!("two ECDSA certificates for one name were accepted")
+        };
+        assert_eq!((field.as_str(), position), ("tls.certificate[2].cert", Some((3, 1))));
+        assert!(
+            message.contains("\"mail.example.org\" is already served by tls.certificate[1] with an ECDSA key"),
+            "{message}"
+        );
+        // Two defaults of one type likewise; of two types, fine.
+        let mut defaults = settings.clone();
+        for c in &mut defaults.certificates {
+            c.default = true;
+        }
+        let store = CertStore::load(&defaults).unwrap();
+        assert_eq!(store.lookup_for(None, Some(&rsa_only)).unwrap().key.algorithm(), SignatureAlgorithm::RSA);
+        defaults.certificates[1] = pair(dir.path(), "rsa2", &rcgen::PKCS_RSA_SHA256, &["pop.example.org"], 1);
+        defaults.certificates[1].default = true;
+        let Err(CertError::File { message, .. }) = CertStore::load(&defaults) else { panic!("two RSA defaults") };
+        assert!(message.contains("the default is already served by tls.certificate[0] with an RSA key"), "{message}");
     }
 
     /// ACME certificates win for their names, except a stand-in (before the CA has issued one)

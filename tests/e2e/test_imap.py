@@ -480,6 +480,52 @@ def test_openssl_s_client_starttls(proxy):
     assert "no application protocol" in (out.stdout + out.stderr).decode(errors="replace")
 
 
+def test_an_ecdsa_and_an_rsa_certificate_for_the_same_names(dovecot, tmp_path):
+    """Two certificates for one host, ECDSA and RSA (as nginx and Dovecot allow): openssl
+    s_client gets ECDSA by default, with SNI and without; RSA when it offers only RSA
+    signatures (TLS 1.3) or only ECDHE-RSA suites (TLS 1.2, as old printers and scanners do).
+    The login works on both; `portcullis check` refuses a second ECDSA one at its `cert` line."""
+    from servers import Portcullis, imap_to_dovecot
+
+    def make(name, newkey):
+        subprocess.run(["openssl", "req", "-x509", *newkey, "-nodes", "-days", "2", "-subj", "/CN=mail.example.test",
+                        "-addext", "subjectAltName=DNS:mail.example.test", "-keyout", str(tmp_path / f"{name}.key"),
+                        "-out", str(tmp_path / f"{name}.pem")], check=True, capture_output=True)
+        return f'[[tls.certificate]]\ncert = "{tmp_path / name}.pem"\nkey = "{tmp_path / name}.key"\nnames = ["mail.example.test"]\n'
+
+    ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256"]
+    certs = make("rsa", ["-newkey", "rsa:2048"]) + make("ecdsa", ec)
+    port, tls_port = free_port(), free_port()
+    listener = f'[[listener]]\nname = "imaps"\nbind = "127.0.0.1:{tls_port}"\nprotocol = "imap"\ntls = "implicit"\n\n'
+    text = f"[tls]\n{certs}\n[auth]\nsource = \"backend\"\n\n" + listener + imap_to_dovecot(port, dovecot)
+    pc = Portcullis(str(tmp_path), text)
+    pc.start(wait_port=tls_port, tls=True)
+    try:
+        def served(*args):
+            out = subprocess.run(["openssl", "s_client", "-connect", f"127.0.0.1:{tls_port}", "-ign_eof", *args],
+                                 input=b"a LOGIN demo@example.test demo\r\nb LOGOUT\r\n", capture_output=True, timeout=15)
+            text = out.stdout.decode(errors="replace")
+            assert re.search(r"^a OK ", text, re.M), text
+            key = re.search(r"Server public key is (\d+) bit", text)
+            return {"256": "ECDSA", "2048": "RSA"}[key.group(1)] if key else text
+
+        assert served("-servername", "mail.example.test") == "ECDSA"
+        assert served("-noservername") == "ECDSA"
+        assert served("-servername", "mail.example.test", "-sigalgs", "RSA-PSS+SHA256:RSA+SHA256") == "RSA"
+        assert served("-noservername", "-sigalgs", "RSA-PSS+SHA256:RSA+SHA256") == "RSA"
+        assert served("-servername", "mail.example.test", "-tls1_2", "-cipher", "ECDHE-RSA-AES128-GCM-SHA256") == "RSA"
+        assert served("-servername", "mail.example.test", "-tls1_2", "-cipher", "ECDHE-ECDSA-AES128-GCM-SHA256") == "ECDSA"
+    finally:
+        pc.stop()
+
+    bad = tmp_path / "bad.toml"
+    bad.write_text(text.replace("[auth]", make("ecdsa2", ec) + "\n[auth]"))
+    out = subprocess.run([portcullis_binary(), "check", "--config", str(bad)], capture_output=True, text=True)
+    line = bad.read_text().splitlines().index(f'cert = "{tmp_path / "ecdsa2"}.pem"') + 1
+    assert out.returncode != 0 and f"{bad}:{line}:" in out.stderr, out.stderr
+    assert "tls.certificate[2].cert" in out.stderr and "with an ECDSA key" in out.stderr, out.stderr
+
+
 # --- 9. backend down ---------------------------------------------------------------------------
 
 
