@@ -66,9 +66,13 @@ async fn mock_directory_under(
                     async move {
                         // "orders": nonces are given, and each new order's JWS payload is noted
                         // (as "/order PAYLOAD") and refused as malformed.
-                        // "orders-limited": refused as rate-limited instead.
+                        // "orders-limited": refused as rate-limited instead; "orders-limited-429"
+                        // as Let's Encrypt does it, a 429 with a Retry-After of a day.
                         let orders = retry_after.starts_with("orders");
-                        let refusal = if retry_after == "orders-limited" { "rateLimited" } else { "malformed" };
+                        let refusal =
+                            if retry_after.starts_with("orders-limited") { "rateLimited" } else { "malformed" };
+                        let (status, wait) =
+                            if retry_after == "orders-limited-429" { (429, "86400") } else { (400, "") };
                         let resp = if orders && path == "/nonce" {
                             Response::builder().header("replay-nonce", "bW9jaw").body(Full::new(Bytes::new()))
                         } else if orders && path == "/order" {
@@ -80,9 +84,9 @@ async fn mock_directory_under(
                                 .decode(jws["payload"].as_str().unwrap_or_default())
                                 .unwrap_or_default();
                             seen.lock().unwrap().push(format!("/order {}", String::from_utf8_lossy(&payload)));
-                            Response::builder()
-                                .status(400)
-                                .header("content-type", "application/problem+json")
+                            let resp = Response::builder().status(status);
+                            let resp = if wait.is_empty() { resp } else { resp.header("retry-after", wait) };
+                            resp.header("content-type", "application/problem+json")
                                 .header("replay-nonce", "bW9jaw")
                                 .body(Full::new(Bytes::from(format!(
                                     r#"{{"type":"urn:ietf:params:acme:error:{refusal}","detail":"mock"}}"#
@@ -560,4 +564,31 @@ async fn a_renewal_names_the_certificate_it_replaces() {
             assert!(orders[0].get("replaces").is_none(), "{:?}", orders[0]);
         }
     }
+}
+
+/// A rate limit that says how long to wait (Let's Encrypt: a 429 with Retry-After) is waited
+/// out, longer than the backoff (an hour here), and the wait is what the retry file keeps.
+#[tokio::test]
+async fn a_rate_limits_retry_after_is_waited_out() {
+    portcullis::tls::init_crypto();
+    let dir = tempfile::tempdir().unwrap();
+    let now = SystemTime::now();
+    let (directory, ca_file, seen) = mock_directory(dir.path(), ten_day_window(now), "orders-limited-429").await;
+    let (config, state) = config_for(dir.path(), &directory, &ca_file);
+    let retry = state.join("certs/mail.example.test.retry");
+    let certs = Arc::new(portcullis::tls::certs::CertStore::load(&config.tls).unwrap());
+    let stop = tokio_util::sync::CancellationToken::new();
+    let _handle = portcullis::tls::acme::start(config.acme.clone().unwrap(), certs, stop.clone()).await.unwrap();
+    assert!(seen_within(&seen, |p| p.starts_with("/order ")).await, "no order: {:?}", seen.lock().unwrap());
+    for _ in 0..100 {
+        if retry.exists() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    stop.cancel();
+    let kept: serde_json::Value = serde_json::from_slice(&std::fs::read(&retry).unwrap()).unwrap();
+    let next = kept["next"].as_u64().unwrap();
+    let unix = now.duration_since(SystemTime::UNIX_EPOCH).unwrap().as_secs();
+    assert!(next >= unix + 86_400 - 5 && next <= unix + 86_400 + 60, "a day, not the hour's backoff: {kept}");
 }

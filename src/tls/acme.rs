@@ -44,10 +44,82 @@ const ARI_RECHECK_MAX: Duration = Duration::from_secs(24 * 3600);
 const ARI_RECHECK_AFTER_FAILURE: Duration = Duration::from_secs(3600);
 /// How long stopping the manager waits for its tasks to clean up challenge material.
 const STOP_GRACE: Duration = Duration::from_secs(10);
+/// The longest wait a CA's Retry-After (a rate limit) is followed for: Let's Encrypt's longest
+/// window (duplicate certificates) is a week; a longer answer is taken as a week.
+const MAX_RATE_LIMIT_WAIT: Duration = Duration::from_secs(7 * 24 * 3600);
 /// The ALPN protocol of TLS-ALPN-01 (RFC 8737).
 pub const ACME_TLS_ALPN: &[u8] = b"acme-tls/1";
 
 type AcmeResult<T> = Result<T, String>;
+
+/// The latest `Retry-After` a CA sent with a 429 or 503 answer: when it was noted, and until
+/// when it asks the client to wait. Shared by the certificates of one account.
+type RateLimited = Arc<Mutex<Option<(tokio::time::Instant, SystemTime)>>>;
+
+/// The ACME client's HTTP (hyper over rustls, as instant-acme's own: the platform's roots, or
+/// `ca_file`), which notes the `Retry-After` of a 429 or 503 answer. RFC 8555 §6.6 asks a client
+/// to wait that long, and Let's Encrypt sends one with every rate limit, up to a week, where
+/// the backoff alone would ask again every six hours.
+struct Http {
+    client: hyper_util::client::legacy::Client<
+        hyper_rustls::HttpsConnector<hyper_util::client::legacy::connect::HttpConnector>,
+        instant_acme::BodyWrapper<bytes::Bytes>,
+    >,
+    rate_limited: RateLimited,
+}
+
+impl Http {
+    fn new(ca_file: Option<&Path>, rate_limited: RateLimited) -> AcmeResult<Http> {
+        let https = match ca_file {
+            Some(path) => {
+                let what = |e: &dyn std::fmt::Display| format!("ACME client with CA {}: {e}", path.display());
+                let mut roots = rustls::RootCertStore::empty();
+                for cert in CertificateDer::pem_file_iter(path).map_err(|e| what(&e))? {
+                    roots.add(cert.map_err(|e| what(&e))?).map_err(|e| what(&e))?;
+                }
+                hyper_rustls::HttpsConnectorBuilder::new().with_tls_config(
+                    rustls::ClientConfig::builder().with_root_certificates(roots).with_no_client_auth(),
+                )
+            }
+            None => hyper_rustls::HttpsConnectorBuilder::new()
+                .try_with_platform_verifier()
+                .map_err(|e| format!("ACME client: {e}"))?,
+        };
+        let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+            .build(https.https_only().enable_http1().build());
+        Ok(Http { client, rate_limited })
+    }
+}
+
+impl instant_acme::HttpClient for Http {
+    fn request(
+        &self,
+        req: hyper::Request<instant_acme::BodyWrapper<bytes::Bytes>>,
+    ) -> std::pin::Pin<
+        Box<dyn std::future::Future<Output = Result<instant_acme::BytesResponse, instant_acme::Error>> + Send>,
+    > {
+        let sent = instant_acme::HttpClient::request(&self.client, req);
+        let rate_limited = self.rate_limited.clone();
+        Box::pin(async move {
+            let rsp = sent.await?;
+            if matches!(rsp.parts.status.as_u16(), 429 | 503)
+                && let Some(until) = retry_after(&rsp.parts.headers, SystemTime::now())
+            {
+                *rate_limited.lock().unwrap_or_else(|e| e.into_inner()) = Some((tokio::time::Instant::now(), until));
+            }
+            Ok(rsp)
+        })
+    }
+}
+
+/// A `Retry-After` value (RFC 9110 §10.2.3: seconds, or an HTTP date) as a point in time.
+fn retry_after(headers: &hyper::HeaderMap, now: SystemTime) -> Option<SystemTime> {
+    let value = headers.get(hyper::header::RETRY_AFTER)?.to_str().ok()?.trim();
+    match value.parse::<u64>() {
+        Ok(secs) => now.checked_add(Duration::from_secs(secs)),
+        Err(_) => httpdate::parse_http_date(value).ok(),
+    }
+}
 
 /// Challenge material being served while an order is validated.
 #[derive(Default)]
@@ -164,6 +236,7 @@ pub async fn start(settings: AcmeSettings, certs: Arc<CertStore>, stop: Cancella
         AcmeChallenge::Http01Webroot(_) | AcmeChallenge::Dns01 { .. } => None,
     };
     let account = Arc::new(tokio::sync::Mutex::new(None));
+    let rate_limited = RateLimited::default();
     let mut triggers = HashMap::new();
     let mut tasks = Vec::new();
     for spec in &settings.certificates {
@@ -177,6 +250,7 @@ pub async fn start(settings: AcmeSettings, certs: Arc<CertStore>, stop: Cancella
             certs: certs.clone(),
             challenges: challenges.clone(),
             account: account.clone(),
+            rate_limited: rate_limited.clone(),
         };
         tasks.push(tokio::spawn(task.supervise(trigger, stop.clone())));
     }
@@ -201,6 +275,7 @@ struct CertTask {
     certs: Arc<CertStore>,
     challenges: Arc<Challenges>,
     account: Arc<tokio::sync::Mutex<Option<Account>>>,
+    rate_limited: RateLimited,
 }
 
 /// What the renewal planner decided.
@@ -368,6 +443,7 @@ impl CertTask {
                 continue;
             }
             let renewal = current.is_some();
+            let began = tokio::time::Instant::now();
             // Not dropped mid-way when the manager stops: the order notices and cleans up.
             let result = self.order(&stop, current.as_deref()).await;
             if stop.is_cancelled() {
@@ -393,7 +469,19 @@ impl CertTask {
                 }
                 Err(e) => {
                     failures = failures.saturating_add(1);
-                    let wait = backoff(self.settings.retry_min, failures - 1, crate::limits::random_unit());
+                    let mut wait = backoff(self.settings.retry_min, failures - 1, crate::limits::random_unit());
+                    // A rate limit (or an overloaded CA) that said how long to wait, during this
+                    // order: asking again sooner would only be refused again.
+                    let told =
+                        self.rate_limited.lock().unwrap_or_else(|e| e.into_inner()).filter(|(at, _)| *at >= began);
+                    if let Some((_, until)) = told {
+                        let asked =
+                            until.duration_since(SystemTime::now()).unwrap_or(Duration::ZERO).min(MAX_RATE_LIMIT_WAIT);
+                        if asked > wait {
+                            tracing::warn!(certificate = %self.label, retry_in = ?asked, "ACME: the CA asked to wait (Retry-After) longer than the backoff; waiting that long");
+                            wait = asked;
+                        }
+                    }
                     retry_at = Some(tokio::time::Instant::now() + wait);
                     self.save_retry(failures, SystemTime::now() + wait);
                     metrics().acme_failures.with_label_values(&[&self.label]).set(i64::from(failures));
@@ -610,11 +698,9 @@ impl CertTask {
             return Ok(a.clone());
         }
         let path = self.account_path();
-        let builder = || match &self.settings.ca_file {
-            Some(ca) => {
-                Account::builder_with_root(ca).map_err(|e| format!("ACME client with CA {}: {e}", ca.display()))
-            }
-            None => Account::builder().map_err(|e| format!("ACME client: {e}")),
+        let builder = || -> AcmeResult<instant_acme::AccountBuilder> {
+            let http = Http::new(self.settings.ca_file.as_deref(), self.rate_limited.clone())?;
+            Ok(Account::builder_with_http(Box::new(http)))
         };
         let stored = match std::fs::read(&path) {
             Ok(bytes) => Some(bytes),
@@ -1105,6 +1191,7 @@ pub async fn renewal_plan(settings: &AcmeSettings, certs: Arc<CertStore>, ck: &C
         certs,
         challenges: Arc::new(Challenges::default()),
         account: Arc::new(tokio::sync::Mutex::new(None)),
+        rate_limited: RateLimited::default(),
     };
     task.planned(ck, &CancellationToken::new()).await
 }
@@ -1240,6 +1327,22 @@ mod tests {
     }
 
     #[test]
+    fn retry_after_in_seconds_or_as_a_date() {
+        let now = SystemTime::UNIX_EPOCH + Duration::from_secs(1_700_000_000);
+        let headers = |v: &str| {
+            let mut h = hyper::HeaderMap::new();
+            h.insert(hyper::header::RETRY_AFTER, v.parse().unwrap());
+            h
+        };
+        assert_eq!(retry_after(&headers("3600"), now), Some(now + Duration::from_secs(3600)));
+        assert_eq!(retry_after(&headers(" 60 "), now), Some(now + Duration::from_secs(60)));
+        let date = SystemTime::UNIX_EPOCH + Duration::from_secs(1_700_086_400);
+        assert_eq!(retry_after(&headers("Wed, 15 Nov 2023 22:13:20 GMT"), now), Some(date));
+        assert_eq!(retry_after(&headers("soon"), now), None);
+        assert_eq!(retry_after(&hyper::HeaderMap::new(), now), None);
+    }
+
+    #[test]
     fn backoff_doubles_with_jitter_and_a_cap() {
         let min = Duration::from_secs(60);
         assert_eq!(backoff(min, 0, 0.5), Duration::from_secs(60));
@@ -1297,6 +1400,7 @@ mod tests {
             certs: Arc::new(CertStore::load(&config.tls).unwrap()),
             challenges: Arc::new(Challenges::default()),
             account: Arc::new(tokio::sync::Mutex::new(None)),
+            rate_limited: RateLimited::default(),
         };
         let pair = || {
             let key = rcgen::KeyPair::generate().unwrap();
