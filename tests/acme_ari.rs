@@ -67,12 +67,11 @@ async fn mock_directory_under(
                         // "orders": nonces are given, and each new order's JWS payload is noted
                         // (as "/order PAYLOAD") and refused as malformed.
                         // "orders-limited": refused as rate-limited instead; "orders-limited-429"
-                        // as Let's Encrypt does it, a 429 with a Retry-After of a day.
+                        // as Let's Encrypt does it for mail.example.test, a 429 with a Retry-After
+                        // of a day (other names: without one).
                         let orders = retry_after.starts_with("orders");
                         let refusal =
                             if retry_after.starts_with("orders-limited") { "rateLimited" } else { "malformed" };
-                        let (status, wait) =
-                            if retry_after == "orders-limited-429" { (429, "86400") } else { (400, "") };
                         let resp = if orders && path == "/nonce" {
                             Response::builder().header("replay-nonce", "bW9jaw").body(Full::new(Bytes::new()))
                         } else if orders && path == "/order" {
@@ -83,7 +82,14 @@ async fn mock_directory_under(
                             let payload = base64::engine::general_purpose::URL_SAFE_NO_PAD
                                 .decode(jws["payload"].as_str().unwrap_or_default())
                                 .unwrap_or_default();
-                            seen.lock().unwrap().push(format!("/order {}", String::from_utf8_lossy(&payload)));
+                            let payload = String::from_utf8_lossy(&payload).to_string();
+                            let (status, wait) =
+                                if retry_after == "orders-limited-429" && payload.contains("mail.example.test") {
+                                    (429, "86400")
+                                } else {
+                                    (400, "")
+                                };
+                            seen.lock().unwrap().push(format!("/order {payload}"));
                             let resp = Response::builder().status(status);
                             let resp = if wait.is_empty() { resp } else { resp.header("retry-after", wait) };
                             resp.header("content-type", "application/problem+json")
@@ -567,28 +573,38 @@ async fn a_renewal_names_the_certificate_it_replaces() {
 }
 
 /// A rate limit that says how long to wait (Let's Encrypt: a 429 with Retry-After) is waited
-/// out, longer than the backoff (an hour here), and the wait is what the retry file keeps.
+/// out, longer than the backoff (an hour here), and the wait is what the retry file keeps; by
+/// the order that got it only: another certificate's order, failing at the same time without
+/// one, keeps its backoff.
 #[tokio::test]
 async fn a_rate_limits_retry_after_is_waited_out() {
     portcullis::tls::init_crypto();
     let dir = tempfile::tempdir().unwrap();
     let now = SystemTime::now();
     let (directory, ca_file, seen) = mock_directory(dir.path(), ten_day_window(now), "orders-limited-429").await;
-    let (config, state) = config_for(dir.path(), &directory, &ca_file);
-    let retry = state.join("certs/mail.example.test.retry");
+    let (mut config, state) = config_for(dir.path(), &directory, &ca_file);
+    let mut acme = config.acme.take().unwrap();
+    acme.certificates.push(portcullis::config::AcmeCertSpec { names: vec!["other.example.test".into()], rsa: false });
+    let retries = ["mail.example.test", "other.example.test"].map(|l| state.join(format!("certs/{l}.retry")));
     let certs = Arc::new(portcullis::tls::certs::CertStore::load(&config.tls).unwrap());
     let stop = tokio_util::sync::CancellationToken::new();
-    let _handle = portcullis::tls::acme::start(config.acme.clone().unwrap(), certs, stop.clone()).await.unwrap();
+    let _handle = portcullis::tls::acme::start(acme, certs, stop.clone()).await.unwrap();
     assert!(seen_within(&seen, |p| p.starts_with("/order ")).await, "no order: {:?}", seen.lock().unwrap());
     for _ in 0..100 {
-        if retry.exists() {
+        if retries.iter().all(|r| r.exists()) {
             break;
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     stop.cancel();
-    let kept: serde_json::Value = serde_json::from_slice(&std::fs::read(&retry).unwrap()).unwrap();
-    let next = kept["next"].as_u64().unwrap();
     let unix = now.duration_since(SystemTime::UNIX_EPOCH).unwrap().as_secs();
-    assert!(next >= unix + 86_400 - 5 && next <= unix + 86_400 + 60, "a day, not the hour's backoff: {kept}");
+    let next = |r: &std::path::Path| {
+        let kept: serde_json::Value = serde_json::from_slice(&std::fs::read(r).unwrap()).unwrap();
+        (kept["next"].as_u64().unwrap(), kept)
+    };
+    let (limited, kept) = next(&retries[0]);
+    assert!(limited >= unix + 86_400 - 5 && limited <= unix + 86_400 + 60, "a day, not the hour's backoff: {kept}");
+    // retry_min is 1 h, with ±25 % jitter.
+    let (other, kept) = next(&retries[1]);
+    assert!(other >= unix + 2700 - 5 && other <= unix + 4500 + 30, "the other's backoff: {kept}");
 }

@@ -52,9 +52,12 @@ pub const ACME_TLS_ALPN: &[u8] = b"acme-tls/1";
 
 type AcmeResult<T> = Result<T, String>;
 
-/// The latest `Retry-After` a CA sent with a 429 or 503 answer: when it was noted, and until
-/// when it asks the client to wait. Shared by the certificates of one account.
-type RateLimited = Arc<Mutex<Option<(tokio::time::Instant, SystemTime)>>>;
+tokio::task_local! {
+    /// The latest time a CA's 429 or 503 answer asked (Retry-After) the order running in this
+    /// task to wait until: each order notes its own, not another certificate's (whose limit,
+    /// per name as most of Let's Encrypt's are, says nothing about this one).
+    static RETRY_AFTER: std::cell::Cell<Option<SystemTime>>;
+}
 
 /// The ACME client's HTTP (hyper over rustls, as instant-acme's own: the platform's roots, or
 /// `ca_file`), which notes the `Retry-After` of a 429 or 503 answer. RFC 8555 §6.6 asks a client
@@ -65,11 +68,10 @@ struct Http {
         hyper_rustls::HttpsConnector<hyper_util::client::legacy::connect::HttpConnector>,
         instant_acme::BodyWrapper<bytes::Bytes>,
     >,
-    rate_limited: RateLimited,
 }
 
 impl Http {
-    fn new(ca_file: Option<&Path>, rate_limited: RateLimited) -> AcmeResult<Http> {
+    fn new(ca_file: Option<&Path>) -> AcmeResult<Http> {
         let https = match ca_file {
             Some(path) => {
                 let what = |e: &dyn std::fmt::Display| format!("ACME client with CA {}: {e}", path.display());
@@ -87,7 +89,7 @@ impl Http {
         };
         let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
             .build(https.https_only().enable_http1().build());
-        Ok(Http { client, rate_limited })
+        Ok(Http { client })
     }
 }
 
@@ -99,13 +101,14 @@ impl instant_acme::HttpClient for Http {
         Box<dyn std::future::Future<Output = Result<instant_acme::BytesResponse, instant_acme::Error>> + Send>,
     > {
         let sent = instant_acme::HttpClient::request(&self.client, req);
-        let rate_limited = self.rate_limited.clone();
+        // Polled by the order's own task (instant-acme awaits each request), so the note goes
+        // to that order; outside one (none is) it is dropped.
         Box::pin(async move {
             let rsp = sent.await?;
             if matches!(rsp.parts.status.as_u16(), 429 | 503)
                 && let Some(until) = retry_after(&rsp.parts.headers, SystemTime::now())
             {
-                *rate_limited.lock().unwrap_or_else(|e| e.into_inner()) = Some((tokio::time::Instant::now(), until));
+                let _ = RETRY_AFTER.try_with(|noted| noted.set(noted.get().max(Some(until))));
             }
             Ok(rsp)
         })
@@ -236,7 +239,6 @@ pub async fn start(settings: AcmeSettings, certs: Arc<CertStore>, stop: Cancella
         AcmeChallenge::Http01Webroot(_) | AcmeChallenge::Dns01 { .. } => None,
     };
     let account = Arc::new(tokio::sync::Mutex::new(None));
-    let rate_limited = RateLimited::default();
     let mut triggers = HashMap::new();
     let mut tasks = Vec::new();
     for spec in &settings.certificates {
@@ -250,7 +252,6 @@ pub async fn start(settings: AcmeSettings, certs: Arc<CertStore>, stop: Cancella
             certs: certs.clone(),
             challenges: challenges.clone(),
             account: account.clone(),
-            rate_limited: rate_limited.clone(),
         };
         tasks.push(tokio::spawn(task.supervise(trigger, stop.clone())));
     }
@@ -275,7 +276,6 @@ struct CertTask {
     certs: Arc<CertStore>,
     challenges: Arc<Challenges>,
     account: Arc<tokio::sync::Mutex<Option<Account>>>,
-    rate_limited: RateLimited,
 }
 
 /// What the renewal planner decided.
@@ -443,9 +443,13 @@ impl CertTask {
                 continue;
             }
             let renewal = current.is_some();
-            let began = tokio::time::Instant::now();
             // Not dropped mid-way when the manager stops: the order notices and cleans up.
-            let result = self.order(&stop, current.as_deref()).await;
+            let (result, told) = RETRY_AFTER
+                .scope(std::cell::Cell::new(None), async {
+                    let result = self.order(&stop, current.as_deref()).await;
+                    (result, RETRY_AFTER.with(|noted| noted.get()))
+                })
+                .await;
             if stop.is_cancelled() {
                 return;
             }
@@ -472,9 +476,7 @@ impl CertTask {
                     let mut wait = backoff(self.settings.retry_min, failures - 1, crate::limits::random_unit());
                     // A rate limit (or an overloaded CA) that said how long to wait, during this
                     // order: asking again sooner would only be refused again.
-                    let told =
-                        self.rate_limited.lock().unwrap_or_else(|e| e.into_inner()).filter(|(at, _)| *at >= began);
-                    if let Some((_, until)) = told {
+                    if let Some(until) = told {
                         let asked =
                             until.duration_since(SystemTime::now()).unwrap_or(Duration::ZERO).min(MAX_RATE_LIMIT_WAIT);
                         if asked > wait {
@@ -699,7 +701,7 @@ impl CertTask {
         }
         let path = self.account_path();
         let builder = || -> AcmeResult<instant_acme::AccountBuilder> {
-            let http = Http::new(self.settings.ca_file.as_deref(), self.rate_limited.clone())?;
+            let http = Http::new(self.settings.ca_file.as_deref())?;
             Ok(Account::builder_with_http(Box::new(http)))
         };
         let stored = match std::fs::read(&path) {
@@ -1191,7 +1193,6 @@ pub async fn renewal_plan(settings: &AcmeSettings, certs: Arc<CertStore>, ck: &C
         certs,
         challenges: Arc::new(Challenges::default()),
         account: Arc::new(tokio::sync::Mutex::new(None)),
-        rate_limited: RateLimited::default(),
     };
     task.planned(ck, &CancellationToken::new()).await
 }
@@ -1400,7 +1401,6 @@ mod tests {
             certs: Arc::new(CertStore::load(&config.tls).unwrap()),
             challenges: Arc::new(Challenges::default()),
             account: Arc::new(tokio::sync::Mutex::new(None)),
-            rate_limited: RateLimited::default(),
         };
         let pair = || {
             let key = rcgen::KeyPair::generate().unwrap();

@@ -246,7 +246,15 @@ impl Offered<'_> {
         });
         let alg = ck.key.algorithm();
         ck.key.choose_scheme(self.schemes).is_some()
-            && (tls13 || self.suites.iter().any(|s| tls12_key_type(*s) == Some(alg)))
+            && (tls13 || self.suites.iter().any(|s| tls12_key_type(*s) == Some(signing_type(alg))))
+    }
+}
+
+/// The TLS 1.2 suites' view of a key type: ECDHE_ECDSA suites serve EdDSA keys too (RFC 8422).
+fn signing_type(alg: SignatureAlgorithm) -> SignatureAlgorithm {
+    match alg {
+        SignatureAlgorithm::ED25519 | SignatureAlgorithm::ED448 => SignatureAlgorithm::ECDSA,
+        other => other,
     }
 }
 
@@ -338,14 +346,20 @@ fn build(settings: &TlsSettings, previous: Option<&CertMaps>) -> Result<CertMaps
         if let Some(t) = not_after(&ck) {
             maps.expiry.push((SELF_SIGNED_LABEL.into(), t));
         }
-        let spec = CertSpec {
-            cert: PathBuf::new(),
-            key: PathBuf::new(),
-            origin: Default::default(),
-            names: names.iter().map(|n| n.to_ascii_lowercase()).collect(),
-            default: maps.default.is_empty(),
-        };
-        add(&mut maps, &spec, ck);
+        // Only where nothing configured is served: a configured certificate of another key
+        // type for the same name must not be put behind a generated one.
+        for name in names.iter().map(|n| n.to_ascii_lowercase()) {
+            let served = match name.strip_prefix("*.") {
+                Some(parent) => maps.wildcard.entry(parent.to_string()).or_default(),
+                None => maps.exact.entry(name).or_default(),
+            };
+            if served.is_empty() {
+                served.push(ck.clone());
+            }
+        }
+        if maps.default.is_empty() {
+            maps.default.push(ck);
+        }
     }
     Ok(maps)
 }
@@ -596,6 +610,17 @@ mod tests {
         defaults.certificates[1].default = true;
         let Err(CertError::File { message, .. }) = CertStore::load(&defaults) else { panic!("two RSA defaults") };
         assert!(message.contains("the default is already served by tls.certificate[0] with an RSA key"), "{message}");
+
+        // A generated certificate serves only names nothing configured does: not put ahead of
+        // a configured RSA one (ECDSA first) for the same name, nor joining its default.
+        let mut generated = settings.clone();
+        generated.certificates.truncate(1);
+        generated.self_signed_names = vec!["mail.example.org".into(), "other.example.org".into()];
+        let store = CertStore::load(&generated).unwrap();
+        let alg = |name: Option<&str>| store.lookup_for(name, Some(&modern)).unwrap().key.algorithm();
+        assert_eq!(alg(Some("mail.example.org")), SignatureAlgorithm::RSA);
+        assert_eq!(alg(None), SignatureAlgorithm::RSA);
+        assert_eq!(alg(Some("other.example.org")), SignatureAlgorithm::ECDSA);
     }
 
     /// ACME certificates win for their names, except a stand-in (before the CA has issued one)
