@@ -241,6 +241,38 @@ async fn outage_is_a_temporary_failure_and_never_counts_against_the_user() {
     assert!(started.elapsed() >= std::time::Duration::from_millis(800), "{:?}", started.elapsed());
 }
 
+/// Reliability case 61 with an auth service that takes the connection and never answers: each
+/// URL gets `timeout`, then the next one answers; with none left the login is a temporary
+/// failure that never counts against the user (more of them than max_auth_attempts, and the
+/// connection stays open).
+#[tokio::test]
+async fn a_hanging_auth_service_times_out_to_the_next_url_or_a_temporary_failure() {
+    let hang = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let hanging = hang.local_addr().unwrap();
+    tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((s, _)) = hang.accept().await {
+            held.push(s);
+        }
+    });
+    let direct = FakeBackend::start(Behaviour::Normal).await;
+    let (auth, _) = auth_service(answers(direct.addr.port())).await;
+    let short = |cfg: String| cfg.replace("timeout = \"2s\"", "timeout = \"300ms\"");
+    let proxy = Proxy::start(&short(config(auth, direct.addr, &format!("\"http://{hanging}/auth\", "))), "").await;
+    let mut c = Client::connect(proxy.addr("plain")).await;
+    c.line().await;
+    c.send(b"a LOGIN direct@example.test pw\r\n").await;
+    assert!(c.until_tagged("a").await.last().unwrap().starts_with("a OK"));
+
+    let proxy = Proxy::start(&short(config(hanging, direct.addr, "")), "").await;
+    let mut c = Client::connect(proxy.addr("plain")).await;
+    c.line().await;
+    for tag in ["a", "b", "c", "d"] {
+        c.send(format!("{tag} LOGIN direct@example.test pw\r\n").as_bytes()).await;
+        assert_eq!(c.line().await, format!("{tag} NO [UNAVAILABLE] Server unavailable, try again later.\r\n"));
+    }
+}
+
 #[tokio::test]
 async fn second_url_answers_when_the_first_is_down() {
     let direct = FakeBackend::start(Behaviour::Normal).await;

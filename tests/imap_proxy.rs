@@ -427,34 +427,48 @@ async fn the_login_deadline_holds_while_the_backend_login_runs() {
     assert_eq!(c.line().await, "");
 }
 
-/// A one-connection IMAP backend that greets with `greeting`, answers the first command it
-/// reads (the proxy's login) with `reply`, then waits; returns its address and what it read.
-async fn scripted_backend(
-    greeting: &'static [u8],
-    reply: &'static [u8],
-) -> (std::net::SocketAddr, std::sync::Arc<std::sync::Mutex<Vec<u8>>>) {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
-    let s2 = seen.clone();
-    tokio::spawn(async move {
-        let Ok((mut s, _)) = listener.accept().await else { return };
-        s.write_all(greeting).await.unwrap();
-        let mut buf = [0u8; 512];
-        let mut replied = false;
-        while let Ok(n) = s.read(&mut buf).await {
-            if n == 0 {
-                return;
-            }
-            s2.lock().unwrap().extend_from_slice(&buf[..n]);
-            if !replied {
-                s.write_all(reply).await.unwrap();
-                replied = true;
-            }
-        }
-    });
-    (addr, seen)
+/// `plain_config` with `backend_lines` added to the backend, and a backend login deadline
+/// (10 s) well past the client's read timeout: a reply that comes proves the proxy gave up on
+/// what the backend said, not on the clock.
+fn scripted_config(addr: std::net::SocketAddr, backend_lines: &str) -> String {
+    plain_config(addr, "")
+        .replace(&format!("address = \"{addr}\""), &format!("address = \"{addr}\"\n{backend_lines}"))
+        .replace("backend_login_timeout = \"500ms\"", "backend_login_timeout = \"10s\"")
+}
+
+/// Reliability case 67: a backend that greets with anything but IMAP (an HTTP service, a POP3
+/// or SMTP server on the wrong port, one endless line) is a temporary failure for the client,
+/// with memory bounded by the backend line limit (64 KiB), and is sent nothing.
+#[tokio::test]
+async fn a_backend_greeting_that_is_not_imap_gets_nothing() {
+    let endless: &'static [u8] = Box::leak(vec![b'A'; 70 * 1024].into_boxed_slice());
+    for greeting in [&b"HTTP/1.1 400 Bad Request\r\n\r\n"[..], b"+OK POP3 ready\r\n", b"220 mx ESMTP\r\n", endless] {
+        let (addr, seen) = scripted_backend(greeting, b"").await;
+        let proxy = Proxy::start(&scripted_config(addr, ""), USERS).await;
+        let mut c = greeted(&proxy).await;
+        c.send(b"a LOGIN alice@example.test secret\r\n").await;
+        let what = String::from_utf8_lossy(&greeting[..greeting.len().min(16)]).into_owned();
+        assert_eq!(c.line().await, "a NO [UNAVAILABLE] Server unavailable, try again later.\r\n", "{what:?}");
+        assert!(seen.lock().unwrap().is_empty(), "{what:?}: the backend was sent something");
+    }
+}
+
+/// Reliability cases 11, 10 and 12 on the backend leg (`transport = "starttls"`): untagged data
+/// before the STARTTLS reply, bytes after it (they would be taken as if from inside TLS), or a
+/// refusal end the login there: nothing but STARTTLS is sent, no LOGIN in the clear.
+#[tokio::test]
+async fn a_backend_starttls_with_stray_bytes_or_refused_goes_no_further() {
+    for reply in
+        [&b"* 54321 EXISTS\r\nP0 OK begin\r\n"[..], b"P0 OK begin\r\n* CAPABILITY IMAP4rev1\r\n", b"P0 NO not now\r\n"]
+    {
+        let (addr, seen) = scripted_backend(b"* OK [CAPABILITY IMAP4rev1 STARTTLS] ready\r\n", reply).await;
+        let proxy = Proxy::start(&scripted_config(addr, "transport = \"starttls\""), USERS).await;
+        let mut c = greeted(&proxy).await;
+        c.send(b"a LOGIN alice@example.test secret\r\n").await;
+        let what = String::from_utf8_lossy(reply).into_owned();
+        assert_eq!(c.line().await, "a NO [UNAVAILABLE] Server unavailable, try again later.\r\n", "{what:?}");
+        assert_eq!(String::from_utf8_lossy(&seen.lock().unwrap()), "P0 STARTTLS\r\n", "{what:?}");
+    }
 }
 
 #[tokio::test]

@@ -238,3 +238,32 @@ async fn over_the_connection_cap_is_a_temporary_server_condition_not_a_locked_ma
     let mut second = Client::connect(proxy.addr("plain")).await;
     assert_eq!(second.line().await, "-ERR [SYS/TEMP] Too many connections, try again later.\r\n");
 }
+
+/// Reliability cases 67, 12 and 10 for POP3: a backend that greets with IMAP or HTTP, refuses
+/// STLS, or sends bytes after its STLS reply gets no USER or PASS (nothing at all, or STLS
+/// alone), and the client a temporary failure.
+#[tokio::test]
+async fn a_backend_that_is_not_pop3_or_fumbles_stls_gets_no_credentials() {
+    let cases: [(&'static [u8], &'static [u8], &str, &str); 4] = [
+        (b"* OK IMAP4rev1 ready\r\n", b"", "", ""),
+        (b"HTTP/1.1 400 Bad Request\r\n\r\n", b"", "", ""),
+        (b"+OK ready\r\n", b"-ERR not now\r\n", "transport = \"starttls\"", "STLS\r\n"),
+        (b"+OK ready\r\n", b"+OK begin\r\n+OK stray\r\n", "transport = \"starttls\"", "STLS\r\n"),
+    ];
+    for (greeting, reply, transport, sent) in cases {
+        let (addr, seen) = scripted_backend(greeting, reply).await;
+        let config = protocol_config("pop3", addr, "")
+            .replace(
+                &format!("address = \"{addr}\""),
+                &format!("address = \"{addr}\"\nclient_address = \"none\"\n{transport}"),
+            )
+            .replace("backend_login_timeout = \"500ms\"", "backend_login_timeout = \"10s\"");
+        let proxy = Proxy::start(&config, USERS).await;
+        let mut c = greeted(&proxy).await;
+        c.send(b"USER alice@example.test\r\nPASS secret\r\n").await;
+        assert_eq!(c.line().await, "+OK\r\n");
+        let what = String::from_utf8_lossy(greeting).into_owned() + &String::from_utf8_lossy(reply);
+        assert_eq!(c.line().await, "-ERR [SYS/TEMP] Server unavailable, try again later.\r\n", "{what:?}");
+        assert_eq!(String::from_utf8_lossy(&seen.lock().unwrap()), sent, "{what:?}");
+    }
+}

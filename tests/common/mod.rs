@@ -545,3 +545,36 @@ pub fn free_port() -> u16 {
         }
     }
 }
+
+/// A one-connection backend (any protocol) that greets with `greeting`, answers the first command it
+/// reads (the proxy's login) with `reply`, then waits; returns its address and what it read.
+pub async fn scripted_backend(
+    greeting: &'static [u8],
+    reply: &'static [u8],
+) -> (std::net::SocketAddr, std::sync::Arc<std::sync::Mutex<Vec<u8>>>) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let s2 = seen.clone();
+    tokio::spawn(async move {
+        let Ok((mut s, _)) = listener.accept().await else { return };
+        // The proxy may give up on a greeting before it is all written (one over-long line).
+        if s.write_all(greeting).await.is_err() {
+            return;
+        }
+        let mut buf = [0u8; 512];
+        let mut replied = false;
+        while let Ok(n) = s.read(&mut buf).await {
+            if n == 0 {
+                return;
+            }
+            s2.lock().unwrap().extend_from_slice(&buf[..n]);
+            if !replied {
+                let _ = s.write_all(reply).await;
+                replied = true;
+            }
+        }
+    });
+    (addr, seen)
+}
