@@ -695,7 +695,7 @@ def test_error_limit_closes(proxy):
 
 def test_http_request_closes(proxy):
     """An HTTP request on the mail port closes the connection without echoing it (reliability
-    case 18), in plaintext and inside TLS."""
+    case 18), in plaintext, inside implicit TLS and as the first command after STARTTLS."""
     c = RawClient(proxy.imap)
     c.line()
     c.send(b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
@@ -707,6 +707,17 @@ def test_http_request_closes(proxy):
     c.send(b"POST /login HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
     rest = c.read_to_close()
     assert b"POST" not in rest and b"HTTP" not in rest, rest
+
+    # The case's own point: as the first command after STARTTLS (a cross-protocol attack puts
+    # the mail port under a browser's TLS session).
+    c = RawClient(proxy.imap)
+    c.line()
+    c.send(b"a STARTTLS\r\n")
+    assert c.until_tagged(b"a")[-1].startswith(b"a OK")
+    c.starttls()
+    c.send(b"GET /secret HTTP/1.1\r\nHost: mail.example.test\r\n\r\n")
+    rest = c.read_to_close()
+    assert b"GET" not in rest and b"HTTP" not in rest and b"secret" not in rest, rest
 
 
 # (reliability case, chunks sent with a pause between them, reply line prefixes in order).
