@@ -188,15 +188,22 @@ impl CertStore {
         if let Some(name) = name {
             let name = name.trim_end_matches('.').to_ascii_lowercase();
             let acme = self.acme_lookup(&name);
+            let configured = maps
+                .exact
+                .get(&name)
+                .or_else(|| name.split_once('.').and_then(|(_, parent)| maps.wildcard.get(parent)));
             if let Some((k, false)) = &acme {
+                // ACME issues one key type; a client that cannot use it (an RSA-only device, an
+                // ECDSA certificate) gets a configured certificate for the name that it can.
+                if let (Some(hello), Some(configured)) = (hello, configured)
+                    && !hello.accepts(k)
+                    && let Some(usable) = configured.iter().find(|ck| hello.accepts(ck))
+                {
+                    return Some(usable.clone());
+                }
                 return Some(k.clone());
             }
-            if let Some(served) = maps.exact.get(&name) {
-                return pick(served, hello);
-            }
-            if let Some((_, parent)) = name.split_once('.')
-                && let Some(served) = maps.wildcard.get(parent)
-            {
+            if let Some(served) = configured {
                 return pick(served, hello);
             }
             if let Some((k, true)) = acme {
@@ -621,6 +628,40 @@ mod tests {
         assert_eq!(alg(Some("mail.example.org")), SignatureAlgorithm::RSA);
         assert_eq!(alg(None), SignatureAlgorithm::RSA);
         assert_eq!(alg(Some("other.example.org")), SignatureAlgorithm::ECDSA);
+    }
+
+    /// An issued ACME certificate wins for its names, except for a client that cannot use its
+    /// key type, which gets a configured certificate for the name that it can (an RSA one from
+    /// files beside an ECDSA one from the CA).
+    #[test]
+    fn a_configured_certificate_serves_clients_the_acme_key_type_does_not() {
+        crate::tls::init_crypto();
+        let dir = tempfile::tempdir().unwrap();
+        let rsa = pair(dir.path(), "rsa", &rcgen::PKCS_RSA_SHA256, &["mail.example.org"], 0);
+        let settings = TlsSettings {
+            certificates: vec![rsa],
+            self_signed_names: Vec::new(),
+            session_tickets: 1,
+            cipher_suites: Vec::new(),
+            strict_sni: false,
+        };
+        let store = CertStore::load(&settings).unwrap();
+        let names = vec!["mail.example.org".to_string(), "imap.example.org".to_string()];
+        let issued = self_signed(&names).unwrap();
+        store.install_acme("mail.example.org", &names, issued.clone(), false);
+        let modern = Offered {
+            schemes: &[SignatureScheme::ECDSA_NISTP256_SHA256, SignatureScheme::RSA_PSS_SHA256],
+            suites: &[CipherSuite::TLS13_AES_128_GCM_SHA256],
+        };
+        let rsa_only = Offered {
+            schemes: &[SignatureScheme::RSA_PSS_SHA256, SignatureScheme::RSA_PKCS1_SHA256],
+            suites: &[CipherSuite::TLS13_AES_128_GCM_SHA256],
+        };
+        let served = |name: &str, hello: &Offered<'_>| store.lookup_for(Some(name), Some(hello)).unwrap();
+        assert!(served("mail.example.org", &modern).cert[0] == issued.cert[0]);
+        assert_eq!(served("mail.example.org", &rsa_only).key.algorithm(), SignatureAlgorithm::RSA);
+        // Nothing configured for the name: the ACME certificate (the handshake then fails).
+        assert!(served("imap.example.org", &rsa_only).cert[0] == issued.cert[0]);
     }
 
     /// ACME certificates win for their names, except a stand-in (before the CA has issued one)
