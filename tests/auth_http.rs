@@ -257,7 +257,7 @@ async fn a_hanging_auth_service_times_out_to_the_next_url_or_a_temporary_failure
     });
     let direct = FakeBackend::start(Behaviour::Normal).await;
     let (auth, _) = auth_service(answers(direct.addr.port())).await;
-    let short = |cfg: String| cfg.replace("timeout = \"2s\"", "timeout = \"300ms\"");
+    let short = |cfg: String| cfg.replace("timeout = \"2s\"", "timeout = \"1s\"");
     let proxy = Proxy::start(&short(config(auth, direct.addr, &format!("\"http://{hanging}/auth\", "))), "").await;
     let mut c = Client::connect(proxy.addr("plain")).await;
     c.line().await;

@@ -428,12 +428,12 @@ async fn the_login_deadline_holds_while_the_backend_login_runs() {
 }
 
 /// `plain_config` with `backend_lines` added to the backend, and a backend login deadline
-/// (10 s) well past the client's read timeout: a reply that comes proves the proxy gave up on
-/// what the backend said, not on the clock.
+/// (30 s) well past the client's read timeout (10 s): a reply that comes proves the proxy gave
+/// up on what the backend said, not on the clock.
 fn scripted_config(addr: std::net::SocketAddr, backend_lines: &str) -> String {
     plain_config(addr, "")
         .replace(&format!("address = \"{addr}\""), &format!("address = \"{addr}\"\n{backend_lines}"))
-        .replace("backend_login_timeout = \"500ms\"", "backend_login_timeout = \"10s\"")
+        .replace("backend_login_timeout = \"500ms\"", "backend_login_timeout = \"30s\"")
 }
 
 /// Reliability case 67: a backend that greets with anything but IMAP (an HTTP service, a POP3
