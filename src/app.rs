@@ -393,11 +393,7 @@ impl App {
     async fn apply_acme(self: &Arc<Self>) -> Result<(), StartError> {
         let wanted = self.runtime.load().config.acme.clone();
         // Certificates no longer configured are not served any more.
-        let labels: Vec<&str> = wanted
-            .iter()
-            .flat_map(|a| a.certificates.iter())
-            .filter_map(|c| c.names.first().map(String::as_str))
-            .collect();
+        let labels: Vec<&str> = wanted.iter().flat_map(|a| a.certificates.iter()).map(|c| c.label.as_str()).collect();
         let mut slot = self.acme.lock().await;
         if slot.as_ref().map(|h| &h.settings) == wanted.as_ref() {
             self.tls.certs.retain_acme(&labels);

@@ -584,7 +584,7 @@ async fn a_rate_limits_retry_after_is_waited_out() {
     let (directory, ca_file, seen) = mock_directory(dir.path(), ten_day_window(now), "orders-limited-429").await;
     let (mut config, state) = config_for(dir.path(), &directory, &ca_file);
     let mut acme = config.acme.take().unwrap();
-    acme.certificates.push(portcullis::config::AcmeCertSpec { names: vec!["other.example.test".into()], rsa: false });
+    acme.certificates.push(portcullis::config::AcmeCertSpec::new(vec!["other.example.test".into()], false));
     let retries = ["mail.example.test", "other.example.test"].map(|l| state.join(format!("certs/{l}.retry")));
     let certs = Arc::new(portcullis::tls::certs::CertStore::load(&config.tls).unwrap());
     let stop = tokio_util::sync::CancellationToken::new();

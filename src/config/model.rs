@@ -428,9 +428,21 @@ pub enum AcmeChallenge {
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AcmeCertSpec {
-    /// Lower-case DNS names; the first is the certificate's label.
+    /// Lower-case DNS names.
     pub names: Vec<String>,
     pub rsa: bool,
+    /// What names the certificate's stored files, metrics and `renew NAME`: the first name, or
+    /// for the RSA one of an ECDSA and RSA pair with the same first name, `NAME+rsa` (`+` is in
+    /// no DNS name).
+    pub label: String,
+}
+
+impl AcmeCertSpec {
+    /// A certificate labelled by its first name.
+    pub fn new(names: Vec<String>, rsa: bool) -> AcmeCertSpec {
+        let label = names.first().cloned().unwrap_or_default();
+        AcmeCertSpec { names, rsa, label }
+    }
 }
 
 /// How user names are made canonical. Lower-casing the whole name by default is what Dovecot
@@ -1644,6 +1656,17 @@ impl Validator<'_> {
         let mut certificates = Vec::new();
         for (i, c) in a.certificates.iter().enumerate() {
             let field = format!("acme.certificate[{i}].names");
+            let rsa = match c.key_type.as_ref().map(|k| k.get_ref().as_str()) {
+                None | Some("ecdsa-p256") => false,
+                Some("rsa-2048") => true,
+                Some(other) => {
+                    return Err(self.err(
+                        c.key_type.as_ref().map(|k| k.span()),
+                        format!("acme.certificate[{i}].key_type"),
+                        format!("expected \"ecdsa-p256\" or \"rsa-2048\", found {other:?}"),
+                    ));
+                }
+            };
             let mut names = Vec::new();
             for n in c.names.get_ref() {
                 let name = n.trim().to_ascii_lowercase();
@@ -1660,14 +1683,15 @@ impl Validator<'_> {
                         format!("{n:?} is a wildcard: CAs validate wildcards by dns-01 only (challenge = \"dns-01\")"),
                     ));
                 }
-                // One certificate per name: only the first would be served, two orders for one
-                // name at once would take each other's tls-alpn-01 challenge, and the first name
-                // labels a certificate's stored files, metrics and `acme renew NAME`.
-                if let Some(j) = certificates.iter().position(|o: &AcmeCertSpec| o.names.contains(&name)) {
+                // One certificate per name and key type (an ECDSA and an RSA one, as for files):
+                // a second of one type would never be served.
+                if let Some(j) =
+                    certificates.iter().position(|o: &AcmeCertSpec| o.rsa == rsa && o.names.contains(&name))
+                {
                     return Err(self.err(
                         Some(c.names.span()),
                         field,
-                        format!("{name:?} is already listed in acme.certificate[{j}]"),
+                        format!("{name:?} is already listed in acme.certificate[{j}], with the same key_type"),
                     ));
                 }
                 // Twice in one certificate (differing in case, say): once is what is meant.
@@ -1678,18 +1702,12 @@ impl Validator<'_> {
             if names.is_empty() {
                 return Err(self.err(Some(c.names.span()), field, "at least one name is needed"));
             }
-            let rsa = match c.key_type.as_ref().map(|k| k.get_ref().as_str()) {
-                None | Some("ecdsa-p256") => false,
-                Some("rsa-2048") => true,
-                Some(other) => {
-                    return Err(self.err(
-                        c.key_type.as_ref().map(|k| k.span()),
-                        format!("acme.certificate[{i}].key_type"),
-                        format!("expected \"ecdsa-p256\" or \"rsa-2048\", found {other:?}"),
-                    ));
-                }
-            };
-            certificates.push(AcmeCertSpec { names, rsa });
+            certificates.push(AcmeCertSpec::new(names, rsa));
+        }
+        // The RSA one of a pair sharing a first name gets a label of its own.
+        let ecdsa_firsts: Vec<String> = certificates.iter().filter(|c| !c.rsa).map(|c| c.label.clone()).collect();
+        for c in certificates.iter_mut().filter(|c| c.rsa && ecdsa_firsts.contains(&c.label)) {
+            c.label.push_str("+rsa");
         }
         // RFC 8555 7.3: contacts are URLs; a bare address is refused by the CA when the account
         // is made, long after `check` said OK.
@@ -2491,22 +2509,30 @@ default = "b"
     }
 
     #[test]
-    fn a_name_is_in_one_acme_certificate_only() {
-        let acme = |second: &str| {
+    fn a_name_is_in_one_acme_certificate_per_key_type() {
+        let acme = |second: &str, key_type: &str| {
             parse(&format!(
-                "{BASE}\n[acme]\ndirectory = \"https://acme.example/dir\"\nterms_agreed = true\nstate_dir = \"/var/lib/p\"\n[[acme.certificate]]\nnames = [\"mail.example.org\"]\n[[acme.certificate]]\nnames = {second}\nkey_type = \"rsa-2048\"\n"
+                "{BASE}\n[acme]\ndirectory = \"https://acme.example/dir\"\nterms_agreed = true\nstate_dir = \"/var/lib/p\"\n[[acme.certificate]]\nnames = [\"mail.example.org\", \"imap.example.org\"]\n[[acme.certificate]]\nnames = {second}\nkey_type = \"{key_type}\"\n"
             ))
         };
-        // An RSA and an ECDSA certificate for one host: only one would ever be served.
-        let e = acme("[\"Mail.example.org\", \"imap.example.org\"]").unwrap_err();
+        // Two ECDSA certificates for one host: only one would ever be served.
+        let e = acme("[\"pop.example.org\", \"Mail.example.org\"]", "ecdsa-p256").unwrap_err();
         assert_eq!(e.field, "acme.certificate[1].names");
-        assert!(e.message.contains("already listed in acme.certificate[0]"), "{e}");
+        assert!(
+            e.message.contains("\"mail.example.org\" is already listed in acme.certificate[0], with the same key_type"),
+            "{e}"
+        );
         assert!(e.position.is_some());
-        let e = acme("[\"imap.example.org\", \"mail.example.org\"]").unwrap_err();
-        assert!(e.message.contains("\"mail.example.org\" is already listed in acme.certificate[0]"), "{e}");
-        let once = acme("[\"imap.example.org\", \"IMAP.example.org\"]").unwrap().acme.unwrap();
-        assert_eq!(once.certificates[1].names, ["imap.example.org"]);
-        let ok = acme("[\"imap.example.org\", \"pop.example.org\"]").unwrap().acme.unwrap();
+        // An ECDSA and an RSA one: both served, each to the clients that can use it. The RSA one
+        // has a label of its own where the first names are the same.
+        let pair = acme("[\"Mail.example.org\", \"imap.example.org\"]", "rsa-2048").unwrap().acme.unwrap();
+        let labels: Vec<&str> = pair.certificates.iter().map(|c| c.label.as_str()).collect();
+        assert_eq!(labels, ["mail.example.org", "mail.example.org+rsa"]);
+        let other_first = acme("[\"imap.example.org\", \"mail.example.org\"]", "rsa-2048").unwrap().acme.unwrap();
+        assert_eq!(other_first.certificates[1].label, "imap.example.org");
+        let once = acme("[\"pop.example.org\", \"POP.example.org\"]", "rsa-2048").unwrap().acme.unwrap();
+        assert_eq!(once.certificates[1].names, ["pop.example.org"]);
+        let ok = acme("[\"pop.example.org\"]", "ecdsa-p256").unwrap().acme.unwrap();
         assert_eq!(ok.certificates.len(), 2);
     }
 

@@ -239,10 +239,11 @@ pub async fn start(settings: AcmeSettings, certs: Arc<CertStore>, stop: Cancella
         AcmeChallenge::Http01Webroot(_) | AcmeChallenge::Dns01 { .. } => None,
     };
     let account = Arc::new(tokio::sync::Mutex::new(None));
+    let turns = Arc::new(tokio::sync::Mutex::new(()));
     let mut triggers = HashMap::new();
     let mut tasks = Vec::new();
     for spec in &settings.certificates {
-        let label = spec.names[0].clone();
+        let label = spec.label.clone();
         let trigger = Arc::new(Notify::new());
         triggers.insert(label.clone(), trigger.clone());
         let task = CertTask {
@@ -252,6 +253,7 @@ pub async fn start(settings: AcmeSettings, certs: Arc<CertStore>, stop: Cancella
             certs: certs.clone(),
             challenges: challenges.clone(),
             account: account.clone(),
+            turns: turns.clone(),
         };
         tasks.push(tokio::spawn(task.supervise(trigger, stop.clone())));
     }
@@ -276,6 +278,9 @@ struct CertTask {
     certs: Arc<CertStore>,
     challenges: Arc<Challenges>,
     account: Arc<tokio::sync::Mutex<Option<Account>>>,
+    /// Taken for the whole of an order with tls-alpn-01: the challenge certificate is served
+    /// by name, so two orders for one name (an ECDSA and an RSA certificate) take turns.
+    turns: Arc<tokio::sync::Mutex<()>>,
 }
 
 /// What the renewal planner decided.
@@ -443,6 +448,13 @@ impl CertTask {
                 continue;
             }
             let renewal = current.is_some();
+            let _turn = match self.settings.challenge {
+                AcmeChallenge::TlsAlpn01(_) => tokio::select! {
+                    _ = stop.cancelled() => return,
+                    turn = self.turns.lock() => Some(turn),
+                },
+                _ => None,
+            };
             // Not dropped mid-way when the manager stops: the order notices and cleans up.
             let (result, told) = RETRY_AFTER
                 .scope(std::cell::Cell::new(None), async {
@@ -1188,11 +1200,12 @@ pub async fn renewal_plan(settings: &AcmeSettings, certs: Arc<CertStore>, ck: &C
     let spec = settings.certificates.first()?.clone();
     let task = CertTask {
         settings: settings.clone(),
-        label: spec.names[0].clone(),
+        label: spec.label.clone(),
         spec,
         certs,
         challenges: Arc::new(Challenges::default()),
         account: Arc::new(tokio::sync::Mutex::new(None)),
+        turns: Arc::default(),
     };
     task.planned(ck, &CancellationToken::new()).await
 }
@@ -1392,15 +1405,16 @@ mod tests {
             state_dir: dir.path().to_path_buf(),
             challenge: AcmeChallenge::Http01Webroot(dir.path().to_path_buf()),
             retry_min: Duration::from_secs(60),
-            certificates: vec![AcmeCertSpec { names: names.clone(), rsa: false }],
+            certificates: vec![AcmeCertSpec::new(names.clone(), false)],
         };
         let task = CertTask {
             settings,
-            spec: AcmeCertSpec { names: names.clone(), rsa: false },
+            spec: AcmeCertSpec::new(names.clone(), false),
             label: names[0].clone(),
             certs: Arc::new(CertStore::load(&config.tls).unwrap()),
             challenges: Arc::new(Challenges::default()),
             account: Arc::new(tokio::sync::Mutex::new(None)),
+            turns: Arc::default(),
         };
         let pair = || {
             let key = rcgen::KeyPair::generate().unwrap();

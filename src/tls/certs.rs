@@ -157,21 +157,22 @@ impl CertStore {
 
     /// The ACME entry for `name`, and whether it is weak (see `AcmeEntry::weak`): the first
     /// sound one that names it, exactly or by wildcard (exact first), else the first weak one.
-    /// A stand-in for a newly added name must not hide an issued wildcard that covers it.
-    fn acme_lookup(&self, name: &str) -> Option<(Arc<CertifiedKey>, bool)> {
+    /// A stand-in for a newly added name must not hide an issued wildcard that covers it. Where
+    /// several sound ones name it (an ECDSA and an RSA certificate), the client (`hello`) gets
+    /// the first it can use, ECDSA and EdDSA before RSA.
+    fn acme_lookup(&self, name: &str, hello: Option<&Offered<'_>>) -> Option<(Arc<CertifiedKey>, bool)> {
         let acme = self.acme.load();
         let parent = name.split_once('.').map(|(_, p)| p);
-        let exact = acme.iter().filter(|e| e.names.iter().any(|n| n == name));
-        let wildcard =
-            acme.iter().filter(|e| e.names.iter().any(|n| n.strip_prefix("*.").is_some_and(|p| Some(p) == parent)));
-        let mut first_weak = None;
-        for e in exact.chain(wildcard) {
-            if !e.weak() {
-                return Some((e.key.clone(), false));
-            }
-            first_weak.get_or_insert_with(|| (e.key.clone(), true));
+        let naming = || {
+            let exact = acme.iter().filter(|e| e.names.iter().any(|n| n == name));
+            let wildcard =
+                acme.iter().filter(|e| e.names.iter().any(|n| n.strip_prefix("*.").is_some_and(|p| Some(p) == parent)));
+            exact.chain(wildcard)
+        };
+        if let Some(sound) = choose(naming().filter(|e| !e.weak()), hello) {
+            return Some((sound.key.clone(), false));
         }
-        first_weak
+        naming().next().map(|e| (e.key.clone(), true))
     }
 
     /// The certificate a handshake for `name` would get from a client that can use any: an
@@ -187,7 +188,7 @@ impl CertStore {
         let maps = self.maps.load();
         if let Some(name) = name {
             let name = name.trim_end_matches('.').to_ascii_lowercase();
-            let acme = self.acme_lookup(&name);
+            let acme = self.acme_lookup(&name, hello);
             let configured = maps
                 .exact
                 .get(&name)
@@ -217,8 +218,9 @@ impl CertStore {
         if maps.default.is_empty() || maps.generated_default {
             // No configured default: an issued ACME certificate (the first configured) rather
             // than a generated one, for clients that send no name or an address.
-            if let Some(e) = acme.iter().find(|e| !e.weak()) {
-                return Some(e.key.clone());
+            if let Some(first) = acme.iter().find(|e| !e.weak()) {
+                let pair = acme.iter().filter(|e| !e.weak() && e.names.first() == first.names.first());
+                return choose(pair, hello).map(|e| e.key.clone());
             }
         }
         pick(&maps.default, hello).or_else(|| acme.first().map(|e| e.key.clone()))
@@ -230,6 +232,25 @@ impl ResolvesServerCert for CertStore {
         let offered = Offered { schemes: hello.signature_schemes(), suites: hello.cipher_suites() };
         self.lookup_for(hello.server_name(), Some(&offered))
     }
+}
+
+/// Of ACME entries, the first; where there are several (one per key type), the first the client
+/// can use, ECDSA and EdDSA before RSA; the first again if it can use none.
+fn choose<'a>(
+    entries: impl Iterator<Item = &'a AcmeEntry> + Clone,
+    hello: Option<&Offered<'_>>,
+) -> Option<&'a AcmeEntry> {
+    let first = entries.clone().next()?;
+    if let Some(hello) = hello
+        && entries.clone().nth(1).is_some()
+    {
+        let rsa = |e: &&AcmeEntry| e.key.key.algorithm() == SignatureAlgorithm::RSA;
+        let by_type = entries.clone().filter(|e| !rsa(e)).chain(entries.filter(rsa));
+        if let Some(usable) = by_type.into_iter().find(|e| hello.accepts(&e.key)) {
+            return Some(usable);
+        }
+    }
+    Some(first)
 }
 
 /// What a client offers that decides which key type it can be served.
@@ -662,6 +683,33 @@ mod tests {
         assert_eq!(served("mail.example.org", &rsa_only).key.algorithm(), SignatureAlgorithm::RSA);
         // Nothing configured for the name: the ACME certificate (the handshake then fails).
         assert!(served("imap.example.org", &rsa_only).cert[0] == issued.cert[0]);
+
+        // An RSA certificate from ACME as well, for the same names: each client gets the ACME
+        // one it can use, whichever was installed first, with SNI and (no default configured
+        // but a generated one) without.
+        let store = CertStore::load(&TlsSettings {
+            certificates: Vec::new(),
+            self_signed_names: vec!["localhost".into()],
+            ..settings.clone()
+        })
+        .unwrap();
+        let rsa_key = rcgen::KeyPair::generate_for(&rcgen::PKCS_RSA_SHA256).unwrap();
+        let rsa_cert = rcgen::CertificateParams::new(names.clone()).unwrap().self_signed(&rsa_key).unwrap();
+        let rsa_issued = Arc::new(
+            CertifiedKey::from_der(
+                vec![rsa_cert.der().clone()],
+                PrivateKeyDer::try_from(rsa_key.serialize_der()).unwrap(),
+                &rustls::crypto::aws_lc_rs::default_provider(),
+            )
+            .unwrap(),
+        );
+        store.install_acme("mail.example.org+rsa", &names, rsa_issued.clone(), false);
+        store.install_acme("mail.example.org", &names, issued.clone(), false);
+        for name in [Some("imap.example.org"), None] {
+            let served = |hello: &Offered<'_>| store.lookup_for(name, Some(hello)).unwrap();
+            assert!(served(&modern).cert[0] == issued.cert[0], "{name:?}");
+            assert!(served(&rsa_only).cert[0] == rsa_issued.cert[0], "{name:?}");
+        }
     }
 
     /// ACME certificates win for their names, except a stand-in (before the CA has issued one)

@@ -5,6 +5,7 @@ a reload that still removes its DNS record.
 """
 
 import os
+import re
 import socket
 import ssl
 import stat
@@ -112,6 +113,42 @@ def test_issuance_and_verified_handshake(kind, pebble, tmp_path, dovecot):
         state = tmp_path / "acme-state"
         for f in [state / "account.json", state / "certs" / f"{NAME}.key", state / "certs" / f"{NAME}.pem"]:
             assert stat.S_IMODE(f.stat().st_mode) == 0o600, f
+    finally:
+        pc.stop()
+
+
+def test_an_ecdsa_and_an_rsa_certificate_for_the_same_names(pebble, tmp_path, dovecot):
+    """Two [[acme.certificate]] for the same names, ECDSA and RSA, over tls-alpn-01 (whose
+    challenge certificate is served by name, so the two orders take turns): both are issued,
+    stored under their own labels (the RSA one `NAME+rsa`), and each client gets the one it can
+    use, verified against Pebble's root, with SNI and without."""
+    challenge = f'challenge = "tls-alpn-01"\ntls_alpn01_bind = "127.0.0.1:{pebble.tls_port}"'
+    rsa = f'\n[[acme.certificate]]\nnames = ["{NAME}"]\nkey_type = "rsa-2048"\n'
+    imaps, admin = free_port(), free_port()
+    cfg = acme_config(pebble, tmp_path, challenge, imaps, admin, dovecot) + rsa
+    pc = Portcullis(str(tmp_path), cfg).start(wait_port=imaps, tls=True)
+    try:
+        assert issued(pc, count=2, timeout=60), pc.log() + pebble.log()
+        state = tmp_path / "acme-state" / "certs"
+        assert (state / f"{NAME}.pem").exists() and (state / f"{NAME}+rsa.pem").exists(), os.listdir(state)
+        root = tmp_path / "pebble-root.pem"
+        root.write_bytes(pebble.issuing_root())
+
+        def served(*args):
+            out = subprocess.run(["openssl", "s_client", "-connect", f"127.0.0.1:{imaps}", "-CAfile", str(root),
+                                  "-verify_return_error", *args], input=b"", capture_output=True, timeout=15)
+            text = out.stdout.decode(errors="replace")
+            assert "Verify return code: 0 (ok)" in text, text + out.stderr.decode(errors="replace")
+            key = re.search(r"Server public key is (\d+) bit", text)
+            return {"256": "ECDSA", "2048": "RSA"}[key.group(1)]
+
+        assert served("-servername", NAME) == "ECDSA"
+        assert served("-servername", NAME, "-sigalgs", "RSA-PSS+SHA256:RSA+SHA256") == "RSA"
+        assert served("-servername", NAME, "-tls1_2", "-cipher", "ECDHE-RSA-AES128-GCM-SHA256") == "RSA"
+        # No SNI: the pair stands in for the self-signed default.
+        assert served("-noservername", "-sigalgs", "RSA-PSS+SHA256:RSA+SHA256", "-verify_hostname", NAME) == "RSA"
+        text = metrics(pc)
+        assert f'certificate="{NAME}+rsa"' in text and f'certificate="{NAME}"' in text, text
     finally:
         pc.stop()
 
