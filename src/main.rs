@@ -35,7 +35,7 @@ enum Command {
     Renew {
         #[arg(long, short)]
         config: PathBuf,
-        /// The certificate's first name; omit to renew all.
+        /// The certificate's first name (`NAME+rsa` for the RSA one of a pair); omit to renew all.
         name: Option<String>,
     },
 }

@@ -178,7 +178,8 @@ pub struct AcmeHandle {
 }
 
 impl AcmeHandle {
-    /// Renew the certificate labelled `label` (its first name) now. False if unknown.
+    /// Renew the certificate labelled `label` (its first name, or `NAME+rsa`) now. False if
+    /// unknown.
     pub fn renew(&self, label: &str) -> bool {
         match self.triggers.get(label) {
             Some(n) => {
@@ -695,7 +696,7 @@ impl CertTask {
     }
 
     fn load_pair(&self, cert: &Path, key: &Path) -> Option<Arc<CertifiedKey>> {
-        let (ck, covered) = read_pair(cert, key, &self.spec.names)?;
+        let (ck, covered) = read_pair(cert, key, &self.spec)?;
         (covered.len() == self.spec.names.len()).then_some(ck)
     }
 
@@ -703,7 +704,7 @@ impl CertTask {
     /// all, or came from another directory, with the names it has.
     fn load_partial(&self) -> Option<(Arc<CertifiedKey>, Vec<String>)> {
         let (cert, key) = self.paths();
-        read_pair(&cert, &key, &self.spec.names).filter(|(_, covered)| !covered.is_empty())
+        read_pair(&cert, &key, &self.spec).filter(|(_, covered)| !covered.is_empty())
     }
 
     async fn account(&self) -> AcmeResult<Account> {
@@ -1043,11 +1044,18 @@ fn stored_directory(path: &Path) -> Option<String> {
 
 /// A stored pair that loads, matches its key and has not expired, with those of `names` its
 /// certificate has.
-fn read_pair(cert: &Path, key: &Path, names: &[String]) -> Option<(Arc<CertifiedKey>, Vec<String>)> {
+/// A stored pair for `spec`: in date, of its key type (a label that passed to the other half of
+/// an ECDSA and RSA pair, as one is added or removed, must not take over the other's files), and
+/// the configured names it covers.
+fn read_pair(cert: &Path, key: &Path, spec: &AcmeCertSpec) -> Option<(Arc<CertifiedKey>, Vec<String>)> {
+    let names = &spec.names;
     let chain: Vec<CertificateDer<'static>> =
         CertificateDer::pem_file_iter(cert).ok()?.collect::<Result<_, _>>().ok()?;
     let key = PrivateKeyDer::from_pem_file(key).ok()?;
     let ck = CertifiedKey::from_der(chain, key, &provider()).ok()?;
+    if (ck.key.algorithm() == rustls::SignatureAlgorithm::RSA) != spec.rsa {
+        return None;
+    }
     let (_, not_after) = validity(&ck)?;
     if not_after <= SystemTime::now() {
         return None;
@@ -1442,6 +1450,14 @@ mod tests {
         std::fs::write(&cert_path, &old_cert).unwrap();
         std::fs::write(staged_path(&cert_path), &other_cert).unwrap();
         assert!(task.load_stored().is_none());
+        // A label that passes to the other half of an ECDSA and RSA pair (as one is added or
+        // removed) does not take over the other key type's files.
+        std::fs::write(&key_path, &new_key).unwrap();
+        std::fs::write(&cert_path, &new_cert).unwrap();
+        assert!(task.load_pair(&cert_path, &key_path).is_some());
+        let rsa = CertTask { spec: AcmeCertSpec::new(names.clone(), true), ..task.clone() };
+        assert!(rsa.load_pair(&cert_path, &key_path).is_none());
+        assert!(rsa.load_partial().is_none());
     }
 
     #[test]

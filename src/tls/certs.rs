@@ -163,16 +163,16 @@ impl CertStore {
     fn acme_lookup(&self, name: &str, hello: Option<&Offered<'_>>) -> Option<(Arc<CertifiedKey>, bool)> {
         let acme = self.acme.load();
         let parent = name.split_once('.').map(|(_, p)| p);
-        let naming = || {
-            let exact = acme.iter().filter(|e| e.names.iter().any(|n| n == name));
-            let wildcard =
-                acme.iter().filter(|e| e.names.iter().any(|n| n.strip_prefix("*.").is_some_and(|p| Some(p) == parent)));
-            exact.chain(wildcard)
-        };
-        if let Some(sound) = choose(naming().filter(|e| !e.weak()), hello) {
+        let exact = || acme.iter().filter(|e| e.names.iter().any(|n| n == name));
+        let wildcard =
+            || acme.iter().filter(|e| e.names.iter().any(|n| n.strip_prefix("*.").is_some_and(|p| Some(p) == parent)));
+        // The name's own certificates before a wildcard's, as for files, whatever their types.
+        if let Some(sound) =
+            choose(exact().filter(|e| !e.weak()), hello).or_else(|| choose(wildcard().filter(|e| !e.weak()), hello))
+        {
             return Some((sound.key.clone(), false));
         }
-        naming().next().map(|e| (e.key.clone(), true))
+        exact().chain(wildcard()).next().map(|e| (e.key.clone(), true))
     }
 
     /// The certificate a handshake for `name` would get from a client that can use any: an
@@ -219,7 +219,8 @@ impl CertStore {
             // No configured default: an issued ACME certificate (the first configured) rather
             // than a generated one, for clients that send no name or an address.
             if let Some(first) = acme.iter().find(|e| !e.weak()) {
-                let pair = acme.iter().filter(|e| !e.weak() && e.names.first() == first.names.first());
+                // With the other half of its pair, if any (the same label but for `+rsa`).
+                let pair = acme.iter().filter(|e| !e.weak() && pair_base(&e.label) == pair_base(&first.label));
                 return choose(pair, hello).map(|e| e.key.clone());
             }
         }
@@ -232,6 +233,11 @@ impl ResolvesServerCert for CertStore {
         let offered = Offered { schemes: hello.signature_schemes(), suites: hello.cipher_suites() };
         self.lookup_for(hello.server_name(), Some(&offered))
     }
+}
+
+/// An ACME label without the `+rsa` that sets the RSA half of a pair apart.
+fn pair_base(label: &str) -> &str {
+    label.strip_suffix("+rsa").unwrap_or(label)
 }
 
 /// Of ACME entries, the first; where there are several (one per key type), the first the client
@@ -710,6 +716,12 @@ mod tests {
             assert!(served(&modern).cert[0] == issued.cert[0], "{name:?}");
             assert!(served(&rsa_only).cert[0] == rsa_issued.cert[0], "{name:?}");
         }
+        // A name's own certificate before a wildcard's, whatever their key types.
+        let wildcard = self_signed(&["*.example.org".to_string()]).unwrap();
+        store.retain_acme(&["mail.example.org+rsa"]);
+        store.install_acme("*.example.org", &["*.example.org".into()], wildcard.clone(), false);
+        assert!(store.lookup_for(Some("mail.example.org"), Some(&modern)).unwrap().cert[0] == rsa_issued.cert[0]);
+        assert!(store.lookup_for(Some("pop.example.org"), Some(&modern)).unwrap().cert[0] == wildcard.cert[0]);
     }
 
     /// ACME certificates win for their names, except a stand-in (before the CA has issued one)
