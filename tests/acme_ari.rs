@@ -132,6 +132,37 @@ fn ten_day_window(now: SystemTime) -> (SystemTime, SystemTime) {
     (now + Duration::from_secs(10 * 86400), now + Duration::from_secs(10 * 86400 + 7200))
 }
 
+/// A window that opened an hour ago: a stored certificate is renewed at once.
+fn open_window(now: SystemTime) -> (SystemTime, SystemTime) {
+    (now - Duration::from_secs(3600), now - Duration::from_secs(1800))
+}
+
+/// A window 80 days ahead: any order comes from something else.
+fn far_window(now: SystemTime) -> (SystemTime, SystemTime) {
+    (now + Duration::from_secs(80 * 86400), now + Duration::from_secs(81 * 86400))
+}
+
+/// One test's mock CA: its temp dir (removed when dropped), the moment the ARI window was
+/// placed from, the paths the mock directory (`mode` as for `mock_directory`) saw, and a config
+/// with a stored account for it and its state directory. Bind `dir` for as long as the test
+/// runs: dropped, it takes the state directory with it.
+struct MockCa {
+    dir: tempfile::TempDir,
+    now: SystemTime,
+    seen: Arc<Mutex<Vec<String>>>,
+    config: portcullis::config::Config,
+    state: std::path::PathBuf,
+}
+
+async fn mock_ca(window: fn(SystemTime) -> (SystemTime, SystemTime), mode: &'static str) -> MockCa {
+    portcullis::tls::init_crypto();
+    let dir = tempfile::tempdir().unwrap();
+    let now = SystemTime::now();
+    let (directory, ca_file, seen) = mock_directory(dir.path(), window(now), mode).await;
+    let (config, state) = config_for(dir.path(), &directory, &ca_file);
+    MockCa { dir, now, seen, config, state }
+}
+
 /// The renewal plan for a 90-day certificate issued `now`, from a mock CA that suggests
 /// `window` with `retry_after`; also the paths the CA was asked for.
 async fn plan_from_mock(
@@ -268,12 +299,7 @@ fn ninety_day_leaf(now: SystemTime) -> (rcgen::Certificate, KeyPair) {
 /// ordered at once, and the window is not asked for again and again.
 #[tokio::test]
 async fn an_open_ari_window_orders_the_renewal_once() {
-    portcullis::tls::init_crypto();
-    let dir = tempfile::tempdir().unwrap();
-    let now = SystemTime::now();
-    let window = (now - Duration::from_secs(3600), now - Duration::from_secs(1800));
-    let (directory, ca_file, seen) = mock_directory(dir.path(), window, "21600").await;
-    let (config, state) = config_for(dir.path(), &directory, &ca_file);
+    let MockCa { dir: _dir, now, seen, config, state, .. } = mock_ca(open_window, "21600").await;
     let settings = config.acme.clone().unwrap();
     // A stored 90-day certificate, one day old: far from two thirds of its life.
     let (leaf, leaf_key) = ninety_day_leaf(now);
@@ -298,13 +324,8 @@ async fn an_open_ari_window_orders_the_renewal_once() {
 /// one is ordered, at once.
 #[tokio::test]
 async fn an_added_name_keeps_the_stored_certificate_while_ordering() {
-    portcullis::tls::init_crypto();
-    let dir = tempfile::tempdir().unwrap();
-    let now = SystemTime::now();
     // A window far ahead: the order below can only come from the added name.
-    let window = (now + Duration::from_secs(80 * 86400), now + Duration::from_secs(81 * 86400));
-    let (directory, ca_file, seen) = mock_directory(dir.path(), window, "21600").await;
-    let (config, state) = config_for(dir.path(), &directory, &ca_file);
+    let MockCa { dir: _dir, now, seen, config, state, .. } = mock_ca(far_window, "21600").await;
     let mut settings = config.acme.clone().unwrap();
     settings.certificates[0].names.push("new.example.test".to_string());
     let (leaf, leaf_key) = ninety_day_leaf(now);
@@ -328,11 +349,7 @@ async fn an_added_name_keeps_the_stored_certificate_while_ordering() {
 async fn a_certificate_from_another_directory_is_replaced_at_once() {
     portcullis::tls::init_crypto();
     for recorded in [true, false] {
-        let dir = tempfile::tempdir().unwrap();
-        let now = SystemTime::now();
-        let window = (now + Duration::from_secs(80 * 86400), now + Duration::from_secs(81 * 86400));
-        let (directory, ca_file, seen) = mock_directory(dir.path(), window, "21600").await;
-        let (config, state) = config_for(dir.path(), &directory, &ca_file);
+        let MockCa { dir: _dir, now, seen, config, state, .. } = mock_ca(far_window, "21600").await;
         let (leaf, leaf_key) = ninety_day_leaf(now);
         std::fs::write(state.join("certs/mail.example.test.pem"), leaf.pem()).unwrap();
         std::fs::write(state.join("certs/mail.example.test.key"), leaf_key.serialize_pem()).unwrap();
@@ -404,11 +421,7 @@ async fn an_account_from_another_directory_is_not_used() {
 /// failed validations per name and hour. A change of the certificate's names starts afresh.
 #[tokio::test]
 async fn a_failed_orders_backoff_survives_a_restart() {
-    portcullis::tls::init_crypto();
-    let dir = tempfile::tempdir().unwrap();
-    let now = SystemTime::now();
-    let (directory, ca_file, seen) = mock_directory(dir.path(), ten_day_window(now), "21600").await;
-    let (config, state) = config_for(dir.path(), &directory, &ca_file);
+    let MockCa { dir: _dir, now, seen, config, state, .. } = mock_ca(ten_day_window, "21600").await;
     let settings = config.acme.clone().unwrap();
     let retry = state.join("certs/mail.example.test.retry");
     let run = |settings: portcullis::config::AcmeSettings| {
@@ -460,11 +473,8 @@ async fn a_failed_orders_backoff_survives_a_restart() {
 async fn a_stored_account_outlives_a_ca_outage_but_not_a_broken_key() {
     portcullis::tls::init_crypto();
     for broken_key in [false, true] {
-        let dir = tempfile::tempdir().unwrap();
-        let now = SystemTime::now();
         let mode = if broken_key { "21600" } else { "flaky-directory" };
-        let (directory, ca_file, seen) = mock_directory(dir.path(), ten_day_window(now), mode).await;
-        let (config, state) = config_for(dir.path(), &directory, &ca_file);
+        let MockCa { dir: _dir, seen, config, state, .. } = mock_ca(ten_day_window, mode).await;
         let account = state.join("account.json");
         if broken_key {
             let mut creds: serde_json::Value = serde_json::from_slice(&std::fs::read(&account).unwrap()).unwrap();
@@ -501,11 +511,7 @@ async fn a_stored_account_outlives_a_ca_outage_but_not_a_broken_key() {
 /// or I/O error) is not taken for a missing one: no new account is asked for.
 #[tokio::test]
 async fn an_unreadable_stored_account_is_not_replaced() {
-    portcullis::tls::init_crypto();
-    let dir = tempfile::tempdir().unwrap();
-    let now = SystemTime::now();
-    let (directory, ca_file, seen) = mock_directory(dir.path(), ten_day_window(now), "21600").await;
-    let (config, state) = config_for(dir.path(), &directory, &ca_file);
+    let MockCa { dir: _dir, seen, config, state, .. } = mock_ca(ten_day_window, "21600").await;
     std::fs::remove_file(state.join("account.json")).unwrap();
     std::fs::create_dir(state.join("account.json")).unwrap();
     let certs = Arc::new(portcullis::tls::certs::CertStore::load(&config.tls).unwrap());
@@ -526,12 +532,8 @@ async fn a_renewal_names_the_certificate_it_replaces() {
     portcullis::tls::init_crypto();
     // (a stored certificate to replace, the mock's refusal, orders expected)
     for (stored, mode, want) in [(true, "orders", 2), (false, "orders", 1), (true, "orders-limited", 1)] {
-        let dir = tempfile::tempdir().unwrap();
-        let now = SystemTime::now();
         // A window already open: the stored certificate is renewed at once.
-        let window = (now - Duration::from_secs(3600), now - Duration::from_secs(1800));
-        let (directory, ca_file, seen) = mock_directory(dir.path(), window, mode).await;
-        let (config, state) = config_for(dir.path(), &directory, &ca_file);
+        let MockCa { dir: _dir, now, seen, config, state, .. } = mock_ca(open_window, mode).await;
         let (leaf, leaf_key) = ninety_day_leaf(now);
         if stored {
             std::fs::write(state.join("certs/mail.example.test.pem"), leaf.pem()).unwrap();
@@ -578,11 +580,7 @@ async fn a_renewal_names_the_certificate_it_replaces() {
 /// one, keeps its backoff.
 #[tokio::test]
 async fn a_rate_limits_retry_after_is_waited_out() {
-    portcullis::tls::init_crypto();
-    let dir = tempfile::tempdir().unwrap();
-    let now = SystemTime::now();
-    let (directory, ca_file, seen) = mock_directory(dir.path(), ten_day_window(now), "orders-limited-429").await;
-    let (mut config, state) = config_for(dir.path(), &directory, &ca_file);
+    let MockCa { dir: _dir, now, seen, mut config, state, .. } = mock_ca(ten_day_window, "orders-limited-429").await;
     let mut acme = config.acme.take().unwrap();
     acme.certificates.push(portcullis::config::AcmeCertSpec::new(vec!["other.example.test".into()], false));
     let retries = ["mail.example.test", "other.example.test"].map(|l| state.join(format!("certs/{l}.retry")));

@@ -54,7 +54,7 @@ pub struct CertMaps {
     expiry: Vec<(String, i64)>,
 }
 
-/// The certificates served for one name: one per key type, ECDSA and EdDSA before RSA.
+/// The certificates served for one name: one per key type, in config order (`usable` prefers).
 type Served = Vec<Arc<CertifiedKey>>;
 
 pub struct CertStore {
@@ -189,14 +189,14 @@ impl CertStore {
         if let Some(name) = name {
             let name = name.trim_end_matches('.').to_ascii_lowercase();
             let acme = self.acme_lookup(&name, hello);
-            let configured = maps
-                .exact
-                .get(&name)
-                .or_else(|| name.split_once('.').and_then(|(_, parent)| maps.wildcard.get(parent)));
+            let configured = || {
+                maps.exact.get(&name).or_else(|| name.split_once('.').and_then(|(_, parent)| maps.wildcard.get(parent)))
+            };
             if let Some((k, false)) = &acme {
-                // ACME issues one key type; a client that cannot use it (an RSA-only device, an
-                // ECDSA certificate) gets a configured certificate for the name that it can.
-                if let (Some(hello), Some(configured)) = (hello, configured)
+                // A client that can use no ACME certificate for the name (an RSA-only device, an
+                // ECDSA certificate) gets a configured one that it can, if there is one.
+                if let Some(hello) = hello
+                    && let Some(configured) = configured()
                     && !hello.accepts(k)
                     && let Some(usable) = configured.iter().find(|ck| hello.accepts(ck))
                 {
@@ -204,7 +204,7 @@ impl CertStore {
                 }
                 return Some(k.clone());
             }
-            if let Some(served) = configured {
+            if let Some(served) = configured() {
                 return pick(served, hello);
             }
             if let Some((k, true)) = acme {
@@ -240,23 +240,34 @@ fn pair_base(label: &str) -> &str {
     label.strip_suffix("+rsa").unwrap_or(label)
 }
 
-/// Of ACME entries, the first; where there are several (one per key type), the first the client
-/// can use, ECDSA and EdDSA before RSA; the first again if it can use none.
+/// Of one name's candidates (one per key type, their certificates given by `key`), the first
+/// the client can use, ECDSA and EdDSA before RSA; the first of all when there is only one,
+/// nothing is known of the client, or it can use none (the handshake then fails as it would
+/// have). Only with several is the client's offer looked at.
+fn usable<'a, T>(
+    candidates: impl Iterator<Item = &'a T> + Clone,
+    key: impl Fn(&T) -> &CertifiedKey,
+    hello: Option<&Offered<'_>>,
+) -> Option<&'a T> {
+    let first = candidates.clone().next()?;
+    if let Some(hello) = hello
+        && candidates.clone().nth(1).is_some()
+    {
+        let rsa = |c: &&T| key(c).key.algorithm() == SignatureAlgorithm::RSA;
+        let by_type = candidates.clone().filter(|c| !rsa(c)).chain(candidates.filter(rsa));
+        if let Some(found) = by_type.into_iter().find(|c| hello.accepts(key(c))) {
+            return Some(found);
+        }
+    }
+    Some(first)
+}
+
+/// `usable` among ACME entries.
 fn choose<'a>(
     entries: impl Iterator<Item = &'a AcmeEntry> + Clone,
     hello: Option<&Offered<'_>>,
 ) -> Option<&'a AcmeEntry> {
-    let first = entries.clone().next()?;
-    if let Some(hello) = hello
-        && entries.clone().nth(1).is_some()
-    {
-        let rsa = |e: &&AcmeEntry| e.key.key.algorithm() == SignatureAlgorithm::RSA;
-        let by_type = entries.clone().filter(|e| !rsa(e)).chain(entries.filter(rsa));
-        if let Some(usable) = by_type.into_iter().find(|e| hello.accepts(&e.key)) {
-            return Some(usable);
-        }
-    }
-    Some(first)
+    usable(entries, |e: &AcmeEntry| &*e.key, hello)
 }
 
 /// What a client offers that decides which key type it can be served.
@@ -305,14 +316,9 @@ fn tls12_key_type(suite: CipherSuite) -> Option<SignatureAlgorithm> {
     }
 }
 
-/// Of a name's certificates, the first the client can use; the first of all when it can use
-/// none (the handshake then fails as it would have) or nothing is known of the client.
+/// `usable` among a name's configured certificates.
 fn pick(served: &[Arc<CertifiedKey>], hello: Option<&Offered<'_>>) -> Option<Arc<CertifiedKey>> {
-    match (served, hello) {
-        ([only], _) => Some(only.clone()),
-        (all, Some(hello)) => all.iter().find(|ck| hello.accepts(ck)).or(all.first()).cloned(),
-        (all, None) => all.first().cloned(),
-    }
+    usable(served.iter(), |ck: &Arc<CertifiedKey>| &**ck, hello).cloned()
 }
 
 fn build(settings: &TlsSettings, previous: Option<&CertMaps>) -> Result<CertMaps, CertError> {
@@ -382,11 +388,8 @@ fn build(settings: &TlsSettings, previous: Option<&CertMaps>) -> Result<CertMaps
         }
         // Only where nothing configured is served: a configured certificate of another key
         // type for the same name must not be put behind a generated one.
-        for name in names.iter().map(|n| n.to_ascii_lowercase()) {
-            let served = match name.strip_prefix("*.") {
-                Some(parent) => maps.wildcard.entry(parent.to_string()).or_default(),
-                None => maps.exact.entry(name).or_default(),
-            };
+        for name in &names {
+            let served = served_mut(&mut maps, &name.to_ascii_lowercase());
             if served.is_empty() {
                 served.push(ck.clone());
             }
@@ -420,11 +423,7 @@ fn self_signed_key(names: &[String]) -> (PathBuf, PathBuf) {
 
 fn add(maps: &mut CertMaps, spec: &CertSpec, ck: Arc<CertifiedKey>) {
     for name in &spec.names {
-        let served = match name.strip_prefix("*.") {
-            Some(parent) => maps.wildcard.entry(parent.to_string()).or_default(),
-            None => maps.exact.entry(name.clone()).or_default(),
-        };
-        serve(served, &ck);
+        serve(served_mut(maps, name), &ck);
     }
     if spec.default {
         if !maps.explicit_default {
@@ -447,16 +446,19 @@ fn add(maps: &mut CertMaps, spec: &CertSpec, ck: Arc<CertifiedKey>) {
 }
 
 /// Add `ck` to a name's certificates unless one of its key type is there already (the first
-/// listed wins), ECDSA and EdDSA before RSA: smaller and cheaper, for clients that take both.
+/// listed wins).
 fn serve(served: &mut Served, ck: &Arc<CertifiedKey>) {
-    let alg = ck.key.algorithm();
-    if served.iter().any(|c| c.key.algorithm() == alg) {
-        return;
+    if !served.iter().any(|c| c.key.algorithm() == ck.key.algorithm()) {
+        served.push(ck.clone());
     }
-    let rsa = |c: &Arc<CertifiedKey>| c.key.algorithm() == SignatureAlgorithm::RSA;
-    let at =
-        if alg == SignatureAlgorithm::RSA { served.len() } else { served.iter().position(rsa).unwrap_or(served.len()) };
-    served.insert(at, ck.clone());
+}
+
+/// The certificates served for `name` (`*.parent` in the wildcard map), made empty if none.
+fn served_mut<'a>(maps: &'a mut CertMaps, name: &str) -> &'a mut Served {
+    match name.strip_prefix("*.") {
+        Some(parent) => maps.wildcard.entry(parent.to_string()).or_default(),
+        None => maps.exact.entry(name.to_string()).or_default(),
+    }
 }
 
 /// A key type as the config's errors and the expiry series name it.
@@ -528,13 +530,7 @@ mod tests {
     fn the_self_signed_certificate_is_renewed_before_it_ends() {
         crate::tls::init_crypto();
         let names = vec!["localhost".to_string()];
-        let settings = TlsSettings {
-            certificates: Vec::new(),
-            self_signed_names: names.clone(),
-            session_tickets: 1,
-            cipher_suites: Vec::new(),
-            strict_sni: false,
-        };
+        let settings = tls_settings(Vec::new(), &["localhost"]);
         let first = build(&settings, None).unwrap();
         let key = self_signed_key(&names);
         let same = |a: &CertMaps, b: &CertMaps| a.loaded[&key].1.cert[0] == b.loaded[&key].1.cert[0];
@@ -555,6 +551,28 @@ mod tests {
         assert!(!store(&renewed).self_signed_ending());
         assert!(not_after(&renewed.loaded[&key].1).is_some_and(|t| t > crate::app::unix_now() + 300 * 86_400));
     }
+
+    /// TLS settings with these configured certificates and self-signed names, the rest default.
+    fn tls_settings(certificates: Vec<CertSpec>, self_signed_names: &[&str]) -> TlsSettings {
+        TlsSettings {
+            certificates,
+            self_signed_names: self_signed_names.iter().map(|n| n.to_string()).collect(),
+            session_tickets: 1,
+            cipher_suites: Vec::new(),
+            strict_sni: false,
+        }
+    }
+
+    /// A client that takes ECDSA and RSA, over TLS 1.3 or 1.2.
+    const MODERN: Offered<'static> = Offered {
+        schemes: &[SignatureScheme::ECDSA_NISTP256_SHA256, SignatureScheme::RSA_PSS_SHA256],
+        suites: &[CipherSuite::TLS13_AES_128_GCM_SHA256, CipherSuite::TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256],
+    };
+    /// A client that knows only RSA signatures.
+    const RSA_ONLY: Offered<'static> = Offered {
+        schemes: &[SignatureScheme::RSA_PSS_SHA256, SignatureScheme::RSA_PKCS1_SHA256],
+        suites: &[CipherSuite::TLS13_AES_128_GCM_SHA256],
+    };
 
     /// A certificate for `names` with a new key of `alg`, written as `NAME.pem`/`NAME.key` in
     /// `dir`, and its spec as the config would give it (index `i`).
@@ -588,22 +606,8 @@ mod tests {
         let names = ["mail.example.org", "*.example.org"];
         let rsa = pair(dir.path(), "rsa", &rcgen::PKCS_RSA_SHA256, &names, 0);
         let ecdsa = pair(dir.path(), "ecdsa", &rcgen::PKCS_ECDSA_P256_SHA256, &names, 1);
-        let settings = TlsSettings {
-            certificates: vec![rsa, ecdsa],
-            self_signed_names: Vec::new(),
-            session_tickets: 1,
-            cipher_suites: Vec::new(),
-            strict_sni: false,
-        };
+        let settings = tls_settings(vec![rsa, ecdsa], &[]);
         let store = CertStore::load(&settings).unwrap();
-        let modern = Offered {
-            schemes: &[SignatureScheme::ECDSA_NISTP256_SHA256, SignatureScheme::RSA_PSS_SHA256],
-            suites: &[CipherSuite::TLS13_AES_128_GCM_SHA256, CipherSuite::TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256],
-        };
-        let rsa_only = Offered {
-            schemes: &[SignatureScheme::RSA_PSS_SHA256, SignatureScheme::RSA_PKCS1_SHA256],
-            suites: &[CipherSuite::TLS13_AES_128_GCM_SHA256],
-        };
         // An old TLS 1.2 stack that lists ECDSA signatures but has no ECDSA suite.
         let tls12_rsa_suites = Offered {
             schemes: &[SignatureScheme::ECDSA_NISTP256_SHA256, SignatureScheme::RSA_PKCS1_SHA256],
@@ -612,8 +616,8 @@ mod tests {
         let alg =
             |name: Option<&str>, hello: &Offered<'_>| store.lookup_for(name, Some(hello)).unwrap().key.algorithm();
         for name in [Some("mail.example.org"), Some("imap.example.org"), None] {
-            assert_eq!(alg(name, &modern), SignatureAlgorithm::ECDSA, "{name:?}");
-            assert_eq!(alg(name, &rsa_only), SignatureAlgorithm::RSA, "{name:?}");
+            assert_eq!(alg(name, &MODERN), SignatureAlgorithm::ECDSA, "{name:?}");
+            assert_eq!(alg(name, &RSA_ONLY), SignatureAlgorithm::RSA, "{name:?}");
             assert_eq!(alg(name, &tls12_rsa_suites), SignatureAlgorithm::RSA, "{name:?}");
         }
         let mut labels: Vec<String> = store.expiries().into_iter().map(|(l, _)| l).collect();
@@ -639,7 +643,7 @@ mod tests {
             c.default = true;
         }
         let store = CertStore::load(&defaults).unwrap();
-        assert_eq!(store.lookup_for(None, Some(&rsa_only)).unwrap().key.algorithm(), SignatureAlgorithm::RSA);
+        assert_eq!(store.lookup_for(None, Some(&RSA_ONLY)).unwrap().key.algorithm(), SignatureAlgorithm::RSA);
         defaults.certificates[1] = pair(dir.path(), "rsa2", &rcgen::PKCS_RSA_SHA256, &["pop.example.org"], 1);
         defaults.certificates[1].default = true;
         let Err(CertError::File { message, .. }) = CertStore::load(&defaults) else { panic!("two RSA defaults") };
@@ -651,7 +655,7 @@ mod tests {
         generated.certificates.truncate(1);
         generated.self_signed_names = vec!["mail.example.org".into(), "other.example.org".into()];
         let store = CertStore::load(&generated).unwrap();
-        let alg = |name: Option<&str>| store.lookup_for(name, Some(&modern)).unwrap().key.algorithm();
+        let alg = |name: Option<&str>| store.lookup_for(name, Some(&MODERN)).unwrap().key.algorithm();
         assert_eq!(alg(Some("mail.example.org")), SignatureAlgorithm::RSA);
         assert_eq!(alg(None), SignatureAlgorithm::RSA);
         assert_eq!(alg(Some("other.example.org")), SignatureAlgorithm::ECDSA);
@@ -665,40 +669,21 @@ mod tests {
         crate::tls::init_crypto();
         let dir = tempfile::tempdir().unwrap();
         let rsa = pair(dir.path(), "rsa", &rcgen::PKCS_RSA_SHA256, &["mail.example.org"], 0);
-        let settings = TlsSettings {
-            certificates: vec![rsa],
-            self_signed_names: Vec::new(),
-            session_tickets: 1,
-            cipher_suites: Vec::new(),
-            strict_sni: false,
-        };
+        let settings = tls_settings(vec![rsa], &[]);
         let store = CertStore::load(&settings).unwrap();
         let names = vec!["mail.example.org".to_string(), "imap.example.org".to_string()];
         let issued = self_signed(&names).unwrap();
         store.install_acme("mail.example.org", &names, issued.clone(), false);
-        let modern = Offered {
-            schemes: &[SignatureScheme::ECDSA_NISTP256_SHA256, SignatureScheme::RSA_PSS_SHA256],
-            suites: &[CipherSuite::TLS13_AES_128_GCM_SHA256],
-        };
-        let rsa_only = Offered {
-            schemes: &[SignatureScheme::RSA_PSS_SHA256, SignatureScheme::RSA_PKCS1_SHA256],
-            suites: &[CipherSuite::TLS13_AES_128_GCM_SHA256],
-        };
         let served = |name: &str, hello: &Offered<'_>| store.lookup_for(Some(name), Some(hello)).unwrap();
-        assert!(served("mail.example.org", &modern).cert[0] == issued.cert[0]);
-        assert_eq!(served("mail.example.org", &rsa_only).key.algorithm(), SignatureAlgorithm::RSA);
+        assert!(served("mail.example.org", &MODERN).cert[0] == issued.cert[0]);
+        assert_eq!(served("mail.example.org", &RSA_ONLY).key.algorithm(), SignatureAlgorithm::RSA);
         // Nothing configured for the name: the ACME certificate (the handshake then fails).
-        assert!(served("imap.example.org", &rsa_only).cert[0] == issued.cert[0]);
+        assert!(served("imap.example.org", &RSA_ONLY).cert[0] == issued.cert[0]);
 
         // An RSA certificate from ACME as well, for the same names: each client gets the ACME
         // one it can use, whichever was installed first, with SNI and (no default configured
         // but a generated one) without.
-        let store = CertStore::load(&TlsSettings {
-            certificates: Vec::new(),
-            self_signed_names: vec!["localhost".into()],
-            ..settings.clone()
-        })
-        .unwrap();
+        let store = CertStore::load(&tls_settings(Vec::new(), &["localhost"])).unwrap();
         let rsa_key = rcgen::KeyPair::generate_for(&rcgen::PKCS_RSA_SHA256).unwrap();
         let rsa_cert = rcgen::CertificateParams::new(names.clone()).unwrap().self_signed(&rsa_key).unwrap();
         let rsa_issued = Arc::new(
@@ -713,15 +698,15 @@ mod tests {
         store.install_acme("mail.example.org", &names, issued.clone(), false);
         for name in [Some("imap.example.org"), None] {
             let served = |hello: &Offered<'_>| store.lookup_for(name, Some(hello)).unwrap();
-            assert!(served(&modern).cert[0] == issued.cert[0], "{name:?}");
-            assert!(served(&rsa_only).cert[0] == rsa_issued.cert[0], "{name:?}");
+            assert!(served(&MODERN).cert[0] == issued.cert[0], "{name:?}");
+            assert!(served(&RSA_ONLY).cert[0] == rsa_issued.cert[0], "{name:?}");
         }
         // A name's own certificate before a wildcard's, whatever their key types.
         let wildcard = self_signed(&["*.example.org".to_string()]).unwrap();
         store.retain_acme(&["mail.example.org+rsa"]);
         store.install_acme("*.example.org", &["*.example.org".into()], wildcard.clone(), false);
-        assert!(store.lookup_for(Some("mail.example.org"), Some(&modern)).unwrap().cert[0] == rsa_issued.cert[0]);
-        assert!(store.lookup_for(Some("pop.example.org"), Some(&modern)).unwrap().cert[0] == wildcard.cert[0]);
+        assert!(store.lookup_for(Some("mail.example.org"), Some(&MODERN)).unwrap().cert[0] == rsa_issued.cert[0]);
+        assert!(store.lookup_for(Some("pop.example.org"), Some(&MODERN)).unwrap().cert[0] == wildcard.cert[0]);
     }
 
     /// ACME certificates win for their names, except a stand-in (before the CA has issued one)
