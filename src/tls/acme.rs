@@ -240,10 +240,10 @@ pub async fn start(settings: AcmeSettings, certs: Arc<CertStore>, stop: Cancella
         AcmeChallenge::Http01Webroot(_) | AcmeChallenge::Dns01 { .. } => None,
     };
     let account = Arc::new(tokio::sync::Mutex::new(None));
-    let turns = Arc::new(tokio::sync::Mutex::new(()));
+    let turns = turn_groups(&settings.certificates);
     let mut triggers = HashMap::new();
     let mut tasks = Vec::new();
-    for spec in &settings.certificates {
+    for (spec, turns) in settings.certificates.iter().zip(turns) {
         let label = spec.label.clone();
         let trigger = Arc::new(Notify::new());
         triggers.insert(label.clone(), trigger.clone());
@@ -254,7 +254,7 @@ pub async fn start(settings: AcmeSettings, certs: Arc<CertStore>, stop: Cancella
             certs: certs.clone(),
             challenges: challenges.clone(),
             account: account.clone(),
-            turns: turns.clone(),
+            turns,
         };
         tasks.push(tokio::spawn(task.supervise(trigger, stop.clone())));
     }
@@ -280,8 +280,32 @@ struct CertTask {
     challenges: Arc<Challenges>,
     account: Arc<tokio::sync::Mutex<Option<Account>>>,
     /// Taken for the whole of an order with tls-alpn-01: the challenge certificate is served
-    /// by name, so two orders for one name (an ECDSA and an RSA certificate) take turns.
+    /// by name, so two orders for one name (an ECDSA and an RSA certificate) take turns. Shared
+    /// only by certificates with a name in common (`turn_groups`).
     turns: Arc<tokio::sync::Mutex<()>>,
+}
+
+/// One turn lock per certificate in `specs`, the same lock for any two that have a name in
+/// common, directly or through others; certificates with no name in common order at once.
+fn turn_groups(specs: &[AcmeCertSpec]) -> Vec<Arc<tokio::sync::Mutex<()>>> {
+    // Each certificate's group is the lowest index reachable through shared names.
+    let mut group: Vec<usize> = (0..specs.len()).collect();
+    let mut merged = true;
+    while merged {
+        merged = false;
+        for i in 0..specs.len() {
+            for j in i + 1..specs.len() {
+                let shared = specs[i].names.iter().any(|n| specs[j].names.contains(n));
+                if shared && group[i] != group[j] {
+                    let low = group[i].min(group[j]);
+                    (group[i], group[j]) = (low, low);
+                    merged = true;
+                }
+            }
+        }
+    }
+    let locks: Vec<Arc<tokio::sync::Mutex<()>>> = specs.iter().map(|_| Arc::default()).collect();
+    group.into_iter().map(|g| locks[g].clone()).collect()
 }
 
 /// What the renewal planner decided.
@@ -1282,6 +1306,26 @@ mod tests {
 
     fn t(secs: u64) -> SystemTime {
         SystemTime::UNIX_EPOCH + Duration::from_secs(secs)
+    }
+
+    #[test]
+    fn only_certificates_with_a_name_in_common_take_turns() {
+        let spec = |names: &[&str], rsa| AcmeCertSpec::new(names.iter().map(|n| n.to_string()).collect(), rsa);
+        let specs = [
+            spec(&["mail.example.test", "imap.example.test"], false),
+            spec(&["mx.other.test"], false),
+            spec(&["imap.example.test"], true),
+            // Joined to the first two through the last.
+            spec(&["a.test"], false),
+            spec(&["b.test"], false),
+            spec(&["b.test", "a.test"], true),
+        ];
+        let turns = turn_groups(&specs);
+        let same = |i: usize, j: usize| Arc::ptr_eq(&turns[i], &turns[j]);
+        assert!(same(0, 2));
+        assert!(!same(0, 1) && !same(1, 2));
+        assert!(same(3, 4) && same(4, 5));
+        assert!(!same(0, 3) && !same(1, 3));
     }
 
     #[test]
