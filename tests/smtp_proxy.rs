@@ -128,6 +128,31 @@ async fn replay_login_uses_auth_plain() {
     assert_eq!(got, vec!["EHLO proxy.example.test\r\n", "AUTH PLAIN AGFsaWNlQGV4YW1wbGUudGVzdABzZWNyZXQ=\r\n"]);
 }
 
+/// A backend that offers LOGIN but not PLAIN (Exchange: `AUTH NTLM LOGIN`) is logged in to
+/// with LOGIN: user name and password each on their own base64 line.
+#[tokio::test]
+async fn replay_login_falls_back_to_auth_login() {
+    let (proxy, backend) =
+        setup_with(Behaviour::SmtpAuthLoginOnly, "login = \"replay\"\nclient_address = \"none\"", "").await;
+    let mut c = greeted(&proxy).await;
+    c.send(b"EHLO c\r\nAUTH PLAIN AGFsaWNlQGV4YW1wbGUudGVzdABzZWNyZXQ=\r\nMAIL FROM:<alice@example.test>\r\n").await;
+    reply(&mut c).await;
+    assert_eq!(c.line().await, "235 2.7.0 Authentication successful\r\n");
+    assert_eq!(c.line().await, "250 2.0.0 Ok\r\n");
+    let got = backend.lines(backend.connections() - 1);
+    // alice@example.test and secret.
+    assert_eq!(
+        got,
+        vec![
+            "EHLO proxy.example.test\r\n",
+            "AUTH LOGIN\r\n",
+            "YWxpY2VAZXhhbXBsZS50ZXN0\r\n",
+            "c2VjcmV0\r\n",
+            "MAIL FROM:<alice@example.test>\r\n"
+        ]
+    );
+}
+
 async fn login_fails_unavailable(behaviour: Behaviour, backend_extra: &str) {
     let (proxy, _backend) = setup_with(behaviour, backend_extra, "").await;
     let mut c = greeted(&proxy).await;

@@ -18,13 +18,21 @@ pub fn plain_response(prefix: &[u8], authzid: &[u8], authcid: &[u8], password: &
     msg.extend_from_slice(authcid);
     msg.push(0);
     msg.extend_from_slice(password);
-    let encoded = base64::encoded_len(msg.len(), true).unwrap_or(0);
+    let line = base64_line(prefix, &msg);
+    crate::auth::wipe(&mut msg);
+    line
+}
+
+/// `prefix`, then base64 of `secret`, then CRLF, as a `Password` (zeroed when dropped): a SASL
+/// response that may hold a password.
+pub fn base64_line(prefix: &[u8], secret: &[u8]) -> Password {
+    let encoded = base64::encoded_len(secret.len(), true).unwrap_or(0);
     let mut line = vec![0u8; prefix.len() + encoded + 2];
     line[..prefix.len()].copy_from_slice(prefix);
-    let written = base64::engine::general_purpose::STANDARD.encode_slice(&msg, &mut line[prefix.len()..]).unwrap_or(0);
+    let written =
+        base64::engine::general_purpose::STANDARD.encode_slice(secret, &mut line[prefix.len()..]).unwrap_or(0);
     line.truncate(prefix.len() + written);
     line.extend_from_slice(b"\r\n");
-    crate::auth::wipe(&mut msg);
     Password::new(line)
 }
 

@@ -120,6 +120,8 @@ pub enum Behaviour {
     Smtp,
     /// SMTP: rejects XCLIENT with 550.
     SmtpRejectXclient,
+    /// SMTP: Exchange-like, offers AUTH NTLM LOGIN (and the old `AUTH=LOGIN`), no PLAIN.
+    SmtpAuthLoginOnly,
     /// SMTP: announces XCLIENT without its ADDR attribute.
     SmtpXclientWithoutAddr,
     /// SMTP: refuses EHLO names with an underscore (501), as Exim does by default.
@@ -155,6 +157,7 @@ impl Behaviour {
             self,
             Behaviour::Smtp
                 | Behaviour::SmtpRejectXclient
+                | Behaviour::SmtpAuthLoginOnly
                 | Behaviour::SmtpXclientWithoutAddr
                 | Behaviour::SmtpStrictHelo
                 | Behaviour::SmtpDropAfterEhlo
@@ -394,8 +397,13 @@ async fn serve_smtp(s: TcpStream, behaviour: Behaviour, rec: Arc<Mutex<Vec<Vec<S
                 } else {
                     "NAME ADDR PORT PROTO HELO LOGIN"
                 };
+                let auth = if behaviour == Behaviour::SmtpAuthLoginOnly {
+                    "250-AUTH NTLM LOGIN\r\n250-AUTH=LOGIN\r\n".to_string()
+                } else {
+                    format!("250-AUTH PLAIN\r\n250-XCLIENT {xclient}\r\n")
+                };
                 let reply = format!(
-                    "250-fake.example\r\n250-PIPELINING\r\n250-SIZE 10240000\r\n250-VRFY\r\n{tls}250-AUTH PLAIN\r\n250-XCLIENT {xclient}\r\n250-ENHANCEDSTATUSCODES\r\n250 8BITMIME\r\n"
+                    "250-fake.example\r\n250-PIPELINING\r\n250-SIZE 10240000\r\n250-VRFY\r\n{tls}{auth}250-ENHANCEDSTATUSCODES\r\n250 8BITMIME\r\n"
                 );
                 if behaviour == Behaviour::SmtpDropAfterEhlo {
                     let _ = w.write_all(reply.as_bytes()).await;
@@ -419,6 +427,19 @@ async fn serve_smtp(s: TcpStream, behaviour: Behaviour, rec: Arc<Mutex<Vec<Vec<S
                 Behaviour::SmtpRejectXclient => b"550 5.7.0 Error: insufficient authorization\r\n".to_vec(),
                 _ => b"220 fake.example ESMTP\r\n".to_vec(),
             },
+            "AUTH" if behaviour == Behaviour::SmtpAuthLoginOnly => {
+                if !line.eq_ignore_ascii_case("AUTH LOGIN\r\n") {
+                    b"504 5.7.4 Unrecognized authentication type\r\n".to_vec()
+                } else {
+                    // Username:, then Password:, each answered by a base64 line.
+                    for prompt in [&b"334 VXNlcm5hbWU6\r\n"[..], b"334 UGFzc3dvcmQ6\r\n"] {
+                        if w.write_all(prompt).await.is_err() || record_line(&mut r, &rec, idx).await.is_none() {
+                            return;
+                        }
+                    }
+                    b"235 2.7.0 Authentication successful\r\n".to_vec()
+                }
+            }
             "AUTH" => b"235 2.7.0 Authentication successful\r\n".to_vec(),
             "DATA" => {
                 let _ = w.write_all(b"354 End data with <CR><LF>.<CR><LF>\r\n").await;

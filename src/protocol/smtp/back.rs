@@ -14,7 +14,7 @@ use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use crate::auth::Credentials;
 use crate::backend::{self, BackendError, ClientInfo, Lines, LoggedIn, MAX_BACKEND_LINE};
 use crate::config::{Backend, BackendLogin, ClientAddress, Transport};
-use crate::protocol::sasl::plain_response;
+use crate::protocol::sasl::{base64_line, plain_response};
 
 /// Most lines accepted in one multi-line reply.
 const MAX_REPLY_LINES: usize = 64;
@@ -114,10 +114,24 @@ pub async fn connect_and_login(
     match &backend.login {
         BackendLogin::Xclient => {}
         BackendLogin::Replay => {
-            let line = plain_response(b"AUTH PLAIN ", b"", creds.user.as_bytes(), creds.password.expose());
-            auth_plain(&mut stream, &mut lines, line.expose()).await?;
+            let mechanisms = auth_mechanisms(&exts);
+            if mechanisms.iter().any(|m| m.eq_ignore_ascii_case("PLAIN")) {
+                let line = plain_response(b"AUTH PLAIN ", b"", creds.user.as_bytes(), creds.password.expose());
+                auth_plain(&mut stream, &mut lines, line.expose()).await?;
+            } else if mechanisms.iter().any(|m| m.eq_ignore_ascii_case("LOGIN")) {
+                // Exchange and other servers that offer LOGIN (and NTLM or GSSAPI) but not PLAIN.
+                auth_login(&mut stream, &mut lines, creds.user.as_bytes(), creds.password.expose()).await?;
+            } else {
+                return Err(BackendError::Protocol(
+                    "backend offers neither AUTH PLAIN nor AUTH LOGIN (AUTH only inside TLS?)",
+                ));
+            }
         }
         BackendLogin::Master { user: master, password } => {
+            // A master login names the user as the authorization identity, which only PLAIN has.
+            if !auth_mechanisms(&exts).iter().any(|m| m.eq_ignore_ascii_case("PLAIN")) {
+                return Err(BackendError::Protocol("backend does not offer AUTH PLAIN, which a master login needs"));
+            }
             let line = plain_response(b"AUTH PLAIN ", user.as_bytes(), master.as_bytes(), password.as_bytes());
             auth_plain(&mut stream, &mut lines, line.expose()).await?;
         }
@@ -131,6 +145,18 @@ pub async fn connect_and_login(
     })
 }
 
+/// The SASL mechanisms of the backend's `AUTH` extension, and of the `AUTH=` form that older
+/// Exchange and Outlook-era servers send beside or instead of it.
+fn auth_mechanisms(exts: &[String]) -> Vec<&str> {
+    exts.iter()
+        .filter_map(|e| {
+            keyword_args(e, "AUTH").or_else(|| e.get(..5).filter(|k| k.eq_ignore_ascii_case("AUTH=")).map(|_| &e[5..]))
+        })
+        .flat_map(|args| args.split(' '))
+        .filter(|m| !m.is_empty())
+        .collect()
+}
+
 /// Send an `AUTH PLAIN` line (from `plain_response`) and read its verdict.
 async fn auth_plain<S: AsyncRead + AsyncWrite + Unpin>(
     s: &mut S,
@@ -138,7 +164,29 @@ async fn auth_plain<S: AsyncRead + AsyncWrite + Unpin>(
     line: &[u8],
 ) -> Result<(), BackendError> {
     s.write_all(line).await?;
-    match read_reply(s, lines).await?.0 {
+    auth_verdict(read_reply(s, lines).await?.0)
+}
+
+/// `AUTH LOGIN`: the user name and the password, each base64 on its own line after a 334.
+async fn auth_login<S: AsyncRead + AsyncWrite + Unpin>(
+    s: &mut S,
+    lines: &mut Lines,
+    user: &[u8],
+    password: &[u8],
+) -> Result<(), BackendError> {
+    s.write_all(b"AUTH LOGIN\r\n").await?;
+    for answer in [user, password] {
+        match read_reply(s, lines).await?.0 {
+            334 => s.write_all(base64_line(b"", answer).expose()).await?,
+            code => return auth_verdict(code).and(Err(BackendError::Protocol("unexpected AUTH reply"))),
+        }
+    }
+    auth_verdict(read_reply(s, lines).await?.0)
+}
+
+/// What an AUTH reply means for the login.
+fn auth_verdict(code: u16) -> Result<(), BackendError> {
+    match code {
         235 => Ok(()),
         535 | 534 | 501 => Err(BackendError::Rejected),
         421 => Err(BackendError::Refused),
@@ -231,6 +279,16 @@ mod tests {
     fn xtext_encodes_specials() {
         assert_eq!(xtext(b"client.example"), "client.example");
         assert_eq!(xtext(b"a+b=c d\r\n\xc3\xa9"), "a+2Bb+3Dc+20d+0D+0A+C3+A9");
+    }
+
+    #[test]
+    fn auth_mechanisms_in_either_form() {
+        let exts: Vec<String> = ["SIZE 1000", "AUTH NTLM LOGIN", "AUTH=LOGIN GSSAPI", "AUTHX PLAIN"]
+            .iter()
+            .map(|e| e.to_string())
+            .collect();
+        assert_eq!(auth_mechanisms(&exts), ["NTLM", "LOGIN", "LOGIN", "GSSAPI"]);
+        assert!(auth_mechanisms(&["XCLIENT NAME".to_string()]).is_empty());
     }
 
     #[tokio::test]
