@@ -111,8 +111,11 @@ def test_submission_587_starttls_then_auth(mail_proxy):
         code, _ = s.docmd("MAIL", "FROM:<demo@example.test>")
         assert code == 530
         s.starttls(context=client_tls_context())
+        # Case 5: pre-TLS state forgotten: the EHLO too.
+        code, _ = s.docmd("MAIL", "FROM:<demo@example.test>")
+        assert code == 503
         s.ehlo("client.example")
-        # Case 5: pre-TLS state forgotten; AUTH now offered, STARTTLS not.
+        # AUTH now offered, STARTTLS not.
         assert s.has_extn("auth") and not s.has_extn("starttls")
         s.login(*DEMO)
         assert s.sendmail(DEMO[0], [DEMO[0]], msg, mail_options=["BODY=8BITMIME"]) == {}

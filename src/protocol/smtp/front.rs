@@ -5,7 +5,8 @@
 //! state is forgotten, RFC 3207 §4.2), `Login` (AUTH PLAIN/LOGIN) or `Closed`.
 //!
 //! Lines are framed here (bounded, CRLF only); one complete line is parsed with smtp-proto.
-//! Mail transactions need authentication: `MAIL`, `RCPT`, `DATA` get `530 5.7.0`. The EHLO reply
+//! Mail transactions need authentication: `MAIL`, `RCPT`, `DATA` get `530 5.7.0`, or `503 5.5.1`
+//! before any HELO/EHLO (also right after STARTTLS). The EHLO reply
 //! lists what the proxy does itself (STARTTLS, AUTH) and what the backend really announces.
 //! Replies never echo client input.
 
@@ -157,6 +158,11 @@ impl SmtpFront {
                     write(s, format!("250 {}\r\n", self.settings.hostname).as_bytes()).await?;
                 }
                 Ok(Request::StartTls) => {
+                    if !line.trim_ascii_end().eq_ignore_ascii_case(b"STARTTLS") {
+                        // RFC 3207 §4 (the parser skips whatever follows the verb).
+                        self.d.err(s, "501 5.5.4 Syntax: STARTTLS (no parameters allowed)\r\n").await?;
+                        continue;
+                    }
                     if self.settings.tls_active {
                         self.d.err(s, "503 5.5.1 Error: TLS already active\r\n").await?;
                         continue;
@@ -223,7 +229,13 @@ impl SmtpFront {
                     | Request::Etrn { .. }
                     | Request::Atrn { .. },
                 ) => {
-                    self.d.err(s, "530 5.7.0 Authentication required\r\n").await?;
+                    if self.helo.is_none() {
+                        // Also right after STARTTLS, which forgets the EHLO (reliability case 5,
+                        // RFC 3207 §4.2).
+                        self.d.err(s, "503 5.5.1 Error: send HELO/EHLO first\r\n").await?;
+                    } else {
+                        self.d.err(s, "530 5.7.0 Authentication required\r\n").await?;
+                    }
                 }
                 Ok(Request::Help { .. } | Request::Lhlo { .. }) => {
                     self.d.err(s, "502 5.5.1 Error: command not implemented\r\n").await?;
@@ -354,6 +366,21 @@ mod tests {
         assert!(out.contains("250-STARTTLS\r\n") && !out.contains("AUTH PLAIN"), "{out}");
         assert!(out.contains("538 5.7.11 "));
         assert!(out.ends_with("220 2.0.0 Ready to start TLS\r\n"));
+        assert_eq!(ev, vec!["starttls"]);
+    }
+
+    /// A transaction before any HELO/EHLO (as right after STARTTLS, case 5) is told to greet
+    /// first; STARTTLS takes no parameters (RFC 3207 §4), trailing blanks aside.
+    #[test]
+    fn greet_first_and_starttls_without_parameters() {
+        let (out, ev) = run(vec![b"MAIL FROM:<a@b>\r\nEHLO c\r\nSTARTTLS now\r\nSTARTTLS \r\n".to_vec()]);
+        assert!(out.starts_with("220 proxy.example.test ESMTP ready\r\n503 5.5.1 Error: send HELO/EHLO first\r\n250-"));
+        assert!(
+            out.ends_with(
+                "250 8BITMIME\r\n501 5.5.4 Syntax: STARTTLS (no parameters allowed)\r\n220 2.0.0 Ready to start TLS\r\n"
+            ),
+            "{out}"
+        );
         assert_eq!(ev, vec!["starttls"]);
     }
 
