@@ -215,10 +215,10 @@ async fn auth_wait_delays_and_lets_the_client_retry() {
     c.line().await;
     let start = tokio::time::Instant::now();
     c.send(b"a LOGIN slow@example.test x\r\n").await;
-    assert_eq!(c.line().await, "a NO Try again later, please\r\n");
+    assert_eq!(c.line().await, "a NO [UNAVAILABLE] Try again later, please\r\n");
     assert!(start.elapsed() >= std::time::Duration::from_millis(950));
     c.send(b"b LOGIN slow@example.test y\r\n").await;
-    assert_eq!(c.line().await, "b NO Try again later, please\r\n");
+    assert_eq!(c.line().await, "b NO [UNAVAILABLE] Try again later, please\r\n");
     assert_eq!(seen.lock().unwrap()[1]["auth-login-attempt"], "2");
 }
 

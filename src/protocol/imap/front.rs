@@ -268,6 +268,11 @@ impl ImapFront {
         let reply = match failure {
             LoginFailure::BadCredentials => format!("{tag} NO [AUTHENTICATIONFAILED] Authentication failed.\r\n"),
             LoginFailure::Unavailable => format!("{tag} NO [UNAVAILABLE] Server unavailable, try again later.\r\n"),
+            // RFC 5530: a client takes a bare NO after LOGIN for a wrong password and asks the
+            // user again; a temporary refusal says so, unless the text brings its own code.
+            LoginFailure::Message { text, temporary: true, .. } if !text.starts_with('[') => {
+                format!("{tag} NO [UNAVAILABLE] {text}\r\n")
+            }
             LoginFailure::Message { text, .. } => format!("{tag} NO {text}\r\n"),
             LoginFailure::Throttled => format!("{tag} NO [UNAVAILABLE] Too many login failures, try again later.\r\n"),
             LoginFailure::InUse => format!("{tag} NO [INUSE] Mailbox is in use, try again later.\r\n"),
