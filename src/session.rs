@@ -160,6 +160,9 @@ pub async fn run(mut ctx: SessionCtx, mut tcp: TcpStream) {
                 // literal): then the connection just closes.
                 "shutdown" | "max_duration" if bytes.mid_reply => None,
                 "shutdown" | "max_duration" => Some(a.goodbye),
+                "idle_timeout" if !bytes.mid_reply => {
+                    Some(crate::protocol::goodbye(ctx.listener.protocol, Goodbye::Idle))
+                }
                 "refused_command" => {
                     tracing::warn!(session = %ctx.id, client = %ctx.peer, user = %logging::safe_user(Some(&a.user)),
                         "client sent XCLIENT, XFORWARD, BDAT or STARTTLS after login (or a message line starting so); session closed");

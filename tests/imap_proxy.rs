@@ -693,6 +693,19 @@ async fn preauth_idle_timeout_says_bye() {
     assert!(c.closed().await);
 }
 
+/// After login, a session where nothing moves for idle_timeout is told why before it closes,
+/// as Dovecot does; not in the middle of a reply, where the line would join a literal.
+#[tokio::test]
+async fn relay_idle_timeout_says_bye() {
+    let backend = FakeBackend::start(Behaviour::Normal).await;
+    let proxy = Proxy::start(&plain_config(backend.addr, "idle_timeout = \"300ms\""), USERS).await;
+    let mut c = greeted(&proxy).await;
+    c.send(b"a LOGIN alice@example.test secret\r\n").await;
+    assert!(c.until_tagged("a").await.last().unwrap().starts_with("a OK"));
+    assert_eq!(c.line().await, "* BYE Disconnected for inactivity.\r\n");
+    assert!(c.closed().await);
+}
+
 #[tokio::test]
 async fn a_command_split_over_segments_is_one_command() {
     let (proxy, _b) = setup(Behaviour::Normal).await;

@@ -153,6 +153,18 @@ async fn replay_login_falls_back_to_auth_login() {
     );
 }
 
+/// RFC 5321 §3.8: a server closes on its own only after a 421, the idle timeout included.
+#[tokio::test]
+async fn relay_idle_timeout_sends_421() {
+    let (proxy, _backend) = setup_with(Behaviour::Smtp, "", "idle_timeout = \"300ms\"").await;
+    let mut c = greeted(&proxy).await;
+    c.send(b"EHLO c\r\nAUTH PLAIN AGFsaWNlQGV4YW1wbGUudGVzdABzZWNyZXQ=\r\n").await;
+    reply(&mut c).await;
+    assert_eq!(c.line().await, "235 2.7.0 Authentication successful\r\n");
+    assert_eq!(c.line().await, "421 4.4.2 Error: timeout exceeded, closing connection\r\n");
+    assert!(c.closed().await);
+}
+
 async fn login_fails_unavailable(behaviour: Behaviour, backend_extra: &str) {
     let (proxy, _backend) = setup_with(behaviour, backend_extra, "").await;
     let mut c = greeted(&proxy).await;

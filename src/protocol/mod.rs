@@ -143,6 +143,9 @@ pub enum Goodbye {
     CertificateError,
     /// After login, the client sent a command only the proxy may send (SMTP XCLIENT, XFORWARD).
     RefusedCommand,
+    /// After login, nothing went either way for `idle_timeout` (the lines Dovecot and Postfix
+    /// close with; RFC 5321 §3.8 has a server close only after a 421).
+    Idle,
 }
 
 /// Client facts a front end learned that a backend may be told.
@@ -280,6 +283,9 @@ pub fn goodbye(protocol: Protocol, why: Goodbye) -> &'static [u8] {
         (Protocol::Smtp, Goodbye::RefusedCommand) => {
             b"421 4.7.0 Command not allowed after login, closing connection\r\n"
         }
+        (Protocol::Imap, Goodbye::Idle) => b"* BYE Disconnected for inactivity.\r\n",
+        (Protocol::Pop3, Goodbye::Idle) => b"-ERR Disconnected for inactivity.\r\n",
+        (Protocol::Smtp, Goodbye::Idle) => b"421 4.4.2 Error: timeout exceeded, closing connection\r\n",
     }
 }
 
