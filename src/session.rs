@@ -495,7 +495,13 @@ async fn preauth(ctx: &SessionCtx, tcp: TcpStream, deadline: Instant) -> Result<
                         failures += 1;
                     }
                     if let Some(until) = until {
-                        tokio::time::sleep_until(until).await;
+                        // The verdict is not given early: shutdown ends the wait with a goodbye.
+                        tokio::select! {
+                            _ = tokio::time::sleep_until(until) => {}
+                            _ = ctx.shutdown.cancelled() => {
+                                return Err(close(&mut stream, &front, Goodbye::Shutdown, "shutdown").await)
+                            }
+                        }
                     }
                     let (count, max) = match (counted, closes) {
                         (false, _) => (0, u32::MAX),

@@ -213,6 +213,28 @@ async fn shutdown_says_bye_to_clients_still_logging_in() {
     assert!(refused(port));
 }
 
+/// A client waiting out the failure delay (or an auth service's Auth-Wait) hears the goodbye
+/// at shutdown, not its verdict, and not nothing once shutdown has stopped waiting for it.
+#[tokio::test]
+async fn shutdown_says_goodbye_during_the_failure_delay() {
+    let backend = FakeBackend::start(Behaviour::Normal).await;
+    let config = plain_config(backend.addr, "shutdown_grace = \"100ms\"")
+        .replace("auth_failure_delay = \"10ms\"", "auth_failure_delay = \"20s\"");
+    assert!(config.contains("auth_failure_delay = \"20s\""));
+    let proxy = Proxy::start(&config, USERS).await;
+    let mut waiting = Client::connect(proxy.addr("plain")).await;
+    assert!(waiting.line().await.starts_with("* OK"));
+    waiting.send(b"a LOGIN alice@example.test wrong\r\n").await;
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    let app = proxy.app.clone();
+    let started = tokio::time::Instant::now();
+    let done = tokio::spawn(async move { app.shutdown().await });
+    assert_eq!(waiting.line().await, "* BYE Server shutting down.\r\n");
+    assert!(waiting.closed().await);
+    assert!(started.elapsed() < std::time::Duration::from_secs(5), "{:?}", started.elapsed());
+    tokio::time::timeout(std::time::Duration::from_secs(5), done).await.unwrap().unwrap();
+}
+
 /// Each session keeps the grace of the config it was accepted under; shutdown waits for the
 /// longest of them, not just the current config's (a reload that lowered it used to let the
 /// process end, and cut off a session that still had grace left, without its goodbye; case 80).
