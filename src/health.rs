@@ -374,7 +374,7 @@ async fn check(
     match backend.protocol {
         Protocol::Smtp => {
             let exts = ehlo::probe(&b, tls, hostname, hs.timeout).await?;
-            ehlo_cache.update(&backend.name, &exts);
+            ehlo_cache.update(&backend.name, &exts, false);
             Ok(())
         }
         Protocol::Imap | Protocol::Pop3 => {

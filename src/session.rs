@@ -528,7 +528,8 @@ async fn preauth(ctx: &SessionCtx, tcp: TcpStream, deadline: Instant) -> Result<
             let mut backend_starttls = false;
             if let Some(exts) = logged_in.extensions.take() {
                 backend_starttls = crate::protocol::smtp::back::has(&exts, "STARTTLS");
-                ctx.ehlo.update(&backend_name, &exts);
+                let dynamic = !ctx.runtime.config.backends.contains_key(&backend_name);
+                ctx.ehlo.update(&backend_name, &exts, dynamic);
             }
             tracing::debug!(session = %ctx.id, backend = %backend_name, mechanism = req.mechanism.as_str(), "login ok");
             let backend = logged_in;

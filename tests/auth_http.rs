@@ -315,3 +315,41 @@ async fn a_login_renamed_by_the_service_takes_back_its_own_failures() {
         assert_eq!(attempt("other@example.test", pass).await, "a NO Invalid login or password\r\n", "{pass}");
     }
 }
+
+/// An SMTP backend the auth service names by address (nginx's way, with no SMTP backend in the
+/// config) has its extensions shown in EHLO once a login has learned them; before, only the
+/// proxy's own STARTTLS and AUTH ever were.
+#[tokio::test]
+async fn ehlo_shows_what_a_backend_named_by_address_offers() {
+    let pooled = FakeBackend::start(Behaviour::Normal).await;
+    let direct = FakeBackend::start(Behaviour::Smtp).await;
+    let (auth, _) = auth_service(answers(direct.addr.port())).await;
+    let cfg = config(auth, pooled.addr, "").replace("protocol = \"imap\"", "protocol = \"smtp\"");
+    let proxy = Proxy::start(&cfg, "").await;
+    let ehlo = |proxy_addr| async move {
+        let mut c = Client::connect(proxy_addr).await;
+        assert!(c.line().await.starts_with("220 "));
+        c.send(b"EHLO client.example\r\n").await;
+        let mut lines = vec![c.line().await];
+        while lines.last().unwrap().as_bytes()[3] == b'-' {
+            lines.push(c.line().await);
+        }
+        (c, lines)
+    };
+    let (mut c, before) = ehlo(proxy.addr("plain")).await;
+    assert_eq!(before[1..], ["250 AUTH PLAIN LOGIN\r\n"]);
+    // base64("\0direct@example.test\0pw")
+    c.send(b"AUTH PLAIN AGRpcmVjdEBleGFtcGxlLnRlc3QAcHc=\r\n").await;
+    assert_eq!(c.line().await, "235 2.7.0 Authentication successful\r\n");
+    let (_c, after) = ehlo(proxy.addr("plain")).await;
+    assert_eq!(
+        after[1..],
+        [
+            "250-AUTH PLAIN LOGIN\r\n",
+            "250-PIPELINING\r\n",
+            "250-SIZE 10240000\r\n",
+            "250-ENHANCEDSTATUSCODES\r\n",
+            "250 8BITMIME\r\n"
+        ]
+    );
+}

@@ -15,24 +15,31 @@ use crate::protocol::smtp::back::{ehlo, read_reply};
 /// and XCLIENT are the proxy's business and never copied.
 const PASSED_ON: [&str; 6] = ["SIZE", "8BITMIME", "PIPELINING", "SMTPUTF8", "DSN", "ENHANCEDSTATUSCODES"];
 
+/// A backend's filtered extensions, and whether it is one an auth service named by address
+/// (`Auth-Server`), which no config lists.
+type Learned = (Arc<[String]>, bool);
+
 #[derive(Default)]
 pub struct EhloCache {
-    by_backend: Mutex<HashMap<String, Arc<[String]>>>,
+    by_backend: Mutex<HashMap<String, Learned>>,
 }
 
 impl EhloCache {
     /// The filtered extensions of `backend`, if known.
     pub fn get(&self, backend: &str) -> Option<Arc<[String]>> {
-        self.by_backend.lock().unwrap_or_else(|e| e.into_inner()).get(backend).cloned()
+        self.by_backend.lock().unwrap_or_else(|e| e.into_inner()).get(backend).map(|(e, _)| e.clone())
     }
 
-    /// What every one of `backends` announced (those not learned yet are left out): the
-    /// extensions they all have, SIZE at the smallest limit. A client may be routed to any of
-    /// them (by domain, a users-file pin, the auth service), and must not be shown what its
-    /// backend lacks (an SMTPUTF8 or DSN it would then be refused, a SIZE it would overrun).
+    /// What every one of `backends` announced (those not learned yet are left out), and every
+    /// backend an auth service has named by address: the extensions they all have, SIZE at the
+    /// smallest limit. A client may be routed to any of them (by domain, a users-file pin, the
+    /// auth service), and must not be shown what its backend lacks (an SMTPUTF8 or DSN it would
+    /// then be refused, a SIZE it would overrun).
     pub fn common<'a>(&self, backends: impl IntoIterator<Item = &'a str>) -> Arc<[String]> {
         let map = self.by_backend.lock().unwrap_or_else(|e| e.into_inner());
-        let lists: Vec<&Arc<[String]>> = backends.into_iter().filter_map(|b| map.get(b)).collect();
+        let named = backends.into_iter().filter_map(|b| map.get(b).filter(|(_, dynamic)| !dynamic));
+        let lists: Vec<&Arc<[String]>> =
+            named.chain(map.values().filter(|(_, dynamic)| *dynamic)).map(|(e, _)| e).collect();
         let Some((first, rest)) = lists.split_first() else { return Arc::from(Vec::new()) };
         if rest.is_empty() {
             return Arc::clone(first);
@@ -55,13 +62,14 @@ impl EhloCache {
             .into()
     }
 
-    /// Record what `backend` announced in its EHLO reply.
-    pub fn update(&self, backend: &str, announced: &[String]) {
+    /// Record what `backend` announced in its EHLO reply; `dynamic` for a backend an auth
+    /// service named by address.
+    pub fn update(&self, backend: &str, announced: &[String], dynamic: bool) {
         let filtered: Arc<[String]> = filter(announced).into();
         let mut map = self.by_backend.lock().unwrap_or_else(|e| e.into_inner());
-        if map.get(backend).is_none_or(|old| *old != filtered) {
+        if map.get(backend).is_none_or(|(old, _)| *old != filtered) {
             tracing::info!(backend, extensions = ?filtered, "backend SMTP extensions learned");
-            map.insert(backend.to_string(), filtered);
+            map.insert(backend.to_string(), (filtered, dynamic));
         }
     }
 }
@@ -151,16 +159,21 @@ mod tests {
         // Several backends: what they all have, SIZE at the smallest limit.
         let c = EhloCache::default();
         let set = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
-        c.update("a", &set(&["PIPELINING", "SIZE 10240000", "SMTPUTF8", "DSN", "8BITMIME"]));
-        c.update("b", &set(&["PIPELINING", "SIZE 5000000", "8BITMIME", "DSN"]));
-        c.update("c", &set(&["pipelining", "SIZE", "8BITMIME", "DSN", "ENHANCEDSTATUSCODES"]));
+        c.update("a", &set(&["PIPELINING", "SIZE 10240000", "SMTPUTF8", "DSN", "8BITMIME"]), false);
+        c.update("b", &set(&["PIPELINING", "SIZE 5000000", "8BITMIME", "DSN"]), false);
+        c.update("c", &set(&["pipelining", "SIZE", "8BITMIME", "DSN", "ENHANCEDSTATUSCODES"]), false);
         assert_eq!(&*c.common(["a", "b", "c", "unknown"]), ["PIPELINING", "SIZE 5000000", "DSN", "8BITMIME"]);
         assert_eq!(&*c.common(["a"]), ["PIPELINING", "SIZE 10240000", "SMTPUTF8", "DSN", "8BITMIME"]);
         assert_eq!(&*c.common(["c", "a"]), ["pipelining", "SIZE 10240000", "8BITMIME", "DSN"]);
         assert!(c.common(["unknown"]).is_empty());
+        // A backend an auth service named by address counts whatever the config lists, alone
+        // (no SMTP backend configured) or beside the configured ones.
+        c.update("192.0.2.7:25", &set(&["PIPELINING", "SIZE 20000000", "8BITMIME"]), true);
+        assert_eq!(&*c.common([]), ["PIPELINING", "SIZE 20000000", "8BITMIME"]);
+        assert_eq!(&*c.common(["a"]), ["PIPELINING", "SIZE 10240000", "8BITMIME"]);
         let cache = EhloCache::default();
         assert!(cache.get("b").is_none());
-        cache.update("b", &announced);
+        cache.update("b", &announced, false);
         assert_eq!(cache.get("b").unwrap().len(), 6);
     }
 }
