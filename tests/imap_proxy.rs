@@ -288,6 +288,31 @@ async fn pre_auth_commands_and_errors() {
     assert_eq!(backend.connections(), 0);
 }
 
+/// Values full of `"` double when quoted for the backend: the client's fields are kept to a
+/// budget, so the proxy's ID line stays far below the 8 KiB a backend reads before login
+/// (its refusal would count against the backend's health, at the client's will).
+#[tokio::test]
+async fn client_id_fields_are_kept_to_a_budget() {
+    let (proxy, backend) = setup(Behaviour::Normal).await;
+    let mut c = greeted(&proxy).await;
+    let quotes = "\\\"".repeat(500);
+    let mut id = String::from("e ID (\"name\" \"tb\"");
+    for i in 0..7 {
+        id.push_str(&format!(" \"k{i}\" \"{quotes}\""));
+    }
+    id.push_str(")\r\n");
+    assert!(id.len() < 8192);
+    c.send(id.as_bytes()).await;
+    assert_eq!(c.until_tagged("e").await.last().unwrap(), "e OK ID completed.\r\n");
+    c.send(b"a LOGIN alice@example.test secret\r\n").await;
+    assert!(c.until_tagged("a").await.last().unwrap().starts_with("a OK"));
+    let line = backend.lines(0).remove(0);
+    assert!(line.starts_with("P2 ID (") && line.contains("\"name\" \"tb\" \"k0\" "), "{}", &line[..200]);
+    // Quoted, each 500-quote value takes about 1,000 bytes: two fit the budget, the rest not.
+    assert!(line.contains("\"k1\"") && !line.contains("\"k2\""), "{}", line.len());
+    assert!(line.len() < 2048 + 300, "{}", line.len());
+}
+
 #[tokio::test]
 async fn client_id_is_forwarded_without_forged_address_fields() {
     let (proxy, backend) = setup(Behaviour::Normal).await;

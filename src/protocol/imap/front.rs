@@ -30,6 +30,10 @@ const READ_CHUNK: usize = 4096;
 const MAX_ID_PAIRS: usize = 20;
 const MAX_ID_KEY: usize = 30;
 const MAX_ID_VALUE: usize = 1024;
+/// Most bytes of the client's ID fields, quoted as they go to the backend: its ID line stays
+/// far under the 8 KiB a backend reads before login (Dovecot's limit), whatever the client
+/// sends within its own line limit (quoting can double a value).
+const MAX_ID_BYTES: usize = 2048;
 /// Why LOGIN and AUTHENTICATE are refused before TLS.
 const PRIVACY_REQUIRED: &str = "[PRIVACYREQUIRED] Authentication disallowed on non-secure connections, use STARTTLS.";
 
@@ -332,6 +336,7 @@ impl ImapFront {
             CommandBody::StartTLS => Action::StartTls(tag),
             CommandBody::Id { parameters } => {
                 let mut fields = Vec::new();
+                let mut bytes = 0;
                 for (k, v) in parameters.unwrap_or_default() {
                     let (Ok(key), Some(value)) = (std::str::from_utf8(k.as_ref()), v.0.as_ref()) else {
                         continue;
@@ -349,6 +354,13 @@ impl ImapFront {
                     if !printable(key) || !printable(value) || fields.len() >= MAX_ID_PAIRS {
                         continue;
                     }
+                    // Each string quoted, backslash before `"` and `\`, a blank before each.
+                    let quoted = |s: &str| s.len() + s.bytes().filter(|b| matches!(b, b'"' | b'\\')).count() + 3;
+                    let cost = quoted(key) + quoted(value);
+                    if bytes + cost > MAX_ID_BYTES {
+                        continue;
+                    }
+                    bytes += cost;
                     fields.push((key.to_string(), value.to_string()));
                 }
                 Action::Id(tag, fields)
