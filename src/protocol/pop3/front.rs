@@ -15,7 +15,9 @@ use crate::protocol::{
     CloseReason, Event, FrontSettings, LoginFailure, LoginRequest, Mechanism, looks_like_http, write,
 };
 
-/// RFC 2449: command lines are at most 255 octets (SASL responses may be longer).
+/// RFC 2449: command lines are at most 255 octets (SASL responses may be longer, and so may
+/// USER and PASS: user names and passwords are held to the limits IMAP's LOGIN has, as Dovecot
+/// does, not cut at a length a long generated password passes).
 const MAX_COMMAND: usize = 255;
 
 const REPLIES: Replies = Replies {
@@ -91,7 +93,8 @@ impl Pop3Front {
             if looks_like_http(&line) {
                 return Ok(Event::Closed(CloseReason::HttpRequest));
             }
-            if line.len() > MAX_COMMAND && !starts_with_word(&line, b"AUTH") {
+            if line.len() > MAX_COMMAND && ![&b"AUTH"[..], b"USER", b"PASS"].iter().any(|w| starts_with_word(&line, w))
+            {
                 write(s, b"-ERR Line too long.\r\n").await?;
                 return Ok(Event::Closed(CloseReason::LineTooLong));
             }
@@ -256,6 +259,15 @@ mod tests {
         assert_eq!(ev, vec!["login Some(\"alice\")", "closed logout"]);
     }
 
+    /// A 300-character password is checked like any other, not refused as a long line.
+    #[test]
+    fn long_passwords_are_checked() {
+        let pass = "x".repeat(300);
+        let (out, ev) = run(vec![format!("USER alice\r\nPASS {pass}\r\nNOOP {pass}\r\n").into_bytes()]);
+        assert!(out.ends_with("+OK\r\n-ERR [AUTH] Authentication failed.\r\n-ERR Line too long.\r\n"), "{out}");
+        assert_eq!(ev, vec!["login Some(\"alice\")", "closed line_too_long"]);
+    }
+
     /// SASL EXTERNAL only where offered (reliability case 42); the response names the user.
     #[test]
     fn external_only_where_offered() {
@@ -322,8 +334,8 @@ mod tests {
         // pipelined NOOP gets none (no unsolicited -ERR a client would take for its answer).
         assert_eq!(out.matches("-ERR").count(), 5, "{out}");
         assert_eq!(ev, vec!["closed too_many_errors"]);
-        let mut long = b"USER ".to_vec();
-        long.extend(vec![b'a'; 300]);
+        let mut long = b"LIST ".to_vec();
+        long.extend(vec![b'1'; 300]);
         long.extend_from_slice(b"\r\n");
         let (out, ev) = run(vec![long]);
         assert!(out.ends_with("-ERR Line too long.\r\n"));
