@@ -453,6 +453,13 @@ async fn preauth(ctx: &SessionCtx, tcp: TcpStream, deadline: Instant) -> Result<
                             login_failed(user.as_deref(), reason);
                             (LoginFailure::BadCredentials, true, Some(fail_at), false)
                         }
+                        LoginError::BackendRejected { user } => {
+                            count_login(lc, req.mechanism, "backend_rejected");
+                            tracing::error!(session = %ctx.id, client = %ctx.peer, user = %logging::safe_user(Some(&user)),
+                                "the backend refused credentials the proxy had verified (users file or auth service out of step with it, or a wrong master password?)");
+                            // Answered and paced as a refusal: the user cannot log in.
+                            (LoginFailure::BadCredentials, true, Some(fail_at), false)
+                        }
                         LoginError::Throttled { user } => {
                             count_login(lc, req.mechanism, "throttled");
                             login_failed(user.as_deref(), "throttled");
@@ -575,6 +582,12 @@ enum LoginError {
     /// The backend refused the client's own EHLO name, for now or for good: not the user's
     /// credentials nor the backend's health.
     ClientRefused { temporary: bool },
+    /// The backend refused credentials the proxy (its users file or the auth service) had
+    /// verified: the two disagree (a stale users file, a wrong master password). Not a guess,
+    /// so neither logged for fail2ban nor throttled, which would ban a whole office behind one
+    /// address for the proxy's configuration; nor counted against the backend, since one user
+    /// out of step could then mark it down for everyone.
+    BackendRejected { user: String },
 }
 
 /// The connection's TLS parameters as nginx names them for `Auth-SSL-*`.
@@ -796,10 +809,10 @@ async fn login_inner(
                 };
                 return Ok((logged_in, user, backend.name.clone(), guard, user_slot));
             }
-            Err(BackendError::Rejected) => {
-                let reason = if deferred { "bad_credentials" } else { "backend_rejected" };
-                return Err(LoginError::Bad { user: Some(user), reason });
+            Err(BackendError::Rejected) if deferred => {
+                return Err(LoginError::Bad { user: Some(user), reason: "bad_credentials" });
             }
+            Err(BackendError::Rejected) => return Err(LoginError::BackendRejected { user }),
             Err(BackendError::InUse) => {
                 // The user's own state (another session holds the mailbox): a temporary failure
                 // for this user, not a fault of the backend, and the same on every replica.

@@ -617,6 +617,31 @@ async fn backend_rejecting_verified_credentials_is_a_login_failure() {
     assert_eq!(c.line().await, "a NO [AUTHENTICATIONFAILED] Authentication failed.\r\n");
 }
 
+/// A password the proxy verified and the backend refused is no guess: however often it
+/// happens, the throttle does not hold the address or the user (a whole office behind one
+/// address would be locked out for the proxy's configuration), while wrong passwords still are.
+#[tokio::test]
+async fn backend_rejecting_verified_credentials_is_not_throttled() {
+    let backend = FakeBackend::start(Behaviour::RejectLogin).await;
+    let throttle = "\n[throttle]\npenalty_after = 100\nblock_after = 2\nuser_block_after = 2\n";
+    let proxy = Proxy::start(&plain_config(backend.addr, throttle), USERS).await;
+    for i in 0..4 {
+        let mut c = greeted(&proxy).await;
+        c.send(b"a LOGIN alice@example.test secret\r\n").await;
+        assert_eq!(c.line().await, "a NO [AUTHENTICATIONFAILED] Authentication failed.\r\n", "attempt {i}");
+    }
+    assert_eq!(backend.connections(), 4);
+    // Different passwords each time: a retry of the same one counts once.
+    for (i, expected) in
+        ["a NO [AUTHENTICATIONFAILED]", "a NO [AUTHENTICATIONFAILED]", "a NO [UNAVAILABLE] Too many"].iter().enumerate()
+    {
+        let mut c = greeted(&proxy).await;
+        c.send(format!("a LOGIN alice@example.test wrong{i}\r\n").as_bytes()).await;
+        let line = c.line().await;
+        assert!(line.starts_with(expected), "wrong password {i}: {line}");
+    }
+}
+
 #[tokio::test]
 async fn backend_dying_mid_session_closes_the_client_after_flushing() {
     // Reliability case 69.

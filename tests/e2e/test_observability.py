@@ -437,6 +437,7 @@ def test_alert_rules_have_for_severity_and_annotations():
         "PortcullisBackendDown",
         "PortcullisNoHealthyBackend",
         "PortcullisLoginFailureRatioHigh",
+        "PortcullisBackendRejectsVerifiedLogins",
         "PortcullisConfigReloadFailed",
         "PortcullisClientCrlExpiringSoon",
         "PortcullisClientCrlExpired",
