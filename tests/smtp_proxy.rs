@@ -191,7 +191,14 @@ async fn backend_xclient_without_addr_fails_closed() {
 async fn an_ehlo_name_the_backend_refuses_is_the_clients_failure_not_the_backends() {
     // The backend takes the proxy's EHLO and refuses the client's, replayed after XCLIENT. That
     // must not count against the backend: one client could otherwise mark a whole pool down.
-    let (proxy, _backend) = setup(Behaviour::SmtpStrictHelo).await;
+    // Either when it is replayed or when XCLIENT carries it (HELO=).
+    for behaviour in [Behaviour::SmtpStrictHelo, Behaviour::SmtpStrictXclientHelo] {
+        ehlo_name_refused(behaviour).await;
+    }
+}
+
+async fn ehlo_name_refused(behaviour: Behaviour) {
+    let (proxy, _backend) = setup(behaviour).await;
     for _ in 0..4 {
         let mut c = greeted(&proxy).await;
         c.send(b"EHLO odd_name\r\n").await;

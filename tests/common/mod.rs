@@ -126,6 +126,8 @@ pub enum Behaviour {
     SmtpXclientWithoutAddr,
     /// SMTP: refuses EHLO names with an underscore (501), as Exim does by default.
     SmtpStrictHelo,
+    /// SMTP: refuses an XCLIENT whose HELO= has an underscore (501), and takes any EHLO.
+    SmtpStrictXclientHelo,
     /// SMTP: closes the connection after answering EHLO.
     SmtpDropAfterEhlo,
     /// SMTP: offers STARTTLS but answers it with 454.
@@ -160,6 +162,7 @@ impl Behaviour {
                 | Behaviour::SmtpAuthLoginOnly
                 | Behaviour::SmtpXclientWithoutAddr
                 | Behaviour::SmtpStrictHelo
+                | Behaviour::SmtpStrictXclientHelo
                 | Behaviour::SmtpDropAfterEhlo
                 | Behaviour::SmtpRefuseStartTls
                 | Behaviour::SmtpStartTlsExtraBytes
@@ -425,6 +428,9 @@ async fn serve_smtp(s: TcpStream, behaviour: Behaviour, rec: Arc<Mutex<Vec<Vec<S
             },
             "XCLIENT" => match behaviour {
                 Behaviour::SmtpRejectXclient => b"550 5.7.0 Error: insufficient authorization\r\n".to_vec(),
+                Behaviour::SmtpStrictXclientHelo if line.contains("HELO=odd_") => {
+                    b"501 5.5.4 Bad HELO syntax\r\n".to_vec()
+                }
                 _ => b"220 fake.example ESMTP\r\n".to_vec(),
             },
             "AUTH" if behaviour == Behaviour::SmtpAuthLoginOnly => {

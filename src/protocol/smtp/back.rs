@@ -95,6 +95,9 @@ pub async fn connect_and_login(
         match read_reply(&mut stream, &mut lines).await?.0 {
             220 => {}
             421 => return Err(BackendError::Refused),
+            // A syntax refusal with the client's own HELO name in it (Exim checks it, Postfix
+            // with a stricter limit) is the client's, as for the replayed EHLO below.
+            501 if cmd.contains(" HELO=") => return Err(BackendError::ClientRefused { temporary: false }),
             _ => return Err(BackendError::Protocol("backend rejected XCLIENT")),
         }
         // XCLIENT starts a new SMTP session: replay the client's greeting command. The backend
@@ -184,13 +187,15 @@ async fn auth_login<S: AsyncRead + AsyncWrite + Unpin>(
     auth_verdict(read_reply(s, lines).await?.0)
 }
 
-/// What an AUTH reply means for the login.
+/// What an AUTH reply means for the login. Only replies no client can bring about count
+/// against the backend's health: a long password's `500 5.5.6` or a user's `432` (password
+/// transition, RFC 4954) would let anyone mark a pool down, a login at a time.
 fn auth_verdict(code: u16) -> Result<(), BackendError> {
     match code {
         235 => Ok(()),
-        535 | 534 | 501 => Err(BackendError::Rejected),
+        535 | 534 | 501 | 500 => Err(BackendError::Rejected),
         421 => Err(BackendError::Refused),
-        454 => Err(BackendError::LoginRefused),
+        400..=499 => Err(BackendError::LoginRefused),
         _ => Err(BackendError::Protocol("unexpected AUTH reply")),
     }
 }
@@ -279,6 +284,21 @@ mod tests {
     fn xtext_encodes_specials() {
         assert_eq!(xtext(b"client.example"), "client.example");
         assert_eq!(xtext(b"a+b=c d\r\n\xc3\xa9"), "a+2Bb+3Dc+20d+0D+0A+C3+A9");
+    }
+
+    #[test]
+    fn auth_replies_a_client_can_bring_about_are_not_the_backends_fault() {
+        assert!(auth_verdict(235).is_ok());
+        for code in [535, 534, 501, 500] {
+            assert!(matches!(auth_verdict(code), Err(BackendError::Rejected)), "{code}");
+        }
+        for code in [432, 454, 451] {
+            assert!(matches!(auth_verdict(code), Err(BackendError::LoginRefused)), "{code}");
+        }
+        assert!(matches!(auth_verdict(421), Err(BackendError::Refused)));
+        for code in [503, 504, 530, 538, 250] {
+            assert!(matches!(auth_verdict(code), Err(BackendError::Protocol(_))), "{code}");
+        }
     }
 
     #[test]
