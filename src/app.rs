@@ -64,6 +64,10 @@ pub enum Reloaded {
     /// Everything but ACME was applied: the ACME manager could not start with the new settings
     /// (the previous ones, if any, go on). Counted as a failed reload, so it is seen.
     AcmeFailed(String),
+    /// Everything but some certificate files was applied: they no longer load (a renewal that
+    /// wrote garbage, a key that does not match), and their previous certificates are served.
+    /// Counted as a failed reload, so it is seen.
+    CertificatesKept(String),
 }
 
 pub struct App {
@@ -311,7 +315,7 @@ impl App {
             }
             // The files are what runs (a broken config put back as it was, say).
             Ok(Reloaded::Unchanged) => m.config_last_reload_successful.set(1),
-            Ok(Reloaded::AcmeFailed(_)) | Err(_) => {
+            Ok(Reloaded::AcmeFailed(_) | Reloaded::CertificatesKept(_)) | Err(_) => {
                 m.config_reloads.with_label_values(&["error"]).inc();
                 m.config_last_reload_successful.set(0);
             }
@@ -361,6 +365,7 @@ impl App {
             _ => None,
         };
         let stop_admin = runtime.config.admin.is_none();
+        let kept = crate::tls::certs::CertStore::kept(&maps).join("; ");
         self.tls.certs.install(maps);
         // Before the new config runs, so its first sessions count on the entries it will keep.
         self.health.sync(runtime.config.backends.values().map(|b| &**b));
@@ -386,6 +391,12 @@ impl App {
         // next reload) load it again instead of finding it "unchanged".
         let settled = fingerprint(std::slice::from_ref(&self.config_path)) == main_before && fingerprint(&files) == fp;
         *last = if settled { fp } else { 0 };
+        if !kept.is_empty() {
+            // Not kept either: the next event or SIGHUP reads the files again, and only one
+            // that loads them all counts as a success.
+            *last = 0;
+            return Ok(Reloaded::CertificatesKept(kept));
+        }
         Ok(Reloaded::Applied)
     }
 

@@ -5,6 +5,8 @@
 
 mod common;
 
+use portcullis::app::Reloaded;
+
 use std::net::SocketAddr;
 use std::sync::Arc;
 
@@ -308,16 +310,23 @@ async fn certificate_files_changing_on_disk_are_reloaded_and_broken_ones_ignored
     let (pem, key, new_mail) = s.pki.leaf(&["mail.example.test"], false);
     write_file(&s.proxy.path("mail.key"), &key);
     write_file(&s.proxy.path("mail.pem"), &pem);
-    s.proxy.app.reload(false).await.unwrap();
+    assert_eq!(s.proxy.app.reload(false).await.unwrap(), Reloaded::Applied);
     assert_eq!(served(&handshake(&c, addr, "mail.example.test").await.unwrap()), new_mail);
-    // A key that does not match its certificate keeps the previous pair.
+    // A key that does not match its certificate keeps the previous pair, and the reload says
+    // it was not all applied (so the reload-failed alert sees it), again at the next event.
     let (_, other_key, _) = s.pki.leaf(&["mail.example.test"], false);
     write_file(&s.proxy.path("mail.key"), &other_key);
-    s.proxy.app.reload(false).await.unwrap();
+    let reloaded = s.proxy.app.reload(false).await.unwrap();
+    assert!(matches!(&reloaded, Reloaded::CertificatesKept(e) if e.contains("mail.key")), "{reloaded:?}");
     assert_eq!(served(&handshake(&c, addr, "mail.example.test").await.unwrap()), new_mail);
     write_file(&s.proxy.path("mail.pem"), "garbage");
-    s.proxy.app.reload(false).await.unwrap();
+    assert!(matches!(s.proxy.app.reload(false).await.unwrap(), Reloaded::CertificatesKept(_)));
+    assert!(matches!(s.proxy.app.reload(false).await.unwrap(), Reloaded::CertificatesKept(_)));
     assert_eq!(served(&handshake(&c, addr, "mail.example.test").await.unwrap()), new_mail);
+    // Fixed: a success again.
+    write_file(&s.proxy.path("mail.key"), &key);
+    write_file(&s.proxy.path("mail.pem"), &pem);
+    assert_eq!(s.proxy.app.reload(false).await.unwrap(), Reloaded::Applied);
 }
 
 #[tokio::test]

@@ -127,6 +127,10 @@ fn spawn_with(app: Arc<App>, mut hup: tokio::signal::unix::Signal, inotify: bool
                     tracing::error!(error = %e, "configuration reloaded, but ACME could not be (re)started with it");
                     failed = Some(Failed::now(&app).await);
                 }
+                Ok(Reloaded::CertificatesKept(e)) => {
+                    tracing::error!(error = %e, "configuration reloaded, but a certificate no longer loads: its previous one is served");
+                    failed = Some(Failed::now(&app).await);
+                }
                 Err(e) => {
                     tracing::error!(error = %e, "configuration reload failed; keeping the running configuration");
                     failed = Some(Failed::now(&app).await);

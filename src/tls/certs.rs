@@ -52,6 +52,9 @@ pub struct CertMaps {
     loaded: HashMap<(PathBuf, PathBuf), (Vec<u8>, Arc<CertifiedKey>)>,
     /// (label, not-after as Unix seconds) of every certificate served.
     expiry: Vec<(String, i64)>,
+    /// Why each pair that no longer loads kept its previous certificate (a reload that is only
+    /// partly applied, and reported as such).
+    kept: Vec<String>,
 }
 
 /// The certificates served for one name: one per key type, in config order (`usable` prefers).
@@ -103,6 +106,12 @@ impl CertStore {
     pub fn prepare(&self, settings: &TlsSettings) -> Result<CertMaps, CertError> {
         let current = self.maps.load();
         build(settings, Some(&current))
+    }
+
+    /// Why pairs that no longer load kept their previous certificate in `maps` (empty when
+    /// every pair loaded).
+    pub fn kept(maps: &CertMaps) -> &[String] {
+        &maps.kept
     }
 
     pub fn install(&self, maps: CertMaps) {
@@ -336,6 +345,7 @@ fn build(settings: &TlsSettings, previous: Option<&CertMaps>) -> Result<CertMaps
             Err(e) => match previous.and_then(|p| p.loaded.get(&key)) {
                 Some((bytes, ck)) => {
                     tracing::error!(error = %e, "certificate reload failed; keeping the previous certificate");
+                    maps.kept.push(e.to_string());
                     maps.loaded.insert(key, (bytes.clone(), ck.clone()));
                     ck.clone()
                 }
