@@ -1879,6 +1879,13 @@ impl Validator<'_> {
                     format!("empty or duplicate backend name {name:?}"),
                 ));
             }
+            if name == "dynamic" {
+                return Err(self.err(
+                    Some(b.name.span()),
+                    field("name"),
+                    "\"dynamic\" is reserved: it is the metrics label of the backends an auth service names by address",
+                ));
+            }
             let address = b.address.get_ref().clone();
             let host = split_host_port(&address).ok_or_else(|| {
                 self.err(
@@ -1937,11 +1944,20 @@ impl Validator<'_> {
                     ));
                 }
             };
-            let login = match (protocol, b.login.as_ref().map(|t| t.get_ref().as_str())) {
+            let login_name = b.login.as_ref().map(|t| t.get_ref().as_str());
+            if login_name != Some("master")
+                && let Some(span) =
+                    b.master_user.as_ref().map(|t| t.span()).or(b.master_password.as_ref().map(|t| t.span()))
+            {
+                // A forgotten `login = "master"` would replay the clients' own passwords.
+                let which = if b.master_user.is_some() { "master_user" } else { "master_password" };
+                return Err(self.err(Some(span), field(which), "only used with login = \"master\", which is not set"));
+            }
+            let login = match (protocol, login_name) {
                 (Protocol::Smtp, None | Some("xclient")) => BackendLogin::Xclient,
                 (_, None | Some("replay")) => BackendLogin::Replay,
                 (_, Some("master")) => match (&b.master_user, &b.master_password) {
-                    (Some(u), Some(p)) if !u.get_ref().is_empty() => {
+                    (Some(u), Some(p)) if !u.get_ref().is_empty() && !p.get_ref().is_empty() => {
                         BackendLogin::Master { user: u.get_ref().clone(), password: p.get_ref().clone() }
                     }
                     _ => {
@@ -2759,6 +2775,26 @@ login_timeout = "5s"
 
         let e = parse(&BASE.replace("name = \"b\"", "name = \"b\"\nlogin = \"master\"")).unwrap_err();
         assert_eq!(e.field, "backend[0].master_user");
+        let e =
+            parse(&BASE.replace(
+                "name = \"b\"",
+                "name = \"b\"\nlogin = \"master\"\nmaster_user = \"m\"\nmaster_password = \"\"",
+            ))
+            .unwrap_err();
+        assert_eq!(e.field, "backend[0].master_user");
+        // Master credentials without login = "master": the clients' passwords would be replayed.
+        for extra in ["master_user = \"m\"\nmaster_password = \"p\"", "master_password = \"p\""] {
+            let e = parse(&BASE.replace("name = \"b\"", &format!("name = \"b\"\n{extra}"))).unwrap_err();
+            assert!(e.field.starts_with("backend[0].master_"), "{e}");
+            assert!(e.message.contains("only used with login"), "{e}");
+            assert!(e.position.is_some(), "{e}");
+        }
+        let e = parse(
+            &BASE.replace("name = \"b\"", "name = \"dynamic\"").replace("default = \"b\"", "default = \"dynamic\""),
+        )
+        .unwrap_err();
+        assert_eq!(e.field, "backend[0].name");
+        assert!(e.message.contains("reserved"), "{e}");
 
         let e = parse(&BASE.replace("[auth]\nsource = \"backend\"", "")).unwrap_err();
         assert_eq!(e.field, "auth.passwd_file");
