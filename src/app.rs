@@ -345,6 +345,9 @@ impl App {
             crate::systemd::reloading();
         }
         let config = config?;
+        if crate::logging::differs_from_start(config.log_format, config.log_level.as_deref()) {
+            tracing::warn!("[log] format and level are read at start only: restart to apply the change");
+        }
         let maps = self.tls.certs.prepare(&config.tls).map_err(|e| cert_error(&config, e))?;
         let runtime = build_runtime(config, &self.tls)?;
         warn_descriptor_cap(&runtime.config);

@@ -9,7 +9,17 @@ use tracing_subscriber::EnvFilter;
 use crate::config::LogFormat;
 
 /// Install the global subscriber. `RUST_LOG` wins over the config's level.
+/// The `[log]` settings logging was set up with, once it has been.
+static STARTED_WITH: std::sync::OnceLock<(LogFormat, Option<String>)> = std::sync::OnceLock::new();
+
+/// Whether `format` and `level` differ from what logging was set up with at start (they are
+/// read only then); false before `init`.
+pub fn differs_from_start(format: LogFormat, level: Option<&str>) -> bool {
+    STARTED_WITH.get().is_some_and(|(f, l)| (*f, l.as_deref()) != (format, level))
+}
+
 pub fn init(format: LogFormat, level: Option<&str>) {
+    let _ = STARTED_WITH.set((format, level.map(str::to_string)));
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(level.unwrap_or("info")));
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
     let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_ansi(ansi);

@@ -860,6 +860,16 @@ def test_preauth_idle_and_handshake_timeouts(own_proxy):
     assert 0.8 < time.monotonic() - t0 < 3
 
 
+def test_log_settings_changed_by_a_reload_are_said_to_need_a_restart(own_proxy):
+    """[log] is read at start only: a reload that changes it applies the rest and says so."""
+    p = own_proxy
+    warning = "[log] format and level are read at start only"
+    reload_with(p, p.setup.text(limits={"login_timeout": '"100s"'}))
+    assert warning not in p.log()
+    reload_with(p, p.setup.text().replace('level = "info"', 'level = "debug"'))
+    assert warning in p.log()
+
+
 def test_login_timeout_says_bye(own_proxy):
     """A client that stays busy (NOOP every 0.3 s) but never logs in is cut off at login_timeout,
     and like every other close it is told so with `* BYE` first (reliability case 58; "Close" in
