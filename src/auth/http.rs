@@ -41,7 +41,7 @@ const MAX_WAIT: Duration = Duration::from_secs(60);
 const MAX_CACHE: usize = 100_000;
 
 /// What the proxy knows about the login attempt.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct Query<'a> {
     pub protocol: Protocol,
     /// `Auth-Method`: `plain`, or `external` (SASL EXTERNAL: no password, the client
@@ -55,6 +55,21 @@ pub struct Query<'a> {
     pub helo: Option<&'a str>,
     /// Protocol version, cipher suite and client certificate when the client connection is TLS.
     pub tls: Option<TlsInfo>,
+}
+
+impl std::fmt::Debug for Query<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Query")
+            .field("protocol", &self.protocol)
+            .field("method", &self.method)
+            .field("user", &self.user)
+            .field("password", &"<redacted>")
+            .field("attempt", &self.attempt)
+            .field("client_ip", &self.client_ip)
+            .field("helo", &self.helo)
+            .field("tls", &self.tls)
+            .finish()
+    }
 }
 
 /// The service's decision.

@@ -389,7 +389,7 @@ pub enum AuthSource {
     Http(AuthHttpSettings),
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Clone, PartialEq, Eq)]
 pub struct AuthHttpSettings {
     pub urls: Vec<String>,
     pub timeout: Duration,
@@ -399,6 +399,22 @@ pub struct AuthHttpSettings {
     pub negative_cache_ttl: Duration,
     /// `Auth-SSL-Cert` with the client certificate in PEM (nginx: auth_http_pass_client_cert).
     pub pass_client_cert: bool,
+}
+
+/// Header values are secrets as often as not (an API key, a bearer token).
+impl fmt::Debug for AuthHttpSettings {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let headers: Vec<String> = self.headers.iter().map(|(k, _)| format!("{k}: <redacted>")).collect();
+        f.debug_struct("AuthHttpSettings")
+            .field("urls", &self.urls)
+            .field("timeout", &self.timeout)
+            .field("headers", &headers)
+            .field("ca_file", &self.ca_file)
+            .field("cache_ttl", &self.cache_ttl)
+            .field("negative_cache_ttl", &self.negative_cache_ttl)
+            .field("pass_client_cert", &self.pass_client_cert)
+            .finish()
+    }
 }
 
 pub const LETSENCRYPT: &str = "https://acme-v02.api.letsencrypt.org/directory";
@@ -603,7 +619,7 @@ impl BackendState {
     }
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Clone, PartialEq, Eq)]
 pub struct HealthSettings {
     pub enabled: bool,
     pub interval: Duration,
@@ -613,6 +629,20 @@ pub struct HealthSettings {
     pub starttls: bool,
     /// Test login (user, password) for IMAP and POP3 checks.
     pub login: Option<(String, String)>,
+}
+
+impl fmt::Debug for HealthSettings {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("HealthSettings")
+            .field("enabled", &self.enabled)
+            .field("interval", &self.interval)
+            .field("timeout", &self.timeout)
+            .field("rise", &self.rise)
+            .field("fall", &self.fall)
+            .field("starttls", &self.starttls)
+            .field("login", &self.login.as_ref().map(|(user, _)| (user, "<redacted>")))
+            .finish()
+    }
 }
 
 impl Default for HealthSettings {
@@ -2798,6 +2828,26 @@ login_timeout = "5s"
 
         let e = parse(&BASE.replace("[auth]\nsource = \"backend\"", "")).unwrap_err();
         assert_eq!(e.field, "auth.passwd_file");
+    }
+
+    /// Secrets in the config never show in its Debug output (a log line, a panic message).
+    #[test]
+    fn debug_output_redacts_secrets() {
+        let health = HealthSettings { login: Some(("probe".into(), "hunter2".into())), ..HealthSettings::default() };
+        let http = AuthHttpSettings {
+            urls: vec!["http://127.0.0.1:9/auth".into()],
+            timeout: Duration::from_secs(1),
+            headers: vec![("X-Auth-Key".into(), "hunter2".into())],
+            ca_file: None,
+            cache_ttl: Duration::ZERO,
+            negative_cache_ttl: Duration::ZERO,
+            pass_client_cert: false,
+        };
+        let login = BackendLogin::Master { user: "m".into(), password: "hunter2".into() };
+        for shown in [format!("{health:?}"), format!("{http:?}"), format!("{login:?}")] {
+            assert!(!shown.contains("hunter2") && shown.contains("<redacted>"), "{shown}");
+        }
+        assert!(format!("{health:?}").contains("probe") && format!("{http:?}").contains("X-Auth-Key"));
     }
 
     #[test]
