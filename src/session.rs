@@ -769,82 +769,106 @@ async fn login_inner(
         esmtp: hints.esmtp,
         probe: false,
     };
-    for backend in &plan.candidates {
-        if !target.failover() && backend.health.enabled && !ctx.health.is_up(&backend.name) {
-            // The user's mailbox lives only there and it is down: fail fast. Only where active
-            // checks will see it come back: a backend without them (one the auth service names
-            // by address, or with checks off) is marked up again only by a session that logs in,
-            // so it is always tried.
-            tracing::warn!(session = %ctx.id, backend = %backend.name, "backend down and its pool has no failover");
+    // Reliability case 64: a backend that refuses the connection (RST: restarting, say) is
+    // tried again every second until backend_connect_timeout has passed since the first try,
+    // as Dovecot's proxy does, instead of failing the login at once; counted against its
+    // health once, on the first try. Other failures are not retried.
+    let retry_until = Instant::now() + limits.backend_connect_timeout;
+    let mut candidates: Vec<&Arc<Backend>> = plan.candidates.iter().collect();
+    let mut round = 0;
+    loop {
+        let mut refused = Vec::new();
+        for backend in candidates {
+            if !target.failover() && backend.health.enabled && !ctx.health.is_up(&backend.name) {
+                // The user's mailbox lives only there and it is down: fail fast. Only where active
+                // checks will see it come back: a backend without them (one the auth service names
+                // by address, or with checks off) is marked up again only by a session that logs in,
+                // so it is always tried.
+                tracing::warn!(session = %ctx.id, backend = %backend.name, "backend down and its pool has no failover");
+                break;
+            }
+            if creds.password.expose().is_empty() && backend.login == crate::config::BackendLogin::Replay {
+                // SASL EXTERNAL with no Auth-Pass from the service: nothing to replay (nginx needs
+                // Auth-Pass here too). A master-user or XCLIENT backend needs none.
+                tracing::warn!(session = %ctx.id, backend = %backend.name, "EXTERNAL login: the auth service sent no Auth-Pass to replay");
+                return Err(LoginError::Unavailable("auth_service_error"));
+            }
+            let started = Instant::now();
+            let result =
+                tokio::time::timeout(limits.backend_login_timeout, backend_login(ctx, backend, &info, &user, &creds))
+                    .await
+                    .unwrap_or(Err(BackendError::Protocol("backend login timed out")));
+            let m = metrics();
+            m.backend_login_duration.with_label_values(&[backend.label()]).observe(started.elapsed().as_secs_f64());
+            if let Err(e) = &result {
+                m.backend_errors.with_label_values(&[backend.label(), e.reason()]).inc();
+            }
+            match result {
+                Ok(logged_in) => {
+                    ctx.health.success(backend, Source::Session, backend.health.rise);
+                    let guard = ctx.health.session(backend);
+                    let user_slot = match user_slot {
+                        Some(slot) => slot,
+                        // Verified now; another session may have taken the last slot meanwhile
+                        // (dropping `logged_in` closes the backend connection).
+                        None => match ctx.connections.acquire_user(&user, max_sessions) {
+                            Some(slot) => slot,
+                            None => return Err(LoginError::TooManySessions { user }),
+                        },
+                    };
+                    return Ok((logged_in, user, backend.name.clone(), guard, user_slot));
+                }
+                Err(BackendError::Rejected) if deferred => {
+                    return Err(LoginError::Bad { user: Some(user), reason: "bad_credentials" });
+                }
+                Err(BackendError::Rejected) => return Err(LoginError::BackendRejected { user }),
+                Err(BackendError::InUse) => {
+                    // The user's own state (another session holds the mailbox): a temporary failure
+                    // for this user, not a fault of the backend, and the same on every replica.
+                    return Err(LoginError::InUse);
+                }
+                Err(BackendError::ClientRefused { temporary }) => {
+                    // The client's own choice, the same on every replica: no failover, and no count
+                    // against the backend (a client could otherwise mark a pool down at will).
+                    tracing::info!(session = %ctx.id, backend = %backend.name, temporary, "backend refused the client's EHLO name");
+                    return Err(LoginError::ClientRefused { temporary });
+                }
+                Err(e @ BackendError::Local(_)) => {
+                    // Out of descriptors, memory or ports here: not the backend's fault (a connection
+                    // flood on the proxy must not mark its backends down). The next one is tried: no
+                    // free local port is a shortage toward one destination only.
+                    tracing::warn!(session = %ctx.id, backend = %backend.name, error = %e, "cannot connect to the backend: out of local resources");
+                }
+                Err(e @ BackendError::LoginRefused) => {
+                    // Maybe the user's own condition (Dovecot's per-user connection limit): the next
+                    // backend is tried, and this one's health is left to what sessions see before
+                    // the credentials and to its active checks.
+                    tracing::warn!(session = %ctx.id, backend = %backend.name, route = %plan.target, reason = e.reason(), "backend refused the login for now");
+                }
+                Err(e) => {
+                    // Reliability cases 64-66: count it against the backend, try the next one.
+                    if round == 0 {
+                        ctx.health.failure(backend, Source::Session, backend.health.fall, e.reason());
+                        tracing::warn!(session = %ctx.id, backend = %backend.name, route = %plan.target, reason = e.reason(), error = %e, "backend login failed");
+                    }
+                    if matches!(&e, BackendError::Connect(io) if io.kind() == std::io::ErrorKind::ConnectionRefused) {
+                        refused.push(backend);
+                    }
+                }
+            }
+        }
+        if refused.is_empty() || Instant::now() + BACKEND_RETRY > retry_until {
             break;
         }
-        if creds.password.expose().is_empty() && backend.login == crate::config::BackendLogin::Replay {
-            // SASL EXTERNAL with no Auth-Pass from the service: nothing to replay (nginx needs
-            // Auth-Pass here too). A master-user or XCLIENT backend needs none.
-            tracing::warn!(session = %ctx.id, backend = %backend.name, "EXTERNAL login: the auth service sent no Auth-Pass to replay");
-            return Err(LoginError::Unavailable("auth_service_error"));
-        }
-        let started = Instant::now();
-        let result =
-            tokio::time::timeout(limits.backend_login_timeout, backend_login(ctx, backend, &info, &user, &creds))
-                .await
-                .unwrap_or(Err(BackendError::Protocol("backend login timed out")));
-        let m = metrics();
-        m.backend_login_duration.with_label_values(&[backend.label()]).observe(started.elapsed().as_secs_f64());
-        if let Err(e) = &result {
-            m.backend_errors.with_label_values(&[backend.label(), e.reason()]).inc();
-        }
-        match result {
-            Ok(logged_in) => {
-                ctx.health.success(backend, Source::Session, backend.health.rise);
-                let guard = ctx.health.session(backend);
-                let user_slot = match user_slot {
-                    Some(slot) => slot,
-                    // Verified now; another session may have taken the last slot meanwhile
-                    // (dropping `logged_in` closes the backend connection).
-                    None => match ctx.connections.acquire_user(&user, max_sessions) {
-                        Some(slot) => slot,
-                        None => return Err(LoginError::TooManySessions { user }),
-                    },
-                };
-                return Ok((logged_in, user, backend.name.clone(), guard, user_slot));
-            }
-            Err(BackendError::Rejected) if deferred => {
-                return Err(LoginError::Bad { user: Some(user), reason: "bad_credentials" });
-            }
-            Err(BackendError::Rejected) => return Err(LoginError::BackendRejected { user }),
-            Err(BackendError::InUse) => {
-                // The user's own state (another session holds the mailbox): a temporary failure
-                // for this user, not a fault of the backend, and the same on every replica.
-                return Err(LoginError::InUse);
-            }
-            Err(BackendError::ClientRefused { temporary }) => {
-                // The client's own choice, the same on every replica: no failover, and no count
-                // against the backend (a client could otherwise mark a pool down at will).
-                tracing::info!(session = %ctx.id, backend = %backend.name, temporary, "backend refused the client's EHLO name");
-                return Err(LoginError::ClientRefused { temporary });
-            }
-            Err(e @ BackendError::Local(_)) => {
-                // Out of descriptors, memory or ports here: not the backend's fault (a connection
-                // flood on the proxy must not mark its backends down). The next one is tried: no
-                // free local port is a shortage toward one destination only.
-                tracing::warn!(session = %ctx.id, backend = %backend.name, error = %e, "cannot connect to the backend: out of local resources");
-            }
-            Err(e @ BackendError::LoginRefused) => {
-                // Maybe the user's own condition (Dovecot's per-user connection limit): the next
-                // backend is tried, and this one's health is left to what sessions see before
-                // the credentials and to its active checks.
-                tracing::warn!(session = %ctx.id, backend = %backend.name, route = %plan.target, reason = e.reason(), "backend refused the login for now");
-            }
-            Err(e) => {
-                // Reliability cases 64-66: count it against the backend, try the next one.
-                ctx.health.failure(backend, Source::Session, backend.health.fall, e.reason());
-                tracing::warn!(session = %ctx.id, backend = %backend.name, route = %plan.target, reason = e.reason(), error = %e, "backend login failed");
-            }
-        }
+        tokio::time::sleep(BACKEND_RETRY).await;
+        candidates = refused;
+        round += 1;
     }
     Err(LoginError::Unavailable("backend_unavailable"))
 }
+
+/// How often a backend that refuses connections is tried again during a login.
+const BACKEND_RETRY: Duration = Duration::from_secs(1);
 
 /// Where the auth service's `Auth-Server` points: a configured pool or backend by name, or an
 /// address (with `Auth-Port`) used as a backend with the protocol's defaults.

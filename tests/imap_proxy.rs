@@ -424,6 +424,28 @@ async fn backend_refusing_connections_gives_unavailable() {
     assert_eq!(c.line().await, "b OK NOOP completed.\r\n");
 }
 
+/// Reliability case 64: a backend that refuses connections for a moment (restarting) is tried
+/// again every second within backend_connect_timeout, so the login waits and succeeds; the
+/// backend is counted down once, not once a second.
+#[tokio::test]
+async fn a_restarting_backend_is_tried_again_within_the_connect_timeout() {
+    let port = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap()
+    };
+    let config = plain_config(port, "").replace("backend_connect_timeout = \"500ms\"", "backend_connect_timeout = \"6s\"");
+    assert!(config.contains("backend_connect_timeout = \"6s\""));
+    let proxy = Proxy::start(&config, USERS).await;
+    let mut c = greeted(&proxy).await;
+    let start = tokio::time::Instant::now();
+    c.send(b"a LOGIN alice@example.test secret\r\n").await;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let backend = FakeBackend::start_on(port, Behaviour::Normal).await;
+    assert!(c.until_tagged("a").await.last().unwrap().starts_with("a OK"));
+    assert!(start.elapsed() >= Duration::from_millis(1500) && start.elapsed() < Duration::from_secs(4));
+    assert_eq!(backend.connections(), 1);
+}
+
 #[tokio::test]
 async fn backend_hanging_after_greeting_gives_unavailable() {
     // Reliability case 66.

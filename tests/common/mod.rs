@@ -184,7 +184,12 @@ pub struct FakeBackend {
 
 impl FakeBackend {
     pub async fn start(behaviour: Behaviour) -> FakeBackend {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        Self::start_on("127.0.0.1:0".parse().unwrap(), behaviour).await
+    }
+
+    /// On a given address (a backend that comes back where it was).
+    pub async fn start_on(addr: SocketAddr, behaviour: Behaviour) -> FakeBackend {
+        let listener = TcpListener::bind(addr).await.unwrap();
         let addr = listener.local_addr().unwrap();
         let accepted = Arc::new(AtomicUsize::new(0));
         let received = Arc::new(Mutex::new(Vec::new()));
