@@ -86,13 +86,18 @@ impl PasswordHash {
         }
     }
 
-    /// How expensive the scheme is to verify, in rank only.
-    fn cost(&self) -> u8 {
+    /// How expensive the hash is to verify, in rank only: the scheme, then within it its own
+    /// cost parameters (bcrypt's cost, Argon2's memory times passes, SHA-crypt's rounds).
+    fn cost(&self) -> (u8, u64) {
+        // `name=value` in a `$`- or `,`-separated hash string.
+        let param = |h: &str, name: &str| {
+            h.split(['$', ',']).find_map(|p| p.strip_prefix(name)?.strip_prefix('=')?.parse::<u64>().ok())
+        };
         match self {
-            PasswordHash::Plain(_) => 0,
-            PasswordHash::ShaCrypt(_) => 1,
-            PasswordHash::BlfCrypt(_) => 2,
-            PasswordHash::Argon2(_) => 3,
+            PasswordHash::Plain(_) => (0, 0),
+            PasswordHash::ShaCrypt(h) => (1, param(h, "rounds").unwrap_or(5000)),
+            PasswordHash::BlfCrypt(h) => (2, h.get(4..6).and_then(|c| c.parse().ok()).unwrap_or(0)),
+            PasswordHash::Argon2(h) => (3, param(h, "m").unwrap_or(0).saturating_mul(param(h, "t").unwrap_or(1))),
         }
     }
 
@@ -191,7 +196,7 @@ impl UserDb {
                     }
                 }
             }
-            // The costliest scheme in the file, so no unknown name answers sooner than a real one.
+            // The costliest hash in the file, so no unknown name answers sooner than a real one.
             if stand_in.as_ref().is_none_or(|s: &PasswordHash| s.cost() < hash.cost()) {
                 stand_in = Some(hash.clone());
             }
@@ -283,6 +288,42 @@ mod tests {
                 other => panic!("{extra}: unexpected {other:?}"),
             }
         }
+    }
+
+    /// Unknown users are checked against the costliest hash, cost parameters included: a cheap
+    /// early bcrypt or Argon2 hash would let unknown names answer sooner than real ones.
+    #[test]
+    fn the_stand_in_is_the_costliest_hash() {
+        let (cheap, dear) = (bcrypt::hash("x", 4).unwrap(), bcrypt::hash("x", 6).unwrap());
+        let db = UserDb::parse_default(&format!(
+            "a:{{BLF-CRYPT}}{cheap}
+b:{{BLF-CRYPT}}{dear}
+c:{{PLAIN}}x
+"
+        ))
+        .unwrap();
+        assert!(matches!(db.stand_in(), Some(PasswordHash::BlfCrypt(h)) if *h == dear));
+        let argon =
+            |m: u32, t: u32| format!("{{ARGON2ID}}$argon2id$v=19$m={m},t={t},p=1$c2FsdHNhbHQ$aGFzaGhhc2hoYXNoaGFzaA");
+        let db = UserDb::parse_default(&format!(
+            "a:{}
+b:{}
+c:{}
+",
+            argon(19456, 2),
+            argon(65536, 3),
+            argon(8192, 1)
+        ))
+        .unwrap();
+        assert!(matches!(db.stand_in(), Some(PasswordHash::Argon2(h)) if h.contains("m=65536,t=3")));
+        let sha = |rounds: &str| {
+            format!(
+                "{{SHA512-CRYPT}}$6${rounds}saltsalt$TVLlQcbpFVof5W3Yz4DTP6gRstiNuHwwTt6GLc1E5n0U0aDehy0S5knV8wiOQSpT0Y77vwPZN.Pq.H91p5hVO1"
+            )
+        };
+        assert!(
+            PasswordHash::parse(&sha("rounds=9000$")).unwrap().cost() > PasswordHash::parse(&sha("")).unwrap().cost()
+        );
     }
 
     #[test]
