@@ -115,14 +115,6 @@ fn user_hash(user: &str) -> u64 {
     password_fingerprint(&[b"throttle user", user.as_bytes()])
 }
 
-/// What one `Throttle::failure` counted, and under which keys.
-#[derive(Debug)]
-pub struct Charge {
-    keys: Vec<Key>,
-    password: u64,
-    user: Option<u64>,
-}
-
 #[derive(Debug, Default)]
 pub struct Throttle {
     table: Mutex<HashMap<Key, Entry>>,
@@ -151,50 +143,87 @@ fn trusted(trusted: &[Cidr], ip: IpAddr) -> bool {
 impl Throttle {
     /// Decide on an attempt before the credentials are checked.
     pub fn check(&self, s: &ThrottleSettings, ip: IpAddr, user: Option<&str>) -> Decision {
-        check_in(&mut self.table.lock().unwrap_or_else(|e| e.into_inner()), s, ip, user)
-    }
-
-    /// `check`, and unless the attempt is blocked, `failure` at once under the same lock: the
-    /// attempt counts as failed from now until `refund` says otherwise, so that attempts made in
-    /// parallel over many connections see each other (reliability case 55).
-    pub fn attempt(
-        &self,
-        s: &ThrottleSettings,
-        ip: IpAddr,
-        user: Option<&str>,
-        password: u64,
-    ) -> (Decision, Option<Charge>) {
-        let mut table = self.table.lock().unwrap_or_else(|e| e.into_inner());
-        match check_in(&mut table, s, ip, user) {
-            Decision::Blocked => (Decision::Blocked, None),
-            allowed => (allowed, Some(failure_in(&mut table, s, ip, user, password))),
+        if !s.enabled || trusted(&s.trusted, ip) {
+            return Decision::Allow { delay: Duration::ZERO };
         }
+        let now = Instant::now();
+        let mut table = self.table.lock().unwrap_or_else(|e| e.into_inner());
+        let mut worst = 0u32;
+        let keys = [Some(Key::Ip(ip_key(ip, s.ipv6_prefix))), user.map(|u| Key::User(u.to_string()))];
+        for (i, key) in keys.into_iter().enumerate() {
+            let Some(key) = key else { continue };
+            let Some(e) = table.get_mut(&key) else { continue };
+            if e.blocked_until.is_some_and(|b| b <= now) {
+                // The block has run its course: counting starts again, so it lasted `cooldown`
+                // (the counter would otherwise block again at once until `window` had passed).
+                e.blocked_until = None;
+                e.reset();
+            }
+            if now.duration_since(e.last) > s.window && e.blocked_until.is_none_or(|b| b <= now) {
+                table.remove(&key);
+                continue;
+            }
+            if e.blocked_until.is_some_and(|b| b > now) {
+                return Decision::Blocked;
+            }
+            let limit = if i == 0 { s.block_after } else { s.user_block_after };
+            if e.failures >= limit {
+                e.blocked_until = Some(now + s.cooldown);
+                return Decision::Blocked;
+            }
+            worst = worst.max(e.failures);
+        }
+        Decision::Allow { delay: penalty(s, worst) }
     }
 
     /// Count a failed login (`password` is a process-local hash of the attempted password).
-    /// Returns what was counted, for `refund`.
-    pub fn failure(&self, s: &ThrottleSettings, ip: IpAddr, user: Option<&str>, password: u64) -> Charge {
-        failure_in(&mut self.table.lock().unwrap_or_else(|e| e.into_inner()), s, ip, user, password)
-    }
-
-    /// Take back what `failure` counted, for an attempt that turned out not to be a failed
-    /// login (an outage, a success under another name, a client gone before the verdict).
-    pub fn refund(&self, charge: Charge) {
+    pub fn failure(&self, s: &ThrottleSettings, ip: IpAddr, user: Option<&str>, password: u64) {
+        if !s.enabled || trusted(&s.trusted, ip) {
+            return;
+        }
+        let now = Instant::now();
         let mut table = self.table.lock().unwrap_or_else(|e| e.into_inner());
-        for key in charge.keys {
-            let Some(e) = table.get_mut(&key) else { continue };
-            if let Some(i) = e.recent.iter().rposition(|p| *p == charge.password) {
-                e.recent.remove(i);
+        if table.len() >= s.max_entries {
+            prune_locked(&mut table, s, now);
+            if table.len() >= s.max_entries {
+                // Still full of live entries: drop the stalest tenth rather than grow, blocked
+                // ones last (a flood of fresh keys, say from one IPv6 /48, must not lift blocks).
+                let mut ages: Vec<(bool, Instant, Key)> =
+                    table.iter().map(|(k, e)| (e.blocked_until.is_some_and(|b| b > now), e.last, k.clone())).collect();
+                ages.sort_by_key(|(blocked, t, _)| (*blocked, *t));
+                for (_, _, k) in ages.into_iter().take(s.max_entries / 10 + 1) {
+                    table.remove(&k);
+                }
             }
-            e.failures = e.failures.saturating_sub(1);
-            if matches!(key, Key::Ip(_))
-                && let Some(u) = charge.user
-                && let Some(i) = e.users.iter().rposition(|x| *x == u)
-            {
-                e.users.remove(i);
+        }
+        let keys = [Some(Key::Ip(ip_key(ip, s.ipv6_prefix))), user.map(|u| Key::User(u.to_string()))];
+        let attributed = user.map(user_hash);
+        for key in keys.into_iter().flatten() {
+            let by_address = matches!(key, Key::Ip(_));
+            let e = table.entry(key).or_insert_with(|| Entry {
+                failures: 0,
+                last: now,
+                blocked_until: None,
+                recent: VecDeque::new(),
+                users: VecDeque::new(),
+            });
+            if now.duration_since(e.last) > s.window {
+                e.reset();
             }
-            if e.failures == 0 && e.blocked_until.is_none() {
-                table.remove(&key);
+            e.last = now;
+            if e.recent.contains(&password) {
+                continue;
+            }
+            e.recent.push_back(password);
+            if e.recent.len() > RECENT_PASSWORDS {
+                e.recent.pop_front();
+            }
+            e.failures += 1;
+            if by_address && let Some(u) = attributed {
+                e.users.push_back(u);
+                if e.users.len() > ATTRIBUTED_FAILURES {
+                    e.users.pop_front();
+                }
             }
         }
     }
@@ -231,100 +260,6 @@ impl Throttle {
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
-}
-
-/// `Throttle::check` on the locked table.
-fn check_in(table: &mut HashMap<Key, Entry>, s: &ThrottleSettings, ip: IpAddr, user: Option<&str>) -> Decision {
-    if !s.enabled || trusted(&s.trusted, ip) {
-        return Decision::Allow { delay: Duration::ZERO };
-    }
-    let now = Instant::now();
-    let mut worst = 0u32;
-    let keys = [Some(Key::Ip(ip_key(ip, s.ipv6_prefix))), user.map(|u| Key::User(u.to_string()))];
-    for (i, key) in keys.into_iter().enumerate() {
-        let Some(key) = key else { continue };
-        let Some(e) = table.get_mut(&key) else { continue };
-        if e.blocked_until.is_some_and(|b| b <= now) {
-            // The block has run its course: counting starts again, so it lasted `cooldown`
-            // (the counter would otherwise block again at once until `window` had passed).
-            e.blocked_until = None;
-            e.reset();
-        }
-        if now.duration_since(e.last) > s.window && e.blocked_until.is_none_or(|b| b <= now) {
-            table.remove(&key);
-            continue;
-        }
-        if e.blocked_until.is_some_and(|b| b > now) {
-            return Decision::Blocked;
-        }
-        let limit = if i == 0 { s.block_after } else { s.user_block_after };
-        if e.failures >= limit {
-            e.blocked_until = Some(now + s.cooldown);
-            return Decision::Blocked;
-        }
-        worst = worst.max(e.failures);
-    }
-    Decision::Allow { delay: penalty(s, worst) }
-}
-
-/// `Throttle::failure` on the locked table.
-fn failure_in(
-    table: &mut HashMap<Key, Entry>,
-    s: &ThrottleSettings,
-    ip: IpAddr,
-    user: Option<&str>,
-    password: u64,
-) -> Charge {
-    let mut charge = Charge { keys: Vec::new(), password, user: user.map(user_hash) };
-    if !s.enabled || trusted(&s.trusted, ip) {
-        return charge;
-    }
-    let now = Instant::now();
-    if table.len() >= s.max_entries {
-        prune_locked(table, s, now);
-        if table.len() >= s.max_entries {
-            // Still full of live entries: drop the stalest tenth rather than grow, blocked
-            // ones last (a flood of fresh keys, say from one IPv6 /48, must not lift blocks).
-            let mut ages: Vec<(bool, Instant, Key)> =
-                table.iter().map(|(k, e)| (e.blocked_until.is_some_and(|b| b > now), e.last, k.clone())).collect();
-            ages.sort_by_key(|(blocked, t, _)| (*blocked, *t));
-            for (_, _, k) in ages.into_iter().take(s.max_entries / 10 + 1) {
-                table.remove(&k);
-            }
-        }
-    }
-    let keys = [Some(Key::Ip(ip_key(ip, s.ipv6_prefix))), user.map(|u| Key::User(u.to_string()))];
-    let attributed = user.map(user_hash);
-    for key in keys.into_iter().flatten() {
-        let by_address = matches!(key, Key::Ip(_));
-        let e = table.entry(key.clone()).or_insert_with(|| Entry {
-            failures: 0,
-            last: now,
-            blocked_until: None,
-            recent: VecDeque::new(),
-            users: VecDeque::new(),
-        });
-        if now.duration_since(e.last) > s.window {
-            e.reset();
-        }
-        e.last = now;
-        if e.recent.contains(&password) {
-            continue;
-        }
-        e.recent.push_back(password);
-        if e.recent.len() > RECENT_PASSWORDS {
-            e.recent.pop_front();
-        }
-        e.failures += 1;
-        if by_address && let Some(u) = attributed {
-            e.users.push_back(u);
-            if e.users.len() > ATTRIBUTED_FAILURES {
-                e.users.pop_front();
-            }
-        }
-        charge.keys.push(key);
-    }
-    charge
 }
 
 fn prune_locked(table: &mut HashMap<Key, Entry>, s: &ThrottleSettings, now: Instant) {
@@ -514,40 +449,6 @@ mod tests {
 
     fn ip(s: &str) -> IpAddr {
         s.parse().unwrap()
-    }
-
-    /// An attempt counts from the moment it is made; a refund takes back exactly it, leaving
-    /// the failures before it, and a repeat of a password already counted is neither counted
-    /// nor taken back.
-    #[test]
-    fn attempts_count_in_flight_and_refunds_take_back_only_themselves() {
-        let (t, s) = (Throttle::default(), settings());
-        let a = ip("192.0.2.1");
-        let _ = t.failure(&s, a, Some("alice"), 1);
-        let (_, first) = t.attempt(&s, a, Some("alice"), 2);
-        let (_, repeat) = t.attempt(&s, a, Some("alice"), 2);
-        let (_, other) = t.attempt(&s, a, Some("bob"), 3);
-        // In flight, alice's attempts count: 1, 2 (its repeat not), 4 and 5 reach her limit of
-        // four, and the address has seen five failures, bob's among them.
-        let (decision, fourth) = t.attempt(&s, a, Some("alice"), 4);
-        assert_eq!(decision, Decision::Allow { delay: penalty(&s, 3) });
-        let (_, fifth) = t.attempt(&s, a, Some("alice"), 5);
-        assert!(matches!(t.attempt(&s, a, Some("alice"), 6), (Decision::Blocked, None)));
-        let _ = (first, repeat, other, fourth, fifth);
-        drop(t);
-        let (t, s) = (Throttle::default(), settings());
-        let _ = t.failure(&s, a, Some("alice"), 1);
-        let (_, first2) = t.attempt(&s, a, Some("alice"), 2);
-        let (_, other2) = t.attempt(&s, a, Some("bob"), 3);
-        for charge in [first2, other2].into_iter().flatten() {
-            t.refund(charge);
-        }
-        // Only the failure before them is left: one for alice, one for the address.
-        assert_eq!(t.check(&s, a, Some("alice")), Decision::Allow { delay: Duration::ZERO });
-        let table = t.table.lock().unwrap();
-        assert_eq!(table[&Key::User("alice".into())].failures, 1);
-        assert_eq!(table[&Key::Ip(a)].failures, 1);
-        assert!(!table.contains_key(&Key::User("bob".into())));
     }
 
     #[tokio::test(start_paused = true)]

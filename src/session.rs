@@ -630,27 +630,19 @@ async fn login(
     let hints = front.hints();
     let throttle_user = rt.config.users.canonical(&creds.user);
     let ip = ctx.peer.ip();
-    let s = &rt.config.throttle;
-    // Counted as a failure until it turns out otherwise, so that attempts made in parallel over
-    // many connections see each other (reliability case 55); taken back if the client goes
-    // before the verdict.
-    let fingerprint = attempt_fingerprint(mechanism, &creds, tls.as_ref());
-    let (decision, charge) = ctx.throttle.attempt(s, ip, throttle_user.as_deref(), fingerprint);
-    let Some(charge) = charge else { return Err(LoginError::Throttled { user: throttle_user }) };
-    let mut pending = PendingCharge { throttle: &ctx.throttle, charge: Some(charge) };
-    if let crate::limits::Decision::Allow { delay } = decision
-        && !delay.is_zero()
-    {
-        tracing::debug!(session = %ctx.id, delay = ?delay, "login penalty");
-        tokio::time::sleep(delay).await;
+    match ctx.throttle.check(&rt.config.throttle, ip, throttle_user.as_deref()) {
+        crate::limits::Decision::Blocked => return Err(LoginError::Throttled { user: throttle_user }),
+        crate::limits::Decision::Allow { delay } if !delay.is_zero() => {
+            tracing::debug!(session = %ctx.id, delay = ?delay, "login penalty");
+            tokio::time::sleep(delay).await;
+        }
+        crate::limits::Decision::Allow { .. } => {}
     }
+    let fingerprint = attempt_fingerprint(mechanism, &creds, tls.as_ref());
     let result = login_inner(ctx, mechanism, creds, attempt, tls, hints).await;
-    let charge = pending.charge.take();
+    let s = &rt.config.throttle;
     match &result {
         Ok((_, user, _, _, _)) => {
-            if let Some(charge) = charge {
-                ctx.throttle.refund(charge);
-            }
             ctx.throttle.success(s, ip, user);
             // Failures were counted under the name the client gave; an auth service may have
             // answered with another (Auth-User).
@@ -659,35 +651,11 @@ async fn login(
             }
         }
         Err(LoginError::Bad { user, .. } | LoginError::Denied { user, .. }) => {
-            // Counted under the name the login resolved to, where that is another.
-            if let Some(user) = user.as_deref().filter(|u| Some(*u) != throttle_user.as_deref())
-                && let Some(charge) = charge
-            {
-                ctx.throttle.refund(charge);
-                ctx.throttle.failure(s, ip, Some(user), fingerprint);
-            }
+            ctx.throttle.failure(s, ip, user.as_deref().or(throttle_user.as_deref()), fingerprint)
         }
-        Err(_) => {
-            if let Some(charge) = charge {
-                ctx.throttle.refund(charge);
-            }
-        }
+        Err(_) => {}
     }
     result
-}
-
-/// A login counted as a failed one before its outcome: taken back if dropped unsettled.
-struct PendingCharge<'a> {
-    throttle: &'a crate::limits::Throttle,
-    charge: Option<crate::limits::Charge>,
-}
-
-impl Drop for PendingCharge<'_> {
-    fn drop(&mut self) {
-        if let Some(charge) = self.charge.take() {
-            self.throttle.refund(charge);
-        }
-    }
 }
 
 #[allow(clippy::type_complexity)]

@@ -104,8 +104,6 @@ pub enum Behaviour {
     DieAfterLogin,
     /// Rejects every login with NO.
     RejectLogin,
-    /// Rejects every login with NO after 300 ms (a slow password check).
-    SlowRejectLogin,
     /// Greets with PREAUTH (reliability case 13).
     Preauth,
     /// POP3: Dovecot-like, announces XCLIENT, accepts any USER/PASS or AUTH.
@@ -291,10 +289,6 @@ async fn serve(
         let reply = if upper.contains(" LOGIN ") || upper.contains(" AUTHENTICATE ") {
             match behaviour {
                 Behaviour::RejectLogin => format!("{tag} NO [AUTHENTICATIONFAILED] Authentication failed.\r\n"),
-                Behaviour::SlowRejectLogin => {
-                    tokio::time::sleep(Duration::from_millis(300)).await;
-                    format!("{tag} NO [AUTHENTICATIONFAILED] Authentication failed.\r\n")
-                }
                 Behaviour::UnsolicitedAfterLogin => {
                     logged_in = true;
                     format!("{tag} OK Logged in\r\n* 3 EXISTS\r\n")
