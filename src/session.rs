@@ -582,8 +582,9 @@ enum LoginError {
     /// The backend refused the client's own EHLO name, for now or for good: not the user's
     /// credentials nor the backend's health.
     ClientRefused { temporary: bool },
-    /// The backend refused credentials the proxy (its users file or the auth service) had
-    /// verified: the two disagree (a stale users file, a wrong master password). Not a guess,
+    /// The backend refused credentials the proxy had verified (its users file, an auth service
+    /// that sent the password to use, or a master or XCLIENT login, where the client's password
+    /// never reaches the backend): the two disagree (a stale users file, a wrong master password). Not a guess,
     /// so neither logged for fail2ban nor throttled, which would ban a whole office behind one
     /// address for the proxy's configuration; nor counted against the backend, since one user
     /// out of step could then mark it down for everyone.
@@ -670,7 +671,10 @@ async fn login_inner(
     let rt = &ctx.runtime;
     let limits = &rt.config.limits;
     let protocol = ctx.listener.protocol;
-    let (user, target, deferred, creds) = match &rt.auth_http {
+    // `unchecked`: an auth service answered OK without an Auth-Pass of its own, so the client's
+    // password goes to the backend, and the service may only route (nginx and Angie document
+    // that use): the backend's refusal of it may be a guess like any other.
+    let (user, target, deferred, creds, unchecked) = match &rt.auth_http {
         Some(service) => {
             let Some(user) = rt.config.users.canonical(&creds.user) else {
                 return Err(LoginError::Bad { user: None, reason: "malformed" });
@@ -711,11 +715,12 @@ async fn login_inner(
                         })?,
                         None => user,
                     };
+                    let unchecked = pass.is_none();
                     let creds = Credentials {
                         user: new_user.unwrap_or(creds.user),
                         password: pass.map(crate::auth::Password::new).unwrap_or(creds.password),
                     };
-                    (user, target, false, creds)
+                    (user, target, false, creds, unchecked)
                 }
             }
         }
@@ -738,7 +743,7 @@ async fn login_inner(
                 tracing::warn!(session = %ctx.id, user = %logging::safe_user(Some(&user)), "no route for user");
                 return Err(LoginError::Unavailable("backend_unavailable"));
             };
-            (user, target, deferred, creds)
+            (user, target, deferred, creds, false)
         }
     };
     // Where the backend has yet to verify the password, the slot is taken only once it has:
@@ -820,6 +825,10 @@ async fn login_inner(
                 }
                 Err(BackendError::Rejected) if deferred => {
                     return Err(LoginError::Bad { user: Some(user), reason: "bad_credentials" });
+                }
+                // The client's own password, which only the backend checked: maybe a guess.
+                Err(BackendError::Rejected) if unchecked && backend.login == crate::config::BackendLogin::Replay => {
+                    return Err(LoginError::Bad { user: Some(user), reason: "backend_rejected" });
                 }
                 Err(BackendError::Rejected) => return Err(LoginError::BackendRejected { user }),
                 Err(BackendError::InUse) => {

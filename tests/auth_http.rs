@@ -353,3 +353,44 @@ async fn ehlo_shows_what_a_backend_named_by_address_offers() {
         ]
     );
 }
+
+/// A service that only routes (OK without Auth-Pass, as nginx and Angie document) leaves the
+/// password to the backend: its refusals are guesses, throttled like any wrong password. One
+/// that sends the password to use has checked the client's: the backend's refusal is then the
+/// two disagreeing, not a guess, and not throttled.
+#[tokio::test]
+async fn backend_refusals_after_a_routing_only_service_are_throttled() {
+    let rejecting = FakeBackend::start(Behaviour::RejectLogin).await;
+    let port = rejecting.addr.port();
+    for (with_pass, throttled_after) in [(false, Some(2)), (true, None)] {
+        let (auth, _) = auth_service(Arc::new(move |_: &str, _: &str, _: u32| {
+            let mut h = vec![
+                ("Auth-Status".to_string(), "OK".to_string()),
+                ("Auth-Server".to_string(), "127.0.0.1".to_string()),
+                ("Auth-Port".to_string(), port.to_string()),
+            ];
+            if with_pass {
+                h.push(("Auth-Pass".to_string(), "service-chosen".to_string()));
+            }
+            h
+        }))
+        .await;
+        let cfg = config(auth, rejecting.addr, "").replace(
+            "[limits]",
+            "[throttle]\npenalty_after = 100\nblock_after = 2\nuser_block_after = 100\n\n[limits]",
+        );
+        let proxy = Proxy::start(&cfg, "").await;
+        for i in 0..4 {
+            let mut c = Client::connect(proxy.addr("plain")).await;
+            c.line().await;
+            c.send(format!("a LOGIN someone@example.test guess{i}\r\n").as_bytes()).await;
+            let line = c.line().await;
+            let expected = if throttled_after.is_some_and(|n| i >= n) {
+                "a NO [UNAVAILABLE] Too many login failures"
+            } else {
+                "a NO [AUTHENTICATIONFAILED]"
+            };
+            assert!(line.starts_with(expected), "Auth-Pass {with_pass}, attempt {i}: {line}");
+        }
+    }
+}

@@ -433,7 +433,8 @@ async fn a_restarting_backend_is_tried_again_within_the_connect_timeout() {
         let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         l.local_addr().unwrap()
     };
-    let config = plain_config(port, "").replace("backend_connect_timeout = \"500ms\"", "backend_connect_timeout = \"6s\"");
+    let config =
+        plain_config(port, "").replace("backend_connect_timeout = \"500ms\"", "backend_connect_timeout = \"6s\"");
     assert!(config.contains("backend_connect_timeout = \"6s\""));
     let proxy = Proxy::start(&config, USERS).await;
     let mut c = greeted(&proxy).await;
