@@ -494,7 +494,10 @@ async fn preauth(ctx: &SessionCtx, tcp: TcpStream, deadline: Instant) -> Result<
                             login_failed(user.as_deref(), "denied");
                             // nginx semantics: with Auth-Wait, wait and let the client retry;
                             // without, answer and close.
-                            let failure = LoginFailure::Message { text, smtp_code: code, temporary: wait.is_some() };
+                            // Not temporary for a wait: nginx documents "Invalid login or
+                            // password" with Auth-Wait, and a client told [UNAVAILABLE] or
+                            // [SYS/TEMP] retries the same password instead of asking the user.
+                            let failure = LoginFailure::Message { text, smtp_code: code, temporary: false };
                             (failure, true, wait.map(|w| (Instant::now() + w).min(deadline)), wait.is_none())
                         }
                     };

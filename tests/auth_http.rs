@@ -189,8 +189,9 @@ async fn failure_text_is_shown_and_without_auth_wait_the_connection_closes() {
 
 #[tokio::test]
 async fn pop3_refusals_carry_a_response_code_and_nothing_follows_the_last() {
-    // CAPA announces AUTH-RESP-CODE: a refusal says [AUTH], a refusal with Auth-Wait says
-    // [SYS/TEMP]. After the last refusal the connection closes without an unsolicited reply.
+    // CAPA announces AUTH-RESP-CODE: a refusal says [AUTH], with Auth-Wait too (nginx documents
+    // "Invalid login or password" with a wait; [SYS/TEMP] would have the client retry the same
+    // password). After the last refusal the connection closes without an unsolicited reply.
     let pooled = FakeBackend::start(Behaviour::Normal).await;
     let (auth, _) = auth_service(answers(1)).await;
     let cfg = config(auth, pooled.addr, "").replace("protocol = \"imap\"", "protocol = \"pop3\"");
@@ -199,7 +200,7 @@ async fn pop3_refusals_carry_a_response_code_and_nothing_follows_the_last() {
     c.line().await;
     c.send(b"USER slow@example.test\r\nPASS x\r\n").await;
     assert_eq!(c.line().await, "+OK\r\n");
-    assert_eq!(c.line().await, "-ERR [SYS/TEMP] Try again later, please\r\n");
+    assert_eq!(c.line().await, "-ERR [AUTH] Try again later, please\r\n");
     c.send(b"USER who@example.test\r\nPASS nope\r\nNOOP\r\n").await;
     assert_eq!(c.line().await, "+OK\r\n");
     assert_eq!(c.line().await, "-ERR [AUTH] Invalid login or password\r\n");
@@ -215,10 +216,10 @@ async fn auth_wait_delays_and_lets_the_client_retry() {
     c.line().await;
     let start = tokio::time::Instant::now();
     c.send(b"a LOGIN slow@example.test x\r\n").await;
-    assert_eq!(c.line().await, "a NO [UNAVAILABLE] Try again later, please\r\n");
+    assert_eq!(c.line().await, "a NO Try again later, please\r\n");
     assert!(start.elapsed() >= std::time::Duration::from_millis(950));
     c.send(b"b LOGIN slow@example.test y\r\n").await;
-    assert_eq!(c.line().await, "b NO [UNAVAILABLE] Try again later, please\r\n");
+    assert_eq!(c.line().await, "b NO Try again later, please\r\n");
     assert_eq!(seen.lock().unwrap()[1]["auth-login-attempt"], "2");
 }
 
