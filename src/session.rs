@@ -780,7 +780,7 @@ async fn login_inner(
     // Reliability case 64: a backend that refuses the connection (RST: restarting, say) is
     // tried again every second until backend_connect_timeout has passed since the first try,
     // as Dovecot's proxy does, instead of failing the login at once; counted against its
-    // health once, on the first try. Other failures are not retried.
+    // health once, when the retries end. Other failures are not retried.
     let retry_until = Instant::now() + limits.backend_connect_timeout;
     let mut candidates: Vec<&Arc<Backend>> = plan.candidates.iter().collect();
     let mut round = 0;
@@ -858,18 +858,24 @@ async fn login_inner(
                     tracing::warn!(session = %ctx.id, backend = %backend.name, route = %plan.target, reason = e.reason(), "backend refused the login for now");
                 }
                 Err(e) => {
-                    // Reliability cases 64-66: count it against the backend, try the next one.
-                    if round == 0 {
-                        ctx.health.failure(backend, Source::Session, backend.health.fall, e.reason());
-                        tracing::warn!(session = %ctx.id, backend = %backend.name, route = %plan.target, reason = e.reason(), error = %e, "backend login failed");
-                    }
+                    // Reliability cases 64-66: count it against the backend, try the next one. A
+                    // refused connection counts only if it is still refused when the retries
+                    // end: logins that wait out a restart must not mark the backend down (and
+                    // so fail the logins after them at once).
                     if matches!(&e, BackendError::Connect(io) if io.kind() == std::io::ErrorKind::ConnectionRefused) {
                         refused.push(backend);
+                    } else if round == 0 {
+                        ctx.health.failure(backend, Source::Session, backend.health.fall, e.reason());
+                        tracing::warn!(session = %ctx.id, backend = %backend.name, route = %plan.target, reason = e.reason(), error = %e, "backend login failed");
                     }
                 }
             }
         }
         if refused.is_empty() || Instant::now() + BACKEND_RETRY > retry_until {
+            for backend in refused {
+                ctx.health.failure(backend, Source::Session, backend.health.fall, "connect");
+                tracing::warn!(session = %ctx.id, backend = %backend.name, route = %plan.target, "backend login failed: connection refused");
+            }
             break;
         }
         tokio::time::sleep(BACKEND_RETRY).await;

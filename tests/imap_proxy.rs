@@ -436,15 +436,29 @@ async fn a_restarting_backend_is_tried_again_within_the_connect_timeout() {
     let config =
         plain_config(port, "").replace("backend_connect_timeout = \"500ms\"", "backend_connect_timeout = \"6s\"");
     assert!(config.contains("backend_connect_timeout = \"6s\""));
+    // With active checks, so that a backend marked down fails logins at once.
+    let config = config.replace("health = { enabled = false }", "health = { enabled = true, interval = \"60s\" }");
+    assert!(config.contains("interval = \"60s\""));
     let proxy = Proxy::start(&config, USERS).await;
-    let mut c = greeted(&proxy).await;
+    // More logins at once than the backend's `fall` (3): waiting out a restart, they must not
+    // mark it down and fail each other.
+    let mut clients = Vec::new();
+    for _ in 0..4 {
+        clients.push(greeted(&proxy).await);
+    }
     let start = tokio::time::Instant::now();
-    c.send(b"a LOGIN alice@example.test secret\r\n").await;
+    for c in &mut clients {
+        c.send(b"a LOGIN alice@example.test secret\r\n").await;
+    }
     tokio::time::sleep(Duration::from_millis(1500)).await;
     let backend = FakeBackend::start_on(port, Behaviour::Normal).await;
-    assert!(c.until_tagged("a").await.last().unwrap().starts_with("a OK"));
+    for c in &mut clients {
+        let reply = c.until_tagged("a").await;
+        assert!(reply.last().unwrap().starts_with("a OK"), "{reply:?}");
+    }
     assert!(start.elapsed() >= Duration::from_millis(1500) && start.elapsed() < Duration::from_secs(4));
-    assert_eq!(backend.connections(), 1);
+    assert_eq!(backend.connections(), 4);
+    assert!(proxy.app.health().is_up("fake"));
 }
 
 #[tokio::test]
