@@ -73,7 +73,7 @@ impl std::fmt::Debug for Query<'_> {
 }
 
 /// The service's decision.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Clone, PartialEq, Eq)]
 pub enum Answer {
     Ok {
         /// An address, a host name, or the name of a configured pool or backend.
@@ -91,6 +91,29 @@ pub enum Answer {
         wait: Option<Duration>,
         error_code: Option<String>,
     },
+}
+
+/// `Auth-Pass` is a password: never shown.
+impl std::fmt::Debug for Answer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Answer::Ok { server, port, user, pass, transport, client_address } => f
+                .debug_struct("Ok")
+                .field("server", server)
+                .field("port", port)
+                .field("user", user)
+                .field("pass", &pass.as_ref().map(|_| "<redacted>"))
+                .field("transport", transport)
+                .field("client_address", client_address)
+                .finish(),
+            Answer::Fail { message, wait, error_code } => f
+                .debug_struct("Fail")
+                .field("message", message)
+                .field("wait", wait)
+                .field("error_code", error_code)
+                .finish(),
+        }
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -386,6 +409,20 @@ fn client_text(s: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn debug_output_hides_auth_pass() {
+        let answer = Answer::Ok {
+            server: "pool".into(),
+            port: None,
+            user: None,
+            pass: Some(b"hunter2".to_vec()),
+            transport: None,
+            client_address: None,
+        };
+        let shown = format!("{answer:?}");
+        assert!(!shown.contains("hunter2") && shown.contains("<redacted>"), "{shown}");
+    }
 
     fn query(protocol: Protocol) -> Query<'static> {
         Query {

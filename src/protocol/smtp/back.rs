@@ -92,20 +92,27 @@ pub async fn connect_and_login(
         }
         cmd.push_str("\r\n");
         stream.write_all(cmd.as_bytes()).await?;
-        match read_reply(&mut stream, &mut lines).await?.0 {
+        let (code, text) = read_reply(&mut stream, &mut lines).await?;
+        match code {
             220 => {}
             421 => return Err(BackendError::Refused),
-            // A syntax refusal with the client's own HELO name in it (Exim checks it, Postfix
-            // with a stricter limit) is the client's, as for the replayed EHLO below.
-            501 if cmd.contains(" HELO=") => return Err(BackendError::ClientRefused { temporary: false }),
+            // A syntax refusal of the client's own HELO name (Postfix: "501 5.5.4 Bad HELO
+            // syntax") is the client's, as for the replayed EHLO below; other 501s are the
+            // proxy's XCLIENT (its configuration), which counts against the backend.
+            501 if cmd.contains(" HELO=") && text.iter().any(|t| t.to_ascii_uppercase().contains("HELO")) => {
+                return Err(BackendError::ClientRefused { temporary: false });
+            }
             _ => return Err(BackendError::Protocol("backend rejected XCLIENT")),
         }
         // XCLIENT starts a new SMTP session: replay the client's greeting command. The backend
         // took ours, so a refusal now is of the client's name (Exim's syntax check, Postfix with
         // smtpd_delay_reject = no): the client's failure, not the backend's.
         let helo = client.helo.as_deref().unwrap_or(hostname);
-        match send_ehlo(&mut stream, &mut lines, helo, client.esmtp).await?.0 {
-            250 => {}
+        let (code, replayed) = send_ehlo(&mut stream, &mut lines, helo, client.esmtp).await?;
+        match code {
+            // What the backend offers the client's session now (AUTH may differ by address:
+            // Postfix's smtpd_sasl_exceptions_networks).
+            250 => exts = replayed,
             421 => return Err(BackendError::Refused),
             code @ 400..=599 if client.helo.is_some() => {
                 return Err(BackendError::ClientRefused { temporary: code < 500 });
