@@ -785,7 +785,7 @@ async fn login_inner(
     let mut candidates: Vec<&Arc<Backend>> = plan.candidates.iter().collect();
     let mut round = 0;
     loop {
-        let mut refused = Vec::new();
+        let mut refused: Vec<&Arc<Backend>> = Vec::new();
         for backend in candidates {
             if !target.failover() && backend.health.enabled && !ctx.health.is_up(&backend.name) {
                 // The user's mailbox lives only there and it is down: fail fast. Only where active
@@ -813,6 +813,12 @@ async fn login_inner(
             }
             match result {
                 Ok(logged_in) => {
+                    // Others refused while this one took the session: no restart to wait out
+                    // there, they count against their health now (reliability case 65).
+                    for other in &refused {
+                        let other: &Backend = other;
+                        ctx.health.failure(other, Source::Session, other.health.fall, "connect");
+                    }
                     ctx.health.success(backend, Source::Session, backend.health.rise);
                     let guard = ctx.health.session(backend);
                     let user_slot = match user_slot {
