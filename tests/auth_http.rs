@@ -331,10 +331,7 @@ async fn ehlo_shows_what_a_backend_named_by_address_offers() {
         let mut c = Client::connect(proxy_addr).await;
         assert!(c.line().await.starts_with("220 "));
         c.send(b"EHLO client.example\r\n").await;
-        let mut lines = vec![c.line().await];
-        while lines.last().unwrap().as_bytes()[3] == b'-' {
-            lines.push(c.line().await);
-        }
+        let lines = c.smtp_reply().await;
         (c, lines)
     };
     let (mut c, before) = ehlo(proxy.addr("plain")).await;
@@ -343,16 +340,7 @@ async fn ehlo_shows_what_a_backend_named_by_address_offers() {
     c.send(b"AUTH PLAIN AGRpcmVjdEBleGFtcGxlLnRlc3QAcHc=\r\n").await;
     assert_eq!(c.line().await, "235 2.7.0 Authentication successful\r\n");
     let (_c, after) = ehlo(proxy.addr("plain")).await;
-    assert_eq!(
-        after[1..],
-        [
-            "250-AUTH PLAIN LOGIN\r\n",
-            "250-PIPELINING\r\n",
-            "250-SIZE 10240000\r\n",
-            "250-ENHANCEDSTATUSCODES\r\n",
-            "250 8BITMIME\r\n"
-        ]
-    );
+    assert_eq!(after[1..], EHLO_WITH_FAKE_SMTP);
 }
 
 /// A service that only routes (OK without Auth-Pass, as nginx and Angie document) leaves the

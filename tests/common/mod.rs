@@ -93,6 +93,16 @@ default = "fake"
 
 pub const USERS: &str = "alice@example.test:{PLAIN}secret\nweird@example.test:{PLAIN}a \"q\" \\b\\ c\n";
 
+/// The proxy's EHLO reply after its own name, once it has learned a `Behaviour::Smtp` fake's
+/// extensions: its own AUTH, then the fake's that pass through (never its VRFY, AUTH or XCLIENT).
+pub const EHLO_WITH_FAKE_SMTP: [&str; 5] = [
+    "250-AUTH PLAIN LOGIN\r\n",
+    "250-PIPELINING\r\n",
+    "250-SIZE 10240000\r\n",
+    "250-ENHANCEDSTATUSCODES\r\n",
+    "250 8BITMIME\r\n",
+];
+
 /// What a fake backend does.
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 pub enum Behaviour {
@@ -536,6 +546,20 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Client<S> {
             let done = l.starts_with(&format!("{tag} "));
             out.push(l);
             if done {
+                return out;
+            }
+        }
+    }
+
+    /// The lines of one SMTP reply, multi-line or not.
+    pub async fn smtp_reply(&mut self) -> Vec<String> {
+        let mut out = Vec::new();
+        loop {
+            let l = self.line().await;
+            assert!(l.len() >= 4, "short reply {l:?} after {out:?}");
+            let last = l.as_bytes()[3] == b' ';
+            out.push(l);
+            if last {
                 return out;
             }
         }
