@@ -783,7 +783,6 @@ async fn login_inner(
     // health once, when the retries end. Other failures are not retried.
     let retry_until = Instant::now() + limits.backend_connect_timeout;
     let mut candidates: Vec<&Arc<Backend>> = plan.candidates.iter().collect();
-    let mut round = 0;
     loop {
         let mut refused: Vec<&Arc<Backend>> = Vec::new();
         for backend in candidates {
@@ -867,10 +866,12 @@ async fn login_inner(
                     // Reliability cases 64-66: count it against the backend, try the next one. A
                     // refused connection counts only if it is still refused when the retries
                     // end: logins that wait out a restart must not mark the backend down (and
-                    // so fail the logins after them at once).
+                    // so fail the logins after them at once). Any other failure counts, also in
+                    // a later round (a backend back on its port that cannot log in yet): the
+                    // refusals before it were not counted.
                     if matches!(&e, BackendError::Connect(io) if io.kind() == std::io::ErrorKind::ConnectionRefused) {
                         refused.push(backend);
-                    } else if round == 0 {
+                    } else {
                         ctx.health.failure(backend, Source::Session, backend.health.fall, e.reason());
                         tracing::warn!(session = %ctx.id, backend = %backend.name, route = %plan.target, reason = e.reason(), error = %e, "backend login failed");
                     }
@@ -886,7 +887,6 @@ async fn login_inner(
         }
         tokio::time::sleep(BACKEND_RETRY).await;
         candidates = refused;
-        round += 1;
     }
     Err(LoginError::Unavailable("backend_unavailable"))
 }

@@ -461,6 +461,29 @@ async fn a_restarting_backend_is_tried_again_within_the_connect_timeout() {
     assert!(proxy.app.health().is_up("fake"));
 }
 
+/// A backend that refused connections and is back on its port but cannot log anyone in yet
+/// (hangs after its greeting) has that failure counted against its health: the refusals
+/// before it were not, so nothing else would be.
+#[tokio::test]
+async fn a_failure_after_the_connect_retries_counts_against_the_backend() {
+    let port = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap()
+    };
+    let config =
+        plain_config(port, "").replace("backend_connect_timeout = \"500ms\"", "backend_connect_timeout = \"6s\"");
+    let config = config.replace("health = { enabled = false }", "health = { enabled = false, fall = 1 }");
+    assert!(config.contains("fall = 1") && config.contains("\"6s\""));
+    let proxy = Proxy::start(&config, USERS).await;
+    let mut c = greeted(&proxy).await;
+    c.send(b"a LOGIN alice@example.test secret\r\n").await;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let backend = FakeBackend::start_on(port, Behaviour::HangAfterGreeting).await;
+    assert_eq!(c.line().await, "a NO [UNAVAILABLE] Server unavailable, try again later.\r\n");
+    assert_eq!(backend.connections(), 1);
+    assert!(!proxy.app.health().is_up("fake"));
+}
+
 #[tokio::test]
 async fn backend_hanging_after_greeting_gives_unavailable() {
     // Reliability case 66.
