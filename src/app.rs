@@ -368,7 +368,7 @@ impl App {
             _ => None,
         };
         let stop_admin = runtime.config.admin.is_none();
-        let kept = crate::tls::certs::CertStore::kept(&maps).join("; ");
+        let kept = maps.kept().join("; ");
         self.tls.certs.install(maps);
         // Before the new config runs, so its first sessions count on the entries it will keep.
         self.health.sync(runtime.config.backends.values().map(|b| &**b));

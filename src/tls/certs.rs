@@ -57,6 +57,14 @@ pub struct CertMaps {
     kept: Vec<String>,
 }
 
+impl CertMaps {
+    /// Why pairs that no longer load kept their previous certificate (empty when every pair
+    /// loaded).
+    pub fn kept(&self) -> &[String] {
+        &self.kept
+    }
+}
+
 /// The certificates served for one name: one per key type, in config order (`usable` prefers).
 type Served = Vec<Arc<CertifiedKey>>;
 
@@ -106,12 +114,6 @@ impl CertStore {
     pub fn prepare(&self, settings: &TlsSettings) -> Result<CertMaps, CertError> {
         let current = self.maps.load();
         build(settings, Some(&current))
-    }
-
-    /// Why pairs that no longer load kept their previous certificate in `maps` (empty when
-    /// every pair loaded).
-    pub fn kept(maps: &CertMaps) -> &[String] {
-        &maps.kept
     }
 
     pub fn install(&self, maps: CertMaps) {
