@@ -51,8 +51,10 @@ struct Args {
     tls: bool,
     #[arg(long, default_value = "localhost")]
     sni: String,
-    #[arg(long, default_value_t = 16)]
-    concurrency: usize,
+    /// Concurrent sessions: login and submit workers, or idle sessions being opened at once
+    /// (default 16; fetch: 1, its figure is one session's).
+    #[arg(long)]
+    concurrency: Option<usize>,
     /// Seconds each run lasts (login, submit and fetch modes).
     #[arg(long, default_value_t = 10.0)]
     duration: f64,
@@ -71,6 +73,9 @@ struct Args {
     /// Fetch mode: the UID to fetch.
     #[arg(long, default_value_t = 1)]
     message_uid: u32,
+    /// Fetch mode: the message's size in bytes; a FETCH that returns another size is an error.
+    #[arg(long)]
+    expect_size: Option<usize>,
     /// Submit mode: message size in bytes.
     #[arg(long, default_value_t = 10240)]
     message_size: usize,
@@ -95,6 +100,44 @@ struct Args {
     /// The client certificate's private key (PEM).
     #[arg(long, requires = "client_cert")]
     client_key: Option<std::path::PathBuf>,
+}
+
+impl Args {
+    fn concurrency(&self) -> usize {
+        self.concurrency.unwrap_or(if self.mode == Mode::Fetch { 1 } else { 16 })
+    }
+
+    /// What the arguments cannot mean (a division by zero users, a negative duration).
+    fn invalid(&self) -> Option<&'static str> {
+        let seconds = |s: f64| s.is_finite() && s >= 0.0;
+        if self.users == 0 {
+            Some("--users must be at least 1")
+        } else if self.concurrency == Some(0) {
+            Some("--concurrency must be at least 1")
+        } else if !seconds(self.duration) || self.duration == 0.0 {
+            Some("--duration must be a positive number of seconds")
+        } else if !seconds(self.hold) {
+            Some("--hold must be a number of seconds, 0 or more")
+        } else {
+            None
+        }
+    }
+}
+
+/// How long one step (connect, handshake, reading a reply, writing) may take before the session
+/// counts as an error: a server that stalls must not hold a worker, and with it the run's
+/// result, forever.
+const STEP_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// `f` within `STEP_TIMEOUT`; its error, or the timeout, described with `what`.
+async fn step<T, E: std::fmt::Display>(
+    what: &str,
+    f: impl std::future::Future<Output = Result<T, E>>,
+) -> Result<T, String> {
+    match tokio::time::timeout(STEP_TIMEOUT, f).await {
+        Ok(r) => r.map_err(|e| format!("{what}: {e}")),
+        Err(_) => Err(format!("{what}: nothing for {} s", STEP_TIMEOUT.as_secs())),
+    }
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum, PartialEq, Eq)]
@@ -125,6 +168,10 @@ struct Tally {
 async fn main() {
     let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
     let args = Args::parse();
+    if let Some(problem) = args.invalid() {
+        eprintln!("mailbench: {problem}");
+        std::process::exit(2);
+    }
     if args.mode == Mode::StubBackend {
         let (Some(imap), Some(pop3)) = (&args.imap_listen, &args.pop3_listen) else {
             eprintln!("mailbench: stub-backend needs --imap-listen and --pop3-listen");
@@ -146,9 +193,7 @@ async fn main() {
     let started = Instant::now();
     let tally = match args.mode {
         Mode::Idle => idle(&args, &connector).await,
-        // One session unless more are asked for explicitly (the fetch figure is per session).
-        Mode::Fetch => run_workers(&args, &connector, args.concurrency.max(1)).await,
-        _ => run_workers(&args, &connector, args.concurrency).await,
+        _ => run_workers(&args, &connector, args.concurrency()).await,
     };
     let seconds = started.elapsed().as_secs_f64();
     let mut lat = tally.latencies_ms.clone();
@@ -156,6 +201,7 @@ async fn main() {
     let pct = |p: f64| (!lat.is_empty()).then(|| lat[((lat.len() as f64 - 1.0) * p).round() as usize]);
     let per_sec = matches!(args.mode, Mode::ImapLogin | Mode::Pop3Login | Mode::SmtpSubmit)
         .then(|| tally.sessions as f64 / seconds);
+    // MiB/s (2^20 bytes), as every fetch figure in docs/performance.md.
     let mb = (args.mode == Mode::Fetch).then(|| tally.bytes as f64 / 1_048_576.0 / seconds);
     if let Some(e) = &tally.first_error {
         eprintln!("first error: {e}");
@@ -164,7 +210,7 @@ async fn main() {
         "mode": args.mode.to_possible_value().map(|v| v.get_name().to_string()),
         "target": args.target,
         "tls": args.tls,
-        "concurrency": args.concurrency,
+        "concurrency": args.concurrency(),
         "sessions": tally.sessions,
         "errors": tally.errors,
         "seconds": seconds,
@@ -209,11 +255,11 @@ fn tls_connector(args: &Args) -> Result<tokio_rustls::TlsConnector, String> {
 }
 
 async fn connect(args: &Args, connector: &tokio_rustls::TlsConnector) -> Result<Conn, String> {
-    let tcp = TcpStream::connect(&args.target).await.map_err(|e| format!("connect: {e}"))?;
+    let tcp = step("connect", TcpStream::connect(&args.target)).await?;
     let _ = tcp.set_nodelay(true);
     let stream: Box<dyn Stream> = if args.tls {
         let name = rustls::pki_types::ServerName::try_from(args.sni.clone()).map_err(|e| e.to_string())?;
-        let tls = connector.connect(name, tcp).await.map_err(|e| format!("tls: {e}"))?;
+        let tls = step("tls", connector.connect(name, tcp)).await?;
         if let Some(suite) = tls.get_ref().1.negotiated_cipher_suite() {
             let _ = TLS_SUITE.set(format!("{:?}", suite.suite()));
         }
@@ -264,13 +310,20 @@ async fn run_workers(args: &Args, connector: &tokio_rustls::TlsConnector, worker
     }
     let mut total = Tally::default();
     for h in handles {
-        if let Ok(t) = h.await {
-            total.sessions += t.sessions;
-            total.errors += t.errors;
-            total.bytes += t.bytes;
-            total.latencies_ms.extend(t.latencies_ms);
-            if total.first_error.is_none() {
-                total.first_error = t.first_error;
+        match h.await {
+            Ok(t) => {
+                total.sessions += t.sessions;
+                total.errors += t.errors;
+                total.bytes += t.bytes;
+                total.latencies_ms.extend(t.latencies_ms);
+                if total.first_error.is_none() {
+                    total.first_error = t.first_error;
+                }
+            }
+            // A worker that panicked: what it counted is lost, so the run must not look clean.
+            Err(e) => {
+                total.errors += 1;
+                total.first_error.get_or_insert(format!("worker: {e}"));
             }
         }
     }
@@ -279,7 +332,7 @@ async fn run_workers(args: &Args, connector: &tokio_rustls::TlsConnector, worker
 
 async fn line(c: &mut Conn) -> Result<String, String> {
     let mut buf = Vec::new();
-    let n = c.read_until(b'\n', &mut buf).await.map_err(|e| format!("read: {e}"))?;
+    let n = step("read", c.read_until(b'\n', &mut buf)).await?;
     if n == 0 {
         return Err("connection closed".into());
     }
@@ -288,8 +341,11 @@ async fn line(c: &mut Conn) -> Result<String, String> {
 
 async fn send(c: &mut Conn, bytes: &[u8]) -> Result<(), String> {
     let s = c.get_mut();
-    s.write_all(bytes).await.map_err(|e| format!("write: {e}"))?;
-    s.flush().await.map_err(|e| format!("flush: {e}"))
+    step("write", async {
+        s.write_all(bytes).await?;
+        s.flush().await
+    })
+    .await
 }
 
 /// Read lines until one starts with `tag `; error unless it is OK.
@@ -320,8 +376,7 @@ async fn imap_open(args: &Args, connector: &tokio_rustls::TlsConnector, user: &s
 async fn imap_login(args: &Args, connector: &tokio_rustls::TlsConnector, user: &str) -> Result<(), String> {
     let mut c = imap_open(args, connector, user).await?;
     send(&mut c, b"b LOGOUT\r\n").await?;
-    let _ = tagged(&mut c, "b").await;
-    Ok(())
+    tagged(&mut c, "b").await.map(|_| ())
 }
 
 async fn pop3_login(args: &Args, connector: &tokio_rustls::TlsConnector, user: &str) -> Result<(), String> {
@@ -333,8 +388,7 @@ async fn pop3_login(args: &Args, connector: &tokio_rustls::TlsConnector, user: &
     send(&mut c, format!("PASS {}\r\n", args.password).as_bytes()).await?;
     expect_ok(line(&mut c).await?)?;
     send(&mut c, b"QUIT\r\n").await?;
-    let _ = line(&mut c).await;
-    Ok(())
+    expect_ok(line(&mut c).await?)
 }
 
 /// One SMTP reply; its code.
@@ -344,8 +398,13 @@ async fn smtp_reply(c: &mut Conn) -> Result<u16, String> {
         if l.len() < 4 {
             return Err(format!("smtp: short reply {l:?}"));
         }
-        if l.as_bytes()[3] != b'-' {
-            return l[..3].parse().map_err(|_| format!("smtp: {}", l.trim()));
+        let b = l.as_bytes();
+        if b[3] != b'-' {
+            // From the bytes: a garbled reply may have no character boundary at 3.
+            return std::str::from_utf8(&b[..3])
+                .ok()
+                .and_then(|code| code.parse().ok())
+                .ok_or_else(|| format!("smtp: {}", l.trim()));
         }
     }
 }
@@ -371,8 +430,7 @@ async fn smtp_submit(args: &Args, connector: &tokio_rustls::TlsConnector, user: 
     send(&mut c, &msg).await?;
     want(smtp_reply(&mut c).await?, 250, "end of data")?;
     send(&mut c, b"QUIT\r\n").await?;
-    let _ = smtp_reply(&mut c).await;
-    Ok(())
+    want(smtp_reply(&mut c).await?, 221, "QUIT")
 }
 
 /// One session fetching the message repeatedly until the deadline; bytes go into the tally.
@@ -392,29 +450,41 @@ async fn fetch(
         let tag = format!("f{i}");
         let started = Instant::now();
         send(&mut c, format!("{tag} UID FETCH {} BODY.PEEK[]\r\n", args.message_uid).as_bytes()).await?;
+        let mut got = None;
         loop {
             let l = line(&mut c).await?;
             if l.starts_with(&format!("{tag} ")) {
                 if !l[tag.len() + 1..].starts_with("OK") {
                     return Err(format!("fetch: {}", l.trim()));
                 }
-                break;
+                // An OK without the message (a wrong UID) moved nothing: not a fetch.
+                match (got, args.expect_size) {
+                    (None, _) => return Err("fetch: OK without the message's data".into()),
+                    (Some(n), Some(want)) if n != want => {
+                        return Err(format!("fetch: {n} bytes, the message has {want}"));
+                    }
+                    _ => break,
+                }
             }
             if let Some(n) = literal_len(&l) {
                 let mut left = n;
                 let mut buf = vec![0u8; 64 * 1024];
                 while left > 0 {
                     let k = left.min(buf.len());
-                    c.read_exact(&mut buf[..k]).await.map_err(|e| format!("literal: {e}"))?;
+                    step("literal", c.read_exact(&mut buf[..k])).await?;
                     left -= k;
                 }
                 t.bytes += n as u64;
+                got = Some(got.unwrap_or(0) + n);
             }
         }
         t.latencies_ms.push(started.elapsed().as_secs_f64() * 1000.0);
     }
+    if i == 0 {
+        return Err("fetch: the run ended before the first FETCH (login and SELECT took it all)".into());
+    }
     send(&mut c, b"z LOGOUT\r\n").await?;
-    Ok(())
+    tagged(&mut c, "z").await.map(|_| ())
 }
 
 fn literal_len(line: &str) -> Option<usize> {
@@ -426,7 +496,7 @@ fn literal_len(line: &str) -> Option<usize> {
 /// Hold `--sessions` logged-in IMAP sessions in IDLE; print READY, wait, log out.
 async fn idle(args: &Args, connector: &tokio_rustls::TlsConnector) -> Tally {
     let mut t = Tally::default();
-    let sem = Arc::new(tokio::sync::Semaphore::new(64));
+    let sem = Arc::new(tokio::sync::Semaphore::new(args.concurrency()));
     let mut handles = Vec::new();
     for i in 0..args.sessions {
         let (args, connector, sem) = (args.clone(), connector.clone(), sem.clone());
