@@ -844,3 +844,24 @@ async fn a_literal_followed_by_anything_but_space_or_crlf_is_bad() {
     assert_eq!(c.line().await, "b OK NOOP completed.\r\n");
     assert_eq!(backend.connections(), 0, "nothing reaches a backend");
 }
+
+/// A health check's test login is the proxy's own connection: it logs in, and tells no client
+/// address (an ID with 127.0.0.1 port 0 would be a made-up client's).
+#[tokio::test]
+async fn a_health_check_login_tells_no_client_address() {
+    let backend = FakeBackend::start(Behaviour::Normal).await;
+    let config = plain_config(backend.addr, "").replace(
+        "health = { enabled = false }",
+        "health = { enabled = true, interval = \"100ms\", login_user = \"probe@example.test\", login_password = \"pw\" }",
+    );
+    assert!(config.contains("login_user"));
+    let _proxy = Proxy::start(&config, USERS).await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    while backend.connections() == 0 || !backend.lines(0).iter().any(|l| l.contains("LOGIN")) {
+        assert!(tokio::time::Instant::now() < deadline, "no health check login");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let lines = backend.lines(0);
+    assert!(lines.iter().any(|l| l.contains("LOGIN \"probe@example.test\"")), "{lines:?}");
+    assert!(!lines.iter().any(|l| l.contains(" ID ")), "{lines:?}");
+}

@@ -268,3 +268,24 @@ async fn a_backend_that_is_not_pop3_or_fumbles_stls_gets_no_credentials() {
         assert_eq!(String::from_utf8_lossy(&seen.lock().unwrap()), sent, "{what:?}");
     }
 }
+
+/// A health check's test login is the proxy's own connection: no XCLIENT with a made-up client
+/// address (Dovecot refuses its port 0, so every check failed and the backend went down).
+#[tokio::test]
+async fn a_health_check_login_sends_no_xclient() {
+    let backend = FakeBackend::start(Behaviour::Pop3).await;
+    let config = protocol_config("pop3", backend.addr, "").replace(
+        "health = { enabled = false }",
+        "health = { enabled = true, interval = \"100ms\", login_user = \"probe@example.test\", login_password = \"pw\" }",
+    );
+    assert!(config.contains("login_user"));
+    let _proxy = Proxy::start(&config, USERS).await;
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(5);
+    while backend.connections() == 0 || !backend.lines(0).iter().any(|l| l.starts_with("PASS")) {
+        assert!(tokio::time::Instant::now() < deadline, "no health check login");
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    let lines = backend.lines(0);
+    assert!(lines.iter().any(|l| l.starts_with("USER probe@example.test")), "{lines:?}");
+    assert!(!lines.iter().any(|l| l.starts_with("XCLIENT")), "{lines:?}");
+}

@@ -204,3 +204,80 @@ max_connections = 1000
         m.logout()
     finally:
         pc.stop()
+
+
+def test_health_check_logins_pass_at_a_real_dovecot(tmp_path, dovecot):
+    """Health checks with a test login (`login_user`), IMAP and POP3, against Dovecot as the
+    proxy's sessions reach it (the client's address by ID and by XCLIENT): the check is the
+    proxy's own connection and tells no client address, so Dovecot takes it and both backends
+    stay up. A check that sent a client address of 127.0.0.1 port 0 had POP3's XCLIENT refused
+    ("Invalid parameters": Dovecot takes no port 0), and every check failed."""
+    from servers import metric_value, scrape_metrics, wait_for
+
+    imaps, pop3s, admin = free_port(), free_port(), free_port()
+    health = f"""[backend.health]
+interval = "300ms"
+timeout = "3s"
+rise = 1
+fall = 1
+login_user = "{DEMO[0]}"
+login_password = "{DEMO[1]}"
+"""
+    text = f"""
+[admin]
+bind = "127.0.0.1:{admin}"
+
+[tls]
+self_signed_names = ["localhost"]
+
+[[listener]]
+name = "imaps"
+bind = "127.0.0.1:{imaps}"
+protocol = "imap"
+tls = "implicit"
+
+[[listener]]
+name = "pop3s"
+bind = "127.0.0.1:{pop3s}"
+protocol = "pop3"
+tls = "implicit"
+
+[auth]
+source = "backend"
+
+[[backend]]
+name = "imap-checked"
+address = "127.0.0.1:{dovecot.imap_port}"
+client_address = "imap-id"
+{health}
+[[backend]]
+name = "pop3-checked"
+protocol = "pop3"
+address = "127.0.0.1:{dovecot.pop3_port}"
+client_address = "xclient"
+{health}
+[routing.imap]
+default = "imap-checked"
+
+[routing.pop3]
+default = "pop3-checked"
+"""
+    pc = Portcullis(str(tmp_path), text)
+    pc.start(wait_port=imaps, tls=True)
+    try:
+        def checked(backend):
+            page = scrape_metrics(admin)
+            ok = metric_value(page, f'portcullis_health_checks_total{{backend="{backend}",result="success"}}')
+            return ok is not None and ok >= 3 and page
+
+        for backend in ("imap-checked", "pop3-checked"):
+            page = wait_for(lambda: checked(backend), timeout=10)
+            assert page, (backend, scrape_metrics(admin), pc.log()[-3000:], dovecot.log()[-3000:])
+            failures = metric_value(page, f'portcullis_health_checks_total{{backend="{backend}",result="failure"}}')
+            assert not failures, (backend, failures, dovecot.log()[-3000:])
+            assert metric_value(page, f'portcullis_backend_up{{backend="{backend}"}}') == 1
+        # The checks logged in (Dovecot's own log), over IMAP and POP3.
+        services = {f.get("service") for f in dovecot.logins() if f.get("user") == DEMO[0]}
+        assert {"imap-login", "pop3-login"} <= services, services
+    finally:
+        pc.stop()

@@ -97,7 +97,8 @@ pub async fn connect_and_login(
         ClientAddress::ImapId | ClientAddress::ImapIdIfAnnounced => true,
         ClientAddress::Xclient | ClientAddress::ProxyV2 | ClientAddress::None => false,
     };
-    if send_id {
+    // A health check's login is the proxy's own connection: no client's address to tell.
+    if send_id && !client.probe {
         let mut cmd = b"P2 ID (".to_vec();
         let mut fields: Vec<(String, String)> = vec![
             ("x-originating-ip".into(), client.peer.ip().to_string()),

@@ -54,13 +54,13 @@ pub async fn connect_and_login(
     // algorithm until our delayed ACK (measured against Dovecot; docs/performance.md). Other
     // backends get one command at a time, as nginx sends them.
     let mut first = Batch::default();
-    let send_xclient = backend.client_address == ClientAddress::Xclient;
+    if backend.client_address == ClientAddress::Xclient && !xclient_offered {
+        return Err(BackendError::Protocol("backend does not offer XCLIENT (is the proxy in login_trusted_networks?)"));
+    }
+    // A health check's login is the proxy's own connection: there is no client address to tell
+    // (and Dovecot refuses the port 0 of a made-up one: every check would fail).
+    let send_xclient = backend.client_address == ClientAddress::Xclient && !client.probe;
     if send_xclient {
-        if !xclient_offered {
-            return Err(BackendError::Protocol(
-                "backend does not offer XCLIENT (is the proxy in login_trusted_networks?)",
-            ));
-        }
         let cmd = format!(
             "XCLIENT ADDR={} PORT={} SESSION={} TTL={PROXY_TTL}",
             client.peer.ip(),
