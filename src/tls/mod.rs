@@ -127,6 +127,12 @@ fn cipher_suites(names: &[String]) -> Vec<rustls::SupportedCipherSuite> {
 
 /// Sessions kept for resumption (TLS 1.2 session IDs and TLS 1.3 tickets), about 4,096 at once.
 const SESSION_CACHE_SIZE: usize = 4096;
+/// The most one stored session may take. A session is a few hundred bytes, plus the client's
+/// certificate chain on listeners that ask for one (a few KiB); rustls stores it before the
+/// proxy has checked that chain, so without a cap anyone could park 64 KiB handshake messages
+/// here, 4,096 times (reliability: bounded memory). A larger one is not stored: that client's
+/// next connection is a full handshake.
+const MAX_SESSION_BYTES: usize = 8 * 1024;
 
 /// The server's session store: two generations of hash maps, so storing, finding and taking a
 /// session are O(1). (rustls' `ServerSessionMemoryCache` finds the entry to remove with a linear
@@ -152,6 +158,9 @@ impl SessionCache {
 
 impl StoresServerSessions for SessionCache {
     fn put(&self, key: Vec<u8>, value: Vec<u8>) -> bool {
+        if key.len() + value.len() > MAX_SESSION_BYTES {
+            return false;
+        }
         let mut g = self.lock();
         let [newer, older] = &mut *g;
         if newer.len() >= self.per_generation && !newer.contains_key(&key) {
@@ -332,6 +341,17 @@ mod session_cache_tests {
         // A session from the older generation can still be taken.
         let oldest = kept[0];
         assert_eq!(c.take(&key(oldest)), Some(vec![oldest as u8]));
+    }
+
+    /// A session too large to keep (a client's padded certificate chain) is not stored, so the
+    /// cache holds at most capacity × 8 KiB whatever clients send.
+    #[test]
+    fn an_oversized_session_is_not_stored() {
+        let c = SessionCache::new(8);
+        assert!(!c.put(key(1), vec![0; 60 * 1024]));
+        assert_eq!(c.get(&key(1)), None);
+        assert!(c.put(key(2), vec![0; 4 * 1024]), "a session with a client's certificate chain fits");
+        assert!(c.get(&key(2)).is_some());
     }
 
     #[test]
