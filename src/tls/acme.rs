@@ -279,9 +279,11 @@ struct CertTask {
     certs: Arc<CertStore>,
     challenges: Arc<Challenges>,
     account: Arc<tokio::sync::Mutex<Option<Account>>>,
-    /// Taken for the whole of an order with tls-alpn-01: the challenge certificate is served
-    /// by name, so two orders for one name (an ECDSA and an RSA certificate) take turns. Shared
-    /// only by certificates with a name in common (`turn_groups`).
+    /// Taken for the whole of an order: two orders for one name (an ECDSA and an RSA
+    /// certificate) take turns. tls-alpn-01's challenge certificate is served by name, and a
+    /// dns-01 hook may replace the name's `_acme-challenge` record or remove all its values, so
+    /// at once they would spoil each other's validation (a failed validation counts against the
+    /// CA's limits). Shared only by certificates with a name in common (`turn_groups`).
     turns: Arc<tokio::sync::Mutex<()>>,
 }
 
@@ -473,12 +475,9 @@ impl CertTask {
                 continue;
             }
             let renewal = current.is_some();
-            let _turn = match self.settings.challenge {
-                AcmeChallenge::TlsAlpn01(_) => tokio::select! {
-                    _ = stop.cancelled() => return,
-                    turn = self.turns.lock() => Some(turn),
-                },
-                _ => None,
+            let _turn = tokio::select! {
+                _ = stop.cancelled() => return,
+                turn = self.turns.lock() => turn,
             };
             // Not dropped mid-way when the manager stops: the order notices and cleans up.
             let (result, told) = RETRY_AFTER
