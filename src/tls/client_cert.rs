@@ -328,7 +328,7 @@ impl ClientAuth {
     }
 
     /// Judge the certificate chain the client presented (`None`: it sent none).
-    pub fn check(&self, chain: Option<&[CertificateDer<'_>]>) -> CertCheck {
+    pub fn check<'c>(&self, chain: Option<&[CertificateDer<'c>]>) -> CertCheck {
         let Some((leaf, intermediates)) = chain.and_then(|c| c.split_first()) else {
             return match self.mode {
                 VerifyClient::On => CertCheck::Missing,
@@ -347,16 +347,14 @@ impl ClientAuth {
         // nginx's `ssl_verify_depth`: only the first `depth` certificates the client sent after
         // its own may link it to a CA. Clients send each issuer after what it issued (TLS 1.2
         // requires it); one that sends them out of order needs a larger depth.
-        let allowed = &intermediates[..intermediates.len().min(self.max_intermediates)];
+        let within_depth = &intermediates[..intermediates.len().min(self.max_intermediates)];
         let verdict = match &self.cas {
             Some(cas) => {
-                let with_below: Vec<CertificateDer<'_>>;
-                let allowed = if cas.below_root.is_empty() {
-                    allowed
-                } else {
-                    with_below = allowed.iter().chain(&cas.below_root).cloned().collect();
-                    &with_below[..]
+                // The CA file's own intermediates (below its roots) go with what the client sent.
+                let with_below = |sent: &[CertificateDer<'c>]| -> Vec<CertificateDer<'c>> {
+                    sent.iter().chain(&cas.below_root).cloned().collect()
                 };
+                let allowed = &with_below(within_depth)[..];
                 let now = UnixTime::now();
                 let (v, ca_until, some_out_of_date) = cas.at(i64::try_from(now.as_secs()).unwrap_or(i64::MAX));
                 let result = match &v {
@@ -381,8 +379,8 @@ impl ClientAuth {
                     // Linked to a CA only through more intermediates than the depth allows:
                     // OpenSSL's "chain too long", which not even `optional_no_ca` accepts.
                     Failure::Unknown(_)
-                        if allowed.len() < intermediates.len()
-                            && cas.all.verify_client_cert(leaf, intermediates, now).is_ok() =>
+                        if within_depth.len() < intermediates.len()
+                            && cas.all.verify_client_cert(leaf, &with_below(intermediates), now).is_ok() =>
                     {
                         Failure::Hard("certificate chain too long")
                     }
@@ -1180,6 +1178,37 @@ mod tests {
             at(VerifyClient::On, 1).check(Some(&chain[..1])),
             CertCheck::Refused("unable to get local issuer certificate")
         );
+    }
+
+    /// The depth check with an issuing CA in the CA file beside its root and CRLs (the CA is
+    /// then offered after the client's own intermediates, not an anchor): a chain that is too
+    /// long is still "chain too long" in every mode, never an unknown issuer that
+    /// `optional_no_ca` would let through.
+    #[test]
+    fn verify_depth_with_an_issuing_ca_in_the_ca_file() {
+        let root = ca("Example Root");
+        let issuing = sub_ca("Example Issuing CA", &root, Some(&[0x11]));
+        let second = sub_ca("Example Second Intermediate", &issuing, Some(&[0x12]));
+        let chain = [issued("erin", &second, -1, 30), second.der().clone()];
+        let dir = std::env::temp_dir().join(format!("portcullis-depth-crl-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("cas.pem"), format!("{}{}", root.pem(), issuing.pem())).unwrap();
+        let crls = [crl(&root, &[], 7), crl(&issuing, &[], 7), crl(&second, &[], 7)].concat();
+        std::fs::write(dir.join("crl.pem"), crls).unwrap();
+        for mode in [VerifyClient::On, VerifyClient::OptionalNoCa] {
+            let at = |verify_depth| {
+                ClientAuth::new(&ClientCertSettings {
+                    mode,
+                    ca_file: Some(dir.join("cas.pem")),
+                    crl_file: Some(dir.join("crl.pem")),
+                    verify_depth,
+                })
+                .unwrap()
+            };
+            // Depth 2: the client's intermediate and the file's issuing CA.
+            assert!(matches!(at(2).check(Some(&chain)), CertCheck::Accepted(_)), "{mode:?}");
+            assert_eq!(at(0).check(Some(&chain)), CertCheck::Refused("certificate chain too long"), "{mode:?}");
+        }
     }
 
     /// Counts the chain verifications it passes on.
