@@ -321,7 +321,9 @@ pub struct Plan {
 
 /// Decide when to renew a certificate valid from `not_before` to `not_after`. With ARI, a random
 /// point (`random` in [0, 1)) inside the CA's suggested window, re-checked at its Retry-After;
-/// without, two thirds into the lifetime.
+/// without, two thirds into the lifetime. A window whose end is not after its start is
+/// malformed (RFC 9773 §4.2: the client's own timing then), and a point past nine tenths of the
+/// lifetime is brought back to it: a CA's mistake must not let the certificate expire.
 pub fn plan_renewal(
     now: SystemTime,
     not_before: SystemTime,
@@ -329,17 +331,16 @@ pub fn plan_renewal(
     ari: Option<(SystemTime, SystemTime, Duration)>,
     random: f64,
 ) -> Plan {
+    let life = not_after.duration_since(not_before).unwrap_or(Duration::ZERO);
     match ari {
-        Some((start, end, retry_after)) => {
+        Some((start, end, retry_after)) if end > start => {
             let width = end.duration_since(start).unwrap_or(Duration::ZERO);
-            let renew_at = (start + width.mul_f64(random.clamp(0.0, 1.0))).max(now.min(start));
+            let latest = not_before + life.mul_f64(0.9);
+            let renew_at = (start + width.mul_f64(random.clamp(0.0, 1.0))).min(latest);
             let recheck = now + retry_after;
             Plan { renew_at, recheck_at: (recheck < renew_at).then_some(recheck) }
         }
-        None => {
-            let life = not_after.duration_since(not_before).unwrap_or(Duration::ZERO);
-            Plan { renew_at: not_before + life.mul_f64(2.0 / 3.0), recheck_at: None }
-        }
+        _ => Plan { renew_at: not_before + life.mul_f64(2.0 / 3.0), recheck_at: None },
     }
 }
 
@@ -1389,6 +1390,21 @@ mod tests {
         let p = plan_renewal(t(60 * 86400), t(0), t(90 * 86400), Some((start, end, Duration::from_secs(60))), 0.9);
         assert!(p.renew_at <= t(60 * 86400));
         assert_eq!(p.recheck_at, None);
+    }
+
+    /// RFC 9773 §4.2: a window that ends before it starts is malformed, so the client's own
+    /// timing holds; a window past the certificate's end is followed only up to nine tenths of
+    /// the lifetime, so the certificate is renewed before it expires.
+    #[test]
+    fn a_malformed_or_too_late_ari_window_is_not_followed() {
+        let day = 86400;
+        let retry = Duration::from_secs(6 * 3600);
+        let p = plan_renewal(t(1000), t(0), t(90 * day), Some((t(52 * day), t(50 * day), retry)), 0.5);
+        assert_eq!(p.renew_at, t(60 * day));
+        assert_eq!(p.recheck_at, None);
+        let p = plan_renewal(t(1000), t(0), t(90 * day), Some((t(95 * day), t(97 * day), retry)), 0.5);
+        assert_eq!(p.renew_at, t(81 * day));
+        assert_eq!(p.recheck_at, Some(t(1000 + 6 * 3600)), "still asked again at its Retry-After");
     }
 
     #[test]
