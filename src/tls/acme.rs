@@ -788,9 +788,17 @@ impl CertTask {
         Ok(account)
     }
 
+    /// The CA no longer knows the account: a new one is made next time. The old file is kept
+    /// aside, not deleted: one wrong answer from the CA must not lose its key for good.
     async fn forget_account(&self) {
         *self.account.lock().await = None;
-        let _ = std::fs::remove_file(self.account_path());
+        let path = self.account_path();
+        let aside = path.with_extension("json.unknown-to-ca");
+        tracing::warn!(kept_as = %aside.display(), "ACME: the CA does not know the stored account");
+        if let Err(e) = std::fs::rename(&path, &aside) {
+            tracing::warn!(file = %path.display(), error = %e, "ACME: cannot move the unknown account aside");
+            let _ = std::fs::remove_file(&path);
+        }
     }
 
     /// One order, start to finish; each step given up when `stop` fires or the CA stalls.
@@ -1115,10 +1123,15 @@ fn write_private(path: &Path, bytes: &[u8]) -> AcmeResult<()> {
 fn stage_private(path: &Path, bytes: &[u8]) -> AcmeResult<PathBuf> {
     use std::os::unix::fs::OpenOptionsExt;
     let tmp = staged_path(path);
+    // A temp file left by a crash, or put there by someone else, may have other permissions
+    // (the mode applies only to a file created here): start from none.
+    match std::fs::remove_file(&tmp) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(format!("{}: {e}", tmp.display())),
+        _ => {}
+    }
     let mut f = std::fs::OpenOptions::new()
         .write(true)
-        .create(true)
-        .truncate(true)
+        .create_new(true)
         .mode(0o600)
         .open(&tmp)
         .map_err(|e| format!("{}: {e}", tmp.display()))?;
@@ -1275,6 +1288,10 @@ fn write_webroot_token(root: &Path, token: &str, content: &str) -> AcmeResult<Pa
     // directory the web server cannot enter fails every validation. Not ours to change (EPERM):
     // the web server's owner set it up.
     for d in [root.join(".well-known"), dir.clone()] {
+        // Not through a symbolic link (a shared .well-known elsewhere): its target is not ours.
+        if std::fs::symlink_metadata(&d).is_ok_and(|m| m.file_type().is_symlink()) {
+            continue;
+        }
         let mode = std::fs::metadata(&d).map(|m| m.permissions().mode() & 0o777).unwrap_or(0o755);
         if mode & 0o055 != 0o055
             && let Err(e) = std::fs::set_permissions(&d, std::fs::Permissions::from_mode(mode | 0o755))
@@ -1370,6 +1387,24 @@ mod tests {
             })
             .collect();
         assert_eq!(sans, names);
+    }
+
+    /// A key is written 0600 even where a temp file with wider permissions was left behind (a
+    /// crash, or someone else): the mode of an existing file would otherwise be kept.
+    #[test]
+    fn a_private_file_is_0600_whatever_temp_file_was_left() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = std::env::temp_dir().join(format!("portcullis-private-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("cert.key");
+        let tmp = staged_path(&path);
+        std::fs::write(&tmp, b"stale").unwrap();
+        std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o644)).unwrap();
+        write_private(&path, b"secret").unwrap();
+        assert_eq!(std::fs::read(&path).unwrap(), b"secret");
+        assert_eq!(std::fs::metadata(&path).unwrap().permissions().mode() & 0o777, 0o600);
+        assert!(!tmp.exists());
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]
