@@ -889,6 +889,9 @@ impl CertTask {
         let key = PrivateKeyDer::from_pem_slice(key_pem.as_bytes()).map_err(|e| format!("bad key: {e}"))?;
         let ck =
             CertifiedKey::from_der(chain, key, &provider()).map_err(|e| format!("issued certificate unusable: {e}"))?;
+        if let Some(problem) = issued_problem(&ck, &self.spec.names, SystemTime::now()) {
+            return Err(problem);
+        }
         let (cert_path, key_path) = self.paths();
         // Both written out before either replaces the old one: a full disk or a crash while
         // writing leaves the previous pair whole, never a new key beside an old certificate.
@@ -1065,6 +1068,23 @@ fn validity(ck: &CertifiedKey) -> Option<(SystemTime, SystemTime)> {
     let v = cert.validity();
     let t = |secs: i64| SystemTime::UNIX_EPOCH + Duration::from_secs(secs.max(0) as u64);
     Some((t(v.not_before.timestamp()), t(v.not_after.timestamp())))
+}
+
+/// What is wrong with a certificate the CA issued for `names`, if anything: a name it lacks
+/// (it would be served for that name all the same, to every client's error), or an end that
+/// has passed (this host's clock, or the CA's). Not its start: CAs backdate it, and a host
+/// clock a little behind would refuse a good certificate.
+fn issued_problem(ck: &CertifiedKey, names: &[String], now: SystemTime) -> Option<String> {
+    let has = dns_names(ck).unwrap_or_default();
+    let missing: Vec<&str> = names.iter().filter(|n| !has.contains(n)).map(String::as_str).collect();
+    if !missing.is_empty() {
+        return Some(format!("the CA issued a certificate without {}", missing.join(", ")));
+    }
+    match validity(ck) {
+        Some((_, not_after)) if not_after > now => None,
+        Some(_) => Some("the CA issued a certificate that has already expired (is this host's clock right?)".into()),
+        None => Some("the CA issued a certificate whose validity cannot be read".into()),
+    }
 }
 
 /// The directory URL an account file records, if it can be read (files written by older
@@ -1405,6 +1425,28 @@ mod tests {
         assert_eq!(std::fs::metadata(&path).unwrap().permissions().mode() & 0o777, 0o600);
         assert!(!tmp.exists());
         let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// A certificate the CA issued without one of the names ordered, or already expired, is
+    /// not stored or served: the order fails and is retried.
+    #[test]
+    fn an_issued_certificate_must_cover_the_names_and_be_in_date() {
+        let make = |sans: &[&str], days: i64| {
+            let mut p = rcgen::CertificateParams::new(sans.iter().map(|s| s.to_string()).collect::<Vec<_>>()).unwrap();
+            p.not_before = time::OffsetDateTime::now_utc() - time::Duration::days(1);
+            p.not_after = time::OffsetDateTime::now_utc() + time::Duration::days(days);
+            let key = rcgen::KeyPair::generate().unwrap();
+            let cert = p.self_signed(&key).unwrap();
+            let key = PrivateKeyDer::try_from(key.serialize_der()).unwrap();
+            CertifiedKey::from_der(vec![cert.der().clone()], key, &provider()).unwrap()
+        };
+        let names = vec!["mail.example.org".to_string(), "imap.example.org".to_string()];
+        let now = SystemTime::now();
+        assert_eq!(issued_problem(&make(&["imap.example.org", "mail.example.org"], 90), &names, now), None);
+        let lacking = issued_problem(&make(&["mail.example.org"], 90), &names, now).unwrap();
+        assert!(lacking.contains("without imap.example.org"), "{lacking}");
+        let expired = issued_problem(&make(&["mail.example.org", "imap.example.org"], -1), &names, now).unwrap();
+        assert!(expired.contains("already expired"), "{expired}");
     }
 
     #[test]
