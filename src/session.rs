@@ -706,6 +706,14 @@ async fn login_inner(
                     return Err(LoginError::Denied { user: Some(user), text: message, wait, code: error_code });
                 }
                 Ok(crate::auth::http::Answer::Ok { server, port, user: new_user, pass, transport, client_address }) => {
+                    // One the protocol cannot send (XCLIENT for IMAP, ID for POP3 and SMTP),
+                    // refused as the config refuses it: not a login that tells no address.
+                    if let Some(c) = client_address
+                        && !c.fits(protocol)
+                    {
+                        tracing::warn!(session = %ctx.id, client_address = ?c, protocol = protocol.as_str(), "auth service answered with an Auth-Client-Address this protocol cannot send");
+                        return Err(LoginError::Unavailable("auth_service_error"));
+                    }
                     let target = service_target(&rt.config, protocol, &server, port, transport, client_address)
                         .ok_or(LoginError::Unavailable("backend_unavailable"))?;
                     // An Auth-User that is no usable name (empty, spaces, too long) is the

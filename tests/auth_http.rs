@@ -121,6 +121,13 @@ fn answers(direct_port: u16) -> Answers {
             ("unusable@example.test", _) => {
                 h(&[("Auth-Status", "OK"), ("Auth-Server", "mailpool"), ("Auth-User", "Shared Sales")])
             }
+            // XCLIENT is POP3's and SMTP's: for an IMAP login it would lose the client's address.
+            ("misfit@example.test", _) => h(&[
+                ("Auth-Status", "OK"),
+                ("Auth-Server", "127.0.0.1"),
+                ("Auth-Port", &direct_port.to_string()),
+                ("Auth-Client-Address", "xclient"),
+            ]),
             (_, _) => h(&[("Auth-Status", "Invalid login or password")]),
         }
     })
@@ -173,6 +180,21 @@ async fn an_unusable_auth_user_is_an_outage_not_the_clients_own_name() {
     c.send(b"a LOGIN unusable@example.test pw\r\n").await;
     assert_eq!(c.line().await, "a NO [UNAVAILABLE] Server unavailable, try again later.\r\n");
     assert_eq!(pooled.connections(), 0);
+}
+
+/// An `Auth-Client-Address` the protocol has no way to send (XCLIENT for IMAP, ID for POP3 and
+/// SMTP) is the service's mistake, refused as the config refuses it: handled like an outage,
+/// never a login that silently tells the backend no client address.
+#[tokio::test]
+async fn an_auth_client_address_that_does_not_fit_the_protocol_is_an_outage() {
+    let direct = FakeBackend::start(Behaviour::Normal).await;
+    let (auth, _) = auth_service(answers(direct.addr.port())).await;
+    let proxy = Proxy::start(&config(auth, direct.addr, ""), "").await;
+    let mut c = Client::connect(proxy.addr("plain")).await;
+    c.line().await;
+    c.send(b"a LOGIN misfit@example.test pw\r\n").await;
+    assert_eq!(c.line().await, "a NO [UNAVAILABLE] Server unavailable, try again later.\r\n");
+    assert_eq!(direct.connections(), 0);
 }
 
 #[tokio::test]

@@ -554,6 +554,17 @@ pub enum ClientAddress {
     None,
 }
 
+impl ClientAddress {
+    /// Whether `protocol` has this way of telling a backend the client's address.
+    pub fn fits(self, protocol: Protocol) -> bool {
+        match self {
+            ClientAddress::ImapId | ClientAddress::ImapIdIfAnnounced => protocol == Protocol::Imap,
+            ClientAddress::Xclient => protocol != Protocol::Imap,
+            ClientAddress::ProxyV2 | ClientAddress::None => true,
+        }
+    }
+}
+
 #[derive(Clone, PartialEq, Eq)]
 pub enum BackendLogin {
     /// Send the client's own user name and password.
