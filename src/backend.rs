@@ -157,7 +157,7 @@ async fn connect_inner(
     let own = client.accepted_on;
     let here = |a: SocketAddr| a.port() == own.port() && a.ip().to_canonical() == own.ip().to_canonical();
     let literal = backend.address.parse::<SocketAddr>().ok();
-    if literal.is_some_and(|a| a.ip().is_unspecified()) {
+    if literal.is_some_and(|a| a.ip().to_canonical().is_unspecified()) {
         // Refused in the config; an auth service could still name it. It would reach this host.
         return Err(BackendError::Protocol("backend address names no host (0.0.0.0 or [::])"));
     }

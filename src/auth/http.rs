@@ -130,7 +130,9 @@ pub struct AuthHttp {
 
 impl std::fmt::Debug for AuthHttp {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("AuthHttp").field("urls", &self.settings.urls).finish()
+        // Without query strings, where a token may be (`shown`).
+        let urls: Vec<&str> = self.settings.urls.iter().map(|u| shown(u)).collect();
+        f.debug_struct("AuthHttp").field("urls", &urls).finish()
     }
 }
 

@@ -405,8 +405,10 @@ pub struct AuthHttpSettings {
 impl fmt::Debug for AuthHttpSettings {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let headers: Vec<String> = self.headers.iter().map(|(k, _)| format!("{k}: <redacted>")).collect();
+        // Without query strings, where a token may be.
+        let urls: Vec<&str> = self.urls.iter().map(|u| crate::auth::http::shown(u)).collect();
         f.debug_struct("AuthHttpSettings")
-            .field("urls", &self.urls)
+            .field("urls", &urls)
             .field("timeout", &self.timeout)
             .field("headers", &headers)
             .field("ca_file", &self.ca_file)
@@ -1935,7 +1937,7 @@ impl Validator<'_> {
                     format!("{address:?} is not host:port (an IPv6 address in brackets: \"[2001:db8::1]:143\")"),
                 )
             })?;
-            if address.parse::<SocketAddr>().is_ok_and(|a| a.ip().is_unspecified()) {
+            if address.parse::<SocketAddr>().is_ok_and(|a| a.ip().to_canonical().is_unspecified()) {
                 // 0.0.0.0 / [::] reach this host: likely a listener's bind copied here (a loop).
                 return Err(self.err(
                     Some(b.address.span()),
@@ -2810,9 +2812,11 @@ login_timeout = "5s"
         .unwrap_err();
         assert!(e.field.starts_with("routing.imap.users."), "{e}");
         assert!(e.message.contains("same user"), "{e}");
-        let e = parse(&BASE.replace("127.0.0.1:143", "0.0.0.0:143")).unwrap_err();
-        assert_eq!(e.field, "backend[0].address");
-        assert!(e.message.contains("names no host"), "{e}");
+        for wildcard in ["0.0.0.0:143", "[::]:143", "[::ffff:0.0.0.0]:143"] {
+            let e = parse(&BASE.replace("127.0.0.1:143", wildcard)).unwrap_err();
+            assert_eq!(e.field, "backend[0].address", "{wildcard}");
+            assert!(e.message.contains("names no host"), "{e}");
+        }
 
         let e = parse(&BASE.replace("name = \"b\"", "name = \"b\"\nlogin = \"master\"")).unwrap_err();
         assert_eq!(e.field, "backend[0].master_user");
@@ -2846,7 +2850,7 @@ login_timeout = "5s"
     fn debug_output_redacts_secrets() {
         let health = HealthSettings { login: Some(("probe".into(), "hunter2".into())), ..HealthSettings::default() };
         let http = AuthHttpSettings {
-            urls: vec!["http://127.0.0.1:9/auth".into()],
+            urls: vec!["http://127.0.0.1:9/auth?key=hunter2".into()],
             timeout: Duration::from_secs(1),
             headers: vec![("X-Auth-Key".into(), "hunter2".into())],
             ca_file: None,
@@ -2859,6 +2863,10 @@ login_timeout = "5s"
             assert!(!shown.contains("hunter2") && shown.contains("<redacted>"), "{shown}");
         }
         assert!(format!("{health:?}").contains("probe") && format!("{http:?}").contains("X-Auth-Key"));
+        assert!(format!("{http:?}").contains("http://127.0.0.1:9/auth"));
+        let service = crate::auth::http::AuthHttp::new(http).unwrap();
+        let shown = format!("{service:?}");
+        assert!(shown.contains("http://127.0.0.1:9/auth") && !shown.contains("hunter2"), "{shown}");
     }
 
     #[test]
