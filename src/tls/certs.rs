@@ -121,17 +121,25 @@ impl CertStore {
     }
 
     /// (label, not-after in Unix seconds) of every certificate served: the label is the first
-    /// configured name, `default` for an unnamed default, `self-signed` for the generated one.
+    /// configured name, `default` for an unnamed default, `self-signed` for the generated one,
+    /// the ACME label for an issued one; a file's whose label an ACME certificate also has (an
+    /// RSA file beside an ECDSA certificate from the CA) is `NAME (file)`, its own series.
     pub fn expiries(&self) -> Vec<(String, i64)> {
-        let mut out = self.maps.load().expiry.clone();
         // Not a stand-in's: its year of validity would hide that the CA has issued nothing.
-        out.extend(
-            self.acme
-                .load()
-                .iter()
-                .filter(|e| !e.placeholder)
-                .filter_map(|e| e.not_after.map(|t| (e.label.clone(), t))),
-        );
+        let acme: Vec<(String, i64)> = self
+            .acme
+            .load()
+            .iter()
+            .filter(|e| !e.placeholder)
+            .filter_map(|e| e.not_after.map(|t| (e.label.clone(), t)))
+            .collect();
+        let mut out = self.maps.load().expiry.clone();
+        for (label, _) in &mut out {
+            if acme.iter().any(|(l, _)| l == label) {
+                label.push_str(" (file)");
+            }
+        }
+        out.extend(acme);
         out
     }
 
@@ -688,6 +696,10 @@ mod tests {
         store.install_acme("mail.example.org", &names, issued.clone(), false);
         let served = |name: &str, hello: &Offered<'_>| store.lookup_for(Some(name), Some(hello)).unwrap();
         assert!(served("mail.example.org", &MODERN).cert[0] == issued.cert[0]);
+        // Each has its own expiry series: the file's is not hidden behind the ACME one's label.
+        let mut labels: Vec<String> = store.expiries().into_iter().map(|(l, _)| l).collect();
+        labels.sort();
+        assert_eq!(labels, ["mail.example.org", "mail.example.org (file)"]);
         assert_eq!(served("mail.example.org", &RSA_ONLY).key.algorithm(), SignatureAlgorithm::RSA);
         // Nothing configured for the name: the ACME certificate (the handshake then fails).
         assert!(served("imap.example.org", &RSA_ONLY).cert[0] == issued.cert[0]);
