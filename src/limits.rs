@@ -118,7 +118,14 @@ fn user_hash(user: &str) -> u64 {
 #[derive(Debug, Default)]
 pub struct Throttle {
     table: Mutex<HashMap<Key, Entry>>,
+    /// Where each user has logged in from lately: (address key, user hash) → when. The per-user
+    /// limit does not apply there, so failures sent from elsewhere (anyone can type a user's
+    /// name) cannot lock a user out of the addresses they use; the address's own limit does.
+    known: Mutex<HashMap<(IpAddr, u64), Instant>>,
 }
+
+/// How long a successful login makes its address known for its user.
+const KNOWN_FOR: Duration = Duration::from_secs(30 * 86400);
 
 /// The address key: IPv4 as is, IPv6 masked to `prefix` bits (v4-mapped treated as IPv4).
 pub fn ip_key(ip: IpAddr, v6_prefix: u8) -> IpAddr {
@@ -147,9 +154,15 @@ impl Throttle {
             return Decision::Allow { delay: Duration::ZERO };
         }
         let now = Instant::now();
+        let address = ip_key(ip, s.ipv6_prefix);
+        let known = user.is_some_and(|u| {
+            let known = self.known.lock().unwrap_or_else(|e| e.into_inner());
+            known.get(&(address, user_hash(u))).is_some_and(|t| now.duration_since(*t) < KNOWN_FOR)
+        });
         let mut table = self.table.lock().unwrap_or_else(|e| e.into_inner());
         let mut worst = 0u32;
-        let keys = [Some(Key::Ip(ip_key(ip, s.ipv6_prefix))), user.map(|u| Key::User(u.to_string()))];
+        // From an address the user logged in from lately, the address's limit alone.
+        let keys = [Some(Key::Ip(address)), user.filter(|_| !known).map(|u| Key::User(u.to_string()))];
         for (i, key) in keys.into_iter().enumerate() {
             let Some(key) = key else { continue };
             let Some(e) = table.get_mut(&key) else { continue };
@@ -207,6 +220,11 @@ impl Throttle {
                 recent: VecDeque::new(),
                 users: VecDeque::new(),
             });
+            if e.blocked_until.is_some_and(|b| b <= now) {
+                // A block that has run its course (as `check` would find it first).
+                e.blocked_until = None;
+                e.reset();
+            }
             if now.duration_since(e.last) > s.window {
                 e.reset();
             }
@@ -233,6 +251,22 @@ impl Throttle {
     /// address for other users stay: logging in to an account of one's own between guesses
     /// at others' must not lift the address's limit.
     pub fn success(&self, s: &ThrottleSettings, ip: IpAddr, user: &str) {
+        if s.enabled {
+            let now = Instant::now();
+            let mut known = self.known.lock().unwrap_or_else(|e| e.into_inner());
+            if known.len() >= s.max_entries {
+                known.retain(|_, t| now.duration_since(*t) < KNOWN_FOR);
+                if known.len() >= s.max_entries {
+                    // Still full: forget the oldest tenth.
+                    let mut ages: Vec<(Instant, (IpAddr, u64))> = known.iter().map(|(k, t)| (*t, *k)).collect();
+                    ages.sort_unstable_by_key(|(t, _)| *t);
+                    for (_, k) in ages.into_iter().take(s.max_entries / 10 + 1) {
+                        known.remove(&k);
+                    }
+                }
+            }
+            known.insert((ip_key(ip, s.ipv6_prefix), user_hash(user)), now);
+        }
         let mut table = self.table.lock().unwrap_or_else(|e| e.into_inner());
         table.remove(&Key::User(user.to_string()));
         let key = Key::Ip(ip_key(ip, s.ipv6_prefix));
@@ -249,8 +283,11 @@ impl Throttle {
 
     /// Forget idle, unblocked entries.
     pub fn prune(&self, s: &ThrottleSettings) {
+        let now = Instant::now();
         let mut table = self.table.lock().unwrap_or_else(|e| e.into_inner());
-        prune_locked(&mut table, s, Instant::now());
+        prune_locked(&mut table, s, now);
+        drop(table);
+        self.known.lock().unwrap_or_else(|e| e.into_inner()).retain(|_, t| now.duration_since(*t) < KNOWN_FOR);
     }
 
     pub fn len(&self) -> usize {
@@ -509,6 +546,39 @@ mod tests {
             t.check(&s, ip("203.0.113.9"), Some("other@example.org")),
             Decision::Allow { delay: Duration::ZERO }
         );
+    }
+
+    /// Failures for a user sent from elsewhere do not lock the user out of an address they have
+    /// logged in from: there only the address's own limit applies. Anywhere else the user's
+    /// limit holds, and a known address's own failures still count against it.
+    #[tokio::test(start_paused = true)]
+    async fn the_user_limit_does_not_lock_a_user_out_of_a_known_address() {
+        let (t, s) = (Throttle::default(), settings());
+        let (home, office) = (ip("192.0.2.50"), ip("2001:db8:5:6::1"));
+        t.success(&s, home, "victim@example.org");
+        t.success(&s, office, "victim@example.org");
+        for i in 0..8u64 {
+            t.failure(&s, ip(&format!("198.51.100.{i}")), Some("victim@example.org"), i);
+        }
+        assert_eq!(t.check(&s, ip("203.0.113.9"), Some("victim@example.org")), Decision::Blocked);
+        assert_eq!(t.check(&s, home, Some("victim@example.org")), Decision::Allow { delay: Duration::ZERO });
+        // Another address in the office's /64 is the office.
+        assert_eq!(
+            t.check(&s, ip("2001:db8:5:6::2"), Some("victim@example.org")),
+            Decision::Allow { delay: Duration::ZERO }
+        );
+        // Known for this user only.
+        t.failure(&s, ip("198.51.100.77"), Some("other@example.org"), 1);
+        for i in 0..8u64 {
+            t.failure(&s, ip(&format!("198.51.100.{i}")), Some("other@example.org"), 100 + i);
+        }
+        assert_eq!(t.check(&s, home, Some("other@example.org")), Decision::Blocked);
+        // Known for a while, not for ever.
+        tokio::time::advance(KNOWN_FOR).await;
+        for i in 0..8u64 {
+            t.failure(&s, ip(&format!("198.51.100.{i}")), Some("victim@example.org"), 200 + i);
+        }
+        assert_eq!(t.check(&s, home, Some("victim@example.org")), Decision::Blocked);
     }
 
     #[tokio::test(start_paused = true)]

@@ -654,8 +654,10 @@ async fn login(
                 ctx.throttle.success(s, ip, typed);
             }
         }
+        // Under the name the client gave, which is what `check` looks up (an auth service's
+        // Auth-User may have named another).
         Err(LoginError::Bad { user, .. } | LoginError::Denied { user, .. }) => {
-            ctx.throttle.failure(s, ip, user.as_deref().or(throttle_user.as_deref()), fingerprint)
+            ctx.throttle.failure(s, ip, throttle_user.as_deref().or(user.as_deref()), fingerprint)
         }
         Err(_) => {}
     }

@@ -405,3 +405,33 @@ async fn backend_refusals_after_a_routing_only_service_are_throttled() {
         }
     }
 }
+
+/// A routing-only service that renames the login (Auth-User, no Auth-Pass): the backend's
+/// refusals count for the user under the name the client typed, which is the name the next
+/// attempt is checked under (they were counted under the service's name, which nothing checks).
+#[tokio::test]
+async fn refusals_of_a_renamed_login_count_for_the_name_the_client_typed() {
+    let rejecting = FakeBackend::start(Behaviour::RejectLogin).await;
+    let port = rejecting.addr.port();
+    let (auth, _) = auth_service(Arc::new(move |_: &str, _: &str, _: u32| {
+        vec![
+            ("Auth-Status".to_string(), "OK".to_string()),
+            ("Auth-Server".to_string(), "127.0.0.1".to_string()),
+            ("Auth-Port".to_string(), port.to_string()),
+            ("Auth-User".to_string(), "robert@example.test".to_string()),
+        ]
+    }))
+    .await;
+    let cfg = config(auth, rejecting.addr, "")
+        .replace("[limits]", "[throttle]\npenalty_after = 100\nblock_after = 100\nuser_block_after = 2\n\n[limits]");
+    let proxy = Proxy::start(&cfg, "").await;
+    for i in 0..3 {
+        let mut c = Client::connect(proxy.addr("plain")).await;
+        c.line().await;
+        c.send(format!("a LOGIN bob@example.test guess{i}\r\n").as_bytes()).await;
+        let line = c.line().await;
+        let expected =
+            if i >= 2 { "a NO [UNAVAILABLE] Too many login failures" } else { "a NO [AUTHENTICATIONFAILED]" };
+        assert!(line.starts_with(expected), "attempt {i}: {line}");
+    }
+}
