@@ -522,6 +522,9 @@ async fn an_unreadable_stored_account_is_not_replaced() {
     stop.cancel();
     let seen = seen.lock().unwrap().clone();
     assert!(!seen.iter().any(|p| p == "/nonce" || p == "/acct"), "a new account was asked for: {seen:?}");
+    // It did try, and failed (its backoff is kept): not a manager that never got this far.
+    assert!(state.join("certs/mail.example.test.retry").exists(), "no failed attempt recorded: {seen:?}");
+    assert!(state.join("account.json").is_dir());
 }
 
 /// A renewal names the certificate it replaces (RFC 9773 §5, which exempts it from Let's

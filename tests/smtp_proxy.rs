@@ -206,10 +206,27 @@ async fn backend_refusing_starttls_fails_closed() {
     login_fails_unavailable(Behaviour::SmtpRefuseStartTls, "transport = \"starttls\"\ntls_verify = false").await;
 }
 
+/// Reliability case 10: bytes after the backend's 220 to STARTTLS (they would be taken as if
+/// they came inside TLS) end the login there: no handshake, nothing more sent.
 #[tokio::test]
 async fn backend_starttls_reply_with_extra_bytes_aborts() {
-    // Reliability case 10.
-    login_fails_unavailable(Behaviour::SmtpStartTlsExtraBytes, "transport = \"starttls\"\ntls_verify = false").await;
+    let (proxy, backend) =
+        setup_with(Behaviour::SmtpStartTlsExtraBytes, "transport = \"starttls\"\ntls_verify = false", "").await;
+    let mut c = greeted(&proxy).await;
+    c.send(b"EHLO c\r\n").await;
+    c.smtp_reply().await;
+    c.send(b"AUTH PLAIN AGFsaWNlQGV4YW1wbGUudGVzdABzZWNyZXQ=\r\n").await;
+    assert_eq!(c.line().await, "454 4.7.0 Temporary authentication failure\r\n");
+    // The fake records what followed STARTTLS when the proxy closes the connection.
+    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    // The login's connection, and the EHLO probe's before it: nothing after STARTTLS.
+    assert!(backend.connections() >= 1);
+    for conn in 0..backend.connections() {
+        let lines = backend.lines(conn);
+        assert_eq!(lines.len(), 2, "{lines:?}");
+        assert!(lines[0].starts_with("EHLO "), "{lines:?}");
+        assert_eq!(lines[1], "STARTTLS\r\n", "nothing after STARTTLS: {lines:?}");
+    }
 }
 
 #[tokio::test]

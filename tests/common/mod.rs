@@ -439,7 +439,18 @@ async fn serve_smtp(s: TcpStream, behaviour: Behaviour, rec: Arc<Mutex<Vec<Vec<S
                     let _ = w.write_all(b"HTTP/1.1 400 Bad Request\r\n\r\n").await;
                     return;
                 }
-                _ => b"220 2.0.0 Ready\r\n250 injected\r\n".to_vec(),
+                Behaviour::SmtpStartTlsExtraBytes => {
+                    let _ = w.write_all(b"220 2.0.0 Ready\r\n250 injected\r\n").await;
+                    // Whatever comes next (a ClientHello, a command) is recorded as it is, until
+                    // the proxy closes: it should send nothing more.
+                    let mut rest = Vec::new();
+                    let _ = tokio::time::timeout(Duration::from_secs(5), r.read_to_end(&mut rest)).await;
+                    if !rest.is_empty() {
+                        rec.lock().unwrap()[idx].push(String::from_utf8_lossy(&rest).into_owned());
+                    }
+                    return;
+                }
+                _ => b"220 2.0.0 Ready\r\n".to_vec(),
             },
             "XCLIENT" => match behaviour {
                 Behaviour::SmtpRejectXclient => b"550 5.7.0 Error: insufficient authorization\r\n".to_vec(),

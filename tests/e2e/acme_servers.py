@@ -78,8 +78,12 @@ class Pebble:
             json.dump(config, f)
         env = dict(os.environ, PEBBLE_VA_NOSLEEP="1", PEBBLE_AUTHZREUSE="0", PEBBLE_WFE_NONCEREJECT=str(self.nonce_reject))
         log = open(os.path.join(self.dir, "pebble.log"), "a")
-        self.pebble = subprocess.Popen(
-            ["pebble", "-config", path, "-dnsserver", f"127.0.0.1:{self.dns_port}"], stdout=log, stderr=log, env=env)
+        try:
+            self.pebble = subprocess.Popen(
+                ["pebble", "-config", path, "-dnsserver", f"127.0.0.1:{self.dns_port}"], stdout=log, stderr=log, env=env)
+        except OSError:
+            self.stop()  # challtestsrv, already running
+            raise
         self.procs.append(self.pebble)
         deadline = time.monotonic() + 15
         while True:

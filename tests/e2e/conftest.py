@@ -14,7 +14,23 @@ import pytest
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+import servers  # noqa: E402
 from servers import Dovecot, Portcullis, Postfix, free_port, portcullis_binary  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def stop_what_the_test_started():
+    """Every Dovecot and portcullis a test started is stopped (by PID) when it ends, also when
+    it failed before its own try/finally: a leaked Dovecot keeps its ports and processes.
+    Servers of module and session fixtures, set up before this, are left to their fixtures,
+    also when the test restarted them."""
+    n = len(servers.RUNNING)
+    yield
+    # Not a fixture's server the test restarted (test_pools restarts a module's Dovecot).
+    started = [s for s in servers.RUNNING[n:] if not any(s is t for t in servers.RUNNING[:n])]
+    del servers.RUNNING[n:]
+    for server in reversed(started):
+        server.stop()
 
 # Users as the proxy knows them (user -> password the client types).
 DEMO = ("demo@example.test", "demo")

@@ -160,6 +160,11 @@ service pop3-login {{
 """
 
 
+# Every Dovecot and portcullis started, in order: the suite's conftest stops those a test
+# started when it ends, also when the test fails before its own cleanup would run.
+RUNNING = []
+
+
 class Dovecot:
     """A private Dovecot with passwd-file users and a master user `master` / `masterpw`."""
 
@@ -191,6 +196,7 @@ class Dovecot:
             f.write(DOVECOT_CONF.format(dir=self.dir, imap_port=self.imap_port, haproxy_port=self.haproxy_port, pop3_port=self.pop3_port))
             f.write(self.extra_conf)
         self.proc = subprocess.Popen([binary, "-F", "-c", self.conf], stdout=subprocess.DEVNULL, stderr=open(os.path.join(self.dir, "stderr.log"), "w"))
+        RUNNING.append(self)
         try:
             wait_greeting(self.imap_port)
             wait_greeting(self.pop3_port, prefix=b"+OK")
@@ -497,6 +503,7 @@ class Portcullis:
         env = dict(os.environ, RUST_LOG=os.environ.get("PORTCULLIS_LOG", "info"), **(env or {}))
         self.log_file = open(self.log_path, "a")
         self.proc = subprocess.Popen([portcullis_binary(), "run", "--config", self.config], stdout=self.log_file, stderr=self.log_file, env=env, preexec_fn=open_files_limit(nofile))
+        RUNNING.append(self)
         if wait_port:
             try:
                 wait_greeting(wait_port, tls=tls)

@@ -70,7 +70,9 @@ def test_password_guessing_burst_is_throttled_while_others_log_in(dovecot, tmp_p
                     break
                 replies.append(line)
                 attempts += 1
-                # A normal user from another address is not slowed down meanwhile.
+                # The user logs in meanwhile from another address: the guessing address's
+                # block is not theirs (the user's own penalty, here at most 100 ms, may apply;
+                # the bound below is only a deadline, unit tests check the penalties).
                 if attempts in (60, 150):
                     t0 = time.monotonic()
                     good, gf = connect(port, "127.0.0.4")

@@ -82,7 +82,11 @@ mail {{
         assert b"Invalid login or password" in reply, reply
     finally:
         proc.send_signal(signal.SIGTERM)
-        proc.wait(10)
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()  # its PID; the workers exit with their master
+            proc.wait(5)
     nginx_req = dict((k.lower(), v) for k, v in Capture.seen[-1])
 
     pport = free_port()
@@ -116,7 +120,8 @@ default = "unused"
         server.shutdown()
     ours = dict((k.lower(), v) for k, v in Capture.seen[-1])
     for name in COMPARED:
-        assert ours.get(name) == nginx_req.get(name), (name, ours.get(name), nginx_req.get(name))
+        assert name in nginx_req and name in ours, (name, sorted(nginx_req), sorted(ours))
+        assert ours[name] == nginx_req[name], (name, ours[name], nginx_req[name])
     # The password really went through nginx's escaping: space and % escaped, UTF-8 sent raw
     # (http.server decodes header bytes as Latin-1, hence the two characters for é).
     assert nginx_req["auth-pass"] == "p%20w%25\u00c3\u00a9\"x"

@@ -153,13 +153,24 @@ def test_failover_and_return(dovecots, pool_proxy):
     assert "backend is down" in pool_proxy.log() and "backend is up" in pool_proxy.log()
 
 
+def lands_on(dv, port, user):
+    """Log `user` in and out through the proxy; whether this login reached `dv`."""
+    before = logins(dv, user)
+    login(port, user).logout()
+    return wait_for(lambda: logins(dv, user) > before, timeout=2)
+
+
 def test_draining_by_reload(dovecots, pool_proxy):
     d1, d2 = dovecots
-    user = next(u for u in USERS if (login(pool_proxy.port, u).logout() or True) and wait_for(lambda: where(d1, d2, u)) and "d1" in where(d1, d2, u))
+    # A user whose login lands on d1 now (not only in an earlier test's history).
+    user = next(u for u in USERS if lands_on(d1, pool_proxy.port, u))
+    before = logins(d1, user)
     early = login(pool_proxy.port, user)
     early.select("INBOX")
+    assert wait_for(lambda: logins(d1, user) > before), "the early session is not on d1"
+    reloads = pool_proxy.log().count("configuration reloaded")
     pool_proxy.write_config(pool_config(d1, d2, pool_proxy.port, pool_proxy.users_path, d1_state="draining"))
-    time.sleep(1.0)
+    assert wait_for(lambda: pool_proxy.log().count("configuration reloaded") > reloads), pool_proxy.log()[-2000:]
     before = logins(d2, user)
     m = login(pool_proxy.port, user)
     m.logout()
@@ -227,9 +238,15 @@ def test_auth_http_service_drives_logins_like_nginx(dovecots, auth_service, tmp_
         before = logins(d2, users[0])
         login(port, users[0]).logout()
         assert wait_for(lambda: logins(d2, users[0]) > before)
-        # Auth-Server naming a pool: the rendezvous choice, healthy.
+        # Auth-Server naming a pool: the rendezvous choice, healthy: one of the two, and the one
+        # the same pool chose for this user in the tests before (if they ran), this login's.
+        earlier = where(d1, d2, users[1])
+        b1, b2 = logins(d1, users[1]), logins(d2, users[1])
         login(port, users[1]).logout()
-        assert wait_for(lambda: where(d1, d2, users[1]))
+        assert wait_for(lambda: logins(d1, users[1]) + logins(d2, users[1]) > b1 + b2)
+        landed = [n for n, dv, b in (("d1", d1, b1), ("d2", d2, b2)) if logins(dv, users[1]) > b]
+        assert len(landed) == 1, landed
+        assert len(earlier) != 1 or earlier == landed, (earlier, landed)
         # A refusal: the service's text, then the connection closes (no Auth-Wait).
         m = IMAP4SSLFrom("127.0.0.1", port)
         with pytest.raises(imaplib.IMAP4.error, match="Invalid login or password"):
