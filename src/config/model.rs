@@ -1230,7 +1230,7 @@ impl Validator<'_> {
         let timeout = |v: &Option<file::SpannedDuration>, field: &str, default: Duration| {
             self.duration_at_least(v, &format!("limits.{field}"), default, Duration::from_millis(1))
         };
-        Ok(Limits {
+        let limits = Limits {
             tls_handshake_timeout: timeout(&l.tls_handshake_timeout, "tls_handshake_timeout", d.tls_handshake_timeout)?,
             preauth_idle_timeout: timeout(&l.preauth_idle_timeout, "preauth_idle_timeout", d.preauth_idle_timeout)?,
             login_timeout: timeout(&l.login_timeout, "login_timeout", d.login_timeout)?,
@@ -1254,7 +1254,20 @@ impl Validator<'_> {
             max_line_length: positive(&l.max_line_length, "max_line_length", d.max_line_length, 1024)?,
             max_errors: positive(&l.max_errors, "max_errors", d.max_errors, 1)?,
             max_auth_attempts: positive(&l.max_auth_attempts, "max_auth_attempts", d.max_auth_attempts, 1)?,
-        })
+        };
+        // The delay runs inside the login deadline: as long, and every SMTP client would be cut
+        // off before its greeting.
+        if limits.smtp_greeting_delay >= limits.login_timeout {
+            return Err(self.err(
+                None,
+                "limits.smtp_greeting_delay",
+                format!(
+                    "must be shorter than limits.login_timeout ({})",
+                    humantime_serde::re::humantime::format_duration(limits.login_timeout)
+                ),
+            ));
+        }
+        Ok(limits)
     }
 
     fn throttle(&self, t: &file::ThrottleFile) -> Result<ThrottleSettings, ConfigError> {
@@ -2812,6 +2825,11 @@ login_timeout = "5s"
         .unwrap_err();
         assert!(e.field.starts_with("routing.imap.users."), "{e}");
         assert!(e.message.contains("same user"), "{e}");
+        let e = parse(&format!("{BASE}\n[limits]\nsmtp_greeting_delay = \"5m\"\n")).unwrap_err();
+        assert_eq!(e.field, "limits.smtp_greeting_delay");
+        assert!(e.message.contains("shorter than limits.login_timeout (3m)"), "{e}");
+        assert!(e.position.is_some(), "{e}");
+        parse(&format!("{BASE}\n[limits]\nsmtp_greeting_delay = \"5s\"\n")).unwrap();
         for wildcard in ["0.0.0.0:143", "[::]:143", "[::ffff:0.0.0.0]:143"] {
             let e = parse(&BASE.replace("127.0.0.1:143", wildcard)).unwrap_err();
             assert_eq!(e.field, "backend[0].address", "{wildcard}");
