@@ -117,6 +117,15 @@ fn spawn_with(app: Arc<App>, mut hup: tokio::signal::unix::Signal, inotify: bool
             while let Ok(f) = rx.try_recv() {
                 force |= f;
             }
+            // After a failed reload, an event that changed nothing it failed on (an editor's
+            // swap file beside the config, another file in a busy directory) is not another
+            // failed reload, error line and count; a SIGHUP always is.
+            if !force
+                && let Some(f) = &failed
+                && *f == Failed::now(&app).await
+            {
+                continue;
+            }
             failed = None;
             match app.reload(force).await {
                 Ok(Reloaded::Applied) => {

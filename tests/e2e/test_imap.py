@@ -955,3 +955,21 @@ def test_reload_removes_listener_and_rereads_users(own_proxy, dovecot):
     typ, data = s.uid("FETCH", "1", "(BODY.PEEK[])")
     assert typ == "OK" and data[0][1] == dovecot.small_message
     logout_cleanly(s)
+
+
+def test_a_failed_reload_is_not_repeated_for_files_that_do_not_matter(own_proxy):
+    """After a reload fails (the config is half-edited), other files changing beside it (an
+    editor's swap file, a busy directory) are not another failed reload each, with an error
+    line and a count; the fixed config is picked up as usual."""
+    p = own_proxy
+    n = p.log().count("configuration reload failed")
+    p.pc.write_config(p.setup.text() + "\n[limits\n")
+    assert wait_for(lambda: p.log().count("configuration reload failed") == n + 1), p.log()[-2000:]
+    d = os.path.dirname(p.pc.config)
+    for i in range(5):
+        with open(os.path.join(d, f".portcullis.toml.swp{i}"), "w") as f:
+            f.write("x")
+        time.sleep(0.3)
+    time.sleep(2.5)  # the watcher's 2 s timer too
+    assert p.log().count("configuration reload failed") == n + 1, p.log()[-3000:]
+    reload_with(p, p.setup.text(limits={"preauth_idle_timeout": '"30s"'}))
