@@ -123,18 +123,20 @@ impl SocketKey {
 pub fn build_runtime(config: Config, tls: &TlsShared) -> Result<Runtime, ConfigError> {
     let mut server_tls = HashMap::new();
     let mut client_auth = HashMap::new();
-    let suites_error =
-        |message| ConfigError { file: config.path.clone(), position: None, field: "tls.cipher_suites".into(), message };
+    let at = |field: &str, message| ConfigError {
+        file: config.path.clone(),
+        position: crate::config::locate(&config.path, field),
+        field: field.into(),
+        message,
+    };
+    let suites_error = |message| at("tls.cipher_suites", message);
     for l in &config.listeners {
         if l.tls == TlsMode::None {
             continue;
         }
         if l.client_cert.mode != VerifyClient::Off {
-            let policy = ClientAuth::new(&l.client_cert).map_err(|message| ConfigError {
-                file: config.path.clone(),
-                position: None,
-                field: format!("listener {:?} client certificate files", l.name),
-                message,
+            let policy = ClientAuth::new(&l.client_cert).map_err(|message| {
+                crate::config::entry_error(&config.path, "listener", &l.name, "client_ca_file", message)
             })?;
             if policy.crl_next_update().is_some_and(|t| t < unix_now()) {
                 tracing::warn!(
@@ -151,23 +153,16 @@ pub fn build_runtime(config: Config, tls: &TlsShared) -> Result<Runtime, ConfigE
     let mut backend_tls = HashMap::new();
     for b in config.backends.values() {
         if b.transport != Transport::Plain {
-            let cfg = crate::tls::client_config(b).map_err(|message| ConfigError {
-                file: config.path.clone(),
-                position: None,
-                field: format!("backend {:?} tls_ca_file", b.name),
-                message,
-            })?;
+            // Its tls_ca_file was read at parse time: what fails here is the system's roots.
+            let key = if b.tls_ca_file.is_some() { "tls_ca_file" } else { "transport" };
+            let cfg = crate::tls::client_config(b)
+                .map_err(|message| crate::config::entry_error(&config.path, "backend", &b.name, key, message))?;
             backend_tls.insert(b.name.clone(), cfg);
         }
     }
     let (auth_http, default_backend_tls) = match &config.auth {
         AuthSource::Http(settings) => {
-            let client = AuthHttp::new(settings.clone()).map_err(|message| ConfigError {
-                file: config.path.clone(),
-                position: None,
-                field: "auth.http.ca_file".into(),
-                message,
-            })?;
+            let client = AuthHttp::new(settings.clone()).map_err(|message| at("auth.http.ca_file", message))?;
             let template = crate::config::Backend::adhoc(Protocol::Imap, "localhost", 143);
             (Some(Arc::new(client)), crate::tls::client_config(&template).ok())
         }
@@ -207,9 +202,29 @@ fn cert_error(config: &Config, e: crate::tls::certs::CertError) -> StartError {
 /// Validate a config file fully (parse, referenced files, certificates) without binding.
 pub fn check(path: &Path) -> Result<Config, StartError> {
     let config = Config::load(path)?;
+    if let Some(acme) = &config.acme {
+        // What `run` would find only when ACME starts (a read-only file system under the
+        // unit's ProtectSystem=strict, a directory of another user's), at its line.
+        writable_dir(&acme.state_dir).map_err(|message| ConfigError {
+            file: config.path.clone(),
+            position: crate::config::locate(&config.path, "acme.state_dir"),
+            field: "acme.state_dir".into(),
+            message,
+        })?;
+    }
     let store = CertStore::load(&config.tls).map_err(|e| cert_error(&config, e))?;
     let rt = build_runtime(config, &TlsShared::new(Arc::new(store)))?;
     Ok(rt.config)
+}
+
+/// `dir` exists (made if need be) and a file can be written in it.
+fn writable_dir(dir: &Path) -> Result<(), String> {
+    let shown = |e: std::io::Error| format!("{}: {e}", dir.display());
+    std::fs::create_dir_all(dir).map_err(shown)?;
+    let probe = dir.join(format!(".portcullis-check-{}", std::process::id()));
+    std::fs::OpenOptions::new().write(true).create_new(true).open(&probe).map_err(shown)?;
+    let _ = std::fs::remove_file(&probe);
+    Ok(())
 }
 
 impl App {

@@ -44,7 +44,7 @@ fn main() -> ExitCode {
     portcullis::tls::init_crypto();
     let cli = Cli::parse();
     match cli.command {
-        Command::Check { config } => match app::check(&config) {
+        Command::Check { config } => match check(&config) {
             Ok(c) => {
                 println!("{}: OK ({} listeners, {} backends)", config.display(), c.listeners.len(), c.backends.len());
                 ExitCode::SUCCESS
@@ -82,6 +82,18 @@ fn main() -> ExitCode {
             }
         },
     }
+}
+
+/// `app::check`, with warnings (a CRL past its next update, say) shown, not only errors.
+fn check(config: &std::path::Path) -> Result<portcullis::config::Config, portcullis::app::StartError> {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::new("warn"))
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .without_time()
+        .with_target(false)
+        .try_init();
+    app::check(config)
 }
 
 fn hash_password() -> anyhow::Result<String> {

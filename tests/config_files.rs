@@ -83,3 +83,39 @@ fn a_user_pinned_to_an_unknown_backend_is_named_at_its_line() {
     assert!(e.starts_with(&expected), "{e}");
     assert!(e.contains("\"nope\""), "{e}");
 }
+
+/// An ACME state directory the proxy cannot write (here under a regular file; in life a
+/// read-only file system or another user's directory) fails `check` at its line, not `run`
+/// later when ACME starts.
+#[test]
+fn an_unwritable_acme_state_dir_fails_check_at_its_line() {
+    portcullis::tls::init_crypto();
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("file"), "").unwrap();
+    let text = "[auth]\nsource = \"backend\"\n[[backend]]\nname = \"b\"\naddress = \"127.0.0.1:143\"\n[routing.imap]\ndefault = \"b\"\n\
+                [acme]\ndirectory = \"https://127.0.0.1:14000/dir\"\nterms_agreed = true\nstate_dir = \"file/acme\"\n\
+                [[acme.certificate]]\nnames = [\"mail.example.org\"]\n";
+    let path = dir.path().join("p.toml");
+    std::fs::write(&path, text).unwrap();
+    let e = portcullis::app::check(&path).unwrap_err().to_string();
+    let expected = format!("{}:11:1: field `acme.state_dir`", path.display());
+    assert!(e.starts_with(&expected), "{e}");
+    // Writable: it passes, and the directory is there, with nothing left in it.
+    std::fs::write(&path, text.replace("file/acme", "state/acme")).unwrap();
+    portcullis::app::check(&path).unwrap();
+    assert_eq!(std::fs::read_dir(dir.path().join("state/acme")).unwrap().count(), 0);
+}
+
+/// Errors found after parsing (building a backend's TLS context, say) name the entry as the
+/// parser does, at its line.
+#[test]
+fn errors_after_parsing_name_the_entry_at_its_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let text = "[[backend]]\nname = \"a\"\naddress = \"127.0.0.1:143\"\n\n[[backend]]\nname = \"b\"\naddress = \"127.0.0.1:993\"\ntransport = \"tls\"\n";
+    let path = dir.path().join("p.toml");
+    std::fs::write(&path, text).unwrap();
+    let e = portcullis::config::entry_error(&path, "backend", "b", "transport", "no roots".into());
+    assert_eq!((e.field.as_str(), e.position), ("backend[1].transport", Some((8, 1))), "{e}");
+    let e = portcullis::config::entry_error(&path, "backend", "a", "transport", "no roots".into());
+    assert_eq!((e.field.as_str(), e.position.map(|p| p.0)), ("backend[0].transport", Some(1)), "{e}");
+}

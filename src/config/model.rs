@@ -831,6 +831,28 @@ struct Validator<'a> {
     text: &'a str,
 }
 
+/// Where `field` (named as errors name it: `backend[2].transport`) is set in the config file at
+/// `path`, for errors found after parsing (building TLS contexts, say); as `Validator`'s
+/// placing of errors the parser keeps no position for.
+pub fn locate(path: &Path, field: &str) -> Option<(usize, usize)> {
+    let text = std::fs::read_to_string(path).ok()?;
+    Validator { path, text: &text }.find_field(field)
+}
+
+/// An error about `key` of the `[[array]]` entry named `name` (`backend`, `listener`), found
+/// after parsing: named as the parser names it (`backend[2].tls_ca_file`), at its line.
+pub fn entry_error(path: &Path, array: &str, name: &str, key: &str, message: String) -> ConfigError {
+    let index = std::fs::read_to_string(path).ok().and_then(|text| {
+        let table: toml::Table = text.parse().ok()?;
+        table.get(array)?.as_array()?.iter().position(|e| e.get("name").and_then(|n| n.as_str()) == Some(name))
+    });
+    let field = match index {
+        Some(i) => format!("{array}[{i}].{key}"),
+        None => format!("{array} {name:?} {key}"),
+    };
+    ConfigError { file: path.to_path_buf(), position: locate(path, &field), field, message }
+}
+
 /// A key or table in the file, named as errors name it (the third `[[backend]]` is
 /// `backend[2]`, a `[backend.health]` under it `backend[2].health`, a dotted `health.fall = 0`
 /// in it `backend[2].health.fall`), with where it starts and where its value ends. The

@@ -208,7 +208,13 @@ pub fn client_config(backend: &Backend) -> Result<Arc<ClientConfig>, String> {
             }
         }
         if roots.is_empty() {
-            return Err("no CA certificates to verify the backend with".into());
+            return Err(match &backend.tls_ca_file {
+                Some(path) => format!("{}: no CA certificates to verify the backend with", path.display()),
+                None => "no CA certificates to verify the backend with: the system's \
+                         (/etc/ssl/certs/ca-certificates.crt, package ca-certificates) is missing or empty; \
+                         set tls_ca_file"
+                    .into(),
+            });
         }
         builder.with_root_certificates(roots).with_no_client_auth()
     };
