@@ -48,7 +48,10 @@ pub async fn serve(listener: TcpListener, app: Weak<App>, stop: CancellationToke
                 }
             },
         };
-        let slot = match open.acquire("admin", peer.ip(), MAX_CONNECTIONS, 0, MAX_PER_ADDRESS) {
+        // Per client as the mail ports count them (an IPv6 /64 is one; a v4-mapped address its
+        // IPv4), so one host's many addresses cannot take every slot from the health probes.
+        let client = crate::limits::ip_key(peer.ip(), 64);
+        let slot = match open.acquire("admin", client, MAX_CONNECTIONS, 0, MAX_PER_ADDRESS) {
             Ok(slot) => slot,
             Err(cap) => {
                 tracing::warn!(peer = %peer, cap = cap.as_str(), "admin connection refused: too many open");
