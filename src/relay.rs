@@ -29,8 +29,9 @@ const LARGE_BUF: usize = 64 * 1024;
 pub struct Transferred {
     pub client_to_backend: u64,
     pub backend_to_client: u64,
-    /// The relay ended with backend bytes read but not yet written to the client: a reply was
-    /// part-way through (a big FETCH, say), so a goodbye line now would land inside it.
+    /// The relay ended with backend bytes read but not yet written to the client, or with the
+    /// last written not ending a line: a reply was part-way through (a big FETCH, say), so a
+    /// goodbye line now would land inside it.
     pub mid_reply: bool,
 }
 
@@ -93,6 +94,9 @@ struct Direction {
     /// `buf` holds bytes the session had before the relay began (`Start`), sized to them: once
     /// written it is dropped, not read into.
     seeded: bool,
+    /// The last byte written was not a line end: a line (or a literal, or a message) is
+    /// part-way through at the other end, even when nothing is left in `buf`.
+    mid_line: bool,
     bytes: u64,
     /// How much of `bytes` the meter has been given.
     reported: u64,
@@ -139,6 +143,7 @@ impl Direction {
                 if n == 0 {
                     return Poll::Ready(Err((Side::Writer, io::ErrorKind::WriteZero.into())));
                 }
+                self.mid_line = buf[self.pos + n - 1] != b'\n';
                 self.pos += n;
                 self.bytes += n as u64;
                 self.needs_flush = true;
@@ -296,7 +301,10 @@ where
         use tokio::io::AsyncWriteExt;
         let _ = tokio::time::timeout(Duration::from_secs(1), r.client.shutdown()).await;
     }
-    let mid_reply = r.down.pos < r.down.cap;
+    // Backend bytes not yet written, or a write that ended inside a line: a big FETCH or RETR
+    // is often written whole each read, so the buffer alone would say "between replies" while
+    // the client is in the middle of one.
+    let mid_reply = r.down.pos < r.down.cap || r.down.mid_line;
     (end, Transferred { client_to_backend: r.up.bytes, backend_to_client: r.down.bytes, mid_reply })
 }
 
@@ -618,6 +626,34 @@ mod tests {
         .unwrap();
         assert_eq!(end, RelayEnd::Stopped);
         assert!(t.mid_reply && t.backend_to_client == 64, "{t:?}");
+    }
+
+    /// Shutdown while a reply is part-way through, with everything read so far written (the
+    /// backend is slow to send the rest of a literal): the relay says mid-reply, so no goodbye
+    /// line lands inside the literal. Between replies it does not.
+    #[tokio::test]
+    async fn a_reply_written_up_to_mid_line_counts_as_mid_reply() {
+        for (sent, mid) in [(&b"* 1 FETCH (BODY[] {20}\r\n0123456789"[..], true), (b"* OK still here\r\n", false)] {
+            let (mut client_app, mut client_proxy) = duplex(4096);
+            let (mut backend_proxy, mut backend_app) = duplex(4096);
+            let stop = CancellationToken::new();
+            let d = Deadlines {
+                idle: Duration::from_secs(60),
+                shutdown: Some((stop.clone(), Duration::from_millis(50))),
+                ..Deadlines::default()
+            };
+            let task = tokio::spawn(async move {
+                let start = Start::default();
+                relay_from(&mut client_proxy, &mut backend_proxy, d, Meters::default(), None, start).await
+            });
+            backend_app.write_all(sent).await.unwrap();
+            let mut got = vec![0u8; sent.len()];
+            client_app.read_exact(&mut got).await.unwrap();
+            stop.cancel();
+            let (end, t) = tokio::time::timeout(Duration::from_secs(5), task).await.unwrap().unwrap();
+            assert_eq!(end, RelayEnd::Stopped);
+            assert_eq!(t.mid_reply, mid, "{:?}", String::from_utf8_lossy(sent));
+        }
     }
 
     /// Reliability case 59: a client that stops reading stops the backend being read. The relay
