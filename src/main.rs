@@ -98,7 +98,20 @@ fn check(config: &std::path::Path) -> Result<portcullis::config::Config, portcul
 
 fn hash_password() -> anyhow::Result<String> {
     let mut input = String::new();
-    std::io::stdin().read_to_string(&mut input).context("reading standard input")?;
+    if std::io::IsTerminal::is_terminal(&std::io::stdin()) {
+        // Typed at a terminal: one line, asked for, not shown.
+        let stty = |arg: &str| std::process::Command::new("stty").arg(arg).status().is_ok_and(|s| s.success());
+        eprint!("Password: ");
+        let hidden = stty("-echo");
+        let read = std::io::stdin().read_line(&mut input);
+        if hidden {
+            stty("echo");
+        }
+        eprintln!();
+        read.context("reading the password")?;
+    } else {
+        std::io::stdin().read_to_string(&mut input).context("reading standard input")?;
+    }
     let password = input.strip_suffix('\n').map(|p| p.strip_suffix('\r').unwrap_or(p)).unwrap_or(&input);
     anyhow::ensure!(!password.is_empty(), "empty password");
     portcullis::auth::passwd::hash_argon2id(password.as_bytes()).map_err(anyhow::Error::msg)
