@@ -19,8 +19,8 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::net::IpAddr;
-use std::sync::Mutex;
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio::time::Instant;
@@ -122,6 +122,24 @@ pub struct Throttle {
     /// limit does not apply there, so failures sent from elsewhere (anyone can type a user's
     /// name) cannot lock a user out of the addresses they use; the address's own limit does.
     known: Mutex<HashMap<(IpAddr, u64), Instant>>,
+    /// Login attempts in flight, per address key and per user: each holds a permit from before
+    /// its check until its outcome is counted.
+    in_flight: Mutex<HashMap<Key, Arc<tokio::sync::Semaphore>>>,
+}
+
+/// Attempts one client address may have in flight at once. Guesses sent in parallel over many
+/// connections would otherwise all pass the check against the same count before any failed
+/// (reliability case 55): with this many at a time, the block comes at most this many - 1
+/// attempts late. Correct logins are not penalised, only queued for the moment the ones before
+/// them take (an office's morning behind one NAT address).
+pub const IN_FLIGHT_PER_ADDRESS: usize = 8;
+/// The same for one user, from anywhere (case 56: a botnet's parallel guesses at one user).
+pub const IN_FLIGHT_PER_USER: usize = 4;
+
+/// Permits for one login attempt (none when throttling does not apply to it).
+#[derive(Debug)]
+pub struct Attempt {
+    _permits: Vec<tokio::sync::OwnedSemaphorePermit>,
 }
 
 /// How long a successful login makes its address known for its user.
@@ -148,6 +166,34 @@ fn trusted(trusted: &[Cidr], ip: IpAddr) -> bool {
 }
 
 impl Throttle {
+    /// Wait for a turn for a login attempt from `ip` as `user`; keep it until the attempt's
+    /// outcome is counted (`success`/`failure`), then drop it. Bounded by the caller's login
+    /// deadline.
+    pub async fn attempt(&self, s: &ThrottleSettings, ip: IpAddr, user: Option<&str>) -> Attempt {
+        if !s.enabled || trusted(&s.trusted, ip) {
+            return Attempt { _permits: Vec::new() };
+        }
+        let keys = [
+            Some((Key::Ip(ip_key(ip, s.ipv6_prefix)), IN_FLIGHT_PER_ADDRESS)),
+            user.map(|u| (Key::User(u.to_string()), IN_FLIGHT_PER_USER)),
+        ];
+        let mut permits = Vec::with_capacity(2);
+        // Address first, then user, in every attempt: no two wait on each other in a circle.
+        for (key, n) in keys.into_iter().flatten() {
+            let semaphore = {
+                let mut map = self.in_flight.lock().unwrap_or_else(|e| e.into_inner());
+                if map.len() >= s.max_entries {
+                    prune_idle(&mut map);
+                }
+                map.entry(key).or_insert_with(|| Arc::new(tokio::sync::Semaphore::new(n))).clone()
+            };
+            if let Ok(p) = semaphore.acquire_owned().await {
+                permits.push(p);
+            }
+        }
+        Attempt { _permits: permits }
+    }
+
     /// Decide on an attempt before the credentials are checked.
     pub fn check(&self, s: &ThrottleSettings, ip: IpAddr, user: Option<&str>) -> Decision {
         if !s.enabled || trusted(&s.trusted, ip) {
@@ -288,6 +334,7 @@ impl Throttle {
         prune_locked(&mut table, s, now);
         drop(table);
         self.known.lock().unwrap_or_else(|e| e.into_inner()).retain(|_, t| now.duration_since(*t) < KNOWN_FOR);
+        prune_idle(&mut self.in_flight.lock().unwrap_or_else(|e| e.into_inner()));
     }
 
     pub fn len(&self) -> usize {
@@ -297,6 +344,11 @@ impl Throttle {
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
+}
+
+/// Forget the turn-keepers no attempt holds or waits on (the map's is the only reference).
+fn prune_idle(map: &mut HashMap<Key, Arc<tokio::sync::Semaphore>>) {
+    map.retain(|_, s| Arc::strong_count(s) > 1);
 }
 
 fn prune_locked(table: &mut HashMap<Key, Entry>, s: &ThrottleSettings, now: Instant) {
@@ -579,6 +631,41 @@ mod tests {
             t.failure(&s, ip(&format!("198.51.100.{i}")), Some("victim@example.org"), 200 + i);
         }
         assert_eq!(t.check(&s, home, Some("victim@example.org")), Decision::Blocked);
+    }
+
+    /// Reliability case 55, parallel attempts counted: guesses sent at once over many
+    /// connections take turns (IN_FLIGHT_PER_ADDRESS at a time), each checked against the
+    /// failures before it, so the block comes at most that many - 1 attempts late; without
+    /// turns, all of them would pass the check against the same count.
+    #[tokio::test(start_paused = true)]
+    async fn parallel_attempts_see_each_others_failures() {
+        let (t, s) = (Arc::new(Throttle::default()), settings());
+        let a = ip("192.0.2.99");
+        let mut tasks = Vec::new();
+        for i in 0..40u64 {
+            let (t, s) = (t.clone(), s.clone());
+            tasks.push(tokio::spawn(async move {
+                let _turn = t.attempt(&s, a, Some(&format!("user{i}"))).await;
+                match t.check(&s, a, Some(&format!("user{i}"))) {
+                    Decision::Blocked => false,
+                    Decision::Allow { delay } => {
+                        // The penalty, then the password check, then the verdict is counted.
+                        tokio::time::sleep(delay + Duration::from_millis(50)).await;
+                        t.failure(&s, a, Some(&format!("user{i}")), i);
+                        true
+                    }
+                }
+            }));
+        }
+        let mut allowed = 0;
+        for task in tasks {
+            allowed += usize::from(task.await.unwrap());
+        }
+        let most = s.block_after as usize + IN_FLIGHT_PER_ADDRESS - 1;
+        assert!(allowed >= s.block_after as usize && allowed <= most, "{allowed} guesses checked, at most {most}");
+        // The turns are let go: nothing is kept once no attempt holds one.
+        t.prune(&s);
+        assert!(t.in_flight.lock().unwrap().is_empty());
     }
 
     #[tokio::test(start_paused = true)]

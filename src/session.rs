@@ -634,6 +634,9 @@ async fn login(
     let hints = front.hints();
     let throttle_user = rt.config.users.canonical(&creds.user);
     let ip = ctx.peer.ip();
+    // A turn among the attempts in flight from this address and for this user, held until the
+    // outcome is counted below: parallel guesses each see the failures before them.
+    let _turn = ctx.throttle.attempt(&rt.config.throttle, ip, throttle_user.as_deref()).await;
     match ctx.throttle.check(&rt.config.throttle, ip, throttle_user.as_deref()) {
         crate::limits::Decision::Blocked => return Err(LoginError::Throttled { user: throttle_user }),
         crate::limits::Decision::Allow { delay } if !delay.is_zero() => {

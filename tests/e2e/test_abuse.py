@@ -103,6 +103,30 @@ def test_password_guessing_burst_is_throttled_while_others_log_in(dovecot, tmp_p
         pc.stop()
 
 
+def test_guesses_sent_at_once_over_many_connections_are_counted(dovecot, tmp_path):
+    """Reliability case 55, parallel attempts counted: 60 connections from one address each
+    send a guess at the same moment. They take turns (8 at a time), each checked against the
+    failures before it, so at most block_after + 7 are checked at all; without turns every one
+    would pass the check against the same count of 0."""
+    users = tmp_path / "users"
+    write_users_file(str(users))
+    port = free_port()
+    pc = Portcullis(str(tmp_path), config(dovecot, port, users)).start(wait_port=port)
+    try:
+        conns = [connect(port, "127.0.0.6") for _ in range(60)]
+        for i, (s, _) in enumerate(conns):
+            s.sendall(f"a LOGIN parallel{i}@example.test guess{i}\r\n".encode())
+        replies = [f.readline() for _, f in conns]
+        for s, _ in conns:
+            s.close()
+        failed = [r for r in replies if b"[AUTHENTICATIONFAILED]" in r]
+        throttled = [r for r in replies if b"[UNAVAILABLE] Too many login failures" in r]
+        assert len(failed) + len(throttled) == 60, replies
+        assert 20 <= len(failed) <= 27, (len(failed), len(throttled))
+    finally:
+        pc.stop()
+
+
 def test_one_password_sprayed_over_many_users_is_throttled(dovecot, tmp_path):
     """Reliability case 55: a retried password counts once, but the same password against
     another user is a new attempt, so spraying one password from one address is blocked."""
