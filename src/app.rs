@@ -217,14 +217,33 @@ pub fn check(path: &Path) -> Result<Config, StartError> {
     Ok(rt.config)
 }
 
-/// `dir` exists (made if need be) and a file can be written in it.
+/// Whether ACME could make and write `dir`: it, or the nearest directory above it that exists
+/// (nothing is created here), takes a file. A read-only file system (the unit's
+/// ProtectSystem=strict outside its StateDirectory) or a file in the way is an error; a
+/// permission refused only warns, as `check` may run as another user than the service.
 fn writable_dir(dir: &Path) -> Result<(), String> {
-    let shown = |e: std::io::Error| format!("{}: {e}", dir.display());
-    std::fs::create_dir_all(dir).map_err(shown)?;
-    let probe = dir.join(format!(".portcullis-check-{}", std::process::id()));
-    std::fs::OpenOptions::new().write(true).create_new(true).open(&probe).map_err(shown)?;
-    let _ = std::fs::remove_file(&probe);
-    Ok(())
+    let mut at = dir;
+    while !at.exists() {
+        at = match at.parent() {
+            Some(p) if !p.as_os_str().is_empty() => p,
+            _ => Path::new("."),
+        };
+    }
+    if !at.is_dir() {
+        return Err(format!("{}: {} is not a directory", dir.display(), at.display()));
+    }
+    let probe = at.join(format!(".portcullis-check-{}", std::process::id()));
+    match std::fs::OpenOptions::new().write(true).create_new(true).open(&probe) {
+        Ok(_) => {
+            let _ = std::fs::remove_file(&probe);
+            Ok(())
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => {
+            tracing::warn!(dir = %dir.display(), "acme.state_dir: this user cannot write there; the service's user must be able to");
+            Ok(())
+        }
+        Err(e) => Err(format!("{}: {e}", dir.display())),
+    }
 }
 
 impl App {

@@ -98,7 +98,8 @@ struct Entry {
     last: Instant,
     blocked_until: Option<Instant>,
     recent: VecDeque<u64>,
-    /// Address entries: a hash of the user each recent counted failure was for.
+    /// Whom each recent counted failure is charged to: for an address entry a hash of the user
+    /// it was for, for a user entry a hash of the address key it came from.
     users: VecDeque<u64>,
 }
 
@@ -113,6 +114,14 @@ impl Entry {
 /// A process-local hash of a user name, as address entries remember them.
 fn user_hash(user: &str) -> u64 {
     password_fingerprint(&[b"throttle user", user.as_bytes()])
+}
+
+/// A process-local hash of an address key, as user entries remember them.
+fn address_hash(address: IpAddr) -> u64 {
+    match address {
+        IpAddr::V4(a) => password_fingerprint(&[b"throttle address", &a.octets()]),
+        IpAddr::V6(a) => password_fingerprint(&[b"throttle address", &a.octets()]),
+    }
 }
 
 #[derive(Debug, Default)]
@@ -166,6 +175,12 @@ fn trusted(trusted: &[Cidr], ip: IpAddr) -> bool {
 }
 
 impl Throttle {
+    /// Whether `user` logged in from `address` (a key) in the last `KNOWN_FOR`.
+    fn known_for(&self, address: IpAddr, user: &str) -> bool {
+        let known = self.known.lock().unwrap_or_else(|e| e.into_inner());
+        known.get(&(address, user_hash(user))).is_some_and(|t| t.elapsed() < KNOWN_FOR)
+    }
+
     /// Wait for a turn for a login attempt from `ip` as `user`; keep it until the attempt's
     /// outcome is counted (`success`/`failure`), then drop it. Bounded by the caller's login
     /// deadline.
@@ -173,8 +188,12 @@ impl Throttle {
         if !s.enabled || trusted(&s.trusted, ip) {
             return Attempt { _permits: Vec::new() };
         }
+        let address = ip_key(ip, s.ipv6_prefix);
+        // From an address the user logged in from lately, no turn among the user's attempts:
+        // as the user's limit, they must not queue the user behind guesses from elsewhere.
+        let user = user.filter(|u| !self.known_for(address, u));
         let keys = [
-            Some((Key::Ip(ip_key(ip, s.ipv6_prefix)), IN_FLIGHT_PER_ADDRESS)),
+            Some((Key::Ip(address), IN_FLIGHT_PER_ADDRESS)),
             user.map(|u| (Key::User(u.to_string()), IN_FLIGHT_PER_USER)),
         ];
         let mut permits = Vec::with_capacity(2);
@@ -201,10 +220,7 @@ impl Throttle {
         }
         let now = Instant::now();
         let address = ip_key(ip, s.ipv6_prefix);
-        let known = user.is_some_and(|u| {
-            let known = self.known.lock().unwrap_or_else(|e| e.into_inner());
-            known.get(&(address, user_hash(u))).is_some_and(|t| now.duration_since(*t) < KNOWN_FOR)
-        });
+        let known = user.is_some_and(|u| self.known_for(address, u));
         let mut table = self.table.lock().unwrap_or_else(|e| e.into_inner());
         let mut worst = 0u32;
         // From an address the user logged in from lately, the address's limit alone.
@@ -256,9 +272,13 @@ impl Throttle {
             }
         }
         let keys = [Some(Key::Ip(ip_key(ip, s.ipv6_prefix))), user.map(|u| Key::User(u.to_string()))];
-        let attributed = user.map(user_hash);
+        let for_user = user.map(user_hash);
+        let from_address = address_hash(ip_key(ip, s.ipv6_prefix));
         for key in keys.into_iter().flatten() {
-            let by_address = matches!(key, Key::Ip(_));
+            let attributed = match key {
+                Key::Ip(_) => for_user,
+                Key::User(_) => Some(from_address),
+            };
             let e = table.entry(key).or_insert_with(|| Entry {
                 failures: 0,
                 last: now,
@@ -283,7 +303,7 @@ impl Throttle {
                 e.recent.pop_front();
             }
             e.failures += 1;
-            if by_address && let Some(u) = attributed {
+            if let Some(u) = attributed {
                 e.users.push_back(u);
                 if e.users.len() > ATTRIBUTED_FAILURES {
                     e.users.pop_front();
@@ -311,11 +331,28 @@ impl Throttle {
                     }
                 }
             }
-            known.insert((ip_key(ip, s.ipv6_prefix), user_hash(user)), now);
+            // Not for trusted networks (a webmail server's thousands of users would crowd
+            // out everyone else's entries): they are never throttled anyway.
+            if !trusted(&s.trusted, ip) {
+                known.insert((ip_key(ip, s.ipv6_prefix), user_hash(user)), now);
+            }
         }
+        let address = ip_key(ip, s.ipv6_prefix);
         let mut table = self.table.lock().unwrap_or_else(|e| e.into_inner());
-        table.remove(&Key::User(user.to_string()));
-        let key = Key::Ip(ip_key(ip, s.ipv6_prefix));
+        // The user's failures from this address are taken back (a mistyped password, now
+        // right; a block they alone caused lifts); failures from elsewhere stay, or the user's
+        // own logins would reset a distributed guesser's count and lift its block.
+        let user_key = Key::User(user.to_string());
+        if let Some(e) = table.get_mut(&user_key) {
+            let here = address_hash(address);
+            let before = e.users.len();
+            e.users.retain(|x| *x != here);
+            e.failures = e.failures.saturating_sub((before - e.users.len()) as u32);
+            if e.failures == 0 {
+                table.remove(&user_key);
+            }
+        }
+        let key = Key::Ip(address);
         if let Some(e) = table.get_mut(&key) {
             let u = user_hash(user);
             let before = e.users.len();
@@ -625,6 +662,19 @@ mod tests {
             t.failure(&s, ip(&format!("198.51.100.{i}")), Some("other@example.org"), 100 + i);
         }
         assert_eq!(t.check(&s, home, Some("other@example.org")), Decision::Blocked);
+        // A login from the known address takes back only its own failures: the block the
+        // guesses from elsewhere caused stays for everywhere else.
+        t.success(&s, home, "victim@example.org");
+        assert_eq!(t.check(&s, ip("203.0.113.9"), Some("victim@example.org")), Decision::Blocked);
+        // No turn among the user's attempts from there either: guesses elsewhere holding all of
+        // them do not queue the user at home.
+        let mut held = Vec::new();
+        for i in 0..IN_FLIGHT_PER_USER {
+            held.push(t.attempt(&s, ip(&format!("198.51.100.{}", 100 + i)), Some("victim@example.org")).await);
+        }
+        let at_home = tokio::time::timeout(Duration::from_secs(1), t.attempt(&s, home, Some("victim@example.org")));
+        assert!(at_home.await.is_ok(), "the user at a known address waited for a turn");
+        drop(held);
         // Known for a while, not for ever.
         tokio::time::advance(KNOWN_FOR).await;
         for i in 0..8u64 {
@@ -645,16 +695,20 @@ mod tests {
         for i in 0..40u64 {
             let (t, s) = (t.clone(), s.clone());
             tasks.push(tokio::spawn(async move {
-                let _turn = t.attempt(&s, a, Some(&format!("user{i}"))).await;
-                match t.check(&s, a, Some(&format!("user{i}"))) {
-                    Decision::Blocked => false,
-                    Decision::Allow { delay } => {
-                        // The penalty, then the password check, then the verdict is counted.
-                        tokio::time::sleep(delay + Duration::from_millis(50)).await;
-                        t.failure(&s, a, Some(&format!("user{i}")), i);
-                        true
-                    }
+                // As a session's login does: a first look and its penalty, then a turn and a
+                // second look, then the password check (50 ms) and its verdict counted.
+                let user = format!("user{i}");
+                match t.check(&s, a, Some(&user)) {
+                    Decision::Blocked => return false,
+                    Decision::Allow { delay } => tokio::time::sleep(delay).await,
                 }
+                let _turn = t.attempt(&s, a, Some(&user)).await;
+                if t.check(&s, a, Some(&user)) == Decision::Blocked {
+                    return false;
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                t.failure(&s, a, Some(&user), i);
+                true
             }));
         }
         let mut allowed = 0;

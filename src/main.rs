@@ -99,16 +99,20 @@ fn check(config: &std::path::Path) -> Result<portcullis::config::Config, portcul
 fn hash_password() -> anyhow::Result<String> {
     let mut input = String::new();
     if std::io::IsTerminal::is_terminal(&std::io::stdin()) {
-        // Typed at a terminal: one line, asked for, not shown.
-        let stty = |arg: &str| std::process::Command::new("stty").arg(arg).status().is_ok_and(|s| s.success());
+        // Typed at a terminal: one line, asked for, not shown. A shell reads it, so that its
+        // trap turns echo back on also when Ctrl-C ends this process.
         eprint!("Password: ");
-        let hidden = stty("-echo");
-        let read = std::io::stdin().read_line(&mut input);
-        if hidden {
-            stty("echo");
-        }
+        let script = "trap 'stty echo; exit 130' INT TERM; stty -echo; IFS= read -r p; s=$?; stty echo; \
+                      printf '%s' \"$p\"; exit $s";
+        let out = std::process::Command::new("sh")
+            .args(["-c", script])
+            .stdin(std::process::Stdio::inherit())
+            .stderr(std::process::Stdio::inherit())
+            .output()
+            .context("reading the password")?;
         eprintln!();
-        read.context("reading the password")?;
+        anyhow::ensure!(out.status.success(), "no password read");
+        input = String::from_utf8(out.stdout).context("the password is not UTF-8")?;
     } else {
         std::io::stdin().read_to_string(&mut input).context("reading standard input")?;
     }

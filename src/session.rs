@@ -634,9 +634,6 @@ async fn login(
     let hints = front.hints();
     let throttle_user = rt.config.users.canonical(&creds.user);
     let ip = ctx.peer.ip();
-    // A turn among the attempts in flight from this address and for this user, held until the
-    // outcome is counted below: parallel guesses each see the failures before them.
-    let _turn = ctx.throttle.attempt(&rt.config.throttle, ip, throttle_user.as_deref()).await;
     match ctx.throttle.check(&rt.config.throttle, ip, throttle_user.as_deref()) {
         crate::limits::Decision::Blocked => return Err(LoginError::Throttled { user: throttle_user }),
         crate::limits::Decision::Allow { delay } if !delay.is_zero() => {
@@ -644,6 +641,14 @@ async fn login(
             tokio::time::sleep(delay).await;
         }
         crate::limits::Decision::Allow { .. } => {}
+    }
+    // Then a turn among the attempts in flight from this address and for this user, held only
+    // while the password is checked and until the outcome is counted below (the penalty is
+    // waited out before, holding none), and a second look: guesses sent in parallel each see
+    // the failures of those that went before.
+    let _turn = ctx.throttle.attempt(&rt.config.throttle, ip, throttle_user.as_deref()).await;
+    if ctx.throttle.check(&rt.config.throttle, ip, throttle_user.as_deref()) == crate::limits::Decision::Blocked {
+        return Err(LoginError::Throttled { user: throttle_user });
     }
     let fingerprint = attempt_fingerprint(mechanism, &creds, tls.as_ref());
     let result = login_inner(ctx, mechanism, creds, attempt, tls, hints).await;

@@ -865,3 +865,33 @@ async fn a_health_check_login_tells_no_client_address() {
     assert!(lines.iter().any(|l| l.contains("LOGIN \"probe@example.test\"")), "{lines:?}");
     assert!(!lines.iter().any(|l| l.contains(" ID ")), "{lines:?}");
 }
+
+/// A login penalty is waited out before an attempt takes its turn among those in flight from
+/// its address: correct logins from an address that has a penalty (a stale password on one
+/// phone behind an office's NAT) wait it out side by side, not eight at a time.
+#[tokio::test]
+async fn a_penalty_is_waited_out_side_by_side_not_in_turns() {
+    let backend = FakeBackend::start(Behaviour::Normal).await;
+    let config = plain_config(backend.addr, "")
+        + "\n[throttle]\npenalty_after = 1\npenalty_base = \"2s\"\npenalty_max = \"2s\"\nblock_after = 100\n";
+    let proxy = Proxy::start(&config, USERS).await;
+    let mut c = greeted(&proxy).await;
+    c.send(b"a LOGIN weird@example.test wrong\r\n").await;
+    assert!(c.line().await.starts_with("a NO [AUTHENTICATIONFAILED]"));
+    // Twenty correct logins at once, as another user (whose logins do not take back the
+    // address's failure for weird@): each waits the address's 2 s penalty, at the same time.
+    let mut clients = Vec::new();
+    for _ in 0..20 {
+        clients.push(greeted(&proxy).await);
+    }
+    let start = tokio::time::Instant::now();
+    for c in &mut clients {
+        c.send(b"b LOGIN alice@example.test secret\r\n").await;
+    }
+    for c in &mut clients {
+        let reply = c.until_tagged("b").await;
+        assert!(reply.last().unwrap().starts_with("b OK"), "{reply:?}");
+    }
+    let took = start.elapsed();
+    assert!(took >= Duration::from_secs(2) && took < Duration::from_millis(3500), "{took:?}");
+}

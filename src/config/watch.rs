@@ -127,6 +127,10 @@ fn spawn_with(app: Arc<App>, mut hup: tokio::signal::unix::Signal, inotify: bool
                 continue;
             }
             failed = None;
+            // What this reload is about to read, taken before it: a fix saved while it runs
+            // then differs from it, and its event reloads again (taken after, the fix would
+            // look like what failed, and be skipped).
+            let reading = Failed::now(&app).await;
             match app.reload(force).await {
                 Ok(Reloaded::Applied) => {
                     tracing::info!(config = %app.config_path().display(), "configuration reloaded")
@@ -134,15 +138,15 @@ fn spawn_with(app: Arc<App>, mut hup: tokio::signal::unix::Signal, inotify: bool
                 Ok(Reloaded::Unchanged) => tracing::debug!("configuration files unchanged"),
                 Ok(Reloaded::AcmeFailed(e)) => {
                     tracing::error!(error = %e, "configuration reloaded, but ACME could not be (re)started with it");
-                    failed = Some(Failed::now(&app).await);
+                    failed = Some(reading.clone());
                 }
                 Ok(Reloaded::CertificatesKept(e)) => {
                     tracing::error!(error = %e, "configuration reloaded, but a certificate no longer loads: its previous one is served");
-                    failed = Some(Failed::now(&app).await);
+                    failed = Some(reading.clone());
                 }
                 Err(e) => {
                     tracing::error!(error = %e, "configuration reload failed; keeping the running configuration");
-                    failed = Some(Failed::now(&app).await);
+                    failed = Some(reading.clone());
                 }
             }
             // A directory replaced while the reload ran may hold files it did not read.
@@ -157,7 +161,7 @@ fn spawn_with(app: Arc<App>, mut hup: tokio::signal::unix::Signal, inotify: bool
 /// that loads but failed later, on a certificate say) the contents of every file it names.
 /// Retried only when this changes, so a config that stays broken is not reloaded (and counted
 /// as a failed reload) every few seconds.
-#[derive(PartialEq)]
+#[derive(Clone, PartialEq)]
 enum Failed {
     Load(String),
     Inputs(u64),

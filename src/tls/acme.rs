@@ -333,14 +333,20 @@ pub fn plan_renewal(
 ) -> Plan {
     let life = not_after.duration_since(not_before).unwrap_or(Duration::ZERO);
     match ari {
-        Some((start, end, retry_after)) if end > start => {
+        Some((start, end, retry_after)) if end >= start => {
             let width = end.duration_since(start).unwrap_or(Duration::ZERO);
             let latest = not_before + life.mul_f64(0.9);
             let renew_at = (start + width.mul_f64(random.clamp(0.0, 1.0))).min(latest);
             let recheck = now + retry_after;
             Plan { renew_at, recheck_at: (recheck < renew_at).then_some(recheck) }
         }
-        _ => Plan { renew_at: not_before + life.mul_f64(2.0 / 3.0), recheck_at: None },
+        _ => {
+            let renew_at = not_before + life.mul_f64(2.0 / 3.0);
+            // A malformed window is still asked about again at its Retry-After: the CA may
+            // have mended it (or announce a revocation) long before two thirds of the lifetime.
+            let recheck = ari.map(|(_, _, retry_after)| now + retry_after).filter(|r| *r < renew_at);
+            Plan { renew_at, recheck_at: recheck }
+        }
     }
 }
 
@@ -793,7 +799,8 @@ impl CertTask {
     async fn forget_account(&self) {
         *self.account.lock().await = None;
         let path = self.account_path();
-        let aside = path.with_extension("json.unknown-to-ca");
+        // Named by when, so a second such answer does not overwrite the first key kept.
+        let aside = path.with_extension(format!("json.unknown-to-ca.{}", crate::app::unix_now()));
         tracing::warn!(kept_as = %aside.display(), "ACME: the CA does not know the stored account");
         if let Err(e) = std::fs::rename(&path, &aside) {
             tracing::warn!(file = %path.display(), error = %e, "ACME: cannot move the unknown account aside");
@@ -1478,7 +1485,10 @@ mod tests {
         let retry = Duration::from_secs(6 * 3600);
         let p = plan_renewal(t(1000), t(0), t(90 * day), Some((t(52 * day), t(50 * day), retry)), 0.5);
         assert_eq!(p.renew_at, t(60 * day));
-        assert_eq!(p.recheck_at, None);
+        assert_eq!(p.recheck_at, Some(t(1000 + 6 * 3600)), "asked again at its Retry-After");
+        // A window of one instant is a window.
+        let p = plan_renewal(t(1000), t(0), t(90 * day), Some((t(50 * day), t(50 * day), retry)), 0.5);
+        assert_eq!(p.renew_at, t(50 * day));
         let p = plan_renewal(t(1000), t(0), t(90 * day), Some((t(95 * day), t(97 * day), retry)), 0.5);
         assert_eq!(p.renew_at, t(81 * day));
         assert_eq!(p.recheck_at, Some(t(1000 + 6 * 3600)), "still asked again at its Retry-After");
