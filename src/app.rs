@@ -204,7 +204,7 @@ pub fn check(path: &Path) -> Result<Config, StartError> {
     let config = Config::load(path)?;
     if let Some(acme) = &config.acme {
         // What `run` would find only when ACME starts (a read-only file system under the
-        // unit's ProtectSystem=strict, a directory of another user's), at its line.
+        // unit's ProtectSystem=strict, a directory the service's user may not write), at its line.
         writable_dir(&acme.state_dir).map_err(|message| ConfigError {
             file: config.path.clone(),
             position: crate::config::locate(&config.path, "acme.state_dir"),
@@ -238,7 +238,8 @@ fn writable_dir(dir: &Path) -> Result<(), String> {
             let _ = std::fs::remove_file(&probe);
             Ok(())
         }
-        Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => {
+        // Under systemd (ExecStartPre) `check` runs as the service's user: there it is an error.
+        Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied && std::env::var_os("INVOCATION_ID").is_none() => {
             tracing::warn!(dir = %dir.display(), "acme.state_dir: this user cannot write there; the service's user must be able to");
             Ok(())
         }

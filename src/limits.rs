@@ -6,8 +6,9 @@
 //! Dovecot's auth penalty does); past `block_after` the address or user is refused outright with
 //! the protocol's temporary error until `cooldown` has passed. Repeating the same wrong password
 //! does not escalate (clients retry stored passwords); a correct password within the limits
-//! logs in and clears that user's counter and, from the address's, the failures that were that
-//! user's (a valid account of one's own must not reset a password spray against others);
+//! logs in and takes back the failures that were its own: from the user's counter those from
+//! its address, from the address's those for that user (a valid account of one's own must not
+//! reset a password spray against others, nor a user's own login a distributed guesser's count);
 //! auth-service outages never count; trusted networks are exempt. Counters forget after `window` without failures and are pruned on a timer, and the
 //! tables are capped, so memory stays bounded.
 //!
@@ -312,10 +313,10 @@ impl Throttle {
         }
     }
 
-    /// A successful login clears the user's counter, and takes back from the address's the
-    /// failures that were for this user (a mistyped password, now right). Failures from the
-    /// address for other users stay: logging in to an account of one's own between guesses
-    /// at others' must not lift the address's limit.
+    /// A successful login takes back from the user's counter the failures from this address,
+    /// and from the address's those that were for this user (a mistyped password, now right).
+    /// The rest stay: logging in to an account of one's own between guesses at others' must not
+    /// lift the address's limit, nor the user's own login a block guesses from elsewhere caused.
     pub fn success(&self, s: &ThrottleSettings, ip: IpAddr, user: &str) {
         if s.enabled {
             let now = Instant::now();

@@ -108,11 +108,18 @@ fn hash_password() -> anyhow::Result<String> {
             .args(["-c", script])
             .stdin(std::process::Stdio::inherit())
             .stderr(std::process::Stdio::inherit())
-            .output()
-            .context("reading the password")?;
-        eprintln!();
-        anyhow::ensure!(out.status.success(), "no password read");
-        input = String::from_utf8(out.stdout).context("the password is not UTF-8")?;
+            .output();
+        match out {
+            Ok(out) => {
+                eprintln!();
+                anyhow::ensure!(out.status.success(), "no password read");
+                input = String::from_utf8(out.stdout).context("the password is not UTF-8")?;
+            }
+            // No shell (the distroless image): read it as typed, shown.
+            Err(_) => {
+                std::io::stdin().read_line(&mut input).context("reading the password")?;
+            }
+        }
     } else {
         std::io::stdin().read_to_string(&mut input).context("reading standard input")?;
     }

@@ -634,25 +634,30 @@ async fn login(
     let hints = front.hints();
     let throttle_user = rt.config.users.canonical(&creds.user);
     let ip = ctx.peer.ip();
-    match ctx.throttle.check(&rt.config.throttle, ip, throttle_user.as_deref()) {
-        crate::limits::Decision::Blocked => return Err(LoginError::Throttled { user: throttle_user }),
-        crate::limits::Decision::Allow { delay } if !delay.is_zero() => {
-            tracing::debug!(session = %ctx.id, delay = ?delay, "login penalty");
-            tokio::time::sleep(delay).await;
+    // The penalty is waited out holding no turn; then a turn among the attempts in flight from
+    // this address and for this user, held while the password is checked and until the outcome
+    // is counted below, and another look: guesses sent in parallel each see the failures of
+    // those that went before, and wait out the penalty those brought (turn let go meanwhile).
+    let s = &rt.config.throttle;
+    let mut waited = Duration::ZERO;
+    let mut turn = None;
+    let _turn = loop {
+        match ctx.throttle.check(s, ip, throttle_user.as_deref()) {
+            crate::limits::Decision::Blocked => return Err(LoginError::Throttled { user: throttle_user }),
+            crate::limits::Decision::Allow { delay } if delay > waited => {
+                drop(turn.take());
+                tracing::debug!(session = %ctx.id, delay = ?delay, "login penalty");
+                tokio::time::sleep(delay - waited).await;
+                waited = delay;
+            }
+            crate::limits::Decision::Allow { .. } => match turn.take() {
+                Some(t) => break t,
+                None => turn = Some(ctx.throttle.attempt(s, ip, throttle_user.as_deref()).await),
+            },
         }
-        crate::limits::Decision::Allow { .. } => {}
-    }
-    // Then a turn among the attempts in flight from this address and for this user, held only
-    // while the password is checked and until the outcome is counted below (the penalty is
-    // waited out before, holding none), and a second look: guesses sent in parallel each see
-    // the failures of those that went before.
-    let _turn = ctx.throttle.attempt(&rt.config.throttle, ip, throttle_user.as_deref()).await;
-    if ctx.throttle.check(&rt.config.throttle, ip, throttle_user.as_deref()) == crate::limits::Decision::Blocked {
-        return Err(LoginError::Throttled { user: throttle_user });
-    }
+    };
     let fingerprint = attempt_fingerprint(mechanism, &creds, tls.as_ref());
     let result = login_inner(ctx, mechanism, creds, attempt, tls, hints).await;
-    let s = &rt.config.throttle;
     match &result {
         Ok((_, user, _, _, _)) => {
             ctx.throttle.success(s, ip, user);

@@ -895,3 +895,34 @@ async fn a_penalty_is_waited_out_side_by_side_not_in_turns() {
     let took = start.elapsed();
     assert!(took >= Duration::from_secs(2) && took < Duration::from_millis(3500), "{took:?}");
 }
+
+/// Guesses sent at once over many connections from one address: those that go after others
+/// have failed wait out the penalty those failures brought, as one after another would (an
+/// attempt looks at the counts again after its wait, and again once it has its turn).
+#[tokio::test]
+async fn parallel_guesses_wait_out_the_penalty_the_ones_before_brought() {
+    let backend = FakeBackend::start(Behaviour::Normal).await;
+    let config = plain_config(backend.addr, "")
+        + "\n[throttle]\npenalty_after = 1\npenalty_base = \"1s\"\npenalty_max = \"4s\"\nblock_after = 100\nuser_block_after = 100\n";
+    let proxy = Proxy::start(&config, USERS).await;
+    // One failure first: every guess below starts with the same 1 s penalty.
+    let mut c = greeted(&proxy).await;
+    c.send(b"a LOGIN alice@example.test guess\r\n").await;
+    assert!(c.line().await.starts_with("a NO [AUTHENTICATIONFAILED]"));
+    let mut clients = Vec::new();
+    for _ in 0..12 {
+        clients.push(greeted(&proxy).await);
+    }
+    let start = tokio::time::Instant::now();
+    for (i, c) in clients.iter_mut().enumerate() {
+        c.send(format!("a LOGIN alice@example.test guess{i}\r\n").as_bytes()).await;
+    }
+    let mut slowest = Duration::ZERO;
+    for c in &mut clients {
+        assert!(c.line().await.starts_with("a NO [AUTHENTICATIONFAILED]"));
+        slowest = slowest.max(start.elapsed());
+    }
+    // After the 1 s, four (the user's turns) go at once; the rest then find five failures
+    // counted, a 4 s penalty, and wait the 3 s more.
+    assert!(slowest >= Duration::from_millis(3500), "{slowest:?}");
+}
