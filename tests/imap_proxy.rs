@@ -442,10 +442,7 @@ async fn a_restarting_backend_is_tried_again_within_the_connect_timeout() {
     let proxy = Proxy::start(&config, USERS).await;
     // More logins at once than the backend's `fall` (3): waiting out a restart, they must not
     // mark it down and fail each other.
-    let mut clients = Vec::new();
-    for _ in 0..4 {
-        clients.push(greeted(&proxy).await);
-    }
+    let mut clients = greeted_many(&proxy, 4).await;
     let start = tokio::time::Instant::now();
     for c in &mut clients {
         c.send(b"a LOGIN alice@example.test secret\r\n").await;
@@ -871,19 +868,11 @@ async fn a_health_check_login_tells_no_client_address() {
 /// phone behind an office's NAT) wait it out side by side, not eight at a time.
 #[tokio::test]
 async fn a_penalty_is_waited_out_side_by_side_not_in_turns() {
-    let backend = FakeBackend::start(Behaviour::Normal).await;
-    let config = plain_config(backend.addr, "")
-        + "\n[throttle]\npenalty_after = 1\npenalty_base = \"2s\"\npenalty_max = \"2s\"\nblock_after = 100\n";
-    let proxy = Proxy::start(&config, USERS).await;
-    let mut c = greeted(&proxy).await;
-    c.send(b"a LOGIN weird@example.test wrong\r\n").await;
-    assert!(c.line().await.starts_with("a NO [AUTHENTICATIONFAILED]"));
+    let throttle = "penalty_after = 1\npenalty_base = \"2s\"\npenalty_max = \"2s\"\nblock_after = 100";
+    let (proxy, _backend) = after_one_failure(throttle, "weird@example.test").await;
     // Twenty correct logins at once, as another user (whose logins do not take back the
     // address's failure for weird@): each waits the address's 2 s penalty, at the same time.
-    let mut clients = Vec::new();
-    for _ in 0..20 {
-        clients.push(greeted(&proxy).await);
-    }
+    let mut clients = greeted_many(&proxy, 20).await;
     let start = tokio::time::Instant::now();
     for c in &mut clients {
         c.send(b"b LOGIN alice@example.test secret\r\n").await;
@@ -901,18 +890,11 @@ async fn a_penalty_is_waited_out_side_by_side_not_in_turns() {
 /// attempt looks at the counts again after its wait, and again once it has its turn).
 #[tokio::test]
 async fn parallel_guesses_wait_out_the_penalty_the_ones_before_brought() {
-    let backend = FakeBackend::start(Behaviour::Normal).await;
-    let config = plain_config(backend.addr, "")
-        + "\n[throttle]\npenalty_after = 1\npenalty_base = \"1s\"\npenalty_max = \"4s\"\nblock_after = 100\nuser_block_after = 100\n";
-    let proxy = Proxy::start(&config, USERS).await;
+    let throttle =
+        "penalty_after = 1\npenalty_base = \"1s\"\npenalty_max = \"4s\"\nblock_after = 100\nuser_block_after = 100";
     // One failure first: every guess below starts with the same 1 s penalty.
-    let mut c = greeted(&proxy).await;
-    c.send(b"a LOGIN alice@example.test guess\r\n").await;
-    assert!(c.line().await.starts_with("a NO [AUTHENTICATIONFAILED]"));
-    let mut clients = Vec::new();
-    for _ in 0..12 {
-        clients.push(greeted(&proxy).await);
-    }
+    let (proxy, _backend) = after_one_failure(throttle, "alice@example.test").await;
+    let mut clients = greeted_many(&proxy, 12).await;
     let start = tokio::time::Instant::now();
     for (i, c) in clients.iter_mut().enumerate() {
         c.send(format!("a LOGIN alice@example.test guess{i}\r\n").as_bytes()).await;
@@ -925,4 +907,25 @@ async fn parallel_guesses_wait_out_the_penalty_the_ones_before_brought() {
     // After the 1 s, four (the user's turns) go at once; the rest then find five failures
     // counted, a 4 s penalty, and wait the 3 s more.
     assert!(slowest >= Duration::from_millis(3500), "{slowest:?}");
+}
+
+/// A proxy with these `[throttle]` settings, after one failed login as `user` from the address
+/// the tests' clients use.
+async fn after_one_failure(throttle: &str, user: &str) -> (Proxy, FakeBackend) {
+    let backend = FakeBackend::start(Behaviour::Normal).await;
+    let config = plain_config(backend.addr, "") + "\n[throttle]\n" + throttle + "\n";
+    let proxy = Proxy::start(&config, USERS).await;
+    let mut c = greeted(&proxy).await;
+    c.send(format!("a LOGIN {user} wrong\r\n").as_bytes()).await;
+    assert!(c.line().await.starts_with("a NO [AUTHENTICATIONFAILED]"));
+    (proxy, backend)
+}
+
+/// `n` clients connected and greeted, none logged in.
+async fn greeted_many(proxy: &Proxy, n: usize) -> Vec<Client<tokio::net::TcpStream>> {
+    let mut clients = Vec::with_capacity(n);
+    for _ in 0..n {
+        clients.push(greeted(proxy).await);
+    }
+    clients
 }

@@ -120,17 +120,14 @@ fn spawn_with(app: Arc<App>, mut hup: tokio::signal::unix::Signal, inotify: bool
             // After a failed reload, an event that changed nothing it failed on (an editor's
             // swap file beside the config, another file in a busy directory) is not another
             // failed reload, error line and count; a SIGHUP always is.
-            if !force
-                && let Some(f) = &failed
-                && *f == Failed::now(&app).await
-            {
-                continue;
-            }
-            failed = None;
             // What this reload is about to read, taken before it: a fix saved while it runs
             // then differs from it, and its event reloads again (taken after, the fix would
             // look like what failed, and be skipped).
             let reading = Failed::now(&app).await;
+            if !force && failed.as_ref() == Some(&reading) {
+                continue;
+            }
+            failed = None;
             match app.reload(force).await {
                 Ok(Reloaded::Applied) => {
                     tracing::info!(config = %app.config_path().display(), "configuration reloaded")
@@ -138,15 +135,15 @@ fn spawn_with(app: Arc<App>, mut hup: tokio::signal::unix::Signal, inotify: bool
                 Ok(Reloaded::Unchanged) => tracing::debug!("configuration files unchanged"),
                 Ok(Reloaded::AcmeFailed(e)) => {
                     tracing::error!(error = %e, "configuration reloaded, but ACME could not be (re)started with it");
-                    failed = Some(reading.clone());
+                    failed = Some(reading);
                 }
                 Ok(Reloaded::CertificatesKept(e)) => {
                     tracing::error!(error = %e, "configuration reloaded, but a certificate no longer loads: its previous one is served");
-                    failed = Some(reading.clone());
+                    failed = Some(reading);
                 }
                 Err(e) => {
                     tracing::error!(error = %e, "configuration reload failed; keeping the running configuration");
-                    failed = Some(reading.clone());
+                    failed = Some(reading);
                 }
             }
             // A directory replaced while the reload ran may hold files it did not read.
@@ -161,7 +158,7 @@ fn spawn_with(app: Arc<App>, mut hup: tokio::signal::unix::Signal, inotify: bool
 /// that loads but failed later, on a certificate say) the contents of every file it names.
 /// Retried only when this changes, so a config that stays broken is not reloaded (and counted
 /// as a failed reload) every few seconds.
-#[derive(Clone, PartialEq)]
+#[derive(PartialEq)]
 enum Failed {
     Load(String),
     Inputs(u64),
