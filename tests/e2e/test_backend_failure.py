@@ -144,6 +144,17 @@ max_connections_per_ip = 0
                     waiting = c
                     break
             held.append(c)
+
+        # The waiting client makes every accept fail (EMFILE). The failure is waited out, 5 ms
+        # doubling to 1 s, not retried in a loop that would take a core and fill the log.
+        def cpu_seconds():
+            fields = open(f"/proc/{pc.proc.pid}/stat").read().rsplit(")", 1)[1].split()
+            return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+        cpu, logged = cpu_seconds(), pc.log().count("accept failed")
+        time.sleep(3)
+        cpu, logged = cpu_seconds() - cpu, pc.log().count("accept failed") - logged
+        assert cpu < 0.5 and 1 <= logged <= 15, f"{cpu:.2f} s of CPU and {logged} accept failures logged in 3 s"
         # One descriptor freed: the waiting client takes it, none is left for the backend. Each
         # client after it takes the descriptor the one before gave back.
         held.pop().close()
