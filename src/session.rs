@@ -686,99 +686,15 @@ async fn login_inner(
     tls: Option<TlsInfo>,
     hints: crate::protocol::ClientHints,
 ) -> Result<(LoggedIn, String, String, SessionGuard, crate::limits::UserSlot), LoginError> {
-    let rt = &ctx.runtime;
-    let limits = &rt.config.limits;
-    let protocol = ctx.listener.protocol;
-    // `unchecked`: an auth service answered OK without an Auth-Pass of its own, so the client's
-    // password goes to the backend, and the service may only route (nginx and Angie document
-    // that use): the backend's refusal of it may be a guess like any other.
-    let (user, target, deferred, creds, unchecked) = match &rt.auth_http {
-        Some(service) => {
-            let Some(user) = rt.config.users.canonical(&creds.user) else {
-                return Err(LoginError::Bad { user: None, reason: "malformed" });
-            };
-            let external = mechanism == crate::protocol::Mechanism::External;
-            let q = crate::auth::http::Query {
-                protocol,
-                method: if external { "external" } else { "plain" },
-                user: &creds.user,
-                password: creds.password.expose(),
-                attempt,
-                client_ip: ctx.peer.ip(),
-                helo: hints.helo.as_deref(),
-                tls,
-            };
-            let asked = Instant::now();
-            let answer = service.query(&q).await;
-            metrics().auth_duration.with_label_values(&["http"]).observe(asked.elapsed().as_secs_f64());
-            match answer {
-                Err(e) => {
-                    // Reliability case 61: an outage is never the user's failure.
-                    tracing::warn!(session = %ctx.id, error = %e, "auth service unavailable");
-                    return Err(LoginError::Unavailable("auth_service_error"));
-                }
-                Ok(crate::auth::http::Answer::Fail { message, wait, error_code }) => {
-                    return Err(LoginError::Denied { user: Some(user), text: message, wait, code: error_code });
-                }
-                Ok(crate::auth::http::Answer::Ok { server, port, user: new_user, pass, transport, client_address }) => {
-                    // One the protocol cannot send (XCLIENT for IMAP, ID for POP3 and SMTP),
-                    // refused as the config refuses it: not a login that tells no address.
-                    if let Some(c) = client_address
-                        && !c.fits(protocol)
-                    {
-                        tracing::warn!(session = %ctx.id, client_address = ?c, protocol = protocol.as_str(), "auth service answered with an Auth-Client-Address this protocol cannot send");
-                        return Err(LoginError::Unavailable("auth_service_error"));
-                    }
-                    let target = service_target(&rt.config, protocol, &server, port, transport, client_address)
-                        .ok_or(LoginError::Unavailable("backend_unavailable"))?;
-                    // An Auth-User that is no usable name (empty, spaces, too long) is the
-                    // service's fault: never the client's own name in its place, which master
-                    // and XCLIENT logins would open.
-                    let user = match &new_user {
-                        Some(u) => rt.config.users.canonical(u).ok_or_else(|| {
-                            tracing::warn!(session = %ctx.id, "auth service answered with an unusable Auth-User");
-                            LoginError::Unavailable("auth_service_error")
-                        })?,
-                        None => user,
-                    };
-                    let unchecked = pass.is_none();
-                    let creds = Credentials {
-                        user: new_user.unwrap_or(creds.user),
-                        password: pass.map(crate::auth::Password::new).unwrap_or(creds.password),
-                    };
-                    (user, target, false, creds, unchecked)
-                }
-            }
-        }
-        // The front ends offer EXTERNAL only with an auth service; nothing else can judge it.
-        None if mechanism == crate::protocol::Mechanism::External => {
-            return Err(LoginError::Bad { user: None, reason: "malformed" });
-        }
-        None => {
-            let asked = Instant::now();
-            let verdict = auth::authenticate(&rt.config, &creds).await;
-            let source =
-                if matches!(rt.config.auth, crate::config::AuthSource::Backend) { "backend" } else { "passwd_file" };
-            metrics().auth_duration.with_label_values(&[source]).observe(asked.elapsed().as_secs_f64());
-            let (user, pinned, deferred) = match verdict {
-                Verdict::Rejected { user } => return Err(LoginError::Bad { user, reason: "bad_credentials" }),
-                Verdict::Accepted { user, backends } => (user, backends, false),
-                Verdict::Deferred { user } => (user, Vec::new(), true),
-            };
-            let Some(target) = crate::route::target(&rt.config, protocol, &user, &pinned) else {
-                tracing::warn!(session = %ctx.id, user = %logging::safe_user(Some(&user)), "no route for user");
-                return Err(LoginError::Unavailable("backend_unavailable"));
-            };
-            (user, target, deferred, creds, false)
-        }
-    };
+    let Authorized { user, target, judged, creds } =
+        authorize(ctx, mechanism, creds, attempt, tls, hints.helo.as_deref()).await?;
     // Where the backend has yet to verify the password, the slot is taken only once it has:
     // wrong-password attempts in flight must not fill the user's cap and lock the user out. A
     // cap already full is answered before the backend is asked (no backend login for a user
     // who could not have a session anyway), so there a client without the password learns
     // that the user is at the cap; the answer is paced like a failure.
-    let max_sessions = limits.max_sessions_per_user;
-    let user_slot = if deferred {
+    let max_sessions = ctx.runtime.config.limits.max_sessions_per_user;
+    let user_slot = if judged == Judged::ByBackend {
         if ctx.connections.user_full(&user, max_sessions) {
             return Err(LoginError::TooManySessions { user });
         }
@@ -789,7 +705,7 @@ async fn login_inner(
             None => return Err(LoginError::TooManySessions { user }),
         }
     };
-    let plan = crate::route::plan(&target, protocol, &user, &ctx.health);
+    let plan = crate::route::plan(&target, ctx.listener.protocol, &user, &ctx.health);
     let info = ClientInfo {
         peer: ctx.peer,
         local: ctx.local,
@@ -800,11 +716,12 @@ async fn login_inner(
         esmtp: hints.esmtp,
         probe: false,
     };
+    let login = BackendLoginOf { ctx, info: &info, user: &user, creds: &creds, judged, route: &plan.target };
     // Reliability case 64: a backend that refuses the connection (RST: restarting, say) is
     // tried again every second until backend_connect_timeout has passed since the first try,
     // as Dovecot's proxy does, instead of failing the login at once; counted against its
     // health once, when the retries end. Other failures are not retried.
-    let retry_until = Instant::now() + limits.backend_connect_timeout;
+    let retry_until = Instant::now() + ctx.runtime.config.limits.backend_connect_timeout;
     let mut candidates: Vec<&Arc<Backend>> = plan.candidates.iter().collect();
     loop {
         let mut refused: Vec<&Arc<Backend>> = Vec::new();
@@ -823,18 +740,8 @@ async fn login_inner(
                 tracing::warn!(session = %ctx.id, backend = %backend.name, "EXTERNAL login: the auth service sent no Auth-Pass to replay");
                 return Err(LoginError::Unavailable("auth_service_error"));
             }
-            let started = Instant::now();
-            let result =
-                tokio::time::timeout(limits.backend_login_timeout, backend_login(ctx, backend, &info, &user, &creds))
-                    .await
-                    .unwrap_or(Err(BackendError::Protocol("backend login timed out")));
-            let m = metrics();
-            m.backend_login_duration.with_label_values(&[backend.label()]).observe(started.elapsed().as_secs_f64());
-            if let Err(e) = &result {
-                m.backend_errors.with_label_values(&[backend.label(), e.reason()]).inc();
-            }
-            match result {
-                Ok(logged_in) => {
+            match login.on(backend).await {
+                Tried::In(logged_in) => {
                     // Others refused while this one took the session: no restart to wait out
                     // there, they count against their health now (reliability case 65).
                     for other in &refused {
@@ -854,51 +761,9 @@ async fn login_inner(
                     };
                     return Ok((logged_in, user, backend.name.clone(), guard, user_slot));
                 }
-                Err(BackendError::Rejected) if deferred => {
-                    return Err(LoginError::Bad { user: Some(user), reason: "bad_credentials" });
-                }
-                // The client's own password, which only the backend checked: maybe a guess.
-                Err(BackendError::Rejected) if unchecked && backend.login == crate::config::BackendLogin::Replay => {
-                    return Err(LoginError::Bad { user: Some(user), reason: "backend_rejected" });
-                }
-                Err(BackendError::Rejected) => return Err(LoginError::BackendRejected { user }),
-                Err(BackendError::InUse) => {
-                    // The user's own state (another session holds the mailbox): a temporary failure
-                    // for this user, not a fault of the backend, and the same on every replica.
-                    return Err(LoginError::InUse);
-                }
-                Err(BackendError::ClientRefused { temporary }) => {
-                    // The client's own choice, the same on every replica: no failover, and no count
-                    // against the backend (a client could otherwise mark a pool down at will).
-                    tracing::info!(session = %ctx.id, backend = %backend.name, temporary, "backend refused the client's EHLO name");
-                    return Err(LoginError::ClientRefused { temporary });
-                }
-                Err(e @ BackendError::Local(_)) => {
-                    // Out of descriptors, memory or ports here: not the backend's fault (a connection
-                    // flood on the proxy must not mark its backends down). The next one is tried: no
-                    // free local port is a shortage toward one destination only.
-                    tracing::warn!(session = %ctx.id, backend = %backend.name, error = %e, "cannot connect to the backend: out of local resources");
-                }
-                Err(e @ BackendError::LoginRefused) => {
-                    // Maybe the user's own condition (Dovecot's per-user connection limit): the next
-                    // backend is tried, and this one's health is left to what sessions see before
-                    // the credentials and to its active checks.
-                    tracing::warn!(session = %ctx.id, backend = %backend.name, route = %plan.target, reason = e.reason(), "backend refused the login for now");
-                }
-                Err(e) => {
-                    // Reliability cases 64-66: count it against the backend, try the next one. A
-                    // refused connection counts only if it is still refused when the retries
-                    // end: logins that wait out a restart must not mark the backend down (and
-                    // so fail the logins after them at once). Any other failure counts, also in
-                    // a later round (a backend back on its port that cannot log in yet): the
-                    // refusals before it were not counted.
-                    if matches!(&e, BackendError::Connect(io) if io.kind() == std::io::ErrorKind::ConnectionRefused) {
-                        refused.push(backend);
-                    } else {
-                        ctx.health.failure(backend, Source::Session, backend.health.fall, e.reason());
-                        tracing::warn!(session = %ctx.id, backend = %backend.name, route = %plan.target, reason = e.reason(), error = %e, "backend login failed");
-                    }
-                }
+                Tried::Over(e) => return Err(e),
+                Tried::Refused => refused.push(backend),
+                Tried::Next => {}
             }
         }
         if refused.is_empty() || Instant::now() + BACKEND_RETRY > retry_until {
@@ -912,6 +777,206 @@ async fn login_inner(
         candidates = refused;
     }
     Err(LoginError::Unavailable("backend_unavailable"))
+}
+
+/// Who checks the password the client gave.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Judged {
+    /// The proxy did (its users file), or an auth service that answered with the password to
+    /// use; or the backend never sees the client's (a master or XCLIENT login).
+    Proxy,
+    /// Only the backend, as `[auth] source = "backend"` says: its refusal is a wrong password.
+    ByBackend,
+    /// An auth service answered OK without an Auth-Pass of its own, so the client's password
+    /// goes to the backend, and the service may only route (nginx and Angie document that
+    /// use): a replayed login's refusal may be a guess like any other.
+    ServiceRouted,
+}
+
+/// A login whose credentials have been judged (or left to the backend), and where it goes.
+struct Authorized {
+    user: String,
+    target: crate::config::Target,
+    judged: Judged,
+    /// What the backend login sends: the client's, or the auth service's Auth-User/Auth-Pass.
+    creds: Credentials,
+}
+
+/// Ask the auth service, or else the configured source, about the client's credentials.
+async fn authorize(
+    ctx: &SessionCtx,
+    mechanism: crate::protocol::Mechanism,
+    creds: Credentials,
+    attempt: u32,
+    tls: Option<TlsInfo>,
+    helo: Option<&str>,
+) -> Result<Authorized, LoginError> {
+    let rt = &ctx.runtime;
+    let protocol = ctx.listener.protocol;
+    let Some(service) = &rt.auth_http else {
+        // The front ends offer EXTERNAL only with an auth service; nothing else can judge it.
+        if mechanism == crate::protocol::Mechanism::External {
+            return Err(LoginError::Bad { user: None, reason: "malformed" });
+        }
+        let asked = Instant::now();
+        let verdict = auth::authenticate(&rt.config, &creds).await;
+        let source =
+            if matches!(rt.config.auth, crate::config::AuthSource::Backend) { "backend" } else { "passwd_file" };
+        metrics().auth_duration.with_label_values(&[source]).observe(asked.elapsed().as_secs_f64());
+        let (user, pinned, judged) = match verdict {
+            Verdict::Rejected { user } => return Err(LoginError::Bad { user, reason: "bad_credentials" }),
+            Verdict::Accepted { user, backends } => (user, backends, Judged::Proxy),
+            Verdict::Deferred { user } => (user, Vec::new(), Judged::ByBackend),
+        };
+        let Some(target) = crate::route::target(&rt.config, protocol, &user, &pinned) else {
+            tracing::warn!(session = %ctx.id, user = %logging::safe_user(Some(&user)), "no route for user");
+            return Err(LoginError::Unavailable("backend_unavailable"));
+        };
+        return Ok(Authorized { user, target, judged, creds });
+    };
+    let Some(user) = rt.config.users.canonical(&creds.user) else {
+        return Err(LoginError::Bad { user: None, reason: "malformed" });
+    };
+    let external = mechanism == crate::protocol::Mechanism::External;
+    let q = crate::auth::http::Query {
+        protocol,
+        method: if external { "external" } else { "plain" },
+        user: &creds.user,
+        password: creds.password.expose(),
+        attempt,
+        client_ip: ctx.peer.ip(),
+        helo,
+        tls,
+    };
+    let asked = Instant::now();
+    let answer = service.query(&q).await;
+    metrics().auth_duration.with_label_values(&["http"]).observe(asked.elapsed().as_secs_f64());
+    let (server, port, new_user, pass, transport, client_address) = match answer {
+        Err(e) => {
+            // Reliability case 61: an outage is never the user's failure.
+            tracing::warn!(session = %ctx.id, error = %e, "auth service unavailable");
+            return Err(LoginError::Unavailable("auth_service_error"));
+        }
+        Ok(crate::auth::http::Answer::Fail { message, wait, error_code }) => {
+            return Err(LoginError::Denied { user: Some(user), text: message, wait, code: error_code });
+        }
+        Ok(crate::auth::http::Answer::Ok { server, port, user, pass, transport, client_address }) => {
+            (server, port, user, pass, transport, client_address)
+        }
+    };
+    // One the protocol cannot send (XCLIENT for IMAP, ID for POP3 and SMTP), refused as the
+    // config refuses it: not a login that tells no address.
+    if let Some(c) = client_address
+        && !c.fits(protocol)
+    {
+        tracing::warn!(session = %ctx.id, client_address = ?c, protocol = protocol.as_str(), "auth service answered with an Auth-Client-Address this protocol cannot send");
+        return Err(LoginError::Unavailable("auth_service_error"));
+    }
+    let target = service_target(&rt.config, protocol, &server, port, transport, client_address)
+        .ok_or(LoginError::Unavailable("backend_unavailable"))?;
+    // An Auth-User that is no usable name (empty, spaces, too long) is the service's fault:
+    // never the client's own name in its place, which master and XCLIENT logins would open.
+    let user = match &new_user {
+        Some(u) => rt.config.users.canonical(u).ok_or_else(|| {
+            tracing::warn!(session = %ctx.id, "auth service answered with an unusable Auth-User");
+            LoginError::Unavailable("auth_service_error")
+        })?,
+        None => user,
+    };
+    let judged = if pass.is_none() { Judged::ServiceRouted } else { Judged::Proxy };
+    let creds = Credentials {
+        user: new_user.unwrap_or(creds.user),
+        password: pass.map(crate::auth::Password::new).unwrap_or(creds.password),
+    };
+    Ok(Authorized { user, target, judged, creds })
+}
+
+/// What one backend made of the login.
+enum Tried {
+    In(LoggedIn),
+    /// The login ends here: the answer holds on every backend (the user's password or state, the
+    /// client's own choice).
+    Over(LoginError),
+    /// It refused the connection: tried again in the next round.
+    Refused,
+    /// Another failure, counted against it: the next backend is tried.
+    Next,
+}
+
+/// One login, as each backend it may go to is asked to take it.
+struct BackendLoginOf<'a> {
+    ctx: &'a SessionCtx,
+    info: &'a ClientInfo,
+    user: &'a str,
+    creds: &'a Credentials,
+    judged: Judged,
+    /// The route's name, for the log.
+    route: &'a str,
+}
+
+impl BackendLoginOf<'_> {
+    async fn on(&self, backend: &Backend) -> Tried {
+        let (ctx, user) = (self.ctx, self.user);
+        let started = Instant::now();
+        let result = tokio::time::timeout(
+            ctx.runtime.config.limits.backend_login_timeout,
+            backend_login(ctx, backend, self.info, user, self.creds),
+        )
+        .await
+        .unwrap_or(Err(BackendError::Protocol("backend login timed out")));
+        let m = metrics();
+        m.backend_login_duration.with_label_values(&[backend.label()]).observe(started.elapsed().as_secs_f64());
+        let e = match result {
+            Ok(logged_in) => return Tried::In(logged_in),
+            Err(e) => e,
+        };
+        m.backend_errors.with_label_values(&[backend.label(), e.reason()]).inc();
+        let replayed = backend.login == crate::config::BackendLogin::Replay;
+        match e {
+            BackendError::Rejected if self.judged == Judged::ByBackend => {
+                Tried::Over(LoginError::Bad { user: Some(user.to_string()), reason: "bad_credentials" })
+            }
+            // The client's own password, which only the backend checked: maybe a guess.
+            BackendError::Rejected if self.judged == Judged::ServiceRouted && replayed => {
+                Tried::Over(LoginError::Bad { user: Some(user.to_string()), reason: "backend_rejected" })
+            }
+            BackendError::Rejected => Tried::Over(LoginError::BackendRejected { user: user.to_string() }),
+            // The user's own state (another session holds the mailbox): a temporary failure for
+            // this user, not a fault of the backend, and the same on every replica.
+            BackendError::InUse => Tried::Over(LoginError::InUse),
+            BackendError::ClientRefused { temporary } => {
+                // The client's own choice, the same on every replica: no failover, and no count
+                // against the backend (a client could otherwise mark a pool down at will).
+                tracing::info!(session = %ctx.id, backend = %backend.name, temporary, "backend refused the client's EHLO name");
+                Tried::Over(LoginError::ClientRefused { temporary })
+            }
+            e @ BackendError::Local(_) => {
+                // Out of descriptors, memory or ports here: not the backend's fault (a connection
+                // flood on the proxy must not mark its backends down). The next one is tried: no
+                // free local port is a shortage toward one destination only.
+                tracing::warn!(session = %ctx.id, backend = %backend.name, error = %e, "cannot connect to the backend: out of local resources");
+                Tried::Next
+            }
+            e @ BackendError::LoginRefused => {
+                // Maybe the user's own condition (Dovecot's per-user connection limit): the next
+                // backend is tried, and this one's health is left to what sessions see before
+                // the credentials and to its active checks.
+                tracing::warn!(session = %ctx.id, backend = %backend.name, route = %self.route, reason = e.reason(), "backend refused the login for now");
+                Tried::Next
+            }
+            // Reliability cases 64-66: a refused connection counts against the backend only if
+            // it is still refused when the retries end: logins that wait out a restart must not
+            // mark the backend down (and so fail the logins after them at once). Any other
+            // failure counts, also in a later round (a backend back on its port that cannot log
+            // in yet): the refusals before it were not counted.
+            BackendError::Connect(io) if io.kind() == std::io::ErrorKind::ConnectionRefused => Tried::Refused,
+            e => {
+                ctx.health.failure(backend, Source::Session, backend.health.fall, e.reason());
+                tracing::warn!(session = %ctx.id, backend = %backend.name, route = %self.route, reason = e.reason(), error = %e, "backend login failed");
+                Tried::Next
+            }
+        }
+    }
 }
 
 /// How often a backend that refuses connections is tried again during a login.
