@@ -93,9 +93,10 @@ pub struct HealthTable {
     /// The backends the running config names, once a reload has synced the table: a name a
     /// session's older snapshot still routes to but the running config dropped is disabled.
     configured_names: Mutex<Option<std::collections::HashSet<String>>>,
-    /// The records of backends the last reload moved (address, protocol or transport changed),
-    /// for what still runs on their old definition.
-    previous: Mutex<HashMap<String, Arc<BackendHealth>>>,
+    /// The records of backends a reload moved (address, protocol or transport changed), for what
+    /// still runs on their old definition: the last reload's, and earlier ones' while sessions
+    /// are open on them (counted in the backend's sessions, which a drain is watched by).
+    previous: Mutex<Vec<(String, Arc<BackendHealth>)>>,
 }
 
 /// Why a check or session counted against a backend.
@@ -116,10 +117,15 @@ impl HealthTable {
             // sessions and disconnects are counted together, for the disconnect spread too),
             // and neither resets the new address's state nor hides the sessions counted there.
             Some(_) if !backend.dynamic => {
-                let previous = self.previous.lock().unwrap_or_else(|e| e.into_inner());
-                match previous.get(&backend.name) {
-                    Some(h) if h.identity.matches(backend) => h.clone(),
-                    _ => Arc::new(BackendHealth::new(identity(backend), false)),
+                let mut previous = self.previous.lock().unwrap_or_else(|e| e.into_inner());
+                match previous.iter().find(|(n, h)| *n == backend.name && h.identity.matches(backend)) {
+                    Some((_, h)) => h.clone(),
+                    // From before an earlier reload: kept from now on like a moved one.
+                    None => {
+                        let h = Arc::new(BackendHealth::new(identity(backend), false));
+                        previous.push((backend.name.clone(), h.clone()));
+                        h
+                    }
                 }
             }
             _ => {
@@ -160,8 +166,12 @@ impl HealthTable {
         backend.health.enabled && !h.up.load(Ordering::Relaxed) && since.is_some_and(|t| t.elapsed() >= FAIL_FAST_AFTER)
     }
 
+    /// Open sessions on `name`, on its current definition and on those a reload moved it from.
     pub fn sessions(&self, name: &str) -> usize {
-        self.get(name).map_or(0, |h| h.sessions.load(Ordering::Relaxed))
+        let current = self.get(name).map_or(0, |h| h.sessions.load(Ordering::Relaxed));
+        let previous = self.previous.lock().unwrap_or_else(|e| e.into_inner());
+        current
+            + previous.iter().filter(|(n, _)| n == name).map(|(_, h)| h.sessions.load(Ordering::Relaxed)).sum::<usize>()
     }
 
     /// Count a session on `backend` until the guard is dropped.
@@ -209,16 +219,18 @@ impl HealthTable {
     /// removal can be watched draining like one set to `draining`).
     pub fn other_sessions(&self, configured: &dyn Fn(&str) -> bool) -> (usize, Vec<(String, usize)>) {
         let map = self.by_backend.lock().unwrap_or_else(|e| e.into_inner());
-        let (mut dynamic, mut removed) = (0, Vec::new());
-        for (name, h) in map.iter().filter(|(k, _)| !configured(k)) {
+        let previous = self.previous.lock().unwrap_or_else(|e| e.into_inner());
+        let (mut dynamic, mut removed) = (0, std::collections::BTreeMap::new());
+        let records = map.iter().chain(previous.iter().map(|(n, h)| (n, h)));
+        for (name, h) in records.filter(|(k, _)| !configured(k)) {
             let n = h.sessions.load(Ordering::Relaxed);
             if h.dynamic {
                 dynamic += n;
             } else if n > 0 {
-                removed.push((name.clone(), n));
+                *removed.entry(name.clone()).or_insert(0) += n;
             }
         }
-        (dynamic, removed)
+        (dynamic, removed.into_iter().collect())
     }
 
     /// Make the table follow a new config, before it runs: a backend whose address, protocol or
@@ -231,14 +243,18 @@ impl HealthTable {
             Some(backends.iter().map(|b| b.name.clone()).collect());
         let mut map = self.by_backend.lock().unwrap_or_else(|e| e.into_inner());
         map.retain(|k, h| backends.iter().any(|b| b.name == *k) || h.sessions.load(Ordering::Relaxed) > 0);
-        let mut previous = HashMap::new();
+        // Moved records stay while sessions are open on them; the last reload's stay in any case
+        // (a session still routing by the snapshot before it may start on one).
+        let mut kept = self.previous.lock().unwrap_or_else(|e| e.into_inner());
+        kept.retain(|(_, h)| h.sessions.load(Ordering::Relaxed) > 0);
+        let mut previous = Vec::new();
         for b in backends {
             let h = match map.get(&b.name) {
                 Some(h) if h.identity.matches(b) => h.clone(),
                 _ => {
                     let h = Arc::new(BackendHealth::new(identity(b), b.dynamic));
                     if let Some(old) = map.insert(b.name.clone(), h.clone()) {
-                        previous.insert(b.name.clone(), old);
+                        previous.push((b.name.clone(), old));
                     }
                     h
                 }
@@ -250,7 +266,9 @@ impl HealthTable {
             };
             h.configured.store(state, Ordering::Relaxed);
         }
-        *self.previous.lock().unwrap_or_else(|e| e.into_inner()) = previous;
+        // Newest first: a session that starts on a moved definition finds the latest record of it.
+        previous.append(&mut kept);
+        *kept = previous;
     }
 
     /// The state the running config gives configured backend `name` (disabled if it no longer
@@ -555,10 +573,26 @@ mod tests {
         let late = t.session(&old);
         t.success(&old, Source::Session, 2);
         assert!(!t.is_up("b"), "the old address's login does not mark the new one up");
-        assert_eq!(t.sessions("b"), 1);
+        assert_eq!(_on_new.0.sessions.load(Ordering::Relaxed), 1);
         // The old address's sessions are counted together (its disconnect spread sees them all).
         assert!(Arc::ptr_eq(&_on_old.0, &late.0));
         assert_eq!(late.0.sessions.load(Ordering::Relaxed), 2);
+        // The backend's sessions, which a drain is watched by, are those on both addresses,
+        // also after the next reload, until those on the old one end.
+        assert_eq!(t.sessions("b"), 3);
+        t.sync([&*moved]);
+        assert_eq!(t.sessions("b"), 3);
+        drop((_on_old, late));
+        assert_eq!(t.sessions("b"), 1);
+        t.sync([&*moved]);
+        assert!(t.previous.lock().unwrap().is_empty(), "forgotten once its sessions ended");
+        // Removed by a later reload: counted under its name while sessions last.
+        let again = t.session(&old);
+        drop(_on_new);
+        t.sync(std::iter::empty());
+        assert_eq!(t.other_sessions(&|_| false), (0, vec![("b".to_string(), 1)]));
+        drop(again);
+        assert_eq!(t.other_sessions(&|_| false), (0, vec![]));
     }
 
     /// A backend without checks that sessions marked down is tried again after a while (only
