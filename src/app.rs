@@ -72,7 +72,7 @@ pub enum Reloaded {
 
 pub struct App {
     config_path: PathBuf,
-    runtime: ArcSwap<Runtime>,
+    runtime: Arc<ArcSwap<Runtime>>,
     tls: TlsShared,
     /// Bound sockets; kept across reloads while some listener uses their address.
     sockets: Mutex<HashMap<SocketKey, Arc<TcpListener>>>,
@@ -271,7 +271,7 @@ impl App {
             std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
         let app = Arc::new(App {
             config_path: config_path.to_path_buf(),
-            runtime: ArcSwap::from_pointee(runtime),
+            runtime: Arc::new(ArcSwap::from_pointee(runtime)),
             tls,
             sockets: Mutex::new(HashMap::new()),
             accepting: Mutex::new(HashMap::new()),
@@ -677,6 +677,7 @@ impl App {
             let n = self.next_session.fetch_add(1, Ordering::Relaxed);
             let ctx = SessionCtx {
                 runtime,
+                running: self.runtime.clone(),
                 listener,
                 peer,
                 local,

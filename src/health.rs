@@ -48,8 +48,8 @@ pub struct BackendHealth {
     closes: AtomicU64,
     /// What the state was observed for; a changed address starts afresh.
     identity: Identity,
-    /// The backend's `state` in the running config (`sync`), for sessions that route by the
-    /// config they were greeted under: 0 up, 1 draining, 2 disabled.
+    /// The backend's `state` in the running config (`sync`), for logins that took the config
+    /// before a reload (under way as it lands): 0 up, 1 draining, 2 disabled.
     configured: AtomicU8,
     /// Named by the auth service, not the config.
     dynamic: bool,
@@ -272,8 +272,8 @@ impl HealthTable {
     }
 
     /// The state the running config gives configured backend `name` (disabled if it no longer
-    /// names it), which may be stricter than the one in the snapshot a session routes by (a
-    /// client greeted before the reload that drained it): routing takes the stricter of the
+    /// names it), which may be stricter than the one in the config a login routes by (one
+    /// under way when the reload that drained it landed): routing takes the stricter of the
     /// two, so "set it and reload" holds at once.
     pub fn configured_state(&self, name: &str) -> BackendState {
         let dropped = self
@@ -557,7 +557,7 @@ mod tests {
     }
 
     /// After a reload that moved a backend, sessions and checks still on the old definition
-    /// (a client greeted before the reload, a check already under way) neither reset the new
+    /// (a session relayed since before the reload, a check already under way) neither reset the new
     /// address's state nor hide the sessions counted on it.
     #[test]
     fn the_old_definition_does_not_touch_the_new_entry() {

@@ -107,8 +107,8 @@ fn lookup<'a>(table: &'a RouteTable, user: &str, domain: Option<&str>, protocol:
 /// `FAIL_FAST_AFTER`: with every backend long down, a login fails at once. Without failover the user's mailbox lives on exactly one backend:
 /// the first non-disabled one in rendezvous order, draining or not, and nothing else.
 pub fn plan(target: &Target, protocol: Protocol, user: &str, health: &HealthTable) -> Route {
-    // The stricter of the session's snapshot and the running config: a session greeted before
-    // a reload that drained or disabled a backend logs in under the new state.
+    // The stricter of the login's config and the running one: a login under way when a reload
+    // that drained or disabled a backend lands goes on under the new state.
     // (Backends the auth service names by address are in no config.)
     let state = |b: &Backend| if b.dynamic { b.state } else { b.state.max(health.configured_state(&b.name)) };
     let eligible = target.backends().iter().filter(|b| b.protocol == protocol && state(b) != BackendState::Disabled);

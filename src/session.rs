@@ -37,7 +37,11 @@ const GOODBYE_TIMEOUT: Duration = Duration::from_secs(1);
 
 /// Everything a session needs, fixed at accept.
 pub struct SessionCtx {
+    /// The config the session was accepted under: its listener's settings, TLS and front end.
     pub runtime: Arc<Runtime>,
+    /// The running config: a login is judged and routed by the one running when it is made
+    /// (a user removed or a backend moved by a reload is so for a client greeted before it).
+    pub running: Arc<arc_swap::ArcSwap<Runtime>>,
     pub listener: Arc<ListenerConfig>,
     pub peer: SocketAddr,
     pub local: SocketAddr,
@@ -538,7 +542,7 @@ async fn preauth(ctx: &SessionCtx, tcp: TcpStream, deadline: Instant) -> Result<
             let mut backend_starttls = false;
             if let Some(exts) = logged_in.extensions.take() {
                 backend_starttls = crate::protocol::smtp::back::has(&exts, "STARTTLS");
-                let dynamic = !ctx.runtime.config.backends.contains_key(&backend_name);
+                let dynamic = !ctx.running.load().config.backends.contains_key(&backend_name);
                 ctx.ehlo.update(&backend_name, &exts, dynamic);
             }
             tracing::debug!(session = %ctx.id, backend = %backend_name, mechanism = req.mechanism.as_str(), "login ok");
@@ -630,7 +634,7 @@ async fn login(
     attempt: u32,
     tls: Option<TlsInfo>,
 ) -> Result<(LoggedIn, String, String, SessionGuard, crate::limits::UserSlot), LoginError> {
-    let rt = &ctx.runtime;
+    let rt = &ctx.running.load_full();
     let hints = front.hints();
     let throttle_user = rt.config.users.canonical(&creds.user);
     let ip = ctx.peer.ip();
@@ -657,7 +661,7 @@ async fn login(
         }
     };
     let fingerprint = attempt_fingerprint(mechanism, &creds, tls.as_ref());
-    let result = login_inner(ctx, mechanism, creds, attempt, tls, hints).await;
+    let result = login_inner(ctx, rt, mechanism, creds, attempt, tls, hints).await;
     match &result {
         Ok((_, user, _, _, _)) => {
             ctx.throttle.success(s, ip, user);
@@ -680,6 +684,7 @@ async fn login(
 #[allow(clippy::type_complexity)]
 async fn login_inner(
     ctx: &SessionCtx,
+    rt: &Runtime,
     mechanism: crate::protocol::Mechanism,
     creds: Credentials,
     attempt: u32,
@@ -687,13 +692,13 @@ async fn login_inner(
     hints: crate::protocol::ClientHints,
 ) -> Result<(LoggedIn, String, String, SessionGuard, crate::limits::UserSlot), LoginError> {
     let Authorized { user, target, judged, creds } =
-        authorize(ctx, mechanism, creds, attempt, tls, hints.helo.as_deref()).await?;
+        authorize(ctx, rt, mechanism, creds, attempt, tls, hints.helo.as_deref()).await?;
     // Where the backend has yet to verify the password, the slot is taken only once it has:
     // wrong-password attempts in flight must not fill the user's cap and lock the user out. A
     // cap already full is answered before the backend is asked (no backend login for a user
     // who could not have a session anyway), so there a client without the password learns
     // that the user is at the cap; the answer is paced like a failure.
-    let max_sessions = ctx.runtime.config.limits.max_sessions_per_user;
+    let max_sessions = rt.config.limits.max_sessions_per_user;
     let user_slot = if judged == Judged::ByBackend {
         if ctx.connections.user_full(&user, max_sessions) {
             return Err(LoginError::TooManySessions { user });
@@ -716,12 +721,12 @@ async fn login_inner(
         esmtp: hints.esmtp,
         probe: false,
     };
-    let login = BackendLoginOf { ctx, info: &info, user: &user, creds: &creds, judged, route: &plan.target };
+    let login = BackendLoginOf { ctx, rt, info: &info, user: &user, creds: &creds, judged, route: &plan.target };
     // Reliability case 64: a backend that refuses the connection (RST: restarting, say) is
     // tried again every second until backend_connect_timeout has passed since the first try,
     // as Dovecot's proxy does, instead of failing the login at once; counted against its
     // health once, when the retries end. Other failures are not retried.
-    let retry_until = Instant::now() + ctx.runtime.config.limits.backend_connect_timeout;
+    let retry_until = Instant::now() + rt.config.limits.backend_connect_timeout;
     let mut candidates: Vec<&Arc<Backend>> = plan.candidates.iter().collect();
     loop {
         let mut refused: Vec<&Arc<Backend>> = Vec::new();
@@ -805,13 +810,13 @@ struct Authorized {
 /// Ask the auth service, or else the configured source, about the client's credentials.
 async fn authorize(
     ctx: &SessionCtx,
+    rt: &Runtime,
     mechanism: crate::protocol::Mechanism,
     creds: Credentials,
     attempt: u32,
     tls: Option<TlsInfo>,
     helo: Option<&str>,
 ) -> Result<Authorized, LoginError> {
-    let rt = &ctx.runtime;
     let protocol = ctx.listener.protocol;
     let Some(service) = &rt.auth_http else {
         // The front ends offer EXTERNAL only with an auth service; nothing else can judge it.
@@ -906,6 +911,7 @@ enum Tried {
 /// One login, as each backend it may go to is asked to take it.
 struct BackendLoginOf<'a> {
     ctx: &'a SessionCtx,
+    rt: &'a Runtime,
     info: &'a ClientInfo,
     user: &'a str,
     creds: &'a Credentials,
@@ -919,8 +925,8 @@ impl BackendLoginOf<'_> {
         let (ctx, user) = (self.ctx, self.user);
         let started = Instant::now();
         let result = tokio::time::timeout(
-            ctx.runtime.config.limits.backend_login_timeout,
-            backend_login(ctx, backend, self.info, user, self.creds),
+            self.rt.config.limits.backend_login_timeout,
+            backend_login(self.rt, backend, self.info, user, self.creds),
         )
         .await
         .unwrap_or(Err(BackendError::Protocol("backend login timed out")));
@@ -1010,14 +1016,13 @@ fn service_target(
 }
 
 async fn backend_login(
-    ctx: &SessionCtx,
+    rt: &Runtime,
     backend: &Backend,
     info: &ClientInfo,
     user: &str,
     creds: &Credentials,
 ) -> Result<LoggedIn, BackendError> {
     use crate::protocol::{imap, pop3, smtp};
-    let rt = &ctx.runtime;
     let tls = rt.backend_tls.get(&backend.name).cloned().or_else(|| rt.default_backend_tls.clone());
     let timeout = rt.config.limits.backend_connect_timeout;
     match backend.protocol {

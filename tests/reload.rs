@@ -1,5 +1,6 @@
 //! Hot reload in place: listeners added, removed and re-bound without touching sessions on the
-//! others; sessions keep the snapshot they started with; a bad config keeps the running one.
+//! others; relayed sessions keep their backend, logins go by the running config; a bad config
+//! keeps the running one.
 
 mod common;
 
@@ -97,22 +98,28 @@ async fn a_broken_config_keeps_the_running_one() {
 }
 
 #[tokio::test]
-async fn sessions_keep_their_snapshot_and_new_ones_use_the_new_config() {
+async fn sessions_keep_their_backend_and_logins_after_a_reload_use_the_new_config() {
     let old = FakeBackend::start(Behaviour::Normal).await;
     let new = FakeBackend::start(Behaviour::Normal).await;
     let pa = free_port();
     let proxy = Proxy::start(&config(old.addr, &[("a", pa)]), USERS).await;
     let a = std::net::SocketAddr::from(([127, 0, 0, 1], pa));
-    // Greeted before the reload, logs in after it: still routed by the old snapshot.
+    let mut relayed = login(a).await;
+    // Greeted before the reload, logs in after it: judged and routed by the config running
+    // then, as a client greeted after it is (a backend moved, a user removed, is so for all).
     let mut early = Client::connect(a).await;
     assert!(early.line().await.starts_with("* OK"));
     write_file(&proxy.config_path(), &config(new.addr, &[("a", pa)]));
+    write_file(&proxy.path("users"), "alice@example.test:{PLAIN}changed\n");
     proxy.app.reload(false).await.unwrap();
     early.send(b"a LOGIN alice@example.test secret\r\n").await;
-    assert!(early.until_tagged("a").await.last().unwrap().starts_with("a OK"));
+    assert!(early.line().await.starts_with("a NO [AUTHENTICATIONFAILED]"));
+    early.send(b"b LOGIN alice@example.test changed\r\n").await;
+    assert!(early.until_tagged("b").await.last().unwrap().starts_with("b OK"));
+    assert_eq!((old.connections(), new.connections()), (1, 1));
+    // The session relayed before the reload goes on where it is.
+    still_works(&mut relayed, "x").await;
     assert_eq!(old.connections(), 1);
-    login(a).await;
-    assert_eq!(new.connections(), 1);
 }
 
 #[tokio::test]
