@@ -99,6 +99,21 @@ fn lookup<'a>(table: &'a RouteTable, user: &str, domain: Option<&str>, protocol:
     table.default.as_ref().filter(serves)
 }
 
+/// A backend's state for a login: the stricter of the login's config's and the running one's.
+/// (Backends the auth service names by address are in no config.)
+fn state(b: &Backend, health: &HealthTable) -> BackendState {
+    if b.dynamic { b.state } else { b.state.max(health.configured_state(&b.name)) }
+}
+
+/// Whether a candidate `plan` gave a login is one still to try again, after a round in which it
+/// refused the connection: not if its checks have marked it down, nor if a reload has taken it
+/// out (disabled; draining, where the pool has failover) since.
+pub fn still_eligible(target: &Target, b: &Backend, health: &HealthTable) -> bool {
+    let state = state(b, health);
+    let allowed = if target.failover() { state == BackendState::Up } else { state != BackendState::Disabled };
+    allowed && (!b.health.enabled || health.is_up(&b.name))
+}
+
 /// Order a target's backends for `user`, applying states, health and session limits.
 ///
 /// With failover: disabled and draining backends are left out, healthy ones come first in
@@ -110,7 +125,7 @@ pub fn plan(target: &Target, protocol: Protocol, user: &str, health: &HealthTabl
     // The stricter of the login's config and the running one: a login under way when a reload
     // that drained or disabled a backend lands goes on under the new state.
     // (Backends the auth service names by address are in no config.)
-    let state = |b: &Backend| if b.dynamic { b.state } else { b.state.max(health.configured_state(&b.name)) };
+    let state = |b: &Backend| state(b, health);
     let eligible = target.backends().iter().filter(|b| b.protocol == protocol && state(b) != BackendState::Disabled);
     let ordered = rendezvous(eligible, user);
     let candidates = if !target.failover() {

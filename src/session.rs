@@ -779,7 +779,8 @@ async fn login_inner(
             break;
         }
         tokio::time::sleep(BACKEND_RETRY).await;
-        candidates = refused;
+        // Not again: one its checks have marked down, or a reload drained or disabled, meanwhile.
+        candidates = refused.into_iter().filter(|b| crate::route::still_eligible(&target, b, &ctx.health)).collect();
     }
     Err(LoginError::Unavailable("backend_unavailable"))
 }
@@ -921,6 +922,16 @@ struct BackendLoginOf<'a> {
 }
 
 impl BackendLoginOf<'_> {
+    /// Whether `backend` is where the client's own password is checked: it has the last word on
+    /// a guess.
+    fn password_checked_by(&self, backend: &Backend) -> bool {
+        match self.judged {
+            Judged::Proxy => false,
+            Judged::ByBackend => true,
+            Judged::ServiceRouted => backend.login == crate::config::BackendLogin::Replay,
+        }
+    }
+
     async fn on(&self, backend: &Backend) -> Tried {
         let (ctx, user) = (self.ctx, self.user);
         let started = Instant::now();
@@ -937,13 +948,12 @@ impl BackendLoginOf<'_> {
             Err(e) => e,
         };
         m.backend_errors.with_label_values(&[backend.label(), e.reason()]).inc();
-        let replayed = backend.login == crate::config::BackendLogin::Replay;
         match e {
             BackendError::Rejected if self.judged == Judged::ByBackend => {
                 Tried::Over(LoginError::Bad { user: Some(user.to_string()), reason: "bad_credentials" })
             }
             // The client's own password, which only the backend checked: maybe a guess.
-            BackendError::Rejected if self.judged == Judged::ServiceRouted && replayed => {
+            BackendError::Rejected if self.password_checked_by(backend) => {
                 Tried::Over(LoginError::Bad { user: Some(user.to_string()), reason: "backend_rejected" })
             }
             BackendError::Rejected => Tried::Over(LoginError::BackendRejected { user: user.to_string() }),
@@ -964,11 +974,19 @@ impl BackendLoginOf<'_> {
                 Tried::Next
             }
             e @ BackendError::LoginRefused => {
-                // Maybe the user's own condition (Dovecot's per-user connection limit): the next
-                // backend is tried, and this one's health is left to what sessions see before
-                // the credentials and to its active checks.
+                // Maybe the user's own condition (Dovecot's per-user connection limit): this
+                // one's health is left to what sessions see before the credentials and to its
+                // active checks.
                 tracing::warn!(session = %ctx.id, backend = %backend.name, route = %self.route, reason = e.reason(), "backend refused the login for now");
-                Tried::Next
+                if self.password_checked_by(backend) {
+                    // The client's own password, maybe a guess, went to a backend that checks
+                    // it. The next one would be asked the same: a backend's own limit on
+                    // guesses (Postfix's smtpd_client_auth_rate_limit answers 4xx, Dovecot's
+                    // auth penalty) would count for one backend in N. The client tries again.
+                    Tried::Over(LoginError::Unavailable("backend_unavailable"))
+                } else {
+                    Tried::Next
+                }
             }
             // Reliability cases 64-66: a refused connection counts against the backend only if
             // it is still refused when the retries end: logins that wait out a restart must not

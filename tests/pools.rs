@@ -107,6 +107,49 @@ async fn failover_moves_the_session_before_the_client_sees_an_error() {
     assert_eq!(reply, "a NO [UNAVAILABLE] Server unavailable, try again later.\r\n");
 }
 
+/// A backend that checks the client's own password and refuses the login for now (a rate limit
+/// on guesses, a per-user limit) ends the attempt: the next one would be put the same password,
+/// which multiplies any backend's own limit on guesses by the pool's size. Where the proxy
+/// verified the password, the next backend is tried.
+#[tokio::test]
+async fn a_temporary_refusal_fails_over_only_where_the_proxy_checked_the_password() {
+    let busy = FakeBackend::start(Behaviour::LoginUnavailable).await;
+    let live = FakeBackend::start(Behaviour::Normal).await;
+    let cfg = pool_config(&[("busy", busy.addr, ""), ("live", live.addr, "")], true);
+    let verified = Proxy::start(&cfg, &users(40)).await;
+    let by_backend = Proxy::start(&cfg.replace("passwd_file = \"users\"", "source = \"backend\""), "").await;
+    let user = (0..40).map(|i| format!("u{i}@example.test")).find(|u| expected(&verified, u)[0] == "busy").unwrap();
+    let (_, reply) = login(&by_backend, &user).await;
+    assert_eq!(reply, "a NO [UNAVAILABLE] Server unavailable, try again later.\r\n");
+    assert_eq!((busy.connections(), live.connections()), (1, 0), "asked once, of one backend");
+    let (_, reply) = login(&verified, &user).await;
+    assert!(reply.starts_with("a OK"), "{reply}");
+    assert_eq!((busy.connections(), live.connections()), (2, 1));
+}
+
+/// A login waiting out a backend that refuses connections (restarting) does not try it again
+/// once a reload has drained it: "set it and reload" holds for logins under way too.
+#[tokio::test]
+async fn a_backend_drained_while_a_login_waits_for_it_is_not_tried_again() {
+    let port = closed_port();
+    let cfg = pool_config(&[("a", port, "")], true)
+        .replace("backend_connect_timeout = \"500ms\"", "backend_connect_timeout = \"6s\"");
+    let proxy = Proxy::start(&cfg, &users(1)).await;
+    let mut c = Client::connect(proxy.addr("plain")).await;
+    c.line().await;
+    c.send(b"a LOGIN u0@example.test pw\r\n").await;
+    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    write_file(
+        &proxy.config_path(),
+        &cfg.replace("health = { enabled = false }\n", "health = { enabled = false }\nstate = \"draining\"\n"),
+    );
+    proxy.app.reload(false).await.unwrap();
+    // Back on its port before the next try, a second after the first.
+    let back = FakeBackend::start_on(port, Behaviour::Normal).await;
+    assert_eq!(c.line().await, "a NO [UNAVAILABLE] Server unavailable, try again later.\r\n");
+    assert_eq!(back.connections(), 0);
+}
+
 #[tokio::test]
 async fn draining_backends_get_no_new_sessions_but_keep_theirs() {
     let (a, b) = (FakeBackend::start(Behaviour::Normal).await, FakeBackend::start(Behaviour::Normal).await);

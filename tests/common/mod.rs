@@ -150,6 +150,9 @@ pub enum Behaviour {
     UnsolicitedAfterLogin,
     /// IMAP: no LITERAL+ and no SASL-IR, so a literal waits for the backend's "+".
     SyncLiterals,
+    /// IMAP: answers every login `NO [UNAVAILABLE]`, as a rate limit or a per-user connection
+    /// limit does.
+    LoginUnavailable,
 }
 
 impl Behaviour {
@@ -299,6 +302,7 @@ async fn serve(
         let reply = if upper.contains(" LOGIN ") || upper.contains(" AUTHENTICATE ") {
             match behaviour {
                 Behaviour::RejectLogin => format!("{tag} NO [AUTHENTICATIONFAILED] Authentication failed.\r\n"),
+                Behaviour::LoginUnavailable => format!("{tag} NO [UNAVAILABLE] Try again later.\r\n"),
                 Behaviour::UnsolicitedAfterLogin => {
                     logged_in = true;
                     format!("{tag} OK Logged in\r\n* 3 EXISTS\r\n")
