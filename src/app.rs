@@ -572,6 +572,7 @@ impl App {
         for (pool, protocol, up) in self.pools_up(&rt.config) {
             m.pool_backends_up.with_label_values(&[pool, protocol.as_str()]).set(up as i64);
         }
+        alerted_counters_at_zero(&rt);
     }
 
     /// (pool, protocol, backends up and not draining) for every protocol a pool's backends
@@ -884,6 +885,31 @@ pub(crate) fn fingerprint(files: &[PathBuf]) -> u64 {
     h.finish()
 }
 
+/// Make the counter series the shipped alerts watch exist, at 0, before their first count:
+/// `increase()` cannot see a series' first value, so a burst that created one (running out of
+/// descriptors once, a first few logins the backend refuses) would never fire its alert.
+fn alerted_counters_at_zero(rt: &Runtime) {
+    let m = crate::metrics::metrics();
+    for l in &rt.config.listeners {
+        let protocol = l.protocol.as_str();
+        m.connections_rejected.with_label_values(&[protocol, &l.name, "limit_global"]);
+        m.accept_errors.with_label_values(&[&l.name]);
+        use crate::protocol::Mechanism;
+        let mechanisms: &[Mechanism] = match l.protocol {
+            Protocol::Smtp => &[Mechanism::Plain, Mechanism::SaslLogin],
+            Protocol::Imap | Protocol::Pop3 => &[Mechanism::Login, Mechanism::Plain, Mechanism::SaslLogin],
+        };
+        let external = rt.auth_http.is_some().then_some(Mechanism::External);
+        for mechanism in mechanisms.iter().copied().chain(external) {
+            m.logins.with_label_values(&[protocol, mechanism.as_str(), "backend_rejected"]);
+        }
+    }
+    let dynamic = rt.auth_http.is_some().then_some("dynamic");
+    for backend in rt.config.backends.values().map(|b| b.label()).chain(dynamic) {
+        m.backend_errors.with_label_values(&[backend, "local_resources"]);
+    }
+}
+
 /// The first wait after an accept error.
 pub(crate) const ACCEPT_BACKOFF_MIN: Duration = Duration::from_millis(5);
 
@@ -909,6 +935,7 @@ pub(crate) async fn accept(
             }
             Err(e) => {
                 tracing::warn!(listener = %what, error = %e, "accept failed");
+                crate::metrics::metrics().accept_errors.with_label_values(&[what]).inc();
                 tokio::select! {
                     _ = stop.cancelled() => return None,
                     _ = tokio::time::sleep(*backoff) => {}

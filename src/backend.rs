@@ -133,13 +133,16 @@ pub async fn connect(
     client: &ClientInfo,
     timeout: std::time::Duration,
 ) -> Result<BackendStream, BackendError> {
-    // Failed and timed-out connects are observed too: they are the slow ones.
+    // Failed and timed-out connects are observed too: they are the slow ones. Only sessions'
+    // connects: on a quiet instance health checks would otherwise make most of the figures.
     let started = tokio::time::Instant::now();
     let result = connect_inner(backend, tls, client, timeout).await;
-    crate::metrics::metrics()
-        .backend_connect_duration
-        .with_label_values(&[backend.label()])
-        .observe(started.elapsed().as_secs_f64());
+    if !client.probe {
+        crate::metrics::metrics()
+            .backend_connect_duration
+            .with_label_values(&[backend.label()])
+            .observe(started.elapsed().as_secs_f64());
+    }
     result
 }
 

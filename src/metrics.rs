@@ -14,6 +14,7 @@ pub struct Metrics {
     pub connections_accepted: IntCounterVec,
     pub connections_active: IntGaugeVec,
     pub connections_rejected: IntCounterVec,
+    pub accept_errors: IntCounterVec,
     pub tls_handshakes: IntCounterVec,
     pub client_certificates: IntCounterVec,
     pub tls_handshake_duration: HistogramVec,
@@ -69,8 +70,9 @@ fn histogram(r: &Registry, name: &str, help: &str, labels: &[&str], buckets: Vec
 impl Metrics {
     fn new() -> Metrics {
         let r = Registry::new();
-        // Latencies from 1 ms to ~16 s; handshakes and logins live there.
-        let latency = || prometheus::exponential_buckets(0.001, 2.0, 15).expect("valid buckets");
+        // Latencies from 1 ms to ~65 s; handshakes and logins live there, and the slowest a
+        // login can take (backend_login_timeout, 30 s by default) still has a bucket.
+        let latency = || prometheus::exponential_buckets(0.001, 2.0, 17).expect("valid buckets");
         // Sessions last from a second (a POP3 check) to days (IMAP IDLE).
         let sessions = vec![1.0, 5.0, 15.0, 60.0, 300.0, 900.0, 1800.0, 3600.0, 4.0 * 3600.0, 24.0 * 3600.0];
         let last_reload = IntGauge::with_opts(
@@ -122,6 +124,12 @@ impl Metrics {
                 "Client connections refused or dropped before the dialogue",
                 &["protocol", "listener", "reason"],
             ),
+            accept_errors: counter(
+                &r,
+                "accept_errors_total",
+                "Failed accepts (out of descriptors or memory): clients wait in the listen queue meanwhile",
+                &["listener"],
+            ),
             tls_handshakes: counter(
                 &r,
                 "tls_handshakes_total",
@@ -153,7 +161,7 @@ impl Metrics {
             backend_connect_duration: histogram(
                 &r,
                 "backend_connect_duration_seconds",
-                "Time to connect to a backend (TCP and TLS)",
+                "Time to connect to a backend for a session (TCP, PROXY header and TLS; not health checks)",
                 &["backend"],
                 latency(),
             ),
@@ -189,8 +197,8 @@ impl Metrics {
             session_duration: histogram(
                 &r,
                 "session_duration_seconds",
-                "Client session length",
-                &["protocol"],
+                "Client connection length, by whether it was relayed after a login (relay) or ended before one (preauth)",
+                &["protocol", "phase"],
                 sessions,
             ),
             config_reloads: counter(&r, "config_reloads_total", "Configuration reloads by result", &["result"]),

@@ -186,12 +186,11 @@ pub async fn run(mut ctx: SessionCtx, mut tcp: TcpStream) {
             (Outcome::Relayed(end), Some(a.user), Some(a.backend_name), bytes)
         }
     };
-    let m = metrics();
-    m.session_duration.with_label_values(&[protocol]).observe(start.elapsed().as_secs_f64());
     let (phase, result) = match outcome {
         Outcome::PreAuth(r) => ("preauth", r),
         Outcome::Relayed(r) => ("relay", r),
     };
+    metrics().session_duration.with_label_values(&[protocol, phase]).observe(start.elapsed().as_secs_f64());
     tracing::info!(
         target: "portcullis::access",
         session = %ctx.id,
@@ -826,9 +825,10 @@ async fn authorize(
         }
         let asked = Instant::now();
         let verdict = auth::authenticate(&rt.config, &creds).await;
-        let source =
-            if matches!(rt.config.auth, crate::config::AuthSource::Backend) { "backend" } else { "passwd_file" };
-        metrics().auth_duration.with_label_values(&[source]).observe(asked.elapsed().as_secs_f64());
+        // A password left to the backend is checked in its login (backend_login_duration).
+        if !matches!(verdict, Verdict::Deferred { .. }) {
+            metrics().auth_duration.with_label_values(&["passwd_file"]).observe(asked.elapsed().as_secs_f64());
+        }
         let (user, pinned, judged) = match verdict {
             Verdict::Rejected { user } => return Err(LoginError::Bad { user, reason: "bad_credentials" }),
             Verdict::Accepted { user, backends } => (user, backends, Judged::Proxy),

@@ -362,12 +362,15 @@ async fn health_checks_send_a_local_proxy_header() {
     let cfg = format!(
         "[[listener]]\nname = \"plain\"\nbind = \"127.0.0.1:0\"\nprotocol = \"imap\"\ntls = \"none\"\n[auth]\nsource = \"backend\"\n[[backend]]\nname = \"h\"\naddress = \"{addr}\"\nclient_address = \"proxy-v2\"\n[backend.health]\ninterval = \"100ms\"\n[routing.imap]\ndefault = \"h\"\n"
     );
-    let _proxy = Proxy::start(&cfg, USERS).await;
+    let proxy = Proxy::start(&cfg, USERS).await;
     let head = tokio::time::timeout(Duration::from_secs(5), rx.recv()).await.unwrap().unwrap();
     assert_eq!(&head[..12], b"\r\n\r\n\0\r\nQUIT\n");
     // Version 2, command LOCAL (0x20), not PROXY (0x21); no address family.
     assert_eq!(head[12], 0x20, "{head:?}");
     assert_eq!(head[13], 0x00, "{head:?}");
+    // The checks' connects are not sessions' connect times.
+    let page = String::from_utf8(proxy.app.render_metrics().1).unwrap();
+    assert!(!page.contains("portcullis_backend_connect_duration_seconds_count{backend=\"h\"}"), "{page}");
 }
 
 async fn http_raw(addr: std::net::SocketAddr, request: &str) -> String {
@@ -445,4 +448,26 @@ async fn concurrent_scrapes_all_see_every_backend() {
         .collect();
     let missing: Vec<usize> = scrapers.into_iter().map(|s| s.join().unwrap()).collect();
     assert_eq!(missing, [0, 0]);
+}
+
+/// The counter series the shipped alerts watch are exported at 0 before their first count:
+/// `increase()` cannot see a series' first value, so a burst that created one would never fire.
+#[tokio::test]
+async fn the_alerted_counters_are_exported_at_zero_before_their_first_count() {
+    let backend = FakeBackend::start(Behaviour::Normal).await;
+    let cfg = protocol_config("pop3", backend.addr, "")
+        .replace("name = \"plain\"", "name = \"zeroed\"")
+        .replace("name = \"fake\"", "name = \"never-failed\"")
+        .replace("\"fake\"", "\"never-failed\"");
+    let proxy = Proxy::start(&cfg, USERS).await;
+    let page = String::from_utf8(proxy.app.render_metrics().1).unwrap();
+    for series in [
+        "portcullis_connections_rejected_total{listener=\"zeroed\",protocol=\"pop3\",reason=\"limit_global\"} 0",
+        "portcullis_accept_errors_total{listener=\"zeroed\"} 0",
+        "portcullis_logins_total{mechanism=\"login\",protocol=\"pop3\",result=\"backend_rejected\"} 0",
+        "portcullis_logins_total{mechanism=\"sasl-login\",protocol=\"pop3\",result=\"backend_rejected\"} 0",
+        "portcullis_backend_errors_total{backend=\"never-failed\",reason=\"local_resources\"} 0",
+    ] {
+        assert!(page.lines().any(|l| l == series), "missing {series} in\n{page}");
+    }
 }

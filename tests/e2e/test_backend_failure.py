@@ -177,6 +177,8 @@ max_connections_per_ip = 0
         metrics = wait_for(lambda: scrape_metrics(admin), timeout=10)
         local = metric_value(metrics, 'portcullis_backend_errors_total{backend="dovecot",reason="local_resources"}')
         assert local is not None and local >= failures, metrics
+        accept_errors = metric_value(metrics, 'portcullis_accept_errors_total{listener="imap"}')
+        assert accept_errors is not None and accept_errors >= logged, metrics
         assert metric_value(metrics, 'portcullis_backend_up{backend="dovecot"}') == 1, metrics
         assert "backend is down" not in pc.log()
         m = imaplib.IMAP4("127.0.0.1", port, timeout=10)
