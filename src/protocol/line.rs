@@ -116,11 +116,15 @@ pub struct Replies {
     pub user_challenge: &'static [u8],
     pub password_challenge: &'static [u8],
     /// `*` from the client (reliability case 40).
-    pub canceled: &'static [u8],
+    pub canceled: &'static str,
     /// A response that is not base64 (case 39); counted as an error.
     pub invalid: &'static str,
     pub too_long: &'static [u8],
     pub idle: &'static [u8],
+    /// In place of the error reply that reaches `max_errors`, where the protocol cannot say it
+    /// is closing in a reply of its own (POP3: one reply per command, RFC 2449 §6.6; a separate
+    /// `-ERR` would be read as the answer to a pipelined next command).
+    pub last_error: Option<&'static [u8]>,
 }
 
 /// The shared half of the POP3 and SMTP front ends: framing, error counting, deadlines and the
@@ -128,6 +132,7 @@ pub struct Replies {
 pub struct Dialogue {
     pub lines: LineReader,
     pub errors: u32,
+    max_errors: u32,
     idle: Duration,
     command: Duration,
     replies: &'static Replies,
@@ -138,16 +143,21 @@ impl Dialogue {
         Dialogue {
             lines: LineReader::new(max_line),
             errors: 0,
+            max_errors: settings.max_errors,
             idle: settings.idle_timeout,
             command: settings.command_timeout,
             replies,
         }
     }
 
-    /// Answer with an error reply and count it.
+    /// Answer with an error reply and count it (the last one allowed says the connection closes,
+    /// where `Replies::last_error` has it).
     pub async fn err<S: AsyncWrite + Unpin>(&mut self, s: &mut S, reply: &str) -> io::Result<()> {
         self.errors += 1;
-        write(s, reply.as_bytes()).await
+        match self.replies.last_error {
+            Some(last) if self.errors >= self.max_errors => write(s, last).await,
+            _ => write(s, reply.as_bytes()).await,
+        }
     }
 
     /// The next line: `Ok(Some)` a line, `Ok(None)` a malformed one, `Err(reason)` to close
@@ -214,8 +224,7 @@ impl Dialogue {
             Response::Data(d) => Ok(Some(d)),
             Response::Cancel => {
                 // An error for case 54's count: AUTH and cancel over and over would never end.
-                self.errors += 1;
-                write(s, self.replies.canceled).await?;
+                self.err(s, self.replies.canceled).await?;
                 Ok(None)
             }
             Response::Invalid => {

@@ -24,10 +24,11 @@ const REPLIES: Replies = Replies {
     plain_challenge: b"+ \r\n",
     user_challenge: b"+ VXNlcm5hbWU6\r\n",
     password_challenge: b"+ UGFzc3dvcmQ6\r\n",
-    canceled: b"-ERR Authentication canceled.\r\n",
+    canceled: "-ERR Authentication canceled.\r\n",
     invalid: "-ERR Invalid base64 data.\r\n",
     too_long: b"-ERR Line too long.\r\n",
     idle: b"-ERR Disconnected for inactivity.\r\n",
+    last_error: Some(b"-ERR Too many invalid commands.\r\n"),
 };
 
 pub struct Pop3Front {
@@ -60,14 +61,11 @@ impl Pop3Front {
     }
 
     /// Answer a command with an error and count it. The answer that reaches `max_errors` says
-    /// the connection is closing instead: a separate `-ERR` after it would be read by a
-    /// pipelining client as the answer to its next command (RFC 2449 §6.6: one reply each).
+    /// the connection is closing instead (`REPLIES.last_error`), SASL's cancel and bad base64
+    /// included: a separate `-ERR` after it would be read by a pipelining client as the answer
+    /// to its next command (RFC 2449 §6.6: one reply each).
     async fn error<S: AsyncWrite + Unpin>(&mut self, s: &mut S, reply: &str) -> io::Result<()> {
-        if self.d.errors + 1 >= self.settings.max_errors {
-            self.d.err(s, "-ERR Too many invalid commands.\r\n").await
-        } else {
-            self.d.err(s, reply).await
-        }
+        self.d.err(s, reply).await
     }
 
     pub async fn greet<S: AsyncWrite + Unpin>(&self, s: &mut S) -> io::Result<()> {
@@ -125,6 +123,11 @@ impl Pop3Front {
                         continue;
                     }
                     match arg {
+                        // Reliability case 34: no NUL or other control byte in a name; refused
+                        // here, not as a login attempt after PASS.
+                        Some(user) if user.iter().any(|b| b.is_ascii_control()) => {
+                            self.error(s, "-ERR Invalid user name.\r\n").await?
+                        }
                         Some(user) if !user.is_empty() => {
                             self.user = Some(user.to_vec());
                             write(s, b"+OK\r\n").await?;
@@ -157,8 +160,10 @@ impl Pop3Front {
                         write(s, listing).await?;
                         continue;
                     };
+                    // RFC 5034 §4: an empty initial response is `=`; nothing after the blank (a
+                    // trailing space) is no initial response, and the first challenge follows.
                     let (mech, ir) = match arg.iter().position(|b| *b == b' ') {
-                        Some(i) => (&arg[..i], Some(arg[i + 1..].to_vec())),
+                        Some(i) => (&arg[..i], Some(arg[i + 1..].to_vec()).filter(|r| !r.is_empty())),
                         None => (arg, None),
                     };
                     let mechanism = if mech.eq_ignore_ascii_case(b"PLAIN") {
@@ -324,6 +329,28 @@ mod tests {
         assert!(out.ends_with("-ERR Too many invalid commands.\r\n"), "{out}");
         assert_eq!(out.matches("-ERR Authentication canceled.").count(), 2, "{out}");
         assert_eq!(ev, vec!["closed too_many_errors"]);
+    }
+
+    /// The error that reaches the limit says so, also when it is a SASL cancel (one reply per
+    /// command: nothing after it).
+    #[test]
+    fn a_cancel_that_reaches_the_limit_says_the_connection_closes() {
+        let (out, ev) = run(vec![b"FOO\r\nFOO\r\nFOO\r\nFOO\r\nAUTH PLAIN\r\n*\r\nNOOP\r\n".to_vec()]);
+        assert!(out.ends_with("+ \r\n-ERR Too many invalid commands.\r\n"), "{out}");
+        assert_eq!(ev, vec!["closed too_many_errors"]);
+    }
+
+    /// `AUTH PLAIN ` (a trailing blank) has no initial response: the challenge follows, not an
+    /// empty response taken for credentials (RFC 5034 §4: an empty one is `=`). A user name
+    /// with a NUL is refused at USER (reliability case 34), not checked after PASS.
+    #[test]
+    fn a_trailing_blank_is_no_initial_response_and_a_nul_is_no_name() {
+        let (out, ev) = run(vec![b"AUTH PLAIN \r\nAGFsaWNlAHB3\r\nAUTH LOGIN \r\nYWxpY2U=\r\ncHc=\r\n".to_vec()]);
+        assert!(out.ends_with("+ \r\n-ERR [AUTH] Authentication failed.\r\n+ VXNlcm5hbWU6\r\n+ UGFzc3dvcmQ6\r\n-ERR [AUTH] Authentication failed.\r\n"), "{out}");
+        assert_eq!(ev, vec!["login Some(\"alice\")", "login Some(\"alice\")", "closed client_closed"]);
+        let (out, ev) = run(vec![b"USER a\0b\r\nPASS x\r\n".to_vec()]);
+        assert!(out.ends_with("-ERR Invalid user name.\r\n-ERR No user name given.\r\n"), "{out}");
+        assert_eq!(ev, vec!["closed client_closed"]);
     }
 
     #[test]

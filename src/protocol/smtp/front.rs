@@ -30,11 +30,13 @@ const REPLIES: Replies = Replies {
     plain_challenge: b"334 \r\n",
     user_challenge: b"334 VXNlcm5hbWU6\r\n",
     password_challenge: b"334 UGFzc3dvcmQ6\r\n",
-    canceled: b"501 5.7.0 Authentication aborted\r\n",
+    canceled: "501 5.7.0 Authentication aborted\r\n",
     invalid: "501 5.5.2 Error: cannot decode response\r\n",
     // Closing: RFC 5321 §3.8 allows a server to close on its own only after a 421.
     too_long: b"421 4.7.0 Line too long, closing connection\r\n",
     idle: b"421 4.4.2 Error: timeout exceeded\r\n",
+    // A 421 follows the error that reaches the limit: SMTP may say so on its own.
+    last_error: None,
 };
 
 pub struct SmtpFront {
