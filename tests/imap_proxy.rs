@@ -270,7 +270,7 @@ async fn pre_auth_commands_and_errors() {
     let mut c = greeted(&proxy).await;
     c.send(b"a CAPABILITY\r\n").await;
     let caps = c.until_tagged("a").await;
-    assert_eq!(caps[0], "* CAPABILITY IMAP4rev1 SASL-IR ID LITERAL+ AUTH=PLAIN AUTH=LOGIN\r\n");
+    assert_eq!(caps[0], "* CAPABILITY IMAP4rev1 SASL-IR ID LITERAL- AUTH=PLAIN AUTH=LOGIN\r\n");
     // Reliability case 4/6: commands of later states are refused before auth.
     c.send(b"b SELECT INBOX\r\n").await;
     assert_eq!(c.line().await, "b BAD Command not permitted before authentication.\r\n");

@@ -215,7 +215,7 @@ async fn alpn_is_strict() {
     let tls = handshake(&s.pki.client(&[b"h2", b"imap"], false), addr, "mail.example.test").await.unwrap();
     assert_eq!(tls.get_ref().1.alpn_protocol(), Some(&b"imap"[..]));
     let mut c = Client::new(handshake(&s.pki.client(&[], false), addr, "mail.example.test").await.unwrap());
-    assert!(c.line().await.starts_with("* OK [CAPABILITY IMAP4rev1 SASL-IR ID LITERAL+ AUTH=PLAIN AUTH=LOGIN]"));
+    assert!(c.line().await.starts_with("* OK [CAPABILITY IMAP4rev1 SASL-IR ID LITERAL- AUTH=PLAIN AUTH=LOGIN]"));
 }
 
 #[tokio::test]
@@ -261,7 +261,7 @@ async fn starttls_capabilities_and_upgrade() {
     let mut c = Client::connect(s.proxy.addr("imap")).await;
     let g = c.line().await;
     // Reliability case 6: STARTTLS and LOGINDISABLED before TLS, no AUTH=.
-    assert_eq!(g, "* OK [CAPABILITY IMAP4rev1 SASL-IR ID LITERAL+ STARTTLS LOGINDISABLED] IMAP proxy ready.\r\n");
+    assert_eq!(g, "* OK [CAPABILITY IMAP4rev1 SASL-IR ID LITERAL- STARTTLS LOGINDISABLED] IMAP proxy ready.\r\n");
     c.send(b"a LOGIN alice@example.test secret\r\n").await;
     assert!(c.line().await.starts_with("a NO [PRIVACYREQUIRED]"));
     c.send(b"b STARTTLS\r\n").await;
@@ -273,7 +273,7 @@ async fn starttls_capabilities_and_upgrade() {
     // Case 5: capabilities re-issued after TLS, without STARTTLS or LOGINDISABLED.
     c.send(b"c CAPABILITY\r\n").await;
     let caps = c.until_tagged("c").await;
-    assert_eq!(caps[0], "* CAPABILITY IMAP4rev1 SASL-IR ID LITERAL+ AUTH=PLAIN AUTH=LOGIN\r\n");
+    assert_eq!(caps[0], "* CAPABILITY IMAP4rev1 SASL-IR ID LITERAL- AUTH=PLAIN AUTH=LOGIN\r\n");
     // Case 3: no second STARTTLS.
     c.send(b"d STARTTLS\r\n").await;
     assert_eq!(c.line().await, "d BAD STARTTLS not available.\r\n");

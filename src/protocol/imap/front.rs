@@ -68,6 +68,9 @@ enum SaslLine {
     Bad,
 }
 
+/// The command size below which LITERAL- is not offered.
+const LITERAL_MINUS_LINE: usize = 4096 + 256;
+
 impl ImapFront {
     pub fn new(settings: FrontSettings) -> ImapFront {
         ImapFront {
@@ -81,7 +84,13 @@ impl ImapFront {
     }
 
     pub fn capabilities(&self) -> String {
-        let mut caps = String::from("IMAP4rev1 SASL-IR ID LITERAL+");
+        let mut caps = String::from("IMAP4rev1 SASL-IR ID");
+        // RFC 7888: LITERAL- promises non-synchronizing literals up to 4096 octets (a command
+        // with one such and room to spare must fit max_line_length); LITERAL+ would promise any
+        // size, and one over max_line_length closes the connection.
+        if self.settings.max_line as usize >= LITERAL_MINUS_LINE {
+            caps.push_str(" LITERAL-");
+        }
         if self.settings.starttls_offered && !self.settings.tls_active {
             caps.push_str(" STARTTLS");
         }
@@ -624,13 +633,20 @@ mod tests {
         let (out, events) = run_front(crate::config::Protocol::Imap, external, vec![input]);
         let out = String::from_utf8(out).unwrap();
         assert!(
-            out.starts_with(
-                "* OK [CAPABILITY IMAP4rev1 SASL-IR ID LITERAL+ STARTTLS AUTH=PLAIN AUTH=LOGIN AUTH=EXTERNAL]"
-            ),
+            out.starts_with("* OK [CAPABILITY IMAP4rev1 SASL-IR ID STARTTLS AUTH=PLAIN AUTH=LOGIN AUTH=EXTERNAL]"),
             "{out}"
         );
         assert!(out.contains("a NO [AUTHENTICATIONFAILED] Authentication failed.\r\n+ \r\nb NO"), "{out}");
         assert_eq!(&events[..3], ["login Some(\"alice\")", "login Some(\"alice\")", "login None"]);
+    }
+
+    /// LITERAL- (non-synchronizing literals up to 4096 octets) only where a command with one
+    /// fits max_line_length; never LITERAL+, which would promise any size.
+    #[test]
+    fn literal_minus_only_where_a_4096_octet_literal_fits() {
+        let caps = |max_line| ImapFront::new(FrontSettings { max_line, ..settings() }).capabilities();
+        assert!(caps(8192).contains(" LITERAL- ") && !caps(8192).contains("LITERAL+"), "{}", caps(8192));
+        assert!(!caps(4096).contains("LITERAL"), "{}", caps(4096));
     }
 
     #[test]
@@ -639,7 +655,7 @@ mod tests {
         let out = String::from_utf8(out).unwrap();
         assert_eq!(
             out,
-            "* OK [CAPABILITY IMAP4rev1 SASL-IR ID LITERAL+ STARTTLS AUTH=PLAIN AUTH=LOGIN] IMAP proxy ready.\r\na OK NOOP completed.\r\n+ Ready for literal data.\r\nb NO [AUTHENTICATIONFAILED] Authentication failed.\r\n* BYE Logging out.\r\nc OK Logout completed.\r\n"
+            "* OK [CAPABILITY IMAP4rev1 SASL-IR ID STARTTLS AUTH=PLAIN AUTH=LOGIN] IMAP proxy ready.\r\na OK NOOP completed.\r\n+ Ready for literal data.\r\nb NO [AUTHENTICATIONFAILED] Authentication failed.\r\n* BYE Logging out.\r\nc OK Logout completed.\r\n"
         );
         assert_eq!(events, vec!["login Some(\"alice\")", "closed logout"]);
     }
