@@ -87,6 +87,10 @@ impl BackendHealth {
     }
 }
 
+/// Records in the table from which a new backend named by address first forgets those named by
+/// address that have no sessions (a reload forgets them too).
+const PRUNE_DYNAMIC_AT: usize = 4096;
+
 #[derive(Debug, Default)]
 pub struct HealthTable {
     by_backend: Mutex<HashMap<String, Arc<BackendHealth>>>,
@@ -129,6 +133,11 @@ impl HealthTable {
                 }
             }
             _ => {
+                if backend.dynamic && map.len() >= PRUNE_DYNAMIC_AT {
+                    // Addresses an auth service named, without sessions now: their state is only
+                    // a last failure's time, not worth keeping for every address ever named.
+                    map.retain(|_, h| !h.dynamic || h.sessions.load(Ordering::Relaxed) > 0);
+                }
                 let h = Arc::new(BackendHealth::new(identity(backend), backend.dynamic));
                 map.insert(backend.name.clone(), h.clone());
                 h
@@ -593,6 +602,26 @@ mod tests {
         assert_eq!(t.other_sessions(&|_| false), (0, vec![("b".to_string(), 1)]));
         drop(again);
         assert_eq!(t.other_sessions(&|_| false), (0, vec![]));
+    }
+
+    /// Backends an auth service names by address are forgotten once there are many, except
+    /// those with sessions: the table does not grow with every address ever named.
+    #[test]
+    fn backends_named_by_address_do_not_accumulate() {
+        let t = HealthTable::default();
+        let configured = backend();
+        t.failure(&configured, Source::Check, 1, "x");
+        let named =
+            |i: usize| Backend::adhoc(crate::config::Protocol::Imap, &format!("10.0.{}.{}", i / 250, i % 250), 143);
+        let held = t.session(&named(0));
+        for i in 1..2 * PRUNE_DYNAMIC_AT {
+            t.failure(&named(i), Source::Session, 1, "x");
+        }
+        let len = t.by_backend.lock().unwrap().len();
+        assert!(len <= PRUNE_DYNAMIC_AT, "{len}");
+        assert!(!t.is_up("b"), "a configured backend's state is kept");
+        assert_eq!(t.sessions(&named(0).name), 1, "one with a session is kept");
+        drop(held);
     }
 
     /// A backend without checks that sessions marked down is tried again after a while (only

@@ -15,9 +15,18 @@ use crate::protocol::smtp::back::{ehlo, read_reply};
 /// and XCLIENT are the proxy's business and never copied.
 const PASSED_ON: [&str; 6] = ["SIZE", "8BITMIME", "PIPELINING", "SMTPUTF8", "DSN", "ENHANCEDSTATUSCODES"];
 
-/// A backend's filtered extensions, and whether it is one an auth service named by address
-/// (`Auth-Server`), which no config lists.
-type Learned = (Arc<[String]>, bool);
+/// A backend's filtered extensions, and, for one an auth service named by address
+/// (`Auth-Server`), which no config lists, when it was last logged in to.
+type Learned = (Arc<[String]>, Option<tokio::time::Instant>);
+
+/// How long a backend an auth service named by address counts in what is advertised after its
+/// last login: one the service no longer names (decommissioned, renumbered) must not limit
+/// every client's EHLO, nor stay in memory, until a restart.
+const DYNAMIC_KEPT: Duration = Duration::from_secs(24 * 3600);
+
+fn current(learned: &Learned) -> bool {
+    learned.1.is_none_or(|seen| seen.elapsed() < DYNAMIC_KEPT)
+}
 
 #[derive(Default)]
 pub struct EhloCache {
@@ -37,9 +46,9 @@ impl EhloCache {
     /// then be refused, a SIZE it would overrun).
     pub fn common<'a>(&self, backends: impl IntoIterator<Item = &'a str>) -> Arc<[String]> {
         let map = self.by_backend.lock().unwrap_or_else(|e| e.into_inner());
-        let named = backends.into_iter().filter_map(|b| map.get(b).filter(|(_, dynamic)| !dynamic));
-        let lists: Vec<&Arc<[String]>> =
-            named.chain(map.values().filter(|(_, dynamic)| *dynamic)).map(|(e, _)| e).collect();
+        let named = backends.into_iter().filter_map(|b| map.get(b).filter(|(_, seen)| seen.is_none()));
+        let dynamic = map.values().filter(|l| l.1.is_some() && current(l));
+        let lists: Vec<&Arc<[String]>> = named.chain(dynamic).map(|(e, _)| e).collect();
         let Some((first, rest)) = lists.split_first() else { return Arc::from(Vec::new()) };
         if rest.is_empty() {
             return Arc::clone(first);
@@ -66,10 +75,17 @@ impl EhloCache {
     /// service named by address.
     pub fn update(&self, backend: &str, announced: &[String], dynamic: bool) {
         let filtered: Arc<[String]> = filter(announced).into();
+        let seen = dynamic.then(tokio::time::Instant::now);
         let mut map = self.by_backend.lock().unwrap_or_else(|e| e.into_inner());
-        if map.get(backend).is_none_or(|(old, _)| *old != filtered) {
-            tracing::info!(backend, extensions = ?filtered, "backend SMTP extensions learned");
-            map.insert(backend.to_string(), (filtered, dynamic));
+        if dynamic {
+            map.retain(|_, l| current(l));
+        }
+        match map.get_mut(backend) {
+            Some(old) if old.0 == filtered => old.1 = seen,
+            _ => {
+                tracing::info!(backend, extensions = ?filtered, "backend SMTP extensions learned");
+                map.insert(backend.to_string(), (filtered, seen));
+            }
         }
     }
 }
@@ -175,5 +191,24 @@ mod tests {
         assert!(cache.get("b").is_none());
         cache.update("b", &announced, false);
         assert_eq!(cache.get("b").unwrap().len(), 6);
+    }
+
+    /// A backend an auth service named by address counts for a day after its last login, then
+    /// is forgotten: one no longer named must not limit every client's EHLO until a restart.
+    #[tokio::test(start_paused = true)]
+    async fn backends_named_by_address_are_forgotten_a_day_after_their_last_login() {
+        let set = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        let c = EhloCache::default();
+        c.update("a", &set(&["PIPELINING", "SMTPUTF8", "SIZE 1000"]), false);
+        c.update("192.0.2.7:25", &set(&["PIPELINING", "SIZE 500"]), true);
+        c.update("192.0.2.8:25", &set(&["PIPELINING", "SMTPUTF8", "SIZE 800"]), true);
+        assert_eq!(&*c.common(["a"]), ["PIPELINING", "SIZE 500"]);
+        tokio::time::advance(DYNAMIC_KEPT / 2).await;
+        c.update("192.0.2.8:25", &set(&["PIPELINING", "SMTPUTF8", "SIZE 800"]), true);
+        tokio::time::advance(DYNAMIC_KEPT / 2).await;
+        assert_eq!(&*c.common(["a"]), ["PIPELINING", "SMTPUTF8", "SIZE 800"]);
+        c.update("192.0.2.9:25", &set(&["PIPELINING"]), true);
+        assert!(c.get("192.0.2.7:25").is_none(), "forgotten");
+        assert!(c.get("a").is_some(), "a configured backend stays");
     }
 }
