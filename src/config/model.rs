@@ -1964,6 +1964,17 @@ impl Validator<'_> {
                     "\"dynamic\" is reserved: it is the metrics label of the backends an auth service names by address",
                 ));
             }
+            if split_host_port(&name).is_some() {
+                // An auth service's `Auth-Server` + `Auth-Port` make a backend of that name,
+                // which would take this one's health record, sessions and TLS settings.
+                return Err(self.err(
+                    Some(b.name.span()),
+                    field("name"),
+                    format!(
+                        "{name:?} has the form host:port, which names the backends an auth service names by address"
+                    ),
+                ));
+            }
             let address = b.address.get_ref().clone();
             let host = split_host_port(&address).ok_or_else(|| {
                 self.err(
@@ -2354,6 +2365,25 @@ address = "127.0.0.1:143"
 [routing.imap]
 default = "b"
 "#;
+
+    /// Names an auth service's answers make (`dynamic`, `host:port`) are not a configured
+    /// backend's: one would take the other's health record, sessions and TLS settings.
+    #[test]
+    fn backend_names_of_the_auth_services_forms_are_refused() {
+        for name in ["dynamic", "10.0.0.11:143", "mail.example.org:993", "[2001:db8::1]:143"] {
+            let text = BASE
+                .replace("name = \"b\"", &format!("name = \"{name}\""))
+                .replace("default = \"b\"", &format!("default = \"{name}\""));
+            let e = parse(&text).unwrap_err();
+            assert_eq!((e.field.as_str(), e.position.is_some()), ("backend[0].name", true), "{name}: {e}");
+        }
+        for name in ["mail1", "mail:one", "fd00::11"] {
+            let text = BASE
+                .replace("name = \"b\"", &format!("name = \"{name}\""))
+                .replace("default = \"b\"", &format!("default = \"{name}\""));
+            assert!(parse(&text).is_ok(), "{name}");
+        }
+    }
 
     /// BASE with the auth service as the password source, and `body` as its `[auth.http]` table.
     fn with_auth_http(body: &str) -> String {
