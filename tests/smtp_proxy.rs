@@ -195,6 +195,21 @@ async fn ehlo_name_refused(behaviour: Behaviour) {
     assert_eq!(c.line().await, "235 2.7.0 Authentication successful\r\n");
 }
 
+/// A backend that offers AUTH to the proxy but not for the client's address (named by XCLIENT)
+/// refuses this client, not everyone: a temporary failure, not counted against its health.
+#[tokio::test]
+async fn auth_withheld_from_the_clients_address_is_not_the_backends_failure() {
+    let (proxy, _backend) = setup_with(Behaviour::SmtpNoAuthForClient, "login = \"replay\"", "").await;
+    for _ in 0..4 {
+        let mut c = greeted(&proxy).await;
+        c.send(b"EHLO c\r\n").await;
+        c.smtp_reply().await;
+        c.send(b"AUTH PLAIN AGFsaWNlQGV4YW1wbGUudGVzdABzZWNyZXQ=\r\n").await;
+        assert_eq!(c.line().await, "454 4.7.0 Temporary authentication failure\r\n");
+    }
+    assert!(proxy.app.health().is_up("fake"));
+}
+
 #[tokio::test]
 async fn backend_dropping_after_ehlo_fails_closed() {
     login_fails_unavailable(Behaviour::SmtpDropAfterEhlo, "").await;

@@ -153,6 +153,9 @@ pub enum Behaviour {
     /// IMAP: answers every login `NO [UNAVAILABLE]`, as a rate limit or a per-user connection
     /// limit does.
     LoginUnavailable,
+    /// SMTP: offers AUTH to the proxy but not after XCLIENT names the client's address
+    /// (Postfix's smtpd_sasl_exceptions_networks).
+    SmtpNoAuthForClient,
 }
 
 impl Behaviour {
@@ -180,6 +183,7 @@ impl Behaviour {
                 | Behaviour::SmtpRefuseStartTls
                 | Behaviour::SmtpStartTlsExtraBytes
                 | Behaviour::SmtpStartTlsNotTls
+                | Behaviour::SmtpNoAuthForClient
         )
     }
 }
@@ -399,8 +403,10 @@ async fn serve_smtp(s: TcpStream, behaviour: Behaviour, rec: Arc<Mutex<Vec<Vec<S
     if w.write_all(b"220 fake.example ESMTP\r\n").await.is_err() {
         return;
     }
+    let mut xclient_done = false;
     while let Some(line) = record_line(&mut r, &rec, idx).await {
         let verb = line.split([' ', '\r', ':']).next().unwrap_or("").to_ascii_uppercase();
+        xclient_done |= verb == "XCLIENT";
         let reply: Vec<u8> = match verb.as_str() {
             "EHLO" if behaviour == Behaviour::SmtpStrictHelo && line.contains('_') => {
                 b"501 5.5.2 Syntactically invalid EHLO argument(s)\r\n".to_vec()
@@ -421,6 +427,8 @@ async fn serve_smtp(s: TcpStream, behaviour: Behaviour, rec: Arc<Mutex<Vec<Vec<S
                 };
                 let auth = if behaviour == Behaviour::SmtpAuthLoginOnly {
                     "250-AUTH NTLM LOGIN\r\n250-AUTH=LOGIN\r\n".to_string()
+                } else if behaviour == Behaviour::SmtpNoAuthForClient && xclient_done {
+                    format!("250-XCLIENT {xclient}\r\n")
                 } else {
                     format!("250-AUTH PLAIN\r\n250-XCLIENT {xclient}\r\n")
                 };

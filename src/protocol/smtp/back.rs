@@ -131,6 +131,8 @@ pub async fn connect_and_login(
             } else if mechanisms.iter().any(|m| m.eq_ignore_ascii_case("LOGIN")) {
                 // Exchange and other servers that offer LOGIN (and NTLM or GSSAPI) but not PLAIN.
                 auth_login(&mut stream, &mut lines, creds.user.as_bytes(), creds.password.expose()).await?;
+            } else if !auth_mechanisms(&announced).is_empty() {
+                return Err(not_for_this_client());
             } else {
                 return Err(BackendError::Protocol(
                     "backend offers neither AUTH PLAIN nor AUTH LOGIN (AUTH only inside TLS?)",
@@ -140,6 +142,9 @@ pub async fn connect_and_login(
         BackendLogin::Master { user: master, password } => {
             // A master login names the user as the authorization identity, which only PLAIN has.
             if !auth_mechanisms(&exts).iter().any(|m| m.eq_ignore_ascii_case("PLAIN")) {
+                if auth_mechanisms(&announced).iter().any(|m| m.eq_ignore_ascii_case("PLAIN")) {
+                    return Err(not_for_this_client());
+                }
                 return Err(BackendError::Protocol("backend does not offer AUTH PLAIN, which a master login needs"));
             }
             let line = plain_response(b"AUTH PLAIN ", user.as_bytes(), master.as_bytes(), password.as_bytes());
@@ -192,6 +197,14 @@ async fn auth_login<S: AsyncRead + AsyncWrite + Unpin>(
         }
     }
     auth_verdict(read_reply(s, lines).await?.0)
+}
+
+/// AUTH offered to the proxy and not after XCLIENT named the client's address (Postfix's
+/// smtpd_sasl_exceptions_networks): the backend refuses this client, not everyone, so it is not
+/// counted against its health (a few clients from such a network would mark it down).
+fn not_for_this_client() -> BackendError {
+    tracing::info!("the SMTP backend offers AUTH to the proxy but not for the client's address");
+    BackendError::LoginRefused
 }
 
 /// What an AUTH reply means for the login. Only replies no client can bring about count
