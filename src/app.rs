@@ -4,7 +4,8 @@
 //! Reload is a diff, not a restart: the new config is loaded and validated, certificates are
 //! prepared, new sockets are bound (a failure here rejects the whole reload), and only then is
 //! anything swapped. Sockets whose address stays are reused, so an unchanged listener never stops
-//! accepting; sessions never look at the new snapshot.
+//! accepting. A session keeps the snapshot it was accepted under for its listener, TLS and front
+//! end; its login takes the running one (`SessionCtx::running`).
 
 use std::collections::{HashMap, HashSet};
 use std::hash::{Hash, Hasher};
@@ -295,6 +296,7 @@ impl App {
         app.apply_admin(admin);
         app.restart_checks();
         app.record_certificates();
+        alerted_counters_at_zero(&app.runtime.load());
         let m = crate::metrics::metrics();
         m.config_last_reload_success.set(unix_now());
         m.config_last_reload_successful.set(1);
@@ -408,6 +410,7 @@ impl App {
         // Before the new config runs, so its first sessions count on the entries it will keep.
         self.health.sync(runtime.config.backends.values().map(|b| &**b));
         self.runtime.store(Arc::new(runtime));
+        alerted_counters_at_zero(&self.runtime.load());
         self.apply_sockets(sockets);
         if admin.is_some() || stop_admin {
             self.apply_admin(admin);
@@ -572,7 +575,6 @@ impl App {
         for (pool, protocol, up) in self.pools_up(&rt.config) {
             m.pool_backends_up.with_label_values(&[pool, protocol.as_str()]).set(up as i64);
         }
-        alerted_counters_at_zero(&rt);
     }
 
     /// (pool, protocol, backends up and not draining) for every protocol a pool's backends
@@ -887,7 +889,8 @@ pub(crate) fn fingerprint(files: &[PathBuf]) -> u64 {
 
 /// Make the counter series the shipped alerts watch exist, at 0, before their first count:
 /// `increase()` cannot see a series' first value, so a burst that created one (running out of
-/// descriptors once, a first few logins the backend refuses) would never fire its alert.
+/// descriptors once, a first few logins the backend refuses) would never fire its alert. At
+/// start and after each reload (for what it added).
 fn alerted_counters_at_zero(rt: &Runtime) {
     let m = crate::metrics::metrics();
     for l in &rt.config.listeners {

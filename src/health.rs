@@ -95,7 +95,8 @@ const PRUNE_DYNAMIC_AT: usize = 4096;
 pub struct HealthTable {
     by_backend: Mutex<HashMap<String, Arc<BackendHealth>>>,
     /// The backends the running config names, once a reload has synced the table: a name a
-    /// session's older snapshot still routes to but the running config dropped is disabled.
+    /// login under way with the config before a reload still routes to, but the running config
+    /// dropped, is disabled.
     configured_names: Mutex<Option<std::collections::HashSet<String>>>,
     /// The records of backends a reload moved (address, protocol or transport changed), for what
     /// still runs on their old definition: the last reload's, and earlier ones' while sessions
@@ -175,9 +176,16 @@ impl HealthTable {
         backend.health.enabled && !h.up.load(Ordering::Relaxed) && since.is_some_and(|t| t.elapsed() >= FAIL_FAST_AFTER)
     }
 
-    /// Open sessions on `name`, on its current definition and on those a reload moved it from.
+    /// Open sessions on `name`'s current definition (its address now): what `max_sessions`
+    /// limits. Those still on an address a reload moved it from are on another server.
+    pub fn current_sessions(&self, name: &str) -> usize {
+        self.get(name).map_or(0, |h| h.sessions.load(Ordering::Relaxed))
+    }
+
+    /// Open sessions on `name`, on its current definition and on those a reload moved it from:
+    /// what a drain waits for.
     pub fn sessions(&self, name: &str) -> usize {
-        let current = self.get(name).map_or(0, |h| h.sessions.load(Ordering::Relaxed));
+        let current = self.current_sessions(name);
         let previous = self.previous.lock().unwrap_or_else(|e| e.into_inner());
         current
             + previous.iter().filter(|(n, _)| n == name).map(|(_, h)| h.sessions.load(Ordering::Relaxed)).sum::<usize>()
@@ -253,7 +261,7 @@ impl HealthTable {
         let mut map = self.by_backend.lock().unwrap_or_else(|e| e.into_inner());
         map.retain(|k, h| backends.iter().any(|b| b.name == *k) || h.sessions.load(Ordering::Relaxed) > 0);
         // Moved records stay while sessions are open on them; the last reload's stay in any case
-        // (a session still routing by the snapshot before it may start on one).
+        // (a login under way with the config before it may start a session on one).
         let mut kept = self.previous.lock().unwrap_or_else(|e| e.into_inner());
         kept.retain(|(_, h)| h.sessions.load(Ordering::Relaxed) > 0);
         let mut previous = Vec::new();
@@ -306,6 +314,11 @@ impl HealthTable {
 pub struct SessionGuard(Arc<BackendHealth>);
 
 impl SessionGuard {
+    /// Whether the session's backend is one an auth service named by address.
+    pub fn dynamic(&self) -> bool {
+        self.0.dynamic
+    }
+
     /// For the relay: asked when this backend ends the session while its client is connected.
     /// Like Dovecot's `login_proxy_max_disconnect_delay`: as long as the backend ends no more
     /// sessions a second than a `spread`'s share of them (sessions / spread in seconds), clients
@@ -552,7 +565,7 @@ mod tests {
     }
 
     /// The running config's state per name: up before any reload, as synced after one, and
-    /// disabled for a name a reload dropped (an older snapshot may still route to it).
+    /// disabled for a name a reload dropped (a login under way with the config before may still route to it).
     #[test]
     fn configured_state_follows_the_running_config() {
         let t = HealthTable::default();
@@ -589,6 +602,7 @@ mod tests {
         // The backend's sessions, which a drain is watched by, are those on both addresses,
         // also after the next reload, until those on the old one end.
         assert_eq!(t.sessions("b"), 3);
+        assert_eq!(t.current_sessions("b"), 1, "max_sessions counts the new address's own");
         t.sync([&*moved]);
         assert_eq!(t.sessions("b"), 3);
         drop((_on_old, late));

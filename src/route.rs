@@ -106,12 +106,12 @@ fn state(b: &Backend, health: &HealthTable) -> BackendState {
 }
 
 /// Whether a candidate `plan` gave a login is one still to try again, after a round in which it
-/// refused the connection: not if its checks have marked it down, nor if a reload has taken it
-/// out (disabled; draining, where the pool has failover) since.
-pub fn still_eligible(target: &Target, b: &Backend, health: &HealthTable) -> bool {
+/// refused the connection: not if its checks have marked it down since (`was_up`: when it
+/// refused), nor if a reload has taken it out (disabled; draining, where the pool has failover).
+pub fn still_eligible(target: &Target, b: &Backend, was_up: bool, health: &HealthTable) -> bool {
     let state = state(b, health);
     let allowed = if target.failover() { state == BackendState::Up } else { state != BackendState::Disabled };
-    allowed && (!b.health.enabled || health.is_up(&b.name))
+    allowed && !(b.health.enabled && was_up && !health.is_up(&b.name))
 }
 
 /// Order a target's backends for `user`, applying states, health and session limits.
@@ -137,7 +137,7 @@ pub fn plan(target: &Target, protocol: Protocol, user: &str, health: &HealthTabl
                 if !health.long_down(&b) {
                     down.push(b);
                 }
-            } else if b.max_sessions > 0 && health.sessions(&b.name) >= b.max_sessions as usize {
+            } else if b.max_sessions > 0 && health.current_sessions(&b.name) >= b.max_sessions as usize {
                 full.push(b);
             } else {
                 good.push(b);

@@ -1,6 +1,6 @@
 //! One client connection, start to end: [implicit TLS] → front end (STARTTLS, pre-auth dialogue)
-//! → auth → route → backend login → relay. One config snapshot for the whole life of the session,
-//! one access-log line at its end. Written once for all protocols: the protocol differences live
+//! → auth → route → backend login → relay. The config snapshot taken at accept for the listener,
+//! TLS and front end, the running one for each login; one access-log line at its end. Written once for all protocols: the protocol differences live
 //! in `protocol::Front` and the backend login clients.
 //!
 //! Phases and their deadlines: TLS handshake (`tls_handshake_timeout`), everything before a
@@ -35,7 +35,7 @@ const LOGIN_TIMEOUT_SLACK: Duration = Duration::from_secs(1);
 /// How long a relayed session that ends gets to write its goodbye and close.
 const GOODBYE_TIMEOUT: Duration = Duration::from_secs(1);
 
-/// Everything a session needs, fixed at accept.
+/// Everything a session needs, fixed at accept (`running` follows reloads).
 pub struct SessionCtx {
     /// The config the session was accepted under: its listener's settings, TLS and front end.
     pub runtime: Arc<Runtime>,
@@ -541,8 +541,7 @@ async fn preauth(ctx: &SessionCtx, tcp: TcpStream, deadline: Instant) -> Result<
             let mut backend_starttls = false;
             if let Some(exts) = logged_in.extensions.take() {
                 backend_starttls = crate::protocol::smtp::back::has(&exts, "STARTTLS");
-                let dynamic = !ctx.running.load().config.backends.contains_key(&backend_name);
-                ctx.ehlo.update(&backend_name, &exts, dynamic);
+                ctx.ehlo.update(&backend_name, &exts, guard.dynamic());
             }
             tracing::debug!(session = %ctx.id, backend = %backend_name, mechanism = req.mechanism.as_str(), "login ok");
             let backend = logged_in;
@@ -660,7 +659,8 @@ async fn login(
         }
     };
     let fingerprint = attempt_fingerprint(mechanism, &creds, tls.as_ref());
-    let result = login_inner(ctx, rt, mechanism, creds, attempt, tls, hints).await;
+    // Judged by the config running now: a reload during the wait above holds for this login.
+    let result = login_inner(ctx, &ctx.running.load_full(), mechanism, creds, attempt, tls, hints).await;
     match &result {
         Ok((_, user, _, _, _)) => {
             ctx.throttle.success(s, ip, user);
@@ -728,7 +728,9 @@ async fn login_inner(
     let retry_until = Instant::now() + rt.config.limits.backend_connect_timeout;
     let mut candidates: Vec<&Arc<Backend>> = plan.candidates.iter().collect();
     loop {
-        let mut refused: Vec<&Arc<Backend>> = Vec::new();
+        // With whether it was up when it refused: one its checks mark down meanwhile is not
+        // tried again; one already down (a pool's last resort) is, as before.
+        let mut refused: Vec<(&Arc<Backend>, bool)> = Vec::new();
         for backend in candidates {
             if !target.failover() && backend.health.enabled && !ctx.health.is_up(&backend.name) {
                 // The user's mailbox lives only there and it is down: fail fast. Only where active
@@ -748,7 +750,7 @@ async fn login_inner(
                 Tried::In(logged_in) => {
                     // Others refused while this one took the session: no restart to wait out
                     // there, they count against their health now (reliability case 65).
-                    for other in &refused {
+                    for (other, _) in &refused {
                         let other: &Backend = other;
                         ctx.health.failure(other, Source::Session, other.health.fall, "connect");
                     }
@@ -766,12 +768,12 @@ async fn login_inner(
                     return Ok((logged_in, user, backend.name.clone(), guard, user_slot));
                 }
                 Tried::Over(e) => return Err(e),
-                Tried::Refused => refused.push(backend),
+                Tried::Refused => refused.push((backend, ctx.health.is_up(&backend.name))),
                 Tried::Next => {}
             }
         }
         if refused.is_empty() || Instant::now() + BACKEND_RETRY > retry_until {
-            for backend in refused {
+            for (backend, _) in refused {
                 ctx.health.failure(backend, Source::Session, backend.health.fall, "connect");
                 tracing::warn!(session = %ctx.id, backend = %backend.name, route = %plan.target, "backend login failed: connection refused");
             }
@@ -779,7 +781,9 @@ async fn login_inner(
         }
         tokio::time::sleep(BACKEND_RETRY).await;
         // Not again: one its checks have marked down, or a reload drained or disabled, meanwhile.
-        candidates = refused.into_iter().filter(|b| crate::route::still_eligible(&target, b, &ctx.health)).collect();
+        let again =
+            |(b, was_up): &(&Arc<Backend>, bool)| crate::route::still_eligible(&target, b, *was_up, &ctx.health);
+        candidates = refused.into_iter().filter(again).map(|(b, _)| b).collect();
     }
     Err(LoginError::Unavailable("backend_unavailable"))
 }
@@ -826,7 +830,7 @@ async fn authorize(
         let asked = Instant::now();
         let verdict = auth::authenticate(&rt.config, &creds).await;
         // A password left to the backend is checked in its login (backend_login_duration).
-        if !matches!(verdict, Verdict::Deferred { .. }) {
+        if !matches!(rt.config.auth, crate::config::AuthSource::Backend) {
             metrics().auth_duration.with_label_values(&["passwd_file"]).observe(asked.elapsed().as_secs_f64());
         }
         let (user, pinned, judged) = match verdict {
@@ -977,16 +981,14 @@ impl BackendLoginOf<'_> {
                 // Maybe the user's own condition (Dovecot's per-user connection limit): this
                 // one's health is left to what sessions see before the credentials and to its
                 // active checks.
+                // The next one is tried: the same answer also means a replica whose own auth is
+                // down (IMAP [SERVERBUG], SMTP 451/454) or one shutting down (* BYE), where
+                // ending the login would be an outage for its share of users that no health
+                // state shows. A limit on guesses answered so (Postfix's
+                // smtpd_client_auth_rate_limit) is answered before the password is checked, so
+                // a guess is still checked at most once; the proxy's own throttle paces them.
                 tracing::warn!(session = %ctx.id, backend = %backend.name, route = %self.route, reason = e.reason(), "backend refused the login for now");
-                if self.password_checked_by(backend) {
-                    // The client's own password, maybe a guess, went to a backend that checks
-                    // it. The next one would be asked the same: a backend's own limit on
-                    // guesses (Postfix's smtpd_client_auth_rate_limit answers 4xx, Dovecot's
-                    // auth penalty) would count for one backend in N. The client tries again.
-                    Tried::Over(LoginError::Unavailable("backend_unavailable"))
-                } else {
-                    Tried::Next
-                }
+                Tried::Next
             }
             // Reliability cases 64-66: a refused connection counts against the backend only if
             // it is still refused when the retries end: logins that wait out a restart must not

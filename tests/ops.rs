@@ -360,7 +360,7 @@ async fn health_checks_send_a_local_proxy_header() {
         }
     });
     let cfg = format!(
-        "[[listener]]\nname = \"plain\"\nbind = \"127.0.0.1:0\"\nprotocol = \"imap\"\ntls = \"none\"\n[auth]\nsource = \"backend\"\n[[backend]]\nname = \"h\"\naddress = \"{addr}\"\nclient_address = \"proxy-v2\"\n[backend.health]\ninterval = \"100ms\"\n[routing.imap]\ndefault = \"h\"\n"
+        "[[listener]]\nname = \"plain\"\nbind = \"127.0.0.1:0\"\nprotocol = \"imap\"\ntls = \"none\"\n[auth]\nsource = \"backend\"\n[[backend]]\nname = \"h\"\naddress = \"{addr}\"\nclient_address = \"proxy-v2\"\n[backend.health]\ninterval = \"100ms\"\ntimeout = \"200ms\"\n[routing.imap]\ndefault = \"h\"\n"
     );
     let proxy = Proxy::start(&cfg, USERS).await;
     let head = tokio::time::timeout(Duration::from_secs(5), rx.recv()).await.unwrap().unwrap();
@@ -368,7 +368,9 @@ async fn health_checks_send_a_local_proxy_header() {
     // Version 2, command LOCAL (0x20), not PROXY (0x21); no address family.
     assert_eq!(head[12], 0x20, "{head:?}");
     assert_eq!(head[13], 0x00, "{head:?}");
-    // The checks' connects are not sessions' connect times.
+    // The checks' connects are not sessions' connect times (the first connect's is recorded
+    // by the time the second check has connected).
+    tokio::time::timeout(Duration::from_secs(5), rx.recv()).await.unwrap().unwrap();
     let page = String::from_utf8(proxy.app.render_metrics().1).unwrap();
     assert!(!page.contains("portcullis_backend_connect_duration_seconds_count{backend=\"h\"}"), "{page}");
 }
@@ -470,4 +472,10 @@ async fn the_alerted_counters_are_exported_at_zero_before_their_first_count() {
     ] {
         assert!(page.lines().any(|l| l == series), "missing {series} in\n{page}");
     }
+    // What a reload adds, from the reload on.
+    write_file(&proxy.config_path(), &cfg.replace("never-failed", "added-later"));
+    proxy.app.reload(false).await.unwrap();
+    let page = String::from_utf8(proxy.app.render_metrics().1).unwrap();
+    let series = "portcullis_backend_errors_total{backend=\"added-later\",reason=\"local_resources\"} 0";
+    assert!(page.lines().any(|l| l == series), "missing {series} in\n{page}");
 }

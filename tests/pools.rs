@@ -107,24 +107,53 @@ async fn failover_moves_the_session_before_the_client_sees_an_error() {
     assert_eq!(reply, "a NO [UNAVAILABLE] Server unavailable, try again later.\r\n");
 }
 
-/// A backend that checks the client's own password and refuses the login for now (a rate limit
-/// on guesses, a per-user limit) ends the attempt: the next one would be put the same password,
-/// which multiplies any backend's own limit on guesses by the pool's size. Where the proxy
-/// verified the password, the next backend is tried.
+/// A backend that refuses a login for now (its own auth down, shutting down, a limit on one
+/// user's connections) has the next one tried, also where the backend is what checks the
+/// password, and is not counted against its health: one user could mark it down for everyone.
 #[tokio::test]
-async fn a_temporary_refusal_fails_over_only_where_the_proxy_checked_the_password() {
+async fn a_temporary_refusal_fails_over_and_is_not_the_backends_failure() {
     let busy = FakeBackend::start(Behaviour::LoginUnavailable).await;
     let live = FakeBackend::start(Behaviour::Normal).await;
     let cfg = pool_config(&[("busy", busy.addr, ""), ("live", live.addr, "")], true);
     let verified = Proxy::start(&cfg, &users(40)).await;
     let by_backend = Proxy::start(&cfg.replace("passwd_file = \"users\"", "source = \"backend\""), "").await;
     let user = (0..40).map(|i| format!("u{i}@example.test")).find(|u| expected(&verified, u)[0] == "busy").unwrap();
-    let (_, reply) = login(&by_backend, &user).await;
-    assert_eq!(reply, "a NO [UNAVAILABLE] Server unavailable, try again later.\r\n");
-    assert_eq!((busy.connections(), live.connections()), (1, 0), "asked once, of one backend");
-    let (_, reply) = login(&verified, &user).await;
-    assert!(reply.starts_with("a OK"), "{reply}");
-    assert_eq!((busy.connections(), live.connections()), (2, 1));
+    for (n, proxy) in [&verified, &by_backend, &by_backend, &by_backend].into_iter().enumerate() {
+        let (_, reply) = login(proxy, &user).await;
+        assert!(reply.starts_with("a OK"), "{reply}");
+        assert_eq!((busy.connections(), live.connections()), (n + 1, n + 1));
+    }
+    assert!(by_backend.app.health().is_up("busy"), "past `fall` (3), still up");
+}
+
+/// A pool's last resort, a backend its checks have just marked down, that refuses the
+/// connection is tried again within backend_connect_timeout like any other (case 64): only one
+/// marked down while the login waited is not.
+#[tokio::test]
+async fn a_last_resort_that_refuses_is_tried_again() {
+    let port = closed_port();
+    let cfg = pool_config(&[("a", port, "")], true)
+        .replace("backend_connect_timeout = \"500ms\"", "backend_connect_timeout = \"6s\"")
+        .replace(
+            "health = { enabled = false }",
+            "health = { enabled = true, interval = \"60s\", timeout = \"1s\", fall = 1 }",
+        );
+    let proxy = Proxy::start(&cfg, &users(1)).await;
+    for _ in 0..100 {
+        if !proxy.app.health().is_up("a") {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    assert!(!proxy.app.health().is_up("a"), "the first check marks it down");
+    let mut c = Client::connect(proxy.addr("plain")).await;
+    c.line().await;
+    c.send(b"a LOGIN u0@example.test pw\r\n").await;
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    let back = FakeBackend::start_on(port, Behaviour::Normal).await;
+    let reply = c.until_tagged("a").await;
+    assert!(reply.last().unwrap().starts_with("a OK"), "{reply:?}");
+    assert_eq!(back.connections(), 1);
 }
 
 /// A login waiting out a backend that refuses connections (restarting) does not try it again

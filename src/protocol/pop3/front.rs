@@ -126,13 +126,18 @@ impl Pop3Front {
                         // Reliability case 34: no NUL or other control byte in a name; refused
                         // here, not as a login attempt after PASS.
                         Some(user) if user.iter().any(|b| b.is_ascii_control()) => {
+                            // A name given before is forgotten too: PASS must not go with it.
+                            self.user = None;
                             self.error(s, "-ERR Invalid user name.\r\n").await?
                         }
                         Some(user) if !user.is_empty() => {
                             self.user = Some(user.to_vec());
                             write(s, b"+OK\r\n").await?;
                         }
-                        _ => self.error(s, "-ERR Missing user name.\r\n").await?,
+                        _ => {
+                            self.user = None;
+                            self.error(s, "-ERR Missing user name.\r\n").await?
+                        }
                     }
                 }
                 "PASS" => {
@@ -348,7 +353,7 @@ mod tests {
         let (out, ev) = run(vec![b"AUTH PLAIN \r\nAGFsaWNlAHB3\r\nAUTH LOGIN \r\nYWxpY2U=\r\ncHc=\r\n".to_vec()]);
         assert!(out.ends_with("+ \r\n-ERR [AUTH] Authentication failed.\r\n+ VXNlcm5hbWU6\r\n+ UGFzc3dvcmQ6\r\n-ERR [AUTH] Authentication failed.\r\n"), "{out}");
         assert_eq!(ev, vec!["login Some(\"alice\")", "login Some(\"alice\")", "closed client_closed"]);
-        let (out, ev) = run(vec![b"USER a\0b\r\nPASS x\r\n".to_vec()]);
+        let (out, ev) = run(vec![b"USER alice\r\nUSER a\0b\r\nPASS x\r\n".to_vec()]);
         assert!(out.ends_with("-ERR Invalid user name.\r\n-ERR No user name given.\r\n"), "{out}");
         assert_eq!(ev, vec!["closed client_closed"]);
     }

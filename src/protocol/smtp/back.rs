@@ -131,7 +131,10 @@ pub async fn connect_and_login(
             } else if mechanisms.iter().any(|m| m.eq_ignore_ascii_case("LOGIN")) {
                 // Exchange and other servers that offer LOGIN (and NTLM or GSSAPI) but not PLAIN.
                 auth_login(&mut stream, &mut lines, creds.user.as_bytes(), creds.password.expose()).await?;
-            } else if !auth_mechanisms(&announced).is_empty() {
+            } else if auth_mechanisms(&announced)
+                .iter()
+                .any(|m| ["PLAIN", "LOGIN"].iter().any(|u| m.eq_ignore_ascii_case(u)))
+            {
                 return Err(not_for_this_client());
             } else {
                 return Err(BackendError::Protocol(
