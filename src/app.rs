@@ -447,7 +447,8 @@ impl App {
         // Certificates no longer configured are not served any more.
         let labels: Vec<&str> = wanted.iter().flat_map(|a| a.certificates.iter()).map(|c| c.label.as_str()).collect();
         let mut slot = self.acme.lock().await;
-        if slot.as_ref().map(|h| &h.settings) == wanted.as_ref() {
+        let running = slot.as_ref().map(|h| (&h.settings, h.ca_file_digest));
+        if running == wanted.as_ref().map(|w| (w, crate::tls::acme::ca_file_digest(w))) {
             self.tls.certs.retain_acme(&labels);
             return Ok(());
         }
@@ -478,6 +479,11 @@ impl App {
             }
         }
         Ok(())
+    }
+
+    /// What the running ACME client was started with of `acme.ca_file` (its digest), if ACME runs.
+    pub async fn acme_ca_file_digest(&self) -> Option<u64> {
+        self.acme.lock().await.as_ref().map(|h| h.ca_file_digest)
     }
 
     /// Renew an ACME certificate now (`None`: all of them). False if there is no such certificate.

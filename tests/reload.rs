@@ -295,6 +295,30 @@ async fn a_reload_that_changes_acme_keeps_the_responder() {
     assert!(answers().await, "no HTTP-01 responder after the reload");
 }
 
+/// A replaced `acme.ca_file` (the ACME server's CA, renewed) restarts ACME with it: the file is
+/// watched, and its bytes count as a change of the ACME settings.
+#[tokio::test]
+async fn a_replaced_acme_ca_file_restarts_acme() {
+    let backend = FakeBackend::start(Behaviour::Normal).await;
+    let state = tempfile::tempdir().unwrap();
+    let ca_file = state.path().join("acme-ca.pem");
+    let ca = || rcgen::generate_simple_self_signed(vec!["acme.test".to_string()]).unwrap().cert.pem();
+    std::fs::write(&ca_file, ca()).unwrap();
+    let config = format!(
+        "{}\n[acme]\ndirectory = \"https://127.0.0.1:1/dir\"\nterms_agreed = true\nca_file = \"{}\"\nstate_dir = \"{}\"\nchallenge = \"tls-alpn-01\"\nretry_min = \"1h\"\n[[acme.certificate]]\nnames = [\"mail.example.test\"]\n",
+        plain_config(backend.addr, "").replace("tls = \"none\"", "tls = \"implicit\""),
+        ca_file.display(),
+        state.path().join("state").display()
+    );
+    let proxy = Proxy::start(&config, USERS).await;
+    assert!(proxy.app.runtime().config.watched_files().contains(&ca_file));
+    let before = proxy.app.acme_ca_file_digest().await.expect("ACME runs");
+    std::fs::write(&ca_file, ca()).unwrap();
+    assert_eq!(proxy.app.reload(false).await.unwrap(), portcullis::app::Reloaded::Applied);
+    let after = proxy.app.acme_ca_file_digest().await.expect("ACME runs");
+    assert_ne!(before, after, "ACME still runs with the old CA file");
+}
+
 /// The HTTP-01 responder serves at most 256 connections at once: a flood on port 80 cannot take
 /// the descriptors the mail listeners share. Others are closed at accept; a freed place is
 /// served again.

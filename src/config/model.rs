@@ -812,6 +812,8 @@ impl Config {
         if let AuthSource::Http(AuthHttpSettings { ca_file: Some(ca), .. }) = &self.auth {
             files.push(ca.clone());
         }
+        // The ACME CA's: a replaced one restarts ACME with it (`App::apply_acme`).
+        files.extend(self.acme.as_ref().and_then(|a| a.ca_file.clone()));
         for c in &self.tls.certificates {
             files.push(c.cert.clone());
             files.push(c.key.clone());

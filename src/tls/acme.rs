@@ -169,12 +169,20 @@ pub fn is_alpn_challenge<'a>(alpn: Option<impl Iterator<Item = &'a [u8]>>) -> bo
 /// A running ACME manager: one renewal task per certificate.
 pub struct AcmeHandle {
     pub settings: AcmeSettings,
+    /// The bytes of `settings.ca_file` the client was started with (`app::fingerprint`): a
+    /// replaced CA file restarts ACME like changed settings do.
+    pub ca_file_digest: u64,
     triggers: HashMap<String, Arc<Notify>>,
     stop: CancellationToken,
     /// The challenge responder's task, which owns its listening socket.
     responder: Option<tokio::task::JoinHandle<()>>,
     /// One task per certificate.
     tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+/// What `AcmeHandle::ca_file_digest` holds for `settings`.
+pub fn ca_file_digest(settings: &AcmeSettings) -> u64 {
+    crate::app::fingerprint(&settings.ca_file.iter().cloned().collect::<Vec<_>>())
 }
 
 impl AcmeHandle {
@@ -258,7 +266,8 @@ pub async fn start(settings: AcmeSettings, certs: Arc<CertStore>, stop: Cancella
         };
         tasks.push(tokio::spawn(task.supervise(trigger, stop.clone())));
     }
-    Ok(AcmeHandle { settings, triggers, stop, responder, tasks })
+    let ca_file_digest = ca_file_digest(&settings);
+    Ok(AcmeHandle { settings, ca_file_digest, triggers, stop, responder, tasks })
 }
 
 /// A certificate's failed orders, kept in `certs/LABEL.retry` until one succeeds.
