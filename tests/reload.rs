@@ -443,6 +443,40 @@ async fn watched_proxy(
     (app, addr)
 }
 
+/// A reload that failed because another process held a port it binds is tried again on a
+/// timer (10 s, then doubling): the port may be let go without any file changing.
+#[tokio::test]
+async fn a_reload_that_could_not_bind_is_tried_again() {
+    let backend = FakeBackend::start(Behaviour::Normal).await;
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    std::fs::write(d.join("users"), alice_with("pw")).unwrap();
+    let (app, _addr) = watched_proxy(backend.addr, d, "users").await;
+    let held = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = held.local_addr().unwrap().port();
+    let path = d.join("conf/portcullis.toml");
+    let text = std::fs::read_to_string(&path).unwrap();
+    write_file(
+        &path,
+        &format!(
+            "{text}\n[[listener]]\nname = \"late\"\nbind = \"127.0.0.1:{port}\"\nprotocol = \"imap\"\ntls = \"none\"\nallow_plaintext_auth = true\n"
+        ),
+    );
+    // The watcher's reload (a moment after the file event) fails on the held port.
+    tokio::time::sleep(std::time::Duration::from_secs(3)).await;
+    assert!(app.runtime().config.listener("late").is_none());
+    drop(held);
+    let addr = std::net::SocketAddr::from(([127, 0, 0, 1], port));
+    for _ in 0..150 {
+        if app.runtime().config.listener("late").is_some() {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    assert!(app.runtime().config.listener("late").is_some(), "not tried again within 15 s");
+    assert!(logs_in(addr, "pw").await);
+}
+
 #[tokio::test]
 async fn a_replaced_or_recreated_directory_is_watched_again() {
     // The users file lives outside the config file's directory, in a directory that a deploy

@@ -33,6 +33,11 @@ const DEBOUNCE: Duration = Duration::from_millis(200);
 const RETRY: Duration = Duration::from_secs(2);
 /// How often the generated self-signed certificate's end is looked at.
 const SELF_SIGNED_CHECK: Duration = Duration::from_secs(3600);
+/// After a reload that failed for a reason outside its files (a port another process holds,
+/// the ACME responder's too), it is tried again after this, doubling up to `RUNTIME_RETRY_MAX`:
+/// the port may be let go without any file changing.
+const RUNTIME_RETRY: Duration = Duration::from_secs(10);
+const RUNTIME_RETRY_MAX: Duration = Duration::from_secs(300);
 
 /// A watched directory's identity: a directory renamed into its place has another inode, and
 /// the watch on the old one no longer sees the path's files.
@@ -84,6 +89,8 @@ fn spawn_with(app: Arc<App>, mut hup: tokio::signal::unix::Signal, inotify: bool
 
     tokio::spawn(async move {
         let mut failed: Option<Failed> = None;
+        // When to try a reload that failed for a runtime reason again, and the wait after that.
+        let mut runtime_retry: Option<(tokio::time::Instant, Duration)> = None;
         // The generated self-signed certificate is made anew at a reload in its last 30 days;
         // with no file changing, nothing else would reload a process that runs for a year.
         let mut self_signed_checked = tokio::time::Instant::now();
@@ -110,6 +117,10 @@ fn spawn_with(app: Arc<App>, mut hup: tokio::signal::unix::Signal, inotify: bool
                 Err(_) if watches.update(&app, false) => false,
                 Err(_) if failed.is_some() && failed != Some(Failed::now(&app).await) => false,
                 Err(_) if renew => true,
+                Err(_) if runtime_retry.is_some_and(|(at, _)| at <= tokio::time::Instant::now()) => {
+                    tracing::info!("trying the failed reload again");
+                    true
+                }
                 Err(_) => continue,
             };
             force |= renew;
@@ -128,18 +139,26 @@ fn spawn_with(app: Arc<App>, mut hup: tokio::signal::unix::Signal, inotify: bool
                 continue;
             }
             failed = None;
+            let wait = runtime_retry.take().map_or(RUNTIME_RETRY, |(_, wait)| (wait * 2).min(RUNTIME_RETRY_MAX));
+            let retry = Some((tokio::time::Instant::now() + wait, wait));
             match app.reload(force).await {
                 Ok(Reloaded::Applied) => {
                     tracing::info!(config = %app.config_path().display(), "configuration reloaded")
                 }
                 Ok(Reloaded::Unchanged) => tracing::debug!("configuration files unchanged"),
                 Ok(Reloaded::AcmeFailed(e)) => {
-                    tracing::error!(error = %e, "configuration reloaded, but ACME could not be (re)started with it");
+                    tracing::error!(error = %e, retry_in = ?wait, "configuration reloaded, but ACME could not be (re)started with it");
                     failed = Some(reading);
+                    runtime_retry = retry;
                 }
                 Ok(Reloaded::CertificatesKept(e)) => {
                     tracing::error!(error = %e, "configuration reloaded, but a certificate no longer loads: its previous one is served");
                     failed = Some(reading);
+                }
+                Err(e @ crate::app::StartError::Bind { .. }) => {
+                    tracing::error!(error = %e, retry_in = ?wait, "configuration reload failed; keeping the running configuration");
+                    failed = Some(reading);
+                    runtime_retry = retry;
                 }
                 Err(e) => {
                     tracing::error!(error = %e, "configuration reload failed; keeping the running configuration");
