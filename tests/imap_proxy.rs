@@ -507,6 +507,12 @@ async fn the_login_deadline_holds_while_the_backend_login_runs() {
     assert_eq!(c.line().await, "* BYE Login timed out.\r\n");
     assert!(start.elapsed() < Duration::from_secs(3), "{:?}", start.elapsed());
     assert_eq!(c.line().await, "");
+    // Counted: the slowest logins are not missing from the figures.
+    let page = String::from_utf8(proxy.app.render_metrics().1).unwrap();
+    assert!(
+        page.contains("portcullis_logins_total{mechanism=\"login\",protocol=\"imap\",result=\"timeout\"}"),
+        "{page}"
+    );
 }
 
 /// `plain_config` with `backend_lines` added to the backend, and a backend login deadline
