@@ -1,9 +1,11 @@
 """Real servers for the end-to-end tests and the quickstart, started on loopback high ports in
-a temporary directory: Dovecot (IMAP) and portcullis itself.
+a temporary directory: Dovecot (IMAP, POP3), Postfix (submission) and portcullis itself (Pebble
+and its challenge server are in acme_servers.py).
 
 Used as a library by the pytest suite and as a command by ./scripts/quickstart:
 
-    python3 tests/e2e/servers.py dovecot --dir DIR --imap-port 20143 --user demo@example.test:demo
+    python3 tests/e2e/servers.py backends --dir DIR --imap-port 20143 --pop3-port 20110 \
+        --smtp-port 20587 --user demo@example.test:demo
 """
 
 import argparse
