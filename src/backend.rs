@@ -125,6 +125,12 @@ pub struct LoggedIn {
     pub extensions: Option<Vec<String>>,
 }
 
+/// Dovecot's proxy loop guard, sent as XCLIENT `TTL` (POP3) and ID `x-proxy-ttl` (IMAP): each
+/// proxy hop behind this one decrements it, and one that reaches 0 refuses the login. The
+/// proxy is the first hop (clients' own `x-` ID fields are dropped), so it sends Dovecot's
+/// starting value.
+pub const PROXY_TTL: u32 = 5;
+
 /// Connect to `backend`, send a PROXY v2 header if configured, and do implicit TLS if the
 /// transport says so. STARTTLS is the protocol module's business (see `starttls`).
 pub async fn connect(

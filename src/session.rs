@@ -105,14 +105,17 @@ pub async fn run(mut ctx: SessionCtx, mut tcp: TcpStream) {
             }
         }
     }
-    // Connection caps (reliability case 57), on the real client address.
-    let client_key = crate::limits::ip_key(ctx.peer.ip(), ctx.runtime.config.throttle.ipv6_prefix);
+    // Connection caps (reliability case 57), on the real client address. Trusted networks (a
+    // webmail server's, its users' sessions all from one address) have no per-address cap.
+    let throttle = &ctx.runtime.config.throttle;
+    let client_key = crate::limits::ip_key(ctx.peer.ip(), throttle.ipv6_prefix);
+    let trusted = throttle.trusted.iter().any(|c| c.contains(ctx.peer.ip()));
     let _slot = match ctx.connections.acquire(
         &ctx.listener.name,
         client_key,
         crate::limits::effective_max_connections(limits.max_connections),
         limits.max_connections_per_listener,
-        limits.max_connections_per_ip,
+        if trusted { 0 } else { limits.max_connections_per_ip },
     ) {
         Ok(slot) => slot,
         Err(cap) => {

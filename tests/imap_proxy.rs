@@ -35,6 +35,8 @@ async fn login_relays_backend_reply_and_pipelined_commands_in_order() {
     assert!(c.closed().await);
     let got = backend.lines(0);
     assert!(got[0].starts_with("P2 ID (\"x-originating-ip\" \"127.0.0.1\" \"x-originating-port\" "), "{got:?}");
+    // Dovecot's proxy loop guard, as POP3's XCLIENT TTL.
+    assert!(got[0].contains(" \"x-proxy-ttl\" \"5\""), "{got:?}");
     assert_eq!(got[1], "P3 LOGIN \"alice@example.test\" \"secret\"\r\n");
     assert_eq!(&got[2..], ["a2 SELECT INBOX\r\n", "a3 NOOP\r\n", "a4 LOGOUT\r\n"]);
 }

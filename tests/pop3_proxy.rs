@@ -237,6 +237,13 @@ async fn over_the_connection_cap_is_a_temporary_server_condition_not_a_locked_ma
     let _first = greeted(&proxy).await;
     let mut second = Client::connect(proxy.addr("plain")).await;
     assert_eq!(second.line().await, "-ERR [SYS/TEMP] Too many connections, try again later.\r\n");
+    // A trusted network (a webmail server: all its users' sessions from one address) has no
+    // per-address cap; the others stay.
+    let config = protocol_config("pop3", backend.addr, "max_connections_per_ip = 1")
+        .replace("[limits]", "[throttle]\ntrusted = [\"127.0.0.0/8\"]\n\n[limits]");
+    let proxy = Proxy::start(&config, USERS).await;
+    let _first = greeted(&proxy).await;
+    let _second = greeted(&proxy).await;
 }
 
 /// Reliability cases 67, 12 and 10 for POP3: a backend that greets with IMAP or HTTP, refuses

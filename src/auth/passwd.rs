@@ -33,6 +33,10 @@ pub enum PasswordHash {
     BlfCrypt(String),
     /// `{SHA512-CRYPT}` `$6$...` and `{SHA256-CRYPT}` `$5$...`.
     ShaCrypt(String),
+    /// `{SSHA512}`, `{SSHA256}`, `{SSHA}` (base64 of the digest of password and salt, then the
+    /// salt) and their unsalted `{SHA512}`, `{SHA256}`, `{SHA}`: what older Dovecot and LDAP
+    /// setups hold. One digest, so as cheap to guess as `PLAIN` is to read: for migrations.
+    Digest { algorithm: &'static aws_lc_rs::digest::Algorithm, digest: Vec<u8>, salt: Vec<u8> },
 }
 
 impl fmt::Debug for PasswordHash {
@@ -42,19 +46,58 @@ impl fmt::Debug for PasswordHash {
             PasswordHash::Argon2(_) => "ARGON2",
             PasswordHash::BlfCrypt(_) => "BLF-CRYPT",
             PasswordHash::ShaCrypt(_) => "SHA-CRYPT",
+            PasswordHash::Digest { .. } => "SSHA",
         };
         write!(f, "{{{scheme}}}<redacted>")
     }
 }
 
 impl PasswordHash {
-    /// Parse `{SCHEME}data`, checking that the data is well formed for its scheme.
+    /// Parse `{SCHEME}data`, checking that the data is well formed for its scheme. Without a
+    /// `{SCHEME}`, or with `{CRYPT}`, a crypt(3) string is taken by its own marker (`$6$`, `$5$`,
+    /// `$2y$`, `$argon2id$`), as Dovecot's default scheme CRYPT does.
     pub fn parse(s: &str) -> Result<PasswordHash, String> {
-        let rest = s.strip_prefix('{').ok_or("password must start with {SCHEME}")?;
-        let (scheme, data) = rest.split_once('}').ok_or("password must start with {SCHEME}")?;
+        const SCHEMES: &str = "ARGON2ID, BLF-CRYPT, SHA512-CRYPT, SHA256-CRYPT, CRYPT, SSHA512, SSHA256, SSHA, SHA512, SHA256, SHA, PLAIN";
+        let (scheme, data) = match s.strip_prefix('{').and_then(|r| r.split_once('}')) {
+            Some((scheme, data)) if !scheme.eq_ignore_ascii_case("CRYPT") => (scheme, data),
+            crypt => {
+                let data = crypt.map_or(s, |(_, d)| d);
+                let scheme = match data {
+                    d if d.starts_with("$6$") => "SHA512-CRYPT",
+                    d if d.starts_with("$5$") => "SHA256-CRYPT",
+                    d if ["$2y$", "$2b$", "$2a$"].iter().any(|m| d.starts_with(m)) => "BLF-CRYPT",
+                    d if d.starts_with("$argon2") => "ARGON2ID",
+                    _ => {
+                        return Err(format!(
+                            "password must start with {{SCHEME}} ({SCHEMES}); a crypt(3) hash without one must be $6$, $5$, $2y$ or $argon2 (DES and MD5 crypt are not supported)"
+                        ));
+                    }
+                };
+                (scheme, data)
+            }
+        };
         let data = data.to_string();
+        let digest = |algorithm: &'static aws_lc_rs::digest::Algorithm, salted: bool| {
+            use base64::Engine;
+            let raw = base64::engine::general_purpose::STANDARD
+                .decode(data.trim())
+                .map_err(|e| format!("malformed {scheme} hash (base64): {e}"))?;
+            let n = algorithm.output_len();
+            if raw.len() < n || (!salted && raw.len() != n) {
+                return Err(format!("malformed {scheme} hash: {} bytes, a digest is {n}", raw.len()));
+            }
+            let (digest, salt) = raw.split_at(n);
+            Ok(PasswordHash::Digest { algorithm, digest: digest.to_vec(), salt: salt.to_vec() })
+        };
+        use aws_lc_rs::digest::{SHA1_FOR_LEGACY_USE_ONLY, SHA256, SHA512};
         match scheme.to_ascii_uppercase().as_str() {
             "PLAIN" | "CLEARTEXT" => Ok(PasswordHash::Plain(data)),
+            "SSHA512" => digest(&SHA512, true),
+            "SSHA256" => digest(&SHA256, true),
+            "SSHA" => digest(&SHA1_FOR_LEGACY_USE_ONLY, true),
+            "SHA512" => digest(&SHA512, false),
+            "SHA256" => digest(&SHA256, false),
+            "SHA" | "SHA1" => digest(&SHA1_FOR_LEGACY_USE_ONLY, false),
             "ARGON2ID" | "ARGON2I" => {
                 let parsed = argon2::password_hash::phc::PasswordHash::new(&data)
                     .map_err(|e| format!("malformed {scheme} hash: {e}"))?;
@@ -80,9 +123,7 @@ impl PasswordHash {
                 sha_crypt::PasswordHashRef::new(&data).map_err(|e| format!("malformed {scheme} hash: {e}"))?;
                 Ok(PasswordHash::ShaCrypt(data))
             }
-            other => Err(format!(
-                "unsupported password scheme {other:?} (ARGON2ID, BLF-CRYPT, SHA512-CRYPT, SHA256-CRYPT, PLAIN)"
-            )),
+            other => Err(format!("unsupported password scheme {other:?} ({SCHEMES})")),
         }
     }
 
@@ -95,6 +136,7 @@ impl PasswordHash {
         };
         match self {
             PasswordHash::Plain(_) => (0, 0),
+            PasswordHash::Digest { .. } => (0, 1),
             PasswordHash::ShaCrypt(h) => (1, param(h, "rounds").unwrap_or(5000)),
             PasswordHash::BlfCrypt(h) => (2, h.get(4..6).and_then(|c| c.parse().ok()).unwrap_or(0)),
             PasswordHash::Argon2(h) => (3, param(h, "m").unwrap_or(0).saturating_mul(param(h, "t").unwrap_or(1))),
@@ -114,6 +156,12 @@ impl PasswordHash {
             PasswordHash::ShaCrypt(h) => {
                 sha_crypt::PasswordVerifier::verify_password(&sha_crypt::ShaCrypt::default(), password, h.as_str())
                     .is_ok()
+            }
+            PasswordHash::Digest { algorithm, digest, salt } => {
+                let mut context = aws_lc_rs::digest::Context::new(algorithm);
+                context.update(password);
+                context.update(salt);
+                context.finish().as_ref().ct_eq(digest).into()
             }
         }
     }
@@ -345,5 +393,39 @@ c:{}
         assert!(h3.verify("s3cr\u{e9}t".as_bytes()));
         assert!(!h3.verify(b"secret"));
         assert!(!format!("{h3:?}").contains("argon2id$"), "Debug must not print the hash");
+    }
+
+    /// What older Dovecot and LDAP users files hold: a crypt(3) string with no scheme or
+    /// `{CRYPT}` (taken by its marker), and the (salted) SHA digests. Expected values from
+    /// `openssl passwd` and Python's hashlib.
+    #[test]
+    fn verifies_crypt_without_a_scheme_and_sha_digests() {
+        let sha512 =
+            "$6$abcdefgh$ltjgWl6579NluT/Vi1nwEvcil.G5Nbc4NiXZaNGStk8PSwGfQv72N2CKPPrVACtLtip/cZ/1GM/O6IND4WQhG.";
+        for entry in [
+            sha512.to_string(),
+            format!("{{CRYPT}}{sha512}"),
+            format!("{{crypt}}{}", bcrypt::hash("secret", 4).unwrap()),
+        ] {
+            let h = PasswordHash::parse(&entry).unwrap();
+            assert!(h.verify(b"secret") && !h.verify(b"secreT"), "{entry}");
+        }
+        for (entry, password) in [
+            (
+                "{SSHA512}aCu7JRc+kLsuEmFs1zTY+AiP7DSGnjjG+dH28Dp+E5usqoAixeTPihKqZmkWal4mUfp63tqvCAkFV1LKTDFH6XNhbHRzYWx0",
+                "secret",
+            ),
+            ("{SHA256}MMlS+rEiw/l1nwKm2Vw3WLJGtP7iOZV7LU/uRuJhcMQ=", "pw"),
+            ("{SSHA}74L53nwlLqeQf7yzYP9SroC99HZOYUNs", "pw"),
+        ] {
+            let h = PasswordHash::parse(entry).unwrap();
+            assert!(h.verify(password.as_bytes()), "{entry}");
+            assert!(!h.verify(b"wrong") && !h.verify(b""), "{entry}");
+            assert_eq!(format!("{h:?}"), "{SSHA}<redacted>");
+        }
+        // DES and MD5 crypt, a digest of the wrong length, bad base64: refused at load.
+        for bad in ["abJnggxhB/yWI", "$1$salt$hash", "{SHA256}c2hvcnQ=", "{SSHA512}not base64!", "{MD5}abc"] {
+            assert!(PasswordHash::parse(bad).is_err(), "{bad}");
+        }
     }
 }

@@ -106,6 +106,7 @@ pub async fn connect_and_login(
             ("x-connected-ip".into(), client.local.ip().to_string()),
             ("x-connected-port".into(), client.local.port().to_string()),
             ("x-session-id".into(), client.session_id.clone()),
+            ("x-proxy-ttl".into(), crate::backend::PROXY_TTL.to_string()),
         ];
         fields.extend(client.id_fields.iter().cloned());
         for (i, (k, v)) in fields.iter().enumerate() {

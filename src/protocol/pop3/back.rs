@@ -15,8 +15,7 @@ use crate::backend::{self, BackendError, ClientInfo, Lines, LoggedIn, starts_wit
 use crate::config::{Backend, BackendLogin, ClientAddress, Transport};
 use crate::protocol::sasl::plain_response;
 
-/// Dovecot's loop guard: each proxy hop decrements it.
-const PROXY_TTL: u32 = 5;
+use crate::backend::PROXY_TTL;
 
 pub async fn connect_and_login(
     backend: &Backend,
