@@ -57,6 +57,16 @@ pub enum StartError {
     Bind { listener: String, addr: SocketAddr, source: std::io::Error },
 }
 
+impl StartError {
+    /// A failure that may clear without any file changing: an address another process holds
+    /// (the operating system's "address in use"; not this proxy's own socket on the port, nor a
+    /// wildcard change, which take a restart).
+    pub fn is_transient(&self) -> bool {
+        matches!(self, StartError::Bind { source, .. }
+            if source.kind() == std::io::ErrorKind::AddrInUse && source.raw_os_error().is_some())
+    }
+}
+
 /// Result of a reload attempt.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Reloaded {
@@ -970,6 +980,23 @@ pub fn canonical_pair(a: SocketAddr, b: SocketAddr) -> (SocketAddr, SocketAddr) 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Only an address another process holds is worth trying again without a file changing:
+    /// not this proxy's own socket on the port, nor a permission refusal.
+    #[test]
+    fn only_an_address_held_elsewhere_is_transient() {
+        let held = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = held.local_addr().unwrap();
+        let in_use = std::net::TcpListener::bind(addr).unwrap_err();
+        let bind = |source| StartError::Bind { listener: "l".into(), addr, source };
+        let ours: SocketAddr = format!("0.0.0.0:{}", addr.port()).parse().unwrap();
+        assert!(
+            bind(held_by_us(std::net::TcpListener::bind(addr).unwrap_err(), addr, std::iter::empty())).is_transient()
+        );
+        assert!(!bind(held_by_us(in_use, addr, std::iter::once(ours))).is_transient());
+        assert!(!bind(std::io::Error::from_raw_os_error(13)).is_transient(), "EACCES");
+        assert!(!bind(std::io::Error::other("restart to apply")).is_transient());
+    }
 
     #[test]
     fn canonical_pairs_keep_one_family() {

@@ -425,8 +425,9 @@ async fn preauth(ctx: &SessionCtx, tcp: TcpStream, deadline: Instant) -> Result<
                             return Err(close(&mut stream, &front, Goodbye::Shutdown, "shutdown").await)
                         }
                         _ = tokio::time::sleep_until(deadline) => {
-                            // Cut off while the auth service or the backends were asked: the
-                            // slowest attempts, which would otherwise be in no count.
+                            // Cut off while under way (a throttle penalty, the users file, the
+                            // auth service or the backends): the slowest attempts, which would
+                            // otherwise be in no count.
                             count_login(lc, req.mechanism, "timeout");
                             return Err(close(&mut stream, &front, Goodbye::LoginTimeout, "login_timeout").await)
                         }

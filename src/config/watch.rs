@@ -1,5 +1,5 @@
 //! Reload triggers: SIGHUP, and any change under the directories holding the config file, the
-//! users file, the certificates and the CA files (client, backend and auth service CAs).
+//! users file, the certificates and the CA files (client, backend, auth service and ACME CAs).
 //!
 //! Directories are watched, never files: editors save by rename and Kubernetes swaps a `..data`
 //! symlink, and a watch on the old inode would go stale after the first save. For a file that is
@@ -33,9 +33,9 @@ const DEBOUNCE: Duration = Duration::from_millis(200);
 const RETRY: Duration = Duration::from_secs(2);
 /// How often the generated self-signed certificate's end is looked at.
 const SELF_SIGNED_CHECK: Duration = Duration::from_secs(3600);
-/// After a reload that failed for a reason outside its files (a port another process holds,
-/// the ACME responder's too), it is tried again after this, doubling up to `RUNTIME_RETRY_MAX`:
-/// the port may be let go without any file changing.
+/// After a reload that failed for a reason outside its files (a port another process holds:
+/// `StartError::is_transient`), it is tried again after this, doubling up to
+/// `RUNTIME_RETRY_MAX`: the port may be let go without any file changing.
 const RUNTIME_RETRY: Duration = Duration::from_secs(10);
 const RUNTIME_RETRY_MAX: Duration = Duration::from_secs(300);
 
@@ -117,13 +117,16 @@ fn spawn_with(app: Arc<App>, mut hup: tokio::signal::unix::Signal, inotify: bool
                 Err(_) if watches.update(&app, false) => false,
                 Err(_) if failed.is_some() && failed != Some(Failed::now(&app).await) => false,
                 Err(_) if renew => true,
-                Err(_) if runtime_retry.is_some_and(|(at, _)| at <= tokio::time::Instant::now()) => {
-                    tracing::info!("trying the failed reload again");
-                    true
-                }
+                Err(_) if runtime_retry.is_some_and(|(at, _)| at <= tokio::time::Instant::now()) => true,
                 Err(_) => continue,
             };
-            force |= renew;
+            // Due whatever woke this pass: events that the check below skips, coming more often
+            // than the timer, must not put it off for ever.
+            let retry_due = runtime_retry.is_some_and(|(at, _)| at <= tokio::time::Instant::now());
+            if retry_due {
+                tracing::info!("trying the reload that could not bind again");
+            }
+            force |= renew || retry_due;
             // Coalesce a burst of events into one reload.
             while let Ok(f) = rx.try_recv() {
                 force |= f;
@@ -139,26 +142,29 @@ fn spawn_with(app: Arc<App>, mut hup: tokio::signal::unix::Signal, inotify: bool
                 continue;
             }
             failed = None;
-            let wait = runtime_retry.take().map_or(RUNTIME_RETRY, |(_, wait)| (wait * 2).min(RUNTIME_RETRY_MAX));
-            let retry = Some((tokio::time::Instant::now() + wait, wait));
+            // Doubling from one timed retry to the next; a reload an edit or SIGHUP brought about
+            // starts again at the shortest wait.
+            let wait = match runtime_retry.take() {
+                Some((_, wait)) if retry_due => (wait * 2).min(RUNTIME_RETRY_MAX),
+                _ => RUNTIME_RETRY,
+            };
             match app.reload(force).await {
                 Ok(Reloaded::Applied) => {
                     tracing::info!(config = %app.config_path().display(), "configuration reloaded")
                 }
                 Ok(Reloaded::Unchanged) => tracing::debug!("configuration files unchanged"),
                 Ok(Reloaded::AcmeFailed(e)) => {
-                    tracing::error!(error = %e, retry_in = ?wait, "configuration reloaded, but ACME could not be (re)started with it");
+                    tracing::error!(error = %e, "configuration reloaded, but ACME could not be (re)started with it");
                     failed = Some(reading);
-                    runtime_retry = retry;
                 }
                 Ok(Reloaded::CertificatesKept(e)) => {
                     tracing::error!(error = %e, "configuration reloaded, but a certificate no longer loads: its previous one is served");
                     failed = Some(reading);
                 }
-                Err(e @ crate::app::StartError::Bind { .. }) => {
+                Err(e) if e.is_transient() => {
                     tracing::error!(error = %e, retry_in = ?wait, "configuration reload failed; keeping the running configuration");
                     failed = Some(reading);
-                    runtime_retry = retry;
+                    runtime_retry = Some((tokio::time::Instant::now() + wait, wait));
                 }
                 Err(e) => {
                     tracing::error!(error = %e, "configuration reload failed; keeping the running configuration");
