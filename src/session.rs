@@ -80,6 +80,40 @@ struct Authenticated {
     backend_starttls: bool,
     /// The protocol's goodbye, for a shutdown that outlasts the grace period.
     goodbye: &'static [u8],
+    /// For the access log: how the client logged in, and its TLS version and cipher suite.
+    login: LoginFacts,
+}
+
+/// How a relayed session's client logged in (a few bytes: the session's future holds it for its
+/// whole, mostly idle, life).
+#[derive(Clone, Copy)]
+struct LoginFacts {
+    mechanism: crate::protocol::Mechanism,
+    tls: Option<(rustls::ProtocolVersion, rustls::CipherSuite)>,
+}
+
+impl LoginFacts {
+    fn of(stream: &ClientStream, mechanism: crate::protocol::Mechanism) -> LoginFacts {
+        let tls = match stream {
+            MaybeTls::Tls(t) => {
+                let conn = t.get_ref().1;
+                conn.protocol_version().zip(conn.negotiated_cipher_suite().map(|c| c.suite()))
+            }
+            MaybeTls::Plain(_) => None,
+        };
+        LoginFacts { mechanism, tls }
+    }
+
+    /// (mechanism, TLS version, cipher suite) as the access log shows them.
+    fn fields(login: Option<LoginFacts>) -> (&'static str, &'static str, &'static str) {
+        let Some(l) = login else { return ("-", "-", "-") };
+        match l.tls {
+            Some((version, suite)) => {
+                (l.mechanism.as_str(), version.as_str().unwrap_or("other"), suite.as_str().unwrap_or("other"))
+            }
+            None => (l.mechanism.as_str(), "none", "none"),
+        }
+    }
 }
 
 pub async fn run(mut ctx: SessionCtx, mut tcp: TcpStream) {
@@ -144,8 +178,8 @@ pub async fn run(mut ctx: SessionCtx, mut tcp: TcpStream) {
             Ok(r) => r,
             Err(_) => Err(Outcome::PreAuth("login_timeout")),
         };
-    let (outcome, user, backend, bytes) = match pre {
-        Err(outcome) => (outcome, None, None, Transferred::default()),
+    let (outcome, user, backend, bytes, login) = match pre {
+        Err(outcome) => (outcome, None, None, Transferred::default(), None),
         Ok(mut a) => {
             // Reliability case 80: after the grace period, a relayed session is closed with the
             // protocol's goodbye; so is one that reaches max_session_duration.
@@ -186,7 +220,7 @@ pub async fn run(mut ctx: SessionCtx, mut tcp: TcpStream) {
                 })
                 .await;
             }
-            (Outcome::Relayed(end), Some(a.user), Some(a.backend_name), bytes)
+            (Outcome::Relayed(end), Some(a.user), Some(a.backend_name), bytes, Some(a.login))
         }
     };
     let (phase, result) = match outcome {
@@ -194,6 +228,7 @@ pub async fn run(mut ctx: SessionCtx, mut tcp: TcpStream) {
         Outcome::Relayed(r) => ("relay", r),
     };
     metrics().session_duration.with_label_values(&[protocol, phase]).observe(start.elapsed().as_secs_f64());
+    let (mechanism, tls_version, tls_cipher) = LoginFacts::fields(login);
     tracing::info!(
         target: "portcullis::access",
         session = %ctx.id,
@@ -204,6 +239,9 @@ pub async fn run(mut ctx: SessionCtx, mut tcp: TcpStream) {
         backend = backend.as_deref().unwrap_or("-"),
         phase,
         result,
+        mechanism,
+        tls_version,
+        tls_cipher,
         bytes_in = bytes.client_to_backend,
         bytes_out = bytes.backend_to_client,
         duration_ms = start.elapsed().as_millis() as u64,
@@ -552,6 +590,7 @@ async fn preauth(ctx: &SessionCtx, tcp: TcpStream, deadline: Instant) -> Result<
             }
             tracing::debug!(session = %ctx.id, backend = %backend_name, mechanism = req.mechanism.as_str(), "login ok");
             let backend = logged_in;
+            let login = LoginFacts::of(&stream, req.mechanism);
             return Ok(Authenticated {
                 client: stream,
                 backend,
@@ -562,6 +601,7 @@ async fn preauth(ctx: &SessionCtx, tcp: TcpStream, deadline: Instant) -> Result<
                 slots: Some((guard, user_slot)),
                 backend_starttls,
                 goodbye,
+                login,
             });
         }
         // STARTTLS: the front end checked that no plaintext is buffered; upgrade and start over

@@ -117,6 +117,8 @@ def test_imaps_login_select_fetch(proxy, dovecot):
     # The session id Dovecot logs is the one in the proxy's access log line for this client.
     access = wait_for(lambda: [l for l in proxy.log().splitlines() if f"client={CLIENT_IP}:{rport} " in l])
     assert access and 'phase="relay"' in access[0] and f"user={DEMO[0]} " in access[0], proxy.log()
+    # How the client logged in, for deciding when an old TLS version can go.
+    assert 'mechanism="login" tls_version="TLSv1_3" tls_cipher="TLS13_' in access[0], access[0]
     access = re.search(r"session end session=(\S+) ", access[0])
     assert line["session"] == access.group(1)
 
