@@ -91,6 +91,8 @@ fn spawn_with(app: Arc<App>, mut hup: tokio::signal::unix::Signal, inotify: bool
         let mut failed: Option<Failed> = None;
         // When to try a reload that failed for a runtime reason again, and the wait after that.
         let mut runtime_retry: Option<(tokio::time::Instant, Duration)> = None;
+        let due =
+            |r: &Option<(tokio::time::Instant, Duration)>| r.is_some_and(|(at, _)| at <= tokio::time::Instant::now());
         // The generated self-signed certificate is made anew at a reload in its last 30 days;
         // with no file changing, nothing else would reload a process that runs for a year.
         let mut self_signed_checked = tokio::time::Instant::now();
@@ -117,12 +119,12 @@ fn spawn_with(app: Arc<App>, mut hup: tokio::signal::unix::Signal, inotify: bool
                 Err(_) if watches.update(&app, false) => false,
                 Err(_) if failed.is_some() && failed != Some(Failed::now(&app).await) => false,
                 Err(_) if renew => true,
-                Err(_) if runtime_retry.is_some_and(|(at, _)| at <= tokio::time::Instant::now()) => true,
+                Err(_) if due(&runtime_retry) => true,
                 Err(_) => continue,
             };
             // Due whatever woke this pass: events that the check below skips, coming more often
             // than the timer, must not put it off for ever.
-            let retry_due = runtime_retry.is_some_and(|(at, _)| at <= tokio::time::Instant::now());
+            let retry_due = due(&runtime_retry);
             if retry_due {
                 tracing::info!("trying the reload that could not bind again");
             }

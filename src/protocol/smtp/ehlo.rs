@@ -77,12 +77,13 @@ impl EhloCache {
         let filtered: Arc<[String]> = filter(announced).into();
         let seen = dynamic.then(tokio::time::Instant::now);
         let mut map = self.by_backend.lock().unwrap_or_else(|e| e.into_inner());
-        if dynamic {
-            map.retain(|_, l| current(l));
-        }
         match map.get_mut(backend) {
+            // The common case, at every SMTP login: a timestamp, no walk over the map.
             Some(old) if old.0 == filtered => old.1 = seen,
             _ => {
+                // Stale backends named by address go when another is learned: the map holds
+                // at most those named within the last day.
+                map.retain(|_, l| current(l));
                 tracing::info!(backend, extensions = ?filtered, "backend SMTP extensions learned");
                 map.insert(backend.to_string(), (filtered, seen));
             }
