@@ -22,7 +22,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::auth::http::AuthHttp;
-use crate::config::{AuthSource, Config, ConfigError, Protocol, TlsMode, Transport, VerifyClient};
+use crate::config::{AuthSource, Config, ConfigError, Limits, Protocol, TlsMode, Transport, VerifyClient};
 use crate::health::{self, HealthTable};
 use crate::protocol::smtp::ehlo::EhloCache;
 use crate::session::{self, SessionCtx};
@@ -856,29 +856,31 @@ async fn bind_all(
     for l in &config.listeners {
         for addr in &l.bind {
             let key = SocketKey::new(&l.name, *addr);
+            let bind_error = |source| StartError::Bind { listener: l.name.clone(), addr: *addr, source };
             if let Some(s) = current.get(&key) {
+                // A reload's keepalive applies to connections accepted from now on.
+                accepted_options(&socket2::SockRef::from(&**s), &config.limits).map_err(bind_error)?;
                 out.insert(key, s.clone());
                 continue;
             }
-            let s = listen(*addr, v6only(addr)).map_err(|source| StartError::Bind {
-                listener: l.name.clone(),
-                addr: *addr,
-                source: held_by_us(source, *addr, current.keys().map(|k| k.addr)),
-            })?;
+            let s = listen(*addr, v6only(addr), &config.limits)
+                .map_err(|source| bind_error(held_by_us(source, *addr, current.keys().map(|k| k.addr))))?;
             out.insert(key, Arc::new(s));
         }
     }
     Ok(out)
 }
 
-/// A listening socket: SO_REUSEADDR (a restart rebinds at once), IPV6_V6ONLY as asked, and a
-/// backlog of 1024 (the kernel caps it at `net.core.somaxconn`) rather than the standard
-/// library's 128, which a burst of reconnecting clients overflows (each overflow costs that
-/// client a SYN retransmission, a second or more).
-fn listen(addr: SocketAddr, v6only: bool) -> std::io::Result<TcpListener> {
+/// A listening socket: SO_REUSEADDR (a restart rebinds at once), IPV6_V6ONLY as asked, the
+/// options its connections inherit (`accepted_options`), and a backlog of 1024 (the kernel caps
+/// it at `net.core.somaxconn`) rather than the standard library's 128, which a burst of
+/// reconnecting clients overflows (each overflow costs that client a SYN retransmission, a
+/// second or more).
+fn listen(addr: SocketAddr, v6only: bool, limits: &Limits) -> std::io::Result<TcpListener> {
     use socket2::{Domain, Protocol, Socket, Type};
     let s = Socket::new(Domain::for_address(addr), Type::STREAM.cloexec(), Some(Protocol::TCP))?;
     s.set_reuse_address(true)?;
+    accepted_options(&socket2::SockRef::from(&s), limits)?;
     if addr.is_ipv6() && addr.ip().is_unspecified() {
         // Set both ways, not left to `net.ipv6.bindv6only`: `[::]:P` alone is dual-stack as
         // documented, and a reload can tell what a listening socket was bound as.
@@ -888,6 +890,18 @@ fn listen(addr: SocketAddr, v6only: bool) -> std::io::Result<TcpListener> {
     s.bind(&addr.into())?;
     s.listen(1024)?;
     TcpListener::from_std(s.into())
+}
+
+/// Set on a listening socket for the connections it accepts, which Linux gives the listener's
+/// TCP_NODELAY and keepalive settings: no system call per connection for them. TCP_NODELAY,
+/// because mail servers speak first and a greeting or reply held back by Nagle's algorithm
+/// waits for the client's delayed ACK (see docs/performance.md); keepalive as `limits` says.
+fn accepted_options(s: &socket2::SockRef<'_>, limits: &Limits) -> std::io::Result<()> {
+    s.set_tcp_nodelay(true)?;
+    match limits.tcp_keepalive() {
+        Some(k) => s.set_tcp_keepalive(&k),
+        None => s.set_keepalive(false),
+    }
 }
 
 /// Held while gauges that are reset and set again change, and while a scrape renders them.
@@ -996,6 +1010,40 @@ mod tests {
         assert!(!bind(held_by_us(in_use, addr, std::iter::once(ours))).is_transient());
         assert!(!bind(std::io::Error::from_raw_os_error(13)).is_transient(), "EACCES");
         assert!(!bind(std::io::Error::other("restart to apply")).is_transient());
+    }
+
+    /// Connections come with TCP_NODELAY and the configured keepalive from their listening
+    /// socket (no system call per connection), and a reload's change reaches the connections
+    /// accepted after it on the socket it keeps.
+    #[tokio::test]
+    async fn accepted_connections_inherit_nodelay_and_keepalive() {
+        let limits = Limits { tcp_keepalive: Some(Duration::from_secs(7)), ..Limits::default() };
+        let listener = listen("127.0.0.1:0".parse().unwrap(), false, &limits).unwrap();
+        async fn accepted(listener: &TcpListener) -> (tokio::net::TcpStream, std::net::TcpStream) {
+            let client = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+            (listener.accept().await.unwrap().0, client)
+        }
+        let (tcp, _client) = accepted(&listener).await;
+        let s = socket2::SockRef::from(&tcp);
+        assert!(s.tcp_nodelay().unwrap());
+        assert!(s.keepalive().unwrap());
+        assert_eq!(s.tcp_keepalive_time().unwrap(), Duration::from_secs(7));
+        assert_eq!(s.tcp_keepalive_interval().unwrap(), Duration::from_secs(7), "interval: min(time, 30 s)");
+        assert_eq!(s.tcp_keepalive_retries().unwrap(), crate::config::TCP_KEEPALIVE_PROBES);
+
+        let longer = Limits { tcp_keepalive: Some(Duration::from_secs(600)), ..Limits::default() };
+        accepted_options(&socket2::SockRef::from(&listener), &longer).unwrap();
+        let (tcp, _client) = accepted(&listener).await;
+        let s = socket2::SockRef::from(&tcp);
+        assert_eq!(s.tcp_keepalive_time().unwrap(), Duration::from_secs(600));
+        assert_eq!(s.tcp_keepalive_interval().unwrap(), Duration::from_secs(30));
+
+        let off = Limits { tcp_keepalive: None, ..Limits::default() };
+        accepted_options(&socket2::SockRef::from(&listener), &off).unwrap();
+        let (tcp, _client) = accepted(&listener).await;
+        let s = socket2::SockRef::from(&tcp);
+        assert!(!s.keepalive().unwrap());
+        assert!(s.tcp_nodelay().unwrap());
     }
 
     #[test]

@@ -92,6 +92,9 @@ pub struct ClientInfo {
     pub esmtp: bool,
     /// The proxy's own connection (health check, capability probe): no client's address to tell.
     pub probe: bool,
+    /// TCP keepalive for the backend connection (`Limits::tcp_keepalive`): a session's lasts,
+    /// a probe's does not need one.
+    pub keepalive: Option<socket2::TcpKeepalive>,
 }
 
 impl ClientInfo {
@@ -107,6 +110,7 @@ impl ClientInfo {
             helo: None,
             esmtp: true,
             probe: true,
+            keepalive: None,
         }
     }
 }
@@ -187,6 +191,9 @@ async fn connect_inner(
         return Err(LOOP);
     }
     let _ = tcp.set_nodelay(true);
+    if let Some(k) = &client.keepalive {
+        let _ = socket2::SockRef::from(&tcp).set_tcp_keepalive(k);
+    }
     if backend.client_address == ClientAddress::ProxyV2 {
         // A probe is the proxy's own connection: LOCAL, so the backend does not take it for a
         // client at 127.0.0.1 (which it may trust).

@@ -118,7 +118,7 @@ impl LoginFacts {
 
 pub async fn run(mut ctx: SessionCtx, mut tcp: TcpStream) {
     let start = Instant::now();
-    let _ = tcp.set_nodelay(true);
+    // TCP_NODELAY and keepalive came with the socket from its listener (`app::listen`).
     let protocol = ctx.listener.protocol.as_str();
     let _active = ActiveConnection::new(protocol, &ctx.listener.name);
     // Borrowed from the snapshot (kept alive by ctx), not cloned into the session's future.
@@ -766,6 +766,7 @@ async fn login_inner(
         helo: hints.helo,
         esmtp: hints.esmtp,
         probe: false,
+        keepalive: rt.config.limits.tcp_keepalive(),
     };
     let login = BackendLoginOf { ctx, rt, info: &info, user: &user, creds: &creds, judged, route: &plan.target };
     // Reliability case 64: a backend that refuses the connection (RST: restarting, say) is

@@ -174,6 +174,9 @@ pub struct LimitsFile {
     /// Longest a relayed session may last (default: unlimited).
     #[serde(default, deserialize_with = "bounded")]
     pub max_session_duration: Option<Duration>,
+    /// TCP keepalive's first probe after this long without traffic (0: off).
+    #[serde(default)]
+    pub tcp_keepalive: Option<SpannedDuration>,
     /// When a backend ends sessions, close each client after a random delay up to this.
     #[serde(default, deserialize_with = "bounded")]
     pub backend_disconnect_spread: Option<Duration>,

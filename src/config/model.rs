@@ -29,6 +29,14 @@ pub const DEFAULT_BACKEND_CONNECT: Duration = Duration::from_secs(10);
 pub const DEFAULT_BACKEND_LOGIN: Duration = Duration::from_secs(30);
 pub const DEFAULT_AUTH_FAILURE_DELAY: Duration = Duration::from_secs(2);
 pub const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
+/// TCP keepalive on client and backend connections: first probe after this long without
+/// traffic. Under the idle timeouts of the NAT gateways and cloud load balancers in front of
+/// mail servers (Azure's 4 minutes, AWS NLB's 350 s), as Dovecot's IDLE notifications are.
+pub const DEFAULT_TCP_KEEPALIVE: Duration = Duration::from_secs(2 * 60);
+/// Linux's ceiling for the first probe's wait (`TCP_KEEPIDLE`, `MAX_TCP_KEEPIDLE`).
+pub const MAX_TCP_KEEPALIVE: Duration = Duration::from_secs(32_767);
+/// Unanswered keepalive probes after which the kernel drops the connection.
+pub const TCP_KEEPALIVE_PROBES: u32 = 3;
 /// Longest pre-auth command, literals included (RFC 7162 §4 asks servers to accept 8192).
 pub const DEFAULT_MAX_LINE: u32 = 8192;
 /// Protocol errors before the connection is closed (nginx `max_errors`).
@@ -100,6 +108,8 @@ pub struct Limits {
     pub smtp_greeting_delay: Duration,
     pub command_timeout: Duration,
     pub max_session_duration: Option<Duration>,
+    /// TCP keepalive (None: off): see `tcp_keepalive()`.
+    pub tcp_keepalive: Option<Duration>,
     /// When a backend ends more sessions a second than this spread's share of them (it failed),
     /// each further client is closed after a random delay up to this (0: always at once), so the
     /// clients of a failed backend reconnect spread out (Dovecot's
@@ -128,6 +138,7 @@ impl Default for Limits {
             smtp_greeting_delay: Duration::ZERO,
             command_timeout: Duration::from_secs(30),
             max_session_duration: None,
+            tcp_keepalive: Some(DEFAULT_TCP_KEEPALIVE),
             backend_disconnect_spread: Duration::ZERO,
             max_connections: 0,
             max_connections_per_listener: 0,
@@ -137,6 +148,25 @@ impl Default for Limits {
             max_errors: DEFAULT_MAX_ERRORS,
             max_auth_attempts: DEFAULT_MAX_AUTH_ATTEMPTS,
         }
+    }
+}
+
+impl Limits {
+    /// The keepalive set on client connections (through the listening sockets, whose accepted
+    /// connections inherit it) and on sessions' backend connections: the first probe after
+    /// `tcp_keepalive` without traffic, then one every 30 s (or `tcp_keepalive` if shorter),
+    /// and the connection dropped after `TCP_KEEPALIVE_PROBES` unanswered. A client that
+    /// vanished without a FIN (a phone out of coverage, a NAT that forgot the mapping) then
+    /// frees its session and its backend connection within minutes, not at `idle_timeout`,
+    /// and the probes keep middleboxes from forgetting quiet sessions.
+    pub fn tcp_keepalive(&self) -> Option<socket2::TcpKeepalive> {
+        let time = self.tcp_keepalive?;
+        Some(
+            socket2::TcpKeepalive::new()
+                .with_time(time)
+                .with_interval(time.min(Duration::from_secs(30)))
+                .with_retries(TCP_KEEPALIVE_PROBES),
+        )
     }
 }
 
@@ -1270,6 +1300,21 @@ impl Validator<'_> {
             smtp_greeting_delay: l.smtp_greeting_delay.unwrap_or(d.smtp_greeting_delay),
             command_timeout: timeout(&l.command_timeout, "command_timeout", d.command_timeout)?,
             max_session_duration: l.max_session_duration.filter(|d| !d.is_zero()),
+            tcp_keepalive: match &l.tcp_keepalive {
+                None => d.tcp_keepalive,
+                Some(s) if s.get_ref().is_zero() => None,
+                // The kernel counts whole seconds, from 1 to MAX_TCP_KEEPIDLE.
+                Some(s) if (Duration::from_secs(1)..=MAX_TCP_KEEPALIVE).contains(&**s.get_ref()) => {
+                    Some(Duration::from_secs(s.get_ref().as_secs()))
+                }
+                Some(s) => {
+                    return Err(self.err(
+                        Some(s.span()),
+                        "limits.tcp_keepalive",
+                        "must be 0 (off) or from 1s to 32767s",
+                    ));
+                }
+            },
             backend_disconnect_spread: l.backend_disconnect_spread.unwrap_or(d.backend_disconnect_spread),
             max_connections: l.max_connections.unwrap_or(d.max_connections),
             max_connections_per_listener: l.max_connections_per_listener.unwrap_or(d.max_connections_per_listener),
@@ -2554,6 +2599,27 @@ default = "b"
         let e = acme("0s").unwrap_err();
         assert_eq!((e.field.as_str(), e.message.as_str()), ("acme.retry_min", "must be at least 1s"));
         assert_eq!(acme("5m").unwrap().acme.unwrap().retry_min, Duration::from_secs(300));
+    }
+
+    /// TCP keepalive: on by default, 0 turns it off, and what the kernel cannot take (under a
+    /// second, over MAX_TCP_KEEPIDLE) is refused at its line.
+    #[test]
+    fn tcp_keepalive_is_on_by_default_and_bounded() {
+        assert_eq!(parse(BASE).unwrap().limits.tcp_keepalive, Some(DEFAULT_TCP_KEEPALIVE));
+        let with = |v: &str| parse(&format!("{BASE}\n[limits]\ntcp_keepalive = \"{v}\"\n"));
+        assert_eq!(with("0s").unwrap().limits.tcp_keepalive, None);
+        assert!(with("0s").unwrap().limits.tcp_keepalive().is_none());
+        assert_eq!(with("90s").unwrap().limits.tcp_keepalive, Some(Duration::from_secs(90)));
+        assert_eq!(with("32767s").unwrap().limits.tcp_keepalive, Some(MAX_TCP_KEEPALIVE));
+        for bad in ["500ms", "32768s", "1day"] {
+            let e = with(bad).unwrap_err();
+            assert_eq!(
+                (e.field.as_str(), e.message.as_str()),
+                ("limits.tcp_keepalive", "must be 0 (off) or from 1s to 32767s"),
+                "{bad}"
+            );
+            assert!(e.position.is_some_and(|p| p.0 > 1), "{bad}: {e}");
+        }
     }
 
     /// A duration meant as "never" (hundreds of billions of years) used to pass and then panic

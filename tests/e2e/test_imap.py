@@ -933,6 +933,60 @@ def test_sighup_reload(own_proxy):
     m.logout()
 
 
+def proxy_tcp_timers(pid):
+    """The proxy's established TCP connections as {(local port, remote port): (timer, seconds)},
+    read from /proc: timer 2 is the socket timer that a connection with keepalive has armed
+    while it is quiet, 0 none; seconds is how long until it fires."""
+    inodes = set()
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            target = os.readlink(f"/proc/{pid}/fd/{fd}")
+        except OSError:
+            continue
+        if target.startswith("socket:["):
+            inodes.add(target[8:-1])
+    out = {}
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with open(table) as f:
+            for row in f.readlines()[1:]:
+                fields = row.split()
+                if fields[9] not in inodes or fields[3] != "01":  # ESTABLISHED
+                    continue
+                local, remote = (int(a.rsplit(":", 1)[1], 16) for a in fields[1:3])
+                timer, when = fields[5].split(":")
+                out[(local, remote)] = (int(timer, 16), int(when, 16) / 100)
+    return out
+
+
+def test_tcp_keepalive_on_client_and_backend_connections(own_proxy, dovecot):
+    """A logged-in session's two connections, the client's and Dovecot's, have keepalive armed
+    (by default: first probe after 2 minutes of quiet), so a client that vanished without a FIN
+    frees its backend connection within minutes instead of at idle_timeout (30 minutes). The
+    client's gets it from the listening socket, so a reload's change reaches the connections
+    accepted after it on the socket it keeps; 0 turns it off."""
+    p = own_proxy
+
+    def session_timers():
+        m = IMAP4SSLFrom("127.0.0.1", p.imaps)
+        assert m.login(*DEMO)[0] == "OK"
+        assert m.select("INBOX")[0] == "OK"
+        time.sleep(0.3)  # quiet, so no retransmit or delayed-ACK state is in the way
+        timers = proxy_tcp_timers(p.pc.proc.pid)
+        logout_cleanly(m)
+        client = [t for (local, _), t in timers.items() if local == p.imaps]
+        backend = [t for (_, remote), t in timers.items() if remote == dovecot.imap_port]
+        assert len(client) == 1 and len(backend) == 1, timers
+        return client[0], backend[0]
+
+    for timer, seconds in session_timers():
+        assert timer == 2 and 100 < seconds <= 120, (timer, seconds)
+    reload_with(p, p.setup.text(limits={"tcp_keepalive": '"45s"'}))
+    for timer, seconds in session_timers():
+        assert timer == 2 and 30 < seconds <= 45, (timer, seconds)
+    reload_with(p, p.setup.text(limits={"tcp_keepalive": '"0s"'}))
+    assert session_timers() == ((0, 0), (0, 0))
+
+
 def test_reload_removes_listener_and_rereads_users(own_proxy, dovecot):
     """A reload that drops a listener and a user: the port stops accepting, a session that came in
     through it keeps working (reliability case 77), and the removed user can no longer log in."""
