@@ -97,6 +97,9 @@ struct Direction {
     /// The last byte written was not a line end: a line (or a literal, or a message) is
     /// part-way through at the other end, even when nothing is left in `buf`.
     mid_line: bool,
+    /// Watched (client to backend, with a disconnect spread): whether the last read ended with
+    /// the client's LOGOUT or QUIT, which the backend's close then answers.
+    said_bye: Option<bool>,
     bytes: u64,
     /// How much of `bytes` the meter has been given.
     reported: u64,
@@ -194,12 +197,29 @@ impl Direction {
                         self.refused = cut.is_some();
                         self.pos = 0;
                         self.cap = cut.unwrap_or(n);
+                        if let Some(bye) = &mut self.said_bye {
+                            *bye = ends_with_logout(&rb.filled()[..self.cap]);
+                        }
                         self.bulk |= n == len;
                         *active = true;
                     }
                 }
             }
         }
+    }
+}
+
+/// Whether `bytes` end with a LOGOUT (IMAP, after its tag) or QUIT (POP3, SMTP) command line.
+fn ends_with_logout(bytes: &[u8]) -> bool {
+    let Some(body) = bytes.strip_suffix(b"\n") else { return false };
+    let body = body.strip_suffix(b"\r").unwrap_or(body);
+    let line = body.rsplit(|&b| b == b'\n').next().unwrap_or(body);
+    let mut words = line.split(|&b| b == b' ').filter(|w| !w.is_empty());
+    let (first, second, third) = (words.next(), words.next(), words.next());
+    let bye = |w: &[u8]| w.eq_ignore_ascii_case(b"LOGOUT") || w.eq_ignore_ascii_case(b"QUIT");
+    match (first, second, third) {
+        (Some(cmd), None, None) | (Some(_), Some(cmd), None) => bye(cmd),
+        _ => false,
     }
 }
 
@@ -278,7 +298,11 @@ where
     let mut r = Relay {
         client,
         backend,
-        up: Direction { guard, ..Direction::seeded(start.to_backend) },
+        up: Direction {
+            guard,
+            said_bye: d.backend_close_hold.is_some().then_some(false),
+            ..Direction::seeded(start.to_backend)
+        },
         down: Direction { hold_close: d.backend_close_hold.is_some(), ..Direction::seeded(start.to_client) },
         hold: d.backend_close_hold,
         held_end: None,
@@ -346,7 +370,10 @@ impl<C: ?Sized, B: ?Sized> Relay<'_, C, B> {
         if self.held_end.is_some() {
             return true;
         }
-        let hold = self.hold.take().map_or(Duration::ZERO, |h| h());
+        // An answer to the client's LOGOUT or QUIT (which the client waits for) is neither held
+        // nor counted as one of a failure's closes.
+        let answered = self.up.said_bye == Some(true);
+        let hold = if answered { Duration::ZERO } else { self.hold.take().map_or(Duration::ZERO, |h| h()) };
         if hold.is_zero() {
             self.down.hold_close = false;
             self.down.held = false;
@@ -631,6 +658,16 @@ mod tests {
     /// Shutdown while a reply is part-way through, with everything read so far written (the
     /// backend is slow to send the rest of a literal): the relay says mid-reply, so no goodbye
     /// line lands inside the literal. Between replies it does not.
+    #[test]
+    fn a_logout_or_quit_line_is_recognised() {
+        for yes in [&b"a LOGOUT\r\n"[..], b"x1 logout\n", b"QUIT\r\n", b"quit\r\n", b"b NOOP\r\nc LOGOUT\r\n"] {
+            assert!(ends_with_logout(yes), "{:?}", String::from_utf8_lossy(yes));
+        }
+        for no in [&b"a LOGOUT"[..], b"a NOOP\r\n", b"a SELECT LOGOUT\r\n", b"a LOGOUT\r\nb NOOP\r\n", b"\r\n", b""] {
+            assert!(!ends_with_logout(no), "{:?}", String::from_utf8_lossy(no));
+        }
+    }
+
     #[tokio::test]
     async fn a_reply_written_up_to_mid_line_counts_as_mid_reply() {
         for (sent, mid) in [(&b"* 1 FETCH (BODY[] {20}\r\n0123456789"[..], true), (b"* OK still here\r\n", false)] {

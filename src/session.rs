@@ -211,11 +211,15 @@ pub async fn run(mut ctx: SessionCtx, mut tcp: TcpStream) {
                 }
                 _ => None,
             };
-            if let Some(goodbye) = goodbye {
-                // Briefly: a client that has stopped reading must not hold the session (and its
-                // backend connection and slots) open past its end.
+            // Briefly: a client that has stopped reading must not hold the session (and its
+            // backend connection and slots) open past its end. Without a goodbye the client's
+            // side is still closed properly (TLS close_notify) after what the backend sent,
+            // unless the relay did (an ordinary close) or the client is what failed.
+            if goodbye.is_some() || !matches!(end, "closed" | "client_error") {
                 let _ = tokio::time::timeout(GOODBYE_TIMEOUT, async {
-                    let _ = a.client.write_all(goodbye).await;
+                    if let Some(goodbye) = goodbye {
+                        let _ = a.client.write_all(goodbye).await;
+                    }
                     let _ = a.client.shutdown().await;
                 })
                 .await;

@@ -724,7 +724,7 @@ async fn a_client_held_after_its_backend_went_keeps_no_slot() {
     // Reliability case 74: with a disconnect spread, the second of two sessions a backend ends
     // in the same second is held; the held client has no backend session, so its user may log
     // in again meanwhile (and the backend is not counted full).
-    let backend = FakeBackend::start(Behaviour::DieAfterLogin).await;
+    let backend = FakeBackend::start(Behaviour::ByeAfterLogin).await;
     let cfg = plain_config(backend.addr, "max_sessions_per_user = 1\nbackend_disconnect_spread = \"60s\"");
     let proxy = Proxy::start(&cfg, &format!("{USERS}bob@example.test:{{PLAIN}}pw\n")).await;
     let mut sessions = Vec::new();
@@ -735,13 +735,36 @@ async fn a_client_held_after_its_backend_went_keeps_no_slot() {
         sessions.push(c);
     }
     for c in &mut sessions {
-        c.send(b"b NOOP\r\n").await;
         assert_eq!(c.line().await, "* BYE going away\r\n");
     }
     let mut again = greeted(&proxy).await;
     again.send(b"a LOGIN alice@example.test secret\r\n").await;
     let reply = again.until_tagged("a").await;
     assert!(reply.last().unwrap().starts_with("a OK"), "{reply:?}");
+}
+
+#[tokio::test]
+async fn a_backend_close_that_answers_the_clients_logout_is_not_held() {
+    // With a disconnect spread, a backend that closes after the client's own LOGOUT is
+    // answering it: the client waits for that close, and gets it at once however many such
+    // closes fall in one second (with a small backend the spread's share is one a second).
+    let backend = FakeBackend::start(Behaviour::Normal).await;
+    let proxy = Proxy::start(&plain_config(backend.addr, "backend_disconnect_spread = \"60s\""), USERS).await;
+    let mut sessions = Vec::new();
+    for _ in 0..3 {
+        let mut c = greeted(&proxy).await;
+        c.send(b"a LOGIN alice@example.test secret\r\n").await;
+        assert!(c.until_tagged("a").await.last().unwrap().starts_with("a OK"));
+        sessions.push(c);
+    }
+    for c in &mut sessions {
+        c.send(b"b logout\r\n").await;
+    }
+    for c in &mut sessions {
+        assert!(c.until_tagged("b").await.last().unwrap().starts_with("b OK Logout"));
+        let closed = tokio::time::timeout(std::time::Duration::from_secs(2), c.closed()).await;
+        assert_eq!(closed, Ok(true), "held after answering the client's LOGOUT");
+    }
 }
 
 #[tokio::test]

@@ -138,9 +138,14 @@ async fn setup_with(tls_settings: &str) -> Setup {
 /// Like `setup_with`, with `extra` appended to the config (more listeners, say); the CA is in
 /// `ca.pem` beside it.
 async fn setup_full(tls_settings: &str, extra: &str) -> Setup {
+    setup_backend(Behaviour::Normal, tls_settings, extra).await
+}
+
+/// Like `setup_full`, with a backend that behaves as `behaviour` says.
+async fn setup_backend(behaviour: Behaviour, tls_settings: &str, extra: &str) -> Setup {
     portcullis::tls::init_crypto();
     let pki = Pki::new();
-    let backend = FakeBackend::start(Behaviour::Normal).await;
+    let backend = FakeBackend::start(behaviour).await;
     let (mail_pem, mail_key, mail) = pki.leaf(&["mail.example.test"], false);
     let (wild_pem, wild_key, wild) = pki.leaf(&["*.example.org"], false);
     let (rsa_pem, rsa_key, rsa) = pki.leaf(&["rsa.example.test"], true);
@@ -227,6 +232,26 @@ async fn tls12_clients_work_and_login_relays() {
     c.line().await;
     c.send(b"a LOGIN alice@example.test secret\r\n").await;
     assert!(c.until_tagged("a").await.last().unwrap().starts_with("a OK [CAPABILITY IMAP4rev1 IDLE MOVE]"));
+}
+
+/// Reliability case 69 over TLS: a backend that fails mid-session (a reset here; a TLS backend
+/// that closes without close_notify is the same read error) ends the client's TLS with
+/// close_notify after what the backend sent, as an ordinary close does, not with a bare TCP
+/// close that the client must take for a truncation.
+#[tokio::test]
+async fn a_failed_backend_ends_the_clients_tls_with_close_notify() {
+    use tokio::io::AsyncReadExt;
+    let s = setup_backend(Behaviour::ResetAfterLogin, "", "").await;
+    let tls = handshake(&s.pki.client(&[], false), s.proxy.addr("imaps"), "mail.example.test").await.unwrap();
+    let mut c = Client::new(tls);
+    c.line().await;
+    c.send(b"a LOGIN alice@example.test secret\r\n").await;
+    assert!(c.until_tagged("a").await.last().unwrap().starts_with("a OK"));
+    c.send(b"b NOOP\r\n").await;
+    assert_eq!(c.line().await, "* BYE going away\r\n");
+    let mut rest = Vec::new();
+    let end = tokio::time::timeout(std::time::Duration::from_secs(5), c.stream.read_to_end(&mut rest)).await.unwrap();
+    assert_eq!(end.map_err(|e| e.kind()), Ok(0), "a clean TLS close (close_notify), nothing after the BYE");
 }
 
 /// Reliability case 20: a TLS 1.1 ClientHello gets one fatal alert and nothing else: no handshake,

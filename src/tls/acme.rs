@@ -104,7 +104,8 @@ impl instant_acme::HttpClient for Http {
         // Polled by the order's own task (instant-acme awaits each request), so the note goes
         // to that order; outside one (none is) it is dropped.
         Box::pin(async move {
-            let rsp = sent.await?;
+            let mut rsp = sent.await?;
+            tame_retry_after(&mut rsp.parts.headers);
             if matches!(rsp.parts.status.as_u16(), 429 | 503)
                 && let Some(until) = retry_after(&rsp.parts.headers, SystemTime::now())
             {
@@ -112,6 +113,21 @@ impl instant_acme::HttpClient for Http {
             }
             Ok(rsp)
         })
+    }
+}
+
+/// The longest `Retry-After` in seconds passed on to the ACME library, which adds it to the
+/// clock unchecked: a CA (or whatever answers for it) sending 2^63 would panic every renewal
+/// attempt. Longer than anything here follows (a week for rate limits, a day for ARI).
+const MAX_RETRY_AFTER_SECS: u64 = 365 * 24 * 3600;
+
+/// Cap a `Retry-After` in seconds at `MAX_RETRY_AFTER_SECS` (a date cannot overflow).
+fn tame_retry_after(headers: &mut hyper::HeaderMap) {
+    let Some(v) = headers.get(hyper::header::RETRY_AFTER).and_then(|v| v.to_str().ok()).map(str::trim) else {
+        return;
+    };
+    if v.parse::<u64>().is_ok_and(|secs| secs > MAX_RETRY_AFTER_SECS) {
+        headers.insert(hyper::header::RETRY_AFTER, hyper::header::HeaderValue::from(MAX_RETRY_AFTER_SECS));
     }
 }
 
@@ -297,7 +313,9 @@ struct CertTask {
 }
 
 /// One turn lock per certificate in `specs`, the same lock for any two that have a name in
-/// common, directly or through others; certificates with no name in common order at once.
+/// common, directly or through others; certificates with no name in common order at once. A
+/// wildcard and its parent (`*.example.org`, `example.org`) count as one name: dns-01 validates
+/// both at `_acme-challenge.example.org`.
 fn turn_groups(specs: &[AcmeCertSpec]) -> Vec<Arc<tokio::sync::Mutex<()>>> {
     // Each certificate's group is the lowest index reachable through shared names.
     let mut group: Vec<usize> = (0..specs.len()).collect();
@@ -306,7 +324,7 @@ fn turn_groups(specs: &[AcmeCertSpec]) -> Vec<Arc<tokio::sync::Mutex<()>>> {
         merged = false;
         for i in 0..specs.len() {
             for j in i + 1..specs.len() {
-                let shared = specs[i].names.iter().any(|n| specs[j].names.contains(n));
+                let shared = specs[i].names.iter().any(|n| specs[j].names.iter().any(|m| same_record(n, m)));
                 if shared && group[i] != group[j] {
                     let low = group[i].min(group[j]);
                     (group[i], group[j]) = (low, low);
@@ -317,6 +335,12 @@ fn turn_groups(specs: &[AcmeCertSpec]) -> Vec<Arc<tokio::sync::Mutex<()>>> {
     }
     let locks: Vec<Arc<tokio::sync::Mutex<()>>> = specs.iter().map(|_| Arc::default()).collect();
     group.into_iter().map(|g| locks[g].clone()).collect()
+}
+
+/// Whether two names are validated at the same place (the same name, or a wildcard and its
+/// parent, which share the dns-01 record).
+fn same_record(a: &str, b: &str) -> bool {
+    a.strip_prefix("*.").unwrap_or(a) == b.strip_prefix("*.").unwrap_or(b)
 }
 
 /// What the renewal planner decided.
@@ -417,6 +441,7 @@ impl CertTask {
     }
 
     async fn run(self, trigger: Arc<Notify>, stop: CancellationToken) {
+        self.adopt_moved_rsa_files();
         let mut current = self.load_stored();
         match &current {
             Some(ck) => {
@@ -649,9 +674,46 @@ impl CertTask {
     }
 
     fn paths(&self) -> (PathBuf, PathBuf) {
-        let dir = self.settings.state_dir.join("certs");
-        let file = self.label.replace('*', "_wildcard");
-        (dir.join(format!("{file}.pem")), dir.join(format!("{file}.key")))
+        label_paths(&self.settings.state_dir, &self.label)
+    }
+
+    /// An RSA certificate's label changes as the ECDSA half of its pair is added (`NAME` becomes
+    /// `NAME+rsa`) or removed (back to `NAME`), and its stored files stay under the old label,
+    /// where the ECDSA half would overwrite them. With no RSA pair of its own, the certificate
+    /// takes the other label's (copied, the issuer record too), so what the CA issued goes on
+    /// being served and is not ordered again (against the CA's duplicate limit).
+    fn adopt_moved_rsa_files(&self) {
+        if !self.spec.rsa {
+            return;
+        }
+        let (cert, key) = self.paths();
+        if read_pair(&cert, &key, &self.spec).is_some() {
+            return;
+        }
+        let other = match self.label.strip_suffix("+rsa") {
+            Some(base) => base.to_string(),
+            None => format!("{}+rsa", self.label),
+        };
+        let (other_cert, other_key) = label_paths(&self.settings.state_dir, &other);
+        if read_pair(&other_cert, &other_key, &self.spec).is_none() {
+            return;
+        }
+        let issuer = self.issuer_path();
+        let copied = [(&other_key, &key), (&other_cert, &cert), (&other_cert.with_extension("directory"), &issuer)]
+            .into_iter()
+            .filter(|(from, _)| from.exists())
+            .try_for_each(|(from, to)| {
+                let bytes = std::fs::read(from).map_err(|e| format!("{}: {e}", from.display()))?;
+                write_private(to, &bytes)
+            });
+        match copied {
+            Ok(()) => {
+                tracing::info!(certificate = %self.label, from = %other, "ACME: took over the stored RSA certificate of this certificate's previous label")
+            }
+            Err(e) => {
+                tracing::warn!(certificate = %self.label, from = %other, error = %e, "ACME: cannot take over the stored RSA certificate of this certificate's previous label")
+            }
+        }
     }
 
     /// Where a failed order's backoff is kept between runs.
@@ -662,7 +724,8 @@ impl CertTask {
 
     /// The stored backoff, if it was for this directory and these names (after a change of
     /// either, ordering at once is what the operator asked for), its time capped at the longest
-    /// backoff from now (a clock set back meanwhile).
+    /// wait from now (a clock set back meanwhile): a CA's Retry-After, up to a week, is waited
+    /// out across restarts and reloads too.
     fn load_retry(&self) -> Option<RetryState> {
         let bytes = std::fs::read(self.retry_path()).ok()?;
         let mut r: RetryState = serde_json::from_slice(&bytes).ok()?;
@@ -670,7 +733,7 @@ impl CertTask {
             return None;
         }
         let now = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default().as_secs();
-        let longest = MAX_BACKOFF.mul_f64(1.25).as_secs();
+        let longest = MAX_BACKOFF.mul_f64(1.25).max(MAX_RATE_LIMIT_WAIT).as_secs();
         // Long past: left by a run that stopped ordering (the certificate taken out of the
         // config, and now back), not a backoff still running.
         if r.next.saturating_add(longest) < now {
@@ -1149,6 +1212,13 @@ fn dns_names(ck: &CertifiedKey) -> Option<Vec<String>> {
     )
 }
 
+/// A label's certificate and key files in the state directory.
+fn label_paths(state_dir: &Path, label: &str) -> (PathBuf, PathBuf) {
+    let dir = state_dir.join("certs");
+    let file = label.replace('*', "_wildcard");
+    (dir.join(format!("{file}.pem")), dir.join(format!("{file}.key")))
+}
+
 /// Write a secret file atomically: 0600, temp file, fsync, rename.
 fn write_private(path: &Path, bytes: &[u8]) -> AcmeResult<()> {
     let tmp = stage_private(path, bytes)?;
@@ -1316,28 +1386,46 @@ fn stored_key_unusable(e: &instant_acme::Error) -> bool {
 /// systemd unit's is 0077): the web server runs as another user, and the token is public anyway
 /// (the CA fetches it over plain HTTP).
 fn write_webroot_token(root: &Path, token: &str, content: &str) -> AcmeResult<PathBuf> {
-    use std::os::unix::fs::PermissionsExt;
+    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
     let shown = |p: &Path, e: std::io::Error| format!("{}: {e}", p.display());
     let dir = root.join(".well-known/acme-challenge");
     std::fs::create_dir_all(&dir).map_err(|e| shown(&dir, e))?;
     // Also when they were made before (by an earlier version under the same umask): a
     // directory the web server cannot enter fails every validation. Not ours to change (EPERM):
-    // the web server's owner set it up.
+    // the web server's owner set it up. Whoever else can write the webroot could swap in a
+    // symbolic link at any moment, so nothing here goes through one: each directory is opened
+    // without following one (a shared .well-known elsewhere is not ours) and changed through
+    // its descriptor, not its path.
     for d in [root.join(".well-known"), dir.clone()] {
-        // Not through a symbolic link (a shared .well-known elsewhere): its target is not ours.
-        if std::fs::symlink_metadata(&d).is_ok_and(|m| m.file_type().is_symlink()) {
+        let Ok(opened) =
+            std::fs::OpenOptions::new().read(true).custom_flags(libc::O_NOFOLLOW | libc::O_DIRECTORY).open(&d)
+        else {
             continue;
-        }
-        let mode = std::fs::metadata(&d).map(|m| m.permissions().mode() & 0o777).unwrap_or(0o755);
+        };
+        let mode = opened.metadata().map(|m| m.permissions().mode() & 0o777).unwrap_or(0o755);
         if mode & 0o055 != 0o055
-            && let Err(e) = std::fs::set_permissions(&d, std::fs::Permissions::from_mode(mode | 0o755))
+            && let Err(e) = opened.set_permissions(std::fs::Permissions::from_mode(mode | 0o755))
         {
             tracing::warn!(dir = %d.display(), error = %e, "ACME: the web server may not be able to read the challenge directory");
         }
     }
+    // A new file, never one written through: whatever is at the token's name (a file left there,
+    // a symbolic link to the proxy's key) is removed first, and the file is created anew.
     let file = dir.join(token);
-    std::fs::write(&file, content).map_err(|e| shown(&file, e))?;
-    std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o644)).map_err(|e| shown(&file, e))?;
+    match std::fs::remove_file(&file) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(shown(&file, e)),
+        _ => {}
+    }
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o644)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(&file)
+        .map_err(|e| shown(&file, e))?;
+    f.write_all(content.as_bytes()).map_err(|e| shown(&file, e))?;
+    // The umask may have taken bits the web server needs.
+    f.set_permissions(std::fs::Permissions::from_mode(0o644)).map_err(|e| shown(&file, e))?;
     Ok(file)
 }
 
@@ -1372,6 +1460,9 @@ mod tests {
             spec(&["a.test"], false),
             spec(&["b.test"], false),
             spec(&["b.test", "a.test"], true),
+            // dns-01 validates both at _acme-challenge.example.test.
+            spec(&["*.example.test"], false),
+            spec(&["example.test"], false),
         ];
         let turns = turn_groups(&specs);
         let same = |i: usize, j: usize| Arc::ptr_eq(&turns[i], &turns[j]);
@@ -1379,6 +1470,7 @@ mod tests {
         assert!(!same(0, 1) && !same(1, 2));
         assert!(same(3, 4) && same(4, 5));
         assert!(!same(0, 3) && !same(1, 3));
+        assert!(same(6, 7) && !same(0, 6));
     }
 
     #[test]
@@ -1396,6 +1488,27 @@ mod tests {
         let again = write_webroot_token(root.path(), "tok_en-1", "tok_en-1.other").unwrap();
         assert_eq!((mode(&again), std::fs::read_to_string(&again).unwrap().as_str()), (0o644, "tok_en-1.other"));
         assert_eq!((mode(&dir), mode(dir.parent().unwrap())), (0o755, 0o755));
+
+        // A symbolic link at the token's name (put there by whoever can write the webroot) is
+        // replaced, not written through, and a linked directory is not changed: the proxy's
+        // own 0600 files stay as they are.
+        let secret = root.path().join("secret.key");
+        std::fs::write(&secret, "key").unwrap();
+        std::fs::set_permissions(&secret, std::fs::Permissions::from_mode(0o600)).unwrap();
+        std::os::unix::fs::symlink(&secret, dir.join("tok_en-2")).unwrap();
+        let written = write_webroot_token(root.path(), "tok_en-2", "tok_en-2.thumb").unwrap();
+        assert!(!std::fs::symlink_metadata(&written).unwrap().file_type().is_symlink());
+        assert_eq!((std::fs::read_to_string(&secret).unwrap().as_str(), mode(&secret)), ("key", 0o600));
+        let elsewhere = tempfile::tempdir().unwrap();
+        let private = elsewhere.path().join("state");
+        std::fs::create_dir(&private).unwrap();
+        std::fs::set_permissions(&private, std::fs::Permissions::from_mode(0o700)).unwrap();
+        let linked = tempfile::tempdir().unwrap();
+        std::os::unix::fs::symlink(&private, linked.path().join(".well-known")).unwrap();
+        std::fs::create_dir(private.join("acme-challenge")).unwrap();
+        std::fs::set_permissions(private.join("acme-challenge"), std::fs::Permissions::from_mode(0o700)).unwrap();
+        write_webroot_token(linked.path(), "tok_en-3", "x").unwrap();
+        assert_eq!(mode(&private), 0o700, "the linked .well-known itself is not ours");
     }
 
     #[test]
@@ -1552,11 +1665,8 @@ mod tests {
         assert!(!dir.path().join("k.tmp").exists());
     }
 
-    #[test]
-    fn an_interrupted_certificate_write_is_completed_at_start() {
-        crate::tls::init_crypto();
-        let dir = tempfile::tempdir().unwrap();
-        let names = vec!["mail.example.test".to_string()];
+    /// A task for `names` (ECDSA) with its state in `dir`.
+    fn test_task(dir: &Path, names: &[String]) -> CertTask {
         let text = "[auth]\nsource = \"backend\"\n[[backend]]\nname = \"b\"\naddress = \"127.0.0.1:143\"\n[routing.imap]\ndefault = \"b\"\n";
         let config = crate::config::Config::parse(Path::new("/etc/portcullis/p.toml"), text).unwrap();
         let settings = AcmeSettings {
@@ -1565,20 +1675,28 @@ mod tests {
             terms_agreed: true,
             eab: None,
             ca_file: None,
-            state_dir: dir.path().to_path_buf(),
-            challenge: AcmeChallenge::Http01Webroot(dir.path().to_path_buf()),
+            state_dir: dir.to_path_buf(),
+            challenge: AcmeChallenge::Http01Webroot(dir.to_path_buf()),
             retry_min: Duration::from_secs(60),
-            certificates: vec![AcmeCertSpec::new(names.clone(), false)],
+            certificates: vec![AcmeCertSpec::new(names.to_vec(), false)],
         };
-        let task = CertTask {
+        CertTask {
             settings,
-            spec: AcmeCertSpec::new(names.clone(), false),
+            spec: AcmeCertSpec::new(names.to_vec(), false),
             label: names[0].clone(),
             certs: Arc::new(CertStore::load(&config.tls).unwrap()),
             challenges: Arc::new(Challenges::default()),
             account: Arc::new(tokio::sync::Mutex::new(None)),
             turns: Arc::default(),
-        };
+        }
+    }
+
+    #[test]
+    fn an_interrupted_certificate_write_is_completed_at_start() {
+        crate::tls::init_crypto();
+        let dir = tempfile::tempdir().unwrap();
+        let names = vec!["mail.example.test".to_string()];
+        let task = test_task(dir.path(), &names);
         let pair = || {
             let key = rcgen::KeyPair::generate().unwrap();
             let cert = rcgen::CertificateParams::new(names.clone()).unwrap().self_signed(&key).unwrap();
@@ -1613,6 +1731,79 @@ mod tests {
         let rsa = CertTask { spec: AcmeCertSpec::new(names.clone(), true), ..task.clone() };
         assert!(rsa.load_pair(&cert_path, &key_path).is_none());
         assert!(rsa.load_partial().is_none());
+    }
+
+    /// The RSA half's label moves as the ECDSA half of its pair is added (NAME -> NAME+rsa) or
+    /// removed (back): its stored certificate moves with it rather than being ordered again,
+    /// and the ECDSA half never takes it.
+    #[test]
+    fn an_rsa_certificate_follows_its_label_when_the_ecdsa_half_comes_or_goes() {
+        crate::tls::init_crypto();
+        let dir = tempfile::tempdir().unwrap();
+        let names = vec!["mail.example.test".to_string()];
+        let ecdsa = test_task(dir.path(), &names);
+        let rsa_only = CertTask { spec: AcmeCertSpec::new(names.clone(), true), ..ecdsa.clone() };
+        let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_RSA_SHA256).unwrap();
+        let cert = rcgen::CertificateParams::new(names.clone()).unwrap().self_signed(&key).unwrap();
+        let (cert_path, key_path) = rsa_only.paths();
+        std::fs::create_dir_all(cert_path.parent().unwrap()).unwrap();
+        std::fs::write(&key_path, key.serialize_pem()).unwrap();
+        std::fs::write(&cert_path, cert.pem()).unwrap();
+        std::fs::write(rsa_only.issuer_path(), &rsa_only.settings.directory).unwrap();
+        assert!(rsa_only.load_stored().is_some());
+
+        // The ECDSA half is added: the RSA one is now NAME+rsa.
+        let rsa = CertTask { label: format!("{}+rsa", names[0]), ..rsa_only.clone() };
+        assert!(rsa.load_stored().is_none(), "nothing under the new label yet");
+        rsa.adopt_moved_rsa_files();
+        let adopted = rsa.load_stored().expect("the stored RSA certificate under the new label");
+        assert_eq!(adopted.cert[0], cert.der().clone());
+        assert!(ecdsa.load_stored().is_none(), "the ECDSA half does not take the RSA files");
+        // The ECDSA half's order overwrites NAME's files; the RSA one keeps its copy.
+        let ec_key = rcgen::KeyPair::generate().unwrap();
+        let ec_cert = rcgen::CertificateParams::new(names.clone()).unwrap().self_signed(&ec_key).unwrap();
+        std::fs::write(&key_path, ec_key.serialize_pem()).unwrap();
+        std::fs::write(&cert_path, ec_cert.pem()).unwrap();
+        rsa.adopt_moved_rsa_files();
+        assert_eq!(rsa.load_stored().unwrap().cert[0], cert.der().clone());
+        assert!(ecdsa.load_stored().is_some());
+
+        // The ECDSA half is removed again: the RSA one is NAME once more, over the ECDSA files.
+        rsa_only.adopt_moved_rsa_files();
+        assert_eq!(rsa_only.load_stored().unwrap().cert[0], cert.der().clone());
+    }
+
+    /// A CA's Retry-After (a rate limit, up to a week) is waited out after a restart too; a
+    /// time further than that from now (a clock set back) is capped.
+    #[test]
+    fn a_stored_rate_limit_wait_survives_a_restart() {
+        let dir = tempfile::tempdir().unwrap();
+        let task = test_task(dir.path(), &["mail.example.test".to_string()]);
+        std::fs::create_dir_all(dir.path().join("certs")).unwrap();
+        let now = SystemTime::now();
+        let secs = |t: SystemTime| t.duration_since(SystemTime::UNIX_EPOCH).unwrap().as_secs();
+        task.save_retry(2, now + Duration::from_secs(3 * 24 * 3600));
+        let r = task.load_retry().unwrap();
+        assert_eq!((r.failures, r.next), (2, secs(now + Duration::from_secs(3 * 24 * 3600))));
+        task.save_retry(2, now + Duration::from_secs(30 * 24 * 3600));
+        let r = task.load_retry().unwrap();
+        assert!(r.next <= secs(now + MAX_RATE_LIMIT_WAIT) + 1, "{}", r.next - secs(now));
+    }
+
+    /// A Retry-After in seconds too large to add to the clock is capped before the ACME
+    /// library sees it; a date or an ordinary value is left alone.
+    #[test]
+    fn a_huge_retry_after_is_capped() {
+        let tamed = |v: &str| {
+            let mut h = hyper::HeaderMap::new();
+            h.insert(hyper::header::RETRY_AFTER, v.parse().unwrap());
+            tame_retry_after(&mut h);
+            h.get(hyper::header::RETRY_AFTER).unwrap().to_str().unwrap().to_string()
+        };
+        assert_eq!(tamed("9223372036854775807"), MAX_RETRY_AFTER_SECS.to_string());
+        assert_eq!(tamed("18446744073709551615"), MAX_RETRY_AFTER_SECS.to_string());
+        assert_eq!(tamed("86400"), "86400");
+        assert_eq!(tamed("Wed, 15 Nov 2023 22:13:20 GMT"), "Wed, 15 Nov 2023 22:13:20 GMT");
     }
 
     #[test]

@@ -46,6 +46,8 @@ pub struct CertMaps {
     /// The default is the generated self-signed certificate (no configured one is): an issued
     /// ACME certificate answers clients without SNI before it.
     generated_default: bool,
+    /// The generated self-signed certificate (`tls.self_signed_names`), if any.
+    generated: Option<Arc<CertifiedKey>>,
     /// `tls.strict_sni`: an unknown name gets no certificate (the handshake fails).
     strict_sni: bool,
     /// What each configured pair was loaded from, to keep a good pair when its files break.
@@ -70,8 +72,12 @@ type Served = Vec<Arc<CertifiedKey>>;
 
 pub struct CertStore {
     maps: ArcSwap<CertMaps>,
-    /// Certificates obtained over ACME, by label; they win over configured ones for their names.
+    /// Certificates obtained over ACME, by label, in the order they are configured (the first
+    /// answers clients without SNI); they win over configured ones for their names.
     acme: ArcSwap<Vec<AcmeEntry>>,
+    /// The configured ACME labels in config order (`retain_acme`), which `acme` keeps: tasks
+    /// install concurrently and renew at any time.
+    acme_order: ArcSwap<Vec<String>>,
 }
 
 #[derive(Clone)]
@@ -105,8 +111,15 @@ impl fmt::Debug for CertStore {
 impl CertStore {
     /// Load every configured pair; any failure is an error (used at start and by `check`).
     pub fn load(settings: &TlsSettings) -> Result<CertStore, CertError> {
-        let maps = build(settings, None)?;
-        Ok(CertStore { maps: ArcSwap::from_pointee(maps), acme: ArcSwap::from_pointee(Vec::new()) })
+        Ok(CertStore::with(build(settings, None)?))
+    }
+
+    fn with(maps: CertMaps) -> CertStore {
+        CertStore {
+            maps: ArcSwap::from_pointee(maps),
+            acme: ArcSwap::from_pointee(Vec::new()),
+            acme_order: ArcSwap::from_pointee(Vec::new()),
+        }
     }
 
     /// Build the maps for new settings without installing them. A pair that loaded before and is
@@ -155,18 +168,26 @@ impl CertStore {
     pub fn install_acme(&self, label: &str, names: &[String], key: Arc<CertifiedKey>, placeholder: bool) {
         let entry =
             AcmeEntry { label: label.to_string(), names: names.to_vec(), not_after: not_after(&key), key, placeholder };
+        let order = self.acme_order.load();
         self.acme.rcu(|current| {
             let mut next: Vec<AcmeEntry> = current.iter().filter(|e| e.label != label).cloned().collect();
             next.push(entry.clone());
+            in_config_order(&mut next, &order);
             next
         });
     }
 
     /// Keep only the ACME certificates whose labels are still configured (a reload that removes
-    /// one, or `[acme]` altogether, stops serving it).
+    /// one, or `[acme]` altogether, stops serving it), in the order `labels` has, the config's.
     pub fn retain_acme(&self, labels: &[&str]) {
-        self.acme
-            .rcu(|current| current.iter().filter(|e| labels.contains(&e.label.as_str())).cloned().collect::<Vec<_>>());
+        let order: Vec<String> = labels.iter().map(|l| l.to_string()).collect();
+        self.acme.rcu(|current| {
+            let mut next: Vec<AcmeEntry> =
+                current.iter().filter(|e| labels.contains(&e.label.as_str())).cloned().collect();
+            in_config_order(&mut next, &order);
+            next
+        });
+        self.acme_order.store(Arc::new(order));
     }
 
     /// The ACME certificate installed under `label`, if any.
@@ -174,24 +195,27 @@ impl CertStore {
         self.acme.load().iter().find(|e| e.label == label).map(|e| e.key.clone())
     }
 
-    /// The ACME entry for `name`, and whether it is weak (see `AcmeEntry::weak`): the first
-    /// sound one that names it, exactly or by wildcard (exact first), else the first weak one.
+    /// The ACME entry for `name`, whether it is weak (see `AcmeEntry::weak`) and whether it names
+    /// `name` itself (not by wildcard): the first sound one that names it, exactly or by
+    /// wildcard (exact first), else the first weak one.
     /// A stand-in for a newly added name must not hide an issued wildcard that covers it. Where
     /// several sound ones name it (an ECDSA and an RSA certificate), the client (`hello`) gets
     /// the first it can use, ECDSA and EdDSA before RSA.
-    fn acme_lookup(&self, name: &str, hello: Option<&Offered<'_>>) -> Option<(Arc<CertifiedKey>, bool)> {
+    fn acme_lookup(&self, name: &str, hello: Option<&Offered<'_>>) -> Option<(Arc<CertifiedKey>, bool, bool)> {
         let acme = self.acme.load();
         let parent = name.split_once('.').map(|(_, p)| p);
         let exact = || acme.iter().filter(|e| e.names.iter().any(|n| n == name));
         let wildcard =
             || acme.iter().filter(|e| e.names.iter().any(|n| n.strip_prefix("*.").is_some_and(|p| Some(p) == parent)));
         // The name's own certificates before a wildcard's, as for files, whatever their types.
-        if let Some(sound) =
-            choose(exact().filter(|e| !e.weak()), hello).or_else(|| choose(wildcard().filter(|e| !e.weak()), hello))
-        {
-            return Some((sound.key.clone(), false));
+        if let Some(sound) = choose(exact().filter(|e| !e.weak()), hello) {
+            return Some((sound.key.clone(), false, true));
         }
-        exact().chain(wildcard()).next().map(|e| (e.key.clone(), true))
+        if let Some(sound) = choose(wildcard().filter(|e| !e.weak()), hello) {
+            return Some((sound.key.clone(), false, false));
+        }
+        let weak = |e: &AcmeEntry, exact| (e.key.clone(), true, exact);
+        exact().next().map(|e| weak(e, true)).or_else(|| wildcard().next().map(|e| weak(e, false)))
     }
 
     /// The certificate a handshake for `name` would get from a client that can use any: an
@@ -211,7 +235,16 @@ impl CertStore {
             let configured = || {
                 maps.exact.get(&name).or_else(|| name.split_once('.').and_then(|(_, parent)| maps.wildcard.get(parent)))
             };
-            if let Some((k, false)) = &acme {
+            if let Some((_, false, false)) = &acme
+                && let Some(own) = maps.exact.get(&name)
+                && !own.iter().all(|ck| maps.generated.as_ref().is_some_and(|g| Arc::ptr_eq(ck, g)))
+            {
+                // A configured certificate for the name itself before an ACME wildcard, as a
+                // name's own entry comes before a wildcard's among files (a customer's own
+                // certificate under the host's wildcard).
+                return pick(own, hello);
+            }
+            if let Some((k, false, _)) = &acme {
                 // A client that can use no ACME certificate for the name (an RSA-only device, an
                 // ECDSA certificate) gets a configured one that it can, if there is one.
                 if let Some(hello) = hello
@@ -226,7 +259,7 @@ impl CertStore {
             if let Some(served) = configured() {
                 return pick(served, hello);
             }
-            if let Some((k, true)) = acme {
+            if let Some((k, true, _)) = acme {
                 return Some(k);
             }
             if maps.strict_sni {
@@ -252,6 +285,11 @@ impl ResolvesServerCert for CertStore {
         let offered = Offered { schemes: hello.signature_schemes(), suites: hello.cipher_suites() };
         self.lookup_for(hello.server_name(), Some(&offered))
     }
+}
+
+/// Sort ACME entries as their labels are configured (any not configured last, as they were).
+fn in_config_order(entries: &mut [AcmeEntry], order: &[String]) {
+    entries.sort_by_key(|e| order.iter().position(|l| *l == e.label).unwrap_or(usize::MAX));
 }
 
 /// An ACME label without the `+rsa` that sets the RSA half of a pair apart.
@@ -403,6 +441,7 @@ fn build(settings: &TlsSettings, previous: Option<&CertMaps>) -> Result<CertMaps
         };
         maps.loaded.insert(self_signed_key(&names), (bytes, ck.clone()));
         maps.generated_default = maps.default.is_empty();
+        maps.generated = Some(ck.clone());
         if let Some(t) = not_after(&ck) {
             maps.expiry.push((SELF_SIGNED_LABEL.into(), t));
         }
@@ -564,7 +603,7 @@ mod tests {
         // What the config watcher asks before forcing that reload.
         let store = |maps: &CertMaps| {
             let m = CertMaps { expiry: maps.expiry.clone(), ..CertMaps::default() };
-            CertStore { maps: ArcSwap::from_pointee(m), acme: ArcSwap::from_pointee(Vec::new()) }
+            CertStore::with(m)
         };
         ending.expiry = vec![(SELF_SIGNED_LABEL.into(), not_after(&ending.loaded[&key].1).unwrap_or(0))];
         assert!(store(&ending).self_signed_ending());
@@ -679,6 +718,47 @@ mod tests {
         assert_eq!(alg(Some("mail.example.org")), SignatureAlgorithm::RSA);
         assert_eq!(alg(None), SignatureAlgorithm::RSA);
         assert_eq!(alg(Some("other.example.org")), SignatureAlgorithm::ECDSA);
+    }
+
+    /// Clients without SNI get the first configured ACME certificate, whichever order the
+    /// tasks installed or renewed them in; and a configured file for a name itself is served
+    /// before an ACME wildcard that covers it (a customer's own certificate under the host's
+    /// wildcard), while the generated self-signed one is not.
+    #[test]
+    fn acme_order_is_the_configs_and_a_files_own_name_beats_an_acme_wildcard() {
+        crate::tls::init_crypto();
+        let store = CertStore::load(&tls_settings(Vec::new(), &["localhost", "mail.example.org"])).unwrap();
+        let a = self_signed(&["a.example.net".to_string()]).unwrap();
+        let b = self_signed(&["b.example.net".to_string()]).unwrap();
+        store.retain_acme(&["a.example.net", "b.example.net"]);
+        store.install_acme("b.example.net", &["b.example.net".into()], b.clone(), false);
+        store.install_acme("a.example.net", &["a.example.net".into()], a.clone(), false);
+        assert!(store.lookup(None).unwrap().cert[0] == a.cert[0]);
+        // A renewal of the first does not move it behind the others.
+        store.install_acme("a.example.net", &["a.example.net".into()], a.clone(), false);
+        assert!(store.lookup(None).unwrap().cert[0] == a.cert[0]);
+        store.install_acme("b.example.net", &["b.example.net".into()], b.clone(), false);
+        assert!(store.lookup(None).unwrap().cert[0] == a.cert[0]);
+        // A reload that configures them the other way round.
+        store.retain_acme(&["b.example.net", "a.example.net"]);
+        assert!(store.lookup(None).unwrap().cert[0] == b.cert[0]);
+
+        let wildcard = self_signed(&["*.example.org".to_string()]).unwrap();
+        store.install_acme("*.example.org", &["*.example.org".into()], wildcard.clone(), false);
+        // Only the generated certificate names mail.example.org: the issued wildcard wins.
+        assert!(store.lookup(Some("mail.example.org")).unwrap().cert[0] == wildcard.cert[0]);
+
+        let dir = tempfile::tempdir().unwrap();
+        let own = pair(dir.path(), "own", &rcgen::PKCS_ECDSA_P256_SHA256, &["mail.example.org"], 0);
+        let store = CertStore::load(&tls_settings(vec![own], &[])).unwrap();
+        let file = store.lookup(Some("mail.example.org")).unwrap();
+        store.install_acme("*.example.org", &["*.example.org".into()], wildcard.clone(), false);
+        assert!(store.lookup(Some("mail.example.org")).unwrap().cert[0] == file.cert[0]);
+        assert!(store.lookup(Some("pop.example.org")).unwrap().cert[0] == wildcard.cert[0]);
+        // An ACME certificate for the name itself still comes first.
+        let exact = self_signed(&["mail.example.org".to_string()]).unwrap();
+        store.install_acme("mail.example.org", &["mail.example.org".into()], exact.clone(), false);
+        assert!(store.lookup(Some("mail.example.org")).unwrap().cert[0] == exact.cert[0]);
     }
 
     /// An issued ACME certificate wins for its names, except for a client that cannot use its

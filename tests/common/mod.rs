@@ -112,6 +112,12 @@ pub enum Behaviour {
     HangAfterGreeting,
     /// Logs in, then closes the connection after the first post-login command.
     DieAfterLogin,
+    /// Logs in, then answers the first post-login command with `* BYE` and resets the
+    /// connection (RST, no FIN): a read error for the proxy, as a crashed or TLS backend gives.
+    ResetAfterLogin,
+    /// Logs in, then, unprompted, says `* BYE` and closes 300 ms later (a backend shutting down
+    /// under an idle client).
+    ByeAfterLogin,
     /// Rejects every login with NO.
     RejectLogin,
     /// Greets with PREAUTH (reliability case 13).
@@ -319,6 +325,14 @@ async fn serve(
         } else if logged_in && behaviour == Behaviour::DieAfterLogin {
             let _ = w.write_all(b"* BYE going away\r\n").await;
             return;
+        } else if logged_in && behaviour == Behaviour::ResetAfterLogin {
+            let _ = w.write_all(b"* BYE going away\r\n").await;
+            // Relayed before the reset, which would otherwise discard it.
+            tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+            let _ = socket2::SockRef::from(w.as_ref()).set_linger(Some(std::time::Duration::ZERO));
+            // No FIN (which dropping the write half would send): the close with linger 0 resets.
+            w.forget();
+            return;
         } else if upper.contains(" ID (") {
             format!("* ID (\"name\" \"fake\")\r\n{tag} OK ID completed.\r\n")
         } else if upper.contains(" FETCH ") {
@@ -336,6 +350,11 @@ async fn serve(
             format!("{tag} OK done\r\n")
         };
         if w.write_all(reply.as_bytes()).await.is_err() {
+            return;
+        }
+        if logged_in && behaviour == Behaviour::ByeAfterLogin {
+            tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+            let _ = w.write_all(b"* BYE going away\r\n").await;
             return;
         }
     }
