@@ -100,6 +100,8 @@ struct Direction {
     /// Watched (client to backend, with a disconnect spread): whether the last read ended with
     /// the client's LOGOUT or QUIT, which the backend's close then answers.
     said_bye: Option<bool>,
+    /// IMAP, backend to client: the literal the client is part-way through, if any.
+    literals: Option<Literals>,
     bytes: u64,
     /// How much of `bytes` the meter has been given.
     reported: u64,
@@ -147,6 +149,9 @@ impl Direction {
                     return Poll::Ready(Err((Side::Writer, io::ErrorKind::WriteZero.into())));
                 }
                 self.mid_line = buf[self.pos + n - 1] != b'\n';
+                if let Some(l) = &mut self.literals {
+                    l.feed(&buf[self.pos..self.pos + n]);
+                }
                 self.pos += n;
                 self.bytes += n as u64;
                 self.needs_flush = true;
@@ -209,6 +214,81 @@ impl Direction {
     }
 }
 
+/// IMAP literals in what a client has been sent: a line ending in `{N}` (or `~{N}`, RFC 3516)
+/// announces N octets that are not lines, so a goodbye written while any of them are still due
+/// would become part of a message.
+#[derive(Default)]
+struct Literals {
+    /// Octets of the current literal not yet written.
+    left: u64,
+    /// The end of the current line so far, where `{N}` would be when its CRLF comes.
+    tail: [u8; 24],
+    tail_len: usize,
+}
+
+impl Literals {
+    /// Follow `bytes`, written to the client in order.
+    fn feed(&mut self, mut bytes: &[u8]) {
+        loop {
+            if self.left > 0 {
+                let skip = self.left.min(bytes.len() as u64);
+                self.left -= skip;
+                bytes = &bytes[skip as usize..];
+                if self.left > 0 {
+                    return;
+                }
+            }
+            match memchr::memchr(b'\n', bytes) {
+                None => {
+                    self.push_tail(bytes);
+                    return;
+                }
+                Some(i) => {
+                    self.push_tail(&bytes[..i]);
+                    self.left = self.announced();
+                    self.tail_len = 0;
+                    bytes = &bytes[i + 1..];
+                }
+            }
+        }
+    }
+
+    /// Part-way through a literal.
+    fn inside(&self) -> bool {
+        self.left > 0
+    }
+
+    fn push_tail(&mut self, bytes: &[u8]) {
+        let keep = self.tail.len();
+        if bytes.len() >= keep {
+            self.tail.copy_from_slice(&bytes[bytes.len() - keep..]);
+            self.tail_len = keep;
+            return;
+        }
+        let total = self.tail_len + bytes.len();
+        if total > keep {
+            self.tail.copy_within(total - keep..self.tail_len, 0);
+            self.tail_len -= total - keep;
+        }
+        self.tail[self.tail_len..self.tail_len + bytes.len()].copy_from_slice(bytes);
+        self.tail_len += bytes.len();
+    }
+
+    /// The octets the line just ended announces (0: none).
+    fn announced(&self) -> u64 {
+        let line = &self.tail[..self.tail_len];
+        let line = line.strip_suffix(b"\r").unwrap_or(line);
+        let Some(open) = line.strip_suffix(b"}").and_then(|l| l.iter().rposition(|&b| b == b'{')) else {
+            return 0;
+        };
+        let digits = &line[open + 1..line.len() - 1];
+        if digits.is_empty() || digits.len() > 19 || !digits.iter().all(u8::is_ascii_digit) {
+            return 0;
+        }
+        std::str::from_utf8(digits).ok().and_then(|d| d.parse().ok()).unwrap_or(0)
+    }
+}
+
 /// Whether `bytes` end with a LOGOUT (IMAP, after its tag) or QUIT (POP3, SMTP) command line.
 fn ends_with_logout(bytes: &[u8]) -> bool {
     let Some(body) = bytes.strip_suffix(b"\n") else { return false };
@@ -249,6 +329,9 @@ pub struct Deadlines {
 pub struct Start {
     pub to_client: Vec<u8>,
     pub to_backend: Vec<u8>,
+    /// The backend speaks IMAP: its replies carry literals (`{N}` CRLF, then N octets of a
+    /// message), inside which a line end is not the end of a reply.
+    pub imap: bool,
 }
 
 impl Direction {
@@ -303,7 +386,11 @@ where
             said_bye: d.backend_close_hold.is_some().then_some(false),
             ..Direction::seeded(start.to_backend)
         },
-        down: Direction { hold_close: d.backend_close_hold.is_some(), ..Direction::seeded(start.to_client) },
+        down: Direction {
+            hold_close: d.backend_close_hold.is_some(),
+            literals: start.imap.then(Literals::default),
+            ..Direction::seeded(start.to_client)
+        },
         hold: d.backend_close_hold,
         held_end: None,
         up_failed: false,
@@ -325,10 +412,11 @@ where
         use tokio::io::AsyncWriteExt;
         let _ = tokio::time::timeout(Duration::from_secs(1), r.client.shutdown()).await;
     }
-    // Backend bytes not yet written, or a write that ended inside a line: a big FETCH or RETR
-    // is often written whole each read, so the buffer alone would say "between replies" while
-    // the client is in the middle of one.
-    let mid_reply = r.down.pos < r.down.cap || r.down.mid_line;
+    // Backend bytes not yet written, or a write that ended inside a line or an IMAP literal (a
+    // message's lines end in LF too): a big FETCH or RETR is often written whole each read, so
+    // the buffer alone would say "between replies" while the client is in the middle of one.
+    let mid_reply =
+        r.down.pos < r.down.cap || r.down.mid_line || r.down.literals.as_ref().is_some_and(Literals::inside);
     (end, Transferred { client_to_backend: r.up.bytes, backend_to_client: r.down.bytes, mid_reply })
 }
 
@@ -456,7 +544,10 @@ where
             // the backend would have dropped it.
             this.up.done = true;
             this.up.buf = None;
-            this.up_failed = true;
+            // After the backend's own end of the session (its EOF already read: a LOGOUT or
+            // QUIT answered, the client's close_notify or last bytes meeting the closed socket),
+            // an ordinary close.
+            this.up_failed = !this.down.read_done;
             up = Poll::Ready(Ok(()));
         }
         if let Poll::Ready(Err((side, _))) = up {
@@ -617,7 +708,8 @@ mod tests {
     async fn the_start_goes_first_counted_and_bounded_by_the_deadlines() {
         let (mut client_app, mut client_proxy) = duplex(64);
         let (mut backend_proxy, mut backend_app) = duplex(64);
-        let start = Start { to_client: b"a OK logged in\r\n".to_vec(), to_backend: b"b NOOP\r\n".to_vec() };
+        let start =
+            Start { to_client: b"a OK logged in\r\n".to_vec(), to_backend: b"b NOOP\r\n".to_vec(), ..Start::default() };
         let task = tokio::spawn(async move {
             let d = Deadlines { idle: Duration::from_secs(5), ..Deadlines::default() };
             relay_from(&mut client_proxy, &mut backend_proxy, d, Meters::default(), None, start).await
@@ -643,7 +735,7 @@ mod tests {
             shutdown: Some((stop.clone(), Duration::from_millis(50))),
             ..Deadlines::default()
         };
-        let start = Start { to_client: vec![b'x'; 100_000], to_backend: Vec::new() };
+        let start = Start { to_client: vec![b'x'; 100_000], ..Start::default() };
         stop.cancel();
         let (end, t) = tokio::time::timeout(
             Duration::from_secs(5),
@@ -658,6 +750,65 @@ mod tests {
     /// Shutdown while a reply is part-way through, with everything read so far written (the
     /// backend is slow to send the rest of a literal): the relay says mid-reply, so no goodbye
     /// line lands inside the literal. Between replies it does not.
+    /// Literals are followed across writes, whatever the cut: a header split between two
+    /// writes, a literal written a byte at a time, long lines that are not headers.
+    #[test]
+    fn literals_are_followed_across_writes() {
+        let reply =
+            b"* 1 FETCH (FLAGS (\\Seen) BODY[] {12}\r\nab\r\n{3}\r\nxyz)\r\n* 2 FETCH (BODY[HEADER] {2}\r\n\r\n)\r\n";
+        let whole = {
+            let mut l = Literals::default();
+            l.feed(reply);
+            l.inside()
+        };
+        assert!(!whole);
+        for cut in 1..reply.len() {
+            let mut l = Literals::default();
+            l.feed(&reply[..cut]);
+            // Inside the 12-octet literal (from after its CRLF up to its last octet) or the
+            // 2-octet one.
+            let lit1 = reply.windows(6).position(|w| w == b"{12}\r\n").unwrap() + 6;
+            let lit2 = reply.windows(5).position(|w| w == b"{2}\r\n").unwrap() + 5;
+            let expected = (lit1..lit1 + 12).contains(&cut) || (lit2..lit2 + 2).contains(&cut);
+            assert_eq!(l.inside(), expected, "cut at {cut}");
+            l.feed(&reply[cut..]);
+            assert!(!l.inside(), "cut at {cut}");
+        }
+        let mut l = Literals::default();
+        for b in b"* 1 FETCH (BODY[] {4}\r\n1234" {
+            l.feed(&[*b]);
+        }
+        assert!(!l.inside());
+        let mut long = vec![b'x'; 100];
+        long.extend_from_slice(b" {5}\r\n");
+        l.feed(&long);
+        assert!(l.inside());
+        l.feed(b"12345 {x}\r\n{99999999999999999999}\r\n");
+        assert!(!l.inside(), "not a literal: {{x}}, nor a length past 19 digits");
+    }
+
+    /// The backend answers LOGOUT and closes; the client, having read that, sends more (its
+    /// close_notify, a pipelined command) into the closed socket: an ordinary close, not a
+    /// backend error.
+    #[tokio::test]
+    async fn bytes_after_the_backends_own_close_are_not_a_backend_error() {
+        let (mut client_app, mut client_proxy) = duplex(4096);
+        let (mut backend_proxy, mut backend_app) = duplex(4096);
+        let task = tokio::spawn(async move {
+            let d = Deadlines { idle: Duration::from_secs(60), ..Deadlines::default() };
+            relay(&mut client_proxy, &mut backend_proxy, d, Meters::default(), None).await
+        });
+        backend_app.write_all(b"* BYE\r\na OK Logout completed.\r\n").await.unwrap();
+        drop(backend_app);
+        let mut got = Vec::new();
+        client_app.read_to_end(&mut got).await.unwrap();
+        assert_eq!(got, b"* BYE\r\na OK Logout completed.\r\n");
+        client_app.write_all(b"b NOOP\r\n").await.unwrap();
+        client_app.shutdown().await.unwrap();
+        let (end, _) = tokio::time::timeout(Duration::from_secs(5), task).await.unwrap().unwrap();
+        assert_eq!(end, RelayEnd::Closed);
+    }
+
     #[test]
     fn a_logout_or_quit_line_is_recognised() {
         for yes in [&b"a LOGOUT\r\n"[..], b"x1 logout\n", b"QUIT\r\n", b"quit\r\n", b"b NOOP\r\nc LOGOUT\r\n"] {
@@ -670,7 +821,17 @@ mod tests {
 
     #[tokio::test]
     async fn a_reply_written_up_to_mid_line_counts_as_mid_reply() {
-        for (sent, mid) in [(&b"* 1 FETCH (BODY[] {20}\r\n0123456789"[..], true), (b"* OK still here\r\n", false)] {
+        for (sent, mid) in [
+            (&b"* 1 FETCH (BODY[] {20}\r\n0123456789"[..], true),
+            (b"* OK still here\r\n", false),
+            // Reliability cases 60 and 80: a literal whose header, or whose lines so far, end in
+            // LF is still a reply in progress.
+            (b"* 1 FETCH (BODY[] {20}\r\n", true),
+            (b"* 1 FETCH (BODY[] {20}\r\nFrom: a\r\nTo: b\r\n", true),
+            (b"* 1 FETCH (BINARY[] ~{3}\r\n\n\n", true),
+            (b"* 1 FETCH (BODY[] {10}\r\nFrom: a\r\n)\r\na OK done\r\n", false),
+            (b"* 1 FETCH (BODY[] {0}\r\n)\r\n", false),
+        ] {
             let (mut client_app, mut client_proxy) = duplex(4096);
             let (mut backend_proxy, mut backend_app) = duplex(4096);
             let stop = CancellationToken::new();
@@ -680,7 +841,7 @@ mod tests {
                 ..Deadlines::default()
             };
             let task = tokio::spawn(async move {
-                let start = Start::default();
+                let start = Start { imap: true, ..Start::default() };
                 relay_from(&mut client_proxy, &mut backend_proxy, d, Meters::default(), None, start).await
             });
             backend_app.write_all(sent).await.unwrap();

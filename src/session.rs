@@ -343,14 +343,19 @@ async fn relay_session(
     // client still gets its login reply, briefly (like a goodbye), and the session ends; nothing
     // it pipelined goes to the backend, as no reply to it would reach the client.
     if guard.as_mut().and_then(|g| g.scan(&to_backend)).is_some() {
-        let _ = tokio::time::timeout(GOODBYE_TIMEOUT, async {
+        let written = tokio::time::timeout(GOODBYE_TIMEOUT, async {
             a.client.write_all(&to_client).await?;
             a.client.flush().await
         })
         .await;
-        return (relay::RelayEnd::Refused.as_str(), Transferred::default());
+        // Counted like relayed bytes; a reply cut off part-way gets no goodbye after it.
+        let whole = matches!(written, Ok(Ok(())));
+        let sent = if whole { to_client.len() as u64 } else { 0 };
+        metrics().relayed_bytes.with_label_values(&[protocol, "backend_to_client"]).inc_by(sent);
+        let t = Transferred { backend_to_client: sent, mid_reply: !whole, ..Transferred::default() };
+        return (relay::RelayEnd::Refused.as_str(), t);
     }
-    let start = relay::Start { to_client, to_backend };
+    let start = relay::Start { to_client, to_backend, imap: protocol == "imap" };
     // Bytes reach relayed_bytes_total as they move, so long sessions (IDLE, big FETCHes) show
     // in throughput graphs while they last rather than all at once when they end.
     let relayed = &metrics().relayed_bytes;
