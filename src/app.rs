@@ -414,6 +414,13 @@ impl App {
             }
             _ => None,
         };
+        // Nothing can refuse the reload from here: the sockets it keeps take its keepalive for
+        // the connections they accept from now on.
+        for (key, s) in sockets.iter().filter(|(key, _)| current.contains_key(*key)) {
+            if let Err(e) = accepted_options(&socket2::SockRef::from(&**s), &runtime.config.limits) {
+                tracing::warn!(addr = %key.addr, error = %e, "cannot set the TCP options of a listening socket");
+            }
+        }
         let stop_admin = runtime.config.admin.is_none();
         let kept = maps.kept().join("; ");
         self.tls.certs.install(maps);
@@ -858,8 +865,7 @@ async fn bind_all(
             let key = SocketKey::new(&l.name, *addr);
             let bind_error = |source| StartError::Bind { listener: l.name.clone(), addr: *addr, source };
             if let Some(s) = current.get(&key) {
-                // A reload's keepalive applies to connections accepted from now on.
-                accepted_options(&socket2::SockRef::from(&**s), &config.limits).map_err(bind_error)?;
+                // Its options change only once the reload can no longer be refused (`reload`).
                 out.insert(key, s.clone());
                 continue;
             }
@@ -899,8 +905,11 @@ fn listen(addr: SocketAddr, v6only: bool, limits: &Limits) -> std::io::Result<Tc
 fn accepted_options(s: &socket2::SockRef<'_>, limits: &Limits) -> std::io::Result<()> {
     s.set_tcp_nodelay(true)?;
     match limits.tcp_keepalive() {
-        Some(k) => s.set_tcp_keepalive(&k),
-        None => s.set_keepalive(false),
+        Some(k) => k.apply(s),
+        None => {
+            s.set_keepalive(false)?;
+            s.set_tcp_user_timeout(None)
+        }
     }
 }
 
@@ -1030,6 +1039,7 @@ mod tests {
         assert_eq!(s.tcp_keepalive_time().unwrap(), Duration::from_secs(7));
         assert_eq!(s.tcp_keepalive_interval().unwrap(), Duration::from_secs(7), "interval: min(time, 30 s)");
         assert_eq!(s.tcp_keepalive_retries().unwrap(), crate::config::TCP_KEEPALIVE_PROBES);
+        assert_eq!(s.tcp_user_timeout().unwrap(), Some(Duration::from_secs(7 + 3 * 7)), "as long as the probes take");
 
         let longer = Limits { tcp_keepalive: Some(Duration::from_secs(600)), ..Limits::default() };
         accepted_options(&socket2::SockRef::from(&listener), &longer).unwrap();
@@ -1037,12 +1047,14 @@ mod tests {
         let s = socket2::SockRef::from(&tcp);
         assert_eq!(s.tcp_keepalive_time().unwrap(), Duration::from_secs(600));
         assert_eq!(s.tcp_keepalive_interval().unwrap(), Duration::from_secs(30));
+        assert_eq!(s.tcp_user_timeout().unwrap(), Some(Duration::from_secs(600 + 90)));
 
         let off = Limits { tcp_keepalive: None, ..Limits::default() };
         accepted_options(&socket2::SockRef::from(&listener), &off).unwrap();
         let (tcp, _client) = accepted(&listener).await;
         let s = socket2::SockRef::from(&tcp);
         assert!(!s.keepalive().unwrap());
+        assert_eq!(s.tcp_user_timeout().unwrap(), None);
         assert!(s.tcp_nodelay().unwrap());
     }
 

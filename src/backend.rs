@@ -94,7 +94,7 @@ pub struct ClientInfo {
     pub probe: bool,
     /// TCP keepalive for the backend connection (`Limits::tcp_keepalive`): a session's lasts,
     /// a probe's does not need one.
-    pub keepalive: Option<socket2::TcpKeepalive>,
+    pub keepalive: Option<crate::config::Keepalive>,
 }
 
 impl ClientInfo {
@@ -192,7 +192,7 @@ async fn connect_inner(
     }
     let _ = tcp.set_nodelay(true);
     if let Some(k) = &client.keepalive {
-        let _ = socket2::SockRef::from(&tcp).set_tcp_keepalive(k);
+        let _ = k.apply(&socket2::SockRef::from(&tcp));
     }
     if backend.client_address == ClientAddress::ProxyV2 {
         // A probe is the proxy's own connection: LOCAL, so the backend does not take it for a

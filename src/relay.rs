@@ -97,9 +97,8 @@ struct Direction {
     /// The last byte written was not a line end: a line (or a literal, or a message) is
     /// part-way through at the other end, even when nothing is left in `buf`.
     mid_line: bool,
-    /// Watched (client to backend, with a disconnect spread): whether the last read ended with
-    /// the client's LOGOUT or QUIT, which the backend's close then answers.
-    said_bye: Option<bool>,
+    /// Client to backend (IMAP, or with a disconnect spread): what the client's commands said.
+    commands: Option<Commands>,
     /// IMAP, backend to client: the literal the client is part-way through, if any.
     literals: Option<Literals>,
     bytes: u64,
@@ -202,8 +201,8 @@ impl Direction {
                         self.refused = cut.is_some();
                         self.pos = 0;
                         self.cap = cut.unwrap_or(n);
-                        if let Some(bye) = &mut self.said_bye {
-                            *bye = ends_with_logout(&rb.filled()[..self.cap]);
+                        if let Some(c) = &mut self.commands {
+                            c.feed(&rb.filled()[..self.cap]);
                         }
                         self.bulk |= n == len;
                         *active = true;
@@ -289,18 +288,49 @@ impl Literals {
     }
 }
 
-/// Whether `bytes` end with a LOGOUT (IMAP, after its tag) or QUIT (POP3, SMTP) command line.
-fn ends_with_logout(bytes: &[u8]) -> bool {
-    let Some(body) = bytes.strip_suffix(b"\n") else { return false };
-    let body = body.strip_suffix(b"\r").unwrap_or(body);
-    let line = body.rsplit(|&b| b == b'\n').next().unwrap_or(body);
-    let mut words = line.split(|&b| b == b' ').filter(|w| !w.is_empty());
-    let (first, second, third) = (words.next(), words.next(), words.next());
-    let bye = |w: &[u8]| w.eq_ignore_ascii_case(b"LOGOUT") || w.eq_ignore_ascii_case(b"QUIT");
-    match (first, second, third) {
-        (Some(cmd), None, None) | (Some(_), Some(cmd), None) => bye(cmd),
-        _ => false,
+/// What the client's last command line said, as far as the relay needs to know (client to
+/// backend; only the end of each read is looked at, so an upload costs nothing more).
+#[derive(Debug, Default, Clone, Copy)]
+struct Commands {
+    imap: bool,
+    /// The last read ended with LOGOUT (IMAP, after its tag) or QUIT (POP3, SMTP): the
+    /// backend's close answers it.
+    said_bye: bool,
+    /// IMAP `COMPRESS DEFLATE` (RFC 4978) was sent: from its OK on both ways are compressed,
+    /// and no line end or literal can be told in them, so the client is always taken to be
+    /// part-way through a reply (no goodbye is written into the compressed stream).
+    compressed: bool,
+}
+
+impl Commands {
+    /// With what the client pipelined after its login command (already on its way).
+    fn new(imap: bool, pipelined: &[u8]) -> Commands {
+        let mut c = Commands { imap, ..Commands::default() };
+        c.feed(pipelined);
+        c
     }
+
+    fn feed(&mut self, bytes: &[u8]) {
+        let mut words = last_line(bytes).split(|&b| b == b' ').filter(|w| !w.is_empty());
+        let (first, second, third) = (words.next(), words.next(), words.next());
+        let rest = words.next();
+        let is = |w: Option<&[u8]>, what: &[u8]| w.is_some_and(|w| w.eq_ignore_ascii_case(what));
+        self.said_bye = if self.imap {
+            first.is_some() && is(second, b"LOGOUT") && third.is_none()
+        } else {
+            is(first, b"QUIT") && second.is_none()
+        };
+        if self.imap && first.is_some() && is(second, b"COMPRESS") && is(third, b"DEFLATE") && rest.is_none() {
+            self.compressed = true;
+        }
+    }
+}
+
+/// The last command line `bytes` end with, without its line end (empty if they do not end one).
+fn last_line(bytes: &[u8]) -> &[u8] {
+    let Some(body) = bytes.strip_suffix(b"\n") else { return &[] };
+    let body = body.strip_suffix(b"\r").unwrap_or(body);
+    memchr::memrchr(b'\n', body).map_or(body, |i| &body[i + 1..])
 }
 
 /// Asked when the backend ends a session whose client is still connected: how long to keep the
@@ -383,7 +413,8 @@ where
         backend,
         up: Direction {
             guard,
-            said_bye: d.backend_close_hold.is_some().then_some(false),
+            commands: (start.imap || d.backend_close_hold.is_some())
+                .then(|| Commands::new(start.imap, &start.to_backend)),
             ..Direction::seeded(start.to_backend)
         },
         down: Direction {
@@ -415,8 +446,10 @@ where
     // Backend bytes not yet written, or a write that ended inside a line or an IMAP literal (a
     // message's lines end in LF too): a big FETCH or RETR is often written whole each read, so
     // the buffer alone would say "between replies" while the client is in the middle of one.
-    let mid_reply =
-        r.down.pos < r.down.cap || r.down.mid_line || r.down.literals.as_ref().is_some_and(Literals::inside);
+    let mid_reply = r.down.pos < r.down.cap
+        || r.down.mid_line
+        || r.down.literals.as_ref().is_some_and(Literals::inside)
+        || r.up.commands.is_some_and(|c| c.compressed);
     (end, Transferred { client_to_backend: r.up.bytes, backend_to_client: r.down.bytes, mid_reply })
 }
 
@@ -460,7 +493,7 @@ impl<C: ?Sized, B: ?Sized> Relay<'_, C, B> {
         }
         // An answer to the client's LOGOUT or QUIT (which the client waits for) is neither held
         // nor counted as one of a failure's closes.
-        let answered = self.up.said_bye == Some(true);
+        let answered = self.up.commands.is_some_and(|c| c.said_bye);
         let hold = if answered { Duration::ZERO } else { self.hold.take().map_or(Duration::ZERO, |h| h()) };
         if hold.is_zero() {
             self.down.hold_close = false;
@@ -747,9 +780,6 @@ mod tests {
         assert!(t.mid_reply && t.backend_to_client == 64, "{t:?}");
     }
 
-    /// Shutdown while a reply is part-way through, with everything read so far written (the
-    /// backend is slow to send the rest of a literal): the relay says mid-reply, so no goodbye
-    /// line lands inside the literal. Between replies it does not.
     /// Literals are followed across writes, whatever the cut: a header split between two
     /// writes, a literal written a byte at a time, long lines that are not headers.
     #[test]
@@ -810,15 +840,41 @@ mod tests {
     }
 
     #[test]
-    fn a_logout_or_quit_line_is_recognised() {
-        for yes in [&b"a LOGOUT\r\n"[..], b"x1 logout\n", b"QUIT\r\n", b"quit\r\n", b"b NOOP\r\nc LOGOUT\r\n"] {
-            assert!(ends_with_logout(yes), "{:?}", String::from_utf8_lossy(yes));
+    fn logout_quit_and_compress_are_recognised() {
+        let said_bye = |imap: bool, bytes: &[u8]| Commands::new(imap, bytes).said_bye;
+        for yes in [&b"a LOGOUT\r\n"[..], b"x1 logout\n", b"b NOOP\r\nc LOGOUT\r\n"] {
+            assert!(said_bye(true, yes), "{:?}", String::from_utf8_lossy(yes));
         }
-        for no in [&b"a LOGOUT"[..], b"a NOOP\r\n", b"a SELECT LOGOUT\r\n", b"a LOGOUT\r\nb NOOP\r\n", b"\r\n", b""] {
-            assert!(!ends_with_logout(no), "{:?}", String::from_utf8_lossy(no));
+        for yes in [&b"QUIT\r\n"[..], b"quit\r\n", b"RSET\r\nQUIT\r\n"] {
+            assert!(said_bye(false, yes), "{:?}", String::from_utf8_lossy(yes));
         }
+        for no in [
+            &b"a LOGOUT"[..],
+            b"a NOOP\r\n",
+            b"a SELECT LOGOUT\r\n",
+            b"a LOGOUT\r\nb NOOP\r\n",
+            b"LOGOUT\r\n",
+            b"\r\n",
+            b"",
+        ] {
+            assert!(!said_bye(true, no), "{:?}", String::from_utf8_lossy(no));
+        }
+        for no in [&b"HELP QUIT\r\n"[..], b"VRFY logout\r\n", b"a QUIT\r\n", b"QUIT"] {
+            assert!(!said_bye(false, no), "{:?}", String::from_utf8_lossy(no));
+        }
+        let mut c = Commands::new(true, b"");
+        c.feed(b"a SELECT INBOX\r\n");
+        assert!(!c.compressed);
+        c.feed(b"z compress deflate\r\n");
+        assert!(c.compressed);
+        c.feed(b"garbage");
+        assert!(c.compressed, "for the rest of the session");
+        assert!(!Commands::new(false, b"a COMPRESS DEFLATE\r\n").compressed, "IMAP only");
     }
 
+    /// Shutdown while a reply is part-way through, with everything read so far written (the
+    /// backend is slow to send the rest of a literal): the relay says mid-reply, so no goodbye
+    /// line lands inside the literal. Between replies it does not.
     #[tokio::test]
     async fn a_reply_written_up_to_mid_line_counts_as_mid_reply() {
         for (sent, mid) in [
@@ -829,7 +885,7 @@ mod tests {
             (b"* 1 FETCH (BODY[] {20}\r\n", true),
             (b"* 1 FETCH (BODY[] {20}\r\nFrom: a\r\nTo: b\r\n", true),
             (b"* 1 FETCH (BINARY[] ~{3}\r\n\n\n", true),
-            (b"* 1 FETCH (BODY[] {10}\r\nFrom: a\r\n)\r\na OK done\r\n", false),
+            (b"* 1 FETCH (BODY[] {9}\r\nFrom: a\r\n)\r\na OK done\r\n", false),
             (b"* 1 FETCH (BODY[] {0}\r\n)\r\n", false),
         ] {
             let (mut client_app, mut client_proxy) = duplex(4096);

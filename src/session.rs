@@ -214,8 +214,10 @@ pub async fn run(mut ctx: SessionCtx, mut tcp: TcpStream) {
             // Briefly: a client that has stopped reading must not hold the session (and its
             // backend connection and slots) open past its end. Without a goodbye the client's
             // side is still closed properly (TLS close_notify) after what the backend sent,
-            // unless the relay did (an ordinary close) or the client is what failed.
-            if goodbye.is_some() || !matches!(end, "closed" | "client_error") {
+            // unless the relay did (an ordinary close), the client is what failed, or the
+            // client is part-way through a reply: that one is cut off, and a clean TLS close
+            // would hide the truncation from it.
+            if goodbye.is_some() || !(bytes.mid_reply || matches!(end, "closed" | "client_error")) {
                 let _ = tokio::time::timeout(GOODBYE_TIMEOUT, async {
                     if let Some(goodbye) = goodbye {
                         let _ = a.client.write_all(goodbye).await;

@@ -159,14 +159,35 @@ impl Limits {
     /// vanished without a FIN (a phone out of coverage, a NAT that forgot the mapping) then
     /// frees its session and its backend connection within minutes, not at `idle_timeout`,
     /// and the probes keep middleboxes from forgetting quiet sessions.
-    pub fn tcp_keepalive(&self) -> Option<socket2::TcpKeepalive> {
+    pub fn tcp_keepalive(&self) -> Option<Keepalive> {
         let time = self.tcp_keepalive?;
-        Some(
-            socket2::TcpKeepalive::new()
+        let interval = time.min(Duration::from_secs(30));
+        Some(Keepalive {
+            probes: socket2::TcpKeepalive::new()
                 .with_time(time)
-                .with_interval(time.min(Duration::from_secs(30)))
+                .with_interval(interval)
                 .with_retries(TCP_KEEPALIVE_PROBES),
-        )
+            give_up: time + interval * TCP_KEEPALIVE_PROBES,
+        })
+    }
+}
+
+/// TCP keepalive for one socket (`Limits::tcp_keepalive`).
+#[derive(Debug, Clone)]
+pub struct Keepalive {
+    probes: socket2::TcpKeepalive,
+    /// TCP_USER_TIMEOUT: as long as the probes take. Linux sends no probe while data it sent is
+    /// unacknowledged, and a session with a vanished client has such data whenever the backend
+    /// speaks (Dovecot's IDLE "still here" every 2 minutes): without it, retransmissions would
+    /// hold the connection for about 15 minutes. Also applies to a peer that keeps its window
+    /// shut this long.
+    pub give_up: Duration,
+}
+
+impl Keepalive {
+    pub fn apply(&self, s: &socket2::SockRef<'_>) -> std::io::Result<()> {
+        s.set_tcp_keepalive(&self.probes)?;
+        s.set_tcp_user_timeout(Some(self.give_up))
     }
 }
 

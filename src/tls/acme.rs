@@ -706,11 +706,19 @@ impl CertTask {
                 let bytes = std::fs::read(from).map_err(|e| format!("{}: {e}", from.display()))?;
                 write_private(to, &bytes)
             });
-        match copied {
+        // Checked again as copied: the other label's files could have changed in between (an
+        // interrupted write being completed). A pair that does not load is not left behind.
+        match copied.and_then(|()| match read_pair(&cert, &key, &self.spec) {
+            Some(_) => Ok(()),
+            None => Err("the copied pair does not load".to_string()),
+        }) {
             Ok(()) => {
                 tracing::info!(certificate = %self.label, from = %other, "ACME: took over the stored RSA certificate of this certificate's previous label")
             }
             Err(e) => {
+                for f in [&cert, &key] {
+                    let _ = std::fs::remove_file(f);
+                }
                 tracing::warn!(certificate = %self.label, from = %other, error = %e, "ACME: cannot take over the stored RSA certificate of this certificate's previous label")
             }
         }

@@ -168,11 +168,11 @@ impl CertStore {
     pub fn install_acme(&self, label: &str, names: &[String], key: Arc<CertifiedKey>, placeholder: bool) {
         let entry =
             AcmeEntry { label: label.to_string(), names: names.to_vec(), not_after: not_after(&key), key, placeholder };
-        let order = self.acme_order.load();
         self.acme.rcu(|current| {
             let mut next: Vec<AcmeEntry> = current.iter().filter(|e| e.label != label).cloned().collect();
             next.push(entry.clone());
-            in_config_order(&mut next, &order);
+            // Read inside, so an install racing a reload's new order is sorted again by it.
+            in_config_order(&mut next, &self.acme_order.load());
             next
         });
     }
@@ -181,13 +181,14 @@ impl CertStore {
     /// one, or `[acme]` altogether, stops serving it), in the order `labels` has, the config's.
     pub fn retain_acme(&self, labels: &[&str]) {
         let order: Vec<String> = labels.iter().map(|l| l.to_string()).collect();
+        // Stored first: an install from now on sorts by it.
+        self.acme_order.store(Arc::new(order.clone()));
         self.acme.rcu(|current| {
             let mut next: Vec<AcmeEntry> =
                 current.iter().filter(|e| labels.contains(&e.label.as_str())).cloned().collect();
             in_config_order(&mut next, &order);
             next
         });
-        self.acme_order.store(Arc::new(order));
     }
 
     /// The ACME certificate installed under `label`, if any.
@@ -235,14 +236,20 @@ impl CertStore {
             let configured = || {
                 maps.exact.get(&name).or_else(|| name.split_once('.').and_then(|(_, parent)| maps.wildcard.get(parent)))
             };
+            // A configured certificate for the name itself before an ACME wildcard, as a name's
+            // own entry comes before a wildcard's among files (a customer's own certificate under
+            // the host's wildcard): one that is in date and that the client can use, and not the
+            // generated self-signed one.
+            let own_file = |ck: &&Arc<CertifiedKey>| {
+                !maps.generated.as_ref().is_some_and(|g| Arc::ptr_eq(ck, g))
+                    && not_after(ck).is_none_or(|t| t > crate::app::unix_now())
+                    && hello.is_none_or(|h| h.accepts(ck))
+            };
             if let Some((_, false, false)) = &acme
                 && let Some(own) = maps.exact.get(&name)
-                && !own.iter().all(|ck| maps.generated.as_ref().is_some_and(|g| Arc::ptr_eq(ck, g)))
+                && let Some(file) = usable(own.iter().filter(own_file), |ck: &Arc<CertifiedKey>| &**ck, hello)
             {
-                // A configured certificate for the name itself before an ACME wildcard, as a
-                // name's own entry comes before a wildcard's among files (a customer's own
-                // certificate under the host's wildcard).
-                return pick(own, hello);
+                return Some(file.clone());
             }
             if let Some((k, false, _)) = &acme {
                 // A client that can use no ACME certificate for the name (an RSA-only device, an
@@ -755,6 +762,34 @@ mod tests {
         store.install_acme("*.example.org", &["*.example.org".into()], wildcard.clone(), false);
         assert!(store.lookup(Some("mail.example.org")).unwrap().cert[0] == file.cert[0]);
         assert!(store.lookup(Some("pop.example.org")).unwrap().cert[0] == wildcard.cert[0]);
+        // A client that cannot use the file's key type gets the wildcard (the file is ECDSA,
+        // the wildcard here RSA).
+        let rsa_key = rcgen::KeyPair::generate_for(&rcgen::PKCS_RSA_SHA256).unwrap();
+        let rsa_cert =
+            rcgen::CertificateParams::new(vec!["*.example.org".to_string()]).unwrap().self_signed(&rsa_key).unwrap();
+        let rsa_wildcard = Arc::new(
+            CertifiedKey::from_der(
+                vec![rsa_cert.der().clone()],
+                PrivateKeyDer::try_from(rsa_key.serialize_der()).unwrap(),
+                &rustls::crypto::aws_lc_rs::default_provider(),
+            )
+            .unwrap(),
+        );
+        store.install_acme("*.example.org", &["*.example.org".into()], rsa_wildcard.clone(), false);
+        assert!(store.lookup_for(Some("mail.example.org"), Some(&RSA_ONLY)).unwrap().cert[0] == rsa_wildcard.cert[0]);
+        assert!(store.lookup_for(Some("mail.example.org"), Some(&MODERN)).unwrap().cert[0] == file.cert[0]);
+        // An expired file does not hide an issued wildcard.
+        let dir = tempfile::tempdir().unwrap();
+        let old = pair(dir.path(), "old", &rcgen::PKCS_ECDSA_P256_SHA256, &["mail.example.org"], 0);
+        let key = rcgen::KeyPair::generate().unwrap();
+        let mut params = rcgen::CertificateParams::new(vec!["mail.example.org".to_string()]).unwrap();
+        params.not_before = rcgen::date_time_ymd(2020, 1, 1);
+        params.not_after = rcgen::date_time_ymd(2021, 1, 1);
+        std::fs::write(&old.cert, params.self_signed(&key).unwrap().pem()).unwrap();
+        std::fs::write(&old.key, key.serialize_pem()).unwrap();
+        let expired = CertStore::load(&tls_settings(vec![old], &[])).unwrap();
+        expired.install_acme("*.example.org", &["*.example.org".into()], wildcard.clone(), false);
+        assert!(expired.lookup(Some("mail.example.org")).unwrap().cert[0] == wildcard.cert[0]);
         // An ACME certificate for the name itself still comes first.
         let exact = self_signed(&["mail.example.org".to_string()]).unwrap();
         store.install_acme("mail.example.org", &["mail.example.org".into()], exact.clone(), false);
