@@ -298,7 +298,9 @@ struct Commands {
     said_bye: bool,
     /// IMAP `COMPRESS DEFLATE` (RFC 4978) was sent: from its OK on both ways are compressed,
     /// and no line end or literal can be told in them, so the client is always taken to be
-    /// part-way through a reply (no goodbye is written into the compressed stream).
+    /// part-way through a reply (no goodbye is written into the compressed stream). Also when
+    /// the backend refused it: such a session only goes without goodbyes. A LOGOUT cannot be
+    /// seen once compressed either, so a backend's close after one may be held.
     compressed: bool,
 }
 
@@ -437,12 +439,6 @@ where
     if r.up_failed && end == RelayEnd::Closed {
         end = RelayEnd::BackendError;
     }
-    if r.held_end.is_some() {
-        // The held direction never shut the client's side down: do it now (TLS close_notify),
-        // briefly, as an ordinary close would have.
-        use tokio::io::AsyncWriteExt;
-        let _ = tokio::time::timeout(Duration::from_secs(1), r.client.shutdown()).await;
-    }
     // Backend bytes not yet written, or a write that ended inside a line or an IMAP literal (a
     // message's lines end in LF too): a big FETCH or RETR is often written whole each read, so
     // the buffer alone would say "between replies" while the client is in the middle of one.
@@ -450,6 +446,13 @@ where
         || r.down.mid_line
         || r.down.literals.as_ref().is_some_and(Literals::inside)
         || r.up.commands.is_some_and(|c| c.compressed);
+    if r.held_end.is_some() && !mid_reply {
+        // The held direction never shut the client's side down: do it now (TLS close_notify),
+        // briefly, as an ordinary close would have. Not after a reply cut off part-way (a
+        // backend that failed inside a literal): a clean close would hide the truncation.
+        use tokio::io::AsyncWriteExt;
+        let _ = tokio::time::timeout(Duration::from_secs(1), r.client.shutdown()).await;
+    }
     (end, Transferred { client_to_backend: r.up.bytes, backend_to_client: r.down.bytes, mid_reply })
 }
 

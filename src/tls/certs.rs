@@ -48,6 +48,9 @@ pub struct CertMaps {
     generated_default: bool,
     /// The generated self-signed certificate (`tls.self_signed_names`), if any.
     generated: Option<Arc<CertifiedKey>>,
+    /// Each configured certificate's end of validity (Unix seconds), by its address: read once
+    /// here rather than parsed again in handshakes.
+    not_after: HashMap<usize, i64>,
     /// `tls.strict_sni`: an unknown name gets no certificate (the handshake fails).
     strict_sni: bool,
     /// What each configured pair was loaded from, to keep a good pair when its files break.
@@ -242,7 +245,7 @@ impl CertStore {
             // generated self-signed one.
             let own_file = |ck: &&Arc<CertifiedKey>| {
                 !maps.generated.as_ref().is_some_and(|g| Arc::ptr_eq(ck, g))
-                    && not_after(ck).is_none_or(|t| t > crate::app::unix_now())
+                    && maps.not_after.get(&(Arc::as_ptr(ck) as usize)).is_none_or(|t| *t > crate::app::unix_now())
                     && hello.is_none_or(|h| h.accepts(ck))
             };
             if let Some((_, false, false)) = &acme
@@ -488,6 +491,9 @@ fn self_signed_key(names: &[String]) -> (PathBuf, PathBuf) {
 }
 
 fn add(maps: &mut CertMaps, spec: &CertSpec, ck: Arc<CertifiedKey>) {
+    if let Some(t) = not_after(&ck) {
+        maps.not_after.insert(Arc::as_ptr(&ck) as usize, t);
+    }
     for name in &spec.names {
         serve(served_mut(maps, name), &ck);
     }
