@@ -637,7 +637,7 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
-    use tokio::io::{AsyncReadExt, AsyncWriteExt, duplex};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt, DuplexStream, duplex};
 
     /// Poll one direction until it waits for more input.
     async fn copy_until_idle(d: &mut Direction, r: &mut tokio::io::DuplexStream, w: &mut tokio::io::DuplexStream) {
@@ -1094,6 +1094,55 @@ mod tests {
         assert!(tokio::time::timeout(Duration::from_secs(1), &mut r).await.is_err(), "held, not ended");
         assert_eq!(r.held_end, Some(RelayEnd::BackendError));
         assert!(r.down.buf.is_none() && r.up.buf.is_none());
+    }
+
+    /// A client held after its backend went (the disconnect spread) gets close_notify when the
+    /// hold ends between replies, and none when the backend went part-way through a literal:
+    /// a clean close would hide the truncation.
+    #[tokio::test]
+    async fn a_held_client_cut_off_inside_a_literal_gets_no_clean_close() {
+        use std::sync::Arc;
+        use std::sync::atomic::{AtomicBool, Ordering};
+        struct Recording(DuplexStream, Arc<AtomicBool>);
+        impl AsyncRead for Recording {
+            fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, b: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+                Pin::new(&mut self.0).poll_read(cx, b)
+            }
+        }
+        impl AsyncWrite for Recording {
+            fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, b: &[u8]) -> Poll<io::Result<usize>> {
+                Pin::new(&mut self.0).poll_write(cx, b)
+            }
+            fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+                Pin::new(&mut self.0).poll_flush(cx)
+            }
+            fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+                self.1.store(true, Ordering::SeqCst);
+                Pin::new(&mut self.0).poll_shutdown(cx)
+            }
+        }
+        for (sent, clean) in [(&b"* 1 FETCH (BODY[] {20}\r\n0123\r\n"[..], false), (b"* BYE going away\r\n", true)] {
+            let (mut client_app, client_proxy) = duplex(4096);
+            let (mut backend_proxy, mut backend_app) = duplex(4096);
+            let shut = Arc::new(AtomicBool::new(false));
+            let mut client = Recording(client_proxy, shut.clone());
+            let d = Deadlines {
+                idle: Duration::from_secs(60),
+                backend_close_hold: Some(Box::new(|| Duration::from_millis(100))),
+                ..Deadlines::default()
+            };
+            let task = tokio::spawn(async move {
+                let start = Start { imap: true, ..Start::default() };
+                relay_from(&mut client, &mut backend_proxy, d, Meters::default(), None, start).await
+            });
+            backend_app.write_all(sent).await.unwrap();
+            let mut got = vec![0u8; sent.len()];
+            client_app.read_exact(&mut got).await.unwrap();
+            drop(backend_app);
+            let (_, t) = tokio::time::timeout(Duration::from_secs(5), task).await.unwrap().unwrap();
+            assert_eq!(t.mid_reply, !clean, "{:?}", String::from_utf8_lossy(sent));
+            assert_eq!(shut.load(Ordering::SeqCst), clean, "{:?}", String::from_utf8_lossy(sent));
+        }
     }
 
     /// Reliability case 50 after login: the guard's cut is where the relay stops writing, and
