@@ -875,6 +875,29 @@ mod tests {
         assert!(!Commands::new(false, b"a COMPRESS DEFLATE\r\n").compressed, "IMAP only");
     }
 
+    /// An IMAP relay between `client` and a new backend stream, once the backend has sent
+    /// `sent` and the client's end (`client_app`) has read all of it: the relay's task, and the
+    /// backend's end.
+    async fn imap_relay_after<C>(
+        mut client: C,
+        client_app: &mut DuplexStream,
+        d: Deadlines,
+        sent: &[u8],
+    ) -> (tokio::task::JoinHandle<(RelayEnd, Transferred)>, DuplexStream)
+    where
+        C: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
+        let (mut backend_proxy, mut backend_app) = duplex(4096);
+        let task = tokio::spawn(async move {
+            let start = Start { imap: true, ..Start::default() };
+            relay_from(&mut client, &mut backend_proxy, d, Meters::default(), None, start).await
+        });
+        backend_app.write_all(sent).await.unwrap();
+        let mut got = vec![0u8; sent.len()];
+        client_app.read_exact(&mut got).await.unwrap();
+        (task, backend_app)
+    }
+
     /// Shutdown while a reply is part-way through, with everything read so far written (the
     /// backend is slow to send the rest of a literal): the relay says mid-reply, so no goodbye
     /// line lands inside the literal. Between replies it does not.
@@ -891,21 +914,14 @@ mod tests {
             (b"* 1 FETCH (BODY[] {9}\r\nFrom: a\r\n)\r\na OK done\r\n", false),
             (b"* 1 FETCH (BODY[] {0}\r\n)\r\n", false),
         ] {
-            let (mut client_app, mut client_proxy) = duplex(4096);
-            let (mut backend_proxy, mut backend_app) = duplex(4096);
+            let (mut client_app, client_proxy) = duplex(4096);
             let stop = CancellationToken::new();
             let d = Deadlines {
                 idle: Duration::from_secs(60),
                 shutdown: Some((stop.clone(), Duration::from_millis(50))),
                 ..Deadlines::default()
             };
-            let task = tokio::spawn(async move {
-                let start = Start { imap: true, ..Start::default() };
-                relay_from(&mut client_proxy, &mut backend_proxy, d, Meters::default(), None, start).await
-            });
-            backend_app.write_all(sent).await.unwrap();
-            let mut got = vec![0u8; sent.len()];
-            client_app.read_exact(&mut got).await.unwrap();
+            let (task, _backend_app) = imap_relay_after(client_proxy, &mut client_app, d, sent).await;
             stop.cancel();
             let (end, t) = tokio::time::timeout(Duration::from_secs(5), task).await.unwrap().unwrap();
             assert_eq!(end, RelayEnd::Stopped);
@@ -1123,21 +1139,14 @@ mod tests {
         }
         for (sent, clean) in [(&b"* 1 FETCH (BODY[] {20}\r\n0123\r\n"[..], false), (b"* BYE going away\r\n", true)] {
             let (mut client_app, client_proxy) = duplex(4096);
-            let (mut backend_proxy, mut backend_app) = duplex(4096);
             let shut = Arc::new(AtomicBool::new(false));
-            let mut client = Recording(client_proxy, shut.clone());
+            let client = Recording(client_proxy, shut.clone());
             let d = Deadlines {
                 idle: Duration::from_secs(60),
                 backend_close_hold: Some(Box::new(|| Duration::from_millis(100))),
                 ..Deadlines::default()
             };
-            let task = tokio::spawn(async move {
-                let start = Start { imap: true, ..Start::default() };
-                relay_from(&mut client, &mut backend_proxy, d, Meters::default(), None, start).await
-            });
-            backend_app.write_all(sent).await.unwrap();
-            let mut got = vec![0u8; sent.len()];
-            client_app.read_exact(&mut got).await.unwrap();
+            let (task, backend_app) = imap_relay_after(client, &mut client_app, d, sent).await;
             drop(backend_app);
             let (_, t) = tokio::time::timeout(Duration::from_secs(5), task).await.unwrap().unwrap();
             assert_eq!(t.mid_reply, !clean, "{:?}", String::from_utf8_lossy(sent));

@@ -648,6 +648,17 @@ mod tests {
 
     /// A certificate for `names` with a new key of `alg`, written as `NAME.pem`/`NAME.key` in
     /// `dir`, and its spec as the config would give it (index `i`).
+    /// A self-signed RSA certificate for `names`, as an ACME one of that key type would be.
+    fn rsa_self_signed(names: &[String]) -> Arc<CertifiedKey> {
+        let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_RSA_SHA256).unwrap();
+        let cert = rcgen::CertificateParams::new(names.to_vec()).unwrap().self_signed(&key).unwrap();
+        let der = PrivateKeyDer::try_from(key.serialize_der()).unwrap();
+        Arc::new(
+            CertifiedKey::from_der(vec![cert.der().clone()], der, &rustls::crypto::aws_lc_rs::default_provider())
+                .unwrap(),
+        )
+    }
+
     fn pair(dir: &Path, name: &str, alg: &'static rcgen::SignatureAlgorithm, names: &[&str], i: usize) -> CertSpec {
         let key = rcgen::KeyPair::generate_for(alg).unwrap();
         let names: Vec<String> = names.iter().map(|n| n.to_string()).collect();
@@ -770,17 +781,7 @@ mod tests {
         assert!(store.lookup(Some("pop.example.org")).unwrap().cert[0] == wildcard.cert[0]);
         // A client that cannot use the file's key type gets the wildcard (the file is ECDSA,
         // the wildcard here RSA).
-        let rsa_key = rcgen::KeyPair::generate_for(&rcgen::PKCS_RSA_SHA256).unwrap();
-        let rsa_cert =
-            rcgen::CertificateParams::new(vec!["*.example.org".to_string()]).unwrap().self_signed(&rsa_key).unwrap();
-        let rsa_wildcard = Arc::new(
-            CertifiedKey::from_der(
-                vec![rsa_cert.der().clone()],
-                PrivateKeyDer::try_from(rsa_key.serialize_der()).unwrap(),
-                &rustls::crypto::aws_lc_rs::default_provider(),
-            )
-            .unwrap(),
-        );
+        let rsa_wildcard = rsa_self_signed(&["*.example.org".to_string()]);
         store.install_acme("*.example.org", &["*.example.org".into()], rsa_wildcard.clone(), false);
         assert!(store.lookup_for(Some("mail.example.org"), Some(&RSA_ONLY)).unwrap().cert[0] == rsa_wildcard.cert[0]);
         assert!(store.lookup_for(Some("mail.example.org"), Some(&MODERN)).unwrap().cert[0] == file.cert[0]);
@@ -829,16 +830,7 @@ mod tests {
         // one it can use, whichever was installed first, with SNI and (no default configured
         // but a generated one) without.
         let store = CertStore::load(&tls_settings(Vec::new(), &["localhost"])).unwrap();
-        let rsa_key = rcgen::KeyPair::generate_for(&rcgen::PKCS_RSA_SHA256).unwrap();
-        let rsa_cert = rcgen::CertificateParams::new(names.clone()).unwrap().self_signed(&rsa_key).unwrap();
-        let rsa_issued = Arc::new(
-            CertifiedKey::from_der(
-                vec![rsa_cert.der().clone()],
-                PrivateKeyDer::try_from(rsa_key.serialize_der()).unwrap(),
-                &rustls::crypto::aws_lc_rs::default_provider(),
-            )
-            .unwrap(),
-        );
+        let rsa_issued = rsa_self_signed(&names);
         store.install_acme("mail.example.org+rsa", &names, rsa_issued.clone(), false);
         store.install_acme("mail.example.org", &names, issued.clone(), false);
         for name in [Some("imap.example.org"), None] {
