@@ -87,8 +87,6 @@ struct Direction {
     hold_close: bool,
     /// EOF was read and everything before it written; the shutdown is held back.
     held: bool,
-    /// Checks what this direction reads before it is written (client to backend, SMTP).
-    guard: Option<CommandGuard>,
     /// The guard refused what was read: what came before it is written, then the copy ends.
     refused: bool,
     /// `buf` holds bytes the session had before the relay began (`Start`), sized to them: once
@@ -104,6 +102,15 @@ struct Direction {
     bytes: u64,
     /// How much of `bytes` the meter has been given.
     reported: u64,
+}
+
+/// What a direction does with the session's `CommandGuard` (SMTP).
+enum Guarded<'a> {
+    None,
+    /// Client to backend: check what is read before it is written.
+    Scan(&'a mut CommandGuard),
+    /// Backend to client: show it the replies as they are written.
+    Replies(&'a mut CommandGuard),
 }
 
 enum Side {
@@ -130,6 +137,7 @@ impl Direction {
         mut r: Pin<&mut R>,
         mut w: Pin<&mut W>,
         active: &mut bool,
+        mut guard: Guarded<'_>,
     ) -> Poll<Result<(), (Side, io::Error)>>
     where
         R: AsyncRead + ?Sized,
@@ -150,6 +158,9 @@ impl Direction {
                 self.mid_line = buf[self.pos + n - 1] != b'\n';
                 if let Some(l) = &mut self.literals {
                     l.feed(&buf[self.pos..self.pos + n]);
+                }
+                if let Guarded::Replies(g) = &mut guard {
+                    g.replied(&buf[self.pos..self.pos + n]);
                 }
                 self.pos += n;
                 self.bytes += n as u64;
@@ -197,7 +208,10 @@ impl Direction {
                     if n == 0 {
                         self.read_done = true;
                     } else {
-                        let cut = self.guard.as_mut().and_then(|g| g.scan(rb.filled()));
+                        let cut = match &mut guard {
+                            Guarded::Scan(g) => g.scan(rb.filled()),
+                            _ => None,
+                        };
                         self.refused = cut.is_some();
                         self.pos = 0;
                         self.cap = cut.unwrap_or(n);
@@ -413,8 +427,8 @@ where
     let mut r = Relay {
         client,
         backend,
+        guard,
         up: Direction {
-            guard,
             commands: (start.imap || d.backend_close_hold.is_some())
                 .then(|| Commands::new(start.imap, &start.to_backend)),
             ..Direction::seeded(start.to_backend)
@@ -463,6 +477,8 @@ struct Relay<'a, C: ?Sized, B: ?Sized> {
     backend: &'a mut B,
     up: Direction,
     down: Direction,
+    /// SMTP: checks what the client sends, following the backend's replies.
+    guard: Option<CommandGuard>,
     idle: Duration,
     sleep: Pin<Box<Sleep>>,
     max_end: Option<Instant>,
@@ -572,7 +588,9 @@ where
             return this.poll_held(cx, end);
         }
         let mut active = false;
-        let mut up = this.up.poll_copy(cx, Pin::new(&mut *this.client), Pin::new(&mut *this.backend), &mut active);
+        let scan = this.guard.as_mut().map_or(Guarded::None, Guarded::Scan);
+        let mut up =
+            this.up.poll_copy(cx, Pin::new(&mut *this.client), Pin::new(&mut *this.backend), &mut active, scan);
         if let Poll::Ready(Err((Side::Writer, _))) = up {
             // The backend stopped taking bytes (it closed, and our write met its RST): what it
             // sent before still goes to the client (reliability case 69), so this direction
@@ -593,7 +611,9 @@ where
                 Side::Guard => RelayEnd::Refused,
             });
         }
-        let mut down = this.down.poll_copy(cx, Pin::new(&mut *this.backend), Pin::new(&mut *this.client), &mut active);
+        let replies = this.guard.as_mut().map_or(Guarded::None, Guarded::Replies);
+        let mut down =
+            this.down.poll_copy(cx, Pin::new(&mut *this.backend), Pin::new(&mut *this.client), &mut active, replies);
         if let Poll::Ready(Err((Side::Reader, _))) = down
             && this.down.hold_close
             && this.hold_client(RelayEnd::BackendError)
@@ -602,7 +622,9 @@ where
             down = Poll::Pending;
         } else if down.is_pending() && this.down.held && !this.hold_client(RelayEnd::Closed) {
             // No hold after all: shut the client's side down as without a spread.
-            down = this.down.poll_copy(cx, Pin::new(&mut *this.backend), Pin::new(&mut *this.client), &mut active);
+            // (Everything read was written: the guard has seen it.)
+            let (backend, client) = (Pin::new(&mut *this.backend), Pin::new(&mut *this.client));
+            down = this.down.poll_copy(cx, backend, client, &mut active, Guarded::None);
         }
         if let Poll::Ready(Err((side, _))) = down {
             return Poll::Ready(match side {
@@ -643,7 +665,7 @@ mod tests {
     async fn copy_until_idle(d: &mut Direction, r: &mut tokio::io::DuplexStream, w: &mut tokio::io::DuplexStream) {
         let mut active = false;
         std::future::poll_fn(|cx| {
-            assert!(d.poll_copy(cx, Pin::new(&mut *r), Pin::new(&mut *w), &mut active).is_pending());
+            assert!(d.poll_copy(cx, Pin::new(&mut *r), Pin::new(&mut *w), &mut active, Guarded::None).is_pending());
             Poll::Ready(())
         })
         .await;
@@ -1096,6 +1118,7 @@ mod tests {
             backend: &mut backend,
             up: Direction::default(),
             down: Direction { hold_close: true, bulk: true, ..Direction::default() },
+            guard: None,
             hold: Some(Box::new(|| Duration::from_secs(60))),
             held_end: None,
             up_failed: false,
@@ -1179,6 +1202,36 @@ mod tests {
         let mut rest = Vec::new();
         backend_app.read_to_end(&mut rest).await.unwrap();
         assert_eq!(rest, b"RSET\r\n");
+    }
+
+    /// The guard sees the backend's replies as the relay writes them (the login's first): after
+    /// the 354 a message's line that looks like XCLIENT reaches the backend, after the message's
+    /// end the command does not.
+    #[tokio::test]
+    async fn the_guard_lets_message_text_through_after_the_backends_354() {
+        let (mut client_app, mut client_proxy) = duplex(1024);
+        let (mut backend_proxy, mut backend_app) = duplex(1024);
+        let d = Deadlines { idle: Duration::from_secs(5), ..Deadlines::default() };
+        let start = Start { to_client: b"235 2.7.0 ok\r\n".to_vec(), ..Start::default() };
+        let task = tokio::spawn(async move {
+            let guard = Some(CommandGuard::default());
+            relay_from(&mut client_proxy, &mut backend_proxy, d, Meters::default(), guard, start).await
+        });
+        async fn exchange(from: &mut DuplexStream, to: &mut DuplexStream, bytes: &[u8]) {
+            from.write_all(bytes).await.unwrap();
+            let mut got = vec![0u8; bytes.len()];
+            to.read_exact(&mut got).await.unwrap();
+            assert_eq!(got, bytes);
+        }
+        let mut login = [0u8; 14];
+        client_app.read_exact(&mut login).await.unwrap();
+        exchange(&mut client_app, &mut backend_app, b"MAIL FROM:<a@b>\r\nRCPT TO:<c@d>\r\nDATA\r\n").await;
+        exchange(&mut backend_app, &mut client_app, b"250 Ok\r\n250 Ok\r\n354 go\r\n").await;
+        exchange(&mut client_app, &mut backend_app, b"XCLIENT LOGIN=x\r\n.\r\n").await;
+        exchange(&mut backend_app, &mut client_app, b"250 Ok: queued\r\n").await;
+        client_app.write_all(b"XCLIENT LOGIN=x\r\n").await.unwrap();
+        let (end, t) = task.await.unwrap();
+        assert_eq!((end, t.client_to_backend), (RelayEnd::Refused, 58));
     }
 
     /// Reliability case 60.

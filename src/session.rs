@@ -206,7 +206,7 @@ pub async fn run(mut ctx: SessionCtx, mut tcp: TcpStream) {
                 }
                 "refused_command" => {
                     tracing::warn!(session = %ctx.id, client = %ctx.peer, user = %logging::safe_user(Some(&a.user)),
-                        "client sent XCLIENT, XFORWARD, BDAT or STARTTLS after login (or a message line starting so); session closed");
+                        "client sent XCLIENT, XFORWARD, BDAT or STARTTLS after login; session closed");
                     (!bytes.mid_reply).then(|| crate::protocol::goodbye(ctx.listener.protocol, Goodbye::RefusedCommand))
                 }
                 _ => None,

@@ -530,8 +530,7 @@ def test_client_xclient_after_login_never_reaches_postfix(mail_proxy):
     for i, (name, stream) in enumerate(streams.items()):
         with submission_login(mail_proxy) as s:
             s.send(stream + forged_transaction(f"forged-proxy-{i}"))
-            lines = s.read_to_close(10).split(b"\r\n")
-            assert b"421 4.7.0 Command not allowed after login, closing connection" in lines, (name, lines)
+            assert_refused(s.read_to_close(10), name)
     # A message sent after them arrives on its own (with the real login); none of theirs did.
     with submission_login(mail_proxy) as s:
         s.send(forged_transaction("forged-after").replace(b"EHLO forged.example\r\n", b"").replace(
@@ -548,7 +547,6 @@ def test_client_starttls_after_login_never_reaches_a_postfix_that_offers_it(mail
     """Relayed, a client's STARTTLS to a backend that offers it would start TLS between the
     client and the backend inside the proxy's session, and the guard against XCLIENT and BDAT
     (case 50) would see only ciphertext from then on."""
-    from acme_servers import make_ca
     pf = mail_proxy.postfix
     # Postfix without TLS does not offer it: the line goes through and Postfix refuses it.
     with submission_login(mail_proxy) as s:
@@ -556,11 +554,7 @@ def test_client_starttls_after_login_never_reaches_a_postfix_that_offers_it(mail
         expect_reply(s, b"502")
         s.send(b"NOOP\r\n")
         expect_reply(s, b"250")
-    _, cert, key = make_ca(str(tmp_path))
-    tls = ["smtpd_tls_cert_file", "smtpd_tls_key_file", "smtpd_tls_security_level"]
-    postfix_reconfigure(pf, set=[f"smtpd_tls_cert_file={cert}", f"smtpd_tls_key_file={key}",
-                                 "smtpd_tls_security_level=may"])
-    try:
+    with postfix_offering_starttls(pf, tmp_path):
         # Now, from the proxy's address and after XCLIENT's login, Postfix would start TLS.
         with postfix_login(pf) as c:
             c.send(b"STARTTLS\r\n")
@@ -569,8 +563,65 @@ def test_client_starttls_after_login_never_reaches_a_postfix_that_offers_it(mail
         for stream in (b"STARTTLS\r\n", b"NOOP\r\n starttls\n"):
             with submission_login(mail_proxy) as s:
                 s.send(stream)
-                lines = s.read_to_close(10).split(b"\r\n")
-                assert b"421 4.7.0 Command not allowed after login, closing connection" in lines, (stream, lines)
-                assert not any(l.startswith(b"220") for l in lines), lines
+                assert_refused(s.read_to_close(10), stream)
+
+
+@contextlib.contextmanager
+def postfix_offering_starttls(pf, tmp_path):
+    """The test Postfix with a certificate, so that it offers STARTTLS (to the proxy too)."""
+    from acme_servers import make_ca
+    _, cert, key = make_ca(str(tmp_path))
+    tls = ["smtpd_tls_cert_file", "smtpd_tls_key_file", "smtpd_tls_security_level"]
+    postfix_reconfigure(pf, set=[f"smtpd_tls_cert_file={cert}", f"smtpd_tls_key_file={key}",
+                                 "smtpd_tls_security_level=may"])
+    try:
+        yield
     finally:
         postfix_reconfigure(pf, remove=tls)
+
+
+def assert_refused(closing, what):
+    """`closing`: what the proxy sent up to its close; it must end the session with the guard's
+    421 and no reply from Postfix to the refused line (a 220 to STARTTLS, say)."""
+    lines = closing.split(b"\r\n")
+    assert b"421 4.7.0 Command not allowed after login, closing connection" in lines, (what, lines)
+    assert not any(l.startswith(b"220") for l in lines), lines
+
+
+# Lines a message may hold (a pasted SMTP transcript) that are refused as commands.
+LOOK_ALIKE_LINES = (
+    f"XCLIENT LOGIN={FORGED} ADDR=6.6.6.6\r\n xforward ADDR=6.6.6.6\r\nBDAT 2 LAST\r\nSTARTTLS\r\n"
+    f"\tStartTLS\r\nDATA\r\n..XCLIENT dot-stuffed\r\n").encode()
+
+
+def test_message_lines_that_look_like_refused_commands_are_delivered_as_sent(mail_proxy, tmp_path):
+    """The guard follows Postfix's replies: after the 354 that answers DATA it lets message text
+    through, whatever its lines start with, and after the message's end it refuses commands
+    again, also after an end-of-data look-alike Postfix takes for the end (case 46)."""
+    pf = mail_proxy.postfix
+    envelope = f"MAIL FROM:<{DEMO[0]}>\r\nRCPT TO:<{DEMO[0]}>\r\nDATA\r\n".encode()
+    head = (f"From: {DEMO[0]}\r\nTo: {DEMO[0]}\r\nSubject: transcript\r\n"
+            f"Message-ID: <lookalike@e2e.example.test>\r\n\r\n").encode()
+    with postfix_offering_starttls(pf, tmp_path):
+        with submission_login(mail_proxy) as s:
+            s.send(envelope)
+            assert [reply(s)[:3] for _ in range(3)] == [b"250", b"250", b"354"]
+            s.send(head + LOOK_ALIKE_LINES + b"end\r\n.\r\n")
+            expect_reply(s, b"250")
+            # The session goes on, with commands checked again.
+            s.send(b"NOOP\r\n")
+            expect_reply(s, b"250")
+            s.send(f"XCLIENT LOGIN={FORGED}\r\n".encode())
+            assert_refused(s.read_to_close(10), "XCLIENT after the message")
+        data = delivered_with(pf, "lookalike")
+        # Byte for byte (Postfix undoes the dot-stuffing), with the real login.
+        assert body_of(data) == LOOK_ALIKE_LINES.replace(b"\r\n..", b"\r\n.") + b"end\r\n", data
+        assert b"(Authenticated sender: demo@example.test)" in data
+        # \n.\n after the 354 ends the message for Postfix 3.7 (see the smuggling test), and for
+        # the guard: the XCLIENT after it is refused.
+        with submission_login(mail_proxy) as s:
+            s.send(envelope)
+            assert [reply(s)[:3] for _ in range(3)] == [b"250", b"250", b"354"]
+            s.send(head.replace(b"lookalike@", b"smuggler@") + b"text\n.\n"
+                   + f"XCLIENT LOGIN={FORGED}\r\n".encode())
+            assert_refused(s.read_to_close(10), "XCLIENT after \\n.\\n")
