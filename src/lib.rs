@@ -7,7 +7,7 @@
 //! - `app`: the running proxy: swapped runtime snapshot, listeners, reload, shutdown.
 //! - `config`: file format, validated model, reload watcher.
 //! - `tls`: server/client TLS configs, the SNI certificate store, plain-or-TLS streams.
-//! - `session`: accept → [TLS] → front end → auth → route → backend login → relay.
+//! - `session`: accept → (TLS) → front end → auth → route → backend login → relay.
 //! - `protocol`: IMAP, POP3 and SMTP front ends and backend logins, SASL decoding, line framing.
 //! - `backend`: connect, PROXY v2, TLS/STARTTLS toward backends, bounded reply lines.
 //! - `auth`: credential verification (passwd-file hashes, or backend-verified).

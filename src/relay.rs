@@ -17,6 +17,8 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::time::{Instant, Sleep};
 use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 
+use crate::config::Protocol;
+use crate::protocol::pop3::responses::Responses;
 use crate::protocol::smtp::guard::CommandGuard;
 
 /// Per-direction copy buffer, allocated only while data moves: commands and short replies fit
@@ -97,20 +99,71 @@ struct Direction {
     mid_line: bool,
     /// Client to backend (IMAP, or with a disconnect spread): what the client's commands said.
     commands: Option<Commands>,
-    /// IMAP, backend to client: the literal the client is part-way through, if any.
-    literals: Option<Literals>,
     bytes: u64,
     /// How much of `bytes` the meter has been given.
     reported: u64,
 }
 
-/// What a direction does with the session's `CommandGuard` (SMTP).
-enum Guarded<'a> {
+/// What the relay follows of the protocol after login: where the backend's replies end (so
+/// that a goodbye is never written inside one) and, for SMTP, what the client may send.
+enum Follow {
     None,
-    /// Client to backend: check what is read before it is written.
-    Scan(&'a mut CommandGuard),
-    /// Backend to client: show it the replies as they are written.
-    Replies(&'a mut CommandGuard),
+    /// The literal the client is part-way through, if any.
+    Imap(Literals),
+    /// Which responses are multi-line, and whether the client is inside one.
+    Pop3(Responses),
+    /// The guard: checks what the client sends, following the backend's replies.
+    Smtp(CommandGuard),
+}
+
+impl Follow {
+    /// Client bytes, read and not yet written: `Some(n)` if only `bytes[..n]` may go on (SMTP's
+    /// guard refused what follows).
+    fn client_read(&mut self, bytes: &[u8]) -> Option<usize> {
+        match self {
+            Follow::Smtp(guard) => guard.scan(bytes),
+            Follow::Pop3(responses) => {
+                responses.sent(bytes);
+                None
+            }
+            Follow::Imap(_) | Follow::None => None,
+        }
+    }
+
+    /// Backend bytes, read and not yet written. SMTP's guard sees them now: a reply that ends
+    /// a message's text must count before the client sends more, even one the client has not
+    /// read yet.
+    fn backend_read(&mut self, bytes: &[u8]) {
+        if let Follow::Smtp(guard) = self {
+            guard.replied(bytes);
+        }
+    }
+
+    /// Backend bytes, written to the client: where the client is in the replies.
+    fn backend_written(&mut self, bytes: &[u8]) {
+        match self {
+            Follow::Imap(literals) => literals.feed(bytes),
+            Follow::Pop3(responses) => responses.written(bytes),
+            Follow::Smtp(_) | Follow::None => {}
+        }
+    }
+
+    /// The client is part-way through a reply, though the last byte written ended a line.
+    fn inside_reply(&self) -> bool {
+        match self {
+            Follow::Imap(literals) => literals.inside(),
+            Follow::Pop3(responses) => responses.inside(),
+            Follow::Smtp(guard) => guard.inside_reply(),
+            Follow::None => false,
+        }
+    }
+}
+
+/// Whose bytes a direction carries, for `Follow`.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum From {
+    Client,
+    Backend,
 }
 
 enum Side {
@@ -137,7 +190,8 @@ impl Direction {
         mut r: Pin<&mut R>,
         mut w: Pin<&mut W>,
         active: &mut bool,
-        mut guard: Guarded<'_>,
+        follow: &mut Follow,
+        from: From,
     ) -> Poll<Result<(), (Side, io::Error)>>
     where
         R: AsyncRead + ?Sized,
@@ -156,11 +210,8 @@ impl Direction {
                     return Poll::Ready(Err((Side::Writer, io::ErrorKind::WriteZero.into())));
                 }
                 self.mid_line = buf[self.pos + n - 1] != b'\n';
-                if let Some(l) = &mut self.literals {
-                    l.feed(&buf[self.pos..self.pos + n]);
-                }
-                if let Guarded::Replies(g) = &mut guard {
-                    g.replied(&buf[self.pos..self.pos + n]);
+                if from == From::Backend {
+                    follow.backend_written(&buf[self.pos..self.pos + n]);
                 }
                 self.pos += n;
                 self.bytes += n as u64;
@@ -208,9 +259,12 @@ impl Direction {
                     if n == 0 {
                         self.read_done = true;
                     } else {
-                        let cut = match &mut guard {
-                            Guarded::Scan(g) => g.scan(rb.filled()),
-                            _ => None,
+                        let cut = match from {
+                            From::Client => follow.client_read(rb.filled()),
+                            From::Backend => {
+                                follow.backend_read(rb.filled());
+                                None
+                            }
                         };
                         self.refused = cut.is_some();
                         self.pos = 0;
@@ -375,9 +429,10 @@ pub struct Deadlines {
 pub struct Start {
     pub to_client: Vec<u8>,
     pub to_backend: Vec<u8>,
-    /// The backend speaks IMAP: its replies carry literals (`{N}` CRLF, then N octets of a
-    /// message), inside which a line end is not the end of a reply.
-    pub imap: bool,
+    /// The protocol spoken, for where its replies end: IMAP's carry literals (`{N}` CRLF, then
+    /// N octets of a message), POP3's multi-line responses end at a dot line, in both a line
+    /// end is not the end of a reply. None: bytes only.
+    pub protocol: Option<Protocol>,
 }
 
 impl Direction {
@@ -424,20 +479,30 @@ where
         Some((token, grace)) => (Some(Box::pin(token.cancelled_owned())), grace),
         None => (None, Duration::ZERO),
     };
+    let imap = start.protocol == Some(Protocol::Imap);
+    let follow = match (guard, start.protocol) {
+        (Some(mut guard), _) => {
+            // The login reply, the first bytes the client gets, is not read in the relay.
+            guard.replied(&start.to_client);
+            Follow::Smtp(guard)
+        }
+        (None, Some(Protocol::Imap)) => Follow::Imap(Literals::default()),
+        (None, Some(Protocol::Pop3)) => {
+            let mut responses = Responses::default();
+            responses.sent(&start.to_backend);
+            Follow::Pop3(responses)
+        }
+        (None, _) => Follow::None,
+    };
     let mut r = Relay {
         client,
         backend,
-        guard,
+        follow,
         up: Direction {
-            commands: (start.imap || d.backend_close_hold.is_some())
-                .then(|| Commands::new(start.imap, &start.to_backend)),
+            commands: (imap || d.backend_close_hold.is_some()).then(|| Commands::new(imap, &start.to_backend)),
             ..Direction::seeded(start.to_backend)
         },
-        down: Direction {
-            hold_close: d.backend_close_hold.is_some(),
-            literals: start.imap.then(Literals::default),
-            ..Direction::seeded(start.to_client)
-        },
+        down: Direction { hold_close: d.backend_close_hold.is_some(), ..Direction::seeded(start.to_client) },
         hold: d.backend_close_hold,
         held_end: None,
         up_failed: false,
@@ -453,12 +518,13 @@ where
     if r.up_failed && end == RelayEnd::Closed {
         end = RelayEnd::BackendError;
     }
-    // Backend bytes not yet written, or a write that ended inside a line or an IMAP literal (a
-    // message's lines end in LF too): a big FETCH or RETR is often written whole each read, so
-    // the buffer alone would say "between replies" while the client is in the middle of one.
+    // Backend bytes not yet written, or a write that ended inside a line, an IMAP literal or a
+    // POP3 multi-line response (a message's lines end in LF too): a big FETCH or RETR is often
+    // written whole each read, so the buffer alone would say "between replies" while the client
+    // is in the middle of one.
     let mid_reply = r.down.pos < r.down.cap
         || r.down.mid_line
-        || r.down.literals.as_ref().is_some_and(Literals::inside)
+        || r.follow.inside_reply()
         || r.up.commands.is_some_and(|c| c.compressed);
     if r.held_end.is_some() && !mid_reply {
         // The held direction never shut the client's side down: do it now (TLS close_notify),
@@ -477,8 +543,8 @@ struct Relay<'a, C: ?Sized, B: ?Sized> {
     backend: &'a mut B,
     up: Direction,
     down: Direction,
-    /// SMTP: checks what the client sends, following the backend's replies.
-    guard: Option<CommandGuard>,
+    /// What is followed of the protocol (SMTP's guard among it).
+    follow: Follow,
     idle: Duration,
     sleep: Pin<Box<Sleep>>,
     max_end: Option<Instant>,
@@ -588,9 +654,8 @@ where
             return this.poll_held(cx, end);
         }
         let mut active = false;
-        let scan = this.guard.as_mut().map_or(Guarded::None, Guarded::Scan);
-        let mut up =
-            this.up.poll_copy(cx, Pin::new(&mut *this.client), Pin::new(&mut *this.backend), &mut active, scan);
+        let (client, backend) = (Pin::new(&mut *this.client), Pin::new(&mut *this.backend));
+        let mut up = this.up.poll_copy(cx, client, backend, &mut active, &mut this.follow, From::Client);
         if let Poll::Ready(Err((Side::Writer, _))) = up {
             // The backend stopped taking bytes (it closed, and our write met its RST): what it
             // sent before still goes to the client (reliability case 69), so this direction
@@ -611,9 +676,8 @@ where
                 Side::Guard => RelayEnd::Refused,
             });
         }
-        let replies = this.guard.as_mut().map_or(Guarded::None, Guarded::Replies);
-        let mut down =
-            this.down.poll_copy(cx, Pin::new(&mut *this.backend), Pin::new(&mut *this.client), &mut active, replies);
+        let (backend, client) = (Pin::new(&mut *this.backend), Pin::new(&mut *this.client));
+        let mut down = this.down.poll_copy(cx, backend, client, &mut active, &mut this.follow, From::Backend);
         if let Poll::Ready(Err((Side::Reader, _))) = down
             && this.down.hold_close
             && this.hold_client(RelayEnd::BackendError)
@@ -622,9 +686,8 @@ where
             down = Poll::Pending;
         } else if down.is_pending() && this.down.held && !this.hold_client(RelayEnd::Closed) {
             // No hold after all: shut the client's side down as without a spread.
-            // (Everything read was written: the guard has seen it.)
             let (backend, client) = (Pin::new(&mut *this.backend), Pin::new(&mut *this.client));
-            down = this.down.poll_copy(cx, backend, client, &mut active, Guarded::None);
+            down = this.down.poll_copy(cx, backend, client, &mut active, &mut this.follow, From::Backend);
         }
         if let Poll::Ready(Err((side, _))) = down {
             return Poll::Ready(match side {
@@ -665,7 +728,8 @@ mod tests {
     async fn copy_until_idle(d: &mut Direction, r: &mut tokio::io::DuplexStream, w: &mut tokio::io::DuplexStream) {
         let mut active = false;
         std::future::poll_fn(|cx| {
-            assert!(d.poll_copy(cx, Pin::new(&mut *r), Pin::new(&mut *w), &mut active, Guarded::None).is_pending());
+            let (r, w) = (Pin::new(&mut *r), Pin::new(&mut *w));
+            assert!(d.poll_copy(cx, r, w, &mut active, &mut Follow::None, From::Backend).is_pending());
             Poll::Ready(())
         })
         .await;
@@ -897,21 +961,22 @@ mod tests {
         assert!(!Commands::new(false, b"a COMPRESS DEFLATE\r\n").compressed, "IMAP only");
     }
 
-    /// An IMAP relay between `client` and a new backend stream, once the backend has sent
-    /// `sent` and the client's end (`client_app`) has read all of it: the relay's task, and the
-    /// backend's end.
-    async fn imap_relay_after<C>(
+    /// A relay of `protocol` between `client` and a new backend stream, the client's commands
+    /// `pipelined` (as after its login), once the backend has sent `sent` and the client's end
+    /// (`client_app`) has read all of it: the relay's task, and the backend's end.
+    async fn relay_after<C>(
+        protocol: Protocol,
         mut client: C,
         client_app: &mut DuplexStream,
         d: Deadlines,
-        sent: &[u8],
+        (pipelined, sent): (&[u8], &[u8]),
     ) -> (tokio::task::JoinHandle<(RelayEnd, Transferred)>, DuplexStream)
     where
         C: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
         let (mut backend_proxy, mut backend_app) = duplex(4096);
+        let start = Start { protocol: Some(protocol), to_backend: pipelined.to_vec(), ..Start::default() };
         let task = tokio::spawn(async move {
-            let start = Start { imap: true, ..Start::default() };
             relay_from(&mut client, &mut backend_proxy, d, Meters::default(), None, start).await
         });
         backend_app.write_all(sent).await.unwrap();
@@ -943,11 +1008,37 @@ mod tests {
                 shutdown: Some((stop.clone(), Duration::from_millis(50))),
                 ..Deadlines::default()
             };
-            let (task, _backend_app) = imap_relay_after(client_proxy, &mut client_app, d, sent).await;
+            let (task, _backend_app) = relay_after(Protocol::Imap, client_proxy, &mut client_app, d, (b"", sent)).await;
             stop.cancel();
             let (end, t) = tokio::time::timeout(Duration::from_secs(5), task).await.unwrap().unwrap();
             assert_eq!(end, RelayEnd::Stopped);
             assert_eq!(t.mid_reply, mid, "{:?}", String::from_utf8_lossy(sent));
+        }
+    }
+
+    /// The same for POP3: inside a multi-line response (a RETR whose message lines so far end
+    /// in LF) the relay says mid-reply; after its final dot, or after a one-line response, not.
+    #[tokio::test]
+    async fn a_pop3_multi_line_response_counts_as_mid_reply_up_to_its_dot() {
+        let login = "+OK Logged in.\r\n";
+        for (pipelined, sent, mid) in [
+            (&b"RETR 1\r\n"[..], format!("{login}+OK 20 octets\r\nFrom: a\r\n"), true),
+            (b"RETR 1\r\n", format!("{login}+OK 20 octets\r\nFrom: a\r\n\r\ntext\r\n.\r\n"), false),
+            (b"DELE 1\r\nLIST\r\n", format!("{login}+OK Marked to be deleted.\r\n+OK\r\n"), true),
+            (b"DELE 1\r\nLIST 2\r\n", format!("{login}+OK Marked to be deleted.\r\n+OK 2 40\r\n"), false),
+        ] {
+            let (mut client_app, client_proxy) = duplex(4096);
+            let stop = CancellationToken::new();
+            let d = Deadlines {
+                idle: Duration::from_secs(60),
+                shutdown: Some((stop.clone(), Duration::from_millis(50))),
+                ..Deadlines::default()
+            };
+            let (task, _backend_app) =
+                relay_after(Protocol::Pop3, client_proxy, &mut client_app, d, (pipelined, sent.as_bytes())).await;
+            stop.cancel();
+            let (end, t) = tokio::time::timeout(Duration::from_secs(5), task).await.unwrap().unwrap();
+            assert_eq!((end, t.mid_reply), (RelayEnd::Stopped, mid), "{sent:?}");
         }
     }
 
@@ -1118,7 +1209,7 @@ mod tests {
             backend: &mut backend,
             up: Direction::default(),
             down: Direction { hold_close: true, bulk: true, ..Direction::default() },
-            guard: None,
+            follow: Follow::None,
             hold: Some(Box::new(|| Duration::from_secs(60))),
             held_end: None,
             up_failed: false,
@@ -1169,7 +1260,7 @@ mod tests {
                 backend_close_hold: Some(Box::new(|| Duration::from_millis(100))),
                 ..Deadlines::default()
             };
-            let (task, backend_app) = imap_relay_after(client, &mut client_app, d, sent).await;
+            let (task, backend_app) = relay_after(Protocol::Imap, client, &mut client_app, d, (b"", sent)).await;
             drop(backend_app);
             let (_, t) = tokio::time::timeout(Duration::from_secs(5), task).await.unwrap().unwrap();
             assert_eq!(t.mid_reply, !clean, "{:?}", String::from_utf8_lossy(sent));

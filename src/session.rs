@@ -76,8 +76,6 @@ struct Authenticated {
     /// `max_sessions_per_user` while it lives; taken by the backend close hold, which gives them
     /// back when the backend goes.
     slots: Option<(SessionGuard, crate::limits::UserSlot)>,
-    /// SMTP: the backend offered STARTTLS on this connection (so a client's must not reach it).
-    backend_starttls: bool,
     /// The protocol's goodbye, for a shutdown that outlasts the grace period.
     goodbye: &'static [u8],
     /// For the access log: how the client logged in, and its TLS version and cipher suite.
@@ -194,8 +192,8 @@ pub async fn run(mut ctx: SessionCtx, mut tcp: TcpStream) {
             };
             // XCLIENT and XFORWARD are the proxy's to send (reliability case 50, after login), and
             // a STARTTLS to the backend would hide what follows from the guard.
-            let guard = (ctx.listener.protocol == Protocol::Smtp).then(|| CommandGuard::new(a.backend_starttls));
-            let (end, bytes) = relay_session(&mut a, protocol, deadlines, guard).await;
+            let guard = (ctx.listener.protocol == Protocol::Smtp).then(CommandGuard::default);
+            let (end, bytes) = relay_session(&mut a, ctx.listener.protocol, deadlines, guard).await;
             let goodbye = match end {
                 // Not inside a reply the client is still reading (it would become part of a
                 // literal): then the connection just closes.
@@ -206,7 +204,7 @@ pub async fn run(mut ctx: SessionCtx, mut tcp: TcpStream) {
                 }
                 "refused_command" => {
                     tracing::warn!(session = %ctx.id, client = %ctx.peer, user = %logging::safe_user(Some(&a.user)),
-                        "client sent XCLIENT, XFORWARD, BDAT or STARTTLS after login; session closed");
+                        "client sent XCLIENT, XFORWARD, BDAT or STARTTLS after login (or a line the guard could not tell from one); session closed");
                     (!bytes.mid_reply).then(|| crate::protocol::goodbye(ctx.listener.protocol, Goodbye::RefusedCommand))
                 }
                 _ => None,
@@ -332,10 +330,11 @@ fn header_checks_out(header: &proxy_header::ProxyHeader<'_>) -> bool {
 
 async fn relay_session(
     a: &mut Authenticated,
-    protocol: &str,
+    spoken: Protocol,
     deadlines: relay::Deadlines,
     mut guard: Option<CommandGuard>,
 ) -> (&'static str, Transferred) {
+    let protocol = spoken.as_str();
     // The login reply goes to the client, and what it pipelined after its login command to the
     // backend, inside the relay: bounded by its deadlines (a client that reads nothing, a
     // shutdown) and counted like the rest.
@@ -357,7 +356,7 @@ async fn relay_session(
         let t = Transferred { backend_to_client: sent, mid_reply: !whole, ..Transferred::default() };
         return (relay::RelayEnd::Refused.as_str(), t);
     }
-    let start = relay::Start { to_client, to_backend, imap: protocol == "imap" };
+    let start = relay::Start { to_client, to_backend, protocol: Some(spoken) };
     // Bytes reach relayed_bytes_total as they move, so long sessions (IDLE, big FETCHes) show
     // in throughput graphs while they last rather than all at once when they end.
     let relayed = &metrics().relayed_bytes;
@@ -594,9 +593,7 @@ async fn preauth(ctx: &SessionCtx, tcp: TcpStream, deadline: Instant) -> Result<
                 let _ = stream.write_all(too_long).await;
                 return Err(Outcome::PreAuth(CloseReason::LineTooLong.as_str()));
             };
-            let mut backend_starttls = false;
             if let Some(exts) = logged_in.extensions.take() {
-                backend_starttls = crate::protocol::smtp::back::has(&exts, "STARTTLS");
                 ctx.ehlo.update(&backend_name, &exts, guard.dynamic());
             }
             tracing::debug!(session = %ctx.id, backend = %backend_name, mechanism = req.mechanism.as_str(), "login ok");
@@ -610,7 +607,6 @@ async fn preauth(ctx: &SessionCtx, tcp: TcpStream, deadline: Instant) -> Result<
                 backend_name,
                 pipelined,
                 slots: Some((guard, user_slot)),
-                backend_starttls,
                 goodbye,
                 login,
             });

@@ -63,12 +63,12 @@ class POP3SSLFrom(poplib.POP3_SSL):
         return self.context.wrap_socket(s, server_hostname=self.host)
 
 
-def delivered_with(postfix, tag, timeout=10.0):
-    """The delivered file holding Message-ID <tag@...>."""
+def delivered_with(postfix, tag, timeout=10.0, user=DEMO[0]):
+    """The delivered file holding Message-ID <tag@...>, in `user`'s mailbox."""
     found = []
 
     def look():
-        for path in postfix.delivered(DEMO[0]):
+        for path in postfix.delivered(user):
             with open(path, "rb") as f:
                 data = f.read()
             if f"<{tag}@e2e.example.test>".encode() in data:
@@ -543,24 +543,24 @@ def test_client_xclient_after_login_never_reaches_postfix(mail_proxy):
             assert b"forged-proxy-" not in f.read()
 
 
-def test_client_starttls_after_login_never_reaches_a_postfix_that_offers_it(mail_proxy, tmp_path):
-    """Relayed, a client's STARTTLS to a backend that offers it would start TLS between the
+def test_client_starttls_after_login_never_reaches_postfix(mail_proxy, tmp_path):
+    """Relayed, a client's STARTTLS to a backend that takes it would start TLS between the
     client and the backend inside the proxy's session, and the guard against XCLIENT and BDAT
-    (case 50) would see only ciphertext from then on."""
+    (case 50) would see only ciphertext from then on. Refused whether or not the backend offers
+    it, also when a NUL ends the verb (Postfix reads a command line as a C string)."""
     pf = mail_proxy.postfix
-    # Postfix without TLS does not offer it: the line goes through and Postfix refuses it.
+    streams = (b"STARTTLS\r\n", b"NOOP\r\n starttls\n", b"STARTTLS\0 x\r\n")
     with submission_login(mail_proxy) as s:
         s.send(b"STARTTLS\r\n")
-        expect_reply(s, b"502")
-        s.send(b"NOOP\r\n")
-        expect_reply(s, b"250")
+        assert_refused(s.read_to_close(10), "STARTTLS to a Postfix that does not offer it")
     with postfix_offering_starttls(pf, tmp_path):
         # Now, from the proxy's address and after XCLIENT's login, Postfix would start TLS.
-        with postfix_login(pf) as c:
-            c.send(b"STARTTLS\r\n")
-            expect_reply(c, b"220")
+        for stream in (b"STARTTLS\r\n", b"STARTTLS\0 x\r\n"):
+            with postfix_login(pf) as c:
+                c.send(stream)
+                expect_reply(c, b"220")
         # Through the proxy (whose backend leg is plaintext here): refused, the session closed.
-        for stream in (b"STARTTLS\r\n", b"NOOP\r\n starttls\n"):
+        for stream in streams:
             with submission_login(mail_proxy) as s:
                 s.send(stream)
                 assert_refused(s.read_to_close(10), stream)
@@ -599,8 +599,8 @@ def test_message_lines_that_look_like_refused_commands_are_delivered_as_sent(mai
     through, whatever its lines start with, and after the message's end it refuses commands
     again, also after an end-of-data look-alike Postfix takes for the end (case 46)."""
     pf = mail_proxy.postfix
-    envelope = f"MAIL FROM:<{DEMO[0]}>\r\nRCPT TO:<{DEMO[0]}>\r\nDATA\r\n".encode()
-    head = (f"From: {DEMO[0]}\r\nTo: {DEMO[0]}\r\nSubject: transcript\r\n"
+    envelope = f"MAIL FROM:<{DEMO[0]}>\r\nRCPT TO:<{SMUGGLE_RCPT}>\r\nDATA\r\n".encode()
+    head = (f"From: {DEMO[0]}\r\nTo: {SMUGGLE_RCPT}\r\nSubject: transcript\r\n"
             f"Message-ID: <lookalike@e2e.example.test>\r\n\r\n").encode()
     with postfix_offering_starttls(pf, tmp_path):
         with submission_login(mail_proxy) as s:
@@ -613,7 +613,7 @@ def test_message_lines_that_look_like_refused_commands_are_delivered_as_sent(mai
             expect_reply(s, b"250")
             s.send(f"XCLIENT LOGIN={FORGED}\r\n".encode())
             assert_refused(s.read_to_close(10), "XCLIENT after the message")
-        data = delivered_with(pf, "lookalike")
+        data = delivered_with(pf, "lookalike", user=SMUGGLE_RCPT)
         # Byte for byte (Postfix undoes the dot-stuffing), with the real login.
         assert body_of(data) == LOOK_ALIKE_LINES.replace(b"\r\n..", b"\r\n.") + b"end\r\n", data
         assert b"(Authenticated sender: demo@example.test)" in data

@@ -6,10 +6,12 @@
 //! forged address.
 //!
 //! So the guard refuses every command line that a server could read as one of these commands:
-//! after a CR or LF (or at the start), any blanks, the verb in any case, then a blank or a line
-//! end. Blanks are what Postfix's tokenizer splits words on (C's `isspace`: space, tab, VT, FF,
-//! and a CR that does not end the line, which Postfix keeps), so `XCLIENT\x0bLOGIN=x` and
-//! `XCLIENT\rLOGIN=x` are refused like `XCLIENT LOGIN=x`.
+//! after a CR or LF (or at the start), any blanks, the verb in any case, then a line end or any
+//! byte that cannot go on a word (anything but a letter or digit). Blanks are what Postfix's
+//! tokenizer splits words on (C's `isspace`: space, tab, VT, FF, and a CR that does not end the
+//! line, which Postfix keeps), so `XCLIENT\x0bLOGIN=x` and `XCLIENT\rLOGIN=x` are refused like
+//! `XCLIENT LOGIN=x`; and Postfix reads a line as a C string, so a NUL ends it: `STARTTLS\0` is
+//! a STARTTLS to Postfix, and refused here.
 //!
 //! BDAT is refused the same way. Its chunk is a byte count, and the server reads its next
 //! command where the count ends, in the middle of a line if the client wants: `BDAT 2 LAST`,
@@ -17,39 +19,45 @@
 //! end-to-end test shows it). The guard does not follow chunks: the proxy never offers CHUNKING
 //! (`ehlo.rs`), clients send DATA, and one that sends BDAT anyway has its session ended.
 //!
-//! STARTTLS is refused the same way when the backend offered it on the proxy's connection (a
-//! plaintext one: a server does not offer it again inside TLS). Relayed, it would start a TLS
+//! STARTTLS is refused the same way. Relayed to a backend that takes it, it would start a TLS
 //! session between the client and the backend, inside the client's session with the proxy, and
 //! from then on the guard would see only ciphertext: XCLIENT, XFORWARD and BDAT would pass
-//! unseen.
+//! unseen. Whether the backend takes it cannot be known from its EHLO to the proxy (Postfix can
+//! offer different extensions per client address, which XCLIENT changes), and a client already
+//! inside TLS has no use for it.
 //!
 //! **Message text is not refused**, so a message may hold a line such as `XCLIENT LOGIN=x` (a
-//! pasted SMTP transcript). The guard treats the client's bytes as text only where it is certain
-//! the backend does too, and as commands everywhere else:
+//! pasted SMTP transcript). The guard takes the client's bytes for text only where the backend's
+//! replies say the backend does too, and for commands everywhere else:
 //! - It counts the command lines the backend was sent (a line ends at LF, as in Postfix) and the
-//!   replies it sent back (final lines: a code and a blank or the line end). SMTP answers every
-//!   command once, in order, so the reply numbered like a command answers it.
+//!   replies it sent back (final lines: a code and a blank or the line end), as the relay reads
+//!   them. SMTP answers every command once, in order, so the reply numbered like a command
+//!   answers it. A server that merges lines answers fewer, which only keeps the guard strict.
 //! - Text begins only where the backend's `354` answers a `DATA` line by that count, and only
 //!   when the client has sent nothing since that line (a client waits for the 354, RFC 5321
 //!   4.1.1.4 and RFC 2920 3.1). So the server is then reading text, from right after that line.
+//!   Bytes that came before the 354 was read were checked as commands.
 //! - Text ends at the first line, ended by a CR or an LF, that is a dot among blanks or NULs:
-//!   every end-of-data look-alike (`\n.\n`, `\r.\r`, SMTP smuggling, cases 46–47) that some
-//!   server might take for the end. What the backend takes for text after such a line is then
-//!   checked as commands, which costs nothing but strictness.
-//! - Whatever could make the counts disagree with the backend's puts the guard in doubt for the
-//!   rest of the session, when it checks everything as commands (as it would without counting):
-//!   a CR not followed by LF in a command (a server may end a line there), a command line longer
-//!   than any real one (a server may cut it in two), a backend line that is not a reply, more
-//!   replies than commands, and a reply while text is being sent (the server may have stopped
-//!   reading it). Bytes sent before a reply was seen are checked as commands, so a race can
-//!   only make the guard stricter.
+//!   every end-of-data look-alike known to be taken for the end by some server (`\n.\n`,
+//!   `\r.\r`, SMTP smuggling, cases 46–47). Where the backend reads on as text, the guard checks
+//!   the rest of the message as commands, and its count is then ahead of the backend's for the
+//!   rest of the session: later messages are checked as commands too. Strictness is all it costs.
+//! - Whatever could make the counts disagree the other way puts the guard in doubt for the rest
+//!   of the session, when it checks everything as commands (as it would without counting): a CR
+//!   not followed by LF in a command (a server may end a line there), a command line over 1000
+//!   octets, a backend line that is not a reply, more replies than commands, and a reply while
+//!   text is being sent (the server may have stopped reading it).
+//!
+//! What is left to the backend: a server that answers in the middle of a message and then reads
+//! commands without closing (none known; RFC 5321 4.1.1.4 has it read to the end) could be sent
+//! a command the client wrote before that reply reached the proxy. A server that cuts an overlong
+//! command line in two and runs the second part (Postfix skips the excess) could be sent a verb
+//! the guard did not see at a line start. Neither can reach Postfix.
 
 /// The verbs the guard knows, one bit each in a guard's set.
 const VERBS: [&[u8]; 5] = [b"XCLIENT", b"XFORWARD", b"BDAT", b"STARTTLS", b"DATA"];
-/// Refused always.
-const ALWAYS: u8 = 0b0_0111;
-/// Refused when the backend offered STARTTLS.
-const STARTTLS: u8 = 0b0_1000;
+/// Refused.
+const REFUSED: u8 = 0b0_1111;
 /// Not refused: its 354 starts a message.
 const DATA: u8 = 0b1_0000;
 /// A command line longer than this puts the guard in doubt. RFC 5321 (4.5.3.1.4) allows 512
@@ -60,8 +68,6 @@ const LONGEST_COMMAND: usize = 1000;
 #[derive(Debug)]
 pub struct CommandGuard {
     state: State,
-    /// The verbs refused (bits of `VERBS`).
-    refused: u8,
     /// The client is sending a message's text, and where in its current line.
     body: Option<Body>,
     /// The last byte scanned was a CR (a command's): an LF must follow.
@@ -78,6 +84,8 @@ pub struct CommandGuard {
     /// The backend's current line: its first bytes, and how many have come.
     reply_head: [u8; 4],
     reply_len: usize,
+    /// The backend's last line went on to another (`250-`): a reply is part-way through.
+    continued: bool,
     /// The counts may no longer match the backend's: text is never followed again.
     doubt: bool,
 }
@@ -104,25 +112,16 @@ enum Body {
     Line,
 }
 
-impl Default for CommandGuard {
-    fn default() -> Self {
-        Self::new(false)
-    }
-}
-
 /// Word separators besides CR and LF (those end a line here, and CR may separate words too).
 fn blank(b: u8) -> bool {
     matches!(b, b' ' | b'\t' | 0x0b | 0x0c)
 }
 
-impl CommandGuard {
-    /// `backend_offers_starttls`: the backend announced STARTTLS on the proxy's connection.
-    pub fn new(backend_offers_starttls: bool) -> Self {
-        let refused = if backend_offers_starttls { ALWAYS | STARTTLS } else { ALWAYS };
+impl Default for CommandGuard {
+    fn default() -> Self {
         // The first byte after login starts a command line.
         Self {
-            state: State::Line { matched: 0, verbs: refused | DATA },
-            refused,
+            state: State::Line { matched: 0, verbs: REFUSED | DATA },
             body: None,
             cr: false,
             data: false,
@@ -132,10 +131,13 @@ impl CommandGuard {
             replies: 0,
             reply_head: [0; 4],
             reply_len: 0,
+            continued: false,
             doubt: false,
         }
     }
+}
 
+impl CommandGuard {
     /// Scan the next bytes the client sent. `Some(n)`: a refused command starts at `bytes[n]`
     /// (or, at 0, began in an earlier read); only `bytes[..n]` may go on, and the session must
     /// end. What went on before holds no line end after the verb, so no server acts on it.
@@ -158,13 +160,13 @@ impl CommandGuard {
                 // The verb followed by a line end (bare), or by a CR that a server may take for a
                 // word separator inside the line.
                 if let State::Line { matched, verbs } = self.state {
-                    match self.complete(matched, verbs) {
+                    match Self::complete(matched, verbs) {
                         Some(true) => return Some(line_start),
                         Some(false) => self.data = true,
                         None => {}
                     }
                 }
-                self.state = State::Line { matched: 0, verbs: self.refused | DATA };
+                self.state = State::Line { matched: 0, verbs: REFUSED | DATA };
                 i += 1;
                 line_start = i;
                 if b == b'\r' {
@@ -189,8 +191,8 @@ impl CommandGuard {
                 }
                 State::Line { matched, verbs } => {
                     let mut next = 0;
-                    if blank(b) {
-                        match self.complete(matched, verbs) {
+                    if !b.is_ascii_alphanumeric() {
+                        match Self::complete(matched, verbs) {
                             Some(true) => return Some(line_start),
                             Some(false) => self.data = true,
                             None => {}
@@ -214,9 +216,9 @@ impl CommandGuard {
 
     /// `matched` letters into `verbs` make a whole verb: Some(true) a refused one, Some(false)
     /// DATA.
-    fn complete(&self, matched: usize, verbs: u8) -> Option<bool> {
+    fn complete(matched: usize, verbs: u8) -> Option<bool> {
         let k = (0..VERBS.len()).find(|&k| verbs & (1 << k) != 0 && VERBS[k].len() == matched)?;
-        Some(self.refused & (1 << k) != 0)
+        Some(REFUSED & (1 << k) != 0)
     }
 
     fn grow_line(&mut self, n: usize) {
@@ -269,7 +271,7 @@ impl CommandGuard {
     fn end_text(&mut self) {
         self.body = None;
         self.sent += 1;
-        self.state = State::Line { matched: 0, verbs: self.refused | DATA };
+        self.state = State::Line { matched: 0, verbs: REFUSED | DATA };
         self.data = false;
         self.after_data = false;
         self.cr = false;
@@ -294,10 +296,16 @@ impl CommandGuard {
         }
     }
 
+    /// The client has part of a multi-line reply, its last line ended.
+    pub fn inside_reply(&self) -> bool {
+        self.continued
+    }
+
     /// The backend's current line has ended.
     fn reply_line(&mut self) {
         let head = &self.reply_head[..self.reply_len.min(4)];
         self.reply_len = 0;
+        self.continued = false;
         let code = head.get(..3).filter(|c| c.iter().all(u8::is_ascii_digit));
         let fin = match head.get(3) {
             None | Some(b' ' | b'\r') => true,
@@ -311,6 +319,7 @@ impl CommandGuard {
             self.doubt = true;
             return;
         };
+        self.continued = !fin;
         if !fin {
             return;
         }
@@ -320,7 +329,7 @@ impl CommandGuard {
             // yet): the backend may be reading commands where the guard would not look.
             self.doubt = true;
             if self.body.take().is_some() {
-                self.state = State::Line { matched: 0, verbs: self.refused | DATA };
+                self.state = State::Line { matched: 0, verbs: REFUSED | DATA };
                 self.line_len = 0;
             }
         } else if code == b"354" && self.after_data && self.replies == self.sent && !self.doubt {
@@ -380,18 +389,24 @@ mod tests {
         assert_eq!(refused(&[b"RSET\r\n", b"  XCLIENT NAME=x\r\n"]), Some((1, 0)));
     }
 
-    /// A STARTTLS to a backend that offers it would take the rest of the session out of the
-    /// guard's sight (reliability case 50): refused then, and only then.
+    /// A STARTTLS would take the rest of the session out of the guard's sight (reliability
+    /// case 50). A NUL ends a line for Postfix (a C string), and any byte that cannot go on a
+    /// word ends the verb here.
     #[test]
-    fn starttls_is_refused_when_the_backend_offers_it() {
-        for (stream, at) in [(&b"STARTTLS\r\n"[..], 0), (b"NOOP\r\n starttls\n", 6), (b"RSET\r\nStartTLS \r\n", 6)] {
-            let mut g = CommandGuard::new(true);
-            assert_eq!(g.scan(stream), Some(at), "{:?}", String::from_utf8_lossy(stream));
-            assert_eq!(CommandGuard::new(false).scan(stream), None);
+    fn starttls_and_verbs_ended_by_any_other_byte_are_refused() {
+        for (stream, at) in [
+            (&b"STARTTLS\r\n"[..], 0),
+            (b"NOOP\r\n starttls\n", 6),
+            (b"RSET\r\nStartTLS \r\n", 6),
+            (b"STARTTLS\0\r\n", 0),
+            (b"NOOP\r\nXCLIENT\0LOGIN=x\r\n", 6),
+            (b"XFORWARD\x7fNAME=x\r\n", 0),
+            (b"BDAT:2\r\n", 0),
+        ] {
+            assert_eq!(refused(&[stream]), Some((0, at)), "{:?}", String::from_utf8_lossy(stream));
         }
-        // The others stay refused either way; a longer word is not the verb.
-        assert_eq!(CommandGuard::new(true).scan(b"XCLIENT LOGIN=x\r\n"), Some(0));
-        assert_eq!(CommandGuard::new(true).scan(b"STARTTLSX\r\nSTART TLS\r\n"), None);
+        // A longer word is not the verb.
+        assert_eq!(CommandGuard::default().scan(b"STARTTLSX\r\nSTART TLS\r\nSTARTTLS2\r\n"), None);
     }
 
     #[test]
@@ -399,7 +414,7 @@ mod tests {
         let ok: &[&[u8]] = &[
             b"EHLO client.example\r\nMAIL FROM:<xclient@example.test>\r\nRCPT TO:<a@b>\r\nDATA\r\n",
             // Not the verb: longer words, not at a line start.
-            b"XCLIENTS x\r\nXFORWARDED x\r\nXCLIENT_ x\r\n",
+            b"XCLIENTS x\r\nXFORWARDED x\r\nXCLIENT1 x\r\n",
             b"Subject: about XCLIENT LOGIN=x\r\n\r\nsee the XFORWARD ADDR= doc\r\n.\r\n",
             b"X-Header: XCLIENT\r\nXCLIEN T\r\nX CLIENT a\r\n.XCLIENT a\r\n>XCLIENT a\r\n",
             b"",
@@ -424,7 +439,7 @@ mod tests {
     /// A guard after login whose client sent `commands` and whose backend answered with the
     /// login's reply and then `replies`.
     fn after(commands: &[u8], replies: &[u8]) -> CommandGuard {
-        let mut g = CommandGuard::new(true);
+        let mut g = CommandGuard::default();
         g.replied(b"235 2.7.0 Authentication successful\r\n");
         assert_eq!(g.scan(commands), None);
         g.replied(replies);
@@ -447,7 +462,7 @@ mod tests {
 
         // Byte by byte, with the replies split too, and a second transaction pipelined after
         // the first message's end (RFC 2920): its 354 is the fifth reply after the login's.
-        let mut g = CommandGuard::new(true);
+        let mut g = CommandGuard::default();
         let feed = |g: &mut CommandGuard, bytes: &[u8]| {
             for b in bytes {
                 assert_eq!(g.scan(std::slice::from_ref(b)), None);
@@ -475,6 +490,17 @@ mod tests {
         let mut g = after(ENVELOPE, ACCEPTED);
         assert_eq!(g.scan(&bulk), None);
         assert!(g.body.is_some());
+    }
+
+    /// Between the lines of a multi-line reply the client is inside it (no goodbye there).
+    #[test]
+    fn a_multi_line_reply_is_followed_to_its_last_line() {
+        let mut g = after(b"EHLO x\r\n", b"250-mail.example\r\n250-PIPELINING\r\n");
+        assert!(g.inside_reply());
+        g.replied(b"250 SMTPUTF8\r\n");
+        assert!(!g.inside_reply());
+        g.replied(b"250-x\r\nnot a reply\r\n");
+        assert!(!g.inside_reply(), "not known to go on");
     }
 
     /// Reliability cases 46 and 47: whatever some server may take for the end of the message
