@@ -107,7 +107,8 @@ struct Direction {
 /// What the relay follows of the protocol after login: where the backend's replies end (so
 /// that a goodbye is never written inside one) and, for SMTP, what the client may send.
 enum Follow {
-    None,
+    /// Bytes only.
+    Bytes,
     /// The literal the client is part-way through, if any.
     Imap(Literals),
     /// Which responses are multi-line, and whether the client is inside one.
@@ -126,7 +127,7 @@ impl Follow {
                 responses.sent(bytes);
                 None
             }
-            Follow::Imap(_) | Follow::None => None,
+            Follow::Imap(_) | Follow::Bytes => None,
         }
     }
 
@@ -144,7 +145,7 @@ impl Follow {
         match self {
             Follow::Imap(literals) => literals.feed(bytes),
             Follow::Pop3(responses) => responses.written(bytes),
-            Follow::Smtp(_) | Follow::None => {}
+            Follow::Smtp(_) | Follow::Bytes => {}
         }
     }
 
@@ -154,14 +155,14 @@ impl Follow {
             Follow::Imap(literals) => literals.inside(),
             Follow::Pop3(responses) => responses.inside(),
             Follow::Smtp(guard) => guard.inside_reply(),
-            Follow::None => false,
+            Follow::Bytes => false,
         }
     }
 }
 
 /// Whose bytes a direction carries, for `Follow`.
 #[derive(Clone, Copy, PartialEq, Eq)]
-enum From {
+enum Source {
     Client,
     Backend,
 }
@@ -191,7 +192,7 @@ impl Direction {
         mut w: Pin<&mut W>,
         active: &mut bool,
         follow: &mut Follow,
-        from: From,
+        from: Source,
     ) -> Poll<Result<(), (Side, io::Error)>>
     where
         R: AsyncRead + ?Sized,
@@ -210,7 +211,7 @@ impl Direction {
                     return Poll::Ready(Err((Side::Writer, io::ErrorKind::WriteZero.into())));
                 }
                 self.mid_line = buf[self.pos + n - 1] != b'\n';
-                if from == From::Backend {
+                if from == Source::Backend {
                     follow.backend_written(&buf[self.pos..self.pos + n]);
                 }
                 self.pos += n;
@@ -260,8 +261,8 @@ impl Direction {
                         self.read_done = true;
                     } else {
                         let cut = match from {
-                            From::Client => follow.client_read(rb.filled()),
-                            From::Backend => {
+                            Source::Client => follow.client_read(rb.filled()),
+                            Source::Backend => {
                                 follow.backend_read(rb.filled());
                                 None
                             }
@@ -492,7 +493,7 @@ where
             responses.sent(&start.to_backend);
             Follow::Pop3(responses)
         }
-        (None, _) => Follow::None,
+        (None, _) => Follow::Bytes,
     };
     let mut r = Relay {
         client,
@@ -655,7 +656,7 @@ where
         }
         let mut active = false;
         let (client, backend) = (Pin::new(&mut *this.client), Pin::new(&mut *this.backend));
-        let mut up = this.up.poll_copy(cx, client, backend, &mut active, &mut this.follow, From::Client);
+        let mut up = this.up.poll_copy(cx, client, backend, &mut active, &mut this.follow, Source::Client);
         if let Poll::Ready(Err((Side::Writer, _))) = up {
             // The backend stopped taking bytes (it closed, and our write met its RST): what it
             // sent before still goes to the client (reliability case 69), so this direction
@@ -677,7 +678,7 @@ where
             });
         }
         let (backend, client) = (Pin::new(&mut *this.backend), Pin::new(&mut *this.client));
-        let mut down = this.down.poll_copy(cx, backend, client, &mut active, &mut this.follow, From::Backend);
+        let mut down = this.down.poll_copy(cx, backend, client, &mut active, &mut this.follow, Source::Backend);
         if let Poll::Ready(Err((Side::Reader, _))) = down
             && this.down.hold_close
             && this.hold_client(RelayEnd::BackendError)
@@ -687,7 +688,7 @@ where
         } else if down.is_pending() && this.down.held && !this.hold_client(RelayEnd::Closed) {
             // No hold after all: shut the client's side down as without a spread.
             let (backend, client) = (Pin::new(&mut *this.backend), Pin::new(&mut *this.client));
-            down = this.down.poll_copy(cx, backend, client, &mut active, &mut this.follow, From::Backend);
+            down = this.down.poll_copy(cx, backend, client, &mut active, &mut this.follow, Source::Backend);
         }
         if let Poll::Ready(Err((side, _))) = down {
             return Poll::Ready(match side {
@@ -729,7 +730,7 @@ mod tests {
         let mut active = false;
         std::future::poll_fn(|cx| {
             let (r, w) = (Pin::new(&mut *r), Pin::new(&mut *w));
-            assert!(d.poll_copy(cx, r, w, &mut active, &mut Follow::None, From::Backend).is_pending());
+            assert!(d.poll_copy(cx, r, w, &mut active, &mut Follow::Bytes, Source::Backend).is_pending());
             Poll::Ready(())
         })
         .await;
@@ -1209,7 +1210,7 @@ mod tests {
             backend: &mut backend,
             up: Direction::default(),
             down: Direction { hold_close: true, bulk: true, ..Direction::default() },
-            follow: Follow::None,
+            follow: Follow::Bytes,
             hold: Some(Box::new(|| Duration::from_secs(60))),
             held_end: None,
             up_failed: false,

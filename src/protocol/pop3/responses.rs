@@ -19,16 +19,45 @@ const MOST_PENDING: usize = 1024;
 pub struct Responses {
     /// For each command sent and not yet answered: whether a `+OK` to it is multi-line.
     pending: VecDeque<bool>,
-    /// More commands were in flight than `pending` keeps.
+    /// Which responses are multi-line is no longer known, for the rest of the session: more
+    /// commands were in flight than `pending` keeps, or a line the backend sent where a status
+    /// line was due was not one (a multi-line `+OK` to a command not known to have one).
     lost: bool,
-    /// The client's current command line: its first bytes, and how many have come.
-    command: [u8; 8],
-    command_len: usize,
-    /// The backend is inside a multi-line response.
-    body: bool,
-    /// The backend's current line: its first bytes, and how many have come.
-    line: [u8; 4],
+    /// The client's current command line: its verb so far (up to 4 letters; `verb_len` counts
+    /// on past them) and where the line is.
+    verb: [u8; 4],
+    verb_len: usize,
+    command: Command,
+    /// Inside a multi-line response: where the backend is in a line that may be the final dot.
+    body: Option<BodyLine>,
+    /// The backend's current status line: its first bytes, and how many have come.
+    line: [u8; 3],
     line_len: usize,
+}
+
+/// Where a client's command line is (Dovecot splits the verb off at the first space, and
+/// reads the line as a C string: a NUL ends it).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Command {
+    Verb,
+    /// Spaces after the verb.
+    Gap,
+    Argument,
+    /// After a NUL: nothing more counts.
+    Ended,
+}
+
+/// Where a multi-line response's current line is, as far as its end goes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum BodyLine {
+    /// At the start of a line.
+    Start,
+    /// A dot so far.
+    Dot,
+    /// A dot and a CR so far.
+    DotCr,
+    /// In a line that is not the final dot.
+    Text,
 }
 
 impl Default for Responses {
@@ -38,35 +67,12 @@ impl Default for Responses {
         Responses {
             pending: VecDeque::from([false]),
             lost: false,
-            command: [0; 8],
-            command_len: 0,
-            body: false,
-            line: [0; 4],
+            verb: [0; 4],
+            verb_len: 0,
+            command: Command::Verb,
+            body: None,
+            line: [0; 3],
             line_len: 0,
-        }
-    }
-}
-
-/// Keep the first `head.len()` bytes of a line that arrives in pieces.
-fn keep(head: &mut [u8], len: &mut usize, bytes: &[u8]) {
-    let have = (*len).min(head.len());
-    let take = bytes.len().min(head.len() - have);
-    head[have..have + take].copy_from_slice(&bytes[..take]);
-    *len = len.saturating_add(bytes.len());
-}
-
-/// Each LF-terminated piece of `bytes` (`true`: the line ends there) in turn.
-fn lines(mut bytes: &[u8], mut each: impl FnMut(&[u8], bool)) {
-    while !bytes.is_empty() {
-        match memchr::memchr(b'\n', bytes) {
-            Some(at) => {
-                each(&bytes[..at], true);
-                bytes = &bytes[at + 1..];
-            }
-            None => {
-                each(bytes, false);
-                return;
-            }
         }
     }
 }
@@ -74,54 +80,115 @@ fn lines(mut bytes: &[u8], mut each: impl FnMut(&[u8], bool)) {
 impl Responses {
     /// The client sent `bytes` (commands) on to the backend.
     pub fn sent(&mut self, bytes: &[u8]) {
-        lines(bytes, |piece, ended| {
-            keep(&mut self.command, &mut self.command_len, piece);
-            if ended {
-                let multi = self.multi_line();
-                self.command_len = 0;
-                if self.pending.len() >= MOST_PENDING {
-                    self.lost = true;
-                } else {
-                    self.pending.push_back(multi);
+        for &b in bytes {
+            match (b, self.command) {
+                (b'\n', _) => {
+                    let multi = self.multi_line();
+                    (self.verb_len, self.command) = (0, Command::Verb);
+                    if self.pending.len() >= MOST_PENDING {
+                        self.lost = true;
+                    } else {
+                        self.pending.push_back(multi);
+                    }
                 }
+                (0, _) => self.command = Command::Ended,
+                (b' ', Command::Verb) => self.command = Command::Gap,
+                (b'\r', Command::Verb) | (b' ' | b'\r', Command::Gap) => {}
+                (_, Command::Verb) => {
+                    if let Some(at) = self.verb.get_mut(self.verb_len) {
+                        *at = b;
+                    }
+                    self.verb_len = self.verb_len.saturating_add(1);
+                }
+                (_, Command::Gap) => self.command = Command::Argument,
+                (_, Command::Argument | Command::Ended) => {}
             }
-        });
+        }
     }
 
     /// Whether a `+OK` to the command line just ended is followed by lines: RETR, TOP and CAPA,
     /// LIST and UIDL without a message number.
     fn multi_line(&self) -> bool {
-        let line = &self.command[..self.command_len.min(self.command.len())];
-        let line = line.strip_suffix(b"\r").unwrap_or(line);
-        let mut words = line.split(|&b| b == b' ').filter(|w| !w.is_empty());
-        let verb = words.next().unwrap_or_default();
-        let argument = words.next().is_some() || self.command_len > self.command.len();
-        let is = |v: &[u8]| verb.eq_ignore_ascii_case(v);
+        let verb = &self.verb[..self.verb_len.min(self.verb.len())];
+        let is = |v: &[u8]| self.verb_len == v.len() && verb.eq_ignore_ascii_case(v);
+        let argument = self.command == Command::Argument;
         is(b"RETR") || is(b"TOP") || is(b"CAPA") || ((is(b"LIST") || is(b"UIDL")) && !argument)
     }
 
     /// The backend's `bytes` were written to the client.
-    pub fn written(&mut self, bytes: &[u8]) {
-        lines(bytes, |piece, ended| {
-            keep(&mut self.line, &mut self.line_len, piece);
-            if ended {
-                let line = &self.line[..self.line_len.min(self.line.len())];
-                let line = line.strip_suffix(b"\r").unwrap_or(line);
-                if self.body {
-                    // Only a dot alone ends it (a text line starting with a dot is stuffed).
-                    self.body = line != b".";
-                } else {
-                    let multi = self.pending.pop_front().unwrap_or(false);
-                    self.body = multi && line.starts_with(b"+OK");
-                }
-                self.line_len = 0;
+    pub fn written(&mut self, mut bytes: &[u8]) {
+        while !bytes.is_empty() {
+            bytes = match self.body {
+                Some(at) => self.skip_body(at, bytes),
+                None => self.status(bytes),
+            };
+        }
+    }
+
+    /// A status line (or part of one) at the start of `bytes`; returns what follows it.
+    fn status<'b>(&mut self, bytes: &'b [u8]) -> &'b [u8] {
+        let (line, rest, ended) = match memchr::memchr(b'\n', bytes) {
+            Some(at) => (&bytes[..at], &bytes[at + 1..], true),
+            None => (bytes, &[][..], false),
+        };
+        let have = self.line_len.min(self.line.len());
+        let take = line.len().min(self.line.len() - have);
+        self.line[have..have + take].copy_from_slice(&line[..take]);
+        self.line_len = self.line_len.saturating_add(line.len());
+        if ended {
+            let head = &self.line[..self.line_len.min(self.line.len())];
+            let ok = head == b"+OK";
+            if !ok && head != b"-ER" {
+                // Not a status line: a line of a multi-line response the relay did not expect
+                // (or a server's own way); nothing after it can be placed.
+                self.lost = true;
             }
-        });
+            let multi = self.pending.pop_front().unwrap_or(false);
+            self.body = (multi && ok).then_some(BodyLine::Start);
+            self.line_len = 0;
+        }
+        rest
+    }
+
+    /// Inside a multi-line response, at `at`: skip to its final dot line (only a dot alone ends
+    /// it; a text line starting with a dot is stuffed). Returns what follows the end, or nothing.
+    fn skip_body<'b>(&mut self, mut at: BodyLine, mut bytes: &'b [u8]) -> &'b [u8] {
+        loop {
+            let Some((&b, rest)) = bytes.split_first() else {
+                self.body = Some(at);
+                return bytes;
+            };
+            at = match (at, b) {
+                (BodyLine::Start, b'.') => BodyLine::Dot,
+                (BodyLine::Dot, b'\r') => BodyLine::DotCr,
+                (BodyLine::Dot | BodyLine::DotCr, b'\n') => {
+                    self.body = None;
+                    return rest;
+                }
+                (_, b'\n') => BodyLine::Start,
+                _ => {
+                    // On to the next line that starts with a dot: most lines need no look.
+                    match memchr::memmem::find(bytes, b"\n.") {
+                        Some(i) => {
+                            bytes = &bytes[i + 2..];
+                            at = BodyLine::Dot;
+                            continue;
+                        }
+                        None => {
+                            let start = bytes.last() == Some(&b'\n');
+                            self.body = Some(if start { BodyLine::Start } else { BodyLine::Text });
+                            return &[];
+                        }
+                    }
+                }
+            };
+            bytes = rest;
+        }
     }
 
     /// The client is part-way through a response (or the relay cannot tell).
     pub fn inside(&self) -> bool {
-        self.body || self.lost
+        self.body.is_some() || self.lost
     }
 }
 
@@ -163,6 +230,59 @@ mod tests {
             assert!(!inside_after(b"capa\n", b"+OK\nTOP\n.\n", step));
             // LIST and UIDL with a message number answer in one line.
             assert!(!inside_after(b"UIDL 1\r\nLIST 2\r\nNOOP\r\n", b"+OK 1 a\r\n+OK 2 40\r\n+OK\r\n", step));
+            // As Dovecot reads a command: trailing spaces are no argument, and a NUL ends the
+            // line (a C string).
+            for command in [&b"LIST    \r\n"[..], b"uidl\0 1\r\n", b"LIST\0\r\n"] {
+                assert!(inside_after(command, b"+OK\r\n1 40\r\n", step), "{command:?}");
+            }
+        }
+    }
+
+    /// Whatever two writes a response comes in, its end is found (a cut right after a line end,
+    /// before the final dot, among them).
+    #[test]
+    fn the_final_dot_is_found_wherever_the_writes_are_cut() {
+        let stream: &[u8] = b"+OK Logged in.\r\n+OK 3 octets\r\nab\r\n..c\r\n.\r\n+OK\r\n";
+        for cut in 0..stream.len() {
+            let mut r = Responses::default();
+            r.sent(b"RETR 1\r\nNOOP\r\n");
+            r.written(&stream[..cut]);
+            r.written(&stream[cut..]);
+            assert!(!r.inside(), "cut at {cut}");
+        }
+    }
+
+    /// Commands are read as Dovecot reads them: the verb ends at the first space, more spaces
+    /// are no argument, and a NUL ends the line (a C string).
+    #[test]
+    fn commands_are_read_as_dovecot_reads_them() {
+        for (command, multi) in [
+            (&b"LIST\r\n"[..], true),
+            (b"LIST    \r\n", true),
+            (b"LIST 1\r\n", false),
+            (b"LIST\0 1\r\n", true),
+            (b"uidl\n", true),
+            (b"UIDL  7\r\n", false),
+            (b"RETR 1\r\n", true),
+            (b"TOP 1 0\r\n", true),
+            (b"CAPA\r\n", true),
+            (b"RETRX 1\r\n", false),
+            (b"RET\r\n", false),
+            (b"DELE 1\r\n", false),
+        ] {
+            let mut r = Responses::default();
+            r.sent(command);
+            assert_eq!(r.pending.back(), Some(&multi), "{:?}", String::from_utf8_lossy(command));
+        }
+    }
+
+    /// A line where a status line was due that is not one (a multi-line `+OK` to a command the
+    /// relay does not know to have one): unsure from then on, never wrongly between responses.
+    #[test]
+    fn an_unexpected_multi_line_response_leaves_the_relay_unsure() {
+        for step in [1, 1000] {
+            assert!(inside_after(b"LANG\r\nRETR 1\r\n", b"+OK\r\nen English\r\n.\r\n+OK 9 octets\r\nx\r\n.\r\n", step));
+            assert!(!inside_after(b"LANG\r\n", b"-ERR Unknown command\r\n", step));
         }
     }
 
