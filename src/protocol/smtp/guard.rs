@@ -287,8 +287,9 @@ impl CommandGuard {
                 None => (bytes, false),
             };
             bytes = &bytes[line.len() + usize::from(ended)..];
-            let take = line.len().min(self.reply_head.len() - self.reply_len.min(4));
-            self.reply_head[self.reply_len.min(4)..self.reply_len.min(4) + take].copy_from_slice(&line[..take]);
+            let have = self.reply_len.min(self.reply_head.len());
+            let take = line.len().min(self.reply_head.len() - have);
+            self.reply_head[have..have + take].copy_from_slice(&line[..take]);
             self.reply_len = self.reply_len.saturating_add(line.len());
             if ended {
                 self.reply_line();
@@ -303,7 +304,7 @@ impl CommandGuard {
 
     /// The backend's current line has ended.
     fn reply_line(&mut self) {
-        let head = &self.reply_head[..self.reply_len.min(4)];
+        let head = &self.reply_head[..self.reply_len.min(self.reply_head.len())];
         self.reply_len = 0;
         self.continued = false;
         let code = head.get(..3).filter(|c| c.iter().all(u8::is_ascii_digit));
@@ -341,6 +342,7 @@ impl CommandGuard {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use proptest::prelude::*;
 
     /// Where a guard that is fed `chunks` one after the other refuses: (chunk, offset).
     fn refused(chunks: &[&[u8]]) -> Option<(usize, usize)> {
@@ -575,5 +577,55 @@ mod tests {
         g.scan(ENVELOPE);
         g.replied(ACCEPTED);
         assert_eq!(g.scan(smuggled), Some(0));
+    }
+
+    /// What a guard makes of `events` (client bytes, or backend bytes when `true`), each
+    /// event fed whole or split at `cut` (a fraction of it): where the first refusal lands as
+    /// (event, offset in it), and the state after.
+    fn run(events: &[(bool, Vec<u8>)], cuts: &[usize]) -> (Option<(usize, usize)>, Option<Body>, bool, u64, u64) {
+        let mut g = CommandGuard::default();
+        g.replied(b"235 ok\r\n");
+        for (k, (backend, bytes)) in events.iter().enumerate() {
+            let cut = cuts.get(k).map_or(bytes.len(), |c| c % (bytes.len() + 1));
+            if *backend {
+                g.replied(&bytes[..cut]);
+                g.replied(&bytes[cut..]);
+                continue;
+            }
+            if let Some(at) = g.scan(&bytes[..cut]) {
+                return (Some((k, at)), g.body, g.doubt, g.sent, g.replies);
+            }
+            if let Some(at) = g.scan(&bytes[cut..]) {
+                // A verb begun before the cut is refused at the cut: where its line starts.
+                let line = bytes[..cut].iter().rposition(|&b| b == b'\r' || b == b'\n').map_or(0, |p| p + 1);
+                return (Some((k, if at == 0 { line.min(cut) } else { cut + at })), g.body, g.doubt, g.sent, g.replies);
+            }
+        }
+        (None, g.body, g.doubt, g.sent, g.replies)
+    }
+
+    proptest! {
+        /// However the client's and the backend's bytes are cut into reads, the guard refuses
+        /// the same line and ends in the same state.
+        #[test]
+        fn reads_cut_anywhere_change_nothing(
+            events in proptest::collection::vec(prop_oneof![
+                proptest::collection::vec(prop_oneof![
+                    Just(&b"XCLIENT"[..]), Just(&b"DATA"[..]),
+                    Just(&b"MAIL FROM:<a@b>"[..]), Just(&b"STARTTLS"[..]),
+                    Just(&b"\r\n"[..]), Just(&b"\r"[..]),
+                    Just(&b"\n"[..]), Just(&b"."[..]),
+                    Just(&b" "[..]), Just(&b"\0"[..]),
+                    Just(&b"x"[..]),
+                ], 1..12).prop_map(|parts| (false, parts.concat())),
+                proptest::collection::vec(prop_oneof![
+                    Just(&b"250 ok\r\n"[..]), Just(&b"354 go\r\n"[..]),
+                    Just(&b"250-more\r\n"[..]), Just(&b"451 no\r\n"[..]),
+                ], 1..4).prop_map(|parts| (true, parts.concat())),
+            ], 0..24),
+            cuts in proptest::collection::vec(any::<usize>(), 24),
+        ) {
+            prop_assert_eq!(run(&events, &[]), run(&events, &cuts));
+        }
     }
 }
