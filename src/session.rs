@@ -744,7 +744,7 @@ async fn login_inner(
     tls: Option<TlsInfo>,
     hints: crate::protocol::ClientHints,
 ) -> Result<(LoggedIn, String, String, SessionGuard, crate::limits::UserSlot), LoginError> {
-    let Authorized { user, target, judged, creds } =
+    let Authorized { user, login_name, target, judged, creds } =
         authorize(ctx, rt, mechanism, creds, attempt, tls, hints.helo.as_deref()).await?;
     // Where the backend has yet to verify the password, the slot is taken only once it has:
     // wrong-password attempts in flight must not fill the user's cap and lock the user out. A
@@ -775,7 +775,16 @@ async fn login_inner(
         probe: false,
         keepalive: rt.config.limits.tcp_keepalive(),
     };
-    let login = BackendLoginOf { ctx, rt, info: &info, user: &user, creds: &creds, judged, route: &plan.target };
+    let login = BackendLoginOf {
+        ctx,
+        rt,
+        info: &info,
+        user: &user,
+        login_name: &login_name,
+        creds: &creds,
+        judged,
+        route: &plan.target,
+    };
     // Reliability case 64: a backend that refuses the connection (RST: restarting, say) is
     // tried again every second until backend_connect_timeout has passed since the first try,
     // as Dovecot's proxy does, instead of failing the login at once; counted against its
@@ -859,7 +868,14 @@ enum Judged {
 
 /// A login whose credentials have been judged (or left to the backend), and where it goes.
 struct Authorized {
+    /// The canonical name: routing, limits, the log.
     user: String,
+    /// The name a master-user or XCLIENT login gives the backend: the one that was judged. The
+    /// canonical name where the proxy judged it (a passwd-file is looked up by it); where an
+    /// auth service did, the name it was asked about (as the client sent it, as nginx does) or
+    /// its Auth-User. Never a name the service did not see: with a case-sensitive service,
+    /// `Alice` with Alice's password must not log in to the backend as `alice`.
+    login_name: String,
     target: crate::config::Target,
     judged: Judged,
     /// What the backend login sends: the client's, or the auth service's Auth-User/Auth-Pass.
@@ -897,7 +913,7 @@ async fn authorize(
             tracing::warn!(session = %ctx.id, user = %logging::safe_user(Some(&user)), "no route for user");
             return Err(LoginError::Unavailable("backend_unavailable"));
         };
-        return Ok(Authorized { user, target, judged, creds });
+        return Ok(Authorized { login_name: user.clone(), user, target, judged, creds });
     };
     let Some(user) = rt.config.users.canonical(&creds.user) else {
         return Err(LoginError::Bad { user: None, reason: "malformed" });
@@ -953,7 +969,7 @@ async fn authorize(
         user: new_user.unwrap_or(creds.user),
         password: pass.map(crate::auth::Password::new).unwrap_or(creds.password),
     };
-    Ok(Authorized { user, target, judged, creds })
+    Ok(Authorized { login_name: creds.user.clone(), user, target, judged, creds })
 }
 
 /// What one backend made of the login.
@@ -973,7 +989,9 @@ struct BackendLoginOf<'a> {
     ctx: &'a SessionCtx,
     rt: &'a Runtime,
     info: &'a ClientInfo,
+    /// The canonical name (for the log and the errors) and the one the login gives.
     user: &'a str,
+    login_name: &'a str,
     creds: &'a Credentials,
     judged: Judged,
     /// The route's name, for the log.
@@ -996,7 +1014,7 @@ impl BackendLoginOf<'_> {
         let started = Instant::now();
         let result = tokio::time::timeout(
             self.rt.config.limits.backend_login_timeout,
-            backend_login(self.rt, backend, self.info, user, self.creds),
+            backend_login(self.rt, backend, self.info, self.login_name, self.creds),
         )
         .await
         .unwrap_or(Err(BackendError::Protocol("backend login timed out")));

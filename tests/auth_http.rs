@@ -117,6 +117,8 @@ fn answers(direct_port: u16) -> Answers {
                 ("Auth-User", "real@example.test"),
                 ("Auth-Pass", "backendpw"),
             ]),
+            // A case-sensitive service: Alice's account, not alice's.
+            ("Alice@example.test", "pw") => h(&[("Auth-Status", "OK"), ("Auth-Server", "mailpool")]),
             ("slow@example.test", _) => h(&[("Auth-Status", "Try again later, please"), ("Auth-Wait", "1")]),
             ("unusable@example.test", _) => {
                 h(&[("Auth-Status", "OK"), ("Auth-Server", "mailpool"), ("Auth-User", "Shared Sales")])
@@ -180,6 +182,27 @@ async fn an_unusable_auth_user_is_an_outage_not_the_clients_own_name() {
     c.send(b"a LOGIN unusable@example.test pw\r\n").await;
     assert_eq!(c.line().await, "a NO [UNAVAILABLE] Server unavailable, try again later.\r\n");
     assert_eq!(pooled.connections(), 0);
+}
+
+/// A master-user (or XCLIENT) login gives the backend the name the service judged, as the
+/// client sent it (nginx does the same), never the proxy's canonical form of it: a service
+/// that tells `Alice` from `alice` said yes to Alice, and the backend must open Alice's mailbox.
+#[tokio::test]
+async fn a_master_login_carries_the_name_the_service_judged() {
+    let pooled = FakeBackend::start(Behaviour::Normal).await;
+    let (auth, seen) = auth_service(answers(1)).await;
+    let cfg = config(auth, pooled.addr, "").replace(
+        "health = { enabled = false }",
+        "health = { enabled = false }\nlogin = \"master\"\nmaster_user = \"m\"\nmaster_password = \"mp\"",
+    );
+    let proxy = Proxy::start(&cfg, "").await;
+    let mut c = Client::connect(proxy.addr("plain")).await;
+    c.line().await;
+    c.send(b"a LOGIN Alice@example.test pw\r\n").await;
+    assert!(c.until_tagged("a").await.last().unwrap().starts_with("a OK"));
+    assert_eq!(seen.lock().unwrap()[0]["auth-user"], "Alice@example.test");
+    // base64("Alice@example.test\0m\0mp")
+    assert_eq!(pooled.lines(0).last().unwrap(), "P3 AUTHENTICATE PLAIN QWxpY2VAZXhhbXBsZS50ZXN0AG0AbXA=\r\n");
 }
 
 /// An `Auth-Client-Address` the protocol has no way to send (XCLIENT for IMAP, ID for POP3 and

@@ -132,6 +132,9 @@ mod tests {
         assert_eq!(r.canonical("a\u{0}b"), None);
         assert_eq!(r.canonical("@x"), None);
         assert_eq!(r.canonical("x@"), None);
+        // Postfix's XCLIENT takes LOGIN=[UNAVAILABLE] for no login at all.
+        assert_eq!(r.canonical("[UNAVAILABLE]"), None);
+        assert_eq!(r.canonical("[tempunavail]@example.test"), None);
         assert_eq!(r.canonical(&"a".repeat(256)), None);
         let all = UserRule {
             lowercase: Lowercase::All,

@@ -540,10 +540,12 @@ impl Default for UserRule {
 
 impl UserRule {
     /// The canonical form of a user name, or `None` for names never to be looked up: empty, too
-    /// long, or holding control characters or spaces (reliability case 35).
+    /// long, or holding control characters or spaces (reliability case 35), or starting with
+    /// `[` (Postfix's XCLIENT reads `LOGIN=[UNAVAILABLE]` as no login at all).
     pub fn canonical(&self, raw: &str) -> Option<String> {
         if raw.is_empty()
             || raw.len() > crate::auth::MAX_USER_LEN
+            || raw.starts_with('[')
             || raw.chars().any(|c| c.is_control() || c.is_whitespace())
         {
             return None;

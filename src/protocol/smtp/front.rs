@@ -270,13 +270,14 @@ impl SmtpFront {
     }
 }
 
-/// `4xx` or `5xx`, optionally followed by an enhanced status code.
+/// `4xx` or `5xx`, optionally followed by a space and an enhanced status code.
 fn valid_reply_code(code: &str) -> bool {
     let b = code.as_bytes();
     b.len() >= 3
         && matches!(b[0], b'4' | b'5')
         && b[1].is_ascii_digit()
         && b[2].is_ascii_digit()
+        && (b.len() == 3 || b[3] == b' ')
         && code[3..].bytes().all(|c| c.is_ascii_digit() || c == b'.' || c == b' ')
 }
 
@@ -293,6 +294,17 @@ mod tests {
     use super::*;
     use crate::config::Protocol;
     use crate::protocol::tests::{run_front, settings, split_at_all};
+
+    /// An auth service's Auth-Error-Code is used only if it makes an SMTP reply line.
+    #[test]
+    fn only_whole_reply_codes_from_an_auth_service_are_used() {
+        for good in ["535", "454", "535 5.7.8", "451 4.3.0"] {
+            assert!(valid_reply_code(good), "{good}");
+        }
+        for bad in ["53599", "4519", "235", "53", "535x", "535 x", "", "5a5"] {
+            assert!(!valid_reply_code(bad), "{bad}");
+        }
+    }
 
     fn run(chunks: Vec<Vec<u8>>) -> (String, Vec<String>) {
         let (out, ev) = run_front(Protocol::Smtp, settings(), chunks);
