@@ -34,6 +34,9 @@ const MAX_ID_VALUE: usize = 1024;
 /// far under the 8 KiB a backend reads before login (Dovecot's limit), whatever the client
 /// sends within its own line limit (quoting can double a value).
 const MAX_ID_BYTES: usize = 2048;
+/// Why a command other than those of the login dialogue is refused.
+const NOT_PERMITTED: &str = "Command not permitted before authentication.";
+
 /// Why LOGIN and AUTHENTICATE are refused before TLS.
 const PRIVACY_REQUIRED: &str = "[PRIVACYREQUIRED] Authentication disallowed on non-secure connections, use STARTTLS.";
 
@@ -178,14 +181,23 @@ impl ImapFront {
                         self.bad(s, tag.as_deref(), "Error in IMAP command.").await?;
                         continue;
                     }
-                    if !self.settings.auth_allowed && is_login(self.frag.message_bytes()) {
-                        // Reliability cases 6/7: no "+" that asks for a name or password where
-                        // LOGIN will be refused anyway (before TLS).
+                    // Reliability cases 6/7: no "+" that asks for a name or password where
+                    // LOGIN will be refused anyway (before TLS), nor for the literal of a command
+                    // that is refused before login whatever it holds (an APPEND's message).
+                    let verb = verb(self.frag.message_bytes());
+                    let refusal = if verb.eq_ignore_ascii_case(b"LOGIN") {
+                        (!self.settings.auth_allowed).then_some(PRIVACY_REQUIRED)
+                    } else if verb.eq_ignore_ascii_case(b"ID") {
+                        None
+                    } else {
+                        Some(NOT_PERMITTED)
+                    };
+                    if let Some(text) = refusal {
                         let tag = self.frag.decode_tag().map(|t| t.as_ref().to_string());
                         self.frag.skip_message();
                         // BAD here: the command is cut off mid-way, its literal never read.
                         match tag {
-                            Some(tag) => self.bad(s, Some(&tag), PRIVACY_REQUIRED).await?,
+                            Some(tag) => self.bad(s, Some(&tag), text).await?,
                             None => self.bad(s, None, "Error in IMAP command.").await?,
                         }
                         continue;
@@ -267,9 +279,7 @@ impl ImapFront {
                         None => continue,
                     }
                 }
-                Action::NotAllowed(tag) => {
-                    self.bad(s, Some(&tag), "Command not permitted before authentication.").await?
-                }
+                Action::NotAllowed(tag) => self.bad(s, Some(&tag), NOT_PERMITTED).await?,
                 Action::Bad(tag) => self.bad(s, tag.as_deref(), "Error in IMAP command.").await?,
             }
         }
@@ -326,6 +336,11 @@ impl ImapFront {
     }
 
     fn decode(&mut self) -> Action {
+        // RFC 4959: an empty initial response is sent as `=`; a bare trailing space after the
+        // mechanism (which the codec reads as an empty one) is no initial response at all.
+        let raw = self.frag.message_bytes();
+        let empty_ir_sent =
+            raw.strip_suffix(b"\n").map(|l| l.strip_suffix(b"\r").unwrap_or(l)).unwrap_or(raw).ends_with(b"=");
         let cmd = match self.frag.decode_message(&CommandCodec::default()) {
             Ok(cmd) => cmd,
             Err(
@@ -384,7 +399,8 @@ impl ImapFront {
                     ref other if other.as_ref().eq_ignore_ascii_case("EXTERNAL") => Some(Mechanism::External),
                     _ => None,
                 };
-                Action::Authenticate(tag, mech, initial_response.map(|ir| ir.declassify().to_vec()))
+                let ir = initial_response.map(|ir| ir.declassify().to_vec());
+                Action::Authenticate(tag, mech, ir.filter(|ir| !ir.is_empty() || empty_ir_sent))
             }
             _ => Action::NotAllowed(tag),
         }
@@ -545,9 +561,9 @@ fn printable(s: &str) -> bool {
 }
 
 /// Whether a command (so far) is LOGIN: its second word, after the tag.
-fn is_login(command: &[u8]) -> bool {
-    let mut words = command.split(|b| *b == b' ');
-    words.nth(1).is_some_and(|verb| verb.eq_ignore_ascii_case(b"LOGIN"))
+/// The command's name (its second word, after the tag).
+fn verb(command: &[u8]) -> &[u8] {
+    command.split(|b| *b == b' ').nth(1).unwrap_or_default()
 }
 
 #[cfg(test)]
@@ -638,6 +654,31 @@ mod tests {
         );
         assert!(out.contains("a NO [AUTHENTICATIONFAILED] Authentication failed.\r\n+ \r\nb NO"), "{out}");
         assert_eq!(&events[..3], ["login Some(\"alice\")", "login Some(\"alice\")", "login None"]);
+    }
+
+    /// No "+" for the literal of a command refused before login whatever it holds (an APPEND's
+    /// message would be uploaded only to be thrown away); LOGIN and ID get theirs.
+    #[test]
+    fn no_continuation_for_a_literal_of_a_command_refused_before_login() {
+        let (out, _) = run(vec![b"a APPEND INBOX {20}\r\n".to_vec(), b"b NOOP\r\nc ID ({1}\r\n".to_vec()]);
+        let out = String::from_utf8(out).unwrap();
+        let after_greeting = out.split_once("\r\n").unwrap().1;
+        assert_eq!(
+            after_greeting,
+            "a BAD Command not permitted before authentication.\r\nb OK NOOP completed.\r\n+ Ready for literal data.\r\n"
+        );
+    }
+
+    /// A trailing space after the mechanism is no initial response (RFC 4959 sends an empty
+    /// one as `=`): the client is asked for it, as without the space.
+    #[test]
+    fn a_trailing_space_after_the_mechanism_is_no_initial_response() {
+        // base64("\0alice\0pw")
+        let (out, events) = run(vec![b"a AUTHENTICATE PLAIN \r\nAGFsaWNlAHB3\r\nb AUTHENTICATE LOGIN \r\n".to_vec()]);
+        let out = String::from_utf8(out).unwrap();
+        assert!(out.contains("+ \r\n"), "{out}");
+        assert!(out.ends_with("+ VXNlcm5hbWU6\r\n"), "LOGIN asks for the user name first: {out}");
+        assert_eq!(events[0], "login Some(\"alice\")");
     }
 
     /// LITERAL- (non-synchronizing literals up to 4096 octets) only where a command with one
