@@ -35,6 +35,8 @@ pub enum Fill {
 
 pub struct LineReader {
     buf: Vec<u8>,
+    /// How much of `buf` is known to hold no LF: a line sent a byte at a time is searched once.
+    scanned: usize,
     max: usize,
     /// When the line being received started (minimum-progress rule).
     partial_since: Option<tokio::time::Instant>,
@@ -42,14 +44,15 @@ pub struct LineReader {
 
 impl LineReader {
     pub fn new(max: usize) -> LineReader {
-        LineReader { buf: Vec::new(), max, partial_since: None }
+        LineReader { buf: Vec::new(), scanned: 0, max, partial_since: None }
     }
 
     /// The next complete line from the buffer, if any.
     pub fn next_line(&mut self) -> Option<Line> {
-        match self.buf.iter().position(|b| *b == b'\n') {
+        match memchr::memchr(b'\n', &self.buf[self.scanned..]).map(|i| i + self.scanned) {
             Some(i) => {
                 self.partial_since = None;
+                self.scanned = 0;
                 let mut line: Vec<u8> = self.buf.drain(..=i).collect();
                 line.pop();
                 if i + 1 > self.max {
@@ -61,7 +64,10 @@ impl LineReader {
                 Some(Line::Ok(line))
             }
             None if self.buf.len() > self.max => Some(Line::TooLong),
-            None => None,
+            None => {
+                self.scanned = self.buf.len();
+                None
+            }
         }
     }
 
