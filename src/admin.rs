@@ -1,7 +1,8 @@
 //! The admin HTTP server: `/metrics` (Prometheus text), `/healthz` (the process answers) and
 //! `/readyz` (config loaded, listeners bound, certificates loaded; pools without a backend up are
 //! listed but do not make it fail),
-//! and `POST /acme/renew/NAME` from the same host only.
+//! and `POST /acme/renew/NAME` from the same host only, with the token in the ACME state
+//! directory (`tls::acme::RENEW_TOKEN_FILE`).
 //! It binds loopback unless configured otherwise and never serves anything a client sent.
 
 use std::convert::Infallible;
@@ -85,14 +86,22 @@ pub async fn serve(listener: TcpListener, app: Weak<App>, stop: CancellationToke
                         return Ok::<_, Infallible>(resp);
                     }
                     let label = label.to_string();
-                    let found = match app.upgrade() {
-                        Some(app) => app.acme_renew(if label.is_empty() { None } else { Some(&label) }).await,
-                        None => false,
+                    // The token in the state directory: only the proxy's user (and root) may
+                    // spend the CA's limits, not every local user who can reach this port.
+                    let token = req.headers().get("x-renew-token").map_or(&b""[..], |v| v.as_bytes());
+                    let renewal = match app.upgrade() {
+                        Some(app) => {
+                            app.acme_renew(if label.is_empty() { None } else { Some(&label) }, Some(token)).await
+                        }
+                        None => crate::app::Renewal::Unknown,
                     };
-                    let (status, body) = if found {
-                        (StatusCode::ACCEPTED, "renewal started\n")
-                    } else {
-                        (StatusCode::NOT_FOUND, "no such ACME certificate\n")
+                    let (status, body) = match renewal {
+                        crate::app::Renewal::Started => (StatusCode::ACCEPTED, "renewal started\n"),
+                        crate::app::Renewal::Unknown => (StatusCode::NOT_FOUND, "no such ACME certificate\n"),
+                        crate::app::Renewal::Refused => (
+                            StatusCode::FORBIDDEN,
+                            "renewals carry the token in the ACME state directory's renew-token file (portcullis renew reads it)\n",
+                        ),
                     };
                     let resp =
                         Response::builder().status(status).body(Full::new(Bytes::from(body))).unwrap_or_default();

@@ -503,16 +503,22 @@ impl App {
         self.acme.lock().await.as_ref().map(|h| h.ca_file_digest)
     }
 
-    /// Renew an ACME certificate now (`None`: all of them). False if there is no such certificate.
-    pub async fn acme_renew(&self, label: Option<&str>) -> bool {
+    /// Renew an ACME certificate now (`None`: all of them). `token`: what a request to the admin
+    /// server carried, which must be this run's renewal token; None for a signal (whoever can
+    /// send one is the proxy's user already).
+    pub async fn acme_renew(&self, label: Option<&str>, token: Option<&[u8]>) -> Renewal {
         let slot = self.acme.lock().await;
-        match (slot.as_ref(), label) {
-            (Some(h), Some(l)) => h.renew(l),
-            (Some(h), None) => {
+        let Some(h) = slot.as_ref() else { return Renewal::Unknown };
+        if token.is_some_and(|t| !h.renew_token_is(t)) {
+            return Renewal::Refused;
+        }
+        match label {
+            Some(l) if h.renew(l) => Renewal::Started,
+            Some(_) => Renewal::Unknown,
+            None => {
                 h.renew_all();
-                true
+                Renewal::Started
             }
-            (None, _) => false,
         }
     }
 
@@ -998,6 +1004,16 @@ pub fn canonical(addr: SocketAddr) -> SocketAddr {
 pub fn canonical_pair(a: SocketAddr, b: SocketAddr) -> (SocketAddr, SocketAddr) {
     let (ca, cb) = (canonical(a), canonical(b));
     if ca.is_ipv4() == cb.is_ipv4() { (ca, cb) } else { (a, b) }
+}
+
+/// What became of a renewal asked for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Renewal {
+    Started,
+    /// No such ACME certificate (or no ACME at all).
+    Unknown,
+    /// The request did not carry the renewal token.
+    Refused,
 }
 
 #[cfg(test)]

@@ -149,13 +149,19 @@ fn renew(config: &std::path::Path, name: Option<&str>) -> anyhow::Result<String>
     use std::io::Write;
     let cfg = Config::load(config).map_err(anyhow::Error::new)?;
     let addr = cfg.admin.context("the config has no [admin] table: the running proxy cannot be reached")?;
+    let acme = cfg.acme.as_ref().context("the config has no [acme] table: no certificate to renew")?;
+    let token_file = acme.state_dir.join(portcullis::tls::acme::RENEW_TOKEN_FILE);
+    let token = std::fs::read_to_string(&token_file).with_context(|| {
+        format!("reading the renewal token {} (run this as the user the proxy runs as, or root)", token_file.display())
+    })?;
     let mut s = std::net::TcpStream::connect_timeout(&addr, std::time::Duration::from_secs(5))
         .with_context(|| format!("connecting to the admin server at {addr}"))?;
     s.set_read_timeout(Some(std::time::Duration::from_secs(10)))?;
     write!(
         s,
-        "POST /acme/renew/{} HTTP/1.1\r\nHost: {addr}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
-        name.unwrap_or("")
+        "POST /acme/renew/{} HTTP/1.1\r\nHost: {addr}\r\nX-Renew-Token: {}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
+        name.unwrap_or(""),
+        token.trim()
     )?;
     let mut reply = String::new();
     s.read_to_string(&mut reply)?;
@@ -195,7 +201,7 @@ fn run(config_path: PathBuf) -> anyhow::Result<()> {
         let usr1_app = app.clone();
         tokio::spawn(async move {
             while usr1.recv().await.is_some() {
-                let started = usr1_app.acme_renew(None).await;
+                let started = usr1_app.acme_renew(None, None).await == portcullis::app::Renewal::Started;
                 tracing::info!(acme = started, "SIGUSR1: renewing ACME certificates");
             }
         });

@@ -412,6 +412,40 @@ async fn the_admin_server_refuses_browsers_renewals_and_caps_its_connections() {
     assert!(http_raw(admin, get).await.starts_with("HTTP/1.1 200"));
 }
 
+/// A renewal through the admin server carries the token the proxy wrote into its ACME state
+/// directory, readable by its own user only: another local user who can reach the admin port
+/// cannot make it spend the CA's limits (nor learn which certificates there are).
+#[tokio::test]
+async fn a_renewal_through_the_admin_server_needs_the_token_in_the_state_directory() {
+    use std::os::unix::fs::PermissionsExt;
+    let backend = FakeBackend::start(Behaviour::Normal).await;
+    let state = tempfile::tempdir().unwrap();
+    let cfg = format!(
+        "{}\n[acme]\ndirectory = \"https://127.0.0.1:1/dir\"\nterms_agreed = true\nstate_dir = \"{}\"\nchallenge = \"tls-alpn-01\"\ntls_alpn01_bind = \"127.0.0.1:{}\"\nretry_min = \"1h\"\n[[acme.certificate]]\nnames = [\"mail.example.test\"]\n",
+        plain_config(backend.addr, "").replace("[limits]", "[admin]\nbind = \"127.0.0.1:0\"\n\n[limits]"),
+        state.path().display(),
+        free_port()
+    );
+    let proxy = Proxy::start(&cfg, USERS).await;
+    let admin = proxy.app.admin_addr().unwrap();
+    let file = state.path().join(portcullis::tls::acme::RENEW_TOKEN_FILE);
+    let token = std::fs::read_to_string(&file).unwrap();
+    assert_eq!(token.len(), 64);
+    assert_eq!(std::fs::metadata(&file).unwrap().permissions().mode() & 0o777, 0o600);
+    let post = |name: &str, token: &str| {
+        format!(
+            "POST /acme/renew/{name} HTTP/1.1\r\nHost: a\r\nX-Renew-Token: {token}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+        )
+    };
+    for wrong in ["", "0", &"0".repeat(64), &token[..63]] {
+        for name in ["mail.example.test", "nosuch"] {
+            assert!(http_raw(admin, &post(name, wrong)).await.starts_with("HTTP/1.1 403"), "{wrong:?} {name}");
+        }
+    }
+    assert!(http_raw(admin, &post("mail.example.test", &token)).await.starts_with("HTTP/1.1 202"));
+    assert!(http_raw(admin, &post("nosuch", &token)).await.starts_with("HTTP/1.1 404"));
+}
+
 #[tokio::test]
 async fn an_ipv4_and_an_ipv6_wildcard_on_one_port_both_bind() {
     // The usual pair `["0.0.0.0:993", "[::]:993"]`: with Linux's default dual-stack sockets the

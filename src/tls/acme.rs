@@ -194,6 +194,37 @@ pub struct AcmeHandle {
     responder: Option<tokio::task::JoinHandle<()>>,
     /// One task per certificate.
     tasks: Vec<tokio::task::JoinHandle<()>>,
+    /// What a renewal asked through the admin server must carry (`RENEW_TOKEN_FILE`).
+    renew_token: String,
+}
+
+/// The file in the state directory holding the token a renewal asked through the admin server
+/// must carry, which `portcullis renew` reads. Only the proxy's user (and root) can read it, so
+/// only they can make the proxy spend the CA's limits: not every local user who can reach the
+/// admin port. A new one is written at each start of ACME.
+pub const RENEW_TOKEN_FILE: &str = "renew-token";
+
+/// Write a new random renewal token into `dir`, readable by the owner only; returns it.
+fn write_renew_token(dir: &std::path::Path) -> Result<String, String> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut bytes = [0u8; 32];
+    rustls::crypto::aws_lc_rs::default_provider()
+        .secure_random
+        .fill(&mut bytes)
+        .map_err(|_| "no random bytes for the renewal token".to_string())?;
+    let token: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
+    let path = dir.join(RENEW_TOKEN_FILE);
+    let tmp = dir.join(format!(".{RENEW_TOKEN_FILE}.new"));
+    let write = || -> std::io::Result<()> {
+        let _ = std::fs::remove_file(&tmp);
+        // A new file (never one a link points to), then renamed over the old one.
+        let mut f = std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(&tmp)?;
+        f.write_all(token.as_bytes())?;
+        std::fs::rename(&tmp, &path)
+    };
+    write().map_err(|e| format!("cannot write {}: {e}", path.display()))?;
+    Ok(token)
 }
 
 /// What `AcmeHandle::ca_file_digest` holds for `settings`.
@@ -202,6 +233,12 @@ pub fn ca_file_digest(settings: &AcmeSettings) -> u64 {
 }
 
 impl AcmeHandle {
+    /// Whether `presented` is this run's renewal token (compared in constant time).
+    pub fn renew_token_is(&self, presented: &[u8]) -> bool {
+        let want = self.renew_token.as_bytes();
+        presented.len() == want.len() && presented.iter().zip(want).fold(0u8, |d, (a, b)| d | (a ^ b)) == 0
+    }
+
     /// Renew the certificate labelled `label` (its first name, or `NAME+rsa`) now. False if
     /// unknown.
     pub fn renew(&self, label: &str) -> bool {
@@ -245,6 +282,7 @@ impl AcmeHandle {
 pub async fn start(settings: AcmeSettings, certs: Arc<CertStore>, stop: CancellationToken) -> AcmeResult<AcmeHandle> {
     std::fs::create_dir_all(settings.state_dir.join("certs"))
         .map_err(|e| format!("cannot create {}: {e}", settings.state_dir.display()))?;
+    let renew_token = write_renew_token(&settings.state_dir)?;
     let challenges = Arc::new(Challenges::default());
     let responder = match &settings.challenge {
         AcmeChallenge::Http01Responder(addr) => {
@@ -283,7 +321,7 @@ pub async fn start(settings: AcmeSettings, certs: Arc<CertStore>, stop: Cancella
         tasks.push(tokio::spawn(task.supervise(trigger, stop.clone())));
     }
     let ca_file_digest = ca_file_digest(&settings);
-    Ok(AcmeHandle { settings, ca_file_digest, triggers, stop, responder, tasks })
+    Ok(AcmeHandle { settings, ca_file_digest, triggers, stop, responder, tasks, renew_token })
 }
 
 /// A certificate's failed orders, kept in `certs/LABEL.retry` until one succeeds.
@@ -1819,5 +1857,26 @@ mod tests {
         crate::tls::init_crypto();
         let ck = alpn_certificate("mail.example.test", &[7u8; 32]).unwrap();
         assert_eq!(dns_names(&ck).unwrap(), vec!["mail.example.test".to_string()]);
+    }
+
+    /// The renewal token file is written anew each start, owner-only, never through a link
+    /// placed at its name.
+    #[test]
+    fn the_renewal_token_is_a_new_owner_only_file() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let victim = dir.path().join("victim");
+        std::fs::write(&victim, "keep").unwrap();
+        let file = dir.path().join(RENEW_TOKEN_FILE);
+        std::os::unix::fs::symlink(&victim, &file).unwrap();
+        let first = write_renew_token(dir.path()).unwrap();
+        assert_eq!(std::fs::read_to_string(&victim).unwrap(), "keep");
+        let meta = std::fs::symlink_metadata(&file).unwrap();
+        assert!(meta.file_type().is_file());
+        assert_eq!(meta.permissions().mode() & 0o777, 0o600);
+        assert_eq!(std::fs::read_to_string(&file).unwrap(), first);
+        let second = write_renew_token(dir.path()).unwrap();
+        assert!(first.len() == 64 && first != second);
+        assert_eq!(std::fs::read_to_string(&file).unwrap(), second);
     }
 }
