@@ -100,7 +100,7 @@ pub async fn serve(listener: TcpListener, app: Weak<App>, stop: CancellationToke
                         crate::app::Renewal::Unknown => (StatusCode::NOT_FOUND, "no such ACME certificate\n"),
                         crate::app::Renewal::Refused => (
                             StatusCode::FORBIDDEN,
-                            "renewals carry the token in the ACME state directory's renew-token file (portcullis renew reads it)\n",
+                            "renewal token missing or not this run's (portcullis renew reads it from the ACME state_dir's renew-token file)\n",
                         ),
                     };
                     let resp =

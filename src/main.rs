@@ -145,13 +145,30 @@ fn spawn_memory_trim() {
     });
 }
 
+/// The renewal token the running proxy wrote: a small regular file (not followed if a link)
+/// holding 64 hex digits, and nothing else is sent.
+fn read_renew_token(path: &std::path::Path) -> anyhow::Result<String> {
+    use std::io::Read;
+    use std::os::unix::fs::OpenOptionsExt;
+    let f = std::fs::OpenOptions::new().read(true).custom_flags(libc::O_NOFOLLOW).open(path)?;
+    anyhow::ensure!(f.metadata()?.is_file(), "not a regular file");
+    let mut token = String::new();
+    f.take(128).read_to_string(&mut token)?;
+    let token = token.trim();
+    anyhow::ensure!(
+        token.len() == 64 && token.bytes().all(|b| b.is_ascii_hexdigit()),
+        "not a renewal token (64 hex digits)"
+    );
+    Ok(token.to_string())
+}
+
 fn renew(config: &std::path::Path, name: Option<&str>) -> anyhow::Result<String> {
     use std::io::Write;
     let cfg = Config::load(config).map_err(anyhow::Error::new)?;
     let addr = cfg.admin.context("the config has no [admin] table: the running proxy cannot be reached")?;
     let acme = cfg.acme.as_ref().context("the config has no [acme] table: no certificate to renew")?;
     let token_file = acme.state_dir.join(portcullis::tls::acme::RENEW_TOKEN_FILE);
-    let token = std::fs::read_to_string(&token_file).with_context(|| {
+    let token = read_renew_token(&token_file).with_context(|| {
         format!("reading the renewal token {} (run this as the user the proxy runs as, or root)", token_file.display())
     })?;
     let mut s = std::net::TcpStream::connect_timeout(&addr, std::time::Duration::from_secs(5))
@@ -161,12 +178,17 @@ fn renew(config: &std::path::Path, name: Option<&str>) -> anyhow::Result<String>
         s,
         "POST /acme/renew/{} HTTP/1.1\r\nHost: {addr}\r\nX-Renew-Token: {}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
         name.unwrap_or(""),
-        token.trim()
+        token
     )?;
     let mut reply = String::new();
     s.read_to_string(&mut reply)?;
     let status = reply.get(9..12).unwrap_or("");
     let body = reply.split_once("\r\n\r\n").map(|(_, b)| b.trim()).unwrap_or("");
+    anyhow::ensure!(
+        status != "403" || !body.contains("token"),
+        "the running proxy refused the renewal token in {} (was ACME restarted since it was read, or is this another config's state_dir?)",
+        token_file.display()
+    );
     anyhow::ensure!(status == "202", "{body}");
     Ok(body.to_string())
 }
@@ -223,4 +245,27 @@ fn run(config_path: PathBuf) -> anyhow::Result<()> {
         app.shutdown().await;
         Ok(())
     })
+}
+
+#[cfg(test)]
+mod tests {
+    /// `portcullis renew` (often run as root) sends the token file's contents in a header: only
+    /// a regular file, not followed if a link, holding 64 hex digits.
+    #[test]
+    fn only_a_real_renewal_token_is_read() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("renew-token");
+        let good = "0123456789abcdef".repeat(4);
+        std::fs::write(&file, format!("{good}\n")).unwrap();
+        assert_eq!(super::read_renew_token(&file).unwrap(), good);
+        for bad in ["", "xyz", &good[..63], &format!("{good}\r\nX-Other: 1")] {
+            std::fs::write(&file, bad).unwrap();
+            assert!(super::read_renew_token(&file).is_err(), "{bad:?}");
+        }
+        let secret = dir.path().join("secret");
+        std::fs::write(&secret, &good).unwrap();
+        std::fs::remove_file(&file).unwrap();
+        std::os::unix::fs::symlink(&secret, &file).unwrap();
+        assert!(super::read_renew_token(&file).is_err(), "followed a link");
+    }
 }

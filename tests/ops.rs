@@ -419,14 +419,16 @@ async fn the_admin_server_refuses_browsers_renewals_and_caps_its_connections() {
 async fn a_renewal_through_the_admin_server_needs_the_token_in_the_state_directory() {
     use std::os::unix::fs::PermissionsExt;
     let backend = FakeBackend::start(Behaviour::Normal).await;
+    let config = |state: &std::path::Path| {
+        format!(
+            "{}\n[acme]\ndirectory = \"https://127.0.0.1:1/dir\"\nterms_agreed = true\nstate_dir = \"{}\"\nchallenge = \"tls-alpn-01\"\ntls_alpn01_bind = \"127.0.0.1:{}\"\nretry_min = \"1h\"\n[[acme.certificate]]\nnames = [\"mail.example.test\"]\n",
+            plain_config(backend.addr, "").replace("[limits]", "[admin]\nbind = \"127.0.0.1:0\"\n\n[limits]"),
+            state.display(),
+            free_port()
+        )
+    };
     let state = tempfile::tempdir().unwrap();
-    let cfg = format!(
-        "{}\n[acme]\ndirectory = \"https://127.0.0.1:1/dir\"\nterms_agreed = true\nstate_dir = \"{}\"\nchallenge = \"tls-alpn-01\"\ntls_alpn01_bind = \"127.0.0.1:{}\"\nretry_min = \"1h\"\n[[acme.certificate]]\nnames = [\"mail.example.test\"]\n",
-        plain_config(backend.addr, "").replace("[limits]", "[admin]\nbind = \"127.0.0.1:0\"\n\n[limits]"),
-        state.path().display(),
-        free_port()
-    );
-    let proxy = Proxy::start(&cfg, USERS).await;
+    let proxy = Proxy::start(&config(state.path()), USERS).await;
     let admin = proxy.app.admin_addr().unwrap();
     let file = state.path().join(portcullis::tls::acme::RENEW_TOKEN_FILE);
     let token = std::fs::read_to_string(&file).unwrap();
@@ -444,6 +446,16 @@ async fn a_renewal_through_the_admin_server_needs_the_token_in_the_state_directo
     }
     assert!(http_raw(admin, &post("mail.example.test", &token)).await.starts_with("HTTP/1.1 202"));
     assert!(http_raw(admin, &post("nosuch", &token)).await.starts_with("HTTP/1.1 404"));
+    drop(proxy);
+
+    // A token that cannot be written (a directory in its place) refuses every renewal through
+    // the admin server, and ACME runs on: it is never a reason to stop renewing.
+    let state = tempfile::tempdir().unwrap();
+    std::fs::create_dir_all(state.path().join(portcullis::tls::acme::RENEW_TOKEN_FILE).join("x")).unwrap();
+    let proxy = Proxy::start(&config(state.path()), USERS).await;
+    assert!(proxy.app.acme_ca_file_digest().await.is_some(), "ACME runs");
+    let admin = proxy.app.admin_addr().unwrap();
+    assert!(http_raw(admin, &post("mail.example.test", "")).await.starts_with("HTTP/1.1 403"));
 }
 
 #[tokio::test]

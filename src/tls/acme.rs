@@ -194,8 +194,9 @@ pub struct AcmeHandle {
     responder: Option<tokio::task::JoinHandle<()>>,
     /// One task per certificate.
     tasks: Vec<tokio::task::JoinHandle<()>>,
-    /// What a renewal asked through the admin server must carry (`RENEW_TOKEN_FILE`).
-    renew_token: String,
+    /// What a renewal asked through the admin server must carry (`RENEW_TOKEN_FILE`); None if
+    /// it could not be written, when such renewals are refused (ACME runs on regardless).
+    renew_token: Option<String>,
 }
 
 /// The file in the state directory holding the token a renewal asked through the admin server
@@ -204,26 +205,16 @@ pub struct AcmeHandle {
 /// admin port. A new one is written at each start of ACME.
 pub const RENEW_TOKEN_FILE: &str = "renew-token";
 
-/// Write a new random renewal token into `dir`, readable by the owner only; returns it.
-fn write_renew_token(dir: &std::path::Path) -> Result<String, String> {
-    use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
+/// Write a new random renewal token (64 hex digits) into `dir`, readable by the owner only:
+/// a new file renamed over the old one (never written through a link); returns it.
+fn write_renew_token(dir: &std::path::Path) -> AcmeResult<String> {
     let mut bytes = [0u8; 32];
     rustls::crypto::aws_lc_rs::default_provider()
         .secure_random
         .fill(&mut bytes)
         .map_err(|_| "no random bytes for the renewal token".to_string())?;
     let token: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
-    let path = dir.join(RENEW_TOKEN_FILE);
-    let tmp = dir.join(format!(".{RENEW_TOKEN_FILE}.new"));
-    let write = || -> std::io::Result<()> {
-        let _ = std::fs::remove_file(&tmp);
-        // A new file (never one a link points to), then renamed over the old one.
-        let mut f = std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(&tmp)?;
-        f.write_all(token.as_bytes())?;
-        std::fs::rename(&tmp, &path)
-    };
-    write().map_err(|e| format!("cannot write {}: {e}", path.display()))?;
+    write_private(&dir.join(RENEW_TOKEN_FILE), token.as_bytes())?;
     Ok(token)
 }
 
@@ -235,7 +226,7 @@ pub fn ca_file_digest(settings: &AcmeSettings) -> u64 {
 impl AcmeHandle {
     /// Whether `presented` is this run's renewal token (compared in constant time).
     pub fn renew_token_is(&self, presented: &[u8]) -> bool {
-        let want = self.renew_token.as_bytes();
+        let Some(want) = self.renew_token.as_deref().map(str::as_bytes) else { return false };
         presented.len() == want.len() && presented.iter().zip(want).fold(0u8, |d, (a, b)| d | (a ^ b)) == 0
     }
 
@@ -282,7 +273,13 @@ impl AcmeHandle {
 pub async fn start(settings: AcmeSettings, certs: Arc<CertStore>, stop: CancellationToken) -> AcmeResult<AcmeHandle> {
     std::fs::create_dir_all(settings.state_dir.join("certs"))
         .map_err(|e| format!("cannot create {}: {e}", settings.state_dir.display()))?;
-    let renew_token = write_renew_token(&settings.state_dir)?;
+    // A renewal token that cannot be written only refuses renewals through the admin server:
+    // never a reason to stop renewing certificates.
+    let renew_token = write_renew_token(&settings.state_dir)
+        .inspect_err(
+            |e| tracing::warn!(error = %e, "ACME: no renewal token; renewals through the admin server are refused"),
+        )
+        .ok();
     let challenges = Arc::new(Challenges::default());
     let responder = match &settings.challenge {
         AcmeChallenge::Http01Responder(addr) => {

@@ -270,15 +270,24 @@ impl SmtpFront {
     }
 }
 
-/// `4xx` or `5xx`, optionally followed by a space and an enhanced status code.
+/// `4xx` or `5xx`, optionally followed by a space and an enhanced status code of the same
+/// class (RFC 3463: `5.7.8`).
 fn valid_reply_code(code: &str) -> bool {
-    let b = code.as_bytes();
-    b.len() >= 3
+    let (basic, enhanced) = match code.split_once(' ') {
+        Some((b, e)) => (b, Some(e)),
+        None => (code, None),
+    };
+    let b = basic.as_bytes();
+    let number =
+        |x: Option<&str>| x.is_some_and(|x| (1..=3).contains(&x.len()) && x.bytes().all(|c| c.is_ascii_digit()));
+    b.len() == 3
         && matches!(b[0], b'4' | b'5')
         && b[1].is_ascii_digit()
         && b[2].is_ascii_digit()
-        && (b.len() == 3 || b[3] == b' ')
-        && code[3..].bytes().all(|c| c.is_ascii_digit() || c == b'.' || c == b' ')
+        && enhanced.is_none_or(|e| {
+            let mut parts = e.split('.');
+            parts.next() == Some(&basic[..1]) && number(parts.next()) && number(parts.next()) && parts.next().is_none()
+        })
 }
 
 /// An EHLO/HELO argument we are willing to pass on: a domain or an address literal, printable
@@ -301,7 +310,23 @@ mod tests {
         for good in ["535", "454", "535 5.7.8", "451 4.3.0"] {
             assert!(valid_reply_code(good), "{good}");
         }
-        for bad in ["53599", "4519", "235", "53", "535x", "535 x", "", "5a5"] {
+        for bad in [
+            "53599",
+            "4519",
+            "235",
+            "53",
+            "535x",
+            "535 x",
+            "",
+            "5a5",
+            "535 ",
+            "535 ...",
+            "535 1 2 3",
+            "451 5.7.0",
+            "535 5.7",
+            "535 5.7.8.9",
+            "535 5.7.8888",
+        ] {
             assert!(!valid_reply_code(bad), "{bad}");
         }
     }
