@@ -852,12 +852,7 @@ mod tests {
         // 100 KB of login reply to a client that reads nothing: shutdown still ends it.
         let (_client_app, mut client_proxy) = duplex(64);
         let (mut backend_proxy, _backend_app) = duplex(64);
-        let stop = CancellationToken::new();
-        let d = Deadlines {
-            idle: Duration::from_secs(60),
-            shutdown: Some((stop.clone(), Duration::from_millis(50))),
-            ..Deadlines::default()
-        };
+        let (stop, d) = stoppable();
         let start = Start { to_client: vec![b'x'; 100_000], ..Start::default() };
         stop.cancel();
         let (end, t) = tokio::time::timeout(
@@ -962,6 +957,17 @@ mod tests {
         assert!(!Commands::new(false, b"a COMPRESS DEFLATE\r\n").compressed, "IMAP only");
     }
 
+    /// Deadlines with a long idle timeout and a shutdown (50 ms of grace) that the token asks.
+    fn stoppable() -> (CancellationToken, Deadlines) {
+        let stop = CancellationToken::new();
+        let d = Deadlines {
+            idle: Duration::from_secs(60),
+            shutdown: Some((stop.clone(), Duration::from_millis(50))),
+            ..Deadlines::default()
+        };
+        (stop, d)
+    }
+
     /// A relay of `protocol` between `client` and a new backend stream, the client's commands
     /// `pipelined` (as after its login), once the backend has sent `sent` and the client's end
     /// (`client_app`) has read all of it: the relay's task, and the backend's end.
@@ -1003,12 +1009,7 @@ mod tests {
             (b"* 1 FETCH (BODY[] {0}\r\n)\r\n", false),
         ] {
             let (mut client_app, client_proxy) = duplex(4096);
-            let stop = CancellationToken::new();
-            let d = Deadlines {
-                idle: Duration::from_secs(60),
-                shutdown: Some((stop.clone(), Duration::from_millis(50))),
-                ..Deadlines::default()
-            };
+            let (stop, d) = stoppable();
             let (task, _backend_app) = relay_after(Protocol::Imap, client_proxy, &mut client_app, d, (b"", sent)).await;
             stop.cancel();
             let (end, t) = tokio::time::timeout(Duration::from_secs(5), task).await.unwrap().unwrap();
@@ -1029,12 +1030,7 @@ mod tests {
             (b"DELE 1\r\nLIST 2\r\n", format!("{login}+OK Marked to be deleted.\r\n+OK 2 40\r\n"), false),
         ] {
             let (mut client_app, client_proxy) = duplex(4096);
-            let stop = CancellationToken::new();
-            let d = Deadlines {
-                idle: Duration::from_secs(60),
-                shutdown: Some((stop.clone(), Duration::from_millis(50))),
-                ..Deadlines::default()
-            };
+            let (stop, d) = stoppable();
             let (task, _backend_app) =
                 relay_after(Protocol::Pop3, client_proxy, &mut client_app, d, (pipelined, sent.as_bytes())).await;
             stop.cancel();

@@ -166,17 +166,21 @@ async fn service_routes_by_address_and_by_pool_with_credential_override() {
     assert_eq!(req["x-auth-key"], "s3cret");
 }
 
+/// `config` with the pool's backend logging in as master user `m` (password `mp`).
+fn master_config(auth: SocketAddr, pooled: SocketAddr) -> String {
+    config(auth, pooled, "").replace(
+        "health = { enabled = false }",
+        "health = { enabled = false }\nlogin = \"master\"\nmaster_user = \"m\"\nmaster_password = \"mp\"",
+    )
+}
+
 #[tokio::test]
 async fn an_unusable_auth_user_is_an_outage_not_the_clients_own_name() {
     // "Shared Sales" is no user name: the session must not go on as the client's own name
     // (which a master or XCLIENT login would open), nor reach the backend at all.
     let pooled = FakeBackend::start(Behaviour::Normal).await;
     let (auth, _) = auth_service(answers(1)).await;
-    let cfg = config(auth, pooled.addr, "").replace(
-        "health = { enabled = false }",
-        "health = { enabled = false }\nlogin = \"master\"\nmaster_user = \"m\"\nmaster_password = \"mp\"",
-    );
-    let proxy = Proxy::start(&cfg, "").await;
+    let proxy = Proxy::start(&master_config(auth, pooled.addr), "").await;
     let mut c = Client::connect(proxy.addr("plain")).await;
     c.line().await;
     c.send(b"a LOGIN unusable@example.test pw\r\n").await;
@@ -191,11 +195,7 @@ async fn an_unusable_auth_user_is_an_outage_not_the_clients_own_name() {
 async fn a_master_login_carries_the_name_the_service_judged() {
     let pooled = FakeBackend::start(Behaviour::Normal).await;
     let (auth, seen) = auth_service(answers(1)).await;
-    let cfg = config(auth, pooled.addr, "").replace(
-        "health = { enabled = false }",
-        "health = { enabled = false }\nlogin = \"master\"\nmaster_user = \"m\"\nmaster_password = \"mp\"",
-    );
-    let proxy = Proxy::start(&cfg, "").await;
+    let proxy = Proxy::start(&master_config(auth, pooled.addr), "").await;
     let mut c = Client::connect(proxy.addr("plain")).await;
     c.line().await;
     c.send(b"a LOGIN Alice@example.test pw\r\n").await;
