@@ -253,10 +253,12 @@ pub async fn run(mut ctx: SessionCtx, mut tcp: TcpStream) {
     );
 }
 
-const PROXY_V2_SIGNATURE: &[u8] = b"\r\n\r\n\0\r\nQUIT\n";
-
-/// Read a PROXY v1/v2 header from a trusted load balancer (reliability case 53). The header is
-/// peeked and only its own bytes consumed; anything malformed, untrusted or late closes.
+/// Read a PROXY v1/v2 header from a trusted load balancer (reliability case 53); anything
+/// malformed, untrusted or late closes. Only the header's own bytes are taken off the socket,
+/// so what follows it (a ClientHello) is left for the next stage: each read is peeked first,
+/// and taken only as far as the parser says it belongs to the header. While the header is
+/// incomplete, every byte seen is the header's (a v1 line ends at its CRLF, a v2 header at its
+/// length), so those are taken too and the next peek waits for more (no polling).
 async fn read_proxy_header(
     ctx: &SessionCtx,
     tcp: &mut TcpStream,
@@ -268,41 +270,35 @@ async fn read_proxy_header(
     }
     let deadline = Instant::now() + timeout;
     // A v1 header fits in 107 bytes and a v2 header without TLVs in 232; one with TLVs (a
-    // balancer's unique ID, TLS facts) can be up to 16 + 65,535.
-    let mut buf = vec![0u8; 536];
+    // balancer's unique ID, TLS facts) can be up to 16 + 65,535, which the parser bounds.
+    let mut chunk = [0u8; 536];
+    let mut header = Vec::new();
     loop {
         let n =
-            tokio::time::timeout_at(deadline, tcp.peek(&mut buf)).await.map_err(|_| "timeout")?.map_err(|_| "io")?;
+            tokio::time::timeout_at(deadline, tcp.peek(&mut chunk)).await.map_err(|_| "timeout")?.map_err(|_| "io")?;
         if n == 0 {
             return Err("closed");
         }
-        match proxy_header::ProxyHeader::parse(&buf[..n], proxy_header::ParseConfig::default()) {
-            Ok((header, len)) => {
-                if !header_checks_out(&header) {
+        let taken = header.len();
+        header.extend_from_slice(&chunk[..n]);
+        let take = match proxy_header::ProxyHeader::parse(&header, proxy_header::ParseConfig::default()) {
+            Ok((parsed, len)) => {
+                if !header_checks_out(&parsed) {
                     return Err("malformed");
                 }
-                let addrs = header.proxied_address().map(|a| (a.source, a.destination));
-                let mut skip = vec![0u8; len];
-                // `peek` saw these bytes, so this read returns at once.
-                tcp.read_exact(&mut skip).await.map_err(|_| "io")?;
                 // LOCAL/UNKNOWN: the connection is the balancer's own; keep the peer address.
-                let (peer, local) = addrs.unwrap_or((ctx.peer, ctx.local));
+                let (peer, local) =
+                    parsed.proxied_address().map_or((ctx.peer, ctx.local), |a| (a.source, a.destination));
+                // `peek` saw these bytes, so this read returns at once. (An incomplete header
+                // never holds a complete one, so `len` is past what was taken.)
+                let rest = len.checked_sub(taken).ok_or("malformed")?;
+                tcp.read_exact(&mut chunk[..rest]).await.map_err(|_| "io")?;
                 return Ok(crate::app::canonical_pair(peer, local));
             }
-            Err(proxy_header::Error::BufferTooShort) if n < buf.len() => {
-                // Split across segments: wait for more (bounded by the deadline).
-                tokio::time::sleep(Duration::from_millis(5)).await;
-            }
-            Err(proxy_header::Error::BufferTooShort) if n >= 16 && buf.starts_with(PROXY_V2_SIGNATURE) => {
-                // A v2 header longer than the buffer: its length is in its fixed part.
-                let need = 16 + usize::from(u16::from_be_bytes([buf[14], buf[15]]));
-                if need <= buf.len() {
-                    return Err("malformed");
-                }
-                buf.resize(need, 0);
-            }
+            Err(proxy_header::Error::BufferTooShort) => n,
             Err(_) => return Err("malformed"),
-        }
+        };
+        tcp.read_exact(&mut chunk[..take]).await.map_err(|_| "io")?;
     }
 }
 

@@ -166,6 +166,21 @@ async fn proxy_header_from_a_trusted_balancer_sets_the_client_address() {
     c.until_tagged("a").await;
     assert!(backend.lines(1)[0].contains("\"203.0.113.9\""));
 
+    // One byte per segment, the CR apart from its LF: each wait is for more of the header.
+    let mut c = Client::connect(proxy.addr("plain")).await;
+    for b in b"PROXY TCP4 203.0.113.10 198.51.100.1 5555 143\r\n" {
+        c.send(&[*b]).await;
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    assert!(c.line().await.starts_with("* OK"));
+    // The header and the client's first command in one segment: the command is not taken
+    // with the header.
+    let mut c = Client::connect(proxy.addr("plain")).await;
+    c.send(b"PROXY TCP4 203.0.113.11 198.51.100.1 5555 143\r\na LOGIN alice@example.test secret\r\n").await;
+    assert!(c.line().await.starts_with("* OK"));
+    c.until_tagged("a").await;
+    assert!(backend.lines(2)[0].contains("\"203.0.113.11\""), "{:?}", backend.lines(2));
+
     // Reliability case 53: a v2 header with TLVs longer than the first read (a balancer's unique ID and padding;
     // up to 65,535 bytes are allowed), and an IPv4-mapped source given as plain IPv4.
     let mut h = v2_header("[::ffff:192.0.2.8]:4343", "[::ffff:198.51.100.1]:143");
@@ -179,7 +194,7 @@ async fn proxy_header_from_a_trusted_balancer_sets_the_client_address() {
     assert!(c.line().await.starts_with("* OK"));
     c.send(b"a LOGIN alice@example.test secret\r\n").await;
     c.until_tagged("a").await;
-    let id = &backend.lines(2)[0];
+    let id = &backend.lines(3)[0];
     assert!(id.contains("\"x-originating-ip\" \"192.0.2.8\" \"x-originating-port\" \"4343\""), "{id}");
 
     // Malformed: closed without a greeting.
