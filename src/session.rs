@@ -193,6 +193,11 @@ pub async fn run(mut ctx: SessionCtx, mut tcp: TcpStream) {
             // XCLIENT and XFORWARD are the proxy's to send (reliability case 50, after login), and
             // a STARTTLS to the backend would hide what follows from the guard.
             let guard = (ctx.listener.protocol == Protocol::Smtp).then(CommandGuard::default);
+            // The config the session was accepted under is not the relay's: let it go, or a
+            // session that lasts days would keep every config it outlived (a users database
+            // each, an auth cache) in memory.
+            drop(runtime);
+            drop(ctx.runtime);
             let (end, bytes) = relay_session(&mut a, ctx.listener.protocol, deadlines, guard).await;
             let goodbye = match end {
                 // Not inside a reply the client is still reading (it would become part of a
@@ -746,9 +751,11 @@ async fn login_inner(
     // wrong-password attempts in flight must not fill the user's cap and lock the user out. A
     // cap already full is answered before the backend is asked (no backend login for a user
     // who could not have a session anyway), so there a client without the password learns
-    // that the user is at the cap; the answer is paced like a failure.
+    // that the user is at the cap; the answer is paced like a failure. A routing-only auth
+    // service's OK is no check of the password either (whether a backend replays it is known
+    // only per backend, so the slot waits for the login there too).
     let max_sessions = rt.config.limits.max_sessions_per_user;
-    let user_slot = if judged == Judged::ByBackend {
+    let user_slot = if matches!(judged, Judged::ByBackend | Judged::ServiceRouted) {
         if ctx.connections.user_full(&user, max_sessions) {
             return Err(LoginError::TooManySessions { user });
         }

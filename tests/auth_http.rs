@@ -429,6 +429,34 @@ async fn backend_refusals_after_a_routing_only_service_are_throttled() {
     }
 }
 
+/// A routing-only service's OK is no check of the password: logins the backend has yet to
+/// verify do not take the user's session slot (an attacker's guesses held at the backend would
+/// lock the user out).
+#[tokio::test]
+async fn logins_a_routing_only_service_passed_do_not_fill_the_user_cap_before_the_backend_verifies() {
+    let held = FakeBackend::start(Behaviour::HangAfterGreeting).await;
+    let port = held.addr.port();
+    let (auth, _) = auth_service(Arc::new(move |_: &str, _: &str, _: u32| {
+        [("Auth-Status", "OK".to_string()), ("Auth-Server", "127.0.0.1".to_string()), ("Auth-Port", port.to_string())]
+            .into_iter()
+            .map(|(k, v)| (k.to_string(), v))
+            .collect()
+    }))
+    .await;
+    let cfg = config(auth, held.addr, "")
+        .replace("[limits]", "[limits]\nmax_sessions_per_user = 1\nbackend_login_timeout = \"2s\"");
+    let proxy = Proxy::start(&cfg, "").await;
+    let mut attacker = Client::connect(proxy.addr("plain")).await;
+    attacker.line().await;
+    attacker.send(b"a LOGIN victim@example.test guess\r\n").await;
+    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    let mut victim = Client::connect(proxy.addr("plain")).await;
+    victim.line().await;
+    victim.send(b"b LOGIN victim@example.test secret\r\n").await;
+    let reply = victim.until_tagged("b").await;
+    assert!(!reply.last().unwrap().contains("Too many sessions"), "{reply:?}");
+}
+
 /// A routing-only service that renames the login (Auth-User, no Auth-Pass): the backend's
 /// refusals count for the user under the name the client typed, which is the name the next
 /// attempt is checked under (they were counted under the service's name, which nothing checks).

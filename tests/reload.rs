@@ -122,6 +122,24 @@ async fn sessions_keep_their_backend_and_logins_after_a_reload_use_the_new_confi
     assert_eq!(old.connections(), 1);
 }
 
+/// A relayed session holds no config: one accepted before a reload does not keep the config it
+/// was accepted under (its users database, an auth cache) in memory for as long as it lasts.
+#[tokio::test]
+async fn relayed_sessions_do_not_keep_the_config_they_were_accepted_under() {
+    let backend = FakeBackend::start(Behaviour::Normal).await;
+    let proxy = Proxy::start(&config(backend.addr, &[]), USERS).await;
+    let mut relayed = login(proxy.addr("plain")).await;
+    let accepted_under = std::sync::Arc::downgrade(&proxy.app.runtime());
+    write_file(&proxy.path("users"), "alice@example.test:{PLAIN}changed\n");
+    assert_eq!(proxy.app.reload(false).await.unwrap(), portcullis::app::Reloaded::Applied);
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(2);
+    while accepted_under.upgrade().is_some() {
+        assert!(tokio::time::Instant::now() < deadline, "the config replaced by the reload is still held");
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    still_works(&mut relayed, "x").await;
+}
+
 #[tokio::test]
 async fn a_backend_disabled_by_a_reload_is_not_used_by_sessions_greeted_before_it() {
     // "Set it and reload" must hold at once: the snapshot a session was greeted under still
