@@ -378,7 +378,11 @@ impl App {
         last: &mut u64,
         reloading: &mut bool,
     ) -> Result<Reloaded, StartError> {
-        let main_before = fingerprint(std::slice::from_ref(&self.config_path));
+        // Every file the running config was read from, before this load reads them again: one
+        // that changes while it is being read (a save in progress, a users file rewritten by a
+        // provisioning tool) leaves the reload unsettled (below).
+        let before_files = self.runtime.load().config.watched_files();
+        let before = fingerprint(&before_files);
         let config = Config::load(&self.config_path);
         let files = match &config {
             Ok(config) => config.watched_files(),
@@ -445,10 +449,9 @@ impl App {
             return Ok(Reloaded::AcmeFailed(e.to_string()));
         }
         // A file that changed while it was being read (a save in progress) may now run
-        // half-written: then the fingerprint is not kept, and the save's own events (or the
-        // next reload) load it again instead of finding it "unchanged".
-        let settled = fingerprint(std::slice::from_ref(&self.config_path)) == main_before && fingerprint(&files) == fp;
-        *last = if settled { fp } else { 0 };
+        // half-written or old: then the fingerprint is not kept, and the save's own events (or
+        // the next reload) load it again instead of finding it "unchanged".
+        *last = if settled(&before_files, before, &files, fp, fingerprint(&files)) { fp } else { 0 };
         if !kept.is_empty() {
             // Not kept either: the next event or SIGHUP reads the files again, and only one
             // that loads them all counts as a success.
@@ -919,6 +922,17 @@ fn accepted_options(s: &socket2::SockRef<'_>, limits: &Limits) -> std::io::Resul
     }
 }
 
+/// Whether a reload read its files as they now are: the same files as the config it replaced
+/// (`fp_before`, taken before the load), unchanged from before the load (`fp`, taken after it)
+/// to after it was applied (`fp_after`). A file that changed during the load may have been read
+/// half-written, or before its change while `fp` already has it: kept, that fingerprint would
+/// make the change's own event find nothing to do. Files the new config adds were not
+/// fingerprinted before the load, so a reload that adds one is not settled either (one more
+/// reload at the next event reads them again).
+fn settled(before_files: &[PathBuf], fp_before: u64, files: &[PathBuf], fp: u64, fp_after: u64) -> bool {
+    before_files == files && fp_before == fp && fp_after == fp
+}
+
 /// Held while gauges that are reset and set again change, and while a scrape renders them.
 pub(crate) static GAUGES: Mutex<()> = Mutex::new(());
 
@@ -1019,6 +1033,34 @@ pub enum Renewal {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A users file rewritten while a reload reads it: the reload's fingerprint is not kept, so
+    /// the rewrite's own event reloads it instead of finding nothing changed.
+    #[test]
+    fn a_file_changed_during_a_reload_leaves_it_unsettled() {
+        let dir = std::env::temp_dir().join(format!("portcullis-settled-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let (main, users) = (dir.join("portcullis.toml"), dir.join("users"));
+        std::fs::write(&main, "x").unwrap();
+        std::fs::write(&users, "alice:{PLAIN}old\n").unwrap();
+        let files = vec![main.clone(), users.clone()];
+        let before = fingerprint(&files);
+        // Nothing changes: settled.
+        assert!(settled(&files, before, &files, fingerprint(&files), fingerprint(&files)));
+        // Rewritten between the start of the load and the fingerprint after it: whatever the
+        // load read, the fingerprint has the new file.
+        std::fs::write(&users, "alice:{PLAIN}new\n").unwrap();
+        let fp = fingerprint(&files);
+        assert!(!settled(&files, before, &files, fp, fingerprint(&files)));
+        // Rewritten while the reload is applied.
+        std::fs::write(&users, "alice:{PLAIN}newer\n").unwrap();
+        assert!(!settled(&files, fp, &files, fp, fingerprint(&files)));
+        // A users file the new config names for the first time was not seen before the load.
+        let more = vec![main, users, dir.join("other")];
+        let fp = fingerprint(&more);
+        assert!(!settled(&files, fingerprint(&files), &more, fp, fp));
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 
     /// Only an address another process holds is worth trying again without a file changing:
     /// not this proxy's own socket on the port, nor a permission refusal.
