@@ -337,9 +337,9 @@ async fn a_replaced_acme_ca_file_restarts_acme() {
     assert_ne!(before, after, "ACME still runs with the old CA file");
 }
 
-/// The HTTP-01 responder serves at most 256 connections at once: a flood on port 80 cannot take
-/// the descriptors the mail listeners share. Others are closed at accept; a freed place is
-/// served again.
+/// The HTTP-01 responder serves at most 256 connections at once (8 from one address): a flood
+/// on port 80 cannot take the descriptors the mail listeners share. Others are closed at
+/// accept; a freed place is served again.
 #[tokio::test]
 async fn the_http01_responder_has_a_connection_cap() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -359,16 +359,21 @@ async fn the_http01_responder_has_a_connection_cap() {
         let _ = tokio::time::timeout(std::time::Duration::from_secs(5), s.read_to_end(&mut out)).await;
         String::from_utf8_lossy(out.get(9..12).unwrap_or_default()).to_string()
     };
-    let connect = || tokio::net::TcpStream::connect(("127.0.0.1", port));
+    // From 127.0.0.N: 32 addresses with 8 connections each.
+    let connect = |n: u8| async move {
+        let s = tokio::net::TcpSocket::new_v4().unwrap();
+        s.bind(std::net::SocketAddr::from(([127, 0, 0, n], 0))).unwrap();
+        s.connect(std::net::SocketAddr::from(([127, 0, 0, 1], port))).await.unwrap()
+    };
     let mut held = Vec::new();
-    for _ in 0..256 {
-        held.push(connect().await.unwrap());
+    for i in 0..256 {
+        held.push(connect(1 + (i / 8) as u8).await);
     }
     tokio::time::sleep(std::time::Duration::from_millis(200)).await;
-    assert_eq!(status(connect().await.unwrap()).await, "", "a connection over the cap was served");
+    assert_eq!(status(connect(100).await).await, "", "a connection over the cap was served");
     drop(held.pop());
     tokio::time::sleep(std::time::Duration::from_millis(200)).await;
-    assert_eq!(status(connect().await.unwrap()).await, "404");
+    assert_eq!(status(connect(100).await).await, "404");
     drop(held);
 }
 

@@ -430,6 +430,29 @@ fn to_instant(t: SystemTime) -> tokio::time::Instant {
     tokio::time::Instant::now() + t.duration_since(now).unwrap_or(Duration::ZERO)
 }
 
+/// When a certificate's task acts next: a retry's backoff, by the monotonic clock; a planned
+/// renewal or ARI re-check, by the wall clock (`sleep_until_wall`).
+enum Due {
+    Instant(tokio::time::Instant),
+    Wall(SystemTime),
+}
+
+/// How long a sleep towards a time on the wall clock goes before it looks at the clock again.
+const WALL_CLOCK_LOOK: Duration = Duration::from_secs(3600);
+
+/// Sleep until the wall clock reads `t`, looking at it again at least hourly. One monotonic
+/// sleep worked out when the renewal was planned (weeks ahead) would come late by as long as
+/// the host was suspended (the monotonic clock stops), or by the clock's error at planning time
+/// (a host that booted before NTP set it): with nothing to plan again, a CA without ARI could
+/// let the certificate expire.
+async fn sleep_until_wall(t: SystemTime) {
+    while let Ok(left) = t.duration_since(SystemTime::now())
+        && !left.is_zero()
+    {
+        tokio::time::sleep(left.min(WALL_CLOCK_LOOK)).await;
+    }
+}
+
 /// A task that ends when its handle is dropped.
 struct AbortOnDrop(tokio::task::JoinHandle<()>);
 
@@ -525,16 +548,18 @@ impl CertTask {
                 (_, f) if f > 0 => {
                     let at = retry_at.unwrap_or_else(tokio::time::Instant::now);
                     tracing::info!(certificate = %self.label, retry_in = ?at.saturating_duration_since(tokio::time::Instant::now()), "ACME: will retry");
-                    (Some(at), false)
+                    (Some(Due::Instant(at)), false)
                 }
                 (None, _) => (None, false),
                 (Some(ck), _) => match self.plan(ck, &stop).await {
-                    Some((at, recheck)) => {
-                        if !recheck && at < earliest {
+                    // Planned by the wall clock, and slept towards by it (`sleep_until_wall`).
+                    Some((at, recheck)) if to_instant(at) >= earliest => (Some(Due::Wall(at)), recheck),
+                    Some((_, recheck)) => {
+                        if !recheck {
                             tracing::warn!(certificate = %self.label, renew_in = ?earliest.saturating_duration_since(tokio::time::Instant::now()),
                                 "ACME: the certificate just issued is already due for renewal: the CA's renewal window (ARI) says so, or this host's clock is wrong");
                         }
-                        (Some(at.max(earliest)), recheck)
+                        (Some(Due::Instant(earliest)), recheck)
                     }
                     None => (None, false),
                 },
@@ -542,7 +567,13 @@ impl CertTask {
             let woke_by_trigger = tokio::select! {
                 _ = stop.cancelled() => return,
                 _ = trigger.notified() => true,
-                _ = async { if let Some(d) = due { tokio::time::sleep_until(d).await } } => false,
+                _ = async {
+                    match due {
+                        Some(Due::Instant(instant)) => tokio::time::sleep_until(instant).await,
+                        Some(Due::Wall(wall)) => sleep_until_wall(wall).await,
+                        None => {}
+                    }
+                } => false,
             };
             // The planned time is the renewal (the ARI window's random point, or two thirds of
             // the lifetime), so it is acted on as it comes. Judging it again by the two-thirds
@@ -610,12 +641,12 @@ impl CertTask {
     }
 
     /// When to act next for `ck`: the renewal time, or an earlier ARI re-check (true).
-    async fn plan(&self, ck: &CertifiedKey, stop: &CancellationToken) -> Option<(tokio::time::Instant, bool)> {
+    async fn plan(&self, ck: &CertifiedKey, stop: &CancellationToken) -> Option<(SystemTime, bool)> {
         let (plan, ari) = self.planned(ck, stop).await?;
         tracing::info!(certificate = %self.label, renew_at = ?plan.renew_at, ari, "ACME: renewal planned");
         Some(match plan.recheck_at {
-            Some(recheck) => (to_instant(recheck), true),
-            None => (to_instant(plan.renew_at), false),
+            Some(recheck) => (recheck, true),
+            None => (plan.renew_at, false),
         })
     }
 
@@ -1310,23 +1341,41 @@ fn commit(tmp: &Path, path: &Path) -> AcmeResult<()> {
 /// from a handful of places; the cap keeps a flood on a public port 80 or 443 from taking the
 /// file descriptors the mail listeners share.
 const RESPONDER_MAX_CONNECTIONS: usize = 256;
+/// Connections from one address (an IPv6 /64) at once. A CA validates from a few places, with a
+/// connection or two from each; without this, one host holding idle connections could take
+/// every slot and fail every validation, spending the CA's failed-validation limit and putting
+/// the renewal off until the certificate expires.
+const RESPONDER_MAX_PER_ADDRESS: usize = 8;
 /// How long one responder connection may stay open: a CA's request is answered at once.
 const RESPONDER_CONNECTION_LIFETIME: Duration = Duration::from_secs(10);
+
+/// A slot for a responder connection from `peer`, or None (logged) where a cap is full.
+fn responder_slot(
+    open: &Arc<crate::limits::Connections>,
+    responder: &str,
+    peer: std::net::SocketAddr,
+) -> Option<crate::limits::OwnedSlot> {
+    let client = crate::limits::ip_key(peer.ip(), 64);
+    match open.acquire(responder, client, RESPONDER_MAX_CONNECTIONS, 0, RESPONDER_MAX_PER_ADDRESS) {
+        Ok(slot) => Some(slot),
+        Err(cap) => {
+            tracing::debug!(peer = %peer, cap = cap.as_str(), "ACME: {responder} connection refused: too many open");
+            None
+        }
+    }
+}
 
 /// Serve `/.well-known/acme-challenge/TOKEN` and nothing else.
 async fn http01_responder(listener: tokio::net::TcpListener, challenges: Arc<Challenges>, stop: CancellationToken) {
     use bytes::Bytes;
     use http_body_util::Full;
     let mut backoff = crate::app::ACCEPT_BACKOFF_MIN;
-    let slots = Arc::new(tokio::sync::Semaphore::new(RESPONDER_MAX_CONNECTIONS));
+    let open = Arc::new(crate::limits::Connections::default());
     loop {
         let Some((tcp, peer)) = crate::app::accept(&listener, &mut backoff, &stop, "acme-http-01").await else {
             return;
         };
-        let Ok(slot) = slots.clone().try_acquire_owned() else {
-            tracing::debug!(peer = %peer, "ACME: HTTP-01 connection refused: too many open");
-            continue;
-        };
+        let Some(slot) = responder_slot(&open, "acme-http-01", peer) else { continue };
         let challenges = challenges.clone();
         tokio::spawn(async move {
             let _slot = slot;
@@ -1365,15 +1414,12 @@ async fn tls_alpn01_responder(listener: tokio::net::TcpListener, challenges: Arc
     cfg.alpn_protocols = vec![ACME_TLS_ALPN.to_vec()];
     let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(cfg));
     let mut backoff = crate::app::ACCEPT_BACKOFF_MIN;
-    let slots = Arc::new(tokio::sync::Semaphore::new(RESPONDER_MAX_CONNECTIONS));
+    let open = Arc::new(crate::limits::Connections::default());
     loop {
         let Some((tcp, peer)) = crate::app::accept(&listener, &mut backoff, &stop, "acme-tls-alpn-01").await else {
             return;
         };
-        let Ok(slot) = slots.clone().try_acquire_owned() else {
-            tracing::debug!(peer = %peer, "ACME: TLS-ALPN-01 connection refused: too many open");
-            continue;
-        };
+        let Some(slot) = responder_slot(&open, "acme-tls-alpn-01", peer) else { continue };
         let acceptor = acceptor.clone();
         tokio::spawn(async move {
             let _slot = slot;
@@ -1487,6 +1533,54 @@ fn rsa_csr(names: &[String]) -> Result<(Vec<u8>, String), String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A renewal slept towards by the wall clock comes when the clock reads its time, not
+    /// before; a time already past comes at once.
+    #[tokio::test]
+    async fn a_wall_clock_sleep_ends_when_the_clock_reads_its_time() {
+        let t = SystemTime::now() + Duration::from_millis(300);
+        sleep_until_wall(t).await;
+        assert!(SystemTime::now() >= t);
+        let past = SystemTime::now() - Duration::from_secs(60);
+        tokio::time::timeout(Duration::from_secs(5), sleep_until_wall(past)).await.unwrap();
+    }
+
+    /// One host holding idle connections to the HTTP-01 responder cannot keep the CA out: past
+    /// its own few, its connections are closed at accept, and another address is still served.
+    #[tokio::test]
+    async fn one_address_cannot_take_every_http01_responder_slot() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let challenges = Arc::new(Challenges::default());
+        challenges.http.lock().unwrap().insert("tok".into(), "tok.thumb".into());
+        let stop = CancellationToken::new();
+        let responder = tokio::spawn(http01_responder(listener, challenges, stop.clone()));
+        let from = |ip: [u8; 4]| async move {
+            let s = tokio::net::TcpSocket::new_v4().unwrap();
+            s.bind((std::net::Ipv4Addr::from(ip), 0).into()).unwrap();
+            s.connect(addr).await.unwrap()
+        };
+        let mut held = Vec::new();
+        for _ in 0..RESPONDER_MAX_PER_ADDRESS {
+            held.push(from([127, 0, 0, 1]).await);
+        }
+        let mut over = from([127, 0, 0, 1]).await;
+        let mut buf = [0u8; 16];
+        let closed = tokio::time::timeout(Duration::from_secs(5), over.read(&mut buf)).await.unwrap();
+        assert!(matches!(closed, Ok(0) | Err(_)), "a ninth connection from one address was kept: {closed:?}");
+        let mut ca = from([127, 0, 0, 2]).await;
+        ca.write_all(b"GET /.well-known/acme-challenge/tok HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            .await
+            .unwrap();
+        let mut answer = Vec::new();
+        tokio::time::timeout(Duration::from_secs(5), ca.read_to_end(&mut answer)).await.unwrap().unwrap();
+        let answer = String::from_utf8_lossy(&answer);
+        assert!(answer.starts_with("HTTP/1.1 200") && answer.ends_with("tok.thumb"), "{answer}");
+        stop.cancel();
+        drop(held);
+        responder.await.unwrap();
+    }
 
     fn t(secs: u64) -> SystemTime {
         SystemTime::UNIX_EPOCH + Duration::from_secs(secs)
