@@ -90,28 +90,7 @@ pub enum Decision {
 #[derive(Debug, Clone, Hash, PartialEq, Eq)]
 enum Key {
     Ip(IpAddr),
-    /// An IPv6 client's /48 (`network_key`).
-    Net(IpAddr),
     User(String),
-}
-
-/// IPv6 clients are counted per `ipv6_prefix` (a /64: one subscriber's LAN) and also per /48,
-/// where one site or one attacker's allocation holds 65,536 /64s: without it, guesses spread
-/// over those /64s would get `block_after` each (Dovecot counts its penalty per /48;
-/// reliability case 55).
-const NETWORK_PREFIX: u8 = 48;
-/// The /48's limit, in multiples of `block_after`: a few busy /64s of one site (a university,
-/// an office) are not blocked together, while an attacker's /48 gets 16 times one address's
-/// guesses, not 65,536 times.
-const NETWORK_FACTOR: u32 = 16;
-
-/// The /48 of an IPv6 client counted per a longer prefix; None for IPv4 (and IPv4-mapped)
-/// clients, and where `ipv6_prefix` is already /48 or shorter.
-fn network_key(ip: IpAddr, s: &ThrottleSettings) -> Option<IpAddr> {
-    match ip_key(ip, NETWORK_PREFIX) {
-        net @ IpAddr::V6(_) if s.ipv6_prefix > NETWORK_PREFIX => Some(net),
-        _ => None,
-    }
 }
 
 #[derive(Debug)]
@@ -245,14 +224,10 @@ impl Throttle {
         let known = user.is_some_and(|u| self.known_for(address, u));
         let mut table = self.table.lock().unwrap_or_else(|e| e.into_inner());
         let mut worst = 0u32;
-        // Each key with its limit, and what its count is divided by for the penalty. From an
-        // address the user logged in from lately, the address's limits alone.
-        let keys = [
-            Some((Key::Ip(address), s.block_after, 1)),
-            network_key(ip, s).map(|n| (Key::Net(n), s.block_after.saturating_mul(NETWORK_FACTOR), NETWORK_FACTOR)),
-            user.filter(|_| !known).map(|u| (Key::User(u.to_string()), s.user_block_after, 1)),
-        ];
-        for (key, limit, divisor) in keys.into_iter().flatten() {
+        // From an address the user logged in from lately, the address's limit alone.
+        let keys = [Some(Key::Ip(address)), user.filter(|_| !known).map(|u| Key::User(u.to_string()))];
+        for (i, key) in keys.into_iter().enumerate() {
+            let Some(key) = key else { continue };
             let Some(e) = table.get_mut(&key) else { continue };
             if e.blocked_until.is_some_and(|b| b <= now) {
                 // The block has run its course: counting starts again, so it lasted `cooldown`
@@ -267,11 +242,12 @@ impl Throttle {
             if e.blocked_until.is_some_and(|b| b > now) {
                 return Decision::Blocked;
             }
+            let limit = if i == 0 { s.block_after } else { s.user_block_after };
             if e.failures >= limit {
                 e.blocked_until = Some(now + s.cooldown);
                 return Decision::Blocked;
             }
-            worst = worst.max(e.failures / divisor);
+            worst = worst.max(e.failures);
         }
         Decision::Allow { delay: penalty(s, worst) }
     }
@@ -300,16 +276,12 @@ impl Throttle {
                 }
             }
         }
-        let keys = [
-            Some(Key::Ip(ip_key(ip, s.ipv6_prefix))),
-            network_key(ip, s).map(Key::Net),
-            user.map(|u| Key::User(u.to_string())),
-        ];
+        let keys = [Some(Key::Ip(ip_key(ip, s.ipv6_prefix))), user.map(|u| Key::User(u.to_string()))];
         let for_user = user.map(user_hash);
         let from_address = address_hash(ip_key(ip, s.ipv6_prefix));
         for key in keys.into_iter().flatten() {
             let attributed = match key {
-                Key::Ip(_) | Key::Net(_) => for_user,
+                Key::Ip(_) => for_user,
                 Key::User(_) => Some(from_address),
             };
             let e = table.entry(key).or_insert_with(|| Entry {
@@ -386,15 +358,14 @@ impl Throttle {
                 table.remove(&user_key);
             }
         }
-        let u = user_hash(user);
-        for key in [Some(Key::Ip(address)), network_key(ip, s).map(Key::Net)].into_iter().flatten() {
-            if let Some(e) = table.get_mut(&key) {
-                let before = e.users.len();
-                e.users.retain(|x| *x != u);
-                e.failures = e.failures.saturating_sub((before - e.users.len()) as u32);
-                if e.failures == 0 && e.blocked_until.is_none() {
-                    table.remove(&key);
-                }
+        let key = Key::Ip(address);
+        if let Some(e) = table.get_mut(&key) {
+            let u = user_hash(user);
+            let before = e.users.len();
+            e.users.retain(|x| *x != u);
+            e.failures = e.failures.saturating_sub((before - e.users.len()) as u32);
+            if e.failures == 0 && e.blocked_until.is_none() {
+                table.remove(&key);
             }
         }
     }
@@ -767,28 +738,6 @@ mod tests {
         }
         assert_eq!(t.check(&s, ip("2001:db8:1:2::ffff"), Some("fresh")), Decision::Blocked);
         assert_eq!(t.check(&s, ip("2001:db8:1:3::1"), Some("fresh")), Decision::Allow { delay: Duration::ZERO });
-    }
-
-    /// Reliability case 55: guesses spread over many /64s of one /48 are blocked there once the
-    /// /48 has `NETWORK_FACTOR` times one address's limit (each /64 staying under its own);
-    /// another /48 is untouched, and so is an IPv4 client.
-    #[tokio::test(start_paused = true)]
-    async fn guesses_spread_over_one_ipv6_48_are_blocked_there() {
-        let (t, s) = (Throttle::default(), settings());
-        let per_net = s.block_after * NETWORK_FACTOR;
-        for i in 0..per_net {
-            // A fresh /64 for every 5 guesses: under each /64's limit of 6.
-            let a = ip(&format!("2001:db8:7:{:x}::1", i / 5));
-            assert!(matches!(t.check(&s, a, None), Decision::Allow { .. }), "guess {i} refused");
-            t.failure(&s, a, Some(&format!("user{i}")), u64::from(i));
-        }
-        assert_eq!(t.check(&s, ip("2001:db8:7:ffff::1"), None), Decision::Blocked);
-        assert_eq!(t.check(&s, ip("2001:db8:8::1"), None), Decision::Allow { delay: Duration::ZERO });
-        assert_eq!(t.check(&s, ip("192.0.2.1"), None), Decision::Allow { delay: Duration::ZERO });
-        // Counted per /48 already: no second tier.
-        let s48 = ThrottleSettings { ipv6_prefix: 48, ..settings() };
-        assert_eq!(network_key(ip("2001:db8:7::1"), &s48), None);
-        assert_eq!(network_key(ip("::ffff:192.0.2.1"), &s), None);
     }
 
     #[tokio::test(start_paused = true)]
