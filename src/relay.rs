@@ -672,6 +672,11 @@ where
         }
         if let Poll::Ready(Err((side, _))) = up {
             return Poll::Ready(match side {
+                // After the backend's own end of the session (its EOF read: a QUIT or LOGOUT
+                // answered), a client that goes without close_notify, or resets, has only left
+                // as most do (swaks, Python's smtplib and poplib close the socket): an ordinary
+                // close, not a client error in the log and the session counts.
+                Side::Reader if this.down.read_done => RelayEnd::Closed,
                 Side::Reader => RelayEnd::ClientError,
                 Side::Writer => RelayEnd::BackendError,
                 Side::Guard => RelayEnd::Refused,
@@ -693,6 +698,9 @@ where
         if let Poll::Ready(Err((side, _))) = down {
             return Poll::Ready(match side {
                 Side::Reader => RelayEnd::BackendError,
+                // The client gone before the backend's last bytes and close reached it, after
+                // the backend's end (as above).
+                Side::Writer if this.down.read_done => RelayEnd::Closed,
                 Side::Writer => RelayEnd::ClientError,
                 Side::Guard => RelayEnd::Refused,
             });
@@ -1174,6 +1182,66 @@ mod tests {
             token.cancel();
             assert_eq!(task.await.unwrap(), RelayEnd::Closed);
             assert_eq!(start.elapsed(), Duration::from_secs(ends), "hold {hold}s, grace {grace}s");
+        }
+    }
+
+    /// A client whose TLS read fails at its end (no close_notify: swaks, Python's smtplib) once
+    /// the backend has ended the session (its reply to QUIT, then its close) has left as most
+    /// clients do: the session ends "closed". Before the backend's end it is the client's error.
+    #[tokio::test]
+    async fn a_client_gone_without_close_notify_after_the_backend_ended_is_an_ordinary_close() {
+        /// The proxy's side of a client connection whose end comes without close_notify.
+        struct Truncated(DuplexStream);
+        impl AsyncRead for Truncated {
+            fn poll_read(
+                mut self: Pin<&mut Self>,
+                cx: &mut Context<'_>,
+                buf: &mut ReadBuf<'_>,
+            ) -> Poll<io::Result<()>> {
+                let before = buf.filled().len();
+                match Pin::new(&mut self.0).poll_read(cx, buf) {
+                    Poll::Ready(Ok(())) if buf.filled().len() == before => {
+                        Poll::Ready(Err(io::ErrorKind::UnexpectedEof.into()))
+                    }
+                    other => other,
+                }
+            }
+        }
+        impl AsyncWrite for Truncated {
+            fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, b: &[u8]) -> Poll<io::Result<usize>> {
+                Pin::new(&mut self.0).poll_write(cx, b)
+            }
+            fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+                Pin::new(&mut self.0).poll_flush(cx)
+            }
+            fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+                Pin::new(&mut self.0).poll_shutdown(cx)
+            }
+        }
+        for backend_ended in [true, false] {
+            let (mut client_app, client_proxy) = duplex(1024);
+            let (mut backend_proxy, mut backend_app) = duplex(1024);
+            let task = tokio::spawn(async move {
+                let mut client = Truncated(client_proxy);
+                let d = Deadlines { idle: Duration::from_secs(60), ..Deadlines::default() };
+                relay(&mut client, &mut backend_proxy, d, Meters::default(), None).await.0
+            });
+            client_app.write_all(b"QUIT\r\n").await.unwrap();
+            let mut quit = [0u8; 6];
+            backend_app.read_exact(&mut quit).await.unwrap();
+            let (expected, _still_open) = if backend_ended {
+                backend_app.write_all(b"221 2.0.0 Bye\r\n").await.unwrap();
+                drop(backend_app);
+                let mut got = Vec::new();
+                client_app.read_to_end(&mut got).await.unwrap();
+                assert_eq!(got, b"221 2.0.0 Bye\r\n");
+                (RelayEnd::Closed, None)
+            } else {
+                (RelayEnd::ClientError, Some(backend_app))
+            };
+            drop(client_app);
+            let end = tokio::time::timeout(Duration::from_secs(5), task).await.unwrap().unwrap();
+            assert_eq!(end, expected, "backend ended first: {backend_ended}");
         }
     }
 
