@@ -147,6 +147,7 @@ def test_client_xclient_is_refused(mail_proxy):
 
 
 def test_swaks_starttls_submission(mail_proxy):
+    before = len(mail_proxy.log())
     out = subprocess.run(
         [
             "swaks", "--server", f"127.0.0.1:{mail_proxy.setup.port('submission')}", "--local-interface", CLIENT_IP,
@@ -160,6 +161,11 @@ def test_swaks_starttls_submission(mail_proxy):
     assert "235 2.7.0 Authentication successful" in out.stdout
     data = delivered_with(mail_proxy.postfix, "swaks")
     assert b"sent by swaks" in data and b"from swaks.example" in data
+    # swaks closes its socket after QUIT without a TLS close_notify, as most clients do: once
+    # Postfix has answered the QUIT and closed, that is an ordinary end of the session.
+    ended = wait_for(lambda: [l for l in mail_proxy.log()[before:].splitlines()
+                              if "session end" in l and "listener=submission " in l and f"client={CLIENT_IP}:" in l])
+    assert ended and 'phase="relay" result="closed"' in ended[0], ended
 
 
 def test_curl_smtps_and_smtp_starttls(mail_proxy, tmp_path):
