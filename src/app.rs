@@ -382,13 +382,28 @@ impl App {
         // that changes while it is being read (a save in progress, a users file rewritten by a
         // provisioning tool) leaves the reload unsettled (below).
         let before_files = self.runtime.load().config.watched_files();
-        let before = fingerprint(&before_files);
-        let config = Config::load(&self.config_path);
-        let files = match &config {
-            Ok(config) => config.watched_files(),
-            Err(_) => vec![self.config_path.clone()],
+        // Reading and parsing (a users file of many thousands of lines) and hashing every file
+        // block: off the runtime's worker threads, which serve the sessions meanwhile.
+        let path = self.config_path.clone();
+        let read = tokio::task::spawn_blocking(move || {
+            let before = fingerprint(&before_files);
+            let config = Config::load(&path);
+            let files = match &config {
+                Ok(config) => config.watched_files(),
+                Err(_) => vec![path.clone()],
+            };
+            let fp = fingerprint(&files);
+            (before_files, before, config, files, fp)
+        });
+        let Ok((before_files, before, config, files, fp)) = read.await else {
+            // Only if the reader panicked (or the runtime is going away).
+            return Err(StartError::Config(ConfigError {
+                file: self.config_path.clone(),
+                position: None,
+                field: String::new(),
+                message: "reading the configuration failed".into(),
+            }));
         };
-        let fp = fingerprint(&files);
         if !force && fp == *last {
             return Ok(Reloaded::Unchanged);
         }
@@ -451,7 +466,12 @@ impl App {
         // A file that changed while it was being read (a save in progress) may now run
         // half-written or old: then the fingerprint is not kept, and the save's own events (or
         // the next reload) load it again instead of finding it "unchanged".
-        *last = if settled(&before_files, before, &files, fp, fingerprint(&files)) { fp } else { 0 };
+        let after = {
+            let files = files.clone();
+            // 0 (unsettled) if the hashing could not run.
+            tokio::task::spawn_blocking(move || fingerprint(&files)).await.unwrap_or(0)
+        };
+        *last = if settled(&before_files, before, &files, fp, after) { fp } else { 0 };
         if !kept.is_empty() {
             // Not kept either: the next event or SIGHUP reads the files again, and only one
             // that loads them all counts as a success.
@@ -695,13 +715,7 @@ impl App {
             let runtime = self.runtime.load_full();
             // A reload that renamed the listener on this address swaps the config before it
             // stops this loop: a client accepted in between goes to the listener now bound here.
-            let bound = socket.local_addr().ok();
-            let Some(listener) = runtime
-                .config
-                .listener(&name)
-                .or_else(|| runtime.config.listeners.iter().find(|l| bound.is_some_and(|a| l.bind.contains(&a))))
-                .cloned()
-            else {
+            let Some(listener) = runtime.config.listener_on(&name, socket.local_addr().ok()).cloned() else {
                 continue;
             };
             let grace = runtime.config.limits.shutdown_grace;

@@ -856,6 +856,14 @@ impl Config {
         self.listeners.iter().find(|l| l.name == name)
     }
 
+    /// The listener for a connection accepted on `bound` by the accept loop of listener `name`:
+    /// the one bound there, whatever its name (a reload that renamed it swaps the config before
+    /// it stops the loop under the old name, which another listener, bound elsewhere, may now
+    /// have); by name where the address matches none (a bind to port 0).
+    pub fn listener_on(&self, name: &str, bound: Option<SocketAddr>) -> Option<&Arc<ListenerConfig>> {
+        self.listeners.iter().find(|l| bound.is_some_and(|a| l.bind.contains(&a))).or_else(|| self.listener(name))
+    }
+
     /// Every file whose change should trigger a reload.
     pub fn watched_files(&self) -> Vec<PathBuf> {
         let mut files = vec![self.path.clone()];
@@ -2780,6 +2788,25 @@ default = "b"
         let e = parse(&text).unwrap_err();
         let want = text.lines().position(|l| l.starts_with("health =")).map(|i| i + 1);
         assert_eq!((e.field.as_str(), e.position.map(|p| p.0)), ("backend[1].health", want), "{e}");
+    }
+
+    /// A connection accepted by the loop of listener `a` on a socket listener `b` now has (a
+    /// reload renamed `a` to `b` and added another `a` elsewhere) goes by `b`'s settings.
+    #[test]
+    fn a_connection_goes_by_the_listener_bound_where_it_was_accepted() {
+        let c = parse(&format!(
+            "{BASE}\n[[listener]]\nname = \"a\"\nbind = \"127.0.0.1:10143\"\nprotocol = \"imap\"\ntls = \"none\"\n\
+             \n[[listener]]\nname = \"b\"\nbind = \"127.0.0.1:10144\"\nprotocol = \"imap\"\ntls = \"none\"\n"
+        ))
+        .unwrap();
+        let on = |name: &str, port: u16| {
+            c.listener_on(name, Some(SocketAddr::from(([127, 0, 0, 1], port)))).map(|l| l.name.clone())
+        };
+        assert_eq!(on("a", 10144).as_deref(), Some("b"));
+        assert_eq!(on("a", 10143).as_deref(), Some("a"));
+        // An address no listener names (a port-0 bind): by name.
+        assert_eq!(on("b", 40000).as_deref(), Some("b"));
+        assert_eq!(on("gone", 40000), None);
     }
 
     #[test]
