@@ -53,6 +53,9 @@ pub struct BackendHealth {
     configured: AtomicU8,
     /// Named by the auth service, not the config.
     dynamic: bool,
+    /// When its active checks last ran: checks started again by a reload wait out the rest of
+    /// the interval (`run_checks`).
+    last_check: Mutex<Option<tokio::time::Instant>>,
 }
 
 /// The parts of a backend's definition its health belongs to.
@@ -83,6 +86,7 @@ impl BackendHealth {
             identity,
             configured: AtomicU8::new(0),
             dynamic,
+            last_check: Mutex::new(None),
         }
     }
 }
@@ -372,8 +376,20 @@ pub async fn run_checks(
     let hs = backend.health.clone();
     // With checks off, SMTP backends are still asked for their extensions, rarely.
     let interval = if hs.enabled { hs.interval } else { hs.interval.max(DISABLED_PROBE_INTERVAL) };
+    // Every reload starts the checks again: a backend checked lately at the same address (its
+    // record kept by `sync`) waits out the rest of the interval, so frequent reloads (a users
+    // file a provisioning tool rewrites) do not multiply the test logins.
+    let record = table.entry(&backend);
+    let last = *record.last_check.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some(last) = last {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tokio::time::sleep_until(last + interval) => {}
+        }
+    }
     loop {
         if hs.enabled || backend.protocol == Protocol::Smtp {
+            *record.last_check.lock().unwrap_or_else(|e| e.into_inner()) = Some(tokio::time::Instant::now());
             let result = tokio::time::timeout(hs.timeout, check(&backend, tls.as_ref(), &hostname, &ehlo_cache)).await;
             let result = result.unwrap_or(Err(BackendError::Protocol("health check timed out")));
             if hs.enabled {
@@ -693,6 +709,67 @@ mod tests {
         drop(g1);
         drop(g2);
         assert_eq!(t.sessions("b"), 0);
+    }
+
+    /// Checks started again (as every reload does) do not check a backend checked lately at
+    /// the same address at once: they wait out the rest of its interval.
+    #[tokio::test(start_paused = true)]
+    async fn checks_started_again_wait_out_the_interval() {
+        let server = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = server.local_addr().unwrap();
+        let checks = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let counted = checks.clone();
+        tokio::spawn(async move {
+            loop {
+                let Ok((mut s, _)) = server.accept().await else { return };
+                counted.fetch_add(1, Ordering::SeqCst);
+                tokio::spawn(async move {
+                    use tokio::io::AsyncReadExt;
+                    let _ = s.write_all(b"* OK ready\r\n").await;
+                    let mut buf = [0u8; 256];
+                    let _ = s.read(&mut buf).await;
+                    let _ = s.write_all(b"* CAPABILITY IMAP4rev1\r\nH1 OK done\r\n").await;
+                    let _ = s.read(&mut buf).await;
+                });
+            }
+        });
+        let text = format!(
+            "[auth]\nsource = \"backend\"\n[[backend]]\nname = \"b\"\naddress = \"{addr}\"\n[backend.health]\ninterval = \"10s\"\ntimeout = \"1s\"\n[routing.imap]\ndefault = \"b\"\n"
+        );
+        let b = crate::config::Config::parse(std::path::Path::new("/t.toml"), &text).unwrap().backends["b"].clone();
+        let table = Arc::new(HealthTable::default());
+        let start = |stop: &CancellationToken| {
+            tokio::spawn(run_checks(
+                b.clone(),
+                None,
+                "h".into(),
+                table.clone(),
+                Arc::new(EhloCache::default()),
+                stop.clone(),
+            ))
+        };
+        let first = CancellationToken::new();
+        start(&first);
+        let mut waited = 0;
+        while checks.load(Ordering::SeqCst) == 0 {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            waited += 100;
+            assert!(waited < 5_000, "never checked");
+        }
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        first.cancel();
+        let again = CancellationToken::new();
+        start(&again);
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        assert_eq!(checks.load(Ordering::SeqCst), 1, "checked again at once");
+        // Once the interval since the first check is over, the next one comes.
+        let mut waited = 0;
+        while checks.load(Ordering::SeqCst) == 1 {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            waited += 100;
+            assert!(waited < 10_000, "never checked again");
+        }
+        again.cancel();
     }
 
     #[tokio::test(start_paused = true)]
