@@ -383,7 +383,8 @@ impl App {
         // provisioning tool) leaves the reload unsettled (below).
         let before_files = self.runtime.load().config.watched_files();
         // Reading and parsing (a users file of many thousands of lines) and hashing every file
-        // block: off the runtime's worker threads, which serve the sessions meanwhile.
+        // block: off the runtime's worker threads, which serve the sessions meanwhile. (The
+        // certificate and CA files are read later, on them: a few small files.)
         let path = self.config_path.clone();
         let read = tokio::task::spawn_blocking(move || {
             let before = fingerprint(&before_files);

@@ -53,9 +53,10 @@ pub struct BackendHealth {
     configured: AtomicU8,
     /// Named by the auth service, not the config.
     dynamic: bool,
-    /// When its active checks last ran: checks started again by a reload wait out the rest of
-    /// the interval (`run_checks`).
-    last_check: Mutex<Option<tokio::time::Instant>>,
+    /// When its active checks last ran, and on which definition: checks started again by a
+    /// reload that left the definition as it was wait out the rest of the interval
+    /// (`run_checks`).
+    last_check: Mutex<Option<(tokio::time::Instant, Arc<Backend>)>>,
 }
 
 /// The parts of a backend's definition its health belongs to.
@@ -376,12 +377,15 @@ pub async fn run_checks(
     let hs = backend.health.clone();
     // With checks off, SMTP backends are still asked for their extensions, rarely.
     let interval = if hs.enabled { hs.interval } else { hs.interval.max(DISABLED_PROBE_INTERVAL) };
-    // Every reload starts the checks again: a backend checked lately at the same address (its
-    // record kept by `sync`) waits out the rest of the interval, so frequent reloads (a users
-    // file a provisioning tool rewrites) do not multiply the test logins.
+    // Every reload starts the checks again: a backend checked lately and defined as it was (its
+    // record kept by `sync`; its check login, TLS and intervals unchanged) waits out the rest of
+    // the interval, so frequent reloads (a users file a provisioning tool rewrites) do not
+    // multiply the test logins. A changed definition (a check password fixed) is checked at once.
     let record = table.entry(&backend);
-    let last = *record.last_check.lock().unwrap_or_else(|e| e.into_inner());
-    if let Some(last) = last {
+    let last = record.last_check.lock().unwrap_or_else(|e| e.into_inner()).clone();
+    if let Some((last, checked)) = last
+        && *checked == *backend
+    {
         tokio::select! {
             _ = stop.cancelled() => return,
             _ = tokio::time::sleep_until(last + interval) => {}
@@ -389,7 +393,8 @@ pub async fn run_checks(
     }
     loop {
         if hs.enabled || backend.protocol == Protocol::Smtp {
-            *record.last_check.lock().unwrap_or_else(|e| e.into_inner()) = Some(tokio::time::Instant::now());
+            *record.last_check.lock().unwrap_or_else(|e| e.into_inner()) =
+                Some((tokio::time::Instant::now(), backend.clone()));
             let result = tokio::time::timeout(hs.timeout, check(&backend, tls.as_ref(), &hostname, &ehlo_cache)).await;
             let result = result.unwrap_or(Err(BackendError::Protocol("health check timed out")));
             if hs.enabled {
@@ -738,18 +743,11 @@ mod tests {
         );
         let b = crate::config::Config::parse(std::path::Path::new("/t.toml"), &text).unwrap().backends["b"].clone();
         let table = Arc::new(HealthTable::default());
-        let start = |stop: &CancellationToken| {
-            tokio::spawn(run_checks(
-                b.clone(),
-                None,
-                "h".into(),
-                table.clone(),
-                Arc::new(EhloCache::default()),
-                stop.clone(),
-            ))
+        let start = |stop: &CancellationToken, b: Arc<Backend>| {
+            tokio::spawn(run_checks(b, None, "h".into(), table.clone(), Arc::new(EhloCache::default()), stop.clone()))
         };
         let first = CancellationToken::new();
-        start(&first);
+        start(&first, b.clone());
         let mut waited = 0;
         while checks.load(Ordering::SeqCst) == 0 {
             tokio::time::sleep(Duration::from_millis(100)).await;
@@ -759,7 +757,7 @@ mod tests {
         tokio::time::sleep(Duration::from_secs(2)).await;
         first.cancel();
         let again = CancellationToken::new();
-        start(&again);
+        start(&again, b.clone());
         tokio::time::sleep(Duration::from_secs(5)).await;
         assert_eq!(checks.load(Ordering::SeqCst), 1, "checked again at once");
         // Once the interval since the first check is over, the next one comes.
@@ -770,6 +768,22 @@ mod tests {
             assert!(waited < 10_000, "never checked again");
         }
         again.cancel();
+        // A definition changed at the same address (here the check timeout; a check password
+        // fixed, say) is checked at once.
+        let changed = {
+            let mut c = (*b).clone();
+            c.health.timeout = Duration::from_secs(2);
+            Arc::new(c)
+        };
+        let third = CancellationToken::new();
+        start(&third, changed);
+        let mut waited = 0;
+        while checks.load(Ordering::SeqCst) == 2 {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            waited += 100;
+            assert!(waited < 3_000, "a changed definition waited");
+        }
+        third.cancel();
     }
 
     #[tokio::test(start_paused = true)]

@@ -519,14 +519,7 @@ where
     if r.up_failed && end == RelayEnd::Closed {
         end = RelayEnd::BackendError;
     }
-    // Backend bytes not yet written, or a write that ended inside a line, an IMAP literal or a
-    // POP3 multi-line response (a message's lines end in LF too): a big FETCH or RETR is often
-    // written whole each read, so the buffer alone would say "between replies" while the client
-    // is in the middle of one.
-    let mid_reply = r.down.pos < r.down.cap
-        || r.down.mid_line
-        || r.follow.inside_reply()
-        || r.up.commands.is_some_and(|c| c.compressed);
+    let mid_reply = r.mid_reply();
     if r.held_end.is_some() && !mid_reply {
         // The held direction never shut the client's side down: do it now (TLS close_notify),
         // briefly, as an ordinary close would have. Not after a reply cut off part-way (a
@@ -565,6 +558,24 @@ struct Relay<'a, C: ?Sized, B: ?Sized> {
 }
 
 impl<C: ?Sized, B: ?Sized> Relay<'_, C, B> {
+    /// Backend bytes not yet written, or a write that ended inside a line, an IMAP literal or a
+    /// POP3 multi-line response (a message's lines end in LF too): a big FETCH or RETR is often
+    /// written whole each read, so the buffer alone would say "between replies" while the
+    /// client is in the middle of one.
+    fn mid_reply(&self) -> bool {
+        self.down.pos < self.down.cap
+            || self.down.mid_line
+            || self.follow.inside_reply()
+            || self.up.commands.is_some_and(|c| c.compressed)
+    }
+
+    /// The backend has ended the session between replies (its EOF read): what the client does
+    /// after that (leave without close_notify, reset) is an ordinary end. Not after a reply the
+    /// backend cut off: that stays the failure it was.
+    fn backend_ended(&self) -> bool {
+        self.down.read_done && !self.mid_reply()
+    }
+
     fn next_deadline(&self) -> Instant {
         let idle = Instant::now() + self.idle;
         self.max_end.map_or(idle, |m| m.min(idle))
@@ -672,11 +683,11 @@ where
         }
         if let Poll::Ready(Err((side, _))) = up {
             return Poll::Ready(match side {
-                // After the backend's own end of the session (its EOF read: a QUIT or LOGOUT
-                // answered), a client that goes without close_notify, or resets, has only left
-                // as most do (swaks, Python's smtplib and poplib close the socket): an ordinary
-                // close, not a client error in the log and the session counts.
-                Side::Reader if this.down.read_done => RelayEnd::Closed,
+                // After the backend's own end of the session (its EOF read between replies: a
+                // QUIT or LOGOUT answered), a client that goes without close_notify, or resets,
+                // has only left as most do (swaks, Python's smtplib and poplib close the
+                // socket): an ordinary close, not a client error.
+                Side::Reader if this.backend_ended() => RelayEnd::Closed,
                 Side::Reader => RelayEnd::ClientError,
                 Side::Writer => RelayEnd::BackendError,
                 Side::Guard => RelayEnd::Refused,
@@ -700,7 +711,7 @@ where
                 Side::Reader => RelayEnd::BackendError,
                 // The client gone before the backend's last bytes and close reached it, after
                 // the backend's end (as above).
-                Side::Writer if this.down.read_done => RelayEnd::Closed,
+                Side::Writer if this.backend_ended() => RelayEnd::Closed,
                 Side::Writer => RelayEnd::ClientError,
                 Side::Guard => RelayEnd::Refused,
             });
@@ -1217,6 +1228,24 @@ mod tests {
             fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
                 Pin::new(&mut self.0).poll_shutdown(cx)
             }
+        }
+        // A backend that closes part-way through a line has not ended the session: the client
+        // that then goes is still the client's error, as before.
+        {
+            let (mut client_app, client_proxy) = duplex(1024);
+            let (mut backend_proxy, mut backend_app) = duplex(1024);
+            let task = tokio::spawn(async move {
+                let mut client = Truncated(client_proxy);
+                let d = Deadlines { idle: Duration::from_secs(60), ..Deadlines::default() };
+                relay(&mut client, &mut backend_proxy, d, Meters::default(), None).await.0
+            });
+            backend_app.write_all(b"* 1 FETCH (BODY[] {20}\r\nFrom: a").await.unwrap();
+            drop(backend_app);
+            let mut got = Vec::new();
+            client_app.read_to_end(&mut got).await.unwrap();
+            drop(client_app);
+            let end = tokio::time::timeout(Duration::from_secs(5), task).await.unwrap().unwrap();
+            assert_eq!(end, RelayEnd::ClientError, "a reply cut off");
         }
         for backend_ended in [true, false] {
             let (mut client_app, client_proxy) = duplex(1024);
