@@ -254,6 +254,13 @@ impl Direction {
                     self.buf = None;
                     return Poll::Pending;
                 }
+                // A client that closes its socket without TLS close_notify (most do after QUIT
+                // or LOGOUT: swaks, Python's smtplib and poplib) has ended its side as one that
+                // sends it does. Nothing is gained by cutting it short: the backend sees the
+                // same end of the client's bytes either way.
+                Poll::Ready(Err(e)) if from == Source::Client && e.kind() == io::ErrorKind::UnexpectedEof => {
+                    self.read_done = true;
+                }
                 Poll::Ready(Err(e)) => return Poll::Ready(Err((Side::Reader, e))),
                 Poll::Ready(Ok(())) => {
                     let n = rb.filled().len();
@@ -1196,29 +1203,29 @@ mod tests {
         }
     }
 
-    /// A client whose TLS read fails at its end (no close_notify: swaks, Python's smtplib) once
-    /// the backend has ended the session (its reply to QUIT, then its close) has left as most
-    /// clients do: the session ends "closed". Before the backend's end it is the client's error.
+    /// A client that closes without TLS close_notify (swaks, Python's smtplib) ends its side as
+    /// one that sends it does, whichever side goes first: the session ends "closed". A client
+    /// connection that fails (a reset) is the client's error, unless the backend had already
+    /// ended the session between replies; after a reply the backend cut off, it still is.
     #[tokio::test]
-    async fn a_client_gone_without_close_notify_after_the_backend_ended_is_an_ordinary_close() {
-        /// The proxy's side of a client connection whose end comes without close_notify.
-        struct Truncated(DuplexStream);
-        impl AsyncRead for Truncated {
+    async fn a_client_gone_without_close_notify_is_an_ordinary_close() {
+        /// The proxy's side of a client connection whose end reads as `end`.
+        struct Ending(DuplexStream, io::ErrorKind);
+        impl AsyncRead for Ending {
             fn poll_read(
                 mut self: Pin<&mut Self>,
                 cx: &mut Context<'_>,
                 buf: &mut ReadBuf<'_>,
             ) -> Poll<io::Result<()>> {
                 let before = buf.filled().len();
+                let end = self.1;
                 match Pin::new(&mut self.0).poll_read(cx, buf) {
-                    Poll::Ready(Ok(())) if buf.filled().len() == before => {
-                        Poll::Ready(Err(io::ErrorKind::UnexpectedEof.into()))
-                    }
+                    Poll::Ready(Ok(())) if buf.filled().len() == before => Poll::Ready(Err(end.into())),
                     other => other,
                 }
             }
         }
-        impl AsyncWrite for Truncated {
+        impl AsyncWrite for Ending {
             fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, b: &[u8]) -> Poll<io::Result<usize>> {
                 Pin::new(&mut self.0).poll_write(cx, b)
             }
@@ -1229,48 +1236,53 @@ mod tests {
                 Pin::new(&mut self.0).poll_shutdown(cx)
             }
         }
-        // A backend that closes part-way through a line has not ended the session: the client
-        // that then goes is still the client's error, as before.
-        {
+        use io::ErrorKind::{ConnectionReset, UnexpectedEof};
+        // (how the client's end reads, what the backend sends and whether it closes before the
+        // client goes, how the session ends)
+        let cases: [(io::ErrorKind, Option<&[u8]>, RelayEnd); 5] = [
+            (UnexpectedEof, Some(b"221 2.0.0 Bye\r\n"), RelayEnd::Closed),
+            (UnexpectedEof, None, RelayEnd::Closed),
+            (ConnectionReset, None, RelayEnd::ClientError),
+            (ConnectionReset, Some(b"221 2.0.0 Bye\r\n"), RelayEnd::Closed),
+            (ConnectionReset, Some(b"* 1 FETCH (BODY[] {20}\r\nFrom: a"), RelayEnd::ClientError),
+        ];
+        for (client_end, backend_last, expected) in cases {
             let (mut client_app, client_proxy) = duplex(1024);
             let (mut backend_proxy, mut backend_app) = duplex(1024);
             let task = tokio::spawn(async move {
-                let mut client = Truncated(client_proxy);
-                let d = Deadlines { idle: Duration::from_secs(60), ..Deadlines::default() };
-                relay(&mut client, &mut backend_proxy, d, Meters::default(), None).await.0
-            });
-            backend_app.write_all(b"* 1 FETCH (BODY[] {20}\r\nFrom: a").await.unwrap();
-            drop(backend_app);
-            let mut got = Vec::new();
-            client_app.read_to_end(&mut got).await.unwrap();
-            drop(client_app);
-            let end = tokio::time::timeout(Duration::from_secs(5), task).await.unwrap().unwrap();
-            assert_eq!(end, RelayEnd::ClientError, "a reply cut off");
-        }
-        for backend_ended in [true, false] {
-            let (mut client_app, client_proxy) = duplex(1024);
-            let (mut backend_proxy, mut backend_app) = duplex(1024);
-            let task = tokio::spawn(async move {
-                let mut client = Truncated(client_proxy);
+                let mut client = Ending(client_proxy, client_end);
                 let d = Deadlines { idle: Duration::from_secs(60), ..Deadlines::default() };
                 relay(&mut client, &mut backend_proxy, d, Meters::default(), None).await.0
             });
             client_app.write_all(b"QUIT\r\n").await.unwrap();
             let mut quit = [0u8; 6];
             backend_app.read_exact(&mut quit).await.unwrap();
-            let (expected, _still_open) = if backend_ended {
-                backend_app.write_all(b"221 2.0.0 Bye\r\n").await.unwrap();
-                drop(backend_app);
-                let mut got = Vec::new();
-                client_app.read_to_end(&mut got).await.unwrap();
-                assert_eq!(got, b"221 2.0.0 Bye\r\n");
-                (RelayEnd::Closed, None)
-            } else {
-                (RelayEnd::ClientError, Some(backend_app))
+            let still_open = match backend_last {
+                Some(last) => {
+                    backend_app.write_all(last).await.unwrap();
+                    drop(backend_app);
+                    let mut got = Vec::new();
+                    client_app.read_to_end(&mut got).await.unwrap();
+                    assert_eq!(got, last);
+                    drop(client_app);
+                    None
+                }
+                None => {
+                    drop(client_app);
+                    if client_end == UnexpectedEof {
+                        // The client's end reaches the backend as an end, not a cut: it then closes.
+                        let mut rest = Vec::new();
+                        backend_app.read_to_end(&mut rest).await.unwrap();
+                        drop(backend_app);
+                        None
+                    } else {
+                        Some(backend_app)
+                    }
+                }
             };
-            drop(client_app);
             let end = tokio::time::timeout(Duration::from_secs(5), task).await.unwrap().unwrap();
-            assert_eq!(end, expected, "backend ended first: {backend_ended}");
+            assert_eq!(end, expected, "{client_end:?} after {:?}", backend_last.map(String::from_utf8_lossy));
+            drop(still_open);
         }
     }
 
