@@ -99,6 +99,9 @@ struct Direction {
     mid_line: bool,
     /// Client to backend (IMAP, or with a disconnect spread): what the client's commands said.
     commands: Option<Commands>,
+    /// Backend to client: where replies end can be told (a protocol followed, not compressed),
+    /// so an EOF inside one is a cut (set by the relay before each copy).
+    replies_seen: bool,
     bytes: u64,
     /// How much of `bytes` the meter has been given.
     reported: u64,
@@ -238,6 +241,14 @@ impl Direction {
                     self.held = true;
                     self.buf = None;
                     return Poll::Pending;
+                }
+                // The backend's end part-way through a reply (inside a line, an IMAP literal, a
+                // POP3 multi-line response): no close_notify for the client, which would make
+                // the cut look like the reply's end. The session ends as the backend's failure,
+                // and the client's connection is closed without it.
+                if from == Source::Backend && self.replies_seen && (self.mid_line || follow.inside_reply()) {
+                    self.buf = None;
+                    return Poll::Ready(Err((Side::Reader, io::ErrorKind::UnexpectedEof.into())));
                 }
                 ready!(w.as_mut().poll_shutdown(cx)).map_err(|e| (Side::Writer, e))?;
                 self.done = true;
@@ -701,6 +712,8 @@ where
             });
         }
         let (backend, client) = (Pin::new(&mut *this.backend), Pin::new(&mut *this.client));
+        this.down.replies_seen =
+            !matches!(this.follow, Follow::Bytes) && !this.up.commands.is_some_and(|c| c.compressed);
         let mut down = this.down.poll_copy(cx, backend, client, &mut active, &mut this.follow, Source::Backend);
         if let Poll::Ready(Err((Side::Reader, _))) = down
             && this.down.hold_close
@@ -1283,6 +1296,57 @@ mod tests {
             let end = tokio::time::timeout(Duration::from_secs(5), task).await.unwrap().unwrap();
             assert_eq!(end, expected, "{client_end:?} after {:?}", backend_last.map(String::from_utf8_lossy));
             drop(still_open);
+        }
+    }
+
+    /// A backend that closes part-way through a reply (inside an IMAP literal, or a line): the
+    /// session ends as the backend's failure and the client gets no close_notify, which would
+    /// make the cut look like the reply's end. Between replies its close is an ordinary one.
+    #[tokio::test]
+    async fn a_backend_that_closes_inside_a_reply_gives_the_client_no_clean_close() {
+        /// A client connection that notes whether the relay closed it cleanly.
+        struct Noted(DuplexStream, std::sync::Arc<std::sync::atomic::AtomicBool>);
+        impl AsyncRead for Noted {
+            fn poll_read(
+                mut self: Pin<&mut Self>,
+                cx: &mut Context<'_>,
+                buf: &mut ReadBuf<'_>,
+            ) -> Poll<io::Result<()>> {
+                Pin::new(&mut self.0).poll_read(cx, buf)
+            }
+        }
+        impl AsyncWrite for Noted {
+            fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, b: &[u8]) -> Poll<io::Result<usize>> {
+                Pin::new(&mut self.0).poll_write(cx, b)
+            }
+            fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+                Pin::new(&mut self.0).poll_flush(cx)
+            }
+            fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+                self.1.store(true, std::sync::atomic::Ordering::SeqCst);
+                Pin::new(&mut self.0).poll_shutdown(cx)
+            }
+        }
+        for (last, cut) in [
+            (&b"* 1 FETCH (BODY[] {20}\r\nFrom: a\r\n"[..], true),
+            (b"* 1 FETCH (FLAGS (\\Seen", true),
+            (b"* BYE bye\r\na OK LOGOUT done\r\n", false),
+        ] {
+            let (mut client_app, client_proxy) = duplex(4096);
+            let shut = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+            let client = Noted(client_proxy, shut.clone());
+            let (task, mut backend_app) =
+                relay_after(Protocol::Imap, client, &mut client_app, Deadlines::default(), (b"", b"")).await;
+            backend_app.write_all(last).await.unwrap();
+            drop(backend_app);
+            let mut got = Vec::new();
+            tokio::time::timeout(Duration::from_secs(5), client_app.read_to_end(&mut got)).await.unwrap().unwrap();
+            assert_eq!(got, last);
+            drop(client_app);
+            let (end, _) = tokio::time::timeout(Duration::from_secs(5), task).await.unwrap().unwrap();
+            let expected = if cut { RelayEnd::BackendError } else { RelayEnd::Closed };
+            assert_eq!(end, expected, "{:?}", String::from_utf8_lossy(last));
+            assert_eq!(shut.load(std::sync::atomic::Ordering::SeqCst), !cut, "{:?}", String::from_utf8_lossy(last));
         }
     }
 
