@@ -716,12 +716,9 @@ mod tests {
         assert_eq!(t.sessions("b"), 0);
     }
 
-    /// Checks started again (as every reload does) do not check a backend checked lately at
-    /// the same address at once: they wait out the rest of its interval.
-    #[tokio::test(start_paused = true)]
-    async fn checks_started_again_wait_out_the_interval() {
-        let server = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = server.local_addr().unwrap();
+    /// Answer every connection to `server` as an IMAP server passing a check does; the count
+    /// of connections so far.
+    fn answer_checks(server: tokio::net::TcpListener) -> Arc<std::sync::atomic::AtomicUsize> {
         let checks = Arc::new(std::sync::atomic::AtomicUsize::new(0));
         let counted = checks.clone();
         tokio::spawn(async move {
@@ -738,10 +735,25 @@ mod tests {
                 });
             }
         });
+        checks
+    }
+
+    /// Backend "b" at `addr` with active checks every `interval`, each given `timeout`.
+    fn checked_backend(addr: std::net::SocketAddr, interval: &str, timeout: &str) -> Arc<Backend> {
         let text = format!(
-            "[auth]\nsource = \"backend\"\n[[backend]]\nname = \"b\"\naddress = \"{addr}\"\n[backend.health]\ninterval = \"10s\"\ntimeout = \"1s\"\n[routing.imap]\ndefault = \"b\"\n"
+            "[auth]\nsource = \"backend\"\n[[backend]]\nname = \"b\"\naddress = \"{addr}\"\n[backend.health]\ninterval = \"{interval}\"\ntimeout = \"{timeout}\"\n[routing.imap]\ndefault = \"b\"\n"
         );
-        let b = crate::config::Config::parse(std::path::Path::new("/t.toml"), &text).unwrap().backends["b"].clone();
+        crate::config::Config::parse(std::path::Path::new("/t.toml"), &text).unwrap().backends["b"].clone()
+    }
+
+    /// Checks started again (as every reload does) do not check a backend checked lately at
+    /// the same address at once: they wait out the rest of its interval.
+    #[tokio::test(start_paused = true)]
+    async fn checks_started_again_wait_out_the_interval() {
+        let server = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = server.local_addr().unwrap();
+        let checks = answer_checks(server);
+        let b = checked_backend(addr, "10s", "1s");
         let table = Arc::new(HealthTable::default());
         let start = |stop: &CancellationToken, b: Arc<Backend>| {
             tokio::spawn(run_checks(b, None, "h".into(), table.clone(), Arc::new(EhloCache::default()), stop.clone()))
@@ -792,10 +804,7 @@ mod tests {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         drop(listener);
-        let text = format!(
-            "[auth]\nsource = \"backend\"\n[[backend]]\nname = \"b\"\naddress = \"{addr}\"\n[backend.health]\ninterval = \"1s\"\ntimeout = \"500ms\"\n[routing.imap]\ndefault = \"b\"\n"
-        );
-        let b = crate::config::Config::parse(std::path::Path::new("/t.toml"), &text).unwrap().backends["b"].clone();
+        let b = checked_backend(addr, "1s", "500ms");
         let table = Arc::new(HealthTable::default());
         let stop = CancellationToken::new();
         tokio::spawn(run_checks(
@@ -813,20 +822,7 @@ mod tests {
             assert!(waited < 10_000, "never marked down");
         }
         // Something starts answering like an IMAP server: two good checks bring it back.
-        let server = tokio::net::TcpListener::bind(addr).await.unwrap();
-        tokio::spawn(async move {
-            loop {
-                let Ok((mut s, _)) = server.accept().await else { return };
-                tokio::spawn(async move {
-                    use tokio::io::AsyncReadExt;
-                    let _ = s.write_all(b"* OK ready\r\n").await;
-                    let mut buf = [0u8; 256];
-                    let _ = s.read(&mut buf).await;
-                    let _ = s.write_all(b"* CAPABILITY IMAP4rev1\r\nH1 OK done\r\n").await;
-                    let _ = s.read(&mut buf).await;
-                });
-            }
-        });
+        answer_checks(tokio::net::TcpListener::bind(addr).await.unwrap());
         let mut waited = 0;
         while !table.is_up("b") {
             tokio::time::sleep(Duration::from_millis(100)).await;

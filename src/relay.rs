@@ -1216,39 +1216,55 @@ mod tests {
         }
     }
 
+    /// The proxy's side of a client connection: its end reads as `end` (an error where a TLS
+    /// stream would fail: no close_notify, a reset) instead of EOF, and `shut` notes whether the
+    /// relay closed it cleanly.
+    struct TestClient {
+        inner: DuplexStream,
+        end: Option<io::ErrorKind>,
+        shut: Option<std::sync::Arc<std::sync::atomic::AtomicBool>>,
+    }
+
+    impl TestClient {
+        fn new(inner: DuplexStream) -> TestClient {
+            TestClient { inner, end: None, shut: None }
+        }
+    }
+
+    impl AsyncRead for TestClient {
+        fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+            let before = buf.filled().len();
+            let end = self.end;
+            match Pin::new(&mut self.inner).poll_read(cx, buf) {
+                Poll::Ready(Ok(())) if buf.filled().len() == before && end.is_some() => {
+                    Poll::Ready(Err(end.unwrap_or(io::ErrorKind::UnexpectedEof).into()))
+                }
+                other => other,
+            }
+        }
+    }
+
+    impl AsyncWrite for TestClient {
+        fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, b: &[u8]) -> Poll<io::Result<usize>> {
+            Pin::new(&mut self.inner).poll_write(cx, b)
+        }
+        fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Pin::new(&mut self.inner).poll_flush(cx)
+        }
+        fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+            if let Some(shut) = &self.shut {
+                shut.store(true, std::sync::atomic::Ordering::SeqCst);
+            }
+            Pin::new(&mut self.inner).poll_shutdown(cx)
+        }
+    }
+
     /// A client that closes without TLS close_notify (swaks, Python's smtplib) ends its side as
     /// one that sends it does, whichever side goes first: the session ends "closed". A client
     /// connection that fails (a reset) is the client's error, unless the backend had already
     /// ended the session between replies; after a reply the backend cut off, it still is.
     #[tokio::test]
     async fn a_client_gone_without_close_notify_is_an_ordinary_close() {
-        /// The proxy's side of a client connection whose end reads as `end`.
-        struct Ending(DuplexStream, io::ErrorKind);
-        impl AsyncRead for Ending {
-            fn poll_read(
-                mut self: Pin<&mut Self>,
-                cx: &mut Context<'_>,
-                buf: &mut ReadBuf<'_>,
-            ) -> Poll<io::Result<()>> {
-                let before = buf.filled().len();
-                let end = self.1;
-                match Pin::new(&mut self.0).poll_read(cx, buf) {
-                    Poll::Ready(Ok(())) if buf.filled().len() == before => Poll::Ready(Err(end.into())),
-                    other => other,
-                }
-            }
-        }
-        impl AsyncWrite for Ending {
-            fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, b: &[u8]) -> Poll<io::Result<usize>> {
-                Pin::new(&mut self.0).poll_write(cx, b)
-            }
-            fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-                Pin::new(&mut self.0).poll_flush(cx)
-            }
-            fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-                Pin::new(&mut self.0).poll_shutdown(cx)
-            }
-        }
         use io::ErrorKind::{ConnectionReset, UnexpectedEof};
         // (how the client's end reads, what the backend sends and whether it closes before the
         // client goes, how the session ends)
@@ -1263,7 +1279,7 @@ mod tests {
             let (mut client_app, client_proxy) = duplex(1024);
             let (mut backend_proxy, mut backend_app) = duplex(1024);
             let task = tokio::spawn(async move {
-                let mut client = Ending(client_proxy, client_end);
+                let mut client = TestClient { end: Some(client_end), ..TestClient::new(client_proxy) };
                 let d = Deadlines { idle: Duration::from_secs(60), ..Deadlines::default() };
                 relay(&mut client, &mut backend_proxy, d, Meters::default(), None).await.0
             });
@@ -1304,29 +1320,6 @@ mod tests {
     /// make the cut look like the reply's end. Between replies its close is an ordinary one.
     #[tokio::test]
     async fn a_backend_that_closes_inside_a_reply_gives_the_client_no_clean_close() {
-        /// A client connection that notes whether the relay closed it cleanly.
-        struct Noted(DuplexStream, std::sync::Arc<std::sync::atomic::AtomicBool>);
-        impl AsyncRead for Noted {
-            fn poll_read(
-                mut self: Pin<&mut Self>,
-                cx: &mut Context<'_>,
-                buf: &mut ReadBuf<'_>,
-            ) -> Poll<io::Result<()>> {
-                Pin::new(&mut self.0).poll_read(cx, buf)
-            }
-        }
-        impl AsyncWrite for Noted {
-            fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, b: &[u8]) -> Poll<io::Result<usize>> {
-                Pin::new(&mut self.0).poll_write(cx, b)
-            }
-            fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-                Pin::new(&mut self.0).poll_flush(cx)
-            }
-            fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-                self.1.store(true, std::sync::atomic::Ordering::SeqCst);
-                Pin::new(&mut self.0).poll_shutdown(cx)
-            }
-        }
         for (last, cut) in [
             (&b"* 1 FETCH (BODY[] {20}\r\nFrom: a\r\n"[..], true),
             (b"* 1 FETCH (FLAGS (\\Seen", true),
@@ -1334,7 +1327,7 @@ mod tests {
         ] {
             let (mut client_app, client_proxy) = duplex(4096);
             let shut = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-            let client = Noted(client_proxy, shut.clone());
+            let client = TestClient { shut: Some(shut.clone()), ..TestClient::new(client_proxy) };
             let (task, mut backend_app) =
                 relay_after(Protocol::Imap, client, &mut client_app, Deadlines::default(), (b"", b"")).await;
             backend_app.write_all(last).await.unwrap();
