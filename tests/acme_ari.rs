@@ -66,6 +66,7 @@ async fn mock_directory_under(
                     async move {
                         // "orders": nonces are given, and each new order's JWS payload is noted
                         // (as "/order PAYLOAD") and refused as malformed.
+                        // "orders-hang": the order never answered.
                         // "orders-limited": refused as rate-limited instead; "orders-limited-429"
                         // as Let's Encrypt does it for mail.example.test, a 429 with a Retry-After
                         // of a day (other names: without one).
@@ -74,6 +75,12 @@ async fn mock_directory_under(
                             if retry_after.starts_with("orders-limited") { "rateLimited" } else { "malformed" };
                         let resp = if orders && path == "/nonce" {
                             Response::builder().header("replay-nonce", "bW9jaw").body(Full::new(Bytes::new()))
+                        } else if retry_after == "orders-hang" && path == "/order" {
+                            // A CA that takes its time: the order is still running when the
+                            // process ends.
+                            seen.lock().unwrap().push("/order (held)".to_string());
+                            let never: Infallible = std::future::pending().await;
+                            match never {}
                         } else if orders && path == "/order" {
                             use base64::Engine;
                             use http_body_util::BodyExt;
@@ -231,6 +238,15 @@ async fn seen_within(seen: &Arc<Mutex<Vec<String>>>, hit: impl Fn(&str) -> bool)
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     false
+}
+
+/// A failed order's record in a certificate's retry file: one that has ended, not the record
+/// written as an order starts.
+fn failure_recorded(retry: &std::path::Path) -> bool {
+    std::fs::read(retry)
+        .ok()
+        .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
+        .is_some_and(|kept| kept["pending"] == false)
 }
 
 /// An order begun: its nonce asked for (the mock gives none), or the order itself.
@@ -435,7 +451,7 @@ async fn a_failed_orders_backoff_survives_a_restart() {
             let ordered = seen_within(&seen, an_order).await;
             // The failure recorded (the retry file written) before the manager stops.
             for _ in 0..100 {
-                if !ordered || retry.exists() {
+                if !ordered || failure_recorded(&retry) {
                     break;
                 }
                 tokio::time::sleep(Duration::from_millis(100)).await;
@@ -463,6 +479,57 @@ async fn a_failed_orders_backoff_survives_a_restart() {
     let mut more = settings.clone();
     more.certificates[0].names.push("new.example.test".to_string());
     assert!(run(more).await, "a changed certificate waited out the old backoff");
+}
+
+/// An order the process dies during (a crash, an OOM kill, a crash loop under a supervisor) is
+/// counted as failed: the next start waits out its backoff rather than ordering again at each
+/// start (reliability case 79). An ordinary stop during an order leaves nothing behind.
+#[tokio::test]
+async fn an_order_the_process_died_during_counts_as_failed() {
+    let MockCa { dir: _dir, now, seen, config, state, .. } = mock_ca(ten_day_window, "orders-hang").await;
+    let settings = config.acme.clone().unwrap();
+    let retry = state.join("certs/mail.example.test.retry");
+    let held = |p: &str| p == "/order (held)";
+
+    // Stopped as usual while the CA holds the order: no record is left.
+    let certs = Arc::new(portcullis::tls::certs::CertStore::load(&config.tls).unwrap());
+    let stop = tokio_util::sync::CancellationToken::new();
+    let handle = portcullis::tls::acme::start(settings.clone(), certs, stop.clone()).await.unwrap();
+    assert!(seen_within(&seen, held).await, "no order: {:?}", seen.lock().unwrap());
+    assert!(retry.exists(), "the running order is not on record");
+    handle.stop().await;
+    assert!(!retry.exists(), "an ordinary stop left the order counted as failed");
+
+    // The process dies while the CA holds the order: its runtime goes away with every task,
+    // and nothing runs after that, as with a kill.
+    seen.lock().unwrap().clear();
+    let (tls, started) = (config.tls.clone(), settings.clone());
+    let (died_tx, died_rx) = std::sync::mpsc::channel::<()>();
+    let process = std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().unwrap();
+        let certs = Arc::new(portcullis::tls::certs::CertStore::load(&tls).unwrap());
+        let handle = rt.block_on(portcullis::tls::acme::start(started, certs, Default::default())).unwrap();
+        let _ = died_rx.recv();
+        std::mem::forget(handle);
+        rt.shutdown_background();
+    });
+    assert!(seen_within(&seen, held).await, "no order: {:?}", seen.lock().unwrap());
+    died_tx.send(()).unwrap();
+    process.join().unwrap();
+    let kept: serde_json::Value = serde_json::from_slice(&std::fs::read(&retry).unwrap()).unwrap();
+    assert_eq!((kept["failures"].as_u64(), kept["pending"].as_bool()), (Some(1), Some(true)), "{kept}");
+    let unix = now.duration_since(SystemTime::UNIX_EPOCH).unwrap().as_secs();
+    let next = kept["next"].as_u64().unwrap();
+    // retry_min is 1 h, with ±25 % jitter.
+    assert!(next >= unix + 2700 - 5 && next <= unix + 4500 + 30, "{kept}");
+
+    // Started again: the interrupted order's backoff is waited out.
+    seen.lock().unwrap().clear();
+    let certs = Arc::new(portcullis::tls::certs::CertStore::load(&config.tls).unwrap());
+    let stop = tokio_util::sync::CancellationToken::new();
+    let handle = portcullis::tls::acme::start(settings, certs, stop.clone()).await.unwrap();
+    assert!(!seen_within(&seen, an_order).await, "ordered again at once: {:?}", seen.lock().unwrap());
+    handle.stop().await;
 }
 
 /// A stored account is replaced only when it cannot be loaded: a CA that fails the directory
@@ -592,7 +659,7 @@ async fn a_rate_limits_retry_after_is_waited_out() {
     let _handle = portcullis::tls::acme::start(acme, certs, stop.clone()).await.unwrap();
     assert!(seen_within(&seen, |p| p.starts_with("/order ")).await, "no order: {:?}", seen.lock().unwrap());
     for _ in 0..100 {
-        if retries.iter().all(|r| r.exists()) {
+        if retries.iter().all(|r| failure_recorded(r)) {
             break;
         }
         tokio::time::sleep(Duration::from_millis(100)).await;

@@ -329,6 +329,11 @@ struct RetryState {
     next: u64,
     directory: String,
     names: Vec<String>,
+    /// Written before each order and cleared or replaced when it ends: a record still pending
+    /// when the process starts is an order the process died during (a crash loop), counted as
+    /// failed so that the next start waits out its backoff instead of ordering again at once.
+    #[serde(default)]
+    pending: bool,
 }
 
 #[derive(Clone)]
@@ -586,6 +591,11 @@ impl CertTask {
                 _ = stop.cancelled() => return,
                 turn = self.turns.lock() => turn,
             };
+            // Counted as failed until it ends (see `RetryState::pending`); a stop puts back what
+            // was there before.
+            let before = std::fs::read(self.retry_path()).ok();
+            let pending = backoff(self.settings.retry_min, failures, crate::limits::random_unit());
+            self.save_retry(failures.saturating_add(1), SystemTime::now() + pending, true);
             // Not dropped mid-way when the manager stops: the order notices and cleans up.
             let (result, told) = RETRY_AFTER
                 .scope(std::cell::Cell::new(None), async {
@@ -594,6 +604,14 @@ impl CertTask {
                 })
                 .await;
             if stop.is_cancelled() {
+                match (&result, before) {
+                    (Ok(_), _) | (Err(_), None) => self.clear_retry(),
+                    (Err(_), Some(bytes)) => {
+                        if let Err(e) = write_private(&self.retry_path(), &bytes) {
+                            tracing::warn!(certificate = %self.label, error = %e, "ACME: cannot put back the retry file");
+                        }
+                    }
+                }
                 return;
             }
             match result {
@@ -628,7 +646,7 @@ impl CertTask {
                         }
                     }
                     retry_at = Some(tokio::time::Instant::now() + wait);
-                    self.save_retry(failures, SystemTime::now() + wait);
+                    self.save_retry(failures, SystemTime::now() + wait, false);
                     metrics().acme_failures.with_label_values(&[&self.label]).set(i64::from(failures));
                     metrics().acme_orders.with_label_values(&["error"]).inc();
                     if renewal {
@@ -814,15 +832,20 @@ impl CertTask {
             return None;
         }
         r.next = r.next.min(now + longest);
+        if r.pending {
+            tracing::warn!(certificate = %self.label, failures = r.failures,
+                "ACME: the last order did not finish (the process ended during it); counted as failed, retrying after its backoff");
+        }
         Some(r)
     }
 
-    fn save_retry(&self, failures: u32, next: SystemTime) {
+    fn save_retry(&self, failures: u32, next: SystemTime, pending: bool) {
         let r = RetryState {
             failures,
             next: next.duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default().as_secs(),
             directory: self.settings.directory.clone(),
             names: self.spec.names.clone(),
+            pending,
         };
         let written =
             serde_json::to_vec(&r).map_err(|e| e.to_string()).and_then(|b| write_private(&self.retry_path(), &b));
@@ -1919,10 +1942,10 @@ mod tests {
         std::fs::create_dir_all(dir.path().join("certs")).unwrap();
         let now = SystemTime::now();
         let secs = |t: SystemTime| t.duration_since(SystemTime::UNIX_EPOCH).unwrap().as_secs();
-        task.save_retry(2, now + Duration::from_secs(3 * 24 * 3600));
+        task.save_retry(2, now + Duration::from_secs(3 * 24 * 3600), false);
         let r = task.load_retry().unwrap();
         assert_eq!((r.failures, r.next), (2, secs(now + Duration::from_secs(3 * 24 * 3600))));
-        task.save_retry(2, now + Duration::from_secs(30 * 24 * 3600));
+        task.save_retry(2, now + Duration::from_secs(30 * 24 * 3600), false);
         let r = task.load_retry().unwrap();
         assert!(r.next <= secs(now + MAX_RATE_LIMIT_WAIT) + 1, "{}", r.next - secs(now));
     }
