@@ -50,11 +50,12 @@ async fn mock_directory_under(
     let rfc3339 =
         |t: SystemTime| time::OffsetDateTime::from(t).format(&time::format_description::well_known::Rfc3339).unwrap();
     let (start, end) = (rfc3339(window.0), rfc3339(window.1));
+    let issuing = Arc::new(Issuing::new());
     tokio::spawn(async move {
         loop {
             let Ok((tcp, _)) = listener.accept().await else { return };
-            let (acceptor, base, seen, start, end, flaky) =
-                (acceptor.clone(), b2.clone(), s2.clone(), start.clone(), end.clone(), flaky.clone());
+            let (acceptor, base, seen, start, end, flaky, issuing) =
+                (acceptor.clone(), b2.clone(), s2.clone(), start.clone(), end.clone(), flaky.clone(), issuing.clone());
             tokio::spawn(async move {
                 let Ok(tls) = acceptor.accept(tcp).await else { return };
                 let svc = hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
@@ -62,8 +63,18 @@ async fn mock_directory_under(
                     seen.lock().unwrap().push(path.clone());
                     let (base, start, end) = (base.clone(), start.clone(), end.clone());
                     let fail_once = path == "/dir" && flaky.swap(false, std::sync::atomic::Ordering::SeqCst);
-                    let seen = seen.clone();
+                    let (seen, issuing) = (seen.clone(), issuing.clone());
                     async move {
+                        // "issue": a CA that issues at once (authorizations already valid), a
+                        // 90-day certificate one day old.
+                        let req = if retry_after == "issue" {
+                            match issuing.answer(&path, req, &base).await {
+                                Ok(resp) => return Ok::<_, Infallible>(resp),
+                                Err(req) => req,
+                            }
+                        } else {
+                            req
+                        };
                         // "orders": nonces are given, and each new order's JWS payload is noted
                         // (as "/order PAYLOAD") and refused as malformed.
                         // "orders-hang": the order never answered.
@@ -82,14 +93,7 @@ async fn mock_directory_under(
                             let never: Infallible = std::future::pending().await;
                             match never {}
                         } else if orders && path == "/order" {
-                            use base64::Engine;
-                            use http_body_util::BodyExt;
-                            let body = req.into_body().collect().await.map(|b| b.to_bytes()).unwrap_or_default();
-                            let jws: serde_json::Value = serde_json::from_slice(&body).unwrap_or_default();
-                            let payload = base64::engine::general_purpose::URL_SAFE_NO_PAD
-                                .decode(jws["payload"].as_str().unwrap_or_default())
-                                .unwrap_or_default();
-                            let payload = String::from_utf8_lossy(&payload).to_string();
+                            let payload = jws_payload(req).await;
                             let (status, wait) =
                                 if retry_after == "orders-limited-429" && payload.contains("mail.example.test") {
                                     (429, "86400")
@@ -119,7 +123,10 @@ async fn mock_directory_under(
                             let body = format!(r#"{{"suggestedWindow":{{"start":"{start}","end":"{end}"}}}}"#);
                             Response::builder()
                                 .header("content-type", "application/json")
-                                .header("retry-after", if orders { "21600" } else { retry_after })
+                                .header(
+                                    "retry-after",
+                                    if orders || retry_after == "issue" { "21600" } else { retry_after },
+                                )
                                 .body(Full::new(Bytes::from(body)))
                         } else {
                             Response::builder().status(404).body(Full::new(Bytes::new()))
@@ -132,6 +139,104 @@ async fn mock_directory_under(
         }
     });
     (format!("{base}/dir"), seen)
+}
+
+/// The mock CA's issuing side: an order is ready at once and finalized by signing its CSR.
+struct Issuing {
+    issuer: CertifiedIssuer<'static, KeyPair>,
+    /// The last certificate issued, PEM.
+    issued: Mutex<Option<String>>,
+    /// What the last order replaces.
+    replaces: Mutex<Option<String>>,
+}
+
+impl Issuing {
+    fn new() -> Issuing {
+        let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        params.key_identifier_method = rcgen::KeyIdMethod::Sha256;
+        Issuing {
+            issuer: CertifiedIssuer::self_signed(params, KeyPair::generate().unwrap()).unwrap(),
+            issued: Mutex::new(None),
+            replaces: Mutex::new(None),
+        }
+    }
+
+    /// The answer to an issuing request, or the request back for the rest of the mock to answer.
+    async fn answer(
+        &self,
+        path: &str,
+        req: Request<hyper::body::Incoming>,
+        base: &str,
+    ) -> Result<Response<Full<Bytes>>, Request<hyper::body::Incoming>> {
+        // A renewal's order says what it replaces, and the CA repeats it (instant-acme checks).
+        let replaces = |r: &Option<String>| r.as_ref().map(|r| format!(r#","replaces":"{r}""#)).unwrap_or_default();
+        let order = |issued: bool, also: String| {
+            let certificate = if issued { format!(r#","certificate":"{base}/cert/1""#) } else { String::new() };
+            let status = if issued { "valid" } else { "ready" };
+            format!(
+                r#"{{"status":"{status}","identifiers":[{{"type":"dns","value":"mail.example.test"}}],"authorizations":["{base}/authz/1"],"finalize":"{base}/finalize/1"{certificate}{also}}}"#
+            )
+        };
+        let json = |status: u16, body: String| {
+            Response::builder()
+                .status(status)
+                .header("content-type", "application/json")
+                .header("replay-nonce", "bW9jaw")
+                .header("location", format!("{base}/order/1"))
+                .body(Full::new(Bytes::from(body)))
+                .unwrap()
+        };
+        let issued = || self.issued.lock().unwrap().clone();
+        Ok(match path {
+            "/nonce" => json(200, String::new()),
+            "/order" => {
+                let payload: serde_json::Value = serde_json::from_str(&jws_payload(req).await).unwrap();
+                let r = payload["replaces"].as_str().map(str::to_string);
+                let body = order(false, replaces(&r));
+                *self.replaces.lock().unwrap() = r;
+                *self.issued.lock().unwrap() = None;
+                json(201, body)
+            }
+            "/order/1" => json(200, order(issued().is_some(), replaces(&self.replaces.lock().unwrap()))),
+            "/authz/1" => json(
+                200,
+                r#"{"status":"valid","identifier":{"type":"dns","value":"mail.example.test"},"challenges":[]}"#.into(),
+            ),
+            "/finalize/1" => {
+                let payload: serde_json::Value = serde_json::from_str(&jws_payload(req).await).unwrap();
+                use base64::Engine;
+                let der =
+                    base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(payload["csr"].as_str().unwrap()).unwrap();
+                let mut csr = rcgen::CertificateSigningRequestParams::from_der(&der.into()).unwrap();
+                let now = SystemTime::now();
+                csr.params.not_before = time::OffsetDateTime::from(now - Duration::from_secs(86400));
+                csr.params.not_after = time::OffsetDateTime::from(now + Duration::from_secs(89 * 86400));
+                csr.params.use_authority_key_identifier_extension = true;
+                let cert = csr.signed_by(&self.issuer).unwrap();
+                *self.issued.lock().unwrap() = Some(cert.pem());
+                json(200, order(true, replaces(&self.replaces.lock().unwrap())))
+            }
+            "/cert/1" => Response::builder()
+                .header("content-type", "application/pem-certificate-chain")
+                .header("replay-nonce", "bW9jaw")
+                .body(Full::new(Bytes::from(issued().unwrap_or_default())))
+                .unwrap(),
+            _ => return Err(req),
+        })
+    }
+}
+
+/// The payload of a request's JWS body, as text.
+async fn jws_payload(req: Request<hyper::body::Incoming>) -> String {
+    use base64::Engine;
+    use http_body_util::BodyExt;
+    let body = req.into_body().collect().await.map(|b| b.to_bytes()).unwrap_or_default();
+    let jws: serde_json::Value = serde_json::from_slice(&body).unwrap_or_default();
+    let payload = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(jws["payload"].as_str().unwrap_or_default())
+        .unwrap_or_default();
+    String::from_utf8_lossy(&payload).to_string()
 }
 
 /// The CA's suggested renewal window for these tests: 2 hours, 10 days after `now`.
@@ -530,6 +635,28 @@ async fn an_order_the_process_died_during_counts_as_failed() {
     let handle = portcullis::tls::acme::start(settings, certs, stop.clone()).await.unwrap();
     assert!(!seen_within(&seen, an_order).await, "ordered again at once: {:?}", seen.lock().unwrap());
     handle.stop().await;
+}
+
+/// A certificate that is due for renewal as soon as it arrives (here the CA's ARI window is open
+/// already; in life also a clock far ahead) is ordered again after `retry_min`, and each one in
+/// a row waits twice as long as the last, as failures do: at `retry_min` every time, an hour's
+/// default would spend Let's Encrypt's five duplicate certificates a week in five hours.
+#[tokio::test]
+async fn certificates_due_on_arrival_are_reordered_ever_more_slowly() {
+    let MockCa { dir: _dir, seen, config, .. } = mock_ca(open_window, "issue").await;
+    let mut settings = config.acme.clone().unwrap();
+    settings.retry_min = Duration::from_millis(400);
+    let certs = Arc::new(portcullis::tls::certs::CertStore::load(&config.tls).unwrap());
+    let stop = tokio_util::sync::CancellationToken::new();
+    let handle = portcullis::tls::acme::start(settings, certs.clone(), stop.clone()).await.unwrap();
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    handle.stop().await;
+    let orders = seen.lock().unwrap().iter().filter(|p| *p == "/order").count();
+    let issued = seen.lock().unwrap().iter().filter(|p| *p == "/cert/1").count();
+    // Each order takes the mock about half a second; then waits of 0.4, 0.8, 1.6 and 3.2 s
+    // (±25 %): four orders in 6 s. At 0.4 s each, seven.
+    assert!(issued >= 2, "the CA issued fewer than two certificates: {:?}", seen.lock().unwrap());
+    assert!(orders <= 5, "{orders} orders in 6 s: {:?}", seen.lock().unwrap());
 }
 
 /// A stored account is replaced only when it cannot be loaded: a CA that fails the directory

@@ -544,8 +544,12 @@ impl CertTask {
         };
         metrics().acme_failures.with_label_values(&[&self.label]).set(i64::from(failures));
         // No planned order before this: a fresh certificate that already looks due (a clock far
-        // ahead, a CA issuing very short lifetimes) must not be re-ordered in a loop.
+        // ahead, a CA issuing very short lifetimes, an ARI window open on arrival) must not be
+        // re-ordered in a loop. Each such certificate in a row doubles the wait for the next, as
+        // failures do: every one counts against the CA's duplicate-certificate limit (Let's
+        // Encrypt: 5 a week for the same names).
         let mut earliest = tokio::time::Instant::now();
+        let mut due_on_arrival = 0u32;
         loop {
             // When to wake, and whether that is only an ARI re-check (which plans again) rather
             // than the renewal itself.
@@ -558,9 +562,13 @@ impl CertTask {
                 (None, _) => (None, false),
                 (Some(ck), _) => match self.plan(ck, &stop).await {
                     // Planned by the wall clock, and slept towards by it (`sleep_until_wall`).
-                    Some((at, recheck)) if to_instant(at) >= earliest => (Some(Due::Wall(at)), recheck),
+                    Some((at, recheck)) if to_instant(at) >= earliest => {
+                        due_on_arrival = 0;
+                        (Some(Due::Wall(at)), recheck)
+                    }
                     Some((_, recheck)) => {
                         if !recheck {
+                            due_on_arrival = due_on_arrival.saturating_add(1);
                             tracing::warn!(certificate = %self.label, renew_in = ?earliest.saturating_duration_since(tokio::time::Instant::now()),
                                 "ACME: the certificate just issued is already due for renewal: the CA's renewal window (ARI) says so, or this host's clock is wrong");
                         }
@@ -620,7 +628,8 @@ impl CertTask {
                     retry_at = None;
                     self.clear_retry();
                     metrics().acme_failures.with_label_values(&[&self.label]).set(0);
-                    earliest = tokio::time::Instant::now() + self.settings.retry_min;
+                    earliest = tokio::time::Instant::now()
+                        + backoff(self.settings.retry_min, due_on_arrival, crate::limits::random_unit());
                     metrics().acme_orders.with_label_values(&["success"]).inc();
                     if renewal {
                         metrics().acme_renewals.with_label_values(&["success"]).inc();
