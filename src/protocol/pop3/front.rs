@@ -97,6 +97,10 @@ impl Pop3Front {
                 return Ok(Event::Closed(CloseReason::LineTooLong));
             }
             let (verb, arg) = split_command(&line);
+            // RFC 1939 §7: after USER comes PASS (or QUIT). A name given before any other
+            // command (an AUTH failed or cancelled, a CAPA) is forgotten, so a later PASS is not
+            // taken for that name.
+            let user = self.user.take();
             match verb.as_str() {
                 "CAPA" => write(s, self.capabilities().as_bytes()).await?,
                 "NOOP" => write(s, b"+OK\r\n").await?,
@@ -126,25 +130,20 @@ impl Pop3Front {
                         // Reliability case 34: no NUL or other control byte in a name; refused
                         // here, not as a login attempt after PASS.
                         Some(user) if user.iter().any(|b| b.is_ascii_control()) => {
-                            // A name given before is forgotten too: PASS must not go with it.
-                            self.user = None;
                             self.error(s, "-ERR Invalid user name.\r\n").await?
                         }
                         Some(user) if !user.is_empty() => {
                             self.user = Some(user.to_vec());
                             write(s, b"+OK\r\n").await?;
                         }
-                        _ => {
-                            self.user = None;
-                            self.error(s, "-ERR Missing user name.\r\n").await?
-                        }
+                        _ => self.error(s, "-ERR Missing user name.\r\n").await?,
                     }
                 }
                 "PASS" => {
                     if !self.privacy_ok(s).await? {
                         continue;
                     }
-                    let Some(user) = self.user.take() else {
+                    let Some(user) = user else {
                         self.error(s, "-ERR No user name given.\r\n").await?;
                         continue;
                     };
@@ -356,6 +355,17 @@ mod tests {
         let (out, ev) = run(vec![b"USER alice\r\nUSER a\0b\r\nPASS x\r\n".to_vec()]);
         assert!(out.ends_with("-ERR Invalid user name.\r\n-ERR No user name given.\r\n"), "{out}");
         assert_eq!(ev, vec!["closed client_closed"]);
+    }
+
+    /// After USER comes PASS (RFC 1939 §7): a name followed by any other command, here a
+    /// cancelled AUTH or a CAPA, is forgotten, and the PASS after it is not a login as that name.
+    #[test]
+    fn a_name_is_forgotten_at_any_command_but_pass() {
+        for between in ["AUTH PLAIN\r\n*\r\n", "AUTH LOGIN\r\n*\r\n", "CAPA\r\n", "NOOP\r\n"] {
+            let (out, ev) = run(vec![format!("USER alice\r\n{between}PASS x\r\n").into_bytes()]);
+            assert!(out.ends_with("-ERR No user name given.\r\n"), "{between}: {out}");
+            assert_eq!(ev, vec!["closed client_closed"], "{between}");
+        }
     }
 
     #[test]
