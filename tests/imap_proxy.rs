@@ -602,6 +602,34 @@ async fn a_backend_without_id_gets_none_and_explicit_imap_id_fails_closed() {
     assert!(!sent.contains("LOGIN") && !sent.contains("secret"), "{sent}");
 }
 
+/// A backend that announces ID but refuses it (an old server, a filter in front): the default
+/// `client_address` logs in without it; `client_address = "imap-id"` fails closed, as for a
+/// backend without ID.
+#[tokio::test]
+async fn a_backend_refusing_id_fails_closed_where_imap_id_is_explicit() {
+    const GREETING: &[u8] = b"* OK [CAPABILITY IMAP4rev1 ID] ready\r\n";
+    let (addr, seen) = scripted_backend(GREETING, b"P2 BAD Unknown command\r\n").await;
+    let proxy = Proxy::start(&plain_config(addr, ""), USERS).await;
+    let mut c = greeted(&proxy).await;
+    c.send(b"a LOGIN alice@example.test secret\r\n").await;
+    // The scripted backend answers only its first command, so the LOGIN after ID times out.
+    assert_eq!(c.line().await, "a NO [UNAVAILABLE] Server unavailable, try again later.\r\n");
+    let sent = String::from_utf8_lossy(&seen.lock().unwrap()).into_owned();
+    assert!(sent.starts_with("P2 ID (") && sent.contains("P3 LOGIN "), "{sent}");
+
+    for refusal in [&b"P2 BAD Unknown command\r\n"[..], b"P2 NO not now\r\n", b"P2 OKAY\r\n"] {
+        let (addr, seen) = scripted_backend(GREETING, refusal).await;
+        let cfg = plain_config(addr, "")
+            .replace("health = { enabled = false }", "health = { enabled = false }\nclient_address = \"imap-id\"");
+        let proxy = Proxy::start(&cfg, USERS).await;
+        let mut c = greeted(&proxy).await;
+        c.send(b"a LOGIN alice@example.test secret\r\n").await;
+        assert_eq!(c.line().await, "a NO [UNAVAILABLE] Server unavailable, try again later.\r\n");
+        let sent = String::from_utf8_lossy(&seen.lock().unwrap()).into_owned();
+        assert!(sent.starts_with("P2 ID (") && !sent.contains("LOGIN") && !sent.contains("secret"), "{sent}");
+    }
+}
+
 #[tokio::test]
 async fn a_continuation_after_the_login_command_fails_it_at_once() {
     // Nothing is left to send: waiting would hold the client for the backend login timeout.

@@ -16,21 +16,21 @@ use crate::backend::{self, BackendError, ClientInfo, Lines, LoggedIn, MAX_BACKEN
 use crate::config::{Backend, BackendLogin, ClientAddress, Transport};
 use crate::protocol::sasl::plain_response;
 
-/// The default `client_address` goes without ID where a backend does not announce it: said once
-/// per backend, so the operator knows its logs see the proxy's address, without a line per login.
-fn warn_no_id_once(backend: &Backend) {
-    static WARNED: std::sync::Mutex<Vec<String>> = std::sync::Mutex::new(Vec::new());
+/// What the default `client_address` does without ID: said once per backend and problem, so
+/// the operator knows its logs see the proxy's address, without a line per login.
+fn warn_once(backend: &Backend, problem: &'static str) {
+    static WARNED: std::sync::Mutex<Vec<(String, &'static str)>> = std::sync::Mutex::new(Vec::new());
     let mut warned = WARNED.lock().unwrap_or_else(|e| e.into_inner());
-    if warned.len() < 1024 && !warned.contains(&backend.address) {
-        warned.push(backend.address.clone());
-        tracing::warn!(
-            backend = %backend.name,
-            address = %backend.address,
-            "backend does not announce IMAP ID: it sees the proxy's address, not the client's \
-             (set client_address = \"proxy-v2\" or \"none\" to choose, or \"imap-id\" to refuse such backends)"
-        );
+    if warned.len() < 1024 && !warned.iter().any(|(a, p)| *a == backend.address && *p == problem) {
+        warned.push((backend.address.clone(), problem));
+        tracing::warn!(backend = %backend.name, address = %backend.address, "{problem}");
     }
 }
+
+const NO_ID: &str = "backend does not announce IMAP ID: it sees the proxy's address, not the client's \
+    (set client_address = \"proxy-v2\" or \"none\" to choose, or \"imap-id\" to refuse such backends)";
+const ID_REFUSED: &str = "backend refused IMAP ID: it sees the proxy's address, not the client's \
+    (set client_address = \"imap-id\" to refuse its logins instead)";
 
 /// Connect and log in. The caller wraps this in the backend login deadline.
 pub async fn connect_and_login(
@@ -91,7 +91,7 @@ pub async fn connect_and_login(
             return Err(BackendError::Protocol("backend does not announce ID (client_address = \"imap-id\")"));
         }
         ClientAddress::ImapIdIfAnnounced if !caps.id => {
-            warn_no_id_once(backend);
+            warn_once(backend, NO_ID);
             false
         }
         ClientAddress::ImapId | ClientAddress::ImapIdIfAnnounced => true,
@@ -121,7 +121,15 @@ pub async fn connect_and_login(
         stream.write_all(&cmd).await?;
         loop {
             let l = lines.line(&mut stream).await?;
-            if l.starts_with(b"P2 ") {
+            if let Some(status) = l.strip_prefix(b"P2 ") {
+                let ok = starts_with_ci(status, b"OK") && matches!(status.get(2), Some(b' ' | b'\r' | b'\n') | None);
+                if !ok {
+                    // Set explicitly: fail closed, as for a backend without ID.
+                    if backend.client_address == ClientAddress::ImapId {
+                        return Err(BackendError::Protocol("backend refused ID (client_address = \"imap-id\")"));
+                    }
+                    warn_once(backend, ID_REFUSED);
+                }
                 break;
             }
         }
