@@ -285,6 +285,18 @@ impl Lines {
     }
 }
 
+/// What a default `client_address` does where the backend lacks the way it prefers (IMAP ID,
+/// POP3 XCLIENT): said once per backend and problem, so the operator knows its logs see the
+/// proxy's address, without a line per login.
+pub fn warn_once(backend: &Backend, problem: &'static str) {
+    static WARNED: std::sync::Mutex<Vec<(String, &'static str)>> = std::sync::Mutex::new(Vec::new());
+    let mut warned = WARNED.lock().unwrap_or_else(|e| e.into_inner());
+    if warned.len() < 1024 && !warned.iter().any(|(a, p)| *a == backend.address && *p == problem) {
+        warned.push((backend.address.clone(), problem));
+        tracing::warn!(backend = %backend.name, address = %backend.address, "{problem}");
+    }
+}
+
 pub fn starts_with_ci(s: &[u8], prefix: &[u8]) -> bool {
     s.len() >= prefix.len() && s[..prefix.len()].eq_ignore_ascii_case(prefix)
 }

@@ -548,6 +548,14 @@ async fn preauth(ctx: &SessionCtx, tcp: TcpStream, deadline: Instant) -> Result<
                             // Each try cost a password check.
                             (failure, true, Some(fail_at), false)
                         }
+                        LoginError::DeniedForNow { text, wait, code } => {
+                            count_login(lc, req.mechanism, "denied_temporary");
+                            // Reliability case 61: not counted, not throttled, not for fail2ban;
+                            // paced like a failure (or by the service's Auth-Wait).
+                            let failure = LoginFailure::Message { text, smtp_code: code, temporary: true };
+                            let until = wait.map(|w| (Instant::now() + w).min(deadline)).unwrap_or(fail_at);
+                            (failure, false, Some(until), false)
+                        }
                         LoginError::Denied { user, text, wait, code } => {
                             count_login(lc, req.mechanism, "denied");
                             login_failed(user.as_deref(), "denied");
@@ -635,6 +643,9 @@ enum LoginError {
     InUse,
     /// The auth service refused with its own text (nginx `Auth-Status`), maybe with a wait.
     Denied { user: Option<String>, text: String, wait: Option<Duration>, code: Option<String> },
+    /// The auth service refused with a 4xx `Auth-Error-Code` (its own trouble, "try again
+    /// later"): answered with its text, but not the user's failure, as an outage is not.
+    DeniedForNow { text: String, wait: Option<Duration>, code: Option<String> },
     /// Too many failures from the address or for the user (reliability cases 55, 56).
     Throttled { user: Option<String> },
     /// The user already has the most sessions allowed.
@@ -941,7 +952,13 @@ async fn authorize(
             tracing::warn!(session = %ctx.id, error = %e, "auth service unavailable");
             return Err(LoginError::Unavailable("auth_service_error"));
         }
+        // `query` follows WAIT answers itself.
+        Ok(crate::auth::http::Answer::Wait(_)) => return Err(LoginError::Unavailable("auth_service_error")),
         Ok(crate::auth::http::Answer::Fail { message, wait, error_code }) => {
+            if crate::auth::http::is_temporary(error_code.as_deref()) {
+                tracing::info!(session = %ctx.id, code = ?error_code, "auth service refused for now");
+                return Err(LoginError::DeniedForNow { text: message, wait, code: error_code });
+            }
             return Err(LoginError::Denied { user: Some(user), text: message, wait, code: error_code });
         }
         Ok(crate::auth::http::Answer::Ok { server, port, user, pass, transport, client_address }) => {
@@ -967,7 +984,14 @@ async fn authorize(
         })?,
         None => user,
     };
-    let judged = if pass.is_none() { Judged::ServiceRouted } else { Judged::Proxy };
+    // An Auth-Pass that is the client's own password (as sent, or as escaped in the request) is
+    // no sign the service checked it: nginx refuses an IMAP or POP3 OK without one, so a
+    // routing-only script echoes it. The backend has the last word on it then.
+    let echoed = pass.as_deref().is_some_and(|p| {
+        let own = creds.password.expose();
+        p == own || p == crate::auth::http::escape(own).as_slice()
+    });
+    let judged = if pass.is_none() || echoed { Judged::ServiceRouted } else { Judged::Proxy };
     let creds = Credentials {
         user: new_user.unwrap_or(creds.user),
         password: pass.map(crate::auth::Password::new).unwrap_or(creds.password),

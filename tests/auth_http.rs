@@ -268,6 +268,107 @@ async fn auth_wait_delays_and_lets_the_client_retry() {
     assert_eq!(seen.lock().unwrap()[1]["auth-login-attempt"], "2");
 }
 
+/// nginx's example of a refusal for now (its database down): `Auth-Error-Code: 451 4.3.0`. It is
+/// answered with the service's text, but like an outage it never counts against the client
+/// (reliability case 61): not throttled, not cached, the connection kept. `Auth-Status: WAIT`
+/// is asked again after its `Auth-Wait`, the client none the wiser; a header sent twice is read
+/// as nginx reads it, any refusal among them refusing.
+#[tokio::test]
+async fn temporary_refusals_waits_and_repeated_headers_are_read_as_nginx_does() {
+    let pooled = FakeBackend::start(Behaviour::Normal).await;
+    let down = Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let d2 = down.clone();
+    let (auth, seen) = auth_service(Arc::new(move |user: &str, _: &str, _: u32| {
+        let h = |pairs: &[(&str, &str)]| pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        match user {
+            "twice@example.test" => {
+                h(&[("Auth-Status", "OK"), ("Auth-Server", "mailpool"), ("Auth-Status", "Invalid login")])
+            }
+            "waited@example.test" if d2.swap(false, std::sync::atomic::Ordering::SeqCst) => {
+                h(&[("Auth-Status", "WAIT"), ("Auth-Wait", "1")])
+            }
+            "waited@example.test" => h(&[("Auth-Status", "OK"), ("Auth-Server", "mailpool")]),
+            _ => h(&[("Auth-Status", "Temporary server problem, try again later"), ("Auth-Error-Code", "451 4.3.0")]),
+        }
+    }))
+    .await;
+    let cfg = config(auth, pooled.addr, "")
+        .replace(
+            "[limits]",
+            "[throttle]
+penalty_after = 100
+block_after = 2
+user_block_after = 2
+
+[limits]",
+        )
+        .replace("timeout = \"2s\"", "timeout = \"2s\"\nnegative_cache_ttl = \"1h\"");
+    let proxy = Proxy::start(&cfg, "").await;
+    let mut c = Client::connect(proxy.addr("plain")).await;
+    c.line().await;
+    // More than max_auth_attempts (3) and block_after (2), the same password each time.
+    for tag in ["a", "b", "c", "d"] {
+        c.send(format!("{tag} LOGIN x@example.test y\r\n").as_bytes()).await;
+        assert_eq!(c.line().await, format!("{tag} NO [UNAVAILABLE] Temporary server problem, try again later\r\n"));
+    }
+    assert_eq!(seen.lock().unwrap().len(), 4, "a refusal for now was answered from the cache");
+    c.send(b"e LOGIN twice@example.test y\r\n").await;
+    assert_eq!(c.line().await, "e NO Invalid login\r\n");
+    drop(c);
+    // Not blocked: the temporary refusals did not count. The WAIT is asked about again.
+    let mut c = Client::connect(proxy.addr("plain")).await;
+    c.line().await;
+    let start = tokio::time::Instant::now();
+    c.send(b"f LOGIN waited@example.test pw\r\n").await;
+    let reply = c.until_tagged("f").await;
+    assert!(reply.last().unwrap().starts_with("f OK"), "{reply:?}");
+    assert!(start.elapsed() >= std::time::Duration::from_millis(950), "{:?}", start.elapsed());
+    let asked = seen.lock().unwrap().iter().filter(|h| h["auth-user"] == "waited@example.test").count();
+    assert_eq!(asked, 2);
+}
+
+/// A POP3 backend the service names by address gets XCLIENT where it announces it, and a login
+/// without it where not: nginx never sends XCLIENT for POP3, so a backend moved over from
+/// behind it need not take it. `Auth-Client-Address: xclient` in the answer fails closed there.
+#[tokio::test]
+async fn a_pop3_backend_named_by_address_gets_xclient_only_where_announced_unless_asked() {
+    for (behaviour, named, xclient, logged_in) in [
+        (Behaviour::Pop3, false, true, true),
+        (Behaviour::Pop3NoXclient, false, false, true),
+        (Behaviour::Pop3NoXclient, true, false, false),
+    ] {
+        let backend = FakeBackend::start(behaviour).await;
+        let port = backend.addr.port();
+        let (auth, _) = auth_service(Arc::new(move |_: &str, _: &str, _: u32| {
+            let mut h = vec![
+                ("Auth-Status".to_string(), "OK".to_string()),
+                ("Auth-Server".to_string(), "127.0.0.1".to_string()),
+                ("Auth-Port".to_string(), port.to_string()),
+            ];
+            if named {
+                h.push(("Auth-Client-Address".to_string(), "xclient".to_string()));
+            }
+            h
+        }))
+        .await;
+        let cfg = config(auth, backend.addr, "").replace("protocol = \"imap\"", "protocol = \"pop3\"");
+        let proxy = Proxy::start(&cfg, "").await;
+        let mut c = Client::connect(proxy.addr("plain")).await;
+        c.line().await;
+        c.send(b"USER alice@example.test\r\nPASS secret\r\n").await;
+        assert_eq!(c.line().await, "+OK\r\n");
+        let reply = c.line().await;
+        let what = format!("{behaviour:?}, Auth-Client-Address named: {named}");
+        if logged_in {
+            assert_eq!(reply, "+OK Logged in.\r\n", "{what}");
+            let got = backend.lines(0);
+            assert_eq!(got[0].starts_with("XCLIENT ADDR=127.0.0.1 "), xclient, "{what}: {got:?}");
+        } else {
+            assert_eq!(reply, "-ERR [SYS/TEMP] Server unavailable, try again later.\r\n", "{what}");
+        }
+    }
+}
+
 #[tokio::test]
 async fn outage_is_a_temporary_failure_and_never_counts_against_the_user() {
     let pooled = FakeBackend::start(Behaviour::Normal).await;
@@ -396,15 +497,20 @@ async fn ehlo_shows_what_a_backend_named_by_address_offers() {
 async fn backend_refusals_after_a_routing_only_service_are_throttled() {
     let rejecting = FakeBackend::start(Behaviour::RejectLogin).await;
     let port = rejecting.addr.port();
-    for (with_pass, throttled_after) in [(false, Some(2)), (true, None)] {
-        let (auth, _) = auth_service(Arc::new(move |_: &str, _: &str, _: u32| {
+    // Without Auth-Pass, or with the client's own password echoed (nginx wants an Auth-Pass in
+    // an IMAP or POP3 OK, so a routing-only script sends the one it was given): the backend's
+    // refusals are guesses. With a password of the service's own: the service checked.
+    for (with_pass, throttled_after) in [(None, Some(2)), (Some("echo"), Some(2)), (Some("service-chosen"), None)] {
+        let (auth, _) = auth_service(Arc::new(move |_: &str, pass: &str, _: u32| {
             let mut h = vec![
                 ("Auth-Status".to_string(), "OK".to_string()),
                 ("Auth-Server".to_string(), "127.0.0.1".to_string()),
                 ("Auth-Port".to_string(), port.to_string()),
             ];
-            if with_pass {
-                h.push(("Auth-Pass".to_string(), "service-chosen".to_string()));
+            match with_pass {
+                Some("echo") => h.push(("Auth-Pass".to_string(), pass.to_string())),
+                Some(own) => h.push(("Auth-Pass".to_string(), own.to_string())),
+                None => {}
             }
             h
         }))
@@ -424,7 +530,7 @@ async fn backend_refusals_after_a_routing_only_service_are_throttled() {
             } else {
                 "a NO [AUTHENTICATIONFAILED]"
             };
-            assert!(line.starts_with(expected), "Auth-Pass {with_pass}, attempt {i}: {line}");
+            assert!(line.starts_with(expected), "Auth-Pass {with_pass:?}, attempt {i}: {line}");
         }
     }
 }

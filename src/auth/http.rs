@@ -39,6 +39,8 @@ const MAX_BODY: usize = 64 * 1024;
 const MAX_WAIT: Duration = Duration::from_secs(60);
 /// Most cached answers kept.
 const MAX_CACHE: usize = 100_000;
+/// Most `Auth-Status: WAIT` answers followed for one login.
+const MAX_WAITS: u32 = 5;
 
 /// What the proxy knows about the login attempt.
 #[derive(Clone)]
@@ -91,6 +93,15 @@ pub enum Answer {
         wait: Option<Duration>,
         error_code: Option<String>,
     },
+    /// `Auth-Status: WAIT` (nginx, undocumented): ask again after `Auth-Wait` seconds, the
+    /// client none the wiser.
+    Wait(Duration),
+}
+
+/// Whether a refusal's `Auth-Error-Code` is a 4xx reply (nginx's example: `451 4.3.0`, "try
+/// again later"): the service's own trouble, not the client's wrong password.
+pub fn is_temporary(error_code: Option<&str>) -> bool {
+    error_code.is_some_and(|code| code.starts_with('4'))
 }
 
 /// `Auth-Pass` is a password: never shown.
@@ -112,6 +123,7 @@ impl std::fmt::Debug for Answer {
                 .field("wait", wait)
                 .field("error_code", error_code)
                 .finish(),
+            Answer::Wait(wait) => f.debug_tuple("Wait").field(wait).finish(),
         }
     }
 }
@@ -169,12 +181,24 @@ impl AuthHttp {
         Ok(AuthHttp { settings, client, cache: Mutex::new(HashMap::new()) })
     }
 
-    /// Ask the service (or the cache). Tries each URL in turn until one answers.
+    /// Ask the service (or the cache). Tries each URL in turn until one answers. An answer of
+    /// `WAIT` is asked again after its wait, as nginx does, up to `MAX_WAITS` times (then it is
+    /// an outage); the login's own deadline bounds it too.
     pub async fn query(&self, q: &Query<'_>) -> Result<Answer, Outage> {
         let key = cache_key(q);
         if let Some(answer) = self.cached(key) {
             return Ok(answer);
         }
+        for _ in 0..MAX_WAITS {
+            match self.ask(q, key).await? {
+                Answer::Wait(wait) => tokio::time::sleep(wait).await,
+                answer => return Ok(answer),
+            }
+        }
+        Err(Outage(format!("still WAIT after {MAX_WAITS} answers")))
+    }
+
+    async fn ask(&self, q: &Query<'_>, key: u64) -> Result<Answer, Outage> {
         let mut last = String::from("no URL");
         for url in &self.settings.urls {
             let req = match build_request(url, q, &self.settings.headers, self.settings.pass_client_cert) {
@@ -217,6 +241,9 @@ impl AuthHttp {
     fn remember(&self, key: u64, answer: &Answer) {
         let ttl = match answer {
             Answer::Ok { .. } => self.settings.cache_ttl,
+            // Not kept: each would refuse the client again after the service has recovered.
+            Answer::Wait(_) => return,
+            Answer::Fail { error_code, .. } if is_temporary(error_code.as_deref()) => return,
             Answer::Fail { .. } => self.settings.negative_cache_ttl,
         };
         if ttl.is_zero() {
@@ -347,58 +374,65 @@ pub fn build_request(
     builder.body(Empty::new()).map_err(|e| e.to_string())
 }
 
-/// Read the service's answer from its headers (the status code is ignored, as nginx does).
+/// Read the service's answer from its headers (the status code is ignored, as nginx does). A
+/// header sent more than once is read as nginx reads it: any `Auth-Status` other than `OK` (or
+/// `WAIT`) refuses, whatever else came with it, and of the other headers the last one counts.
 pub fn parse_response(headers: &HeaderMap) -> Result<Answer, String> {
     // Header values may hold any octet (a service answering in its own language sends UTF-8):
     // read them as text either way, so a refusal stays a refusal and is not taken for an outage.
-    let get = |name: &str| headers.get(name).map(|v| String::from_utf8_lossy(v.as_bytes()).trim().to_string());
-    let status = get("Auth-Status").ok_or("no Auth-Status header")?;
-    if status == "OK" {
-        let server = get("Auth-Server").filter(|s| !s.is_empty()).ok_or("Auth-Status OK without Auth-Server")?;
-        let port = match get("Auth-Port").as_deref() {
-            Some(p) => Some(p.parse::<u16>().map_err(|_| "bad Auth-Port")?),
-            None => None,
-        };
-        let transport = match get("Auth-Transport").as_deref() {
-            None => None,
-            Some("plain") => Some(Transport::Plain),
-            Some("tls") => Some(Transport::Tls),
-            Some("starttls") => Some(Transport::StartTls),
-            Some(_) => return Err("bad Auth-Transport".into()),
-        };
-        let client_address = match get("Auth-Client-Address").as_deref() {
-            None => None,
-            Some("imap-id") => Some(ClientAddress::ImapId),
-            Some("xclient") => Some(ClientAddress::Xclient),
-            Some("proxy-v2") => Some(ClientAddress::ProxyV2),
-            Some("none") => Some(ClientAddress::None),
-            Some(_) => return Err("bad Auth-Client-Address".into()),
-        };
-        return Ok(Answer::Ok {
-            server,
-            port,
-            // The login the backend gets: exactly as sent, or refused (never the client's own
-            // name in its place).
-            user: match headers.get("Auth-User") {
-                None => None,
-                Some(v) => Some(std::str::from_utf8(v.as_bytes()).map_err(|_| "bad Auth-User")?.trim().to_string()),
-            },
-            pass: headers.get("Auth-Pass").map(|v| v.as_bytes().to_vec()),
-            transport,
-            client_address,
+    let text = |v: &HeaderValue| String::from_utf8_lossy(v.as_bytes()).trim().to_string();
+    let last = |name: &str| headers.get_all(name).iter().next_back();
+    let get = |name: &str| last(name).map(text);
+    let statuses: Vec<String> = headers.get_all("Auth-Status").iter().map(text).collect();
+    if statuses.is_empty() {
+        return Err("no Auth-Status header".into());
+    }
+    // An Auth-Wait that is not a number of seconds is ignored, as nginx does.
+    let wait = get("Auth-Wait").and_then(|w| w.parse::<u64>().ok()).map(|n| Duration::from_secs(n).min(MAX_WAIT));
+    if let Some(status) = statuses.iter().rev().find(|s| *s != "OK" && *s != "WAIT") {
+        // A refusal's wait of 0 is no wait: nginx answers and closes then, as without the
+        // header; the refusal stands (and counts against the client), rather than an outage.
+        return Ok(Answer::Fail {
+            message: client_text(status),
+            wait: wait.filter(|w| !w.is_zero()),
+            error_code: get("Auth-Error-Code").as_deref().map(client_text),
         });
     }
-    // An Auth-Wait that is not a number of seconds is ignored, as nginx does: the refusal
-    // stands (and counts against the client), rather than becoming an outage. So is 0: nginx
-    // answers and closes then, as without the header.
-    let wait = get("Auth-Wait")
-        .and_then(|w| w.parse::<u64>().ok())
-        .filter(|n| *n > 0)
-        .map(|n| Duration::from_secs(n).min(MAX_WAIT));
-    Ok(Answer::Fail {
-        message: client_text(&status),
-        wait,
-        error_code: get("Auth-Error-Code").as_deref().map(client_text),
+    if statuses.iter().any(|s| s == "WAIT") {
+        return Ok(Answer::Wait(wait.unwrap_or(Duration::ZERO)));
+    }
+    let server = get("Auth-Server").filter(|s| !s.is_empty()).ok_or("Auth-Status OK without Auth-Server")?;
+    let port = match get("Auth-Port").as_deref() {
+        Some(p) => Some(p.parse::<u16>().map_err(|_| "bad Auth-Port")?),
+        None => None,
+    };
+    let transport = match get("Auth-Transport").as_deref() {
+        None => None,
+        Some("plain") => Some(Transport::Plain),
+        Some("tls") => Some(Transport::Tls),
+        Some("starttls") => Some(Transport::StartTls),
+        Some(_) => return Err("bad Auth-Transport".into()),
+    };
+    let client_address = match get("Auth-Client-Address").as_deref() {
+        None => None,
+        Some("imap-id") => Some(ClientAddress::ImapId),
+        Some("xclient") => Some(ClientAddress::Xclient),
+        Some("proxy-v2") => Some(ClientAddress::ProxyV2),
+        Some("none") => Some(ClientAddress::None),
+        Some(_) => return Err("bad Auth-Client-Address".into()),
+    };
+    Ok(Answer::Ok {
+        server,
+        port,
+        // The login the backend gets: exactly as sent, or refused (never the client's own
+        // name in its place).
+        user: match last("Auth-User") {
+            None => None,
+            Some(v) => Some(std::str::from_utf8(v.as_bytes()).map_err(|_| "bad Auth-User")?.trim().to_string()),
+        },
+        pass: last("Auth-Pass").map(|v| v.as_bytes().to_vec()),
+        transport,
+        client_address,
     })
 }
 
@@ -628,6 +662,28 @@ mod tests {
         }
         assert!(parse_response(&headers(&[])).is_err());
         assert!(parse_response(&headers(&[("Auth-Status", "OK")])).is_err());
+        // WAIT (nginx): ask again after Auth-Wait seconds, at once without it.
+        assert_eq!(
+            parse_response(&headers(&[("Auth-Status", "WAIT"), ("Auth-Wait", "2")])).unwrap(),
+            Answer::Wait(Duration::from_secs(2))
+        );
+        assert_eq!(parse_response(&headers(&[("Auth-Status", "WAIT")])).unwrap(), Answer::Wait(Duration::ZERO));
+        // Headers sent twice, as nginx reads them: any refusal refuses; otherwise the last counts.
+        for statuses in [["OK", "Invalid login"], ["Invalid login", "OK"], ["WAIT", "Invalid login"]] {
+            let answer = parse_response(&headers(&[
+                ("Auth-Status", statuses[0]),
+                ("Auth-Server", "a"),
+                ("Auth-Status", statuses[1]),
+            ]));
+            assert!(
+                matches!(answer, Ok(Answer::Fail { ref message, .. }) if message == "Invalid login"),
+                "{statuses:?}"
+            );
+        }
+        assert!(matches!(
+            parse_response(&headers(&[("Auth-Status", "OK"), ("Auth-Server", "a"), ("Auth-Server", "b"), ("Auth-Port", "1"), ("Auth-Port", "2")])),
+            Ok(Answer::Ok { ref server, port: Some(2), .. }) if server == "b"
+        ));
         assert!(
             parse_response(&headers(&[("Auth-Status", "OK"), ("Auth-Server", "x"), ("Auth-Port", "99999")])).is_err()
         );

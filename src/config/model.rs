@@ -604,6 +604,11 @@ pub enum ClientAddress {
     /// POP3 `XCLIENT ADDR= PORT= SESSION= TTL=` (Dovecot) or SMTP `XCLIENT ADDR= PORT= NAME=
     /// HELO= PROTO=` (Postfix), honoured from trusted networks only.
     Xclient,
+    /// POP3 to a backend an auth service named by address, without `Auth-Client-Address`:
+    /// XCLIENT where the backend announces it; elsewhere (nginx never sends XCLIENT for POP3, so
+    /// a backend moved over from behind it need not take it) the login goes ahead without, and
+    /// a warning names the backend once.
+    XclientIfAnnounced,
     /// A PROXY protocol v2 header before the first backend byte.
     ProxyV2,
     None,
@@ -615,6 +620,7 @@ impl ClientAddress {
         match self {
             ClientAddress::ImapId | ClientAddress::ImapIdIfAnnounced => protocol == Protocol::Imap,
             ClientAddress::Xclient => protocol != Protocol::Imap,
+            ClientAddress::XclientIfAnnounced => protocol == Protocol::Pop3,
             ClientAddress::ProxyV2 | ClientAddress::None => true,
         }
     }
@@ -795,7 +801,9 @@ impl Backend {
             tls_ca_file: None,
             client_address: match protocol {
                 Protocol::Imap => ClientAddress::ImapIdIfAnnounced,
-                Protocol::Pop3 | Protocol::Smtp => ClientAddress::Xclient,
+                Protocol::Pop3 => ClientAddress::XclientIfAnnounced,
+                // Its login is XCLIENT LOGIN=: nothing works without XCLIENT.
+                Protocol::Smtp => ClientAddress::Xclient,
             },
             login: match protocol {
                 Protocol::Smtp => BackendLogin::Xclient,

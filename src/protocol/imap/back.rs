@@ -12,20 +12,9 @@ use rustls::ClientConfig;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 
 use crate::auth::Credentials;
-use crate::backend::{self, BackendError, ClientInfo, Lines, LoggedIn, MAX_BACKEND_LINE, starts_with_ci};
+use crate::backend::{self, BackendError, ClientInfo, Lines, LoggedIn, MAX_BACKEND_LINE, starts_with_ci, warn_once};
 use crate::config::{Backend, BackendLogin, ClientAddress, Transport};
 use crate::protocol::sasl::plain_response;
-
-/// What the default `client_address` does without ID: said once per backend and problem, so
-/// the operator knows its logs see the proxy's address, without a line per login.
-fn warn_once(backend: &Backend, problem: &'static str) {
-    static WARNED: std::sync::Mutex<Vec<(String, &'static str)>> = std::sync::Mutex::new(Vec::new());
-    let mut warned = WARNED.lock().unwrap_or_else(|e| e.into_inner());
-    if warned.len() < 1024 && !warned.iter().any(|(a, p)| *a == backend.address && *p == problem) {
-        warned.push((backend.address.clone(), problem));
-        tracing::warn!(backend = %backend.name, address = %backend.address, "{problem}");
-    }
-}
 
 const NO_ID: &str = "backend does not announce IMAP ID: it sees the proxy's address, not the client's \
     (set client_address = \"proxy-v2\" or \"none\" to choose, or \"imap-id\" to refuse such backends)";
@@ -95,7 +84,9 @@ pub async fn connect_and_login(
             false
         }
         ClientAddress::ImapId | ClientAddress::ImapIdIfAnnounced => true,
-        ClientAddress::Xclient | ClientAddress::ProxyV2 | ClientAddress::None => false,
+        ClientAddress::Xclient | ClientAddress::XclientIfAnnounced | ClientAddress::ProxyV2 | ClientAddress::None => {
+            false
+        }
     };
     // A health check's login is the proxy's own connection: no client's address to tell.
     if send_id && !client.probe {

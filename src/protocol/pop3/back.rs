@@ -11,11 +11,14 @@ use rustls::ClientConfig;
 use tokio::io::AsyncWriteExt;
 
 use crate::auth::Credentials;
-use crate::backend::{self, BackendError, ClientInfo, Lines, LoggedIn, starts_with_ci};
+use crate::backend::{self, BackendError, ClientInfo, Lines, LoggedIn, starts_with_ci, warn_once};
 use crate::config::{Backend, BackendLogin, ClientAddress, Transport};
 use crate::protocol::sasl::plain_response;
 
 use crate::backend::PROXY_TTL;
+
+const NO_XCLIENT: &str = "POP3 backend named by the auth service does not announce XCLIENT: it sees the proxy's \
+    address, not the client's (answer with Auth-Client-Address: xclient to refuse such backends)";
 
 pub async fn connect_and_login(
     backend: &Backend,
@@ -53,12 +56,23 @@ pub async fn connect_and_login(
     // algorithm until our delayed ACK (measured against Dovecot; docs/performance.md). Other
     // backends get one command at a time, as nginx sends them.
     let mut first = Batch::default();
-    if backend.client_address == ClientAddress::Xclient && !xclient_offered {
-        return Err(BackendError::Protocol("backend does not offer XCLIENT (is the proxy in login_trusted_networks?)"));
-    }
+    let xclient = match backend.client_address {
+        ClientAddress::Xclient if !xclient_offered => {
+            return Err(BackendError::Protocol(
+                "backend does not offer XCLIENT (is the proxy in login_trusted_networks?)",
+            ));
+        }
+        ClientAddress::Xclient => true,
+        ClientAddress::XclientIfAnnounced if !xclient_offered => {
+            warn_once(backend, NO_XCLIENT);
+            false
+        }
+        ClientAddress::XclientIfAnnounced => true,
+        _ => false,
+    };
     // A health check's login is the proxy's own connection: there is no client address to tell
     // (and Dovecot refuses the port 0 of a made-up one: every check would fail).
-    let send_xclient = backend.client_address == ClientAddress::Xclient && !client.probe;
+    let send_xclient = xclient && !client.probe;
     if send_xclient {
         let cmd = format!(
             "XCLIENT ADDR={} PORT={} SESSION={} TTL={PROXY_TTL}",
