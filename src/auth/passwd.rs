@@ -134,19 +134,30 @@ impl PasswordHash {
         }
     }
 
-    /// How expensive the hash is to verify, in rank only: the scheme, then within it its own
-    /// cost parameters (bcrypt's cost, Argon2's memory times passes, SHA-crypt's rounds).
-    fn cost(&self) -> (u8, u64) {
+    /// How expensive the hash is to verify: roughly the microseconds one check takes on a
+    /// current x86 core, from each scheme's own cost parameters (bcrypt's cost, Argon2's memory
+    /// times passes, SHA-crypt's rounds). Only the order matters, across schemes too: a users
+    /// file mixing SHA-crypt at 656,000 rounds (passlib's default, about half a second) with
+    /// bcrypt at cost 5 (about 2 ms) must take the SHA-crypt hash as the stand-in.
+    fn cost(&self) -> u64 {
         // `name=value` in a `$`- or `,`-separated hash string.
         let param = |h: &str, name: &str| {
             h.split(['$', ',']).find_map(|p| p.strip_prefix(name)?.strip_prefix('=')?.parse::<u64>().ok())
         };
         match self {
-            PasswordHash::Plain(_) => (0, 0),
-            PasswordHash::Digest { .. } => (0, 1),
-            PasswordHash::ShaCrypt(h) => (1, param(h, "rounds").unwrap_or(5000)),
-            PasswordHash::BlfCrypt(h) => (2, h.get(4..6).and_then(|c| c.parse().ok()).unwrap_or(0)),
-            PasswordHash::Argon2(h) => (3, param(h, "m").unwrap_or(0).saturating_mul(param(h, "t").unwrap_or(1))),
+            PasswordHash::Plain(_) => 0,
+            PasswordHash::Digest { .. } => 1,
+            // About 0.7 µs a round (5,000 by default: 3.5 ms).
+            PasswordHash::ShaCrypt(h) => param(h, "rounds").unwrap_or(5000).saturating_mul(7) / 10,
+            // About 60 µs times 2^cost (cost 10: 60 ms).
+            PasswordHash::BlfCrypt(h) => {
+                let cost = h.get(4..6).and_then(|c| c.parse::<u32>().ok()).unwrap_or(0).min(31);
+                60u64 << cost
+            }
+            // About 0.6 µs per KiB and pass (19 MiB, 2 passes: 24 ms).
+            PasswordHash::Argon2(h) => {
+                param(h, "m").unwrap_or(0).saturating_mul(param(h, "t").unwrap_or(1)).saturating_mul(6) / 10
+            }
         }
     }
 
@@ -154,7 +165,12 @@ impl PasswordHash {
     pub fn verify(&self, password: &[u8]) -> bool {
         use argon2::password_hash::PasswordVerifier;
         match self {
-            PasswordHash::Plain(p) => p.as_bytes().ct_eq(password).into(),
+            // Compared as digests: a comparison of the texts themselves ends at once when the
+            // lengths differ, which would tell the stored password's length.
+            PasswordHash::Plain(p) => {
+                let digest = |b: &[u8]| aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, b);
+                digest(p.as_bytes()).as_ref().ct_eq(digest(password).as_ref()).into()
+            }
             PasswordHash::Argon2(h) => match argon2::password_hash::phc::PasswordHash::new(h) {
                 Ok(parsed) => argon2::Argon2::default().verify_password(password, &parsed).is_ok(),
                 Err(_) => false,
@@ -379,6 +395,25 @@ c:{}
         assert!(
             PasswordHash::parse(&sha("rounds=9000$")).unwrap().cost() > PasswordHash::parse(&sha("")).unwrap().cost()
         );
+        // Across schemes by what a check costs, not by the scheme: SHA-crypt at passlib's
+        // 656,000 rounds outweighs bcrypt at cost 5, and bcrypt at cost 14 outweighs it.
+        let slow_sha = sha("rounds=656000$");
+        let db = UserDb::parse_default(&format!("a:{slow_sha}\nb:{{BLF-CRYPT}}{cheap}\n")).unwrap();
+        assert!(matches!(db.stand_in(), Some(PasswordHash::ShaCrypt(h)) if h.contains("rounds=656000")));
+        let dearer = format!("$2y$14${}", &dear[7..]);
+        let db = UserDb::parse_default(&format!("a:{slow_sha}\nb:{{BLF-CRYPT}}{dearer}\n")).unwrap();
+        assert!(matches!(db.stand_in(), Some(PasswordHash::BlfCrypt(h)) if h.starts_with("$2y$14$")));
+    }
+
+    /// PLAIN passwords are compared in time that does not depend on where they differ or on
+    /// their lengths (compared as digests); the answer is still exact.
+    #[test]
+    fn plain_passwords_compare_exactly() {
+        let plain = PasswordHash::parse("{PLAIN}secret").unwrap();
+        assert!(plain.verify(b"secret"));
+        for wrong in [&b""[..], b"secre", b"secret ", b"Secret", b"secretsecret"] {
+            assert!(!plain.verify(wrong), "{wrong:?}");
+        }
     }
 
     #[test]
