@@ -457,6 +457,13 @@ impl ImapFront {
     ) -> io::Result<Option<Vec<u8>>> {
         let line = loop {
             match self.frag.progress() {
+                // Reliability cases 27 and 28, as for commands: over the limit, whether its end
+                // has arrived yet or not (the answer must not depend on how the bytes were split),
+                // and whether it ends in a literal or not.
+                Some(FragmentInfo::Line { .. }) | None if self.frag.is_max_message_size_exceeded() => {
+                    write(s, b"* BYE Command line too long.\r\n").await?;
+                    return Err(io::Error::new(io::ErrorKind::InvalidData, "SASL response too long"));
+                }
                 Some(FragmentInfo::Line { announcement: Some(ann), .. }) => {
                     // A literal has no place in a SASL response (crates.md §5): refuse it.
                     if ann.mode == LiteralMode::Sync {
@@ -470,7 +477,7 @@ impl ImapFront {
                 }
                 Some(FragmentInfo::Line { ending, .. }) => {
                     self.partial_since = None;
-                    if ending == LineEnding::Lf || self.frag.is_max_message_size_exceeded() {
+                    if ending == LineEnding::Lf {
                         break SaslLine::Bad;
                     }
                     break match self.frag.decode_message(&AuthenticateDataCodec::default()) {
@@ -480,11 +487,6 @@ impl ImapFront {
                     };
                 }
                 Some(FragmentInfo::Literal { .. }) => continue,
-                None if self.frag.is_max_message_size_exceeded() => {
-                    // Reliability case 28, as for commands: a response that never ends.
-                    write(s, b"* BYE Command line too long.\r\n").await?;
-                    return Err(io::Error::new(io::ErrorKind::InvalidData, "SASL response too long"));
-                }
                 None => match self.fill(s).await? {
                     Fill::Data => continue,
                     Fill::Eof => return Err(io::ErrorKind::UnexpectedEof.into()),
@@ -749,11 +751,21 @@ mod tests {
         assert!(out.ends_with("ready.\r\n* BYE Command line too long.\r\n"), "{out}");
         assert!(!out.contains("+ Ready") && !out.contains("Literal too large"), "{out}");
         assert_eq!(ev, vec!["closed line_too_long"]);
-        let (out, ev) = run(vec![b"a AUTHENTICATE PLAIN\r\n".to_vec(), vec![b'A'; 2000], vec![b'A'; 2000]]);
-        let out = String::from_utf8(out).unwrap();
-        assert!(out.ends_with("+ \r\n* BYE Command line too long.\r\n"), "{out}");
-        // The SASL exchange ends the dialogue with an error, as for a literal in a response.
-        assert_eq!(ev, vec!["error InvalidData"]);
+        // In SASL: a response that never ends, one whose end comes in the same read as the
+        // bytes over the limit, and one that ends in a literal.
+        let mut ended = vec![b'A'; 1500];
+        ended.extend_from_slice(b"\r\n");
+        let mut literal = vec![b'A'; 1100];
+        literal.extend_from_slice(b" {5}\r\n");
+        for response in [vec![vec![b'A'; 2000], vec![b'A'; 2000]], vec![ended], vec![literal]] {
+            let mut input = vec![b"a AUTHENTICATE PLAIN\r\n".to_vec()];
+            input.extend(response);
+            let (out, ev) = run(input);
+            let out = String::from_utf8(out).unwrap();
+            assert!(out.ends_with("+ \r\n* BYE Command line too long.\r\n"), "{out}");
+            // The SASL exchange ends the dialogue with an error, as for a literal in a response.
+            assert_eq!(ev, vec!["error InvalidData"]);
+        }
     }
 
     #[test]

@@ -15,7 +15,7 @@ use crate::protocol::{
     CloseReason, Event, FrontSettings, LoginFailure, LoginRequest, Mechanism, looks_like_http, write,
 };
 
-/// RFC 2449: command lines are at most 255 octets (SASL responses may be longer, and so may
+/// RFC 2449 §4: command lines are at most 255 octets, the CRLF included (SASL responses may be longer, and so may
 /// USER and PASS: user names and passwords are held to the limits IMAP's LOGIN has, as Dovecot
 /// does, not cut at a length a long generated password passes).
 const MAX_COMMAND: usize = 255;
@@ -91,7 +91,8 @@ impl Pop3Front {
             if looks_like_http(&line) {
                 return Ok(Event::Closed(CloseReason::HttpRequest));
             }
-            if line.len() > MAX_COMMAND && ![&b"AUTH"[..], b"USER", b"PASS"].iter().any(|w| starts_with_word(&line, w))
+            if line.len() + 2 > MAX_COMMAND
+                && ![&b"AUTH"[..], b"USER", b"PASS"].iter().any(|w| starts_with_word(&line, w))
             {
                 write(s, b"-ERR Line too long.\r\n").await?;
                 return Ok(Event::Closed(CloseReason::LineTooLong));
@@ -381,6 +382,13 @@ mod tests {
         long.extend_from_slice(b"\r\n");
         let (out, ev) = run(vec![long]);
         assert!(out.ends_with("-ERR Line too long.\r\n"));
+        assert_eq!(ev, vec!["closed line_too_long"]);
+        // 255 octets with the CRLF (RFC 2449 §4) is a command; 256 is too long.
+        let noop = |octets: usize| format!("NOOP {}\r\n", "x".repeat(octets - 7)).into_bytes();
+        let (out, _) = run(vec![noop(255)]);
+        assert!(out.ends_with("ready.\r\n+OK\r\n"), "{out}");
+        let (out, ev) = run(vec![noop(256)]);
+        assert!(out.ends_with("-ERR Line too long.\r\n"), "{out}");
         assert_eq!(ev, vec!["closed line_too_long"]);
         for request in [&b"GET / HTTP/1.1\r\n"[..], b"GET / HTTP/1.0\nHost: x\n\n"] {
             let (out, ev) = run(vec![request.to_vec()]);
