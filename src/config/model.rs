@@ -27,6 +27,8 @@ pub const DEFAULT_IDLE: Duration = Duration::from_secs(30 * 60);
 pub const DEFAULT_TLS_HANDSHAKE: Duration = Duration::from_secs(10);
 pub const DEFAULT_BACKEND_CONNECT: Duration = Duration::from_secs(10);
 pub const DEFAULT_BACKEND_LOGIN: Duration = Duration::from_secs(30);
+/// The largest `limits.max_line_length` taken (Dovecot's own default is 64 KiB).
+pub const MAX_LINE_LENGTH_LIMIT: u32 = 1 << 20;
 pub const DEFAULT_AUTH_FAILURE_DELAY: Duration = Duration::from_secs(2);
 pub const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 /// TCP keepalive on client and backend connections: first probe after this long without
@@ -1363,6 +1365,17 @@ impl Validator<'_> {
             max_errors: positive(&l.max_errors, "max_errors", d.max_errors, 1)?,
             max_auth_attempts: positive(&l.max_auth_attempts, "max_auth_attempts", d.max_auth_attempts, 1)?,
         };
+        // Each connection before login may buffer this much: a slip of a few zeros would let
+        // anyone unauthenticated take gigabytes per connection.
+        if let Some(v) = &l.max_line_length
+            && *v.get_ref() > MAX_LINE_LENGTH_LIMIT
+        {
+            return Err(self.err(
+                Some(v.span()),
+                "limits.max_line_length",
+                format!("must be at most {MAX_LINE_LENGTH_LIMIT} (1 MiB)"),
+            ));
+        }
         // The delay runs inside the login deadline: as long, and every SMTP client would be cut
         // off before its greeting.
         if limits.smtp_greeting_delay >= limits.login_timeout {
@@ -1404,8 +1417,15 @@ impl Validator<'_> {
             window: t.window.unwrap_or(d.window),
             ipv6_prefix,
             trusted,
-            max_entries: t.max_entries.unwrap_or(d.max_entries).max(100),
+            max_entries: t.max_entries.unwrap_or(d.max_entries),
         };
+        if s.max_entries < 100 {
+            return Err(self.err(None, "throttle.max_entries", "must be at least 100"));
+        }
+        if s.penalty_base > s.penalty_max {
+            // The penalty is min(base × 2^n, max): the base would never be seen.
+            return Err(self.err(None, "throttle.penalty_base", "must not be above penalty_max"));
+        }
         if s.enabled && s.window.is_zero() {
             // Counts would start again at every attempt: throttling on in name only.
             return Err(self.err(None, "throttle.window", "must be above 0 (enabled = false turns throttling off)"));
@@ -1815,7 +1835,9 @@ impl Validator<'_> {
                     .map_err(|_| self.err(Some(key.span()), "acme.eab_hmac_key", "not base64url"))?;
                 Some((kid.clone(), crate::auth::Password::new(raw)))
             }
-            _ => return Err(self.err(None, "acme.eab_kid", "eab_kid and eab_hmac_key go together")),
+            // Named by the one that is there, so the position is its line.
+            (Some(_), None) => return Err(self.err(None, "acme.eab_kid", "eab_kid and eab_hmac_key go together")),
+            _ => return Err(self.err(None, "acme.eab_hmac_key", "eab_kid and eab_hmac_key go together")),
         };
         let mut certificates = Vec::new();
         for (i, c) in a.certificates.iter().enumerate() {
@@ -1987,6 +2009,10 @@ impl Validator<'_> {
                 // Every request would time out: every login a temporary failure.
                 return Err(self.err(None, "auth.http.timeout", "must be above 0"));
             }
+            if let Some(p) = &a.passwd_file {
+                // Never loaded nor watched: a user taken out of it would still log in.
+                return Err(self.err(Some(p.span()), "auth.passwd_file", "not used with source = \"http\""));
+            }
             return Ok(AuthSource::Http(AuthHttpSettings {
                 urls: h.urls.get_ref().clone(),
                 timeout: h.timeout.unwrap_or(Duration::from_secs(10)),
@@ -2090,6 +2116,20 @@ impl Validator<'_> {
                     ));
                 }
             };
+            // TLS settings on a plain backend would be read and never used: a backend meant to
+            // be reached over TLS (a CA file named for it) would get passwords in the clear.
+            if transport == Transport::Plain {
+                let stray = (b.tls_server_name.as_ref().map(|t| ("tls_server_name", Some(t.span()))))
+                    .or(b.tls_ca_file.as_ref().map(|t| ("tls_ca_file", Some(t.span()))))
+                    .or(b.tls_verify.map(|_| ("tls_verify", None)));
+                if let Some((which, span)) = stray {
+                    return Err(self.err(
+                        span,
+                        field(which),
+                        "only used with transport = \"tls\" or \"starttls\"; the transport is \"plain\", so the backend gets no TLS",
+                    ));
+                }
+            }
             let protocol = match &b.protocol {
                 None => Protocol::Imap,
                 Some(p) => Protocol::parse(p.get_ref()).ok_or_else(|| {
@@ -2199,12 +2239,10 @@ impl Validator<'_> {
                     let login = match (&h.login_user, &h.login_password) {
                         (Some(u), Some(p)) => Some((u.clone(), p.clone())),
                         (None, None) => None,
-                        _ => {
-                            return Err(self.err(
-                                None,
-                                field("health.login_user"),
-                                "login_user and login_password go together",
-                            ));
+                        // Named by the one that is there, so the position is its line.
+                        (u, _) => {
+                            let which = if u.is_some() { "health.login_user" } else { "health.login_password" };
+                            return Err(self.err(None, field(which), "login_user and login_password go together"));
                         }
                     };
                     let hs = HealthSettings {
@@ -2216,12 +2254,14 @@ impl Validator<'_> {
                         starttls: h.starttls.unwrap_or(true),
                         login,
                     };
-                    if hs.interval.is_zero() || hs.timeout.is_zero() || hs.rise == 0 || hs.fall == 0 {
-                        return Err(self.err(
-                            None,
-                            field("health"),
-                            "interval, timeout, rise and fall must be above 0",
-                        ));
+                    let zero = [
+                        ("health.interval", hs.interval.is_zero()),
+                        ("health.timeout", hs.timeout.is_zero()),
+                        ("health.rise", hs.rise == 0),
+                        ("health.fall", hs.fall == 0),
+                    ];
+                    if let Some((which, _)) = zero.iter().find(|(_, is_zero)| *is_zero) {
+                        return Err(self.err(None, field(which), "must be above 0"));
                     }
                     if hs.login.is_some() && !hs.starttls && transport == Transport::StartTls {
                         // The check would send the test password in the clear.
@@ -2724,6 +2764,56 @@ default = "b"
         assert_eq!((e.field.as_str(), e.position.map(|p| p.0)), ("users.strip_default_domain", Some(14)), "{e}");
     }
 
+    /// Settings that would be read and never used, or quietly changed, are refused where they
+    /// are written: TLS settings on a plain backend (its passwords would go in the clear), a
+    /// users file beside an auth service (never loaded: a user taken out would still log in), a
+    /// line limit no host could give every connection, throttle values that mean nothing.
+    #[test]
+    fn settings_that_would_do_nothing_are_refused_at_their_line() {
+        let backend = |extra: &str| {
+            BASE.replace("address = \"127.0.0.1:143\"\n", &format!("address = \"127.0.0.1:143\"\n{extra}\n"))
+        };
+        for (extra, key) in [
+            ("tls_ca_file = \"ca.pem\"", "tls_ca_file"),
+            ("tls_server_name = \"imap.internal\"", "tls_server_name"),
+            ("tls_verify = true", "tls_verify"),
+            ("transport = \"plain\"\ntls_verify = false", "tls_verify"),
+        ] {
+            let e = parse(&backend(extra)).unwrap_err();
+            assert_eq!(e.field, format!("backend[0].{key}"), "{e}");
+            assert_eq!(e.position.map(|p| p.0), Some(if extra.starts_with("transport") { 9 } else { 8 }), "{e}");
+            assert!(e.message.contains("only used with transport"), "{e}");
+        }
+        assert!(parse(&backend("transport = \"tls\"\ntls_server_name = \"imap.internal\"")).is_ok());
+
+        let e = parse(&format!("{BASE}\n[limits]\nmax_line_length = 4000000000\n")).unwrap_err();
+        assert_eq!((e.field.as_str(), e.position.map(|p| p.0)), ("limits.max_line_length", Some(13)), "{e}");
+        assert!(parse(&format!("{BASE}\n[limits]\nmax_line_length = 1048576\n")).is_ok());
+
+        let text = with_auth_http("urls = [\"http://127.0.0.1:9000/auth\"]")
+            .replace("[auth]\n", "[auth]\npasswd_file = \"users\"\n");
+        let e = parse(&text).unwrap_err();
+        assert_eq!((e.field.as_str(), e.position.map(|p| p.0)), ("auth.passwd_file", Some(3)), "{e}");
+
+        for (throttle, key) in [
+            ("max_entries = 5", "throttle.max_entries"),
+            ("penalty_base = \"1h\"\npenalty_max = \"1s\"", "throttle.penalty_base"),
+        ] {
+            let e = parse(&format!("{BASE}\n[throttle]\n{throttle}\n")).unwrap_err();
+            assert_eq!((e.field.as_str(), e.position.map(|p| p.0)), (key, Some(13)), "{e}");
+        }
+
+        // Named by the key that is wrong (or that is there), so the line is its own, not the
+        // table's.
+        for (health, key, line) in [
+            ("interval = \"10s\"\nrise = 0", "backend[0].health.rise", 10),
+            ("login_password = \"x\"", "backend[0].health.login_password", 9),
+        ] {
+            let e = parse(&backend(&format!("[backend.health]\n{health}"))).unwrap_err();
+            assert_eq!((e.field.as_str(), e.position.map(|p| p.0)), (key, Some(line)), "{e}");
+        }
+    }
+
     #[test]
     fn a_value_of_the_wrong_type_is_not_shown() {
         // It may be a secret; the key is named instead.
@@ -2789,13 +2879,13 @@ default = "b"
         let second = "\n[[backend]]\nname = \"c\"\naddress = \"127.0.0.1:144\"\n";
         let text = format!("{BASE}{second}[backend.health]\nfall = 0\n");
         let e = parse(&text).unwrap_err();
-        assert_eq!(e.field, "backend[1].health", "{e}");
-        let want = text.lines().position(|l| l == "[backend.health]").map(|i| i + 1);
+        assert_eq!(e.field, "backend[1].health.fall", "{e}");
+        let want = text.lines().position(|l| l == "fall = 0").map(|i| i + 1);
         assert_eq!(e.position.map(|p| p.0), want, "{e}");
         let text = format!("{BASE}{second}health = {{ fall = 0 }}\n");
         let e = parse(&text).unwrap_err();
         let want = text.lines().position(|l| l.starts_with("health =")).map(|i| i + 1);
-        assert_eq!((e.field.as_str(), e.position.map(|p| p.0)), ("backend[1].health", want), "{e}");
+        assert_eq!((e.field.as_str(), e.position.map(|p| p.0)), ("backend[1].health.fall", want), "{e}");
     }
 
     /// A connection accepted by the loop of listener `a` on a socket listener `b` now has (a
