@@ -27,7 +27,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::{AcmeCertSpec, AcmeChallenge, AcmeSettings};
 use crate::metrics::metrics;
-use crate::tls::certs::CertStore;
+use crate::tls::certs::{CertStore, dns_names};
 
 /// Longest wait between retries after failures.
 const MAX_BACKOFF: Duration = Duration::from_secs(6 * 3600);
@@ -1300,22 +1300,6 @@ fn read_pair(cert: &Path, key: &Path, spec: &AcmeCertSpec) -> Option<(Arc<Certif
     let has = dns_names(&ck)?;
     let covered = names.iter().filter(|n| has.contains(n)).cloned().collect();
     Some((Arc::new(ck), covered))
-}
-
-fn dns_names(ck: &CertifiedKey) -> Option<Vec<String>> {
-    let leaf = ck.cert.first()?;
-    let (_, cert) = x509_parser::parse_x509_certificate(leaf.as_ref()).ok()?;
-    let san = cert.subject_alternative_name().ok()??;
-    Some(
-        san.value
-            .general_names
-            .iter()
-            .filter_map(|g| match g {
-                x509_parser::extensions::GeneralName::DNSName(d) => Some(d.to_ascii_lowercase()),
-                _ => None,
-            })
-            .collect(),
-    )
 }
 
 /// A label's certificate and key files in the state directory.

@@ -564,9 +564,50 @@ fn read_pair(spec: &CertSpec) -> Result<(Vec<u8>, Arc<CertifiedKey>), CertError>
         .unwrap_or_else(|| Arc::new(rustls::crypto::aws_lc_rs::default_provider()));
     let ck = CertifiedKey::from_der(chain, key, &provider)
         .map_err(|e| file_err(&spec.key, format!("certificate and key do not match or are unsupported: {e}")))?;
+    // Served by SNI for `names` alone: a name the certificate does not cover would fail every
+    // client's host name check (a certificate renewed without one of its names, a file mixed up).
+    let has = dns_names(&ck).unwrap_or_default();
+    if let Some(name) = spec.names.iter().find(|n| !covers(&has, n)) {
+        let what = if has.is_empty() { "no DNS names".to_string() } else { has.join(", ") };
+        return Err(file_err(
+            &spec.cert,
+            format!(
+                "the certificate does not cover {name:?}, which names lists (it has {what}): clients asking for that name would refuse it"
+            ),
+        ));
+    }
     let mut bytes = cert_bytes;
     bytes.extend_from_slice(&key_bytes);
     Ok((bytes, Arc::new(ck)))
+}
+
+/// The DNS names of a certificate's subjectAltName, lower case (its CN is not read: clients
+/// have not for years).
+pub(crate) fn dns_names(ck: &CertifiedKey) -> Option<Vec<String>> {
+    let leaf = ck.cert.first()?;
+    let (_, cert) = x509_parser::parse_x509_certificate(leaf.as_ref()).ok()?;
+    let san = cert.subject_alternative_name().ok()??;
+    Some(
+        san.value
+            .general_names
+            .iter()
+            .filter_map(|g| match g {
+                x509_parser::extensions::GeneralName::DNSName(d) => Some(d.to_ascii_lowercase()),
+                _ => None,
+            })
+            .collect(),
+    )
+}
+
+/// Whether a certificate with the DNS names `has` is good for `name` (lower case; `*.parent`
+/// only for itself): the name itself, or a wildcard one label above it.
+fn covers(has: &[String], name: &str) -> bool {
+    has.iter().any(|h| {
+        h == name
+            || h.strip_prefix("*.").is_some_and(|parent| {
+                name.split_once('.').is_some_and(|(label, rest)| label != "*" && !label.is_empty() && rest == parent)
+            })
+    })
 }
 
 /// A self-signed ECDSA P-256 certificate for `names`, for demos and first starts.
@@ -675,6 +716,33 @@ mod tests {
             ],
             names: names.into_iter().filter(|n| !n.is_empty()).collect(),
             default: false,
+        }
+    }
+
+    /// A certificate is served by SNI for the names the config lists: one that does not cover
+    /// them (its own subjectAltName, a wildcard one label above) is refused where it is named.
+    #[test]
+    fn listed_names_must_be_covered_by_the_certificate() {
+        crate::tls::init_crypto();
+        let dir = tempfile::tempdir().unwrap();
+        let load = |cert_names: &[&str], listed: &[&str]| {
+            let mut spec = pair(dir.path(), "c", &rcgen::PKCS_ECDSA_P256_SHA256, cert_names, 0);
+            spec.names = listed.iter().map(|n| n.to_string()).collect();
+            CertStore::load(&tls_settings(vec![spec], &[]))
+        };
+        assert!(load(&["mail.example.org"], &["mail.example.org"]).is_ok());
+        assert!(load(&["*.example.org"], &["mail.example.org", "*.example.org"]).is_ok());
+        for (cert_names, listed) in [
+            (&["mail.example.org"][..], &["imap.example.org"][..]),
+            (&["*.example.org"], &["a.b.example.org"]),
+            (&["*.example.org"], &["example.org"]),
+            (&["mail.example.org"], &["*.example.org"]),
+        ] {
+            let Err(CertError::File { field, message, .. }) = load(cert_names, listed) else {
+                panic!("{listed:?} served with a certificate for {cert_names:?}")
+            };
+            assert_eq!(field, "tls.certificate[0].cert");
+            assert!(message.contains(&format!("does not cover {:?}", listed[0])), "{message}");
         }
     }
 

@@ -52,7 +52,7 @@ def test_kubernetes_config_is_accepted_by_check(tmp_path):
     os.makedirs(os.path.join(root, "users"))
     subprocess.run(
         ["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes", "-days", "2",
-         "-subj", "/CN=mail.example.org", "-keyout", os.path.join(root, "tls", "tls.key"),
+         "-subj", "/CN=mail.example.org", "-addext", "subjectAltName=DNS:mail.example.org", "-keyout", os.path.join(root, "tls", "tls.key"),
          "-out", os.path.join(root, "tls", "tls.crt")],
         check=True, capture_output=True,
     )
