@@ -51,9 +51,11 @@ pub enum BackendError {
     #[error("mailbox in use")]
     InUse,
     /// The backend refused the client's own EHLO name (replayed after XCLIENT; it took the
-    /// proxy's), for now (4xx) or for good (5xx): the client's to fix, not the backend's health.
-    #[error("backend refused the client's EHLO name")]
-    ClientRefused { temporary: bool },
+    /// proxy's), or the client's address (Postfix runs its connection checks again for the
+    /// address XCLIENT gives: per-client connection limits, client restrictions), for now (4xx)
+    /// or for good (5xx): the client's own, the same on every replica, not the backend's health.
+    #[error("backend refused the client's EHLO name or address")]
+    ClientRefused { temporary: bool, address: bool },
     #[error("backend rejected the credentials")]
     Rejected,
 }

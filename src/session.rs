@@ -525,13 +525,18 @@ async fn preauth(ctx: &SessionCtx, tcp: TcpStream, deadline: Instant) -> Result<
                             // The throttle's own wait was the pace.
                             (LoginFailure::Throttled, true, None, false)
                         }
-                        LoginError::ClientRefused { temporary } => {
+                        LoginError::ClientRefused { temporary, address } => {
                             count_login(lc, req.mechanism, "client_refused");
                             // Not the user's credentials, but each try costs a backend login.
-                            let (text, code) = if temporary {
-                                ("The mail server cannot take your EHLO name now, try again later.", "454 4.7.0")
-                            } else {
-                                ("The mail server refused your EHLO name.", "550 5.7.1")
+                            let (text, code) = match (address, temporary) {
+                                (false, true) => {
+                                    ("The mail server cannot take your EHLO name now, try again later.", "454 4.7.0")
+                                }
+                                (false, false) => ("The mail server refused your EHLO name.", "550 5.7.1"),
+                                (true, true) => {
+                                    ("The mail server cannot take your connection now, try again later.", "454 4.7.0")
+                                }
+                                (true, false) => ("The mail server refused your address.", "550 5.7.1"),
                             };
                             let failure =
                                 LoginFailure::Message { text: text.into(), smtp_code: Some(code.into()), temporary };
@@ -652,7 +657,7 @@ enum LoginError {
     TooManySessions { user: String },
     /// The backend refused the client's own EHLO name, for now or for good: not the user's
     /// credentials nor the backend's health.
-    ClientRefused { temporary: bool },
+    ClientRefused { temporary: bool, address: bool },
     /// The backend refused credentials the proxy had verified (its users file, an auth service
     /// that sent the password to use, or a master or XCLIENT login, where the client's password
     /// never reaches the backend): the two disagree (a stale users file, a wrong master password). Not a guess,
@@ -1064,11 +1069,11 @@ impl BackendLoginOf<'_> {
             // The user's own state (another session holds the mailbox): a temporary failure for
             // this user, not a fault of the backend, and the same on every replica.
             BackendError::InUse => Tried::Over(LoginError::InUse),
-            BackendError::ClientRefused { temporary } => {
-                // The client's own choice, the same on every replica: no failover, and no count
+            BackendError::ClientRefused { temporary, address } => {
+                // The client's own, the same on every replica: no failover, and no count
                 // against the backend (a client could otherwise mark a pool down at will).
-                tracing::info!(session = %ctx.id, backend = %backend.name, temporary, "backend refused the client's EHLO name");
-                Tried::Over(LoginError::ClientRefused { temporary })
+                tracing::info!(session = %ctx.id, backend = %backend.name, temporary, address, "backend refused the client's EHLO name or address");
+                Tried::Over(LoginError::ClientRefused { temporary, address })
             }
             e @ BackendError::Local(_) => {
                 // Out of descriptors, memory or ports here: not the backend's fault (a connection

@@ -195,6 +195,50 @@ async fn ehlo_name_refused(behaviour: Behaviour) {
     assert_eq!(c.line().await, "235 2.7.0 Authentication successful\r\n");
 }
 
+/// Postfix runs its connection checks again for the address XCLIENT gives, and refuses a client
+/// over its per-client connection limit there, naming it: the client's own refusal, answered
+/// as temporary and not counted against the backend (a busy NAT would otherwise mark a pool
+/// down for everyone).
+#[tokio::test]
+async fn a_refusal_of_the_clients_address_at_xclient_is_the_clients_not_the_backends() {
+    let (proxy, _backend) = setup(Behaviour::SmtpXclientClientLimit).await;
+    for _ in 0..4 {
+        let mut c = greeted(&proxy).await;
+        c.send(b"EHLO c\r\n").await;
+        c.smtp_reply().await;
+        c.send(b"AUTH PLAIN AGFsaWNlQGV4YW1wbGUudGVzdABzZWNyZXQ=\r\n").await;
+        assert_eq!(c.line().await, "454 4.7.0 The mail server cannot take your connection now, try again later.\r\n");
+    }
+    assert!(proxy.app.health().is_up("fake"));
+}
+
+/// A client's EHLO name cannot break the proxy's XCLIENT: one whose xtext is over Postfix's 255
+/// bytes (`+` triples) is left out of it (the replayed EHLO still carries it), and what
+/// Postfix's tokenizer reads as quoting (a `\` before the space, a `"`) is encoded, so the
+/// `LOGIN=` after it stays an attribute of its own.
+#[tokio::test]
+async fn ehlo_names_cannot_break_the_proxys_xclient() {
+    let (proxy, backend) = setup(Behaviour::Smtp).await;
+    let pluses = "+".repeat(86);
+    for (i, name) in [pluses.as_str(), "x\\", "a\"b"].into_iter().enumerate() {
+        let before = backend.connections();
+        let mut c = greeted(&proxy).await;
+        c.send(format!("EHLO {name}\r\n").as_bytes()).await;
+        c.smtp_reply().await;
+        c.send(b"AUTH PLAIN AGFsaWNlQGV4YW1wbGUudGVzdABzZWNyZXQ=\r\n").await;
+        assert_eq!(c.line().await, "235 2.7.0 Authentication successful\r\n", "{name}");
+        let xclient = (before..backend.connections())
+            .flat_map(|conn| backend.lines(conn))
+            .find(|l| l.starts_with("XCLIENT "))
+            .unwrap();
+        let attrs: Vec<&str> = xclient.trim_end().split(' ').collect();
+        assert!(attrs.iter().any(|a| a.starts_with("LOGIN=")), "{xclient}");
+        assert!(attrs.iter().all(|a| a.len() <= 255 + 8 && !a.contains(['\\', '"'])), "{xclient}");
+        assert_eq!(attrs.iter().any(|a| a.starts_with("HELO=")), i > 0, "{xclient}");
+    }
+    assert!(proxy.app.health().is_up("fake"));
+}
+
 /// A backend that offers AUTH to the proxy but not for the client's address (named by XCLIENT)
 /// refuses this client, not everyone: a temporary failure, not counted against its health.
 #[tokio::test]

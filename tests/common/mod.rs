@@ -162,6 +162,9 @@ pub enum Behaviour {
     /// SMTP: offers AUTH to the proxy but not after XCLIENT names the client's address
     /// (Postfix's smtpd_sasl_exceptions_networks).
     SmtpNoAuthForClient,
+    /// SMTP: answers XCLIENT as Postfix does when the client's address is over its connection
+    /// limit (its checks run again for the address XCLIENT gives).
+    SmtpXclientClientLimit,
 }
 
 impl Behaviour {
@@ -190,6 +193,7 @@ impl Behaviour {
                 | Behaviour::SmtpStartTlsExtraBytes
                 | Behaviour::SmtpStartTlsNotTls
                 | Behaviour::SmtpNoAuthForClient
+                | Behaviour::SmtpXclientClientLimit
         )
     }
 }
@@ -483,8 +487,21 @@ async fn serve_smtp(s: TcpStream, behaviour: Behaviour, rec: Arc<Mutex<Vec<Vec<S
                 }
                 _ => b"220 2.0.0 Ready\r\n".to_vec(),
             },
+            // Postfix refuses any attribute value over 255 bytes, before decoding its xtext.
+            "XCLIENT"
+                if line
+                    .trim_end()
+                    .split(' ')
+                    .skip(1)
+                    .any(|a| a.split_once('=').is_some_and(|(_, v)| v.len() > 255)) =>
+            {
+                b"501 5.5.4 Error: attribute value too long\r\n".to_vec()
+            }
             "XCLIENT" => match behaviour {
                 Behaviour::SmtpRejectXclient => b"550 5.7.0 Error: insufficient authorization\r\n".to_vec(),
+                Behaviour::SmtpXclientClientLimit => {
+                    b"421 4.7.0 fake.example Error: too many connections from 127.0.0.1\r\n".to_vec()
+                }
                 Behaviour::SmtpStrictXclientHelo if line.contains("HELO=odd_") => {
                     b"501 5.5.4 Bad HELO syntax\r\n".to_vec()
                 }

@@ -78,10 +78,13 @@ pub async fn connect_and_login(
                     cmd.push_str(&format!(" {name}={}", xtext(value.as_bytes())));
                 }
             }
-            if let Some(helo) = &client.helo
+            // Postfix refuses an XCLIENT value over 255 bytes before decoding ("attribute value
+            // too long"): a client's long name, and a few `+` make it three times as long, must
+            // not make the backend look broken. It still gets the name in the replayed EHLO.
+            if let Some(helo) = client.helo.as_ref().map(|h| xtext(h.as_bytes())).filter(|h| h.len() <= 255)
                 && supports("HELO")
             {
-                cmd.push_str(&format!(" HELO={}", xtext(helo.as_bytes())));
+                cmd.push_str(&format!(" HELO={helo}"));
             }
         }
         if xclient_login {
@@ -93,14 +96,23 @@ pub async fn connect_and_login(
         cmd.push_str("\r\n");
         stream.write_all(cmd.as_bytes()).await?;
         let (code, text) = read_reply(&mut stream, &mut lines).await?;
+        // Postfix answers XCLIENT by running its connection checks again for the client's
+        // address (per-client connection and rate limits, client restrictions), and names the
+        // client in such a refusal (`unknown[192.0.2.1]`, "too many connections from
+        // 192.0.2.1"): the client's own, not a fault of the backend. The proxy's own XCLIENT
+        // refused (not authorised, a bad attribute) names no client.
+        let names_client = text.iter().any(|t| t.contains(&client.peer.ip().to_string()));
         match code {
             220 => {}
+            400..=599 if names_client => {
+                return Err(BackendError::ClientRefused { temporary: code < 500, address: true });
+            }
             421 => return Err(BackendError::Refused),
             // A syntax refusal of the client's own HELO name (Postfix: "501 5.5.4 Bad HELO
             // syntax") is the client's, as for the replayed EHLO below; other 501s are the
             // proxy's XCLIENT (its configuration), which counts against the backend.
             501 if cmd.contains(" HELO=") && text.iter().any(|t| t.to_ascii_uppercase().contains("HELO")) => {
-                return Err(BackendError::ClientRefused { temporary: false });
+                return Err(BackendError::ClientRefused { temporary: false, address: false });
             }
             _ => return Err(BackendError::Protocol("backend rejected XCLIENT")),
         }
@@ -115,7 +127,7 @@ pub async fn connect_and_login(
             250 => exts = replayed,
             421 => return Err(BackendError::Refused),
             code @ 400..=599 if client.helo.is_some() => {
-                return Err(BackendError::ClientRefused { temporary: code < 500 });
+                return Err(BackendError::ClientRefused { temporary: code < 500, address: false });
             }
             _ => return Err(BackendError::Protocol("EHLO refused")),
         }
@@ -286,11 +298,14 @@ fn keyword_args<'a>(line: &'a str, keyword: &str) -> Option<&'a str> {
     k.eq_ignore_ascii_case(keyword).then_some(rest)
 }
 
-/// RFC 3461 xtext: printable ASCII except `+` and `=` as is, everything else as `+XX`.
+/// RFC 3461 xtext: printable ASCII except `+` and `=` as is, everything else as `+XX`; and
+/// also `+XX` for what Postfix's command tokenizer reads as quoting (`\` escapes the next byte,
+/// a space included; `"` and `<` run to their closing match across spaces), which xtext allows
+/// as is: a client's `EHLO x\` would otherwise swallow the ` LOGIN=` after its `HELO=`.
 pub fn xtext(value: &[u8]) -> String {
     let mut out = String::with_capacity(value.len());
     for &b in value {
-        if (b'!'..=b'~').contains(&b) && b != b'+' && b != b'=' {
+        if (b'!'..=b'~').contains(&b) && !b"+=\\\"<>()".contains(&b) {
             out.push(b as char);
         } else {
             out.push_str(&format!("+{b:02X}"));
@@ -307,6 +322,9 @@ mod tests {
     fn xtext_encodes_specials() {
         assert_eq!(xtext(b"client.example"), "client.example");
         assert_eq!(xtext(b"a+b=c d\r\n\xc3\xa9"), "a+2Bb+3Dc+20d+0D+0A+C3+A9");
+        // What Postfix's tokenizer reads as quoting, whatever xtext allows.
+        assert_eq!(xtext(b"x\\ a\"b<c>(d)"), "x+5C+20a+22b+3Cc+3E+28d+29");
+        assert_eq!(xtext(b"[UNAVAILABLE]"), "[UNAVAILABLE]");
     }
 
     #[test]
