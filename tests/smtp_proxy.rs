@@ -300,7 +300,7 @@ async fn early_talker_is_refused() {
     let mut c = Client::connect(proxy.addr("plain")).await;
     // Reliability case 36.
     c.send(b"EHLO eager\r\n").await;
-    assert_eq!(c.line().await, "554 5.5.0 Error: SMTP protocol synchronization\r\n");
+    assert_eq!(c.line().await, "421 4.7.0 Error: SMTP protocol synchronization, closing connection\r\n");
     assert!(c.closed().await);
     let mut c = Client::connect(proxy.addr("plain")).await;
     assert_eq!(c.line().await, "220 proxy.example.test ESMTP ready\r\n");

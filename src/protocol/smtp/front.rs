@@ -47,6 +47,9 @@ pub struct SmtpFront {
     esmtp: bool,
 }
 
+/// The answer to a client that talks before the greeting.
+const EARLY_TALKER: &[u8] = b"421 4.7.0 Error: SMTP protocol synchronization, closing connection\r\n";
+
 impl SmtpFront {
     pub fn new(settings: FrontSettings) -> SmtpFront {
         let d = Dialogue::new(MAX_AUTH_LINE + 2, &settings, &REPLIES);
@@ -64,7 +67,9 @@ impl SmtpFront {
             let mut probe = [0u8; 1];
             if let Ok(r) = tokio::time::timeout(self.settings.greeting_delay, s.read(&mut probe)).await {
                 if matches!(r, Ok(n) if n > 0) {
-                    write(s, b"554 5.5.0 Error: SMTP protocol synchronization\r\n").await?;
+                    // RFC 5321 §3.8: a server closes on its own only after a 421 (a 554 in place
+                    // of the greeting must wait for QUIT, §3.1).
+                    write(s, EARLY_TALKER).await?;
                     return Ok(Some(CloseReason::EarlyTalker));
                 }
                 return Ok(Some(CloseReason::ClientClosed));
@@ -257,9 +262,16 @@ impl SmtpFront {
                 write(s, b"454 4.7.0 Temporary authentication failure\r\n").await
             }
             LoginFailure::Throttled => write(s, b"454 4.7.0 Too many login failures, try again later\r\n").await,
-            LoginFailure::Message { text, smtp_code, .. } => {
-                // nginx's default code for a refusal without Auth-Error-Code.
-                let code = smtp_code.as_deref().filter(|c| valid_reply_code(c)).unwrap_or("535 5.7.0");
+            LoginFailure::Message { text, smtp_code, temporary } => {
+                // nginx's default code for a refusal without Auth-Error-Code (454 for one that is
+                // temporary). Not 421 (RFC 5321 §3.8: the server closes after it, and the session
+                // goes on here), and with an enhanced code, as EHLO announces ENHANCEDSTATUSCODES.
+                let code = match smtp_code.as_deref().filter(|c| valid_reply_code(c) && !c.starts_with("421")) {
+                    Some(c) if c.len() == 3 => format!("{c} {}.7.0", &c[..1]),
+                    Some(c) => c.to_string(),
+                    None if temporary => "454 4.7.0".to_string(),
+                    None => "535 5.7.0".to_string(),
+                };
                 write(s, format!("{code} {text}\r\n").as_bytes()).await
             }
         }
@@ -465,6 +477,27 @@ mod tests {
         assert_eq!(ev, vec!["closed line_too_long"]);
     }
 
+    /// An auth service's refusal goes out with its Auth-Error-Code, made whole: an enhanced code
+    /// added to a bare one (EHLO announces ENHANCEDSTATUSCODES), and never 421, after which the
+    /// client would expect the connection to close (RFC 5321 §3.8).
+    #[tokio::test]
+    async fn refusal_codes_are_whole_and_never_421() {
+        for (code, temporary, want) in [
+            (Some("451 4.3.0"), true, "451 4.3.0 text\r\n"),
+            (Some("535"), false, "535 5.7.0 text\r\n"),
+            (Some("454"), true, "454 4.7.0 text\r\n"),
+            (Some("421 4.3.2"), true, "454 4.7.0 text\r\n"),
+            (Some("421"), false, "535 5.7.0 text\r\n"),
+            (None, true, "454 4.7.0 text\r\n"),
+            (None, false, "535 5.7.0 text\r\n"),
+        ] {
+            let mut out = Vec::new();
+            let failure = LoginFailure::Message { text: "text".into(), smtp_code: code.map(str::to_string), temporary };
+            SmtpFront::new(settings()).login_failed(&mut out, failure).await.unwrap();
+            assert_eq!(String::from_utf8(out).unwrap(), want, "{code:?}");
+        }
+    }
+
     #[tokio::test(start_paused = true)]
     async fn early_talker_is_refused() {
         let mut st = settings();
@@ -472,7 +505,8 @@ mod tests {
         let mut front = SmtpFront::new(st);
         let mut s = crate::protocol::tests::Script::new(vec![b"EHLO eager\r\n".to_vec()]);
         assert_eq!(front.greet(&mut s).await.unwrap(), Some(CloseReason::EarlyTalker));
-        assert_eq!(s.written, b"554 5.5.0 Error: SMTP protocol synchronization\r\n");
+        assert_eq!(s.written, EARLY_TALKER);
+        assert!(s.written.starts_with(b"421 "));
     }
 
     proptest! {
