@@ -1645,6 +1645,12 @@ impl Validator<'_> {
                 }
             };
             let client_cert = self.client_cert(l, tls, &field)?;
+            // Not refused (a listener kept open only to say so is a choice), but said: no
+            // credentials go over it, so no one can log in there.
+            if tls == TlsMode::None && !l.allow_plaintext_auth {
+                tracing::warn!(listener = %name, file = %self.path.display(),
+                    "listener has tls = \"none\" without allow_plaintext_auth = true: no client can log in on it");
+            }
             out.push(Arc::new(ListenerConfig {
                 name,
                 bind,
