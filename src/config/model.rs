@@ -497,6 +497,17 @@ pub enum AcmeChallenge {
     Dns01 { hook: PathBuf, propagation: Duration },
 }
 
+impl AcmeChallenge {
+    /// The challenge's name as the config spells it.
+    pub fn name(&self) -> &'static str {
+        match self {
+            AcmeChallenge::Http01Responder(_) | AcmeChallenge::Http01Webroot(_) => "http-01",
+            AcmeChallenge::TlsAlpn01(_) => "tls-alpn-01",
+            AcmeChallenge::Dns01 { .. } => "dns-01",
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AcmeCertSpec {
     /// Lower-case DNS names.
@@ -1825,6 +1836,40 @@ impl Validator<'_> {
                 ));
             }
         };
+        // Settings of another challenge (or of the responder, beside a webroot) would be read
+        // and never used: the operator meant something else.
+        let (webroot, responder, alpn, dns) = match &challenge {
+            AcmeChallenge::Http01Webroot(_) => (true, false, false, false),
+            AcmeChallenge::Http01Responder(_) => (false, true, false, false),
+            AcmeChallenge::TlsAlpn01(_) => (false, false, true, false),
+            AcmeChallenge::Dns01 { .. } => (false, false, false, true),
+        };
+        let unused = [
+            ("http01_bind", a.http01_bind.as_ref().map(|v| v.span()), responder),
+            ("http01_webroot", a.http01_webroot.as_ref().map(|v| v.span()), webroot),
+            ("tls_alpn01_bind", a.tls_alpn01_bind.as_ref().map(|v| v.span()), alpn),
+            ("dns01_hook", a.dns01_hook.as_ref().map(|v| v.span()), dns),
+        ];
+        for (key, span, used) in unused {
+            if let (Some(span), false) = (span, used) {
+                let why = if key == "http01_bind" && webroot {
+                    "not used with http01_webroot (the web server answers the challenges, not a responder)".to_string()
+                } else {
+                    format!("not used with the {} challenge", challenge.name())
+                };
+                return Err(self.err(Some(span), format!("acme.{key}"), why));
+            }
+        }
+        if a.dns01_propagation.is_some() && !dns {
+            return Err(self.err(
+                None,
+                "acme.dns01_propagation",
+                format!("not used with the {} challenge", challenge.name()),
+            ));
+        }
+        if a.certificates.is_empty() {
+            return Err(self.err(None, "acme", "no [[acme.certificate]]: nothing to order"));
+        }
         if !a.terms_agreed {
             return Err(self.err(
                 Some(a.directory.span()),
@@ -2861,6 +2906,32 @@ default = "b"
         assert_eq!(once.certificates[1].names, ["pop.example.org"]);
         let ok = acme("[\"pop.example.org\"]", "ecdsa-p256").unwrap().acme.unwrap();
         assert_eq!(ok.certificates.len(), 2);
+    }
+
+    /// Another challenge's settings, or a responder's beside a webroot, would be read and never
+    /// used; an `[acme]` without certificates orders nothing. Refused at their lines.
+    #[test]
+    fn acme_settings_that_would_do_nothing_are_refused() {
+        let acme = |body: &str, cert: bool| {
+            let cert = if cert { "[[acme.certificate]]\nnames = [\"mail.example.org\"]\n" } else { "" };
+            parse(&format!(
+                "{BASE}\n[acme]\ndirectory = \"https://acme.example/dir\"\nterms_agreed = true\nstate_dir = \"/var/lib/p\"\n{body}\n{cert}"
+            ))
+        };
+        for (body, key, line) in [
+            ("http01_webroot = \"/srv/www\"\nhttp01_bind = \"127.0.0.1:80\"", "acme.http01_bind", 17),
+            ("tls_alpn01_bind = \"127.0.0.1:443\"", "acme.tls_alpn01_bind", 16),
+            ("challenge = \"tls-alpn-01\"\nhttp01_bind = \"127.0.0.1:80\"", "acme.http01_bind", 17),
+            ("dns01_propagation = \"10s\"", "acme.dns01_propagation", 16),
+        ] {
+            let e = acme(body, true).unwrap_err();
+            assert_eq!(e.field, key, "{e}");
+            assert!(e.message.starts_with("not used with"), "{e}");
+            assert_eq!(e.position.map(|p| p.0), Some(line), "{e}");
+        }
+        let e = acme("", false).unwrap_err();
+        assert_eq!(e.field, "acme", "{e}");
+        assert!(acme("http01_bind = \"127.0.0.1:80\"", true).is_ok());
     }
 
     #[test]

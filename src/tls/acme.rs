@@ -990,7 +990,7 @@ impl CertTask {
     /// Challenge material is always cleaned up, also when the order is given up.
     /// Order the certificate; a renewal names `replacing`, the one it replaces.
     async fn order(&self, stop: &CancellationToken, replacing: Option<&CertifiedKey>) -> AcmeResult<Arc<CertifiedKey>> {
-        tracing::info!(certificate = %self.label, names = ?self.spec.names, challenge = challenge_name(&self.settings.challenge), "ACME: ordering");
+        tracing::info!(certificate = %self.label, names = ?self.spec.names, challenge = self.settings.challenge.name(), "ACME: ordering");
         let account = step(stop, STEP_TIMEOUT, "ACME account", self.account()).await?;
         let ids: Vec<Identifier> = self.spec.names.iter().map(|n| Identifier::Dns(n.clone())).collect();
         // RFC 9773 §5: a renewal says which certificate it replaces, and Let's Encrypt leaves
@@ -1112,9 +1112,9 @@ impl CertTask {
                 AuthorizationStatus::Pending => {}
                 other => return Err(format!("{name}: authorization is {other:?}")),
             }
-            let mut ch = authz.challenge(kind.clone()).ok_or_else(|| {
-                format!("{name}: the CA offers no {} challenge", challenge_name(&self.settings.challenge))
-            })?;
+            let mut ch = authz
+                .challenge(kind.clone())
+                .ok_or_else(|| format!("{name}: the CA offers no {} challenge", self.settings.challenge.name()))?;
             let key_auth = ch.key_authorization();
             match &self.settings.challenge {
                 AcmeChallenge::Http01Responder(_) => {
@@ -1149,7 +1149,7 @@ impl CertTask {
                     tokio::time::sleep(*propagation).await;
                 }
             }
-            tracing::info!(certificate = %self.label, name = %name, challenge = challenge_name(&self.settings.challenge), "ACME: challenge ready");
+            tracing::info!(certificate = %self.label, name = %name, challenge = self.settings.challenge.name(), "ACME: challenge ready");
             ch.set_ready().await.map_err(|e| format!("{name}: challenge ready: {e}"))?;
         }
         let status = order
@@ -1197,14 +1197,6 @@ impl Cleanup {
                 }
             }
         }
-    }
-}
-
-fn challenge_name(c: &AcmeChallenge) -> &'static str {
-    match c {
-        AcmeChallenge::Http01Responder(_) | AcmeChallenge::Http01Webroot(_) => "http-01",
-        AcmeChallenge::TlsAlpn01(_) => "tls-alpn-01",
-        AcmeChallenge::Dns01 { .. } => "dns-01",
     }
 }
 
