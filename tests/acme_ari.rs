@@ -65,8 +65,7 @@ async fn mock_directory_under(
                     let fail_once = path == "/dir" && flaky.swap(false, std::sync::atomic::Ordering::SeqCst);
                     let (seen, issuing) = (seen.clone(), issuing.clone());
                     async move {
-                        // "issue": a CA that issues at once (authorizations already valid), a
-                        // 90-day certificate one day old.
+                        // "issue": a CA that issues at once (authorizations already valid).
                         let req = if retry_after == "issue" {
                             match issuing.answer(&path, req, &base).await {
                                 Ok(resp) => return Ok::<_, Infallible>(resp),
@@ -141,7 +140,8 @@ async fn mock_directory_under(
     (format!("{base}/dir"), seen)
 }
 
-/// The mock CA's issuing side: an order is ready at once and finalized by signing its CSR.
+/// The mock CA's issuing side: an order is ready at once and finalized by signing its CSR, for
+/// 90 days.
 struct Issuing {
     issuer: CertifiedIssuer<'static, KeyPair>,
     /// The last certificate issued, PEM.
@@ -210,8 +210,9 @@ impl Issuing {
                     base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(payload["csr"].as_str().unwrap()).unwrap();
                 let mut csr = rcgen::CertificateSigningRequestParams::from_der(&der.into()).unwrap();
                 let now = SystemTime::now();
-                csr.params.not_before = time::OffsetDateTime::from(now - Duration::from_secs(86400));
-                csr.params.not_after = time::OffsetDateTime::from(now + Duration::from_secs(89 * 86400));
+                // Backdated an hour, as Let's Encrypt does.
+                csr.params.not_before = time::OffsetDateTime::from(now - Duration::from_secs(3600));
+                csr.params.not_after = time::OffsetDateTime::from(now + Duration::from_secs(90 * 86400));
                 csr.params.use_authority_key_identifier_extension = true;
                 let cert = csr.signed_by(&self.issuer).unwrap();
                 *self.issued.lock().unwrap() = Some(cert.pem());
@@ -648,7 +649,7 @@ async fn certificates_due_on_arrival_are_reordered_ever_more_slowly() {
     settings.retry_min = Duration::from_millis(400);
     let certs = Arc::new(portcullis::tls::certs::CertStore::load(&config.tls).unwrap());
     let stop = tokio_util::sync::CancellationToken::new();
-    let handle = portcullis::tls::acme::start(settings, certs.clone(), stop.clone()).await.unwrap();
+    let handle = portcullis::tls::acme::start(settings.clone(), certs.clone(), stop.clone()).await.unwrap();
     tokio::time::sleep(Duration::from_secs(6)).await;
     handle.stop().await;
     let orders = seen.lock().unwrap().iter().filter(|p| *p == "/order").count();
@@ -657,6 +658,15 @@ async fn certificates_due_on_arrival_are_reordered_ever_more_slowly() {
     // (±25 %): four orders in 6 s. At 0.4 s each, seven.
     assert!(issued >= 2, "the CA issued fewer than two certificates: {:?}", seen.lock().unwrap());
     assert!(orders <= 5, "{orders} orders in 6 s: {:?}", seen.lock().unwrap());
+
+    // Started again (a crash loop, a reload): the certificate stored just now is not ordered
+    // again at once, though it is due.
+    seen.lock().unwrap().clear();
+    let stop = tokio_util::sync::CancellationToken::new();
+    let handle = portcullis::tls::acme::start(settings, certs, stop.clone()).await.unwrap();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    handle.stop().await;
+    assert!(!seen.lock().unwrap().iter().any(|p| p == "/order"), "ordered again at start: {:?}", seen.lock().unwrap());
 }
 
 /// A stored account is replaced only when it cannot be loaded: a CA that fails the directory

@@ -548,7 +548,18 @@ impl CertTask {
         // re-ordered in a loop. Each such certificate in a row doubles the wait for the next, as
         // failures do: every one counts against the CA's duplicate-certificate limit (Let's
         // Encrypt: 5 a week for the same names).
-        let mut earliest = tokio::time::Instant::now();
+        // Across restarts too (a crash loop, a reload that restarts the tasks): a stored
+        // certificate this directory issued less than MAX_BACKOFF ago (by its notBefore, which
+        // CAs set at issuance or an hour before) is not ordered again before that; a renewal
+        // asked for with `renew` still is.
+        let issued_at = current.as_deref().and_then(validity).map(|(not_before, _)| not_before);
+        let mut earliest = match issued_at {
+            // Capped: a time in the future (a clock set back since) must not hold it longer.
+            Some(at) if self.issued_here() => {
+                to_instant(at + MAX_BACKOFF).min(tokio::time::Instant::now() + MAX_BACKOFF)
+            }
+            _ => tokio::time::Instant::now(),
+        };
         let mut due_on_arrival = 0u32;
         loop {
             // When to wake, and whether that is only an ARI re-check (which plans again) rather
