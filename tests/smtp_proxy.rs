@@ -195,13 +195,12 @@ async fn ehlo_name_refused(behaviour: Behaviour) {
     assert_eq!(c.line().await, "235 2.7.0 Authentication successful\r\n");
 }
 
-/// Postfix runs its connection checks again for the address XCLIENT gives, and refuses a client
-/// over its per-client connection limit there, naming it: the client's own refusal, answered
-/// as temporary and not counted against the backend (a busy NAT would otherwise mark a pool
-/// down for everyone).
+/// Postfix runs its client restrictions again for the address XCLIENT gives, and a refusal
+/// there names the client: the client's own, answered as temporary and not counted against the
+/// backend (one client could otherwise mark a pool down for everyone).
 #[tokio::test]
 async fn a_refusal_of_the_clients_address_at_xclient_is_the_clients_not_the_backends() {
-    let (proxy, _backend) = setup(Behaviour::SmtpXclientClientLimit).await;
+    let (proxy, _backend) = setup(Behaviour::SmtpXclientClientRefused).await;
     for _ in 0..4 {
         let mut c = greeted(&proxy).await;
         c.send(b"EHLO c\r\n").await;

@@ -162,9 +162,9 @@ pub enum Behaviour {
     /// SMTP: offers AUTH to the proxy but not after XCLIENT names the client's address
     /// (Postfix's smtpd_sasl_exceptions_networks).
     SmtpNoAuthForClient,
-    /// SMTP: answers XCLIENT as Postfix does when the client's address is over its connection
-    /// limit (its checks run again for the address XCLIENT gives).
-    SmtpXclientClientLimit,
+    /// SMTP: answers XCLIENT as Postfix does when its client restrictions, run again for the
+    /// address XCLIENT gives, refuse it for now (reject_unknown_client_hostname, DNS failing).
+    SmtpXclientClientRefused,
 }
 
 impl Behaviour {
@@ -193,7 +193,7 @@ impl Behaviour {
                 | Behaviour::SmtpStartTlsExtraBytes
                 | Behaviour::SmtpStartTlsNotTls
                 | Behaviour::SmtpNoAuthForClient
-                | Behaviour::SmtpXclientClientLimit
+                | Behaviour::SmtpXclientClientRefused
         )
     }
 }
@@ -499,8 +499,8 @@ async fn serve_smtp(s: TcpStream, behaviour: Behaviour, rec: Arc<Mutex<Vec<Vec<S
             }
             "XCLIENT" => match behaviour {
                 Behaviour::SmtpRejectXclient => b"550 5.7.0 Error: insufficient authorization\r\n".to_vec(),
-                Behaviour::SmtpXclientClientLimit => {
-                    b"421 4.7.0 fake.example Error: too many connections from 127.0.0.1\r\n".to_vec()
+                Behaviour::SmtpXclientClientRefused => {
+                    b"450 4.7.25 Client host rejected: cannot find your hostname, [127.0.0.1]\r\n".to_vec()
                 }
                 Behaviour::SmtpStrictXclientHelo if line.contains("HELO=odd_") => {
                     b"501 5.5.4 Bad HELO syntax\r\n".to_vec()

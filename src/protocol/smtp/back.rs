@@ -96,12 +96,16 @@ pub async fn connect_and_login(
         cmd.push_str("\r\n");
         stream.write_all(cmd.as_bytes()).await?;
         let (code, text) = read_reply(&mut stream, &mut lines).await?;
-        // Postfix answers XCLIENT by running its connection checks again for the client's
-        // address (per-client connection and rate limits, client restrictions), and names the
-        // client in such a refusal (`unknown[192.0.2.1]`, "too many connections from
-        // 192.0.2.1"): the client's own, not a fault of the backend. The proxy's own XCLIENT
-        // refused (not authorised, a bad attribute) names no client.
-        let names_client = text.iter().any(|t| t.contains(&client.peer.ip().to_string()));
+        // Postfix answers XCLIENT by running its client checks again for the address it gives
+        // (smtpd_client_restrictions with smtpd_delay_reject = no, a milter's connect check),
+        // and names the client in such a refusal (`450 4.7.25 Client host rejected: cannot find
+        // your hostname, [192.0.2.1]`, `554 5.7.1 <unknown[192.0.2.1]>: Client host
+        // rejected`): the client's own, not a fault of the backend. The proxy's own XCLIENT
+        // refused (not authorised, a bad attribute: 5.5.x syntax replies, which may quote the
+        // ADDR sent) names no client.
+        let addr_sent = backend.client_address == ClientAddress::Xclient;
+        let syntax = (500..=504).contains(&code);
+        let names_client = addr_sent && !syntax && text.iter().any(|t| names_address(t, client.peer.ip()));
         match code {
             220 => {}
             400..=599 if names_client => {
@@ -298,6 +302,22 @@ fn keyword_args<'a>(line: &'a str, keyword: &str) -> Option<&'a str> {
     k.eq_ignore_ascii_case(keyword).then_some(rest)
 }
 
+/// Whether `text` has `ip` as a word of its own: not part of a longer address or name
+/// (`10.1.2.3` is not in `10.1.2.30` nor in `110.1.2.3`).
+fn names_address(text: &str, ip: std::net::IpAddr) -> bool {
+    let ip = ip.to_string();
+    let part_of_address = |c: u8| c.is_ascii_alphanumeric() || c == b':' || c == b'.';
+    let b = text.as_bytes();
+    text.match_indices(&ip).any(|(at, _)| {
+        let before = at.checked_sub(1).map(|i| b[i]);
+        let after = b.get(at + ip.len()).copied();
+        // A full stop that ends a sentence is no part of the address; one before more of it is.
+        let after_dot_more = after == Some(b'.') && b.get(at + ip.len() + 1).is_some_and(|c| part_of_address(*c));
+        !before.is_some_and(part_of_address)
+            && (!after.is_some_and(|c| part_of_address(c) && c != b'.') && !after_dot_more)
+    })
+}
+
 /// RFC 3461 xtext: printable ASCII except `+` and `=` as is, everything else as `+XX`; and
 /// also `+XX` for what Postfix's command tokenizer reads as quoting (`\` escapes the next byte,
 /// a space included; `"` and `<` run to their closing match across spaces), which xtext allows
@@ -317,6 +337,25 @@ pub fn xtext(value: &[u8]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_address_is_named_only_as_a_word_of_its_own() {
+        let v4: std::net::IpAddr = "10.1.2.3".parse().unwrap();
+        for yes in [
+            "Client host rejected: cannot find your hostname, [10.1.2.3]",
+            "<unknown[10.1.2.3]>: Client host rejected",
+            "too many connections from 10.1.2.3",
+            "too many connections from 10.1.2.3.",
+        ] {
+            assert!(names_address(yes, v4), "{yes}");
+        }
+        for no in ["from 10.1.2.30", "from 110.1.2.3", "Bad ADDR syntax: 10.1.2.3.4", "host 10.1.2.3a", "x"] {
+            assert!(!names_address(no, v4), "{no}");
+        }
+        let v6: std::net::IpAddr = "2001:db8::1".parse().unwrap();
+        assert!(names_address("<unknown[2001:db8::1]>: Client host rejected", v6));
+        assert!(!names_address("from 2001:db8::10", v6));
+    }
 
     #[test]
     fn xtext_encodes_specials() {
