@@ -992,9 +992,12 @@ async fn authorize(
     // An Auth-Pass that is the client's own password (as sent, or as escaped in the request) is
     // no sign the service checked it: nginx refuses an IMAP or POP3 OK without one, so a
     // routing-only script echoes it. The backend has the last word on it then.
+    // Compared without blanks at either end: a service's HTTP stack drops them from the header,
+    // so a guess with a trailing space would otherwise pass for a password of its own.
     let echoed = pass.as_deref().is_some_and(|p| {
         let own = creds.password.expose();
-        p == own || p == crate::auth::http::escape(own).as_slice()
+        let p = p.trim_ascii();
+        p == own.trim_ascii() || p == crate::auth::http::escape(own).trim_ascii()
     });
     let judged = if pass.is_none() || echoed { Judged::ServiceRouted } else { Judged::Proxy };
     let creds = Credentials {

@@ -566,7 +566,16 @@ fn read_pair(spec: &CertSpec) -> Result<(Vec<u8>, Arc<CertifiedKey>), CertError>
         .map_err(|e| file_err(&spec.key, format!("certificate and key do not match or are unsupported: {e}")))?;
     // Served by SNI for `names` alone: a name the certificate does not cover would fail every
     // client's host name check (a certificate renewed without one of its names, a file mixed up).
-    let has = dns_names(&ck).unwrap_or_default();
+    let mut has = dns_names(&ck).unwrap_or_default();
+    if has.is_empty() {
+        // No subjectAltName: the subject's CN, which clients built on OpenSSL still match then
+        // (X509_check_host), though browsers and newer stacks do not.
+        has = common_names(&ck);
+        if !has.is_empty() {
+            tracing::warn!(path = %spec.cert.display(), names = ?has,
+                "certificate has no subjectAltName, only a CN: many clients will refuse it");
+        }
+    }
     if let Some(name) = spec.names.iter().find(|n| !covers(&has, n)) {
         let what = if has.is_empty() { "no DNS names".to_string() } else { has.join(", ") };
         return Err(file_err(
@@ -597,6 +606,13 @@ pub(crate) fn dns_names(ck: &CertifiedKey) -> Option<Vec<String>> {
             })
             .collect(),
     )
+}
+
+/// The subject's common names, lower case.
+fn common_names(ck: &CertifiedKey) -> Vec<String> {
+    let Some(leaf) = ck.cert.first() else { return Vec::new() };
+    let Ok((_, cert)) = x509_parser::parse_x509_certificate(leaf.as_ref()) else { return Vec::new() };
+    cert.subject().iter_common_name().filter_map(|cn| cn.as_str().ok()).map(|cn| cn.to_ascii_lowercase()).collect()
 }
 
 /// Whether a certificate with the DNS names `has` is good for `name` (lower case; `*.parent`
@@ -731,6 +747,23 @@ mod tests {
             CertStore::load(&tls_settings(vec![spec], &[]))
         };
         assert!(load(&["mail.example.org"], &["mail.example.org"]).is_ok());
+        // A certificate with no subjectAltName, only a CN (OpenSSL-based clients still take it).
+        let key = rcgen::KeyPair::generate().unwrap();
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.distinguished_name.push(rcgen::DnType::CommonName, "Mail.Example.org");
+        let cn_only = params.self_signed(&key).unwrap();
+        let spec = CertSpec {
+            cert: dir.path().join("cn.pem"),
+            key: dir.path().join("cn.key"),
+            origin: [("tls.certificate[0].cert".into(), None), ("tls.certificate[0].key".into(), None)],
+            names: vec!["mail.example.org".into()],
+            default: false,
+        };
+        std::fs::write(&spec.cert, cn_only.pem()).unwrap();
+        std::fs::write(&spec.key, key.serialize_pem()).unwrap();
+        assert!(CertStore::load(&tls_settings(vec![spec.clone()], &[])).is_ok());
+        let other = CertSpec { names: vec!["imap.example.org".into()], ..spec };
+        assert!(CertStore::load(&tls_settings(vec![other], &[])).is_err());
         assert!(load(&["*.example.org"], &["mail.example.org", "*.example.org"]).is_ok());
         for (cert_names, listed) in [
             (&["mail.example.org"][..], &["imap.example.org"][..]),
