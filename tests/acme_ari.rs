@@ -389,6 +389,14 @@ fn config_for(
     (portcullis::config::Config::parse(&dir.join("p.toml"), &text).unwrap(), state)
 }
 
+/// A certificate file as the ACME task left it a day ago: a restart does not hold back its
+/// renewal (a certificate stored within hours is not ordered again at start).
+fn stored_a_day_ago(path: &std::path::Path, pem: &str) {
+    std::fs::write(path, pem).unwrap();
+    let file = std::fs::File::options().write(true).open(path).unwrap();
+    file.set_modified(SystemTime::now() - Duration::from_secs(86400)).unwrap();
+}
+
 /// A 90-day certificate for mail.example.test, one day old, issued by some CA (the ARI id only
 /// needs its AKI and serial).
 /// `ninety_day_leaf` as the certified key a running proxy holds.
@@ -425,7 +433,7 @@ async fn an_open_ari_window_orders_the_renewal_once() {
     let settings = config.acme.clone().unwrap();
     // A stored 90-day certificate, one day old: far from two thirds of its life.
     let (leaf, leaf_key) = ninety_day_leaf(now);
-    std::fs::write(state.join("certs/mail.example.test.pem"), leaf.pem()).unwrap();
+    stored_a_day_ago(&state.join("certs/mail.example.test.pem"), &leaf.pem());
     std::fs::write(state.join("certs/mail.example.test.key"), leaf_key.serialize_pem()).unwrap();
     let certs = Arc::new(portcullis::tls::certs::CertStore::load(&config.tls).unwrap());
     let stop = tokio_util::sync::CancellationToken::new();
@@ -451,7 +459,7 @@ async fn an_added_name_keeps_the_stored_certificate_while_ordering() {
     let mut settings = config.acme.clone().unwrap();
     settings.certificates[0].names.push("new.example.test".to_string());
     let (leaf, leaf_key) = ninety_day_leaf(now);
-    std::fs::write(state.join("certs/mail.example.test.pem"), leaf.pem()).unwrap();
+    stored_a_day_ago(&state.join("certs/mail.example.test.pem"), &leaf.pem());
     std::fs::write(state.join("certs/mail.example.test.key"), leaf_key.serialize_pem()).unwrap();
     let certs = Arc::new(portcullis::tls::certs::CertStore::load(&config.tls).unwrap());
     let stop = tokio_util::sync::CancellationToken::new();
@@ -473,7 +481,7 @@ async fn a_certificate_from_another_directory_is_replaced_at_once() {
     for recorded in [true, false] {
         let MockCa { dir: _dir, now, seen, config, state, .. } = mock_ca(far_window, "21600").await;
         let (leaf, leaf_key) = ninety_day_leaf(now);
-        std::fs::write(state.join("certs/mail.example.test.pem"), leaf.pem()).unwrap();
+        stored_a_day_ago(&state.join("certs/mail.example.test.pem"), &leaf.pem());
         std::fs::write(state.join("certs/mail.example.test.key"), leaf_key.serialize_pem()).unwrap();
         let staging = "https://staging.example.test/dir";
         if recorded {
@@ -743,7 +751,7 @@ async fn a_renewal_names_the_certificate_it_replaces() {
         let MockCa { dir: _dir, now, seen, config, state, .. } = mock_ca(open_window, mode).await;
         let (leaf, leaf_key) = ninety_day_leaf(now);
         if stored {
-            std::fs::write(state.join("certs/mail.example.test.pem"), leaf.pem()).unwrap();
+            stored_a_day_ago(&state.join("certs/mail.example.test.pem"), &leaf.pem());
             std::fs::write(state.join("certs/mail.example.test.key"), leaf_key.serialize_pem()).unwrap();
         }
         let certs = Arc::new(portcullis::tls::certs::CertStore::load(&config.tls).unwrap());

@@ -1433,9 +1433,9 @@ impl Validator<'_> {
         if s.max_entries < 100 {
             return Err(self.err(None, "throttle.max_entries", "must be at least 100"));
         }
-        // Only where both are written: a penalty_max alone under the default base is a fixed
-        // penalty, as it always was.
-        if t.penalty_base.is_some() && t.penalty_max.is_some() && s.penalty_base > s.penalty_max {
+        // Only where penalty_base is written: a penalty_max alone under the default base is a
+        // fixed penalty, as it always was.
+        if t.penalty_base.is_some() && s.penalty_base > s.penalty_max {
             // The penalty is min(base × 2^n, max): the base would never be seen.
             return Err(self.err(None, "throttle.penalty_base", "must not be above penalty_max"));
         }
@@ -2853,6 +2853,9 @@ default = "b"
             ("penalty_base = \"1h\"\npenalty_max = \"1s\"", "throttle.penalty_base"),
         ] {
             assert!(parse(&format!("{BASE}\n[throttle]\npenalty_max = \"1s\"\n")).is_ok());
+            // Above the default penalty_max (15 s): never seen either.
+            let e = parse(&format!("{BASE}\n[throttle]\npenalty_base = \"30s\"\n")).unwrap_err();
+            assert_eq!(e.field, "throttle.penalty_base", "{e}");
             let e = parse(&format!("{BASE}\n[throttle]\n{throttle}\n")).unwrap_err();
             assert_eq!((e.field.as_str(), e.position.map(|p| p.0)), (key, Some(13)), "{e}");
         }

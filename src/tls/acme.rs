@@ -548,15 +548,16 @@ impl CertTask {
         // re-ordered in a loop. Each such certificate in a row doubles the wait for the next, as
         // failures do: every one counts against the CA's duplicate-certificate limit (Let's
         // Encrypt: 5 a week for the same names).
-        // Across restarts too (a crash loop, a reload that restarts the tasks): a stored
-        // certificate this directory issued less than MAX_BACKOFF ago (by its notBefore, which
-        // CAs set at issuance or an hour before) is not ordered again before that; a renewal
-        // asked for with `renew` still is.
-        let issued_at = current.as_deref().and_then(validity).map(|(not_before, _)| not_before);
-        let mut earliest = match issued_at {
+        // Across restarts too (a crash loop, a reload that restarts the tasks): a certificate
+        // this directory issued and this task stored less than MAX_BACKOFF ago (by its file's
+        // time) is not ordered again before that, nor past a third of its lifetime (a CA issuing
+        // certificates of hours); a renewal asked for with `renew` still is.
+        let stored_at = std::fs::metadata(self.paths().0).and_then(|m| m.modified()).ok();
+        let life = current.as_deref().and_then(validity).and_then(|(from, to)| to.duration_since(from).ok());
+        let mut earliest = match (stored_at, life) {
             // Capped: a time in the future (a clock set back since) must not hold it longer.
-            Some(at) if self.issued_here() => {
-                to_instant(at + MAX_BACKOFF).min(tokio::time::Instant::now() + MAX_BACKOFF)
+            (Some(at), Some(life)) if self.issued_here() => {
+                to_instant(at + MAX_BACKOFF.min(life / 3)).min(tokio::time::Instant::now() + MAX_BACKOFF)
             }
             _ => tokio::time::Instant::now(),
         };

@@ -573,7 +573,7 @@ fn read_pair(spec: &CertSpec) -> Result<(Vec<u8>, Arc<CertifiedKey>), CertError>
         has = common_names(&ck);
         if !has.is_empty() {
             tracing::warn!(path = %spec.cert.display(), names = ?has,
-                "certificate has no subjectAltName, only a CN: many clients will refuse it");
+                "certificate has no DNS name in a subjectAltName, only a CN: many clients (Apple Mail, Chrome, Go, rustls) refuse it");
         }
     }
     if let Some(name) = spec.names.iter().find(|n| !covers(&has, n)) {
@@ -590,8 +590,7 @@ fn read_pair(spec: &CertSpec) -> Result<(Vec<u8>, Arc<CertifiedKey>), CertError>
     Ok((bytes, Arc::new(ck)))
 }
 
-/// The DNS names of a certificate's subjectAltName, lower case (its CN is not read: clients
-/// have not for years).
+/// The DNS names of a certificate's subjectAltName, lower case (its CN is not read here).
 pub(crate) fn dns_names(ck: &CertifiedKey) -> Option<Vec<String>> {
     let leaf = ck.cert.first()?;
     let (_, cert) = x509_parser::parse_x509_certificate(leaf.as_ref()).ok()?;

@@ -305,6 +305,13 @@ fn keyword_args<'a>(line: &'a str, keyword: &str) -> Option<&'a str> {
 /// Whether `text` has `ip` as a word of its own: not part of a longer address or name
 /// (`10.1.2.3` is not in `10.1.2.30` nor in `110.1.2.3`).
 fn names_address(text: &str, ip: std::net::IpAddr) -> bool {
+    // An IPv4-mapped address (a PROXY header's TCP6 source) is written by Postfix as IPv4.
+    if let std::net::IpAddr::V6(v6) = ip
+        && let Some(v4) = v6.to_ipv4_mapped()
+        && names_address(text, std::net::IpAddr::V4(v4))
+    {
+        return true;
+    }
     let ip = ip.to_string();
     let part_of_address = |c: u8| c.is_ascii_alphanumeric() || c == b':' || c == b'.';
     let b = text.as_bytes();
@@ -355,6 +362,8 @@ mod tests {
         let v6: std::net::IpAddr = "2001:db8::1".parse().unwrap();
         assert!(names_address("<unknown[2001:db8::1]>: Client host rejected", v6));
         assert!(!names_address("from 2001:db8::10", v6));
+        let mapped: std::net::IpAddr = "::ffff:10.1.2.3".parse().unwrap();
+        assert!(names_address("cannot find your hostname, [10.1.2.3]", mapped));
     }
 
     #[test]
