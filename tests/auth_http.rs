@@ -71,6 +71,15 @@ async fn auth_service(answer: Answers) -> (SocketAddr, Seen) {
     (addr, seen)
 }
 
+/// An OK that sends the login to 127.0.0.1:`port`, the headers an answer starts with.
+fn ok_at(port: u16) -> Vec<(String, String)> {
+    vec![
+        ("Auth-Status".to_string(), "OK".to_string()),
+        ("Auth-Server".to_string(), "127.0.0.1".to_string()),
+        ("Auth-Port".to_string(), port.to_string()),
+    ]
+}
+
 fn config(auth: SocketAddr, pool_backend: SocketAddr, extra_urls: &str) -> String {
     format!(
         r#"
@@ -340,11 +349,7 @@ async fn a_pop3_backend_named_by_address_gets_xclient_only_where_announced_unles
         let backend = FakeBackend::start(behaviour).await;
         let port = backend.addr.port();
         let (auth, _) = auth_service(Arc::new(move |_: &str, _: &str, _: u32| {
-            let mut h = vec![
-                ("Auth-Status".to_string(), "OK".to_string()),
-                ("Auth-Server".to_string(), "127.0.0.1".to_string()),
-                ("Auth-Port".to_string(), port.to_string()),
-            ];
+            let mut h = ok_at(port);
             if named {
                 h.push(("Auth-Client-Address".to_string(), "xclient".to_string()));
             }
@@ -506,11 +511,7 @@ async fn backend_refusals_after_a_routing_only_service_are_throttled() {
         [(None, Some(2)), (Some("echo"), Some(2)), (Some("echo-trimmed"), Some(2)), (Some("service-chosen"), None)]
     {
         let (auth, _) = auth_service(Arc::new(move |_: &str, pass: &str, _: u32| {
-            let mut h = vec![
-                ("Auth-Status".to_string(), "OK".to_string()),
-                ("Auth-Server".to_string(), "127.0.0.1".to_string()),
-                ("Auth-Port".to_string(), port.to_string()),
-            ];
+            let mut h = ok_at(port);
             match with_pass {
                 Some("echo") => h.push(("Auth-Pass".to_string(), pass.to_string())),
                 Some("echo-trimmed") => h.push(("Auth-Pass".to_string(), pass.trim().to_string())),
@@ -576,12 +577,9 @@ async fn refusals_of_a_renamed_login_count_for_the_name_the_client_typed() {
     let rejecting = FakeBackend::start(Behaviour::RejectLogin).await;
     let port = rejecting.addr.port();
     let (auth, _) = auth_service(Arc::new(move |_: &str, _: &str, _: u32| {
-        vec![
-            ("Auth-Status".to_string(), "OK".to_string()),
-            ("Auth-Server".to_string(), "127.0.0.1".to_string()),
-            ("Auth-Port".to_string(), port.to_string()),
-            ("Auth-User".to_string(), "robert@example.test".to_string()),
-        ]
+        let mut h = ok_at(port);
+        h.push(("Auth-User".to_string(), "robert@example.test".to_string()));
+        h
     }))
     .await;
     let cfg = config(auth, rejecting.addr, "")

@@ -565,40 +565,46 @@ async fn a_backend_starttls_with_stray_bytes_or_refused_goes_no_further() {
 async fn a_backend_saying_logindisabled_gets_no_login() {
     // RFC 9051 §6.2.3: no LOGIN where the server says LOGINDISABLED. The backend's refusal would
     // read as the user's wrong password; it is the backend's configuration.
-    let (addr, seen) = scripted_backend(
+    let (line, seen) = login_via_scripted(
         b"* OK [CAPABILITY IMAP4rev1 STARTTLS LOGINDISABLED] ready\r\n",
         b"P3 NO [PRIVACYREQUIRED] no\r\n",
+        false,
     )
     .await;
-    let proxy = Proxy::start(&plain_config(addr, ""), USERS).await;
-    let mut c = greeted(&proxy).await;
-    c.send(b"a LOGIN alice@example.test secret\r\n").await;
-    assert_eq!(c.line().await, "a NO [UNAVAILABLE] Server unavailable, try again later.\r\n");
-    let seen = String::from_utf8_lossy(&seen.lock().unwrap()).into_owned();
+    assert_eq!(line, UNAVAILABLE);
     assert!(!seen.contains("LOGIN") && !seen.contains("secret"), "{seen}");
 }
+
+/// Log alice in through a proxy in front of a scripted backend (`greeting`, then `reply` to its
+/// first command), with `client_address = "imap-id"` written out or not: the client's first
+/// reply line and what the backend was sent.
+async fn login_via_scripted(greeting: &'static [u8], reply: &'static [u8], explicit_imap_id: bool) -> (String, String) {
+    let (addr, seen) = scripted_backend(greeting, reply).await;
+    let mut cfg = plain_config(addr, "");
+    if explicit_imap_id {
+        cfg = cfg.replace("health = { enabled = false }", "health = { enabled = false }\nclient_address = \"imap-id\"");
+    }
+    let proxy = Proxy::start(&cfg, USERS).await;
+    let mut c = greeted(&proxy).await;
+    c.send(b"a LOGIN alice@example.test secret\r\n").await;
+    let line = c.line().await;
+    let sent = String::from_utf8_lossy(&seen.lock().unwrap()).into_owned();
+    (line, sent)
+}
+
+const UNAVAILABLE: &str = "a NO [UNAVAILABLE] Server unavailable, try again later.\r\n";
 
 /// A backend that does not announce ID (Courier, Exchange): the default `client_address` logs in
 /// without it; `client_address = "imap-id"` set explicitly fails closed instead.
 #[tokio::test]
 async fn a_backend_without_id_gets_none_and_explicit_imap_id_fails_closed() {
     const GREETING: &[u8] = b"* OK [CAPABILITY IMAP4rev1 LITERAL+] ready\r\n";
-    let (addr, seen) = scripted_backend(GREETING, b"P3 OK Logged in\r\n").await;
-    let proxy = Proxy::start(&plain_config(addr, ""), USERS).await;
-    let mut c = greeted(&proxy).await;
-    c.send(b"a LOGIN alice@example.test secret\r\n").await;
-    assert!(c.line().await.starts_with("a OK "));
-    let sent = String::from_utf8_lossy(&seen.lock().unwrap()).into_owned();
+    let (line, sent) = login_via_scripted(GREETING, b"P3 OK Logged in\r\n", false).await;
+    assert!(line.starts_with("a OK "));
     assert!(sent.starts_with("P3 LOGIN ") && !sent.contains(" ID "), "{sent}");
 
-    let (addr, seen) = scripted_backend(GREETING, b"P3 OK Logged in\r\n").await;
-    let cfg = plain_config(addr, "")
-        .replace("health = { enabled = false }", "health = { enabled = false }\nclient_address = \"imap-id\"");
-    let proxy = Proxy::start(&cfg, USERS).await;
-    let mut c = greeted(&proxy).await;
-    c.send(b"a LOGIN alice@example.test secret\r\n").await;
-    assert_eq!(c.line().await, "a NO [UNAVAILABLE] Server unavailable, try again later.\r\n");
-    let sent = String::from_utf8_lossy(&seen.lock().unwrap()).into_owned();
+    let (line, sent) = login_via_scripted(GREETING, b"P3 OK Logged in\r\n", true).await;
+    assert_eq!(line, UNAVAILABLE);
     assert!(!sent.contains("LOGIN") && !sent.contains("secret"), "{sent}");
 }
 
@@ -608,24 +614,14 @@ async fn a_backend_without_id_gets_none_and_explicit_imap_id_fails_closed() {
 #[tokio::test]
 async fn a_backend_refusing_id_fails_closed_where_imap_id_is_explicit() {
     const GREETING: &[u8] = b"* OK [CAPABILITY IMAP4rev1 ID] ready\r\n";
-    let (addr, seen) = scripted_backend(GREETING, b"P2 BAD Unknown command\r\n").await;
-    let proxy = Proxy::start(&plain_config(addr, ""), USERS).await;
-    let mut c = greeted(&proxy).await;
-    c.send(b"a LOGIN alice@example.test secret\r\n").await;
     // The scripted backend answers only its first command, so the LOGIN after ID times out.
-    assert_eq!(c.line().await, "a NO [UNAVAILABLE] Server unavailable, try again later.\r\n");
-    let sent = String::from_utf8_lossy(&seen.lock().unwrap()).into_owned();
+    let (line, sent) = login_via_scripted(GREETING, b"P2 BAD Unknown command\r\n", false).await;
+    assert_eq!(line, UNAVAILABLE);
     assert!(sent.starts_with("P2 ID (") && sent.contains("P3 LOGIN "), "{sent}");
 
     for refusal in [&b"P2 BAD Unknown command\r\n"[..], b"P2 NO not now\r\n", b"P2 OKAY\r\n"] {
-        let (addr, seen) = scripted_backend(GREETING, refusal).await;
-        let cfg = plain_config(addr, "")
-            .replace("health = { enabled = false }", "health = { enabled = false }\nclient_address = \"imap-id\"");
-        let proxy = Proxy::start(&cfg, USERS).await;
-        let mut c = greeted(&proxy).await;
-        c.send(b"a LOGIN alice@example.test secret\r\n").await;
-        assert_eq!(c.line().await, "a NO [UNAVAILABLE] Server unavailable, try again later.\r\n");
-        let sent = String::from_utf8_lossy(&seen.lock().unwrap()).into_owned();
+        let (line, sent) = login_via_scripted(GREETING, refusal, true).await;
+        assert_eq!(line, UNAVAILABLE);
         assert!(sent.starts_with("P2 ID (") && !sent.contains("LOGIN") && !sent.contains("secret"), "{sent}");
     }
 }

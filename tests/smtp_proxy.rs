@@ -28,6 +28,15 @@ async fn greeted(proxy: &Proxy) -> Client<tokio::net::TcpStream> {
     c
 }
 
+/// Greeted, `EHLO name` answered, and AUTH PLAIN as alice sent: its reply is next.
+async fn authenticating(proxy: &Proxy, name: &str) -> Client<tokio::net::TcpStream> {
+    let mut c = greeted(proxy).await;
+    c.send(format!("EHLO {name}\r\n").as_bytes()).await;
+    c.smtp_reply().await;
+    c.send(b"AUTH PLAIN AGFsaWNlQGV4YW1wbGUudGVzdABzZWNyZXQ=\r\n").await;
+    c
+}
+
 /// Greeted, EHLO answered, and logged in as alice with AUTH PLAIN.
 async fn logged_in(proxy: &Proxy) -> Client<tokio::net::TcpStream> {
     let mut c = greeted(proxy).await;
@@ -148,10 +157,7 @@ async fn relay_idle_timeout_sends_421() {
 
 async fn login_fails_unavailable(behaviour: Behaviour, backend_extra: &str) {
     let (proxy, _backend) = setup_with(behaviour, backend_extra, "").await;
-    let mut c = greeted(&proxy).await;
-    c.send(b"EHLO c\r\n").await;
-    c.smtp_reply().await;
-    c.send(b"AUTH PLAIN AGFsaWNlQGV4YW1wbGUudGVzdABzZWNyZXQ=\r\n").await;
+    let mut c = authenticating(&proxy, "c").await;
     assert_eq!(c.line().await, "454 4.7.0 Temporary authentication failure\r\n");
     c.send(b"NOOP\r\n").await;
     assert_eq!(c.line().await, "250 2.0.0 OK\r\n");
@@ -181,17 +187,11 @@ async fn an_ehlo_name_the_backend_refuses_is_the_clients_failure_not_the_backend
 async fn ehlo_name_refused(behaviour: Behaviour) {
     let (proxy, _backend) = setup(behaviour).await;
     for _ in 0..4 {
-        let mut c = greeted(&proxy).await;
-        c.send(b"EHLO odd_name\r\n").await;
-        c.smtp_reply().await;
-        c.send(b"AUTH PLAIN AGFsaWNlQGV4YW1wbGUudGVzdABzZWNyZXQ=\r\n").await;
+        let mut c = authenticating(&proxy, "odd_name").await;
         assert_eq!(c.line().await, "550 5.7.1 The mail server refused your EHLO name.\r\n");
     }
     assert!(proxy.app.health().is_up("fake"));
-    let mut c = greeted(&proxy).await;
-    c.send(b"EHLO client.example\r\n").await;
-    c.smtp_reply().await;
-    c.send(b"AUTH PLAIN AGFsaWNlQGV4YW1wbGUudGVzdABzZWNyZXQ=\r\n").await;
+    let mut c = authenticating(&proxy, "client.example").await;
     assert_eq!(c.line().await, "235 2.7.0 Authentication successful\r\n");
 }
 
@@ -202,10 +202,7 @@ async fn ehlo_name_refused(behaviour: Behaviour) {
 async fn a_refusal_of_the_clients_address_at_xclient_is_the_clients_not_the_backends() {
     let (proxy, _backend) = setup(Behaviour::SmtpXclientClientRefused).await;
     for _ in 0..4 {
-        let mut c = greeted(&proxy).await;
-        c.send(b"EHLO c\r\n").await;
-        c.smtp_reply().await;
-        c.send(b"AUTH PLAIN AGFsaWNlQGV4YW1wbGUudGVzdABzZWNyZXQ=\r\n").await;
+        let mut c = authenticating(&proxy, "c").await;
         assert_eq!(c.line().await, "454 4.7.0 The mail server cannot take your connection now, try again later.\r\n");
     }
     assert!(proxy.app.health().is_up("fake"));
@@ -221,10 +218,7 @@ async fn ehlo_names_cannot_break_the_proxys_xclient() {
     let pluses = "+".repeat(86);
     for (i, name) in [pluses.as_str(), "x\\", "a\"b"].into_iter().enumerate() {
         let before = backend.connections();
-        let mut c = greeted(&proxy).await;
-        c.send(format!("EHLO {name}\r\n").as_bytes()).await;
-        c.smtp_reply().await;
-        c.send(b"AUTH PLAIN AGFsaWNlQGV4YW1wbGUudGVzdABzZWNyZXQ=\r\n").await;
+        let mut c = authenticating(&proxy, name).await;
         assert_eq!(c.line().await, "235 2.7.0 Authentication successful\r\n", "{name}");
         let xclient = (before..backend.connections())
             .flat_map(|conn| backend.lines(conn))
@@ -244,10 +238,7 @@ async fn ehlo_names_cannot_break_the_proxys_xclient() {
 async fn auth_withheld_from_the_clients_address_is_not_the_backends_failure() {
     let (proxy, _backend) = setup_with(Behaviour::SmtpNoAuthForClient, "login = \"replay\"", "").await;
     for _ in 0..4 {
-        let mut c = greeted(&proxy).await;
-        c.send(b"EHLO c\r\n").await;
-        c.smtp_reply().await;
-        c.send(b"AUTH PLAIN AGFsaWNlQGV4YW1wbGUudGVzdABzZWNyZXQ=\r\n").await;
+        let mut c = authenticating(&proxy, "c").await;
         assert_eq!(c.line().await, "454 4.7.0 Temporary authentication failure\r\n");
     }
     assert!(proxy.app.health().is_up("fake"));
@@ -270,10 +261,7 @@ async fn backend_refusing_starttls_fails_closed() {
 async fn backend_starttls_reply_with_extra_bytes_aborts() {
     let (proxy, backend) =
         setup_with(Behaviour::SmtpStartTlsExtraBytes, "transport = \"starttls\"\ntls_verify = false", "").await;
-    let mut c = greeted(&proxy).await;
-    c.send(b"EHLO c\r\n").await;
-    c.smtp_reply().await;
-    c.send(b"AUTH PLAIN AGFsaWNlQGV4YW1wbGUudGVzdABzZWNyZXQ=\r\n").await;
+    let mut c = authenticating(&proxy, "c").await;
     assert_eq!(c.line().await, "454 4.7.0 Temporary authentication failure\r\n");
     // The fake records what followed STARTTLS when the proxy closes the connection.
     tokio::time::sleep(std::time::Duration::from_millis(500)).await;
