@@ -746,6 +746,17 @@ mod tests {
         crate::config::Config::parse(std::path::Path::new("/t.toml"), &text).unwrap().backends["b"].clone()
     }
 
+    /// Wait (in steps of 100 ms, up to `limit_ms`) for a check beyond the `seen` so far.
+    async fn next_check(checks: &AtomicUsize, seen: usize, limit_ms: u64) -> Option<()> {
+        for _ in 0..limit_ms / 100 {
+            if checks.load(Ordering::SeqCst) != seen {
+                return Some(());
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        None
+    }
+
     /// Checks started again (as every reload does) do not check a backend checked lately at
     /// the same address at once: they wait out the rest of its interval.
     #[tokio::test(start_paused = true)]
@@ -773,12 +784,7 @@ mod tests {
         tokio::time::sleep(Duration::from_secs(5)).await;
         assert_eq!(checks.load(Ordering::SeqCst), 1, "checked again at once");
         // Once the interval since the first check is over, the next one comes.
-        let mut waited = 0;
-        while checks.load(Ordering::SeqCst) == 1 {
-            tokio::time::sleep(Duration::from_millis(100)).await;
-            waited += 100;
-            assert!(waited < 10_000, "never checked again");
-        }
+        next_check(&checks, 1, 10_000).await.expect("never checked again");
         again.cancel();
         // A definition changed at the same address (here the check timeout; a check password
         // fixed, say) is checked at once.
@@ -789,12 +795,7 @@ mod tests {
         };
         let third = CancellationToken::new();
         start(&third, changed);
-        let mut waited = 0;
-        while checks.load(Ordering::SeqCst) == 2 {
-            tokio::time::sleep(Duration::from_millis(100)).await;
-            waited += 100;
-            assert!(waited < 3_000, "a changed definition waited");
-        }
+        next_check(&checks, 2, 3_000).await.expect("a changed definition waited");
         third.cancel();
     }
 
