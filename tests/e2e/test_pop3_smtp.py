@@ -138,6 +138,22 @@ def test_wrong_password_535_and_nothing_reaches_postfix(mail_proxy):
     assert "login failed: rip=127.0.0.2 user=<demo@example.test> protocol=smtp listener=submissions reason=bad_credentials" in mail_proxy.log()
 
 
+def test_ehlo_names_cannot_break_the_proxys_xclient(mail_proxy):
+    """Against the real Postfix: an EHLO name whose xtext is over 255 bytes (Postfix refuses such
+    an XCLIENT attribute) and one ending in a backslash (Postfix's tokenizer would take the
+    space after it, and the LOGIN= that follows, into the HELO= value) still give an
+    authenticated session: the message arrives marked ESMTPA/ESMTPSA."""
+    for i, name in enumerate(["+" * 86, "x\\"]):
+        tag = f"odd-ehlo-{i}"
+        msg = make_message(tag)
+        with SMTPSSLFrom("127.0.0.1", mail_proxy.setup.port("submissions"), context=client_tls_context(), timeout=10) as s:
+            s.ehlo(name)
+            s.login(*DEMO)
+            assert s.sendmail(DEMO[0], [DEMO[0]], msg) == {}
+        data = delivered_with(mail_proxy.postfix, tag)
+        assert b"with ESMTPA" in data or b"with ESMTPSA" in data, data[:600]
+
+
 def test_client_xclient_is_refused(mail_proxy):
     with SMTPSSLFrom("127.0.0.1", mail_proxy.setup.port("submissions"), context=client_tls_context(), timeout=10) as s:
         s.ehlo("client.example")
