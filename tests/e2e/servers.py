@@ -226,6 +226,18 @@ class Dovecot:
                 os.chown(os.path.join(dirpath, fn), 65534, 65534)
         return path
 
+    def inbox_count(self, user, password):
+        """How many messages the user's INBOX holds, asked of Dovecot directly (other test files
+        deliver to the same mailbox, so a count through the proxy is compared with this)."""
+        import imaplib
+
+        with imaplib.IMAP4("127.0.0.1", self.imap_port, timeout=10) as m:
+            m.login(user, password)
+            typ, data = m.select("INBOX", readonly=True)
+            assert typ == "OK", data
+            m.logout()
+        return data[0]
+
     def log(self):
         out = ""
         for name in ("dovecot.log", "dovecot-info.log", "stderr.log"):
