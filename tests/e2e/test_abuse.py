@@ -194,9 +194,11 @@ def test_idle_preauth_connections_are_cut_and_memory_returns(dovecot, tmp_path):
         assert closed == 2000
         assert wait_for(lambda: count_fds(pc.proc.pid) < 100, timeout=10)
         # The connections cost memory while they existed, and most of it is given back (the
-        # proxy hands freed memory back to the system every few seconds).
+        # proxy hands freed memory back to the system every few seconds). Up to six hand-backs
+        # are waited for: on a loaded CI machine the last sessions' memory was once still being
+        # freed after three.
         bound = max((peak - baseline) // 4, 4096)
-        wait_for(lambda: rss_kib(pc.proc.pid) - baseline <= bound, timeout=15, interval=0.5)
+        wait_for(lambda: rss_kib(pc.proc.pid) - baseline <= bound, timeout=30, interval=0.5)
         after = rss_kib(pc.proc.pid)
         threads = len(os.listdir(f"/proc/{pc.proc.pid}/task"))
         print(f"RssAnon KiB: baseline {baseline}, 2000 idle connections {peak}, after {after}; {threads} threads")
