@@ -981,6 +981,9 @@ fn alerted_counters_at_zero(rt: &Runtime) {
             m.logins.with_label_values(&[protocol, mechanism.as_str(), "backend_rejected"]);
         }
     }
+    if let Some(responder) = rt.config.acme.as_ref().and_then(|a| a.challenge.responder()) {
+        m.accept_errors.with_label_values(&[responder]);
+    }
     let dynamic = rt.auth_http.is_some().then_some("dynamic");
     for backend in rt.config.backends.values().map(|b| b.label()).chain(dynamic) {
         m.backend_errors.with_label_values(&[backend, "local_resources"]);

@@ -121,7 +121,7 @@ impl Metrics {
             connections_rejected: counter(
                 &r,
                 "connections_rejected_total",
-                "Client connections refused or dropped before the dialogue",
+                "Client connections refused or dropped before the dialogue, or whose TLS handshake (implicit or STARTTLS) failed",
                 &["protocol", "listener", "reason"],
             ),
             accept_errors: counter(

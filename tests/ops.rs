@@ -539,4 +539,17 @@ async fn the_alerted_counters_are_exported_at_zero_before_their_first_count() {
     let page = String::from_utf8(proxy.app.render_metrics().1).unwrap();
     let series = "portcullis_backend_errors_total{backend=\"added-later\",reason=\"local_resources\"} 0";
     assert!(page.lines().any(|l| l == series), "missing {series} in\n{page}");
+    drop(proxy);
+
+    // An ACME challenge responder's port is watched by the same alert as the listeners.
+    let state = tempfile::tempdir().unwrap();
+    let acme = format!(
+        "{cfg}\n[acme]\ndirectory = \"https://127.0.0.1:1/dir\"\nterms_agreed = true\nstate_dir = \"{}\"\nchallenge = \"tls-alpn-01\"\ntls_alpn01_bind = \"127.0.0.1:{}\"\nretry_min = \"1h\"\n[[acme.certificate]]\nnames = [\"mail.example.test\"]\n",
+        state.path().display(),
+        free_port()
+    );
+    let proxy = Proxy::start(&acme, USERS).await;
+    let page = String::from_utf8(proxy.app.render_metrics().1).unwrap();
+    let series = "portcullis_accept_errors_total{listener=\"acme-tls-alpn-01\"} 0";
+    assert!(page.lines().any(|l| l == series), "missing {series} in\n{page}");
 }

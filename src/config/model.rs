@@ -506,6 +506,19 @@ impl AcmeChallenge {
             AcmeChallenge::Dns01 { .. } => "dns-01",
         }
     }
+
+    /// The name the challenge's own responder counts its accept errors and refusals under, if
+    /// the proxy answers the challenge on a port of its own.
+    pub const HTTP01_RESPONDER: &'static str = "acme-http-01";
+    pub const TLS_ALPN01_RESPONDER: &'static str = "acme-tls-alpn-01";
+
+    pub fn responder(&self) -> Option<&'static str> {
+        match self {
+            AcmeChallenge::Http01Responder(_) => Some(Self::HTTP01_RESPONDER),
+            AcmeChallenge::TlsAlpn01(_) => Some(Self::TLS_ALPN01_RESPONDER),
+            AcmeChallenge::Http01Webroot(_) | AcmeChallenge::Dns01 { .. } => None,
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -1392,10 +1392,12 @@ async fn http01_responder(listener: tokio::net::TcpListener, challenges: Arc<Cha
     let mut backoff = crate::app::ACCEPT_BACKOFF_MIN;
     let open = Arc::new(crate::limits::Connections::default());
     loop {
-        let Some((tcp, peer)) = crate::app::accept(&listener, &mut backoff, &stop, "acme-http-01").await else {
+        let Some((tcp, peer)) =
+            crate::app::accept(&listener, &mut backoff, &stop, AcmeChallenge::HTTP01_RESPONDER).await
+        else {
             return;
         };
-        let Some(slot) = responder_slot(&open, "acme-http-01", peer) else { continue };
+        let Some(slot) = responder_slot(&open, AcmeChallenge::HTTP01_RESPONDER, peer) else { continue };
         let challenges = challenges.clone();
         tokio::spawn(async move {
             let _slot = slot;
@@ -1436,10 +1438,12 @@ async fn tls_alpn01_responder(listener: tokio::net::TcpListener, challenges: Arc
     let mut backoff = crate::app::ACCEPT_BACKOFF_MIN;
     let open = Arc::new(crate::limits::Connections::default());
     loop {
-        let Some((tcp, peer)) = crate::app::accept(&listener, &mut backoff, &stop, "acme-tls-alpn-01").await else {
+        let Some((tcp, peer)) =
+            crate::app::accept(&listener, &mut backoff, &stop, AcmeChallenge::TLS_ALPN01_RESPONDER).await
+        else {
             return;
         };
-        let Some(slot) = responder_slot(&open, "acme-tls-alpn-01", peer) else { continue };
+        let Some(slot) = responder_slot(&open, AcmeChallenge::TLS_ALPN01_RESPONDER, peer) else { continue };
         let acceptor = acceptor.clone();
         tokio::spawn(async move {
             let _slot = slot;
