@@ -395,6 +395,10 @@ pub async fn run_checks(
         if hs.enabled || backend.protocol == Protocol::Smtp {
             *record.last_check.lock().unwrap_or_else(|e| e.into_inner()) =
                 Some((tokio::time::Instant::now(), backend.clone()));
+            // Not raced against `stop`: a check under way when a reload comes finishes (its
+            // timeout bounds it) and counts, while the next generation, finding its stamp,
+            // waits out the interval. Cancelled, reloads more frequent than a check takes (a
+            // blackholed backend's takes its whole timeout) would leave no check finished.
             let result = tokio::time::timeout(hs.timeout, check(&backend, tls.as_ref(), &hostname, &ehlo_cache)).await;
             let result = result.unwrap_or(Err(BackendError::Protocol("health check timed out")));
             if hs.enabled {
@@ -797,6 +801,41 @@ mod tests {
         start(&third, changed);
         next_check(&checks, 2, 3_000).await.expect("a changed definition waited");
         third.cancel();
+    }
+
+    /// Reloads more frequent than a check takes (here a blackholed backend: each check waits
+    /// out its timeout) still let checks finish and count: the backend is marked down.
+    #[tokio::test(start_paused = true)]
+    async fn checks_finish_and_count_under_reloads_more_frequent_than_a_check() {
+        let server = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = server.local_addr().unwrap();
+        tokio::spawn(async move {
+            let mut held = Vec::new();
+            while let Ok((s, _)) = server.accept().await {
+                held.push(s);
+            }
+        });
+        let b = {
+            let mut c = (*checked_backend(addr, "10s", "2s")).clone();
+            c.health.fall = 1;
+            Arc::new(c)
+        };
+        let table = Arc::new(HealthTable::default());
+        assert!(table.is_up("b"));
+        for _ in 0..20 {
+            let stop = CancellationToken::new();
+            tokio::spawn(run_checks(
+                b.clone(),
+                None,
+                "h".into(),
+                table.clone(),
+                Arc::new(EhloCache::default()),
+                stop.clone(),
+            ));
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            stop.cancel();
+        }
+        assert!(!table.is_up("b"), "no check finished");
     }
 
     #[tokio::test(start_paused = true)]

@@ -71,8 +71,12 @@ pub fn effective_max_connections(configured: usize) -> usize {
     }
 }
 
-/// Passwords remembered per key to recognise a client retrying the same wrong one.
-const RECENT_PASSWORDS: usize = 10;
+/// Passwords remembered per key to recognise a client retrying the same wrong one: as many as
+/// the default `block_after`, so the stale clients behind one address (phones with an old
+/// password, polling in turn) count once each up to the point where their number alone blocks,
+/// instead of pushing each other out of a shorter memory and counting at every poll. A repeat
+/// moves to the back, so the ones still retrying are the ones kept.
+const RECENT_PASSWORDS: usize = 20;
 
 /// Failures per address remembered with the user they were for, so a success can take back
 /// only its own user's. Older failures stay counted (`block_after` is 20 by default).
@@ -155,13 +159,20 @@ pub struct Attempt {
 /// How long a successful login makes its address known for its user.
 const KNOWN_FOR: Duration = Duration::from_secs(30 * 86400);
 
-/// The address key: IPv4 as is, IPv6 masked to `prefix` bits (v4-mapped treated as IPv4).
+/// The address key: IPv4 as is, IPv6 masked to `prefix` bits. An IPv4 address carried in IPv6
+/// is keyed as that IPv4 address: v4-mapped, and the well-known NAT64 prefix `64:ff9b::/96`
+/// (RFC 6052) where a translator (SIIT-DC, NAT46) hands the proxy its IPv4 clients, all of whom
+/// would otherwise share the prefix's one key.
 pub fn ip_key(ip: IpAddr, v6_prefix: u8) -> IpAddr {
+    const NAT64_WELL_KNOWN: u128 = 0x0064_ff9b_u128 << 96;
     match ip {
         IpAddr::V4(_) => ip,
         IpAddr::V6(v6) => {
             if let Some(v4) = v6.to_ipv4_mapped() {
                 return IpAddr::V4(v4);
+            }
+            if u128::from(v6) >> 32 == NAT64_WELL_KNOWN >> 32 {
+                return IpAddr::V4((u128::from(v6) as u32).into());
             }
             let bits = u128::from(v6);
             let prefix = u32::from(v6_prefix.min(128));
@@ -300,7 +311,9 @@ impl Throttle {
                 e.reset();
             }
             e.last = now;
-            if e.recent.contains(&password) {
+            if let Some(i) = e.recent.iter().position(|p| *p == password) {
+                e.recent.remove(i);
+                e.recent.push_back(password);
                 continue;
             }
             e.recent.push_back(password);
@@ -619,6 +632,31 @@ mod tests {
             t.failure(&s, a, Some("alice"), 42);
         }
         assert_eq!(t.check(&s, a, Some("alice")), Decision::Allow { delay: Duration::ZERO });
+    }
+
+    /// Up to `block_after` stale clients behind one address (phones with an old password,
+    /// each polling in turn) count once each, however long they go on.
+    #[tokio::test(start_paused = true)]
+    async fn stale_clients_behind_one_address_count_once_each() {
+        let (t, s) = (Throttle::default(), ThrottleSettings::default());
+        let a = ip("192.0.2.3");
+        let stale = u64::from(s.block_after) - 1;
+        for _ in 0..20 {
+            for i in 0..stale {
+                t.failure(&s, a, Some(&format!("user{i}@example.org")), i);
+            }
+            tokio::time::advance(Duration::from_secs(60)).await;
+        }
+        assert!(matches!(t.check(&s, a, Some("fresh@example.org")), Decision::Allow { .. }));
+    }
+
+    #[test]
+    fn ipv4_clients_through_a_nat64_prefix_are_keyed_apart() {
+        assert_eq!(ip_key(ip("64:ff9b::c000:201"), 64), ip("192.0.2.1"));
+        assert_ne!(ip_key(ip("64:ff9b::c000:201"), 64), ip_key(ip("64:ff9b::c633:6407"), 64));
+        // Other addresses of the prefix's /64 stay IPv6, aggregated as ever.
+        assert_eq!(ip_key(ip("64:ff9b::1:c000:201"), 64), ip("64:ff9b::"));
+        assert_eq!(ip_key(ip("::ffff:192.0.2.9"), 64), ip("192.0.2.9"));
     }
 
     #[test]

@@ -138,10 +138,12 @@ pub async fn run(mut ctx: SessionCtx, mut tcp: TcpStream) {
         }
     }
     // Connection caps (reliability case 57), on the real client address. Trusted networks (a
-    // webmail server's, its users' sessions all from one address) have no per-address cap.
+    // webmail server's, its users' sessions all from one address) have no per-address cap, and
+    // are counted under their own address: not under the IPv6 prefix they share with others,
+    // whose cap they would fill.
     let throttle = &ctx.runtime.config.throttle;
-    let client_key = crate::limits::ip_key(ctx.peer.ip(), throttle.ipv6_prefix);
     let trusted = throttle.trusted.iter().any(|c| c.contains(ctx.peer.ip()));
+    let client_key = if trusted { ctx.peer.ip() } else { crate::limits::ip_key(ctx.peer.ip(), throttle.ipv6_prefix) };
     let _slot = match ctx.connections.acquire(
         &ctx.listener.name,
         client_key,

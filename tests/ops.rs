@@ -207,6 +207,39 @@ async fn proxy_header_from_a_trusted_balancer_sets_the_client_address() {
     assert_eq!(c.line().await, "");
 }
 
+/// A trusted host (a webmail server) has no per-address cap, and its sessions do not fill the
+/// cap of the IPv6 /64 it shares with others: they are counted under its own address.
+#[tokio::test]
+async fn a_trusted_ipv6_host_does_not_use_up_its_prefixs_connection_cap() {
+    let backend = FakeBackend::start(Behaviour::Normal).await;
+    let config = proxy_config(backend.addr, "\"127.0.0.0/8\"").replace(
+        "[limits]",
+        "[throttle]\ntrusted = [\"2001:db8:1:2::10/128\"]\n\n[limits]\nmax_connections_per_ip = 1",
+    );
+    let proxy = Proxy::start(&config, USERS).await;
+    let from = |src: &'static str| {
+        let addr = proxy.addr("plain");
+        async move {
+            let mut c = Client::connect(addr).await;
+            c.send(&v2_header(src, "[2001:db8::1]:143")).await;
+            let greeting = c.line().await;
+            (c, greeting)
+        }
+    };
+    let mut held = Vec::new();
+    for _ in 0..2 {
+        let (c, greeting) = from("[2001:db8:1:2::10]:1000").await;
+        assert!(greeting.starts_with("* OK"), "{greeting:?}");
+        held.push(c);
+    }
+    let (c, greeting) = from("[2001:db8:1:2::20]:1000").await;
+    assert!(greeting.starts_with("* OK"), "a neighbour of the trusted host: {greeting:?}");
+    held.push(c);
+    // The neighbour's /64 has its cap of one.
+    let (_, greeting) = from("[2001:db8:1:2::21]:1000").await;
+    assert!(!greeting.starts_with("* OK"), "{greeting:?}");
+}
+
 /// `header` with raw TLV bytes appended and its length field grown to match.
 fn with_tlvs(mut header: Vec<u8>, tlvs: &[u8]) -> Vec<u8> {
     let len = u16::from_be_bytes([header[14], header[15]]) + tlvs.len() as u16;
