@@ -525,6 +525,7 @@ where
         hold: d.backend_close_hold,
         held_end: None,
         up_failed: false,
+        linger_end: None,
         idle: d.idle,
         sleep: Box::pin(tokio::time::sleep_until(first)),
         max_end: d.max_end,
@@ -573,7 +574,18 @@ struct Relay<'a, C: ?Sized, B: ?Sized> {
     /// A write to the backend failed: the session ends as a backend error, once what the
     /// backend sent before has reached the client.
     up_failed: bool,
+    /// The backend's side is over (its EOF read, everything it sent written, the client's side
+    /// shut down) while the client's is not: the session ends at this time if the client has
+    /// not closed by then.
+    linger_end: Option<Instant>,
 }
+
+/// How long a client is given to close after its backend has ended the session and the close
+/// has been passed on. Meanwhile what it sends is still read (to meet the closed backend), so
+/// closing the socket then does not reset it with unread bytes and lose the last reply on the
+/// way; after it, a client that neither reads nor closes no longer keeps its session's slots
+/// (sessions per user, the backend's session count) until the idle timeout.
+const CLIENT_CLOSE_WAIT: Duration = Duration::from_secs(5);
 
 impl<C: ?Sized, B: ?Sized> Relay<'_, C, B> {
     /// Backend bytes not yet written, or a write that ended inside a line, an IMAP literal or a
@@ -596,7 +608,8 @@ impl<C: ?Sized, B: ?Sized> Relay<'_, C, B> {
 
     fn next_deadline(&self) -> Instant {
         let idle = Instant::now() + self.idle;
-        self.max_end.map_or(idle, |m| m.min(idle))
+        let next = self.max_end.map_or(idle, |m| m.min(idle));
+        self.linger_end.map_or(next, |l| l.min(next))
     }
 
     /// The backend is gone: ask how long to keep the client, and if at all, keep it connected
@@ -743,11 +756,19 @@ where
         if up.is_ready() && down.is_ready() {
             return Poll::Ready(RelayEnd::Closed);
         }
+        if down.is_ready() && this.linger_end.is_none() {
+            this.linger_end = Some(Instant::now() + CLIENT_CLOSE_WAIT);
+            active = true;
+        }
         if active {
             let next = this.next_deadline();
             this.sleep.as_mut().reset(next);
         }
         if this.sleep.as_mut().poll(cx).is_ready() {
+            if this.linger_end.is_some_and(|l| Instant::now() >= l) {
+                // The backend ended the session; the client only did not close.
+                return Poll::Ready(if this.backend_ended() { RelayEnd::Closed } else { RelayEnd::BackendError });
+            }
             let hard = this.max_end.is_some_and(|m| Instant::now() >= m);
             return Poll::Ready(match (hard, this.stopping) {
                 (true, true) => RelayEnd::Stopped,
@@ -1376,6 +1397,7 @@ mod tests {
             hold: Some(Box::new(|| Duration::from_secs(60))),
             held_end: None,
             up_failed: false,
+            linger_end: None,
             idle: Duration::from_secs(1800),
             sleep: Box::pin(tokio::time::sleep(Duration::from_secs(1800))),
             max_end: None,
@@ -1486,6 +1508,28 @@ mod tests {
         client_app.write_all(b"XCLIENT LOGIN=x\r\n").await.unwrap();
         let (end, t) = task.await.unwrap();
         assert_eq!((end, t.client_to_backend), (RelayEnd::Refused, 58));
+    }
+
+    /// A backend that ends the session (Postfix's 421 at its own timeout) while the client
+    /// neither reads nor closes: the session ends a few seconds after the close was passed on,
+    /// not at the idle timeout (its slots would be held that long), and the client still finds
+    /// the last reply and the end when it reads.
+    #[tokio::test(start_paused = true)]
+    async fn a_client_that_does_not_close_after_its_backend_did_is_let_go() {
+        let (mut client_app, mut client_proxy) = duplex(1024);
+        let (mut backend_proxy, mut backend_app) = duplex(1024);
+        let start = Instant::now();
+        let task = tokio::spawn(async move {
+            let d = Deadlines { idle: Duration::from_secs(1800), ..Deadlines::default() };
+            let end = relay(&mut client_proxy, &mut backend_proxy, d, Meters::default(), None).await.0;
+            (end, start.elapsed())
+        });
+        backend_app.write_all(b"421 4.4.2 Error: timeout exceeded\r\n").await.unwrap();
+        drop(backend_app);
+        assert_eq!(task.await.unwrap(), (RelayEnd::Closed, CLIENT_CLOSE_WAIT));
+        let mut got = Vec::new();
+        client_app.read_to_end(&mut got).await.unwrap();
+        assert_eq!(got, b"421 4.4.2 Error: timeout exceeded\r\n");
     }
 
     /// Reliability case 60.
