@@ -246,7 +246,7 @@ impl Direction {
                 // POP3 multi-line response): no close_notify for the client, which would make
                 // the cut look like the reply's end. The session ends as the backend's failure,
                 // and the client's connection is closed without it.
-                if from == Source::Backend && self.replies_seen && (self.mid_line || follow.inside_reply()) {
+                if from == Source::Backend && self.inside_reply(follow) {
                     self.buf = None;
                     return Poll::Ready(Err((Side::Reader, io::ErrorKind::UnexpectedEof.into())));
                 }
@@ -455,6 +455,12 @@ pub struct Start {
 }
 
 impl Direction {
+    /// The backend's bytes so far end inside a reply (a line, an IMAP literal, a POP3
+    /// multi-line response), where replies are followed.
+    fn inside_reply(&self, follow: &Follow) -> bool {
+        self.replies_seen && (self.mid_line || follow.inside_reply())
+    }
+
     fn seeded(bytes: Vec<u8>) -> Direction {
         let cap = bytes.len();
         Direction { buf: (cap > 0).then(|| bytes.into_boxed_slice()), cap, seeded: cap > 0, ..Direction::default() }
@@ -606,6 +612,12 @@ impl<C: ?Sized, B: ?Sized> Relay<'_, C, B> {
         self.down.read_done && !self.mid_reply()
     }
 
+    /// How a session the backend closed ends: closed, or the backend's failure where it closed
+    /// part-way through a reply (as `Direction::poll_copy` ends it without a hold).
+    fn close_end(&self) -> RelayEnd {
+        if self.down.inside_reply(&self.follow) { RelayEnd::BackendError } else { RelayEnd::Closed }
+    }
+
     fn next_deadline(&self) -> Instant {
         let idle = Instant::now() + self.idle;
         let next = self.max_end.map_or(idle, |m| m.min(idle));
@@ -621,7 +633,9 @@ impl<C: ?Sized, B: ?Sized> Relay<'_, C, B> {
         }
         // An answer to the client's LOGOUT or QUIT (which the client waits for) is neither held
         // nor counted as one of a failure's closes.
-        let answered = self.up.commands.is_some_and(|c| c.said_bye);
+        // Nor is the backend's answer to the client's own close (a client that leaves without
+        // LOGOUT or QUIT, as many do): it is not one of a failure's closes either.
+        let answered = self.up.commands.is_some_and(|c| c.said_bye) || self.up.read_done;
         let hold = if answered { Duration::ZERO } else { self.hold.take().map_or(Duration::ZERO, |h| h()) };
         if hold.is_zero() {
             self.down.hold_close = false;
@@ -734,7 +748,7 @@ where
         {
             // A backend that fails is held like one that closes (reliability case 74).
             down = Poll::Pending;
-        } else if down.is_pending() && this.down.held && !this.hold_client(RelayEnd::Closed) {
+        } else if down.is_pending() && this.down.held && !this.hold_client(this.close_end()) {
             // No hold after all: shut the client's side down as without a spread.
             let (backend, client) = (Pin::new(&mut *this.backend), Pin::new(&mut *this.client));
             down = this.down.poll_copy(cx, backend, client, &mut active, &mut this.follow, Source::Backend);
@@ -1447,8 +1461,11 @@ mod tests {
             };
             let (task, backend_app) = relay_after(Protocol::Imap, client, &mut client_app, d, (b"", sent)).await;
             drop(backend_app);
-            let (_, t) = tokio::time::timeout(Duration::from_secs(5), task).await.unwrap().unwrap();
+            let (end, t) = tokio::time::timeout(Duration::from_secs(5), task).await.unwrap().unwrap();
             assert_eq!(t.mid_reply, !clean, "{:?}", String::from_utf8_lossy(sent));
+            // Logged as the backend's failure, as without a hold.
+            let expected = if clean { RelayEnd::Closed } else { RelayEnd::BackendError };
+            assert_eq!(end, expected, "{:?}", String::from_utf8_lossy(sent));
             assert_eq!(shut.load(Ordering::SeqCst), clean, "{:?}", String::from_utf8_lossy(sent));
         }
     }
@@ -1530,6 +1547,33 @@ mod tests {
         let mut got = Vec::new();
         client_app.read_to_end(&mut got).await.unwrap();
         assert_eq!(got, b"421 4.4.2 Error: timeout exceeded\r\n");
+    }
+
+    /// A client that closes its side first (no LOGOUT or QUIT) makes its backend close in
+    /// answer: that close is not asked for a hold, so it does not count among a failure's.
+    #[tokio::test(start_paused = true)]
+    async fn the_backends_answer_to_a_clients_close_is_not_counted_for_the_spread() {
+        let asked = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let (mut client_app, mut client_proxy) = duplex(1024);
+        let (mut backend_proxy, mut backend_app) = duplex(1024);
+        let counted = asked.clone();
+        let task = tokio::spawn(async move {
+            let d = Deadlines {
+                idle: Duration::from_secs(1800),
+                backend_close_hold: Some(Box::new(move || {
+                    counted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                    Duration::from_secs(7)
+                })),
+                ..Deadlines::default()
+            };
+            relay(&mut client_proxy, &mut backend_proxy, d, Meters::default(), None).await.0
+        });
+        client_app.shutdown().await.unwrap();
+        let mut rest = Vec::new();
+        backend_app.read_to_end(&mut rest).await.unwrap();
+        drop(backend_app);
+        assert_eq!(task.await.unwrap(), RelayEnd::Closed);
+        assert_eq!(asked.load(std::sync::atomic::Ordering::SeqCst), 0);
     }
 
     /// Reliability case 60.
