@@ -727,6 +727,13 @@ where
             up = Poll::Ready(Ok(()));
         }
         if let Poll::Ready(Err((side, _))) = up {
+            if matches!(side, Side::Guard) {
+                // What the backend sent before the refused line goes to the client first (at the
+                // first poll, the login reply itself), as when the line arrives later: the
+                // client's replies must not depend on how its bytes were split.
+                let (backend, client) = (Pin::new(&mut *this.backend), Pin::new(&mut *this.client));
+                let _ = this.down.poll_copy(cx, backend, client, &mut active, &mut this.follow, Source::Backend);
+            }
             return Poll::Ready(match side {
                 // After the backend's own end of the session (its EOF read between replies: a
                 // QUIT or LOGOUT answered), a client that goes without close_notify, or resets,
@@ -1495,6 +1502,25 @@ mod tests {
         let mut rest = Vec::new();
         backend_app.read_to_end(&mut rest).await.unwrap();
         assert_eq!(rest, b"RSET\r\n");
+    }
+
+    /// A refused line already waiting when the relay starts (sent before the client had its
+    /// login reply): the login reply still reaches the client before the session ends, as when
+    /// the line comes later.
+    #[tokio::test]
+    async fn a_refused_line_waiting_at_the_start_still_lets_the_login_reply_through() {
+        let (mut client_app, mut client_proxy) = duplex(1024);
+        let (mut backend_proxy, _backend_app) = duplex(1024);
+        client_app.write_all(b"XCLIENT LOGIN=x\r\n").await.unwrap();
+        let d = Deadlines { idle: Duration::from_secs(5), ..Deadlines::default() };
+        let start = Start { to_client: b"235 2.7.0 ok\r\n".to_vec(), ..Start::default() };
+        let guard = Some(CommandGuard::default());
+        let (end, t) = relay_from(&mut client_proxy, &mut backend_proxy, d, Meters::default(), guard, start).await;
+        assert_eq!((end, t.client_to_backend, t.mid_reply), (RelayEnd::Refused, 0, false));
+        drop(client_proxy);
+        let mut got = Vec::new();
+        client_app.read_to_end(&mut got).await.unwrap();
+        assert_eq!(got, b"235 2.7.0 ok\r\n");
     }
 
     /// The guard sees the backend's replies as the relay writes them (the login's first): after

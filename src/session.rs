@@ -205,7 +205,8 @@ pub async fn run(mut ctx: SessionCtx, mut tcp: TcpStream) {
                 // Not inside a reply the client is still reading (it would become part of a
                 // literal): then the connection just closes.
                 "shutdown" | "max_duration" if bytes.mid_reply => None,
-                "shutdown" | "max_duration" => Some(a.goodbye),
+                "shutdown" => Some(a.goodbye),
+                "max_duration" => Some(crate::protocol::goodbye(ctx.listener.protocol, Goodbye::MaxDuration)),
                 "idle_timeout" if !bytes.mid_reply => {
                     Some(crate::protocol::goodbye(ctx.listener.protocol, Goodbye::Idle))
                 }

@@ -353,6 +353,17 @@ async fn a_client_that_stops_reading_does_not_outlive_max_session_duration() {
     drop(c);
 }
 
+/// A session at its max duration between replies is told so, not that the server is shutting
+/// down (which clients may report as an outage).
+#[tokio::test]
+async fn a_session_at_its_max_duration_is_told_so() {
+    let (_backend, _proxy, mut c) = relayed("max_session_duration = \"1s\"").await;
+    let started = tokio::time::Instant::now();
+    let line = c.line().await;
+    assert_eq!(line, "* BYE Session time limit reached.\r\n");
+    assert!(started.elapsed() < Duration::from_secs(3), "{:?}", started.elapsed());
+}
+
 #[tokio::test]
 async fn a_session_ending_inside_a_reply_closes_without_a_goodbye_inside_it() {
     // The session reaches its max duration while a 32 MiB FETCH is part-way to a slowly

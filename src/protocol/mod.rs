@@ -146,6 +146,9 @@ pub enum Goodbye {
     /// After login, nothing went either way for `idle_timeout` (the lines Dovecot and Postfix
     /// close with; RFC 5321 §3.8 has a server close only after a 421).
     Idle,
+    /// The session reached `max_session_duration`: not a shutdown, which clients may report
+    /// as the server's outage.
+    MaxDuration,
 }
 
 /// Client facts a front end learned that a backend may be told.
@@ -286,6 +289,9 @@ pub fn goodbye(protocol: Protocol, why: Goodbye) -> &'static [u8] {
         (Protocol::Imap, Goodbye::Idle) => b"* BYE Disconnected for inactivity.\r\n",
         (Protocol::Pop3, Goodbye::Idle) => b"-ERR Disconnected for inactivity.\r\n",
         (Protocol::Smtp, Goodbye::Idle) => b"421 4.4.2 Error: timeout exceeded, closing connection\r\n",
+        (Protocol::Imap, Goodbye::MaxDuration) => b"* BYE Session time limit reached.\r\n",
+        (Protocol::Pop3, Goodbye::MaxDuration) => b"-ERR [SYS/TEMP] Session time limit reached.\r\n",
+        (Protocol::Smtp, Goodbye::MaxDuration) => b"421 4.4.2 Session time limit reached, closing connection\r\n",
     }
 }
 
