@@ -172,6 +172,13 @@ impl HealthTable {
         !backend.health.enabled && last.is_none_or(|t| t.elapsed() >= RETRY_UNCHECKED)
     }
 
+    /// Down, and its active checks have failed since (not only sessions' logins).
+    pub fn down_by_checks(&self, name: &str) -> bool {
+        self.get(name).is_some_and(|h| {
+            !h.up.load(Ordering::Relaxed) && h.checks_down_since.lock().unwrap_or_else(|e| e.into_inner()).is_some()
+        })
+    }
+
     /// Down, and its active checks failing, for `FAIL_FAST_AFTER` or more: not worth a login's
     /// wait. Not a backend only sessions marked down, nor one whose last check passed (on its
     /// way back up): those stay a last resort.

@@ -108,10 +108,12 @@ fn state(b: &Backend, health: &HealthTable) -> BackendState {
 /// Whether a candidate `plan` gave a login is one still to try again, after a round in which it
 /// refused the connection: not if its checks have marked it down since (`was_up`: when it
 /// refused), nor if a reload has taken it out (disabled; draining, where the pool has failover).
+/// Other logins' refusals marking it down do not end this one's wait: they are the same restart
+/// this login is waiting out, only counted sooner.
 pub fn still_eligible(target: &Target, b: &Backend, was_up: bool, health: &HealthTable) -> bool {
     let state = state(b, health);
     let allowed = if target.failover() { state == BackendState::Up } else { state != BackendState::Disabled };
-    allowed && !(b.health.enabled && was_up && !health.is_up(&b.name))
+    allowed && !(b.health.enabled && was_up && health.down_by_checks(&b.name))
 }
 
 /// Order a target's backends for `user`, applying states, health and session limits.
@@ -164,6 +166,21 @@ mod tests {
             "[auth]\nsource = \"backend\"\n[[backend]]\nname = \"{name}\"\naddress = \"127.0.0.1:1\"\nweight = {weight}\n[routing.imap]\ndefault = \"{name}\"\n"
         );
         Config::parse(Path::new("/t.toml"), &text).unwrap().backends[name].clone()
+    }
+
+    /// A login waiting out a backend's refused connections stops trying it once its checks say
+    /// it is down, not when other logins' refusals marked it down.
+    #[test]
+    fn a_backend_stays_eligible_until_its_checks_mark_it_down() {
+        use crate::health::Source;
+        let (table, b) = (HealthTable::default(), backend("m1", 1.0));
+        let target = Target::Backend(b.clone());
+        assert!(still_eligible(&target, &b, true, &table));
+        table.failure(&b, Source::Session, 1, "connect");
+        assert!(!table.is_up("m1"));
+        assert!(still_eligible(&target, &b, true, &table), "marked down by sessions only");
+        table.failure(&b, Source::Check, 1, "connect");
+        assert!(!still_eligible(&target, &b, true, &table), "its checks marked it down");
     }
 
     #[test]
