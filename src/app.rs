@@ -273,7 +273,7 @@ impl App {
         let tls = TlsShared::new(certs);
         let runtime = build_runtime(config, &tls)?;
         warn_descriptor_cap(&runtime.config);
-        let sockets = bind_all(&runtime.config, &HashMap::new()).await?;
+        let sockets = bind_all(&runtime.config, &HashMap::new(), &[]).await?;
         let admin = match runtime.config.admin {
             Some(addr) => Some((addr, bind_admin(addr).await?)),
             None => None,
@@ -419,13 +419,16 @@ impl App {
         let runtime = build_runtime(config, &self.tls)?;
         warn_descriptor_cap(&runtime.config);
         let current = self.sockets.lock().unwrap_or_else(|e| e.into_inner()).clone();
-        let sockets = bind_all(&runtime.config, &current).await?;
         let running_admin = self.admin.lock().unwrap_or_else(|e| e.into_inner()).as_ref().map(|(a, _, _)| *a);
+        // The running ACME responder's port, which it gives up only after the reload too.
+        let running_responder = self.runtime.load().config.acme.as_ref().and_then(|a| a.challenge.responder_addr());
+        let others: Vec<SocketAddr> = running_admin.into_iter().chain(running_responder).collect();
+        let sockets = bind_all(&runtime.config, &current, &others).await?;
         let admin = match runtime.config.admin {
             Some(addr) if Some(addr) != running_admin => {
                 let bound = bind_admin(addr).await.map_err(|e| match e {
                     StartError::Bind { listener, addr, source } => {
-                        let ours = current.keys().map(|k| k.addr).chain(running_admin);
+                        let ours = current.keys().map(|k| k.addr).chain(running_admin).chain(running_responder);
                         StartError::Bind { listener, addr, source: held_by_us(source, addr, ours) }
                     }
                     e => e,
@@ -829,21 +832,22 @@ async fn bind_admin(addr: SocketAddr) -> Result<TcpListener, StartError> {
 }
 
 /// `source`, or, when it is "address in use" and one of this proxy's own sockets (`ours`, which a
-/// reload would give up only after binding) holds the port on another address, an error that
-/// says so: a port moved between a wildcard and a specific address (`127.0.0.1:993` to
-/// `0.0.0.0:993`) cannot be bound while the old socket listens, and takes a restart.
+/// reload would give up only after binding) holds the port, an error that says so: a port moved
+/// between a wildcard and a specific address (`127.0.0.1:993` to `0.0.0.0:993`), or between a
+/// listener, the admin server and the ACME responder, cannot be bound while the old socket
+/// listens, and takes a restart (not a retry: nothing else will let it go).
 fn held_by_us(source: std::io::Error, addr: SocketAddr, mut ours: impl Iterator<Item = SocketAddr>) -> std::io::Error {
     if source.kind() != std::io::ErrorKind::AddrInUse {
         return source;
     }
     // A wildcard takes the port on every address of its family ([::], dual-stack, on IPv4 too).
     let covers = |w: &SocketAddr, other: &SocketAddr| w.ip().is_unspecified() && (w.is_ipv6() || other.is_ipv4());
-    match ours.find(|o| o.port() == addr.port() && *o != addr && (covers(o, &addr) || covers(&addr, o))) {
+    match ours.find(|o| o.port() == addr.port() && (*o == addr || covers(o, &addr) || covers(&addr, o))) {
         Some(o) => std::io::Error::new(
             std::io::ErrorKind::AddrInUse,
             format!(
                 "port {} is held by this proxy's own socket on {o}: moving a port between a wildcard and a \
-                 specific address takes a restart",
+                 specific address, or between a listener, the admin server and the ACME responder, takes a restart",
                 addr.port()
             ),
         ),
@@ -852,9 +856,12 @@ fn held_by_us(source: std::io::Error, addr: SocketAddr, mut ours: impl Iterator<
 }
 
 /// Bind every configured address, reusing sockets that are already bound.
+/// `others`: the running admin server's and ACME responder's addresses, held until the reload
+/// is applied like the current listeners' sockets.
 async fn bind_all(
     config: &Config,
     current: &HashMap<SocketKey, Arc<TcpListener>>,
+    others: &[SocketAddr],
 ) -> Result<HashMap<SocketKey, Arc<TcpListener>>, StartError> {
     // `[::]:993` beside `0.0.0.0:993` (the usual pair): the IPv6 socket takes IPv6 only, or
     // with Linux's default (dual-stack) it would claim the IPv4 port as well and one of the two
@@ -893,8 +900,10 @@ async fn bind_all(
                 out.insert(key, s.clone());
                 continue;
             }
-            let s = listen(*addr, v6only(addr), &config.limits)
-                .map_err(|source| bind_error(held_by_us(source, *addr, current.keys().map(|k| k.addr))))?;
+            let s = listen(*addr, v6only(addr), &config.limits).map_err(|source| {
+                let ours = current.keys().map(|k| k.addr).chain(others.iter().copied());
+                bind_error(held_by_us(source, *addr, ours))
+            })?;
             out.insert(key, Arc::new(s));
         }
     }

@@ -671,6 +671,14 @@ async fn a_port_moved_to_the_wildcard_address_asks_for_a_restart() {
         let mut c = Client::connect(([127, 0, 0, 1], port).into()).await;
         assert!(c.line().await.starts_with("* OK"), "{what}: the running listener stays");
     }
+    // A port moved from the admin server to a listener, and one from a listener to the admin
+    // server: held by the proxy's own other socket, the same address.
+    let swapped = plain_config(backend.addr, "")
+        .replace("bind = \"127.0.0.1:0\"", &format!("bind = \"127.0.0.1:{admin}\""))
+        .replace("[limits]", &format!("[admin]\nbind = \"127.0.0.1:{port}\"\n\n[limits]"));
+    write_file(&proxy.config_path(), &swapped);
+    let e = proxy.app.reload(false).await.unwrap_err().to_string();
+    assert!(e.contains("held by this proxy's own socket") && e.contains("restart"), "swapped: {e}");
 }
 
 #[tokio::test]

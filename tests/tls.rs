@@ -354,6 +354,26 @@ async fn certificate_files_changing_on_disk_are_reloaded_and_broken_ones_ignored
     assert_eq!(s.proxy.app.reload(false).await.unwrap(), Reloaded::Applied);
 }
 
+/// A name added to a certificate's list that its file does not cover is refused at reload, as
+/// `check` refuses it: the previous certificate of the file is not served under the new name
+/// either, where another certificate (here a wildcard) covers it.
+#[tokio::test]
+async fn a_name_added_that_the_file_does_not_cover_is_refused_at_reload() {
+    let s = setup().await;
+    let c = s.pki.client(&[], false);
+    let addr = s.proxy.addr("imaps");
+    assert_eq!(served(&handshake(&c, addr, "imap.example.org").await.unwrap()), s.wild);
+    let config = std::fs::read_to_string(s.proxy.config_path()).unwrap();
+    let widened =
+        config.replacen("names = [\"mail.example.test\"]", "names = [\"mail.example.test\", \"imap.example.org\"]", 1);
+    assert_ne!(config, widened);
+    write_file(&s.proxy.config_path(), &widened);
+    let refused = s.proxy.app.reload(false).await;
+    assert!(refused.as_ref().is_err_and(|e| format!("{e:#}").contains("does not cover")), "{refused:?}");
+    assert_eq!(served(&handshake(&c, addr, "imap.example.org").await.unwrap()), s.wild);
+    assert_eq!(served(&handshake(&c, addr, "mail.example.test").await.unwrap()), s.mail);
+}
+
 #[tokio::test]
 async fn certificate_change_is_noticed_without_a_signal() {
     let s = setup().await;
@@ -420,6 +440,42 @@ async fn a_session_does_not_resume_on_a_listener_with_another_client_certificate
         let there = handshake(&c, s.proxy.addr("imaps-cert"), "mail.example.test").await.unwrap();
         assert_eq!(there.get_ref().1.handshake_kind(), Some(rustls::HandshakeKind::Full), "TLS 1.2 only: {tls12_only}");
     }
+}
+
+/// A client's CA replaced by a reload applies to a STARTTLS on a connection accepted before it:
+/// a certificate of the CA taken out is refused.
+#[tokio::test]
+async fn starttls_after_a_reload_is_judged_by_the_client_cas_now_installed() {
+    use rustls::pki_types::PrivateKeyDer;
+    use rustls::pki_types::pem::PemObject;
+    let extra = "\n[[listener]]\nname = \"imap-cert\"\nbind = \"127.0.0.1:0\"\nprotocol = \"imap\"\ntls = \"starttls\"\nverify_client = \"on\"\nclient_ca_file = \"ca.pem\"\n";
+    let s = setup_full("", extra).await;
+    let (_, key, der) = s.pki.leaf(&["client.example.test"], false);
+    let mut roots = RootCertStore::empty();
+    roots.add(s.pki.ca.der().clone()).unwrap();
+    let client = ClientConfig::builder()
+        .with_root_certificates(roots)
+        .with_client_auth_cert(vec![der], PrivateKeyDer::from_pem_slice(key.as_bytes()).unwrap())
+        .unwrap();
+    let upgrade = |mut c: Client<TcpStream>, client: Arc<ClientConfig>| async move {
+        c.line().await;
+        c.send(b"a STARTTLS\r\n").await;
+        assert_eq!(c.line().await, "a OK Begin TLS negotiation now.\r\n");
+        let tcp = c.stream.into_inner();
+        let tls = TlsConnector::from(client).connect(ServerName::try_from("mail.example.test").unwrap(), tcp).await;
+        let mut c = Client::new(tls.unwrap());
+        c.send(b"b NOOP\r\n").await;
+        c.line().await
+    };
+    let client = Arc::new(client);
+    // Accepted under the CA that issued the client's certificate.
+    let before = Client::connect(s.proxy.addr("imap-cert")).await;
+    assert_eq!(upgrade(before, client.clone()).await, "b OK NOOP completed.\r\n");
+    // Connected now, upgraded after the CA file names another CA only.
+    let waiting = Client::connect(s.proxy.addr("imap-cert")).await;
+    write_file(&s.proxy.path("ca.pem"), &Pki::new().ca.pem());
+    assert!(s.proxy.app.reload(false).await.is_ok());
+    assert_eq!(upgrade(waiting, client).await, "* BYE SSL certificate error\r\n");
 }
 
 fn suite(s: &TlsStream<TcpStream>) -> rustls::CipherSuite {

@@ -76,6 +76,10 @@ struct Args {
     /// Fetch mode: the message's size in bytes; a FETCH that returns another size is an error.
     #[arg(long)]
     expect_size: Option<usize>,
+    /// Fetch mode: a file holding the message; each session's first FETCH must return exactly
+    /// its bytes (the later ones are checked by size, so the check does not weigh on the rate).
+    #[arg(long)]
+    expect_file: Option<std::path::PathBuf>,
     /// Submit mode: message size in bytes.
     #[arg(long, default_value_t = 10240)]
     message_size: usize,
@@ -441,6 +445,10 @@ async fn fetch(
     t: &mut Tally,
 ) -> Result<(), String> {
     let user = args.user_format.replace("{}", "0");
+    let expected = match &args.expect_file {
+        Some(path) => Some(std::fs::read(path).map_err(|e| format!("fetch: reading {}: {e}", path.display()))?),
+        None => None,
+    };
     let mut c = imap_open(args, connector, &user).await?;
     send(&mut c, b"s SELECT INBOX\r\n").await?;
     tagged(&mut c, "s").await?;
@@ -451,6 +459,8 @@ async fn fetch(
         let started = Instant::now();
         send(&mut c, format!("{tag} UID FETCH {} BODY.PEEK[]\r\n", args.message_uid).as_bytes()).await?;
         let mut got = None;
+        // The first FETCH's bytes, compared with the message as they arrive.
+        let mut compare = expected.as_deref().filter(|_| i == 1).map(|m| (m, 0usize));
         loop {
             let l = line(&mut c).await?;
             if l.starts_with(&format!("{tag} ")) {
@@ -463,8 +473,16 @@ async fn fetch(
                     (Some(n), Some(want)) if n != want => {
                         return Err(format!("fetch: {n} bytes, the message has {want}"));
                     }
-                    _ => break,
+                    _ => {}
                 }
+                if let Some((m, at)) = compare
+                    && at != m.len()
+                {
+                    return Err(format!("fetch: {at} bytes, the message file has {}", m.len()));
+                }
+                // Counted once the FETCH is known good.
+                t.bytes += got.unwrap_or(0) as u64;
+                break;
             }
             if let Some(n) = literal_len(&l) {
                 let mut left = n;
@@ -472,9 +490,14 @@ async fn fetch(
                 while left > 0 {
                     let k = left.min(buf.len());
                     step("literal", c.read_exact(&mut buf[..k])).await?;
+                    if let Some((m, at)) = compare.as_mut() {
+                        if m.get(*at..*at + k) != Some(&buf[..k]) {
+                            return Err(format!("fetch: the message's bytes differ within {}..{}", *at, *at + k));
+                        }
+                        *at += k;
+                    }
                     left -= k;
                 }
-                t.bytes += n as u64;
                 got = Some(got.unwrap_or(0) + n);
             }
         }
@@ -644,6 +667,71 @@ mod tests {
             }
         });
         addr
+    }
+
+    /// A plaintext IMAP server answering every FETCH with `message`.
+    async fn fetch_server(message: &'static [u8]) -> std::net::SocketAddr {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            while let Ok((tcp, _)) = listener.accept().await {
+                tokio::spawn(async move {
+                    let mut c = BufReader::new(tcp);
+                    let _ = c.write_all(b"* OK hi\r\n").await;
+                    let mut l = String::new();
+                    while c.read_line(&mut l).await.unwrap_or(0) > 0 {
+                        let tag = l.split(' ').next().unwrap_or("").to_string();
+                        if l.contains("FETCH") {
+                            let head = format!("* 1 FETCH (UID 1 BODY[] {{{}}}\r\n", message.len());
+                            let _ = c.write_all(head.as_bytes()).await;
+                            let _ = c.write_all(message).await;
+                            let _ = c.write_all(b")\r\n").await;
+                        }
+                        let _ = c.write_all(format!("{tag} OK done\r\n").as_bytes()).await;
+                        l.clear();
+                    }
+                });
+            }
+        });
+        addr
+    }
+
+    /// With `--expect-file`, a first FETCH whose bytes differ from the file's is an error, one
+    /// that matches counts its bytes.
+    #[tokio::test]
+    async fn the_first_fetch_is_compared_with_the_message_file() {
+        let dir = std::env::temp_dir().join(format!("mailbench-fetch-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("message");
+        std::fs::write(&file, b"From: a\r\n\r\nbody\r\n").unwrap();
+        for (served, ok) in [(&b"From: a\r\n\r\nbody\r\n"[..], true), (b"From: a\r\n\r\nbodY\r\n", false)] {
+            let target = fetch_server(served).await.to_string();
+            let path = file.to_string_lossy().into_owned();
+            let args = Args::parse_from([
+                "mailbench",
+                "fetch",
+                "--target",
+                &target,
+                "--expect-size",
+                "17",
+                "--expect-file",
+                &path,
+                "--duration",
+                "1",
+            ]);
+            let connector = tls_connector(&args).unwrap();
+            let mut t = Tally::default();
+            let deadline = Instant::now() + Duration::from_millis(200);
+            let r = fetch(&args, &connector, deadline, &mut t).await;
+            if ok {
+                assert!(r.is_ok(), "{r:?}");
+                assert!(t.bytes >= 17 && t.bytes % 17 == 0, "{}", t.bytes);
+            } else {
+                assert!(r.as_ref().is_err_and(|e| e.contains("differ")), "{r:?}");
+                assert_eq!(t.bytes, 0, "bytes of a bad FETCH counted");
+            }
+        }
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     /// By default the handshake signature is not checked (the certificate never is); with

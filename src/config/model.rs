@@ -512,6 +512,14 @@ impl AcmeChallenge {
     pub const HTTP01_RESPONDER: &'static str = "acme-http-01";
     pub const TLS_ALPN01_RESPONDER: &'static str = "acme-tls-alpn-01";
 
+    /// The address the challenge's own responder listens on, if it has one.
+    pub fn responder_addr(&self) -> Option<SocketAddr> {
+        match self {
+            AcmeChallenge::Http01Responder(a) | AcmeChallenge::TlsAlpn01(a) => Some(*a),
+            AcmeChallenge::Http01Webroot(_) | AcmeChallenge::Dns01 { .. } => None,
+        }
+    }
+
     pub fn responder(&self) -> Option<&'static str> {
         match self {
             AcmeChallenge::Http01Responder(_) => Some(Self::HTTP01_RESPONDER),

@@ -400,15 +400,20 @@ fn build(settings: &TlsSettings, previous: Option<&CertMaps>) -> Result<CertMaps
                 maps.loaded.insert(key, (bytes, ck.clone()));
                 ck
             }
-            Err(e) => match previous.and_then(|p| p.loaded.get(&key)) {
-                Some((bytes, ck)) => {
-                    tracing::error!(error = %e, "certificate reload failed; keeping the previous certificate");
-                    maps.kept.push(e.to_string());
-                    maps.loaded.insert(key, (bytes.clone(), ck.clone()));
-                    ck.clone()
+            // The previous certificate of these files, while they do not load, as long as it
+            // covers the names now listed: served under a name added since, it would fail
+            // every client's host name check where another certificate may cover the name.
+            Err(e) => {
+                match previous.and_then(|p| p.loaded.get(&key)).filter(|(_, ck)| covers_names(spec, ck).is_ok()) {
+                    Some((bytes, ck)) => {
+                        tracing::error!(error = %e, "certificate reload failed; keeping the previous certificate");
+                        maps.kept.push(e.to_string());
+                        maps.loaded.insert(key, (bytes.clone(), ck.clone()));
+                        ck.clone()
+                    }
+                    None => return Err(e),
                 }
-                None => return Err(e),
-            },
+            }
         };
         let key_type = key_type_name(certified.key.algorithm());
         let served_as = spec.names.iter().map(|n| Some(n.as_str())).chain(spec.default.then_some(None));
@@ -543,12 +548,15 @@ fn key_type_name(alg: SignatureAlgorithm) -> String {
     }
 }
 
+/// An error about one of `spec`'s files, placed at its line in the config.
+fn spec_file_err(spec: &CertSpec, path: &Path, message: String) -> CertError {
+    let (field, position) = if path == spec.cert { spec.origin[0].clone() } else { spec.origin[1].clone() };
+    CertError::File { path: path.to_path_buf(), message, field, position }
+}
+
 /// Read and check one certificate/key pair; returns the raw bytes (for change detection) too.
 fn read_pair(spec: &CertSpec) -> Result<(Vec<u8>, Arc<CertifiedKey>), CertError> {
-    let file_err = |path: &Path, message: String| {
-        let (field, position) = if path == spec.cert { spec.origin[0].clone() } else { spec.origin[1].clone() };
-        CertError::File { path: path.to_path_buf(), message, field, position }
-    };
+    let file_err = |path: &Path, message: String| spec_file_err(spec, path, message);
     let cert_bytes = std::fs::read(&spec.cert).map_err(|e| file_err(&spec.cert, e.to_string()))?;
     let key_bytes = std::fs::read(&spec.key).map_err(|e| file_err(&spec.key, e.to_string()))?;
     let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(&cert_bytes)
@@ -564,13 +572,21 @@ fn read_pair(spec: &CertSpec) -> Result<(Vec<u8>, Arc<CertifiedKey>), CertError>
         .unwrap_or_else(|| Arc::new(rustls::crypto::aws_lc_rs::default_provider()));
     let ck = CertifiedKey::from_der(chain, key, &provider)
         .map_err(|e| file_err(&spec.key, format!("certificate and key do not match or are unsupported: {e}")))?;
-    // Served by SNI for `names` alone: a name the certificate does not cover would fail every
-    // client's host name check (a certificate renewed without one of its names, a file mixed up).
-    let mut has = dns_names(&ck).unwrap_or_default();
+    covers_names(spec, &ck)?;
+    let mut bytes = cert_bytes;
+    bytes.extend_from_slice(&key_bytes);
+    Ok((bytes, Arc::new(ck)))
+}
+
+/// Served by SNI for `names` alone: a name the certificate does not cover would fail every
+/// client's host name check (a certificate renewed without one of its names, a file mixed up,
+/// a name added to the list that no file covers).
+fn covers_names(spec: &CertSpec, ck: &CertifiedKey) -> Result<(), CertError> {
+    let mut has = dns_names(ck).unwrap_or_default();
     if has.is_empty() {
         // No subjectAltName: the subject's CN, which clients built on OpenSSL still match then
         // (X509_check_host), though browsers and newer stacks do not.
-        has = common_names(&ck);
+        has = common_names(ck);
         if !has.is_empty() {
             tracing::warn!(path = %spec.cert.display(), names = ?has,
                 "certificate has no DNS name in a subjectAltName, only a CN: many clients (Apple Mail, Chrome, Go, rustls) refuse it");
@@ -578,16 +594,15 @@ fn read_pair(spec: &CertSpec) -> Result<(Vec<u8>, Arc<CertifiedKey>), CertError>
     }
     if let Some(name) = spec.names.iter().find(|n| !covers(&has, n)) {
         let what = if has.is_empty() { "no DNS names".to_string() } else { has.join(", ") };
-        return Err(file_err(
+        return Err(spec_file_err(
+            spec,
             &spec.cert,
             format!(
                 "the certificate does not cover {name:?}, which names lists (it has {what}): clients asking for that name would refuse it"
             ),
         ));
     }
-    let mut bytes = cert_bytes;
-    bytes.extend_from_slice(&key_bytes);
-    Ok((bytes, Arc::new(ck)))
+    Ok(())
 }
 
 /// The DNS names of a certificate's subjectAltName, lower case (its CN is not read here).
