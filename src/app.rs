@@ -420,8 +420,9 @@ impl App {
         warn_descriptor_cap(&runtime.config);
         let current = self.sockets.lock().unwrap_or_else(|e| e.into_inner()).clone();
         let running_admin = self.admin.lock().unwrap_or_else(|e| e.into_inner()).as_ref().map(|(a, _, _)| *a);
-        // The running ACME responder's port, which it gives up only after the reload too.
-        let running_responder = self.runtime.load().config.acme.as_ref().and_then(|a| a.challenge.responder_addr());
+        // The running ACME responder's port, which it gives up only after the reload too (the
+        // one running: a reload whose ACME could not start kept the one before).
+        let running_responder = self.acme.lock().await.as_ref().and_then(|h| h.settings.challenge.responder_addr());
         let others: Vec<SocketAddr> = running_admin.into_iter().chain(running_responder).collect();
         let sockets = bind_all(&runtime.config, &current, &others).await?;
         let admin = match runtime.config.admin {

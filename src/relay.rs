@@ -187,6 +187,43 @@ impl Direction {
         }
     }
 
+    /// Write what is buffered to `w` and flush it; nothing is read. Ready(Ok) once all of it
+    /// is written.
+    fn poll_drain<W>(
+        &mut self,
+        cx: &mut Context<'_>,
+        mut w: Pin<&mut W>,
+        active: &mut bool,
+        follow: &mut Follow,
+        from: Source,
+    ) -> Poll<Result<(), (Side, io::Error)>>
+    where
+        W: AsyncWrite + ?Sized,
+    {
+        while self.pos < self.cap {
+            let Some(buf) = self.buf.as_ref() else {
+                return Poll::Ready(Err((Side::Writer, io::ErrorKind::Other.into())));
+            };
+            let n = ready!(w.as_mut().poll_write(cx, &buf[self.pos..self.cap])).map_err(|e| (Side::Writer, e))?;
+            if n == 0 {
+                return Poll::Ready(Err((Side::Writer, io::ErrorKind::WriteZero.into())));
+            }
+            self.mid_line = buf[self.pos + n - 1] != b'\n';
+            if from == Source::Backend {
+                follow.backend_written(&buf[self.pos..self.pos + n]);
+            }
+            self.pos += n;
+            self.bytes += n as u64;
+            self.needs_flush = true;
+            *active = true;
+        }
+        if self.needs_flush {
+            ready!(w.as_mut().poll_flush(cx)).map_err(|e| (Side::Writer, e))?;
+            self.needs_flush = false;
+        }
+        Poll::Ready(Ok(()))
+    }
+
     /// Move bytes from `r` to `w`. Ready(Ok) when EOF was read and propagated.
     fn poll_copy<R, W>(
         &mut self,
@@ -205,28 +242,7 @@ impl Direction {
             if self.done {
                 return Poll::Ready(Ok(()));
             }
-            if self.pos < self.cap {
-                let Some(buf) = self.buf.as_ref() else {
-                    return Poll::Ready(Err((Side::Writer, io::ErrorKind::Other.into())));
-                };
-                let n = ready!(w.as_mut().poll_write(cx, &buf[self.pos..self.cap])).map_err(|e| (Side::Writer, e))?;
-                if n == 0 {
-                    return Poll::Ready(Err((Side::Writer, io::ErrorKind::WriteZero.into())));
-                }
-                self.mid_line = buf[self.pos + n - 1] != b'\n';
-                if from == Source::Backend {
-                    follow.backend_written(&buf[self.pos..self.pos + n]);
-                }
-                self.pos += n;
-                self.bytes += n as u64;
-                self.needs_flush = true;
-                *active = true;
-                continue;
-            }
-            if self.needs_flush {
-                ready!(w.as_mut().poll_flush(cx)).map_err(|e| (Side::Writer, e))?;
-                self.needs_flush = false;
-            }
+            ready!(self.poll_drain(cx, w.as_mut(), active, follow, from))?;
             if self.seeded {
                 self.seeded = false;
                 self.buf = None;
@@ -728,11 +744,12 @@ where
         }
         if let Poll::Ready(Err((side, _))) = up {
             if matches!(side, Side::Guard) {
-                // What the backend sent before the refused line goes to the client first (at the
-                // first poll, the login reply itself), as when the line arrives later: the
-                // client's replies must not depend on how its bytes were split.
-                let (backend, client) = (Pin::new(&mut *this.backend), Pin::new(&mut *this.client));
-                let _ = this.down.poll_copy(cx, backend, client, &mut active, &mut this.follow, Source::Backend);
+                // What the backend sent before the refused line and is still buffered goes to the
+                // client first (at the first poll, the login reply itself), as when the line
+                // arrives later: the client's replies must not depend on how its bytes were
+                // split. Only written: nothing more is read from the backend.
+                let client = Pin::new(&mut *this.client);
+                let _ = this.down.poll_drain(cx, client, &mut active, &mut this.follow, Source::Backend);
             }
             return Poll::Ready(match side {
                 // After the backend's own end of the session (its EOF read between replies: a
@@ -786,9 +803,11 @@ where
             this.sleep.as_mut().reset(next);
         }
         if this.sleep.as_mut().poll(cx).is_ready() {
-            if this.linger_end.is_some_and(|l| Instant::now() >= l) {
-                // The backend ended the session; the client only did not close.
-                return Poll::Ready(if this.backend_ended() { RelayEnd::Closed } else { RelayEnd::BackendError });
+            if this.linger_end.is_some() {
+                // The backend ended the session, and its close has been passed on whole (one
+                // inside a reply ends as the backend's error before this): the client only did
+                // not close. Whichever deadline came, no goodbye can follow the close.
+                return Poll::Ready(RelayEnd::Closed);
             }
             let hard = this.max_end.is_some_and(|m| Instant::now() >= m);
             return Poll::Ready(match (hard, this.stopping) {
@@ -1573,6 +1592,18 @@ mod tests {
         let mut got = Vec::new();
         client_app.read_to_end(&mut got).await.unwrap();
         assert_eq!(got, b"421 4.4.2 Error: timeout exceeded\r\n");
+
+        // Bytes only (replies not followed), the last without a line end: the close was passed
+        // on whole all the same, so the session still ends as closed.
+        let (_client_app, mut client_proxy) = duplex(1024);
+        let (mut backend_proxy, mut backend_app) = duplex(1024);
+        let task = tokio::spawn(async move {
+            let d = Deadlines { idle: Duration::from_secs(1800), ..Deadlines::default() };
+            relay(&mut client_proxy, &mut backend_proxy, d, Meters::default(), None).await.0
+        });
+        backend_app.write_all(b"no line end").await.unwrap();
+        drop(backend_app);
+        assert_eq!(task.await.unwrap(), RelayEnd::Closed);
     }
 
     /// A client that closes its side first (no LOGOUT or QUIT) makes its backend close in

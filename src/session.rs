@@ -1206,12 +1206,16 @@ async fn tls_accept(
     client_auth: Option<&(Arc<rustls::ServerConfig>, Arc<ClientAuth>)>,
 ) -> Result<(tokio_rustls::server::TlsStream<TcpStream>, Option<ClientCertFacts>), Outcome> {
     let lc = &ctx.listener;
-    // The listener's client-certificate policy as now installed, where the running config has
-    // one for it: CAs and CRLs a reload replaced apply to every handshake after it, also a
-    // STARTTLS on a connection accepted before (it could wait out the login timeout).
+    // On a listener that asks for client certificates, its policy as now installed, where the
+    // running config has one for the listener (same name and protocol): CAs and CRLs a reload
+    // replaced apply to every such handshake after it, also a STARTTLS on a connection accepted
+    // before (it could wait out the login timeout). Whether the listener asks at all stays as
+    // it was when the connection was accepted.
     let running = client_auth.is_some().then(|| ctx.running.load_full());
-    let client_auth =
-        client_auth.map(|accepted| running.as_ref().and_then(|r| r.client_auth.get(&lc.name)).unwrap_or(accepted));
+    let current = running
+        .as_deref()
+        .filter(|r| r.config.listeners.iter().any(|l| l.name == lc.name && l.protocol == lc.protocol));
+    let client_auth = client_auth.map(|accepted| current.and_then(|r| r.client_auth.get(&lc.name)).unwrap_or(accepted));
     let cfg = match client_auth {
         Some((cfg, _)) => cfg.clone(),
         None => match ctx.runtime.server_tls.get(&lc.protocol) {
