@@ -255,16 +255,21 @@ async fn tls_connect(
 #[derive(Default)]
 pub struct Lines {
     buf: Vec<u8>,
+    /// How much of `buf` is known to hold no line end: a line arriving a byte at a time is
+    /// scanned once, not once per read.
+    scanned: usize,
 }
 
 impl Lines {
     /// The next line including its line end.
     pub async fn line<S: AsyncRead + Unpin>(&mut self, s: &mut S) -> Result<Vec<u8>, BackendError> {
         loop {
-            if let Some(i) = self.buf.iter().position(|b| *b == b'\n') {
-                let rest = self.buf.split_off(i + 1);
+            if let Some(i) = self.buf[self.scanned..].iter().position(|b| *b == b'\n') {
+                let rest = self.buf.split_off(self.scanned + i + 1);
+                self.scanned = 0;
                 return Ok(std::mem::replace(&mut self.buf, rest));
             }
+            self.scanned = self.buf.len();
             if self.buf.len() > MAX_BACKEND_LINE {
                 return Err(BackendError::Protocol("backend line too long"));
             }
@@ -320,5 +325,43 @@ mod tests {
             assert!(matches!(connect_error(e), BackendError::Connect(_)));
         }
         assert_eq!(BackendError::Local(io::Error::from_raw_os_error(24)).reason(), "local_resources");
+    }
+
+    /// Lines come out whole and in order however the bytes arrive: a byte at a time (each byte
+    /// scanned once), or several lines in one read; what follows the last one is kept.
+    #[tokio::test]
+    async fn lines_are_split_alike_whatever_the_reads() {
+        let bytes = b"* OK ready\r\n* CAPABILITY IMAP4rev1\r\nP1 OK done\r\nrest";
+        for step in [1, 3, bytes.len()] {
+            let mut mock = tokio_test_reader(bytes, step);
+            let mut lines = Lines::default();
+            let mut got = Vec::new();
+            for _ in 0..3 {
+                got.push(lines.line(&mut mock).await.unwrap());
+            }
+            assert_eq!(got, [&b"* OK ready\r\n"[..], b"* CAPABILITY IMAP4rev1\r\n", b"P1 OK done\r\n"], "{step}");
+            let mut leftover = lines.into_leftover();
+            // A read of one byte at a time may not have reached the rest yet.
+            let mut more = Vec::new();
+            tokio::io::AsyncReadExt::read_to_end(&mut mock, &mut more).await.unwrap();
+            leftover.extend_from_slice(&more);
+            assert_eq!(leftover, b"rest", "{step}");
+        }
+    }
+
+    /// A reader giving `bytes` at most `step` at a time.
+    fn tokio_test_reader(bytes: &[u8], step: usize) -> impl AsyncRead + Unpin {
+        let (r, mut w) = tokio::io::simplex(bytes.len().max(1));
+        let chunks: Vec<Vec<u8>> = bytes.chunks(step).map(<[u8]>::to_vec).collect();
+        tokio::spawn(async move {
+            use tokio::io::AsyncWriteExt;
+            for c in chunks {
+                let _ = w.write_all(&c).await;
+                let _ = w.flush().await;
+                tokio::task::yield_now().await;
+            }
+            let _ = w.shutdown().await;
+        });
+        r
     }
 }

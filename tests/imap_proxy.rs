@@ -575,6 +575,27 @@ async fn a_backend_saying_logindisabled_gets_no_login() {
     assert!(!seen.contains("LOGIN") && !seen.contains("secret"), "{seen}");
 }
 
+/// Nor a master login: the master password, which opens every mailbox, never goes over a link
+/// the backend calls insecure (Dovecot offers SASL-IR beside LOGINDISABLED).
+#[tokio::test]
+async fn a_backend_saying_logindisabled_gets_no_master_login() {
+    let (addr, seen) = scripted_backend(
+        b"* OK [CAPABILITY IMAP4rev1 SASL-IR STARTTLS LOGINDISABLED] ready\r\n",
+        b"P3 NO [PRIVACYREQUIRED] no\r\n",
+    )
+    .await;
+    let cfg = plain_config(addr, "").replace(
+        &format!("address = \"{addr}\""),
+        &format!("address = \"{addr}\"\nlogin = \"master\"\nmaster_user = \"proxy\"\nmaster_password = \"mpw\"\nclient_address = \"none\""),
+    );
+    let proxy = Proxy::start(&cfg, USERS).await;
+    let mut c = greeted(&proxy).await;
+    c.send(b"a LOGIN alice@example.test secret\r\n").await;
+    assert_eq!(c.line().await, UNAVAILABLE);
+    let seen = String::from_utf8_lossy(&seen.lock().unwrap()).into_owned();
+    assert!(!seen.contains("AUTHENTICATE") && !seen.contains("P3"), "{seen}");
+}
+
 /// Log alice in through a proxy in front of a scripted backend (`greeting`, then `reply` to its
 /// first command), with `client_address = "imap-id"` written out or not: the client's first
 /// reply line and what the backend was sent.

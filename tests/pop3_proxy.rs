@@ -246,6 +246,29 @@ async fn over_the_connection_cap_is_a_temporary_server_condition_not_a_locked_ma
     let _second = greeted(&proxy).await;
 }
 
+/// A backend refusing USER on a link it calls insecure (Dovecot's disable_plaintext_auth), or
+/// reporting a permanent failure of its own (RFC 3206 [SYS/PERM]): its condition, not a wrong
+/// password, so not logged for fail2ban; the client gets the temporary failure.
+#[tokio::test]
+async fn a_backend_refusing_plaintext_or_failing_permanently_is_not_a_wrong_password() {
+    let replies: [&'static [u8]; 2] = [
+        b"-ERR [AUTH] Plaintext authentication disallowed on non-secure (SSL/TLS) connections.\r\n",
+        b"-ERR [SYS/PERM] internal error\r\n",
+    ];
+    for reply in replies {
+        let (addr, _seen) = scripted_backend(b"+OK ready\r\n", reply).await;
+        let config = protocol_config("pop3", addr, "")
+            .replace(&format!("address = \"{addr}\""), &format!("address = \"{addr}\"\nclient_address = \"none\""))
+            .replace("passwd_file = \"users\"", "source = \"backend\"");
+        let proxy = Proxy::start(&config, USERS).await;
+        let mut c = greeted(&proxy).await;
+        c.send(b"USER alice@example.test\r\nPASS secret\r\n").await;
+        assert_eq!(c.line().await, "+OK\r\n");
+        let what = String::from_utf8_lossy(reply).into_owned();
+        assert_eq!(c.line().await, "-ERR [SYS/TEMP] Server unavailable, try again later.\r\n", "{what}");
+    }
+}
+
 /// Reliability cases 67, 12 and 10 for POP3: a backend that greets with IMAP or HTTP, refuses
 /// STLS, or sends bytes after its STLS reply gets no USER or PASS (nothing at all, or STLS
 /// alone), and the client a temporary failure.

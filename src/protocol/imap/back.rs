@@ -126,15 +126,16 @@ pub async fn connect_and_login(
         }
     }
 
+    // RFC 9051 §6.2.3: no login where the server says LOGINDISABLED (a plaintext backend that
+    // wants STARTTLS): not the client's password, nor the master password, which opens every
+    // mailbox, over a link the backend calls insecure. Its refusal would read as wrong
+    // credentials and count against the user; it is the backend's configuration instead.
+    if caps.login_disabled {
+        return Err(BackendError::Protocol("backend advertises LOGINDISABLED (use starttls or tls)"));
+    }
     match &backend.login {
         // Config validation only allows XCLIENT logins on SMTP backends.
         BackendLogin::Replay | BackendLogin::Xclient => {
-            // RFC 9051 §6.2.3: no LOGIN where the server says LOGINDISABLED (a plaintext backend
-            // that wants STARTTLS). Its refusal would read as wrong credentials and count
-            // against the user; it is the backend's configuration instead.
-            if caps.login_disabled {
-                return Err(BackendError::Protocol("backend advertises LOGINDISABLED (use starttls or tls)"));
-            }
             // One write for the whole command (unless a synchronising literal must wait for the
             // backend's "+"): a command in pieces costs the backend a wakeup per segment.
             // Zeroed when dropped, also on an error path; room for quoting that doubles every

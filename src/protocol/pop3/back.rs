@@ -150,7 +150,8 @@ impl Drop for Batch {
     }
 }
 
-/// A login command's reply: `+OK` goes on, `-ERR` is the backend's verdict.
+/// A login command's reply: `+OK` goes on, `-ERR` is the backend's verdict on the credentials,
+/// but for what RFC 3206 and Dovecot say is not about them.
 fn verdict(reply: &[u8]) -> Result<(), BackendError> {
     if reply.starts_with(b"+OK") {
         return Ok(());
@@ -161,11 +162,26 @@ fn verdict(reply: &[u8]) -> Result<(), BackendError> {
     if starts_with_ci(reply, b"-ERR [SYS/TEMP]") {
         return Err(BackendError::LoginRefused);
     }
+    // RFC 3206: a permanent failure of the server's, not of the credentials (an internal
+    // error, POP access not enabled): not a guess to throttle or report to fail2ban.
+    if starts_with_ci(reply, b"-ERR [SYS/PERM]") {
+        return Err(BackendError::Protocol("backend reports a permanent system failure ([SYS/PERM])"));
+    }
+    // Dovecot's refusal of USER on a link it calls insecure (disable_plaintext_auth, the proxy
+    // not trusted): the backend's configuration, which would otherwise fail every user's login
+    // as a wrong password.
+    if reply.windows(PLAINTEXT_REFUSED.len()).any(|w| w.eq_ignore_ascii_case(PLAINTEXT_REFUSED)) {
+        return Err(BackendError::Protocol("backend refuses plaintext logins (use starttls or tls)"));
+    }
     if reply.starts_with(b"-ERR") {
         return Err(BackendError::Rejected);
     }
     Err(BackendError::Protocol("unexpected reply at login"))
 }
+
+/// Dovecot's words for a plaintext login it will not take ("-ERR [AUTH] Plaintext
+/// authentication disallowed on non-secure (SSL/TLS) connections.").
+const PLAINTEXT_REFUSED: &[u8] = b"Plaintext authentication disallowed";
 
 fn line_safe(v: &[u8]) -> bool {
     !v.iter().any(|b| matches!(b, b'\r' | b'\n' | 0))
