@@ -162,10 +162,11 @@ fn verdict(reply: &[u8]) -> Result<(), BackendError> {
     if starts_with_ci(reply, b"-ERR [SYS/TEMP]") {
         return Err(BackendError::LoginRefused);
     }
-    // RFC 3206: a permanent failure of the server's, not of the credentials (an internal
-    // error, POP access not enabled): not a guess to throttle or report to fail2ban.
+    // RFC 3206: a failure of the server's, not of the credentials (an internal error, POP
+    // access not enabled for the user): not a guess to throttle or report to fail2ban, and,
+    // possibly one user's condition, not counted against the backend either.
     if starts_with_ci(reply, b"-ERR [SYS/PERM]") {
-        return Err(BackendError::Protocol("backend reports a permanent system failure ([SYS/PERM])"));
+        return Err(BackendError::LoginRefused);
     }
     // Dovecot's refusal of USER on a link it calls insecure (disable_plaintext_auth, the proxy
     // not trusted): the backend's configuration, which would otherwise fail every user's login
