@@ -757,6 +757,11 @@ mod tests {
         crate::config::Config::parse(std::path::Path::new("/t.toml"), &text).unwrap().backends["b"].clone()
     }
 
+    /// Run `b`'s checks into `table` until `stop` is cancelled.
+    fn spawn_checks(b: Arc<Backend>, table: &Arc<HealthTable>, stop: &CancellationToken) {
+        tokio::spawn(run_checks(b, None, "h".into(), table.clone(), Arc::new(EhloCache::default()), stop.clone()));
+    }
+
     /// Wait (in steps of 100 ms, up to `limit_ms`) for a check beyond the `seen` so far.
     async fn next_check(checks: &AtomicUsize, seen: usize, limit_ms: u64) -> Option<()> {
         for _ in 0..limit_ms / 100 {
@@ -777,9 +782,7 @@ mod tests {
         let checks = answer_checks(server);
         let b = checked_backend(addr, "10s", "1s");
         let table = Arc::new(HealthTable::default());
-        let start = |stop: &CancellationToken, b: Arc<Backend>| {
-            tokio::spawn(run_checks(b, None, "h".into(), table.clone(), Arc::new(EhloCache::default()), stop.clone()))
-        };
+        let start = |stop: &CancellationToken, b: Arc<Backend>| spawn_checks(b, &table, stop);
         let first = CancellationToken::new();
         start(&first, b.clone());
         let mut waited = 0;
@@ -831,14 +834,7 @@ mod tests {
         assert!(table.is_up("b"));
         for _ in 0..20 {
             let stop = CancellationToken::new();
-            tokio::spawn(run_checks(
-                b.clone(),
-                None,
-                "h".into(),
-                table.clone(),
-                Arc::new(EhloCache::default()),
-                stop.clone(),
-            ));
+            spawn_checks(b.clone(), &table, &stop);
             tokio::time::sleep(Duration::from_secs(1)).await;
             stop.cancel();
         }
@@ -854,14 +850,7 @@ mod tests {
         let b = checked_backend(addr, "1s", "500ms");
         let table = Arc::new(HealthTable::default());
         let stop = CancellationToken::new();
-        tokio::spawn(run_checks(
-            b.clone(),
-            None,
-            "h".into(),
-            table.clone(),
-            Arc::new(EhloCache::default()),
-            stop.clone(),
-        ));
+        spawn_checks(b.clone(), &table, &stop);
         let mut waited = 0;
         while table.is_up("b") {
             tokio::time::sleep(Duration::from_millis(100)).await;

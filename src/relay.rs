@@ -1572,20 +1572,29 @@ mod tests {
         assert_eq!((end, t.client_to_backend), (RelayEnd::Refused, 58));
     }
 
+    /// A relay between the two proxy-side streams with a 30-minute idle timeout, spawned: how it
+    /// ended and how long it took.
+    fn timed_relay(
+        mut client_proxy: DuplexStream,
+        mut backend_proxy: DuplexStream,
+    ) -> tokio::task::JoinHandle<(RelayEnd, Duration)> {
+        let start = Instant::now();
+        tokio::spawn(async move {
+            let d = Deadlines { idle: Duration::from_secs(1800), ..Deadlines::default() };
+            let end = relay(&mut client_proxy, &mut backend_proxy, d, Meters::default(), None).await.0;
+            (end, start.elapsed())
+        })
+    }
+
     /// A backend that ends the session (Postfix's 421 at its own timeout) while the client
     /// neither reads nor closes: the session ends a few seconds after the close was passed on,
     /// not at the idle timeout (its slots would be held that long), and the client still finds
     /// the last reply and the end when it reads.
     #[tokio::test(start_paused = true)]
     async fn a_client_that_does_not_close_after_its_backend_did_is_let_go() {
-        let (mut client_app, mut client_proxy) = duplex(1024);
-        let (mut backend_proxy, mut backend_app) = duplex(1024);
-        let start = Instant::now();
-        let task = tokio::spawn(async move {
-            let d = Deadlines { idle: Duration::from_secs(1800), ..Deadlines::default() };
-            let end = relay(&mut client_proxy, &mut backend_proxy, d, Meters::default(), None).await.0;
-            (end, start.elapsed())
-        });
+        let (mut client_app, client_proxy) = duplex(1024);
+        let (backend_proxy, mut backend_app) = duplex(1024);
+        let task = timed_relay(client_proxy, backend_proxy);
         backend_app.write_all(b"421 4.4.2 Error: timeout exceeded\r\n").await.unwrap();
         drop(backend_app);
         assert_eq!(task.await.unwrap(), (RelayEnd::Closed, CLIENT_CLOSE_WAIT));
@@ -1595,15 +1604,12 @@ mod tests {
 
         // Bytes only (replies not followed), the last without a line end: the close was passed
         // on whole all the same, so the session still ends as closed.
-        let (_client_app, mut client_proxy) = duplex(1024);
-        let (mut backend_proxy, mut backend_app) = duplex(1024);
-        let task = tokio::spawn(async move {
-            let d = Deadlines { idle: Duration::from_secs(1800), ..Deadlines::default() };
-            relay(&mut client_proxy, &mut backend_proxy, d, Meters::default(), None).await.0
-        });
+        let (_client_app, client_proxy) = duplex(1024);
+        let (backend_proxy, mut backend_app) = duplex(1024);
+        let task = timed_relay(client_proxy, backend_proxy);
         backend_app.write_all(b"no line end").await.unwrap();
         drop(backend_app);
-        assert_eq!(task.await.unwrap(), RelayEnd::Closed);
+        assert_eq!(task.await.unwrap().0, RelayEnd::Closed);
     }
 
     /// A client that closes its side first (no LOGOUT or QUIT) makes its backend close in
@@ -1653,14 +1659,9 @@ mod tests {
     /// session), silence ends it one idle period after the last byte.
     #[tokio::test(start_paused = true)]
     async fn traffic_restarts_the_idle_timer() {
-        let (mut client_app, mut client_proxy) = duplex(64);
-        let (mut backend_proxy, mut backend_app) = duplex(64);
-        let start = Instant::now();
-        let task = tokio::spawn(async move {
-            let d = Deadlines { idle: Duration::from_secs(1800), ..Deadlines::default() };
-            let end = relay(&mut client_proxy, &mut backend_proxy, d, Meters::default(), None).await.0;
-            (end, start.elapsed())
-        });
+        let (mut client_app, client_proxy) = duplex(64);
+        let (backend_proxy, mut backend_app) = duplex(64);
+        let task = timed_relay(client_proxy, backend_proxy);
         let mut buf = [0u8; 8];
         for _ in 0..3 {
             tokio::time::sleep(Duration::from_secs(1200)).await;
