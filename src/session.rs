@@ -430,6 +430,10 @@ async fn preauth(ctx: &SessionCtx, tcp: TcpStream, deadline: Instant) -> Result<
         TlsMode::StartTls | TlsMode::None => MaybeTls::Plain(tcp),
     };
     let mut failures = 0u32;
+    // Login requests on this connection, whatever became of them: the service's
+    // Auth-Login-Attempt (nginx counts every attempt; `failures` leaves out outages and
+    // temporary refusals, which would send the same number twice).
+    let mut attempts = 0u32;
     loop {
         let mut front = first_front
             .take()
@@ -471,8 +475,9 @@ async fn preauth(ctx: &SessionCtx, tcp: TcpStream, deadline: Instant) -> Result<
                     // The login itself (auth service, backends one after another) is bounded
                     // by the deadline and shutdown too, and the client hears which.
                     let tls = tls_info(&stream, &client_cert);
+                    attempts += 1;
                     tokio::select! {
-                        a = login(ctx, &front, req.mechanism, creds, failures + 1, tls) => a,
+                        a = login(ctx, &front, req.mechanism, creds, attempts, tls) => a,
                         _ = ctx.shutdown.cancelled() => {
                             return Err(close(&mut stream, &front, Goodbye::Shutdown, "shutdown").await)
                         }

@@ -321,6 +321,9 @@ user_block_after = 2
         assert_eq!(c.line().await, format!("{tag} NO [UNAVAILABLE] Temporary server problem, try again later\r\n"));
     }
     assert_eq!(seen.lock().unwrap().len(), 4, "a refusal for now was answered from the cache");
+    // Every request is an attempt, as nginx counts them, refused for now or not.
+    let numbers: Vec<String> = seen.lock().unwrap().iter().map(|h| h["auth-login-attempt"].clone()).collect();
+    assert_eq!(numbers, ["1", "2", "3", "4"]);
     c.send(b"e LOGIN twice@example.test y\r\n").await;
     assert_eq!(c.line().await, "e NO Invalid login\r\n");
     drop(c);

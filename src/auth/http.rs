@@ -148,6 +148,18 @@ impl std::fmt::Debug for AuthHttp {
     }
 }
 
+/// The answer's headers, its (ignored) body drained on the side so the connection can be
+/// reused: the answer is acted on as soon as its headers are in, as nginx does, not after a
+/// body the service is slow to end. The drain is bounded in bytes and time: a service that
+/// sends more, or never ends it, costs a connection, not memory or a login's wait.
+fn drained(resp: hyper::Response<hyper::body::Incoming>, within: Duration) -> HeaderMap {
+    let (parts, body) = resp.into_parts();
+    tokio::spawn(async move {
+        let _ = tokio::time::timeout(within, http_body_util::Limited::new(body, MAX_BODY).collect()).await;
+    });
+    parts.headers
+}
+
 /// A service URL as logs and errors show it: without its query string or fragment, where a
 /// token may be (`https://auth.example/check?key=...`). `check` refuses credentials in the
 /// authority for the same reason.
@@ -157,17 +169,21 @@ pub(crate) fn shown(url: &str) -> &str {
 
 impl AuthHttp {
     pub fn new(settings: AuthHttpSettings) -> Result<AuthHttp, String> {
-        use rustls::pki_types::CertificateDer;
-        use rustls::pki_types::pem::PemObject;
-        let mut roots = rustls::RootCertStore::empty();
-        let ca = settings.ca_file.clone().unwrap_or_else(|| "/etc/ssl/certs/ca-certificates.crt".into());
-        if let Ok(iter) = CertificateDer::pem_file_iter(&ca) {
-            for cert in iter.flatten() {
-                let _ = roots.add(cert);
-            }
-        }
-        if settings.ca_file.is_some() && roots.is_empty() {
-            return Err(format!("{}: no CA certificates", ca.display()));
+        let roots = match &settings.ca_file {
+            Some(path) => crate::tls::load_roots(path)?,
+            None => crate::tls::system_roots(),
+        };
+        AuthHttp::with_roots(settings, roots)
+    }
+
+    /// The client, verifying https services against `roots`. None to verify with is refused
+    /// where a URL is https: every login would fail as an outage, the cause only in a log line.
+    fn with_roots(settings: AuthHttpSettings, roots: rustls::RootCertStore) -> Result<AuthHttp, String> {
+        if roots.is_empty() && settings.urls.iter().any(|u| u.starts_with("https://")) {
+            return Err(format!(
+                "no CA certificates to verify the https auth service with: {}; set ca_file",
+                crate::tls::NO_SYSTEM_ROOTS
+            ));
         }
         let tls = rustls::ClientConfig::builder().with_root_certificates(roots).with_no_client_auth();
         let connector =
@@ -208,17 +224,9 @@ impl AuthHttp {
                     continue;
                 }
             };
-            let resp = tokio::time::timeout(self.settings.timeout, async {
-                let resp = self.client.request(req).await.map_err(|e| e.to_string())?;
-                let headers = resp.headers().clone();
-                // Drain the (ignored) body so the connection can be reused, up to a bound: a
-                // service that sends more costs a connection, not memory.
-                let _ = http_body_util::Limited::new(resp.into_body(), MAX_BODY).collect().await;
-                Ok::<HeaderMap, String>(headers)
-            })
-            .await;
+            let resp = tokio::time::timeout(self.settings.timeout, self.client.request(req)).await;
             match resp {
-                Ok(Ok(headers)) => match parse_response(&headers) {
+                Ok(Ok(resp)) => match parse_response(&drained(resp, self.settings.timeout)) {
                     Ok(answer) => {
                         self.remember(key, &answer);
                         return Ok(answer);
@@ -492,20 +500,61 @@ mod tests {
         let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
         // Refused at connect, and a URL that does not parse.
         for url in [format!("http://{closed}/auth?key=S3cr3t"), "http://[::1/auth?key=S3cr3t".into()] {
-            let settings = AuthHttpSettings {
-                urls: vec![url.clone()],
-                timeout: Duration::from_secs(2),
-                headers: Vec::new(),
-                ca_file: None,
-                cache_ttl: Duration::ZERO,
-                negative_cache_ttl: Duration::ZERO,
-                pass_client_cert: false,
-            };
-            let service = AuthHttp::new(settings).unwrap();
+            let service = AuthHttp::new(settings(vec![url.clone()])).unwrap();
             let Err(Outage(why)) = service.query(&query(Protocol::Imap)).await else { panic!("no outage") };
             assert!(!why.contains("S3cr3t") && why.contains("/auth"), "{url}: {why}");
         }
         assert_eq!(shown("https://a.example/x?key=1#f"), "https://a.example/x");
+    }
+
+    fn settings(urls: Vec<String>) -> AuthHttpSettings {
+        AuthHttpSettings {
+            urls,
+            timeout: Duration::from_secs(2),
+            headers: Vec::new(),
+            ca_file: None,
+            cache_ttl: Duration::ZERO,
+            negative_cache_ttl: Duration::ZERO,
+            pass_client_cert: false,
+        }
+    }
+
+    /// The answer is taken when its headers are in: a service that is slow to end the body
+    /// (headers flushed, then its own logging; a Content-Length it does not fill) does not
+    /// turn every login into an outage at the timeout.
+    #[tokio::test]
+    async fn the_answer_is_taken_without_waiting_for_the_body() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            let (mut tcp, _) = listener.accept().await.unwrap();
+            let mut buf = vec![0u8; 4096];
+            let _ = tcp.read(&mut buf).await;
+            let head = "HTTP/1.1 200 OK\r\nAuth-Status: OK\r\nAuth-Server: 10.0.0.5\r\nAuth-Port: 143\r\n\
+                        Content-Length: 10\r\n\r\nabc";
+            tcp.write_all(head.as_bytes()).await.unwrap();
+            // The rest of the body never comes.
+            tokio::time::sleep(Duration::from_secs(30)).await;
+        });
+        let service = AuthHttp::new(settings(vec![format!("http://{addr}/auth")])).unwrap();
+        let start = tokio::time::Instant::now();
+        let answer = service.query(&query(Protocol::Imap)).await;
+        assert!(
+            matches!(answer, Ok(Answer::Ok { ref server, port: Some(143), .. }) if server == "10.0.0.5"),
+            "{answer:?}"
+        );
+        assert!(start.elapsed() < Duration::from_secs(1), "{:?}", start.elapsed());
+    }
+
+    /// An https service with nothing to verify it against is refused when the client is made
+    /// (at `check`), not found out at every login; a plain http one needs no roots.
+    #[test]
+    fn an_https_service_without_roots_is_refused() {
+        let empty = || rustls::RootCertStore::empty();
+        let e = AuthHttp::with_roots(settings(vec!["https://auth.example/".into()]), empty()).err().unwrap();
+        assert!(e.contains("ca_file"), "{e}");
+        assert!(AuthHttp::with_roots(settings(vec!["http://127.0.0.1:9000/".into()]), empty()).is_ok());
     }
 
     /// A cached answer is only reused for the same attempt: same method, credentials, address,

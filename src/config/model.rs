@@ -2062,7 +2062,12 @@ impl Validator<'_> {
                         "a URL may not hold a user name or password (send them in auth.http.headers)",
                     ));
                 }
+                // A port that is not one (`:90000`, `:8o80`) parses as no port at all, and the
+                // requests would go to 80 or 443: refused here instead.
+                let port_text = authority[authority.rfind(']').map_or(0, |i| i + 1)..].split_once(':');
+                let port_ok = port_text.is_none_or(|(_, p)| p.parse::<u16>().is_ok_and(|p| p > 0));
                 let ok = (u.starts_with("http://") || u.starts_with("https://"))
+                    && port_ok
                     && uri.is_some_and(|uri| uri.host().is_some());
                 if !ok {
                     return Err(self.err(
@@ -2815,6 +2820,14 @@ default = "b"
         // Also when the URL does not parse.
         let e = parse(&with_auth_http("urls = [\"https://svc:p{ss@auth.example/\"]")).unwrap_err();
         assert!(!e.to_string().contains("p{ss"), "{e}");
+        // A port that is not one would go to 80 or 443 unsaid.
+        for url in ["http://127.0.0.1:90000/auth", "http://auth:8o80/", "http://auth:0/", "http://[::1]:x/"] {
+            let e = parse(&with_auth_http(&format!("urls = [\"{url}\"]"))).unwrap_err();
+            assert_eq!(e.field, "auth.http.urls", "{url}: {e}");
+        }
+        for url in ["http://127.0.0.1:9000/auth", "https://[::1]:8443/", "http://[::1]/", "https://auth.example/"] {
+            assert!(parse(&with_auth_http(&format!("urls = [\"{url}\"]"))).is_ok(), "{url}");
+        }
         // An empty log filter would run at errors only.
         assert_eq!(parse(&format!("{BASE}\n[log]\nlevel = \",\"\n")).unwrap_err().field, "log.level");
         // A DNS-01 hook that is not there, and an ACME CA file that is not there.

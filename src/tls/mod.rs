@@ -27,6 +27,48 @@ pub fn load_roots(path: &std::path::Path) -> Result<RootCertStore, String> {
     load_roots_checked(path, |_| Ok(()))
 }
 
+/// Where distributions keep the system's CA bundle, the usual first: Debian and Ubuntu; Fedora,
+/// RHEL and its rebuilds (two places); openSUSE; Alpine.
+const SYSTEM_BUNDLES: [&str; 5] = [
+    "/etc/ssl/certs/ca-certificates.crt",
+    "/etc/pki/ca-trust/extracted/pem/tls-ca-bundle.pem",
+    "/etc/pki/tls/certs/ca-bundle.crt",
+    "/etc/ssl/ca-bundle.pem",
+    "/etc/ssl/cert.pem",
+];
+
+/// The system's CA certificates: the file `SSL_CERT_FILE` names (OpenSSL's variable), else the
+/// first of the distributions' bundles that holds any. Empty if none does: the caller says
+/// which setting to give instead.
+pub fn system_roots() -> RootCertStore {
+    let named = std::env::var_os("SSL_CERT_FILE").map(std::path::PathBuf::from);
+    first_roots(named.iter().map(|p| p.as_path()).chain(SYSTEM_BUNDLES.iter().map(std::path::Path::new)))
+}
+
+/// The certificates of the first file in `paths` that holds any (unreadable, missing or empty
+/// files are passed over).
+fn first_roots<'a>(paths: impl IntoIterator<Item = &'a std::path::Path>) -> RootCertStore {
+    use rustls::pki_types::CertificateDer;
+    use rustls::pki_types::pem::PemObject;
+    for path in paths {
+        let mut roots = RootCertStore::empty();
+        if let Ok(iter) = CertificateDer::pem_file_iter(path) {
+            for cert in iter.flatten() {
+                let _ = roots.add(cert);
+            }
+        }
+        if !roots.is_empty() {
+            return roots;
+        }
+    }
+    RootCertStore::empty()
+}
+
+/// What to say when `system_roots` found none.
+pub const NO_SYSTEM_ROOTS: &str = "the system's CA certificates are missing (package ca-certificates: \
+    /etc/ssl/certs/ca-certificates.crt, /etc/pki/tls/certs/ca-bundle.crt, /etc/ssl/ca-bundle.pem or \
+    /etc/ssl/cert.pem, or the file SSL_CERT_FILE names)";
+
 /// `load_roots`, with each certificate passed through `check` first.
 pub fn load_roots_checked(
     path: &std::path::Path,
@@ -189,32 +231,16 @@ impl StoresServerSessions for SessionCache {
 /// A client config for one backend: system roots or the backend's CA file; verification can
 /// only be turned off explicitly per backend.
 pub fn client_config(backend: &Backend) -> Result<Arc<ClientConfig>, String> {
-    use rustls::pki_types::CertificateDer;
-    use rustls::pki_types::pem::PemObject;
     let builder = ClientConfig::builder_with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12]);
     let cfg = if !backend.tls_verify {
         builder.dangerous().with_custom_certificate_verifier(Arc::new(NoVerify::new())).with_no_client_auth()
     } else {
-        let mut roots = RootCertStore::empty();
-        match &backend.tls_ca_file {
-            Some(path) => roots = load_roots(path)?,
-            None => {
-                let system = std::path::Path::new("/etc/ssl/certs/ca-certificates.crt");
-                if let Ok(iter) = CertificateDer::pem_file_iter(system) {
-                    for cert in iter.flatten() {
-                        let _ = roots.add(cert);
-                    }
-                }
-            }
-        }
+        let roots = match &backend.tls_ca_file {
+            Some(path) => load_roots(path)?,
+            None => system_roots(),
+        };
         if roots.is_empty() {
-            return Err(match &backend.tls_ca_file {
-                Some(path) => format!("{}: no CA certificates to verify the backend with", path.display()),
-                None => "no CA certificates to verify the backend with: the system's \
-                         (/etc/ssl/certs/ca-certificates.crt, package ca-certificates) is missing or empty; \
-                         set tls_ca_file"
-                    .into(),
-            });
+            return Err(format!("no CA certificates to verify the backend with: {NO_SYSTEM_ROOTS}; set tls_ca_file"));
         }
         builder.with_root_certificates(roots).with_no_client_auth()
     };
@@ -407,5 +433,32 @@ mod cipher_suite_tests {
         let settings = TlsSettings { cipher_suites: vec!["TLS13_AES_128_GCM_SHA256".into()], ..settings };
         let cfg = shared.server_config(Protocol::Imap, &settings, None).expect("one TLS 1.3 suite");
         assert_eq!(cfg.crypto_provider().cipher_suites.len(), 1);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The first bundle that holds certificates is the one taken: a distribution's missing or
+    /// empty file is passed over, not taken for "trust nothing".
+    #[test]
+    fn the_first_bundle_with_certificates_is_taken() {
+        let dir = tempfile::tempdir().unwrap();
+        let missing = dir.path().join("missing.pem");
+        let empty = dir.path().join("empty.pem");
+        std::fs::write(&empty, "").unwrap();
+        let cert = |name: &str| {
+            let key = rcgen::KeyPair::generate().unwrap();
+            let params = rcgen::CertificateParams::new(vec![name.to_string()]).unwrap();
+            params.self_signed(&key).unwrap().pem()
+        };
+        let one = dir.path().join("one.pem");
+        std::fs::write(&one, cert("one.example")).unwrap();
+        let two = dir.path().join("two.pem");
+        std::fs::write(&two, cert("two.example") + &cert("three.example")).unwrap();
+        let found = first_roots([missing.as_path(), empty.as_path(), two.as_path(), one.as_path()]);
+        assert_eq!(found.len(), 2);
+        assert!(first_roots([missing.as_path(), empty.as_path()]).is_empty());
     }
 }
