@@ -84,6 +84,10 @@ impl Pop3Front {
                 Ok(line) => line,
                 Err(reason) => return Ok(Event::Closed(reason)),
             };
+            // RFC 1939 §7: after USER comes PASS (or QUIT). A name given before any other
+            // command (an AUTH failed or cancelled, a CAPA, a line not read as a command) is
+            // forgotten, so a later PASS is not taken for that name.
+            let user = self.user.take();
             let Some(line) = line else {
                 self.error(s, "-ERR Invalid command line.\r\n").await?;
                 continue;
@@ -98,10 +102,6 @@ impl Pop3Front {
                 return Ok(Event::Closed(CloseReason::LineTooLong));
             }
             let (verb, arg) = split_command(&line);
-            // RFC 1939 §7: after USER comes PASS (or QUIT). A name given before any other
-            // command (an AUTH failed or cancelled, a CAPA) is forgotten, so a later PASS is not
-            // taken for that name.
-            let user = self.user.take();
             match verb.as_str() {
                 "CAPA" => write(s, self.capabilities().as_bytes()).await?,
                 "NOOP" => write(s, b"+OK\r\n").await?,
@@ -362,7 +362,7 @@ mod tests {
     /// cancelled AUTH or a CAPA, is forgotten, and the PASS after it is not a login as that name.
     #[test]
     fn a_name_is_forgotten_at_any_command_but_pass() {
-        for between in ["AUTH PLAIN\r\n*\r\n", "AUTH LOGIN\r\n*\r\n", "CAPA\r\n", "NOOP\r\n"] {
+        for between in ["AUTH PLAIN\r\n*\r\n", "AUTH LOGIN\r\n*\r\n", "CAPA\r\n", "NOOP\r\n", "FOO\n"] {
             let (out, ev) = run(vec![format!("USER alice\r\n{between}PASS x\r\n").into_bytes()]);
             assert!(out.ends_with("-ERR No user name given.\r\n"), "{between}: {out}");
             assert_eq!(ev, vec!["closed client_closed"], "{between}");
