@@ -434,10 +434,13 @@ async fn preauth(ctx: &SessionCtx, tcp: TcpStream, deadline: Instant) -> Result<
     // Auth-Login-Attempt (nginx counts every attempt; `failures` leaves out outages and
     // temporary refusals, which would send the same number twice).
     let mut attempts = 0u32;
+    // Protocol errors before a STARTTLS count after it too (reliability case 54).
+    let mut errors = 0u32;
     loop {
         let mut front = first_front
             .take()
             .unwrap_or_else(|| Front::new(lc.protocol, front_settings(ctx, stream.is_tls(), client_cert.as_ref())));
+        front.carry_errors(errors);
         if !greeted {
             let early = front.greet(&mut stream).await.map_err(|_| Outcome::PreAuth("client_error"))?;
             if let Some(reason) = early {
@@ -463,7 +466,10 @@ async fn preauth(ctx: &SessionCtx, tcp: TcpStream, deadline: Instant) -> Result<
                     let _ = stream.shutdown().await;
                     return Err(Outcome::PreAuth(reason.as_str()));
                 }
-                Event::StartTls => break,
+                Event::StartTls => {
+                    errors = front.errors();
+                    break;
+                }
                 Event::Login(req) => req,
             };
             // Never past the deadline: the failure delay and an Auth-Wait end at it (the next
@@ -986,8 +992,11 @@ async fn authorize(
         tracing::warn!(session = %ctx.id, client_address = ?c, protocol = protocol.as_str(), "auth service answered with an Auth-Client-Address this protocol cannot send");
         return Err(LoginError::Unavailable("auth_service_error"));
     }
-    let target = service_target(&rt.config, protocol, &server, port, transport, client_address)
-        .ok_or(LoginError::Unavailable("backend_unavailable"))?;
+    let target = service_target(&rt.config, protocol, &server, port, transport, client_address).ok_or_else(|| {
+        // Otherwise only a metric would say why every such login fails.
+        tracing::warn!(session = %ctx.id, protocol = protocol.as_str(), "auth service answered with an Auth-Server that is neither a configured pool or backend nor comes with an Auth-Port");
+        LoginError::Unavailable("backend_unavailable")
+    })?;
     // An Auth-User that is no usable name (empty, spaces, too long) is the service's fault:
     // never the client's own name in its place, which master and XCLIENT logins would open.
     let user = match &new_user {

@@ -306,6 +306,29 @@ async fn starttls_capabilities_and_upgrade() {
     assert!(c.until_tagged("e").await.last().unwrap().starts_with("e OK"));
 }
 
+/// Reliability case 54: `max_errors` is for the whole connection. Errors made before STARTTLS
+/// still count after it, as in nginx; an upgrade does not buy another five.
+#[tokio::test]
+async fn protocol_errors_before_starttls_count_after_it() {
+    let s = setup().await;
+    let mut c = Client::connect(s.proxy.addr("imap")).await;
+    c.line().await;
+    for tag in ["a", "b", "c", "d"] {
+        c.send(format!("{tag} FOO\r\n").as_bytes()).await;
+        assert!(c.line().await.starts_with(&format!("{tag} BAD")));
+    }
+    c.send(b"e STARTTLS\r\n").await;
+    assert_eq!(c.line().await, "e OK Begin TLS negotiation now.\r\n");
+    let tcp = c.stream.into_inner();
+    let tls =
+        s.pki.client(&[b"imap"], false).connect(ServerName::try_from("mail.example.test").unwrap(), tcp).await.unwrap();
+    let mut c = Client::new(tls);
+    c.send(b"f FOO\r\n").await;
+    assert!(c.line().await.starts_with("f BAD"));
+    assert_eq!(c.line().await, "* BYE Too many invalid IMAP commands.\r\n");
+    assert!(c.closed().await);
+}
+
 #[tokio::test]
 async fn plaintext_pipelined_after_starttls_is_never_executed() {
     let s = setup().await;

@@ -411,7 +411,9 @@ pub fn parse_response(headers: &HeaderMap) -> Result<Answer, String> {
     }
     let server = get("Auth-Server").filter(|s| !s.is_empty()).ok_or("Auth-Status OK without Auth-Server")?;
     let port = match get("Auth-Port").as_deref() {
-        Some(p) => Some(p.parse::<u16>().map_err(|_| "bad Auth-Port")?),
+        // Port 0 is no port (nginx refuses it too): every connect would be refused until the
+        // login's deadline.
+        Some(p) => Some(p.parse::<u16>().ok().filter(|p| *p > 0).ok_or("bad Auth-Port")?),
         None => None,
     };
     let transport = match get("Auth-Transport").as_deref() {
@@ -735,6 +737,8 @@ mod tests {
         ));
         assert!(
             parse_response(&headers(&[("Auth-Status", "OK"), ("Auth-Server", "x"), ("Auth-Port", "99999")])).is_err()
+                && parse_response(&headers(&[("Auth-Status", "OK"), ("Auth-Server", "x"), ("Auth-Port", "0")]))
+                    .is_err()
         );
     }
 

@@ -203,6 +203,25 @@ impl Front {
         }
     }
 
+    /// Protocol errors counted so far toward `max_errors`.
+    pub fn errors(&self) -> u32 {
+        match self {
+            Front::Imap(f) => f.errors,
+            Front::Pop3(f) => f.d.errors,
+            Front::Smtp(f) => f.d.errors,
+        }
+    }
+
+    /// Start counting from the errors of the front end this one replaces after STARTTLS: the
+    /// connection has `max_errors` in all, as in nginx, not again after each upgrade.
+    pub fn carry_errors(&mut self, errors: u32) {
+        match self {
+            Front::Imap(f) => f.errors = errors,
+            Front::Pop3(f) => f.d.errors = errors,
+            Front::Smtp(f) => f.d.errors = errors,
+        }
+    }
+
     /// Answer the pending login with a failure (the caller applies the delay first).
     pub async fn login_failed<S: AsyncWrite + Unpin>(&mut self, s: &mut S, failure: LoginFailure) -> io::Result<()> {
         match self {

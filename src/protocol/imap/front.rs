@@ -43,7 +43,7 @@ const PRIVACY_REQUIRED: &str = "[PRIVACYREQUIRED] Authentication disallowed on n
 pub struct ImapFront {
     settings: FrontSettings,
     frag: Fragmentizer,
-    errors: u32,
+    pub(crate) errors: u32,
     /// The client's own ID fields (minus any `x-` field), kept to forward to the backend.
     client_id: Vec<(String, String)>,
     /// Tag of the login command being decided.

@@ -33,7 +33,7 @@ const REPLIES: Replies = Replies {
 
 pub struct Pop3Front {
     settings: FrontSettings,
-    d: Dialogue,
+    pub(crate) d: Dialogue,
     /// The name from USER, waiting for PASS.
     user: Option<Vec<u8>>,
 }

@@ -41,7 +41,7 @@ const REPLIES: Replies = Replies {
 
 pub struct SmtpFront {
     settings: FrontSettings,
-    d: Dialogue,
+    pub(crate) d: Dialogue,
     /// The client's EHLO/HELO name and whether it said EHLO.
     helo: Option<String>,
     esmtp: bool,
