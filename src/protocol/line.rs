@@ -244,7 +244,7 @@ impl Dialogue {
         match self.line(s).await? {
             Ok(Some(line)) => Ok(sasl::decode_response(&line)),
             Ok(None) => Ok(Response::Invalid),
-            Err(_) => Err(io::ErrorKind::UnexpectedEof.into()),
+            Err(reason) => Err(crate::protocol::closed(reason)),
         }
     }
 }

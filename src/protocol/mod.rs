@@ -59,6 +59,37 @@ pub enum CloseReason {
     ChunkBeforeLogin,
 }
 
+/// A close decided inside a nested dialogue (a SASL exchange, whose reader returns its response
+/// or an error), carried out as an `io::Error` and turned back into `Event::Closed` by
+/// `closed_event`: the session then logs it as what it was and shuts the connection down as for
+/// any other close, not as a client's I/O error.
+#[derive(Debug)]
+struct Closed(CloseReason);
+
+impl std::fmt::Display for Closed {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.0.as_str())
+    }
+}
+
+impl std::error::Error for Closed {}
+
+/// The error a nested dialogue returns to close the connection for `reason`.
+pub(crate) fn closed(reason: CloseReason) -> io::Error {
+    io::Error::other(Closed(reason))
+}
+
+/// A front end's event, with a close decided by a nested dialogue (`closed`) as the event.
+pub(crate) fn closed_event(event: io::Result<Event>) -> io::Result<Event> {
+    match event {
+        Err(e) => match e.get_ref().and_then(|inner| inner.downcast_ref::<Closed>()) {
+            Some(Closed(reason)) => Ok(Event::Closed(*reason)),
+            None => Err(e),
+        },
+        ok => ok,
+    }
+}
+
 impl CloseReason {
     pub fn as_str(self) -> &'static str {
         match self {

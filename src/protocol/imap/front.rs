@@ -123,6 +123,10 @@ impl ImapFront {
 
     /// Run the pre-auth dialogue until something the caller must act on.
     pub async fn next_event<S: AsyncRead + AsyncWrite + Unpin>(&mut self, s: &mut S) -> io::Result<Event> {
+        crate::protocol::closed_event(self.events(s).await)
+    }
+
+    async fn events<S: AsyncRead + AsyncWrite + Unpin>(&mut self, s: &mut S) -> io::Result<Event> {
         loop {
             if self.errors >= self.settings.max_errors {
                 write(s, b"* BYE Too many invalid IMAP commands.\r\n").await?;
@@ -462,7 +466,7 @@ impl ImapFront {
                 // and whether it ends in a literal or not.
                 Some(FragmentInfo::Line { .. }) | None if self.frag.is_max_message_size_exceeded() => {
                     write(s, b"* BYE Command line too long.\r\n").await?;
-                    return Err(io::Error::new(io::ErrorKind::InvalidData, "SASL response too long"));
+                    return Err(crate::protocol::closed(CloseReason::LineTooLong));
                 }
                 Some(FragmentInfo::Line { announcement: Some(ann), .. }) => {
                     // A literal has no place in a SASL response (crates.md §5): refuse it.
@@ -489,10 +493,10 @@ impl ImapFront {
                 Some(FragmentInfo::Literal { .. }) => continue,
                 None => match self.fill(s).await? {
                     Fill::Data => continue,
-                    Fill::Eof => return Err(io::ErrorKind::UnexpectedEof.into()),
+                    Fill::Eof => return Err(crate::protocol::closed(CloseReason::ClientClosed)),
                     Fill::Timeout => {
                         write(s, b"* BYE Disconnected for inactivity.\r\n").await?;
-                        return Err(io::ErrorKind::TimedOut.into());
+                        return Err(crate::protocol::closed(CloseReason::IdleTimeout));
                     }
                 },
             }
@@ -763,8 +767,8 @@ mod tests {
             let (out, ev) = run(input);
             let out = String::from_utf8(out).unwrap();
             assert!(out.ends_with("+ \r\n* BYE Command line too long.\r\n"), "{out}");
-            // The SASL exchange ends the dialogue with an error, as for a literal in a response.
-            assert_eq!(ev, vec!["error InvalidData"]);
+            // Closed for what it is, as a command line over the limit is.
+            assert_eq!(ev, vec!["closed line_too_long"]);
         }
     }
 

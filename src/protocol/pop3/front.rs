@@ -75,6 +75,10 @@ impl Pop3Front {
     pub const GREETING: &'static [u8] = b"+OK POP3 proxy ready.\r\n";
 
     pub async fn next_event<S: AsyncRead + AsyncWrite + Unpin>(&mut self, s: &mut S) -> io::Result<Event> {
+        crate::protocol::closed_event(self.events(s).await)
+    }
+
+    async fn events<S: AsyncRead + AsyncWrite + Unpin>(&mut self, s: &mut S) -> io::Result<Event> {
         loop {
             if self.d.errors >= self.settings.max_errors {
                 // The last error's reply said so (`error`): POP3 has no unsolicited replies.
@@ -257,6 +261,20 @@ mod tests {
     fn run(chunks: Vec<Vec<u8>>) -> (String, Vec<String>) {
         let (out, ev) = run_front(Protocol::Pop3, settings(), chunks);
         (String::from_utf8_lossy(&out).into_owned(), ev)
+    }
+
+    /// A connection ended inside a SASL exchange is closed for what it was (the access log's
+    /// result), as outside one: the client gone, a response over the line limit.
+    #[test]
+    fn closes_inside_sasl_are_told_apart() {
+        let (_, ev) = run(vec![b"AUTH PLAIN\r\n".to_vec()]);
+        assert_eq!(ev, vec!["closed client_closed"]);
+        let mut long = b"AUTH LOGIN\r\n".to_vec();
+        long.extend(vec![b'A'; 2000]);
+        long.extend_from_slice(b"\r\n");
+        let (out, ev) = run(vec![long]);
+        assert!(out.ends_with("-ERR Line too long.\r\n"), "{out}");
+        assert_eq!(ev, vec!["closed line_too_long"]);
     }
 
     #[test]

@@ -108,6 +108,10 @@ impl SmtpFront {
     }
 
     pub async fn next_event<S: AsyncRead + AsyncWrite + Unpin>(&mut self, s: &mut S) -> io::Result<Event> {
+        crate::protocol::closed_event(self.events(s).await)
+    }
+
+    async fn events<S: AsyncRead + AsyncWrite + Unpin>(&mut self, s: &mut S) -> io::Result<Event> {
         loop {
             if self.d.errors >= self.settings.max_errors {
                 write(s, b"421 4.7.0 Too many errors, closing connection\r\n").await?;
@@ -357,6 +361,19 @@ mod tests {
             "220 proxy.example.test ESMTP ready\r\n250-proxy.example.test\r\n250-STARTTLS\r\n250-AUTH PLAIN LOGIN\r\n250-SIZE 1000\r\n250 8BITMIME\r\n535 5.7.8 Authentication credentials invalid\r\n530 5.7.0 Authentication required\r\n221 2.0.0 Bye\r\n"
         );
         assert_eq!(ev, vec!["login Some(\"alice\")", "closed logout"]);
+    }
+
+    /// A connection ended inside a SASL exchange is closed for what it was (the access log's
+    /// result), as outside one.
+    #[test]
+    fn closes_inside_sasl_are_told_apart() {
+        let (_, ev) = run(vec![b"EHLO c\r\nAUTH LOGIN\r\n".to_vec()]);
+        assert_eq!(ev, vec!["closed client_closed"]);
+        let mut long = b"EHLO c\r\nAUTH PLAIN\r\n".to_vec();
+        long.extend(vec![b'A'; MAX_AUTH_LINE + 100]);
+        long.extend_from_slice(b"\r\n");
+        let (_, ev) = run(vec![long]);
+        assert_eq!(ev, vec!["closed line_too_long"]);
     }
 
     /// Case 54: cancelled exchanges count as errors (unknown mechanisms already did).
