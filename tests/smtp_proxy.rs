@@ -232,6 +232,34 @@ async fn ehlo_names_cannot_break_the_proxys_xclient() {
     assert!(proxy.app.health().is_up("fake"));
 }
 
+/// A user name whose xtext is over Postfix's 255 bytes cannot go in XCLIENT LOGIN (Postfix
+/// would refuse the XCLIENT): the login is refused before it is sent, and the backend, which
+/// did nothing wrong, stays up however often the user tries.
+#[tokio::test]
+async fn a_user_name_too_long_for_xclient_login_is_refused_without_the_backend_counted() {
+    use base64::Engine;
+    // 86 `+`, three bytes each as xtext: 258 before the domain.
+    let user = format!("{}@example.test", "+".repeat(86));
+    let backend = FakeBackend::start(Behaviour::Smtp).await;
+    let config = protocol_config("smtp", backend.addr, "")
+        .replace("[limits]", "[server]\nhostname = \"proxy.example.test\"\n\n[limits]");
+    let proxy = Proxy::start(&config, &format!("{USERS}{user}:{{PLAIN}}secret\n")).await;
+    let plain = base64::engine::general_purpose::STANDARD.encode(format!("\0{user}\0secret"));
+    for _ in 0..4 {
+        let before = backend.connections();
+        let mut c = greeted(&proxy).await;
+        c.send(format!("EHLO c\r\nAUTH PLAIN {plain}\r\n").as_bytes()).await;
+        c.smtp_reply().await;
+        assert!(c.line().await.starts_with("535 "));
+        let sent: Vec<String> = (before..backend.connections()).flat_map(|conn| backend.lines(conn)).collect();
+        assert!(!sent.iter().any(|l| l.starts_with("XCLIENT")), "{sent:?}");
+    }
+    assert!(proxy.app.health().is_up("fake"));
+    // A name that fits still logs in.
+    let mut c = logged_in(&proxy).await;
+    c.send(b"QUIT\r\n").await;
+}
+
 /// A backend that offers AUTH to the proxy but not for the client's address (named by XCLIENT)
 /// refuses this client, not everyone: a temporary failure, not counted against its health.
 #[tokio::test]
@@ -253,6 +281,21 @@ async fn backend_dropping_after_ehlo_fails_closed() {
 async fn backend_refusing_starttls_fails_closed() {
     // Reliability case 12.
     login_fails_unavailable(Behaviour::SmtpRefuseStartTls, "transport = \"starttls\"\ntls_verify = false").await;
+}
+
+/// Reliability case 12: a backend that does not offer STARTTLS where the config asks for it is
+/// never sent the login in the clear; nothing but EHLO reaches it.
+#[tokio::test]
+async fn backend_without_starttls_fails_closed() {
+    let (proxy, backend) = setup_with(Behaviour::Smtp, "transport = \"starttls\"\ntls_verify = false", "").await;
+    let mut c = authenticating(&proxy, "c").await;
+    assert_eq!(c.line().await, "454 4.7.0 Temporary authentication failure\r\n");
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    assert!(backend.connections() >= 1);
+    for conn in 0..backend.connections() {
+        let lines = backend.lines(conn);
+        assert!(lines.iter().all(|l| l.starts_with("EHLO ") || l.starts_with("QUIT")), "{lines:?}");
+    }
 }
 
 /// Reliability case 10: bytes after the backend's 220 to STARTTLS (they would be taken as if

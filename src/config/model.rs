@@ -3392,6 +3392,11 @@ login_timeout = "5s"
         assert_eq!(c.limits.max_errors, 3);
         assert_eq!(c.limits.backend_disconnect_spread, Duration::from_secs(20));
         assert_eq!(Limits::default().backend_disconnect_spread, Duration::ZERO);
+        // Reliability case 60: an authenticated session idles at least 30 minutes by default
+        // (RFC 9051 §5.4: IDLE clients re-issue every 29 minutes), and errors close at 5 (nginx).
+        let d = parse(BASE).unwrap();
+        assert_eq!(d.limits.idle_timeout, Duration::from_secs(1800));
+        assert_eq!(d.limits.max_errors, 5);
         assert_eq!(c.limits.preauth_idle_timeout, DEFAULT_PREAUTH_IDLE);
         assert_eq!(c.listeners[0].tls, TlsMode::Implicit);
         // A TLS listener without certificates gets a self-signed "localhost" one.

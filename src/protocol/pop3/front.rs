@@ -277,6 +277,16 @@ mod tests {
         assert_eq!(ev, vec!["closed line_too_long"]);
     }
 
+    /// Reliability case 3: no second STLS inside TLS (nor on an implicit-TLS port); an error,
+    /// and the session goes on.
+    #[test]
+    fn no_stls_inside_tls() {
+        let st = crate::protocol::FrontSettings { tls_active: true, ..settings() };
+        let (out, ev) = run_front(Protocol::Pop3, st, vec![b"STLS\r\nNOOP\r\n".to_vec()]);
+        assert!(String::from_utf8_lossy(&out).ends_with("-ERR STLS not available.\r\n+OK\r\n"));
+        assert_eq!(ev, vec!["closed client_closed"]);
+    }
+
     #[test]
     fn user_pass_and_capa() {
         let (out, ev) = run(vec![b"CAPA\r\nUSER alice\r\nPASS pw with spaces\r\nQUIT\r\n".to_vec()]);

@@ -19,17 +19,17 @@ use crate::protocol::sasl::{base64_line, plain_response};
 /// Most lines accepted in one multi-line reply.
 const MAX_REPLY_LINES: usize = 64;
 
-#[allow(clippy::too_many_arguments)]
-pub async fn connect_and_login(
+/// Connect, read the greeting, EHLO as `hostname`, and with `transport = "starttls"` upgrade
+/// and EHLO again: the stream, its reader, and what the backend announces on it. Shared by the
+/// login and the EHLO probe, so neither can skip a step of it.
+pub(crate) async fn open(
     backend: &Backend,
-    tls: Option<Arc<ClientConfig>>,
+    tls: Option<&Arc<ClientConfig>>,
     client: &ClientInfo,
-    user: &str,
-    creds: &Credentials,
     connect_timeout: std::time::Duration,
     hostname: &str,
-) -> Result<LoggedIn, BackendError> {
-    let mut stream = backend::connect(backend, tls.as_ref(), client, connect_timeout).await?;
+) -> Result<(crate::tls::BackendStream, Lines, Vec<String>), BackendError> {
+    let mut stream = backend::connect(backend, tls, client, connect_timeout).await?;
     let mut lines = Lines::default();
     match read_reply(&mut stream, &mut lines).await?.0 {
         220 => {}
@@ -46,9 +46,23 @@ pub async fn connect_and_login(
         if read_reply(&mut stream, &mut lines).await?.0 != 220 {
             return Err(BackendError::Protocol("backend refused STARTTLS"));
         }
-        stream = backend::starttls(backend, tls.as_ref(), stream, &lines).await?;
+        stream = backend::starttls(backend, tls, stream, &lines).await?;
         exts = ehlo(&mut stream, &mut lines, hostname, true).await?;
     }
+    Ok((stream, lines, exts))
+}
+
+#[allow(clippy::too_many_arguments)]
+pub async fn connect_and_login(
+    backend: &Backend,
+    tls: Option<Arc<ClientConfig>>,
+    client: &ClientInfo,
+    user: &str,
+    creds: &Credentials,
+    connect_timeout: std::time::Duration,
+    hostname: &str,
+) -> Result<LoggedIn, BackendError> {
+    let (mut stream, mut lines, mut exts) = open(backend, tls.as_ref(), client, connect_timeout, hostname).await?;
     let announced = exts.clone();
 
     let xclient_login = backend.login == BackendLogin::Xclient;
@@ -91,7 +105,16 @@ pub async fn connect_and_login(
             if !supports("LOGIN") {
                 return Err(BackendError::Protocol("backend XCLIENT does not accept LOGIN"));
             }
-            cmd.push_str(&format!(" LOGIN={}", xtext(user.as_bytes())));
+            // Postfix refuses any XCLIENT value over 255 bytes ("attribute value too long"), as
+            // for HELO above, but a login cannot leave its name out. Such a user cannot log in
+            // this way: refused before XCLIENT is sent, as the user's own condition, where the
+            // backend's refusal would count against its health for everyone.
+            let login = xtext(user.as_bytes());
+            if login.len() > 255 {
+                tracing::warn!(backend = %backend.name, "user name too long for XCLIENT LOGIN (over 255 bytes as xtext): such users need login = \"replay\" or \"master\"");
+                return Err(BackendError::Rejected);
+            }
+            cmd.push_str(&format!(" LOGIN={login}"));
         }
         cmd.push_str("\r\n");
         stream.write_all(cmd.as_bytes()).await?;

@@ -7,9 +7,9 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use crate::backend::{self, BackendError, ClientInfo, Lines};
-use crate::config::{Backend, Transport};
-use crate::protocol::smtp::back::{ehlo, read_reply};
+use crate::backend::{BackendError, ClientInfo};
+use crate::config::Backend;
+use crate::protocol::smtp::back::open;
 
 /// Extensions that mean the same through a byte pipe as on the backend itself. AUTH, STARTTLS
 /// and XCLIENT are the proxy's business and never copied.
@@ -118,22 +118,7 @@ pub async fn probe(
 ) -> Result<Vec<String>, BackendError> {
     let client = ClientInfo::local();
     let work = async {
-        let mut stream = backend::connect(backend, tls, &client, timeout).await?;
-        let mut lines = Lines::default();
-        let (code, _) = read_reply(&mut stream, &mut lines).await?;
-        if code != 220 {
-            return Err(BackendError::Refused);
-        }
-        let mut exts = ehlo(&mut stream, &mut lines, hostname, true).await?;
-        if backend.transport == Transport::StartTls {
-            use tokio::io::AsyncWriteExt;
-            stream.write_all(b"STARTTLS\r\n").await?;
-            if read_reply(&mut stream, &mut lines).await?.0 != 220 {
-                return Err(BackendError::Protocol("backend refused STARTTLS"));
-            }
-            stream = backend::starttls(backend, tls, stream, &lines).await?;
-            exts = ehlo(&mut stream, &mut lines, hostname, true).await?;
-        }
+        let (mut stream, _, exts) = open(backend, tls, &client, timeout, hostname).await?;
         use tokio::io::AsyncWriteExt;
         let _ = stream.write_all(b"QUIT\r\n").await;
         Ok(exts)

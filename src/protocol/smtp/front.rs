@@ -352,6 +352,18 @@ mod tests {
         (String::from_utf8_lossy(&out).into_owned(), ev)
     }
 
+    /// Reliability case 3: no second STARTTLS inside TLS (nor on an implicit-TLS port); an
+    /// error, and the session goes on.
+    #[test]
+    fn no_starttls_inside_tls() {
+        let st = crate::protocol::FrontSettings { tls_active: true, ..settings() };
+        let (out, ev) = run_front(Protocol::Smtp, st, vec![b"EHLO c\r\nSTARTTLS\r\nNOOP\r\n".to_vec()]);
+        let out = String::from_utf8_lossy(&out).into_owned();
+        assert!(!out.contains("STARTTLS"), "{out}");
+        assert!(out.ends_with("503 5.5.1 Error: TLS already active\r\n250 2.0.0 OK\r\n"), "{out}");
+        assert_eq!(ev, vec!["closed client_closed"]);
+    }
+
     #[test]
     fn ehlo_auth_plain_and_failure() {
         let (out, ev) =
