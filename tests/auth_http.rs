@@ -396,6 +396,49 @@ async fn outage_is_a_temporary_failure_and_never_counts_against_the_user() {
     assert!(started.elapsed() >= std::time::Duration::from_millis(800), "{:?}", started.elapsed());
 }
 
+/// Reliability case 61, the throttle's side: outages, however many and with whatever
+/// passwords, are not guesses. Once the service is back the user logs in, where as many
+/// failures would have blocked the user and the address.
+#[tokio::test]
+async fn outages_are_never_counted_by_the_throttle() {
+    let pooled = FakeBackend::start(Behaviour::Normal).await;
+    let up = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let u2 = up.clone();
+    let (auth, seen) = auth_service(Arc::new(move |_: &str, _: &str, _: u32| {
+        if u2.load(std::sync::atomic::Ordering::SeqCst) {
+            vec![("Auth-Status".to_string(), "OK".to_string()), ("Auth-Server".to_string(), "mailpool".to_string())]
+        } else {
+            // No Auth-Status: the service is broken, an outage.
+            Vec::new()
+        }
+    }))
+    .await;
+    let cfg = config(auth, pooled.addr, "").replace(
+        "[limits]",
+        "[throttle]
+penalty_after = 100
+block_after = 2
+user_block_after = 2
+
+[limits]",
+    );
+    let proxy = Proxy::start(&cfg, "").await;
+    let mut c = Client::connect(proxy.addr("plain")).await;
+    c.line().await;
+    for (tag, password) in [("a", "p1"), ("b", "p2"), ("c", "p3"), ("d", "p4")] {
+        c.send(format!("{tag} LOGIN x@example.test {password}\r\n").as_bytes()).await;
+        assert!(c.line().await.starts_with(&format!("{tag} NO [UNAVAILABLE]")));
+    }
+    assert_eq!(seen.lock().unwrap().len(), 4);
+    drop(c);
+    up.store(true, std::sync::atomic::Ordering::SeqCst);
+    let mut c = Client::connect(proxy.addr("plain")).await;
+    c.line().await;
+    c.send(b"e LOGIN x@example.test p5\r\n").await;
+    let reply = c.until_tagged("e").await;
+    assert!(reply.last().unwrap().starts_with("e OK"), "{reply:?}");
+}
+
 /// Reliability case 61 with an auth service that takes the connection and never answers: each
 /// URL gets `timeout`, then the next one answers; with none left the login is a temporary
 /// failure that never counts against the user (more of them than max_auth_attempts, and the

@@ -493,6 +493,17 @@ async fn backend_hanging_after_greeting_gives_unavailable() {
     assert_eq!(c.line().await, "a NO [UNAVAILABLE] Server unavailable, try again later.\r\n");
     assert!(start.elapsed() < Duration::from_secs(5));
     assert_eq!(backend.connections(), 1);
+    // And the stalled backend connection is closed, not left open beside the session.
+    for _ in 0..100 {
+        if backend.ended.load(std::sync::atomic::Ordering::SeqCst) == 1 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(backend.ended.load(std::sync::atomic::Ordering::SeqCst), 1);
+    // The client's session goes on.
+    c.send(b"b NOOP\r\n").await;
+    assert_eq!(c.line().await, "b OK NOOP completed.\r\n");
 }
 
 #[tokio::test]

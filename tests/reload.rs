@@ -238,6 +238,26 @@ async fn shutdown_says_bye_to_clients_still_logging_in() {
     assert!(refused(port));
 }
 
+/// Reliability case 80 for POP3 and SMTP: a client still logging in is told in its protocol's
+/// words before the connection closes.
+#[tokio::test]
+async fn shutdown_says_goodbye_in_pop3_and_smtp() {
+    for (protocol, behaviour, greeting, goodbye) in [
+        ("pop3", Behaviour::Pop3, "+OK", "-ERR [SYS/TEMP] Server shutting down.\r\n"),
+        ("smtp", Behaviour::Smtp, "220 ", "421 4.3.2 Service shutting down, closing connection\r\n"),
+    ] {
+        let backend = FakeBackend::start(behaviour).await;
+        let proxy = Proxy::start(&protocol_config(protocol, backend.addr, "shutdown_grace = \"2s\""), USERS).await;
+        let mut waiting = Client::connect(proxy.addr("plain")).await;
+        assert!(waiting.line().await.starts_with(greeting), "{protocol}");
+        let app = proxy.app.clone();
+        let done = tokio::spawn(async move { app.shutdown().await });
+        assert_eq!(waiting.line().await, goodbye, "{protocol}");
+        assert!(waiting.closed().await, "{protocol}");
+        tokio::time::timeout(std::time::Duration::from_millis(1500), done).await.unwrap().unwrap();
+    }
+}
+
 /// A client waiting out the failure delay (or an auth service's Auth-Wait) hears the goodbye
 /// at shutdown, not its verdict, and not nothing once shutdown has stopped waiting for it.
 #[tokio::test]
