@@ -163,6 +163,20 @@ def test_starttls_refused_on_implicit_tls(proxy):
     c.close()
 
 
+def test_starttls_after_login_goes_nowhere(proxy, dovecot):
+    """STARTTLS after LOGIN (reliability case 4) is refused, and the session goes on: once
+    relayed it is the backend's to answer, and Dovecot refuses it in the authenticated state."""
+    c = RawClient(proxy.imaps, tls=True)
+    c.line()
+    c.send(b"a LOGIN " + DEMO[0].encode() + b" " + DEMO[1].encode() + b"\r\n")
+    assert c.until_tagged(b"a")[-1].startswith(b"a OK")
+    c.send(b"s STARTTLS\r\n")
+    assert c.until_tagged(b"s")[-1].startswith(b"s BAD")
+    c.send(b"n NOOP\r\n")
+    assert c.until_tagged(b"n")[-1].startswith(b"n OK")
+    c.close()
+
+
 # --- 3. AUTHENTICATE and awkward passwords -----------------------------------------------------
 
 

@@ -265,6 +265,24 @@ def test_pop3_wrong_password(mail_proxy):
         p.close()
 
 
+def test_stls_after_login_goes_nowhere(mail_proxy):
+    """STLS after PASS (reliability case 4) is refused, and the session goes on (Dovecot's
+    answer in the transaction state)."""
+    c = RawClient(mail_proxy.setup.port("pop3s"), tls=True)
+    assert c.line().startswith(b"+OK")
+    c.send(b"USER " + DEMO[0].encode() + b"\r\n")
+    assert c.line().startswith(b"+OK")
+    c.send(b"PASS " + DEMO[1].encode() + b"\r\n")
+    assert c.line().startswith(b"+OK")
+    c.send(b"STLS\r\n")
+    assert c.line().startswith(b"-ERR")
+    c.send(b"NOOP\r\n")
+    assert c.line().startswith(b"+OK")
+    c.send(b"QUIT\r\n")
+    assert c.line().startswith(b"+OK")
+    c.close()
+
+
 def test_curl_pop3s(mail_proxy):
     out = subprocess.run(
         ["curl", "-sS", "-k", "--max-time", "20", f"pop3s://127.0.0.1:{mail_proxy.setup.port('pop3s')}/",
