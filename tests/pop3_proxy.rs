@@ -246,6 +246,32 @@ async fn over_the_connection_cap_is_a_temporary_server_condition_not_a_locked_ma
     let _second = greeted(&proxy).await;
 }
 
+/// Reliability case 57: over the proxy's whole cap, and over a listener's, IMAP and SMTP
+/// clients are told in their protocol's words and closed; the first connection goes on.
+#[tokio::test]
+async fn over_the_global_and_listener_caps_imap_and_smtp_clients_are_told() {
+    for (protocol, behaviour, cap, greeting, refusal) in [
+        ("imap", Behaviour::Normal, "max_connections = 1", "* OK", "* BYE Too many connections, try again later.\r\n"),
+        (
+            "smtp",
+            Behaviour::Smtp,
+            "max_connections_per_listener = 1",
+            "220 ",
+            "421 4.7.0 Too many connections, try again later\r\n",
+        ),
+    ] {
+        let backend = FakeBackend::start(behaviour).await;
+        let proxy = Proxy::start(&protocol_config(protocol, backend.addr, cap), USERS).await;
+        let mut first = Client::connect(proxy.addr("plain")).await;
+        assert!(first.line().await.starts_with(greeting), "{protocol}");
+        let mut second = Client::connect(proxy.addr("plain")).await;
+        assert_eq!(second.line().await, refusal, "{protocol}");
+        assert!(second.closed().await, "{protocol}");
+        first.send(b"a NOOP\r\n").await;
+        assert!(!first.line().await.is_empty(), "{protocol}");
+    }
+}
+
 /// A backend refusing USER on a link it calls insecure (Dovecot's disable_plaintext_auth), or
 /// reporting a permanent failure of its own (RFC 3206 [SYS/PERM]): its condition, not a wrong
 /// password, so not logged for fail2ban; the client gets the temporary failure.

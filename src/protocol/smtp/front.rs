@@ -352,6 +352,21 @@ mod tests {
         (String::from_utf8_lossy(&out).into_owned(), ev)
     }
 
+    /// Reliability case 51: a greeting name with control bytes, DEL or over 255 bytes is refused
+    /// (it would go on to the backend in EHLO and XCLIENT), and an error; a good one then works.
+    #[test]
+    fn bad_greeting_names_are_refused() {
+        let long = format!("EHLO {}example\r\n", format!("{}.", "a".repeat(60)).repeat(5));
+        let input = [b"EHLO a\x01b\r\nHELO \x7fx\r\n".to_vec(), long.into_bytes(), b"EHLO good.example\r\n".to_vec()];
+        let (out, _) = run(vec![input.concat()]);
+        assert_eq!(out.matches("501 5.5.4 Error: invalid EHLO domain\r\n").count(), 1, "{out}");
+        assert_eq!(out.matches("501 5.5.4 Error: invalid HELO domain\r\n").count(), 1, "{out}");
+        // The parser refuses the long name before the proxy's own check sees it.
+        assert_eq!(out.matches("501 5.5.4 ").count(), 3, "{out}");
+        assert!(out.ends_with("250 8BITMIME\r\n"), "{out}");
+        assert_eq!(out.matches("250-proxy.example.test").count(), 1, "{out}");
+    }
+
     /// Reliability case 3: no second STARTTLS inside TLS (nor on an implicit-TLS port); an
     /// error, and the session goes on.
     #[test]
