@@ -696,6 +696,24 @@ mod tests {
         assert!(!caps(4096).contains("LITERAL"), "{}", caps(4096));
     }
 
+    /// Cases 29 and 31: what only looks like a literal (`{-1}`, `{ 5}`) is a bad command, with
+    /// no "+" and nothing after it taken as its data; real non-synchronizing literals in LOGIN
+    /// are read without one.
+    #[test]
+    fn literal_look_alikes_and_non_synchronizing_logins() {
+        for bad in ["a LOGIN {-1}\r\n", "a LOGIN { 5}\r\n"] {
+            let (out, events) = run(vec![format!("{bad}b NOOP\r\n").into_bytes()]);
+            let out = String::from_utf8(out).unwrap();
+            assert!(!out.contains("+ "), "{bad}: {out}");
+            assert!(out.contains("\r\na BAD ") && out.ends_with("b OK NOOP completed.\r\n"), "{bad}: {out}");
+            assert_eq!(events, vec!["closed client_closed"], "{bad}");
+        }
+        let (out, events) = run(vec![b"a LOGIN {5+}\r\nalice {2+}\r\npw\r\n".to_vec()]);
+        let out = String::from_utf8(out).unwrap();
+        assert!(!out.contains("+ "), "{out}");
+        assert_eq!(events, vec!["login Some(\"alice\")", "closed client_closed"]);
+    }
+
     #[test]
     fn scripted_dialogue() {
         let (out, events) = run(vec![b"a NOOP\r\nb LOGIN {5}\r\n".to_vec(), b"alice pw\r\nc LOGOUT\r\n".to_vec()]);
