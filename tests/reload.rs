@@ -66,6 +66,43 @@ async fn listeners_are_added_removed_and_rebound_without_touching_sessions() {
     assert_eq!(proxy.app.reload(false).await.unwrap(), portcullis::app::Reloaded::Unchanged);
 }
 
+/// Reliability case 75 under load: a client connecting all the while to a listener that every
+/// reload keeps is never refused nor left without a greeting, while twenty reloads add and
+/// remove another listener beside it.
+#[tokio::test]
+async fn a_kept_listener_refuses_no_connection_during_reloads() {
+    let backend = FakeBackend::start(Behaviour::Normal).await;
+    let (pa, pc) = (free_port(), free_port());
+    let proxy = Proxy::start(&config(backend.addr, &[("a", pa)]), USERS).await;
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let stop2 = stop.clone();
+    let load = tokio::spawn(async move {
+        let (mut ok, mut failed) = (0u32, Vec::new());
+        while !stop2.load(std::sync::atomic::Ordering::SeqCst) {
+            match tokio::net::TcpStream::connect(("127.0.0.1", pa)).await {
+                Ok(tcp) => {
+                    let mut c = Client::new(tcp);
+                    let greeting =
+                        tokio::time::timeout(std::time::Duration::from_secs(2), c.line()).await.unwrap_or_default();
+                    if greeting.starts_with("* OK") { ok += 1 } else { failed.push(greeting) }
+                }
+                Err(e) => failed.push(e.to_string()),
+            }
+        }
+        (ok, failed)
+    });
+    for i in 0..20 {
+        let listeners: &[(&str, u16)] = if i % 2 == 0 { &[("a", pa), ("c", pc)] } else { &[("a", pa)] };
+        write_file(&proxy.config_path(), &config(backend.addr, listeners));
+        assert_eq!(proxy.app.reload(false).await.unwrap(), portcullis::app::Reloaded::Applied);
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    let (ok, failed) = load.await.unwrap();
+    assert!(failed.is_empty(), "{failed:?}");
+    assert!(ok >= 20, "{ok}");
+}
+
 #[tokio::test]
 async fn a_broken_config_keeps_the_running_one() {
     let backend = FakeBackend::start(Behaviour::Normal).await;
