@@ -58,6 +58,11 @@ pub enum BackendError {
     ClientRefused { temporary: bool, address: bool },
     #[error("backend rejected the credentials")]
     Rejected,
+    /// This login cannot be sent to this backend as it is configured (a user name too long for
+    /// SMTP `XCLIENT LOGIN=`): nothing was sent, so neither the user's password nor the
+    /// backend's health is in question. A pool's next backend is tried.
+    #[error("the login cannot be sent to this backend as configured")]
+    UserUnsupported,
 }
 
 impl BackendError {
@@ -73,6 +78,7 @@ impl BackendError {
             BackendError::InUse => "in_use",
             BackendError::ClientRefused { .. } => "client_refused",
             BackendError::Rejected => "rejected",
+            BackendError::UserUnsupported => "user_unsupported",
         }
     }
 }

@@ -1095,6 +1095,8 @@ impl BackendLoginOf<'_> {
                 tracing::info!(session = %ctx.id, backend = %backend.name, temporary, address, "backend refused the client's EHLO name or address");
                 Tried::Over(LoginError::ClientRefused { temporary, address })
             }
+            // Warned about where it was found; another backend may take this user.
+            BackendError::UserUnsupported => Tried::Next,
             e @ BackendError::Local(_) => {
                 // Out of descriptors, memory or ports here: not the backend's fault (a connection
                 // flood on the proxy must not mark its backends down). The next one is tried: no

@@ -324,6 +324,15 @@ user_block_after = 2
     // Every request is an attempt, as nginx counts them, refused for now or not.
     let numbers: Vec<String> = seen.lock().unwrap().iter().map(|h| h["auth-login-attempt"].clone()).collect();
     assert_eq!(numbers, ["1", "2", "3", "4"]);
+    // The cache key holds the attempt number: the same first attempt, on two new connections,
+    // is asked about both times, never answered from the negative cache.
+    for _ in 0..2 {
+        let mut fresh = Client::connect(proxy.addr("plain")).await;
+        fresh.line().await;
+        fresh.send(b"a LOGIN x@example.test y\r\n").await;
+        assert_eq!(fresh.line().await, "a NO [UNAVAILABLE] Temporary server problem, try again later\r\n");
+    }
+    assert_eq!(seen.lock().unwrap().len(), 6, "a refusal for now was answered from the cache");
     c.send(b"e LOGIN twice@example.test y\r\n").await;
     assert_eq!(c.line().await, "e NO Invalid login\r\n");
     drop(c);

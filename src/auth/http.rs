@@ -182,7 +182,7 @@ impl AuthHttp {
         if roots.is_empty() && settings.urls.iter().any(|u| u.starts_with("https://")) {
             return Err(format!(
                 "no CA certificates to verify the https auth service with: {}; set ca_file",
-                crate::tls::NO_SYSTEM_ROOTS
+                crate::tls::no_system_roots()
             ));
         }
         let tls = rustls::ClientConfig::builder().with_root_certificates(roots).with_no_client_auth();

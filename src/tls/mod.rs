@@ -37,12 +37,15 @@ const SYSTEM_BUNDLES: [&str; 5] = [
     "/etc/ssl/cert.pem",
 ];
 
-/// The system's CA certificates: the file `SSL_CERT_FILE` names (OpenSSL's variable), else the
-/// first of the distributions' bundles that holds any. Empty if none does: the caller says
-/// which setting to give instead.
+/// The system's CA certificates: the file `SSL_CERT_FILE` names (OpenSSL's variable), and only
+/// it where it is set (as OpenSSL: an operator narrowing trust to a private CA must not get the
+/// public bundle behind it), else the first of the distributions' bundles that holds any.
+/// Empty if none does: the caller says which setting to give instead (`no_system_roots`).
 pub fn system_roots() -> RootCertStore {
-    let named = std::env::var_os("SSL_CERT_FILE").map(std::path::PathBuf::from);
-    first_roots(named.iter().map(|p| p.as_path()).chain(SYSTEM_BUNDLES.iter().map(std::path::Path::new)))
+    match std::env::var_os("SSL_CERT_FILE") {
+        Some(named) => first_roots([std::path::Path::new(&named)]),
+        None => first_roots(SYSTEM_BUNDLES.iter().map(std::path::Path::new)),
+    }
 }
 
 /// The certificates of the first file in `paths` that holds any (unreadable, missing or empty
@@ -64,10 +67,15 @@ fn first_roots<'a>(paths: impl IntoIterator<Item = &'a std::path::Path>) -> Root
     RootCertStore::empty()
 }
 
-/// What to say when `system_roots` found none.
-pub const NO_SYSTEM_ROOTS: &str = "the system's CA certificates are missing (package ca-certificates: \
-    /etc/ssl/certs/ca-certificates.crt, /etc/pki/tls/certs/ca-bundle.crt, /etc/ssl/ca-bundle.pem or \
-    /etc/ssl/cert.pem, or the file SSL_CERT_FILE names)";
+/// What to say when `system_roots` found none: where it looked.
+pub fn no_system_roots() -> String {
+    match std::env::var_os("SSL_CERT_FILE") {
+        Some(named) => format!("no CA certificates in {} (SSL_CERT_FILE)", std::path::Path::new(&named).display()),
+        None => {
+            format!("the system's CA certificates are missing (package ca-certificates: {})", SYSTEM_BUNDLES.join(", "))
+        }
+    }
+}
 
 /// `load_roots`, with each certificate passed through `check` first.
 pub fn load_roots_checked(
@@ -240,7 +248,10 @@ pub fn client_config(backend: &Backend) -> Result<Arc<ClientConfig>, String> {
             None => system_roots(),
         };
         if roots.is_empty() {
-            return Err(format!("no CA certificates to verify the backend with: {NO_SYSTEM_ROOTS}; set tls_ca_file"));
+            return Err(format!(
+                "no CA certificates to verify the backend with: {}; set tls_ca_file",
+                no_system_roots()
+            ));
         }
         builder.with_root_certificates(roots).with_no_client_auth()
     };

@@ -62,6 +62,14 @@ pub async fn connect_and_login(
     connect_timeout: std::time::Duration,
     hostname: &str,
 ) -> Result<LoggedIn, BackendError> {
+    // Postfix refuses any XCLIENT value over 255 bytes ("attribute value too long"), as for
+    // HELO below, but a login cannot leave its name out. Such a user cannot log in through
+    // this backend: told before connecting, neither the user's password nor the backend's
+    // health (its refusal of the XCLIENT would count against it for everyone).
+    if backend.login == BackendLogin::Xclient && xtext(user.as_bytes()).len() > 255 {
+        tracing::warn!(backend = %backend.name, "user name too long for XCLIENT LOGIN (over 255 bytes as xtext): such users need login = \"replay\" or \"master\"");
+        return Err(BackendError::UserUnsupported);
+    }
     let (mut stream, mut lines, mut exts) = open(backend, tls.as_ref(), client, connect_timeout, hostname).await?;
     let announced = exts.clone();
 
@@ -105,16 +113,7 @@ pub async fn connect_and_login(
             if !supports("LOGIN") {
                 return Err(BackendError::Protocol("backend XCLIENT does not accept LOGIN"));
             }
-            // Postfix refuses any XCLIENT value over 255 bytes ("attribute value too long"), as
-            // for HELO above, but a login cannot leave its name out. Such a user cannot log in
-            // this way: refused before XCLIENT is sent, as the user's own condition, where the
-            // backend's refusal would count against its health for everyone.
-            let login = xtext(user.as_bytes());
-            if login.len() > 255 {
-                tracing::warn!(backend = %backend.name, "user name too long for XCLIENT LOGIN (over 255 bytes as xtext): such users need login = \"replay\" or \"master\"");
-                return Err(BackendError::Rejected);
-            }
-            cmd.push_str(&format!(" LOGIN={login}"));
+            cmd.push_str(&format!(" LOGIN={}", xtext(user.as_bytes())));
         }
         cmd.push_str("\r\n");
         stream.write_all(cmd.as_bytes()).await?;
