@@ -1149,7 +1149,13 @@ fn service_target(
     if let Some(p) = config.pools.get(server) {
         return Some(Target::Pool(p.clone()));
     }
-    if let Some(b) = config.backends.get(server) {
+    // A configured backend by name where it serves this protocol and, if the service gave a
+    // port, listens on it: one named by its bare address (`10.0.0.5`) must not take a login
+    // the service sent to another port or protocol of that host.
+    let listens_on = |b: &Backend, p: u16| b.address.rsplit_once(':').and_then(|(_, q)| q.parse().ok()) == Some(p);
+    if let Some(b) =
+        config.backends.get(server).filter(|b| b.protocol == protocol && port.is_none_or(|p| listens_on(b, p)))
+    {
         return Some(Target::Backend(b.clone()));
     }
     let mut b = Backend::adhoc(protocol, server, port?);
@@ -1302,6 +1308,25 @@ mod tests {
     use crate::auth::Password;
     use crate::protocol::Mechanism;
     use crate::tls::client_cert::{CertDetails, ClientCertFacts};
+
+    /// The auth service's Auth-Server names a configured backend only where that backend serves
+    /// the protocol and, given an Auth-Port, listens on it; otherwise it is the address it is.
+    #[test]
+    fn a_backend_named_by_its_address_takes_only_its_own_port_and_protocol() {
+        let text = "[auth]\nsource = \"backend\"\n\n[[listener]]\nname = \"l\"\nbind = \"127.0.0.1:0\"\nprotocol = \"imap\"\ntls = \"none\"\n\
+                    allow_plaintext_auth = true\n\n[[backend]]\nname = \"10.0.0.5\"\naddress = \"10.0.0.5:143\"\n\
+                    protocol = \"imap\"\n\n[routing.imap]\ndefault = \"10.0.0.5\"\n";
+        let config = crate::config::Config::parse(std::path::Path::new("t.toml"), text).unwrap();
+        let to = |protocol, port| match service_target(&config, protocol, "10.0.0.5", port, None, None) {
+            Some(crate::config::Target::Backend(b)) => (b.dynamic, b.address.clone()),
+            _ => panic!("no backend"),
+        };
+        assert_eq!(to(Protocol::Imap, None), (false, "10.0.0.5:143".to_string()));
+        assert_eq!(to(Protocol::Imap, Some(143)), (false, "10.0.0.5:143".to_string()));
+        assert_eq!(to(Protocol::Imap, Some(1143)), (true, "10.0.0.5:1143".to_string()));
+        assert_eq!(to(Protocol::Pop3, Some(110)), (true, "10.0.0.5:110".to_string()));
+        assert!(service_target(&config, Protocol::Pop3, "10.0.0.5", None, None, None).is_none());
+    }
 
     /// Every failed EXTERNAL attempt with another user or certificate counts for the throttle;
     /// without this they would all share the empty password's fingerprint and count once.
