@@ -994,7 +994,7 @@ async fn authorize(
     }
     let target = service_target(&rt.config, protocol, &server, port, transport, client_address).ok_or_else(|| {
         // Otherwise only a metric would say why every such login fails.
-        tracing::warn!(session = %ctx.id, protocol = protocol.as_str(), "auth service answered with an Auth-Server that is neither a configured pool or backend nor comes with an Auth-Port");
+        tracing::warn!(session = %ctx.id, protocol = protocol.as_str(), auth_server = %server, ?port, "auth service answered with an Auth-Server that leads to no backend for this login: not a configured pool, nor a configured backend of this protocol (and Auth-Port), nor an address with an Auth-Port");
         LoginError::Unavailable("backend_unavailable")
     })?;
     // An Auth-User that is no usable name (empty, spaces, too long) is the service's fault:
@@ -1095,8 +1095,12 @@ impl BackendLoginOf<'_> {
                 tracing::info!(session = %ctx.id, backend = %backend.name, temporary, address, "backend refused the client's EHLO name or address");
                 Tried::Over(LoginError::ClientRefused { temporary, address })
             }
-            // Warned about where it was found; another backend may take this user.
-            BackendError::UserUnsupported => Tried::Next,
+            BackendError::UserUnsupported => {
+                // Nothing was sent; another backend of the pool may take this user.
+                tracing::warn!(session = %ctx.id, backend = %backend.name, user = %logging::safe_user(Some(self.login_name)),
+                    "login not sent: the user name is too long for this backend's XCLIENT LOGIN (over 255 bytes as xtext); such users need login = \"replay\" or \"master\"");
+                Tried::Next
+            }
             e @ BackendError::Local(_) => {
                 // Out of descriptors, memory or ports here: not the backend's fault (a connection
                 // flood on the proxy must not mark its backends down). The next one is tried: no
@@ -1150,13 +1154,18 @@ fn service_target(
         return Some(Target::Pool(p.clone()));
     }
     // A configured backend by name where it serves this protocol and, if the service gave a
-    // port, listens on it: one named by its bare address (`10.0.0.5`) must not take a login
-    // the service sent to another port or protocol of that host.
+    // port, listens on it. One named by its bare address (`10.0.0.5`) must not take a login the
+    // service sent to another port or protocol of that host: that is the address it names. Any
+    // other name stands for its backend only, never looked up as a host with the protocol's
+    // defaults (plaintext, no checks) in place of the configured TLS and login.
     let listens_on = |b: &Backend, p: u16| b.address.rsplit_once(':').and_then(|(_, q)| q.parse().ok()) == Some(p);
-    if let Some(b) =
-        config.backends.get(server).filter(|b| b.protocol == protocol && port.is_none_or(|p| listens_on(b, p)))
-    {
-        return Some(Target::Backend(b.clone()));
+    if let Some(b) = config.backends.get(server) {
+        if b.protocol == protocol && port.is_none_or(|p| listens_on(b, p)) {
+            return Some(Target::Backend(b.clone()));
+        }
+        if server.parse::<std::net::IpAddr>().is_err() {
+            return None;
+        }
     }
     let mut b = Backend::adhoc(protocol, server, port?);
     if let Some(t) = transport {
@@ -1326,6 +1335,17 @@ mod tests {
         assert_eq!(to(Protocol::Imap, Some(1143)), (true, "10.0.0.5:1143".to_string()));
         assert_eq!(to(Protocol::Pop3, Some(110)), (true, "10.0.0.5:110".to_string()));
         assert!(service_target(&config, Protocol::Pop3, "10.0.0.5", None, None, None).is_none());
+        // A backend with a name of its own is never taken for a host to look up in its place.
+        let named = text
+            .replace("name = \"10.0.0.5\"", "name = \"mail1\"")
+            .replace("default = \"10.0.0.5\"", "default = \"mail1\"");
+        let config = crate::config::Config::parse(std::path::Path::new("t.toml"), &named).unwrap();
+        assert!(matches!(
+            service_target(&config, Protocol::Imap, "mail1", Some(143), None, None),
+            Some(crate::config::Target::Backend(b)) if !b.dynamic
+        ));
+        assert!(service_target(&config, Protocol::Imap, "mail1", Some(993), None, None).is_none());
+        assert!(service_target(&config, Protocol::Pop3, "mail1", Some(110), None, None).is_none());
     }
 
     /// Every failed EXTERNAL attempt with another user or certificate counts for the throttle;

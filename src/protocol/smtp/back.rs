@@ -67,7 +67,6 @@ pub async fn connect_and_login(
     // this backend: told before connecting, neither the user's password nor the backend's
     // health (its refusal of the XCLIENT would count against it for everyone).
     if backend.login == BackendLogin::Xclient && xtext(user.as_bytes()).len() > 255 {
-        tracing::warn!(backend = %backend.name, "user name too long for XCLIENT LOGIN (over 255 bytes as xtext): such users need login = \"replay\" or \"master\"");
         return Err(BackendError::UserUnsupported);
     }
     let (mut stream, mut lines, mut exts) = open(backend, tls.as_ref(), client, connect_timeout, hostname).await?;
