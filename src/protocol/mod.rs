@@ -57,6 +57,9 @@ pub enum CloseReason {
     EarlyTalker,
     /// SMTP BDAT before login: its chunk would otherwise be read as commands.
     ChunkBeforeLogin,
+    /// IMAP: a non-synchronizing literal in a SASL response, whose bytes cannot be told from
+    /// the commands after them.
+    SaslLiteral,
 }
 
 /// A close decided inside a nested dialogue (a SASL exchange, whose reader returns its response
@@ -102,6 +105,7 @@ impl CloseReason {
             CloseReason::StartTlsInjection => "starttls_injection",
             CloseReason::EarlyTalker => "early_talker",
             CloseReason::ChunkBeforeLogin => "chunk_before_login",
+            CloseReason::SaslLiteral => "sasl_literal",
         }
     }
 }

@@ -475,7 +475,7 @@ impl ImapFront {
                     } else {
                         self.frag.poison_message();
                         write(s, b"* BYE Literal in SASL response.\r\n").await?;
-                        return Err(io::Error::new(io::ErrorKind::InvalidData, "literal in SASL response"));
+                        return Err(crate::protocol::closed(CloseReason::SaslLiteral));
                     }
                     break SaslLine::Bad;
                 }
@@ -712,6 +712,16 @@ mod tests {
         let out = String::from_utf8(out).unwrap();
         assert!(!out.contains("+ "), "{out}");
         assert_eq!(events, vec!["login Some(\"alice\")", "closed client_closed"]);
+    }
+
+    /// A non-synchronizing literal in a SASL response closes the connection for that reason (a
+    /// synchronizing one is refused without a "+" and the exchange goes on).
+    #[test]
+    fn a_literal_in_a_sasl_response() {
+        let (out, events) = run(vec![b"a AUTHENTICATE PLAIN\r\nAGFsaWNl {5+}\r\nxxxxx\r\n".to_vec()]);
+        let out = String::from_utf8(out).unwrap();
+        assert!(out.ends_with("+ \r\n* BYE Literal in SASL response.\r\n"), "{out}");
+        assert_eq!(events, vec!["closed sasl_literal"]);
     }
 
     #[test]
