@@ -1153,17 +1153,19 @@ fn service_target(
     if let Some(p) = config.pools.get(server) {
         return Some(Target::Pool(p.clone()));
     }
-    // A configured backend by name where it serves this protocol and, if the service gave a
-    // port, listens on it. One named by its bare address (`10.0.0.5`) must not take a login the
-    // service sent to another port or protocol of that host: that is the address it names. Any
-    // other name stands for its backend only, never looked up as a host with the protocol's
-    // defaults (plaintext, no checks) in place of the configured TLS and login.
+    // A configured backend by name where it serves this protocol. One named by its bare address
+    // (`10.0.0.5`) takes only logins for its own port too: another port or protocol of that
+    // host is the address the service names. Any other name stands for its backend only: its
+    // port is the configured one (services written for nginx send an Auth-Port with every
+    // answer), and it is never looked up as a host with the protocol's defaults (plaintext, no
+    // checks) in place of the configured TLS and login.
     let listens_on = |b: &Backend, p: u16| b.address.rsplit_once(':').and_then(|(_, q)| q.parse().ok()) == Some(p);
     if let Some(b) = config.backends.get(server) {
-        if b.protocol == protocol && port.is_none_or(|p| listens_on(b, p)) {
+        let is_address = server.parse::<std::net::IpAddr>().is_ok();
+        if b.protocol == protocol && (!is_address || port.is_none_or(|p| listens_on(b, p))) {
             return Some(Target::Backend(b.clone()));
         }
-        if server.parse::<std::net::IpAddr>().is_err() {
+        if !is_address {
             return None;
         }
     }
@@ -1319,7 +1321,8 @@ mod tests {
     use crate::tls::client_cert::{CertDetails, ClientCertFacts};
 
     /// The auth service's Auth-Server names a configured backend only where that backend serves
-    /// the protocol and, given an Auth-Port, listens on it; otherwise it is the address it is.
+    /// the protocol and, for a backend named by its address, given an Auth-Port, listens on it;
+    /// otherwise an address is the address it is, and another name leads nowhere.
     #[test]
     fn a_backend_named_by_its_address_takes_only_its_own_port_and_protocol() {
         let text = "[auth]\nsource = \"backend\"\n\n[[listener]]\nname = \"l\"\nbind = \"127.0.0.1:0\"\nprotocol = \"imap\"\ntls = \"none\"\n\
@@ -1344,7 +1347,12 @@ mod tests {
             service_target(&config, Protocol::Imap, "mail1", Some(143), None, None),
             Some(crate::config::Target::Backend(b)) if !b.dynamic
         ));
-        assert!(service_target(&config, Protocol::Imap, "mail1", Some(993), None, None).is_none());
+        // Its port is the configured one, whatever Auth-Port says (as before: nginx-style
+        // services send one with every answer).
+        assert!(matches!(
+            service_target(&config, Protocol::Imap, "mail1", Some(993), None, None),
+            Some(crate::config::Target::Backend(b)) if !b.dynamic && b.address == "10.0.0.5:143"
+        ));
         assert!(service_target(&config, Protocol::Pop3, "mail1", Some(110), None, None).is_none());
     }
 
