@@ -339,7 +339,8 @@ mod tests {
     async fn lines_are_split_alike_whatever_the_reads() {
         let bytes = b"* OK ready\r\n* CAPABILITY IMAP4rev1\r\nP1 OK done\r\nrest";
         for step in [1, 3, bytes.len()] {
-            let mut mock = tokio_test_reader(bytes, step);
+            let chunks = bytes.chunks(step).map(<[u8]>::to_vec).collect();
+            let mut mock = crate::protocol::harness::Script::new(chunks);
             let mut lines = Lines::default();
             let mut got = Vec::new();
             for _ in 0..3 {
@@ -353,21 +354,5 @@ mod tests {
             leftover.extend_from_slice(&more);
             assert_eq!(leftover, b"rest", "{step}");
         }
-    }
-
-    /// A reader giving `bytes` at most `step` at a time.
-    fn tokio_test_reader(bytes: &[u8], step: usize) -> impl AsyncRead + Unpin {
-        let (r, mut w) = tokio::io::simplex(bytes.len().max(1));
-        let chunks: Vec<Vec<u8>> = bytes.chunks(step).map(<[u8]>::to_vec).collect();
-        tokio::spawn(async move {
-            use tokio::io::AsyncWriteExt;
-            for c in chunks {
-                let _ = w.write_all(&c).await;
-                let _ = w.flush().await;
-                tokio::task::yield_now().await;
-            }
-            let _ = w.shutdown().await;
-        });
-        r
     }
 }

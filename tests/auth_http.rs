@@ -71,6 +71,12 @@ async fn auth_service(answer: Answers) -> (SocketAddr, Seen) {
     (addr, seen)
 }
 
+/// `cfg` with a throttle that blocks a user or an address after two counted failures (and
+/// no penalty before): what would be counted shows at once.
+fn strict_throttle(cfg: String) -> String {
+    cfg.replace("[limits]", "[throttle]\npenalty_after = 100\nblock_after = 2\nuser_block_after = 2\n\n[limits]")
+}
+
 /// An OK that sends the login to 127.0.0.1:`port`, the headers an answer starts with.
 fn ok_at(port: u16) -> Vec<(String, String)> {
     vec![
@@ -301,16 +307,7 @@ async fn temporary_refusals_waits_and_repeated_headers_are_read_as_nginx_does() 
         }
     }))
     .await;
-    let cfg = config(auth, pooled.addr, "")
-        .replace(
-            "[limits]",
-            "[throttle]
-penalty_after = 100
-block_after = 2
-user_block_after = 2
-
-[limits]",
-        )
+    let cfg = strict_throttle(config(auth, pooled.addr, ""))
         .replace("timeout = \"2s\"", "timeout = \"2s\"\nnegative_cache_ttl = \"1h\"");
     let proxy = Proxy::start(&cfg, "").await;
     let mut c = Client::connect(proxy.addr("plain")).await;
@@ -422,15 +419,7 @@ async fn outages_are_never_counted_by_the_throttle() {
         }
     }))
     .await;
-    let cfg = config(auth, pooled.addr, "").replace(
-        "[limits]",
-        "[throttle]
-penalty_after = 100
-block_after = 2
-user_block_after = 2
-
-[limits]",
-    );
+    let cfg = strict_throttle(config(auth, pooled.addr, ""));
     let proxy = Proxy::start(&cfg, "").await;
     let mut c = Client::connect(proxy.addr("plain")).await;
     c.line().await;
