@@ -161,12 +161,15 @@ pub fn build_runtime(config: Config, tls: &TlsShared) -> Result<Runtime, ConfigE
             slot.insert(tls.server_config(l.protocol, &config.tls, None).map_err(suites_error)?);
         }
     }
+    // The system's CA bundle is read once for all backends, and only if one needs it.
+    let system = std::cell::OnceCell::new();
+    let system_roots = || system.get_or_init(crate::tls::system_roots).clone();
     let mut backend_tls = HashMap::new();
     for b in config.backends.values() {
         if b.transport != Transport::Plain {
             // Its tls_ca_file was read at parse time: what fails here is the system's roots.
             let key = if b.tls_ca_file.is_some() { "tls_ca_file" } else { "transport" };
-            let cfg = crate::tls::client_config(b)
+            let cfg = crate::tls::client_config(b, &system_roots)
                 .map_err(|message| crate::config::entry_error(&config.path, "backend", &b.name, key, message))?;
             backend_tls.insert(b.name.clone(), cfg);
         }
@@ -175,7 +178,7 @@ pub fn build_runtime(config: Config, tls: &TlsShared) -> Result<Runtime, ConfigE
         AuthSource::Http(settings) => {
             let client = AuthHttp::new(settings.clone()).map_err(|message| at("auth.http.ca_file", message))?;
             let template = crate::config::Backend::adhoc(Protocol::Imap, "localhost", 143);
-            (Some(Arc::new(client)), crate::tls::client_config(&template).ok())
+            (Some(Arc::new(client)), crate::tls::client_config(&template, &system_roots).ok())
         }
         _ => (None, None),
     };

@@ -236,16 +236,16 @@ impl StoresServerSessions for SessionCache {
     }
 }
 
-/// A client config for one backend: system roots or the backend's CA file; verification can
-/// only be turned off explicitly per backend.
-pub fn client_config(backend: &Backend) -> Result<Arc<ClientConfig>, String> {
+/// A client config for one backend: the system roots (`system`, asked only if needed) or the
+/// backend's CA file; verification can only be turned off explicitly per backend.
+pub fn client_config(backend: &Backend, system: &dyn Fn() -> RootCertStore) -> Result<Arc<ClientConfig>, String> {
     let builder = ClientConfig::builder_with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12]);
     let cfg = if !backend.tls_verify {
         builder.dangerous().with_custom_certificate_verifier(Arc::new(NoVerify::new())).with_no_client_auth()
     } else {
         let roots = match &backend.tls_ca_file {
             Some(path) => load_roots(path)?,
-            None => system_roots(),
+            None => system(),
         };
         if roots.is_empty() {
             return Err(format!(
