@@ -824,16 +824,19 @@ async fn login_inner(
     // health once, when the retries end. Other failures are not retried.
     let retry_until = Instant::now() + rt.config.limits.backend_connect_timeout;
     let mut candidates: Vec<&Arc<Backend>> = plan.candidates.iter().collect();
+    let mut first_round = true;
     loop {
         // With whether it was up when it refused: one its checks mark down meanwhile is not
         // tried again; one already down (a pool's last resort) is, as before.
         let mut refused: Vec<(&Arc<Backend>, bool)> = Vec::new();
         for backend in candidates {
-            if !target.failover() && backend.health.enabled && !ctx.health.is_up(&backend.name) {
+            if first_round && !target.failover() && backend.health.enabled && !ctx.health.is_up(&backend.name) {
                 // The user's mailbox lives only there and it is down: fail fast. Only where active
                 // checks will see it come back: a backend without them (one the auth service names
                 // by address, or with checks off) is marked up again only by a session that logs in,
-                // so it is always tried.
+                // so it is always tried. Only before the first try: a login already waiting out a
+                // restart goes on until its checks mark it down (`still_eligible`), not when other
+                // logins' refusals of the same restart do.
                 tracing::warn!(session = %ctx.id, backend = %backend.name, "backend down and its pool has no failover");
                 break;
             }
@@ -877,6 +880,7 @@ async fn login_inner(
             break;
         }
         tokio::time::sleep(BACKEND_RETRY).await;
+        first_round = false;
         // Not again: one its checks have marked down, or a reload drained or disabled, meanwhile.
         let again =
             |(b, was_up): &(&Arc<Backend>, bool)| crate::route::still_eligible(&target, b, *was_up, &ctx.health);

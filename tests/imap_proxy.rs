@@ -460,6 +460,42 @@ async fn a_restarting_backend_is_tried_again_within_the_connect_timeout() {
     assert!(proxy.app.health().is_up("fake"));
 }
 
+/// Reliability case 64, a single backend with active checks (`failover` cannot apply): a login
+/// already waiting out a restart keeps waiting when an earlier login's refusals mark the backend
+/// down, as only its checks' verdict ends the wait. Such a login used to fail at its next round.
+#[tokio::test]
+async fn a_login_waiting_out_a_restart_outlasts_other_logins_marking_it_down() {
+    let backend = FakeBackend::start(Behaviour::Normal).await;
+    let config = plain_config(backend.addr, "")
+        .replace("backend_connect_timeout = \"500ms\"", "backend_connect_timeout = \"2500ms\"")
+        .replace("health = { enabled = false }", "health = { enabled = true, interval = \"60s\", fall = 1 }");
+    assert!(config.contains("\"2500ms\"") && config.contains("fall = 1"));
+    let proxy = Proxy::start(&config, USERS).await;
+    // The first check has passed (it connected), then the backend goes away.
+    for _ in 0..200 {
+        if backend.connections() > 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(backend.connections(), 1, "the first health check");
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    backend.stop().await;
+    let (mut early, mut late) = (greeted(&proxy).await, greeted(&proxy).await);
+    early.send(b"a LOGIN alice@example.test secret\r\n").await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    late.send(b"b LOGIN alice@example.test secret\r\n").await;
+    // The early login's tries (0, 1, 2 s) end with its refusal counted: down (fall = 1).
+    assert_eq!(early.line().await, "a NO [UNAVAILABLE] Server unavailable, try again later.\r\n");
+    assert!(!proxy.app.health().is_up("fake"));
+    // Back before the late login's third try (2.5 s after the first).
+    let back = FakeBackend::start_on(backend.addr, Behaviour::Normal).await;
+    let reply = late.until_tagged("b").await;
+    assert!(reply.last().unwrap().starts_with("b OK"), "{reply:?}");
+    assert_eq!(back.connections(), 1);
+    assert!(proxy.app.health().is_up("fake"));
+}
+
 /// A backend that refused connections and is back on its port but cannot log anyone in yet
 /// (hangs after its greeting) has that failure counted against its health: the refusals
 /// before it were not, so nothing else would be.

@@ -207,6 +207,8 @@ pub struct FakeBackend {
     pub pipelined: Arc<AtomicUsize>,
     /// Connections whose session has ended here (the peer closed, or a write failed).
     pub ended: Arc<AtomicUsize>,
+    /// Its accept loop (and listener): `stop` ends it, as a backend going away.
+    acceptor: tokio::task::AbortHandle,
 }
 
 impl FakeBackend {
@@ -223,7 +225,7 @@ impl FakeBackend {
         let pipelined = Arc::new(AtomicUsize::new(0));
         let ended = Arc::new(AtomicUsize::new(0));
         let (acc, rec, ahead, done) = (accepted.clone(), received.clone(), pipelined.clone(), ended.clone());
-        tokio::spawn(async move {
+        let acceptor = tokio::spawn(async move {
             loop {
                 let Ok((s, _)) = listener.accept().await else { return };
                 acc.fetch_add(1, Ordering::SeqCst);
@@ -246,8 +248,18 @@ impl FakeBackend {
                     done.fetch_add(1, Ordering::SeqCst);
                 });
             }
-        });
-        FakeBackend { addr, accepted, received, pipelined, ended }
+        })
+        .abort_handle();
+        FakeBackend { addr, accepted, received, pipelined, ended, acceptor }
+    }
+
+    /// Stops listening (connections refused from now on, as in a restart); sessions already
+    /// accepted go on.
+    pub async fn stop(&self) {
+        self.acceptor.abort();
+        while !self.acceptor.is_finished() {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
     }
 
     pub fn lines(&self, conn: usize) -> Vec<String> {
