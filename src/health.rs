@@ -155,6 +155,12 @@ impl HealthTable {
         self.by_backend.lock().unwrap_or_else(|e| e.into_inner()).get(name).cloned()
     }
 
+    /// Whether `backend` is the definition its name has in the running config (not one a
+    /// reload has since moved to another address, protocol or transport).
+    pub fn is_current(&self, backend: &Backend) -> bool {
+        self.get(&backend.name).is_some_and(|h| h.identity.matches(backend))
+    }
+
     /// Up unless observed down.
     pub fn is_up(&self, name: &str) -> bool {
         self.get(name).is_none_or(|h| h.up.load(Ordering::Relaxed))
@@ -281,7 +287,13 @@ impl HealthTable {
             let h = match map.get(&b.name) {
                 Some(h) if h.identity.matches(b) => h.clone(),
                 _ => {
-                    let h = Arc::new(BackendHealth::new(identity(b), b.dynamic));
+                    // Moved back to where it was (A, then B, then A again): the record kept for
+                    // A's sessions is A's again, so they count toward its max_sessions.
+                    let back = kept.iter().position(|(n, h)| *n == b.name && h.identity.matches(b));
+                    let h = match back {
+                        Some(i) => kept.remove(i).1,
+                        None => Arc::new(BackendHealth::new(identity(b), b.dynamic)),
+                    };
                     if let Some(old) = map.insert(b.name.clone(), h.clone()) {
                         previous.push((b.name.clone(), old));
                     }
@@ -406,7 +418,8 @@ pub async fn run_checks(
             // timeout bounds it) and counts, while the next generation, finding its stamp,
             // waits out the interval. Cancelled, reloads more frequent than a check takes (a
             // blackholed backend's takes its whole timeout) would leave no check finished.
-            let result = tokio::time::timeout(hs.timeout, check(&backend, tls.as_ref(), &hostname, &ehlo_cache)).await;
+            let result =
+                tokio::time::timeout(hs.timeout, check(&backend, tls.as_ref(), &hostname, &ehlo_cache, &table)).await;
             let result = result.unwrap_or(Err(BackendError::Protocol("health check timed out")));
             if hs.enabled {
                 let outcome = if result.is_ok() { "success" } else { "failure" };
@@ -437,6 +450,7 @@ async fn check(
     tls: Option<&Arc<rustls::ClientConfig>>,
     hostname: &str,
     ehlo_cache: &EhloCache,
+    table: &HealthTable,
 ) -> Result<(), BackendError> {
     let hs = &backend.health;
     let mut b = backend.clone();
@@ -446,7 +460,12 @@ async fn check(
     match backend.protocol {
         Protocol::Smtp => {
             let exts = ehlo::probe(&b, tls, hostname, hs.timeout).await?;
-            ehlo_cache.update(&backend.name, &exts, false);
+            // A check that outlived a reload moving the backend elsewhere probed the old
+            // server: its extensions are not the name's any more (the new one's are probed at
+            // once). Its health result still goes to the old address's record.
+            if table.is_current(backend) {
+                ehlo_cache.update(&backend.name, &exts, false);
+            }
             Ok(())
         }
         Protocol::Imap | Protocol::Pop3 => {
@@ -589,8 +608,10 @@ mod tests {
         let mut moved = (*b).clone();
         moved.address = "127.0.0.1:2".into();
         let moved = Arc::new(moved);
+        assert!(t.is_current(&b) && !t.is_current(&moved), "before the reload");
         t.sync([&*moved]);
         assert!(t.is_up("b"), "a new address is not judged by the old one's failures");
+        assert!(!t.is_current(&b) && t.is_current(&moved), "after it");
         t.sync([&*moved]);
         t.failure(&moved, Source::Check, 1, "x");
         assert!(!t.is_up("b"), "a reload that keeps the address keeps the state");
@@ -641,6 +662,13 @@ mod tests {
         assert_eq!(t.sessions("b"), 1);
         t.sync([&*moved]);
         assert!(t.previous.lock().unwrap().is_empty(), "forgotten once its sessions ended");
+        // Moved back while sessions are open on the first address: they are its sessions again.
+        let on_first = t.session(&old);
+        t.sync([&*moved]);
+        t.sync([&*old]);
+        assert_eq!(t.current_sessions("b"), 1, "max_sessions counts the sessions there");
+        assert!(Arc::ptr_eq(&t.session(&old).0, &on_first.0));
+        drop(on_first);
         // Removed by a later reload: counted under its name while sessions last.
         let again = t.session(&old);
         drop(_on_new);
@@ -839,6 +867,59 @@ mod tests {
             stop.cancel();
         }
         assert!(!table.is_up("b"), "no check finished");
+    }
+
+    /// An SMTP server for probes: greets, answers EHLO after `delay` with `SIZE size`.
+    fn answer_probes(server: tokio::net::TcpListener, size: u32, delay: Duration) {
+        tokio::spawn(async move {
+            while let Ok((mut s, _)) = server.accept().await {
+                tokio::spawn(async move {
+                    use tokio::io::AsyncReadExt;
+                    let mut buf = [0u8; 512];
+                    let _ = s.write_all(b"220 mx ESMTP\r\n").await;
+                    let _ = s.read(&mut buf).await;
+                    tokio::time::sleep(delay).await;
+                    let _ = s.write_all(format!("250-mx\r\n250 SIZE {size}\r\n").as_bytes()).await;
+                    let _ = s.read(&mut buf).await;
+                });
+            }
+        });
+    }
+
+    /// A check that outlives a reload moving an SMTP backend to another server leaves the new
+    /// server's extensions as the name's, though it finishes after the new server's probe.
+    #[tokio::test(start_paused = true)]
+    async fn a_check_of_the_old_address_does_not_overwrite_the_new_ones_extensions() {
+        let (old_server, new_server) = (
+            tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap(),
+            tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap(),
+        );
+        let smtp = |addr: std::net::SocketAddr| {
+            let text = format!(
+                "[auth]\nsource = \"backend\"\n[[backend]]\nname = \"b\"\nprotocol = \"smtp\"\ntransport = \"plain\"\nlogin = \"replay\"\naddress = \"{addr}\"\n[backend.health]\ninterval = \"60s\"\ntimeout = \"5s\"\n[routing.smtp]\ndefault = \"b\"\n"
+            );
+            crate::config::Config::parse(std::path::Path::new("/t.toml"), &text).unwrap().backends["b"].clone()
+        };
+        let (old, moved) = (smtp(old_server.local_addr().unwrap()), smtp(new_server.local_addr().unwrap()));
+        answer_probes(old_server, 1000, Duration::from_secs(2));
+        answer_probes(new_server, 2000, Duration::ZERO);
+        let (table, cache) = (Arc::new(HealthTable::default()), Arc::new(EhloCache::default()));
+        table.sync([&*old]);
+        let run = |b: &Arc<Backend>, stop: &CancellationToken| {
+            tokio::spawn(run_checks(b.clone(), None, "h".into(), table.clone(), cache.clone(), stop.clone()))
+        };
+        let first = CancellationToken::new();
+        run(&old, &first);
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        // The reload: the old server's check is under way and goes on.
+        table.sync([&*moved]);
+        first.cancel();
+        run(&moved, &CancellationToken::new());
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let size = || cache.get("b").map(|e| e.to_vec());
+        assert_eq!(size(), Some(vec!["SIZE 2000".to_string()]));
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        assert_eq!(size(), Some(vec!["SIZE 2000".to_string()]), "the old server's check finished last");
     }
 
     #[tokio::test(start_paused = true)]
