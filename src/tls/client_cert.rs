@@ -351,8 +351,10 @@ impl ClientAuth {
         let verdict = match &self.cas {
             Some(cas) => {
                 // The CA file's own intermediates (below its roots) go with what the client sent.
+                // Of what the client sent, not one whose keyUsage rules out signing certificates:
+                // OpenSSL takes no such issuer (`check_ssl_ca`), and webpki reads no keyUsage.
                 let with_below = |sent: &[CertificateDer<'c>]| -> Vec<CertificateDer<'c>> {
-                    sent.iter().chain(&cas.below_root).cloned().collect()
+                    sent.iter().filter(|c| may_issue(c)).chain(&cas.below_root).cloned().collect()
                 };
                 let allowed = &with_below(within_depth)[..];
                 let now = UnixTime::now();
@@ -520,14 +522,22 @@ fn reason(e: rustls::Error) -> Failure {
 /// The facts nginx passes on, whether the certificate is in date, and whether it may
 /// authenticate a TLS client: no extended key usage (any purpose, as OpenSSL reads it), or one
 /// that lists clientAuth. anyExtendedKeyUsage alone is not enough: OpenSSL's ssl_client purpose
-/// (`xku_reject`) refuses it, and so nginx does. One parse per handshake for all three.
+/// (`xku_reject`) refuses it, and so nginx does. Nor a keyUsage that allows neither
+/// digitalSignature nor keyAgreement (`ku_reject`): an encryption-only certificate, whose key
+/// an escrow may hold, is not one to log in with. One parse per handshake for all three.
 fn details(leaf: &CertificateDer<'_>) -> Option<(CertDetails, bool, bool)> {
     let (_, cert) = x509_parser::parse_x509_certificate(leaf.as_ref()).ok()?;
-    let for_clients = match cert.extended_key_usage() {
+    let eku_allows = match cert.extended_key_usage() {
         Ok(None) => true,
         Ok(Some(eku)) => eku.value.client_auth,
         Err(_) => false,
     };
+    let ku_allows = match cert.key_usage() {
+        Ok(None) => true,
+        Ok(Some(ku)) => ku.value.digital_signature() || ku.value.key_agreement(),
+        Err(_) => false,
+    };
+    let for_clients = eku_allows && ku_allows;
     let serial = cert.raw_serial();
     let first = serial.iter().position(|&b| b != 0).unwrap_or(serial.len().saturating_sub(1));
     let serial = serial[first..].iter().map(|b| format!("{b:02X}")).collect();
@@ -543,6 +553,21 @@ fn details(leaf: &CertificateDer<'_>) -> Option<(CertDetails, bool, bool)> {
     Some((details, cert.validity().is_valid(), for_clients))
 }
 
+/// A keyUsage that does not allow signing certificates (or cannot be read).
+fn no_cert_sign(cert: &x509_parser::certificate::X509Certificate<'_>) -> bool {
+    match cert.key_usage() {
+        Ok(None) => false,
+        Ok(Some(ku)) => !ku.value.key_cert_sign(),
+        Err(_) => true,
+    }
+}
+
+/// Whether a certificate a client sent may issue others in its chain, as far as its keyUsage
+/// says (basicConstraints webpki checks itself).
+fn may_issue(cert: &CertificateDer<'_>) -> bool {
+    x509_parser::parse_x509_certificate(cert.as_ref()).is_ok_and(|(_, c)| !no_cert_sign(&c))
+}
+
 /// What webpki does not check in a trust anchor and OpenSSL (so nginx) does: that it is a CA. A
 /// client's own certificate put in the CA file would otherwise let its key sign certificates
 /// for any subject, verified "SUCCESS". (Its dates are checked at each verification: `Cas`.)
@@ -556,7 +581,7 @@ pub(crate) fn client_ca(cert: &CertificateDer<'_>) -> Result<(), String> {
     // self-signed root or a keyUsage with keyCertSign. Anything else (CA:FALSE, no extension at
     // all as many end-entity certificates have, a broken one) is not a CA.
     // A keyUsage without keyCertSign rules it out first, CA:TRUE or not (`ku_reject`).
-    let no_cert_sign = matches!(parsed.key_usage(), Ok(Some(ku)) if !ku.value.key_cert_sign());
+    let no_cert_sign = no_cert_sign(&parsed);
     let is_ca = match parsed.basic_constraints() {
         _ if no_cert_sign => false,
         Ok(Some(bc)) => bc.value.ca,
@@ -779,6 +804,45 @@ mod tests {
         let client = client_params("alice", -1, 30).self_signed(&KeyPair::generate().unwrap()).unwrap().der().clone();
         let got = policy(VerifyClient::OptionalNoCa, None).check(Some(std::slice::from_ref(&client)));
         assert!(matches!(got, CertCheck::Accepted(_)), "{got:?}");
+    }
+
+    /// OpenSSL's `ssl_client` purpose reads keyUsage too, which webpki does not: a client
+    /// certificate whose keyUsage allows neither digitalSignature nor keyAgreement (one for
+    /// encryption only, its key perhaps in escrow) is refused, and an intermediate the client
+    /// sends whose keyUsage does not allow signing certificates issues nothing.
+    #[test]
+    fn key_usage_is_read_as_openssl_reads_it() {
+        let root = ca("Example Root");
+        let p = policy(VerifyClient::On, Some(&root));
+        let with_usage = |usages: Vec<rcgen::KeyUsagePurpose>| {
+            let mut c = client_params("alice", -1, 30);
+            c.key_usages = usages;
+            c.signed_by(&KeyPair::generate().unwrap(), &root).unwrap().der().clone()
+        };
+        use rcgen::KeyUsagePurpose::{DigitalSignature, KeyAgreement, KeyEncipherment};
+        let encryption_only = with_usage(vec![KeyEncipherment]);
+        let got = p.check(Some(std::slice::from_ref(&encryption_only)));
+        assert_eq!(got, CertCheck::Refused("unsupported certificate purpose"));
+        for usages in [vec![DigitalSignature, KeyEncipherment], vec![KeyAgreement], vec![]] {
+            let cert = with_usage(usages.clone());
+            let got = p.check(Some(std::slice::from_ref(&cert)));
+            assert!(matches!(&got, CertCheck::Accepted(f) if f.verify == "SUCCESS"), "{usages:?}: {got:?}");
+        }
+        // Through an intermediate: one that may sign certificates links alice to the root; one
+        // marked CA:TRUE whose keyUsage is digitalSignature only does not.
+        let intermediate = |usages: Vec<rcgen::KeyUsagePurpose>| {
+            let mut q = CertificateParams::new(Vec::<String>::new()).unwrap();
+            q.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+            q.distinguished_name.push(DnType::CommonName, "Example Issuing CA");
+            q.key_usages = usages;
+            CertifiedIssuer::signed_by(q, KeyPair::generate().unwrap(), &root).unwrap()
+        };
+        for (usages, ok) in [(vec![rcgen::KeyUsagePurpose::KeyCertSign], true), (vec![DigitalSignature], false)] {
+            let sub = intermediate(usages);
+            let chain = [issued("alice", &sub, -1, 30), sub.der().clone()];
+            let got = p.check(Some(&chain));
+            assert_eq!(matches!(&got, CertCheck::Accepted(f) if f.verify == "SUCCESS"), ok, "{got:?}");
+        }
     }
 
     /// The CA file holds CAs in date: a client's own certificate (CA:FALSE, or no
