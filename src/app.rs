@@ -583,10 +583,7 @@ impl App {
         // Reset and set again like the backend gauges: not while a scrape renders.
         let _one = GAUGES.lock().unwrap_or_else(|e| e.into_inner());
         let m = crate::metrics::metrics();
-        m.certificate_not_after.reset();
-        for (label, t) in self.tls.certs.expiries() {
-            m.certificate_not_after.with_label_values(&[&label]).set(t as f64);
-        }
+        self.tls.certs.record_expiries();
         m.client_crl_next_update.reset();
         for (listener, (_, policy)) in &self.runtime.load().client_auth {
             if let Some(t) = policy.crl_next_update() {

@@ -734,11 +734,10 @@ impl CertTask {
         // Under the lock a reload's reset-and-set of these gauges takes, so it cannot write the
         // old expiry back over this one.
         let _gauges = crate::app::GAUGES.lock().unwrap_or_else(|e| e.into_inner());
-        let not_after = validity(&ck).and_then(|(_, t)| t.duration_since(SystemTime::UNIX_EPOCH).ok());
         self.certs.install_acme(&self.label, names, ck, false);
-        if let Some(d) = not_after {
-            metrics().certificate_not_after.with_label_values(&[&self.label]).set(d.as_secs() as f64);
-        }
+        // All of them again, not this label's alone: a file certificate with the same label
+        // (an RSA one beside this ECDSA one) keeps its expiry, as `NAME (file)`.
+        self.certs.record_expiries();
         tracing::info!(certificate = %self.label, names = ?names, "ACME: certificate installed");
     }
 

@@ -159,6 +159,17 @@ impl CertStore {
         out
     }
 
+    /// Set the expiry gauge afresh from `expiries`: every certificate served, each under its own
+    /// label. Called with `app::GAUGES` held, at every config load and every ACME install (an
+    /// issued certificate can give a file's series its ` (file)` label).
+    pub fn record_expiries(&self) {
+        let gauge = &crate::metrics::metrics().certificate_not_after;
+        gauge.reset();
+        for (label, t) in self.expiries() {
+            gauge.with_label_values(&[&label]).set(t as f64);
+        }
+    }
+
     /// Whether the generated self-signed certificate is in its last 30 days: a reload (which the
     /// config watcher asks for) then makes a new one.
     pub fn self_signed_ending(&self) -> bool {
@@ -447,10 +458,17 @@ fn build(settings: &TlsSettings, previous: Option<&CertMaps>) -> Result<CertMaps
         // made): a process that runs that long makes a new one at a reload.
         let fresh = |ck: &Arc<CertifiedKey>| not_after(ck).is_some_and(|t| !renewal_due(t));
         let cached = previous.and_then(|p| p.loaded.get(&self_signed_key(&names))).filter(|(_, ck)| fresh(ck)).cloned();
+        // Only where nothing configured is served, a wildcard's certificate included: a
+        // configured certificate (of any key type) for a name must not be put behind a
+        // generated one.
+        let uncovered: Vec<String> =
+            names.iter().map(|n| n.to_ascii_lowercase()).filter(|n| !configured_for(&maps, n)).collect();
         let (bytes, ck) = match cached {
             Some(c) => c,
             None => {
-                tracing::warn!(names = ?names, "no certificate configured for these names: using a self-signed certificate");
+                if !uncovered.is_empty() {
+                    tracing::warn!(names = ?uncovered, "no certificate configured for these names: using a self-signed certificate");
+                }
                 (Vec::new(), self_signed(&names)?)
             }
         };
@@ -460,13 +478,8 @@ fn build(settings: &TlsSettings, previous: Option<&CertMaps>) -> Result<CertMaps
         if let Some(t) = not_after(&ck) {
             maps.expiry.push((SELF_SIGNED_LABEL.into(), t));
         }
-        // Only where nothing configured is served: a configured certificate of another key
-        // type for the same name must not be put behind a generated one.
-        for name in &names {
-            let served = served_mut(&mut maps, &name.to_ascii_lowercase());
-            if served.is_empty() {
-                served.push(ck.clone());
-            }
+        for name in &uncovered {
+            served_mut(&mut maps, name).push(ck.clone());
         }
         if maps.default.is_empty() {
             maps.default.push(ck);
@@ -531,6 +544,18 @@ fn serve(served: &mut Served, ck: &Arc<CertifiedKey>) {
 }
 
 /// The certificates served for `name` (`*.parent` in the wildcard map), made empty if none.
+/// Whether a configured certificate is served for `name` (lower case): its own, or for a
+/// wildcard covering it (one label, as the lookup matches).
+fn configured_for(maps: &CertMaps, name: &str) -> bool {
+    let has = |served: Option<&Served>| served.is_some_and(|s| !s.is_empty());
+    match name.strip_prefix("*.") {
+        Some(parent) => has(maps.wildcard.get(parent)),
+        None => {
+            has(maps.exact.get(name)) || name.split_once('.').is_some_and(|(_, parent)| has(maps.wildcard.get(parent)))
+        }
+    }
+}
+
 fn served_mut<'a>(maps: &'a mut CertMaps, name: &str) -> &'a mut Served {
     match name.strip_prefix("*.") {
         Some(parent) => maps.wildcard.entry(parent.to_string()).or_default(),
@@ -851,12 +876,36 @@ mod tests {
         // a configured RSA one (ECDSA first) for the same name, nor joining its default.
         let mut generated = settings.clone();
         generated.certificates.truncate(1);
-        generated.self_signed_names = vec!["mail.example.org".into(), "other.example.org".into()];
+        generated.self_signed_names =
+            vec!["mail.example.org".into(), "other.example.org".into(), "other.example.net".into()];
         let store = CertStore::load(&generated).unwrap();
         let alg = |name: Option<&str>| store.lookup_for(name, Some(&MODERN)).unwrap().key.algorithm();
         assert_eq!(alg(Some("mail.example.org")), SignatureAlgorithm::RSA);
         assert_eq!(alg(None), SignatureAlgorithm::RSA);
-        assert_eq!(alg(Some("other.example.org")), SignatureAlgorithm::ECDSA);
+        // Nor ahead of the configured wildcard that covers a name.
+        assert_eq!(alg(Some("other.example.org")), SignatureAlgorithm::RSA);
+        assert_eq!(alg(Some("other.example.net")), SignatureAlgorithm::ECDSA);
+    }
+
+    /// A configured wildcard covers a name left in `self_signed_names` (from a first start): the
+    /// name gets the wildcard's certificate, not the generated one, which the exact-name map
+    /// would otherwise put first.
+    #[test]
+    fn a_configured_wildcard_is_not_put_behind_a_generated_certificate() {
+        crate::tls::init_crypto();
+        let dir = tempfile::tempdir().unwrap();
+        let wildcard = pair(dir.path(), "wild", &rcgen::PKCS_ECDSA_P256_SHA256, &["*.example.org"], 0);
+        let store = CertStore::load(&tls_settings(
+            vec![wildcard],
+            &["MAIL.example.org", "mail.example.net", "a.b.example.org"],
+        ))
+        .unwrap();
+        let wild = store.lookup(Some("www.example.org")).unwrap();
+        let generated = store.lookup(Some("mail.example.net")).unwrap();
+        assert!(wild.cert[0] != generated.cert[0]);
+        assert!(store.lookup(Some("mail.example.org")).unwrap().cert[0] == wild.cert[0]);
+        // Two labels below the wildcard's: not covered by it.
+        assert!(store.lookup(Some("a.b.example.org")).unwrap().cert[0] == generated.cert[0]);
     }
 
     /// Clients without SNI get the first configured ACME certificate, whichever order the
@@ -937,6 +986,20 @@ mod tests {
         let mut labels: Vec<String> = store.expiries().into_iter().map(|(l, _)| l).collect();
         labels.sort();
         assert_eq!(labels, ["mail.example.org", "mail.example.org (file)"]);
+        {
+            // And the gauge has both, as an ACME install sets it (not the ACME label's alone,
+            // which the file's expiry was recorded under before the install).
+            let _gauges = crate::app::GAUGES.lock().unwrap_or_else(|e| e.into_inner());
+            store.record_expiries();
+            let gauge = &crate::metrics::metrics().certificate_not_after;
+            for (label, t) in store.expiries() {
+                assert_eq!(gauge.with_label_values(&[&label]).get(), t as f64, "{label}");
+            }
+            assert_ne!(
+                gauge.with_label_values(&["mail.example.org"]).get(),
+                gauge.with_label_values(&["mail.example.org (file)"]).get()
+            );
+        }
         assert_eq!(served("mail.example.org", &RSA_ONLY).key.algorithm(), SignatureAlgorithm::RSA);
         // Nothing configured for the name: the ACME certificate (the handshake then fails).
         assert!(served("imap.example.org", &RSA_ONLY).cert[0] == issued.cert[0]);
