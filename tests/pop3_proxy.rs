@@ -272,14 +272,16 @@ async fn over_the_global_and_listener_caps_imap_and_smtp_clients_are_told() {
     }
 }
 
-/// A backend refusing USER on a link it calls insecure (Dovecot's disable_plaintext_auth), or
-/// reporting a permanent failure of its own (RFC 3206 [SYS/PERM]): its condition, not a wrong
-/// password, so not logged for fail2ban; the client gets the temporary failure.
+/// A backend refusing USER on a link it calls insecure (Dovecot's disable_plaintext_auth),
+/// reporting a permanent failure of its own (RFC 3206 [SYS/PERM]), or a user who logged in too
+/// recently (RFC 2449 [LOGIN-DELAY]): its condition or the user's, not a wrong password, so not
+/// logged for fail2ban; the client gets the temporary failure.
 #[tokio::test]
 async fn a_backend_refusing_plaintext_or_failing_permanently_is_not_a_wrong_password() {
-    let replies: [&'static [u8]; 2] = [
+    let replies: [&'static [u8]; 3] = [
         b"-ERR [AUTH] Plaintext authentication disallowed on non-secure (SSL/TLS) connections.\r\n",
         b"-ERR [SYS/PERM] internal error\r\n",
+        b"-ERR [LOGIN-DELAY] wait 15 minutes between logins\r\n",
     ];
     for reply in replies {
         let (addr, _seen) = scripted_backend(b"+OK ready\r\n", reply).await;

@@ -208,6 +208,22 @@ async fn a_refusal_of_the_clients_address_at_xclient_is_the_clients_not_the_back
     assert!(proxy.app.health().is_up("fake"));
 }
 
+/// With the client's address in a PROXY v2 header, Postfix applies its per-client limits before
+/// the greeting and names the client in the refusal (`421 4.7.0 host Error: too many connections
+/// from ADDR`): the client's own, as at XCLIENT above, not counted against the backend (one
+/// office behind one address, or one guesser, could otherwise mark it down for everyone).
+#[tokio::test]
+async fn a_greeting_refusal_naming_the_client_behind_proxy_v2_is_the_clients() {
+    let (proxy, backend) =
+        setup_with(Behaviour::SmtpProxyV2ClientLimit, "client_address = \"proxy-v2\"\nlogin = \"replay\"", "").await;
+    for _ in 0..4 {
+        let mut c = authenticating(&proxy, "c").await;
+        assert_eq!(c.line().await, "454 4.7.0 The mail server cannot take your connection now, try again later.\r\n");
+    }
+    assert!(backend.connections() >= 4);
+    assert!(proxy.app.health().is_up("fake"));
+}
+
 /// A client's EHLO name cannot break the proxy's XCLIENT: one whose xtext is over Postfix's 255
 /// bytes (`+` triples) is left out of it (the replayed EHLO still carries it), and what
 /// Postfix's tokenizer reads as quoting (a `\` before the space, a `"`) is encoded, so the

@@ -165,6 +165,10 @@ pub enum Behaviour {
     /// SMTP: answers XCLIENT as Postfix does when its client restrictions, run again for the
     /// address XCLIENT gives, refuse it for now (reject_unknown_client_hostname, DNS failing).
     SmtpXclientClientRefused,
+    /// SMTP behind a PROXY v2 header: refuses at the greeting, as Postfix's per-client
+    /// connection limit does, a client address the header gives (`421 ... too many connections
+    /// from ADDR`); a LOCAL header (the proxy's own probe) is served as `Smtp`.
+    SmtpProxyV2ClientLimit,
 }
 
 impl Behaviour {
@@ -194,6 +198,7 @@ impl Behaviour {
                 | Behaviour::SmtpStartTlsNotTls
                 | Behaviour::SmtpNoAuthForClient
                 | Behaviour::SmtpXclientClientRefused
+                | Behaviour::SmtpProxyV2ClientLimit
         )
     }
 }
@@ -432,7 +437,24 @@ async fn serve_pop3(
     }
 }
 
-async fn serve_smtp(s: TcpStream, behaviour: Behaviour, rec: Arc<Mutex<Vec<Vec<String>>>>, idx: usize) {
+async fn serve_smtp(mut s: TcpStream, behaviour: Behaviour, rec: Arc<Mutex<Vec<Vec<String>>>>, idx: usize) {
+    if behaviour == Behaviour::SmtpProxyV2ClientLimit {
+        let mut header = [0u8; 16];
+        if s.read_exact(&mut header).await.is_err() {
+            return;
+        }
+        let mut addresses = vec![0u8; u16::from_be_bytes([header[14], header[15]]) as usize];
+        if s.read_exact(&mut addresses).await.is_err() {
+            return;
+        }
+        // PROXY (not LOCAL) over TCP4: the client's address first.
+        if header[12] & 0x0f == 1 && header[13] == 0x11 {
+            let ip = std::net::Ipv4Addr::new(addresses[0], addresses[1], addresses[2], addresses[3]);
+            let refusal = format!("421 4.7.0 fake.example Error: too many connections from {ip}\r\n");
+            let _ = s.write_all(refusal.as_bytes()).await;
+            return;
+        }
+    }
     let (r, mut w) = s.into_split();
     let mut r = BufReader::new(r);
     if w.write_all(b"220 fake.example ESMTP\r\n").await.is_err() {

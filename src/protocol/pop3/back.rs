@@ -165,7 +165,9 @@ fn verdict(reply: &[u8]) -> Result<(), BackendError> {
     // RFC 3206: a failure of the server's, not of the credentials (an internal error, POP
     // access not enabled for the user): not a guess to throttle or report to fail2ban, and,
     // possibly one user's condition, not counted against the backend either.
-    if starts_with_ci(reply, b"-ERR [SYS/PERM]") {
+    // RFC 2449 (8.1.1): the user logged in too recently to log in again yet (a login delay
+    // some ISPs enforce); the user's own state, for now, not a wrong password.
+    if starts_with_ci(reply, b"-ERR [SYS/PERM]") || starts_with_ci(reply, b"-ERR [LOGIN-DELAY]") {
         return Err(BackendError::LoginRefused);
     }
     // Dovecot's refusal of USER on a link it calls insecure (disable_plaintext_auth, the proxy

@@ -31,8 +31,19 @@ pub(crate) async fn open(
 ) -> Result<(crate::tls::BackendStream, Lines, Vec<String>), BackendError> {
     let mut stream = backend::connect(backend, tls, client, connect_timeout).await?;
     let mut lines = Lines::default();
-    match read_reply(&mut stream, &mut lines).await?.0 {
+    let (code, text) = read_reply(&mut stream, &mut lines).await?;
+    match code {
         220 => {}
+        // The client's address given in a PROXY header, Postfix applies its per-client limits
+        // before the greeting and names the client (`421 4.7.0 host Error: too many connections
+        // from 192.0.2.1`): the client's own refusal, as at XCLIENT below, not the backend's.
+        421 | 554
+            if backend.client_address == ClientAddress::ProxyV2
+                && !client.probe
+                && text.iter().any(|t| names_address(t, client.peer.ip())) =>
+        {
+            return Err(BackendError::ClientRefused { temporary: code == 421, address: true });
+        }
         421 | 554 => return Err(BackendError::Refused),
         _ => return Err(BackendError::Protocol("unexpected greeting")),
     }
