@@ -147,5 +147,16 @@ def test_backend_certificate_that_does_not_verify_fails_closed(tls_dovecot, tmp_
         logged = wait_for(lambda: pc.log()[before:].count("invalid peer certificate") >= 2 and pc.log()[before:], timeout=10)
         assert logged and "backend login failed" in logged and why in logged, pc.log()[before:]
         assert dv.logins() == []
+        # And Dovecot's side: this Dovecot refuses a plaintext login anyway, so the replies above
+        # would be the same had the proxy gone on without TLS. Each of the proxy's connections
+        # (one IMAP, one POP3; there is no other client of these ports) ended in the handshake,
+        # having sent nothing else.
+        def far_lines():
+            lines = [l for l in dv.log().splitlines() if "Disconnected" in l and "lip=127.0.0.2" in l]
+            return len(lines) >= 2 and lines
+        lines = wait_for(far_lines, timeout=10)
+        assert lines and len(lines) == 2, dv.log()
+        assert all("TLS handshaking" in l and "no auth attempts" in l for l in lines), lines
+        assert [f"lport={port}" in l for l, port in zip(lines, (dv.far_imap, dv.far_pop3))] == [True, True], lines
     finally:
         pc.stop()
