@@ -316,7 +316,11 @@ def test_wrong_password_never_reaches_backend(proxy, dovecot):
     stable = "login failed: rip=127.0.0.2 user=<demo@example.test> protocol=imap listener=imaps reason=bad_credentials"
     before_lines = proxy.log().count(stable)
     m = IMAP4SSLFrom("127.0.0.1", proxy.imaps)
+    # The proxy's connections to Dovecot open now (other tests' sessions may linger): Dovecot
+    # logs a connection only when it ends, so one opened and held would not show in its log.
+    to_dovecot = lambda: {k for k in proxy_tcp_timers(proxy.pc.proc.pid) if k[1] == dovecot.imap_port}  # noqa: E731
     before = dovecot.settled_log()
+    open_before = to_dovecot()
     t0 = time.monotonic()
     typ, data = m._simple_command("LOGIN", DEMO[0], "not-the-password")
     elapsed = time.monotonic() - t0
@@ -324,6 +328,7 @@ def test_wrong_password_never_reaches_backend(proxy, dovecot):
     assert elapsed >= 0.18, elapsed  # limits.auth_failure_delay = 200ms
     time.sleep(0.5)
     assert dovecot.log() == before, "the failed login touched Dovecot"
+    assert to_dovecot() <= open_before, "the failed login opened a connection to Dovecot"
     assert m.noop()[0] == "OK"  # still usable
     # The same guess as a SASL response: neither it nor its base64 is logged either.
     sasl = base64.b64encode(b"\0" + DEMO[0].encode() + b"\0not-the-password-either")
@@ -379,9 +384,10 @@ def test_backend_rejects_credentials(proxy, dovecot):
     """The proxy's users file accepts the password but Dovecot does not: the client gets the same
     NO [AUTHENTICATIONFAILED] as for a wrong password and stays in the proxy's pre-auth state (no
     half-open session; reliability case 45). The proxy had verified the password, so this is no
-    guess: no fail2ban line and no throttle count (a whole office behind one address would be
-    banned for the proxy's configuration), but an error line.
-    Dovecot saw the attempt from the client's address."""
+    guess: no fail2ban line (a whole office behind one address would be banned for the proxy's
+    configuration), but an error line. (That it is not counted by the throttle, which this shared
+    proxy runs without, is `backend_rejecting_verified_credentials_is_not_throttled` in
+    tests/imap_proxy.rs.) Dovecot saw the attempt from the client's address."""
     # From an address of its own: Dovecot's auth penalty would slow later logins from 127.0.0.2.
     c = RawClient(proxy.imaps, tls=True, source="127.0.0.3")
     c.line()
