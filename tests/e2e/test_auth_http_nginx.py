@@ -1,7 +1,10 @@
 """The auth_http request portcullis sends, compared with the one nginx's mail module sends for
 the same login, both captured by one HTTP server (issue: "request encoding byte-for-byte against
-captured nginx requests"). Header names are compared case-insensitively (HTTP says they are);
-every value must be identical.
+captured nginx requests"). The request line, the headers' order and every value must be
+identical; header names are compared case-insensitively (HTTP says they are). Two differences
+are by design and named below: HTTP/1.1 (the service's connections are kept alive; nginx's
+HTTP/1.0 opens one per login), and a Host header with the URL's port, as RFC 9110 asks (nginx
+leaves the port out).
 """
 
 import http.server
@@ -24,7 +27,7 @@ class Capture(http.server.BaseHTTPRequestHandler):
     seen = []
 
     def do_GET(self):
-        self.seen.append([(k, v) for k, v in self.headers.items()])
+        self.seen.append((self.requestline, [(k, v) for k, v in self.headers.items()]))
         self.send_response(200)
         self.send_header("Auth-Status", "Invalid login or password")
         self.end_headers()
@@ -87,7 +90,8 @@ mail {{
         except subprocess.TimeoutExpired:
             proc.kill()  # its PID; the workers exit with their master
             proc.wait(5)
-    nginx_req = dict((k.lower(), v) for k, v in Capture.seen[-1])
+    nginx_line, nginx_headers = Capture.seen[-1]
+    nginx_req = dict((k.lower(), v) for k, v in nginx_headers)
 
     pport = free_port()
     pc = Portcullis(str(tmp_path), f"""
@@ -118,7 +122,13 @@ default = "unused"
     finally:
         pc.stop()
         server.shutdown()
-    ours = dict((k.lower(), v) for k, v in Capture.seen[-1])
+    our_line, our_headers = Capture.seen[-1]
+    ours = dict((k.lower(), v) for k, v in our_headers)
+    assert nginx_line == "GET /auth HTTP/1.0" and our_line == "GET /auth HTTP/1.1", (nginx_line, our_line)
+    # The same headers in the same order, nothing more, nothing less.
+    assert [k.lower() for k, _ in our_headers] == [k.lower() for k, _ in nginx_headers], (our_headers, nginx_headers)
+    assert (nginx_req["host"], ours["host"]) == ("127.0.0.1", f"127.0.0.1:{cap}")
+    assert sorted(COMPARED) == sorted(set(ours) - {"host"})
     for name in COMPARED:
         assert name in nginx_req and name in ours, (name, sorted(nginx_req), sorted(ours))
         assert ours[name] == nginx_req[name], (name, ours[name], nginx_req[name])
