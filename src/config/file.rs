@@ -133,7 +133,7 @@ pub struct AcmeCertFile {
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct AdminFile {
-    /// Default 127.0.0.1:9100.
+    /// Default 127.0.0.1:10080.
     pub bind: Option<Spanned<String>>,
 }
 

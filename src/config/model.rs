@@ -1303,7 +1303,9 @@ impl Validator<'_> {
         let admin = match &raw.admin {
             None => None,
             Some(a) => Some(match &a.bind {
-                None => SocketAddr::from(([127, 0, 0, 1], 9100)),
+                // Not in 9100-9999, Prometheus' exporters' ports (9100 is node_exporter's, which
+                // many hosts run on every address): the quickstart's admin port.
+                None => SocketAddr::from(([127, 0, 0, 1], 10080)),
                 Some(b) => b.get_ref().parse().map_err(|_| {
                     self.err(Some(b.span()), "admin.bind", format!("{:?} is not an IP:port address", b.get_ref()))
                 })?,
@@ -3309,6 +3311,17 @@ login_timeout = "5s"
         let tls = parse(&text).unwrap().tls;
         assert_eq!(tls.certificates[0].names, ["mail.example.org", "*.example.org"]);
         assert_eq!(tls.certificates[1].names, ["imap.example.org", "mail.example.org"]);
+    }
+
+    /// The admin server is off without its table, and with it listens on loopback at 10080 by
+    /// default: outside 9100-9999, Prometheus exporters' ports (node_exporter holds 9100 on
+    /// every address of many hosts, and a taken admin port stops the proxy's start).
+    #[test]
+    fn the_admin_default_is_loopback_outside_the_exporters_ports() {
+        assert_eq!(parse(BASE).unwrap().admin, None);
+        let admin = parse(&format!("[admin]\n{BASE}")).unwrap().admin.unwrap();
+        assert_eq!(admin, "127.0.0.1:10080".parse().unwrap());
+        assert!(!(9100..=9999).contains(&admin.port()));
     }
 
     #[test]
