@@ -7,7 +7,7 @@ with real IMAP, POP3 and submission traffic through Dovecot and Postfix.
   the core panels must return data;
 - every portcullis_* name they use must exist in the proxy's /metrics (or in Prometheus);
 - the dashboards must be importable as-is: schemaVersion 39, a datasource variable, no
-  hard-coded datasource UID, instance/listener/backend variables.
+  hard-coded datasource UID, instance/listener/backend variables, each used by a panel.
 
 A missing prometheus or promtool is a failure, not a skip (apt-get install prometheus).
 """
@@ -463,7 +463,18 @@ def test_dashboard_structure(path):
     variables = {v["name"]: v for v in d["templating"]["list"]}
     ds = variables.get("datasource")
     assert ds and ds["type"] == "datasource" and ds["query"] == "prometheus", ds
-    for name in ("instance", "listener", "backend"):
+    # Every selector filters something: a panel's query uses it. The listener one only where a
+    # panel's metric has that label (the backends' have none).
+    def all_panels(panels):
+        for p in panels:
+            yield p
+            yield from all_panels(p.get("panels", []))
+
+    exprs = " ".join(t.get("expr", "") for p in all_panels(d["panels"]) for t in p.get("targets", []))
+    for name in variables:
+        assert name == "datasource" or f"${name}" in exprs, f"template variable {name} filters no panel"
+    wanted = ("instance", "listener", "backend") if "overview" in path else ("instance", "backend")
+    for name in wanted:
         v = variables.get(name)
         assert v, f"template variable {name} missing"
         assert v["type"] == "query" and v["multi"] and v["includeAll"] and v["allValue"] == ".*", v
