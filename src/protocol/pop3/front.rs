@@ -44,8 +44,15 @@ impl Pop3Front {
         Pop3Front { settings, d, user: None }
     }
 
+    /// CAPA before login. TOP and UIDL are announced in both states (RFC 2449 §6: "no
+    /// differences"), so a client may take them from this list and never ask again (K-9 Mail
+    /// does, and without TOP fetches every message whole); every POP3 server known to be put
+    /// behind a proxy has them (Dovecot, Courier, Cyrus, Exchange, qpopper), and nginx announces
+    /// them by default too.
     pub fn capabilities(&self) -> String {
-        let mut caps = String::from("+OK Capability list follows\r\nRESP-CODES\r\nAUTH-RESP-CODE\r\nPIPELINING\r\n");
+        let mut caps = String::from(
+            "+OK Capability list follows\r\nTOP\r\nUIDL\r\nRESP-CODES\r\nAUTH-RESP-CODE\r\nPIPELINING\r\n",
+        );
         if self.settings.starttls_offered && !self.settings.tls_active {
             caps.push_str("STLS\r\n");
         }
@@ -156,12 +163,13 @@ impl Pop3Front {
                     return Ok(Event::Login(LoginRequest { mechanism: Mechanism::Login, credentials }));
                 }
                 "AUTH" => {
-                    if !self.privacy_ok(s).await? {
-                        continue;
-                    }
                     let Some(arg) = arg else {
-                        // The pre-RFC 5034 listing some clients still ask for.
-                        let listing: &[u8] = if self.settings.external {
+                        // The pre-RFC 5034 listing some clients still ask for (K-9 Mail, on every
+                        // connection, before STLS too): no credentials, so no refusal and no
+                        // error counted; before TLS, where none may be used, the list is empty.
+                        let listing: &[u8] = if !self.settings.auth_allowed {
+                            b"+OK\r\n.\r\n"
+                        } else if self.settings.external {
                             b"+OK\r\nPLAIN\r\nLOGIN\r\nEXTERNAL\r\n.\r\n"
                         } else {
                             b"+OK\r\nPLAIN\r\nLOGIN\r\n.\r\n"
@@ -169,6 +177,9 @@ impl Pop3Front {
                         write(s, listing).await?;
                         continue;
                     };
+                    if !self.privacy_ok(s).await? {
+                        continue;
+                    }
                     // RFC 5034 §4: an empty initial response is `=`; nothing after the blank (a
                     // trailing space) is no initial response, and the first challenge follows.
                     let (mech, ir) = match arg.iter().position(|b| *b == b' ') {
@@ -292,7 +303,7 @@ mod tests {
         let (out, ev) = run(vec![b"CAPA\r\nUSER alice\r\nPASS pw with spaces\r\nQUIT\r\n".to_vec()]);
         assert_eq!(
             out,
-            "+OK POP3 proxy ready.\r\n+OK Capability list follows\r\nRESP-CODES\r\nAUTH-RESP-CODE\r\nPIPELINING\r\nSTLS\r\nUSER\r\nSASL PLAIN LOGIN\r\n.\r\n+OK\r\n-ERR [AUTH] Authentication failed.\r\n+OK Logging out.\r\n"
+            "+OK POP3 proxy ready.\r\n+OK Capability list follows\r\nTOP\r\nUIDL\r\nRESP-CODES\r\nAUTH-RESP-CODE\r\nPIPELINING\r\nSTLS\r\nUSER\r\nSASL PLAIN LOGIN\r\n.\r\n+OK\r\n-ERR [AUTH] Authentication failed.\r\n+OK Logging out.\r\n"
         );
         assert_eq!(ev, vec!["login Some(\"alice\")", "closed logout"]);
     }
@@ -329,12 +340,21 @@ mod tests {
     fn before_tls_no_user_or_sasl() {
         let mut st = settings();
         st.auth_allowed = false;
-        let (out, ev) =
-            run_front(Protocol::Pop3, st, vec![b"CAPA\r\nUSER a\r\nAUTH PLAIN AGEAYg==\r\nSTLS\r\n".to_vec()]);
+        st.max_errors = 3;
+        let (out, ev) = run_front(
+            Protocol::Pop3,
+            st,
+            vec![b"CAPA\r\nAUTH\r\nAUTH\r\nUSER a\r\nAUTH PLAIN AGEAYg==\r\nSTLS\r\n".to_vec()],
+        );
         let out = String::from_utf8(out).unwrap();
         // Reliability case 6: STLS, but no USER/SASL before TLS.
         assert!(out.contains("STLS\r\n") && !out.contains("USER\r\n") && !out.contains("SASL"), "{out}");
+        assert!(out.contains("TOP\r\nUIDL\r\n"), "{out}");
         assert_eq!(out.matches("-ERR [AUTH] Plaintext authentication disallowed").count(), 2);
+        // A bare AUTH asks for the mechanisms and sends no credentials (K-9 Mail's probe, on
+        // every connection): an empty list, no refusal, not an error (three would have closed
+        // the connection before STLS).
+        assert_eq!(out.matches("+OK\r\n.\r\n").count(), 2, "{out}");
         assert_eq!(ev, vec!["starttls"]);
     }
 
