@@ -449,6 +449,32 @@ async fn an_open_ari_window_orders_the_renewal_once() {
     assert!(seen.iter().any(|p| p.starts_with("/order") || p == "/nonce"), "no order was placed: {seen:?}");
 }
 
+/// A stored certificate issued long ago and close to its end, whose file is new (copied to a new
+/// host, restored from a backup): not held back as one stored just now would be (the hold-off
+/// against re-ordering in a loop), which would let it expire; it is renewed at once.
+#[tokio::test]
+async fn a_certificate_copied_in_close_to_its_end_is_renewed_at_once() {
+    let MockCa { dir: _dir, now, seen, config, state, .. } = mock_ca(ten_day_window, "21600").await;
+    let settings = config.acme.clone().unwrap();
+    let mut issuer_params = CertificateParams::new(Vec::<String>::new()).unwrap();
+    issuer_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    let issuer = CertifiedIssuer::self_signed(issuer_params, KeyPair::generate().unwrap()).unwrap();
+    let leaf_key = KeyPair::generate().unwrap();
+    let mut leaf_params = CertificateParams::new(vec!["mail.example.test".to_string()]).unwrap();
+    leaf_params.not_before = time::OffsetDateTime::from(now - Duration::from_secs(89 * 86400));
+    leaf_params.not_after = time::OffsetDateTime::from(now + Duration::from_secs(3 * 3600));
+    let leaf = leaf_params.signed_by(&leaf_key, &issuer).unwrap();
+    // Written now: the file's time says "stored just now".
+    std::fs::write(state.join("certs/mail.example.test.pem"), leaf.pem()).unwrap();
+    std::fs::write(state.join("certs/mail.example.test.key"), leaf_key.serialize_pem()).unwrap();
+    let certs = Arc::new(portcullis::tls::certs::CertStore::load(&config.tls).unwrap());
+    let stop = tokio_util::sync::CancellationToken::new();
+    let _handle = portcullis::tls::acme::start(settings, certs, stop.clone()).await.unwrap();
+    let ordered = seen_within(&seen, an_order).await;
+    stop.cancel();
+    assert!(ordered, "not ordered: {:?}", seen.lock().unwrap());
+}
+
 /// A name added to a certificate whose stored pair is in date: the stored certificate goes on
 /// being served for the names it has (not a self-signed stand-in for all of them) while the new
 /// one is ordered, at once.

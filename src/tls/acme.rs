@@ -504,7 +504,7 @@ impl CertTask {
     }
 
     async fn run(self, trigger: Arc<Notify>, stop: CancellationToken) {
-        self.adopt_moved_rsa_files();
+        self.adopt_previous_label_files();
         let mut current = self.load_stored();
         match &current {
             Some(ck) => {
@@ -551,9 +551,16 @@ impl CertTask {
         // Across restarts too (a crash loop, a reload that restarts the tasks): a certificate
         // this directory issued and this task stored less than MAX_BACKOFF ago (by its file's
         // time) is not ordered again before that, nor past a third of its lifetime (a CA issuing
-        // certificates of hours); a renewal asked for with `renew` still is.
-        let stored_at = std::fs::metadata(self.paths().0).and_then(|m| m.modified()).ok();
-        let life = current.as_deref().and_then(validity).and_then(|(from, to)| to.duration_since(from).ok());
+        // certificates of hours); a renewal asked for with `renew` still is. Not later than an
+        // hour after its notBefore either (Let's Encrypt backdates it by one): a file's time is
+        // reset by a copy to a new host or a restore, which must not hold back a certificate
+        // issued weeks ago and close to its end (perhaps why it was moved).
+        let valid = current.as_deref().and_then(validity);
+        let stored_at = std::fs::metadata(self.paths().0)
+            .and_then(|m| m.modified())
+            .ok()
+            .map(|at| valid.map_or(at, |(from, _)| at.min(from + Duration::from_secs(3600))));
+        let life = valid.and_then(|(from, to)| to.duration_since(from).ok());
         let mut earliest = match (stored_at, life) {
             // Capped: a time in the future (a clock set back since) must not hold it longer.
             (Some(at), Some(life)) if self.issued_here() => {
@@ -768,7 +775,12 @@ impl CertTask {
 
     /// Whether the stored certificate came from the configured directory.
     fn issued_here(&self) -> bool {
-        match std::fs::read_to_string(self.issuer_path()) {
+        self.issued_by(&self.paths().0)
+    }
+
+    /// Whether the certificate stored at `cert` came from the configured directory.
+    fn issued_by(&self, cert: &Path) -> bool {
+        match std::fs::read_to_string(cert.with_extension("directory")) {
             Ok(d) => d.trim() == self.settings.directory,
             // Stored before the issuer was recorded, when one account (account.json) made every
             // order: its directory issued the certificate.
@@ -781,27 +793,19 @@ impl CertTask {
         label_paths(&self.settings.state_dir, &self.label)
     }
 
-    /// An RSA certificate's label changes as the ECDSA half of its pair is added (`NAME` becomes
-    /// `NAME+rsa`) or removed (back to `NAME`), and its stored files stay under the old label,
-    /// where the ECDSA half would overwrite them. With no RSA pair of its own, the certificate
-    /// takes the other label's (copied, the issuer record too), so what the CA issued goes on
-    /// being served and is not ordered again (against the CA's duplicate limit).
-    fn adopt_moved_rsa_files(&self) {
-        if !self.spec.rsa {
-            return;
-        }
+    /// A certificate's label, and so where its files are, changes when its first name does (a
+    /// name put first, the first one removed), and for an RSA certificate as the ECDSA half of
+    /// its pair is added (`NAME` becomes `NAME+rsa`) or removed (back to `NAME`, where the
+    /// ECDSA half's files would otherwise overwrite its own). The stored files stay under the
+    /// old label. With no pair of its own, the certificate takes the old label's (copied, the
+    /// issuer record too), so what the CA issued goes on being served for the names it has, and
+    /// is not replaced by a stand-in nor ordered again needlessly (against the CA's limits).
+    fn adopt_previous_label_files(&self) {
         let (cert, key) = self.paths();
         if read_pair(&cert, &key, &self.spec).is_some() {
             return;
         }
-        let other = match self.label.strip_suffix("+rsa") {
-            Some(base) => base.to_string(),
-            None => format!("{}+rsa", self.label),
-        };
-        let (other_cert, other_key) = label_paths(&self.settings.state_dir, &other);
-        if read_pair(&other_cert, &other_key, &self.spec).is_none() {
-            return;
-        }
+        let Some((other, other_cert, other_key)) = self.previous_label() else { return };
         let issuer = self.issuer_path();
         let copied = [(&other_key, &key), (&other_cert, &cert), (&other_cert.with_extension("directory"), &issuer)]
             .into_iter()
@@ -817,15 +821,45 @@ impl CertTask {
             None => Err("the copied pair does not load".to_string()),
         }) {
             Ok(()) => {
-                tracing::info!(certificate = %self.label, from = %other, "ACME: took over the stored RSA certificate of this certificate's previous label")
+                tracing::info!(certificate = %self.label, from = %other, "ACME: took over the stored certificate of this certificate's previous label")
             }
             Err(e) => {
                 for f in [&cert, &key] {
                     let _ = std::fs::remove_file(f);
                 }
-                tracing::warn!(certificate = %self.label, from = %other, error = %e, "ACME: cannot take over the stored RSA certificate of this certificate's previous label")
+                tracing::warn!(certificate = %self.label, from = %other, error = %e, "ACME: cannot take over the stored certificate of this certificate's previous label")
             }
         }
+    }
+
+    /// Where this certificate's files may have been before its label changed: for an RSA one,
+    /// the label its ECDSA half's coming or going toggles; then any stored pair of its key type,
+    /// in date, that this directory issued and that has a configured name. Two configured
+    /// certificates of one key type cannot share a name (`check`), so such a pair is this
+    /// certificate's own from under an earlier label. (file stem, certificate, key)
+    fn previous_label(&self) -> Option<(String, PathBuf, PathBuf)> {
+        let dir = self.settings.state_dir.join("certs");
+        let own = self.paths().0;
+        let sibling = self.spec.rsa.then(|| match self.label.strip_suffix("+rsa") {
+            Some(base) => base.to_string(),
+            None => format!("{}+rsa", self.label),
+        });
+        if let Some(other) = sibling {
+            let (cert, key) = label_paths(&self.settings.state_dir, &other);
+            if read_pair(&cert, &key, &self.spec).is_some() {
+                return Some((other, cert, key));
+            }
+        }
+        let mut stems: Vec<String> = std::fs::read_dir(&dir)
+            .ok()?
+            .filter_map(|e| Some(e.ok()?.file_name().to_str()?.strip_suffix(".pem")?.to_string()))
+            .collect();
+        stems.sort();
+        stems.into_iter().find_map(|stem| {
+            let (cert, key) = (dir.join(format!("{stem}.pem")), dir.join(format!("{stem}.key")));
+            let (_, covered) = read_pair(&cert, &key, &self.spec)?;
+            (cert != own && !covered.is_empty() && self.issued_by(&cert)).then_some((stem, cert, key))
+        })
     }
 
     /// Where a failed order's backoff is kept between runs.
@@ -976,10 +1010,19 @@ impl CertTask {
             )
             .await
             .map_err(|e| format!("creating the ACME account at {}: {e}", self.settings.directory))?;
-        let json = serde_json::to_vec(&creds).map_err(|e| e.to_string())?;
-        write_private(&path, &json)?;
-        tracing::info!(directory = %self.settings.directory, "ACME: account created");
+        // Kept for this process whether or not it can be stored: created again for every order
+        // and ARI lookup, it would spend the CA's new-account limit (Let's Encrypt: 10 per
+        // address in 3 hours) while the disk stays full.
         *slot = Some(account.clone());
+        let stored = serde_json::to_vec(&creds).map_err(|e| e.to_string()).and_then(|json| write_private(&path, &json));
+        match stored {
+            Ok(()) => tracing::info!(directory = %self.settings.directory, "ACME: account created"),
+            Err(e) => tracing::error!(
+                directory = %self.settings.directory,
+                error = %e,
+                "ACME: account created but not stored: used until the proxy stops, a new one made at the next start"
+            ),
+        }
         Ok(account)
     }
 
@@ -1088,6 +1131,22 @@ impl CertTask {
         if let Some(problem) = issued_problem(&ck, &self.spec.names, SystemTime::now()) {
             return Err(problem);
         }
+        // Served whether or not it can be stored: the CA has issued it, and failing the order
+        // would order it again and again while the disk stays full (Let's Encrypt allows five
+        // certificates for the same names a week). The next start orders anew.
+        match self.store(&key_pem, &chain_pem) {
+            Ok(()) => tracing::info!(certificate = %self.label, "ACME: certificate issued and stored"),
+            Err(e) => tracing::error!(
+                certificate = %self.label,
+                error = %e,
+                "ACME: certificate issued but not stored: served until the proxy stops, ordered again at the next start"
+            ),
+        }
+        Ok(Arc::new(ck))
+    }
+
+    /// Write an issued key and chain, and which directory issued them.
+    fn store(&self, key_pem: &str, chain_pem: &str) -> Result<(), String> {
         let (cert_path, key_path) = self.paths();
         // Both written out before either replaces the old one: a full disk or a crash while
         // writing leaves the previous pair whole, never a new key beside an old certificate.
@@ -1101,8 +1160,7 @@ impl CertTask {
             // Only a later switch of directory needs it; the certificate itself is stored.
             tracing::warn!(certificate = %self.label, error = %e, "ACME: cannot record which directory issued the certificate");
         }
-        tracing::info!(certificate = %self.label, "ACME: certificate issued and stored");
-        Ok(Arc::new(ck))
+        Ok(())
     }
 
     async fn validate(&self, order: &mut instant_acme::Order, cleanup: &mut Cleanup) -> AcmeResult<()> {
@@ -1915,7 +1973,7 @@ mod tests {
         // The ECDSA half is added: the RSA one is now NAME+rsa.
         let rsa = CertTask { label: format!("{}+rsa", names[0]), ..rsa_only.clone() };
         assert!(rsa.load_stored().is_none(), "nothing under the new label yet");
-        rsa.adopt_moved_rsa_files();
+        rsa.adopt_previous_label_files();
         let adopted = rsa.load_stored().expect("the stored RSA certificate under the new label");
         assert_eq!(adopted.cert[0], cert.der().clone());
         assert!(ecdsa.load_stored().is_none(), "the ECDSA half does not take the RSA files");
@@ -1924,13 +1982,69 @@ mod tests {
         let ec_cert = rcgen::CertificateParams::new(names.clone()).unwrap().self_signed(&ec_key).unwrap();
         std::fs::write(&key_path, ec_key.serialize_pem()).unwrap();
         std::fs::write(&cert_path, ec_cert.pem()).unwrap();
-        rsa.adopt_moved_rsa_files();
+        rsa.adopt_previous_label_files();
         assert_eq!(rsa.load_stored().unwrap().cert[0], cert.der().clone());
         assert!(ecdsa.load_stored().is_some());
 
         // The ECDSA half is removed again: the RSA one is NAME once more, over the ECDSA files.
-        rsa_only.adopt_moved_rsa_files();
+        rsa_only.adopt_previous_label_files();
         assert_eq!(rsa_only.load_stored().unwrap().cert[0], cert.der().clone());
+    }
+
+    /// A name put before the first changes the certificate's label and so where its files are:
+    /// the pair stored under the old label is taken over (served for the names it has while the
+    /// new one is ordered), not left behind for a stand-in. Not a pair from another directory,
+    /// nor one of the other key type, nor one with none of the configured names.
+    #[test]
+    fn a_certificate_follows_its_label_when_its_first_name_changes() {
+        crate::tls::init_crypto();
+        let dir = tempfile::tempdir().unwrap();
+        let old_names = vec!["mail.example.test".to_string(), "imap.example.test".to_string()];
+        let old = test_task(dir.path(), &old_names);
+        let key = rcgen::KeyPair::generate().unwrap();
+        let cert = rcgen::CertificateParams::new(old_names.clone()).unwrap().self_signed(&key).unwrap();
+        let (cert_path, key_path) = old.paths();
+        std::fs::create_dir_all(cert_path.parent().unwrap()).unwrap();
+        std::fs::write(&key_path, key.serialize_pem()).unwrap();
+        std::fs::write(&cert_path, cert.pem()).unwrap();
+        std::fs::write(old.issuer_path(), &old.settings.directory).unwrap();
+        // Unrelated pairs beside it, sorted before it: another name's, and one of the same names
+        // from another directory.
+        let other_key = rcgen::KeyPair::generate().unwrap();
+        let other = rcgen::CertificateParams::new(vec!["other.example.test".to_string()])
+            .unwrap()
+            .self_signed(&other_key)
+            .unwrap();
+        let certs_dir = cert_path.parent().unwrap();
+        std::fs::write(certs_dir.join("a-other.pem"), other.pem()).unwrap();
+        std::fs::write(certs_dir.join("a-other.key"), other_key.serialize_pem()).unwrap();
+        let staging = rcgen::CertificateParams::new(old_names.clone()).unwrap().self_signed(&other_key).unwrap();
+        std::fs::write(certs_dir.join("b-staging.pem"), staging.pem()).unwrap();
+        std::fs::write(certs_dir.join("b-staging.key"), other_key.serialize_pem()).unwrap();
+        std::fs::write(certs_dir.join("b-staging.directory"), "https://staging.example/dir").unwrap();
+
+        let new_names = ["smtp.example.test", "mail.example.test", "imap.example.test"].map(String::from).to_vec();
+        let new = CertTask {
+            spec: AcmeCertSpec::new(new_names.clone(), false),
+            label: new_names[0].clone(),
+            ..test_task(dir.path(), &new_names)
+        };
+        assert!(new.load_partial().is_none(), "nothing under the new label yet");
+        new.adopt_previous_label_files();
+        let (served, covered) = new.load_partial().expect("the old label's pair under the new one");
+        assert_eq!(served.cert[0], cert.der().clone());
+        assert_eq!(covered, old_names);
+        assert!(new.issued_here(), "its issuer record came along");
+
+        // An RSA certificate of the same names takes none of these ECDSA pairs.
+        let rsa = CertTask {
+            spec: AcmeCertSpec::new(new_names.clone(), true),
+            label: "x.example.test".into(),
+            ..new.clone()
+        };
+        rsa.adopt_previous_label_files();
+        assert!(rsa.load_partial().is_none());
+        assert!(!rsa.paths().0.exists());
     }
 
     /// A CA's Retry-After (a rate limit, up to a week) is waited out after a restart too; a

@@ -217,6 +217,33 @@ def test_renewal_swaps_under_a_running_session_and_outage_keeps_serving(pebble, 
         pc.stop()
 
 
+def test_a_certificate_issued_but_not_stored_is_served(pebble, tmp_path, dovecot):
+    """The CA has issued a certificate the proxy cannot write (here its file's place is taken by
+    a directory; a full disk in practice): it is served all the same, and the order counts as
+    done, not failed and ordered again and again (Let's Encrypt allows five certificates for
+    the same names a week)."""
+    challenge = f'challenge = "http-01"\nhttp01_bind = "127.0.0.1:{pebble.http_port}"'
+    pc = start(pebble, tmp_path, dovecot, challenge)
+    try:
+        assert issued(pc), pc.log()
+        root = pebble.issuing_root()
+        first = serial(served_certificate(pc.imaps, root, str(tmp_path)))
+        pem = tmp_path / "acme-state" / "certs" / f"{NAME}.pem"
+        pem.unlink()
+        pem.mkdir()
+        out = subprocess.run([portcullis_binary(), "renew", "--config", pc.config, NAME], capture_output=True, text=True)
+        assert out.returncode == 0, out.stderr
+        assert wait_for(lambda: "ACME: certificate issued but not stored" in pc.log(), timeout=30), pc.log()
+        second = serial(served_certificate(pc.imaps, root, str(tmp_path)))
+        assert second != first
+        time.sleep(2.5)  # retry_min is 1 s: a failed order would have been ordered again by now
+        assert pc.log().count("ACME: ordering") == 2, pc.log()
+        assert "ACME: order failed" not in pc.log(), pc.log()
+        assert metric_value(metrics(pc), f'portcullis_acme_consecutive_failures{{certificate="{NAME}"}}') == 0
+    finally:
+        pc.stop()
+
+
 def metrics(pc):
     admin = next(l.split('"')[1] for l in open(pc.config).read().splitlines() if l.startswith("bind = \"127.0.0.1:") and "imaps" not in l)
     return scrape_metrics(admin.rsplit(":", 1)[1])
