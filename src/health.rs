@@ -75,6 +75,16 @@ impl Identity {
 }
 
 impl BackendHealth {
+    /// Up, nothing observed: as a new record, but for the sessions it counts.
+    fn reset_health(&self) {
+        self.up.store(true, Ordering::Relaxed);
+        self.fail_streak.store(0, Ordering::Relaxed);
+        self.ok_streak.store(0, Ordering::Relaxed);
+        *self.last_failure.lock().unwrap_or_else(|e| e.into_inner()) = None;
+        *self.checks_down_since.lock().unwrap_or_else(|e| e.into_inner()) = None;
+        *self.last_check.lock().unwrap_or_else(|e| e.into_inner()) = None;
+    }
+
     fn new(identity: Identity, dynamic: bool) -> BackendHealth {
         BackendHealth {
             up: AtomicBool::new(true),
@@ -288,10 +298,15 @@ impl HealthTable {
                 Some(h) if h.identity.matches(b) => h.clone(),
                 _ => {
                     // Moved back to where it was (A, then B, then A again): the record kept for
-                    // A's sessions is A's again, so they count toward its max_sessions.
+                    // A's sessions is A's again, so they count toward its max_sessions. Its health
+                    // starts afresh as for any move: what was seen of A before is stale.
                     let back = kept.iter().position(|(n, h)| *n == b.name && h.identity.matches(b));
                     let h = match back {
-                        Some(i) => kept.remove(i).1,
+                        Some(i) => {
+                            let h = kept.remove(i).1;
+                            h.reset_health();
+                            h
+                        }
                         None => Arc::new(BackendHealth::new(identity(b), b.dynamic)),
                     };
                     if let Some(old) = map.insert(b.name.clone(), h.clone()) {
@@ -338,6 +353,12 @@ impl HealthTable {
 pub struct SessionGuard(Arc<BackendHealth>);
 
 impl SessionGuard {
+    /// Whether the session's backend is still where its name leads (no reload has moved it
+    /// since the login began): what it announced is then the name's.
+    pub fn is_current(&self, table: &HealthTable, name: &str) -> bool {
+        table.get(name).is_some_and(|h| Arc::ptr_eq(&h, &self.0))
+    }
+
     /// Whether the session's backend is one an auth service named by address.
     pub fn dynamic(&self) -> bool {
         self.0.dynamic
@@ -662,11 +683,14 @@ mod tests {
         assert_eq!(t.sessions("b"), 1);
         t.sync([&*moved]);
         assert!(t.previous.lock().unwrap().is_empty(), "forgotten once its sessions ended");
-        // Moved back while sessions are open on the first address: they are its sessions again.
+        // Moved back while sessions are open on the first address: they are its sessions again,
+        // but what was seen of its health before is not kept.
         let on_first = t.session(&old);
+        t.failure(&old, Source::Check, 1, "x");
         t.sync([&*moved]);
         t.sync([&*old]);
         assert_eq!(t.current_sessions("b"), 1, "max_sessions counts the sessions there");
+        assert!(t.is_up("b") && !t.down_by_checks("b"), "health starts afresh");
         assert!(Arc::ptr_eq(&t.session(&old).0, &on_first.0));
         drop(on_first);
         // Removed by a later reload: counted under its name while sessions last.

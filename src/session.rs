@@ -621,7 +621,10 @@ async fn preauth(ctx: &SessionCtx, tcp: TcpStream, deadline: Instant) -> Result<
                 let _ = stream.write_all(too_long).await;
                 return Err(Outcome::PreAuth(CloseReason::LineTooLong.as_str()));
             };
-            if let Some(exts) = logged_in.extensions.take() {
+            // Not from a server a reload has moved the name away from meanwhile.
+            if let Some(exts) = logged_in.extensions.take()
+                && guard.is_current(&ctx.health, &backend_name)
+            {
                 ctx.ehlo.update(&backend_name, &exts, guard.dynamic());
             }
             tracing::debug!(session = %ctx.id, backend = %backend_name, mechanism = req.mechanism.as_str(), "login ok");

@@ -483,12 +483,12 @@ async fn a_login_waiting_out_a_restart_outlasts_other_logins_marking_it_down() {
     backend.stop().await;
     let (mut early, mut late) = (greeted(&proxy).await, greeted(&proxy).await);
     early.send(b"a LOGIN alice@example.test secret\r\n").await;
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    tokio::time::sleep(Duration::from_millis(800)).await;
     late.send(b"b LOGIN alice@example.test secret\r\n").await;
     // The early login's tries (0, 1, 2 s) end with its refusal counted: down (fall = 1).
     assert_eq!(early.line().await, "a NO [UNAVAILABLE] Server unavailable, try again later.\r\n");
     assert!(!proxy.app.health().is_up("fake"));
-    // Back before the late login's third try (2.5 s after the first).
+    // Back before the late login's third try (2.8 s after the early one's first).
     let back = FakeBackend::start_on(backend.addr, Behaviour::Normal).await;
     let reply = late.until_tagged("b").await;
     assert!(reply.last().unwrap().starts_with("b OK"), "{reply:?}");
