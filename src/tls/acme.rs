@@ -551,15 +551,16 @@ impl CertTask {
         // Across restarts too (a crash loop, a reload that restarts the tasks): a certificate
         // this directory issued and this task stored less than MAX_BACKOFF ago (by its file's
         // time) is not ordered again before that, nor past a third of its lifetime (a CA issuing
-        // certificates of hours); a renewal asked for with `renew` still is. Not later than an
-        // hour after its notBefore either (Let's Encrypt backdates it by one): a file's time is
-        // reset by a copy to a new host or a restore, which must not hold back a certificate
-        // issued weeks ago and close to its end (perhaps why it was moved).
+        // certificates of hours); a renewal asked for with `renew` still is. A file more than a
+        // day younger than its certificate's notBefore (which CAs backdate by an hour, some to
+        // the day's start) was not stored as issued but copied in (a new host, a restore): that
+        // must not hold back a certificate issued weeks ago and close to its end (perhaps why
+        // it was moved), so it counts from its notBefore then.
         let valid = current.as_deref().and_then(validity);
-        let stored_at = std::fs::metadata(self.paths().0)
-            .and_then(|m| m.modified())
-            .ok()
-            .map(|at| valid.map_or(at, |(from, _)| at.min(from + Duration::from_secs(3600))));
+        let stored_at = std::fs::metadata(self.paths().0).and_then(|m| m.modified()).ok().map(|at| match valid {
+            Some((from, _)) if at > from + Duration::from_secs(25 * 3600) => from,
+            _ => at,
+        });
         let life = valid.and_then(|(from, to)| to.duration_since(from).ok());
         let mut earliest = match (stored_at, life) {
             // Capped: a time in the future (a clock set back since) must not hold it longer.
@@ -802,7 +803,8 @@ impl CertTask {
     /// is not replaced by a stand-in nor ordered again needlessly (against the CA's limits).
     fn adopt_previous_label_files(&self) {
         let (cert, key) = self.paths();
-        if read_pair(&cert, &key, &self.spec).is_some() {
+        // Its own pair, or a write of it that was interrupted (`load_stored` finishes that).
+        if read_pair(&cert, &key, &self.spec).is_some() || staged_path(&cert).exists() {
             return;
         }
         let Some((other, other_cert, other_key)) = self.previous_label() else { return };
@@ -833,10 +835,11 @@ impl CertTask {
     }
 
     /// Where this certificate's files may have been before its label changed: for an RSA one,
-    /// the label its ECDSA half's coming or going toggles; then any stored pair of its key type,
-    /// in date, that this directory issued and that has a configured name. Two configured
-    /// certificates of one key type cannot share a name (`check`), so such a pair is this
-    /// certificate's own from under an earlier label. (file stem, certificate, key)
+    /// the label its ECDSA half's coming or going toggles; then the stored pair of its key type,
+    /// in date, that this directory issued, with the most of the configured names (the latest
+    /// to expire of those). Two configured certificates of one key type cannot share a name
+    /// (`check`), so such a pair is this certificate's own from under an earlier label (of
+    /// several earlier labels, the latest). (file stem, certificate, key)
     fn previous_label(&self) -> Option<(String, PathBuf, PathBuf)> {
         let dir = self.settings.state_dir.join("certs");
         let own = self.paths().0;
@@ -855,11 +858,17 @@ impl CertTask {
             .filter_map(|e| Some(e.ok()?.file_name().to_str()?.strip_suffix(".pem")?.to_string()))
             .collect();
         stems.sort();
-        stems.into_iter().find_map(|stem| {
-            let (cert, key) = (dir.join(format!("{stem}.pem")), dir.join(format!("{stem}.key")));
-            let (_, covered) = read_pair(&cert, &key, &self.spec)?;
-            (cert != own && !covered.is_empty() && self.issued_by(&cert)).then_some((stem, cert, key))
-        })
+        stems
+            .into_iter()
+            .filter_map(|stem| {
+                let (cert, key) = (dir.join(format!("{stem}.pem")), dir.join(format!("{stem}.key")));
+                let (ck, covered) = read_pair(&cert, &key, &self.spec)?;
+                let ends = validity(&ck)?.1;
+                (cert != own && !covered.is_empty() && self.issued_by(&cert))
+                    .then_some(((covered.len(), ends), (stem, cert, key)))
+            })
+            .max_by_key(|(rank, _)| *rank)
+            .map(|(_, found)| found)
     }
 
     /// Where a failed order's backoff is kept between runs.
@@ -2022,6 +2031,12 @@ mod tests {
         std::fs::write(certs_dir.join("b-staging.pem"), staging.pem()).unwrap();
         std::fs::write(certs_dir.join("b-staging.key"), other_key.serialize_pem()).unwrap();
         std::fs::write(certs_dir.join("b-staging.directory"), "https://staging.example/dir").unwrap();
+        // And a pair from an even earlier label, with fewer of the names: not the one taken.
+        let older_key = rcgen::KeyPair::generate().unwrap();
+        let older = rcgen::CertificateParams::new(vec![old_names[0].clone()]).unwrap().self_signed(&older_key).unwrap();
+        std::fs::write(certs_dir.join("c-older.pem"), older.pem()).unwrap();
+        std::fs::write(certs_dir.join("c-older.key"), older_key.serialize_pem()).unwrap();
+        std::fs::write(certs_dir.join("c-older.directory"), &old.settings.directory).unwrap();
 
         let new_names = ["smtp.example.test", "mail.example.test", "imap.example.test"].map(String::from).to_vec();
         let new = CertTask {
