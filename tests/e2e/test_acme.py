@@ -153,6 +153,33 @@ def test_an_ecdsa_and_an_rsa_certificate_for_the_same_names(pebble, tmp_path, do
         pc.stop()
 
 
+def test_a_file_certificate_keeps_its_expiry_series_beside_an_acme_one(pebble, tmp_path, dovecot):
+    """An RSA file beside an ACME (ECDSA) certificate with the same label: once the CA has
+    issued, each has its own expiry series, the file's as `NAME (file)`; the install used to
+    write the ACME expiry over the file's, which then went unwatched."""
+    key, cert = tmp_path / "rsa.key", tmp_path / "rsa.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out", str(cert),
+                    "-subj", f"/CN={NAME}", "-addext", f"subjectAltName=DNS:{NAME}", "-days", "30"],
+                   check=True, capture_output=True)
+    end = subprocess.run(["openssl", "x509", "-in", str(cert), "-noout", "-enddate"], check=True, capture_output=True, text=True)
+    import calendar
+    file_expiry = calendar.timegm(time.strptime(end.stdout.strip().split("=", 1)[1], "%b %d %H:%M:%S %Y %Z"))
+    challenge = f'challenge = "http-01"\nhttp01_bind = "127.0.0.1:{pebble.http_port}"'
+    files = f'\n[[tls.certificate]]\nnames = ["{NAME}"]\ncert = "{cert}"\nkey = "{key}"\n'
+    imaps, admin = free_port(), free_port()
+    cfg = acme_config(pebble, tmp_path, challenge, imaps, admin, dovecot).replace("[[listener]]", files + "\n[[listener]]", 1)
+    pc = Portcullis(str(tmp_path), cfg).start(wait_port=imaps, tls=True)
+    try:
+        assert issued(pc), pc.log() + pebble.log()
+        page = metrics(pc)
+        series = f'portcullis_certificate_not_after_timestamp_seconds{{certificate="{NAME} (file)"}}'
+        assert metric_value(page, series) == file_expiry, page
+        acme = metric_value(page, f'portcullis_certificate_not_after_timestamp_seconds{{certificate="{NAME}"}}')
+        assert acme and acme != file_expiry, page
+    finally:
+        pc.stop()
+
+
 def test_bad_nonces_fail_the_order_and_the_proxy_keeps_serving(tmp_path, dovecot):
     """Reliability case 79: Pebble refuses every nonce (badNonce). The ACME client retries each
     request with the fresh nonce it is given, then the order fails; the proxy keeps serving the
