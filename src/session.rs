@@ -482,8 +482,10 @@ async fn preauth(ctx: &SessionCtx, tcp: TcpStream, deadline: Instant) -> Result<
                     // by the deadline and shutdown too, and the client hears which.
                     let tls = tls_info(&stream, &client_cert);
                     attempts += 1;
+                    let attempt = login(ctx, &front, req.mechanism, creds, attempts, tls);
+                    tokio::pin!(attempt);
                     tokio::select! {
-                        a = login(ctx, &front, req.mechanism, creds, attempts, tls) => a,
+                        a = &mut attempt => a,
                         _ = ctx.shutdown.cancelled() => {
                             return Err(close(&mut stream, &front, Goodbye::Shutdown, "shutdown").await)
                         }
@@ -492,7 +494,26 @@ async fn preauth(ctx: &SessionCtx, tcp: TcpStream, deadline: Instant) -> Result<
                             // auth service or the backends): the slowest attempts, which would
                             // otherwise be in no count.
                             count_login(lc, req.mechanism, "timeout");
-                            return Err(close(&mut stream, &front, Goodbye::LoginTimeout, "login_timeout").await)
+                            let end = close(&mut stream, &front, Goodbye::LoginTimeout, "login_timeout").await;
+                            // The client is told now, but a guess under way still counts: a judge
+                            // that answers a wrong password later than a right one (Dovecot's
+                            // auth_failure_delay, behind `source = "backend"` or a routing-only
+                            // auth service) would otherwise let guesses timed to end past the
+                            // deadline go unthrottled and unlogged. Its own timeouts bound it;
+                            // so does LOGIN_TAIL, and shutdown.
+                            let tail = tokio::select! {
+                                r = tokio::time::timeout(LOGIN_TAIL, &mut attempt) => r.ok(),
+                                _ = ctx.shutdown.cancelled() => None,
+                            };
+                            let guess = match tail {
+                                Some(Err(LoginError::Bad { user, reason })) => Some((user, reason)),
+                                Some(Err(LoginError::Denied { user, .. })) => Some((user, "denied")),
+                                _ => None,
+                            };
+                            if let Some((user, reason)) = guess {
+                                logging::login_failed(ctx.peer.ip(), user.as_deref(), lc.protocol.as_str(), &lc.name, reason);
+                            }
+                            return Err(end);
                         }
                     }
                 }
@@ -1145,6 +1166,9 @@ impl BackendLoginOf<'_> {
 
 /// How often a backend that refuses connections is tried again during a login.
 const BACKEND_RETRY: Duration = Duration::from_secs(1);
+/// How long a login cut off by the login deadline is still followed, after the client has been
+/// told, so that a guess under way is counted (its own timeouts bound it first as a rule).
+const LOGIN_TAIL: Duration = Duration::from_secs(30);
 
 /// Where the auth service's `Auth-Server` points: a configured pool or backend by name, or an
 /// address (with `Auth-Port`) used as a backend with the protocol's defaults.

@@ -1044,6 +1044,34 @@ async fn parallel_guesses_wait_out_the_penalty_the_ones_before_brought() {
     assert!(slowest >= Duration::from_millis(3500), "{slowest:?}");
 }
 
+/// A guess whose judge answers only after the login deadline (here a backend that refuses 1.5 s
+/// after a login whose deadline is 1 s; Dovecot's auth_failure_delay does this for a wrong
+/// password and not a right one) is told the deadline at once, and still counted: guesses timed
+/// to end past the deadline do not escape the throttle (reliability case 56; the fail2ban line
+/// is written in the same place). They used to be in no count.
+#[tokio::test]
+async fn a_guess_cut_off_by_the_login_deadline_still_counts() {
+    let backend = FakeBackend::start(Behaviour::SlowRejectLogin).await;
+    let config = plain_config(backend.addr, "login_timeout = \"1s\"")
+        .replace("backend_login_timeout = \"500ms\"", "backend_login_timeout = \"5s\"")
+        .replace("passwd_file = \"users\"", "source = \"backend\"")
+        + "\n[throttle]\nblock_after = 2\npenalty_after = 100\nuser_block_after = 100\n";
+    let proxy = Proxy::start(&config, USERS).await;
+    let mut clients = greeted_many(&proxy, 2).await;
+    for (i, c) in clients.iter_mut().enumerate() {
+        c.send(format!("a LOGIN alice@example.test guess{i}\r\n").as_bytes()).await;
+    }
+    for c in &mut clients {
+        assert_eq!(c.line().await, "* BYE Login timed out.\r\n");
+    }
+    // The backend's answers come 0.5 s after the deadline; then the address is blocked.
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    let mut c = greeted(&proxy).await;
+    c.send(b"b LOGIN alice@example.test guess2\r\n").await;
+    assert_eq!(c.line().await, "b NO [UNAVAILABLE] Too many login failures, try again later.\r\n");
+    assert_eq!(backend.connections(), 2, "the blocked guess is not sent on");
+}
+
 /// A proxy with these `[throttle]` settings, after one failed login as `user` from the address
 /// the tests' clients use.
 async fn after_one_failure(throttle: &str, user: &str) -> (Proxy, FakeBackend) {

@@ -99,18 +99,28 @@ pub async fn authenticate(config: &Config, creds: &Credentials) -> Verdict {
             // Hash checks (Argon2id: ~19 MiB and tens of milliseconds each) run a few at a time,
             // not one blocking thread per attempt: a burst of guesses queues here instead of
             // taking gigabytes and every core.
-            let Ok(_permit) = verify_permits().acquire().await else { return Verdict::Rejected { user: Some(user) } };
-            let ok = tokio::task::spawn_blocking(move || hash.verify(password.expose())).await.unwrap_or(false);
+            // The permit goes with the check itself: a login dropped meanwhile (shutdown) does not
+            // free it while the hash still runs on its blocking thread.
+            let Ok(permit) = verify_permits().clone().acquire_owned().await else {
+                return Verdict::Rejected { user: Some(user) };
+            };
+            let ok = tokio::task::spawn_blocking(move || {
+                let _permit = permit;
+                hash.verify(password.expose())
+            })
+            .await
+            .unwrap_or(false);
             if ok && known { Verdict::Accepted { user, backends } } else { Verdict::Rejected { user: Some(user) } }
         }
     }
 }
 
 /// Password hash checks allowed at once: one per core.
-fn verify_permits() -> &'static tokio::sync::Semaphore {
-    static PERMITS: std::sync::OnceLock<tokio::sync::Semaphore> = std::sync::OnceLock::new();
+fn verify_permits() -> &'static std::sync::Arc<tokio::sync::Semaphore> {
+    static PERMITS: std::sync::OnceLock<std::sync::Arc<tokio::sync::Semaphore>> = std::sync::OnceLock::new();
     PERMITS.get_or_init(|| {
-        tokio::sync::Semaphore::new(std::thread::available_parallelism().map_or(2, std::num::NonZeroUsize::get))
+        let cores = std::thread::available_parallelism().map_or(2, std::num::NonZeroUsize::get);
+        std::sync::Arc::new(tokio::sync::Semaphore::new(cores))
     })
 }
 

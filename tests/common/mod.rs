@@ -120,6 +120,9 @@ pub enum Behaviour {
     ByeAfterLogin,
     /// Rejects every login with NO.
     RejectLogin,
+    /// Rejects every login with NO, 1.5 s after it (Dovecot's auth_failure_delay, 2 s by
+    /// default: a wrong password is answered later than a right one).
+    SlowRejectLogin,
     /// Greets with PREAUTH (reliability case 13).
     Preauth,
     /// POP3: Dovecot-like, announces XCLIENT, accepts any USER/PASS or AUTH.
@@ -333,6 +336,10 @@ async fn serve(
         let reply = if upper.contains(" LOGIN ") || upper.contains(" AUTHENTICATE ") {
             match behaviour {
                 Behaviour::RejectLogin => format!("{tag} NO [AUTHENTICATIONFAILED] Authentication failed.\r\n"),
+                Behaviour::SlowRejectLogin => {
+                    tokio::time::sleep(Duration::from_millis(1500)).await;
+                    format!("{tag} NO [AUTHENTICATIONFAILED] Authentication failed.\r\n")
+                }
                 Behaviour::LoginUnavailable => format!("{tag} NO [UNAVAILABLE] Try again later.\r\n"),
                 Behaviour::UnsolicitedAfterLogin => {
                     logged_in = true;
