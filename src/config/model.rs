@@ -1991,12 +1991,24 @@ impl Validator<'_> {
             state_dir: self.resolve(a.state_dir.get_ref()),
             challenge,
             // Below a second a failing order would be retried hard enough to trip the CA's limits.
-            retry_min: self.duration_at_least(
+            retry_min: match self.duration_at_least(
                 &a.retry_min,
                 "acme.retry_min",
                 Duration::from_secs(60),
                 Duration::from_secs(1),
-            )?,
+            )? {
+                // The backoff between failed orders is capped at 6 hours (`tls::acme`): a longer
+                // shortest wait would be quietly cut to it.
+                r if r > Duration::from_secs(6 * 3600) => {
+                    let span = a.retry_min.as_ref().map(|s| s.span());
+                    return Err(self.err(
+                        span,
+                        "acme.retry_min",
+                        "must be at most 6h, the longest wait between failed orders",
+                    ));
+                }
+                r => r,
+            },
             certificates,
         })
     }
@@ -2211,6 +2223,17 @@ impl Validator<'_> {
                     ));
                 }
             }
+            // A CA file beside `tls_verify = false` would be read, watched, and never used: the
+            // backend's certificate is not checked at all, which the file suggests it is.
+            if b.tls_verify == Some(false)
+                && let Some(ca) = &b.tls_ca_file
+            {
+                return Err(self.err(
+                    Some(ca.span()),
+                    field("tls_ca_file"),
+                    "not used with tls_verify = false, which checks no certificate: remove one of them",
+                ));
+            }
             let protocol = match &b.protocol {
                 None => Protocol::Imap,
                 Some(p) => Protocol::parse(p.get_ref()).ok_or_else(|| {
@@ -2326,6 +2349,14 @@ impl Validator<'_> {
                             return Err(self.err(None, field(which), "login_user and login_password go together"));
                         }
                     };
+                    // An SMTP backend's check is its EHLO: a login there would never be sent.
+                    if login.is_some() && protocol == Protocol::Smtp {
+                        return Err(self.err(
+                            None,
+                            field("health.login_user"),
+                            "only IMAP and POP3 checks log in; an SMTP backend's check is its greeting and EHLO",
+                        ));
+                    }
                     let hs = HealthSettings {
                         enabled: h.enabled.unwrap_or(true),
                         interval: h.interval.unwrap_or(d.interval),
@@ -2540,10 +2571,11 @@ fn valid_label(l: &str) -> bool {
     !l.is_empty() && l.len() <= 63 && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
 }
 
-/// The host part of `host:port` or `[v6]:port`, if the port is a number.
+/// The host part of `host:port` or `[v6]:port`, if the port is a number other than 0 (which
+/// no connection can reach).
 fn split_host_port(s: &str) -> Option<String> {
     let (host, port) = s.rsplit_once(':')?;
-    port.parse::<u16>().ok()?;
+    port.parse::<u16>().ok().filter(|p| *p != 0)?;
     // An IPv6 address goes in brackets: `fd00::11` would read as host `fd00:`, port 11.
     let host = match host.strip_prefix('[') {
         Some(h) => h.strip_suffix(']')?,
@@ -2736,6 +2768,13 @@ default = "b"
         assert!(parse(&cfg(true)).is_ok());
         let e = parse(&cfg(false)).unwrap_err();
         assert_eq!(e.field, "backend[0].health.starttls");
+        // An SMTP backend's check never logs in: a login set for it is refused, not ignored.
+        let smtp = cfg(true)
+            .replace("[backend.health]", "protocol = \"smtp\"\n[backend.health]")
+            .replace("[routing.imap]\ndefault = \"b\"", "[routing.smtp]\ndefault = \"b\"");
+        assert!(smtp.contains("protocol = \"smtp\"") && smtp.contains("[routing.smtp]"), "{smtp}");
+        let e = parse(&smtp).unwrap_err();
+        assert_eq!(e.field, "backend[0].health.login_user", "{e}");
     }
 
     /// Durations that would end everything at once (a zero timeout) or hammer a CA (no retry
@@ -2759,6 +2798,10 @@ default = "b"
         let e = acme("0s").unwrap_err();
         assert_eq!((e.field.as_str(), e.message.as_str()), ("acme.retry_min", "must be at least 1s"));
         assert_eq!(acme("5m").unwrap().acme.unwrap().retry_min, Duration::from_secs(300));
+        let e = acme("1d").unwrap_err();
+        assert_eq!(e.field, "acme.retry_min", "{e}");
+        assert!(e.message.contains("at most 6h"), "{e}");
+        assert_eq!(acme("6h").unwrap().acme.unwrap().retry_min, Duration::from_secs(6 * 3600));
     }
 
     /// TCP keepalive: on by default, 0 turns it off, and what the kernel cannot take (under a
@@ -2874,6 +2917,12 @@ default = "b"
             assert!(e.message.contains("only used with transport"), "{e}");
         }
         assert!(parse(&backend("transport = \"tls\"\ntls_server_name = \"imap.internal\"")).is_ok());
+        // A CA file that tls_verify = false makes unused.
+        let e = parse(&backend("transport = \"tls\"\ntls_verify = false\ntls_ca_file = \"ca.pem\"")).unwrap_err();
+        assert_eq!((e.field.as_str(), e.position.map(|p| p.0)), ("backend[0].tls_ca_file", Some(10)), "{e}");
+        // A port no connection can reach.
+        let e = parse(&BASE.replace("127.0.0.1:143", "127.0.0.1:0")).unwrap_err();
+        assert_eq!(e.field, "backend[0].address", "{e}");
 
         let e = parse(&format!("{BASE}\n[limits]\nmax_line_length = 4000000000\n")).unwrap_err();
         assert_eq!((e.field.as_str(), e.position.map(|p| p.0)), ("limits.max_line_length", Some(13)), "{e}");
