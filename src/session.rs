@@ -173,11 +173,20 @@ pub async fn run(mut ctx: SessionCtx, mut tcp: TcpStream) {
     // buffers are freed after login: the session task's own future stays small for the (long,
     // mostly idle) relay phase.
     let deadline = start + limits.login_timeout;
-    let pre =
-        match tokio::time::timeout_at(deadline + LOGIN_TIMEOUT_SLACK, Box::pin(preauth(&ctx, tcp, deadline))).await {
+    // Set while a login cut off at the deadline is followed (the client told): that has a bound
+    // of its own, LOGIN_TAIL.
+    let following = std::sync::atomic::AtomicBool::new(false);
+    let pre = {
+        let mut pre = Box::pin(preauth(&ctx, tcp, deadline, &following));
+        match tokio::time::timeout_at(deadline + LOGIN_TIMEOUT_SLACK, &mut pre).await {
             Ok(r) => r,
+            Err(_) if following.load(std::sync::atomic::Ordering::Relaxed) => {
+                let end = deadline + LOGIN_TIMEOUT_SLACK + LOGIN_TAIL;
+                tokio::time::timeout_at(end, pre).await.unwrap_or(Err(Outcome::PreAuth("login_timeout")))
+            }
             Err(_) => Err(Outcome::PreAuth("login_timeout")),
-        };
+        }
+    };
     let (outcome, user, backend, bytes, login) = match pre {
         Err(outcome) => (outcome, None, None, Transferred::default(), None),
         Ok(mut a) => {
@@ -401,7 +410,12 @@ fn front_settings(ctx: &SessionCtx, tls_active: bool, client_cert: Option<&Clien
     }
 }
 
-async fn preauth(ctx: &SessionCtx, tcp: TcpStream, deadline: Instant) -> Result<Authenticated, Outcome> {
+async fn preauth(
+    ctx: &SessionCtx,
+    tcp: TcpStream,
+    deadline: Instant,
+    following: &std::sync::atomic::AtomicBool,
+) -> Result<Authenticated, Outcome> {
     let rt = &ctx.runtime;
     let limits = &rt.config.limits;
     let lc = &ctx.listener;
@@ -501,6 +515,7 @@ async fn preauth(ctx: &SessionCtx, tcp: TcpStream, deadline: Instant) -> Result<
                             // auth service) would otherwise let guesses timed to end past the
                             // deadline go unthrottled and unlogged. Its own timeouts bound it;
                             // so does LOGIN_TAIL, and shutdown.
+                            following.store(true, std::sync::atomic::Ordering::Relaxed);
                             let tail = tokio::select! {
                                 r = tokio::time::timeout(LOGIN_TAIL, &mut attempt) => r.ok(),
                                 _ = ctx.shutdown.cancelled() => None,

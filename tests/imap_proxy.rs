@@ -1044,7 +1044,7 @@ async fn parallel_guesses_wait_out_the_penalty_the_ones_before_brought() {
     assert!(slowest >= Duration::from_millis(3500), "{slowest:?}");
 }
 
-/// A guess whose judge answers only after the login deadline (here a backend that refuses 1.5 s
+/// A guess whose judge answers only after the login deadline (here a backend that refuses 2.5 s
 /// after a login whose deadline is 1 s; Dovecot's auth_failure_delay does this for a wrong
 /// password and not a right one) is told the deadline at once, and still counted: guesses timed
 /// to end past the deadline do not escape the throttle (reliability case 56; the fail2ban line
@@ -1064,8 +1064,9 @@ async fn a_guess_cut_off_by_the_login_deadline_still_counts() {
     for c in &mut clients {
         assert_eq!(c.line().await, "* BYE Login timed out.\r\n");
     }
-    // The backend's answers come 0.5 s after the deadline; then the address is blocked.
-    tokio::time::sleep(Duration::from_millis(1000)).await;
+    // The backend's answers come 1.5 s after the deadline (past the session's outer bound of
+    // the deadline and 1 s, which following such a login extends); then the address is blocked.
+    tokio::time::sleep(Duration::from_millis(2000)).await;
     let mut c = greeted(&proxy).await;
     c.send(b"b LOGIN alice@example.test guess2\r\n").await;
     assert_eq!(c.line().await, "b NO [UNAVAILABLE] Too many login failures, try again later.\r\n");

@@ -120,7 +120,7 @@ pub enum Behaviour {
     ByeAfterLogin,
     /// Rejects every login with NO.
     RejectLogin,
-    /// Rejects every login with NO, 1.5 s after it (Dovecot's auth_failure_delay, 2 s by
+    /// Rejects every login with NO, 2.5 s after it (Dovecot's auth_failure_delay, 2 s by
     /// default: a wrong password is answered later than a right one).
     SlowRejectLogin,
     /// Greets with PREAUTH (reliability case 13).
@@ -337,7 +337,7 @@ async fn serve(
             match behaviour {
                 Behaviour::RejectLogin => format!("{tag} NO [AUTHENTICATIONFAILED] Authentication failed.\r\n"),
                 Behaviour::SlowRejectLogin => {
-                    tokio::time::sleep(Duration::from_millis(1500)).await;
+                    tokio::time::sleep(Duration::from_millis(2500)).await;
                     format!("{tag} NO [AUTHENTICATIONFAILED] Authentication failed.\r\n")
                 }
                 Behaviour::LoginUnavailable => format!("{tag} NO [UNAVAILABLE] Try again later.\r\n"),
