@@ -496,7 +496,8 @@ async fn preauth(
                     // by the deadline and shutdown too, and the client hears which.
                     let tls = tls_info(&stream, &client_cert);
                     attempts += 1;
-                    let attempt = login(ctx, &front, req.mechanism, creds, attempts, tls);
+                    let judging = std::sync::atomic::AtomicBool::new(false);
+                    let attempt = login(ctx, &front, req.mechanism, creds, attempts, tls, &judging);
                     tokio::pin!(attempt);
                     tokio::select! {
                         a = &mut attempt => a,
@@ -514,7 +515,11 @@ async fn preauth(
                             // auth_failure_delay, behind `source = "backend"` or a routing-only
                             // auth service) would otherwise let guesses timed to end past the
                             // deadline go unthrottled and unlogged. Its own timeouts bound it;
-                            // so does LOGIN_TAIL, and shutdown.
+                            // so does LOGIN_TAIL, and shutdown. Not one still waiting out a
+                            // throttle penalty: nothing was judged, and nothing will be.
+                            if !judging.load(std::sync::atomic::Ordering::Relaxed) {
+                                return Err(end);
+                            }
                             following.store(true, std::sync::atomic::Ordering::Relaxed);
                             let tail = tokio::select! {
                                 r = tokio::time::timeout(LOGIN_TAIL, &mut attempt) => r.ok(),
@@ -748,6 +753,7 @@ fn attempt_fingerprint(mechanism: crate::protocol::Mechanism, creds: &Credential
 
 /// Verify, route and log in to a backend, failing over along the rendezvous order.
 #[allow(clippy::type_complexity)]
+/// `judging` is set once the credentials go to be judged (after the throttle's wait).
 async fn login(
     ctx: &SessionCtx,
     front: &Front,
@@ -755,6 +761,7 @@ async fn login(
     creds: Credentials,
     attempt: u32,
     tls: Option<TlsInfo>,
+    judging: &std::sync::atomic::AtomicBool,
 ) -> Result<(LoggedIn, String, String, SessionGuard, crate::limits::UserSlot), LoginError> {
     let rt = &ctx.running.load_full();
     let hints = front.hints();
@@ -784,6 +791,7 @@ async fn login(
     };
     let fingerprint = attempt_fingerprint(mechanism, &creds, tls.as_ref());
     // Judged by the config running now: a reload during the wait above holds for this login.
+    judging.store(true, std::sync::atomic::Ordering::Relaxed);
     let result = login_inner(ctx, &ctx.running.load_full(), mechanism, creds, attempt, tls, hints).await;
     match &result {
         Ok((_, user, _, _, _)) => {
