@@ -206,13 +206,29 @@ def test_bad_nonces_fail_the_order_and_the_proxy_keeps_serving(tmp_path, dovecot
         p.stop()
 
 
-def test_renewal_swaps_under_a_running_session_and_outage_keeps_serving(pebble, tmp_path, dovecot):
+def issued_over_http01(pebble, tmp_path, dovecot):
+    """A proxy ordering over HTTP-01, once its first certificate is in: (the proxy, Pebble's
+    root, the serial it serves). Stopped here if that fails."""
     challenge = f'challenge = "http-01"\nhttp01_bind = "127.0.0.1:{pebble.http_port}"'
     pc = start(pebble, tmp_path, dovecot, challenge)
     try:
         assert issued(pc), pc.log()
         root = pebble.issuing_root()
-        first = serial(served_certificate(pc.imaps, root, str(tmp_path)))
+        return pc, root, serial(served_certificate(pc.imaps, root, str(tmp_path)))
+    except BaseException:
+        pc.stop()
+        raise
+
+
+def renew(pc):
+    """`portcullis renew NAME`, which talks to the running process."""
+    out = subprocess.run([portcullis_binary(), "renew", "--config", pc.config, NAME], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+
+
+def test_renewal_swaps_under_a_running_session_and_outage_keeps_serving(pebble, tmp_path, dovecot):
+    pc, root, first = issued_over_http01(pebble, tmp_path, dovecot)
+    try:
         # An IMAP session logged in through the proxy.
         ctx = ssl.create_default_context(cafile=None)
         ctx.check_hostname = False
@@ -221,9 +237,7 @@ def test_renewal_swaps_under_a_running_session_and_outage_keeps_serving(pebble, 
         session = imaplib.IMAP4_SSL("127.0.0.1", pc.imaps, ssl_context=ctx)
         session.login(*DEMO)
         session.select("INBOX")
-        # `portcullis renew NAME` talks to the running process.
-        out = subprocess.run([portcullis_binary(), "renew", "--config", pc.config, NAME], capture_output=True, text=True)
-        assert out.returncode == 0, out.stderr
+        renew(pc)
         assert issued(pc, count=2), pc.log()
         second = serial(served_certificate(pc.imaps, root, str(tmp_path)))
         assert second != first
@@ -249,17 +263,12 @@ def test_a_certificate_issued_but_not_stored_is_served(pebble, tmp_path, dovecot
     a directory; a full disk in practice): it is served all the same, and the order counts as
     done, not failed and ordered again and again (Let's Encrypt allows five certificates for
     the same names a week)."""
-    challenge = f'challenge = "http-01"\nhttp01_bind = "127.0.0.1:{pebble.http_port}"'
-    pc = start(pebble, tmp_path, dovecot, challenge)
+    pc, root, first = issued_over_http01(pebble, tmp_path, dovecot)
     try:
-        assert issued(pc), pc.log()
-        root = pebble.issuing_root()
-        first = serial(served_certificate(pc.imaps, root, str(tmp_path)))
         pem = tmp_path / "acme-state" / "certs" / f"{NAME}.pem"
         pem.unlink()
         pem.mkdir()
-        out = subprocess.run([portcullis_binary(), "renew", "--config", pc.config, NAME], capture_output=True, text=True)
-        assert out.returncode == 0, out.stderr
+        renew(pc)
         assert wait_for(lambda: "ACME: certificate issued but not stored" in pc.log(), timeout=30), pc.log()
         second = serial(served_certificate(pc.imaps, root, str(tmp_path)))
         assert second != first
